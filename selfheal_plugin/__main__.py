@@ -1,0 +1,3 @@
+from .cli import main_self_heal
+
+main_self_heal()

@@ -1,0 +1,220 @@
+"""``agent self-heal ...``: a thin shell over the library.
+
+Every command takes ``--home``/``--db`` and ``--json``. Domain errors become one line and
+exit code 1; bad option values exit 2 (click's usage errors).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .errors import SelfHealError, UsageError
+from .history import connect
+from .patterns import detect_failure_patterns, get_pattern, pattern_details
+from .times import parse_since
+from .settings import Settings, configure_logging, load_settings
+
+err_console = Console(stderr=True)
+
+
+# ------------------------------------------------------------------ shared plumbing
+
+
+def common_options(func: Callable) -> Callable:
+    """``--home``, ``--db`` and ``--json`` for a command."""
+    @click.option("--home", type=click.Path(file_okay=False), default=None,
+                  help="Runtime home (default: $BINKS_HOME or ~/.binks).")
+    @click.option("--db", type=click.Path(dir_okay=False), default=None,
+                  help="Run-history database (default: HOME/conversations.db).")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+    @functools.wraps(func)
+    def wrapper(*args: Any, home: str | None, db: str | None, as_json: bool, **kwargs: Any) -> Any:
+        parent = click.get_current_context().find_object(dict) or {}
+        home = home or parent.get("home")
+        db = db or parent.get("db")
+        try:
+            return func(*args, home=home, db=db, as_json=as_json, **kwargs)
+        except UsageError as exc:
+            raise click.UsageError(str(exc)) from None
+        except SelfHealError as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+def settings_for(home: str | None, db: str | None, **overrides: Any) -> Settings:
+    return load_settings(home, db, **overrides)
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@contextmanager
+def scan_progress(enabled: bool, label: str = "Indexing run history") -> Iterator[Callable[[int, int], None]]:
+    """A progress callback that shows a bar only once a scan has taken over a second."""
+    started = time.monotonic()
+    state: dict[str, Any] = {"progress": None, "task": None}
+
+    def update(done: int, total: int) -> None:
+        if not enabled:
+            return
+        if state["progress"] is None:
+            if time.monotonic() - started < 1.0:
+                return
+            progress = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} rows"),
+                                TimeElapsedColumn(), console=err_console, transient=True)
+            progress.start()
+            state["progress"], state["task"] = progress, progress.add_task(label, total=total)
+        state["progress"].update(state["task"], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if state["progress"] is not None:
+            state["progress"].stop()
+
+
+def warn_bad_rows(count: int) -> None:
+    if count:
+        err_console.print(f"[yellow]warning:[/] skipped {count} malformed run_events row(s) "
+                          "(invalid JSON, missing tool name or unparsable timestamp)", highlight=False)
+
+
+def pct(x: float) -> str:
+    return f"{x * 100:.0f}%"
+
+
+# ------------------------------------------------------------------ commands
+
+
+@click.group()
+@click.version_option(__version__, prog_name="selfheal")
+def agent() -> None:
+    """Agent runtime commands provided by the selfheal plugin."""
+    configure_logging()
+
+
+@agent.group("self-heal", invoke_without_command=True)
+@click.option("--home", type=click.Path(file_okay=False), default=None, help="Runtime home (default: $BINKS_HOME).")
+@click.option("--db", type=click.Path(dir_okay=False), default=None, help="Run-history database.")
+@click.pass_context
+def self_heal(ctx: click.Context, home: str | None, db: str | None) -> None:
+    """Find recurring failures, propose, test, apply and verify fixes.
+
+    Without a subcommand, runs `detect`.
+    """
+    ctx.obj = {"home": home, "db": db}
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(detect)
+
+
+@self_heal.command()
+@click.option("--since", default=None, help="Window start: -7d, -24h, -30m, -1w, or an ISO date/datetime.")
+@click.option("--min-occurrences", type=click.IntRange(min=1), default=None, help="Minimum occurrences (default 3).")
+@click.option("--confidence", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Confidence threshold 0.0-1.0 (default 0.75).")
+@common_options
+def detect(home: str | None, db: str | None, as_json: bool, since: str | None = None,
+           min_occurrences: int | None = None, confidence: float | None = None) -> None:
+    """Detect recurring failure patterns."""
+    s = settings_for(home, db, lookback=since, min_occurrences=min_occurrences, confidence_threshold=confidence)
+    parse_since(s.lookback)  # a bad window is a usage error before anything is printed
+    if not as_json:
+        click.echo(f"🔍 Detecting failure patterns (last {s.lookback}, min {s.min_occurrences} occurrences, "
+                   f"confidence >= {pct(s.confidence_threshold)})...")
+    conn = connect(s.db_path)
+    with scan_progress(not as_json) as progress:
+        result = detect_failure_patterns(conn, since=s.lookback, min_occurrences=s.min_occurrences,
+                                         confidence_threshold=s.confidence_threshold, progress=progress)
+    warn_bad_rows(result.scanned.total_bad_rows)
+    if as_json:
+        echo_json({"since": result.since, "patterns": [p.to_dict() for p in result.patterns],
+                   "skipped_rows": result.scanned.total_bad_rows})
+        return
+    click.echo()
+    if not result.patterns:
+        click.echo(f"✅ No recurring failure patterns ({result.candidates} signature(s) below the confidence "
+                   "threshold). Try --since -30d, --min-occurrences or --confidence.")
+        return
+    click.echo(f"📊 Found {len(result.patterns)} pattern(s):")
+    click.echo()
+    for p in result.patterns:
+        click.echo(f"  Pattern {p.id}")
+        click.echo(f"    Error: {p.error_type} on {p.tool_name}")
+        click.echo(f"    Occurrences: {p.occurrences}")
+        click.echo(f"    Correlation: {pct(p.correlation_score)}")
+        click.echo(f"    Confidence: {pct(p.confidence)}")
+        click.echo()
+    click.echo("📋 Next steps:")
+    click.echo("  - View: agent self-heal show <pattern-id>")
+
+
+@self_heal.command()
+@click.argument("pattern_id")
+@click.option("--since", default=None, help="Window start (default: the lookback setting, -7d).")
+@common_options
+def show(pattern_id: str, home: str | None, db: str | None, as_json: bool, since: str | None = None) -> None:
+    """Show one pattern: affected runs, message templates, context."""
+    s = settings_for(home, db, lookback=since)
+    conn = connect(s.db_path)
+    pattern = get_pattern(conn, pattern_id, since=s.lookback)
+    details = pattern_details(pattern)
+    if as_json:
+        echo_json(details)
+        return
+    _print_pattern(details)
+
+
+def _print_pattern(d: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    out = Console(width=max(120, Console().width))
+    click.echo(f"Pattern {d['id']}")
+    click.echo(f"  Error: {d['error_type']} on {d['tool_name']}")
+    click.echo(f"  Occurrences: {d['occurrences']} in {len(d['affected_runs'])} run(s); "
+               f"{pct(d['failure_rate'])} of the tool's calls")
+    click.echo(f"  Correlation: {pct(d['correlation_score'])}   Confidence: {pct(d['confidence'])}")
+    click.echo(f"  First seen: {d['first_seen']}")
+    click.echo(f"  Last seen:  {d['last_seen']}")
+    if d.get("suggested_fix"):
+        click.echo(f"  Suggested fix: {d['suggested_fix']}")
+    t = Table(title="Message templates (context similarity)", title_justify="left")
+    t.add_column("count", justify="right")
+    t.add_column("template")
+    t.add_column("example", overflow="fold")
+    for tpl in d["templates"]:
+        t.add_row(str(tpl["count"]), tpl["template"], tpl["example"])
+    out.print(t)
+    ctx = d["context"]
+    out.print("  Workflows: " + ", ".join(f"{k} ({v})" for k, v in ctx["workflows"].items()), highlight=False)
+    out.print("  Steps: " + ", ".join(f"{k} ({v})" for k, v in ctx["steps"].items()), highlight=False)
+    if ctx["argument_keys"]:
+        out.print("  Argument keys: " + ", ".join(f"{k} ({v})" for k, v in ctx["argument_keys"].items()),
+                  highlight=False)
+    out.print("  error_type as written: " + ", ".join(f"{k} ({v})" for k, v in ctx["error_type_spellings"].items()),
+              highlight=False)
+    r = Table(title="Affected runs", title_justify="left")
+    r.add_column("run", no_wrap=True)
+    for col in ("workflow", "started (UTC)", "status", "errors"):
+        r.add_column(col, no_wrap=True)
+    for run in d["runs"]:
+        r.add_row(run["run_id"], run["workflow"], run["started_at"], run["status"], str(run["errors"]))
+    out.print(r)
+
+
+def main() -> None:
+    agent(prog_name="agent")
+
+
+def main_self_heal() -> None:
+    """``python -m selfheal_plugin``: the same as ``agent self-heal``."""
+    self_heal(prog_name="python -m selfheal_plugin")
