@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,12 @@ from .errors import HistoryError
 
 log = logging.getLogger("selfheal.history")
 
-BUSY_TIMEOUT_MS = 10_000
+def _busy_timeout_ms() -> int:
+    """How long we wait for a runtime's write lock (``SELFHEAL_BUSY_TIMEOUT_MS``, default 10 s)."""
+    try:
+        return max(0, int(os.environ.get("SELFHEAL_BUSY_TIMEOUT_MS", "10000")))
+    except ValueError:
+        return 10_000
 RUNTIME_SCHEMA_VERSION = 2
 
 RUNTIME_SCHEMA = """
@@ -198,7 +204,7 @@ def classify_error(message: str) -> str:
 
 def _configure(conn: sqlite3.Connection) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA busy_timeout = {_busy_timeout_ms()}")
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
 
@@ -217,10 +223,12 @@ def connect(db_path: Path | str, *, create: bool = False) -> sqlite3.Connection:
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         # isolation_level=None: we open transactions ourselves and keep them short.
-        conn = _configure(sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+        conn = _configure(sqlite3.connect(str(path), timeout=_busy_timeout_ms() / 1000, isolation_level=None,
                                           check_same_thread=False))
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as exc:
+        if is_busy_error(exc):
+            raise HistoryError(BUSY_MESSAGE) from exc
         raise HistoryError(f"{path} is not a run-history database: {exc}") from exc
     if create and not tables:
         create_runtime_schema(conn)
@@ -231,6 +239,15 @@ def connect(db_path: Path | str, *, create: bool = False) -> sqlite3.Connection:
         raise HistoryError(f"{path} has no {' or '.join(missing)} table: not an agent run history")
     ensure_selfheal_schema(conn)
     return conn
+
+
+BUSY_MESSAGE = ("the run-history database is busy (another process holds its write lock); "
+                "nothing was changed, try again")
+
+
+def is_busy_error(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        w in str(exc).lower() for w in ("database is locked", "database is busy", "database table is locked"))
 
 
 @contextmanager

@@ -7,7 +7,7 @@ keys of the call, the run's workflow and the step index. Confidence combines
 * sample size ``n / (n + 2)`` (3 occurrences → 0.6, 10 → 0.83, 30 → 0.94),
 * the correlation, and
 * frequency: the share of the tool's calls in the window that failed this way,
-  saturating at 5 % (``min(1, rate / 0.05)``),
+  saturating at 2 % (``min(1, rate / 0.02)``),
 
 as ``0.35·size + 0.45·correlation + 0.20·frequency``. See README "Detection".
 """
@@ -28,7 +28,7 @@ from .history import normalize_error_type
 from .times import format_timestamp, parse_since, parse_timestamp
 
 SIZE_K = 2.0
-FREQUENCY_SATURATION = 0.05
+FREQUENCY_SATURATION = 0.02
 WEIGHTS = (0.35, 0.45, 0.20)
 MAX_CONTEXT_GROUPS = 300  # above this many distinct contexts, pairs are sampled (seeded)
 SAMPLED_PAIRS = 20_000
