@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sqlite3
 import sys
 import time
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
 from .errors import SelfHealError, UsageError
-from .history import connect
+from .history import BUSY_MESSAGE, connect, is_busy_error
 from .patterns import detect_failure_patterns, get_pattern, pattern_details
 from .times import parse_since
 from .settings import Settings, configure_logging, load_settings
@@ -47,6 +48,10 @@ def common_options(func: Callable) -> Callable:
             raise click.UsageError(str(exc)) from None
         except SelfHealError as exc:
             raise click.ClickException(str(exc)) from None
+        except sqlite3.OperationalError as exc:
+            if is_busy_error(exc):
+                raise click.ClickException(BUSY_MESSAGE) from None
+            raise
     return wrapper
 
 
