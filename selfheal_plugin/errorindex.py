@@ -7,11 +7,11 @@ for long, and stores
 
 * one row per failed call in ``selfheal_errors`` (normalised type, message template,
   argument keys of the matching ``tool_start``, instant as epoch seconds), and
-* per tool and hour, call/error/timeout counts in ``selfheal_tool_hours``.
+* per tool and hour, the number of calls in ``selfheal_tool_hours``.
 
 A warm command then reads only the window it needs from small, indexed tables.
-Malformed rows (invalid JSON, a failed call with no tool name, an unparsable timestamp)
-are counted in ``selfheal_state`` and skipped.
+Malformed ``tool_complete`` rows (invalid JSON, no tool name, an unparsable timestamp)
+are counted once in ``selfheal_state`` and skipped.
 """
 from __future__ import annotations
 
@@ -19,16 +19,17 @@ import json
 import logging
 import re
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from .history import get_state, normalize_error_type, set_state, write_transaction
+from .history import SELFHEAL_SCHEMA, get_state, normalize_error_type, set_state, write_transaction
 from .times import to_epoch
 
 log = logging.getLogger("selfheal.errorindex")
 
 CHUNK_IDS = 200_000
-INDEX_VERSION = "1"
+INDEX_VERSION = "3"
 
 # Masks applied to error messages, in order, so that the same failure with other paths,
 # numbers or ids becomes one template.
@@ -63,6 +64,8 @@ class RefreshResult:
     total_bad_rows: int
 
 
+# Failed calls in an id range. `instr(..., 'true')` is a cheap, exact prefilter (a failed
+# call's JSON holds the literal `true`) that spares the JSON parse of almost every row.
 _ERRORS_SQL = """
 SELECT e.id, e.run_id, e.step_index, e.timestamp, e.event_data,
   (SELECT s.event_data FROM run_events s
@@ -73,22 +76,19 @@ SELECT e.id, e.run_id, e.step_index, e.timestamp, e.event_data,
 FROM run_events e
 WHERE e.id > ? AND e.id <= ?
   AND e.event_type = 'tool_complete'
-  AND CASE WHEN json_valid(e.event_data) THEN json_extract(e.event_data, '$.is_error') END = 1
+  AND instr(e.event_data, 'true') > 0
+  AND CASE WHEN json_valid(e.event_data) THEN json_extract(e.event_data, '$.is_error') = 1 END
+  AND julianday(e.timestamp) IS NOT NULL
 """
 
-_BAD_JSON_SQL = "SELECT id FROM run_events WHERE id > ? AND id <= ? AND NOT json_valid(event_data)"
-
+# Calls per tool and hour in an id range. A NULL tool (invalid JSON or no name) or a NULL
+# hour (unparsable timestamp) is a malformed row: counted, never indexed.
 _HOURS_SQL = """
-SELECT json_extract(event_data, '$.name') AS tool,
+SELECT CASE WHEN json_valid(event_data) THEN json_extract(event_data, '$.name') END AS tool,
        CAST((julianday(timestamp) - 2440587.5) * 24 AS INTEGER) AS hour,
-       count(*),
-       sum(json_extract(event_data, '$.is_error') = 1),
-       sum(json_extract(event_data, '$.is_error') = 1 AND lower(replace(coalesce(json_extract(event_data, '$.error_type'), ''), '_', '')) = 'timeout'),
-       sum(coalesce(CAST(json_extract(event_data, '$.duration') AS INTEGER), 0))
+       count(*)
 FROM run_events
 WHERE id > ? AND id <= ? AND event_type = 'tool_complete'
-  AND CASE WHEN json_valid(event_data) THEN json_type(event_data, '$.name') = 'text' END
-  AND julianday(timestamp) IS NOT NULL
 GROUP BY tool, hour
 """
 
@@ -98,9 +98,12 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     processes: each chunk's rows and the new watermark commit in one transaction, and a
     chunk already ingested by someone else is skipped."""
     if get_state(conn, "errors_index_version") != INDEX_VERSION:
-        with write_transaction(conn):
-            conn.execute("DELETE FROM selfheal_errors")
-            conn.execute("DELETE FROM selfheal_tool_hours")
+        with write_transaction(conn):  # an index written by another version: rebuild it
+            conn.execute("DROP TABLE IF EXISTS selfheal_errors")
+            conn.execute("DROP TABLE IF EXISTS selfheal_tool_hours")
+            for stmt in SELFHEAL_SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
             for key in ("errors_watermark", "bad_rows", "bad_row_ids"):
                 conn.execute("DELETE FROM selfheal_state WHERE key = ?", (key,))
             set_state(conn, "errors_index_version", INDEX_VERSION)
@@ -114,42 +117,55 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
             set_state(conn, "bad_rows", "0")
         mark = 0
     start, scanned, new_errors, new_bad = mark, 0, 0, 0
-    while mark < top:
-        hi = min(mark + CHUNK_IDS, top)
-        errors, bad = _read_errors(conn, mark, hi)
-        bad_json = [r[0] for r in conn.execute(_BAD_JSON_SQL, (mark, hi))]
-        hours = conn.execute(_HOURS_SQL, (mark, hi)).fetchall()
-        with write_transaction(conn):
-            current = int(get_state(conn, "errors_watermark", "0"))
-            if current >= hi:  # another process ingested this chunk meanwhile
-                mark = current
-                continue
-            conn.executemany(
-                "INSERT OR IGNORE INTO selfheal_errors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", errors)
-            conn.executemany(
-                "INSERT INTO selfheal_tool_hours VALUES (?,?,?,?,?,?) ON CONFLICT(tool_name, hour) DO UPDATE SET "
-                "calls = calls + excluded.calls, errors = errors + excluded.errors, "
-                "timeouts = timeouts + excluded.timeouts, duration_ms_sum = duration_ms_sum + excluded.duration_ms_sum",
-                [tuple(r) for r in hours])
-            n_bad = len(bad) + len(bad_json)
-            if n_bad:
-                total = int(get_state(conn, "bad_rows", "0")) + n_bad
-                set_state(conn, "bad_rows", str(total))
-                sample = sorted(bad + bad_json)[:5]
-                log.debug("malformed run_events rows skipped: %s", sample)
-            set_state(conn, "errors_watermark", str(hi))
-        new_errors += len(errors)
-        new_bad += n_bad
-        scanned += hi - mark
-        mark = hi
-        if progress:
-            progress(mark - start, top - start)
+    if mark >= top:
+        return RefreshResult(0, 0, 0, int(get_state(conn, "bad_rows", "0")))
+    # The hour counts are read on a second connection in a worker thread while this one
+    # reads the failed calls: SQLite releases the GIL, so the two scans share the wall time.
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    busy_s = conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
+    side = sqlite3.connect(path, check_same_thread=False, timeout=busy_s)
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        while mark < top:
+            hi = min(mark + CHUNK_IDS, top)
+            counting = pool.submit(lambda lo=mark, hi=hi: side.execute(_HOURS_SQL, (lo, hi)).fetchall())
+            errors = _read_errors(conn, mark, hi)
+            hours, n_bad = [], 0
+            for tool, hour, calls in counting.result():
+                if isinstance(tool, str) and tool and hour is not None:
+                    hours.append((tool, hour, calls))
+                else:
+                    n_bad += calls
+            with write_transaction(conn):
+                current = int(get_state(conn, "errors_watermark", "0"))
+                if current != mark:  # another process ingested rows meanwhile: go on from there
+                    mark = current
+                    continue
+                conn.executemany(
+                    "INSERT OR IGNORE INTO selfheal_errors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", errors)
+                conn.executemany(
+                    "INSERT INTO selfheal_tool_hours VALUES (?,?,?) ON CONFLICT(tool_name, hour) DO UPDATE SET "
+                    "calls = calls + excluded.calls", hours)
+                if n_bad:
+                    set_state(conn, "bad_rows", str(int(get_state(conn, "bad_rows", "0")) + n_bad))
+                    log.info("skipped %d malformed tool_complete row(s) in run_events ids %d..%d", n_bad, mark + 1, hi)
+                set_state(conn, "errors_watermark", str(hi))
+            new_errors += len(errors)
+            new_bad += n_bad
+            scanned += hi - mark
+            mark = hi
+            if progress:
+                progress(mark - start, top - start)
+    finally:
+        pool.shutdown()
+        side.close()
     return RefreshResult(scanned, new_errors, new_bad, int(get_state(conn, "bad_rows", "0")))
 
 
-def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple], list[int]]:
+def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> list[tuple]:
+    """Failed calls as ``selfheal_errors`` rows; malformed ones are left to the hour
+    counts, which count them once."""
     rows: list[tuple] = []
-    bad: list[int] = []
     for event_id, run_id, step, timestamp, data, start_data in conn.execute(_ERRORS_SQL, (lo, hi)):
         try:
             event = json.loads(data)
@@ -163,7 +179,6 @@ def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple
             duration = event.get("duration")
             duration = int(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool) else None
         except (ValueError, TypeError, AttributeError):
-            bad.append(event_id)
             continue
         keys: list[str] = []
         if start_data:
@@ -175,5 +190,5 @@ def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple
                 pass
         rows.append((event_id, run_id, step if isinstance(step, int) else None, ts, timestamp, name,
                      normalize_error_type(raw_type), raw_type if isinstance(raw_type, str) else None,
-                     message, message_template(message), duration, json.dumps(keys)))
-    return rows, bad
+                     message, message_template(message), duration, "\x1f".join(keys)))
+    return rows

@@ -119,6 +119,7 @@ IMPROVEMENT_COLUMNS: dict[str, str] = {
     "pending_op": "TEXT",  # JSON intent of an apply/rollback in progress
     "rollback_sha": "TEXT",
     "rolled_back_at": "TEXT",
+    "apply_record": "TEXT",  # JSON: file, repo, previous values, tables created (for rollback)
 }
 
 SELFHEAL_SCHEMA = """
@@ -135,7 +136,7 @@ CREATE TABLE IF NOT EXISTS selfheal_errors (
     message TEXT NOT NULL,
     template TEXT NOT NULL,
     duration_ms INTEGER,
-    arg_keys TEXT NOT NULL
+    arg_keys TEXT NOT NULL  -- argument names of the call, joined by U+001F
 );
 CREATE INDEX IF NOT EXISTS idx_selfheal_errors_ts ON selfheal_errors(ts);
 CREATE INDEX IF NOT EXISTS idx_selfheal_errors_sig ON selfheal_errors(error_type, tool_name, ts);
@@ -143,9 +144,6 @@ CREATE TABLE IF NOT EXISTS selfheal_tool_hours (
     tool_name TEXT NOT NULL,
     hour INTEGER NOT NULL,
     calls INTEGER NOT NULL,
-    errors INTEGER NOT NULL,
-    timeouts INTEGER NOT NULL,
-    duration_ms_sum INTEGER NOT NULL,
     PRIMARY KEY (tool_name, hour)
 ) WITHOUT ROWID;
 """

@@ -19,7 +19,6 @@ import sqlite3
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from itertools import combinations
 from typing import Any, Callable
 
 from .errorindex import RefreshResult, refresh, template_tokens
@@ -60,16 +59,18 @@ class Pattern:
 def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     if not a and not b:
         return 1.0
-    return len(a & b) / len(a | b)
+    inter = len(a & b)
+    return inter / (len(a) + len(b) - inter)
 
 
 def mean_pairwise_jaccard(contexts: list[frozenset[str]], seed: int = 0) -> float:
     """Mean Jaccard similarity over all pairs of occurrences.
 
-    Identical contexts are grouped, so the cost grows with the number of distinct
-    contexts, not occurrences; past :data:`MAX_CONTEXT_GROUPS` distinct contexts a fixed
-    number of pairs is drawn with a seeded generator, so the result stays deterministic.
-    Fewer than two occurrences carry no evidence of correlation: 0.0.
+    Identical contexts are grouped and each distinct context becomes an integer bitset,
+    so the cost grows with the number of distinct contexts, not occurrences; past
+    :data:`MAX_CONTEXT_GROUPS` distinct contexts a fixed number of pairs is drawn with a
+    seeded generator, so the result stays deterministic. Fewer than two occurrences carry
+    no evidence of correlation: 0.0.
     """
     n = len(contexts)
     if n < 2:
@@ -77,10 +78,18 @@ def mean_pairwise_jaccard(contexts: list[frozenset[str]], seed: int = 0) -> floa
     groups = Counter(contexts)
     total_pairs = n * (n - 1) / 2
     if len(groups) <= MAX_CONTEXT_GROUPS:
-        keys = list(groups)
+        bit: dict[str, int] = {}
+        masks = []
+        for ctx in groups:
+            m = 0
+            for token in ctx:
+                m |= 1 << bit.setdefault(token, len(bit))
+            masks.append((m, m.bit_count(), groups[ctx]))
         acc = sum(c * (c - 1) / 2 for c in groups.values())  # identical pairs: similarity 1
-        for a, b in combinations(keys, 2):
-            acc += groups[a] * groups[b] * jaccard(a, b)
+        for i, (a, na, ca) in enumerate(masks):
+            for b, nb, cb in masks[i + 1:]:
+                union = (a | b).bit_count()
+                acc += ca * cb * ((a & b).bit_count() / union if union else 1.0)
         return acc / total_pairs
     rng = random.Random(seed)
     ordered = sorted(contexts, key=lambda s: sorted(s))
@@ -134,7 +143,7 @@ def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float
         out.append({
             "event_id": r[0], "run_id": r[1], "step_index": r[2], "ts": r[3], "timestamp": r[4],
             "tool_name": r[5], "error_type": r[6], "raw_error_type": r[7], "message": r[8],
-            "template": r[9], "duration_ms": r[10], "arg_keys": json.loads(r[11]),
+            "template": r[9], "duration_ms": r[10], "arg_keys": r[11].split("\x1f") if r[11] else [],
             "workflow": r[12], "run_started_at": r[13], "run_status": r[14],
         })
     return out
