@@ -223,3 +223,4 @@ def main() -> None:
 def main_self_heal() -> None:
     """``python -m selfheal_plugin``: the same as ``agent self-heal``."""
     self_heal(prog_name="python -m selfheal_plugin")
+from . import cli_health  # noqa: E402,F401  (registers commands)

@@ -90,6 +90,9 @@ class GeneratorConfig:
     tokens_per_step: int = 3
     running_runs: int = 2
     metrics_missing: float = 0.1
+    # Extra chance that a finished run fails (no tool error, a failed step), ramping linearly
+    # from the first value at the history's start to the second at its end; None: off.
+    failure_ramp: tuple[float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -224,8 +227,13 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
         if running:
             status, completed_at, duration_ms, error = "running", None, None, None
         else:
+            error = "Workflow failed: tool call error"
+            if cfg.failure_ramp is not None and not run_failed:
+                lo, hi = cfg.failure_ramp
+                if rng.random() < lo + (hi - lo) * ((run_starts[i] - start) / (end - start)):
+                    run_failed, error = True, "Workflow failed: step did not complete"
             if run_failed:
-                status, error = "failed", "Workflow failed: tool call error"
+                status = "failed"
                 evs.append((cfg.steps - 1, "error", {"type": "error", "message": error}, t))
             else:
                 status = "cancelled" if rng.random() < 0.01 else "completed"

@@ -1,0 +1,123 @@
+"""`agent self-heal dashboard` and `agent self-heal health`, run as the installed console
+script against a generated history in a temp home."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+
+from ..conftest import run_agent
+
+SINCE = "2026-11-13T12:00:00Z"  # the generated week ends at conftest.NOW; the window ends now
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_dashboard_text(history_copy, binks_home):
+    res = run_agent("self-heal", "dashboard", "--home", str(binks_home), "--since", SINCE)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.startswith(f"🩺 Health dashboard (since {SINCE}")
+    for text in ("Overall health:", "Success rate:", "Trend:", "Daily success:", "Worst tools",
+                 "mcp__kubernetes__pods_list", "No improvements recorded yet"):
+        assert text in out, text
+    assert any(block in out for block in "▁▂▃▄▅▆▇█")
+    assert "Agents" not in out  # only with --detailed
+
+
+def test_dashboard_json_shape(history_copy, binks_home):
+    db, truth = history_copy
+    res = run_agent("self-heal", "dashboard", "--db", str(db), "--since", SINCE, "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    for key in ("overall_health_score", "trend", "success_rate", "recent_improvements", "daily_success",
+                "error_types_over_time", "worst_tools", "trend_detail", "runs", "window"):
+        assert key in data, key
+    assert "agents" not in data and "tools" not in data
+    assert 0 <= data["overall_health_score"] <= 100
+    assert data["trend"] in ("improving", "degrading", "stable", "insufficient_data")
+    assert data["runs"]["total"] == truth["runs"]
+    assert data["runs"]["running"] == truth["running_runs"]
+    detailed = json.loads(run_agent("self-heal", "dashboard", "--db", str(db), "--since", SINCE, "--json",
+                                    "--detailed").stdout)
+    assert {a["name"] for a in detailed["agents"]} == {"planner", "coder", "researcher", "k8s-ops"}
+    assert sum(a["total_runs"] for a in detailed["agents"]) == truth["runs"]
+    assert {"name", "success_rate", "total_calls", "timeout_rate", "error_rate", "p95_duration_ms"} <= set(
+        detailed["tools"][0])
+
+
+def test_dashboard_html_report(history_copy, binks_home, tmp_path):
+    report = tmp_path / "report.html"
+    res = run_agent("self-heal", "dashboard", "--home", str(binks_home), "--since", SINCE, "--html", str(report),
+                    "--detailed")
+    assert res.returncode == 0, res.stderr
+    assert "HTML report written to" in res.stderr
+    html = report.read_text(encoding="utf-8")
+    for marker in ('id="chart-daily-success"', 'id="chart-error-types"', 'id="chart-tool-reliability"',
+                   'id="overall-score"', 'id="table-tools"', 'id="table-agents"', "mcp__kubernetes__pods_list"):
+        assert marker in html, marker
+    assert "Agents" in res.stdout
+
+
+def test_dashboard_bad_since_is_usage_error(history_copy, binks_home, tmp_path):
+    db, _ = history_copy
+    before = _digest(db)
+    res = run_agent("self-heal", "dashboard", "--db", str(db), "--since", "-7x", "--html", str(tmp_path / "r.html"))
+    assert res.returncode == 2
+    assert "invalid time window '-7x'" in res.stderr
+    assert not (tmp_path / "r.html").exists()
+    assert _digest(db) == before and res.stdout == ""
+
+
+def test_dashboard_errors_are_one_line(history_copy, binks_home, tmp_path):
+    res = run_agent("self-heal", "dashboard", "--db", str(tmp_path / "missing.db"))
+    assert res.returncode == 1
+    assert res.stderr.strip().count("\n") == 0 and "no run history" in res.stderr
+    res = run_agent("self-heal", "dashboard", "--home", str(binks_home), "--html", str(tmp_path / "no" / "r.html"))
+    assert res.returncode == 1
+    assert "directory" in res.stderr and "does not exist" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_dashboard_empty_history(binks_home):
+    from selfheal_plugin.history import connect
+
+    connect(binks_home / "conversations.db", create=True).close()
+    res = run_agent("self-heal", "dashboard", "--home", str(binks_home), "--json", "--detailed")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["overall_health_score"] is None and data["trend"] == "insufficient_data"
+    assert data["agents"] == [] and data["tools"] == []
+    text = run_agent("self-heal", "dashboard", "--home", str(binks_home))
+    assert text.returncode == 0 and "n/a" in text.stdout
+
+
+def test_run_health_by_prefix(history_copy, binks_home):
+    db, _ = history_copy
+    conn = sqlite3.connect(db)
+    ids = [r[0] for r in conn.execute("SELECT id FROM runs WHERE status = 'failed' ORDER BY id")]
+    all_ids = [r[0] for r in conn.execute("SELECT id FROM runs")]
+    conn.close()
+    run_id = ids[0]
+    prefix = next(run_id[:n] for n in range(4, 37) if sum(i.startswith(run_id[:n]) for i in all_ids) == 1)
+    res = run_agent("self-heal", "health", prefix, "--home", str(binks_home), "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["run_id"] == run_id and 0 <= data["health_score"] <= 100
+    assert data["issues"] and data["issues"][0]["severity"] == "high"
+    assert {"severity", "description", "recommendation"} <= set(data["issues"][0])
+    text = run_agent("self-heal", "health", prefix, "--home", str(binks_home))
+    assert text.returncode == 0 and f"Run {run_id}" in text.stdout and "[HIGH]" in text.stdout
+
+
+def test_run_health_unknown_and_ambiguous(history_copy, binks_home):
+    res = run_agent("self-heal", "health", "no-such-run", "--home", str(binks_home))
+    assert res.returncode == 1 and "no run 'no-such-run'" in res.stderr
+    db, _ = history_copy
+    conn = sqlite3.connect(db)
+    first = conn.execute("SELECT substr(id, 1, 1) AS p FROM runs GROUP BY p ORDER BY count(*) DESC").fetchone()[0]
+    conn.close()
+    res = run_agent("self-heal", "health", first, "--home", str(binks_home), "--json")
+    assert res.returncode == 2 and "ambiguous" in res.stderr and res.stdout == ""
