@@ -141,9 +141,12 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
         result = detect_failure_patterns(conn, since=s.lookback, min_occurrences=s.min_occurrences,
                                          confidence_threshold=s.confidence_threshold, progress=progress)
     warn_bad_rows(result.scanned.total_bad_rows)
+    from .cli_plugins import detect_proposals  # proposals, inbox summary, next steps
+
     if as_json:
+        proposals = detect_proposals(conn, s, result.patterns, as_json=True) if result.patterns else []
         echo_json({"since": result.since, "patterns": [p.to_dict() for p in result.patterns],
-                   "skipped_rows": result.scanned.total_bad_rows})
+                   "proposals": proposals, "skipped_rows": result.scanned.total_bad_rows})
         return
     click.echo()
     if not result.patterns:
@@ -159,8 +162,7 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
         click.echo(f"    Correlation: {pct(p.correlation_score)}")
         click.echo(f"    Confidence: {pct(p.confidence)}")
         click.echo()
-    click.echo("📋 Next steps:")
-    click.echo("  - View: agent self-heal show <pattern-id>")
+    detect_proposals(conn, s, result.patterns, as_json=False)
 
 
 @self_heal.command()
@@ -172,6 +174,9 @@ def show(pattern_id: str, home: str | None, db: str | None, as_json: bool, since
     s = settings_for(home, db, lookback=since)
     conn = connect(s.db_path)
     pattern = get_pattern(conn, pattern_id, since=s.lookback)
+    from .lifecycle import attach_suggested_fixes
+
+    attach_suggested_fixes([pattern], s)
     details = pattern_details(pattern)
     if as_json:
         echo_json(details)
@@ -224,3 +229,5 @@ def main_self_heal() -> None:
     """``python -m selfheal_plugin``: the same as ``agent self-heal``."""
     self_heal(prog_name="python -m selfheal_plugin")
 from . import cli_health  # noqa: E402,F401  (registers commands)
+from . import cli_plugins  # noqa: E402,F401  (registers commands)
+from . import cli_lifecycle  # noqa: E402,F401  (registers commands)

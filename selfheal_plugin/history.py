@@ -119,6 +119,7 @@ IMPROVEMENT_COLUMNS: dict[str, str] = {
     "pending_op": "TEXT",  # JSON intent of an apply/rollback in progress
     "rollback_sha": "TEXT",
     "rolled_back_at": "TEXT",
+    "evidence": "TEXT",  # JSON: the strategy's data behind a proposal (expected_reduction, fits, counts)
     "apply_record": "TEXT",  # JSON: file, repo, previous values, tables created (for rollback)
 }
 

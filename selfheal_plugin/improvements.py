@@ -21,7 +21,8 @@ from .times import format_timestamp, utcnow
 
 STATUSES = ("proposed", "tested", "applied", "verified", "rejected", "rolled_back")
 OPEN_STATUSES = ("proposed", "tested", "applied")
-_JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact")
+_JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact",
+                "apply_record", "evidence")
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Improvement:
     applied_at: str | None = None
     verified_at: str | None = None
     rolled_back_at: str | None = None
+    evidence: dict[str, Any] | None = None
+    apply_record: dict[str, Any] | None = None
     created_at: str | None = None
     updated_at: str | None = None
     category: str | None = None
@@ -125,6 +128,28 @@ class ImprovementStore:
             self.conn.execute(f"INSERT INTO improvements ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
                               [values[c] for c in cols])
         return imp
+
+    def insert_unless_open(self, imp: Improvement) -> tuple[Improvement, bool]:
+        """Insert ``imp`` unless its pattern already has an open improvement; returns
+        (the stored row, created). Check and insert share one write transaction, so two
+        processes proposing for the same pattern at once still make one row."""
+        now = format_timestamp(utcnow())
+        imp.proposed_at = imp.proposed_at or now
+        imp.created_at = imp.created_at or now
+        imp.updated_at = now
+        imp.category = imp.category or "tool"
+        values = self._row_values(imp)
+        cols = list(values)
+        placeholders = ",".join("?" * len(OPEN_STATUSES))
+        with write_transaction(self.conn):
+            row = self.conn.execute(
+                f"SELECT * FROM improvements WHERE pattern_id = ? AND status IN ({placeholders}) "
+                "ORDER BY proposed_at DESC LIMIT 1", (imp.pattern_id, *OPEN_STATUSES)).fetchone()
+            if row is not None:
+                return Improvement.from_row(row), False
+            self.conn.execute(f"INSERT INTO improvements ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                              [values[c] for c in cols])
+        return imp, True
 
     def update(self, improvement_id: str, **fields_: Any) -> Improvement:
         """Set some fields of one row (JSON fields take Python values)."""

@@ -1,0 +1,101 @@
+"""Turn lifecycle events into notifications (bodies as in the design document).
+
+Each event is sent through the ``notify`` hook, so the inbox and any other sink get it.
+The ``notify_patterns``, ``notify_applied``, ``notify_verified`` and ``notify_rolled_back``
+settings switch them off one by one.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from selfheal_plugin import hookimpl
+from selfheal_plugin.plugins import Notification, notify
+from selfheal_plugin.strategy import Change
+
+
+def _short_sha(sha: str | None) -> str | None:
+    return sha[:7] if sha else None
+
+
+def _changes_text(improvement: Any, settings: Any) -> str:
+    if improvement.changes_made:
+        return improvement.changes_made
+    parts = []
+    for raw in improvement.changes or []:
+        try:
+            change = Change.from_dict(raw)
+        except (TypeError, ValueError):
+            continue
+        if change.kind == "config":
+            parts.append(f"Updated {settings.home / change.file} " + change.describe().split(": ", 1)[1])
+        else:
+            parts.append(change.describe())
+    return "; ".join(parts) or "none recorded"
+
+
+def _pct(value: Any) -> str:
+    return f"{value * 100:.0f}%" if isinstance(value, (int, float)) else "n/a"
+
+
+@hookimpl
+def patterns_detected(patterns: list[Any], settings: Any) -> None:
+    if not settings.notify_patterns or not patterns:
+        return
+    lines = [f"Detected {len(patterns)} failure pattern(s). View details: agent self-heal improvements", ""]
+    for p in patterns:
+        line = (f"- {p.id}: {p.occurrences} occurrence(s) in {len(p.affected_runs)} run(s), "
+                f"confidence {_pct(p.confidence)}")
+        if p.suggested_fix:
+            line += f". Fix: {p.suggested_fix}"
+        lines.append(line)
+    notify(Notification(title=f"Detected {len(patterns)} failure pattern(s)", body="\n".join(lines),
+                        tags=["self-heal", "patterns"], priority="high"), settings)
+
+
+@hookimpl
+def improvement_applied(improvement: Any, settings: Any) -> None:
+    if not settings.notify_applied:
+        return
+    lines = [f"Applied improvement {improvement.id}:", f"Description: {improvement.description}",
+             f"Changes: {_changes_text(improvement, settings)}"]
+    if improvement.commit_sha:
+        lines.append(f"Commit: {_short_sha(improvement.commit_sha)}")
+    lines += ["", f"Monitoring for {settings.measurement_window_days} days to verify impact."]
+    notify(Notification(title=f"Applied improvement {improvement.id}", body="\n".join(lines),
+                        tags=["improvement", "applied"], priority="normal"), settings)
+
+
+@hookimpl
+def improvement_verified(improvement: Any, verification: dict[str, Any], settings: Any) -> None:
+    if not settings.notify_verified:
+        return
+    recommendation = str(verification.get("recommendation") or "extend_monitoring")
+    metrics = verification.get("metrics") or {}
+    lines = [f"Verified improvement {improvement.id}:",
+             f"Expected: {verification.get('expected_impact') or improvement.expected_impact or 'unknown'}",
+             f"Actual: {verification.get('actual_impact') or 'unknown'}",
+             f"Recommendation: {recommendation.replace('_', ' ').capitalize()}",
+             "", "Metrics:",
+             f"- Success rate before: {_pct(metrics.get('before_success_rate'))}",
+             f"- Success rate after: {_pct(metrics.get('after_success_rate'))}",
+             f"- Runs analyzed: {metrics.get('runs_analyzed', 'n/a')}"]
+    priority = {"rollback": "urgent", "keep": "normal"}.get(recommendation.lower(), "high")
+    notify(Notification(title=f"Verified improvement {improvement.id}", body="\n".join(lines),
+                        tags=["improvement", "verified"], priority=priority), settings)
+
+
+@hookimpl
+def improvement_rolled_back(improvement: Any, settings: Any) -> None:
+    if not settings.notify_rolled_back:
+        return
+    lines = [f"Rolled back improvement {improvement.id}:", f"Description: {improvement.description}"]
+    if improvement.actual_impact:
+        lines.append(f"Actual impact: {improvement.actual_impact}")
+    if improvement.commit_sha:
+        lines.append(f"Reverted commit: {_short_sha(improvement.commit_sha)}")
+    if improvement.rollback_sha:
+        lines.append(f"Revert commit: {_short_sha(improvement.rollback_sha)}")
+    lines += ["", f"The pattern stays open: agent self-heal show {improvement.pattern_id}"
+              if improvement.pattern_id else "See: agent self-heal improvements --status rolled_back"]
+    notify(Notification(title=f"Rolled back improvement {improvement.id}", body="\n".join(lines),
+                        tags=["improvement", "rolled-back"], priority="high"), settings)

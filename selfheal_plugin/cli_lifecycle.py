@@ -1,0 +1,183 @@
+"""``agent self-heal test|apply|rollback|verify|reject``: thin shells over the lifecycle.
+
+Every command first finishes or undoes an interrupted apply/rollback (``recover``) and
+says so on stderr.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .apply import apply_improvement, plan_apply, recover, reject_improvement, rollback_improvement
+from .cli import common_options, echo_json, err_console, pct, self_heal, settings_for
+from .history import connect
+from .settings import Settings
+from .simulation import TEST_MODES, test_improvement
+from .verification import verify_improvement
+
+
+def _open(home: str | None, db: str | None, **overrides: Any) -> tuple[Any, Settings]:
+    s = settings_for(home, db, **overrides)
+    conn = connect(s.db_path)
+    recover(conn, s, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False))
+    return conn, s
+
+
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else pct(x)
+
+
+@self_heal.command("test")
+@click.argument("improvement_id")
+@click.option("--mode", type=click.Choice(TEST_MODES), default="simulation", show_default=True,
+              help="How to test the improvement.")
+@click.option("--since", default=None, help="Baseline window start (default: the lookback setting, -7d).")
+@common_options
+def test_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, mode: str = "simulation",
+                 since: str | None = None) -> None:
+    """Test an improvement by replaying the history window with its changes."""
+    conn, s = _open(home, db)
+    r = test_improvement(conn, s, improvement_id, mode, since=since)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"🧪 Testing {r['improvement_id']} ({r['test_mode']}, {r['runs_replayed']} runs replayed, "
+               f"{r['window']['since']} → {r['window']['until']})")
+    click.echo()
+    click.echo(f"  Baseline success rate:  {_rate(r['baseline_success_rate'])}")
+    if r["simulated_success_rate"] is not None:
+        lo, hi = r["interval"]["simulated_success_rate"]
+        click.echo(f"  Simulated success rate: {_rate(r['simulated_success_rate'])} "
+                   f"(95% interval {pct(lo)}–{pct(hi)})")
+        click.echo(f"  Expected improvement:   {r['expected_improvement']}")
+        click.echo(f"  Runs recovered:         {r['runs_recovered']:g} of {r['runs_replayed']} "
+                   f"({r['failures_fixed']:g} of {r['failures_targeted']} targeted failures fixed)")
+    else:
+        click.echo("  Simulated success rate: no model")
+    for m in r["models"]:
+        if m["model"] == "duration":
+            click.echo(f"  Model: {m['tool']} durations ~ {m['family']} (median {m['median_ms']} ms, p95 "
+                       f"{m['p95_ms']} ms; {m['successful_calls']} ok, {m['timed_out_calls']} censored); "
+                       f"a timed-out call finishes under {m['new_limit_ms']} ms with p="
+                       f"{m['p_timed_out_call_finishes']}")
+        elif m["model"] == "retry":
+            click.echo(f"  Model: retry of {m['tool']} succeeds with p={m['p_retry_succeeds']} "
+                       f"({m['followups_succeeded']}/{m['followups_observed']} follow-up calls ok)")
+    for note in r["notes"]:
+        click.echo(f"  Note: {note}")
+    click.echo()
+    icon = {"safe_to_apply": "✅", "risky": "⚠️ ", "reject": "❌"}[r["recommendation"]]
+    click.echo(f"{icon} Recommendation: {r['recommendation']} — {r['reason']}")
+    if r["recommendation"] != "reject":
+        click.echo(f"   Next: agent self-heal apply {r['improvement_id']}")
+
+
+@self_heal.command("apply")
+@click.argument("improvement_id")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--changes-made", default=None,
+              help="What was done (required for an improvement with only manual steps).")
+@common_options
+def apply_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, yes: bool = False,
+                  changes_made: str | None = None) -> None:
+    """Apply an improvement: edit config.toml and commit it to git."""
+    conn, s = _open(home, db)
+    plan = plan_apply(conn, s, improvement_id)
+    expected = plan["old_sha256"] if plan["config_changes"] else None
+    if not yes:
+        if as_json:
+            raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
+        click.echo(f"Improvement {plan['improvement_id']}: {plan['description']}")
+        if plan["config_changes"]:
+            where = plan["repository"] + (" (new repository)" if plan["creates_repository"] else "")
+            click.echo(f"Config: {plan['config_path']}   git: {where}")
+            click.echo()
+            click.echo(plan["diff"].rstrip("\n"))
+            click.echo()
+        for step in plan["manual_steps"]:
+            click.echo(f"Manual step (not applied by selfheal): {step}")
+        click.confirm("Apply this change and commit it?" if plan["config_changes"] else
+                      "Record these manual steps as applied?", abort=True)
+    r = apply_improvement(conn, s, improvement_id, changes_made, expected_sha256=expected)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"✅ Applied {r['improvement_id']}")
+    if r["commit_sha"]:
+        click.echo(f"  Commit: {r['commit_sha'][:12]} in {r['repository']}"
+                   + (" (new repository)" if r["created_repository"] else ""))
+    for line in (r["changes_made"] or "").splitlines():
+        click.echo(f"  {line}")
+    for step in r["manual_steps"]:
+        click.echo(f"  Still to do by hand: {step}")
+    click.echo(f"  Verification scheduled: {r['verification_scheduled']} (agent self-heal verify "
+               f"{r['improvement_id']})")
+
+
+@self_heal.command("rollback")
+@click.argument("improvement_id")
+@click.option("--reason", default=None, help="Why (goes into the commit message).")
+@common_options
+def rollback_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
+                     reason: str | None = None) -> None:
+    """Roll back an applied improvement (git revert, or the inverse edit)."""
+    conn, s = _open(home, db)
+    r = rollback_improvement(conn, s, improvement_id, reason=reason)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"↩️  Rolled back {r['improvement_id']}")
+    if r["rollback_sha"]:
+        how = "git revert" if r["method"] == "revert" else "inverse edit (config.toml changed since)"
+        click.echo(f"  Commit: {r['rollback_sha'][:12]} ({how} of {r['commit_sha'][:12]})")
+        if r["diff"]:
+            click.echo(r["diff"].rstrip("\n"))
+    if r.get("note"):
+        click.echo(f"  Note: {r['note']}")
+
+
+@self_heal.command("verify")
+@click.argument("improvement_id")
+@click.option("--window-days", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Measurement window in days (default: measurement_window_days, 7).")
+@common_options
+def verify_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
+                   window_days: float | None = None) -> None:
+    """Measure an applied improvement: before vs after, with a significance test."""
+    conn, s = _open(home, db)
+    r = verify_improvement(conn, s, improvement_id, window_days)
+    if as_json:
+        echo_json(r)
+        return
+    m = r["metrics"]
+    click.echo(f"📏 Verifying {r['improvement_id']} ({r['window']['days']:g}-day windows around the apply"
+               + ("" if r["window"]["complete"] else ", after-window still open") + ")")
+    click.echo()
+    click.echo(f"  Expected: {r['expected_impact'] or 'unknown'}")
+    click.echo(f"  Actual:   {r['actual_impact']}")
+    click.echo(f"  Success rate before: {_rate(m['before_success_rate'])} ({m['runs_before']} runs)")
+    click.echo(f"  Success rate after:  {_rate(m['after_success_rate'])} ({m['runs_after']} runs)")
+    click.echo(f"  Runs analyzed: {m['runs_analyzed']}   p-value (Fisher): "
+               f"{'n/a' if m['p_value'] is None else format(m['p_value'], '.3g')}")
+    p = m.get("pattern")
+    if p:
+        click.echo(f"  {p['pattern_id']} error rate: {_rate(p['before_error_rate'])} → {_rate(p['after_error_rate'])}"
+                   f" per call ({p['before_errors']} → {p['after_errors']} errors; p="
+                   f"{'n/a' if p['p_value'] is None else format(p['p_value'], '.3g')})")
+    click.echo()
+    icon = {"keep": "✅", "rollback": "❌", "extend": "⏳"}[r["recommendation"]]
+    click.echo(f"{icon} Recommendation: {r['recommendation']} ({r['verification_status']}) — {r['reason']}")
+
+
+@self_heal.command("reject")
+@click.argument("improvement_id")
+@common_options
+def reject_command(improvement_id: str, home: str | None, db: str | None, as_json: bool) -> None:
+    """Reject a proposed improvement."""
+    conn, s = _open(home, db)
+    r = reject_improvement(conn, s, improvement_id)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"🗑️  Rejected {r['improvement_id']}")

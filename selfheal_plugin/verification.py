@@ -1,0 +1,212 @@
+"""Did an applied improvement work? Before vs after its apply time, with a significance test.
+
+Two windows of ``measurement_window_days`` meet at ``applied_at``: runs that *started*
+in ``[applied_at - w, applied_at)`` against runs that started in ``[applied_at,
+min(applied_at + w, now))`` (instants compared, never timestamp strings — the runtime
+writes mixed offsets). Two measures:
+
+* overall run success: completed / (completed + failed) finished runs;
+* the pattern's own error rate: failed calls with the pattern's signature per call of
+  its tool.
+
+Each is compared with Fisher's exact test (two-sided, ``scipy.stats.fisher_exact``).
+With fewer than ``min_sample_size`` finished runs on either side the answer is "extend
+monitoring". Otherwise a significant worsening of either measure says **rollback**
+(``failed``), else a significant improvement of either says **keep** (``verified``),
+else **extend** (``inconclusive``). A rollback recommendation does not roll back by
+itself: ``agent self-heal rollback`` does, and the daemon does when it runs.
+"""
+from __future__ import annotations
+
+import re
+import sqlite3
+from datetime import datetime, timedelta
+from typing import Any
+
+from . import plugins
+from .apply import LifecycleError, recover
+from .errors import SelfHealError, UsageError
+from .history import normalize_error_type
+from .improvements import ImprovementStore
+from .patterns import split_pattern_id
+from .settings import Settings
+from .simulation import ReplayRun, load_runs, percent_points
+from .times import format_timestamp, parse_timestamp, utcnow
+
+VERIFIABLE = ("applied", "verified")
+
+
+def _rate(num: int, den: int) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def _fisher(a: int, b: int, c: int, d: int) -> float | None:
+    """Two-sided p-value of [[a, b], [c, d]]; None when a row or column is empty."""
+    if (a + b) == 0 or (c + d) == 0 or (a + c) == 0 or (b + d) == 0:
+        return None if (a + b) == 0 or (c + d) == 0 else 1.0
+    from scipy import stats  # imported on use: scipy costs ~1 s at start-up
+
+    return float(stats.fisher_exact([[a, b], [c, d]])[1])
+
+
+def _pattern_counts(runs: list[ReplayRun], error_type: str, tool: str) -> tuple[int, int, int]:
+    """(calls of the tool, failures with the signature, runs with such a failure)."""
+    calls = errors = runs_hit = 0
+    for r in runs:
+        hit = False
+        for c in r.calls:
+            if c.tool != tool:
+                continue
+            calls += 1
+            if not c.ok and normalize_error_type(c.error_type) == error_type:
+                errors += 1
+                hit = True
+        runs_hit += hit
+    return calls, errors, runs_hit
+
+
+_NUMBER = re.compile(r"([+-]?\d+(?:\.\d+)?)\s*(?:-\s*(\d+(?:\.\d+)?))?\s*%")
+
+
+def compare_with_expected(expected: str | None, success_delta: float | None,
+                          reduction: float | None) -> str | None:
+    """"better than expected!" / "as expected" / "less than expected", or None when the
+    expected impact names no number we can compare."""
+    if not expected:
+        return None
+    m = _NUMBER.search(expected)
+    if not m:
+        return None
+    lo = float(m.group(1))
+    hi = float(m.group(2)) if m.group(2) else lo
+    text = expected.lower()
+    if "success" in text and success_delta is not None:
+        actual = success_delta * 100
+    elif reduction is not None:
+        actual, lo, hi = reduction * 100, abs(lo), abs(hi)
+    else:
+        return None
+    if actual > max(lo, hi) + 5:
+        return "better than expected!"
+    if actual >= min(lo, hi) - 5:
+        return "as expected"
+    return "less than expected"
+
+
+def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement_id: str,
+                       measurement_window_days: float | None = None, now: datetime | None = None) -> dict[str, Any]:
+    """Measure an applied improvement; store and notify the result (see module docstring).
+
+    Returns the design document's fields (``expected_impact``, ``actual_impact``,
+    ``verification_status``, ``recommendation``, ``metrics``) plus p-values, the
+    pattern's error rates and the windows.
+    """
+    recover(conn, settings)
+    days = settings.measurement_window_days if measurement_window_days is None else measurement_window_days
+    if not isinstance(days, (int, float)) or isinstance(days, bool) or days <= 0:
+        raise UsageError(f"measurement window must be a positive number of days, got {days!r}")
+    store = ImprovementStore(conn)
+    imp = store.get(improvement_id)
+    if imp.status not in VERIFIABLE or not imp.applied_at:
+        raise LifecycleError(f"{imp.id} is {imp.status}; only applied improvements can be verified")
+    now = now or utcnow()
+    applied = parse_timestamp(imp.applied_at)
+    window = timedelta(days=days)
+    after_end = min(applied + window, now)
+    tool = None
+    if imp.pattern_id:
+        try:
+            tool = split_pattern_id(imp.pattern_id)[1]
+        except SelfHealError:  # a legacy row with an odd pattern id: no pattern measure
+            tool = None
+    tools = [tool] if tool else []
+    before = load_runs(conn, (applied - window).timestamp(), applied.timestamp(), tools)
+    after = load_runs(conn, applied.timestamp(), after_end.timestamp(), tools) if now > applied else []
+    ok_b, ok_a = sum(r.completed for r in before), sum(r.completed for r in after)
+    n_b, n_a = len(before), len(after)
+    sr_b, sr_a = _rate(ok_b, n_b), _rate(ok_a, n_a)
+    p_success = _fisher(ok_b, n_b - ok_b, ok_a, n_a - ok_a) if n_b and n_a else None
+    alpha = settings.significance_level
+
+    pattern: dict[str, Any] | None = None
+    reduction = None
+    p_pattern = None
+    if imp.pattern_id:
+        etype = split_pattern_id(imp.pattern_id)[0] if tool else None
+        if etype and tool:
+            calls_b, err_b, runs_hit_b = _pattern_counts(before, etype, tool)
+            calls_a, err_a, runs_hit_a = _pattern_counts(after, etype, tool)
+            rate_b, rate_a = _rate(err_b, calls_b), _rate(err_a, calls_a)
+            if calls_b and calls_a:
+                p_pattern = _fisher(err_b, calls_b - err_b, err_a, calls_a - err_a)
+            if rate_b and rate_a is not None:
+                reduction = (rate_b - rate_a) / rate_b
+            pattern = {"pattern_id": imp.pattern_id, "error_type": etype, "tool_name": tool,
+                       "before_error_rate": rate_b, "after_error_rate": rate_a,
+                       "before_errors": err_b, "after_errors": err_a, "before_calls": calls_b, "after_calls": calls_a,
+                       "before_runs_affected": runs_hit_b, "after_runs_affected": runs_hit_a,
+                       "p_value": None if p_pattern is None else round(p_pattern, 6),
+                       "reduction": None if reduction is None else round(reduction, 4)}
+
+    success_delta = None if sr_a is None or sr_b is None else sr_a - sr_b
+    window_complete = now >= applied + window
+    sig_s = p_success is not None and p_success < alpha
+    sig_p = p_pattern is not None and p_pattern < alpha
+    worse = (sig_s and success_delta is not None and success_delta < 0) or \
+        (sig_p and pattern is not None and pattern["after_error_rate"] > pattern["before_error_rate"])
+    better = (sig_s and success_delta is not None and success_delta > 0) or \
+        (sig_p and pattern is not None and pattern["after_error_rate"] < pattern["before_error_rate"])
+    floor = settings.min_sample_size
+    if n_b < floor or n_a < floor:
+        recommendation, status = "extend", "inconclusive"
+        reason = (f"extend monitoring: {n_a} finished run(s) since the apply and {n_b} before it "
+                  f"(min_sample_size {floor})")
+    elif worse:
+        recommendation, status = "rollback", "failed"
+        reason = ("the change made things significantly worse; roll it back with agent self-heal rollback "
+                  f"{imp.id} (the daemon does so automatically)")
+    elif better:
+        recommendation, status = "keep", "verified"
+        reason = "significant improvement"
+    else:
+        recommendation, status = "extend", "inconclusive"
+        reason = ("extend monitoring: no significant change yet" if not window_complete else
+                  "extend monitoring: no significant change over the full window")
+
+    parts = []
+    if success_delta is not None:
+        parts.append(f"{percent_points(success_delta)} success rate" if success_delta else "+0% success rate")
+    if pattern is not None and reduction is not None:
+        word = "reduction" if reduction >= 0 else "increase"
+        parts.insert(0, f"{abs(reduction) * 100:.0f}% {word} in {pattern['error_type']} errors")
+    elif pattern is not None and pattern["before_error_rate"] == 0 and pattern["after_errors"]:
+        parts.insert(0, f"new {pattern['error_type']} errors ({pattern['after_errors']} after, none before)")
+    comparison = compare_with_expected(imp.expected_impact, success_delta, reduction)
+    actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
+    if comparison:
+        actual += f" ({comparison})"
+
+    metrics = {"before_success_rate": sr_b, "after_success_rate": sr_a, "runs_analyzed": n_b + n_a,
+               "runs_before": n_b, "runs_after": n_a, "p_value": None if p_success is None else round(p_success, 6),
+               "test": "Fisher's exact test, two-sided", "significance_level": alpha, "min_sample_size": floor,
+               "pattern": pattern}
+    result = {
+        "improvement_id": imp.id, "expected_impact": imp.expected_impact, "actual_impact": actual,
+        "verification_status": status, "recommendation": recommendation, "reason": reason,
+        "comparison": comparison, "metrics": metrics,
+        "p_value": metrics["p_value"], "pattern_p_value": None if pattern is None else pattern["p_value"],
+        "before_error_rate": None if pattern is None else pattern["before_error_rate"],
+        "after_error_rate": None if pattern is None else pattern["after_error_rate"],
+        "window": {"days": days, "before": [format_timestamp(applied - window), format_timestamp(applied)],
+                   "after": [format_timestamp(applied), format_timestamp(after_end)], "complete": window_complete},
+        "checked_at": format_timestamp(now),
+    }
+    fields: dict[str, Any] = {"metrics": {**metrics, "verification_status": status, "recommendation": recommendation,
+                                          "checked_at": result["checked_at"], "window": result["window"]},
+                              "actual_impact": actual}
+    if recommendation == "keep":
+        fields.update(status="verified", verified_at=format_timestamp(now))
+    imp = store.update(imp.id, **fields)
+    result["status"] = imp.status
+    plugins.fire("improvement_verified", improvement=imp, verification=result, settings=settings)
+    return result

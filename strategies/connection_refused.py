@@ -1,0 +1,53 @@
+"""Connection refused: health checks and auto-restart for the MCP server, plus retries.
+
+Retries are sized from the tool's observed failure rate (see ``RetryPlan``): the
+expected impact is ``1 − rate^attempts``, the failures a retry would have turned into
+successes if failures are independent. Health checks and auto-restart apply to the
+server named in ``mcp__<server>__<tool>``; built-in tools get retries only.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from selfheal_plugin import hookimpl
+from selfheal_plugin.simulation import simulate_proposal
+from selfheal_plugin.strategy import (
+    Change, HistoryWindow, Proposal, Strategy, impact_text, percent, retry_plan, server_of, server_path,
+)
+
+
+class ConnectionRefusedStrategy(Strategy):
+    name = "connection_refused"
+    error_types = ("connection_refused",)
+    summary = "Health checks, auto-restart and retries with backoff"
+
+    def simulate(self, proposal: Proposal, history: HistoryWindow) -> Any:
+        """Replay the window with the changes (selfheal_plugin.simulation: duration and retry models)."""
+        return simulate_proposal(proposal, history)
+
+    def suggest(self, pattern: Any) -> str:
+        server = server_of(pattern.tool_name)
+        if server:
+            return f"Health-check and auto-restart MCP server {server}; retry {pattern.tool_name} with backoff"
+        return f"Retry {pattern.tool_name} with backoff"
+
+    def propose(self, pattern: Any, history: HistoryWindow) -> Proposal:
+        plan = retry_plan(pattern, history)
+        server = server_of(pattern.tool_name)
+        changes = plan.changes(pattern.tool_name)
+        if server:
+            changes += [Change.config(server_path(server, "health_check"), True),
+                        Change.config(server_path(server, "auto_restart"), True)]
+        return self.make_proposal(
+            pattern, description=self.suggest(pattern),
+            expected_impact=impact_text(plan.reduction, f"connection failures on {pattern.tool_name}",
+                                        f"{percent(plan.failure_rate)} of calls refused; "
+                                        f"{plan.attempts} retr{'y' if plan.attempts == 1 else 'ies'} assumed independent"),
+            risk_level="medium" if server else "low", changes=changes, expected_reduction=plan.reduction,
+            evidence={**plan.evidence(), "server": server},
+        )
+
+
+@hookimpl
+def register_strategies(register: Any) -> None:
+    register(ConnectionRefusedStrategy())

@@ -1,0 +1,119 @@
+"""`agent self-heal test|apply|rollback|verify|reject` end to end (installed console script)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfheal_plugin.history import connect
+from selfheal_plugin.improvements import ImprovementStore
+
+from ..conftest import NOW, run_agent
+from ..lifecycle_data import add_improvement, git, git_as_user, timeout_change, timeout_history
+
+
+@pytest.fixture
+def db(binks_home):
+    path = binks_home / "conversations.db"
+    timeout_history(path, NOW, runs=150, seed=5)
+    return path
+
+
+def status(db, imp_id):
+    return ImprovementStore(connect(db)).get(imp_id).status
+
+
+def one_line_error(r, code=1):
+    assert r.returncode == code, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), r.stderr
+    return lines[0]
+
+
+def test_full_cycle_with_prompt(db, binks_home):
+    imp = add_improvement(db, [timeout_change(90_000)])
+    r = run_agent("self-heal", "test", imp.id, "--since", "2026-11-13")
+    assert r.returncode == 0, r.stderr
+    assert "Recommendation: safe_to_apply" in r.stdout and "Simulated success rate:" in r.stdout
+
+    r = run_agent("self-heal", "apply", imp.id, input="n\n")
+    assert r.returncode == 1 and "Aborted" in r.stderr
+    assert "+[tools.mcp__k8s__pods_list]" in r.stdout and "+timeout_ms = 90000" in r.stdout
+    assert not (binks_home / ".git").exists() and not (binks_home / "config.toml").exists()
+    assert status(db, imp.id) == "tested"
+
+    r = run_agent("self-heal", "apply", imp.id, "--json")
+    assert r.returncode == 2 and "--json needs --yes" in r.stderr
+
+    r = run_agent("self-heal", "apply", imp.id, input="y\n")
+    assert r.returncode == 0, r.stderr
+    sha = git(binks_home, "rev-parse", "HEAD").strip()
+    assert f"Commit: {sha[:12]}" in r.stdout and "Verification scheduled:" in r.stdout
+    assert status(db, imp.id) == "applied"
+
+    r = run_agent("self-heal", "verify", imp.id, "--json", "--window-days", "3")
+    assert r.returncode == 0, r.stderr
+    v = json.loads(r.stdout)
+    assert v["recommendation"] == "extend" and v["verification_status"] == "inconclusive"
+    assert v["metrics"]["runs_after"] == 0 and v["window"]["days"] == 3
+
+    r = run_agent("self-heal", "rollback", imp.id, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["method"] == "revert" and out["rollback_sha"] == git(binks_home, "rev-parse", "HEAD").strip()
+    assert status(db, imp.id) == "rolled_back" and not (binks_home / "config.toml").exists()
+
+
+def test_test_json_has_the_design_fields(db):
+    imp = add_improvement(db, [timeout_change(90_000)])
+    r = run_agent("self-heal", "test", imp.id, "--json", "--since", "2026-11-13")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for key in ("improvement_id", "test_mode", "simulated_success_rate", "baseline_success_rate",
+                "expected_improvement", "recommendation", "interval", "runs_replayed"):
+        assert key in d
+    assert d["runs_replayed"] == 150 and d["expected_improvement"].startswith("+")
+
+
+def test_user_errors_are_one_line_and_change_nothing(db, binks_home):
+    imp = add_improvement(db, [timeout_change(90_000)])
+    for cmd in ("test", "apply", "rollback", "verify", "reject"):
+        line = one_line_error(run_agent("self-heal", cmd, "imp-nope", *(["--yes"] if cmd == "apply" else [])))
+        assert "no improvement 'imp-nope'" in line
+    assert run_agent("self-heal", "verify", imp.id, "--window-days", "0").returncode == 2
+    assert run_agent("self-heal", "test", imp.id, "--mode", "canary").returncode == 2
+    assert "only applied improvements" in one_line_error(run_agent("self-heal", "verify", imp.id))
+
+    # a config with the user's uncommitted edit
+    (binks_home / "config.toml").write_text('model = "a"\n')
+    git(binks_home, "init", "-q")
+    git(binks_home, "add", "config.toml")
+    git_as_user(binks_home, "commit", "-q", "-m", "mine")
+    (binks_home / "config.toml").write_text('model = "b"\n')
+    line = one_line_error(run_agent("self-heal", "apply", imp.id, "--yes"))
+    assert "has uncommitted changes" in line and "Nothing was changed" in line
+    assert (binks_home / "config.toml").read_text() == 'model = "b"\n' and status(db, imp.id) == "proposed"
+
+    # unparsable config
+    (binks_home / "config.toml").write_text("[tools\n")
+    git_as_user(binks_home, "commit", "-q", "-am", "broken")
+    line = one_line_error(run_agent("self-heal", "apply", imp.id, "--yes"))
+    assert "is not valid TOML" in line
+
+
+def test_conflicting_user_edit_exits_1(db, binks_home):
+    imp = add_improvement(db, [timeout_change(90_000)])
+    assert run_agent("self-heal", "apply", imp.id, "--yes").returncode == 0
+    cfg = binks_home / "config.toml"
+    cfg.write_text(cfg.read_text().replace("90000", "120000"))
+    git_as_user(binks_home, "commit", "-q", "-am", "mine")
+    line = one_line_error(run_agent("self-heal", "rollback", imp.id))
+    assert "timeout_ms is now 120000 (selfheal set 90000)" in line
+    assert "120000" in cfg.read_text() and status(db, imp.id) == "applied"
+
+
+def test_reject(db):
+    imp = add_improvement(db, [timeout_change()])
+    r = run_agent("self-heal", "reject", imp.id, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"improvement_id": imp.id, "status": "rejected"}
+    assert "is rejected" in one_line_error(run_agent("self-heal", "apply", imp.id, "--yes"))

@@ -1,0 +1,199 @@
+"""The MCP facade in-process (``mcp.Client(server)``): tool list, schemas and annotations,
+each tool against the library function the CLI calls, settings resolution, and errors as
+one-line tool errors after which the server keeps serving."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+
+from selfheal_plugin.history import connect
+from selfheal_plugin.improvements import ImprovementStore
+from selfheal_plugin.mcp_server import build_server
+
+from .mcp_helpers import TOOLS, error_text, make_history, reference, stable, structured
+
+
+@pytest.fixture(scope="module")
+def recent_history(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mcp-hist") / "conversations.db"
+    make_history(path)
+    return path
+
+
+@pytest.fixture
+def home(recent_history, binks_home) -> Path:
+    shutil.copy(recent_history, binks_home / "conversations.db")
+    return binks_home
+
+
+def call_all(server: Any, calls: list[tuple[str, dict]]) -> list[Any]:
+    """Run the calls in order over one in-process client session."""
+    async def go() -> list[Any]:
+        async with Client(server) as client:
+            return [await client.call_tool(name, args) for name, args in calls]
+    return anyio.run(go)
+
+
+def list_tools(server: Any) -> list[Any]:
+    async def go() -> list[Any]:
+        async with Client(server) as client:
+            return (await client.list_tools()).tools
+    return anyio.run(go)
+
+
+def test_nine_tools_with_schemas_and_annotations(home):
+    tools = {t.name: t for t in list_tools(build_server(home))}
+    assert set(tools) == set(TOOLS)
+    for name, (read_only, destructive) in TOOLS.items():
+        t = tools[name]
+        assert t.annotations.read_only_hint is read_only, name
+        assert t.annotations.destructive_hint is destructive, name
+        assert t.description and t.title
+        assert t.output_schema is not None, f"{name} has no structured output"
+        for prop in t.input_schema.get("properties", {}).values():
+            assert prop.get("description"), f"{name}: a parameter without a description"
+    props = tools["detect_failure_patterns"].input_schema["properties"]
+    assert {k: v["default"] for k, v in props.items()} == {
+        "since": "-7d", "min_occurrences": 3, "confidence_threshold": 0.75}
+    mode = tools["test_improvement"].input_schema["properties"]["mode"]
+    assert mode["enum"] == ["simulation", "canary", "shadow"] and mode["default"] == "simulation"
+    assert tools["verify_improvement"].input_schema["properties"]["measurement_window_days"]["default"] == 7
+    assert tools["get_health_dashboard"].input_schema["properties"]["detailed"]["default"] is False
+    assert set(tools["apply_improvement"].input_schema["required"]) == {"improvement_id", "changes_made"}
+    pattern_fields = tools["detect_failure_patterns"].output_schema["$defs"]["FailurePattern"]["properties"]
+    assert {"id", "error_type", "tool_name", "occurrences", "correlation_score", "affected_runs",
+            "suggested_fix"} <= set(pattern_fields)
+
+
+def test_analysis_tools_match_the_library(home):
+    run_id = connect(home / "conversations.db").execute(
+        "SELECT id FROM runs WHERE status = 'failed' ORDER BY id LIMIT 1").fetchone()[0]
+    calls = [
+        ("detect_failure_patterns", {}),
+        ("detect_failure_patterns", {"since": "-3d", "min_occurrences": 2, "confidence_threshold": 0.5}),
+        ("analyze_run_health", {"run_id": run_id}),
+        ("analyze_run_health", {"run_id": run_id[:8]}),
+        ("compute_agent_metrics", {}),
+        ("compute_tool_reliability", {"since": "-2d"}),
+        ("get_health_dashboard", {}),
+        ("get_health_dashboard", {"detailed": True}),
+    ]
+    results = call_all(build_server(home), calls)
+    for (name, args), result in zip(calls, results):
+        want = reference(name, home, None, **({**args, "run_id": run_id} if name == "analyze_run_health" else args))
+        assert stable(structured(result)) == stable(want), name
+    patterns = structured(results[0])
+    assert patterns and all(p["suggested_fix"] for p in patterns)
+    assert len(structured(results[1])) >= len(patterns)
+    dashboard = structured(results[7])
+    assert "agents" in dashboard and "agents" not in structured(results[6])
+
+
+def test_lifecycle_tools_match_the_library(home):
+    server = build_server(home)
+    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])
+    pattern_id = next(p["id"] for p in detected if p["error_type"] == "timeout")
+    proposed = structured(call_all(server, [("propose_improvement", {"pattern_id": pattern_id})])[0])
+    imp_id = proposed["improvement_id"]
+    assert proposed["pattern_id"] == pattern_id and proposed["created"] is True
+    # the library now returns the same open proposal, and so does a second call
+    again = reference("propose_improvement", home, pattern_id=pattern_id)
+    assert again["created"] is False and again["improvement_id"] == imp_id
+    assert {k: v for k, v in again.items() if k != "created"} == {k: v for k, v in proposed.items() if k != "created"}
+
+    tested = structured(call_all(server, [("test_improvement", {"improvement_id": imp_id})])[0])
+    assert tested["test_mode"] == "simulation" and tested["recommendation"] in ("safe_to_apply", "risky", "reject")
+    assert stable(tested) == stable(reference("test_improvement", home, improvement_id=imp_id))
+    assert ImprovementStore(connect(home / "conversations.db")).get(imp_id).status == "tested"
+
+    applied = structured(call_all(server, [("apply_improvement",
+                                            {"improvement_id": imp_id, "changes_made": "raised via MCP"})])[0])
+    row = ImprovementStore(connect(home / "conversations.db")).get(imp_id)
+    assert applied["status"] == row.status == "applied"
+    assert (applied["applied_at"], applied["verification_scheduled"], applied["commit_sha"]) == (
+        row.applied_at, row.verification_scheduled, row.commit_sha)
+    assert row.commit_sha and "raised via MCP" in row.changes_made
+    assert "timeout_ms" in (home / "config.toml").read_text()
+
+    verified = structured(call_all(server, [("verify_improvement", {"improvement_id": imp_id})])[0])
+    assert verified["recommendation"] == "extend"  # no runs since the apply yet
+    assert stable(verified) == stable(reference("verify_improvement", home, improvement_id=imp_id))
+    short = structured(call_all(server, [("verify_improvement",
+                                          {"improvement_id": imp_id, "measurement_window_days": 2})])[0])
+    assert short["metrics"]["runs_before"] < verified["metrics"]["runs_before"]
+
+
+def test_settings_come_from_config_toml_unless_the_call_says_otherwise(home):
+    (home / "config.toml").write_text("[self_heal]\nmin_occurrences = 100000\n")
+    r_default, r_explicit = call_all(build_server(home), [
+        ("detect_failure_patterns", {}), ("detect_failure_patterns", {"min_occurrences": 3})])
+    assert structured(r_default) == []
+    assert structured(r_explicit) == reference("detect_failure_patterns", home, min_occurrences=3) != []
+
+
+def test_errors_are_one_line_tool_errors_and_the_server_keeps_serving(home):
+    calls = [
+        ("detect_failure_patterns", {"since": "-7x"}),
+        ("detect_failure_patterns", {"min_occurrences": "many"}),
+        ("detect_failure_patterns", {"confidence_threshold": 1.5}),
+        ("analyze_run_health", {"run_id": "no-such-run"}),
+        ("analyze_run_health", {}),
+        ("propose_improvement", {"pattern_id": "timeout:no_such_tool"}),
+        ("propose_improvement", {"pattern_id": "not-a-pattern-id"}),
+        ("test_improvement", {"improvement_id": "imp-missing"}),
+        ("test_improvement", {"improvement_id": "imp-missing", "mode": "bogus"}),
+        ("apply_improvement", {"improvement_id": "imp-missing", "changes_made": "x"}),
+        ("verify_improvement", {"improvement_id": "imp-missing"}),
+        ("verify_improvement", {"improvement_id": "imp-missing", "measurement_window_days": 0}),
+        ("compute_agent_metrics", {"since": "+1d"}),
+        ("no_such_tool", {}),
+        ("compute_tool_reliability", {}),
+    ]
+    results = call_all(build_server(home), calls)
+    texts = [error_text(r) for r in results[:-1]]
+    for text in texts:
+        assert "\n" not in text and "Traceback" not in text, text
+    expected = ["invalid time window '-7x'", "min_occurrences", "confidence_threshold", "no run 'no-such-run'",
+                "run_id: Field required", "no pattern timeout:no_such_tool", "invalid pattern id", "imp-missing",
+                "mode: Input should be 'simulation', 'canary' or 'shadow'", "imp-missing", "imp-missing",
+                "measurement_window_days", "a window reaches back", "no_such_tool"]
+    for text, fragment in zip(texts, expected):
+        assert fragment in text, (fragment, text)
+    assert structured(results[-1])["tools"]  # still serving
+
+
+def test_modes_the_library_does_not_offer_are_its_error(home):
+    server = build_server(home)
+    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])
+    imp_id = structured(call_all(server, [("propose_improvement", {"pattern_id": detected[0]["id"]})])[0])[
+        "improvement_id"]
+    from selfheal_plugin.simulation import TEST_MODES
+
+    for mode in ("canary", "shadow"):
+        result = call_all(server, [("test_improvement", {"improvement_id": imp_id, "mode": mode})])[0]
+        if mode in TEST_MODES:
+            assert structured(result)["test_mode"] == mode
+        else:
+            assert f"unknown test mode '{mode}'" in error_text(result)
+            assert ImprovementStore(connect(home / "conversations.db")).get(imp_id).status == "proposed"
+
+
+def test_missing_database_then_created(tmp_path, recent_history):
+    db = tmp_path / "later" / "conversations.db"
+    server = build_server(tmp_path / "home", db)
+    first = call_all(server, [("get_health_dashboard", {})])[0]
+    assert f"no run history at {db}" in error_text(first)
+    db.parent.mkdir()
+    shutil.copy(recent_history, db)
+    assert structured(call_all(server, [("get_health_dashboard", {})])[0])["success_rate"] is not None
+
+
+def test_broken_config_is_a_tool_error(home):
+    (home / "config.toml").write_text("[self_heal\nmin_occurrences = 3\n")
+    text = error_text(call_all(build_server(home), [("compute_agent_metrics", {})])[0])
+    assert "config.toml is not valid TOML" in text and "\n" not in text

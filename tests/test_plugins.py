@@ -1,0 +1,245 @@
+"""The plugin manager: load order, entry points, user plugins, isolation of failures,
+and the hook reference (every hookspec documented in its docstring and in README)."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfheal_plugin import hookimpl, hookspecs, plugins
+from selfheal_plugin.plugins import Notification
+from selfheal_plugin.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_DIST = ROOT / "tests" / "plugins" / "selfheal_test_strategy"
+BUILTIN_TYPES = ("tool_error", "timeout", "connection_refused", "server_crashed", "permission_denied",
+                 "transport_error", "Unknown")
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugins():
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+@pytest.fixture(scope="session")
+def test_strategy_site(tmp_path_factory) -> Path:
+    """The third-party test strategy installed by pip into a folder of its own: a real
+    distribution with a ``.dist-info`` and an entry point in the ``selfheal`` group."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(TEST_DIST)], check=True)
+    assert list(target.glob("selfheal_test_strategy-*.dist-info/entry_points.txt"))
+    return target
+
+
+@pytest.fixture
+def with_test_strategy(test_strategy_site, monkeypatch):
+    monkeypatch.syspath_prepend(str(test_strategy_site))
+    importlib.invalidate_caches()
+    yield test_strategy_site
+    sys.modules.pop("selfheal_test_strategy", None)
+
+
+def test_builtins_answer_for_every_error_type():
+    table = plugins.strategies()
+    assert set(BUILTIN_TYPES) <= set(table)
+    for etype in BUILTIN_TYPES:
+        strategy, plugin = table[etype]
+        assert plugin.startswith("selfheal.strategies.")
+    # any spelling finds the same strategy; unknown types fall back to Unknown's
+    assert plugins.strategy_for("ConnectionRefused") is table["connection_refused"][0]
+    assert plugins.strategy_for("rate_limited") is table["Unknown"][0]
+    assert plugins.strategy_for(None) is table["Unknown"][0]
+
+
+def test_builtins_are_not_top_level_modules():
+    plugins.load_plugins()
+    assert "strategies" not in sys.modules and "hooks" not in sys.modules
+    names = [p["name"] for p in plugins.get_plugins()]
+    assert "selfheal.hooks.inbox" in names and "selfheal.hooks.notifications" in names
+
+
+def test_entry_point_strategy_overrides_builtin(with_test_strategy):
+    table = plugins.strategies()
+    strategy, plugin = table["server_crashed"]
+    assert strategy.name == "restart-only" and plugin == "test_strategy"
+    assert table["timeout"][0].name == "timeout"  # the others stay built-in
+    listed = {p["name"]: p for p in plugins.get_plugins()}
+    assert listed["test_strategy"]["source"] == "entrypoint"
+    assert listed["test_strategy"]["version"] == "0.3.1"
+    assert listed["test_strategy"]["hooks"] == ["register_strategies"]
+    desc = plugins.describe()
+    row = next(r for r in desc["strategies"] if r["error_type"] == "server_crashed")
+    assert row == {"error_type": "server_crashed", "strategy": "restart-only", "plugin": "test_strategy",
+                   "summary": "Restart the crashed server, nothing else"}
+
+
+def test_entry_points_can_be_restricted(with_test_strategy, monkeypatch):
+    monkeypatch.setenv("SELFHEAL_LOAD_PLUGINS", "")
+    assert plugins.strategies()["server_crashed"][0].name == "server_crashed"
+    plugins.reset()
+    monkeypatch.setenv("SELFHEAL_LOAD_PLUGINS", "selfheal_test_strategy")
+    assert plugins.strategies()["server_crashed"][0].name == "restart-only"
+
+
+def test_user_plugin_folder_loads_last_and_wins(binks_home):
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    (s.plugins_dir / "my_timeouts.py").write_text(
+        "from selfheal_plugin import hookimpl\n"
+        "from selfheal_plugin.strategy import Change, Strategy\n"
+        "class Mine(Strategy):\n"
+        "    name = 'mine'\n"
+        "    error_types = ('timeout',)\n"
+        "    def propose(self, pattern, history):\n"
+        "        return self.make_proposal(pattern, description='d', expected_impact='unknown',\n"
+        "                                  risk_level='low', changes=[Change.manual('x')])\n"
+        "@hookimpl\n"
+        "def register_strategies(register):\n"
+        "    register(Mine())\n")
+    strategy, plugin = plugins.strategies(s)["timeout"]
+    assert (strategy.name, plugin) == ("mine", "user:my_timeouts")
+    assert next(p for p in plugins.get_plugins(s) if p["name"] == "user:my_timeouts")["source"] == "user"
+
+
+def test_syntax_error_plugin_is_reported_and_skipped(binks_home):
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    (s.plugins_dir / "broken.py").write_text("def register_strategies(register)\n    pass\n")
+    (s.plugins_dir / "fine.py").write_text(
+        "from selfheal_plugin import hookimpl\n"
+        "seen = []\n"
+        "@hookimpl\n"
+        "def notify(notification, settings):\n"
+        "    seen.append(notification.title)\n"
+        "    return 'fine'\n")
+    info = plugins.describe(s)
+    errors = [e for e in info["errors"] if e["plugin"] == "user:broken"]
+    assert len(errors) == 1
+    assert errors[0]["phase"] == "load" and errors[0]["error"].startswith("SyntaxError")
+    assert errors[0]["path"].endswith("broken.py")
+    names = [p["name"] for p in info["plugins"]]
+    assert "user:broken" not in names and "user:fine" in names
+    assert len(info["strategies"]) == len(BUILTIN_TYPES)  # the rest keeps working
+    results = plugins.fire("notify", notification=Notification(title="t", body="b"), settings=s)
+    assert "fine" in results
+    assert sys.modules["selfheal_user_plugins.fine"].seen == ["t"]
+
+
+class Raising:
+    @hookimpl
+    def notify(self, notification, settings):
+        raise RuntimeError("sink is down")
+
+    @hookimpl
+    def register_strategies(self, register):
+        raise KeyError("no table")
+
+
+class Recording:
+    def __init__(self):
+        self.got = []
+
+    @hookimpl
+    def notify(self, notification, settings):
+        self.got.append(notification.title)
+        return "recorded"
+
+
+def test_raising_hook_is_isolated_and_reported(binks_home, caplog):
+    s = load_settings(binks_home)
+    raising, recording = Raising(), Recording()
+    plugins.load_plugins(s.plugins_dir)
+    plugins.register(raising, "raising")
+    plugins.register(recording, "recording")
+    try:
+        results = plugins.fire("notify", notification=Notification(title="hello", body="world"), settings=s)
+        assert "recorded" in results and recording.got == ["hello"]
+        assert list(Path(s.inbox_dir).glob("*.md"))  # the built-in inbox sink still wrote
+        errs = [e for e in plugins.errors() if e.plugin == "raising"]
+        assert [(e.phase, e.hook, e.error) for e in errs] == [("hook", "notify", "RuntimeError: sink is down")]
+        assert "plugin raising failed in hook notify" in caplog.text
+        # a strategy hook that raises costs only that plugin's strategies
+        table = plugins.strategies(s)
+        assert set(BUILTIN_TYPES) <= set(table)
+        assert any(e.plugin == "raising" and e.hook == "register_strategies" for e in plugins.errors())
+        assert any(e["plugin"] == "raising" for e in plugins.describe(s)["errors"])
+    finally:
+        plugins.unregister(raising)
+        plugins.unregister(recording)
+
+
+def test_invalid_strategy_registration_is_reported():
+    class Bad:
+        @hookimpl
+        def register_strategies(self, register):
+            register(object())
+
+    bad = Bad()
+    plugins.register(bad, "bad-strategy")
+    try:
+        assert set(BUILTIN_TYPES) <= set(plugins.strategies())
+        assert any(e.plugin == "bad-strategy" and e.phase == "register" for e in plugins.errors())
+    finally:
+        plugins.unregister(bad)
+
+
+def test_fire_rejects_unknown_hook():
+    with pytest.raises(ValueError, match="unknown hook 'no_such_hook'"):
+        plugins.fire("no_such_hook")
+
+
+def test_notification_priority_is_validated():
+    with pytest.raises(ValueError, match="priority"):
+        Notification(title="t", body="b", priority="critical")
+
+
+# ---------------------------------------------------------------- hook reference
+
+EXPECTED_HOOKS = {
+    "register_strategies": ["register"],
+    "run_failed": ["run", "settings"],
+    "history_changed": ["new_runs", "new_event_count", "settings"],
+    "patterns_detected": ["patterns", "settings"],
+    "improvement_proposed": ["improvement", "settings"],
+    "improvement_tested": ["improvement", "result", "settings"],
+    "improvement_applied": ["improvement", "settings"],
+    "improvement_verified": ["improvement", "verification", "settings"],
+    "improvement_rolled_back": ["improvement", "settings"],
+    "notify": ["notification", "settings"],
+}
+
+
+def test_hook_names_and_arguments_are_the_contract():
+    assert plugins.hook_names() == sorted(EXPECTED_HOOKS)
+    for name, params in EXPECTED_HOOKS.items():
+        assert list(inspect.signature(getattr(hookspecs, name)).parameters) == params
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_HOOKS))
+def test_every_hookspec_is_documented(name):
+    func = getattr(hookspecs, name)
+    doc = inspect.getdoc(func) or ""
+    assert doc.splitlines()[0].endswith("."), "a one-line summary first"
+    for param in inspect.signature(func).parameters:
+        assert f":param {param}:" in doc
+    assert ":returns:" in doc
+    assert "Fires" in doc, "say when the hook fires"
+    readme = (ROOT / "README.md").read_text()
+    signature = f"{name}({', '.join(inspect.signature(func).parameters)})"
+    assert f"`{signature}`" in readme, f"README documents {signature}"
+
+
+def test_readme_documents_no_hook_that_does_not_exist():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("### Hooks")
+    end = readme.index("###", start + 3)
+    documented = set(re.findall(r"^\| `(\w+)\(", readme[start:end], re.M))
+    assert documented == set(EXPECTED_HOOKS)

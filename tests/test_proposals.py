@@ -1,0 +1,184 @@
+"""Persisted proposals: idempotent proposing, ids, the improvement_proposed hook, and the
+`improvements` listing with every status filter (the runtime's legacy rows included)."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from selfheal_plugin import hookimpl, plugins
+from selfheal_plugin.cli import agent
+from selfheal_plugin.errors import NotFoundError
+from selfheal_plugin.generator import add_runtime_improvements
+from selfheal_plugin.history import connect
+from selfheal_plugin.improvements import STATUSES, ImprovementStore
+from selfheal_plugin.lifecycle import list_improvements, propose_detailed, propose_improvement
+from selfheal_plugin.settings import load_settings
+
+from .conftest import NOW
+
+PATTERN = "timeout:mcp__kubernetes__pods_list"
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugins():
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+class Proposals:
+    def __init__(self):
+        self.ids = []
+
+    @hookimpl
+    def improvement_proposed(self, improvement, settings):
+        self.ids.append(improvement.id)
+
+
+def test_proposing_is_idempotent_and_fires_once(history_copy, binks_home):
+    db, truth = history_copy
+    s = load_settings(binks_home)
+    conn = connect(db)
+    seen = Proposals()
+    plugins.load_plugins()
+    plugins.register(seen, "seen")
+    try:
+        first = propose_detailed(conn, s, PATTERN, since="-8d", now=NOW)
+        second = propose_detailed(conn, s, PATTERN, since="-8d", now=NOW)
+    finally:
+        plugins.unregister(seen)
+    assert first.created and not second.created
+    assert first.improvement.id == second.improvement.id and first.improvement.id.startswith("imp-")
+    assert seen.ids == [first.improvement.id]
+    rows = conn.execute("SELECT id, status, strategy, risk_level, changes, evidence FROM improvements "
+                        "WHERE pattern_id = ?", (PATTERN,)).fetchall()
+    assert len(rows) == 1
+    row = dict(rows[0])
+    assert (row["status"], row["strategy"]) == ("proposed", "timeout")
+    assert json.loads(row["changes"])[0]["path"] == ["tools", "mcp__kubernetes__pods_list", "timeout_ms"]
+    assert 0 < json.loads(row["evidence"])["expected_reduction"] <= 1
+
+
+def test_a_closed_proposal_lets_a_new_one_in(history_copy, binks_home):
+    db, _ = history_copy
+    s = load_settings(binks_home)
+    conn = connect(db)
+    first = propose_improvement(conn, s, PATTERN, since="-8d", now=NOW)
+    ImprovementStore(conn).update(first.id, status="rejected")
+    second = propose_improvement(conn, s, PATTERN, since="-8d", now=NOW)
+    assert second.id != first.id and second.status == "proposed"
+
+
+def test_concurrent_proposals_make_one_row(history_copy, binks_home):
+    db, _ = history_copy
+    s = load_settings(binks_home)
+    connect(db).close()
+    plugins.load_plugins()
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(propose_improvement(connect(db), s, PATTERN, since="-8d", now=NOW).id)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(results)) == 1
+    assert connect(db).execute("SELECT count(*) FROM improvements WHERE pattern_id = ?", (PATTERN,)).fetchone()[0] == 1
+
+
+def test_ids_are_unique(history_copy, binks_home):
+    db, truth = history_copy
+    s = load_settings(binks_home)
+    conn = connect(db)
+    ids = [propose_improvement(conn, s, p["id"], since="-8d", now=NOW).id for p in truth["patterns"]]
+    assert len(set(ids)) == len(truth["patterns"])
+
+
+def test_unknown_pattern_is_one_clear_error_and_changes_nothing(history_copy, binks_home):
+    db, _ = history_copy
+    conn = connect(db)
+    before = conn.execute("SELECT count(*) FROM improvements").fetchone()[0]
+    with pytest.raises(NotFoundError, match="no pattern timeout:nope"):
+        propose_improvement(conn, load_settings(binks_home), "timeout:nope", since="-8d", now=NOW)
+    with pytest.raises(NotFoundError, match="invalid pattern id"):
+        propose_improvement(conn, load_settings(binks_home), "no-colon", since="-8d", now=NOW)
+    assert conn.execute("SELECT count(*) FROM improvements").fetchone()[0] == before
+
+
+def _one_per_status(db, binks_home, truth) -> dict[str, str]:
+    s = load_settings(binks_home)
+    conn = connect(db)
+    store = ImprovementStore(conn)
+    ids = {}
+    pats = [p["id"] for p in truth["patterns"]]
+    # rolled_back reuses the verified row's pattern: a closed improvement allows a new proposal
+    for status, pid in zip(STATUSES, pats[:4] + [pats[4], pats[3]]):
+        imp = propose_improvement(conn, s, pid, since="-8d", now=NOW)
+        fields = {"status": status}
+        if status in ("applied", "verified", "rolled_back"):
+            fields.update(applied_at="2026-11-18T10:00:00.000000Z", commit_sha="abc1234")
+        if status == "verified":
+            fields["actual_impact"] = "45% reduction"
+        ids[status] = store.update(imp.id, **fields).id
+    return ids
+
+
+def test_listing_with_each_status_filter(history_copy, binks_home):
+    db, truth = history_copy
+    legacy = add_runtime_improvements(db, rows=2)
+    ids = _one_per_status(db, binks_home, truth)
+    runner = CliRunner()
+    for status in STATUSES:
+        res = runner.invoke(agent, ["self-heal", "improvements", "--db", str(db), "--status", status, "--json"],
+                            catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        rows = json.loads(res.output)["improvements"]
+        assert rows and all(r["status"] == status for r in rows)
+        if status == "proposed":
+            assert set(legacy) <= {r["id"] for r in rows}
+            assert ids["proposed"] in {r["id"] for r in rows}
+        else:
+            assert ids[status] in {r["id"] for r in rows}
+    everything = list_improvements(connect(db), limit=None)
+    assert {r["id"] for r in everything} >= set(ids.values()) | set(legacy)
+    legacy_row = next(r for r in everything if r["id"] == legacy[1])
+    assert legacy_row["legacy"] and legacy_row["actual_impact"] == '{"score":1}'
+    assert legacy_row["description"] == "legacy improvement 1"
+    assert len(list_improvements(connect(db), limit=3)) == 3
+
+
+def test_listing_text_table(history_copy, binks_home):
+    db, truth = history_copy
+    add_runtime_improvements(db, rows=1)
+    ids = _one_per_status(db, binks_home, truth)
+    res = CliRunner().invoke(agent, ["self-heal", "improvements", "--db", str(db)], catch_exceptions=False)
+    assert res.exit_code == 0
+    for col in ("id", "status", "description", "expected impact", "actual impact", "applied"):
+        assert col in res.output
+    assert ids["verified"] in res.output and "45% reduction" in res.output and "2026-11-18 10:00:00" in res.output
+    assert "legacy-0" in res.output and "(runtime: tool)" in res.output
+    res = CliRunner().invoke(agent, ["self-heal", "improvements", "--db", str(db), "--status", "rejected"])
+    assert ids["rejected"] in res.output
+
+
+def test_listing_user_errors(history_copy, binks_home):
+    db, _ = history_copy
+    runner = CliRunner()
+    res = runner.invoke(agent, ["self-heal", "improvements", "--db", str(db), "--status", "done"])
+    assert res.exit_code == 2 and "Invalid value for '--status'" in res.output
+    res = runner.invoke(agent, ["self-heal", "improvements", "--db", str(db), "--limit", "0"])
+    assert res.exit_code == 2
+    res = runner.invoke(agent, ["self-heal", "improvements", "--db", str(binks_home / "missing.db")])
+    assert res.exit_code == 1 and "no run history at" in res.output
+    (binks_home / "config.toml").write_text("[self_heal\n")
+    res = runner.invoke(agent, ["self-heal", "improvements", "--home", str(binks_home)])
+    assert res.exit_code == 1 and "is not valid TOML" in res.output
+    assert len(res.output.strip().splitlines()) == 1

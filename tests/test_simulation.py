@@ -1,0 +1,202 @@
+"""The simulation models on histories whose truth is known."""
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from selfheal_plugin import hookimpl, plugins, simulation
+from selfheal_plugin.errors import NotFoundError, UsageError
+from selfheal_plugin.history import connect
+from selfheal_plugin.improvements import ImprovementStore
+from selfheal_plugin.strategy import Strategy
+
+from .conftest import NOW
+from .lifecycle_data import (
+    K8S, RunSpec, add_improvement, settings_for, timeout_change, timeout_history, write_runs,
+)
+
+SINCE = (NOW - timedelta(days=7)).timestamp()
+UNTIL = NOW.timestamp()
+
+
+@pytest.fixture
+def timeout_db(binks_home):
+    db = binks_home / "conversations.db"
+    truth = timeout_history(db, NOW, runs=300, seed=3, old_limit=45_000, median=20_000, sigma=0.6)
+    return db, truth
+
+
+def test_timeout_raise_predicts_the_true_success_rate(timeout_db):
+    db, truth = timeout_db
+    conn = connect(db)
+    sim = simulation.simulate_changes(conn, [timeout_change(90_000)], "timeout", SINCE, UNTIL)
+    observed = np.mean([all(d <= 45_000 for d in run) for run in truth])
+    true_rate = np.mean([all(d <= 90_000 for d in run) for run in truth])
+    assert sim.baseline_success_rate == pytest.approx(observed, abs=1e-4)
+    assert sim.runs_replayed == 300
+    assert abs(sim.simulated_success_rate - true_rate) < 0.03
+    lo, hi = sim.simulated_interval
+    assert lo <= true_rate <= hi
+    assert sim.improvement_interval[0] > 0
+    model = sim.models[0]
+    # the conditional probability that a timed-out call finishes under the new limit
+    z45, z90 = (math.log(45_003 / 20_000) / 0.6, math.log(90_000 / 20_000) / 0.6)
+    p_true = (stats.norm.cdf(z90) - stats.norm.cdf(z45)) / stats.norm.sf(z45)
+    assert abs(model["p_timed_out_call_finishes"] - p_true) < 0.1
+    assert model["timed_out_calls"] == sum(d > 45_000 for run in truth for d in run)
+
+
+def test_lowering_a_timeout_is_rejected(timeout_db):
+    db, _ = timeout_db
+    conn = connect(db)
+    sim = simulation.simulate_changes(conn, [timeout_change(15_000)], "timeout", SINCE, UNTIL)
+    assert sim.runs_broken > 0 and sim.simulated_success_rate < sim.baseline_success_rate
+    rec, reason = simulation.recommend(sim, "low")
+    assert rec == "reject" and "lowered the success rate" in reason
+
+
+def test_test_improvement_stores_the_result_and_fires_the_hook(timeout_db, binks_home):
+    db, truth = timeout_db
+    imp = add_improvement(db, [timeout_change(90_000)])
+    seen = []
+
+    class Capture:
+        @hookimpl
+        def improvement_tested(self, improvement, result, settings):
+            seen.append((improvement.id, improvement.status, result["recommendation"]))
+
+    cap = Capture()
+    plugins.register(cap, "capture-tested")
+    try:
+        conn = connect(db)
+        r = simulation.test_improvement(connect(db), settings_for(binks_home), imp.id, now=NOW)
+    finally:
+        plugins.unregister(cap)
+    assert r["improvement_id"] == imp.id and r["test_mode"] == "simulation"
+    assert r["recommendation"] == "safe_to_apply"
+    gain = r["simulated_success_rate"] - r["baseline_success_rate"]
+    assert r["expected_improvement"] == f"+{gain * 100:.0f}%"
+    assert r["runs_replayed"] == 300 and r["interval"]["confidence"] == 0.95
+    lo, hi = r["interval"]["simulated_success_rate"]
+    assert lo <= r["simulated_success_rate"] <= hi
+    stored = ImprovementStore(conn).get(imp.id)
+    assert stored.status == "tested" and stored.test_result["simulated_success_rate"] == r["simulated_success_rate"]
+    assert seen == [(imp.id, "tested", "safe_to_apply")]
+
+
+def retry_history(db, followups_ok: int, followups_failed: int, single_failures: int, clean: int):
+    """Failed runs where a connection_refused call of X is followed by another call of X
+    (ok or failing), failed runs with a lone failure, and clean runs."""
+    specs = []
+    t = NOW - timedelta(days=6)
+    fail = ("mcp__gh__issue", False, 20.0, "connection_refused")
+    ok = ("mcp__gh__issue", True, 300.0, None)
+    for kind, n in (("followed_ok", followups_ok), ("followed_fail", followups_failed), ("single", single_failures),
+                    ("clean", clean)):
+        for _ in range(n):
+            t += timedelta(minutes=30)
+            calls = {"followed_ok": [fail, ok], "followed_fail": [fail, fail], "single": [fail],
+                     "clean": [ok]}[kind]
+            specs.append(RunSpec(t, "completed" if kind in ("clean", "followed_ok") else "failed", calls))
+    write_runs(db, specs)
+
+
+def test_retry_model_uses_observed_failure_independence(binks_home):
+    db = binks_home / "conversations.db"
+    retry_history(db, followups_ok=15, followups_failed=5, single_failures=10, clean=70)
+    conn = connect(db)
+    change = {"kind": "config", "path": ["tools", "mcp__gh__issue", "retry_attempts"], "value": 1}
+    sim = simulation.simulate_changes(conn, [change], "connection_refused", SINCE, UNTIL)
+    model = sim.models[0]
+    # 20 failures were followed by another call in the same run; 15 of those succeeded
+    assert (model["followups_observed"], model["followups_succeeded"]) == (20, 15)
+    assert model["p_failure_fixed"] == pytest.approx(0.75)
+    # failed runs: 5 with two fixable failures (0.75²), 10 with one (0.75)
+    expected = (70 + 15 + 5 * 0.75 ** 2 + 10 * 0.75) / 100
+    assert sim.simulated_success_rate == pytest.approx(expected, abs=1e-4)
+    assert sim.baseline_success_rate == pytest.approx(0.85)
+    more = simulation.simulate_changes(conn, [dict(change, value=2)], "connection_refused", SINCE, UNTIL)
+    assert more.models[0]["p_failure_fixed"] == pytest.approx(1 - 0.25 ** 2)
+
+
+def test_too_few_followups_is_no_model(binks_home):
+    db = binks_home / "conversations.db"
+    retry_history(db, followups_ok=1, followups_failed=1, single_failures=10, clean=20)
+    conn = connect(db)
+    change = {"kind": "config", "path": ["tools", "mcp__gh__issue", "retry_attempts"], "value": 1}
+    sim = simulation.simulate_changes(conn, [change], "connection_refused", SINCE, UNTIL)
+    assert sim.simulated_success_rate is None
+    rec, reason = simulation.recommend(sim, "low")
+    assert rec == "risky" and "no model" in reason and "only 2 failure(s)" in reason
+
+
+def test_settings_without_a_model_say_so(timeout_db, binks_home):
+    db, _ = timeout_db
+    conn = connect(db)
+    change = {"kind": "config", "path": ["tools", K8S, "preflight"], "value": ["path_exists"]}
+    sim = simulation.simulate_changes(conn, [change], "timeout", SINCE, UNTIL)
+    assert sim.simulated_success_rate is None and sim.baseline_success_rate is not None
+    assert simulation.recommend(sim, "low") == (
+        "risky", f"no model: tools.{K8S}.preflight: no simulation model for this setting")
+    # a modelled change next to an unmodelled one: numbers, but not "safe"
+    mixed = simulation.simulate_changes(conn, [timeout_change(90_000), change], "timeout", SINCE, UNTIL)
+    assert mixed.simulated_success_rate is not None
+    assert simulation.recommend(mixed, "low")[0] == "risky"
+
+    manual = add_improvement(db, [{"kind": "manual", "text": "ask the k8s team"}])
+    r = simulation.test_improvement(conn, settings_for(binks_home), manual.id, now=NOW)
+    assert r["recommendation"] == "risky" and r["simulated_success_rate"] is None
+    assert r["expected_improvement"] is None and r["reason"].startswith("no model")
+
+
+def test_too_few_successful_calls_is_no_model(binks_home):
+    db = binks_home / "conversations.db"
+    write_runs(db, [RunSpec(NOW - timedelta(hours=h), "failed", [(K8S, False, 30_003, "timeout")]) for h in range(5)])
+    sim = simulation.simulate_changes(connect(db), [timeout_change()], "timeout", SINCE, UNTIL)
+    assert sim.simulated_success_rate is None
+    assert "only 0 successful calls" in sim.unmodeled[0]["reason"]
+
+
+def test_strategy_without_a_model_gives_no_number(timeout_db, binks_home):
+    db, _ = timeout_db
+
+    class Blind(Strategy):
+        name = "blind"
+        error_types = ("blind_error",)
+
+        def propose(self, pattern, history):  # pragma: no cover - not used here
+            raise NotImplementedError
+
+    class Plugin:
+        @hookimpl
+        def register_strategies(self, register):
+            register(Blind())
+
+    plugin = Plugin()
+    plugins.register(plugin, "blind-plugin")
+    try:
+        imp = add_improvement(db, [timeout_change(90_000)], pattern_id=f"blind_error:{K8S}", strategy="blind")
+        r = simulation.test_improvement(connect(db), settings_for(binks_home), imp.id, now=NOW)
+    finally:
+        plugins.unregister(plugin)
+    assert r["recommendation"] == "risky" and r["simulated_success_rate"] is None
+    assert "strategy 'blind' has no simulation model" in r["reason"]
+
+
+def test_empty_window_and_bad_input(binks_home):
+    db = binks_home / "conversations.db"
+    connect(db, create=True).close()
+    imp = add_improvement(db, [timeout_change()])
+    conn, s = connect(db), settings_for(binks_home)
+    r = simulation.test_improvement(conn, s, imp.id, now=NOW)
+    assert r["runs_replayed"] == 0 and r["recommendation"] == "risky" and "no finished runs" in r["reason"]
+    with pytest.raises(UsageError, match="unknown test mode 'canary'"):
+        simulation.test_improvement(conn, s, imp.id, mode="canary")
+    with pytest.raises(NotFoundError):
+        simulation.test_improvement(conn, s, "imp-missing")
+    with pytest.raises(UsageError, match="invalid time window"):
+        simulation.test_improvement(conn, s, imp.id, since="-7x")

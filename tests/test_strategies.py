@@ -1,0 +1,229 @@
+"""Each built-in strategy on generated histories: valid config changes, numbers that come
+from the data, and the fix chosen from what the messages say."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import tomlkit
+
+from selfheal_plugin import generator, plugins
+from selfheal_plugin.generator import DEFAULT_PATTERNS, InjectedPattern, generate_history
+from selfheal_plugin.history import connect
+from selfheal_plugin.lifecycle import history_window, make_proposal
+from selfheal_plugin.patterns import get_pattern
+from selfheal_plugin.settings import load_settings
+from selfheal_plugin.strategy import Change, Proposal, server_of
+
+from .conftest import NOW
+
+SINCE = "-8d"
+EXTRA_PATTERNS = (
+    InjectedPattern("permission_denied", "write_file", 7, ("Permission denied: cannot write {path}",),
+                    ("coder",), 2, ("permission_denied", "PermissionDenied")),
+    InjectedPattern("transport_error", "read_file", 9,
+                    ("Failed to parse tool response: expected value at line {n}",),
+                    ("planner", "researcher"), 1, ("transport_error", "TransportError")),
+)
+EXPECTED_STRATEGY = {"timeout": "timeout", "tool_error": "tool_error", "connection_refused": "connection_refused",
+                     "server_crashed": "server_crashed", "permission_denied": "permission_denied",
+                     "transport_error": "transport_error", "Unknown": "unknown"}
+TOOL_KEYS = {"timeout_ms": int, "retry_attempts": int, "retry_backoff_ms": int, "preflight": list}
+BREAKER_KEYS = {"failure_threshold": int, "timeout_duration_sec": int, "half_open_requests": int}
+SERVER_KEYS = {"health_check": bool, "auto_restart": bool}
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugins():
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+@pytest.fixture(scope="session")
+def all_types_history(tmp_path_factory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("all-types") / "conversations.db"
+    truth = generate_history(path, seed=11, runs=500, end=NOW, patterns=DEFAULT_PATTERNS + EXTRA_PATTERNS)
+    return path, truth
+
+
+def _propose(db: Path, pattern_id: str, home: Path | None = None) -> Proposal:
+    s = load_settings(home or db.parent, db)
+    conn = connect(db)
+    pattern = get_pattern(conn, pattern_id, since=SINCE, now=NOW)
+    return make_proposal(pattern, history_window(conn, s, SINCE, now=NOW))
+
+
+def _apply_to_toml(changes: list[Change]) -> str:
+    doc = tomlkit.document()
+    for ch in changes:
+        if ch.kind != "config":
+            continue
+        node = doc
+        for key in ch.path[:-1]:
+            if key not in node:
+                node[key] = tomlkit.table()
+            node = node[key]
+        node[ch.path[-1]] = ch.value
+    return tomlkit.dumps(doc)
+
+
+def _lookup(data: dict, path: list[str]):
+    for key in path:
+        data = data[key]
+    return data
+
+
+def test_every_error_type_gets_its_strategy_and_valid_changes(all_types_history):
+    db, truth = all_types_history
+    assert {p["error_type"] for p in truth["patterns"]} == set(EXPECTED_STRATEGY)
+    for injected in truth["patterns"]:
+        proposal = _propose(db, injected["id"])
+        assert proposal.strategy == EXPECTED_STRATEGY[injected["error_type"]]
+        assert proposal.pattern_id == injected["id"] and proposal.tool_name == injected["tool_name"]
+        assert proposal.risk_level in ("low", "medium", "high")
+        assert proposal.description and proposal.expected_impact
+        assert len(proposal.changes_required) == len(proposal.changes)
+        configs = [c for c in proposal.changes if c.kind == "config"]
+        text = _apply_to_toml(configs)
+        parsed = tomllib.loads(text)  # a valid TOML document...
+        for ch in configs:
+            assert ch.file == "config.toml" and ch.op == "set"
+            assert _lookup(parsed, ch.path) == ch.value  # ...holding every value at its path
+            if ch.path[0] == "tools":
+                assert ch.path[1] == injected["tool_name"]
+                if ch.path[2] == "circuit_breaker":
+                    assert len(ch.path) == 4 and isinstance(ch.value, BREAKER_KEYS[ch.path[3]])
+                else:
+                    assert len(ch.path) == 3 and isinstance(ch.value, TOOL_KEYS[ch.path[2]])
+            else:
+                assert ch.path[0] == "servers" and ch.path[1] == server_of(injected["tool_name"])
+                assert len(ch.path) == 3 and isinstance(ch.value, SERVER_KEYS[ch.path[2]])
+        # the proposal survives a JSON round trip as data
+        again = Proposal(**{**proposal.to_dict(), "changes": proposal.to_dict()["changes"]})
+        assert again.to_dict() == proposal.to_dict()
+        if proposal.expected_reduction is None:
+            assert "unknown" in proposal.expected_impact
+        else:
+            assert 0 <= proposal.expected_reduction <= 1
+            assert f"{proposal.expected_reduction * 100:.0f}%" in proposal.expected_impact
+
+
+def test_round_trip_into_an_existing_config_keeps_it(all_types_history, tmp_path):
+    db, truth = all_types_history
+    original = '# my runtime\n[self_heal]\nmin_occurrences = 2  # keep\n\n[tools."other"]\ntimeout_ms = 5\n'
+    doc = tomlkit.parse(original)
+    for injected in truth["patterns"]:
+        for ch in _propose(db, injected["id"]).changes:
+            if ch.kind == "config":
+                node = doc
+                for key in ch.path[:-1]:
+                    node = node.setdefault(key, tomlkit.table())
+                node[ch.path[-1]] = ch.value
+    text = tomlkit.dumps(doc)
+    assert text.startswith(original.rstrip("\n"))
+    parsed = tomllib.loads(text)
+    assert parsed["tools"]["other"]["timeout_ms"] == 5
+    assert parsed["tools"]["mcp__kubernetes__pods_list"]["timeout_ms"] > 60_000
+
+
+def _timeout_history(path: Path, median_ms: float, monkeypatch) -> Path:
+    keys, _ = generator.TOOLS["mcp__kubernetes__pods_list"]
+    monkeypatch.setitem(generator.TOOLS, "mcp__kubernetes__pods_list", (keys, median_ms))
+    generate_history(path, seed=3, runs=300, end=NOW, patterns=DEFAULT_PATTERNS[:1])
+    return path
+
+
+def test_timeout_comes_from_the_observed_durations(tmp_path, monkeypatch):
+    fast = _propose(_timeout_history(tmp_path / "a" / "c.db", 15_000.0, monkeypatch), "timeout:mcp__kubernetes__pods_list")
+    slow = _propose(_timeout_history(tmp_path / "b" / "c.db", 35_000.0, monkeypatch), "timeout:mcp__kubernetes__pods_list")
+    t_fast, t_slow = fast.changes[0].value, slow.changes[0].value
+    assert fast.changes[0].path == ["tools", "mcp__kubernetes__pods_list", "timeout_ms"]
+    assert 60_000 < t_fast < t_slow <= 600_000
+    assert t_fast % 5_000 == 0 and t_slow % 5_000 == 0  # rounded up to a step a person would pick
+    for p in (fast, slow):
+        assert p.evidence["p99_ms"] <= p.changes[0].value
+        assert p.evidence["old_timeout_ms"] == 60_000
+        assert p.evidence["timed_out_calls"] == 24
+    assert fast.expected_reduction != slow.expected_reduction
+
+
+def test_timeout_respects_the_configured_limit(all_types_history, tmp_path):
+    db, _ = all_types_history
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text('[tools."mcp__kubernetes__pods_list"]\ntimeout_ms = 60000\n')
+    p = _propose(db, "timeout:mcp__kubernetes__pods_list", home)
+    assert p.evidence["old_timeout_source"] == "config.toml"
+    assert "60000 → " in p.changes_required[0]
+
+
+def _tool_error_history(path: Path, templates: tuple[str, ...]) -> Path:
+    pat = InjectedPattern("tool_error", "list_dir", 12, templates, ("planner", "coder"), 0, ("tool_error",))
+    generate_history(path, seed=5, runs=150, end=NOW, patterns=(pat,))
+    return path
+
+
+@pytest.mark.parametrize("templates, expect", [
+    (("Path not found: {path}", "Directory {path} does not exist"), "preflight"),
+    (("Permission denied while listing {path}",), "permission"),
+    (("Invalid parameter 'recursive': must be a boolean, got {n}",), "validate"),
+])
+def test_tool_error_fix_follows_the_messages(tmp_path, templates, expect):
+    p = _propose(_tool_error_history(tmp_path / "c.db", templates), "tool_error:list_dir")
+    configs = [c for c in p.changes if c.kind == "config"]
+    manual = " ".join(c.text for c in p.changes if c.kind == "manual")
+    if expect == "preflight":
+        assert [c.path for c in configs] == [["tools", "list_dir", "preflight"]]
+        assert configs[0].value == ["path_exists"]
+        assert p.description == "Add file existence checks before list_dir calls"
+        assert p.expected_reduction == 1.0 and p.risk_level == "low"
+    elif expect == "permission":
+        assert not configs and "Grant list_dir" in manual and p.risk_level == "medium"
+        assert p.expected_reduction is None and "unknown" in p.expected_impact
+    else:
+        assert not configs and "Validate" in manual and "recursive" in manual
+        assert p.description == "Validate list_dir arguments before calling it"
+
+
+def test_preflight_keeps_checks_already_configured(tmp_path):
+    db = _tool_error_history(tmp_path / "c.db", ("Path not found: {path}",))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text('[tools.list_dir]\npreflight = ["non_empty"]\n')
+    p = _propose(db, "tool_error:list_dir", home)
+    assert p.changes[0].value == ["non_empty", "path_exists"]
+
+
+def test_connection_refused_retries_follow_the_failure_rate(all_types_history):
+    db, _ = all_types_history
+    p = _propose(db, "connection_refused:mcp__github__create_issue")
+    rate = p.evidence["failure_rate"]
+    n = p.evidence["attempts"]
+    assert rate ** (n + 1) <= 0.01 and (n == 1 or rate ** n > 0.01)
+    assert p.expected_reduction == pytest.approx(1 - rate ** n, abs=1e-4)
+    paths = [c.path for c in p.changes]
+    assert ["servers", "github", "health_check"] in paths and ["servers", "github", "auto_restart"] in paths
+
+
+def test_unknown_delegates_when_messages_agree(all_types_history):
+    db, _ = all_types_history
+    p = _propose(db, "Unknown:execute_command")
+    assert p.strategy == "unknown" and p.error_type == "Unknown"
+    assert p.evidence["reclassified_as"] == "tool_error"
+    assert p.evidence["delegate_strategy"] == "tool_error"
+    assert any(c.kind == "manual" and "record an error_type" in c.text for c in p.changes)
+
+
+def test_change_validation():
+    with pytest.raises(ValueError, match="only touch"):
+        Change.config(["tools", "x", "timeout_ms"], 1, file="../etc/passwd")
+    with pytest.raises(ValueError, match="not a TOML value"):
+        Change.config(["tools", "x", "timeout_ms"], None)
+    with pytest.raises(ValueError, match="non-empty list"):
+        Change.config([], 1)
+    with pytest.raises(ValueError, match="needs its text"):
+        Change.manual("  ")
+    assert Change.from_dict(Change.config(["tools", "a:b", "timeout_ms"], 5).to_dict()).describe() == \
+        'config.toml: tools."a:b".timeout_ms = 5'

@@ -1,0 +1,154 @@
+"""verify_improvement on histories written around a chosen apply time."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from selfheal_plugin import hookimpl, plugins
+from selfheal_plugin.apply import LifecycleError
+from selfheal_plugin.errors import UsageError
+from selfheal_plugin.history import connect
+from selfheal_plugin.improvements import ImprovementStore
+from selfheal_plugin.times import format_timestamp
+from selfheal_plugin.verification import compare_with_expected, verify_improvement
+
+from .conftest import NOW
+from .lifecycle_data import K8S, RunSpec, add_improvement, rate_runs, settings_for, timeout_change, write_runs
+
+APPLIED = NOW - timedelta(days=7)
+WEEK = timedelta(days=7)
+
+
+def history(db, before_rate: float, after_rate: float, n_before: int = 60, n_after: int = 60,
+            after_tool: str = K8S, after_type: str = "timeout"):
+    runs = rate_runs(APPLIED - WEEK, APPLIED, n_before, before_rate, seed=1)
+    runs += rate_runs(APPLIED, NOW, n_after, after_rate, tool=after_tool, error_type=after_type, seed=2)
+    # outside both windows: must not count
+    runs += rate_runs(APPLIED - 3 * WEEK, APPLIED - WEEK - timedelta(hours=1), 40, 0.9, seed=3)
+    write_runs(db, runs)
+
+
+def applied(db, **kw):
+    return add_improvement(db, [timeout_change()], status="applied", applied_at=format_timestamp(APPLIED),
+                           commit_sha="0" * 40, **kw)
+
+
+@pytest.fixture
+def db(binks_home):
+    return binks_home / "conversations.db"
+
+
+def verify(db, imp_id, home, **kw):
+    return verify_improvement(connect(db), settings_for(home), imp_id, now=NOW, **kw)
+
+
+def test_real_improvement_says_keep(db, binks_home):
+    history(db, before_rate=0.3, after_rate=0.02)
+    imp = applied(db, expected_impact="40% reduction in timeout errors")
+    seen = []
+
+    class Capture:
+        @hookimpl
+        def improvement_verified(self, improvement, verification, settings):
+            seen.append((improvement.status, verification["recommendation"]))
+
+    cap = Capture()
+    plugins.register(cap, "capture-verified")
+    try:
+        r = verify(db, imp.id, binks_home)
+    finally:
+        plugins.unregister(cap)
+    m = r["metrics"]
+    assert (r["recommendation"], r["verification_status"], r["status"]) == ("keep", "verified", "verified")
+    assert (m["runs_before"], m["runs_after"], m["runs_analyzed"]) == (60, 60, 120)
+    assert m["before_success_rate"] == pytest.approx(42 / 60, abs=1e-4)
+    assert m["after_success_rate"] == pytest.approx(59 / 60, abs=1e-4)
+    assert m["p_value"] < 0.001 and r["pattern_p_value"] < 0.001
+    assert r["before_error_rate"] == pytest.approx(18 / 78, abs=1e-4)  # 18 timeouts in 60 + 18 calls
+    assert r["after_error_rate"] == pytest.approx(1 / 61, abs=1e-4)
+    assert r["actual_impact"] == "93% reduction in timeout errors, +28% success rate (better than expected!)"
+    stored = ImprovementStore(connect(db)).get(imp.id)
+    assert stored.status == "verified" and stored.verified_at and stored.actual_impact == r["actual_impact"]
+    assert stored.metrics["recommendation"] == "keep"
+    assert seen == [("verified", "keep")]
+    inbox = "".join(p.read_text() for p in (binks_home.parent / "inbox").glob("*.md"))
+    assert f"Verified improvement {imp.id}:" in inbox and "- Runs analyzed: 120" in inbox
+
+
+def test_harmful_change_says_rollback_but_does_not_roll_back(db, binks_home):
+    history(db, before_rate=0.05, after_rate=0.4, after_tool="list_dir", after_type="tool_error")
+    imp = applied(db)
+    r = verify(db, imp.id, binks_home)
+    assert (r["recommendation"], r["verification_status"]) == ("rollback", "failed")
+    assert r["metrics"]["after_success_rate"] < r["metrics"]["before_success_rate"]
+    assert r["metrics"]["p_value"] < 0.05
+    assert f"agent self-heal rollback {imp.id}" in r["reason"]
+    stored = ImprovementStore(connect(db)).get(imp.id)
+    assert (stored.status, stored.verified_at, stored.rollback_sha) == ("applied", None, None)
+    assert stored.metrics["recommendation"] == "rollback"
+
+
+def test_too_few_runs_says_extend(db, binks_home):
+    history(db, before_rate=0.3, after_rate=0.0, n_after=20)
+    imp = applied(db)
+    r = verify(db, imp.id, binks_home)
+    assert (r["recommendation"], r["verification_status"], r["status"]) == ("extend", "inconclusive", "applied")
+    assert "20 finished run(s) since the apply" in r["reason"] and "min_sample_size 30" in r["reason"]
+    # a lower floor from the settings makes the same data conclusive
+    r = verify_improvement(connect(db), settings_for(binks_home, min_sample_size=20), imp.id, now=NOW)
+    assert r["recommendation"] == "keep"
+
+
+def test_no_significant_change_says_extend(db, binks_home):
+    history(db, before_rate=0.1, after_rate=0.1)
+    imp = applied(db)
+    r = verify(db, imp.id, binks_home)
+    assert (r["recommendation"], r["verification_status"]) == ("extend", "inconclusive")
+    assert r["window"]["complete"] is True and "full window" in r["reason"]
+
+
+def test_window_days_and_open_window(db, binks_home):
+    history(db, before_rate=0.3, after_rate=0.02)
+    imp = applied(db)
+    r = verify(db, imp.id, binks_home, measurement_window_days=3)
+    assert r["window"]["days"] == 3 and r["metrics"]["runs_after"] == 26  # runs in the first 3 of 7 days
+    early = verify_improvement(connect(db), settings_for(binks_home), imp.id, now=APPLIED + timedelta(days=2))
+    assert early["window"]["complete"] is False and early["metrics"]["runs_after"] == 17
+
+
+def test_instants_not_strings_decide_the_window(db, binks_home):
+    """Runs just after the apply written at -05:00 sort before it as strings, and runs
+    just before it written at +02:00 sort after it."""
+    after = [RunSpec(APPLIED + timedelta(minutes=10 + i), "completed", [(K8S, True, 900.0, None)], offset_hours=-5)
+             for i in range(30)]
+    before = [RunSpec(APPLIED - timedelta(minutes=10 + i), "failed", [(K8S, False, 60_003.0, "timeout")],
+                      offset_hours=2) for i in range(30)]
+    write_runs(db, after + before)
+    imp = applied(db)
+    r = verify(db, imp.id, binks_home)
+    m = r["metrics"]
+    assert (m["runs_before"], m["before_success_rate"], m["runs_after"], m["after_success_rate"]) == (30, 0.0, 30, 1.0)
+    assert r["recommendation"] == "keep"
+
+
+def test_bad_requests(db, binks_home):
+    write_runs(db, [])
+    proposed = add_improvement(db, [timeout_change()])
+    with pytest.raises(LifecycleError, match="only applied improvements can be verified"):
+        verify(db, proposed.id, binks_home)
+    imp = applied(db)
+    with pytest.raises(UsageError, match="positive number of days"):
+        verify(db, imp.id, binks_home, measurement_window_days=0)
+
+
+@pytest.mark.parametrize("expected, delta, reduction, verdict", [
+    ("40% reduction in timeout errors", None, 0.85, "better than expected!"),
+    ("30-40% reduction in list_dir errors", None, 0.36, "as expected"),
+    ("~62% fewer timeouts on x (basis)", 0.01, 0.2, "less than expected"),
+    ("+7% success rate", 0.09, None, "as expected"),
+    ("+7% success rate", 0.2, None, "better than expected!"),
+    ("unknown reduction in crashes", 0.1, 0.5, None),
+])
+def test_compare_with_expected(expected, delta, reduction, verdict):
+    assert compare_with_expected(expected, delta, reduction) == verdict
