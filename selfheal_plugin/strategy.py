@@ -358,3 +358,16 @@ def retry_plan(pattern: "Pattern", history: HistoryWindow) -> RetryPlan:
     else:
         median, backoff = None, DEFAULT_BACKOFF_MS
     return RetryPlan(attempts, backoff, round(1 - rate ** attempts, 4), rate, median)
+
+
+class ModeledStrategy(Strategy):
+    """A strategy whose config changes the built-in models can replay.
+
+    ``simulate`` replays the proposal's changes with :mod:`selfheal_plugin.simulation`
+    (censored duration fits for timeouts, observed retry success for retries), which
+    says "no model" for any change it does not cover."""
+
+    def simulate(self, proposal: Proposal, history: HistoryWindow) -> Any:
+        from .simulation import simulate_proposal
+
+        return simulate_proposal(proposal, history)

@@ -10,20 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.simulation import simulate_proposal
 from selfheal_plugin.strategy import (
-    Change, HistoryWindow, Proposal, Strategy, impact_text, percent, retry_plan, server_of, server_path,
+    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, percent, retry_plan, server_of, server_path,
 )
 
 
-class ConnectionRefusedStrategy(Strategy):
+class ConnectionRefusedStrategy(ModeledStrategy):
     name = "connection_refused"
     error_types = ("connection_refused",)
     summary = "Health checks, auto-restart and retries with backoff"
-
-    def simulate(self, proposal: Proposal, history: HistoryWindow) -> Any:
-        """Replay the window with the changes (selfheal_plugin.simulation: duration and retry models)."""
-        return simulate_proposal(proposal, history)
 
     def suggest(self, pattern: Any) -> str:
         server = server_of(pattern.tool_name)

@@ -20,9 +20,8 @@ import statistics
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.simulation import simulate_proposal
 from selfheal_plugin.strategy import (
-    Change, HistoryWindow, Proposal, Strategy, impact_text, percent, server_of, server_path, tool_path,
+    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, percent, server_of, server_path, tool_path,
 )
 
 FALSE_OPEN = 0.001
@@ -45,14 +44,10 @@ def streaks(calls: list[Any]) -> list[tuple[int, float, float | None]]:
     return out
 
 
-class ServerCrashedStrategy(Strategy):
+class ServerCrashedStrategy(ModeledStrategy):
     name = "server_crashed"
     error_types = ("server_crashed",)
     summary = "Circuit breaker on the tool, auto-restart for its server"
-
-    def simulate(self, proposal: Proposal, history: HistoryWindow) -> Any:
-        """Replay the window with the changes (selfheal_plugin.simulation: duration and retry models)."""
-        return simulate_proposal(proposal, history)
 
     def suggest(self, pattern: Any) -> str:
         server = server_of(pattern.tool_name)

@@ -14,9 +14,8 @@ import statistics
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.simulation import simulate_proposal
 from selfheal_plugin.strategy import (
-    Change, HistoryWindow, Proposal, Strategy, impact_text, nice_ceil_ms, percent, retries_needed, tool_path,
+    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, nice_ceil_ms, percent, retries_needed, tool_path,
 )
 
 TARGET_QUANTILE = 0.99
@@ -43,14 +42,10 @@ def fit_censored_lognormal(observed: list[float], censored: list[float]) -> tupl
     return float(mu), float(math.exp(log_s))
 
 
-class TimeoutStrategy(Strategy):
+class TimeoutStrategy(ModeledStrategy):
     name = "timeout"
     error_types = ("timeout",)
     summary = "Increase the timeout to the observed p99 duration"
-
-    def simulate(self, proposal: Proposal, history: HistoryWindow) -> Any:
-        """Replay the window with the changes (selfheal_plugin.simulation: duration and retry models)."""
-        return simulate_proposal(proposal, history)
 
     def suggest(self, pattern: Any) -> str:
         return f"Increase the timeout of {pattern.tool_name} to fit its slow calls"

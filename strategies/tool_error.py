@@ -18,9 +18,8 @@ from collections import Counter
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.simulation import simulate_proposal
 from selfheal_plugin.strategy import (
-    Change, HistoryWindow, Proposal, Strategy, impact_text, recovered_in_run, tool_path,
+    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, recovered_in_run, tool_path,
 )
 
 _NOT_FOUND = re.compile(r"not found|does not exist|doesn't exist|no such file|cannot find|can't find|enoent|missing file")
@@ -54,14 +53,10 @@ def _examples(pattern: Any, kind: str, k: int = 3) -> list[str]:
     return [t for t, _ in counts.most_common(k)]
 
 
-class ToolErrorStrategy(Strategy):
+class ToolErrorStrategy(ModeledStrategy):
     name = "tool_error"
     error_types = ("tool_error",)
     summary = "Existence checks, permissions or argument validation, chosen from the messages"
-
-    def simulate(self, proposal: Proposal, history: HistoryWindow) -> Any:
-        """Replay the window with the changes (selfheal_plugin.simulation: duration and retry models)."""
-        return simulate_proposal(proposal, history)
 
     def suggest(self, pattern: Any) -> str:
         kind = kinds_of(pattern).most_common(1)[0][0] if pattern.occurrences_detail else "other"

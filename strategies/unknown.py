@@ -15,10 +15,9 @@ from collections import Counter
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.simulation import simulate_proposal
 from selfheal_plugin.history import classify_error
 from selfheal_plugin.strategy import (
-    Change, HistoryWindow, Proposal, Strategy, impact_text, recovered_in_run, tool_path,
+    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, recovered_in_run, tool_path,
 )
 
 AGREEMENT = 0.6
@@ -30,14 +29,10 @@ def classify(message: str) -> str:
     return "permission_denied" if _PERMISSION.search((message or "").lower()) else classify_error(message)
 
 
-class UnknownStrategy(Strategy):
+class UnknownStrategy(ModeledStrategy):
     name = "unknown"
     error_types = ("Unknown",)
     summary = "Classify the errors from their messages, then apply that type's fix or a generic one"
-
-    def simulate(self, proposal: Proposal, history: HistoryWindow) -> Any:
-        """Replay the window with the changes (selfheal_plugin.simulation: duration and retry models)."""
-        return simulate_proposal(proposal, history)
 
     def suggest(self, pattern: Any) -> str:
         label, share = self._label(pattern)
