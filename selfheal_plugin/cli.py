@@ -231,3 +231,4 @@ def main_self_heal() -> None:
 from . import cli_health  # noqa: E402,F401  (registers commands)
 from . import cli_plugins  # noqa: E402,F401  (registers commands)
 from . import cli_lifecycle  # noqa: E402,F401  (registers commands)
+from . import cli_daemon  # noqa: E402,F401  (registers commands)

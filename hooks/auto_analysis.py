@@ -1,0 +1,99 @@
+"""Auto-analysis: when a run fails, look at the patterns its errors belong to.
+
+For each signature ``(error_type, tool_name)`` among the failed run's tool errors, the
+pattern is measured over the whole lookback window ending at the run (so the
+thresholds apply to all of the pattern's occurrences, not just this run's); when it
+reaches ``min_occurrences`` and ``confidence_threshold``, a proposal is made (or the open
+one found) and the user is notified — at most once per pattern per
+``cooldown_minutes``, however many runs fail in a burst (the cooldown is shared with the
+daemon's periodic detection, see :mod:`selfheal_plugin.cooldown`).
+
+Times come from the run itself (its ``completed_at``, else ``started_at``), so a history
+written with a simulated clock is analysed in its own time.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from selfheal_plugin import hookimpl
+from selfheal_plugin.cooldown import claim_notification
+from selfheal_plugin.history import connect
+from selfheal_plugin.lifecycle import StrategyError, attach_suggested_fixes, history_window, propose_for_pattern
+from selfheal_plugin.patterns import detect_failure_patterns, get_pattern
+from selfheal_plugin.plugins import Notification, notify
+from selfheal_plugin.times import parse_timestamp, utcnow
+
+log = logging.getLogger("selfheal.hooks.auto_analysis")
+
+
+def run_instant(run: dict[str, Any]) -> datetime:
+    """When the run ended (else started); now when neither parses."""
+    for key in ("completed_at", "started_at"):
+        try:
+            return parse_timestamp(run.get(key) or "")
+        except ValueError:
+            continue
+    return utcnow()
+
+
+@hookimpl
+def run_failed(run: dict[str, Any], settings: Any) -> list[dict[str, Any]]:
+    run_id = run.get("id")
+    if not run_id:
+        return []
+    now = run_instant(run)
+    conn = connect(settings.db_path)
+    try:
+        own = detect_failure_patterns(conn, since=settings.lookback, min_occurrences=1, confidence_threshold=0.0,
+                                      now=now, run_ids=[run_id])
+        outcomes = []
+        for sig in own.patterns:
+            pattern = get_pattern(conn, sig.id, since=settings.lookback, now=now)
+            if pattern.occurrences < settings.min_occurrences or pattern.confidence < settings.confidence_threshold:
+                log.debug("run %s: %s below thresholds (%d occurrences, confidence %.2f)", run_id, pattern.id,
+                          pattern.occurrences, pattern.confidence)
+                continue
+            outcomes.append(_react(conn, settings, run, pattern, now))
+        return outcomes
+    finally:
+        conn.close()
+
+
+def _react(conn: Any, settings: Any, run: dict[str, Any], pattern: Any, now: datetime) -> dict[str, Any]:
+    attach_suggested_fixes([pattern], settings)
+    improvement, created, problem = None, False, None
+    try:
+        proposed = propose_for_pattern(conn, settings, pattern, history_window(conn, settings, now=now))
+        improvement, created = proposed.improvement, proposed.created
+    except StrategyError as exc:
+        problem = str(exc)
+        log.warning("auto-analysis could not propose for %s: %s", pattern.id, exc)
+    if created:
+        log.info("run %s failed: proposed %s for %s", run["id"], improvement.id, pattern.id)
+    notified = claim_notification(conn, pattern.id, now, settings.cooldown_minutes)
+    if notified:
+        notify(_notification(run, pattern, improvement, created, problem), settings)
+    return {"pattern_id": pattern.id, "improvement_id": improvement.id if improvement else None,
+            "created": created, "notified": notified}
+
+
+def _notification(run: dict[str, Any], pattern: Any, improvement: Any, created: bool,
+                  problem: str | None) -> Notification:
+    lines = [f"Run {run['id']} ({run.get('workflow_name') or 'unknown workflow'}) failed with {pattern.error_type} "
+             f"on {pattern.tool_name}.",
+             f"Pattern {pattern.id}: {pattern.occurrences} occurrence(s) in {len(pattern.affected_runs)} run(s), "
+             f"confidence {pattern.confidence * 100:.0f}%."]
+    if pattern.suggested_fix:
+        lines.append(f"Suggested fix: {pattern.suggested_fix}")
+    lines.append("")
+    if improvement is not None:
+        verb = "Proposed" if created else f"Open proposal ({improvement.status})"
+        lines.append(f"{verb}: {improvement.id} — {improvement.description}")
+        if improvement.status == "proposed":
+            lines.append(f"Next: agent self-heal test {improvement.id}")
+    else:
+        lines.append(f"No proposal: {problem}")
+    return Notification(title=f"Recurring failure {pattern.id}", body="\n".join(lines),
+                        tags=["self-heal", "auto-analysis"], priority="high")

@@ -1,0 +1,103 @@
+"""The built-in auto-analysis hook: a burst of failures → one proposal, one notification."""
+from __future__ import annotations
+
+import pytest
+
+from selfheal_plugin.history import connect
+from selfheal_plugin.improvements import ImprovementStore
+from selfheal_plugin.inbox import parse_inbox
+from selfheal_plugin.settings import load_settings
+from selfheal_plugin.watcher import Watcher, check_history, ensure_watch_schema
+
+from .watchsupport import collecting, failed_ids, new_history, wait_until, write_runs
+
+PATTERN = "timeout:mcp__kubernetes__pods_list"
+
+
+@pytest.fixture
+def home(binks_home):
+    new_history(binks_home / "conversations.db")
+    return binks_home
+
+
+def watched(home):
+    """A connection with the watch marks set (the history so far is the baseline)."""
+    settings = load_settings(home)
+    conn = connect(settings.db_path)
+    ensure_watch_schema(conn)
+    check_history(conn, settings)
+    return settings, conn
+
+
+def pattern_notifications(seen) -> list:
+    return [n for n in seen.of("notify") if n.title == f"Recurring failure {PATTERN}"]
+
+
+def inbox_entries(tmp_path) -> list:
+    folder = tmp_path / "inbox"
+    return [e for f in sorted(folder.glob("*.md")) for e in parse_inbox(f.read_text())] if folder.exists() else []
+
+
+def test_a_burst_of_failures_proposes_and_notifies_once(home, tmp_path):
+    settings = load_settings(home)
+    with collecting(block_auto_analysis=False) as seen:
+        w = Watcher(settings).start()
+        try:
+            written = write_runs(settings.db_path, "--runs", "16", "--kinds", "error,ok", "--journal", "wal")
+            expected = failed_ids(written)
+            assert len(expected) == 8
+            assert wait_until(lambda: set(seen.failed()) >= expected)
+        finally:
+            w.stop()
+    conn = connect(settings.db_path)
+    rows = [i for i in ImprovementStore(conn).list(limit=None) if i.pattern_id == PATTERN]
+    conn.close()
+    assert len(rows) == 1 and rows[0].status == "proposed"
+    notes = pattern_notifications(seen)
+    assert len(notes) == 1
+    assert rows[0].id in notes[0].body and notes[0].priority == "high"
+    inbox = [e for e in inbox_entries(tmp_path) if "auto-analysis" in e.tags]
+    assert len(inbox) == 1
+
+
+def test_below_the_thresholds_nothing_is_proposed_or_notified(home):
+    settings, conn = watched(home)
+    write_runs(settings.db_path, "--runs", "4", "--kinds", "error,ok")  # 2 failures < min_occurrences 3
+    with collecting(block_auto_analysis=False) as seen:
+        hooked = check_history(conn, settings).failed_runs
+    assert len(hooked) == 2
+    assert ImprovementStore(conn).list(limit=None) == []
+    assert pattern_notifications(seen) == []
+    conn.close()
+
+
+def test_notifies_again_only_after_the_cooldown(home):
+    (home / "config.toml").write_text("[self_heal]\ncooldown_minutes = 60\n")
+    settings, conn = watched(home)
+    with collecting(block_auto_analysis=False) as seen:
+        write_runs(settings.db_path, "--runs", "8", "--kinds", "error,ok", "--start", "2026-11-20T10:00:00+00:00")
+        check_history(conn, settings)
+        assert len(pattern_notifications(seen)) == 1
+        # 30 minutes later (run time): within the cooldown
+        write_runs(settings.db_path, "--runs", "2", "--kinds", "error", "--start", "2026-11-20T10:30:00+00:00")
+        check_history(conn, settings)
+        assert len(pattern_notifications(seen)) == 1
+        # two hours later: the pattern is news again; the open proposal is reused
+        write_runs(settings.db_path, "--runs", "2", "--kinds", "error", "--start", "2026-11-20T12:30:00+00:00")
+        check_history(conn, settings)
+        notes = pattern_notifications(seen)
+    assert len(notes) == 2
+    rows = [i for i in ImprovementStore(conn).list(limit=None) if i.pattern_id == PATTERN]
+    assert len(rows) == 1
+    assert "Open proposal" in notes[1].body and rows[0].id in notes[1].body
+    conn.close()
+
+
+def test_failed_runs_without_tool_errors_are_left_alone(home):
+    settings, conn = watched(home)
+    write_runs(settings.db_path, "--runs", "6", "--kinds", "update,direct")
+    with collecting(block_auto_analysis=False) as seen:
+        assert len(check_history(conn, settings).failed_runs) == 6
+    assert ImprovementStore(conn).list(limit=None) == []
+    assert seen.of("notify") == []
+    conn.close()

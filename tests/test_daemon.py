@@ -1,0 +1,252 @@
+"""The daemon's periodic work with a simulated clock: verification when the window ends,
+automatic rollback of a harmful change (a revert commit), auto-apply rules, the lock."""
+from __future__ import annotations
+
+import subprocess
+from datetime import timedelta
+
+import pytest
+
+from selfheal_plugin.clock import SimulatedClock
+from selfheal_plugin.daemon import Daemon, DaemonBusyError, lock_path, parse_interval
+from selfheal_plugin.errors import UsageError
+from selfheal_plugin.generator import generate_history
+from selfheal_plugin.history import connect
+from selfheal_plugin.improvements import ImprovementStore
+from selfheal_plugin.lifecycle import apply_improvement, propose_improvement
+from selfheal_plugin.recorder import RunRecorder
+from selfheal_plugin.settings import load_settings
+from selfheal_plugin.times import parse_timestamp
+
+from .conftest import NOW
+from .watchsupport import collecting
+
+T0 = NOW
+PATTERN = "timeout:mcp__kubernetes__pods_list"
+TOOL = "mcp__kubernetes__pods_list"
+
+
+def git(home, *args) -> str:
+    return subprocess.run(["git", "-C", str(home), *args], capture_output=True, text=True, check=True).stdout
+
+
+def write_week_after(db, start, runs: int, fail_every: int | None) -> None:
+    """``runs`` runs over the six days after ``start`` (the runtime's format, simulated
+    clock). With ``fail_every`` set, all runs but every ``fail_every``-th fail with a
+    timeout of the tool (a harmful change); with None, every run completes."""
+    clock = SimulatedClock(start + timedelta(minutes=1))
+    gap = timedelta(days=6) / runs
+    with RunRecorder(db, clock=clock, model="qwen3:14b") as rec:
+        for i in range(runs):
+            run = rec.start_run("k8s-ops", "list the pods")
+            fails = fail_every is not None and i % fail_every != 0
+            clock.advance(2)
+            if fails:
+                run.record_tool_call(TOOL, {"namespace": "default"}, f"Tool {TOOL} timed out after 100s", 100003,
+                                     is_error=True)
+                run.finish("failed", "timed out")
+            else:
+                run.record_tool_call(TOOL, {"namespace": "default"}, "3 pods", 18000)
+                run.finish("completed")
+            clock.advance(gap - timedelta(seconds=2))
+
+
+@pytest.fixture
+def applied(binks_home):
+    """A week of history before T0, and the timeout fix proposed and applied at T0."""
+    db = binks_home / "conversations.db"
+    generate_history(db, seed=7, runs=300, end=T0)
+    settings = load_settings(binks_home)
+    conn = connect(db)
+    with collecting():
+        imp = propose_improvement(conn, settings, PATTERN, now=T0)
+        result = apply_improvement(conn, settings, imp.id, now=T0)
+    conn.close()
+    assert result["commit_sha"]
+    return settings, imp.id, result["commit_sha"]
+
+
+def test_a_harmful_change_is_verified_when_its_window_ends_and_rolled_back(applied):
+    settings, imp_id, commit = applied
+    write_week_after(settings.db_path, T0, 120, fail_every=5)  # 80% of runs fail after the apply
+    clock = SimulatedClock(T0 + timedelta(days=3))
+    daemon = Daemon(settings, clock=clock)
+    try:
+        with collecting() as seen:
+            early = daemon.tick()
+            assert early.verified == [] and early.rolled_back == []
+            assert ImprovementStore(daemon.conn).get(imp_id).status == "applied"
+            clock.set(T0 + timedelta(days=7, hours=1))  # the measurement window has ended
+            report = daemon.tick()
+        imp = ImprovementStore(daemon.conn).get(imp_id)
+    finally:
+        daemon.close()
+    assert report.verified == [{"improvement_id": imp_id, "recommendation": "rollback",
+                                "actual_impact": report.verified[0]["actual_impact"]}]
+    assert report.rolled_back[0]["improvement_id"] == imp_id and report.rolled_back[0]["method"] == "revert"
+    assert imp.status == "rolled_back" and imp.rollback_sha == report.rolled_back[0]["rollback_sha"]
+    assert parse_timestamp(imp.rolled_back_at) == T0 + timedelta(days=7, hours=1)
+    head = git(settings.home, "log", "-1", "--format=%H%n%B")
+    assert head.startswith(imp.rollback_sha)
+    assert f"roll back {imp_id}" in head and f"Self-Heal-Improvement: {imp_id}" in head
+    assert "Automatic rollback by the self-heal daemon" in head
+    assert git(settings.home, "status", "--porcelain") == ""
+    assert "timeout_ms" not in (settings.config_path.read_text() if settings.config_path.exists() else "")
+    urgent = [n for n in seen.of("notify") if n.priority == "urgent"]
+    assert any(n.title == f"Automatically rolled back {imp_id}" and imp.rollback_sha[:7] in n.body for n in urgent)
+
+
+def test_a_helpful_change_is_kept(applied):
+    settings, imp_id, commit = applied
+    write_week_after(settings.db_path, T0, 120, fail_every=None)
+    daemon = Daemon(settings, clock=SimulatedClock(T0 + timedelta(days=7, minutes=5)))
+    try:
+        with collecting():
+            report = daemon.tick()
+        imp = ImprovementStore(daemon.conn).get(imp_id)
+    finally:
+        daemon.close()
+    assert [v["recommendation"] for v in report.verified] == ["keep"]
+    assert report.rolled_back == []
+    assert imp.status == "verified"
+    assert git(settings.home, "log", "-1", "--format=%H").strip() == commit
+
+
+def test_too_few_runs_extends_monitoring_by_a_window(applied):
+    settings, imp_id, _ = applied
+    write_week_after(settings.db_path, T0, 10, fail_every=None)  # under min_sample_size
+    now = T0 + timedelta(days=7, minutes=5)
+    daemon = Daemon(settings, clock=SimulatedClock(now))
+    try:
+        with collecting():
+            report = daemon.tick()
+            again = daemon.tick()
+        imp = ImprovementStore(daemon.conn).get(imp_id)
+    finally:
+        daemon.close()
+    assert [v["recommendation"] for v in report.verified] == ["extend"]
+    assert again.verified == []  # not due again until the next window ends
+    assert imp.status == "applied"
+    assert parse_timestamp(imp.verification_scheduled) == now + timedelta(days=settings.measurement_window_days)
+
+
+@pytest.fixture
+def fresh(binks_home):
+    generate_history(binks_home / "conversations.db", seed=7, runs=300, end=T0)
+    return binks_home
+
+
+def applied_rows(settings) -> list:
+    conn = connect(settings.db_path)
+    try:
+        return [i for i in ImprovementStore(conn).list(limit=None) if i.status == "applied"]
+    finally:
+        conn.close()
+
+
+def test_auto_apply_applies_only_low_risk_confident_safe_proposals(fresh):
+    (fresh / "config.toml").write_text("[self_heal]\nauto_apply_enabled = true\n")
+    settings = load_settings(fresh)
+    daemon = Daemon(settings, auto_detect=True, clock=SimulatedClock(T0))
+    try:
+        with collecting():
+            report = daemon.tick()
+        rows = ImprovementStore(daemon.conn).list(limit=None)
+    finally:
+        daemon.close()
+    assert len(report.proposed) == len(report.patterns) >= 3
+    applied = {a["improvement_id"] for a in report.applied}
+    assert applied
+    by_id = {r.id: r for r in rows}
+    for imp_id in applied:
+        imp = by_id[imp_id]
+        assert imp.status == "applied" and imp.commit_sha
+        assert imp.risk_level == "low" and imp.confidence >= settings.auto_apply_confidence_threshold
+        assert imp.test_result["recommendation"] == "safe_to_apply"
+    for imp in rows:
+        if imp.id not in applied:
+            assert imp.status in ("proposed", "tested")
+            assert (imp.risk_level != "low" or imp.confidence < settings.auto_apply_confidence_threshold
+                    or (imp.test_result or {}).get("recommendation") != "safe_to_apply")
+    assert any(r.risk_level != "low" for r in rows)  # there was something to refuse
+    trailers = git(fresh, "log", "--format=%(trailers:key=Self-Heal-Improvement,valueonly)").split()
+    assert sorted(trailers) == sorted(applied)  # one commit per applied improvement, nothing else
+
+
+@pytest.mark.parametrize("config, auto_apply", [
+    ("[self_heal]\nauto_apply_enabled = true\n", False),  # --no-auto-apply
+    ("", True),  # auto_apply_enabled defaults to false
+])
+def test_no_auto_apply_without_the_setting_or_with_the_flag(fresh, config, auto_apply):
+    (fresh / "config.toml").write_text(config)
+    settings = load_settings(fresh)
+    daemon = Daemon(settings, auto_detect=True, auto_apply=auto_apply, clock=SimulatedClock(T0))
+    try:
+        with collecting():
+            report = daemon.tick()
+    finally:
+        daemon.close()
+    assert report.proposed and report.applied == [] and report.tested == []
+    assert applied_rows(settings) == []
+
+
+def test_periodic_detection_notifies_each_pattern_once_per_cooldown(fresh):
+    settings = load_settings(fresh)
+    clock = SimulatedClock(T0)
+    daemon = Daemon(settings, clock=clock)
+    try:
+        with collecting() as seen:
+            first = daemon.tick()
+            clock.advance(timedelta(minutes=30))
+            second = daemon.tick()
+            clock.advance(timedelta(minutes=31))
+            third = daemon.tick()
+            detected = seen.of("notify")
+    finally:
+        daemon.close()
+    assert first.notified_patterns == first.patterns and first.patterns
+    assert second.notified_patterns == []
+    assert third.notified_patterns == third.patterns
+    assert sum(1 for n in detected if n.title.startswith("Detected")) == 2
+
+
+def test_one_daemon_per_home(fresh):
+    settings = load_settings(fresh)
+    first, second = Daemon(settings), Daemon(settings)
+    first.acquire()
+    try:
+        with pytest.raises(DaemonBusyError, match="already running"):
+            second.acquire()
+    finally:
+        first.release()
+    second.acquire()
+    second.release()
+    assert not lock_path(settings).with_suffix(".pid").exists()
+
+
+@pytest.mark.parametrize("text, seconds", [("1h", 3600), ("30m", 1800), ("90s", 90), ("90", 90), ("1.5h", 5400),
+                                           ("1d", 86400), (2, 2.0)])
+def test_parse_interval(text, seconds):
+    assert parse_interval(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1h", "1x", "h", "0m"])
+def test_parse_interval_rejects(text):
+    with pytest.raises(UsageError, match="invalid interval"):
+        parse_interval(text)
+
+
+def test_config_edits_reach_a_running_daemon_and_a_broken_config_keeps_the_old(fresh, caplog):
+    settings = load_settings(fresh)
+    daemon = Daemon(settings, auto_detect=True, clock=SimulatedClock(T0), reload_config=True)
+    try:
+        with collecting():
+            assert daemon.tick().applied == []
+            (fresh / "config.toml").write_text("[self_heal]\nauto_apply_enabled = true\n")
+            assert daemon.tick().applied
+            (fresh / "config.toml").write_text("[self_heal\nbroken")
+            report = daemon.tick()
+    finally:
+        daemon.close()
+    assert daemon.settings.auto_apply_enabled is True and report.errors == []
+    assert "keeping the current settings" in caplog.text
