@@ -148,6 +148,8 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
                                "occurrences": pat.occurrences,
                                "affected_runs": sorted({run_ids[i] for i in chosen})})
     injected_sigs = {(p.error_type, p.tool_name) for p in cfg.patterns}
+    # A tool that times out at a limit never succeeds after it: successes stay below it.
+    limits = {p.tool_name: p.duration_ms for p in cfg.patterns if p.error_type == "timeout" and p.duration_ms}
     noise_sigs = [(t, tool) for t in NOISE_TYPES for tool in TOOLS if (t, tool) not in injected_sigs]
 
     runs_rows, events, metrics_rows = [], [], []
@@ -206,6 +208,8 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
                     noise_errors += 1
                 else:
                     duration = max(1, int(rng.lognormvariate(0, 0.5) * median))
+                    if tool in limits:
+                        duration = min(duration, limits[tool] - 1)
                     complete.update({"result": f"ok: {rng.randint(1, 500)} items", "duration": duration,
                                      "is_error": False})
                     ok_calls += 1
