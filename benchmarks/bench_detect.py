@@ -32,7 +32,7 @@ def naive_detect(db: str, since: datetime, min_occurrences: int = 3) -> list[dic
 
     from selfheal_plugin.errorindex import message_template
     from selfheal_plugin.history import normalize_error_type
-    from selfheal_plugin.patterns import context_of, mean_pairwise_jaccard
+    from selfheal_plugin.patterns import context_correlation, context_of
     from selfheal_plugin.times import parse_timestamp
 
     conn = sqlite3.connect(db)
@@ -54,7 +54,7 @@ def naive_detect(db: str, since: datetime, min_occurrences: int = 3) -> list[dic
     for (etype, tool), occ in groups.items():
         if len(occ) >= min_occurrences:
             out.append({"id": f"{etype}:{tool}", "occurrences": len(occ),
-                        "correlation_score": mean_pairwise_jaccard([context_of(o) for o in occ])})
+                        "correlation_score": context_correlation([context_of(o) for o in occ])})
     return sorted(out, key=lambda p: -p["occurrences"])
 
 

@@ -133,10 +133,10 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
     """Detect recurring failure patterns."""
     s = settings_for(home, db, lookback=since, min_occurrences=min_occurrences, confidence_threshold=confidence)
     parse_since(s.lookback)  # a bad window is a usage error before anything is printed
+    conn = connect(s.db_path)
     if not as_json:
         click.echo(f"🔍 Detecting failure patterns (last {s.lookback}, min {s.min_occurrences} occurrences, "
                    f"confidence >= {pct(s.confidence_threshold)})...")
-    conn = connect(s.db_path)
     with scan_progress(not as_json) as progress:
         result = detect_failure_patterns(conn, since=s.lookback, min_occurrences=s.min_occurrences,
                                          confidence_threshold=s.confidence_threshold, progress=progress)

@@ -90,6 +90,9 @@ class GeneratorConfig:
     tokens_per_step: int = 3
     running_runs: int = 2
     metrics_missing: float = 0.1
+    # Let noise errors fall on the injected signatures too (they then count in the truth's
+    # occurrences); off by default so the default histories stay as they are.
+    noise_on_patterns: bool = False
     # Extra chance that a finished run fails (no tool error, a failed step), ramping linearly
     # from the first value at the history's start to the second at its end; None: off.
     failure_ramp: tuple[float, float] | None = None
@@ -150,7 +153,9 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
     injected_sigs = {(p.error_type, p.tool_name) for p in cfg.patterns}
     # A tool that times out at a limit never succeeds after it: successes stay below it.
     limits = {p.tool_name: p.duration_ms for p in cfg.patterns if p.error_type == "timeout" and p.duration_ms}
-    noise_sigs = [(t, tool) for t in NOISE_TYPES for tool in TOOLS if (t, tool) not in injected_sigs]
+    noise_sigs = [(t, tool) for t in NOISE_TYPES for tool in TOOLS
+                  if cfg.noise_on_patterns or (t, tool) not in injected_sigs]
+    noise_on_patterns: dict[str, list[str]] = {}
 
     runs_rows, events, metrics_rows = [], [], []
     noise_errors = 0
@@ -206,6 +211,8 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
                     complete.update({"result": f"{words} failed", "duration": duration, "is_error": True,
                                      "error_type": rng.choice((etype, _camel(etype)))})
                     noise_errors += 1
+                    if (etype, tool) in injected_sigs:
+                        noise_on_patterns.setdefault(f"{etype}:{tool}", []).append(run_id)
                 else:
                     duration = max(1, int(rng.lognormvariate(0, 0.5) * median))
                     if tool in limits:
@@ -287,6 +294,11 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
         conn.execute(f"DROP TABLE IF EXISTS {table}")
     conn.close()
 
+    for entry in truth_patterns:
+        extra_runs = noise_on_patterns.get(entry["id"], [])
+        entry["noise_occurrences"] = len(extra_runs)
+        entry["occurrences"] += len(extra_runs)
+        entry["affected_runs"] = sorted(set(entry["affected_runs"]) | set(extra_runs))
     truth = {
         "seed": cfg.seed, "runs": cfg.runs, "events": len(events), "days": cfg.days,
         "window_start": start.isoformat(), "end": end.isoformat(),

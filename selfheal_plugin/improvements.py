@@ -103,7 +103,7 @@ class ImprovementStore:
         if status:
             sql += " WHERE status = ?"
             params.append(status)
-        sql += " ORDER BY coalesce(proposed_at, created_at) DESC, id"
+        sql += " ORDER BY julianday(coalesce(proposed_at, created_at)) DESC NULLS LAST, id"  # instants, not strings
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
@@ -113,7 +113,7 @@ class ImprovementStore:
         placeholders = ",".join("?" * len(OPEN_STATUSES))
         row = self.conn.execute(
             f"SELECT * FROM improvements WHERE pattern_id = ? AND status IN ({placeholders}) "
-            "ORDER BY proposed_at DESC LIMIT 1", (pattern_id, *OPEN_STATUSES)).fetchone()
+            "ORDER BY julianday(proposed_at) DESC LIMIT 1", (pattern_id, *OPEN_STATUSES)).fetchone()
         return Improvement.from_row(row) if row else None
 
     def insert(self, imp: Improvement) -> Improvement:
@@ -144,7 +144,7 @@ class ImprovementStore:
         with write_transaction(self.conn):
             row = self.conn.execute(
                 f"SELECT * FROM improvements WHERE pattern_id = ? AND status IN ({placeholders}) "
-                "ORDER BY proposed_at DESC LIMIT 1", (imp.pattern_id, *OPEN_STATUSES)).fetchone()
+                "ORDER BY julianday(proposed_at) DESC LIMIT 1", (imp.pattern_id, *OPEN_STATUSES)).fetchone()
             if row is not None:
                 return Improvement.from_row(row), False
             self.conn.execute(f"INSERT INTO improvements ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",

@@ -67,7 +67,7 @@ class FailurePattern(_Result):
     error_type: str = Field(description="Normalised error type (Unknown when absent)")
     tool_name: str
     occurrences: int = Field(description="Failed calls with this signature in the window")
-    correlation_score: float = Field(description="Mean pairwise Jaccard similarity of the occurrences' contexts")
+    correlation_score: float = Field(description="Median over occurrences of their mean Jaccard similarity to the other occurrences' contexts")
     confidence: float = Field(description="0.35*sample size + 0.45*correlation + 0.20*frequency")
     affected_runs: list[str]
     suggested_fix: str | None = Field(None, description="The error type's strategy's one-line suggestion")

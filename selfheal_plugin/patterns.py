@@ -1,8 +1,9 @@
 """Failure patterns: recurring (error_type, tool_name) signatures of failed tool calls.
 
-Correlation is the mean pairwise Jaccard similarity of the occurrences' contexts, a
-context being the set of message-template tokens (numbers, paths, ids masked), argument
-keys of the call, the run's workflow and the step index. Confidence combines
+Correlation comes from the Jaccard similarity of the occurrences' contexts, a context
+being the set of message-template tokens (numbers, paths, ids masked), argument keys of
+the call, the run's workflow and the step index: each occurrence's mean similarity to
+the others, and the median of those (see :func:`context_correlation`). Confidence combines
 
 * sample size ``n / (n + 2)`` (3 occurrences → 0.6, 10 → 0.83, 30 → 0.94),
 * the correlation, and
@@ -24,13 +25,12 @@ from typing import Any, Callable
 from .errorindex import RefreshResult, refresh, template_tokens
 from .errors import NotFoundError
 from .history import normalize_error_type
-from .times import format_timestamp, parse_since, parse_timestamp
+from .times import format_timestamp, parse_since, utc_text
 
 SIZE_K = 2.0
 FREQUENCY_SATURATION = 0.02
 WEIGHTS = (0.35, 0.45, 0.20)
 MAX_CONTEXT_GROUPS = 300  # above this many distinct contexts, pairs are sampled (seeded)
-SAMPLED_PAIRS = 20_000
 
 
 @dataclass
@@ -63,41 +63,68 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
-def mean_pairwise_jaccard(contexts: list[frozenset[str]], seed: int = 0) -> float:
-    """Mean Jaccard similarity over all pairs of occurrences.
+def _bitsets(contexts: list[frozenset[str]]) -> list[int]:
+    bit: dict[str, int] = {}
+    out = []
+    for ctx in contexts:
+        m = 0
+        for token in ctx:
+            m |= 1 << bit.setdefault(token, len(bit))
+        out.append(m)
+    return out
 
-    Identical contexts are grouped and each distinct context becomes an integer bitset,
-    so the cost grows with the number of distinct contexts, not occurrences; past
-    :data:`MAX_CONTEXT_GROUPS` distinct contexts a fixed number of pairs is drawn with a
-    seeded generator, so the result stays deterministic. Fewer than two occurrences carry
-    no evidence of correlation: 0.0.
+
+def _bit_jaccard(a: int, b: int) -> float:
+    union = (a | b).bit_count()
+    return (a & b).bit_count() / union if union else 1.0
+
+
+def context_correlation(contexts: list[frozenset[str]], seed: int = 0) -> float:
+    """How alike a pattern's occurrences are: for each occurrence, its mean Jaccard
+    similarity to every other occurrence; the correlation is the median of those.
+
+    The median keeps a recurring failure recognisable when unrelated errors share its
+    signature (a plain mean over all pairs falls with the square of the share of
+    strangers). Identical contexts are grouped and compared as integer bitsets, so the
+    cost grows with the number of distinct contexts; past :data:`MAX_CONTEXT_GROUPS`
+    distinct contexts, occurrences and their partners are drawn with a seeded generator,
+    so the result stays deterministic. Fewer than two occurrences carry no evidence: 0.0.
     """
     n = len(contexts)
     if n < 2:
         return 0.0
     groups = Counter(contexts)
-    total_pairs = n * (n - 1) / 2
     if len(groups) <= MAX_CONTEXT_GROUPS:
-        bit: dict[str, int] = {}
-        masks = []
-        for ctx in groups:
-            m = 0
-            for token in ctx:
-                m |= 1 << bit.setdefault(token, len(bit))
-            masks.append((m, m.bit_count(), groups[ctx]))
-        acc = sum(c * (c - 1) / 2 for c in groups.values())  # identical pairs: similarity 1
-        for i, (a, na, ca) in enumerate(masks):
-            for b, nb, cb in masks[i + 1:]:
-                union = (a | b).bit_count()
-                acc += ca * cb * ((a & b).bit_count() / union if union else 1.0)
-        return acc / total_pairs
+        keys = list(groups)
+        masks = _bitsets(keys)
+        counts = [groups[k] for k in keys]
+        per_group = []
+        for i, a in enumerate(masks):
+            total = sum(c * _bit_jaccard(a, b) for b, c in zip(masks, counts)) - 1.0  # not with itself
+            per_group.append((total / (n - 1), counts[i]))
+        return _weighted_median(per_group)
     rng = random.Random(seed)
     ordered = sorted(contexts, key=lambda s: sorted(s))
-    acc = 0.0
-    for _ in range(SAMPLED_PAIRS):
-        i, j = rng.sample(range(n), 2)
-        acc += jaccard(ordered[i], ordered[j])
-    return acc / SAMPLED_PAIRS
+    probes = rng.sample(range(n), MAX_CONTEXT_GROUPS)
+    partners = rng.sample(range(n), MAX_CONTEXT_GROUPS)
+    chosen = sorted(set(probes) | set(partners))
+    masks = dict(zip(chosen, _bitsets([ordered[i] for i in chosen])))
+    per = []
+    for i in probes:
+        sims = [_bit_jaccard(masks[i], masks[j]) for j in partners if j != i]
+        per.append((sum(sims) / len(sims), 1))
+    return _weighted_median(per)
+
+
+def _weighted_median(values: list[tuple[float, int]]) -> float:
+    """The lower median of values given with their counts."""
+    values.sort()
+    half, seen = sum(c for _, c in values) / 2, 0
+    for value, count in values:
+        seen += count
+        if seen >= half:
+            return value
+    return values[-1][0]
 
 
 def sample_size_score(n: int) -> float:
@@ -207,7 +234,7 @@ def detect_failure_patterns(
 
 def _build_pattern(etype: str, tool: str, occ: list[dict], tool_calls: int) -> Pattern:
     n = len(occ)
-    correlation = mean_pairwise_jaccard([context_of(r) for r in occ])
+    correlation = context_correlation([context_of(r) for r in occ])
     rate = n / max(tool_calls, n)
     runs: list[str] = list(dict.fromkeys(r["run_id"] for r in occ))
     first = min(occ, key=lambda r: r["ts"])
@@ -249,14 +276,6 @@ def get_pattern(conn: sqlite3.Connection, pattern_id: str, since: str = "-7d", *
     return _build_pattern(etype, tool, occ, calls)
 
 
-def _utc_text(text: str) -> str:
-    """A runtime timestamp as UTC text; the raw text when it does not parse."""
-    try:
-        return format_timestamp(parse_timestamp(text))
-    except ValueError:
-        return text
-
-
 def pattern_details(pattern: Pattern) -> dict[str, Any]:
     """What `show` prints: runs with times and workflows, message templates with counts,
     and the context-similarity analysis."""
@@ -264,8 +283,8 @@ def pattern_details(pattern: Pattern) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     for r in occ:
         entry = runs.setdefault(r["run_id"], {
-            "run_id": r["run_id"], "workflow": r["workflow"], "started_at": _utc_text(r["run_started_at"]),
-            "status": r["run_status"], "errors": 0, "first_error_at": _utc_text(r["timestamp"]), "_ts": r["ts"]})
+            "run_id": r["run_id"], "workflow": r["workflow"], "started_at": utc_text(r["run_started_at"]),
+            "status": r["run_status"], "errors": 0, "first_error_at": utc_text(r["timestamp"]), "_ts": r["ts"]})
         entry["errors"] += 1
     templates = Counter(r["template"] for r in occ)
     examples: dict[str, str] = {}

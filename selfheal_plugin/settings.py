@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 DEFAULTS: dict[str, Any] = {
     "min_occurrences": 3,
@@ -97,7 +98,35 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
 
 
-_FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
+# The range each numeric setting must fall in, the same whether it comes from a flag,
+# config.toml or an MCP call.
+RANGES: dict[str, tuple[float, float]] = {
+    "min_occurrences": (1, 1_000_000),
+    "confidence_threshold": (0.0, 1.0),
+    "measurement_window_days": (1, 3650),
+    "min_sample_size": (1, 10_000_000),
+    "significance_level": (1e-9, 0.5),
+    "auto_apply_confidence_threshold": (0.0, 1.0),
+    "cooldown_minutes": (0, 525_600),
+}
+
+
+def check_range(key: str, value: Any, where: str, error: type[Exception] = ConfigError) -> None:
+    """Raise ``error`` when a numeric setting is outside its range (NaN included)."""
+    lo, hi = RANGES.get(key, (None, None))
+    if lo is not None and not (lo <= value <= hi):  # `not` so that NaN fails too
+        raise error(f"{where}: {key} must be between {lo:g} and {hi:g}, got {value!r}")
+
+
+def _check_window(value: Any, error: type[Exception]) -> None:
+    """The syntax of a lookback window (whether it starts in the future depends on the clock
+    of the command that uses it)."""
+    from .times import parse_since
+
+    try:
+        parse_since(value, datetime.max.replace(tzinfo=timezone.utc))
+    except UsageError as exc:
+        raise error(str(exc)) from None
 
 
 def load_settings(
@@ -122,10 +151,19 @@ def load_settings(
                 raise ConfigError(
                     f"{home_path / 'config.toml'}: [self_heal] {key} must be {expected.__name__}, got {value!r}"
                 )
+            where = f"{home_path / 'config.toml'}: [self_heal]"
+            check_range(key, value, where)
+            if key == "lookback":
+                _check_window(value, ConfigError)
             values[key] = value
         else:
             extra[key] = value
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if value is not None:
+            check_range(key, value, "invalid value", UsageError)
+            if key == "lookback":
+                _check_window(value, UsageError)
+            values[key] = value
     return Settings(home=home_path, db_path=db_path, extra=extra, **values)
 
 

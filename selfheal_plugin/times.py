@@ -39,10 +39,21 @@ def parse_timestamp(text: str) -> datetime:
         tz = timezone(delta if sign == "+" else -delta)
     second = int(s)
     leap = second == 60  # RFC 3339 allows a leap second; fold it into the next second
-    dt = datetime(int(y), int(mo), int(d), int(h), int(mi), 59 if leap else second, micro, tzinfo=tz)
-    if leap:
-        dt += timedelta(seconds=1)
-    return dt.astimezone(timezone.utc)
+    try:
+        dt = datetime(int(y), int(mo), int(d), int(h), int(mi), 59 if leap else second, micro, tzinfo=tz)
+        if leap:
+            dt += timedelta(seconds=1)
+        return dt.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as exc:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise ValueError(f"timestamp out of range: {text!r}") from exc
+
+
+def utc_text(text: str) -> str:
+    """A runtime timestamp as UTC RFC 3339 text; the raw text when it does not parse."""
+    try:
+        return format_timestamp(parse_timestamp(text))
+    except ValueError:
+        return text
 
 
 def to_epoch(text: str) -> float:
@@ -66,21 +77,30 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     :class:`UsageError` with one line saying what is accepted.
     """
     now = now or utcnow()
-    text = (value or "").strip()
+    text = (value or "").strip() if isinstance(value, str) else ""
+    start: datetime | None = None
     m = _RELATIVE.match(text)
     if m:
         if m.group(1) == "+":
             raise UsageError(f"invalid time window {value!r}: a window reaches back, use -{m.group(2)}{m.group(3)}")
-        return now - timedelta(**{_UNIT[m.group(3)]: int(m.group(2))})
-    try:
-        return parse_timestamp(text)
-    except ValueError:
-        pass
-    try:
-        d = date.fromisoformat(text)
-        return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
-    except ValueError:
-        pass
-    raise UsageError(
-        f"invalid time window {value!r}: use -30m, -24h, -7d, -1w, 7d, an ISO date (2026-01-30) or datetime"
-    )
+        try:
+            start = now - timedelta(**{_UNIT[m.group(3)]: int(m.group(2))})
+        except OverflowError:
+            raise UsageError(f"invalid time window {value!r}: reaches back before year 1") from None
+    if start is None:
+        try:
+            start = parse_timestamp(text)
+        except ValueError:
+            pass
+    if start is None:
+        try:
+            d = date.fromisoformat(text)
+            start = datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+        except ValueError:
+            pass
+    if start is None:
+        raise UsageError(
+            f"invalid time window {value!r}: use -30m, -24h, -7d, -1w, 7d, an ISO date (2026-01-30) or datetime")
+    if start > now:
+        raise UsageError(f"invalid time window {value!r}: it starts in the future ({format_timestamp(start)})")
+    return start

@@ -467,8 +467,10 @@ def test_dashboard_window_with_no_runs(conn):
 def test_bad_window_is_a_usage_error(conn):
     with pytest.raises(UsageError, match="invalid time window"):
         get_health_dashboard(conn, since="-7x", now=NOW)
-    with pytest.raises(UsageError, match="not before now"):
+    with pytest.raises(UsageError, match="starts in the future"):
         compute_agent_metrics(conn, since="2027-01-01", now=NOW)
+    with pytest.raises(UsageError, match="not before now"):
+        compute_agent_metrics(conn, since=NOW.isoformat(), now=NOW)
 
 
 def test_recent_improvements_show_measured_impact_or_say_not_yet(conn, history_copy):

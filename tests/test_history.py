@@ -154,5 +154,10 @@ def test_generator_writes_the_runtime_format(sample_history):
     assert all("error_type" not in e for e in completes if e.get("is_error") is False)
     assert {r[0] for r in c.execute("SELECT status FROM runs")} >= {"running", "completed", "failed"}
     assert truth["bad_rows"] > 0
-    # no selfheal tables in a freshly generated (runtime-shaped) file
-    assert not any(r[0].startswith("selfheal_") for r in c.execute("SELECT name FROM sqlite_master"))
+
+
+def test_generated_file_has_only_runtime_tables(tmp_path):
+    path = tmp_path / "fresh.db"
+    generate_history(path, seed=4, runs=20, end=NOW)
+    names = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert not any(n.startswith("selfheal_") for n in names)

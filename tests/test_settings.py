@@ -1,0 +1,57 @@
+import math
+
+import pytest
+
+from selfheal_plugin.errors import ConfigError, UsageError
+from selfheal_plugin.settings import load_settings
+
+
+def write_config(home, text):
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(text)
+
+
+def test_defaults_config_and_flags(binks_home):
+    assert load_settings(binks_home).min_occurrences == 3
+    write_config(binks_home, "[self_heal]\nmin_occurrences = 5\nconfidence_threshold = 1\nextra_key = 'x'\n")
+    s = load_settings(binks_home)
+    assert (s.min_occurrences, s.confidence_threshold, s.extra) == (5, 1.0, {"extra_key": "x"})
+    assert load_settings(binks_home, min_occurrences=9, confidence_threshold=None).min_occurrences == 9
+
+
+def test_env_home_and_db(tmp_path, monkeypatch):
+    monkeypatch.setenv("BINKS_HOME", str(tmp_path / "h"))
+    s = load_settings()
+    assert s.home == tmp_path / "h" and s.db_path == tmp_path / "h" / "conversations.db"
+    assert load_settings(db=tmp_path / "x.db").db_path == tmp_path / "x.db"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("confidence_threshold = 5", "confidence_threshold must be between 0 and 1"),
+    ("confidence_threshold = nan", "confidence_threshold must be between 0 and 1"),
+    ("min_occurrences = -3", "min_occurrences must be between 1"),
+    ("measurement_window_days = -1", "measurement_window_days must be between 1"),
+    ("min_occurrences = 'three'", "min_occurrences must be int"),
+    ("auto_apply_enabled = 1", "auto_apply_enabled must be bool"),
+    ("lookback = '-7x'", "invalid time window '-7x'"),
+])
+def test_bad_config_values_are_config_errors(binks_home, line, message):
+    write_config(binks_home, f"[self_heal]\n{line}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_settings(binks_home)
+
+
+def test_bad_flag_values_are_usage_errors(binks_home):
+    with pytest.raises(UsageError, match="confidence_threshold"):
+        load_settings(binks_home, confidence_threshold=math.nan)
+    with pytest.raises(UsageError, match="invalid time window"):
+        load_settings(binks_home, lookback="-7x")
+
+
+def test_unparsable_and_misshapen_config(binks_home):
+    write_config(binks_home, "[self_heal\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_settings(binks_home)
+    write_config(binks_home, "self_heal = 3\n")
+    with pytest.raises(ConfigError, match="must be a table"):
+        load_settings(binks_home)
