@@ -15,4 +15,4 @@ from selfheal_plugin.settings import inbox_dir
 @hookimpl
 def notify(notification: Any, settings: Any) -> str:
     folder = settings.inbox_dir if settings is not None else inbox_dir()
-    return str(append_notification(notification, folder))
+    return str(append_notification(notification, folder, settings=settings))

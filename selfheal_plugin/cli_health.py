@@ -10,7 +10,7 @@ from rich.table import Table
 
 from .cli import common_options, echo_json, err_console, pct, scan_progress, self_heal, settings_for
 from .health import analyze_run_health, get_health_dashboard
-from .health_report import TREND_TEXT, write_html_report
+from .health_report import TREND_TEXT, check_report_target, write_html_report
 from .history import connect
 from .times import parse_since
 
@@ -48,18 +48,23 @@ def _ms(x: float | None) -> str:
 @click.option("--since", default=None, help="Window start (default: the lookback setting, -7d).")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML report (charts and numbers) to FILE.")
+@click.option("--force", is_flag=True,
+              help="Let --html replace an existing file that is not an earlier report (never the database "
+                   "or config.toml).")
 @common_options
 def dashboard(home: str | None, db: str | None, as_json: bool, detailed: bool = False, since: str | None = None,
-              html_path: str | None = None) -> None:
+              html_path: str | None = None, force: bool = False) -> None:
     """Show the system health dashboard: score, trend, worst tools, improvements."""
     s = settings_for(home, db, lookback=since)
     parse_since(s.lookback)  # a bad window is a usage error before anything is read
+    if html_path:  # a target that would destroy a file fails before the scan
+        check_report_target(html_path, s, force=force)
     conn = connect(s.db_path)
     with scan_progress(not as_json, "Scanning run history") as progress:
         data = get_health_dashboard(conn, detailed=detailed or bool(html_path), since=s.lookback,
                                     progress=progress, improvements_limit=20 if html_path else 5)
     if html_path:
-        path = write_html_report(data, html_path)
+        path = write_html_report(data, html_path, s, force=force)
         err_console.print(f"📄 HTML report written to {path}", highlight=False)
     if not detailed:
         data.pop("agents", None)

@@ -23,12 +23,15 @@ def _console() -> Console:
 
 
 def detect_proposals(conn: Any, settings: Settings, patterns: list[Pattern], *, as_json: bool) -> list[dict]:
-    """Propose for each detected pattern and write the summary notification.
+    """Propose for each pattern of :func:`lifecycle.detect_with_fixes` and fire
+    ``patterns_detected`` (the inbox summary, when ``notify_patterns`` is on).
 
     Prints the design document's lines unless ``as_json``; returns the proposals as dicts
-    (a failing strategy gives ``{"pattern_id", "error"}``).
+    (a failing strategy gives ``{"pattern_id", "error"}``). Each pattern keeps its
+    strategy's ``suggested_fix``; the proposal's own description is its line here.
     """
-    attach_suggested_fixes(patterns, settings)
+    if any(p.suggested_fix is None for p in patterns):  # patterns not from detect_with_fixes
+        attach_suggested_fixes(patterns, settings)
     if not as_json:
         click.echo("💡 Generating improvement proposals...")
         click.echo()
@@ -40,14 +43,15 @@ def detect_proposals(conn: Any, settings: Settings, patterns: list[Pattern], *, 
             if not as_json:
                 click.echo(f"  ✗ No proposal for pattern {pattern.id}: {res}")
             continue
-        pattern.suggested_fix = res.improvement.description
         out.append(res.to_dict())
         if not as_json:
             note = "" if res.created else " (already open)"
             click.echo(f"  ✓ Proposal {res.improvement.id} for pattern {pattern.id}{note}")
+            click.echo(f"      {res.improvement.description}")
     if not as_json:
         click.echo()
-        click.echo("📬 Writing summary to inbox...")
+        click.echo("📬 Writing summary to inbox..." if settings.notify_patterns
+                   else "📭 Inbox summary off (notify_patterns = false)")
         click.echo()
     plugins.fire("patterns_detected", patterns=patterns, settings=settings)
     if not as_json:

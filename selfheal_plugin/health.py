@@ -41,7 +41,8 @@ from .errorindex import refresh
 from .errors import NotFoundError, UsageError
 from .history import get_state, normalize_error_type
 from .improvements import ImprovementStore
-from .times import format_timestamp, parse_since, parse_timestamp, utcnow
+from .strategy import Change, server_of
+from .times import format_timestamp, parse_since, parse_timestamp, utc_text, utcnow
 
 log = logging.getLogger("selfheal.health")
 
@@ -311,31 +312,47 @@ def analyze_run_health(conn: sqlite3.Connection, run_id: str, *, now: datetime |
                              "duration": _num(ev.get("duration")), "message": ev.get("result")})
     ref = load_reference(conn, {facts.workflow})
     scored = score_run(facts, ref, now)
-    issues = _run_issues(facts, scored["components"], failures, malformed, events, ref)
+    issues = _run_issues(facts, scored["components"], failures, malformed, events, ref, ImprovementStore(conn))
     return {
         "run_id": facts.run_id, "workflow_name": facts.workflow, "status": facts.status,
-        "started_at": _utc_text(facts.started_at), "duration_ms": facts.duration_ms,
+        "started_at": None if facts.started_at is None else utc_text(facts.started_at),
+        "duration_ms": facts.duration_ms,
         "health_score": scored["health_score"], "score_basis": scored["score_basis"],
         "components": scored["components"], "issues": issues,
         "events": events, "skipped_events": malformed,
     }
 
 
-def _server_of(tool: str) -> str | None:
-    parts = tool.split("__")
-    return parts[1] if len(parts) >= 3 and parts[0] == "mcp" and parts[1] else None
+def _cite_improvement(imp: Any) -> str:
+    """The open improvement for an issue's pattern and its changes, with the next step."""
+    changes = []
+    for raw in imp.changes or []:
+        try:
+            changes.append(Change.from_dict(raw).describe())
+        except (TypeError, ValueError, KeyError):
+            continue
+    what = f"{imp.id} ({'; '.join(changes) or imp.description})"
+    if imp.status in ("proposed", "tested"):
+        return f"Apply {what}: agent self-heal apply {imp.id}"
+    if imp.status == "applied":
+        return f"{what} is applied; check its effect: agent self-heal verify {imp.id}"
+    return f"{what} is under {imp.status} test; apply it when the test passes"
 
 
-def _recommendation(tool: str, etype: str, durations: list[float]) -> str:
+def _recommendation(tool: str, etype: str, durations: list[float], store: ImprovementStore) -> str:
+    """An open improvement for the pattern when there is one (the same fix ``detect``
+    proposed); otherwise the setting to change, by error type."""
+    imp = store.open_for_pattern(f"{etype}:{tool}")
+    if imp is not None:
+        return _cite_improvement(imp)
     key = f'tools."{tool}"'
-    server = _server_of(tool)
+    server = server_of(tool)
     if etype == "timeout":
-        longest = max(durations) if durations else None
-        if longest:
-            suggested = int(math.ceil(longest * 1.5 / 1000.0)) * 1000
-            return (f"Raise its timeout: set {key}.timeout_ms = {suggested} "
-                    f"(calls timed out after {int(longest)} ms)")
-        return f"Raise its timeout ({key}.timeout_ms)"
+        # The value is the timeout strategy's (fitted to all the tool's calls in the window),
+        # not a rule over this run's calls: point to where it is computed.
+        seen = f" (calls here timed out after {int(max(durations))} ms)" if durations else ""
+        return (f"Fix the timeouts{seen}: agent self-heal detect proposes {key}.timeout_ms from the p99 of "
+                f"the tool's call durations, or retries when they look like hangs (pattern timeout:{tool})")
     if etype == "connection_refused":
         target = f'servers."{server}"' if server else key
         return (f"Enable health checks and restarts ({target}.health_check = true, auto_restart = true) "
@@ -352,7 +369,7 @@ def _recommendation(tool: str, etype: str, durations: list[float]) -> str:
 
 
 def _run_issues(f: RunFacts, comps: dict[str, Any], failures: list[dict[str, Any]], malformed: int,
-                events: int, ref: Reference) -> list[dict[str, Any]]:
+                events: int, ref: Reference, store: ImprovementStore) -> list[dict[str, Any]]:
     issues: list[dict[str, Any]] = []
 
     def add(severity: str, description: str, recommendation: str, **extra: Any) -> None:
@@ -370,7 +387,7 @@ def _run_issues(f: RunFacts, comps: dict[str, Any], failures: list[dict[str, Any
         times = f" ({len(items)}×)" if len(items) > 1 else ""
         durations = [d["duration"] for d in items if d["duration"] is not None]
         add("high" if f.status == "failed" else "medium", f"Tool {label} on {tool}{times}",
-            _recommendation(tool, etype, durations), tool=tool, error_type=etype, pattern_id=f"{etype}:{tool}",
+            _recommendation(tool, etype, durations, store), tool=tool, error_type=etype, pattern_id=f"{etype}:{tool}",
             count=len(items))
     for tool, rate in comps["tool_reliability"]["tools"].items():
         if rate is not None and rate < UNRELIABLE_TOOL:
@@ -407,15 +424,6 @@ def _run_issues(f: RunFacts, comps: dict[str, Any], failures: list[dict[str, Any
             f"Needs at least {MIN_REFERENCE_RUNS} completed runs of {f.workflow} with metrics, and tool calls")
     issues.sort(key=lambda i: _SEVERITY_ORDER[i["severity"]])
     return issues
-
-
-def _utc_text(text: str | None) -> str | None:
-    if text is None:
-        return None
-    try:
-        return format_timestamp(parse_timestamp(text))
-    except ValueError:
-        return text
 
 
 # ------------------------------------------------------------------ window scans

@@ -26,6 +26,10 @@ TYPE_COLORS = {"timeout": TIMEOUT_COLOR, "tool_error": ERROR_COLOR, "connection_
 TREND_TEXT = {"improving": "↗ improving", "degrading": "↘ degrading", "stable": "→ stable",
               "insufficient_data": "… insufficient data"}
 TREND_CLASS = {"improving": "good", "degrading": "bad"}
+# Written into every report: `--html` replaces an existing file only when it carries this.
+REPORT_MARKER = '<meta name="generator" content="selfheal health report">'
+MARKER_SCAN_BYTES = 4096
+DB_SIDE_FILES = ("", "-wal", "-shm", "-journal")
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
@@ -265,7 +269,7 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
     note = f" · {skipped} malformed event row(s) skipped" if skipped else ""
     return (
         "<!DOCTYPE html>\n"
-        f'<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f'<html lang="en"><head><meta charset="utf-8">{REPORT_MARKER}<title>{escape(title)}</title>'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<style>{CSS}</style></head><body>"
         f"<header><h1>{escape(title)}</h1><p>window {escape(window['since'])}: {escape(window['start'])} → "
@@ -274,12 +278,60 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
     )
 
 
-def write_html_report(d: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write the page atomically (temp file + rename); a bad path is one clear error."""
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name the same file: equal once symlinks are resolved, or one inode."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except (OSError, RuntimeError):  # a symlink loop, an unreadable directory
+        return False
+
+
+def is_report(path: Path) -> bool:
+    """``path`` is a report this module wrote (its marker is in the first bytes)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(MARKER_SCAN_BYTES)
+    except OSError:
+        return False
+    return REPORT_MARKER.encode() in head
+
+
+def check_report_target(path: str | os.PathLike, settings: Any = None, *, force: bool = False) -> Path:
+    """Refuse a target that would destroy something: the run-history database (or its
+    -wal/-shm/-journal files) or ``config.toml`` always; any other existing file that is not
+    an earlier report unless ``force``. Returns the path to write; raises SelfHealError."""
     target = Path(path).expanduser()
     parent = target.parent if str(target.parent) else Path(".")
+    protected: list[tuple[Path, str]] = []
+    if settings is not None:
+        dbs = {Path(settings.db_path).expanduser(), Path(settings.home).expanduser() / "conversations.db"}
+        protected += [(db.with_name(db.name + suffix), f"the run-history database{f' {suffix} file' if suffix else ''}"
+                       f" ({db})") for db in sorted(dbs) for suffix in DB_SIDE_FILES]
+        protected.append((Path(settings.config_path).expanduser(), "the runtime's config.toml"))
+    for p, what in protected:
+        if _same_file(target, p):
+            raise SelfHealError(f"refusing to write the HTML report to {target}: that is {what}")
+    if target.is_dir():
+        raise SelfHealError(f"cannot write {target}: it is a directory")
+    if (target.exists() or target.is_symlink()) and not force and not is_report(target):
+        raise SelfHealError(f"refusing to overwrite {target}: it is not an earlier selfheal report "
+                            "(use --force to replace it)")
+    if target.is_symlink():  # replace the file it points to and keep the link
+        target = target.resolve()
+        parent = target.parent
     if not parent.is_dir():
         raise SelfHealError(f"cannot write {target}: directory {parent} does not exist")
+    return target
+
+
+def write_html_report(d: dict[str, Any], path: str | os.PathLike, settings: Any = None, *,
+                      force: bool = False) -> Path:
+    """Write the page atomically (temp file + rename) after :func:`check_report_target`;
+    a bad or protected path is one clear error and nothing is written."""
+    target = check_report_target(path, settings, force=force)
+    parent = target.parent if str(target.parent) else Path(".")
     html = render_html(d)
     tmp: str | None = None
     try:

@@ -7,9 +7,11 @@ each later entry is appended as ``\\n---\\n\\n`` + entry + ``\\n``. An entry is:
 
     Detected 4 failure pattern(s). View details: agent self-heal improvements
 
-with PRIORITY ``**[URGENT]**``, ``*[HIGH]*``, nothing (normal) or ``[LOW]``. Other
-programs append to the same files, so every append holds a :mod:`filelock` lock on
-``YYYY-MM-DD.md.lock`` beside the file and writes the whole entry with one ``write``.
+with PRIORITY ``**[URGENT]**``, ``*[HIGH]*``, nothing (normal) or ``[LOW]``. Several
+processes append to the same files, so every append holds a :mod:`filelock` lock and
+writes the whole entry with one ``O_APPEND`` ``write``. The lock file is
+``BINKS_HOME/selfheal/locks/inbox.lock``, never in the user's inbox folder, which holds
+only the day files.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
 from .plugins import Notification
+from .settings import resolve_home
 
 PRIORITY_MARKS = {"urgent": "**[URGENT]**", "high": "*[HIGH]*", "normal": "", "low": "[LOW]"}
 LOCK_TIMEOUT_S = 30
@@ -57,14 +61,27 @@ def day_file(inbox_dir: Path, when: datetime) -> Path:
     return Path(inbox_dir) / f"{_local(when).strftime('%Y-%m-%d')}.md"
 
 
-def append_notification(notification: Notification, inbox_dir: Path, when: datetime | None = None) -> Path:
-    """Append one entry to the day's file (created with its header when new); returns the file."""
+def lock_file(settings: Any = None) -> Path:
+    """The appends' lock: ``BINKS_HOME/selfheal/locks/inbox.lock`` (``settings.home``, else
+    ``$BINKS_HOME`` or ``~/.binks``); its folder is created. One file for every day: an
+    append holds it for microseconds, and no lock file piles up per day."""
+    home = Path(settings.home) if settings is not None else resolve_home()
+    folder = home / "selfheal" / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / "inbox.lock"
+
+
+def append_notification(notification: Notification, inbox_dir: Path, when: datetime | None = None,
+                        settings: Any = None) -> Path:
+    """Append one entry to the day's file (created with its header when new); returns the file.
+
+    The lock is :func:`lock_file` under ``settings.home`` (BINKS_HOME), not in ``inbox_dir``."""
     when = _local(when or notification.created_at)
     inbox_dir = Path(inbox_dir)
     inbox_dir.mkdir(parents=True, exist_ok=True)
     path = day_file(inbox_dir, when)
     entry = format_entry(notification, when)
-    with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT_S).acquire(poll_interval=LOCK_POLL_S):
+    with FileLock(str(lock_file(settings)), timeout=LOCK_TIMEOUT_S).acquire(poll_interval=LOCK_POLL_S):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             if os.fstat(fd).st_size > 0:

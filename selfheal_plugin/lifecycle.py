@@ -14,7 +14,7 @@ from typing import Any
 from . import plugins
 from .errors import SelfHealError
 from .improvements import Improvement, ImprovementStore, new_improvement_id
-from .patterns import Pattern, get_pattern
+from .patterns import Detection, Pattern, detect_failure_patterns, get_pattern
 from .settings import Settings
 from .strategy import HistoryWindow, Proposal
 from .times import parse_since
@@ -37,13 +37,29 @@ def history_window(conn: sqlite3.Connection, settings: Settings, since: str | No
 
 
 def attach_suggested_fixes(patterns: list[Pattern], settings: Settings | None = None) -> list[Pattern]:
-    """Fill each pattern's ``suggested_fix`` from its strategy's one-line ``suggest``."""
+    """Fill each pattern's ``suggested_fix`` from its strategy's one-line ``suggest``.
+
+    The only definition of ``suggested_fix``: ``detect`` (CLI and MCP, through
+    :func:`detect_with_fixes`), ``show`` and the daemon all use it, so a pattern has one
+    suggested fix everywhere; a proposal's own ``description`` is reported beside it."""
     for p in patterns:
         try:
             p.suggested_fix = plugins.strategy_for(p.error_type, settings).suggest(p)
         except Exception as exc:  # noqa: BLE001 — a broken plugin costs the hint, not the command
             log.warning("no suggested fix for %s: %s", p.id, exc)
     return patterns
+
+
+def detect_with_fixes(conn: sqlite3.Connection, settings: Settings, **detect_args: Any) -> Detection:
+    """Detect patterns with the settings' window and thresholds, each with its
+    ``suggested_fix`` (:func:`attach_suggested_fixes`). The one detection behind the CLI's
+    ``detect`` and the MCP ``detect_failure_patterns`` tool; read-only: it neither proposes
+    nor notifies (the CLI then proposes and fires ``patterns_detected``). ``detect_args`` go to
+    :func:`patterns.detect_failure_patterns` (``now``, ``progress``, ``error_type``, ...)."""
+    result = detect_failure_patterns(conn, since=settings.lookback, min_occurrences=settings.min_occurrences,
+                                     confidence_threshold=settings.confidence_threshold, **detect_args)
+    attach_suggested_fixes(result.patterns, settings)
+    return result
 
 
 def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:

@@ -270,16 +270,14 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
             json_schema_extra=_schema_default(0.75))] = None,
     ) -> list[FailurePattern]:
         """Find recurring tool failures: (error_type, tool_name) signatures of failed tool calls,
-        most frequent first, with correlation, confidence, affected runs and a suggested fix."""
-        from .lifecycle import attach_suggested_fixes
-        from .patterns import detect_failure_patterns as detect
+        most frequent first, with correlation, confidence, affected runs and a suggested fix.
+        Read-only: unlike `agent self-heal detect` it neither proposes nor notifies."""
+        from .lifecycle import detect_with_fixes
 
         with _session(home, db, lookback=since, min_occurrences=min_occurrences,
                       confidence_threshold=confidence_threshold) as (s, conn):
-            result = detect(conn, since=s.lookback, min_occurrences=s.min_occurrences,
-                            confidence_threshold=s.confidence_threshold)
+            result = detect_with_fixes(conn, s)
             warn_bad_rows("run_events", result.scanned.total_bad_rows)
-            attach_suggested_fixes(result.patterns, s)
             return [p.to_dict() for p in result.patterns]
 
     @tool("Analyze run health", read_only=True)

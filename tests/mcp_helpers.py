@@ -57,7 +57,7 @@ def stable(value: Any) -> Any:
 
 def reference(tool: str, home: Path | str | None, db: Path | str | None = None, **args: Any) -> Any:
     """The library function's result for ``tool`` with the CLI's settings resolution."""
-    from selfheal_plugin import health, lifecycle, patterns, simulation, verification
+    from selfheal_plugin import health, lifecycle, simulation, verification
 
     s = load_settings(home, db)
     conn = connect(s.db_path)
@@ -65,10 +65,8 @@ def reference(tool: str, home: Path | str | None, db: Path | str | None = None, 
         if tool == "detect_failure_patterns":
             s = load_settings(home, db, lookback=args.get("since"), min_occurrences=args.get("min_occurrences"),
                               confidence_threshold=args.get("confidence_threshold"))
-            found = patterns.detect_failure_patterns(conn, since=s.lookback, min_occurrences=s.min_occurrences,
-                                                     confidence_threshold=s.confidence_threshold).patterns
-            lifecycle.attach_suggested_fixes(found, s)
-            return plain([p.to_dict() for p in found])
+            # the function `agent self-heal detect` calls (its patterns, before it proposes)
+            return plain([p.to_dict() for p in lifecycle.detect_with_fixes(conn, s).patterns])
         if tool == "analyze_run_health":
             return plain(health.analyze_run_health(conn, args["run_id"]))
         if tool == "compute_agent_metrics":

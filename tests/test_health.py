@@ -20,6 +20,8 @@ from selfheal_plugin.health import (
 )
 from selfheal_plugin.history import connect, normalize_error_type
 from selfheal_plugin.improvements import Improvement, ImprovementStore
+from selfheal_plugin.lifecycle import propose_detailed
+from selfheal_plugin.settings import load_settings
 from selfheal_plugin.times import parse_timestamp
 
 from .conftest import NOW
@@ -306,10 +308,21 @@ def test_failed_run_with_a_timeout_recommends_raising_that_timeout(conn, history
     timeout = next(i for i in got["issues"] if i.get("pattern_id") == "timeout:mcp__kubernetes__pods_list")
     assert timeout["severity"] == "high"
     assert timeout["description"].startswith("Tool timeout on mcp__kubernetes__pods_list")
-    assert 'tools."mcp__kubernetes__pods_list".timeout_ms = 91000' in timeout["recommendation"]
+    # no improvement yet: the key to raise and where its value is computed, no number of its own
+    rec = timeout["recommendation"]
+    assert 'tools."mcp__kubernetes__pods_list".timeout_ms' in rec and "agent self-heal detect" in rec
+    assert "timeout_ms =" not in rec
     severities = [i["severity"] for i in got["issues"]]
     assert severities == sorted(severities, key=["high", "medium", "low"].index)
     assert got["health_score"] < 60
+    # with the strategy's open proposal, the recommendation is that proposal and its value
+    imp = propose_detailed(conn, load_settings(history_copy[0].parent), "timeout:mcp__kubernetes__pods_list",
+                           since="-7d", now=NOW).improvement
+    value = next(c["value"] for c in imp.changes if c["path"][-1] == "timeout_ms")
+    again = analyze_run_health(conn, run_id, now=NOW)
+    rec = next(i for i in again["issues"] if i.get("pattern_id") == timeout["pattern_id"])["recommendation"]
+    assert rec.startswith(f"Apply {imp.id} (") and f"tools.mcp__kubernetes__pods_list.timeout_ms = {value})" in rec
+    assert f"agent self-heal apply {imp.id}" in rec
 
 
 def test_running_run_is_scored_on_elapsed_time(conn, history_copy):

@@ -40,9 +40,12 @@ def test_day_file_is_byte_compatible_with_inbox_mcp(tmp_path):
                          tags=["self-heal", "patterns"], priority="high")
     second = Notification(title="b", body="Applied improvement imp-123:\nDescription: d\n\nMonitoring for 7 days.",
                           tags=["improvement", "applied"])
-    path = append_notification(first, tmp_path, WHEN)
-    assert append_notification(second, tmp_path, WHEN + timedelta(seconds=5)) == path
-    assert path == tmp_path / "2026-01-30.md"
+    inbox = tmp_path / "inbox"
+    path = append_notification(first, inbox, WHEN)
+    assert append_notification(second, inbox, WHEN + timedelta(seconds=5)) == path
+    assert path == inbox / "2026-01-30.md"
+    assert list(inbox.iterdir()) == [path]  # the lock lives under BINKS_HOME, not in the inbox
+    assert (tmp_path / "binks" / "selfheal" / "locks" / "inbox.lock").exists()
     assert path.read_bytes() == (
         b"# Inbox - 2026-01-30\n\n"
         b"## 2026-01-30 02:09:03 [self-heal] #self-heal #patterns *[HIGH]*\n\n"
@@ -87,9 +90,9 @@ def test_a_separator_line_in_a_body_cannot_split_the_entry(tmp_path):
     assert [e.body for e in entries] == ["above\n- - -\nbelow", "next"]
 
 
-def _writer(inbox: str, worker: int, count: int) -> None:
+def _writer(inbox: str, home: str, worker: int, count: int) -> None:
     os.environ["INBOX_PATH"] = inbox
-    settings = load_settings()
+    settings = load_settings(home)
     for i in range(count):
         body = f"worker {worker} entry {i}\n" + "x" * 2000 + f"\nend {worker}-{i}"
         plugins.fire("notify", notification=Notification(title=f"{worker}-{i}", body=body, tags=["load"],
@@ -100,13 +103,15 @@ def test_concurrent_appends_from_processes_lose_nothing(tmp_path):
     inbox = tmp_path / "inbox"
     plugins.load_plugins()  # forked workers inherit the loaded plugins (and each appends on its own)
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_writer, args=(str(inbox), w, 25)) for w in range(4)]
+    home = tmp_path / "binks"
+    procs = [ctx.Process(target=_writer, args=(str(inbox), str(home), w, 25)) for w in range(4)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
     files = list(inbox.glob("*.md"))
+    assert sorted(inbox.iterdir()) == sorted(files)  # only the day files: no lock files among the notes
     texts = "".join(f.read_text() for f in files)
     assert texts.count("# Inbox - ") == len(files)
     entries = [e for f in files for e in parse_inbox(f.read_text())]
@@ -119,6 +124,7 @@ def test_concurrent_appends_from_processes_lose_nothing(tmp_path):
         assert e.tags == ["load"] and e.priority == "low"
         seen.add((int(w), int(i)))
     assert seen == {(w, i) for w in range(4) for i in range(25)}
+    assert [p.name for p in (home / "selfheal" / "locks").iterdir()] == ["inbox.lock"]
 
 
 # ---------------------------------------------------------------- lifecycle → notifications

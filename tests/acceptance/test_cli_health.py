@@ -121,3 +121,49 @@ def test_run_health_unknown_and_ambiguous(history_copy, binks_home):
     conn.close()
     res = run_agent("self-heal", "health", first, "--home", str(binks_home), "--json")
     assert res.returncode == 2 and "ambiguous" in res.stderr and res.stdout == ""
+
+
+def test_dashboard_html_never_replaces_the_history_or_config(history_copy, binks_home, tmp_path):
+    db, _ = history_copy
+    config = binks_home / "config.toml"
+    config.write_text("[self_heal]\nmin_occurrences = 3\n")
+    wal = binks_home / "conversations.db-wal"
+    wal.write_bytes(b"not really a wal")
+    link = tmp_path / "innocent.html"
+    link.symlink_to(db)
+    hard = tmp_path / "hard.html"
+    hard.hardlink_to(config)
+    before = {p: _digest(p) for p in (db, config, wal)}
+    for target in (db, wal, config, link, hard, binks_home / "." / "conversations.db"):
+        for force in ((), ("--force",)):
+            res = run_agent("self-heal", "dashboard", "--home", str(binks_home), "--since", SINCE,
+                            "--html", str(target), *force)
+            assert res.returncode == 1, (target, force, res.stderr)
+            assert res.stderr.strip().count("\n") == 0 and "refusing to write the HTML report" in res.stderr
+            assert res.stdout == ""
+    assert {p: _digest(p) for p in before} == before
+    assert link.is_symlink() and not list(binks_home.glob(".selfheal-report-*"))
+
+
+def test_dashboard_html_replaces_only_its_own_reports_unless_forced(history_copy, binks_home, tmp_path):
+    notes = tmp_path / "notes.html"
+    notes.write_text("<p>my notes</p>")
+    res = run_agent("self-heal", "dashboard", "--home", str(binks_home), "--since", SINCE, "--html", str(notes))
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
+    assert "not an earlier selfheal report" in res.stderr and "--force" in res.stderr
+    assert notes.read_text() == "<p>my notes</p>"
+    report = tmp_path / "report.html"
+    for _ in range(2):  # a new file, then the earlier report replaced without --force
+        res = run_agent("self-heal", "dashboard", "--home", str(binks_home), "--since", SINCE, "--html", str(report))
+        assert res.returncode == 0, res.stderr
+    assert 'id="overall-score"' in report.read_text()
+    link = tmp_path / "latest.html"
+    link.symlink_to(report)
+    report.write_text(report.read_text().replace("selfheal health report</title>", "old</title>"))
+    res = run_agent("self-heal", "dashboard", "--home", str(binks_home), "--since", SINCE, "--html", str(link))
+    assert res.returncode == 0, res.stderr
+    assert link.is_symlink() and "selfheal health report</title>" in report.read_text()  # followed the link
+    res = run_agent("self-heal", "dashboard", "--home", str(binks_home), "--since", SINCE, "--html", str(notes),
+                    "--force")
+    assert res.returncode == 0, res.stderr
+    assert 'id="overall-score"' in notes.read_text()

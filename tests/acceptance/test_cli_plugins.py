@@ -19,6 +19,20 @@ def _inbox_entries() -> list:
             for e in parse_inbox(open(os.path.join(folder, name)).read())]
 
 
+def _mcp_detect(home, since: str) -> list[dict]:
+    import anyio
+    from mcp import Client
+
+    from selfheal_plugin.mcp_server import build_server
+
+    async def go():
+        async with Client(build_server(home)) as client:
+            return await client.call_tool("detect_failure_patterns", {"since": since})
+    result = anyio.run(go)
+    assert not result.is_error
+    return result.structured_content["result"]
+
+
 def test_detect_proposes_writes_inbox_and_is_idempotent(history_copy, binks_home):
     db, truth = history_copy
     res = run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE)
@@ -43,9 +57,18 @@ def test_detect_proposes_writes_inbox_and_is_idempotent(history_copy, binks_home
     data = json.loads(again.stdout)
     assert {p["improvement_id"] for p in data["proposals"]} == set(rows)
     assert not any(p["created"] for p in data["proposals"])
+    # one suggested_fix per pattern: detect --json, show --json and the MCP tool agree (the
+    # strategy's suggest()); the proposal's own description is a separate field and line
+    mcp = _mcp_detect(binks_home, SINCE)
+    assert {p["id"] for p in mcp} == {p["id"] for p in data["patterns"]}
     by_pattern = {p["pattern_id"]: p for p in data["proposals"]}
     for pat in data["patterns"]:
-        assert pat["suggested_fix"] == by_pattern[pat["id"]]["description"]
+        shown = json.loads(run_agent("self-heal", "show", pat["id"], "--home", str(binks_home), "--since", SINCE,
+                                     "--json").stdout)
+        assert pat["suggested_fix"] and pat["suggested_fix"] == shown["suggested_fix"]
+        assert pat["suggested_fix"] == next(p["suggested_fix"] for p in mcp if p["id"] == pat["id"])
+        assert f"{by_pattern[pat['id']]['improvement_id']} for pattern {pat['id']}\n" \
+               f"      {by_pattern[pat['id']]['description']}\n" in out
     for p in data["proposals"]:
         assert p["changes"] and p["risk_level"] in ("low", "medium", "high") and p["expected_impact"]
     assert len(_inbox_entries()) == 2
@@ -54,6 +77,16 @@ def test_detect_proposes_writes_inbox_and_is_idempotent(history_copy, binks_home
     assert {r["id"] for r in json.loads(listing.stdout)["improvements"]} == set(rows)
     text = run_agent("self-heal", "improvements", "--home", str(binks_home), "--status", "proposed")
     assert text.returncode == 0 and all(i in text.stdout for i in rows)
+
+
+def test_detect_says_no_inbox_summary_when_notify_patterns_is_off(history_copy, binks_home):
+    (binks_home / "config.toml").write_text("[self_heal]\nnotify_patterns = false\n")
+    res = run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE)
+    assert res.returncode == 0, res.stderr
+    assert "✓ Proposal imp-" in res.stdout
+    assert "Writing summary to inbox" not in res.stdout
+    assert "\n📭 Inbox summary off (notify_patterns = false)\n\n📋 Next steps:\n" in res.stdout
+    assert not os.path.exists(os.environ["INBOX_PATH"])  # nothing written there
 
 
 def test_third_party_strategy_overrides_builtin(history_copy, binks_home, test_strategy_site):  # noqa: F811

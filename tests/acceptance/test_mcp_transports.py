@@ -213,6 +213,8 @@ def test_streamable_http(home):
             "dashboard": structured(await call(client, "get_health_dashboard")),
         }
 
+    # before the proposal below: a run's recommendations cite the open improvement of their pattern
+    want_health = reference("analyze_run_health", home, other, run_id=run_id)
     proc, url = start_http_server("--home", str(home), "--db", str(other))
     try:
         out = over_http(url, session)
@@ -221,7 +223,7 @@ def test_streamable_http(home):
     finally:
         _, stderr = stop(proc)
     assert out["detect"] == reference("detect_failure_patterns", home, other, since="-6d")
-    assert out["health"] == reference("analyze_run_health", home, other, run_id=run_id)
+    assert out["health"] == want_health
     assert "no run 'zzz-unknown'" in error_text(out["unknown"])
     assert "mode: Input should be" in error_text(out["bad_mode"])
     assert stable(out["tools"]) == stable(reference("compute_tool_reliability", home, other, since="-6d"))
