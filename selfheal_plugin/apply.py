@@ -424,6 +424,10 @@ def recover(conn: sqlite3.Connection, settings: Settings,
 def _recover_one(store: ImprovementStore, imp: Improvement, settings: Settings) -> dict[str, Any]:
     op = imp.pending_op or {}
     kind = op.get("op")
+    if kind in ("experiment-start", "experiment-end"):  # a canary/shadow section edit
+        from .canary import recover_experiment_op
+
+        return recover_experiment_op(store, imp, settings)
     record = op.get("record") or {}
     cr = gitops.locate(Path(record.get("config_path") or settings.config_path), settings.home)
     started = parse_timestamp(op["started_at"]) if op.get("started_at") else utcnow()

@@ -137,9 +137,10 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
     if not as_json:
         click.echo(f"🔍 Detecting failure patterns (last {s.lookback}, min {s.min_occurrences} occurrences, "
                    f"confidence >= {pct(s.confidence_threshold)})...")
+    from .lifecycle import detect_with_fixes  # the MCP tool's detection: patterns with their suggested_fix
+
     with scan_progress(not as_json) as progress:
-        result = detect_failure_patterns(conn, since=s.lookback, min_occurrences=s.min_occurrences,
-                                         confidence_threshold=s.confidence_threshold, progress=progress)
+        result = detect_with_fixes(conn, s, progress=progress)
     warn_bad_rows(result.scanned.total_bad_rows)
     from .cli_plugins import detect_proposals  # proposals, inbox summary, next steps
 
@@ -232,3 +233,5 @@ from . import cli_health  # noqa: E402,F401  (registers commands)
 from . import cli_plugins  # noqa: E402,F401  (registers commands)
 from . import cli_lifecycle  # noqa: E402,F401  (registers commands)
 from . import cli_daemon  # noqa: E402,F401  (registers commands)
+from . import cli_canary  # noqa: E402,F401  (registers commands)
+from . import cli_demo  # noqa: E402,F401  (registers commands)

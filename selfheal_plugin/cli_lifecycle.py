@@ -33,14 +33,22 @@ def _rate(x: float | None) -> str:
 @click.option("--mode", type=click.Choice(TEST_MODES), default="simulation", show_default=True,
               help="How to test the improvement.")
 @click.option("--since", default=None, help="Baseline window start (default: the lookback setting, -7d).")
+@click.option("--fraction", type=float, default=None,
+              help="Canary mode: share of runs that get the change (default 0.5).")
 @common_options
 def test_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, mode: str = "simulation",
-                 since: str | None = None) -> None:
-    """Test an improvement by replaying the history window with its changes."""
+                 since: str | None = None, fraction: float | None = None) -> None:
+    """Test an improvement: replay history (simulation), or run it on a share of runs
+    (canary) or beside the current settings (shadow) via a config.toml section."""
     conn, s = _open(home, db)
-    r = test_improvement(conn, s, improvement_id, mode, since=since)
+    r = test_improvement(conn, s, improvement_id, mode, since=since, fraction=fraction)
     if as_json:
         echo_json(r)
+        return
+    if mode != "simulation":
+        from .cli_canary import print_experiment_test
+
+        print_experiment_test(r)
         return
     click.echo(f"🧪 Testing {r['improvement_id']} ({r['test_mode']}, {r['runs_replayed']} runs replayed, "
                f"{r['window']['since']} → {r['window']['until']})")
@@ -149,6 +157,11 @@ def verify_command(improvement_id: str, home: str | None, db: str | None, as_jso
     r = verify_improvement(conn, s, improvement_id, window_days)
     if as_json:
         echo_json(r)
+        return
+    if r.get("mode") in ("canary", "shadow"):
+        from .cli_canary import print_experiment_report
+
+        print_experiment_report(r)
         return
     m = r["metrics"]
     click.echo(f"📏 Verifying {r['improvement_id']} ({r['window']['days']:g}-day windows around the apply"

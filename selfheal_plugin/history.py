@@ -121,6 +121,7 @@ IMPROVEMENT_COLUMNS: dict[str, str] = {
     "rolled_back_at": "TEXT",
     "evidence": "TEXT",  # JSON: the strategy's data behind a proposal (expected_reduction, fits, counts)
     "apply_record": "TEXT",  # JSON: file, repo, previous values, tables created (for rollback)
+    "experiment": "TEXT",  # JSON: a canary/shadow test (section, fraction, started_at, commits)
 }
 
 SELFHEAL_SCHEMA = """

@@ -5,7 +5,9 @@ The table is the runtime's older shape migrated in place (see ``history``): its 
 ones in :data:`history.IMPROVEMENT_COLUMNS`. Rows written by the runtime load as
 :class:`Improvement` too (``pattern_id`` None, ``category`` set).
 
-States: proposed → (tested) → applied → verified | rolled_back; proposed → rejected.
+States: proposed → (tested) → applied → verified | rolled_back; proposed → rejected;
+proposed/tested → canary | shadow (an experiment section in config.toml) → applied
+(promote) or back to proposed/tested (drop).
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ from .errors import NotFoundError
 from .history import load_json, table_columns, write_transaction
 from .times import format_timestamp, utcnow
 
-STATUSES = ("proposed", "tested", "applied", "verified", "rejected", "rolled_back")
-OPEN_STATUSES = ("proposed", "tested", "applied")
+STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "rejected", "rolled_back")
+OPEN_STATUSES = ("proposed", "tested", "canary", "shadow", "applied")
 _JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact",
-                "apply_record", "evidence")
+                "apply_record", "evidence", "experiment")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Improvement:
     rolled_back_at: str | None = None
     evidence: dict[str, Any] | None = None
     apply_record: dict[str, Any] | None = None
+    experiment: dict[str, Any] | None = None  # a canary/shadow test: section, fraction, start, commits
     created_at: str | None = None
     updated_at: str | None = None
     category: str | None = None

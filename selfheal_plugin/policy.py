@@ -20,6 +20,7 @@ Keys it reads (all optional; a tool without any is called directly)::
     [servers."SERVER"]          # SERVER from mcp__SERVER__tool or the call's server=
     health_check = true         # ask the health_check hook before each call
     auto_restart = true         # on a crash/refused connection call the restart hook, retry once
+    [canary."ID"] / [shadow."ID"] # experiments selfheal writes: see selfheal_plugin.experiments
 
 The policy reloads ``config.toml`` when it changes on disk: a watchdog observer on the
 config's folder, and a cheap mtime/size check at most every ``check_interval`` seconds as a
@@ -46,6 +47,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from .clock import Clock, wall_clock
 from .errors import ConfigError
+from .experiments import ARM_CANARY, Experiments, ShadowLog, canary_layers, parse_experiments, shadow_timeout
 from .history import classify_error
 from .recorder import RecordedRun, RunRecorder, current_run
 from .settings import read_config
@@ -112,12 +114,15 @@ class ToolSettings:
     health_check: bool = False
     auto_restart: bool = False
     sources: tuple[str, ...] = ()  # which config tables these came from, lowest first
+    shadow_timeout_ms: int | None = None  # observed only ([shadow."ID"]), never enforced
+    shadow_of: str | None = None  # the improvement id of that shadow section
     plain: bool = field(init=False, default=True)  # nothing to enforce: call straight through
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "plain", (
             self.timeout_ms is None and self.retry_attempts == 0 and not self.preflight
-            and self.circuit_breaker is None and not self.health_check and not self.auto_restart))
+            and self.circuit_breaker is None and not self.health_check and not self.auto_restart
+            and self.shadow_timeout_ms is None))
 
 
 def _where(path: Path, table: str) -> str:
@@ -194,6 +199,7 @@ class PolicyConfig:
     tools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     servers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)  # the whole file, for later sections
+    experiments: Experiments = field(default_factory=Experiments)  # [canary.*] and [shadow.*]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: Path) -> "PolicyConfig":
@@ -206,7 +212,7 @@ class PolicyConfig:
         tools = {name: validate_tool_table(t, _where(path, f'tools."{name}"')) for name, t in tools_raw.items()}
         servers = {name: validate_server_table(s, _where(path, f'servers."{name}"'))
                    for name, s in servers_raw.items()}
-        return cls(tools, servers, dict(data))
+        return cls(tools, servers, dict(data), parse_experiments(data, path))
 
     @classmethod
     def load(cls, path: Path) -> "PolicyConfig":
@@ -245,6 +251,16 @@ def resolve_tool_settings(config: PolicyConfig, tool: str, *, server: str | None
     if server and server in config.servers and config.servers[server]:
         merged.update(config.servers[server])
         sources.append(f'servers."{server}"')
+    for canary, arm in canary_layers(config.experiments, run.id if run is not None else None):
+        if arm != ARM_CANARY:
+            continue
+        if canary.tools.get(tool):
+            merged.update(canary.tools[tool])
+            sources.append(f'canary."{canary.improvement_id}".tools."{tool}"')
+        if server and canary.servers.get(server):
+            merged.update(canary.servers[server])
+            sources.append(f'canary."{canary.improvement_id}".servers."{server}"')
+    shadow = shadow_timeout(config.experiments, tool)
     return ToolSettings(
         tool=tool, server=server,
         timeout_ms=merged.get("timeout_ms"),
@@ -255,6 +271,8 @@ def resolve_tool_settings(config: PolicyConfig, tool: str, *, server: str | None
         health_check=merged.get("health_check", False),
         auto_restart=merged.get("auto_restart", False),
         sources=tuple(sources),
+        shadow_timeout_ms=shadow[1] if shadow else None,
+        shadow_of=shadow[0] if shadow else None,
     )
 
 
@@ -403,6 +421,10 @@ class ToolPolicy:
         self._sig: tuple[int, int, int] | None = None
         self._dirty = False
         self._next_check = 0.0
+        self._shadow_log = ShadowLog()
+        self._per_run = False
+        self._tagged: dict[str, int] = {}  # run id -> config version its arms were recorded at
+        self._observers: set[Any] = set()  # shadow observations still running (tasks, threads)
         self._load(initial=True)
         self._watcher = None
         if watch:
@@ -432,6 +454,7 @@ class ToolPolicy:
             self._sig = sig  # do not re-parse the same broken file on every call
             return False
         self._config, self._cache, self._sig = cfg, {}, sig
+        self._per_run = bool(cfg.experiments.canaries)  # settings depend on the run: no cache
         self.last_error = None
         self.config_version += 1
         return True
@@ -451,13 +474,41 @@ class ToolPolicy:
 
     def effective_settings(self, tool: str, *, server: str | None = None,
                            run: RecordedRun | None = None) -> ToolSettings:
-        """What the policy enforces for ``tool`` now (see :func:`resolve_tool_settings`)."""
+        """What the policy enforces for ``tool`` now (see :func:`resolve_tool_settings`).
+        With canary sections the answer depends on the run, so it is not cached."""
+        if self._config.experiments.canaries:
+            return resolve_tool_settings(self._config, tool, server=server, defaults=self.defaults, run=run)
         key = (tool, server)
         hit = self._cache.get(key)
         if hit is None:
             hit = resolve_tool_settings(self._config, tool, server=server, defaults=self.defaults, run=run)
             self._cache[key] = hit
         return hit
+
+    def _settings_for_call(self, tool: str, server: str | None, run: RecordedRun | None) -> ToolSettings:
+        """Settings with canary sections in force: the run's arm is recorded first."""
+        if run is not None and self._tagged.get(run.id) != self.config_version:
+            self._tag_run(run)
+        return self.effective_settings(tool, server=server, run=run)
+
+    def _tag_run(self, run: RecordedRun) -> None:
+        """Record the run's canary arm in its ``metadata`` (once per run and config)."""
+        self._tagged[run.id] = self.config_version
+        if len(self._tagged) > 10_000:  # runs end; keep the memo small
+            self._tagged = {run.id: self.config_version}
+        layers = canary_layers(self._config.experiments, run.id)
+        if not layers:
+            return
+        canary, arm = layers[0]
+        values: dict[str, Any] = {"selfheal_arm": arm, "selfheal_improvement": canary.improvement_id}
+        if len(layers) > 1:
+            values["selfheal_arms"] = {c.improvement_id: a for c, a in layers}
+        if all((run.metadata or {}).get(k) == v for k, v in values.items()):
+            return
+        try:
+            run.update_metadata(**values)
+        except Exception as exc:  # noqa: BLE001 - the call goes ahead; the arm is then unrecorded
+            log.warning("could not record the canary arm of run %s: %s", run.id, exc)
 
     def breaker_state(self, tool: str) -> str:
         b = self._breakers.get(tool)
@@ -482,9 +533,10 @@ class ToolPolicy:
         it in a worker thread that is abandoned (not killed) when it fires."""
         if self._dirty or _monotonic() >= self._next_check:
             self.reload()
-        s = self._cache.get((tool, server)) or self.effective_settings(tool, server=server, run=run)
         if run is None and self.recorder is not None:
             run = current_run()
+        s = self._settings_for_call(tool, server, run) if self._per_run else (
+            self._cache.get((tool, server)) or self.effective_settings(tool, server=server, run=run))
         if s.plain and run is None:  # the fast path of every unconfigured tool
             return fn(**arguments) if arguments else fn()
         return self._run_sync(s, fn, dict(arguments) if arguments else {}, run)
@@ -494,9 +546,10 @@ class ToolPolicy:
         """Await ``fn(**arguments)`` under the tool's settings (timeout via ``asyncio.timeout``)."""
         if self._dirty or _monotonic() >= self._next_check:
             self.reload()
-        s = self._cache.get((tool, server)) or self.effective_settings(tool, server=server, run=run)
         if run is None and self.recorder is not None:
             run = current_run()
+        s = self._settings_for_call(tool, server, run) if self._per_run else (
+            self._cache.get((tool, server)) or self.effective_settings(tool, server=server, run=run))
         if s.plain and run is None:
             return await (fn(**arguments) if arguments else fn())
         return await self._run_async(s, fn, dict(arguments) if arguments else {}, run)
@@ -596,7 +649,9 @@ class ToolPolicy:
             t0 = time.perf_counter()
             result, exc = None, None
             try:
-                if s.timeout_ms is None:
+                if s.shadow_timeout_ms is not None:
+                    result = self._call_shadowed_sync(s, fn, args, run)
+                elif s.timeout_ms is None:
                     result = fn(**args)
                 else:
                     result = self._call_in_thread(s, fn, args)
@@ -656,11 +711,15 @@ class ToolPolicy:
             t0 = time.perf_counter()
             result, exc = None, None
             try:
-                if s.timeout_ms is None:
+                if s.shadow_timeout_ms is not None:
+                    result = await self._call_shadowed_async(s, fn, args, run)
+                elif s.timeout_ms is None:
                     result = await fn(**args)
                 else:
                     async with asyncio.timeout(s.timeout_ms / 1000 * self.time_scale) as deadline:
                         result = await fn(**args)
+            except ToolTimeout as e:
+                exc = e
             except TimeoutError as e:
                 exc = self._timeout(s) if s.timeout_ms is not None and deadline.expired() else e
             except Exception as e:  # noqa: BLE001 - every tool failure is data for the policy
@@ -680,3 +739,110 @@ class ToolPolicy:
                 self._elapse(wait * self.time_scale)
                 continue
             raise exc
+
+    # ------------------------------------------------------------ shadow observation
+
+    def _observe(self, s: ToolSettings, run: RecordedRun | None, actual_ok: bool, shadow_ok: bool,
+                 real_seconds: float | None) -> None:
+        """Note what the shadow timeout would have made of one attempt (see :mod:`.experiments`)."""
+        if run is None or s.shadow_of is None:
+            return
+        self._shadow_log.record(run, s.shadow_of, {
+            "tool": s.tool, "actual": "success" if actual_ok else "failure",
+            "shadow": "success" if shadow_ok else "failure",
+            "duration_ms": None if real_seconds is None else int(round(real_seconds / self.time_scale * 1000)),
+            "timeout_ms": s.timeout_ms, "shadow_timeout_ms": s.shadow_timeout_ms})
+
+    def _shadow_verdict(self, s: ToolSettings, ok: bool, real_seconds: float) -> bool:
+        """Would an attempt that ended (``ok``) after ``real_seconds`` succeed under the shadow limit?"""
+        return ok and real_seconds <= (s.shadow_timeout_ms or 0) / 1000 * self.time_scale
+
+    def _call_shadowed_sync(self, s: ToolSettings, fn: Callable[..., Any], args: dict,
+                            run: RecordedRun | None) -> Any:
+        """The call under its real settings; a timed-out call is watched on up to the shadow
+        limit in another thread, its result discarded."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        t0 = time.perf_counter()
+
+        def target() -> None:
+            try:
+                box["result"] = fn(**args)
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller's thread
+                box["error"] = e
+            box["seconds"] = time.perf_counter() - t0
+            done.set()
+
+        threading.Thread(target=target, name=f"tool-{s.tool}", daemon=True).start()
+        limit = s.timeout_ms
+        if done.wait(None if limit is None else limit / 1000 * self.time_scale):
+            ok = "error" not in box
+            self._observe(s, run, ok, self._shadow_verdict(s, ok, box["seconds"]), box["seconds"])
+            if not ok:
+                raise box["error"]
+            return box.get("result")
+        extra = (s.shadow_timeout_ms or 0) - (limit or 0)
+        if extra > 0:
+            def watch() -> None:
+                finished = done.wait(extra / 1000 * self.time_scale)
+                ok = finished and "error" not in box
+                self._observe(s, run, False, ok and self._shadow_verdict(s, True, box["seconds"]),
+                              box.get("seconds"))
+                self._observers.discard(threading.current_thread())
+
+            watcher = threading.Thread(target=watch, name=f"shadow-{s.tool}", daemon=True)
+            self._observers.add(watcher)
+            watcher.start()
+        else:
+            self._observe(s, run, False, False, None)
+        raise self._timeout(s)
+
+    async def _call_shadowed_async(self, s: ToolSettings, fn: Callable[..., Awaitable[Any]], args: dict,
+                                   run: RecordedRun | None) -> Any:
+        t0 = time.perf_counter()
+        task = asyncio.ensure_future(fn(**args))
+        limit = s.timeout_ms
+        try:
+            done, _ = await asyncio.wait({task}, timeout=None if limit is None else limit / 1000 * self.time_scale)
+        except BaseException:
+            task.cancel()
+            raise
+        if done:
+            seconds = time.perf_counter() - t0
+            error = task.exception()
+            ok = error is None
+            self._observe(s, run, ok, self._shadow_verdict(s, ok, seconds), seconds)
+            if error is not None:
+                raise error
+            return task.result()
+        extra = (s.shadow_timeout_ms or 0) - (limit or 0)
+        if extra > 0:
+            async def watch() -> None:
+                finished, _ = await asyncio.wait({task}, timeout=extra / 1000 * self.time_scale)
+                seconds = time.perf_counter() - t0
+                if not finished:
+                    task.cancel()
+                ok = bool(finished) and not task.cancelled() and task.exception() is None
+                self._observe(s, run, False, ok and self._shadow_verdict(s, True, seconds),
+                              seconds if finished else None)
+
+            observer = asyncio.ensure_future(watch())
+            self._observers.add(observer)
+            observer.add_done_callback(self._observers.discard)
+        else:
+            task.cancel()
+            self._observe(s, run, False, False, None)
+        raise self._timeout(s)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait for shadow observations still running in threads (sync calls)."""
+        for t in [o for o in list(self._observers) if isinstance(o, threading.Thread)]:
+            t.join(timeout)
+
+    async def adrain(self) -> None:
+        """Wait for shadow observations still running as tasks (async calls); call it
+        before closing the tool sessions they are waiting on."""
+        tasks = [o for o in list(self._observers) if isinstance(o, asyncio.Future)]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.drain()

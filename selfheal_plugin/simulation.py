@@ -462,7 +462,7 @@ def recommend(sim: Simulation, risk_level: str | None) -> tuple[str, str]:
 # ------------------------------------------------------------------ the lifecycle step
 
 
-TEST_MODES = ("simulation",)
+TEST_MODES = ("simulation", "canary", "shadow")
 
 
 def _as_simulation(out: Any) -> Simulation | None:
@@ -490,12 +490,15 @@ def _proposal_for(imp: Any) -> Any:
 
 
 def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: str, mode: str = "simulation", *,
-                     since: str | None = None, now: Any = None, seed: int = 0) -> dict[str, Any]:
+                     since: str | None = None, now: Any = None, seed: int = 0,
+                     fraction: float | None = None) -> dict[str, Any]:
     """Replay the baseline window (``since``, default the lookback setting, up to ``now``)
     with the improvement's changes through its strategy's ``simulate``.
 
     Stores the result on the row (``test_result``; ``proposed`` becomes ``tested``) and
-    fires ``improvement_tested``. A strategy without a model yields recommendation
+    fires ``improvement_tested``. Modes ``canary`` (``fraction`` of runs, default 0.5) and
+    ``shadow`` write the change to an experiment section of config.toml instead (see
+    :mod:`selfheal_plugin.canary`). A strategy without a model yields recommendation
     ``risky`` with the reason, and no numbers.
     """
     from . import plugins
@@ -509,6 +512,12 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
     recover(conn, settings)
     if mode not in TEST_MODES:
         raise UsageError(f"unknown test mode {mode!r}: use {', '.join(TEST_MODES)}")
+    if mode != "simulation":
+        from .canary import test_experiment
+
+        return test_experiment(conn, settings, improvement_id, mode, fraction=fraction, now=now)
+    if fraction is not None:
+        raise UsageError("--fraction is for canary mode only")
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
     split_changes(imp.changes)  # a forbidden change is refused before any work

@@ -34,6 +34,7 @@ from .simulation import ReplayRun, load_runs, percent_points
 from .times import format_timestamp, parse_timestamp, utcnow
 
 VERIFIABLE = ("applied", "verified")
+EXPERIMENT_STATUSES = ("canary", "shadow")
 
 
 def _rate(num: int, den: int) -> float | None:
@@ -79,7 +80,7 @@ def compare_with_expected(expected: str | None, success_delta: float | None,
         return None
     lo = float(m.group(1))
     hi = float(m.group(2)) if m.group(2) else lo
-    text = expected.lower()
+    text = expected.lower().split("(")[0]  # the claim, not its basis ("fit of 78 successful calls")
     if "success" in text and success_delta is not None:
         actual = success_delta * 100
     elif reduction is not None:
@@ -93,35 +94,17 @@ def compare_with_expected(expected: str | None, success_delta: float | None,
     return "less than expected"
 
 
-def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement_id: str,
-                       measurement_window_days: float | None = None, now: datetime | None = None) -> dict[str, Any]:
-    """Measure an applied improvement; store and notify the result (see module docstring).
-
-    Returns the design document's fields (``expected_impact``, ``actual_impact``,
-    ``verification_status``, ``recommendation``, ``metrics``) plus p-values, the
-    pattern's error rates and the windows.
-    """
-    recover(conn, settings)
-    days = settings.measurement_window_days if measurement_window_days is None else measurement_window_days
-    if not isinstance(days, (int, float)) or isinstance(days, bool) or days <= 0:
-        raise UsageError(f"measurement window must be a positive number of days, got {days!r}")
-    store = ImprovementStore(conn)
-    imp = store.get(improvement_id)
-    if imp.status not in VERIFIABLE or not imp.applied_at:
-        raise LifecycleError(f"{imp.id} is {imp.status}; only applied improvements can be verified")
-    now = now or utcnow()
-    applied = parse_timestamp(imp.applied_at)
-    window = timedelta(days=days)
-    after_end = min(applied + window, now)
+def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[ReplayRun], window_complete: bool,
+           labels: tuple[str, str] = ("before it", "since the apply")) -> dict[str, Any]:
+    """The comparison behind every verdict: two groups of finished runs (before/after the
+    apply, or control/canary arms of one period) → rates, Fisher p-values, recommendation.
+    ``labels`` name the two groups in the extend-monitoring reason."""
     tool = None
     if imp.pattern_id:
         try:
             tool = split_pattern_id(imp.pattern_id)[1]
         except SelfHealError:  # a legacy row with an odd pattern id: no pattern measure
             tool = None
-    tools = [tool] if tool else []
-    before = load_runs(conn, (applied - window).timestamp(), applied.timestamp(), tools)
-    after = load_runs(conn, applied.timestamp(), after_end.timestamp(), tools) if now > applied else []
     ok_b, ok_a = sum(r.completed for r in before), sum(r.completed for r in after)
     n_b, n_a = len(before), len(after)
     sr_b, sr_a = _rate(ok_b, n_b), _rate(ok_a, n_a)
@@ -149,7 +132,6 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
                        "reduction": None if reduction is None else round(reduction, 4)}
 
     success_delta = None if sr_a is None or sr_b is None else sr_a - sr_b
-    window_complete = now >= applied + window
     sig_s = p_success is not None and p_success < alpha
     sig_p = p_pattern is not None and p_pattern < alpha
     worse = (sig_s and success_delta is not None and success_delta < 0) or \
@@ -159,7 +141,7 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
     floor = settings.min_sample_size
     if n_b < floor or n_a < floor:
         recommendation, status = "extend", "inconclusive"
-        reason = (f"extend monitoring: {n_a} finished run(s) since the apply and {n_b} before it "
+        reason = (f"extend monitoring: {n_a} finished run(s) {labels[1]} and {n_b} {labels[0]} "
                   f"(min_sample_size {floor})")
     elif worse:
         recommendation, status = "rollback", "failed"
@@ -185,6 +167,51 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
     actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
     if comparison:
         actual += f" ({comparison})"
+
+    return {"n_b": n_b, "n_a": n_a, "sr_b": sr_b, "sr_a": sr_a, "p_success": p_success, "pattern": pattern,
+            "recommendation": recommendation, "status": status, "reason": reason, "comparison": comparison,
+            "actual": actual, "success_delta": success_delta, "reduction": reduction}
+
+
+def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement_id: str,
+                       measurement_window_days: float | None = None, now: datetime | None = None) -> dict[str, Any]:
+    """Measure an applied improvement; store and notify the result (see module docstring).
+
+    Returns the design document's fields (``expected_impact``, ``actual_impact``,
+    ``verification_status``, ``recommendation``, ``metrics``) plus p-values, the
+    pattern's error rates and the windows.
+    """
+    recover(conn, settings)
+    days = settings.measurement_window_days if measurement_window_days is None else measurement_window_days
+    if not isinstance(days, (int, float)) or isinstance(days, bool) or days <= 0:
+        raise UsageError(f"measurement window must be a positive number of days, got {days!r}")
+    store = ImprovementStore(conn)
+    imp = store.get(improvement_id)
+    if imp.status in EXPERIMENT_STATUSES:  # canary vs control, or what a shadow observed
+        from .canary import verify_experiment
+
+        return verify_experiment(conn, settings, imp, days, now=now)
+    if imp.status not in VERIFIABLE or not imp.applied_at:
+        raise LifecycleError(f"{imp.id} is {imp.status}; only applied improvements can be verified")
+    now = now or utcnow()
+    applied = parse_timestamp(imp.applied_at)
+    window = timedelta(days=days)
+    after_end = min(applied + window, now)
+    tool = None
+    if imp.pattern_id:
+        try:
+            tool = split_pattern_id(imp.pattern_id)[1]
+        except SelfHealError:  # a legacy row with an odd pattern id: no pattern measure
+            tool = None
+    tools = [tool] if tool else []
+    before = load_runs(conn, (applied - window).timestamp(), applied.timestamp(), tools)
+    after = load_runs(conn, applied.timestamp(), after_end.timestamp(), tools) if now > applied else []
+    window_complete = now >= applied + window
+    a = assess(imp, settings, before, after, window_complete)
+    n_b, n_a, sr_b, sr_a, p_success = a["n_b"], a["n_a"], a["sr_b"], a["sr_a"], a["p_success"]
+    pattern, recommendation, status, reason, comparison, actual = (
+        a["pattern"], a["recommendation"], a["status"], a["reason"], a["comparison"], a["actual"])
+    alpha, floor = settings.significance_level, settings.min_sample_size
 
     metrics = {"before_success_rate": sr_b, "after_success_rate": sr_a, "runs_analyzed": n_b + n_a,
                "runs_before": n_b, "runs_after": n_a, "p_value": None if p_success is None else round(p_success, 6),

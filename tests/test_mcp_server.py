@@ -14,6 +14,7 @@ from mcp import Client
 from selfheal_plugin.history import connect
 from selfheal_plugin.improvements import ImprovementStore
 from selfheal_plugin.mcp_server import build_server
+from selfheal_plugin.settings import load_settings
 
 from .mcp_helpers import TOOLS, error_text, make_history, reference, stable, structured
 
@@ -177,7 +178,14 @@ def test_modes_the_library_does_not_offer_are_its_error(home):
     for mode in ("canary", "shadow"):
         result = call_all(server, [("test_improvement", {"improvement_id": imp_id, "mode": mode})])[0]
         if mode in TEST_MODES:
-            assert structured(result)["test_mode"] == mode
+            if result.is_error:  # a change a shadow cannot observe is refused with its reason
+                assert mode == "shadow" and "shadow mode can only observe" in error_text(result)
+            else:
+                assert structured(result)["test_mode"] == mode
+            if mode == "canary":  # end it, so the improvement can be tested again
+                from selfheal_plugin.canary import drop_experiment
+
+                drop_experiment(connect(home / "conversations.db"), load_settings(home), imp_id)
         else:
             assert f"unknown test mode '{mode}'" in error_text(result)
             assert ImprovementStore(connect(home / "conversations.db")).get(imp_id).status == "proposed"

@@ -119,8 +119,11 @@ def _one_per_status(db, binks_home, truth) -> dict[str, str]:
     store = ImprovementStore(conn)
     ids = {}
     pats = [p["id"] for p in truth["patterns"]]
-    # rolled_back reuses the verified row's pattern: a closed improvement allows a new proposal
-    for status, pid in zip(STATUSES, pats[:4] + [pats[4], pats[3]]):
+    # closed rows first: their patterns are free again for an open one (one open per pattern)
+    order = [("verified", pats[0]), ("rejected", pats[1]), ("rolled_back", pats[2]), ("proposed", pats[0]),
+             ("tested", pats[1]), ("canary", pats[2]), ("shadow", pats[3]), ("applied", pats[4])]
+    assert {st for st, _ in order} == set(STATUSES)
+    for status, pid in order:
         imp = propose_improvement(conn, s, pid, since="-8d", now=NOW)
         fields = {"status": status}
         if status in ("applied", "verified", "rolled_back"):

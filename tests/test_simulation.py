@@ -194,8 +194,8 @@ def test_empty_window_and_bad_input(binks_home):
     conn, s = connect(db), settings_for(binks_home)
     r = simulation.test_improvement(conn, s, imp.id, now=NOW)
     assert r["runs_replayed"] == 0 and r["recommendation"] == "risky" and "no finished runs" in r["reason"]
-    with pytest.raises(UsageError, match="unknown test mode 'canary'"):
-        simulation.test_improvement(conn, s, imp.id, mode="canary")
+    with pytest.raises(UsageError, match="unknown test mode 'bogus'"):
+        simulation.test_improvement(conn, s, imp.id, mode="bogus")
     with pytest.raises(NotFoundError):
         simulation.test_improvement(conn, s, "imp-missing")
     with pytest.raises(UsageError, match="invalid time window"):

@@ -311,6 +311,7 @@ class ScriptedAgent:
         await asyncio.gather(*(conn.start() for conn in self.needed))
 
     async def close(self) -> None:
+        await self.policy.adrain()  # shadow observations still waiting on a server
         await asyncio.gather(*(conn.stop() for conn in self.servers.values()))
         self.policy.close()
 

@@ -81,7 +81,9 @@ def test_user_errors_are_one_line_and_change_nothing(db, binks_home):
         line = one_line_error(run_agent("self-heal", cmd, "imp-nope", *(["--yes"] if cmd == "apply" else [])))
         assert "no improvement 'imp-nope'" in line
     assert run_agent("self-heal", "verify", imp.id, "--window-days", "0").returncode == 2
-    assert run_agent("self-heal", "test", imp.id, "--mode", "canary").returncode == 2
+    assert run_agent("self-heal", "test", imp.id, "--mode", "bogus").returncode == 2
+    bad = run_agent("self-heal", "test", imp.id, "--mode", "canary", "--fraction", "1.5")
+    assert bad.returncode == 2 and "--fraction must be between 0 and 1" in bad.stderr
     assert "only applied improvements" in one_line_error(run_agent("self-heal", "verify", imp.id))
 
     # a config with the user's uncommitted edit
