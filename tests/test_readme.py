@@ -1,0 +1,23 @@
+"""The README's set-up commands are the ones CI and users actually run."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bash_blocks(text: str) -> list[str]:
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, re.S)]
+
+
+def test_readme_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    first, second = bash_blocks(text)[:2]
+    assert text.index("```bash") < text.index("## ")  # before any section
+    assert first.endswith("agent self-heal demo") and "pip install -e ." in first
+    assert "pip install -q -e '.[test]'" in second and second.endswith("pytest -q")
+
+
+def test_ci_runs_the_readme_test_command():
+    second = bash_blocks((ROOT / "README.md").read_text())[1]
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert second in ci_lines
