@@ -335,14 +335,17 @@ def add_runtime_improvements(path: str | Path, rows: int = 3) -> list[str]:
 @click.command()
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--runs", default=400, show_default=True)
+@click.option("--runs", default=400, show_default=True, type=click.IntRange(min=1))
 @click.option("--days", default=7.0, show_default=True)
 @click.option("--tokens-per-step", default=3, show_default=True, help="Scales the number of events per run.")
 @click.option("--noise-rate", default=0.01, show_default=True)
 def main(out: str, seed: int, runs: int, days: float, tokens_per_step: int, noise_rate: float) -> None:
     """Write a synthetic run history to OUT and its ground truth to OUT.truth.json."""
-    truth = generate_history(out, seed=seed, runs=runs, days=days, tokens_per_step=tokens_per_step,
-                             noise_rate=noise_rate)
+    try:
+        truth = generate_history(out, seed=seed, runs=runs, days=days, tokens_per_step=tokens_per_step,
+                                 noise_rate=noise_rate)
+    except ValueError as exc:
+        raise click.UsageError(f"{exc} (try more --runs)") from None
     click.echo(f"wrote {out}: {truth['runs']} runs, {truth['events']} events, "
                f"{len(truth['patterns'])} injected patterns, {truth['bad_rows']} malformed rows")
 

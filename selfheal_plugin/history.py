@@ -190,6 +190,16 @@ _RUNTIME_LABELS = (
 )
 
 
+def server_of(tool: str) -> str | None:
+    """``mcp__kubernetes__pods_list`` → ``kubernetes`` (the runtime's MCP tool naming);
+    None for a built-in tool."""
+    if isinstance(tool, str) and tool.startswith("mcp__"):
+        server, sep, rest = tool[5:].partition("__")
+        if sep and server and rest:
+            return server
+    return None
+
+
 def classify_error(message: str) -> str:
     """The runtime's own label for a failed call's message (first match wins)."""
     low = (message or "").lower()

@@ -48,7 +48,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from .clock import Clock, wall_clock
 from .errors import ConfigError
 from .experiments import ARM_CANARY, Experiments, ShadowLog, canary_layers, parse_experiments, shadow_timeout
-from .history import classify_error
+from .history import classify_error, server_of
 from .recorder import RecordedRun, RunRecorder, current_run
 from .settings import read_config
 
@@ -217,15 +217,6 @@ class PolicyConfig:
     @classmethod
     def load(cls, path: Path) -> "PolicyConfig":
         return cls.from_dict(read_config(path), path)
-
-
-def server_of(tool: str) -> str | None:
-    """``mcp__kubernetes__pods_list`` → ``kubernetes`` (the runtime's MCP tool naming)."""
-    if tool.startswith("mcp__"):
-        server, sep, _ = tool[5:].partition("__")
-        if sep and server:
-            return server
-    return None
 
 
 def resolve_tool_settings(config: PolicyConfig, tool: str, *, server: str | None = None,

@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .history import normalize_error_type
+from .history import normalize_error_type, server_of  # noqa: F401  (server_of: for strategies)
 from .settings import read_config
 
 if TYPE_CHECKING:
@@ -40,15 +40,6 @@ CHANGE_KINDS = ("config", "manual")
 CHANGE_OPS = ("set", "delete")
 RISK_LEVELS = ("low", "medium", "high")
 ALLOWED_CONFIG_FILES = ("config.toml",)
-
-_MCP_TOOL = re.compile(r"^mcp__(?P<server>[^_][\w.-]*?)__(?P<tool>.+)$")
-
-
-def server_of(tool_name: str) -> str | None:
-    """``mcp__kubernetes__pods_list`` → ``kubernetes``; None for a built-in tool."""
-    m = _MCP_TOOL.match(tool_name or "")
-    return m.group("server") if m else None
-
 
 def _is_toml_value(value: Any) -> bool:
     if isinstance(value, (bool, int, float, str)):
