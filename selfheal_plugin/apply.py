@@ -14,8 +14,14 @@ index entry is reset), so config file, git and database always agree. Setting
 from each). Rollback has the same shape with steps ``rollback-after-intent``,
 ``rollback-after-write`` and ``rollback-after-commit``.
 
-One process at a time: a lock file beside the database (``<db>.selfheal.lock``) guards
-apply, rollback and recovery; recovery skips while another command holds it.
+A step that *fails* (a git error such as a locked index, a full disk) is undone at once by
+the same code a recovery runs — config back to its old bytes, index entry reset, intent
+cleared — and reported on one line with git's own reason; config, git and database never
+disagree until some later command.
+
+One process at a time: ``BINKS_HOME/selfheal/locks/apply.lock`` guards apply, rollback and
+recovery; recovery skips while another command holds it. (The locks folder has its own
+``.gitignore``, so a dotfiles repository holding BINKS_HOME never sees the lock.)
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from . import configedit, gitops, plugins
 from .configedit import ConfigChange, sha256_text
 from .errors import SelfHealError, UsageError
 from .improvements import Improvement, ImprovementStore
-from .settings import Settings
+from .settings import Settings, lock_dir
 from .times import format_timestamp, parse_timestamp, utcnow
 
 log = logging.getLogger("selfheal.apply")
@@ -62,7 +68,7 @@ def crash_point(step: str) -> None:
 
 
 def lock_for(settings: Settings) -> FileLock:
-    return FileLock(str(settings.db_path) + ".selfheal.lock")
+    return FileLock(str(lock_dir(settings.home) / "apply.lock"))
 
 
 def _locked(settings: Settings) -> FileLock:
@@ -107,8 +113,11 @@ def _remove_temp_files(path: Path) -> None:
 
 
 def read_text(path: Path) -> str | None:
+    """The file's text exactly as stored (no newline translation: a CRLF file stays CRLF,
+    so hashes, diffs and the bytes a recovery writes back are the file's own)."""
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as fh:
+            return fh.read()
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -216,14 +225,18 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
                   "new_sha256": sha256_text(edit.new_text), "old_text": old, "record": record}
         store.update(imp.id, pending_op=intent)
         crash_point("after-intent")
-        atomic_write(cr.real_path, edit.new_text)
-        crash_point("after-write")
-        sha = gitops.commit_config(cr, _apply_message(imp, lines, manual))
-        crash_point("after-commit")
-        store.update(imp.id, pending_op={**intent, "step": "committed", "commit_sha": sha})
-        crash_point("before-db-update")
-        text = _changes_made_text(settings, lines, changes_made)
-        imp = _record_applied(store, imp, settings, now, commit_sha=sha, changes_made=text, record=record)
+        try:
+            atomic_write(cr.real_path, edit.new_text)
+            crash_point("after-write")
+            sha = gitops.commit_config(cr, _apply_message(imp, lines, manual))
+        except (SelfHealError, OSError) as exc:
+            imp = abort_operation(store, settings, imp.id, exc, "apply")  # raises unless the commit exists
+        else:
+            crash_point("after-commit")
+            store.update(imp.id, pending_op={**intent, "step": "committed", "commit_sha": sha})
+            crash_point("before-db-update")
+            text = _changes_made_text(settings, lines, changes_made)
+            imp = _record_applied(store, imp, settings, now, commit_sha=sha, changes_made=text, record=record)
     finally:
         lock.release()
     _notify_applied(imp, settings)
@@ -330,22 +343,26 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
                   "old_text": current, "record": record}
         store.update(imp.id, pending_op=intent)
         crash_point("rollback-after-intent")
-        if method == "revert":
-            gitops.revert_no_commit(cr, imp.commit_sha)
-        else:
-            atomic_write(cr.real_path, new)
-        crash_point("rollback-after-write")
         lines = [f"{configedit.dotted_key(e['path'])}: {configedit.format_value(e['new'])} → "
                  f"{configedit.format_value(e['old']) if e['existed'] else '(removed)'}"
                  for e in record.get("entries", [])]
         body = ["What:", *[f"  {ln}" for ln in lines], "", "Why:",
                 f"  {reason or 'Rollback requested'} (applied in {imp.commit_sha[:12]}).",
                 f"  Method: {'git revert' if method == 'revert' else 'inverse edit (the file changed since)'}."]
-        sha = gitops.commit_config(cr, gitops.commit_message(
-            f"selfheal: roll back {imp.id}", body, imp.id, imp.pattern_id, "rollback"))
-        crash_point("rollback-after-commit")
-        imp = store.update(imp.id, status="rolled_back", rollback_sha=sha, rolled_back_at=format_timestamp(now),
-                           pending_op=None)
+        try:
+            if method == "revert":
+                gitops.revert_no_commit(cr, imp.commit_sha)
+            else:
+                atomic_write(cr.real_path, new)
+            crash_point("rollback-after-write")
+            sha = gitops.commit_config(cr, gitops.commit_message(
+                f"selfheal: roll back {imp.id}", body, imp.id, imp.pattern_id, "rollback"))
+        except (SelfHealError, OSError) as exc:
+            imp = abort_operation(store, settings, imp.id, exc, "rollback")  # raises unless the commit exists
+        else:
+            crash_point("rollback-after-commit")
+            imp = store.update(imp.id, status="rolled_back", rollback_sha=sha,
+                               rolled_back_at=format_timestamp(now), pending_op=None)
     finally:
         lock.release()
     fire("improvement_rolled_back", improvement=imp, settings=settings)
@@ -414,7 +431,7 @@ def recover(conn: sqlite3.Connection, settings: Settings,
     finally:
         lock.release()
     for action in actions:
-        if action["action"] == "finished":
+        if action["action"] == "finished" and action["op"] in ("apply", "rollback"):
             imp = store.get(action["improvement_id"])
             fire("improvement_applied" if action["op"] == "apply" else "improvement_rolled_back",
                  improvement=imp, settings=settings)
@@ -442,6 +459,16 @@ def _recover_one(store: ImprovementStore, imp: Improvement, settings: Settings) 
             store.update(imp.id, status="rolled_back", rollback_sha=sha, rolled_back_at=format_timestamp(started),
                          pending_op=None)
         return {"improvement_id": imp.id, "op": kind, "action": "finished", "detail": f"commit {sha[:12]} exists"}
+    detail = undo_config_write(cr, op)
+    store.update(imp.id, pending_op=None)
+    return {"improvement_id": imp.id, "op": kind, "action": "undone", "detail": detail}
+
+
+def undo_config_write(cr: gitops.ConfigRepo, op: dict[str, Any]) -> str:
+    """Put config file and index entry back as they were before an operation whose commit
+    was never made (``op``: its intent with ``old_text`` and both hashes). Returns what was
+    done. Shared by recovery, by a step that failed (:func:`abort_operation`) and by the
+    canary/shadow section edits."""
     _remove_temp_files(cr.real_path)
     current = read_text(cr.real_path)
     h = sha256_text(current)
@@ -451,13 +478,50 @@ def _recover_one(store: ImprovementStore, imp: Improvement, settings: Settings) 
             cr.real_path.unlink(missing_ok=True)
         else:
             atomic_write(cr.real_path, old)
-        gitops.restore_index_and_file(cr, old if old is not None else "")
-        detail = "config restored to its previous content"
-    elif h == op.get("old_sha256"):
-        gitops.restore_index_and_file(cr, current if current is not None else "")
-        detail = "the config had not been changed yet"
-    else:
-        gitops.end_revert_state(cr)
-        detail = "the config was edited since; left as it is"
-    store.update(imp.id, pending_op=None)
-    return {"improvement_id": imp.id, "op": kind, "action": "undone", "detail": detail}
+        _reset_index(cr)
+        return "config restored to its previous content"
+    if h == op.get("old_sha256"):
+        _reset_index(cr)
+        return "the config had not been changed yet"
+    gitops.end_revert_state(cr)
+    return "the config was edited since; left as it is"
+
+
+def _reset_index(cr: gitops.ConfigRepo) -> None:
+    """The config's index entry back to HEAD. A git that cannot do it (a locked index) is
+    fine when nothing is staged anyway — the failed command never got to stage it."""
+    try:
+        gitops.restore_index_and_file(cr, "")
+    except gitops.GitOpsError:
+        if not gitops.index_matches_head(cr):
+            raise
+        try:
+            gitops.end_revert_state(cr)
+        except gitops.GitOpsError:
+            pass
+
+
+def abort_operation(store: ImprovementStore, settings: Settings, improvement_id: str, exc: BaseException,
+                    what: str) -> Improvement:
+    """A write or commit step failed after the intent was recorded: run recovery for this
+    improvement now (not on some later command). When the commit exists after all, the
+    operation is finished and the row returned; otherwise the edit is undone and a one-line
+    :class:`LifecycleError` with the cause (git's own reason) is raised. The caller holds
+    the lock."""
+    reason = _one_line(exc)
+    try:
+        action = _recover_one(store, store.get(improvement_id), settings)
+    except (SelfHealError, OSError) as undo_exc:
+        raise LifecycleError(f"{what} of {improvement_id} failed: {reason}; undoing it failed too "
+                             f"({_one_line(undo_exc)}), the next selfheal command will retry") from exc
+    if action["action"] == "finished":
+        log.warning("%s of %s reported %s, but its commit exists: finished", what, improvement_id, reason)
+        return store.get(improvement_id)
+    outcome = ("the config was edited meanwhile and is left as it is" if "edited since" in action["detail"]
+               else f"{action['detail']}, nothing was changed")
+    raise LifecycleError(f"{what} of {improvement_id} failed: {reason.rstrip('.')}; {outcome}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+    return " ".join(text.split()) or type(exc).__name__

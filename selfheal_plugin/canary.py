@@ -30,8 +30,8 @@ from typing import Any
 
 from . import configedit, gitops, plugins
 from .apply import (
-    APPLICABLE, LifecycleError, _locked, _remove_temp_files, apply_improvement, atomic_write, crash_point, read_text,
-    recover,
+    APPLICABLE, LifecycleError, _locked, abort_operation, apply_improvement, atomic_write, crash_point, read_text,
+    recover, undo_config_write,
 )
 from .configedit import ConfigChange, sha256_text
 from .errors import SelfHealError, UsageError
@@ -83,8 +83,9 @@ def _removal(data: dict[str, Any], mode: str, imp_id: str) -> list[ConfigChange]
 
 def _edit_text(old: str | None, changes: list[ConfigChange], where: str, removing: bool) -> str:
     new = configedit.edit_config(old, changes, where=where).new_text
-    if removing and new.endswith("\n\n") and old is not None and not old.endswith("\n\n"):
-        new = new[:-1]  # the blank line selfheal put before the section it added
+    eol = configedit.line_ending(old)
+    if removing and new.endswith(eol * 2) and old is not None and not old.endswith(eol * 2):
+        new = new[:-len(eol)]  # the blank line selfheal put before the section it added
     return new
 
 
@@ -120,11 +121,17 @@ def _commit_edit(conn: sqlite3.Connection, settings: Settings, imp: Improvement,
                   "sha_key": sha_key}
         store.update(imp.id, pending_op=intent)
         crash_point(f"{op}-after-intent")
-        atomic_write(cr.real_path, new)
-        crash_point(f"{op}-after-write")
-        sha = gitops.commit_config(cr, message)
-        crash_point(f"{op}-after-commit")
-        imp = store.update(imp.id, **_finished(finish, sha_key, sha), pending_op=None)
+        try:
+            atomic_write(cr.real_path, new)
+            crash_point(f"{op}-after-write")
+            sha = gitops.commit_config(cr, message)
+        except (SelfHealError, OSError) as exc:  # undone at once, like a recovery; raises unless committed
+            what = "start of the " + action if op == "experiment-start" else "end of the " + action.split("-")[0]
+            imp = abort_operation(store, settings, imp.id, exc, what)
+            sha = (imp.experiment or {}).get(sha_key)
+        else:
+            crash_point(f"{op}-after-commit")
+            imp = store.update(imp.id, **_finished(finish, sha_key, sha), pending_op=None)
     finally:
         lock.release()
     return imp, sha, configedit.unified_diff(old, new)
@@ -144,24 +151,9 @@ def recover_experiment_op(store: ImprovementStore, imp: Improvement, settings: S
     if sha:
         store.update(imp.id, **_finished(op.get("finish") or {}, op.get("sha_key", "commit_sha"), sha),
                      pending_op=None)
-        return {"improvement_id": imp.id, "op": op.get("op"), "action": "completed",
+        return {"improvement_id": imp.id, "op": op.get("op"), "action": "finished",
                 "detail": f"commit {sha[:12]} exists"}
-    _remove_temp_files(cr.real_path)
-    current = read_text(cr.real_path)
-    h = sha256_text(current)
-    if h == op.get("new_sha256") and h != op.get("old_sha256"):
-        old = op.get("old_text")
-        if old is None:
-            cr.real_path.unlink(missing_ok=True)
-        else:
-            atomic_write(cr.real_path, old)
-        gitops.restore_index_and_file(cr, old if old is not None else "")
-        detail = "config restored to its previous content"
-    elif h == op.get("old_sha256"):
-        gitops.restore_index_and_file(cr, current if current is not None else "")
-        detail = "the config had not been changed yet"
-    else:
-        detail = "the config was edited since; left as it is"
+    detail = undo_config_write(cr, op)
     store.update(imp.id, pending_op=None)
     return {"improvement_id": imp.id, "op": op.get("op"), "action": "undone", "detail": detail}
 
@@ -318,6 +310,7 @@ def experiment_report(conn: sqlite3.Connection, settings: Settings, imp: Improve
                "runs_before": len(control), "runs_after": len(canary), "runs_without_arm": len(runs) - n,
                "p_value": None if a["p_success"] is None else round(a["p_success"], 6),
                "test": "Fisher's exact test, two-sided", "significance_level": settings.significance_level,
+               "tests": a["tests"], "alpha_per_test": round(a["alpha_per_test"], 6),
                "min_sample_size": settings.min_sample_size, "pattern": pattern,
                "split": {"fraction": fraction, "canary_share": round(len(canary) / n, 4) if n else None,
                          "p_value": None if p_split is None else round(p_split, 6),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
-import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -20,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from . import __version__
 from .errors import SelfHealError, UsageError
 from .history import BUSY_MESSAGE, connect, is_busy_error
-from .patterns import detect_failure_patterns, get_pattern, pattern_details
+from .patterns import get_pattern, pattern_details
 from .times import parse_since
 from .settings import Settings, configure_logging, load_settings
 
@@ -57,6 +56,18 @@ def common_options(func: Callable) -> Callable:
 
 def settings_for(home: str | None, db: str | None, **overrides: Any) -> Settings:
     return load_settings(home, db, **overrides)
+
+
+def open_history(s: Settings) -> sqlite3.Connection:
+    """Connect to the history, first finishing or undoing an interrupted apply/rollback,
+    so the config file, git and the database agree before any command reads them."""
+    conn = connect(s.db_path)
+    if conn.execute("SELECT 1 FROM improvements WHERE pending_op IS NOT NULL AND pending_op != '' LIMIT 1"
+                    ).fetchone():
+        from .apply import recover
+
+        recover(conn, s, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False))
+    return conn
 
 
 def echo_json(data: Any) -> None:
@@ -133,7 +144,7 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
     """Detect recurring failure patterns."""
     s = settings_for(home, db, lookback=since, min_occurrences=min_occurrences, confidence_threshold=confidence)
     parse_since(s.lookback)  # a bad window is a usage error before anything is printed
-    conn = connect(s.db_path)
+    conn = open_history(s)
     if not as_json:
         click.echo(f"🔍 Detecting failure patterns (last {s.lookback}, min {s.min_occurrences} occurrences, "
                    f"confidence >= {pct(s.confidence_threshold)})...")
@@ -173,7 +184,7 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
 def show(pattern_id: str, home: str | None, db: str | None, as_json: bool, since: str | None = None) -> None:
     """Show one pattern: affected runs, message templates, context."""
     s = settings_for(home, db, lookback=since)
-    conn = connect(s.db_path)
+    conn = open_history(s)
     pattern = get_pattern(conn, pattern_id, since=s.lookback)
     from .lifecycle import attach_suggested_fixes
 

@@ -7,9 +7,7 @@ from typing import Any
 import click
 
 from .canary import drop_experiment, promote_experiment
-from .cli import common_options, echo_json, err_console, pct, self_heal, settings_for
-from .history import connect
-from .apply import recover
+from .cli import common_options, echo_json, open_history, pct, self_heal, settings_for
 
 
 def _rate(x: float | None) -> str:
@@ -65,8 +63,7 @@ def print_experiment_test(r: dict[str, Any]) -> None:
 
 def _open(home: str | None, db: str | None):
     s = settings_for(home, db)
-    conn = connect(s.db_path)
-    recover(conn, s, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False))
+    conn = open_history(s)
     return conn, s
 
 

@@ -8,10 +8,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .cli import common_options, echo_json, err_console, pct, scan_progress, self_heal, settings_for
+from .cli import common_options, echo_json, err_console, open_history, pct, scan_progress, self_heal, settings_for
 from .health import analyze_run_health, get_health_dashboard
 from .health_report import TREND_TEXT, check_report_target, write_html_report
-from .history import connect
 from .times import parse_since
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -59,7 +58,7 @@ def dashboard(home: str | None, db: str | None, as_json: bool, detailed: bool = 
     parse_since(s.lookback)  # a bad window is a usage error before anything is read
     if html_path:  # a target that would destroy a file fails before the scan
         check_report_target(html_path, s, force=force)
-    conn = connect(s.db_path)
+    conn = open_history(s)
     with scan_progress(not as_json, "Scanning run history") as progress:
         data = get_health_dashboard(conn, detailed=detailed or bool(html_path), since=s.lookback,
                                     progress=progress, improvements_limit=20 if html_path else 5)
@@ -156,7 +155,7 @@ def _tools_table(title: str, tools: list[dict[str, Any]]) -> Table:
 def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> None:
     """Health score and issues of one run (RUN_ID may be a unique prefix)."""
     s = settings_for(home, db)
-    conn = connect(s.db_path)
+    conn = open_history(s)
     with scan_progress(not as_json) as progress:
         result = analyze_run_health(conn, run_id, progress=progress)
     if as_json:

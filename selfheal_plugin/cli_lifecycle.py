@@ -9,9 +9,8 @@ from typing import Any
 
 import click
 
-from .apply import apply_improvement, plan_apply, recover, reject_improvement, rollback_improvement
-from .cli import common_options, echo_json, err_console, pct, self_heal, settings_for
-from .history import connect
+from .apply import apply_improvement, plan_apply, reject_improvement, rollback_improvement
+from .cli import common_options, echo_json, open_history, pct, self_heal, settings_for
 from .settings import Settings
 from .simulation import TEST_MODES, test_improvement
 from .verification import verify_improvement
@@ -19,8 +18,7 @@ from .verification import verify_improvement
 
 def _open(home: str | None, db: str | None, **overrides: Any) -> tuple[Any, Settings]:
     s = settings_for(home, db, **overrides)
-    conn = connect(s.db_path)
-    recover(conn, s, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False))
+    conn = open_history(s)
     return conn, s
 
 
@@ -71,7 +69,8 @@ def test_command(improvement_id: str, home: str | None, db: str | None, as_json:
                        f"{m['p_timed_out_call_finishes']}")
         elif m["model"] == "retry":
             click.echo(f"  Model: retry of {m['tool']} succeeds with p={m['p_retry_succeeds']} "
-                       f"({m['followups_succeeded']}/{m['followups_observed']} follow-up calls ok)")
+                       f"({m['followups_succeeded']}/{m['followups_observed']} follow-up calls ok, estimate "
+                       f"({m['followups_succeeded']}+1)/({m['followups_observed']}+2))")
     for note in r["notes"]:
         click.echo(f"  Note: {note}")
     click.echo()
@@ -149,12 +148,15 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
 @click.argument("improvement_id")
 @click.option("--window-days", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Measurement window in days (default: measurement_window_days, 7).")
+@click.option("--early", is_flag=True,
+              help="Accept a significant improvement before the window after the apply has ended "
+                   "(otherwise it is provisional: extend monitoring).")
 @common_options
 def verify_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
-                   window_days: float | None = None) -> None:
+                   window_days: float | None = None, early: bool = False) -> None:
     """Measure an applied improvement: before vs after, with a significance test."""
     conn, s = _open(home, db)
-    r = verify_improvement(conn, s, improvement_id, window_days)
+    r = verify_improvement(conn, s, improvement_id, window_days, early=early)
     if as_json:
         echo_json(r)
         return
@@ -172,7 +174,8 @@ def verify_command(improvement_id: str, home: str | None, db: str | None, as_jso
     click.echo(f"  Success rate before: {_rate(m['before_success_rate'])} ({m['runs_before']} runs)")
     click.echo(f"  Success rate after:  {_rate(m['after_success_rate'])} ({m['runs_after']} runs)")
     click.echo(f"  Runs analyzed: {m['runs_analyzed']}   p-value (Fisher): "
-               f"{'n/a' if m['p_value'] is None else format(m['p_value'], '.3g')}")
+               f"{'n/a' if m['p_value'] is None else format(m['p_value'], '.3g')}   significant below "
+               f"{m['alpha_per_test']:.3g} (Bonferroni, {m['tests']} test(s))")
     p = m.get("pattern")
     if p:
         click.echo(f"  {p['pattern_id']} error rate: {_rate(p['before_error_rate'])} → {_rate(p['after_error_rate'])}"

@@ -10,8 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import plugins
-from .cli import common_options, echo_json, self_heal, settings_for
-from .history import connect
+from .cli import common_options, echo_json, open_history, self_heal, settings_for
 from .improvements import STATUSES
 from .lifecycle import StrategyError, attach_suggested_fixes, list_improvements, propose_all
 from .patterns import Pattern
@@ -70,7 +69,7 @@ def improvements(home: str | None, db: str | None, as_json: bool, status: str | 
                  limit: int = 20) -> None:
     """List improvements: id, status, description, expected vs actual impact, applied date."""
     s = settings_for(home, db)
-    rows = list_improvements(connect(s.db_path), status=status, limit=limit)
+    rows = list_improvements(open_history(s), status=status, limit=limit)
     if as_json:
         echo_json({"improvements": rows, "status": status, "limit": limit})
         return

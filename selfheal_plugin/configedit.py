@@ -7,7 +7,10 @@ each key held before (so a rollback can restore it), and then checks its own wor
 result must parse and mean exactly "the old file plus these changes".
 
 tomlkit appends a new table straight before the next table header; we add the blank line
-a person would have typed (DESIGN "Pitfalls: tomlkit").
+a person would have typed (DESIGN "Pitfalls: tomlkit"). tomlkit keeps the line endings of the
+lines it leaves alone but writes new lines with a bare ``\n``: new and rewritten lines get the
+file's own line ending (``\r\n`` in a CRLF file), so a CRLF config changes only where a key
+changes. Callers must read the file with ``newline=""`` (no newline translation).
 """
 from __future__ import annotations
 
@@ -219,6 +222,32 @@ def _header_path(line: str) -> list[str] | None:
     return path
 
 
+def line_ending(text: str | None) -> str:
+    """The file's line ending: ``\r\n`` when most of its lines end so, else ``\n``."""
+    if not text:
+        return "\n"
+    crlf = text.count("\r\n")
+    return "\r\n" if crlf > text.count("\n") - crlf else "\n"
+
+
+def match_line_endings(old_text: str | None, new_text: str) -> str:
+    """Give the lines ``new_text`` adds or rewrites (compared with ``old_text``) the old
+    file's line ending; lines that stayed keep theirs, byte for byte."""
+    eol = line_ending(old_text)
+    if eol == "\n":
+        return new_text
+    old_lines = (old_text or "").splitlines(keepends=True)
+    new_lines = new_text.splitlines(keepends=True)
+    out: list[str] = []
+    matcher = difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False)
+    for tag, _i1, _i2, j1, j2 in matcher.get_opcodes():
+        for line in new_lines[j1:j2]:
+            if tag != "equal" and line.endswith("\n") and not line.endswith("\r\n"):
+                line = line[:-1] + eol
+            out.append(line)
+    return "".join(out)
+
+
 def _space_new_tables(text: str, created: list[list[str]]) -> str:
     """Put a blank line before each new table header and before the header that follows it."""
     if not created:
@@ -266,7 +295,7 @@ def edit_config(old_text: str | None, changes: list[ConfigChange], where: str = 
                         "existed": not is_missing(old_value),
                         "old": None if is_missing(old_value) else old_value,
                         "new": change.value if change.op == "set" else None})
-    new_text = _space_new_tables(tomlkit.dumps(doc), created)
+    new_text = match_line_endings(old_text, _space_new_tables(tomlkit.dumps(doc), created))
     expected = copy.deepcopy(before)
     for change in changes:
         _set_plain(expected, change)

@@ -9,14 +9,27 @@ proposes and notifies). Every ``interval`` a tick:
 2. with ``auto_detect``, proposes a fix for each pattern found;
 3. with auto-apply on (``[self_heal] auto_apply_enabled = true`` and no
    ``--no-auto-apply``), tests untested proposals by simulation and applies those that are
-   low-risk, ``safe_to_apply`` and at least ``auto_apply_confidence_threshold`` confident;
+   low-risk, ``safe_to_apply`` and at least ``auto_apply_confidence_threshold`` confident —
+   but never a change that was rolled back or rejected for the same pattern in the last
+   ``REAPPLY_COOLDOWN_DAYS`` (30) days (:mod:`selfheal_plugin.cooldown`; a person may
+   still apply it), so a rollback is not followed by the same apply every window;
 4. verifies every applied improvement whose ``verification_scheduled`` instant has come:
    *keep* marks it verified, *rollback* reverts it at once (a revert commit) with an
    urgent notification, *extend* schedules the next verification one measurement window
-   later, measured then over everything since the apply.
+   later, measured then over everything since the apply. After ``MAX_EXTENSIONS`` (3)
+   extensions the verdict is final: inconclusive, monitoring ends (no more scheduled
+   verification, the change stays applied) and a notification asks a person to decide —
+   every look is another chance of a false verdict, so the looks are capped. A rollback
+   that fails (e.g. the user edited the key since) is retried every tick, with one urgent
+   notification, not one per tick.
+
+Stopping: SIGTERM/SIGINT set a stop event that long steps check — the error index build
+after each chunk, detection between patterns, auto-apply and verification between
+improvements — so the daemon exits within about a second even mid-tick.
 
 Time comes from an injectable clock, so tests pass a week in a call. One daemon per home:
-``BINKS_HOME/selfheal/daemon.lock`` (filelock); a second one gets :class:`DaemonBusyError`.
+``BINKS_HOME/selfheal/locks/daemon.lock`` (filelock, with ``daemon.pid`` beside it); a
+second one gets :class:`DaemonBusyError`.
 """
 from __future__ import annotations
 
@@ -37,13 +50,14 @@ from filelock import FileLock, Timeout
 from . import plugins
 from .clock import Clock, wall_clock
 from .configedit import split_changes
-from .cooldown import claim_notification
+from .cooldown import REAPPLY_COOLDOWN_DAYS, claim_notification, claim_once, forget, undone_same_change
 from .errors import SelfHealError, UsageError
-from .history import connect
+from .settings import lock_dir
+from .history import connect, get_state, set_state, write_transaction
 from .improvements import ImprovementStore
 from .lifecycle import (
-    StrategyError, apply_improvement, attach_suggested_fixes, propose_all, recover, rollback_improvement,
-    test_improvement, verify_improvement,
+    StrategyError, apply_improvement, attach_suggested_fixes, history_window, propose_for_pattern, recover,
+    rollback_improvement, test_improvement, verify_improvement,
 )
 from .patterns import detect_failure_patterns
 from .settings import Settings, load_settings
@@ -56,8 +70,17 @@ _INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?\s*$", re.IGNOR
 _UNIT_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, None: 1}
 
 
+MAX_EXTENSIONS = 3  # extend-monitoring verdicts before the daemon concludes "inconclusive"
+EXTENSIONS_KEY = "monitoring:extensions:"  # + improvement id, in selfheal_state
+ROLLBACK_FAILED_KEY = "auto_rollback_failed:"  # + improvement id: notified once
+
+
 class DaemonBusyError(SelfHealError):
     """Another daemon holds this home's lock."""
+
+
+class Stopped(Exception):
+    """Raised inside a long step when the daemon was asked to stop (not an error)."""
 
 
 def parse_interval(text: str | float | int) -> float:
@@ -76,7 +99,7 @@ def parse_interval(text: str | float | int) -> float:
 
 
 def lock_path(settings: Settings) -> Path:
-    return settings.home / "selfheal" / "daemon.lock"
+    return lock_dir(settings.home) / "daemon.lock"
 
 
 @dataclass
@@ -91,7 +114,10 @@ class TickReport:
     applied: list[dict[str, Any]] = field(default_factory=list)
     verified: list[dict[str, Any]] = field(default_factory=list)
     rolled_back: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # auto-apply held back, with the reason
+    concluded: list[dict[str, Any]] = field(default_factory=list)  # monitoring ended inconclusive
     errors: list[str] = field(default_factory=list)
+    stopped: bool = False  # the tick was cut short by a stop request
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,11 +125,12 @@ class TickReport:
     def summary(self) -> str:
         parts = [f"{len(self.patterns)} pattern(s)"]
         for label, items in (("proposed", self.proposed), ("tested", self.tested), ("applied", self.applied),
-                             ("verified", self.verified), ("rolled back", self.rolled_back),
+                             ("held back", self.skipped), ("verified", self.verified),
+                             ("rolled back", self.rolled_back), ("concluded inconclusive", self.concluded),
                              ("error(s)", self.errors)):
             if items:
                 parts.append(f"{len(items)} {label}")
-        return ", ".join(parts)
+        return ", ".join(parts) + (" (stopped early)" if self.stopped else "")
 
 
 class Daemon:
@@ -194,9 +221,14 @@ class Daemon:
         steps.append(("verification", lambda: self._verify_due(conn, now, report)))
         for name, step in steps:
             if self._stop.is_set():
+                report.stopped = True
                 break
             try:
                 step()
+            except Stopped:
+                report.stopped = True
+                log.info("%s interrupted: stopping", name)
+                break
             except (SelfHealError, sqlite3.Error) as exc:
                 report.errors.append(f"{name}: {exc}")
                 log.warning("%s failed: %s", name, exc)
@@ -222,10 +254,16 @@ class Daemon:
             if self.watcher is not None:
                 self.watcher.settings = fresh
 
+    def _check_stop(self, *_progress: Any) -> None:
+        """Raise :class:`Stopped` when a stop was requested (also a refresh progress callback)."""
+        if self._stop.is_set():
+            raise Stopped
+
     def _detect(self, conn: sqlite3.Connection, now: datetime, report: TickReport) -> None:
         s = self.settings
         result = detect_failure_patterns(conn, since=s.lookback, min_occurrences=s.min_occurrences,
-                                         confidence_threshold=s.confidence_threshold, now=now)
+                                         confidence_threshold=s.confidence_threshold, now=now,
+                                         progress=self._check_stop)  # the first index build can take long
         patterns = attach_suggested_fixes(result.patterns, s)
         report.patterns = [p.id for p in patterns]
         fresh = [p for p in patterns if claim_notification(conn, p.id, now, s.cooldown_minutes)]
@@ -235,11 +273,16 @@ class Daemon:
         if fresh:
             plugins.fire("patterns_detected", patterns=fresh, settings=s)
         if self.auto_detect and patterns:
-            for outcome in propose_all(conn, s, patterns, now=now):
-                if isinstance(outcome, StrategyError):
-                    report.errors.append(f"proposal: {outcome}")
-                    log.warning("proposal failed: %s", outcome)
-                elif outcome.created:
+            history = history_window(conn, s, now=now)  # one shared history scan
+            for p in patterns:
+                self._check_stop()
+                try:
+                    outcome = propose_for_pattern(conn, s, p, history)
+                except StrategyError as exc:
+                    report.errors.append(f"proposal: {exc}")
+                    log.warning("proposal failed: %s", exc)
+                    continue
+                if outcome.created:
                     report.proposed.append(outcome.improvement.id)
                     log.info("proposed %s for %s: %s", outcome.improvement.id, outcome.improvement.pattern_id,
                              outcome.improvement.description)
@@ -253,6 +296,14 @@ class Daemon:
                 return
             if (imp.risk_level or "").lower() != "low" or imp.confidence is None \
                     or imp.confidence < s.auto_apply_confidence_threshold:
+                continue
+            undone = undone_same_change(conn, imp.pattern_id, imp.changes, now, exclude=imp.id)
+            if undone is not None:
+                when = undone.rolled_back_at if undone.status == "rolled_back" else undone.updated_at
+                reason = (f"the same change ({undone.id}) was {undone.status.replace('_', ' ')} on {when}; no "
+                          f"automatic re-apply for {REAPPLY_COOLDOWN_DAYS} days (a person may apply it)")
+                report.skipped.append({"improvement_id": imp.id, "reason": reason})
+                log.info("not auto-applying %s: %s", imp.id, reason)
                 continue
             try:
                 config_changes, _manual = split_changes(imp.changes)
@@ -304,18 +355,54 @@ class Daemon:
             if rec == "rollback":
                 self._auto_rollback(conn, imp.id, result, now, report)
             elif rec != "keep":
-                nxt = now + timedelta(days=s.measurement_window_days)
-                store.update(imp.id, verification_scheduled=format_timestamp(nxt))
-                log.info("monitoring of %s extended: next verification at %s", imp.id, format_timestamp(nxt))
+                self._extend_or_conclude(conn, imp.id, result, now, report)
+
+    def _extend_or_conclude(self, conn: sqlite3.Connection, improvement_id: str, verification: dict[str, Any],
+                            now: datetime, report: TickReport) -> None:
+        """Extend monitoring by a window, at most :data:`MAX_EXTENSIONS` times; then end it
+        as inconclusive (the change stays applied) and ask a person to decide."""
+        s = self.settings
+        store = ImprovementStore(conn)
+        key = EXTENSIONS_KEY + improvement_id
+        done = int(get_state(conn, key, "0") or 0)
+        if done >= MAX_EXTENSIONS:
+            metrics = {**(store.get(improvement_id).metrics or {}),
+                       "monitoring": f"ended inconclusive after {done} extension(s)", "monitoring_ended_at":
+                       format_timestamp(now)}
+            store.update(improvement_id, verification_scheduled=None, metrics=metrics)
+            weeks = (done + 1) * s.measurement_window_days
+            report.concluded.append({"improvement_id": improvement_id, "extensions": done,
+                                     "actual_impact": verification["actual_impact"]})
+            log.warning("monitoring of %s ended inconclusive after %d extension(s): %s", improvement_id, done,
+                        verification["actual_impact"])
+            plugins.notify(plugins.Notification(
+                title=f"No clear effect of {improvement_id} after {done} extensions",
+                body=(f"Verification of {improvement_id} found no significant change over {weeks:g} days "
+                      f"({verification['actual_impact']}). Monitoring has ended; the change stays applied.\n\n"
+                      f"Keep it, or roll it back: agent self-heal rollback {improvement_id}"),
+                tags=["improvement", "verification", "inconclusive"], priority="normal"), s)
+            return
+        with write_transaction(conn):
+            set_state(conn, key, str(done + 1))
+        nxt = now + timedelta(days=s.measurement_window_days)
+        store.update(improvement_id, verification_scheduled=format_timestamp(nxt))
+        log.info("monitoring of %s extended (%d of %d): next verification at %s", improvement_id, done + 1,
+                 MAX_EXTENSIONS, format_timestamp(nxt))
 
     def _auto_rollback(self, conn: sqlite3.Connection, improvement_id: str, verification: dict[str, Any],
                        now: datetime, report: TickReport) -> None:
         reason = f"Automatic rollback by the self-heal daemon: {verification['actual_impact']}"
+        key = ROLLBACK_FAILED_KEY + improvement_id
         try:
             done = rollback_improvement(conn, self.settings, improvement_id, reason=reason, now=now)
         except SelfHealError as exc:
             report.errors.append(f"rollback {improvement_id}: {exc}")
             log.error("automatic rollback of %s failed: %s", improvement_id, exc)
+            # try again next tick (the user may resolve it), but tell them once
+            retry = now + timedelta(seconds=self.interval)
+            ImprovementStore(conn).update(improvement_id, verification_scheduled=format_timestamp(retry))
+            if not claim_once(conn, key, now):
+                return
             plugins.notify(plugins.Notification(
                 title=f"Automatic rollback of {improvement_id} failed",
                 body=(f"Verification says {improvement_id} made things significantly worse "
@@ -323,6 +410,7 @@ class Daemon:
                       f"Roll it back by hand: agent self-heal rollback {improvement_id}"),
                 tags=["improvement", "rollback", "failed"], priority="urgent"), self.settings)
             return
+        forget(conn, key)
         report.rolled_back.append({"improvement_id": improvement_id, "rollback_sha": done["rollback_sha"],
                                    "method": done["method"]})
         log.warning("rolled back %s automatically (revert commit %s): %s", improvement_id,
@@ -396,6 +484,8 @@ class Daemon:
     def _safe(self, fn: Callable[[], Any]) -> None:
         try:
             fn()
+        except Stopped:
+            log.info("step interrupted: stopping")
         except Exception:  # noqa: BLE001 — the daemon keeps running; the next tick tries again
             log.exception("daemon step failed")
 

@@ -13,14 +13,14 @@ import json
 import random
 import sqlite3
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .history import connect, normalize_error_type
+from .history import connect
 
 WORKFLOWS = ("planner", "coder", "researcher", "k8s-ops")
 TOOLS: dict[str, tuple[tuple[str, ...], float]] = {

@@ -11,6 +11,11 @@
   user is configured (DESIGN "Pitfalls: Git identity"). Signing and commit hooks of the
   user's configuration are skipped for our commits.
 * A config file with uncommitted edits by its user is never committed or overwritten.
+* selfheal's lock and pid files live in ``BINKS_HOME/selfheal/locks/``, whose own
+  ``.gitignore`` (``*``) hides the folder from any repository — selfheal's, or a user's
+  dotfiles repository holding BINKS_HOME, whose ``.gitignore`` selfheal never touches.
+* A failed git command is reported with git's own reason (``Unable to create
+  '.git/index.lock': File exists``), on one line.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ GITIGNORE = f"""{GITIGNORE_MARKER}
 !/config.toml
 conversations.db
 conversations.db-*
+conversations.db.selfheal.lock
+/selfheal/
 """
 TRAILER_IMPROVEMENT = "Self-Heal-Improvement"
 TRAILER_PATTERN = "Self-Heal-Pattern"
@@ -68,9 +75,23 @@ class ConfigRepo:
                 ["git", "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null", *args],
                 env=identity_env())
         except git.GitCommandError as exc:
-            detail = (exc.stderr or exc.stdout or "").strip().splitlines()
-            raise GitOpsError(f"git {args[0]} failed in {self.root}: "
-                              f"{detail[-1] if detail else exc}".replace("stderr: ", "")) from exc
+            raise GitOpsError(f"git {args[0]} failed in {self.root}: {git_reason(exc)}") from exc
+
+
+def git_reason(exc: git.GitCommandError) -> str:
+    """git's own reason from a failed command: its first ``fatal:``/``error:`` line (else
+    the last line), without GitPython's ``stderr: '…'`` wrapping."""
+    text = str(exc.stderr or exc.stdout or "").strip()
+    if text.startswith("stderr:"):
+        text = text[len("stderr:"):].strip()
+    if len(text) >= 2 and text[0] == text[-1] == "'":
+        text = text[1:-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in lines:
+        for prefix in ("fatal:", "error:"):
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+    return lines[-1] if lines else f"exit code {exc.status}"
 
 
 def _resolve(path: Path) -> Path:
@@ -228,8 +249,19 @@ def revert_no_commit(cr: ConfigRepo, sha: str) -> None:
     try:
         cr.git("revert", "--no-commit", sha)
     except GitOpsError:
-        restore_index_and_file(cr, None)
+        try:
+            restore_index_and_file(cr, None)
+        except GitOpsError:
+            pass  # the revert's own error says why (e.g. a locked index it never touched)
         raise
+
+
+def index_matches_head(cr: ConfigRepo) -> bool:
+    """Is the config's index entry what HEAD has (nothing staged)? Read-only: works while
+    another git process holds ``index.lock``."""
+    if cr.repo is None:
+        return True
+    return not cr.git("diff", "--cached", "--name-only", "--", cr.rel).strip()
 
 
 def end_revert_state(cr: ConfigRepo) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from filelock import FileLock
 
 from .plugins import Notification
-from .settings import resolve_home
+from .settings import lock_dir, resolve_home
 
 PRIORITY_MARKS = {"urgent": "**[URGENT]**", "high": "*[HIGH]*", "normal": "", "low": "[LOW]"}
 LOCK_TIMEOUT_S = 30
@@ -65,10 +65,7 @@ def lock_file(settings: Any = None) -> Path:
     """The appends' lock: ``BINKS_HOME/selfheal/locks/inbox.lock`` (``settings.home``, else
     ``$BINKS_HOME`` or ``~/.binks``); its folder is created. One file for every day: an
     append holds it for microseconds, and no lock file piles up per day."""
-    home = Path(settings.home) if settings is not None else resolve_home()
-    folder = home / "selfheal" / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / "inbox.lock"
+    return lock_dir(settings.home if settings is not None else resolve_home()) / "inbox.lock"
 
 
 def append_notification(notification: Notification, inbox_dir: Path, when: datetime | None = None,

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import plugins
 from .errors import SelfHealError
+from .cooldown import mark_if_undone
 from .improvements import Improvement, ImprovementStore, new_improvement_id
 from .patterns import Detection, Pattern, detect_failure_patterns, get_pattern
 from .settings import Settings
@@ -114,8 +115,10 @@ def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: P
     existing = store.open_for_pattern(pattern.id)
     if existing is not None:
         return Proposed(existing, False, pattern)
-    proposal = make_proposal(pattern, history or history_window(conn, settings))
-    imp, created = store.insert_unless_open(improvement_from_proposal(proposal))
+    history = history or history_window(conn, settings)
+    proposal = make_proposal(pattern, history)
+    fresh = mark_if_undone(conn, improvement_from_proposal(proposal), history.until)  # a fix undone before
+    imp, created = store.insert_unless_open(fresh)
     if created:
         plugins.fire("improvement_proposed", improvement=imp, settings=settings)
     return Proposed(imp, created, pattern)

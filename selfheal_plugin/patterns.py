@@ -14,7 +14,6 @@ as ``0.35·size + 0.45·correlation + 0.20·frequency``. See README "Detection".
 """
 from __future__ import annotations
 
-import json
 import random
 import sqlite3
 from collections import Counter

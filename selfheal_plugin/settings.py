@@ -74,6 +74,20 @@ def inbox_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".notes" / "inbox"
 
 
+LOCKS_GITIGNORE = "# selfheal: lock and pid files, never versioned (this file ignores itself too)\n*\n"
+
+
+def lock_dir(home: str | os.PathLike) -> Path:
+    """``BINKS_HOME/selfheal/locks`` (created), with the ``.gitignore`` that keeps it out of
+    every git repository: selfheal's lock files never show up as untracked."""
+    folder = Path(home) / "selfheal" / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    gi = folder / ".gitignore"
+    if not gi.exists():
+        gi.write_text(LOCKS_GITIGNORE, encoding="utf-8")
+    return folder
+
+
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
     if home:
         return Path(home).expanduser()

@@ -15,10 +15,14 @@ Models (only these; a change without a model is reported as such, never guessed)
   Weibull, log-logistic) are fitted by maximum likelihood with censoring and the lowest
   AIC wins. A call that timed out at ``c`` finishes under the new limit ``L`` with
   probability ``1 - S(L)/S(c)``. Successful calls slower than a lowered limit would fail.
-* ``tools.NAME.retry_attempts`` — failure independence from history: of the failures of
-  that tool (of the pattern's type), how often the *next* call of the same tool in the
-  same run succeeded (``p``). ``k`` more retries fix a failure with ``1 - (1 - p)^k``
-  (Jeffreys prior for the uncertainty). Fewer than 3 such follow-up calls: no model.
+* ``tools.NAME.retry_attempts`` — failure independence from history: of the ``n`` failures
+  of that tool (of the pattern's type) followed by another call of the same tool in the
+  same run, ``s`` such next calls succeeded. The retry success probability is the shrunk
+  estimate ``p = (s + 1) / (n + 2)`` (Laplace's rule: the posterior mean under a uniform
+  prior; 6 of 6 gives 0.875, never a certain 1.0), with ``Beta(s + 1, n - s + 1)`` for the
+  uncertainty. ``k`` more retries fix a failure with ``1 - (1 - p)^k``. Every targeted
+  failure counts at that estimate — also the ones with no follow-up call in history,
+  which are never counted as certainly fixed. Fewer than 3 follow-up calls: no model.
 * ``retry_backoff_ms`` only changes latency: neutral for success.
 
 Uncertainty: 95% percentile interval over 400 replicates, each a Poisson bootstrap of the
@@ -221,10 +225,15 @@ class RetryModel:
 
     @property
     def p(self) -> float:
+        """The shrunk estimate ``(s + 1) / (n + 2)`` (see the module docstring)."""
+        return (self.successes + 1) / (self.observations + 2)
+
+    @property
+    def observed_rate(self) -> float:
         return self.successes / self.observations
 
     def draws(self, k: int, rng: np.random.Generator) -> np.ndarray:
-        d = rng.beta(self.successes + 0.5, self.observations - self.successes + 0.5, size=k)
+        d = rng.beta(self.successes + 1, self.observations - self.successes + 1, size=k)
         d[0] = self.p
         return d
 
@@ -358,7 +367,9 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
                         fix.setdefault(c.event_id, []).append(pfix)
             models.append({"change": key, "model": "retry", "tool": tool, "extra_retries": extra,
                            "followups_observed": fitted.observations, "followups_succeeded": fitted.successes,
-                           "p_retry_succeeds": round(fitted.p, 4), "p_failure_fixed": round(float(pfix[0]), 4)})
+                           "p_retry_succeeds": round(fitted.p, 4),
+                           "estimate": "(successes + 1) / (observed + 2)",
+                           "p_failure_fixed": round(float(pfix[0]), 4)})
         elif path and path[-1] in NEUTRAL_KEYS:
             models.append({"change": key, "model": "neutral", "reason": "changes latency only, not success"})
         else:
@@ -499,7 +510,9 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
     fires ``improvement_tested``. Modes ``canary`` (``fraction`` of runs, default 0.5) and
     ``shadow`` write the change to an experiment section of config.toml instead (see
     :mod:`selfheal_plugin.canary`). A strategy without a model yields recommendation
-    ``risky`` with the reason, and no numbers.
+    ``risky`` with the reason, and no numbers. A simulation of an improvement past testing
+    (applied, verified, rolled back, rejected, in a canary/shadow) is refused with
+    :class:`~selfheal_plugin.apply.LifecycleError` and nothing stored.
     """
     from . import plugins
     from .apply import recover
@@ -510,6 +523,8 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
     from .times import format_timestamp, parse_since, utcnow
 
     recover(conn, settings)
+    from .apply import APPLICABLE, LifecycleError
+
     if mode not in TEST_MODES:
         raise UsageError(f"unknown test mode {mode!r}: use {', '.join(TEST_MODES)}")
     if mode != "simulation":
@@ -520,6 +535,12 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
         raise UsageError("--fraction is for canary mode only")
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
+    if imp.status not in APPLICABLE:  # a test result for something already decided would mislead
+        hint = {"applied": f" (measure it: agent self-heal verify {imp.id})",
+                "verified": f" (measure it: agent self-heal verify {imp.id})",
+                "canary": f" (its canary is running: agent self-heal verify {imp.id})",
+                "shadow": f" (its shadow is running: agent self-heal verify {imp.id})"}.get(imp.status, "")
+        raise LifecycleError(f"{imp.id} is {imp.status}; only proposed or tested improvements can be tested{hint}")
     split_changes(imp.changes)  # a forbidden change is refused before any work
     now = now or utcnow()
     start = parse_since(since or settings.lookback, now)

@@ -10,11 +10,20 @@ writes mixed offsets). Two measures:
   its tool.
 
 Each is compared with Fisher's exact test (two-sided, ``scipy.stats.fisher_exact``).
+Two tests decide one verdict, so each is held to a Bonferroni-corrected level: a p-value
+counts as significant below ``significance_level / 2`` (``/ 1`` when the improvement has
+no pattern measure), keeping the chance of a false verdict at ``significance_level``.
 With fewer than ``min_sample_size`` finished runs on either side the answer is "extend
 monitoring". Otherwise a significant worsening of either measure says **rollback**
 (``failed``), else a significant improvement of either says **keep** (``verified``),
-else **extend** (``inconclusive``). A rollback recommendation does not roll back by
-itself: ``agent self-heal rollback`` does, and the daemon does when it runs.
+else **extend** (``inconclusive``).
+
+A keep needs the whole measurement window after the apply: before the window has
+ended a significant improvement is only *provisional* — the recommendation is extend,
+the status stays applied, and ``provisional_recommendation`` says keep — unless the
+caller accepts it early (``early=True``, ``verify --early``). A rollback on significant
+harm stands at once. A rollback recommendation does not roll back by itself: ``agent
+self-heal rollback`` does, and the daemon does when it runs.
 """
 from __future__ import annotations
 
@@ -132,8 +141,10 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
                        "reduction": None if reduction is None else round(reduction, 4)}
 
     success_delta = None if sr_a is None or sr_b is None else sr_a - sr_b
-    sig_s = p_success is not None and p_success < alpha
-    sig_p = p_pattern is not None and p_pattern < alpha
+    tests = (p_success is not None) + (p_pattern is not None)
+    alpha_each = alpha / max(tests, 1)  # Bonferroni over the tests actually made
+    sig_s = p_success is not None and p_success < alpha_each
+    sig_p = p_pattern is not None and p_pattern < alpha_each
     worse = (sig_s and success_delta is not None and success_delta < 0) or \
         (sig_p and pattern is not None and pattern["after_error_rate"] > pattern["before_error_rate"])
     better = (sig_s and success_delta is not None and success_delta > 0) or \
@@ -170,16 +181,19 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
 
     return {"n_b": n_b, "n_a": n_a, "sr_b": sr_b, "sr_a": sr_a, "p_success": p_success, "pattern": pattern,
             "recommendation": recommendation, "status": status, "reason": reason, "comparison": comparison,
-            "actual": actual, "success_delta": success_delta, "reduction": reduction}
+            "actual": actual, "success_delta": success_delta, "reduction": reduction, "tests": tests,
+            "alpha_per_test": alpha_each}
 
 
 def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement_id: str,
-                       measurement_window_days: float | None = None, now: datetime | None = None) -> dict[str, Any]:
+                       measurement_window_days: float | None = None, now: datetime | None = None, *,
+                       early: bool = False) -> dict[str, Any]:
     """Measure an applied improvement; store and notify the result (see module docstring).
 
     Returns the design document's fields (``expected_impact``, ``actual_impact``,
     ``verification_status``, ``recommendation``, ``metrics``) plus p-values, the
-    pattern's error rates and the windows.
+    pattern's error rates and the windows. ``early`` accepts a keep before the
+    measurement window after the apply has ended (otherwise it is provisional: extend).
     """
     recover(conn, settings)
     days = settings.measurement_window_days if measurement_window_days is None else measurement_window_days
@@ -212,15 +226,23 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
     pattern, recommendation, status, reason, comparison, actual = (
         a["pattern"], a["recommendation"], a["status"], a["reason"], a["comparison"], a["actual"])
     alpha, floor = settings.significance_level, settings.min_sample_size
+    provisional = None
+    if recommendation == "keep" and not window_complete and not early:
+        provisional = "keep"
+        recommendation, status = "extend", "inconclusive"
+        reason = (f"significant improvement so far, but the {days:g}-day window after the apply ends "
+                  f"{format_timestamp(applied + window)}: extend monitoring (a keep before then is provisional; "
+                  f"accept it now with agent self-heal verify {imp.id} --early)")
 
     metrics = {"before_success_rate": sr_b, "after_success_rate": sr_a, "runs_analyzed": n_b + n_a,
                "runs_before": n_b, "runs_after": n_a, "p_value": None if p_success is None else round(p_success, 6),
                "test": "Fisher's exact test, two-sided", "significance_level": alpha, "min_sample_size": floor,
-               "pattern": pattern}
+               "tests": a["tests"], "alpha_per_test": round(a["alpha_per_test"], 6),
+               "correction": "Bonferroni over the success and pattern tests", "pattern": pattern}
     result = {
         "improvement_id": imp.id, "expected_impact": imp.expected_impact, "actual_impact": actual,
         "verification_status": status, "recommendation": recommendation, "reason": reason,
-        "comparison": comparison, "metrics": metrics,
+        "comparison": comparison, "metrics": metrics, "provisional_recommendation": provisional,
         "p_value": metrics["p_value"], "pattern_p_value": None if pattern is None else pattern["p_value"],
         "before_error_rate": None if pattern is None else pattern["before_error_rate"],
         "after_error_rate": None if pattern is None else pattern["after_error_rate"],

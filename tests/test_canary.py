@@ -312,3 +312,30 @@ def test_user_errors_are_clear_and_change_nothing(home):
         test_experiment(conn, s, imp.id, "canary", fraction=0.2)
     with pytest.raises(LifecycleError, match="only proposed or tested improvements can be applied"):
         apply_improvement(conn, s, imp.id)
+
+
+def test_a_failed_commit_of_a_canary_start_or_drop_is_undone_at_once(home):
+    db = home / "conversations.db"
+    imp = add_improvement(db, [timeout_change(90_000)], status="tested")
+    conn, s = _lib(home)
+    head = git(home, "rev-parse", "HEAD")
+    lock = home / ".git" / "index.lock"  # another git process at work
+    lock.write_text("")
+    with pytest.raises(LifecycleError, match=r"start of the canary of .* failed: git add failed .*index\.lock': "
+                                             r"File exists; .*nothing was changed"):
+        test_experiment(conn, s, imp.id, "canary", now=NOW)
+    row = ImprovementStore(conn).get(imp.id)
+    assert (row.status, row.pending_op) == ("tested", None)
+    assert (home / "config.toml").read_text() == USER and git(home, "rev-parse", "HEAD") == head
+    lock.unlink()
+    test_experiment(conn, s, imp.id, "canary", now=NOW)
+    started = (home / "config.toml").read_bytes()
+    head = git(home, "rev-parse", "HEAD")
+    lock.write_text("")
+    with pytest.raises(LifecycleError, match=r"end of the canary of .* failed: git add failed .*File exists"):
+        drop_experiment(conn, s, imp.id, now=NOW + timedelta(days=1))
+    row = ImprovementStore(conn).get(imp.id)
+    assert (row.status, row.pending_op) == ("canary", None)
+    assert (home / "config.toml").read_bytes() == started and git(home, "rev-parse", "HEAD") == head
+    lock.unlink()
+    assert drop_experiment(conn, s, imp.id, now=NOW + timedelta(days=1))["status"] == "tested"

@@ -110,3 +110,27 @@ def test_path_through_a_value_is_refused():
 def test_unparsable_config_is_refused():
     with pytest.raises(ConfigError, match="not valid TOML"):
         edit_config("[tools\nx = ", changes(set_(["tools", "x", "timeout_ms"], 1)))
+
+
+def test_a_crlf_file_keeps_crlf_and_new_lines_use_it():
+    crlf = ORIGINAL.replace("\n", "\r\n")
+    one = edit_config(crlf, changes(set_(["tools", "mcp__k8s__pods_list", "timeout_ms"], 90000))).new_text
+    assert one == crlf.replace("timeout_ms = 60000", "timeout_ms = 90000")
+    e = edit_config(crlf, changes(set_(["tools", "server.name:tool", "timeout_ms"], 5000),
+                                  set_(["tools", "new:tool", "retry_attempts"], 2)))
+    text = e.new_text
+    assert "\n" not in text.replace("\r\n", "")  # no bare LF, not even on new lines
+    assert 'preflight = ["path_exists"]\r\ntimeout_ms = 5000\r\n' in text
+    assert '\r\n\r\n[tools."new:tool"]\r\nretry_attempts = 2\r\n' in text
+    assert text.replace("timeout_ms = 5000\r\n", "", 1).replace('\r\n[tools."new:tool"]\r\nretry_attempts = 2\r\n',
+                                                                 "", 1) == crlf
+    back = remove_empty_tables(edit_config(text, inverse_changes(e.entries)).new_text, e.created_tables)
+    assert back == crlf
+
+
+def test_a_file_with_mixed_line_endings_keeps_each_line_as_it_was():
+    mixed = 'a = 1\r\nb = 2\n[t]\r\nc = 3\r\n'  # mostly CRLF: new lines get CRLF, the LF line stays LF
+    text = edit_config(mixed, changes(set_(["t", "d"], 4))).new_text
+    assert text == 'a = 1\r\nb = 2\n[t]\r\nc = 3\r\nd = 4\r\n'
+    lf = edit_config('a = 1\nb = 2\r\n', changes(set_(["c"], 3))).new_text  # mostly LF
+    assert lf == 'a = 1\nb = 2\r\nc = 3\n'

@@ -30,10 +30,11 @@ def git(home, *args) -> str:
     return subprocess.run(["git", "-C", str(home), *args], capture_output=True, text=True, check=True).stdout
 
 
-def write_week_after(db, start, runs: int, fail_every: int | None) -> None:
+def write_week_after(db, start, runs: int, fail_every: int | None, fail_tool: str = TOOL) -> None:
     """``runs`` runs over the six days after ``start`` (the runtime's format, simulated
     clock). With ``fail_every`` set, all runs but every ``fail_every``-th fail with a
-    timeout of the tool (a harmful change); with None, every run completes."""
+    timeout of the tool (a harmful change; ``fail_tool``: an error of that tool after a
+    successful call of the pods tool instead); with None, every run completes."""
     clock = SimulatedClock(start + timedelta(minutes=1))
     gap = timedelta(days=6) / runs
     with RunRecorder(db, clock=clock, model="qwen3:14b") as rec:
@@ -41,7 +42,11 @@ def write_week_after(db, start, runs: int, fail_every: int | None) -> None:
             run = rec.start_run("k8s-ops", "list the pods")
             fails = fail_every is not None and i % fail_every != 0
             clock.advance(2)
-            if fails:
+            if fails and fail_tool != TOOL:
+                run.record_tool_call(TOOL, {"namespace": "default"}, "3 pods", 18000)
+                run.record_tool_call(fail_tool, {"path": "/srv/x"}, f"Permission denied: /srv/x", 12, is_error=True)
+                run.finish("failed", "permission denied")
+            elif fails:
                 run.record_tool_call(TOOL, {"namespace": "default"}, f"Tool {TOOL} timed out after 100s", 100003,
                                      is_error=True)
                 run.finish("failed", "timed out")
@@ -250,3 +255,181 @@ def test_config_edits_reach_a_running_daemon_and_a_broken_config_keeps_the_old(f
         daemon.close()
     assert daemon.settings.auto_apply_enabled is True and report.errors == []
     assert "keeping the current settings" in caplog.text
+
+
+# ------------------------------------------------------------------ no apply/rollback cycle
+
+
+def test_a_rolled_back_change_is_not_auto_applied_again(fresh):
+    # a lookback that still holds the week before the apply: after the rollback, detection
+    # finds the same pattern in the same history and proposes the same fix again
+    (fresh / "config.toml").write_text('[self_heal]\nauto_apply_enabled = true\nlookback = "-21d"\n')
+    settings = load_settings(fresh)
+    clock = SimulatedClock(T0)
+    daemon = Daemon(settings, auto_detect=True, clock=clock)
+    try:
+        with collecting() as seen:
+            first = daemon.tick()
+            store = ImprovementStore(daemon.conn)
+            timeout_fix = next(a["improvement_id"] for a in first.applied
+                               if store.get(a["improvement_id"]).pattern_id == PATTERN)
+            write_week_after(settings.db_path, T0, 120, fail_every=5, fail_tool="read_file")  # things got worse
+            clock.set(T0 + timedelta(days=7, hours=1))
+            second = daemon.tick()
+            assert timeout_fix in [r["improvement_id"] for r in second.rolled_back]
+            for hours in (2, 3, 4):  # the following ticks: the pattern is back, and so is a proposal
+                clock.set(T0 + timedelta(days=7, hours=hours))
+                later = daemon.tick()
+                assert later.applied == [] and later.rolled_back == [], later
+            rows = [i for i in store.list(limit=None) if i.pattern_id == PATTERN and i.id != timeout_fix]
+    finally:
+        daemon.close()
+    assert len(rows) == 1 and rows[0].status in ("proposed", "tested")
+    again = rows[0]
+    assert [c["path"] for c in again.changes] == [["tools", TOOL, "timeout_ms"]]  # the same fix, proposed again
+    assert again.evidence["same_change_undone"]["improvement_id"] == timeout_fix
+    assert "was rolled back on" in again.evidence["same_change_undone"]["note"]
+    assert any(s["improvement_id"] == again.id and timeout_fix in s["reason"] for s in later.skipped)
+    trailers = git(fresh, "log", "--format=%(trailers:key=Self-Heal-Improvement,valueonly)").split()
+    assert trailers.count(timeout_fix) == 2 and again.id not in trailers  # applied and rolled back, nothing more
+    assert sum(1 for n in seen.of("notify") if n.title == f"Automatically rolled back {timeout_fix}") == 1
+
+
+def test_the_reapply_cooldown_ends_after_30_days(fresh):
+    from selfheal_plugin.cooldown import REAPPLY_COOLDOWN_DAYS, undone_same_change
+    from selfheal_plugin.lifecycle import rollback_improvement
+
+    settings = load_settings(fresh)
+    conn = connect(settings.db_path)
+    try:
+        with collecting():
+            imp = propose_improvement(conn, settings, PATTERN, now=T0)
+            apply_improvement(conn, settings, imp.id, now=T0)
+            rollback_improvement(conn, settings, imp.id, now=T0 + timedelta(days=1))
+        other_value = [dict(imp.changes[0], value=imp.changes[0]["value"] + 5000)]
+        assert REAPPLY_COOLDOWN_DAYS == 30
+        assert undone_same_change(conn, PATTERN, other_value, T0 + timedelta(days=30, hours=23)).id == imp.id
+        assert undone_same_change(conn, PATTERN, other_value, T0 + timedelta(days=31, minutes=1)) is None
+        other_key = [dict(imp.changes[0], path=["tools", TOOL, "retry_attempts"], value=2)]
+        assert undone_same_change(conn, PATTERN, other_key, T0 + timedelta(days=2)) is None
+        assert undone_same_change(conn, "timeout:other", imp.changes, T0 + timedelta(days=2)) is None
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ a rollback that fails
+
+
+def test_a_failed_automatic_rollback_is_notified_once_and_retried(applied):
+    settings, imp_id, _ = applied
+    write_week_after(settings.db_path, T0, 120, fail_every=5)
+    cfg = settings.config_path
+    git(settings.home, "-c", "user.name=U", "-c", "user.email=u@x", "commit", "-q", "--allow-empty", "-m", "x")
+    cfg.write_text(cfg.read_text().replace("timeout_ms = ", "timeout_ms = 1"))  # the user's own later value
+    git(settings.home, "-c", "user.name=U", "-c", "user.email=u@x", "commit", "-q", "-am", "mine")
+    clock = SimulatedClock(T0 + timedelta(days=7, hours=1))
+    daemon = Daemon(settings, clock=clock, interval=3600)
+    try:
+        with collecting() as seen:
+            reports = []
+            for _ in range(3):
+                reports.append(daemon.tick())
+                clock.advance(timedelta(hours=1))
+            failed = [n for n in seen.of("notify") if n.title == f"Automatic rollback of {imp_id} failed"]
+            assert len(failed) == 1 and failed[0].priority == "urgent"
+            assert all(r.rolled_back == [] and any(imp_id in e for e in r.errors) for r in reports)
+            imp = ImprovementStore(daemon.conn).get(imp_id)
+            assert imp.status == "applied"
+            assert parse_timestamp(imp.verification_scheduled) == clock() - timedelta(hours=1) + timedelta(hours=1)
+            # the user puts selfheal's value back: the next tick's rollback goes through
+            cfg.write_text(cfg.read_text().replace("timeout_ms = 1", "timeout_ms = "))
+            git(settings.home, "-c", "user.name=U", "-c", "user.email=u@x", "commit", "-q", "-am", "undo mine")
+            done = daemon.tick()
+            again = daemon.tick()
+    finally:
+        daemon.close()
+    assert [r["improvement_id"] for r in done.rolled_back] == [imp_id] and again.verified == []
+    assert sum(1 for n in seen.of("notify") if n.title == f"Automatic rollback of {imp_id} failed") == 1
+
+
+# ------------------------------------------------------------------ extensions are capped
+
+
+def test_monitoring_is_extended_at_most_three_times_then_concluded(applied):
+    from selfheal_plugin.daemon import MAX_EXTENSIONS
+
+    settings, imp_id, commit = applied
+    write_week_after(settings.db_path, T0, 10, fail_every=None)  # never enough runs for a verdict
+    clock = SimulatedClock(T0)
+    daemon = Daemon(settings, clock=clock)
+    try:
+        with collecting() as seen:
+            verdicts = []
+            for week in range(1, MAX_EXTENSIONS + 3):
+                clock.set(T0 + timedelta(days=7 * week, minutes=5 * week))
+                report = daemon.tick()
+                verdicts.append(([v["recommendation"] for v in report.verified], len(report.concluded)))
+            imp = ImprovementStore(daemon.conn).get(imp_id)
+    finally:
+        daemon.close()
+    assert MAX_EXTENSIONS == 3
+    assert verdicts == [(["extend"], 0)] * 3 + [(["extend"], 1), ([], 0)]  # then nothing is due any more
+    assert (imp.status, imp.verification_scheduled) == ("applied", None)
+    assert git(settings.home, "log", "-1", "--format=%H").strip() == commit  # still applied
+    notes = [n for n in seen.of("notify") if n.title == f"No clear effect of {imp_id} after 3 extensions"]
+    assert len(notes) == 1 and f"agent self-heal rollback {imp_id}" in notes[0].body
+
+
+# ------------------------------------------------------------------ stopping mid-tick
+
+
+def test_a_stop_during_the_index_build_ends_the_tick_after_that_chunk(fresh, monkeypatch):
+    from selfheal_plugin import errorindex
+    from selfheal_plugin.history import get_state
+
+    settings = load_settings(fresh)
+    daemon = Daemon(settings, auto_detect=True, clock=SimulatedClock(T0))
+    monkeypatch.setattr(errorindex, "CHUNK_IDS", 500)
+    real_read = errorindex._read_errors
+    chunks = []
+
+    def read_and_stop(conn, lo, hi):
+        chunks.append((lo, hi))
+        daemon.stop()  # e.g. SIGTERM arrives while the first chunk is read
+        return real_read(conn, lo, hi)
+
+    monkeypatch.setattr(errorindex, "_read_errors", read_and_stop)
+    try:
+        with collecting():
+            report = daemon.tick()
+        top = daemon.conn.execute("SELECT max(id) FROM run_events").fetchone()[0]
+        mark = int(get_state(daemon.conn, "errors_watermark", "0"))
+    finally:
+        daemon.close()
+    assert report.stopped and report.patterns == [] and report.proposed == [] and report.errors == []
+    assert len(chunks) == 1 and mark == 500 < top  # the chunk read is kept; the rest waits for the next start
+
+
+def test_a_stop_between_patterns_ends_the_tick(fresh):
+    from selfheal_plugin import hookimpl, plugins
+
+    settings = load_settings(fresh)
+    daemon = Daemon(settings, auto_detect=True, clock=SimulatedClock(T0))
+
+    class StopAfterFirst:
+        @hookimpl
+        def improvement_proposed(self, improvement, settings):
+            daemon.stop()
+
+    stopper = StopAfterFirst()
+    try:
+        with collecting():
+            plugins.register(stopper, "stop-after-first")
+            try:
+                report = daemon.tick()
+            finally:
+                plugins.unregister(stopper)
+    finally:
+        daemon.close()
+    assert report.stopped and len(report.patterns) >= 3
+    assert len(report.proposed) == 1 and report.verified == []

@@ -124,7 +124,7 @@ def test_concurrent_appends_from_processes_lose_nothing(tmp_path):
         assert e.tags == ["load"] and e.priority == "low"
         seen.add((int(w), int(i)))
     assert seen == {(w, i) for w in range(4) for i in range(25)}
-    assert [p.name for p in (home / "selfheal" / "locks").iterdir()] == ["inbox.lock"]
+    assert sorted(p.name for p in (home / "selfheal" / "locks").iterdir()) == [".gitignore", "inbox.lock"]
 
 
 # ---------------------------------------------------------------- lifecycle → notifications

@@ -426,4 +426,137 @@ def test_lock_is_released_after_a_refusal(binks_home, db):
         apply_improvement(conn, s, imp.id)
     (binks_home / "config.toml").unlink()
     apply_improvement(conn, s, imp.id)
-    assert os.path.exists(str(db) + ".selfheal.lock")
+    assert (binks_home / "selfheal" / "locks" / "apply.lock").exists()
+
+
+# ------------------------------------------------------------------ line endings
+
+CRLF_CONFIG = (b'# c\r\nmodel = "x"  # keep\r\n\r\n[tools."mcp__k8s__pods_list"]\r\nretry_attempts = 2\r\n'
+               b'\r\n[servers."k8s"]\r\nauto_restart = false\r\n')
+
+
+def changed_lines(home: Path, rev: str = "HEAD") -> list[str]:
+    """The -/+ lines of the config in one commit, exactly as git stores them."""
+    out = subprocess.run(["git", "show", "--format=", rev, "--", "config.toml"], cwd=home, capture_output=True,
+                         check=True).stdout.decode()
+    return [ln for ln in out.split("\n") if ln[:1] in ("+", "-") and not ln.startswith(("+++", "---"))]
+
+
+def test_a_crlf_config_changes_only_the_changed_keys_line_and_rolls_back_byte_for_byte(binks_home, db):
+    cfg = binks_home / "config.toml"
+    cfg.write_bytes(CRLF_CONFIG)
+    imp = add_improvement(db, [{"kind": "config", "path": ["tools", K8S, "retry_attempts"], "value": 3}])
+    conn, s = conn_settings(binks_home)
+    plan = plan_apply(conn, s, imp.id)
+    apply_improvement(conn, s, imp.id, expected_sha256=plan["old_sha256"])
+    assert cfg.read_bytes() == CRLF_CONFIG.replace(b"retry_attempts = 2", b"retry_attempts = 3")
+    assert changed_lines(binks_home) == ["-retry_attempts = 2\r", "+retry_attempts = 3\r"]
+    rollback_improvement(conn, s, imp.id)
+    assert cfg.read_bytes() == CRLF_CONFIG
+
+
+def test_a_crlf_config_gets_crlf_new_lines_and_the_inverse_edit_restores_its_bytes(binks_home, db):
+    cfg = binks_home / "config.toml"
+    cfg.write_bytes(CRLF_CONFIG)
+    imp = add_improvement(db, [timeout_change(90000),
+                               {"kind": "config", "path": ["tools", "new:tool", "retry_attempts"], "value": 2}])
+    conn, s = conn_settings(binks_home)
+    apply_improvement(conn, s, imp.id)
+    after = cfg.read_bytes()
+    assert b"timeout_ms = 90000\r\n" in after and b'[tools."new:tool"]\r\nretry_attempts = 2\r\n' in after
+    assert after.count(b"\n") == after.count(b"\r\n")  # no bare LF anywhere
+    added = changed_lines(binks_home)
+    assert added and all(ln.startswith("+") and ln.endswith("\r") for ln in added)  # only additions, CRLF
+    cfg.write_bytes(after.replace(b'model = "x"', b'model = "y"'))  # a later commit: rollback by inverse edit
+    git_as_user(binks_home, "commit", "-q", "-am", "switch model")
+    r = rollback_improvement(conn, s, imp.id)
+    assert r["method"] == "inverse-edit"
+    assert cfg.read_bytes() == CRLF_CONFIG.replace(b'model = "x"', b'model = "y"')
+
+
+# ------------------------------------------------------------------ a git step that fails
+
+
+def lock_index(repo: Path) -> Path:
+    """What another git process (an editor's commit, a crashed git) leaves behind."""
+    lock = repo / ".git" / "index.lock"
+    lock.write_text("")
+    return lock
+
+
+def test_a_failed_commit_is_undone_at_once_with_gits_reason(tmp_path, captured):
+    repo = dotfiles(tmp_path)
+    home = repo / "binks"
+    db = home / "conversations.db"
+    connect(db, create=True).close()
+    cfg = home / "config.toml"
+    head = git(repo, "rev-parse", "HEAD").strip()
+    imp = add_improvement(db, [timeout_change(90000)])
+    conn, s = conn_settings(home)
+    lock = lock_index(repo)
+    with pytest.raises(LifecycleError) as info:
+        apply_improvement(conn, s, imp.id)
+    msg = str(info.value)
+    assert "\n" not in msg and not msg.endswith("'")
+    assert f"apply of {imp.id} failed: git add failed in {repo.resolve()}: Unable to create " in msg
+    assert "index.lock': File exists" in msg and "nothing was changed" in msg
+    # no later command needed: config, git and the database agree right away
+    assert_nothing_changed(repo, cfg, USER_CONFIG.encode(), head, db, imp.id)
+    assert captured == []
+    lock.unlink()
+    assert git(repo, "status", "--porcelain") == ""
+    apply_improvement(conn, s, imp.id)  # works once the other git is done
+    assert state(db, imp.id).status == "applied"
+
+
+def test_a_failed_rollback_commit_is_undone_at_once(tmp_path):
+    repo = dotfiles(tmp_path)
+    home = repo / "binks"
+    db = home / "conversations.db"
+    connect(db, create=True).close()
+    cfg = home / "config.toml"
+    imp = add_improvement(db, [timeout_change(90000)])
+    conn, s = conn_settings(home)
+    apply_improvement(conn, s, imp.id)
+    head, applied_bytes = git(repo, "rev-parse", "HEAD").strip(), cfg.read_bytes()
+    lock = lock_index(repo)
+    with pytest.raises(LifecycleError, match=r"rollback of .* failed: git revert failed .*index\.lock': File exists"):
+        rollback_improvement(conn, s, imp.id)
+    assert (cfg.read_bytes(), git(repo, "rev-parse", "HEAD").strip()) == (applied_bytes, head)
+    row = state(db, imp.id)
+    assert (row.status, row.pending_op) == ("applied", None)
+    # the inverse edit (the file moved on) fails the same way and is undone too
+    lock.unlink()
+    cfg.write_bytes(applied_bytes.replace(b"# my runtime", b"# my agent runtime"))
+    git_as_user(repo, "commit", "-q", "-am", "comment")
+    head, edited = git(repo, "rev-parse", "HEAD").strip(), cfg.read_bytes()
+    lock_index(repo)
+    with pytest.raises(LifecycleError, match=r"rollback of .* failed: git add failed .*File exists.*nothing was"):
+        rollback_improvement(conn, s, imp.id)
+    assert (cfg.read_bytes(), git(repo, "rev-parse", "HEAD").strip()) == (edited, head)
+    assert (state(db, imp.id).status, state(db, imp.id).pending_op) == ("applied", None)
+
+
+# ------------------------------------------------------------------ lock files
+
+
+def test_lock_files_never_show_up_in_a_users_repository(tmp_path):
+    repo = tmp_path / "dotfiles"
+    home = repo / "binks"
+    home.mkdir(parents=True)
+    git(repo, "init", "-q")
+    (home / "config.toml").write_text(USER_CONFIG)
+    (repo / ".gitignore").write_text("*.db\n")  # nothing about lock files
+    git(repo, "add", ".")
+    git_as_user(repo, "commit", "-q", "-m", "dotfiles")
+    db = home / "conversations.db"
+    connect(db, create=True).close()
+    imp = add_improvement(db, [timeout_change(90000)])
+    conn, s = conn_settings(home)
+    apply_improvement(conn, s, imp.id)
+    assert (home / "selfheal" / "locks" / "apply.lock").exists()
+    assert git(repo, "status", "--porcelain", "--untracked-files=all") == ""
+    assert (repo / ".gitignore").read_text() == "*.db\n"  # the user's file is not touched
+    assert git(repo, "show", "--name-only", "--format=", "HEAD").split() == ["binks/config.toml"]
+    rollback_improvement(conn, s, imp.id)
+    assert git(repo, "status", "--porcelain", "--untracked-files=all") == ""

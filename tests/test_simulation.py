@@ -112,15 +112,34 @@ def test_retry_model_uses_observed_failure_independence(binks_home):
     change = {"kind": "config", "path": ["tools", "mcp__gh__issue", "retry_attempts"], "value": 1}
     sim = simulation.simulate_changes(conn, [change], "connection_refused", SINCE, UNTIL)
     model = sim.models[0]
-    # 20 failures were followed by another call in the same run; 15 of those succeeded
+    # 20 failures were followed by another call in the same run; 15 of those succeeded:
+    # the shrunk estimate (15 + 1) / (20 + 2), not the raw 15/20
     assert (model["followups_observed"], model["followups_succeeded"]) == (20, 15)
-    assert model["p_failure_fixed"] == pytest.approx(0.75)
-    # failed runs: 5 with two fixable failures (0.75²), 10 with one (0.75)
-    expected = (70 + 15 + 5 * 0.75 ** 2 + 10 * 0.75) / 100
+    p = 16 / 22
+    assert model["p_retry_succeeds"] == pytest.approx(p, abs=1e-4)
+    assert model["p_failure_fixed"] == pytest.approx(p, abs=1e-4)
+    # failed runs: 5 with two fixable failures (p²), 10 with one (p)
+    expected = (70 + 15 + 5 * p ** 2 + 10 * p) / 100
     assert sim.simulated_success_rate == pytest.approx(expected, abs=1e-4)
     assert sim.baseline_success_rate == pytest.approx(0.85)
     more = simulation.simulate_changes(conn, [dict(change, value=2)], "connection_refused", SINCE, UNTIL)
-    assert more.models[0]["p_failure_fixed"] == pytest.approx(1 - 0.25 ** 2)
+    assert more.models[0]["p_failure_fixed"] == pytest.approx(1 - (1 - p) ** 2, abs=1e-4)
+
+
+def test_a_perfect_follow_up_record_is_not_certainty(binks_home):
+    """6 of 6 follow-up calls succeeded: the estimate is 7/8, and the 2 failures with no
+    follow-up call in history count at 7/8 too, not as certainly fixed."""
+    db = binks_home / "conversations.db"
+    retry_history(db, followups_ok=6, followups_failed=0, single_failures=2, clean=12)
+    conn = connect(db)
+    change = {"kind": "config", "path": ["tools", "mcp__gh__issue", "retry_attempts"], "value": 1}
+    sim = simulation.simulate_changes(conn, [change], "connection_refused", SINCE, UNTIL)
+    model = sim.models[0]
+    assert (model["followups_observed"], model["followups_succeeded"]) == (6, 6)
+    assert model["p_retry_succeeds"] == pytest.approx(7 / 8)
+    assert sim.failures_targeted == 8 and sim.failures_fixed == pytest.approx(8 * 7 / 8, abs=0.01)
+    assert sim.runs_recovered == pytest.approx(2 * 7 / 8, abs=0.01)
+    assert sim.simulated_success_rate == pytest.approx((18 + 2 * 7 / 8) / 20, abs=1e-4)
 
 
 def test_too_few_followups_is_no_model(binks_home):

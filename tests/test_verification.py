@@ -117,6 +117,38 @@ def test_window_days_and_open_window(db, binks_home):
     assert early["window"]["complete"] is False and early["metrics"]["runs_after"] == 17
 
 
+def test_a_keep_before_the_window_ends_is_provisional(db, binks_home):
+    history(db, before_rate=0.3, after_rate=0.02)
+    imp = applied(db)
+    five_days = APPLIED + timedelta(days=5)
+    r = verify_improvement(connect(db), settings_for(binks_home), imp.id, now=five_days)
+    assert r["metrics"]["runs_after"] >= 30 and r["pattern_p_value"] < 0.01  # already significant ...
+    assert (r["recommendation"], r["verification_status"], r["status"]) == ("extend", "inconclusive", "applied")
+    assert r["provisional_recommendation"] == "keep" and "--early" in r["reason"]  # ... but not final
+    stored = ImprovementStore(connect(db)).get(imp.id)
+    assert (stored.status, stored.verified_at) == ("applied", None)
+    ok = verify_improvement(connect(db), settings_for(binks_home), imp.id, now=five_days, early=True)
+    assert (ok["recommendation"], ok["status"]) == ("keep", "verified")
+
+
+def test_harm_is_a_rollback_even_before_the_window_ends(db, binks_home):
+    history(db, before_rate=0.05, after_rate=0.6)
+    imp = applied(db)
+    r = verify_improvement(connect(db), settings_for(binks_home), imp.id, now=APPLIED + timedelta(days=4))
+    assert r["window"]["complete"] is False and r["recommendation"] == "rollback"
+
+
+def test_the_two_tests_share_the_significance_level(db, binks_home):
+    """Both measures improve with 0.025 < p < 0.05: either test alone would pass 0.05, but
+    one verdict from two tests holds each to 0.05 / 2 (Bonferroni)."""
+    history(db, before_rate=10 / 60, after_rate=2 / 60)
+    imp = applied(db)
+    r = verify(db, imp.id, binks_home)
+    assert 0.025 < r["p_value"] < 0.05 and 0.025 < r["pattern_p_value"] < 0.05
+    assert (r["recommendation"], r["verification_status"]) == ("extend", "inconclusive")
+    assert (r["metrics"]["tests"], r["metrics"]["alpha_per_test"]) == (2, 0.025)
+
+
 def test_instants_not_strings_decide_the_window(db, binks_home):
     """Runs just after the apply written at -05:00 sort before it as strings, and runs
     just before it written at +02:00 sort after it."""

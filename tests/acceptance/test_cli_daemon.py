@@ -114,3 +114,52 @@ def test_missing_history_is_one_line_and_creates_nothing(tmp_path):
     assert res.stderr.strip().splitlines() == [f"Error: no run history at {home / 'conversations.db'} "
                                                "(use --db or BINKS_HOME)"]
     assert not home.exists()
+
+
+SLOW_PROPOSAL_PLUGIN = """
+import os, time
+from selfheal_plugin import hookimpl
+
+@hookimpl
+def improvement_proposed(improvement, settings):
+    with open(os.path.join(str(settings.home), "proposed.log"), "a") as fh:
+        fh.write(improvement.id + "\\n")
+    time.sleep(2.5)  # a slow reaction to each proposal: the tick's detection step takes long
+"""
+
+
+def test_sigterm_during_a_long_tick_stops_between_patterns(binks_home, tmp_path):
+    import time
+    from datetime import datetime, timezone
+
+    from selfheal_plugin.generator import generate_history
+
+    # the daemon runs on the wall clock: the history must end now to be in its lookback
+    generate_history(binks_home / "conversations.db", seed=7, runs=300, end=datetime.now(timezone.utc))
+    plugins = binks_home / "selfheal" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "slow_proposal.py").write_text(textwrap.dedent(SLOW_PROPOSAL_PLUGIN))
+    log = binks_home / "proposed.log"
+    err = open(tmp_path / "daemon.err", "w")
+    proc = subprocess.Popen([agent_bin(), "self-heal-daemon", "--home", str(binks_home), "--auto-detect"],
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+    err.close()
+    try:
+        assert wait_until(lambda: log.exists() or proc.poll() is not None), (tmp_path / "daemon.err").read_text()
+        assert proc.poll() is None, (tmp_path / "daemon.err").read_text()
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = (tmp_path / "daemon.err").read_text()
+    assert rc == 0 and "Traceback" not in text, text
+    assert "received SIGTERM: stopping" in text and "self-heal daemon stopped" in text
+    # one proposal was being handled when the signal came; the other patterns were not
+    # proposed for (the whole tick would have taken 2.5 s per pattern)
+    assert len(log.read_text().split()) == 1, text
+    assert "(stopped early)" in text
+    assert took < 5.0, took  # generous: the slow hook itself still finishes

@@ -119,3 +119,44 @@ def test_reject(db):
     r = run_agent("self-heal", "reject", imp.id, "--json")
     assert r.returncode == 0 and json.loads(r.stdout) == {"improvement_id": imp.id, "status": "rejected"}
     assert "is rejected" in one_line_error(run_agent("self-heal", "apply", imp.id, "--yes"))
+
+
+@pytest.mark.parametrize("state", ["applied", "verified", "rolled_back", "rejected"])
+def test_test_refuses_an_improvement_that_is_past_testing(db, state):
+    imp = add_improvement(db, [timeout_change(90_000)], status=state, test_result={"recommendation": "reject"})
+    line = one_line_error(run_agent("self-heal", "test", imp.id))
+    assert f"{imp.id} is {state}; only proposed or tested improvements can be tested" in line
+    assert "agent self-heal apply" not in line
+    row = ImprovementStore(connect(db)).get(imp.id)
+    assert (row.status, row.test_result) == (state, {"recommendation": "reject"})  # nothing changed
+
+
+def test_a_crlf_config_is_changed_only_where_the_key_changes(db, binks_home):
+    cfg = binks_home / "config.toml"
+    cfg.write_bytes(b'# c\r\nmodel = "x"\r\n\r\n[tools."mcp__k8s__pods_list"]\r\nretry_attempts = 2\r\n')
+    imp = add_improvement(db, [{"kind": "config", "path": ["tools", "mcp__k8s__pods_list", "retry_attempts"],
+                                "value": 3}])
+    r = run_agent("self-heal", "apply", imp.id, "--yes")
+    assert r.returncode == 0, r.stderr
+    stat = git(binks_home, "show", "--format=", "--numstat", "HEAD").split()
+    assert stat == ["1", "1", "config.toml"]
+    assert cfg.read_bytes() == b'# c\r\nmodel = "x"\r\n\r\n[tools."mcp__k8s__pods_list"]\r\nretry_attempts = 3\r\n'
+
+
+def test_a_locked_git_index_is_one_line_with_gits_reason_and_changes_nothing(db, binks_home):
+    imp = add_improvement(db, [timeout_change(90_000)])
+    (binks_home / "config.toml").write_text('model = "a"\n')
+    git(binks_home, "init", "-q")
+    git(binks_home, "add", "config.toml")
+    git_as_user(binks_home, "commit", "-q", "-m", "mine")
+    head = git(binks_home, "rev-parse", "HEAD")
+    (binks_home / ".git" / "index.lock").write_text("")
+    line = one_line_error(run_agent("self-heal", "apply", imp.id, "--yes"))
+    assert "Unable to create" in line and "index.lock': File exists" in line and not line.endswith("'")
+    assert "nothing was changed" in line
+    assert (binks_home / "config.toml").read_text() == 'model = "a"\n' and git(binks_home, "rev-parse", "HEAD") == head
+    assert status(db, imp.id) == "proposed"
+    (binks_home / ".git" / "index.lock").unlink()
+    assert git(binks_home, "status", "--porcelain", "--", "config.toml") == ""
+    r = run_agent("self-heal", "apply", imp.id, "--yes")  # no recovery warning: nothing was left over
+    assert r.returncode == 0 and "recovered" not in r.stderr, r.stderr

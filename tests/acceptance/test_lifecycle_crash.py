@@ -53,7 +53,7 @@ def test_apply_killed_at_each_step_is_recovered(setup, step):
     assert r.returncode == 99, r.stderr
     assert row(db, imp.id).pending_op["op"] == "apply"
 
-    r = run_agent("self-heal", "test", imp.id, "--json")  # any lifecycle command recovers first
+    r = run_agent("self-heal", "detect", "--json")  # any command recovers first
     assert r.returncode == 0, r.stderr
     assert f"recovered interrupted apply of {imp.id}" in r.stderr
     state = row(db, imp.id)
@@ -70,7 +70,7 @@ def test_apply_killed_at_each_step_is_recovered(setup, step):
         assert again.returncode == 1 and "is applied" in again.stderr
     else:
         assert apply_commits(home, imp.id) == []
-        assert (state.status, state.commit_sha) == ("tested", None)
+        assert (state.status, state.commit_sha) == ("proposed", None)
         assert (home / "config.toml").read_text() == CONFIG
         again = run_agent("self-heal", "apply", imp.id, "--yes", "--json")
         assert again.returncode == 0, again.stderr
@@ -99,7 +99,7 @@ def test_rollback_killed_at_each_step_is_recovered(setup, step, method):
     r = run_agent("self-heal", "rollback", imp.id, env={"SELFHEAL_CRASH_AT": step})
     assert r.returncode == 99, r.stderr
 
-    r = run_agent("self-heal", "test", imp.id, "--json")
+    r = run_agent("self-heal", "detect", "--json")
     assert r.returncode == 0, r.stderr
     assert f"recovered interrupted rollback of {imp.id}" in r.stderr
     state = row(db, imp.id)
