@@ -113,45 +113,40 @@ class ImprovementStore:
         return [Improvement.from_row(r) for r in self.conn.execute(sql, params)]
 
     def open_for_pattern(self, pattern_id: str) -> Improvement | None:
-        placeholders = ",".join("?" * len(OPEN_STATUSES))
-        row = self.conn.execute(
-            f"SELECT * FROM improvements WHERE pattern_id = ? AND status IN ({placeholders}) "
-            "ORDER BY julianday(proposed_at) DESC LIMIT 1", (pattern_id, *OPEN_STATUSES)).fetchone()
+        row = self._open_row(pattern_id)
         return Improvement.from_row(row) if row else None
 
-    def insert(self, imp: Improvement) -> Improvement:
+    def _open_row(self, pattern_id: str | None) -> sqlite3.Row | None:
+        placeholders = ",".join("?" * len(OPEN_STATUSES))
+        return self.conn.execute(
+            f"SELECT * FROM improvements WHERE pattern_id = ? AND status IN ({placeholders}) "
+            "ORDER BY julianday(proposed_at) DESC LIMIT 1", (pattern_id, *OPEN_STATUSES)).fetchone()
+
+    def _insert_row(self, imp: Improvement) -> None:
+        """Stamp a new row's times and category and insert it (inside the caller's transaction)."""
         now = format_timestamp(utcnow())
         imp.proposed_at = imp.proposed_at or now
         imp.created_at = imp.created_at or now
         imp.updated_at = now
         imp.category = imp.category or "tool"
         values = self._row_values(imp)
-        cols = list(values)
+        self.conn.execute(f"INSERT INTO improvements ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
+                          list(values.values()))
+
+    def insert(self, imp: Improvement) -> Improvement:
         with write_transaction(self.conn):
-            self.conn.execute(f"INSERT INTO improvements ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
-                              [values[c] for c in cols])
+            self._insert_row(imp)
         return imp
 
     def insert_unless_open(self, imp: Improvement) -> tuple[Improvement, bool]:
         """Insert ``imp`` unless its pattern already has an open improvement; returns
         (the stored row, created). Check and insert share one write transaction, so two
         processes proposing for the same pattern at once still make one row."""
-        now = format_timestamp(utcnow())
-        imp.proposed_at = imp.proposed_at or now
-        imp.created_at = imp.created_at or now
-        imp.updated_at = now
-        imp.category = imp.category or "tool"
-        values = self._row_values(imp)
-        cols = list(values)
-        placeholders = ",".join("?" * len(OPEN_STATUSES))
         with write_transaction(self.conn):
-            row = self.conn.execute(
-                f"SELECT * FROM improvements WHERE pattern_id = ? AND status IN ({placeholders}) "
-                "ORDER BY julianday(proposed_at) DESC LIMIT 1", (imp.pattern_id, *OPEN_STATUSES)).fetchone()
+            row = self._open_row(imp.pattern_id)
             if row is not None:
                 return Improvement.from_row(row), False
-            self.conn.execute(f"INSERT INTO improvements ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
-                              [values[c] for c in cols])
+            self._insert_row(imp)
         return imp, True
 
     def update(self, improvement_id: str, **fields_: Any) -> Improvement:

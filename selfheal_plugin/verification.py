@@ -103,17 +103,23 @@ def compare_with_expected(expected: str | None, success_delta: float | None,
     return "less than expected"
 
 
+def pattern_tool(imp: Any) -> str | None:
+    """The tool of the improvement's pattern; None for a legacy row without a usable id
+    (then only overall run success is measured)."""
+    if not imp.pattern_id:
+        return None
+    try:
+        return split_pattern_id(imp.pattern_id)[1]
+    except SelfHealError:
+        return None
+
+
 def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[ReplayRun], window_complete: bool,
            labels: tuple[str, str] = ("before it", "since the apply")) -> dict[str, Any]:
     """The comparison behind every verdict: two groups of finished runs (before/after the
     apply, or control/canary arms of one period) → rates, Fisher p-values, recommendation.
     ``labels`` name the two groups in the extend-monitoring reason."""
-    tool = None
-    if imp.pattern_id:
-        try:
-            tool = split_pattern_id(imp.pattern_id)[1]
-        except SelfHealError:  # a legacy row with an odd pattern id: no pattern measure
-            tool = None
+    tool = pattern_tool(imp)
     ok_b, ok_a = sum(r.completed for r in before), sum(r.completed for r in after)
     n_b, n_a = len(before), len(after)
     sr_b, sr_a = _rate(ok_b, n_b), _rate(ok_a, n_a)
@@ -211,12 +217,7 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
     applied = parse_timestamp(imp.applied_at)
     window = timedelta(days=days)
     after_end = min(applied + window, now)
-    tool = None
-    if imp.pattern_id:
-        try:
-            tool = split_pattern_id(imp.pattern_id)[1]
-        except SelfHealError:  # a legacy row with an odd pattern id: no pattern measure
-            tool = None
+    tool = pattern_tool(imp)
     tools = [tool] if tool else []
     before = load_runs(conn, (applied - window).timestamp(), applied.timestamp(), tools)
     after = load_runs(conn, applied.timestamp(), after_end.timestamp(), tools) if now > applied else []
