@@ -37,7 +37,6 @@ from .configedit import ConfigChange, sha256_text
 from .errors import SelfHealError, UsageError
 from .experiments import ARM_CANARY, ARM_CONTROL, CANARY, SHADOW, SHADOW_KEYS, parse_experiments
 from .improvements import Improvement, ImprovementStore
-from .patterns import split_pattern_id
 from .settings import Settings
 from .simulation import load_runs
 from .times import format_timestamp, parse_timestamp, utcnow
@@ -260,15 +259,6 @@ def _binomial_p(k: int, n: int, p: float) -> float | None:
     return float(stats.binomtest(k, n, p).pvalue)
 
 
-def _tool(imp: Improvement) -> str | None:
-    if not imp.pattern_id:
-        return None
-    try:
-        return split_pattern_id(imp.pattern_id)[1]
-    except SelfHealError:
-        return None
-
-
 def experiment_report(conn: sqlite3.Connection, settings: Settings, imp: Improvement,
                       days: float | None = None, now: datetime | None = None) -> dict[str, Any]:
     """The current measurement of a canary (arms compared) or shadow (outcome changes);
@@ -284,9 +274,9 @@ def experiment_report(conn: sqlite3.Connection, settings: Settings, imp: Improve
     window = {"days": days, "since": format_timestamp(started), "until": format_timestamp(end), "complete": complete}
     if exp.get("mode") == SHADOW:
         return _shadow_report(conn, settings, imp, started, end, window)
-    from .verification import assess
+    from .verification import assess, pattern_tool
 
-    tool = _tool(imp)
+    tool = pattern_tool(imp)
     runs = load_runs(conn, started.timestamp(), end.timestamp(), [tool] if tool else []) if end > started else []
     arms = _arms(conn, imp.id, started, end) if end > started else {}
     control = [r for r in runs if arms.get(r.run_id) == ARM_CONTROL]
