@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from .errorindex import refresh
 from .errors import NotFoundError, UsageError
-from .history import get_state, normalize_error_type
+from .history import get_state, normalize_error_type, rows_by_id
 from .improvements import ImprovementStore
 from .strategy import Change, server_of
 from .times import format_timestamp, parse_since, parse_timestamp, utc_text, utcnow
@@ -726,7 +726,7 @@ def get_health_dashboard(conn: sqlite3.Connection, detailed: bool = False, since
     refresh(conn, (lambda d, t: progress(d, total)) if progress else None)
     runs = _window_runs(conn, start, end)
     facts = {r.run_id: RunFacts(r.run_id, r.workflow, r.status, r.started_at, r.duration_ms, r.error) for r in runs}
-    metrics_rows = _metrics_for(conn, list(facts))
+    metrics_rows = rows_by_id(conn, "run_metrics", "run_id", list(facts))
     for run_id, m in metrics_rows.items():
         facts[run_id].metrics = m
     scan = scan_window(conn, start, end, facts, progress=progress, progress_offset=pending, progress_total=top)
@@ -770,15 +770,6 @@ def get_health_dashboard(conn: sqlite3.Connection, detailed: bool = False, since
         result["agents"] = _agent_entries(runs, start, end)
         result["tools"] = tools
     return result
-
-
-def _metrics_for(conn: sqlite3.Connection, run_ids: list[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for i in range(0, len(run_ids), 500):
-        chunk = run_ids[i:i + 500]
-        for row in conn.execute(f"SELECT * FROM run_metrics WHERE run_id IN ({','.join('?' * len(chunk))})", chunk):
-            out[row["run_id"]] = dict(row)
-    return out
 
 
 def _pending_index_rows(conn: sqlite3.Connection) -> int:

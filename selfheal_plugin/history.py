@@ -320,6 +320,17 @@ def set_state(conn: sqlite3.Connection, key: str, value: Any) -> None:
     )
 
 
+def rows_by_id(conn: sqlite3.Connection, table: str, column: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Rows of ``table`` whose ``column`` is one of ``ids``, keyed by it (queried in chunks
+    of 500 to stay under SQLite's variable limit)."""
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        for row in conn.execute(f"SELECT * FROM {table} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk):
+            out[row[column]] = dict(row)
+    return out
+
+
 def load_json(text: Any, default: Any = None) -> Any:
     """Parse a JSON column, returning ``default`` for NULL or malformed text."""
     if text is None or text == "":

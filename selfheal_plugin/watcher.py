@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UsageError
-from .history import connect, get_state, set_state, write_transaction
+from .history import connect, get_state, rows_by_id, set_state, write_transaction
 from .settings import Settings
 from .times import format_timestamp, utcnow
 
@@ -114,15 +114,6 @@ def _fire(hook: str, **kwargs: Any) -> None:
 # ------------------------------------------------------------------ claiming
 
 
-def _run_rows(conn: sqlite3.Connection, run_ids: list[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for i in range(0, len(run_ids), 500):
-        chunk = run_ids[i:i + 500]
-        for row in conn.execute(f"SELECT * FROM runs WHERE id IN ({','.join('?' * len(chunk))})", chunk):
-            out[row["id"]] = dict(row)
-    return out
-
-
 def _claim(conn: sqlite3.Connection, run_id: str, now: str, tag: str) -> bool:
     cur = conn.execute("INSERT OR IGNORE INTO selfheal_hooked_runs(run_id, hooked_at, claimed_by) VALUES (?, ?, ?)",
                        (run_id, now, tag))
@@ -154,7 +145,7 @@ def _mark_fired(conn: sqlite3.Connection, run_ids: list[str]) -> None:
 
 
 def _fire_failed(conn: sqlite3.Connection, settings: Settings, run_ids: list[str]) -> None:
-    rows = _run_rows(conn, run_ids)
+    rows = rows_by_id(conn, "runs", "id", run_ids)
     fired = []
     for run_id in run_ids:
         run = rows.get(run_id)
