@@ -334,14 +334,18 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
     def test_improvement(
         improvement_id: Annotated[str, Field(description="Improvement id (imp-...)")],
         mode: Annotated[Literal["simulation", "canary", "shadow"], Field(
-            description="simulation replays the history window with the change")] = "simulation",
+            description="simulation replays the history window with the change; canary applies it to a "
+                        "fraction of runs; shadow observes it without changing outcomes")] = "simulation",
+        fraction: Annotated[float | None, Field(
+            gt=0, lt=1, description="canary only: share of runs in the canary arm (default 0.5)")] = None,
     ) -> ImprovementTest:
         """Estimate the improvement against history: simulated vs baseline success rate with a
-        95% interval and a recommendation (safe_to_apply, risky or reject). Stores the result."""
+        95% interval and a recommendation (safe_to_apply, risky or reject). Stores the result.
+        canary/shadow start an experiment section in config.toml (a git commit)."""
         from .simulation import test_improvement as run_test
 
         with _session(home, db, recover=True) as (s, conn):
-            return run_test(conn, s, improvement_id, mode)
+            return run_test(conn, s, improvement_id, mode, fraction=fraction)
 
     @tool("Apply improvement", destructive=True, idempotent=False)
     def apply_improvement(

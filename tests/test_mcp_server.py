@@ -205,3 +205,19 @@ def test_broken_config_is_a_tool_error(home):
     (home / "config.toml").write_text("[self_heal\nmin_occurrences = 3\n")
     text = error_text(call_all(build_server(home), [("compute_agent_metrics", {})])[0])
     assert "config.toml is not valid TOML" in text and "\n" not in text
+
+
+def test_canary_fraction_and_its_bounds(home):
+    server = build_server(home)
+    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])
+    timeout_id = next(p["id"] for p in detected if p["error_type"] == "timeout")
+    imp_id = structured(call_all(server, [("propose_improvement", {"pattern_id": timeout_id})])[0])["improvement_id"]
+    bad = call_all(server, [("test_improvement", {"improvement_id": imp_id, "mode": "canary", "fraction": 1.5}),
+                            ("test_improvement", {"improvement_id": imp_id, "fraction": 0.3})])
+    assert bad[0].is_error and "fraction" in error_text(bad[0])
+    assert bad[1].is_error and "canary mode only" in error_text(bad[1])
+    assert ImprovementStore(connect(home / "conversations.db")).get(imp_id).status == "proposed"
+    ok = call_all(server, [("test_improvement", {"improvement_id": imp_id, "mode": "canary", "fraction": 0.3})])[0]
+    assert not ok.is_error, error_text(ok)
+    stored = ImprovementStore(connect(home / "conversations.db")).get(imp_id)
+    assert stored.status == "canary" and stored.experiment["fraction"] == 0.3
