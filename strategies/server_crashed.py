@@ -69,10 +69,15 @@ class ServerCrashedStrategy(ModeledStrategy):
         else:
             open_sec = DEFAULT_OPEN_SEC
         short_circuited = sum(max(0, length - threshold) for length, _, _ in runs)
-        changes = [Change.config(tool_path(tool, "circuit_breaker", "failure_threshold"), threshold),
-                   Change.config(tool_path(tool, "circuit_breaker", "timeout_duration_sec"), open_sec),
-                   Change.config(tool_path(tool, "circuit_breaker", "half_open_requests"), 1)]
         server = server_of(tool)
+        # A breaker only helps against streaks of failures; when the crashes in the window are
+        # isolated (it would have short-circuited nothing), restarting the server is the fix.
+        breaker = short_circuited > 0 or not server
+        changes = []
+        if breaker:
+            changes += [Change.config(tool_path(tool, "circuit_breaker", "failure_threshold"), threshold),
+                        Change.config(tool_path(tool, "circuit_breaker", "timeout_duration_sec"), open_sec),
+                        Change.config(tool_path(tool, "circuit_breaker", "half_open_requests"), 1)]
         if server:
             changes += [Change.config(server_path(server, "auto_restart"), True),
                         Change.config(server_path(server, "health_check"), True)]
@@ -82,10 +87,15 @@ class ServerCrashedStrategy(ModeledStrategy):
                     "short_circuited_calls": short_circuited, "failed_calls": failures, "server": server}
         basis = (f"the breaker would have short-circuited {short_circuited} of {failures} failed calls "
                  f"({percent(short_circuited / failures) if failures else '0%'}); tool error rate {percent(rate)}")
+        if breaker:
+            description, risk = self.suggest(pattern), "medium"
+        else:
+            description, risk = f"Health-check and auto-restart MCP server {server} (crashes of {tool} are isolated)", "low"
+            basis += "; crashes are isolated, so no breaker"
         return self.make_proposal(
-            pattern, description=self.suggest(pattern),
+            pattern, description=description,
             expected_impact=impact_text(None, f"crashes on {tool}", basis),
-            risk_level="medium", changes=changes, expected_reduction=None, evidence=evidence,
+            risk_level=risk, changes=changes, expected_reduction=None, evidence=evidence,
         )
 
 

@@ -2,6 +2,8 @@
 from the data, and the fix chosen from what the messages say."""
 from __future__ import annotations
 
+import json
+import sqlite3
 import tomllib
 from pathlib import Path
 
@@ -227,3 +229,37 @@ def test_change_validation():
         Change.manual("  ")
     assert Change.from_dict(Change.config(["tools", "a:b", "timeout_ms"], 5).to_dict()).describe() == \
         'config.toml: tools."a:b".timeout_ms = 5'
+
+
+def test_server_crashed_adds_a_breaker_only_for_streaks(tmp_path):
+    """Isolated crashes get a restart of the server; streaks of failures get a breaker too."""
+    from selfheal_plugin.generator import InjectedPattern
+
+    def crash_pattern(fail_run):
+        return InjectedPattern("server_crashed", "mcp__search__web_search", 8,
+                               ("MCP server process exited unexpectedly (code {n})",), ("researcher",), 0,
+                               ("server_crashed",), fail_run=fail_run)
+
+    db = tmp_path / "isolated.db"
+    generate_history(db, seed=5, runs=300, end=NOW, patterns=(crash_pattern(0.7),))
+    isolated = _propose(db, "server_crashed:mcp__search__web_search")
+    paths = [tuple(c.path) for c in isolated.changes]
+    assert isolated.evidence["short_circuited_calls"] == 0  # scattered crashes: no streak to cut short
+    assert not any("circuit_breaker" in p for p in paths)
+    assert ("servers", "search", "auto_restart") in paths and isolated.risk_level == "low"
+    # a streak: the same run fails the call again and again
+    streak = tmp_path / "streak.db"
+    generate_history(streak, seed=5, runs=300, end=NOW, patterns=())
+    c = sqlite3.connect(streak)
+    run_id = c.execute("SELECT id FROM runs WHERE status = 'completed' LIMIT 1").fetchone()[0]
+    stamp = c.execute("SELECT started_at FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+    for _ in range(8):
+        c.execute("INSERT INTO run_events(run_id, step_index, event_type, event_data, timestamp) VALUES (?,?,?,?,?)",
+                  (run_id, 0, "tool_complete", json.dumps({
+                      "type": "tool_complete", "name": "mcp__search__web_search", "is_error": True, "duration": 5,
+                      "result": "MCP server process exited unexpectedly", "error_type": "server_crashed"}), stamp))
+    c.commit()
+    c.close()
+    streaky = _propose(streak, "server_crashed:mcp__search__web_search")
+    assert streaky.evidence["short_circuited_calls"] > 0
+    assert any("circuit_breaker" in tuple(c.path) for c in streaky.changes) and streaky.risk_level == "medium"
