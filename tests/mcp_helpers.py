@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -12,6 +13,8 @@ import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from selfheal_plugin.generator import generate_history
 from selfheal_plugin.history import connect
@@ -39,6 +42,22 @@ def make_history(path: Path, seed: int = 11, runs: int = 300) -> dict:
     for the whole test run. No runs left running (their score would depend on the clock)."""
     return generate_history(path, seed=seed, runs=runs, days=6, end=utcnow() - timedelta(minutes=10),
                             running_runs=0)
+
+
+# Fixtures shared by the in-process and transport tests (imported by name there).
+@pytest.fixture(scope="module")
+def recent_history(tmp_path_factory) -> Path:
+    """A history generated once per module, inside the tools' default window."""
+    path = tmp_path_factory.mktemp("mcp-hist") / "conversations.db"
+    make_history(path)
+    return path
+
+
+@pytest.fixture
+def home(recent_history, binks_home) -> Path:
+    """A BINKS_HOME holding a writable copy of ``recent_history``."""
+    shutil.copy(recent_history, binks_home / "conversations.db")
+    return binks_home
 
 
 def plain(value: Any) -> Any:

@@ -4,11 +4,9 @@ one-line tool errors after which the server keeps serving."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 import anyio
-import pytest
 from mcp import Client
 
 from selfheal_plugin.history import connect
@@ -16,20 +14,9 @@ from selfheal_plugin.improvements import ImprovementStore
 from selfheal_plugin.mcp_server import build_server
 from selfheal_plugin.settings import load_settings
 
-from .mcp_helpers import TOOLS, error_text, make_history, reference, stable, structured
-
-
-@pytest.fixture(scope="module")
-def recent_history(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("mcp-hist") / "conversations.db"
-    make_history(path)
-    return path
-
-
-@pytest.fixture
-def home(recent_history, binks_home) -> Path:
-    shutil.copy(recent_history, binks_home / "conversations.db")
-    return binks_home
+from .mcp_helpers import (  # home, recent_history: shared fixtures
+    TOOLS, error_text, home, recent_history, reference, stable, structured,
+)
 
 
 def call_all(server: Any, calls: list[tuple[str, dict]]) -> list[Any]:

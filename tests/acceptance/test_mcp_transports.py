@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import anyio
@@ -20,22 +19,9 @@ from selfheal_plugin.history import connect
 from selfheal_plugin.improvements import ImprovementStore
 
 from ..mcp_helpers import (
-    TOOLS, RuntimeWriter, error_text, make_history, reference, server_command, stable, start_http_server, stop,
-    structured,
-)
-
-
-@pytest.fixture(scope="module")
-def recent_history(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("mcp-hist") / "conversations.db"
-    make_history(path)
-    return path
-
-
-@pytest.fixture
-def home(recent_history, binks_home) -> Path:
-    shutil.copy(recent_history, binks_home / "conversations.db")
-    return binks_home
+    TOOLS, RuntimeWriter, error_text, home, recent_history, reference, server_command, stable,
+    start_http_server, stop, structured,
+)  # home, recent_history: shared fixtures
 
 
 def over_stdio(args: list[str], session: Callable[[Client], Awaitable[Any]], env: dict | None = None
