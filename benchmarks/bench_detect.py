@@ -30,10 +30,10 @@ EVENTS_PER_RUN = 50.7  # what the generator writes with its defaults
 def naive_detect(db: str, since: datetime, min_occurrences: int = 3) -> list[dict]:
     import sqlite3
 
-    from selfheal_plugin.errorindex import message_template
-    from selfheal_plugin.history import normalize_error_type
-    from selfheal_plugin.patterns import context_correlation, context_of
-    from selfheal_plugin.times import parse_timestamp
+    from selfheal_plugin.history.errorindex import message_template
+    from selfheal_plugin.history.connection import normalize_error_type
+    from selfheal_plugin.analysis.patterns import context_correlation, context_of
+    from selfheal_plugin.history.times import parse_timestamp
 
     conn = sqlite3.connect(db)
     workflows = dict(conn.execute("SELECT id, workflow_name FROM runs"))
@@ -62,9 +62,9 @@ def measure(mode: str, db: str) -> None:
     """Runs in a child process: one detect, then prints seconds and peak RSS as JSON."""
     from datetime import timedelta
 
-    import selfheal_plugin.errorindex  # noqa: F401  (imports are not what we time)
-    from selfheal_plugin.history import connect
-    from selfheal_plugin.patterns import detect_failure_patterns
+    import selfheal_plugin.history.errorindex  # noqa: F401  (imports are not what we time)
+    from selfheal_plugin.history.connection import connect
+    from selfheal_plugin.analysis.patterns import detect_failure_patterns
     since = END - timedelta(days=8)
     t0 = time.perf_counter()
     if mode == "naive":
@@ -93,7 +93,7 @@ def child(mode: str, db: Path) -> dict:
 
 
 def bench(events: int, workdir: Path, repeats: int) -> dict:
-    from selfheal_plugin.generator import generate_history
+    from selfheal_plugin.testbed.generator import generate_history
 
     src = workdir / f"history-{events}.db"
     if not src.exists():

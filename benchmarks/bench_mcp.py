@@ -63,13 +63,13 @@ def main() -> None:
     import anyio
     from mcp import Client, StdioServerParameters
 
-    from selfheal_plugin.generator import generate_history
-    from selfheal_plugin.history import connect
-    from selfheal_plugin.lifecycle import attach_suggested_fixes
-    from selfheal_plugin.mcp_server import build_server
-    from selfheal_plugin.patterns import detect_failure_patterns
-    from selfheal_plugin.settings import load_settings
-    from selfheal_plugin.times import utcnow
+    from selfheal_plugin.testbed.generator import generate_history
+    from selfheal_plugin.history.connection import connect
+    from selfheal_plugin.lifecycle.proposals import attach_suggested_fixes
+    from selfheal_plugin.mcp.server import build_server
+    from selfheal_plugin.analysis.patterns import detect_failure_patterns
+    from selfheal_plugin.history.settings import load_settings
+    from selfheal_plugin.history.times import utcnow
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "binks"

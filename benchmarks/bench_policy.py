@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from selfheal_plugin.policy import ToolPolicy
+from selfheal_plugin.runtime.policy import ToolPolicy
 
 
 def tool(x: int) -> int:

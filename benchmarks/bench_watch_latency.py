@@ -20,10 +20,12 @@ import threading
 import time
 from pathlib import Path
 
-from selfheal_plugin import hookimpl, plugins
-from selfheal_plugin.history import connect
-from selfheal_plugin.settings import load_settings
-from selfheal_plugin.watcher import Watcher
+from selfheal_plugin import hookimpl
+
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.settings import load_settings
+from selfheal_plugin.daemon.watcher import Watcher
 
 WRITER = r"""
 import json, sqlite3, sys, time, uuid

@@ -6,7 +6,7 @@ thresholds apply to all of the pattern's occurrences, not just this run's); when
 reaches ``min_occurrences`` and ``confidence_threshold``, a proposal is made (or the open
 one found) and the user is notified — at most once per pattern per
 ``cooldown_minutes``, however many runs fail in a burst (the cooldown is shared with the
-daemon's periodic detection, see :mod:`selfheal_plugin.cooldown`).
+daemon's periodic detection, see :mod:`selfheal_plugin.lifecycle.cooldown`).
 
 Times come from the run itself (its ``completed_at``, else ``started_at``), so a history
 written with a simulated clock is analysed in its own time.
@@ -18,12 +18,12 @@ from datetime import datetime
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.cooldown import claim_notification
-from selfheal_plugin.history import connect
-from selfheal_plugin.lifecycle import StrategyError, attach_suggested_fixes, history_window, propose_for_pattern
-from selfheal_plugin.patterns import detect_failure_patterns, get_pattern
-from selfheal_plugin.plugins import Notification, notify
-from selfheal_plugin.times import parse_timestamp, utcnow
+from selfheal_plugin.lifecycle.cooldown import claim_notification
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.lifecycle.proposals import StrategyError, attach_suggested_fixes, history_window, propose_for_pattern
+from selfheal_plugin.analysis.patterns import detect_failure_patterns, get_pattern
+from selfheal_plugin.plugins.manager import Notification, notify
+from selfheal_plugin.history.times import parse_timestamp, utcnow
 
 log = logging.getLogger("selfheal.hooks.auto_analysis")
 

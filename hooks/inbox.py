@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.inbox import append_notification
-from selfheal_plugin.settings import inbox_dir
+from selfheal_plugin.plugins.inbox import append_notification
+from selfheal_plugin.history.settings import inbox_dir
 
 
 @hookimpl

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.plugins import Notification, notify
-from selfheal_plugin.strategy import Change
+from selfheal_plugin.plugins.manager import Notification, notify
+from selfheal_plugin.plugins.strategy import Change
 
 
 def _short_sha(sha: str | None) -> str | None:

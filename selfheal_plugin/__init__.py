@@ -5,6 +5,6 @@ Plugins decorate their hook functions with :data:`hookimpl` (see ``hookspecs``).
 """
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl  # noqa: E402
+from selfheal_plugin.plugins.hookspecs import hookimpl  # noqa: E402
 
 __all__ = ["__version__", "hookimpl"]

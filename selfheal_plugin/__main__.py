@@ -1,3 +1,3 @@
-from .cli import main_self_heal
+from selfheal_plugin.cli.main import main_self_heal
 
 main_self_heal()

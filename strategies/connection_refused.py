@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.strategy import (
+from selfheal_plugin.plugins.strategy import (
     Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, percent, retry_plan, server_of, server_path,
 )
 

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.strategy import Change, HistoryWindow, Proposal, Strategy, impact_text
+from selfheal_plugin.plugins.strategy import Change, HistoryWindow, Proposal, Strategy, impact_text
 
 _RESOURCE = re.compile(r"https?://\S+|(?:~|\.{1,2})?(?:/[\w.@+-]+)+/?|'[^']+'|\"[^\"]+\"")
 

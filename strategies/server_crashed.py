@@ -20,7 +20,7 @@ import statistics
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.strategy import (
+from selfheal_plugin.plugins.strategy import (
     Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, percent, server_of, server_path, tool_path,
 )
 

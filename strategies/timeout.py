@@ -14,7 +14,7 @@ import statistics
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.strategy import (
+from selfheal_plugin.plugins.strategy import (
     Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, nice_ceil_ms, percent, retries_needed, tool_path,
 )
 

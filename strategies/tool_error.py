@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.strategy import (
+from selfheal_plugin.plugins.strategy import (
     Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, recovered_in_run, tool_path,
 )
 

@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.strategy import (
+from selfheal_plugin.plugins.strategy import (
     Change, HistoryWindow, Proposal, Strategy, impact_text, percent, retry_plan, server_of,
 )
 

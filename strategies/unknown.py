@@ -15,8 +15,8 @@ from collections import Counter
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.history import classify_error
-from selfheal_plugin.strategy import (
+from selfheal_plugin.history.connection import classify_error
+from selfheal_plugin.plugins.strategy import (
     Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, recovered_in_run, tool_path,
 )
 
@@ -49,7 +49,7 @@ class UnknownStrategy(ModeledStrategy):
         return label, count / sum(labels.values())
 
     def propose(self, pattern: Any, history: HistoryWindow) -> Proposal:
-        from selfheal_plugin.plugins import strategy_for
+        from selfheal_plugin.plugins.manager import strategy_for
 
         label, share = self._label(pattern)
         classify_change = Change.manual(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from selfheal_plugin.generator import generate_history
+from selfheal_plugin.testbed.generator import generate_history
 
 NOW = datetime(2026, 11, 20, 12, 0, 0, tzinfo=timezone.utc)
 

@@ -15,9 +15,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import Improvement, ImprovementStore, new_improvement_id
-from selfheal_plugin.settings import Settings, load_settings
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import Improvement, ImprovementStore, new_improvement_id
+from selfheal_plugin.history.settings import Settings, load_settings
 
 K8S = "mcp__k8s__pods_list"
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from selfheal_plugin.generator import generate_history
-from selfheal_plugin.history import connect
-from selfheal_plugin.settings import load_settings
-from selfheal_plugin.times import utcnow
+from selfheal_plugin.testbed.generator import generate_history
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.settings import load_settings
+from selfheal_plugin.history.times import utcnow
 
 TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "detect_failure_patterns": (True, False),
@@ -76,7 +76,10 @@ def stable(value: Any) -> Any:
 
 def reference(tool: str, home: Path | str | None, db: Path | str | None = None, **args: Any) -> Any:
     """The library function's result for ``tool`` with the CLI's settings resolution."""
-    from selfheal_plugin import health, lifecycle, simulation, verification
+    from selfheal_plugin.analysis import health
+    from selfheal_plugin.lifecycle import proposals as lifecycle
+    from selfheal_plugin.lifecycle import simulation
+    from selfheal_plugin.lifecycle import verification
 
     s = load_settings(home, db)
     conn = connect(s.db_path)

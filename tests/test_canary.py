@@ -12,16 +12,17 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from selfheal_plugin.canary import drop_experiment, promote_experiment, test_experiment
-from selfheal_plugin.clock import SimulatedClock
+from selfheal_plugin.lifecycle.canary import drop_experiment, promote_experiment, test_experiment
+from selfheal_plugin.history.clock import SimulatedClock
 from selfheal_plugin.errors import ConfigError, NotFoundError, UsageError
-from selfheal_plugin.experiments import arm_for
-from selfheal_plugin.gitops import GitOpsError
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
-from selfheal_plugin.lifecycle import LifecycleError, apply_improvement, verify_improvement
-from selfheal_plugin.policy import PolicyConfig, ToolPolicy, ToolTimeout, resolve_tool_settings
-from selfheal_plugin.recorder import RunRecorder
+from selfheal_plugin.runtime.experiments import arm_for
+from selfheal_plugin.lifecycle.gitops import GitOpsError
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.lifecycle.apply import LifecycleError, apply_improvement
+from selfheal_plugin.lifecycle.verification import verify_improvement
+from selfheal_plugin.runtime.policy import PolicyConfig, ToolPolicy, ToolTimeout, resolve_tool_settings
+from selfheal_plugin.runtime.recorder import RunRecorder
 
 from .lifecycle_data import K8S, add_improvement, git, git_as_user, rate_runs, settings_for, timeout_change, write_runs
 

@@ -18,16 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from selfheal_plugin import gitops, hookimpl, plugins
-from selfheal_plugin.clock import SimulatedClock
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
-from selfheal_plugin.lifecycle import (
-    apply_improvement, propose_improvement, rollback_improvement, test_improvement, verify_improvement,
-)
-from selfheal_plugin.canary import drop_experiment, promote_experiment
-from selfheal_plugin.settings import load_settings
-from selfheal_plugin.strategy import Change, Strategy, tool_path
+from selfheal_plugin import hookimpl
+
+from selfheal_plugin.lifecycle import gitops
+
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.history.clock import SimulatedClock
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.lifecycle.apply import apply_improvement, rollback_improvement
+from selfheal_plugin.lifecycle.proposals import propose_improvement
+from selfheal_plugin.lifecycle.simulation import test_improvement
+from selfheal_plugin.lifecycle.verification import verify_improvement
+from selfheal_plugin.lifecycle.canary import drop_experiment, promote_experiment
+from selfheal_plugin.history.settings import load_settings
+from selfheal_plugin.plugins.strategy import Change, Strategy, tool_path
 from selfheal_plugin.testbed import TestbedConfig, run_workload, tool_name
 
 pytestmark = pytest.mark.closed_loop

@@ -4,7 +4,7 @@ import tomllib
 
 import pytest
 
-from selfheal_plugin.configedit import (
+from selfheal_plugin.lifecycle.configedit import (
     ChangeError, conflicts_with, edit_config, inverse_changes, remove_empty_tables, split_changes,
 )
 from selfheal_plugin.errors import ConfigError

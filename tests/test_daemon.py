@@ -7,16 +7,17 @@ from datetime import timedelta
 
 import pytest
 
-from selfheal_plugin.clock import SimulatedClock
-from selfheal_plugin.daemon import Daemon, DaemonBusyError, lock_path, parse_interval
+from selfheal_plugin.history.clock import SimulatedClock
+from selfheal_plugin.daemon.loop import Daemon, DaemonBusyError, lock_path, parse_interval
 from selfheal_plugin.errors import UsageError
-from selfheal_plugin.generator import generate_history
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
-from selfheal_plugin.lifecycle import apply_improvement, propose_improvement
-from selfheal_plugin.recorder import RunRecorder
-from selfheal_plugin.settings import load_settings
-from selfheal_plugin.times import parse_timestamp
+from selfheal_plugin.testbed.generator import generate_history
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.lifecycle.apply import apply_improvement
+from selfheal_plugin.lifecycle.proposals import propose_improvement
+from selfheal_plugin.runtime.recorder import RunRecorder
+from selfheal_plugin.history.settings import load_settings
+from selfheal_plugin.history.times import parse_timestamp
 
 from .conftest import NOW
 from .watchsupport import collecting
@@ -296,8 +297,8 @@ def test_a_rolled_back_change_is_not_auto_applied_again(fresh):
 
 
 def test_the_reapply_cooldown_ends_after_30_days(fresh):
-    from selfheal_plugin.cooldown import REAPPLY_COOLDOWN_DAYS, undone_same_change
-    from selfheal_plugin.lifecycle import rollback_improvement
+    from selfheal_plugin.lifecycle.cooldown import REAPPLY_COOLDOWN_DAYS, undone_same_change
+    from selfheal_plugin.lifecycle.apply import rollback_improvement
 
     settings = load_settings(fresh)
     conn = connect(settings.db_path)
@@ -356,7 +357,7 @@ def test_a_failed_automatic_rollback_is_notified_once_and_retried(applied):
 
 
 def test_monitoring_is_extended_at_most_three_times_then_concluded(applied):
-    from selfheal_plugin.daemon import MAX_EXTENSIONS
+    from selfheal_plugin.daemon.loop import MAX_EXTENSIONS
 
     settings, imp_id, commit = applied
     write_week_after(settings.db_path, T0, 10, fail_every=None)  # never enough runs for a verdict
@@ -384,8 +385,8 @@ def test_monitoring_is_extended_at_most_three_times_then_concluded(applied):
 
 
 def test_a_stop_during_the_index_build_ends_the_tick_after_that_chunk(fresh, monkeypatch):
-    from selfheal_plugin import errorindex
-    from selfheal_plugin.history import get_state
+    from selfheal_plugin.history import errorindex
+    from selfheal_plugin.history.connection import get_state
 
     settings = load_settings(fresh)
     daemon = Daemon(settings, auto_detect=True, clock=SimulatedClock(T0))
@@ -411,7 +412,8 @@ def test_a_stop_during_the_index_build_ends_the_tick_after_that_chunk(fresh, mon
 
 
 def test_a_stop_between_patterns_ends_the_tick(fresh):
-    from selfheal_plugin import hookimpl, plugins
+    from selfheal_plugin import hookimpl
+    from selfheal_plugin.plugins import manager as plugins
 
     settings = load_settings(fresh)
     daemon = Daemon(settings, auto_detect=True, clock=SimulatedClock(T0))

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 
 from selfheal_plugin.errors import NotFoundError, UsageError
-from selfheal_plugin.generator import GeneratorConfig, add_runtime_improvements, generate_history
-from selfheal_plugin.health import (
+from selfheal_plugin.testbed.generator import GeneratorConfig, add_runtime_improvements, generate_history
+from selfheal_plugin.analysis.health import (
     MIN_REFERENCE_RUNS, OUTCOME_SCORE, WEIGHTS, analyze_run_health, classify_trend, compute_agent_metrics,
     compute_tool_reliability, get_health_dashboard,
 )
-from selfheal_plugin.history import connect, normalize_error_type
-from selfheal_plugin.improvements import Improvement, ImprovementStore
-from selfheal_plugin.lifecycle import propose_detailed
-from selfheal_plugin.settings import load_settings
-from selfheal_plugin.times import parse_timestamp
+from selfheal_plugin.history.connection import connect, normalize_error_type
+from selfheal_plugin.history.improvements import Improvement, ImprovementStore
+from selfheal_plugin.lifecycle.proposals import propose_detailed
+from selfheal_plugin.history.settings import load_settings
+from selfheal_plugin.history.times import parse_timestamp
 
 from .conftest import NOW
 

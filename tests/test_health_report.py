@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from selfheal_plugin.health import get_health_dashboard
-from selfheal_plugin.health_report import ERROR_COLOR, OK_COLOR, TIMEOUT_COLOR, render_html, write_html_report
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import Improvement, ImprovementStore
+from selfheal_plugin.analysis.health import get_health_dashboard
+from selfheal_plugin.analysis.report import ERROR_COLOR, OK_COLOR, TIMEOUT_COLOR, render_html, write_html_report
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import Improvement, ImprovementStore
 from selfheal_plugin.errors import SelfHealError
 
 from .conftest import NOW

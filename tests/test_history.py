@@ -5,10 +5,10 @@ import threading
 import pytest
 
 from selfheal_plugin.errors import HistoryError
-from selfheal_plugin.generator import add_runtime_improvements, generate_history
-from selfheal_plugin.history import (IMPROVEMENT_COLUMNS, classify_error, connect, normalize_error_type,
+from selfheal_plugin.testbed.generator import add_runtime_improvements, generate_history
+from selfheal_plugin.history.connection import (IMPROVEMENT_COLUMNS, classify_error, connect, normalize_error_type,
                                      table_columns, write_transaction)
-from selfheal_plugin.improvements import ImprovementStore
+from selfheal_plugin.history.improvements import ImprovementStore
 
 from .conftest import NOW
 

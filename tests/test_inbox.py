@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from selfheal_plugin import plugins
-from selfheal_plugin.improvements import Improvement
-from selfheal_plugin.inbox import append_notification, format_entry, parse_inbox
-from selfheal_plugin.patterns import Pattern
-from selfheal_plugin.plugins import Notification
-from selfheal_plugin.settings import load_settings
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.history.improvements import Improvement
+from selfheal_plugin.plugins.inbox import append_notification, format_entry, parse_inbox
+from selfheal_plugin.analysis.patterns import Pattern
+from selfheal_plugin.plugins.manager import Notification
+from selfheal_plugin.history.settings import load_settings
 
 WHEN = datetime(2026, 1, 30, 2, 9, 3).astimezone()  # a local time
 

@@ -8,16 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from selfheal_plugin import hookimpl, plugins
-from selfheal_plugin.apply import (
+from selfheal_plugin import hookimpl
+
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.lifecycle.apply import (
     ConflictError, LifecycleError, apply_improvement, plan_apply, reject_improvement, rollback_improvement,
 )
-from selfheal_plugin.configedit import ChangeError
+from selfheal_plugin.lifecycle.configedit import ChangeError
 from selfheal_plugin.errors import ConfigError, NotFoundError, UsageError
-from selfheal_plugin.gitops import GitOpsError
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
-from selfheal_plugin.times import parse_timestamp
+from selfheal_plugin.lifecycle.gitops import GitOpsError
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.times import parse_timestamp
 
 from .lifecycle_data import K8S, add_improvement, git, git_as_user, settings_for, timeout_change
 

@@ -9,10 +9,10 @@ from typing import Any
 import anyio
 from mcp import Client
 
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
-from selfheal_plugin.mcp_server import build_server
-from selfheal_plugin.settings import load_settings
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.mcp.server import build_server
+from selfheal_plugin.history.settings import load_settings
 
 from .mcp_helpers import (  # home, recent_history: shared fixtures
     TOOLS, error_text, home, recent_history, reference, stable, structured,
@@ -160,7 +160,7 @@ def test_modes_the_library_does_not_offer_are_its_error(home):
     detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])
     imp_id = structured(call_all(server, [("propose_improvement", {"pattern_id": detected[0]["id"]})])[0])[
         "improvement_id"]
-    from selfheal_plugin.simulation import TEST_MODES
+    from selfheal_plugin.lifecycle.simulation import TEST_MODES
 
     for mode in ("canary", "shadow"):
         result = call_all(server, [("test_improvement", {"improvement_id": imp_id, "mode": mode})])[0]
@@ -170,7 +170,7 @@ def test_modes_the_library_does_not_offer_are_its_error(home):
             else:
                 assert structured(result)["test_mode"] == mode
             if mode == "canary":  # end it, so the improvement can be tested again
-                from selfheal_plugin.canary import drop_experiment
+                from selfheal_plugin.lifecycle.canary import drop_experiment
 
                 drop_experiment(connect(home / "conversations.db"), load_settings(home), imp_id)
         else:

@@ -5,11 +5,11 @@ from datetime import timedelta
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from selfheal_plugin.errorindex import message_template, refresh
+from selfheal_plugin.history.errorindex import message_template, refresh
 from selfheal_plugin.errors import NotFoundError
-from selfheal_plugin.generator import generate_history
-from selfheal_plugin.history import connect
-from selfheal_plugin.patterns import (confidence_score, detect_failure_patterns, get_pattern, jaccard,
+from selfheal_plugin.testbed.generator import generate_history
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.analysis.patterns import (confidence_score, detect_failure_patterns, get_pattern, jaccard,
                                       context_correlation, pattern_details, split_pattern_id)
 
 from .conftest import NOW

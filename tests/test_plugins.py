@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from selfheal_plugin import hookimpl, hookspecs, plugins
-from selfheal_plugin.plugins import Notification
-from selfheal_plugin.settings import load_settings
+from selfheal_plugin import hookimpl
+
+from selfheal_plugin.plugins import hookspecs
+
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.plugins.manager import Notification
+from selfheal_plugin.history.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DIST = ROOT / "tests" / "plugins" / "selfheal_test_strategy"
@@ -94,7 +98,7 @@ def test_user_plugin_folder_loads_last_and_wins(binks_home):
     s.plugins_dir.mkdir(parents=True)
     (s.plugins_dir / "my_timeouts.py").write_text(
         "from selfheal_plugin import hookimpl\n"
-        "from selfheal_plugin.strategy import Change, Strategy\n"
+        "from selfheal_plugin.plugins.strategy import Change, Strategy\n"
         "class Mine(Strategy):\n"
         "    name = 'mine'\n"
         "    error_types = ('timeout',)\n"

@@ -11,11 +11,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from selfheal_plugin.clock import SimulatedClock
+from selfheal_plugin.history.clock import SimulatedClock
 from selfheal_plugin.errors import ConfigError
-from selfheal_plugin.policy import (CircuitOpen, PreflightFailed, ServerUnavailable, ToolPolicy, ToolTimeout,
+from selfheal_plugin.runtime.policy import (CircuitOpen, PreflightFailed, ServerUnavailable, ToolPolicy, ToolTimeout,
                                     resolve_tool_settings, server_of)
-from selfheal_plugin.recorder import RunRecorder
+from selfheal_plugin.runtime.recorder import RunRecorder
 
 T0 = datetime(2026, 11, 10, 9, 0, tzinfo=timezone.utc)
 TOOL = "mcp__kubernetes__pods_list"

@@ -8,14 +8,16 @@ import threading
 import pytest
 from click.testing import CliRunner
 
-from selfheal_plugin import hookimpl, plugins
-from selfheal_plugin.cli import agent
+from selfheal_plugin import hookimpl
+
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.cli.main import agent
 from selfheal_plugin.errors import NotFoundError
-from selfheal_plugin.generator import add_runtime_improvements
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import STATUSES, ImprovementStore
-from selfheal_plugin.lifecycle import list_improvements, propose_detailed, propose_improvement
-from selfheal_plugin.settings import load_settings
+from selfheal_plugin.testbed.generator import add_runtime_improvements
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import STATUSES, ImprovementStore
+from selfheal_plugin.lifecycle.proposals import list_improvements, propose_detailed, propose_improvement
+from selfheal_plugin.history.settings import load_settings
 
 from .conftest import NOW
 

@@ -10,11 +10,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from selfheal_plugin.clock import SimulatedClock, runtime_timestamp
-from selfheal_plugin.history import connect
-from selfheal_plugin.patterns import detect_failure_patterns
-from selfheal_plugin.recorder import RunRecorder, current_run
-from selfheal_plugin.times import parse_timestamp
+from selfheal_plugin.history.clock import SimulatedClock, runtime_timestamp
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.analysis.patterns import detect_failure_patterns
+from selfheal_plugin.runtime.recorder import RunRecorder, current_run
+from selfheal_plugin.history.times import parse_timestamp
 
 T0 = datetime(2026, 11, 10, 9, 0, 0, 250000, tzinfo=timezone.utc)
 STAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{9}\+00:00$")

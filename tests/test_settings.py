@@ -3,7 +3,7 @@ import math
 import pytest
 
 from selfheal_plugin.errors import ConfigError, UsageError
-from selfheal_plugin.settings import load_settings
+from selfheal_plugin.history.settings import load_settings
 
 
 def write_config(home, text):

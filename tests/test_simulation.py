@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from selfheal_plugin import hookimpl, plugins, simulation
+from selfheal_plugin import hookimpl
+
+from selfheal_plugin.plugins import manager as plugins
+
+from selfheal_plugin.lifecycle import simulation
 from selfheal_plugin.errors import NotFoundError, UsageError
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
-from selfheal_plugin.strategy import Strategy
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.plugins.strategy import Strategy
 
 from .conftest import NOW
 from .lifecycle_data import (

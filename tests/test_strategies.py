@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 import tomlkit
 
-from selfheal_plugin import generator, plugins
-from selfheal_plugin.generator import DEFAULT_PATTERNS, InjectedPattern, generate_history
-from selfheal_plugin.history import connect
-from selfheal_plugin.lifecycle import history_window, make_proposal
-from selfheal_plugin.patterns import get_pattern
-from selfheal_plugin.settings import load_settings
-from selfheal_plugin.strategy import Change, Proposal, server_of
+from selfheal_plugin.testbed import generator
+
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.testbed.generator import DEFAULT_PATTERNS, InjectedPattern, generate_history
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.lifecycle.proposals import history_window, make_proposal
+from selfheal_plugin.analysis.patterns import get_pattern
+from selfheal_plugin.history.settings import load_settings
+from selfheal_plugin.plugins.strategy import Change, Proposal, server_of
 
 from .conftest import NOW
 
@@ -233,7 +235,7 @@ def test_change_validation():
 
 def test_server_crashed_adds_a_breaker_only_for_streaks(tmp_path):
     """Isolated crashes get a restart of the server; streaks of failures get a breaker too."""
-    from selfheal_plugin.generator import InjectedPattern
+    from selfheal_plugin.testbed.generator import InjectedPattern
 
     def crash_pattern(fail_run):
         return InjectedPattern("server_crashed", "mcp__search__web_search", 8,

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from selfheal_plugin.history import connect
-from selfheal_plugin.patterns import detect_failure_patterns
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.analysis.patterns import detect_failure_patterns
 from selfheal_plugin.testbed import TestbedConfig, run_workload, tool_name
 from selfheal_plugin.testbed.agent import build_tree
 from selfheal_plugin.testbed.servers import list_directory, parse_args, search_latency_ms

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from selfheal_plugin.errors import UsageError
-from selfheal_plugin.times import format_timestamp, parse_since, parse_timestamp
+from selfheal_plugin.history.times import format_timestamp, parse_since, parse_timestamp
 
 NOW = datetime(2026, 1, 30, 12, 0, tzinfo=timezone.utc)
 

@@ -5,13 +5,15 @@ from datetime import timedelta
 
 import pytest
 
-from selfheal_plugin import hookimpl, plugins
-from selfheal_plugin.apply import LifecycleError
+from selfheal_plugin import hookimpl
+
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.lifecycle.apply import LifecycleError
 from selfheal_plugin.errors import UsageError
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
-from selfheal_plugin.times import format_timestamp
-from selfheal_plugin.verification import compare_with_expected, verify_improvement
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.times import format_timestamp
+from selfheal_plugin.lifecycle.verification import compare_with_expected, verify_improvement
 
 from .conftest import NOW
 from .lifecycle_data import K8S, RunSpec, add_improvement, rate_runs, settings_for, timeout_change, write_runs

@@ -10,10 +10,10 @@ import textwrap
 import pytest
 
 from selfheal_plugin.errors import UsageError
-from selfheal_plugin.generator import generate_history
-from selfheal_plugin.history import connect
-from selfheal_plugin.settings import load_settings
-from selfheal_plugin.watcher import (
+from selfheal_plugin.testbed.generator import generate_history
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.settings import load_settings
+from selfheal_plugin.daemon.watcher import (
     FLOOR_KEY, WATERMARK_KEY, Watcher, check_history, ensure_watch_schema, notify_run_finished, resolve_mode,
 )
 
@@ -122,11 +122,11 @@ def test_runtime_in_process_notify_and_a_watcher_hook_each_run_once(home):
     """))
     runtime = textwrap.dedent(f"""
         from datetime import datetime, timezone
-        from selfheal_plugin import plugins
-        from selfheal_plugin.clock import SimulatedClock
-        from selfheal_plugin.recorder import RunRecorder
-        from selfheal_plugin.settings import load_settings
-        from selfheal_plugin.watcher import notify_run_finished
+        from selfheal_plugin.plugins import manager as plugins
+        from selfheal_plugin.history.clock import SimulatedClock
+        from selfheal_plugin.runtime.recorder import RunRecorder
+        from selfheal_plugin.history.settings import load_settings
+        from selfheal_plugin.daemon.watcher import notify_run_finished
         plugins.pm.set_blocked("selfheal.hooks.auto_analysis")
         settings = load_settings({str(home)!r})
         clock = SimulatedClock(datetime(2026, 11, 20, 11, tzinfo=timezone.utc))
@@ -254,7 +254,8 @@ def test_watch_mode_from_the_environment(monkeypatch):
 
 
 def test_a_failing_hook_does_not_stop_the_watcher(home):
-    from selfheal_plugin import hookimpl, plugins
+    from selfheal_plugin import hookimpl
+    from selfheal_plugin.plugins import manager as plugins
 
     class Broken:
         @hookimpl

@@ -10,8 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from selfheal_plugin import hookimpl, plugins
-from selfheal_plugin.history import connect
+from selfheal_plugin import hookimpl
+
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.history.connection import connect
 
 WRITER = Path(__file__).with_name("watch_writer.py")
 AUTO_ANALYSIS = "selfheal.hooks.auto_analysis"

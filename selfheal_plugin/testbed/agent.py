@@ -32,10 +32,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from ..clock import SimulatedClock, runtime_timestamp
-from ..policy import ToolPolicy
-from ..recorder import RecordedRun, RunRecorder
-from . import forkserver
+from selfheal_plugin.history.clock import SimulatedClock, runtime_timestamp
+from selfheal_plugin.runtime.policy import ToolPolicy
+from selfheal_plugin.runtime.recorder import RecordedRun, RunRecorder
+from selfheal_plugin.testbed import forkserver
 
 log = logging.getLogger("selfheal.testbed")
 

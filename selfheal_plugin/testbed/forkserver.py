@@ -111,7 +111,7 @@ def _stop_shared() -> None:
 
 
 def _child(fds: list[int], argv: list[str]) -> None:
-    from . import servers
+    from selfheal_plugin.testbed import servers
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -139,7 +139,7 @@ def _preload() -> None:
     import anyio._backends._asyncio  # noqa: F401
     import mcp.server.stdio  # noqa: F401
 
-    from . import servers
+    from selfheal_plugin.testbed import servers
     for kind in ("search", "files", "flaky"):
         servers.build_server(kind, servers.parse_args([kind]))
 

@@ -7,8 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
 
 from ..conftest import run_agent
 from ..lifecycle_data import add_improvement, git, rate_runs, timeout_change, write_runs

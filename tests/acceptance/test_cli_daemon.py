@@ -132,7 +132,7 @@ def test_sigterm_during_a_long_tick_stops_between_patterns(binks_home, tmp_path)
     import time
     from datetime import datetime, timezone
 
-    from selfheal_plugin.generator import generate_history
+    from selfheal_plugin.testbed.generator import generate_history
 
     # the daemon runs on the wall clock: the history must end now to be in its lookback
     generate_history(binks_home / "conversations.db", seed=7, runs=300, end=datetime.now(timezone.utc))

@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from selfheal_plugin.generator import add_runtime_improvements, generate_history
+from selfheal_plugin.testbed.generator import add_runtime_improvements, generate_history
 
 from ..conftest import run_agent
 

@@ -82,7 +82,7 @@ def test_dashboard_errors_are_one_line(history_copy, binks_home, tmp_path):
 
 
 def test_dashboard_empty_history(binks_home):
-    from selfheal_plugin.history import connect
+    from selfheal_plugin.history.connection import connect
 
     connect(binks_home / "conversations.db", create=True).close()
     res = run_agent("self-heal", "dashboard", "--home", str(binks_home), "--json", "--detailed")

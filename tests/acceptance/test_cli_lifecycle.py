@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
 
 from ..conftest import NOW, run_agent
 from ..lifecycle_data import add_improvement, git, git_as_user, timeout_change, timeout_history

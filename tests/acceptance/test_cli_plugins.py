@@ -5,7 +5,7 @@ import os
 import re
 import sqlite3
 
-from selfheal_plugin.inbox import parse_inbox
+from selfheal_plugin.plugins.inbox import parse_inbox
 
 from ..conftest import run_agent
 from ..test_plugins import test_strategy_site  # noqa: F401  (session fixture: pip-installed test plugin)
@@ -23,7 +23,7 @@ def _mcp_detect(home, since: str) -> list[dict]:
     import anyio
     from mcp import Client
 
-    from selfheal_plugin.mcp_server import build_server
+    from selfheal_plugin.mcp.server import build_server
 
     async def go():
         async with Client(build_server(home)) as client:
@@ -121,7 +121,7 @@ def test_broken_user_plugins_are_reported_and_the_rest_works(history_copy, binks
     (plugins_dir / "broken.py").write_text("from selfheal_plugin import hookimpl\n@hookimpl\ndef notify(:\n")
     (plugins_dir / "crashy_strategy.py").write_text(
         "from selfheal_plugin import hookimpl\n"
-        "from selfheal_plugin.strategy import Strategy\n"
+        "from selfheal_plugin.plugins.strategy import Strategy\n"
         "class Crashy(Strategy):\n"
         "    name = 'crashy'\n"
         "    error_types = ('connection_refused',)\n"
@@ -164,7 +164,7 @@ def test_installed_wheel_loads_its_builtin_plugins(tmp_path):
                     str(next((tmp_path / "dist").glob("selfheal-*.whl")))], check=True)
     assert not {"strategies", "hooks"} & {p.name for p in target.iterdir()}
     code = ("import json, selfheal_plugin\n"
-            "from selfheal_plugin import plugins\n"
+            "from selfheal_plugin.plugins import manager as plugins\n"
             "d = plugins.describe()\n"
             "print(json.dumps({'pkg': selfheal_plugin.__file__, 'paths': [p.get('path') for p in d['plugins']],\n"
             "  'types': [s['error_type'] for s in d['strategies']], 'errors': d['errors']}))\n")

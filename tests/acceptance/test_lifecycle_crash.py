@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from selfheal_plugin.apply import APPLY_STEPS, ROLLBACK_STEPS, apply_improvement
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
+from selfheal_plugin.lifecycle.apply import APPLY_STEPS, ROLLBACK_STEPS, apply_improvement
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
 
 from ..conftest import run_agent
 from ..lifecycle_data import add_improvement, git, git_as_user, settings_for, timeout_change

@@ -15,8 +15,8 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-from selfheal_plugin.history import connect
-from selfheal_plugin.improvements import ImprovementStore
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
 
 from ..mcp_helpers import (
     TOOLS, RuntimeWriter, error_text, home, recent_history, reference, server_command, stable,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.strategy import Change, Strategy, server_of, server_path, tool_path
+from selfheal_plugin.plugins.strategy import Change, Strategy, server_of, server_path, tool_path
 
 
 class RestartOnlyStrategy(Strategy):

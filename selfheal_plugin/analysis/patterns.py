@@ -1,0 +1,312 @@
+"""Failure patterns: recurring (error_type, tool_name) signatures of failed tool calls.
+
+Correlation comes from the Jaccard similarity of the occurrences' contexts, a context
+being the set of message-template tokens (numbers, paths, ids masked), argument keys of
+the call, the run's workflow and the step index: each occurrence's mean similarity to
+the others, and the median of those (see :func:`context_correlation`). Confidence combines
+
+* sample size ``n / (n + 2)`` (3 occurrences → 0.6, 10 → 0.83, 30 → 0.94),
+* the correlation, and
+* frequency: the share of the tool's calls in the window that failed this way,
+  saturating at 2 % (``min(1, rate / 0.02)``),
+
+as ``0.35·size + 0.45·correlation + 0.20·frequency``. See README "Detection".
+"""
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
+from selfheal_plugin.errors import NotFoundError
+from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.history.times import format_timestamp, parse_since, utc_text
+
+SIZE_K = 2.0
+FREQUENCY_SATURATION = 0.02
+WEIGHTS = (0.35, 0.45, 0.20)
+MAX_CONTEXT_GROUPS = 300  # above this many distinct contexts, pairs are sampled (seeded)
+
+
+@dataclass
+class Pattern:
+    id: str
+    error_type: str
+    tool_name: str
+    occurrences: int
+    correlation_score: float
+    confidence: float
+    affected_runs: list[str]
+    first_seen: str
+    last_seen: str
+    failure_rate: float
+    suggested_fix: str | None = None
+    # what detection knew, for strategies and `show`; not part of the JSON result
+    occurrences_detail: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self, detail: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not detail:
+            d.pop("occurrences_detail")
+        return d
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    if not a and not b:
+        return 1.0
+    inter = len(a & b)
+    return inter / (len(a) + len(b) - inter)
+
+
+def _bitsets(contexts: list[frozenset[str]]) -> list[int]:
+    bit: dict[str, int] = {}
+    out = []
+    for ctx in contexts:
+        m = 0
+        for token in ctx:
+            m |= 1 << bit.setdefault(token, len(bit))
+        out.append(m)
+    return out
+
+
+def _bit_jaccard(a: int, b: int) -> float:
+    union = (a | b).bit_count()
+    return (a & b).bit_count() / union if union else 1.0
+
+
+def context_correlation(contexts: list[frozenset[str]], seed: int = 0) -> float:
+    """How alike a pattern's occurrences are: for each occurrence, its mean Jaccard
+    similarity to every other occurrence; the correlation is the median of those.
+
+    The median keeps a recurring failure recognisable when unrelated errors share its
+    signature (a plain mean over all pairs falls with the square of the share of
+    strangers). Identical contexts are grouped and compared as integer bitsets, so the
+    cost grows with the number of distinct contexts; past :data:`MAX_CONTEXT_GROUPS`
+    distinct contexts, occurrences and their partners are drawn with a seeded generator,
+    so the result stays deterministic. Fewer than two occurrences carry no evidence: 0.0.
+    """
+    n = len(contexts)
+    if n < 2:
+        return 0.0
+    groups = Counter(contexts)
+    if len(groups) <= MAX_CONTEXT_GROUPS:
+        keys = list(groups)
+        masks = _bitsets(keys)
+        counts = [groups[k] for k in keys]
+        per_group = []
+        for i, a in enumerate(masks):
+            total = sum(c * _bit_jaccard(a, b) for b, c in zip(masks, counts)) - 1.0  # not with itself
+            per_group.append((total / (n - 1), counts[i]))
+        return _weighted_median(per_group)
+    rng = random.Random(seed)
+    ordered = sorted(contexts, key=lambda s: sorted(s))
+    probes = rng.sample(range(n), MAX_CONTEXT_GROUPS)
+    partners = rng.sample(range(n), MAX_CONTEXT_GROUPS)
+    chosen = sorted(set(probes) | set(partners))
+    masks = dict(zip(chosen, _bitsets([ordered[i] for i in chosen])))
+    per = []
+    for i in probes:
+        sims = [_bit_jaccard(masks[i], masks[j]) for j in partners if j != i]
+        per.append((sum(sims) / len(sims), 1))
+    return _weighted_median(per)
+
+
+def _weighted_median(values: list[tuple[float, int]]) -> float:
+    """The lower median of values given with their counts."""
+    values.sort()
+    half, seen = sum(c for _, c in values) / 2, 0
+    for value, count in values:
+        seen += count
+        if seen >= half:
+            return value
+    return values[-1][0]
+
+
+def sample_size_score(n: int) -> float:
+    return n / (n + SIZE_K)
+
+
+def confidence_score(n: int, correlation: float, failure_rate: float) -> float:
+    w_size, w_corr, w_freq = WEIGHTS
+    freq = min(1.0, failure_rate / FREQUENCY_SATURATION)
+    return w_size * sample_size_score(n) + w_corr * correlation + w_freq * freq
+
+
+def context_of(row: dict[str, Any]) -> frozenset[str]:
+    ctx = {f"msg:{t}" for t in template_tokens(row["template"])}
+    ctx.update(f"arg:{k}" for k in row["arg_keys"])
+    ctx.add(f"workflow:{row['workflow']}")
+    ctx.add(f"step:{row['step_index']}")
+    return frozenset(ctx)
+
+
+def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None,
+                error_type: str | None, tool_name: str | None, run_ids: list[str] | None = None) -> list[dict]:
+    sql = ["SELECT e.event_id, e.run_id, e.step_index, e.ts, e.timestamp, e.tool_name, e.error_type,",
+           " e.raw_error_type, e.message, e.template, e.duration_ms, e.arg_keys,",
+           " r.workflow_name, r.started_at, r.status",
+           " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE e.ts >= ?"]
+    params: list[Any] = [since_epoch]
+    if until_epoch is not None:
+        sql.append(" AND e.ts < ?")
+        params.append(until_epoch)
+    if error_type:
+        sql.append(" AND e.error_type = ?")
+        params.append(normalize_error_type(error_type))
+    if tool_name:
+        sql.append(" AND e.tool_name = ?")
+        params.append(tool_name)
+    if run_ids:
+        sql.append(f" AND e.run_id IN ({','.join('?' * len(run_ids))})")
+        params.extend(run_ids)
+    sql.append(" ORDER BY e.event_id")
+    out = []
+    for r in conn.execute("".join(sql), params):
+        out.append({
+            "event_id": r[0], "run_id": r[1], "step_index": r[2], "ts": r[3], "timestamp": r[4],
+            "tool_name": r[5], "error_type": r[6], "raw_error_type": r[7], "message": r[8],
+            "template": r[9], "duration_ms": r[10], "arg_keys": r[11].split("\x1f") if r[11] else [],
+            "workflow": r[12], "run_started_at": r[13], "run_status": r[14],
+        })
+    return out
+
+
+def _tool_calls(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None) -> dict[str, int]:
+    lo = int(since_epoch // 3600)
+    hi = int(until_epoch // 3600) if until_epoch is not None else 2**62
+    return {t: c for t, c in conn.execute(
+        "SELECT tool_name, sum(calls) FROM selfheal_tool_hours WHERE hour >= ? AND hour <= ? GROUP BY tool_name",
+        (lo, hi))}
+
+
+@dataclass
+class Detection:
+    patterns: list[Pattern]
+    since: str
+    scanned: RefreshResult
+    candidates: int  # signatures with enough occurrences, before the confidence filter
+
+
+def detect_failure_patterns(
+    conn: sqlite3.Connection,
+    since: str = "-7d",
+    min_occurrences: int = 3,
+    confidence_threshold: float = 0.75,
+    error_type: str | None = None,
+    tool_name: str | None = None,
+    *,
+    now: datetime | None = None,
+    until: datetime | None = None,
+    run_ids: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Detection:
+    """Recurring failure signatures in the window, most frequent first.
+
+    ``run_ids`` narrows detection to errors of those runs (the auto-analysis hook uses
+    it); occurrences then count only those runs' errors within the window.
+    """
+    start = parse_since(since, now)
+    scanned = refresh(conn, progress)
+    since_epoch = start.timestamp()
+    until_epoch = until.timestamp() if until else None
+    rows = _error_rows(conn, since_epoch, until_epoch, error_type, tool_name, run_ids)
+    by_sig: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_sig.setdefault((row["error_type"], row["tool_name"]), []).append(row)
+    calls = _tool_calls(conn, since_epoch, until_epoch)
+    patterns: list[Pattern] = []
+    candidates = 0
+    for (etype, tool), occ in by_sig.items():
+        if len(occ) < max(1, min_occurrences):
+            continue
+        candidates += 1
+        pattern = _build_pattern(etype, tool, occ, calls.get(tool, 0))
+        if pattern.confidence >= confidence_threshold:
+            patterns.append(pattern)
+    patterns.sort(key=lambda p: (-p.occurrences, p.id))
+    return Detection(patterns, format_timestamp(start), scanned, candidates)
+
+
+def _build_pattern(etype: str, tool: str, occ: list[dict], tool_calls: int) -> Pattern:
+    n = len(occ)
+    correlation = context_correlation([context_of(r) for r in occ])
+    rate = n / max(tool_calls, n)
+    runs: list[str] = list(dict.fromkeys(r["run_id"] for r in occ))
+    first = min(occ, key=lambda r: r["ts"])
+    last = max(occ, key=lambda r: r["ts"])
+    return Pattern(
+        id=f"{etype}:{tool}", error_type=etype, tool_name=tool, occurrences=n,
+        correlation_score=round(correlation, 4),
+        confidence=round(confidence_score(n, correlation, rate), 4),
+        affected_runs=runs,
+        first_seen=format_timestamp(datetime.fromtimestamp(first["ts"], timezone.utc)),
+        last_seen=format_timestamp(datetime.fromtimestamp(last["ts"], timezone.utc)),
+        failure_rate=round(rate, 4),
+        occurrences_detail=occ,
+    )
+
+
+def split_pattern_id(pattern_id: str) -> tuple[str, str]:
+    """``"timeout:mcp__k8s__pods_list"`` → (``"timeout"``, tool). Tool names may hold ``:``."""
+    etype, sep, tool = (pattern_id or "").partition(":")
+    if not sep or not etype or not tool:
+        raise NotFoundError(f"invalid pattern id {pattern_id!r}: expected error_type:tool_name")
+    return normalize_error_type(etype), tool
+
+
+def get_pattern(conn: sqlite3.Connection, pattern_id: str, since: str = "-7d", *,
+                now: datetime | None = None, until: datetime | None = None) -> Pattern:
+    """One pattern's data in the window, whatever the thresholds (for `show` and proposals).
+
+    Raises :class:`NotFoundError` when the window holds no failure with that signature.
+    """
+    etype, tool = split_pattern_id(pattern_id)
+    start = parse_since(since, now)
+    refresh(conn)
+    until_epoch = until.timestamp() if until else None
+    occ = _error_rows(conn, start.timestamp(), until_epoch, etype, tool)
+    if not occ:
+        raise NotFoundError(f"no pattern {etype}:{tool} in the history since {format_timestamp(start)}")
+    calls = _tool_calls(conn, start.timestamp(), until_epoch).get(tool, 0)
+    return _build_pattern(etype, tool, occ, calls)
+
+
+def pattern_details(pattern: Pattern) -> dict[str, Any]:
+    """What `show` prints: runs with times and workflows, message templates with counts,
+    and the context-similarity analysis."""
+    occ = pattern.occurrences_detail
+    runs: dict[str, dict[str, Any]] = {}
+    for r in occ:
+        entry = runs.setdefault(r["run_id"], {
+            "run_id": r["run_id"], "workflow": r["workflow"], "started_at": utc_text(r["run_started_at"]),
+            "status": r["run_status"], "errors": 0, "first_error_at": utc_text(r["timestamp"]), "_ts": r["ts"]})
+        entry["errors"] += 1
+    templates = Counter(r["template"] for r in occ)
+    examples: dict[str, str] = {}
+    for r in occ:
+        examples.setdefault(r["template"], r["message"])
+    workflows = Counter(r["workflow"] for r in occ)
+    steps = Counter(r["step_index"] for r in occ)
+    arg_keys = Counter(k for r in occ for k in r["arg_keys"])
+    spellings = Counter(r["raw_error_type"] if r["raw_error_type"] is not None else "(absent)" for r in occ)
+    durations = [r["duration_ms"] for r in occ if r["duration_ms"] is not None]
+    d = pattern.to_dict()
+    d.update({
+        "runs": [{k: v for k, v in e.items() if k != "_ts"} for e in sorted(runs.values(), key=lambda e: e["_ts"])],
+        "templates": [{"template": t, "count": c, "example": examples[t]} for t, c in templates.most_common()],
+        "context": {
+            "workflows": dict(workflows.most_common()),
+            "steps": {str(k): v for k, v in steps.most_common()},
+            "argument_keys": dict(arg_keys.most_common()),
+            "error_type_spellings": dict(spellings.most_common()),
+        },
+        "duration_ms": {
+            "min": min(durations), "max": max(durations),
+            "median": sorted(durations)[len(durations) // 2],
+        } if durations else None,
+    })
+    return d

@@ -1,0 +1,99 @@
+"""Plumbing every ``agent self-heal`` command shares: options, settings, output helpers."""
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from selfheal_plugin.errors import SelfHealError, UsageError
+from selfheal_plugin.history.connection import BUSY_MESSAGE, connect, is_busy_error
+from selfheal_plugin.history.settings import Settings, load_settings
+
+err_console = Console(stderr=True)
+
+
+def common_options(func: Callable) -> Callable:
+    """``--home``, ``--db`` and ``--json`` for a command."""
+    @click.option("--home", type=click.Path(file_okay=False), default=None,
+                  help="Runtime home (default: $BINKS_HOME or ~/.binks).")
+    @click.option("--db", type=click.Path(dir_okay=False), default=None,
+                  help="Run-history database (default: HOME/conversations.db).")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+    @functools.wraps(func)
+    def wrapper(*args: Any, home: str | None, db: str | None, as_json: bool, **kwargs: Any) -> Any:
+        parent = click.get_current_context().find_object(dict) or {}
+        home = home or parent.get("home")
+        db = db or parent.get("db")
+        try:
+            return func(*args, home=home, db=db, as_json=as_json, **kwargs)
+        except UsageError as exc:
+            raise click.UsageError(str(exc)) from None
+        except SelfHealError as exc:
+            raise click.ClickException(str(exc)) from None
+        except sqlite3.OperationalError as exc:
+            if is_busy_error(exc):
+                raise click.ClickException(BUSY_MESSAGE) from None
+            raise
+    return wrapper
+
+
+def settings_for(home: str | None, db: str | None, **overrides: Any) -> Settings:
+    return load_settings(home, db, **overrides)
+
+
+def open_history(s: Settings) -> sqlite3.Connection:
+    """Connect to the history, first finishing or undoing an interrupted apply/rollback,
+    so the config file, git and the database agree before any command reads them."""
+    conn = connect(s.db_path)
+    if conn.execute("SELECT 1 FROM improvements WHERE pending_op IS NOT NULL AND pending_op != '' LIMIT 1"
+                    ).fetchone():
+        from selfheal_plugin.lifecycle.apply import recover
+
+        recover(conn, s, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False))
+    return conn
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@contextmanager
+def scan_progress(enabled: bool, label: str = "Indexing run history") -> Iterator[Callable[[int, int], None]]:
+    """A progress callback that shows a bar only once a scan has taken over a second."""
+    started = time.monotonic()
+    state: dict[str, Any] = {"progress": None, "task": None}
+
+    def update(done: int, total: int) -> None:
+        if not enabled:
+            return
+        if state["progress"] is None:
+            if time.monotonic() - started < 1.0:
+                return
+            progress = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} rows"),
+                                TimeElapsedColumn(), console=err_console, transient=True)
+            progress.start()
+            state["progress"], state["task"] = progress, progress.add_task(label, total=total)
+        state["progress"].update(state["task"], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if state["progress"] is not None:
+            state["progress"].stop()
+
+
+def warn_bad_rows(count: int) -> None:
+    if count:
+        err_console.print(f"[yellow]warning:[/] skipped {count} malformed run_events row(s) "
+                          "(invalid JSON, missing tool name or unparsable timestamp)", highlight=False)
+
+
+def pct(x: float) -> str:
+    return f"{x * 100:.0f}%"

@@ -1,0 +1,117 @@
+"""``agent self-heal demo``: prints each step of :func:`selfheal_plugin.testbed.demo.run_demo`."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from selfheal_plugin.cli.common import echo_json, pct
+from selfheal_plugin.testbed.demo import DEMO_RUNS, DemoStep, run_demo
+from selfheal_plugin.errors import SelfHealError, UsageError
+
+
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else pct(x)
+
+
+def _p(x: float | None) -> str:
+    """A p-value as stored (rounded to 6 places): 0 means below 0.000001."""
+    return "n/a" if x is None else "<1e-06" if x == 0 else format(x, ".3g")
+
+
+def _workload(d: dict[str, Any]) -> None:
+    click.echo(f"  {d['runs']} runs from {d['started_at'][:16]} to {d['ended_at'][:16]} (simulated) in "
+               f"{d['real_seconds']:.1f} s real; {sum(d['calls'].values())} real MCP tool calls, "
+               f"{d['crashes']} server crash(es)")
+    click.echo(f"  Success rate: {_rate(d['success_rate'])} ({d['completed']} completed, {d['failed']} failed)")
+    for pid, n in d["errors"].items():
+        click.echo(f"    {pid}: {n} failed call(s), {_rate(d['error_rates'].get(pid))} of that tool's calls")
+
+
+def print_step(s: DemoStep) -> None:
+    d = s.data
+    click.echo()
+    click.echo(click.style(f"▶ {s.title}", bold=True) + f"  ({s.seconds:.1f} s)")
+    if s.name == "home":
+        t = d["timeline"]
+        click.echo(f"  BINKS_HOME={d['home']}")
+        click.echo(f"  Before: {t['before'][0][:16]} → {t['before'][1][:16]}; apply at {t['apply'][:16]}; "
+                   f"after: → {t['after'][1][:16]} (UTC, simulated clock)")
+    elif s.name.startswith("workload"):
+        _workload(d)
+    elif s.name == "detect":
+        click.echo(f"  {len(d['patterns'])} pattern(s) since {d['since'][:16]}:")
+        for p in d["patterns"]:
+            click.echo(f"    {p['id']}: {p['occurrences']} occurrences in {len(p['affected_runs'])} runs, "
+                       f"failure rate {_rate(p['failure_rate'])}, confidence {_rate(p['confidence'])}"
+                       + (f" — {p['suggested_fix']}" if p.get("suggested_fix") else ""))
+    elif s.name == "propose":
+        for p in d["proposals"]:
+            if "error" in p:
+                click.echo(f"    ⚠️  {p['error']}")
+                continue
+            click.echo(f"    {p['improvement_id']} ({p['strategy']}, risk {p['risk_level']}): {p['description']}")
+            click.echo(f"      expected: {p['expected_impact']}")
+    elif s.name == "test":
+        for r in d["tests"]:
+            sim = r["simulated_success_rate"]
+            line = f"    {r['improvement_id']}: baseline {_rate(r['baseline_success_rate'])}"
+            if sim is not None:
+                lo, hi = r["interval"]["simulated_success_rate"]
+                line += f" → simulated {_rate(sim)} (95% interval {_rate(lo)}–{_rate(hi)})"
+            click.echo(line + f": {r['recommendation']}")
+            click.echo(f"      {r['reason']}")
+        click.echo(f"  Chosen: {d['chosen']}")
+    elif s.name == "apply":
+        click.echo(f"  Applied {d['improvement_id']} at {d['applied_at']}: commit {d['commit_sha'][:12]} in "
+                   f"{d['repository']}")
+        click.echo("  " + d["diff"].rstrip("\n").replace("\n", "\n  "))
+        click.echo("  git log: " + " | ".join(d["git_log"]))
+    elif s.name == "verify":
+        m = d["metrics"]
+        p = m.get("pattern") or {}
+        click.echo(f"  Success rate: {_rate(m['before_success_rate'])} ({m['runs_before']} runs) → "
+                   f"{_rate(m['after_success_rate'])} ({m['runs_after']} runs), Fisher p={_p(m['p_value'])}")
+        if p:
+            click.echo(f"  {p['pattern_id']} error rate: {_rate(p['before_error_rate'])} → "
+                       f"{_rate(p['after_error_rate'])} per call ({p['before_errors']} → {p['after_errors']}; "
+                       f"p={_p(p['p_value'])})")
+        click.echo(f"  Actual impact: {d['actual_impact']}")
+        click.echo(f"  Recommendation: {d['recommendation']} ({d['verification_status']}) — {d['reason']}")
+    elif s.name == "dashboard":
+        from selfheal_plugin.cli.health import _print_dashboard
+
+        _print_dashboard(d, detailed=False)
+
+
+@click.command("demo")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+              help="Use this new or empty directory as the demo home (default: a temporary one).")
+@click.option("--keep", is_flag=True, help="Keep the demo home afterwards (its path is printed).")
+@click.option("--runs", type=click.IntRange(min=40), default=DEMO_RUNS, show_default=True,
+              help="Runs per simulated week.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def demo(directory: str | None, keep: bool, runs: int, as_json: bool) -> None:
+    """Run the whole loop in a throwaway home: a week of real tool calls, detect, propose,
+    test, apply (a git commit), another week, verify and the dashboard."""
+    if not as_json:
+        click.echo("🩹 selfheal demo: a simulated week of agent runs against real MCP tool servers, then the fix")
+    try:
+        result = run_demo(directory, keep=keep, runs=runs,
+                          on_step=None if as_json else print_step)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    except SelfHealError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    click.echo()
+    click.echo(f"⏱  Demo finished in {result.seconds:.1f} s")
+    if result.kept:
+        click.echo(f"📁 Demo home kept at {result.home} (try: agent self-heal --home {result.home} improvements)")
+    else:
+        click.echo("🧹 Demo home removed (use --keep to look around)")
+
+
+COMMANDS = [demo]

@@ -1,0 +1,184 @@
+"""``agent self-heal dashboard`` and ``agent self-heal health``: thin shells over
+:mod:`selfheal_plugin.analysis.health` (terminal rendering with rich, HTML via :mod:`health_report`)."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from selfheal_plugin.cli.common import common_options, echo_json, err_console, open_history, pct, scan_progress, settings_for
+from selfheal_plugin.analysis.health import analyze_run_health, get_health_dashboard
+from selfheal_plugin.analysis.report import TREND_TEXT, check_report_target, write_html_report
+from selfheal_plugin.history.times import parse_since
+
+SPARK = "▁▂▃▄▅▆▇█"
+SPARK_DAYS = 60
+
+
+def sparkline(values: list[float | None]) -> str:
+    """Unicode blocks scaled between the series' min and max; a gap (·) where a value is missing."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return ""
+    lo, hi = min(known), max(known)
+    out = []
+    for v in values:
+        if v is None:
+            out.append("·")
+        elif hi == lo:
+            out.append(SPARK[len(SPARK) // 2])
+        else:
+            out.append(SPARK[round((v - lo) / (hi - lo) * (len(SPARK) - 1))])
+    return "".join(out)
+
+
+def _pct_or_na(x: float | None) -> str:
+    return "n/a" if x is None else pct(x)
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.0f}"
+
+
+@click.command()
+@click.option("--detailed", is_flag=True, help="Include per-agent and per-tool tables.")
+@click.option("--since", default=None, help="Window start (default: the lookback setting, -7d).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML report (charts and numbers) to FILE.")
+@click.option("--force", is_flag=True,
+              help="Let --html replace an existing file that is not an earlier report (never the database "
+                   "or config.toml).")
+@common_options
+def dashboard(home: str | None, db: str | None, as_json: bool, detailed: bool = False, since: str | None = None,
+              html_path: str | None = None, force: bool = False) -> None:
+    """Show the system health dashboard: score, trend, worst tools, improvements."""
+    s = settings_for(home, db, lookback=since)
+    parse_since(s.lookback)  # a bad window is a usage error before anything is read
+    if html_path:  # a target that would destroy a file fails before the scan
+        check_report_target(html_path, s, force=force)
+    conn = open_history(s)
+    with scan_progress(not as_json, "Scanning run history") as progress:
+        data = get_health_dashboard(conn, detailed=detailed or bool(html_path), since=s.lookback,
+                                    progress=progress, improvements_limit=20 if html_path else 5)
+    if html_path:
+        path = write_html_report(data, html_path, s, force=force)
+        err_console.print(f"📄 HTML report written to {path}", highlight=False)
+    if not detailed:
+        data.pop("agents", None)
+        data.pop("tools", None)
+        data["recent_improvements"] = data["recent_improvements"][:5]
+    if as_json:
+        echo_json(data)
+        return
+    _print_dashboard(data, detailed)
+
+
+def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
+    out = Console(width=max(110, Console().width), highlight=False)
+    w = d["window"]
+    out.print(f"🩺 Health dashboard (since {w['since']}: {w['start'][:16].replace('T', ' ')} → "
+              f"{w['end'][:16].replace('T', ' ')} UTC)")
+    out.print()
+    runs = d["runs"]
+    score = d["overall_health_score"]
+    style = "green" if score is not None and score >= 85 else "yellow" if score is not None and score >= 70 else "red"
+    out.print(f"  Overall health: [bold {style}]{'n/a' if score is None else f'{score:.1f}'}[/] / 100"
+              + (f"   (mean of {runs['scored']} finished run(s))" if score is not None
+                 else "   (no finished runs in the window)"))
+    out.print(f"  Success rate:   {_pct_or_na(d['success_rate'])} ({runs['completed']} of {runs['finished']} "
+              f"finished runs; {runs['failed']} failed, {runs['cancelled']} cancelled, {runs['running']} running)")
+    td = d["trend_detail"]
+    out.print(f"  Trend:          {TREND_TEXT.get(d['trend'], d['trend'])} (last 7 days "
+              f"{_pct_or_na(td['recent']['success_rate'])} of {td['recent']['finished_runs']} runs vs "
+              f"{_pct_or_na(td['historical']['success_rate'])} of {td['historical']['finished_runs']} in the 30 days "
+              f"before; ±{td['threshold'] * 100:.0f} points)")
+    daily = d["daily_success"][-SPARK_DAYS:]
+    rates = [x["success_rate"] for x in daily]
+    known = [r for r in rates if r is not None]
+    if known:
+        out.print(f"  Daily success:  {sparkline(rates)}  ({daily[0]['date']} … {daily[-1]['date']}; "
+                  f"min {pct(min(known))}, max {pct(max(known))})")
+    if d["skipped_rows"]:
+        out.print(f"  [yellow]Skipped {d['skipped_rows']} malformed tool event row(s)[/]")
+    out.print()
+    if d["worst_tools"]:
+        out.print(_tools_table("Worst tools", d["worst_tools"]))
+    else:
+        out.print("  No tool with enough calls in the window.")
+    out.print()
+    imps = d["recent_improvements"]
+    if imps:
+        t = Table(title="Recent improvements", title_justify="left")
+        for col in ("id", "status", "description", "expected", "measured impact"):
+            t.add_column(col, overflow="fold")
+        for i in imps:
+            t.add_row(i["id"], i["status"], i["description"], i.get("expected_impact") or "—", i["impact"])
+        out.print(t)
+    else:
+        out.print("  No improvements recorded yet (agent self-heal detect finds what to improve).")
+    if detailed:
+        out.print()
+        a = Table(title="Agents", title_justify="left")
+        for col, just in (("agent", "left"), ("runs", "right"), ("success", "right"), ("failed", "right"),
+                          ("running", "right"), ("avg s", "right"), ("trend", "left")):
+            a.add_column(col, justify=just)
+        for x in d.get("agents", []):
+            a.add_row(x["name"], str(x["total_runs"]), _pct_or_na(x["success_rate"]), str(x["failed_runs"]),
+                      str(x["running_runs"]),
+                      "n/a" if x["avg_duration_seconds"] is None else f"{x['avg_duration_seconds']:.1f}",
+                      x["trend"].replace("_", " "))
+        out.print(a)
+        out.print()
+        out.print(_tools_table("Tools", d.get("tools", [])))
+
+
+def _tools_table(title: str, tools: list[dict[str, Any]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("tool", no_wrap=True)
+    for col, just in (("calls", "right"), ("success", "right"), ("timeouts", "right"),
+                      ("other errors", "right"), ("avg ms", "right"), ("p95 ms", "right"),
+                      ("top error types", "left")):
+        t.add_column(col, justify=just, overflow="fold")
+    for x in tools:
+        t.add_row(x["name"], f"{x['total_calls']:,}", f"{x['success_rate'] * 100:.1f}%",
+                  f"{x['timeout_rate'] * 100:.1f}%", f"{x['error_rate'] * 100:.1f}%", _ms(x["avg_duration_ms"]),
+                  _ms(x["p95_duration_ms"]),
+                  ", ".join(f"{e['error_type']} {e['count']}" for e in x["top_error_types"]) or "—")
+    return t
+
+
+@click.command("health")
+@click.argument("run_id")
+@common_options
+def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> None:
+    """Health score and issues of one run (RUN_ID may be a unique prefix)."""
+    s = settings_for(home, db)
+    conn = open_history(s)
+    with scan_progress(not as_json) as progress:
+        result = analyze_run_health(conn, run_id, progress=progress)
+    if as_json:
+        echo_json(result)
+        return
+    out = Console(width=max(110, Console().width), highlight=False)
+    out.print(f"🩺 Run {result['run_id']} ({result['workflow_name']}, {result['status']}, "
+              f"started {result['started_at']})")
+    basis = {"reweighted": " (re-weighted: some components unknown)",
+             "no_data": " (neutral: nothing measurable yet)"}.get(result["score_basis"], "")
+    out.print(f"  Health score: [bold]{result['health_score']:.1f}[/] / 100{basis}")
+    for name, c in result["components"].items():
+        value = "unknown" if c["score"] is None else f"{c['score'] * 100:.0f}%"
+        out.print(f"    {name.replace('_', ' '):<20} {value:>8}  (weight {c['weight']:.1f})")
+    out.print()
+    if not result["issues"]:
+        out.print("  ✅ No issues found.")
+        return
+    out.print(f"  Issues ({len(result['issues'])}):")
+    colors = {"high": "red", "medium": "yellow", "low": "cyan"}
+    for issue in result["issues"]:
+        out.print(f"    [{colors[issue['severity']]}]\\[{issue['severity'].upper()}][/] {issue['description']}")
+        out.print(f"        → {issue['recommendation']}")
+
+
+COMMANDS = [dashboard, run_health]

@@ -1,0 +1,202 @@
+"""``agent self-heal test|apply|rollback|verify|reject``: thin shells over the lifecycle.
+
+Every command first finishes or undoes an interrupted apply/rollback (``recover``) and
+says so on stderr.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from selfheal_plugin.lifecycle.apply import apply_improvement, plan_apply, reject_improvement, rollback_improvement
+from selfheal_plugin.cli.common import common_options, echo_json, open_history, pct, settings_for
+from selfheal_plugin.history.settings import Settings
+from selfheal_plugin.lifecycle.simulation import TEST_MODES, test_improvement
+from selfheal_plugin.lifecycle.verification import verify_improvement
+
+
+def _open(home: str | None, db: str | None, **overrides: Any) -> tuple[Any, Settings]:
+    s = settings_for(home, db, **overrides)
+    conn = open_history(s)
+    return conn, s
+
+
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else pct(x)
+
+
+@click.command("test")
+@click.argument("improvement_id")
+@click.option("--mode", type=click.Choice(TEST_MODES), default="simulation", show_default=True,
+              help="How to test the improvement.")
+@click.option("--since", default=None, help="Baseline window start (default: the lookback setting, -7d).")
+@click.option("--fraction", type=float, default=None,
+              help="Canary mode: share of runs that get the change (default 0.5).")
+@common_options
+def test_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, mode: str = "simulation",
+                 since: str | None = None, fraction: float | None = None) -> None:
+    """Test an improvement: replay history (simulation), or run it on a share of runs
+    (canary) or beside the current settings (shadow) via a config.toml section."""
+    conn, s = _open(home, db)
+    r = test_improvement(conn, s, improvement_id, mode, since=since, fraction=fraction)
+    if as_json:
+        echo_json(r)
+        return
+    if mode != "simulation":
+        from selfheal_plugin.cli.canary import print_experiment_test
+
+        print_experiment_test(r)
+        return
+    click.echo(f"🧪 Testing {r['improvement_id']} ({r['test_mode']}, {r['runs_replayed']} runs replayed, "
+               f"{r['window']['since']} → {r['window']['until']})")
+    click.echo()
+    click.echo(f"  Baseline success rate:  {_rate(r['baseline_success_rate'])}")
+    if r["simulated_success_rate"] is not None:
+        lo, hi = r["interval"]["simulated_success_rate"]
+        click.echo(f"  Simulated success rate: {_rate(r['simulated_success_rate'])} "
+                   f"(95% interval {pct(lo)}–{pct(hi)})")
+        click.echo(f"  Expected improvement:   {r['expected_improvement']}")
+        click.echo(f"  Runs recovered:         {r['runs_recovered']:g} of {r['runs_replayed']} "
+                   f"({r['failures_fixed']:g} of {r['failures_targeted']} targeted failures fixed)")
+    else:
+        click.echo("  Simulated success rate: no model")
+    for m in r["models"]:
+        if m["model"] == "duration":
+            click.echo(f"  Model: {m['tool']} durations ~ {m['family']} (median {m['median_ms']} ms, p95 "
+                       f"{m['p95_ms']} ms; {m['successful_calls']} ok, {m['timed_out_calls']} censored); "
+                       f"a timed-out call finishes under {m['new_limit_ms']} ms with p="
+                       f"{m['p_timed_out_call_finishes']}")
+        elif m["model"] == "retry":
+            click.echo(f"  Model: retry of {m['tool']} succeeds with p={m['p_retry_succeeds']} "
+                       f"({m['followups_succeeded']}/{m['followups_observed']} follow-up calls ok, estimate "
+                       f"({m['followups_succeeded']}+1)/({m['followups_observed']}+2))")
+    for note in r["notes"]:
+        click.echo(f"  Note: {note}")
+    click.echo()
+    icon = {"safe_to_apply": "✅", "risky": "⚠️ ", "reject": "❌"}[r["recommendation"]]
+    click.echo(f"{icon} Recommendation: {r['recommendation']} — {r['reason']}")
+    if r["recommendation"] != "reject":
+        click.echo(f"   Next: agent self-heal apply {r['improvement_id']}")
+
+
+@click.command("apply")
+@click.argument("improvement_id")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--changes-made", default=None,
+              help="What was done (required for an improvement with only manual steps).")
+@common_options
+def apply_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, yes: bool = False,
+                  changes_made: str | None = None) -> None:
+    """Apply an improvement: edit config.toml and commit it to git."""
+    conn, s = _open(home, db)
+    plan = plan_apply(conn, s, improvement_id)
+    expected = plan["old_sha256"] if plan["config_changes"] else None
+    if not yes:
+        if as_json:
+            raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
+        click.echo(f"Improvement {plan['improvement_id']}: {plan['description']}")
+        if plan["config_changes"]:
+            where = plan["repository"] + (" (new repository)" if plan["creates_repository"] else "")
+            click.echo(f"Config: {plan['config_path']}   git: {where}")
+            click.echo()
+            click.echo(plan["diff"].rstrip("\n"))
+            click.echo()
+        for step in plan["manual_steps"]:
+            click.echo(f"Manual step (not applied by selfheal): {step}")
+        click.confirm("Apply this change and commit it?" if plan["config_changes"] else
+                      "Record these manual steps as applied?", abort=True)
+    r = apply_improvement(conn, s, improvement_id, changes_made, expected_sha256=expected)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"✅ Applied {r['improvement_id']}")
+    if r["commit_sha"]:
+        click.echo(f"  Commit: {r['commit_sha'][:12]} in {r['repository']}"
+                   + (" (new repository)" if r["created_repository"] else ""))
+    for line in (r["changes_made"] or "").splitlines():
+        click.echo(f"  {line}")
+    for step in r["manual_steps"]:
+        click.echo(f"  Still to do by hand: {step}")
+    click.echo(f"  Verification scheduled: {r['verification_scheduled']} (agent self-heal verify "
+               f"{r['improvement_id']})")
+
+
+@click.command("rollback")
+@click.argument("improvement_id")
+@click.option("--reason", default=None, help="Why (goes into the commit message).")
+@common_options
+def rollback_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
+                     reason: str | None = None) -> None:
+    """Roll back an applied improvement (git revert, or the inverse edit)."""
+    conn, s = _open(home, db)
+    r = rollback_improvement(conn, s, improvement_id, reason=reason)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"↩️  Rolled back {r['improvement_id']}")
+    if r["rollback_sha"]:
+        how = "git revert" if r["method"] == "revert" else "inverse edit (config.toml changed since)"
+        click.echo(f"  Commit: {r['rollback_sha'][:12]} ({how} of {r['commit_sha'][:12]})")
+        if r["diff"]:
+            click.echo(r["diff"].rstrip("\n"))
+    if r.get("note"):
+        click.echo(f"  Note: {r['note']}")
+
+
+@click.command("verify")
+@click.argument("improvement_id")
+@click.option("--window-days", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Measurement window in days (default: measurement_window_days, 7).")
+@click.option("--early", is_flag=True,
+              help="Accept a significant improvement before the window after the apply has ended "
+                   "(otherwise it is provisional: extend monitoring).")
+@common_options
+def verify_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
+                   window_days: float | None = None, early: bool = False) -> None:
+    """Measure an applied improvement: before vs after, with a significance test."""
+    conn, s = _open(home, db)
+    r = verify_improvement(conn, s, improvement_id, window_days, early=early)
+    if as_json:
+        echo_json(r)
+        return
+    if r.get("mode") in ("canary", "shadow"):
+        from selfheal_plugin.cli.canary import print_experiment_report
+
+        print_experiment_report(r)
+        return
+    m = r["metrics"]
+    click.echo(f"📏 Verifying {r['improvement_id']} ({r['window']['days']:g}-day windows around the apply"
+               + ("" if r["window"]["complete"] else ", after-window still open") + ")")
+    click.echo()
+    click.echo(f"  Expected: {r['expected_impact'] or 'unknown'}")
+    click.echo(f"  Actual:   {r['actual_impact']}")
+    click.echo(f"  Success rate before: {_rate(m['before_success_rate'])} ({m['runs_before']} runs)")
+    click.echo(f"  Success rate after:  {_rate(m['after_success_rate'])} ({m['runs_after']} runs)")
+    click.echo(f"  Runs analyzed: {m['runs_analyzed']}   p-value (Fisher): "
+               f"{'n/a' if m['p_value'] is None else format(m['p_value'], '.3g')}   significant below "
+               f"{m['alpha_per_test']:.3g} (Bonferroni, {m['tests']} test(s))")
+    p = m.get("pattern")
+    if p:
+        click.echo(f"  {p['pattern_id']} error rate: {_rate(p['before_error_rate'])} → {_rate(p['after_error_rate'])}"
+                   f" per call ({p['before_errors']} → {p['after_errors']} errors; p="
+                   f"{'n/a' if p['p_value'] is None else format(p['p_value'], '.3g')})")
+    click.echo()
+    icon = {"keep": "✅", "rollback": "❌", "extend": "⏳"}[r["recommendation"]]
+    click.echo(f"{icon} Recommendation: {r['recommendation']} ({r['verification_status']}) — {r['reason']}")
+
+
+@click.command("reject")
+@click.argument("improvement_id")
+@common_options
+def reject_command(improvement_id: str, home: str | None, db: str | None, as_json: bool) -> None:
+    """Reject a proposed improvement."""
+    conn, s = _open(home, db)
+    r = reject_improvement(conn, s, improvement_id)
+    if as_json:
+        echo_json(r)
+        return
+    click.echo(f"🗑️  Rejected {r['improvement_id']}")
+
+
+COMMANDS = [test_command, apply_command, rollback_command, verify_command, reject_command]

@@ -1,0 +1,341 @@
+"""Access to the runtime's run-history database (spec/run-history-format.md).
+
+We open the runtime's own file while it keeps writing to it, so every connection sets a
+busy timeout and every write we make is one short transaction. We never change the
+runtime's tables except by adding what the design allows: columns of ``improvements``,
+our own ``selfheal_*`` tables and indexes on them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from selfheal_plugin.errors import HistoryError
+
+log = logging.getLogger("selfheal.history")
+
+def _busy_timeout_ms() -> int:
+    """How long we wait for a runtime's write lock (``SELFHEAL_BUSY_TIMEOUT_MS``, default 10 s)."""
+    try:
+        return max(0, int(os.environ.get("SELFHEAL_BUSY_TIMEOUT_MS", "10000")))
+    except ValueError:
+        return 10_000
+RUNTIME_SCHEMA_VERSION = 2
+
+RUNTIME_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    title TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    workflow_name TEXT NOT NULL,
+    task TEXT NOT NULL,
+    status TEXT NOT NULL,
+    model TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    completed_at TEXT,
+    duration_ms INTEGER,
+    context TEXT,
+    error TEXT,
+    metadata TEXT
+);
+CREATE INDEX IF NOT EXISTS idx_runs_started_at ON runs(started_at DESC);
+CREATE INDEX IF NOT EXISTS idx_runs_workflow ON runs(workflow_name, started_at DESC);
+CREATE INDEX IF NOT EXISTS idx_runs_status ON runs(status, started_at DESC);
+CREATE TABLE IF NOT EXISTS run_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step_index INTEGER NOT NULL,
+    event_type TEXT NOT NULL,
+    event_data TEXT NOT NULL,
+    timestamp TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_run_events_run ON run_events(run_id, step_index, timestamp);
+CREATE TABLE IF NOT EXISTS run_metrics (
+    run_id TEXT PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
+    total_tool_calls INTEGER NOT NULL DEFAULT 0,
+    successful_tool_calls INTEGER NOT NULL DEFAULT 0,
+    failed_tool_calls INTEGER NOT NULL DEFAULT 0,
+    total_iterations INTEGER NOT NULL DEFAULT 0,
+    total_tokens_in INTEGER,
+    total_tokens_out INTEGER,
+    files_read INTEGER NOT NULL DEFAULT 0,
+    files_modified INTEGER NOT NULL DEFAULT 0,
+    tools_used TEXT,
+    step_durations TEXT
+);
+"""
+
+# The runtime's own, older shape of `improvements`.
+RUNTIME_IMPROVEMENTS_TABLE = """CREATE TABLE IF NOT EXISTS improvements (
+    id TEXT PRIMARY KEY,
+    category TEXT NOT NULL,
+    description TEXT NOT NULL,
+    related_runs TEXT,
+    changes_made TEXT,
+    impact TEXT,
+    created_at TEXT NOT NULL,
+    applied_at TEXT,
+    verified_at TEXT,
+    status TEXT NOT NULL DEFAULT 'proposed'
+)
+"""
+
+# Columns the design document's `improvements` has that the runtime's older shape lacks,
+# then ours. Added in place with ALTER TABLE so existing rows stay as they are.
+IMPROVEMENT_COLUMNS: dict[str, str] = {
+    "pattern_id": "TEXT",
+    "expected_impact": "TEXT",
+    "proposed_at": "TEXT",
+    "actual_impact": "TEXT",
+    "updated_at": "TEXT",
+    "error_type": "TEXT",
+    "tool_name": "TEXT",
+    "strategy": "TEXT",
+    "risk_level": "TEXT",
+    "confidence": "REAL",
+    "changes_required": "TEXT",  # JSON array of strings
+    "changes": "TEXT",  # JSON array of change objects
+    "test_result": "TEXT",  # JSON
+    "commit_sha": "TEXT",
+    "verification_scheduled": "TEXT",
+    "metrics": "TEXT",  # JSON of the last verification
+    "pending_op": "TEXT",  # JSON intent of an apply/rollback in progress
+    "rollback_sha": "TEXT",
+    "rolled_back_at": "TEXT",
+    "evidence": "TEXT",  # JSON: the strategy's data behind a proposal (expected_reduction, fits, counts)
+    "apply_record": "TEXT",  # JSON: file, repo, previous values, tables created (for rollback)
+    "experiment": "TEXT",  # JSON: a canary/shadow test (section, fraction, started_at, commits)
+}
+
+SELFHEAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS selfheal_state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS selfheal_errors (
+    event_id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    step_index INTEGER,
+    ts REAL NOT NULL,
+    timestamp TEXT NOT NULL,
+    tool_name TEXT NOT NULL,
+    error_type TEXT NOT NULL,
+    raw_error_type TEXT,
+    message TEXT NOT NULL,
+    template TEXT NOT NULL,
+    duration_ms INTEGER,
+    arg_keys TEXT NOT NULL  -- argument names of the call, joined by U+001F
+);
+CREATE INDEX IF NOT EXISTS idx_selfheal_errors_ts ON selfheal_errors(ts);
+CREATE INDEX IF NOT EXISTS idx_selfheal_errors_sig ON selfheal_errors(error_type, tool_name, ts);
+CREATE TABLE IF NOT EXISTS selfheal_tool_hours (
+    tool_name TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    calls INTEGER NOT NULL,
+    PRIMARY KEY (tool_name, hour)
+) WITHOUT ROWID;
+"""
+
+REQUIRED_TABLES = ("runs", "run_events")
+
+# ---------------------------------------------------------------- error types
+
+CANONICAL_ERROR_TYPES = (
+    "timeout", "connection_refused", "server_crashed", "transport_error", "tool_error",
+    "permission_denied", "Unknown",
+)
+_SPELLINGS = {t.replace("_", "").lower(): t for t in CANONICAL_ERROR_TYPES}
+
+
+def normalize_error_type(value: Any) -> str:
+    """One name per error type, whatever spelling wrote it.
+
+    ``timeout``/``Timeout`` → ``timeout``, ``ConnectionRefused`` → ``connection_refused``;
+    absent, null, empty and ``Unknown`` → ``Unknown``. Types we do not know are kept,
+    in snake_case, so that ``RateLimited`` and ``rate_limited`` still meet.
+    """
+    if value is None or not isinstance(value, str) or not value.strip():
+        return "Unknown"
+    text = value.strip()
+    key = text.replace("_", "").replace("-", "").replace(" ", "").lower()
+    if key in _SPELLINGS:
+        return _SPELLINGS[key]
+    out = []
+    for i, ch in enumerate(text.replace("-", "_").replace(" ", "_")):
+        if ch.isupper() and i and (text[i - 1].islower() or text[i - 1].isdigit()):
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+_RUNTIME_LABELS = (
+    ("timeout", ("timed out", "deadline has elapsed")),
+    ("connection_refused", ("connection refused", "no such file or directory", "failed to connect")),
+    ("server_crashed", ("broken pipe", "connection reset", "aborted", "process exited")),
+    ("transport_error", ("failed to parse", "serialization", "protocol")),
+)
+
+
+def server_of(tool: str) -> str | None:
+    """``mcp__kubernetes__pods_list`` → ``kubernetes`` (the runtime's MCP tool naming);
+    None for a built-in tool."""
+    if isinstance(tool, str) and tool.startswith("mcp__"):
+        server, sep, rest = tool[5:].partition("__")
+        if sep and server and rest:
+            return server
+    return None
+
+
+def classify_error(message: str) -> str:
+    """The runtime's own label for a failed call's message (first match wins)."""
+    low = (message or "").lower()
+    for label, needles in _RUNTIME_LABELS:
+        if any(n in low for n in needles):
+            return label
+    return "tool_error"
+
+
+# ---------------------------------------------------------------- connections
+
+
+def _configure(conn: sqlite3.Connection) -> sqlite3.Connection:
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {_busy_timeout_ms()}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def connect(db_path: Path | str, *, create: bool = False) -> sqlite3.Connection:
+    """Open the runtime's database, ready for our reads and short writes.
+
+    ``create=True`` makes a new file with the runtime's schema when none exists.
+    Otherwise a missing file, a file that is not SQLite, or one without the runtime's run
+    tables raises :class:`HistoryError` with one line saying which.
+    """
+    path = Path(db_path)
+    if not path.exists():
+        if not create:
+            raise HistoryError(f"no run history at {path} (use --db or BINKS_HOME)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # isolation_level=None: we open transactions ourselves and keep them short.
+        conn = _configure(sqlite3.connect(str(path), timeout=_busy_timeout_ms() / 1000, isolation_level=None,
+                                          check_same_thread=False))
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as exc:
+        if is_busy_error(exc):
+            raise HistoryError(BUSY_MESSAGE) from exc
+        raise HistoryError(f"{path} is not a run-history database: {exc}") from exc
+    if create and not tables:
+        create_runtime_schema(conn)
+        tables = set(REQUIRED_TABLES)
+    missing = [t for t in REQUIRED_TABLES if t not in tables]
+    if missing:
+        conn.close()
+        raise HistoryError(f"{path} has no {' or '.join(missing)} table: not an agent run history")
+    ensure_selfheal_schema(conn)
+    return conn
+
+
+BUSY_MESSAGE = ("the run-history database is busy (another process holds its write lock); "
+                "nothing was changed, try again")
+
+
+def is_busy_error(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        w in str(exc).lower() for w in ("database is locked", "database is busy", "database table is locked"))
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``: take the write lock up front (waiting up to the
+    busy timeout), so the transaction cannot fail half-way on lock upgrade."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
+
+
+def create_runtime_schema(conn: sqlite3.Connection) -> None:
+    """The runtime's schema version 2, exactly as it creates it."""
+    with write_transaction(conn):
+        for stmt in RUNTIME_SCHEMA.split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
+        conn.execute(RUNTIME_IMPROVEMENTS_TABLE)
+        conn.execute("INSERT OR IGNORE INTO schema_version(version) VALUES (?)", (RUNTIME_SCHEMA_VERSION,))
+
+
+def table_columns(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def ensure_selfheal_schema(conn: sqlite3.Connection) -> None:
+    """Create our tables and migrate ``improvements`` in place (idempotent, one transaction)."""
+    have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    cols = table_columns(conn, "improvements") if "improvements" in have else []
+    need_cols = [c for c in IMPROVEMENT_COLUMNS if c not in cols]
+    if "selfheal_tool_hours" in have and "improvements" in have and not need_cols:
+        return
+    with write_transaction(conn):
+        if "improvements" not in have:
+            conn.execute(RUNTIME_IMPROVEMENTS_TABLE)
+            need_cols = [c for c in IMPROVEMENT_COLUMNS if c not in table_columns(conn, "improvements")]
+        for col in need_cols:
+            conn.execute(f"ALTER TABLE improvements ADD COLUMN {col} {IMPROVEMENT_COLUMNS[col]}")
+        for stmt in SELFHEAL_SCHEMA.split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
+
+
+def get_state(conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
+    row = conn.execute("SELECT value FROM selfheal_state WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else default
+
+
+def set_state(conn: sqlite3.Connection, key: str, value: Any) -> None:
+    """Upsert one state value; call inside a write transaction."""
+    conn.execute(
+        "INSERT INTO selfheal_state(key, value) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, value if isinstance(value, str) else json.dumps(value)),
+    )
+
+
+def rows_by_id(conn: sqlite3.Connection, table: str, column: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Rows of ``table`` whose ``column`` is one of ``ids``, keyed by it (queried in chunks
+    of 500 to stay under SQLite's variable limit)."""
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        for row in conn.execute(f"SELECT * FROM {table} WHERE {column} IN ({','.join('?' * len(chunk))})", chunk):
+            out[row[column]] = dict(row)
+    return out
+
+
+def load_json(text: Any, default: Any = None) -> Any:
+    """Parse a JSON column, returning ``default`` for NULL or malformed text."""
+    if text is None or text == "":
+        return default
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return default

@@ -1,0 +1,194 @@
+"""An incremental index of failed tool calls, kept in our own tables of the history file.
+
+Reading a history of millions of events means parsing JSON for every ``tool_complete``.
+We do that once: each command first ingests only the ``run_events`` rows past a persisted
+watermark (``run_events.id`` is monotonic), in id-range chunks so no read holds the file
+for long, and stores
+
+* one row per failed call in ``selfheal_errors`` (normalised type, message template,
+  argument keys of the matching ``tool_start``, instant as epoch seconds), and
+* per tool and hour, the number of calls in ``selfheal_tool_hours``.
+
+A warm command then reads only the window it needs from small, indexed tables.
+Malformed ``tool_complete`` rows (invalid JSON, no tool name, an unparsable timestamp)
+are counted once in ``selfheal_state`` and skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from selfheal_plugin.history.connection import SELFHEAL_SCHEMA, get_state, normalize_error_type, set_state, write_transaction
+from selfheal_plugin.history.times import to_epoch
+
+log = logging.getLogger("selfheal.errorindex")
+
+CHUNK_IDS = 200_000
+INDEX_VERSION = "3"
+
+# Masks applied to error messages, in order, so that the same failure with other paths,
+# numbers or ids becomes one template.
+_MASKS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"), "<id>"),
+    (re.compile(r"https?://\S+"), "<url>"),
+    (re.compile(r"(?:~|\.{1,2})?(?:/[\w.@+-]+)+/?"), "<path>"),
+    (re.compile(r"\b[0-9a-fA-F]{12,}\b"), "<hex>"),
+    (re.compile(r"'[^']*'|\"[^\"]*\""), "<str>"),
+    (re.compile(r"\d+(?:\.\d+)?"), "<n>"),
+)
+_TOKEN = re.compile(r"<\w+>|[A-Za-z_]+")
+
+
+def message_template(message: str) -> str:
+    """``"open /tmp/a.txt failed after 3 tries"`` → ``"open <path> failed after <n> tries"``."""
+    text = (message or "").strip()
+    for pattern, repl in _MASKS:
+        text = pattern.sub(repl, text)
+    return " ".join(text.split())[:500]
+
+
+def template_tokens(template: str) -> set[str]:
+    return {t.lower() for t in _TOKEN.findall(template)}
+
+
+@dataclass
+class RefreshResult:
+    scanned_rows: int
+    new_errors: int
+    new_bad_rows: int
+    total_bad_rows: int
+
+
+# Failed calls in an id range. `instr(..., 'true')` is a cheap, exact prefilter (a failed
+# call's JSON holds the literal `true`) that spares the JSON parse of almost every row.
+_ERRORS_SQL = """
+SELECT e.id, e.run_id, e.step_index, e.timestamp, e.event_data,
+  (SELECT s.event_data FROM run_events s
+    WHERE s.run_id = e.run_id AND s.event_type = 'tool_start' AND s.id < e.id
+      AND json_valid(s.event_data)
+      AND json_extract(s.event_data, '$.name') = json_extract(e.event_data, '$.name')
+    ORDER BY s.id DESC LIMIT 1) AS start_data
+FROM run_events e
+WHERE e.id > ? AND e.id <= ?
+  AND e.event_type = 'tool_complete'
+  AND instr(e.event_data, 'true') > 0
+  AND CASE WHEN json_valid(e.event_data) THEN json_extract(e.event_data, '$.is_error') = 1 END
+  AND julianday(e.timestamp) IS NOT NULL
+"""
+
+# Calls per tool and hour in an id range. A NULL tool (invalid JSON or no name) or a NULL
+# hour (unparsable timestamp) is a malformed row: counted, never indexed.
+_HOURS_SQL = """
+SELECT CASE WHEN json_valid(event_data) THEN json_extract(event_data, '$.name') END AS tool,
+       CAST((julianday(timestamp) - 2440587.5) * 24 AS INTEGER) AS hour,
+       count(*)
+FROM run_events
+WHERE id > ? AND id <= ? AND event_type = 'tool_complete'
+GROUP BY tool, hour
+"""
+
+
+def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | None = None) -> RefreshResult:
+    """Ingest every ``run_events`` row past the watermark. Safe to call from several
+    processes: each chunk's rows and the new watermark commit in one transaction, and a
+    chunk already ingested by someone else is skipped."""
+    if get_state(conn, "errors_index_version") != INDEX_VERSION:
+        with write_transaction(conn):  # an index written by another version: rebuild it
+            conn.execute("DROP TABLE IF EXISTS selfheal_errors")
+            conn.execute("DROP TABLE IF EXISTS selfheal_tool_hours")
+            for stmt in SELFHEAL_SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            for key in ("errors_watermark", "bad_rows", "bad_row_ids"):
+                conn.execute("DELETE FROM selfheal_state WHERE key = ?", (key,))
+            set_state(conn, "errors_index_version", INDEX_VERSION)
+    top = conn.execute("SELECT coalesce(max(id), 0) FROM run_events").fetchone()[0]
+    mark = int(get_state(conn, "errors_watermark", "0"))
+    if top < mark:  # the table was emptied or replaced: start again
+        with write_transaction(conn):
+            conn.execute("DELETE FROM selfheal_errors")
+            conn.execute("DELETE FROM selfheal_tool_hours")
+            set_state(conn, "errors_watermark", "0")
+            set_state(conn, "bad_rows", "0")
+        mark = 0
+    start, scanned, new_errors, new_bad = mark, 0, 0, 0
+    if mark >= top:
+        return RefreshResult(0, 0, 0, int(get_state(conn, "bad_rows", "0")))
+    # The hour counts are read on a second connection in a worker thread while this one
+    # reads the failed calls: SQLite releases the GIL, so the two scans share the wall time.
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    busy_s = conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
+    side = sqlite3.connect(path, check_same_thread=False, timeout=busy_s)
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        while mark < top:
+            hi = min(mark + CHUNK_IDS, top)
+            counting = pool.submit(lambda lo=mark, hi=hi: side.execute(_HOURS_SQL, (lo, hi)).fetchall())
+            errors = _read_errors(conn, mark, hi)
+            hours, n_bad = [], 0
+            for tool, hour, calls in counting.result():
+                if isinstance(tool, str) and tool and hour is not None:
+                    hours.append((tool, hour, calls))
+                else:
+                    n_bad += calls
+            with write_transaction(conn):
+                current = int(get_state(conn, "errors_watermark", "0"))
+                if current != mark:  # another process ingested rows meanwhile: go on from there
+                    mark = current
+                    continue
+                conn.executemany(
+                    "INSERT OR IGNORE INTO selfheal_errors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", errors)
+                conn.executemany(
+                    "INSERT INTO selfheal_tool_hours VALUES (?,?,?) ON CONFLICT(tool_name, hour) DO UPDATE SET "
+                    "calls = calls + excluded.calls", hours)
+                if n_bad:
+                    set_state(conn, "bad_rows", str(int(get_state(conn, "bad_rows", "0")) + n_bad))
+                    log.info("skipped %d malformed tool_complete row(s) in run_events ids %d..%d", n_bad, mark + 1, hi)
+                set_state(conn, "errors_watermark", str(hi))
+            new_errors += len(errors)
+            new_bad += n_bad
+            scanned += hi - mark
+            mark = hi
+            if progress:
+                progress(mark - start, top - start)
+    finally:
+        pool.shutdown()
+        side.close()
+    return RefreshResult(scanned, new_errors, new_bad, int(get_state(conn, "bad_rows", "0")))
+
+
+def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> list[tuple]:
+    """Failed calls as ``selfheal_errors`` rows; malformed ones are left to the hour
+    counts, which count them once."""
+    rows: list[tuple] = []
+    for event_id, run_id, step, timestamp, data, start_data in conn.execute(_ERRORS_SQL, (lo, hi)):
+        try:
+            event = json.loads(data)
+            name = event.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError("no tool name")
+            ts = to_epoch(timestamp)
+            raw_type = event.get("error_type")
+            message = event.get("result")
+            message = message if isinstance(message, str) else json.dumps(message)
+            duration = event.get("duration")
+            duration = int(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool) else None
+        except (ValueError, TypeError, AttributeError):
+            continue
+        keys: list[str] = []
+        if start_data:
+            try:
+                args = json.loads(start_data).get("arguments")
+                if isinstance(args, dict):
+                    keys = sorted(str(k) for k in args)
+            except (ValueError, AttributeError):
+                pass
+        rows.append((event_id, run_id, step if isinstance(step, int) else None, ts, timestamp, name,
+                     normalize_error_type(raw_type), raw_type if isinstance(raw_type, str) else None,
+                     message, message_template(message), duration, "\x1f".join(keys)))
+    return rows

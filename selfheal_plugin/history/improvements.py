@@ -1,0 +1,171 @@
+"""The ``improvements`` table: proposals and their lifecycle.
+
+The table is the runtime's older shape migrated in place (see ``history``): its rows keep
+``category``/``impact``/``related_runs``; ours fill the design document's columns plus the
+ones in :data:`history.IMPROVEMENT_COLUMNS`. Rows written by the runtime load as
+:class:`Improvement` too (``pattern_id`` None, ``category`` set).
+
+States: proposed → (tested) → applied → verified | rolled_back; proposed → rejected;
+proposed/tested → canary | shadow (an experiment section in config.toml) → applied
+(promote) or back to proposed/tested (drop).
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from selfheal_plugin.errors import NotFoundError
+from selfheal_plugin.history.connection import load_json, table_columns, write_transaction
+from selfheal_plugin.history.times import format_timestamp, utcnow
+
+STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "rejected", "rolled_back")
+OPEN_STATUSES = ("proposed", "tested", "canary", "shadow", "applied")
+_JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact",
+                "apply_record", "evidence", "experiment")
+
+
+@dataclass
+class Improvement:
+    id: str
+    status: str
+    description: str
+    pattern_id: str | None = None
+    error_type: str | None = None
+    tool_name: str | None = None
+    strategy: str | None = None
+    risk_level: str | None = None
+    confidence: float | None = None
+    expected_impact: str | None = None
+    actual_impact: str | None = None
+    changes_required: list[str] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    changes_made: str | None = None
+    test_result: dict[str, Any] | None = None
+    commit_sha: str | None = None
+    verification_scheduled: str | None = None
+    metrics: dict[str, Any] | None = None
+    pending_op: dict[str, Any] | None = None
+    rollback_sha: str | None = None
+    proposed_at: str | None = None
+    applied_at: str | None = None
+    verified_at: str | None = None
+    rolled_back_at: str | None = None
+    evidence: dict[str, Any] | None = None
+    apply_record: dict[str, Any] | None = None
+    experiment: dict[str, Any] | None = None  # a canary/shadow test: section, fraction, start, commits
+    created_at: str | None = None
+    updated_at: str | None = None
+    category: str | None = None
+    related_runs: list[str] | None = None
+    impact: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Improvement":
+        data = dict(row)
+        kwargs: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if name not in data:
+                continue
+            value = data[name]
+            if name in _JSON_FIELDS:
+                value = load_json(value, default=None if name not in ("changes_required", "changes") else [])
+                if name in ("changes_required", "changes") and not isinstance(value, list):
+                    value = []
+            kwargs[name] = value
+        kwargs.setdefault("status", data.get("status") or "proposed")
+        kwargs.setdefault("description", data.get("description") or "")
+        return cls(**kwargs)
+
+
+def new_improvement_id() -> str:
+    return f"imp-{utcnow().strftime('%Y%m%d')}-{secrets.token_hex(4)}"
+
+
+class ImprovementStore:
+    """Reads and writes ``improvements`` rows; every write is one short transaction."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.columns = set(table_columns(conn, "improvements"))
+
+    def get(self, improvement_id: str) -> Improvement:
+        row = self.conn.execute("SELECT * FROM improvements WHERE id = ?", (improvement_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no improvement {improvement_id!r} (see: agent self-heal improvements)")
+        return Improvement.from_row(row)
+
+    def list(self, status: str | None = None, limit: int | None = 20) -> list[Improvement]:
+        sql = "SELECT * FROM improvements"
+        params: list[Any] = []
+        if status:
+            sql += " WHERE status = ?"
+            params.append(status)
+        sql += " ORDER BY julianday(coalesce(proposed_at, created_at)) DESC NULLS LAST, id"  # instants, not strings
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [Improvement.from_row(r) for r in self.conn.execute(sql, params)]
+
+    def open_for_pattern(self, pattern_id: str) -> Improvement | None:
+        row = self._open_row(pattern_id)
+        return Improvement.from_row(row) if row else None
+
+    def _open_row(self, pattern_id: str | None) -> sqlite3.Row | None:
+        placeholders = ",".join("?" * len(OPEN_STATUSES))
+        return self.conn.execute(
+            f"SELECT * FROM improvements WHERE pattern_id = ? AND status IN ({placeholders}) "
+            "ORDER BY julianday(proposed_at) DESC LIMIT 1", (pattern_id, *OPEN_STATUSES)).fetchone()
+
+    def _insert_row(self, imp: Improvement) -> None:
+        """Stamp a new row's times and category and insert it (inside the caller's transaction)."""
+        now = format_timestamp(utcnow())
+        imp.proposed_at = imp.proposed_at or now
+        imp.created_at = imp.created_at or now
+        imp.updated_at = now
+        imp.category = imp.category or "tool"
+        values = self._row_values(imp)
+        self.conn.execute(f"INSERT INTO improvements ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
+                          list(values.values()))
+
+    def insert(self, imp: Improvement) -> Improvement:
+        with write_transaction(self.conn):
+            self._insert_row(imp)
+        return imp
+
+    def insert_unless_open(self, imp: Improvement) -> tuple[Improvement, bool]:
+        """Insert ``imp`` unless its pattern already has an open improvement; returns
+        (the stored row, created). Check and insert share one write transaction, so two
+        processes proposing for the same pattern at once still make one row."""
+        with write_transaction(self.conn):
+            row = self._open_row(imp.pattern_id)
+            if row is not None:
+                return Improvement.from_row(row), False
+            self._insert_row(imp)
+        return imp, True
+
+    def update(self, improvement_id: str, **fields_: Any) -> Improvement:
+        """Set some fields of one row (JSON fields take Python values)."""
+        fields_["updated_at"] = format_timestamp(utcnow())
+        values = {k: self._encode(k, v) for k, v in fields_.items() if k in self.columns}
+        with write_transaction(self.conn):
+            cur = self.conn.execute(
+                f"UPDATE improvements SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?",
+                [*values.values(), improvement_id])
+            if cur.rowcount == 0:
+                raise NotFoundError(f"no improvement {improvement_id!r}")
+        return self.get(improvement_id)
+
+    def _row_values(self, imp: Improvement) -> dict[str, Any]:
+        return {k: self._encode(k, v) for k, v in asdict(imp).items() if k in self.columns}
+
+    @staticmethod
+    def _encode(key: str, value: Any) -> Any:
+        if key in _JSON_FIELDS and value is not None and not isinstance(value, str):
+            return json.dumps(value)
+        return value

@@ -1,0 +1,607 @@
+"""Replaying history with a proposed change: the models behind ``agent self-heal test``.
+
+Replay: every finished run (``completed``/``failed``) that started in the window is
+replayed with the change. A completed run stays completed unless the change would break
+one of its calls (a lowered timeout below a call's observed duration). A failed run is
+recovered when every failed call in it is one the change could fix, with the product of
+the per-call fix probabilities; otherwise it stays failed. The simulated success rate is
+the mean recovery probability over runs, next to the baseline (observed) rate.
+
+Models (only these; a change without a model is reported as such, never guessed):
+
+* ``tools.NAME.timeout_ms`` — the tool's duration distribution is fitted to its calls in
+  the window: successful calls are observed durations, timed-out calls are right-censored
+  at the duration they were cut off at. Three log-location-scale families (lognormal,
+  Weibull, log-logistic) are fitted by maximum likelihood with censoring and the lowest
+  AIC wins. A call that timed out at ``c`` finishes under the new limit ``L`` with
+  probability ``1 - S(L)/S(c)``. Successful calls slower than a lowered limit would fail.
+* ``tools.NAME.retry_attempts`` — failure independence from history: of the ``n`` failures
+  of that tool (of the pattern's type) followed by another call of the same tool in the
+  same run, ``s`` such next calls succeeded. The retry success probability is the shrunk
+  estimate ``p = (s + 1) / (n + 2)`` (Laplace's rule: the posterior mean under a uniform
+  prior; 6 of 6 gives 0.875, never a certain 1.0), with ``Beta(s + 1, n - s + 1)`` for the
+  uncertainty. ``k`` more retries fix a failure with ``1 - (1 - p)^k``. Every targeted
+  failure counts at that estimate — also the ones with no follow-up call in history,
+  which are never counted as certainly fixed. Fewer than 3 follow-up calls: no model.
+* ``retry_backoff_ms`` only changes latency: neutral for success.
+
+Uncertainty: 95% percentile interval over 400 replicates, each a Poisson bootstrap of the
+runs combined with a draw of the model parameters (the MLE's normal approximation for
+durations, the Beta posterior for retries).
+"""
+from __future__ import annotations
+
+import math
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from selfheal_plugin.history.connection import normalize_error_type
+
+REPLICATES = 400
+MIN_DURATIONS = 8  # successful calls needed to fit a duration distribution
+MIN_RETRY_OBSERVATIONS = 3
+FAMILIES = {"lognormal": "norm", "weibull": "gumbel_l", "loglogistic": "logistic"}  # on ln(duration)
+
+
+def _family(name: str) -> Any:
+    from scipy import stats  # imported on use: scipy costs ~1 s at start-up
+
+    return getattr(stats, FAMILIES[name])
+NEUTRAL_KEYS = ("retry_backoff_ms",)
+
+
+@dataclass
+class Call:
+    event_id: int
+    tool: str
+    ok: bool
+    duration_ms: float | None
+    error_type: str | None
+
+
+@dataclass
+class ReplayRun:
+    run_id: str
+    completed: bool
+    calls: list[Call]
+
+
+def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None,
+              tools: list[str] | None = None) -> list[ReplayRun]:
+    """Finished runs (completed or failed) that started in [since, until), with their
+    ``tool_complete`` calls in order. Instants are compared, not strings.
+
+    With ``tools``, a run keeps only its failed calls and the calls of those tools (all
+    a replay or a verification looks at); a cheap text prefilter then spares the JSON
+    parse of most rows.
+    """
+    lo = since_epoch / 86400 + 2440587.5
+    hi = until_epoch / 86400 + 2440587.5 if until_epoch is not None else 1e12
+    runs: dict[str, ReplayRun] = {}
+    for run_id, status in conn.execute(
+            "SELECT id, status FROM runs WHERE status IN ('completed', 'failed') "
+            "AND julianday(started_at) >= ? AND julianday(started_at) < ? ORDER BY julianday(started_at), id",
+            (lo, hi)):
+        runs[run_id] = ReplayRun(run_id, status == "completed", [])
+    if not runs:
+        return []
+    params: list[Any] = [lo, hi]
+    prefilter = ""
+    if tools is not None:
+        # a failed call's JSON holds the literal `true`; a call of a tool holds its name
+        prefilter = " AND (" + " OR ".join(["instr(e.event_data, 'true') > 0"]
+                                           + ["instr(e.event_data, ?) > 0"] * len(tools)) + ")"
+        params += list(tools)
+    sql = f"""
+    SELECT e.run_id, e.id, json_extract(e.event_data, '$.name'), json_extract(e.event_data, '$.is_error'),
+           json_extract(e.event_data, '$.duration'), json_extract(e.event_data, '$.error_type')
+    FROM runs r JOIN run_events e ON e.run_id = r.id
+    WHERE r.status IN ('completed', 'failed') AND julianday(r.started_at) >= ? AND julianday(r.started_at) < ?
+      AND e.event_type = 'tool_complete'{prefilter} AND json_valid(e.event_data)
+    """
+    wanted = set(tools) if tools is not None else None
+    for run_id, eid, name, is_error, duration, etype in conn.execute(sql, params):
+        run = runs.get(run_id)
+        if run is None or not isinstance(name, str) or not name:
+            continue
+        ok = is_error != 1
+        if ok and wanted is not None and name not in wanted:
+            continue
+        dur = float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None
+        run.calls.append(Call(eid, name, ok, dur, None if ok else normalize_error_type(etype)))
+    for run in runs.values():
+        run.calls.sort(key=lambda c: c.event_id)
+    return list(runs.values())
+
+
+# ------------------------------------------------------------------ duration model
+
+
+@dataclass
+class DurationModel:
+    """A fitted duration distribution: ``ln T`` follows ``family`` with (loc, scale)."""
+
+    family: str
+    loc: float
+    scale: float
+    cov: list[list[float]]  # covariance of (loc, ln scale)
+    observed: int
+    censored: int
+    aic: float
+    max_observed_ms: float
+
+    def _dist(self) -> Any:
+        return _family(self.family)
+
+    def p_finish(self, censored_at: np.ndarray, limit: float, loc: np.ndarray | float | None = None,
+                 scale: np.ndarray | float | None = None) -> np.ndarray:
+        """P(T <= limit | T > c) per censoring point c (0 where limit <= c)."""
+        loc = np.asarray(self.loc if loc is None else loc, dtype=float)
+        scale = np.asarray(self.scale if scale is None else scale, dtype=float)
+        if loc.ndim:  # K parameter draws → a (K, n) matrix
+            loc, scale = loc[:, None], scale[:, None]
+        c = np.asarray(censored_at, dtype=float)
+        dist = self._dist()
+        lsf_c = dist.logsf((np.log(c) - loc) / scale)
+        lsf_l = dist.logsf((math.log(limit) - loc) / scale)
+        p = 1.0 - np.exp(np.minimum(lsf_l - lsf_c, 0.0))
+        return np.where(limit > c, p, 0.0)
+
+    def draws(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Parameter draws from the MLE's normal approximation (first one: the MLE)."""
+        theta = rng.multivariate_normal([self.loc, math.log(self.scale)], np.array(self.cov), size=k)
+        theta[0] = [self.loc, math.log(self.scale)]
+        return theta[:, 0], np.exp(theta[:, 1])
+
+    def quantile_ms(self, q: float) -> float:
+        return float(math.exp(self.loc + self.scale * self._dist().ppf(q)))
+
+
+def _nll(theta: np.ndarray, dist, z_obs: np.ndarray, z_cens: np.ndarray) -> float:
+    loc, log_scale = theta
+    scale = math.exp(log_scale)
+    ll = np.sum(dist.logpdf((z_obs - loc) / scale)) - len(z_obs) * log_scale
+    if len(z_cens):
+        ll += np.sum(dist.logsf((z_cens - loc) / scale))
+    return float(-ll) if np.isfinite(ll) else 1e300
+
+
+def _hessian(f, x: np.ndarray, h: float = 1e-4) -> np.ndarray:
+    n = len(x)
+    H = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            ei, ej = np.eye(n)[i] * h, np.eye(n)[j] * h
+            H[i, j] = (f(x + ei + ej) - f(x + ei - ej) - f(x - ei + ej) + f(x - ei - ej)) / (4 * h * h)
+    return H
+
+
+def fit_durations(durations_ms: list[float], censored_ms: list[float]) -> DurationModel | str:
+    """Fit the three families with right-censoring; the lowest AIC wins.
+
+    Returns a reason (str) instead of a model when the data cannot support one.
+    """
+    obs = np.array([d for d in durations_ms if d and d > 0], dtype=float)
+    cens = np.array([c for c in censored_ms if c and c > 0], dtype=float)
+    if len(obs) < MIN_DURATIONS:
+        return f"only {len(obs)} successful calls with a duration (need {MIN_DURATIONS}) to fit their distribution"
+    from scipy import optimize
+
+    z_obs, z_cens = np.log(obs), np.log(cens)
+    start = np.array([z_obs.mean(), math.log(max(z_obs.std(), 1e-3))])
+    best: DurationModel | None = None
+    for name in FAMILIES:
+        dist = _family(name)
+        fun = lambda th, d=dist: _nll(th, d, z_obs, z_cens)  # noqa: E731
+        res = optimize.minimize(fun, start, method="Nelder-Mead",
+                                options={"xatol": 1e-6, "fatol": 1e-8, "maxiter": 4000})
+        if not np.isfinite(res.fun):
+            continue
+        H = _hessian(fun, res.x)
+        try:
+            cov = np.linalg.inv(H)
+            if not np.all(np.linalg.eigvalsh(cov) > 0):
+                raise np.linalg.LinAlgError
+        except np.linalg.LinAlgError:
+            continue
+        aic = 2 * 2 + 2 * res.fun
+        model = DurationModel(name, float(res.x[0]), float(math.exp(res.x[1])), cov.tolist(), len(obs), len(cens),
+                              float(aic), float(obs.max()))
+        if best is None or model.aic < best.aic:
+            best = model
+    return best if best is not None else "the duration distribution could not be fitted"
+
+
+# ------------------------------------------------------------------ retry model
+
+
+@dataclass
+class RetryModel:
+    successes: int
+    observations: int
+
+    @property
+    def p(self) -> float:
+        """The shrunk estimate ``(s + 1) / (n + 2)`` (see the module docstring)."""
+        return (self.successes + 1) / (self.observations + 2)
+
+    @property
+    def observed_rate(self) -> float:
+        return self.successes / self.observations
+
+    def draws(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        d = rng.beta(self.successes + 1, self.observations - self.successes + 1, size=k)
+        d[0] = self.p
+        return d
+
+
+def fit_retry(runs: list[ReplayRun], tool: str, error_type: str | None) -> RetryModel | str:
+    """P(the next call of the same tool in the same run succeeds | a failure)."""
+    successes = observations = 0
+    for run in runs:
+        calls = [c for c in run.calls if c.tool == tool]
+        for i, c in enumerate(calls[:-1]):
+            if c.ok or (error_type and c.error_type != error_type):
+                continue
+            observations += 1
+            successes += calls[i + 1].ok
+    if observations < MIN_RETRY_OBSERVATIONS:
+        return (f"only {observations} failure(s) of {tool} were followed by another call of it in the same run "
+                f"(need {MIN_RETRY_OBSERVATIONS}) to estimate whether a retry succeeds")
+    return RetryModel(successes, observations)
+
+
+# ------------------------------------------------------------------ replay
+
+
+@dataclass
+class Simulation:
+    """What a replay found; ``None`` rates mean there was no model to replay with."""
+
+    simulated_success_rate: float | None
+    baseline_success_rate: float | None
+    simulated_interval: list[float] | None
+    improvement_interval: list[float] | None
+    runs_replayed: int
+    runs_recovered: float | None
+    runs_broken: int
+    failures_targeted: int
+    failures_fixed: float | None
+    models: list[dict[str, Any]] = field(default_factory=list)
+    unmodeled: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_model(self) -> bool:
+        return self.simulated_success_rate is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _config_sets(changes: list[Any]) -> list[tuple[list[str], Any]]:
+    out = []
+    for ch in changes or []:
+        d = ch.to_dict() if hasattr(ch, "to_dict") else ch
+        if isinstance(d, dict) and d.get("kind") == "config" and (d.get("op") or "set") == "set":
+            out.append((list(d.get("path") or []), d.get("value")))
+    return out
+
+
+def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: str | None, since_epoch: float,
+                     until_epoch: float | None, config: dict[str, Any] | None = None,
+                     seed: int = 0) -> Simulation:
+    """Replay the runs of the window with ``changes`` (see the module docstring)."""
+    config = config or {}
+    sets = _config_sets(changes)
+    tools = sorted({p[1] for p, _ in sets if len(p) >= 2 and p[0] == "tools"})
+    runs = load_runs(conn, since_epoch, until_epoch, tools)
+    etype = normalize_error_type(error_type) if error_type else None
+    rng = np.random.default_rng(seed)
+    K = REPLICATES
+    models: list[dict[str, Any]] = []
+    unmodeled: list[dict[str, Any]] = []
+    notes: list[str] = []
+    # per call: list of (K,) arrays of fix probabilities; per call: False when the change breaks it
+    fix: dict[int, list[np.ndarray]] = {}
+    broken: set[int] = set()
+
+    for path, value in sets:
+        key = ".".join(path)
+        if len(path) == 3 and path[0] == "tools" and path[2] == "timeout_ms" and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and value > 0:
+            tool = path[1]
+            calls = [c for r in runs for c in r.calls if c.tool == tool]
+            ok_d = [c.duration_ms for c in calls if c.ok and c.duration_ms]
+            old_limit = config.get("tools", {}).get(tool, {}).get("timeout_ms") if isinstance(
+                config.get("tools", {}).get(tool), dict) else None
+            timed_out = [c for c in calls if not c.ok and c.error_type == "timeout"]
+            cens = [c.duration_ms or old_limit for c in timed_out]
+            fitted = fit_durations(ok_d, [c for c in cens if c])
+            if isinstance(fitted, str):
+                unmodeled.append({"change": key, "reason": fitted})
+                continue
+            locs, scales = fitted.draws(K, rng)
+            pts = [(c, cp) for c, cp in zip(timed_out, cens) if cp]
+            if pts:
+                P = fitted.p_finish(np.array([cp for _, cp in pts]), float(value), locs, scales)  # (K, n)
+                for j, (c, _) in enumerate(pts):
+                    fix.setdefault(c.event_id, []).append(P[:, j])
+            for c in calls:
+                if c.ok and c.duration_ms and c.duration_ms > value:
+                    broken.add(c.event_id)
+            mean_fix = float(np.mean([fitted.p_finish(np.array([cp]), float(value))[0] for _, cp in pts])) \
+                if pts else None
+            models.append({"change": key, "model": "duration", "tool": tool, "family": fitted.family,
+                           "new_limit_ms": value, "old_limit_ms": old_limit or (max(cens) if cens else None),
+                           "successful_calls": fitted.observed, "timed_out_calls": fitted.censored,
+                           "median_ms": round(fitted.quantile_ms(0.5)), "p95_ms": round(fitted.quantile_ms(0.95)),
+                           "longest_observed_ms": round(fitted.max_observed_ms),
+                           "p_timed_out_call_finishes": None if mean_fix is None else round(mean_fix, 4),
+                           "successful_calls_over_new_limit": sum(1 for c in calls if c.event_id in broken)})
+            if pts and value > fitted.max_observed_ms:
+                notes.append(f"{tool}: the new limit {value} ms is beyond the longest observed duration "
+                             f"({fitted.max_observed_ms:.0f} ms); the tail is the fitted {fitted.family} model's")
+        elif len(path) == 3 and path[0] == "tools" and path[2] == "retry_attempts" and isinstance(value, int) \
+                and not isinstance(value, bool):
+            tool = path[1]
+            tool_cfg = config.get("tools", {}).get(tool, {})
+            old = tool_cfg.get("retry_attempts", 0) if isinstance(tool_cfg, dict) else 0
+            extra = value - (old if isinstance(old, int) else 0)
+            if extra <= 0:
+                unmodeled.append({"change": key, "reason": f"fewer retries ({old} → {value}): history cannot say "
+                                  "which failures the removed retries were hiding"})
+                continue
+            fitted = fit_retry(runs, tool, etype)
+            if isinstance(fitted, str):
+                unmodeled.append({"change": key, "reason": fitted})
+                continue
+            p = fitted.draws(K, rng)
+            pfix = 1.0 - (1.0 - p) ** extra
+            for r in runs:
+                for c in r.calls:
+                    if c.tool == tool and not c.ok and (etype is None or c.error_type == etype):
+                        fix.setdefault(c.event_id, []).append(pfix)
+            models.append({"change": key, "model": "retry", "tool": tool, "extra_retries": extra,
+                           "followups_observed": fitted.observations, "followups_succeeded": fitted.successes,
+                           "p_retry_succeeds": round(fitted.p, 4),
+                           "estimate": "(successes + 1) / (observed + 2)",
+                           "p_failure_fixed": round(float(pfix[0]), 4)})
+        elif path and path[-1] in NEUTRAL_KEYS:
+            models.append({"change": key, "model": "neutral", "reason": "changes latency only, not success"})
+        else:
+            unmodeled.append({"change": key, "reason": "no simulation model for this setting"})
+
+    n = len(runs)
+    targeted = sum(1 for r in runs for c in r.calls if not c.ok and c.event_id in fix)
+    if not any(m["model"] in ("duration", "retry") for m in models) or n == 0:
+        if n == 0:
+            notes.append("no finished runs in the window")
+        base = sum(r.completed for r in runs) / n if n else None
+        return Simulation(None, base, None, None, n, None, 0, targeted, None, models, unmodeled, notes)
+
+    P = np.zeros((n, K))
+    base = np.zeros(n)
+    n_broken = 0
+    fixed_sum = np.zeros(K)
+    for i, r in enumerate(runs):
+        base[i] = 1.0 if r.completed else 0.0
+        breaks = any(c.event_id in broken for c in r.calls)
+        n_broken += bool(breaks and r.completed)
+        for c in r.calls:
+            if not c.ok and c.event_id in fix:
+                fixed_sum += 1.0 - np.prod([1.0 - f for f in fix[c.event_id]], axis=0)
+        if breaks:
+            continue
+        if r.completed:
+            P[i] = 1.0
+            continue
+        failures = [c for c in r.calls if not c.ok]
+        if not failures or any(c.event_id not in fix for c in failures):
+            continue
+        prob = np.ones(K)
+        for c in failures:
+            prob *= 1.0 - np.prod([1.0 - f for f in fix[c.event_id]], axis=0)
+        P[i] = prob
+    W = rng.poisson(1.0, size=(K, n)).astype(float)
+    W[0] = 1.0
+    tot = np.maximum(W.sum(axis=1), 1.0)
+    sim_k = (W * P.T).sum(axis=1) / tot
+    base_k = (W * base).sum(axis=1) / tot
+    gain_k = sim_k - base_k
+    sim = float(P[:, 0].mean())
+    recovered = float(P[base == 0, 0].sum())
+    return Simulation(
+        simulated_success_rate=round(sim, 4), baseline_success_rate=round(float(base.mean()), 4),
+        simulated_interval=[round(float(np.percentile(sim_k, 2.5)), 4), round(float(np.percentile(sim_k, 97.5)), 4)],
+        improvement_interval=[round(float(np.percentile(gain_k, 2.5)), 4),
+                              round(float(np.percentile(gain_k, 97.5)), 4)],
+        runs_replayed=n, runs_recovered=round(recovered, 2), runs_broken=n_broken, failures_targeted=targeted,
+        failures_fixed=round(float(fixed_sum[0]), 2), models=models, unmodeled=unmodeled, notes=notes)
+
+
+def simulate_proposal(proposal: Any, history: Any, seed: int = 0) -> Simulation:
+    """The strategies' ``simulate(proposal, history)``: replay ``history`` (a
+    :class:`selfheal_plugin.plugins.strategy.HistoryWindow`) with the proposal's changes."""
+    until = history.until.timestamp() if getattr(history, "until", None) else None
+    return simulate_changes(history.conn, proposal.changes, getattr(proposal, "error_type", None),
+                            history.since.timestamp(), until, config=history.config, seed=seed)
+
+
+# ------------------------------------------------------------------ verdict
+
+
+def percent_points(x: float) -> str:
+    """``0.07`` → ``+7%``; small changes keep one decimal."""
+    v = x * 100
+    return f"{v:+.1f}%" if 0 < abs(v) < 1 else f"{v:+.0f}%"
+
+
+def recommend(sim: Simulation, risk_level: str | None) -> tuple[str, str]:
+    """safe_to_apply / risky / reject, with the reason."""
+    if not sim.has_model:
+        what = "; ".join(f"{u['change']}: {u['reason']}" for u in sim.unmodeled) or "the proposal changes no " \
+            "setting a model covers (manual steps only)"
+        if sim.runs_replayed == 0:
+            what = "no finished runs in the window to replay"
+        return "risky", f"no model: {what}"
+    gain = sim.simulated_success_rate - sim.baseline_success_rate
+    lo, hi = sim.improvement_interval
+    if gain < 0:
+        return "reject", (f"the change would have lowered the success rate ({percent_points(gain)}; "
+                          f"{sim.runs_broken} completed run(s) would have failed)")
+    if gain == 0:
+        return "reject", "the change would not have changed the outcome of any run in the window"
+    if sim.runs_broken:
+        return "risky", (f"{percent_points(gain)} overall, but {sim.runs_broken} completed run(s) would have "
+                         "failed under the change")
+    if sim.unmodeled:
+        return "risky", ("parts of the change have no model: "
+                         + "; ".join(f"{u['change']}: {u['reason']}" for u in sim.unmodeled))
+    if lo <= 0:
+        return "risky", (f"{percent_points(gain)} expected, but the 95% interval ({percent_points(lo)} to "
+                         f"{percent_points(hi)}) includes no improvement")
+    if (risk_level or "").lower() == "high":
+        return "risky", f"{percent_points(gain)} expected, but the strategy rates the change high-risk"
+    return "safe_to_apply", (f"{percent_points(gain)} expected (95% interval {percent_points(lo)} to "
+                             f"{percent_points(hi)}) over {sim.runs_replayed} replayed runs")
+
+
+# ------------------------------------------------------------------ the lifecycle step
+
+
+TEST_MODES = ("simulation", "canary", "shadow")
+
+
+def _as_simulation(out: Any) -> Simulation | None:
+    if out is None or isinstance(out, Simulation):
+        return out
+    if isinstance(out, dict):
+        known = {k: out[k] for k in Simulation.__dataclass_fields__ if k in out}
+        try:
+            return Simulation(**known)
+        except TypeError:
+            return None
+    return None
+
+
+def _proposal_for(imp: Any) -> Any:
+    """The stored improvement as the :class:`~selfheal_plugin.plugins.strategy.Proposal` strategies take."""
+    from selfheal_plugin.plugins.strategy import Proposal
+
+    return Proposal(
+        pattern_id=imp.pattern_id or "", error_type=imp.error_type or "Unknown", tool_name=imp.tool_name or "",
+        strategy=imp.strategy or "", description=imp.description, expected_impact=imp.expected_impact or "",
+        risk_level=imp.risk_level if imp.risk_level in ("low", "medium", "high") else "medium",
+        changes_required=list(imp.changes_required or []), changes=list(imp.changes or []),
+        confidence=imp.confidence)
+
+
+def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: str, mode: str = "simulation", *,
+                     since: str | None = None, now: Any = None, seed: int = 0,
+                     fraction: float | None = None) -> dict[str, Any]:
+    """Replay the baseline window (``since``, default the lookback setting, up to ``now``)
+    with the improvement's changes through its strategy's ``simulate``.
+
+    Stores the result on the row (``test_result``; ``proposed`` becomes ``tested``) and
+    fires ``improvement_tested``. Modes ``canary`` (``fraction`` of runs, default 0.5) and
+    ``shadow`` write the change to an experiment section of config.toml instead (see
+    :mod:`selfheal_plugin.lifecycle.canary`). A strategy without a model yields recommendation
+    ``risky`` with the reason, and no numbers. A simulation of an improvement past testing
+    (applied, verified, rolled back, rejected, in a canary/shadow) is refused with
+    :class:`~selfheal_plugin.lifecycle.apply.LifecycleError` and nothing stored.
+    """
+    from selfheal_plugin.plugins import manager as plugins
+    from selfheal_plugin.lifecycle.apply import recover
+    from selfheal_plugin.lifecycle.configedit import split_changes
+    from selfheal_plugin.errors import UsageError
+    from selfheal_plugin.history.improvements import ImprovementStore
+    from selfheal_plugin.plugins.strategy import HistoryWindow
+    from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
+
+    recover(conn, settings)
+    from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError
+
+    if mode not in TEST_MODES:
+        raise UsageError(f"unknown test mode {mode!r}: use {', '.join(TEST_MODES)}")
+    if mode != "simulation":
+        from selfheal_plugin.lifecycle.canary import test_experiment
+
+        return test_experiment(conn, settings, improvement_id, mode, fraction=fraction, now=now)
+    if fraction is not None:
+        raise UsageError("--fraction is for canary mode only")
+    store = ImprovementStore(conn)
+    imp = store.get(improvement_id)
+    if imp.status not in APPLICABLE:  # a test result for something already decided would mislead
+        hint = {"applied": f" (measure it: agent self-heal verify {imp.id})",
+                "verified": f" (measure it: agent self-heal verify {imp.id})",
+                "canary": f" (its canary is running: agent self-heal verify {imp.id})",
+                "shadow": f" (its shadow is running: agent self-heal verify {imp.id})"}.get(imp.status, "")
+        raise LifecycleError(f"{imp.id} is {imp.status}; only proposed or tested improvements can be tested{hint}")
+    split_changes(imp.changes)  # a forbidden change is refused before any work
+    now = now or utcnow()
+    start = parse_since(since or settings.lookback, now)
+    history = HistoryWindow(conn=conn, since=start, until=now, settings=settings)
+    source = "selfheal replay"
+    sim: Simulation | None = None
+    strategy = None
+    if imp.strategy or imp.error_type:
+        table = plugins.strategies(settings)
+        named = [s for s, _ in table.values() if imp.strategy and s.name == imp.strategy]
+        strategy = named[0] if named else (table.get(imp.error_type or "", (None, None))[0] if imp.error_type
+                                           else None)
+    if strategy is not None and imp.changes:
+        source = f"strategy {strategy.name}"
+        try:
+            proposal = _proposal_for(imp)
+            raw = strategy.simulate(proposal, history)
+            if raw is None and getattr(strategy, "replays_with_builtin_models", False):
+                raw = simulate_proposal(proposal, history)
+            sim = _as_simulation(raw)
+        except Exception as exc:  # noqa: BLE001 — a broken plugin is reported, not fatal
+            plugins._record(plugins.PluginError(plugin=f"strategy {strategy.name}", phase="hook", hook="simulate",
+                                                error=plugins._one_line(exc)))
+            sim = None
+        if sim is None:
+            runs = load_runs(conn, start.timestamp(), now.timestamp())
+            base = sum(r.completed for r in runs) / len(runs) if runs else None
+            sim = Simulation(None, base, None, None, len(runs), None, 0, 0, None, [],
+                             [{"change": "all", "reason": f"strategy {strategy.name!r} has no simulation model"}])
+    elif imp.changes:
+        sim = simulate_changes(conn, imp.changes, imp.error_type, start.timestamp(), now.timestamp(),
+                               config=history.config, seed=seed)
+    else:
+        runs = load_runs(conn, start.timestamp(), now.timestamp())
+        base = sum(r.completed for r in runs) / len(runs) if runs else None
+        sim = Simulation(None, base, None, None, len(runs), None, 0, 0, None, [],
+                         [{"change": "all", "reason": "the improvement lists no changes"}])
+    recommendation, reason = recommend(sim, imp.risk_level)
+    gain = (None if not sim.has_model or sim.baseline_success_rate is None
+            else sim.simulated_success_rate - sim.baseline_success_rate)
+    result = {
+        "improvement_id": imp.id, "test_mode": mode,
+        "simulated_success_rate": sim.simulated_success_rate, "baseline_success_rate": sim.baseline_success_rate,
+        "expected_improvement": None if gain is None else percent_points(gain),
+        "recommendation": recommendation, "reason": reason,
+        "interval": None if not sim.has_model else {
+            "confidence": 0.95, "method": f"bootstrap over runs with model-parameter draws ({REPLICATES})",
+            "simulated_success_rate": sim.simulated_interval,
+            "improvement": sim.improvement_interval},
+        "runs_replayed": sim.runs_replayed, "runs_recovered": sim.runs_recovered, "runs_broken": sim.runs_broken,
+        "failures_targeted": sim.failures_targeted, "failures_fixed": sim.failures_fixed,
+        "models": sim.models, "unmodeled_changes": sim.unmodeled, "notes": sim.notes, "model_source": source,
+        "window": {"since": format_timestamp(start), "until": format_timestamp(now)},
+        "tested_at": format_timestamp(utcnow()),
+    }
+    fields: dict[str, Any] = {"test_result": result}
+    if imp.status == "proposed":
+        fields["status"] = "tested"
+    imp = store.update(imp.id, **fields)
+    plugins.fire("improvement_tested", improvement=imp, result=result, settings=settings)
+    return result
+
+
+test_improvement.__test__ = False  # a library function, not a pytest test

@@ -1,0 +1,442 @@
+"""``self-healing-mcp``: the design document's nine tools over MCP (stdio or streamable HTTP).
+
+A thin facade: every tool resolves settings exactly as the CLI does
+(:func:`settings.load_settings` with the server's ``--home``/``--db`` and the call's
+arguments as overrides, so ``[self_heal]`` in ``config.toml`` supplies what a call leaves
+out), opens its own short-lived connection, calls the same library function the
+``agent self-heal`` command calls, and returns its JSON-ready result as structured
+content. Nothing here decides anything the CLI does not.
+
+Errors a user can act on (:class:`~selfheal_plugin.errors.SelfHealError`: unknown id,
+bad ``since``, missing database, busy database, ...) and invalid arguments come back as
+tool errors with one line; the server keeps serving. Logs go to stderr only (level from
+``SELFHEAL_LOG`` or ``RUST_LOG``): on stdio, stdout belongs to the protocol.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, Literal
+
+import click
+from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.types import ToolAnnotations
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from selfheal_plugin import __version__
+from selfheal_plugin.errors import SelfHealError
+from selfheal_plugin.history.settings import Settings, configure_logging, load_settings, resolve_home
+
+log = logging.getLogger("selfheal.mcp")
+
+SERVER_NAME = "self-healing"
+INSTRUCTIONS = (
+    "Self-healing for an agent runtime. Read-only analysis: detect_failure_patterns, analyze_run_health, "
+    "compute_agent_metrics, compute_tool_reliability, get_health_dashboard. Lifecycle: propose_improvement "
+    "(for a pattern id) -> test_improvement (replay history) -> apply_improvement (edits config.toml as a git "
+    "commit) -> verify_improvement (before vs after). Time windows (`since`) are -30m, -24h, -7d, -1w, an ISO "
+    "date or datetime; omitted values come from [self_heal] in the runtime's config.toml."
+)
+
+
+
+def annotations(title: str, *, read_only: bool = False, destructive: bool = False,
+                idempotent: bool | None = None) -> ToolAnnotations:
+    """Hints for clients: analysis tools are read-only, apply is destructive (it edits and
+    commits config.toml); propose/test/verify only write their own improvement rows."""
+    return ToolAnnotations(title=title, readOnlyHint=read_only, destructiveHint=destructive,
+                           idempotentHint=idempotent, openWorldHint=False)
+
+
+# ------------------------------------------------------------------ result models
+# The design document's fields are declared (they make the output schema); every model
+# also passes through the library's further fields unchanged (extra="allow").
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class FailurePattern(_Result):
+    id: str = Field(description="Pattern id: error_type:tool_name")
+    error_type: str = Field(description="Normalised error type (Unknown when absent)")
+    tool_name: str
+    occurrences: int = Field(description="Failed calls with this signature in the window")
+    correlation_score: float = Field(description="Median over occurrences of their mean Jaccard similarity to the other occurrences' contexts")
+    confidence: float = Field(description="0.35*sample size + 0.45*correlation + 0.20*frequency")
+    affected_runs: list[str]
+    suggested_fix: str | None = Field(None, description="The error type's strategy's one-line suggestion")
+
+
+class HealthIssue(_Result):
+    severity: Literal["high", "medium", "low"]
+    description: str
+    recommendation: str
+
+
+class RunHealth(_Result):
+    run_id: str
+    health_score: float = Field(description="0-100: 50% success, 20% duration, 20% tool reliability, "
+                                            "10% resource efficiency")
+    issues: list[HealthIssue]
+
+
+class AgentMetric(_Result):
+    name: str = Field(description="Agent (workflow) name")
+    success_rate: float | None = Field(description="Completed / finished runs; null without finished runs")
+    total_runs: int
+    avg_duration_seconds: float | None
+
+
+class AgentMetrics(_Result):
+    agents: list[AgentMetric]
+
+
+class ToolMetric(_Result):
+    name: str
+    success_rate: float
+    total_calls: int
+    timeout_rate: float
+    error_rate: float = Field(description="Share of calls that failed other than by timeout")
+
+
+class ToolReliability(_Result):
+    tools: list[ToolMetric] = Field(description="Worst tools first")
+
+
+class ImprovementProposal(_Result):
+    improvement_id: str
+    pattern_id: str | None
+    description: str
+    expected_impact: str | None
+    changes_required: list[str]
+    risk_level: str | None = Field(description="low | medium | high")
+    created: bool = Field(description="False when an open proposal for the pattern already existed")
+
+
+class ImprovementTest(_Result):
+    improvement_id: str
+    test_mode: str
+    simulated_success_rate: float | None
+    baseline_success_rate: float | None
+    expected_improvement: str | None
+    recommendation: str = Field(description="safe_to_apply | risky | reject")
+
+
+class AppliedImprovement(_Result):
+    improvement_id: str
+    status: str
+    applied_at: str | None
+    verification_scheduled: str | None
+    commit_sha: str | None = Field(None, description="The git commit of the config change (null: manual steps)")
+
+
+class Verification(_Result):
+    improvement_id: str
+    expected_impact: str | None
+    actual_impact: str
+    verification_status: str = Field(description="verified | failed | inconclusive")
+    recommendation: str = Field(description="keep | rollback | extend")
+    metrics: dict[str, Any] = Field(description="before_success_rate, after_success_rate, runs_analyzed, ...")
+
+
+class ImprovementSummary(_Result):
+    id: str
+    description: str
+    impact: str
+
+
+class HealthDashboard(_Result):
+    overall_health_score: float | None = Field(description="Mean health score of the window's finished runs")
+    trend: str = Field(description="improving | degrading | stable | insufficient_data")
+    success_rate: float | None
+    recent_improvements: list[ImprovementSummary]
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+def one_line(text: str) -> str:
+    """Collapse a message onto one line (a tool error is one line)."""
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "error"
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """``mode: Input should be 'simulation', 'canary' or 'shadow'``: one line per problem, joined."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "arguments"
+        parts.append(f"{loc}: {err.get('msg', 'invalid value')}")
+    return one_line("; ".join(parts))
+
+
+class SelfHealingServer(MCPServer):
+    """:class:`MCPServer` whose argument-validation errors are one readable line."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except UnexpectedToolError:
+            raise
+        except ToolError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ValidationError):
+                raise ToolError(f"invalid arguments for {name}: {describe_validation_error(cause)}") from cause
+            raise
+
+
+@contextmanager
+def _session(home: str | os.PathLike | None, db: str | os.PathLike | None, *, recover: bool = False,
+             **overrides: Any) -> Iterator[tuple[Settings, sqlite3.Connection]]:
+    """Settings and a connection for one call, closed afterwards; domain errors → ToolError.
+
+    ``recover`` first finishes or undoes an interrupted apply/rollback, as the CLI's
+    lifecycle commands do (its warnings go to the log)."""
+    from selfheal_plugin.history.connection import BUSY_MESSAGE, connect, is_busy_error
+
+    conn: sqlite3.Connection | None = None
+    try:
+        settings = load_settings(home, db, **overrides)
+        conn = connect(settings.db_path)
+        if recover:
+            from selfheal_plugin.lifecycle.apply import recover as recover_interrupted
+
+            recover_interrupted(conn, settings, warn=log.warning)
+        yield settings, conn
+    except SelfHealError as exc:
+        raise ToolError(one_line(str(exc))) from None
+    except sqlite3.OperationalError as exc:
+        if is_busy_error(exc):
+            raise ToolError(BUSY_MESSAGE) from None
+        raise
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def _schema_default(value: Any) -> dict[str, Any]:
+    """Show the design document's default in the schema while ``None`` (omitted) defers to the
+    ``[self_heal]`` setting, as the CLI's flags do."""
+    return {"default": value}
+
+
+def _sdk_log_level() -> Any:
+    """The SDK's level name for ours (it only configures logging when nothing else has)."""
+    name = logging.getLevelName(logging.getLogger("selfheal").getEffectiveLevel())
+    return name if name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else "WARNING"
+
+
+# ------------------------------------------------------------------ the server
+
+
+def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | None = None) -> SelfHealingServer:
+    """The MCP server over the runtime home ``home`` (default ``$BINKS_HOME`` or ``~/.binks``)
+    and database ``db`` (default ``HOME/conversations.db``), both resolved on every call."""
+    server = SelfHealingServer(SERVER_NAME, title="Self-healing", version=__version__, instructions=INSTRUCTIONS,
+                               log_level=_sdk_log_level())
+
+    warned: dict[str, int] = {}
+
+    def warn_bad_rows(kind: str, count: int) -> None:
+        """Malformed rows go to the log (never stdout): a warning when the count changes, then debug."""
+        if count and warned.get(kind) != count:
+            warned[kind] = count
+            log.warning("skipped %d malformed %s row(s) (invalid JSON, missing tool name or unparsable "
+                        "timestamp)", count, kind)
+        elif count:
+            log.debug("skipped %d malformed %s row(s), as before", count, kind)
+
+    def tool(title: str, *, read_only: bool = False, destructive: bool = False, idempotent: bool | None = None):
+        return server.tool(title=title, annotations=annotations(
+            title, read_only=read_only, destructive=destructive, idempotent=True if read_only else idempotent))
+
+    # -------------------------------------------------------------- analysis
+
+    @tool("Detect failure patterns", read_only=True)
+    def detect_failure_patterns(
+        since: Annotated[str | None, Field(
+            description="Window start: -30m, -24h, -7d, -1w, an ISO date or datetime "
+                        "(omitted: the lookback setting, -7d)", json_schema_extra=_schema_default("-7d"))] = None,
+        min_occurrences: Annotated[int | None, Field(
+            ge=1, description="Minimum failed calls with the same signature (omitted: setting, 3)",
+            json_schema_extra=_schema_default(3))] = None,
+        confidence_threshold: Annotated[float | None, Field(
+            ge=0.0, le=1.0, description="Minimum confidence 0.0-1.0 (omitted: setting, 0.75)",
+            json_schema_extra=_schema_default(0.75))] = None,
+    ) -> list[FailurePattern]:
+        """Find recurring tool failures: (error_type, tool_name) signatures of failed tool calls,
+        most frequent first, with correlation, confidence, affected runs and a suggested fix.
+        Read-only: unlike `agent self-heal detect` it neither proposes nor notifies."""
+        from selfheal_plugin.lifecycle.proposals import detect_with_fixes
+
+        with _session(home, db, lookback=since, min_occurrences=min_occurrences,
+                      confidence_threshold=confidence_threshold) as (s, conn):
+            result = detect_with_fixes(conn, s)
+            warn_bad_rows("run_events", result.scanned.total_bad_rows)
+            return [p.to_dict() for p in result.patterns]
+
+    @tool("Analyze run health", read_only=True)
+    def analyze_run_health(
+        run_id: Annotated[str, Field(description="Run id (a unique prefix is enough)")],
+    ) -> RunHealth:
+        """Health score (0-100) of one run with its issues, each with a severity and a recommendation."""
+        from selfheal_plugin.analysis.health import analyze_run_health as analyze
+
+        with _session(home, db) as (_s, conn):
+            return analyze(conn, run_id)
+
+    @tool("Compute agent metrics", read_only=True)
+    def compute_agent_metrics(
+        since: Annotated[str | None, Field(
+            description="Window start: -30m, -24h, -7d, -1w, an ISO date or datetime "
+                        "(omitted: the lookback setting, -7d)", json_schema_extra=_schema_default("-7d"))] = None,
+    ) -> AgentMetrics:
+        """Success rate, run count, average duration and trend per agent (workflow) in the window."""
+        from selfheal_plugin.analysis.health import compute_agent_metrics as agents
+
+        with _session(home, db, lookback=since) as (s, conn):
+            return agents(conn, since=s.lookback)
+
+    @tool("Compute tool reliability", read_only=True)
+    def compute_tool_reliability(
+        since: Annotated[str | None, Field(
+            description="Window start: -30m, -24h, -7d, -1w, an ISO date or datetime "
+                        "(omitted: the lookback setting, -7d)", json_schema_extra=_schema_default("-7d"))] = None,
+    ) -> ToolReliability:
+        """Per tool in the window: success, timeout and other-error rates, durations, top error types."""
+        from selfheal_plugin.analysis.health import compute_tool_reliability as tools
+
+        with _session(home, db, lookback=since) as (s, conn):
+            result = tools(conn, since=s.lookback)
+            warn_bad_rows("tool event", result.get("skipped_rows") or 0)
+            return result
+
+    # -------------------------------------------------------------- lifecycle
+
+    @tool("Propose improvement", idempotent=True)
+    def propose_improvement(
+        pattern_id: Annotated[str, Field(description="Pattern id from detect_failure_patterns "
+                                                     "(error_type:tool_name)")],
+    ) -> ImprovementProposal:
+        """Propose a fix for a pattern through its error type's strategy and store it as an
+        improvement (status proposed). An open proposal for the pattern is returned, not duplicated."""
+        from selfheal_plugin.lifecycle.proposals import propose_detailed
+
+        with _session(home, db) as (s, conn):
+            return propose_detailed(conn, s, pattern_id, since=s.lookback).to_dict()
+
+    @tool("Test improvement")
+    def test_improvement(
+        improvement_id: Annotated[str, Field(description="Improvement id (imp-...)")],
+        mode: Annotated[Literal["simulation", "canary", "shadow"], Field(
+            description="simulation replays the history window with the change; canary applies it to a "
+                        "fraction of runs; shadow observes it without changing outcomes")] = "simulation",
+        fraction: Annotated[float | None, Field(
+            gt=0, lt=1, description="canary only: share of runs in the canary arm (default 0.5)")] = None,
+    ) -> ImprovementTest:
+        """Estimate the improvement against history: simulated vs baseline success rate with a
+        95% interval and a recommendation (safe_to_apply, risky or reject). Stores the result.
+        canary/shadow start an experiment section in config.toml (a git commit)."""
+        from selfheal_plugin.lifecycle.simulation import test_improvement as run_test
+
+        with _session(home, db, recover=True) as (s, conn):
+            return run_test(conn, s, improvement_id, mode, fraction=fraction)
+
+    @tool("Apply improvement", destructive=True, idempotent=False)
+    def apply_improvement(
+        improvement_id: Annotated[str, Field(description="Improvement id (imp-...), proposed or tested")],
+        changes_made: Annotated[str, Field(
+            description="What was done: recorded with the improvement (required text for manual-only "
+                        "improvements; a note beside the config edit otherwise)")],
+    ) -> AppliedImprovement:
+        """Apply an improvement: edit config.toml (comments and formatting kept), commit it to git
+        with trailers, mark it applied and schedule verification. Refuses a config with
+        uncommitted edits."""
+        from selfheal_plugin.lifecycle.apply import apply_improvement as apply
+
+        with _session(home, db, recover=True) as (s, conn):
+            return apply(conn, s, improvement_id, changes_made)
+
+    @tool("Verify improvement")
+    def verify_improvement(
+        improvement_id: Annotated[str, Field(description="Improvement id (imp-...), applied")],
+        measurement_window_days: Annotated[float | None, Field(
+            gt=0, description="Days before and after the apply time to compare (omitted: setting, 7)",
+            json_schema_extra=_schema_default(7))] = None,
+    ) -> Verification:
+        """Measure an applied improvement: success rate and the pattern's error rate before vs after
+        the apply (Fisher's exact test, sample-size floor) and recommend keep, rollback or extend."""
+        from selfheal_plugin.lifecycle.verification import verify_improvement as verify
+
+        with _session(home, db, recover=True) as (s, conn):
+            return verify(conn, s, improvement_id, measurement_window_days)
+
+    # -------------------------------------------------------------- dashboard
+
+    @tool("Health dashboard", read_only=True)
+    def get_health_dashboard(
+        detailed: Annotated[bool, Field(description="Include per-agent and per-tool tables")] = False,
+    ) -> HealthDashboard:
+        """System-wide health over the lookback window: overall score, trend, success rate, worst
+        tools, daily success and recent improvements with their measured impact."""
+        from selfheal_plugin.analysis.health import get_health_dashboard as dashboard
+
+        with _session(home, db) as (s, conn):
+            return dashboard(conn, detailed=detailed, since=s.lookback)
+
+    return server
+
+
+# ------------------------------------------------------------------ console script
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--transport", type=click.Choice(["stdio", "streamable-http"]), default="stdio", show_default=True,
+              help="stdio (for an MCP client that spawns the server) or streamable HTTP.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="HTTP port.")
+@click.option("--home", type=click.Path(file_okay=False), default=None,
+              help="Runtime home (default: $BINKS_HOME or ~/.binks).")
+@click.option("--db", type=click.Path(dir_okay=False), default=None,
+              help="Run-history database (default: HOME/conversations.db).")
+@click.version_option(__version__, prog_name="self-healing-mcp")
+def cli(transport: str, host: str, port: int, home: str | None, db: str | None) -> None:
+    """MCP server with the self-healing tools (detect, health, propose, test, apply, verify)."""
+    configure_logging()
+    server = build_server(home, db)
+    where = resolve_home(home)
+    log.info("self-healing-mcp %s over %s: home %s, database %s", __version__, transport, where,
+             db or where / "conversations.db")
+    if transport == "stdio":
+        server.run("stdio")
+        return
+    click.echo(f"self-healing-mcp: serving streamable HTTP at http://{host}:{port}/mcp", err=True)
+    _run_http(server, host, port)
+
+
+def _run_http(server: SelfHealingServer, host: str, port: int) -> None:
+    """Streamable HTTP at ``/mcp`` with uvicorn logging through our stderr handler."""
+    import anyio
+    import uvicorn
+
+    app = server.streamable_http_app(host=host)
+    debug = logging.getLogger("selfheal").isEnabledFor(logging.DEBUG)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=debug,
+                            log_level=logging.getLogger("selfheal").getEffectiveLevel())
+    anyio.run(uvicorn.Server(config).serve)
+
+
+def main() -> None:
+    try:
+        cli(prog_name="self-healing-mcp")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""``agent self-heal demo``: the whole loop in a throwaway home, in about a minute.
+
+Two simulated weeks on one :class:`~selfheal_plugin.history.clock.SimulatedClock`:
+
+1. a week of testbed runs (real MCP servers over stdio, the scripted agent through
+   ``ToolPolicy``, recorded by ``RunRecorder``), ending at the apply instant ``A``;
+2. detect → propose → test (simulation, on that week only) → apply the best proposal the
+   simulation calls safe (a real git commit in the demo home, ``applied_at = A``);
+3. a second week of runs from ``A`` with the fix in force (the policy re-reads config.toml);
+4. verify at ``A + 7 days`` (before vs after, Fisher's exact test) and the dashboard.
+
+``A`` is a week before the real now, so the second week ends about now and the
+dashboard's "last 7 days" is the week after the fix. Notifications go to an inbox inside
+the demo home, never to the user's.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from selfheal_plugin.errors import SelfHealError, UsageError
+
+DEMO_RUNS = 200
+DEMO_DAYS = 7
+
+
+@dataclass
+class DemoStep:
+    name: str
+    title: str
+    data: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class DemoResult:
+    home: str
+    kept: bool
+    steps: list[DemoStep]
+    seconds: float
+
+    def step(self, name: str) -> DemoStep:
+        return next(s for s in self.steps if s.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"home": self.home, "kept": self.kept, "seconds": round(self.seconds, 2),
+                "steps": [{"name": s.name, "title": s.title, "seconds": round(s.seconds, 2), **s.data}
+                          for s in self.steps]}
+
+
+def _prepare_home(directory: str | Path | None) -> Path:
+    if directory is None:
+        return Path(tempfile.mkdtemp(prefix="selfheal-demo-"))
+    home = Path(directory).expanduser()
+    if home.exists() and (not home.is_dir() or any(home.iterdir())):
+        raise UsageError(f"--dir {home} must be a new or empty directory (the demo writes a whole home there)")
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+@contextmanager
+def _demo_environment(home: Path) -> Iterator[None]:
+    """Point BINKS_HOME and INBOX_PATH into the demo home for the duration."""
+    saved = {k: os.environ.get(k) for k in ("BINKS_HOME", "INBOX_PATH")}
+    os.environ["BINKS_HOME"] = str(home)
+    os.environ["INBOX_PATH"] = str(home / "inbox")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _workload_data(summary: Any) -> dict[str, Any]:
+    d = summary.to_dict()
+    d.pop("run_ids", None)
+    return d
+
+
+def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: int = DEMO_RUNS,
+             on_step: Callable[[DemoStep], None] | None = None, testbed_config: Any = None,
+             now: datetime | None = None) -> DemoResult:
+    """Run the demo; ``on_step`` is called after each step (the CLI prints there).
+
+    The home is a new temporary directory unless ``directory`` (new or empty) is given;
+    it is removed at the end unless ``keep``. Returns every step's findings.
+    """
+    if runs < 40:
+        raise UsageError(f"the demo needs at least 40 runs per week to verify anything, got {runs}")
+    home = _prepare_home(directory)
+    t_start = time.perf_counter()
+    steps: list[DemoStep] = []
+    kept = keep
+    try:
+        with _demo_environment(home):
+            _run(home, runs, steps, on_step or (lambda s: None), testbed_config, now)
+    except BaseException:
+        kept = True if directory is not None else keep
+        if not kept:
+            shutil.rmtree(home, ignore_errors=True)
+        raise
+    if not kept:
+        shutil.rmtree(home, ignore_errors=True)
+    return DemoResult(str(home), kept, steps, time.perf_counter() - t_start)
+
+
+def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoStep], None],
+         testbed_config: Any, now: datetime | None) -> None:
+    from selfheal_plugin.lifecycle import gitops
+    from selfheal_plugin.history.clock import SimulatedClock
+    from selfheal_plugin.analysis.health import get_health_dashboard
+    from selfheal_plugin.history.connection import connect
+    from selfheal_plugin.lifecycle.apply import apply_improvement
+    from selfheal_plugin.lifecycle.proposals import attach_suggested_fixes, propose_all
+    from selfheal_plugin.lifecycle.simulation import test_improvement
+    from selfheal_plugin.lifecycle.verification import verify_improvement
+    from selfheal_plugin.analysis.patterns import detect_failure_patterns
+    from selfheal_plugin.history.settings import load_settings
+    from selfheal_plugin.testbed import TestbedConfig, run_workload
+
+    def step(name: str, title: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        data = fn()
+        s = DemoStep(name, title, data, time.perf_counter() - t0)
+        steps.append(s)
+        on_step(s)
+        return data
+
+    real_now = (now or datetime.now(timezone.utc)).replace(second=0, microsecond=0)
+    applied_at = real_now - timedelta(days=DEMO_DAYS)
+    week_start = applied_at - timedelta(days=DEMO_DAYS)
+    verify_at = applied_at + timedelta(days=DEMO_DAYS)
+    clock = SimulatedClock(week_start)
+    config = testbed_config or TestbedConfig()
+
+    step("home", "Throwaway home", lambda: {"home": str(home), "timeline": {
+        "before": [week_start.isoformat(), applied_at.isoformat()],
+        "apply": applied_at.isoformat(), "after": [applied_at.isoformat(), verify_at.isoformat()]}})
+
+    step("workload_before", "A week of runs (real MCP servers over stdio, simulated clock)",
+         lambda: _workload_data(run_workload(home, runs=runs, seed=1, clock=clock, days=DEMO_DAYS, config=config)))
+
+    settings = load_settings(home)
+    conn = connect(settings.db_path)
+    try:
+        found_patterns: list[Any] = []
+
+        def detect() -> dict[str, Any]:
+            found = detect_failure_patterns(conn, settings.lookback, settings.min_occurrences,
+                                            settings.confidence_threshold, now=applied_at, until=applied_at)
+            attach_suggested_fixes(found.patterns, settings)
+            found_patterns.extend(found.patterns)
+            return {"since": found.since, "patterns": [p.to_dict() for p in found.patterns]}
+
+        detected = step("detect", "Detect recurring failures", detect)
+        if not detected["patterns"]:
+            raise DemoError("the workload produced no recurring failure pattern to heal")
+
+        def propose() -> dict[str, Any]:
+            return {"proposals": [{"pattern_id": None, "error": str(r)} if isinstance(r, Exception) else r.to_dict()
+                                  for r in propose_all(conn, settings, found_patterns, now=applied_at)]}
+
+        proposals = step("propose", "Propose a fix per pattern (strategy plugins)", propose)
+
+        def test() -> dict[str, Any]:
+            results = []
+            for p in proposals["proposals"]:
+                if "error" in p or not any(c.get("kind") == "config" for c in p.get("changes") or []):
+                    continue
+                results.append(test_improvement(conn, settings, p["improvement_id"], "simulation", now=applied_at))
+            safe = [r for r in results if r["recommendation"] == "safe_to_apply"]
+            best = max(safe, key=lambda r: r["simulated_success_rate"] - r["baseline_success_rate"], default=None)
+            return {"tests": results, "chosen": best["improvement_id"] if best else None}
+
+        tested = step("test", "Test each proposal against the week's history (simulation)", test)
+        chosen = tested["chosen"]
+        if chosen is None:
+            raise DemoError("no proposal was safe to apply according to the simulation")
+
+        def apply() -> dict[str, Any]:
+            result = apply_improvement(conn, settings, chosen, "applied by agent self-heal demo", now=applied_at)
+            cr = gitops.locate(settings.config_path, settings.home)
+            return {**result, "git_log": cr.git("log", "--format=%h %s").splitlines(),
+                    "config_toml": settings.config_path.read_text(encoding="utf-8")}
+
+        step("apply", "Apply the best safe proposal (a real git commit)", apply)
+
+        step("workload_after", "Another week of runs with the fix in force (ToolPolicy re-reads config.toml)",
+             lambda: _workload_data(run_workload(home, runs=runs, seed=2, clock=clock, start=applied_at,
+                                                 days=DEMO_DAYS, config=config)))
+
+        step("verify", "Verify: the week before vs the week after the apply",
+             lambda: verify_improvement(conn, settings, chosen, now=verify_at))
+
+        step("dashboard", "Health dashboard (the last 7 days)",
+             lambda: get_health_dashboard(conn, detailed=False, since="-7d", now=verify_at))
+    finally:
+        conn.close()
+
+
+class DemoError(SelfHealError):
+    """The demo could not complete a step (it says which); exit 1 with one line."""
