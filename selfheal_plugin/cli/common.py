@@ -54,7 +54,7 @@ def open_history(s: Settings) -> sqlite3.Connection:
     conn = connect(s.db_path)
     if conn.execute("SELECT 1 FROM improvements WHERE pending_op IS NOT NULL AND pending_op != '' LIMIT 1"
                     ).fetchone():
-        from selfheal_plugin.lifecycle.apply import recover
+        from selfheal_plugin.lifecycle.recovery import recover
 
         recover(conn, s, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False))
     return conn

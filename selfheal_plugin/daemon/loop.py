@@ -56,7 +56,8 @@ from selfheal_plugin.history.settings import lock_dir
 from selfheal_plugin.history.connection import connect, get_state, set_state, write_transaction
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.lifecycle.proposals import StrategyError, attach_suggested_fixes, history_window, propose_for_pattern
-from selfheal_plugin.lifecycle.apply import apply_improvement, recover, rollback_improvement
+from selfheal_plugin.lifecycle.apply import apply_improvement, rollback_improvement
+from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.lifecycle.simulation import test_improvement
 from selfheal_plugin.lifecycle.verification import verify_improvement
 from selfheal_plugin.analysis.patterns import detect_failure_patterns

@@ -192,7 +192,6 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
     ``expected_sha256`` (from :func:`plan_apply`) refuses when the file changed since the
     diff was shown. Returns the design document's fields plus commit and diff.
     """
-    recover(conn, settings)
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
     _check_applicable(imp)
@@ -305,7 +304,6 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
     user changed since is a :class:`ConflictError` and nothing changes. A manual-only
     improvement is marked rolled back (its steps must be undone by hand).
     """
-    recover(conn, settings)
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
     if imp.status not in ROLLBACKABLE:
@@ -386,7 +384,6 @@ def _rolled_back_result(imp: Improvement, method: str, diff: str, note: str | No
 
 def reject_improvement(conn: sqlite3.Connection, settings: Settings, improvement_id: str) -> dict[str, Any]:
     """proposed/tested → rejected (a new proposal for the pattern may then be made)."""
-    recover(conn, settings)
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
     if imp.status not in APPLICABLE:
@@ -395,60 +392,10 @@ def reject_improvement(conn: sqlite3.Connection, settings: Settings, improvement
     return {"improvement_id": imp.id, "status": imp.status}
 
 
-# ------------------------------------------------------------------ recovery
-
-
-def recover(conn: sqlite3.Connection, settings: Settings,
-            warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Finish or undo every interrupted apply/rollback (``pending_op`` set).
-
-    With the commit present, the database is brought in line with it (finished); without
-    it, the config file gets its old bytes back and its index entry is reset (undone).
-    A file that changed in between (neither old nor new content) is left alone and the
-    intent dropped, with a warning. Returns one entry per operation handled.
-    """
-    rows = conn.execute("SELECT id FROM improvements WHERE pending_op IS NOT NULL AND pending_op != ''").fetchall()
-    if not rows:
-        return []
-    lock = lock_for(settings)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return []  # an apply or rollback is running right now: its intent is not stale
-    actions = []
-    try:
-        store = ImprovementStore(conn)
-        for (imp_id,) in rows:
-            imp = store.get(imp_id)
-            if not imp.pending_op:
-                continue
-            try:
-                action = _recover_one(store, imp, settings)
-            except SelfHealError as exc:
-                action = {"improvement_id": imp.id, "op": imp.pending_op.get("op"), "action": "failed",
-                          "detail": str(exc)}
-            actions.append(action)
-            msg = f"recovered interrupted {action['op']} of {imp.id}: {action['action']} ({action['detail']})"
-            log.warning(msg)
-            if warn:
-                warn(msg)
-    finally:
-        lock.release()
-    for action in actions:
-        if action["action"] == "finished" and action["op"] in ("apply", "rollback"):
-            imp = store.get(action["improvement_id"])
-            fire("improvement_applied" if action["op"] == "apply" else "improvement_rolled_back",
-                 improvement=imp, settings=settings)
-    return actions
-
-
-def _recover_one(store: ImprovementStore, imp: Improvement, settings: Settings) -> dict[str, Any]:
+def recover_apply_op(store: ImprovementStore, imp: Improvement, settings: Settings) -> dict[str, Any]:
+    """Finish (the commit exists) or undo (it does not) an interrupted apply or rollback."""
     op = imp.pending_op or {}
     kind = op.get("op")
-    if kind in ("experiment-start", "experiment-end"):  # a canary/shadow section edit
-        from selfheal_plugin.lifecycle.canary import recover_experiment_op
-
-        return recover_experiment_op(store, imp, settings)
     record = op.get("record") or {}
     cr = gitops.locate(Path(record.get("config_path") or settings.config_path), settings.home)
     started = parse_timestamp(op["started_at"]) if op.get("started_at") else utcnow()
@@ -506,7 +453,7 @@ def _reset_index(cr: gitops.ConfigRepo) -> None:
 
 
 def abort_operation(store: ImprovementStore, settings: Settings, improvement_id: str, exc: BaseException,
-                    what: str) -> Improvement:
+                    what: str, recover_one: Callable[..., dict[str, Any]] | None = None) -> Improvement:
     """A write or commit step failed after the intent was recorded: run recovery for this
     improvement now (not on some later command). When the commit exists after all, the
     operation is finished and the row returned; otherwise the edit is undone and a one-line
@@ -514,7 +461,7 @@ def abort_operation(store: ImprovementStore, settings: Settings, improvement_id:
     the lock."""
     reason = _one_line(exc)
     try:
-        action = _recover_one(store, store.get(improvement_id), settings)
+        action = (recover_one or recover_apply_op)(store, store.get(improvement_id), settings)
     except (SelfHealError, OSError) as undo_exc:
         raise LifecycleError(f"{what} of {improvement_id} failed: {reason}; undoing it failed too "
                              f"({_one_line(undo_exc)}), the next selfheal command will retry") from exc

@@ -35,7 +35,7 @@ from selfheal_plugin.lifecycle import gitops
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.apply import (
     APPLICABLE, LifecycleError, _locked, abort_operation, apply_improvement, atomic_write, crash_point, read_text,
-    recover, undo_config_write,
+    undo_config_write,
 )
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
 from selfheal_plugin.errors import SelfHealError, UsageError
@@ -130,7 +130,7 @@ def _commit_edit(conn: sqlite3.Connection, settings: Settings, imp: Improvement,
             sha = gitops.commit_config(cr, message)
         except (SelfHealError, OSError) as exc:  # undone at once, like a recovery; raises unless committed
             what = "start of the " + action if op == "experiment-start" else "end of the " + action.split("-")[0]
-            imp = abort_operation(store, settings, imp.id, exc, what)
+            imp = abort_operation(store, settings, imp.id, exc, what, recover_experiment_op)
             sha = (imp.experiment or {}).get(sha_key)
         else:
             crash_point(f"{op}-after-commit")
@@ -176,7 +176,6 @@ def test_experiment(conn: sqlite3.Connection, settings: Settings, improvement_id
             raise UsageError("--fraction is for canary mode only")
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise UsageError(f"--fraction must be between 0 and 1 (exclusive), got {fraction!r}")
-    recover(conn, settings)
     now = now or utcnow()
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
@@ -427,7 +426,6 @@ def promote_experiment(conn: sqlite3.Connection, settings: Settings, improvement
                        changes_made: str | None = None, now: datetime | None = None) -> dict[str, Any]:
     """End the canary/shadow (section removed, committed) and apply the improvement
     normally (its own commit, applied_at = ``now``)."""
-    recover(conn, settings)
     now = now or utcnow()
     imp, ended = _end(conn, settings, improvement_id, "promoted", now)
     applied = apply_improvement(conn, settings, imp.id, changes_made, now=now)
@@ -438,7 +436,6 @@ def drop_experiment(conn: sqlite3.Connection, settings: Settings, improvement_id
                     now: datetime | None = None) -> dict[str, Any]:
     """End the canary/shadow without applying: section removed (a commit), status back to
     what it was before (proposed or tested)."""
-    recover(conn, settings)
     now = now or utcnow()
     imp, ended = _end(conn, settings, improvement_id, "dropped", now)
     return {"improvement_id": imp.id, "status": imp.status, "commit_sha": ended["end_commit_sha"],

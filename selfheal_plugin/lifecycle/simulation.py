@@ -515,14 +515,12 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
     :class:`~selfheal_plugin.lifecycle.apply.LifecycleError` and nothing stored.
     """
     from selfheal_plugin.plugins import manager as plugins
-    from selfheal_plugin.lifecycle.apply import recover
     from selfheal_plugin.lifecycle.configedit import split_changes
     from selfheal_plugin.errors import UsageError
     from selfheal_plugin.history.improvements import ImprovementStore
     from selfheal_plugin.plugins.strategy import HistoryWindow
     from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
 
-    recover(conn, settings)
     from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError
 
     if mode not in TEST_MODES:

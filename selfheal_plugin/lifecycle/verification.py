@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from selfheal_plugin.plugins import manager as plugins
-from selfheal_plugin.lifecycle.apply import LifecycleError, recover
+from selfheal_plugin.lifecycle.apply import LifecycleError
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.history.improvements import ImprovementStore
@@ -201,7 +201,6 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
     pattern's error rates and the windows. ``early`` accepts a keep before the
     measurement window after the apply has ended (otherwise it is provisional: extend).
     """
-    recover(conn, settings)
     days = settings.measurement_window_days if measurement_window_days is None else measurement_window_days
     if not isinstance(days, (int, float)) or isinstance(days, bool) or days <= 0:
         raise UsageError(f"measurement window must be a positive number of days, got {days!r}")

@@ -204,7 +204,7 @@ def _session(home: str | os.PathLike | None, db: str | os.PathLike | None, *, re
         settings = load_settings(home, db, **overrides)
         conn = connect(settings.db_path)
         if recover:
-            from selfheal_plugin.lifecycle.apply import recover as recover_interrupted
+            from selfheal_plugin.lifecycle.recovery import recover as recover_interrupted
 
             recover_interrupted(conn, settings, warn=log.warning)
         yield settings, conn

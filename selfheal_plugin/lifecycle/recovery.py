@@ -1,0 +1,69 @@
+"""Crash recovery: finish or undo every apply, rollback or experiment edit that a killed
+process left half done (its intent is the row's ``pending_op``). The service runs it once
+when it opens the history, before any command reads config, git or the database."""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import Any, Callable
+
+from filelock import Timeout
+
+from selfheal_plugin.errors import SelfHealError
+from selfheal_plugin.history.improvements import Improvement, ImprovementStore
+from selfheal_plugin.history.settings import Settings
+from selfheal_plugin.lifecycle.apply import fire, lock_for, recover_apply_op
+from selfheal_plugin.lifecycle.canary import recover_experiment_op
+
+log = logging.getLogger("selfheal.recovery")
+
+
+def recover(conn: sqlite3.Connection, settings: Settings,
+            warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Finish or undo every interrupted apply/rollback (``pending_op`` set).
+
+    With the commit present, the database is brought in line with it (finished); without
+    it, the config file gets its old bytes back and its index entry is reset (undone).
+    A file that changed in between (neither old nor new content) is left alone and the
+    intent dropped, with a warning. Returns one entry per operation handled.
+    """
+    rows = conn.execute("SELECT id FROM improvements WHERE pending_op IS NOT NULL AND pending_op != ''").fetchall()
+    if not rows:
+        return []
+    lock = lock_for(settings)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return []  # an apply or rollback is running right now: its intent is not stale
+    actions = []
+    try:
+        store = ImprovementStore(conn)
+        for (imp_id,) in rows:
+            imp = store.get(imp_id)
+            if not imp.pending_op:
+                continue
+            try:
+                action = _recover_one(store, imp, settings)
+            except SelfHealError as exc:
+                action = {"improvement_id": imp.id, "op": imp.pending_op.get("op"), "action": "failed",
+                          "detail": str(exc)}
+            actions.append(action)
+            msg = f"recovered interrupted {action['op']} of {imp.id}: {action['action']} ({action['detail']})"
+            log.warning(msg)
+            if warn:
+                warn(msg)
+    finally:
+        lock.release()
+    for action in actions:
+        if action["action"] == "finished" and action["op"] in ("apply", "rollback"):
+            imp = store.get(action["improvement_id"])
+            fire("improvement_applied" if action["op"] == "apply" else "improvement_rolled_back",
+                 improvement=imp, settings=settings)
+    return actions
+
+
+def _recover_one(store: ImprovementStore, imp: Improvement, settings: Settings) -> dict[str, Any]:
+    kind = (imp.pending_op or {}).get("op")
+    if kind in ("experiment-start", "experiment-end"):  # a canary/shadow section edit
+        return recover_experiment_op(store, imp, settings)
+    return recover_apply_op(store, imp, settings)
