@@ -75,39 +75,29 @@ def stable(value: Any) -> Any:
 
 
 def reference(tool: str, home: Path | str | None, db: Path | str | None = None, **args: Any) -> Any:
-    """The library function's result for ``tool`` with the CLI's settings resolution."""
-    from selfheal_plugin.analysis import health
-    from selfheal_plugin.lifecycle import proposals as lifecycle
-    from selfheal_plugin.lifecycle import simulation
-    from selfheal_plugin.lifecycle import verification
+    """The service's result for ``tool`` (what `agent self-heal` also calls)."""
+    from selfheal_plugin.service import SelfHeal
 
-    s = load_settings(home, db)
-    conn = connect(s.db_path)
-    try:
+    overrides = {"lookback": args.get("since"), "min_occurrences": args.get("min_occurrences"),
+                 "confidence_threshold": args.get("confidence_threshold")}
+    with SelfHeal(home, db, **{k: v for k, v in overrides.items() if v is not None}) as sh:
         if tool == "detect_failure_patterns":
-            s = load_settings(home, db, lookback=args.get("since"), min_occurrences=args.get("min_occurrences"),
-                              confidence_threshold=args.get("confidence_threshold"))
-            # the function `agent self-heal detect` calls (its patterns, before it proposes)
-            return plain([p.to_dict() for p in lifecycle.detect_with_fixes(conn, s).patterns])
+            return plain(sh.detect()["patterns"])
         if tool == "analyze_run_health":
-            return plain(health.analyze_run_health(conn, args["run_id"]))
+            return plain(sh.run_health(args["run_id"]))
         if tool == "compute_agent_metrics":
-            return plain(health.compute_agent_metrics(conn, since=args.get("since") or s.lookback))
+            return plain(sh.agent_metrics())
         if tool == "compute_tool_reliability":
-            return plain(health.compute_tool_reliability(conn, since=args.get("since") or s.lookback))
+            return plain(sh.tool_reliability())
         if tool == "get_health_dashboard":
-            return plain(health.get_health_dashboard(conn, detailed=args.get("detailed", False), since=s.lookback))
+            return plain(sh.dashboard(detailed=args.get("detailed", False)))
         if tool == "propose_improvement":
-            return plain(lifecycle.propose_detailed(conn, s, args["pattern_id"], since=s.lookback).to_dict())
+            return plain(sh.propose(args["pattern_id"]))
         if tool == "test_improvement":
-            return plain(simulation.test_improvement(conn, s, args["improvement_id"],
-                                                     args.get("mode", "simulation")))
+            return plain(sh.test(args["improvement_id"], args.get("mode", "simulation")))
         if tool == "verify_improvement":
-            return plain(verification.verify_improvement(conn, s, args["improvement_id"],
-                                                         args.get("measurement_window_days")))
-        raise ValueError(f"no in-process reference for {tool}")
-    finally:
-        conn.close()
+            return plain(sh.verify(args["improvement_id"], args.get("measurement_window_days")))
+    raise ValueError(f"no in-process reference for {tool}")
 
 
 def structured(result: Any) -> Any:

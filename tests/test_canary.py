@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from selfheal_plugin.lifecycle.canary import drop_experiment, promote_experiment, test_experiment
+from selfheal_plugin.lifecycle.canary import drop_experiment, promote_experiment, test_experiment, verify_experiment
 from selfheal_plugin.history.clock import SimulatedClock
 from selfheal_plugin.errors import ConfigError, NotFoundError, UsageError
 from selfheal_plugin.runtime.experiments import arm_for
@@ -259,7 +259,7 @@ def test_verify_compares_the_arms_of_the_same_period(home, canary_fail, expected
     canary = _new_runs(db, rate_runs(start + timedelta(hours=1), start + timedelta(days=6), 80, canary_fail, seed=6))
     _tag(db, control, "control", imp.id)
     _tag(db, canary, "canary", imp.id)
-    v = verify_improvement(conn, s, imp.id, now=start + timedelta(days=7))
+    v = verify_experiment(conn, s, ImprovementStore(conn).get(imp.id), now=start + timedelta(days=7))
     assert v["mode"] == "canary" and v["recommendation"] == expected
     m = v["metrics"]
     assert m["runs_control"] == 80 and m["runs_canary"] == 80 and m["runs_without_arm"] == 0

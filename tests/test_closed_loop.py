@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from selfheal_plugin.service import SelfHeal
+
 from selfheal_plugin import hookimpl
 
 from selfheal_plugin.lifecycle import gitops
@@ -191,7 +193,7 @@ def test_a_canary_splits_runs_and_agrees_with_the_full_apply(week_before, healed
     imp = propose_improvement(conn, s, PATTERN, now=A)
     assert imp.changes == healed["imp"].changes  # the same proposal as the full apply's
     fraction = 0.3
-    started = test_improvement(conn, s, imp.id, "canary", fraction=fraction, now=A)
+    started = SelfHeal(settings=s, clock=lambda: A).test(imp.id, "canary", fraction=fraction)
     assert started["status"] == "canary" and started["started"] and started["commit_sha"]
     assert f'[canary.{imp.id}]' in (home / "config.toml").read_text()
     summary = run_workload(home, runs=RUNS, seed=14, clock=SimulatedClock(A), days=7, config=FAST)
@@ -205,7 +207,7 @@ def test_a_canary_splits_runs_and_agrees_with_the_full_apply(week_before, healed
     n = len(arms)
     assert abs(k - n * fraction) <= 3 * math.sqrt(n * fraction * (1 - fraction)), (k, n)
 
-    v = verify_improvement(conn, s, imp.id, now=END)
+    v = SelfHeal(settings=s, clock=lambda: END).verify(imp.id)
     m = v["metrics"]
     assert m["runs_canary"] == k and m["runs_control"] == n - k and m["split"]["p_value"] > 0.001
     assert v["recommendation"] == healed["verified"]["recommendation"] == "keep"
@@ -230,7 +232,7 @@ def test_a_shadow_observes_without_changing_outcomes(week_before, tmp_path):
     home = _copy_home(src, tmp_path / "shadow")
     conn, s = _open(home)
     imp = propose_improvement(conn, s, PATTERN, now=A)
-    started = test_improvement(conn, s, imp.id, "shadow", now=A)
+    started = SelfHeal(settings=s, clock=lambda: A).test(imp.id, "shadow")
     assert started["status"] == "shadow"
     summary = run_workload(home, runs=100, seed=15, clock=SimulatedClock(A), days=7, config=FAST)
     # outcomes unchanged: searches still time out at the runtime's limit
@@ -238,7 +240,7 @@ def test_a_shadow_observes_without_changing_outcomes(week_before, tmp_path):
     timeouts = [c for c in calls if c["is_error"] and c.get("error_type") == "timeout"]
     assert timeouts and all(f"timed out after {CONFIG.default_timeout_ms // 1000}s" in c["result"] for c in timeouts)
     assert not _slow_successes(calls)
-    v = verify_improvement(conn, s, imp.id, now=END)
+    v = SelfHeal(settings=s, clock=lambda: END).verify(imp.id)
     m = v["metrics"]
     assert m["calls_observed"] == len(calls)
     assert 0 < m["calls_would_succeed"] <= len(timeouts) and m["calls_would_fail"] == 0

@@ -160,7 +160,7 @@ def test_modes_the_library_does_not_offer_are_its_error(home):
     detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])
     imp_id = structured(call_all(server, [("propose_improvement", {"pattern_id": detected[0]["id"]})])[0])[
         "improvement_id"]
-    from selfheal_plugin.lifecycle.simulation import TEST_MODES
+    from selfheal_plugin.service import TEST_MODES
 
     for mode in ("canary", "shadow"):
         result = call_all(server, [("test_improvement", {"improvement_id": imp_id, "mode": mode})])[0]

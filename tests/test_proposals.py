@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import threading
 
 import pytest
@@ -15,9 +16,11 @@ from selfheal_plugin.cli.main import agent
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.testbed.generator import add_runtime_improvements
 from selfheal_plugin.history.connection import connect
-from selfheal_plugin.history.improvements import STATUSES, ImprovementStore
+from selfheal_plugin.history.improvements import STATUSES, ImprovementStore, new_improvement_id
 from selfheal_plugin.lifecycle.proposals import list_improvements, propose_detailed, propose_improvement
 from selfheal_plugin.history.settings import load_settings
+from selfheal_plugin.history.times import parse_timestamp
+from selfheal_plugin.plugins.strategy import Proposal
 
 from .conftest import NOW
 
@@ -69,9 +72,35 @@ def test_a_closed_proposal_lets_a_new_one_in(history_copy, binks_home):
     s = load_settings(binks_home)
     conn = connect(db)
     first = propose_improvement(conn, s, PATTERN, since="-8d", now=NOW)
-    ImprovementStore(conn).update(first.id, status="rejected")
+    ImprovementStore(conn).update(first.id, status="rolled_back")
     second = propose_improvement(conn, s, PATTERN, since="-8d", now=NOW)
     assert second.id != first.id and second.status == "proposed"
+
+
+def test_a_rejection_sticks_until_the_evidence_changes(history_copy, binks_home):
+    db, _ = history_copy
+    s = load_settings(binks_home)
+    conn = connect(db)
+    first = propose_detailed(conn, s, PATTERN, since="-8d", now=NOW)
+    ImprovementStore(conn).update(first.improvement.id, status="rejected")
+    again = propose_detailed(conn, s, PATTERN, since="-8d", now=NOW)  # no failure since the rejection
+    assert not again.created and again.improvement.id == first.improvement.id
+    assert "was rejected; 0 new failure(s) since, 3 needed" in again.skipped
+    assert conn.execute("SELECT count(*) FROM improvements").fetchone()[0] == 1
+    # the rule itself: enough new failures, and then only a different proposal
+    from selfheal_plugin.lifecycle.proposals import rejection_stands
+
+    rejected = ImprovementStore(conn).get(first.improvement.id)
+    pattern = again.pattern
+    after = parse_timestamp(rejected.updated_at).timestamp() + 60
+    pattern.occurrences_detail = [{"ts": after}] * 2
+    assert "2 new failure(s)" in rejection_stands(rejected, pattern, s)
+    pattern.occurrences_detail = [{"ts": after}] * 3
+    assert rejection_stands(rejected, pattern, s) is None
+    same = Proposal(pattern_id=PATTERN, error_type="timeout", tool_name=rejected.tool_name, strategy="timeout",
+                    description=rejected.description, expected_impact="", risk_level="low", changes_required=[],
+                    changes=rejected.changes)
+    assert "proposes the same fix again" in rejection_stands(rejected, pattern, s, same)
 
 
 def test_concurrent_proposals_make_one_row(history_copy, binks_home):
@@ -123,10 +152,13 @@ def _one_per_status(db, binks_home, truth) -> dict[str, str]:
     pats = [p["id"] for p in truth["patterns"]]
     # closed rows first: their patterns are free again for an open one (one open per pattern)
     order = [("verified", pats[0]), ("rejected", pats[1]), ("rolled_back", pats[2]), ("proposed", pats[0]),
-             ("tested", pats[1]), ("canary", pats[2]), ("shadow", pats[3]), ("applied", pats[4])]
+             ("superseded", pats[3]), ("tested", pats[1]), ("canary", pats[2]), ("shadow", pats[3]),
+             ("applied", pats[4])]
     assert {st for st, _ in order} == set(STATUSES)
     for status, pid in order:
         imp = propose_improvement(conn, s, pid, since="-8d", now=NOW)
+        if imp.status == "rejected":  # the rejection stands (same evidence): a row of its own for the test
+            imp = store.insert(replace(imp, id=new_improvement_id(), status="proposed"))
         fields = {"status": status}
         if status in ("applied", "verified", "rolled_back"):
             fields.update(applied_at="2026-11-18T10:00:00.000000Z", commit_sha="abc1234")

@@ -6,6 +6,8 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+
+from selfheal_plugin.service import SelfHeal
 from scipy import stats
 
 from selfheal_plugin import hookimpl
@@ -218,7 +220,7 @@ def test_empty_window_and_bad_input(binks_home):
     r = simulation.test_improvement(conn, s, imp.id, now=NOW)
     assert r["runs_replayed"] == 0 and r["recommendation"] == "risky" and "no finished runs" in r["reason"]
     with pytest.raises(UsageError, match="unknown test mode 'bogus'"):
-        simulation.test_improvement(conn, s, imp.id, mode="bogus")
+        SelfHeal(settings=s).test(imp.id, mode="bogus")
     with pytest.raises(NotFoundError):
         simulation.test_improvement(conn, s, "imp-missing")
     with pytest.raises(UsageError, match="invalid time window"):

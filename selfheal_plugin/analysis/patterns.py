@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import sqlite3
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -45,13 +45,19 @@ class Pattern:
     last_seen: str
     failure_rate: float
     suggested_fix: str | None = None
+    # "proposal" when suggested_fix is the stored open proposal's description (its id in
+    # improvement_id), "strategy" when it is the strategy's one-line suggestion
+    suggested_by: str | None = None
+    improvement_id: str | None = None
     # what detection knew, for strategies and `show`; not part of the JSON result
     occurrences_detail: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self, detail: bool = False) -> dict[str, Any]:
-        d = asdict(self)
-        if not detail:
-            d.pop("occurrences_detail")
+        """The JSON-ready fields (a shallow copy: no deep copy of the occurrences)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "occurrences_detail"}
+        d["affected_runs"] = list(self.affected_runs)
+        if detail:
+            d["occurrences_detail"] = self.occurrences_detail
         return d
 
 

@@ -6,8 +6,7 @@ from typing import Any
 
 import click
 
-from selfheal_plugin.lifecycle.canary import drop_experiment, promote_experiment
-from selfheal_plugin.cli.common import common_options, echo_json, open_history, pct, settings_for
+from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
 
 
 def _rate(x: float | None) -> str:
@@ -61,12 +60,6 @@ def print_experiment_test(r: dict[str, Any]) -> None:
     print_experiment_report(r["report"])
 
 
-def _open(home: str | None, db: str | None):
-    s = settings_for(home, db)
-    conn = open_history(s)
-    return conn, s
-
-
 @click.group("canary")
 def canary_group() -> None:
     """End a canary or shadow test: promote it (apply) or drop it."""
@@ -75,12 +68,14 @@ def canary_group() -> None:
 @canary_group.command("promote")
 @click.argument("improvement_id")
 @click.option("--changes-made", default=None, help="A note recorded with the apply.")
+@click.option("--force", is_flag=True, help="Promote although the canary's verdict is not keep (recorded).")
 @common_options
 def promote_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
-                    changes_made: str | None = None) -> None:
-    """Remove the canary/shadow section and apply the improvement to every run (two commits)."""
-    conn, s = _open(home, db)
-    r = promote_experiment(conn, s, improvement_id, changes_made=changes_made)
+                    changes_made: str | None = None, force: bool = False) -> None:
+    """Remove the canary/shadow section and apply the improvement to every run (two commits).
+    Refused unless the canary's verdict (verify) is keep."""
+    with open_service(home, db) as sh:
+        r = sh.canary_promote(improvement_id, force=force, changes_made=changes_made)
     if as_json:
         echo_json(r)
         return
@@ -100,8 +95,8 @@ def promote_command(improvement_id: str, home: str | None, db: str | None, as_js
 @common_options
 def drop_command(improvement_id: str, home: str | None, db: str | None, as_json: bool) -> None:
     """Remove the canary/shadow section without applying (the improvement goes back to tested)."""
-    conn, s = _open(home, db)
-    r = drop_experiment(conn, s, improvement_id)
+    with open_service(home, db) as sh:
+        r = sh.canary_drop(improvement_id)
     if as_json:
         echo_json(r)
         return

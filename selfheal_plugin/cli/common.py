@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from selfheal_plugin.errors import SelfHealError, UsageError
-from selfheal_plugin.history.connection import BUSY_MESSAGE, connect, is_busy_error
+from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error
 from selfheal_plugin.history.settings import Settings, load_settings
+from selfheal_plugin.service import SelfHeal
 
 err_console = Console(stderr=True)
 
@@ -48,16 +49,11 @@ def settings_for(home: str | None, db: str | None, **overrides: Any) -> Settings
     return load_settings(home, db, **overrides)
 
 
-def open_history(s: Settings) -> sqlite3.Connection:
-    """Connect to the history, first finishing or undoing an interrupted apply/rollback,
-    so the config file, git and the database agree before any command reads them."""
-    conn = connect(s.db_path)
-    if conn.execute("SELECT 1 FROM improvements WHERE pending_op IS NOT NULL AND pending_op != '' LIMIT 1"
-                    ).fetchone():
-        from selfheal_plugin.lifecycle.recovery import recover
-
-        recover(conn, s, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False))
-    return conn
+def open_service(home: str | None, db: str | None, **overrides: Any) -> SelfHeal:
+    """The service over the command's home and database (crash recovery runs as it opens;
+    what it recovered is one warning line each on stderr)."""
+    return SelfHeal(home, db, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False),
+                    **{k: v for k, v in overrides.items() if v is not None})
 
 
 def echo_json(data: Any) -> None:

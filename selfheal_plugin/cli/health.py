@@ -8,10 +8,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from selfheal_plugin.cli.common import common_options, echo_json, err_console, open_history, pct, scan_progress, settings_for
-from selfheal_plugin.analysis.health import analyze_run_health, get_health_dashboard
+from selfheal_plugin.history.settings import load_settings
+from selfheal_plugin.cli.common import common_options, echo_json, err_console, open_service, pct, scan_progress
 from selfheal_plugin.analysis.report import TREND_TEXT, check_report_target, write_html_report
-from selfheal_plugin.history.times import parse_since
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_DAYS = 60
@@ -54,16 +53,15 @@ def _ms(x: float | None) -> str:
 def dashboard(home: str | None, db: str | None, as_json: bool, detailed: bool = False, since: str | None = None,
               html_path: str | None = None, force: bool = False) -> None:
     """Show the system health dashboard: score, trend, worst tools, improvements."""
-    s = settings_for(home, db, lookback=since)
-    parse_since(s.lookback)  # a bad window is a usage error before anything is read
-    if html_path:  # a target that would destroy a file fails before the scan
-        check_report_target(html_path, s, force=force)
-    conn = open_history(s)
-    with scan_progress(not as_json, "Scanning run history") as progress:
-        data = get_health_dashboard(conn, detailed=detailed or bool(html_path), since=s.lookback,
-                                    progress=progress, improvements_limit=20 if html_path else 5)
+    settings = load_settings(home, db, lookback=since)
+    if html_path:  # a target that would destroy a file fails before the history is even opened
+        check_report_target(html_path, settings, force=force)
+    with open_service(home, db, settings=settings) as sh:
+        with scan_progress(not as_json, "Scanning run history") as progress:
+            data = sh.dashboard(detailed=detailed or bool(html_path), progress=progress,
+                                improvements_limit=20 if html_path else 5)
     if html_path:
-        path = write_html_report(data, html_path, s, force=force)
+        path = write_html_report(data, html_path, sh.settings, force=force)
         err_console.print(f"📄 HTML report written to {path}", highlight=False)
     if not detailed:
         data.pop("agents", None)
@@ -154,10 +152,8 @@ def _tools_table(title: str, tools: list[dict[str, Any]]) -> Table:
 @common_options
 def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> None:
     """Health score and issues of one run (RUN_ID may be a unique prefix)."""
-    s = settings_for(home, db)
-    conn = open_history(s)
-    with scan_progress(not as_json) as progress:
-        result = analyze_run_health(conn, run_id, progress=progress)
+    with open_service(home, db) as sh, scan_progress(not as_json) as progress:
+        result = sh.run_health(run_id, progress=progress)
     if as_json:
         echo_json(result)
         return

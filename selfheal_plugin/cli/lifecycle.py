@@ -1,25 +1,11 @@
-"""``agent self-heal test|apply|rollback|verify|reject``: thin shells over the lifecycle.
-
-Every command first finishes or undoes an interrupted apply/rollback (``recover``) and
-says so on stderr.
-"""
+"""``agent self-heal test|apply|rollback|verify|reject``: thin shells over the service."""
 from __future__ import annotations
 
-from typing import Any
 
 import click
 
-from selfheal_plugin.lifecycle.apply import apply_improvement, plan_apply, reject_improvement, rollback_improvement
-from selfheal_plugin.cli.common import common_options, echo_json, open_history, pct, settings_for
-from selfheal_plugin.history.settings import Settings
-from selfheal_plugin.lifecycle.simulation import TEST_MODES, test_improvement
-from selfheal_plugin.lifecycle.verification import verify_improvement
-
-
-def _open(home: str | None, db: str | None, **overrides: Any) -> tuple[Any, Settings]:
-    s = settings_for(home, db, **overrides)
-    conn = open_history(s)
-    return conn, s
+from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
+from selfheal_plugin.service import TEST_MODES
 
 
 def _rate(x: float | None) -> str:
@@ -38,8 +24,8 @@ def test_command(improvement_id: str, home: str | None, db: str | None, as_json:
                  since: str | None = None, fraction: float | None = None) -> None:
     """Test an improvement: replay history (simulation), or run it on a share of runs
     (canary) or beside the current settings (shadow) via a config.toml section."""
-    conn, s = _open(home, db)
-    r = test_improvement(conn, s, improvement_id, mode, since=since, fraction=fraction)
+    with open_service(home, db) as sh:
+        r = sh.test(improvement_id, mode, since=since, fraction=fraction)
     if as_json:
         echo_json(r)
         return
@@ -76,8 +62,7 @@ def test_command(improvement_id: str, home: str | None, db: str | None, as_json:
     click.echo()
     icon = {"safe_to_apply": "✅", "risky": "⚠️ ", "reject": "❌"}[r["recommendation"]]
     click.echo(f"{icon} Recommendation: {r['recommendation']} — {r['reason']}")
-    if r["recommendation"] != "reject":
-        click.echo(f"   Next: agent self-heal apply {r['improvement_id']}")
+    click.echo(f"   Next: {r['next_step']}")
 
 
 @click.command("apply")
@@ -89,8 +74,8 @@ def test_command(improvement_id: str, home: str | None, db: str | None, as_json:
 def apply_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, yes: bool = False,
                   changes_made: str | None = None) -> None:
     """Apply an improvement: edit config.toml and commit it to git."""
-    conn, s = _open(home, db)
-    plan = plan_apply(conn, s, improvement_id)
+    sh = open_service(home, db)
+    plan = sh.plan_apply(improvement_id)
     expected = plan["old_sha256"] if plan["config_changes"] else None
     if not yes:
         if as_json:
@@ -106,7 +91,8 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
             click.echo(f"Manual step (not applied by selfheal): {step}")
         click.confirm("Apply this change and commit it?" if plan["config_changes"] else
                       "Record these manual steps as applied?", abort=True)
-    r = apply_improvement(conn, s, improvement_id, changes_made, expected_sha256=expected)
+    with sh:
+        r = sh.apply(improvement_id, changes_made, expected_sha256=expected)
     if as_json:
         echo_json(r)
         return
@@ -129,8 +115,8 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
 def rollback_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
                      reason: str | None = None) -> None:
     """Roll back an applied improvement (git revert, or the inverse edit)."""
-    conn, s = _open(home, db)
-    r = rollback_improvement(conn, s, improvement_id, reason=reason)
+    with open_service(home, db) as sh:
+        r = sh.rollback(improvement_id, reason=reason)
     if as_json:
         echo_json(r)
         return
@@ -155,8 +141,8 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
 def verify_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
                    window_days: float | None = None, early: bool = False) -> None:
     """Measure an applied improvement: before vs after, with a significance test."""
-    conn, s = _open(home, db)
-    r = verify_improvement(conn, s, improvement_id, window_days, early=early)
+    with open_service(home, db) as sh:
+        r = sh.verify(improvement_id, window_days, early=early)
     if as_json:
         echo_json(r)
         return
@@ -191,8 +177,8 @@ def verify_command(improvement_id: str, home: str | None, db: str | None, as_jso
 @common_options
 def reject_command(improvement_id: str, home: str | None, db: str | None, as_json: bool) -> None:
     """Reject a proposed improvement."""
-    conn, s = _open(home, db)
-    r = reject_improvement(conn, s, improvement_id)
+    with open_service(home, db) as sh:
+        r = sh.reject(improvement_id)
     if as_json:
         echo_json(r)
         return

@@ -12,11 +12,9 @@ import click
 from rich.console import Console
 
 from selfheal_plugin import __version__
-from selfheal_plugin.analysis.patterns import get_pattern, pattern_details
 from selfheal_plugin.cli import canary, daemon, demo, health, lifecycle, plugins
-from selfheal_plugin.cli.common import common_options, echo_json, open_history, pct, scan_progress, settings_for, warn_bad_rows
+from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct, scan_progress, warn_bad_rows
 from selfheal_plugin.history.settings import configure_logging
-from selfheal_plugin.history.times import parse_since
 
 
 # ------------------------------------------------------------------ commands
@@ -52,39 +50,19 @@ def self_heal(ctx: click.Context, home: str | None, db: str | None) -> None:
 def detect(home: str | None, db: str | None, as_json: bool, since: str | None = None,
            min_occurrences: int | None = None, confidence: float | None = None) -> None:
     """Detect recurring failure patterns."""
-    s = settings_for(home, db, lookback=since, min_occurrences=min_occurrences, confidence_threshold=confidence)
-    parse_since(s.lookback)  # a bad window is a usage error before anything is printed
-    conn = open_history(s)
-    if not as_json:
-        click.echo(f"🔍 Detecting failure patterns (last {s.lookback}, min {s.min_occurrences} occurrences, "
-                   f"confidence >= {pct(s.confidence_threshold)})...")
-    from selfheal_plugin.lifecycle.proposals import detect_with_fixes  # the MCP tool's detection: patterns with their suggested_fix
-
-    with scan_progress(not as_json) as progress:
-        result = detect_with_fixes(conn, s, progress=progress)
-    warn_bad_rows(result.scanned.total_bad_rows)
-    detect_proposals = plugins.detect_proposals  # proposals, inbox summary, next steps
-
+    with open_service(home, db, lookback=since, min_occurrences=min_occurrences,
+                      confidence_threshold=confidence) as sh:
+        s = sh.settings
+        if not as_json:
+            click.echo(f"🔍 Detecting failure patterns (last {s.lookback}, min {s.min_occurrences} occurrences, "
+                       f"confidence >= {pct(s.confidence_threshold)})...")
+        with scan_progress(not as_json) as progress:
+            result = sh.detect(propose=True, notify=True, progress=progress)
+    warn_bad_rows(result["skipped_rows"])
     if as_json:
-        proposals = detect_proposals(conn, s, result.patterns, as_json=True) if result.patterns else []
-        echo_json({"since": result.since, "patterns": [p.to_dict() for p in result.patterns],
-                   "proposals": proposals, "skipped_rows": result.scanned.total_bad_rows})
+        echo_json(result)
         return
-    click.echo()
-    if not result.patterns:
-        click.echo(f"✅ No recurring failure patterns ({result.candidates} signature(s) below the confidence "
-                   "threshold). Try --since -30d, --min-occurrences or --confidence.")
-        return
-    click.echo(f"📊 Found {len(result.patterns)} pattern(s):")
-    click.echo()
-    for p in result.patterns:
-        click.echo(f"  Pattern {p.id}")
-        click.echo(f"    Error: {p.error_type} on {p.tool_name}")
-        click.echo(f"    Occurrences: {p.occurrences}")
-        click.echo(f"    Correlation: {pct(p.correlation_score)}")
-        click.echo(f"    Confidence: {pct(p.confidence)}")
-        click.echo()
-    detect_proposals(conn, s, result.patterns, as_json=False)
+    plugins.print_detection(result, s)
 
 
 @self_heal.command()
@@ -93,13 +71,8 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
 @common_options
 def show(pattern_id: str, home: str | None, db: str | None, as_json: bool, since: str | None = None) -> None:
     """Show one pattern: affected runs, message templates, context."""
-    s = settings_for(home, db, lookback=since)
-    conn = open_history(s)
-    pattern = get_pattern(conn, pattern_id, since=s.lookback)
-    from selfheal_plugin.lifecycle.proposals import attach_suggested_fixes
-
-    attach_suggested_fixes([pattern], s)
-    details = pattern_details(pattern)
+    with open_service(home, db, lookback=since) as sh:
+        details = sh.show(pattern_id)
     if as_json:
         echo_json(details)
         return

@@ -1,5 +1,4 @@
-"""``agent self-heal improvements`` and ``agent self-heal plugins``, and the proposal part
-of ``detect`` (a thin shell over :mod:`selfheal_plugin.lifecycle.proposals` and ``plugins``)."""
+"""``agent self-heal improvements`` and ``agent self-heal plugins``, and the text of ``detect``."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,11 +8,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from selfheal_plugin.plugins import manager as plugins
-from selfheal_plugin.cli.common import common_options, echo_json, open_history, settings_for
+from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
 from selfheal_plugin.history.improvements import STATUSES
-from selfheal_plugin.lifecycle.proposals import StrategyError, attach_suggested_fixes, list_improvements, propose_all
-from selfheal_plugin.analysis.patterns import Pattern
 from selfheal_plugin.history.settings import Settings
 
 
@@ -21,44 +17,49 @@ def _console() -> Console:
     return Console(width=max(120, Console().width), highlight=False)
 
 
-def detect_proposals(conn: Any, settings: Settings, patterns: list[Pattern], *, as_json: bool) -> list[dict]:
-    """Propose for each pattern of :func:`lifecycle.detect_with_fixes` and fire
-    ``patterns_detected`` (the inbox summary, when ``notify_patterns`` is on).
-
-    Prints the design document's lines unless ``as_json``; returns the proposals as dicts
-    (a failing strategy gives ``{"pattern_id", "error"}``). Each pattern keeps its
-    strategy's ``suggested_fix``; the proposal's own description is its line here.
-    """
-    if any(p.suggested_fix is None for p in patterns):  # patterns not from detect_with_fixes
-        attach_suggested_fixes(patterns, settings)
-    if not as_json:
-        click.echo("💡 Generating improvement proposals...")
+def print_detection(result: dict[str, Any], settings: Settings) -> None:
+    """The text of ``detect``: each pattern with its one suggested fix, the proposals made,
+    whether the inbox was told (the cooldown may have held it back), and the next steps."""
+    patterns = result["patterns"]
+    click.echo()
+    if not patterns:
+        click.echo(f"✅ No recurring failure patterns ({result['candidates']} signature(s) below the confidence "
+                   "threshold). Try --since -30d, --min-occurrences or --confidence.")
+        return
+    click.echo(f"📊 Found {len(patterns)} pattern(s):")
+    click.echo()
+    for p in patterns:
+        click.echo(f"  Pattern {p['id']}")
+        click.echo(f"    Error: {p['error_type']} on {p['tool_name']}")
+        click.echo(f"    Occurrences: {p['occurrences']}")
+        click.echo(f"    Correlation: {pct(p['correlation_score'])}")
+        click.echo(f"    Confidence: {pct(p['confidence'])}")
+        if p.get("suggested_fix"):
+            click.echo(f"    Suggested fix: {p['suggested_fix']}")
         click.echo()
-    results = propose_all(conn, settings, patterns, since=settings.lookback)
-    out: list[dict] = []
-    for pattern, res in zip(patterns, results):
-        if isinstance(res, StrategyError):
-            out.append({"pattern_id": pattern.id, "error": str(res)})
-            if not as_json:
-                click.echo(f"  ✗ No proposal for pattern {pattern.id}: {res}")
-            continue
-        out.append(res.to_dict())
-        if not as_json:
-            note = "" if res.created else " (already open)"
-            click.echo(f"  ✓ Proposal {res.improvement.id} for pattern {pattern.id}{note}")
-            click.echo(f"      {res.improvement.description}")
-    if not as_json:
-        click.echo()
-        click.echo("📬 Writing summary to inbox..." if settings.notify_patterns
-                   else "📭 Inbox summary off (notify_patterns = false)")
-        click.echo()
-    plugins.fire("patterns_detected", patterns=patterns, settings=settings)
-    if not as_json:
-        click.echo("📋 Next steps:")
-        click.echo("  - Test: agent self-heal test <improvement-id>")
-        click.echo("  - Apply: agent self-heal apply <improvement-id>")
-        click.echo("  - View: agent self-heal show <pattern-id>")
-    return out
+    click.echo("💡 Generating improvement proposals...")
+    click.echo()
+    for res in result["proposals"]:
+        if res.get("error"):
+            click.echo(f"  ✗ No proposal for pattern {res['pattern_id']}: {res['error']}")
+        elif res.get("skipped"):
+            click.echo(f"  – No new proposal for pattern {res['pattern_id']}: {res['skipped']}")
+        else:
+            note = "" if res["created"] else " (already open)"
+            click.echo(f"  ✓ Proposal {res['improvement_id']} for pattern {res['pattern_id']}{note}")
+            click.echo(f"      {res['description']}")
+    click.echo()
+    if not settings.notify_patterns:
+        click.echo("📭 Inbox summary off (notify_patterns = false)")
+    elif result["notified"]:
+        click.echo("📬 Writing summary to inbox...")
+    else:
+        click.echo(f"📭 Inbox already told about these patterns in the last {settings.cooldown_minutes:g} minutes")
+    click.echo()
+    click.echo("📋 Next steps:")
+    click.echo("  - Test: agent self-heal test <improvement-id>")
+    click.echo("  - Apply: agent self-heal apply <improvement-id>")
+    click.echo("  - View: agent self-heal show <pattern-id>")
 
 
 @click.command()
@@ -68,8 +69,8 @@ def detect_proposals(conn: Any, settings: Settings, patterns: list[Pattern], *, 
 def improvements(home: str | None, db: str | None, as_json: bool, status: str | None = None,
                  limit: int = 20) -> None:
     """List improvements: id, status, description, expected vs actual impact, applied date."""
-    s = settings_for(home, db)
-    rows = list_improvements(open_history(s), status=status, limit=limit)
+    with open_service(home, db) as sh:
+        rows = sh.improvements(status=status, limit=limit)
     if as_json:
         echo_json({"improvements": rows, "status": status, "limit": limit})
         return
@@ -95,9 +96,9 @@ def improvements(home: str | None, db: str | None, as_json: bool, status: str | 
 @common_options
 def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
     """List loaded plugins, their hooks, the strategy for each error type, and load errors."""
-    s = settings_for(home, db)
-    info = plugins.describe(s)
-    info["plugins_dir"] = str(s.plugins_dir)
+    with open_service(home, db) as sh:
+        info = sh.plugins()
+        info["plugins_dir"] = str(sh.settings.plugins_dir)
     if as_json:
         echo_json(info)
         return

@@ -50,18 +50,17 @@ from filelock import FileLock, Timeout
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.history.clock import Clock, wall_clock
 from selfheal_plugin.lifecycle.configedit import split_changes
-from selfheal_plugin.lifecycle.cooldown import REAPPLY_COOLDOWN_DAYS, claim_notification, claim_once, forget, undone_same_change
+from selfheal_plugin.lifecycle.cooldown import REAPPLY_COOLDOWN_DAYS, claim_once, forget, undone_same_change
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.settings import lock_dir
-from selfheal_plugin.history.connection import connect, get_state, set_state, write_transaction
+from selfheal_plugin.history.connection import get_state, set_state, write_transaction
 from selfheal_plugin.history.improvements import ImprovementStore
-from selfheal_plugin.lifecycle.proposals import StrategyError, attach_suggested_fixes, history_window, propose_for_pattern
 from selfheal_plugin.lifecycle.apply import apply_improvement, rollback_improvement
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.lifecycle.simulation import test_improvement
 from selfheal_plugin.lifecycle.verification import verify_improvement
-from selfheal_plugin.analysis.patterns import detect_failure_patterns
 from selfheal_plugin.history.settings import Settings, load_settings
+from selfheal_plugin.service import SelfHeal
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp
 from selfheal_plugin.daemon.watcher import CheckResult, Watcher, check_history, ensure_watch_schema, recover_unfired
 
@@ -164,7 +163,8 @@ class Daemon:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock: FileLock | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._service: SelfHeal | None = None
+        self._now: datetime | None = None  # the instant of the round in progress (the service's clock)
         self.watcher: Watcher | None = None
 
     # -------------------------------------------------------------- lock
@@ -192,16 +192,21 @@ class Daemon:
     # -------------------------------------------------------------- connection
 
     @property
+    def service(self) -> SelfHeal:
+        """The one service the daemon's rounds call (opened once; its clock is the round's instant)."""
+        if self._service is None:
+            self._service = SelfHeal(settings=self.settings, clock=lambda: self._now or self.clock())
+            ensure_watch_schema(self._service.conn)
+        return self._service
+
+    @property
     def conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = connect(self.settings.db_path)
-            ensure_watch_schema(self._conn)
-        return self._conn
+        return self.service.conn
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._service is not None:
+            self._service.close()
+            self._service = None
 
     # -------------------------------------------------------------- one round
 
@@ -211,6 +216,7 @@ class Daemon:
         A step that fails is logged and listed in ``errors``; the others still run.
         """
         now = now or self.clock()
+        self._now = now
         report = TickReport(at=format_timestamp(now))
         if self.reload_config:
             self._reload_settings()
@@ -250,6 +256,8 @@ class Daemon:
         if fresh != s:
             log.info("settings changed in %s: reloaded", s.config_path)
             self.settings = fresh
+            if self._service is not None:
+                self._service.settings = fresh
             if self._auto_apply_requested is not False:
                 self.auto_apply = fresh.auto_apply_enabled
             if self.watcher is not None:
@@ -261,32 +269,23 @@ class Daemon:
             raise Stopped
 
     def _detect(self, conn: sqlite3.Connection, now: datetime, report: TickReport) -> None:
-        s = self.settings
-        result = detect_failure_patterns(conn, since=s.lookback, min_occurrences=s.min_occurrences,
-                                         confidence_threshold=s.confidence_threshold, now=now,
-                                         progress=self._check_stop)  # the first index build can take long
-        patterns = attach_suggested_fixes(result.patterns, s)
-        report.patterns = [p.id for p in patterns]
-        fresh = [p for p in patterns if claim_notification(conn, p.id, now, s.cooldown_minutes)]
-        report.notified_patterns = [p.id for p in fresh]
-        if patterns:
-            log.info("detected %d pattern(s): %s", len(patterns), ", ".join(report.patterns))
-        if fresh:
-            plugins.fire("patterns_detected", patterns=fresh, settings=s)
-        if self.auto_detect and patterns:
-            history = history_window(conn, s, now=now)  # one shared history scan
-            for p in patterns:
-                self._check_stop()
-                try:
-                    outcome = propose_for_pattern(conn, s, p, history)
-                except StrategyError as exc:
-                    report.errors.append(f"proposal: {exc}")
-                    log.warning("proposal failed: %s", exc)
-                    continue
-                if outcome.created:
-                    report.proposed.append(outcome.improvement.id)
-                    log.info("proposed %s for %s: %s", outcome.improvement.id, outcome.improvement.pattern_id,
-                             outcome.improvement.description)
+        """The service's detect: proposals when ``auto_detect``, the inbox once per cooldown."""
+        result = self.service.detect(propose=self.auto_detect, notify=True, progress=self._check_stop,
+                                     should_stop=self._stop.is_set)  # the first index build can take long
+        report.patterns = [p["id"] for p in result["patterns"]]
+        report.notified_patterns = result["notified"]
+        if report.patterns:
+            log.info("detected %d pattern(s): %s", len(report.patterns), ", ".join(report.patterns))
+        for outcome in result["proposals"]:
+            if outcome.get("error"):
+                report.errors.append(f"proposal: {outcome['error']}")
+                log.warning("proposal failed: %s", outcome["error"])
+            elif outcome.get("created"):
+                report.proposed.append(outcome["improvement_id"])
+                log.info("proposed %s for %s: %s", outcome["improvement_id"], outcome["pattern_id"],
+                         outcome["description"])
+        if result["stopped"]:
+            raise Stopped
 
     def _auto_apply(self, conn: sqlite3.Connection, now: datetime, report: TickReport) -> None:
         """Apply what is low-risk, confident enough and simulated safe; test what is untested."""

@@ -21,7 +21,7 @@ from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import load_json, table_columns, write_transaction
 from selfheal_plugin.history.times import format_timestamp, utcnow
 
-STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "rejected", "rolled_back")
+STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "rejected", "rolled_back", "superseded")
 OPEN_STATUSES = ("proposed", "tested", "canary", "shadow", "applied")
 _JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact",
                 "apply_record", "evidence", "experiment")

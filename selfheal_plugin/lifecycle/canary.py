@@ -43,6 +43,7 @@ from selfheal_plugin.runtime.experiments import ARM_CANARY, ARM_CONTROL, CANARY,
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.lifecycle.simulation import load_runs
+from selfheal_plugin.lifecycle.verification import assess, pattern_tool
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 
 EXPERIMENT_MODES = (CANARY, SHADOW)
@@ -277,7 +278,7 @@ def experiment_report(conn: sqlite3.Connection, settings: Settings, imp: Improve
     window = {"days": days, "since": format_timestamp(started), "until": format_timestamp(end), "complete": complete}
     if exp.get("mode") == SHADOW:
         return _shadow_report(conn, settings, imp, started, end, window)
-    from selfheal_plugin.lifecycle.verification import assess, pattern_tool
+
 
     tool = pattern_tool(imp)
     runs = load_runs(conn, started.timestamp(), end.timestamp(), [tool] if tool else []) if end > started else []

@@ -9,16 +9,16 @@ import logging
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.lifecycle.cooldown import mark_if_undone
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore, new_improvement_id
-from selfheal_plugin.analysis.patterns import Detection, Pattern, detect_failure_patterns, get_pattern
+from selfheal_plugin.analysis.patterns import Pattern, get_pattern
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal
-from selfheal_plugin.history.times import parse_since
+from selfheal_plugin.history.times import parse_since, parse_timestamp
 
 log = logging.getLogger("selfheal.lifecycle")
 
@@ -40,27 +40,14 @@ def history_window(conn: sqlite3.Connection, settings: Settings, since: str | No
 def attach_suggested_fixes(patterns: list[Pattern], settings: Settings | None = None) -> list[Pattern]:
     """Fill each pattern's ``suggested_fix`` from its strategy's one-line ``suggest``.
 
-    The only definition of ``suggested_fix``: ``detect`` (CLI and MCP, through
-    :func:`detect_with_fixes`), ``show`` and the daemon all use it, so a pattern has one
-    suggested fix everywhere; a proposal's own ``description`` is reported beside it."""
+    The strategy's suggestion, used by :class:`~selfheal_plugin.service.SelfHeal` for a
+    pattern that has no open proposal (whose description is the suggested fix otherwise)."""
     for p in patterns:
         try:
             p.suggested_fix = plugins.strategy_for(p.error_type, settings).suggest(p)
         except Exception as exc:  # noqa: BLE001 — a broken plugin costs the hint, not the command
             log.warning("no suggested fix for %s: %s", p.id, exc)
     return patterns
-
-
-def detect_with_fixes(conn: sqlite3.Connection, settings: Settings, **detect_args: Any) -> Detection:
-    """Detect patterns with the settings' window and thresholds, each with its
-    ``suggested_fix`` (:func:`attach_suggested_fixes`). The one detection behind the CLI's
-    ``detect`` and the MCP ``detect_failure_patterns`` tool; read-only: it neither proposes
-    nor notifies (the CLI then proposes and fires ``patterns_detected``). ``detect_args`` go to
-    :func:`patterns.detect_failure_patterns` (``now``, ``progress``, ``error_type``, ...)."""
-    result = detect_failure_patterns(conn, since=settings.lookback, min_occurrences=settings.min_occurrences,
-                                     confidence_threshold=settings.confidence_threshold, **detect_args)
-    attach_suggested_fixes(result.patterns, settings)
-    return result
 
 
 def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
@@ -100,9 +87,60 @@ class Proposed:
     improvement: Improvement
     created: bool
     pattern: Pattern | None = None
+    skipped: str | None = None  # set when a rejection still stands: improvement is the rejected row
 
     def to_dict(self) -> dict[str, Any]:
+        if self.skipped:
+            return {"improvement_id": self.improvement.id, "pattern_id": self.improvement.pattern_id,
+                    "status": self.improvement.status, "created": False, "skipped": self.skipped}
         return {**proposal_result(self.improvement), "created": self.created}
+
+
+def latest_rejection(conn: sqlite3.Connection, pattern_id: str) -> Improvement | None:
+    row = conn.execute("SELECT * FROM improvements WHERE pattern_id = ? AND status = 'rejected' "
+                       "ORDER BY julianday(updated_at) DESC LIMIT 1", (pattern_id,)).fetchone()
+    return Improvement.from_row(row) if row else None
+
+
+def failures_since(pattern: Pattern, instant: str | None) -> int:
+    """The pattern's failures in the window that happened after ``instant``."""
+    if not instant:
+        return pattern.occurrences
+    try:
+        after = parse_timestamp(instant).timestamp()
+    except ValueError:
+        return pattern.occurrences
+    return sum(1 for o in pattern.occurrences_detail if o.get("ts", 0) > after)
+
+
+def rejection_stands(rejected: Improvement, pattern: Pattern, settings: Settings,
+                     proposal: Proposal | None = None) -> str | None:
+    """Why a person's rejection of ``rejected`` still holds for ``pattern``, or None.
+
+    The rule: a rejected pattern is proposed again only when its evidence changed, that is
+    when at least ``min_occurrences`` of its failures happened after the rejection AND its
+    strategy now proposes something different (other changes or another description).
+    Without ``proposal`` only the first half is checked (no strategy call needed)."""
+    new = failures_since(pattern, rejected.updated_at)
+    if new < settings.min_occurrences:
+        return (f"{rejected.id} for {pattern.id} was rejected; {new} new failure(s) since, "
+                f"{settings.min_occurrences} needed before proposing again")
+    if proposal is not None and [c.to_dict() for c in proposal.changes] == (rejected.changes or []) \
+            and proposal.description == rejected.description:
+        return f"{rejected.id} for {pattern.id} was rejected and its strategy proposes the same fix again"
+    return None
+
+
+def supersede_replaced(store: ImprovementStore, existing: Improvement, strategy_name: str,
+                       settings: Settings) -> bool:
+    """Mark ``existing`` superseded when another strategy has taken over its error type (it
+    is kept in history); only proposals not yet acted on (proposed, tested)."""
+    if existing.status not in ("proposed", "tested") or not existing.strategy or existing.strategy == strategy_name:
+        return False
+    store.update(existing.id, status="superseded",
+                 evidence={**(existing.evidence or {}), "superseded_by_strategy": strategy_name})
+    log.info("%s superseded: strategy %s now answers for %s", existing.id, strategy_name, existing.error_type)
+    return True
 
 
 def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: Pattern,
@@ -114,9 +152,16 @@ def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: P
     store = ImprovementStore(conn)
     existing = store.open_for_pattern(pattern.id)
     if existing is not None:
-        return Proposed(existing, False, pattern)
+        current = plugins.strategy_for(pattern.error_type, settings)
+        if not supersede_replaced(store, existing, current.name, settings):
+            return Proposed(existing, False, pattern)
+    rejected = latest_rejection(conn, pattern.id)
+    if rejected is not None and (reason := rejection_stands(rejected, pattern, settings)):
+        return Proposed(rejected, False, pattern, skipped=reason)
     history = history or history_window(conn, settings)
     proposal = make_proposal(pattern, history)
+    if rejected is not None and (reason := rejection_stands(rejected, pattern, settings, proposal)):
+        return Proposed(rejected, False, pattern, skipped=reason)
     fresh = mark_if_undone(conn, improvement_from_proposal(proposal), history.until)  # a fix undone before
     imp, created = store.insert_unless_open(fresh)
     if created:
@@ -136,21 +181,21 @@ def propose_improvement(conn: sqlite3.Connection, settings: Settings, pattern_id
 def propose_detailed(conn: sqlite3.Connection, settings: Settings, pattern_id: str, *,
                      since: str | None = None, now: datetime | None = None) -> Proposed:
     """:func:`propose_improvement`, also saying whether the row is new."""
-    store = ImprovementStore(conn)
     pattern = get_pattern(conn, pattern_id, since=since or settings.lookback, now=now)
-    existing = store.open_for_pattern(pattern.id)
-    if existing is not None:
-        return Proposed(existing, False, pattern)
     return propose_for_pattern(conn, settings, pattern, history_window(conn, settings, since, now=now))
 
 
 def propose_all(conn: sqlite3.Connection, settings: Settings, patterns: list[Pattern], *,
-                since: str | None = None, now: datetime | None = None) -> list[Proposed | StrategyError]:
+                since: str | None = None, now: datetime | None = None,
+                should_stop: Callable[[], bool] | None = None) -> list[Proposed | StrategyError]:
     """Propose for each detected pattern (one shared history scan); a failing strategy
-    yields its :class:`StrategyError` in place of that pattern's result."""
+    yields its :class:`StrategyError` in place of that pattern's result. ``should_stop`` is
+    asked before each pattern: when it says so, the patterns left get no result."""
     history = history_window(conn, settings, since, now=now)
     out: list[Proposed | StrategyError] = []
     for p in patterns:
+        if should_stop is not None and should_stop():
+            break
         try:
             out.append(propose_for_pattern(conn, settings, p, history))
         except StrategyError as exc:
@@ -193,9 +238,3 @@ def _compact(value: Any) -> str:
     import json
 
     return json.dumps(value, separators=(",", ":"), default=str)
-
-
-# ================================================================= test, apply, rollback, verify
-# Implemented in their own modules (simulation, apply, verification); the names are
-# re-exported here so the lifecycle reads as one API.
-

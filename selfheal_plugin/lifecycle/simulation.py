@@ -39,6 +39,12 @@ from typing import Any
 import numpy as np
 
 from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
+from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError
+from selfheal_plugin.lifecycle.configedit import split_changes
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal
 
 REPLICATES = 400
 MIN_DURATIONS = 8  # successful calls needed to fit a duration distribution
@@ -473,7 +479,6 @@ def recommend(sim: Simulation, risk_level: str | None) -> tuple[str, str]:
 # ------------------------------------------------------------------ the lifecycle step
 
 
-TEST_MODES = ("simulation", "canary", "shadow")
 
 
 def _as_simulation(out: Any) -> Simulation | None:
@@ -490,8 +495,6 @@ def _as_simulation(out: Any) -> Simulation | None:
 
 def _proposal_for(imp: Any) -> Any:
     """The stored improvement as the :class:`~selfheal_plugin.plugins.strategy.Proposal` strategies take."""
-    from selfheal_plugin.plugins.strategy import Proposal
-
     return Proposal(
         pattern_id=imp.pattern_id or "", error_type=imp.error_type or "Unknown", tool_name=imp.tool_name or "",
         strategy=imp.strategy or "", description=imp.description, expected_impact=imp.expected_impact or "",
@@ -500,37 +503,18 @@ def _proposal_for(imp: Any) -> Any:
         confidence=imp.confidence)
 
 
-def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: str, mode: str = "simulation", *,
-                     since: str | None = None, now: Any = None, seed: int = 0,
-                     fraction: float | None = None) -> dict[str, Any]:
+def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: str, *,
+                     since: str | None = None, now: Any = None, seed: int = 0) -> dict[str, Any]:
     """Replay the baseline window (``since``, default the lookback setting, up to ``now``)
     with the improvement's changes through its strategy's ``simulate``.
 
     Stores the result on the row (``test_result``; ``proposed`` becomes ``tested``) and
-    fires ``improvement_tested``. Modes ``canary`` (``fraction`` of runs, default 0.5) and
-    ``shadow`` write the change to an experiment section of config.toml instead (see
-    :mod:`selfheal_plugin.lifecycle.canary`). A strategy without a model yields recommendation
+    fires ``improvement_tested``. (Canary and shadow tests are experiments in config.toml:
+    :meth:`selfheal_plugin.service.SelfHeal.test`.) A strategy without a model yields recommendation
     ``risky`` with the reason, and no numbers. A simulation of an improvement past testing
     (applied, verified, rolled back, rejected, in a canary/shadow) is refused with
     :class:`~selfheal_plugin.lifecycle.apply.LifecycleError` and nothing stored.
     """
-    from selfheal_plugin.plugins import manager as plugins
-    from selfheal_plugin.lifecycle.configedit import split_changes
-    from selfheal_plugin.errors import UsageError
-    from selfheal_plugin.history.improvements import ImprovementStore
-    from selfheal_plugin.plugins.strategy import HistoryWindow
-    from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
-
-    from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError
-
-    if mode not in TEST_MODES:
-        raise UsageError(f"unknown test mode {mode!r}: use {', '.join(TEST_MODES)}")
-    if mode != "simulation":
-        from selfheal_plugin.lifecycle.canary import test_experiment
-
-        return test_experiment(conn, settings, improvement_id, mode, fraction=fraction, now=now)
-    if fraction is not None:
-        raise UsageError("--fraction is for canary mode only")
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
     if imp.status not in APPLICABLE:  # a test result for something already decided would mislead
@@ -580,7 +564,7 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
     gain = (None if not sim.has_model or sim.baseline_success_rate is None
             else sim.simulated_success_rate - sim.baseline_success_rate)
     result = {
-        "improvement_id": imp.id, "test_mode": mode,
+        "improvement_id": imp.id, "test_mode": "simulation",
         "simulated_success_rate": sim.simulated_success_rate, "baseline_success_rate": sim.baseline_success_rate,
         "expected_improvement": None if gain is None else percent_points(gain),
         "recommendation": recommendation, "reason": reason,

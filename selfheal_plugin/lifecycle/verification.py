@@ -206,12 +206,9 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
         raise UsageError(f"measurement window must be a positive number of days, got {days!r}")
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
-    if imp.status in EXPERIMENT_STATUSES:  # canary vs control, or what a shadow observed
-        from selfheal_plugin.lifecycle.canary import verify_experiment
-
-        return verify_experiment(conn, settings, imp, days, now=now)
     if imp.status not in VERIFIABLE or not imp.applied_at:
-        raise LifecycleError(f"{imp.id} is {imp.status}; only applied improvements can be verified")
+        hint = " (a running experiment: measure it with SelfHeal.verify)" if imp.status in EXPERIMENT_STATUSES else ""
+        raise LifecycleError(f"{imp.id} is {imp.status}; only applied improvements can be verified{hint}")
     now = now or utcnow()
     applied = parse_timestamp(imp.applied_at)
     window = timedelta(days=days)

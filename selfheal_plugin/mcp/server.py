@@ -26,11 +26,14 @@ import click
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.types import ToolAnnotations
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from selfheal_plugin import __version__
 from selfheal_plugin.errors import SelfHealError
-from selfheal_plugin.history.settings import Settings, configure_logging, load_settings, resolve_home
+from selfheal_plugin import results
+from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error
+from selfheal_plugin.history.settings import configure_logging, resolve_home
+from selfheal_plugin.service import SelfHeal
 
 log = logging.getLogger("selfheal.mcp")
 
@@ -51,111 +54,6 @@ def annotations(title: str, *, read_only: bool = False, destructive: bool = Fals
     commits config.toml); propose/test/verify only write their own improvement rows."""
     return ToolAnnotations(title=title, readOnlyHint=read_only, destructiveHint=destructive,
                            idempotentHint=idempotent, openWorldHint=False)
-
-
-# ------------------------------------------------------------------ result models
-# The design document's fields are declared (they make the output schema); every model
-# also passes through the library's further fields unchanged (extra="allow").
-
-
-class _Result(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class FailurePattern(_Result):
-    id: str = Field(description="Pattern id: error_type:tool_name")
-    error_type: str = Field(description="Normalised error type (Unknown when absent)")
-    tool_name: str
-    occurrences: int = Field(description="Failed calls with this signature in the window")
-    correlation_score: float = Field(description="Median over occurrences of their mean Jaccard similarity to the other occurrences' contexts")
-    confidence: float = Field(description="0.35*sample size + 0.45*correlation + 0.20*frequency")
-    affected_runs: list[str]
-    suggested_fix: str | None = Field(None, description="The error type's strategy's one-line suggestion")
-
-
-class HealthIssue(_Result):
-    severity: Literal["high", "medium", "low"]
-    description: str
-    recommendation: str
-
-
-class RunHealth(_Result):
-    run_id: str
-    health_score: float = Field(description="0-100: 50% success, 20% duration, 20% tool reliability, "
-                                            "10% resource efficiency")
-    issues: list[HealthIssue]
-
-
-class AgentMetric(_Result):
-    name: str = Field(description="Agent (workflow) name")
-    success_rate: float | None = Field(description="Completed / finished runs; null without finished runs")
-    total_runs: int
-    avg_duration_seconds: float | None
-
-
-class AgentMetrics(_Result):
-    agents: list[AgentMetric]
-
-
-class ToolMetric(_Result):
-    name: str
-    success_rate: float
-    total_calls: int
-    timeout_rate: float
-    error_rate: float = Field(description="Share of calls that failed other than by timeout")
-
-
-class ToolReliability(_Result):
-    tools: list[ToolMetric] = Field(description="Worst tools first")
-
-
-class ImprovementProposal(_Result):
-    improvement_id: str
-    pattern_id: str | None
-    description: str
-    expected_impact: str | None
-    changes_required: list[str]
-    risk_level: str | None = Field(description="low | medium | high")
-    created: bool = Field(description="False when an open proposal for the pattern already existed")
-
-
-class ImprovementTest(_Result):
-    improvement_id: str
-    test_mode: str
-    simulated_success_rate: float | None
-    baseline_success_rate: float | None
-    expected_improvement: str | None
-    recommendation: str = Field(description="safe_to_apply | risky | reject")
-
-
-class AppliedImprovement(_Result):
-    improvement_id: str
-    status: str
-    applied_at: str | None
-    verification_scheduled: str | None
-    commit_sha: str | None = Field(None, description="The git commit of the config change (null: manual steps)")
-
-
-class Verification(_Result):
-    improvement_id: str
-    expected_impact: str | None
-    actual_impact: str
-    verification_status: str = Field(description="verified | failed | inconclusive")
-    recommendation: str = Field(description="keep | rollback | extend")
-    metrics: dict[str, Any] = Field(description="before_success_rate, after_success_rate, runs_analyzed, ...")
-
-
-class ImprovementSummary(_Result):
-    id: str
-    description: str
-    impact: str
-
-
-class HealthDashboard(_Result):
-    overall_health_score: float | None = Field(description="Mean health score of the window's finished runs")
-    trend: str = Field(description="improving | degrading | stable | insufficient_data")
-    success_rate: float | None
-    recent_improvements: list[ImprovementSummary]
 
 
 # ------------------------------------------------------------------ plumbing
@@ -191,23 +89,13 @@ class SelfHealingServer(MCPServer):
 
 
 @contextmanager
-def _session(home: str | os.PathLike | None, db: str | os.PathLike | None, *, recover: bool = False,
-             **overrides: Any) -> Iterator[tuple[Settings, sqlite3.Connection]]:
-    """Settings and a connection for one call, closed afterwards; domain errors → ToolError.
-
-    ``recover`` first finishes or undoes an interrupted apply/rollback, as the CLI's
-    lifecycle commands do (its warnings go to the log)."""
-    from selfheal_plugin.history.connection import BUSY_MESSAGE, connect, is_busy_error
-
-    conn: sqlite3.Connection | None = None
+def _session(home: str | os.PathLike | None, db: str | os.PathLike | None, **overrides: Any) -> Iterator[SelfHeal]:
+    """The service for one call (recovery runs as it opens; its warnings go to the log),
+    closed afterwards; domain errors → one-line ToolError."""
+    service: SelfHeal | None = None
     try:
-        settings = load_settings(home, db, **overrides)
-        conn = connect(settings.db_path)
-        if recover:
-            from selfheal_plugin.lifecycle.recovery import recover as recover_interrupted
-
-            recover_interrupted(conn, settings, warn=log.warning)
-        yield settings, conn
+        service = SelfHeal(home, db, warn=log.warning, **{k: v for k, v in overrides.items() if v is not None})
+        yield service
     except SelfHealError as exc:
         raise ToolError(one_line(str(exc))) from None
     except sqlite3.OperationalError as exc:
@@ -215,8 +103,8 @@ def _session(home: str | os.PathLike | None, db: str | os.PathLike | None, *, re
             raise ToolError(BUSY_MESSAGE) from None
         raise
     finally:
-        if conn is not None:
-            conn.close()
+        if service is not None:
+            service.close()
 
 
 def _schema_default(value: Any) -> dict[str, Any]:
@@ -268,51 +156,43 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         confidence_threshold: Annotated[float | None, Field(
             ge=0.0, le=1.0, description="Minimum confidence 0.0-1.0 (omitted: setting, 0.75)",
             json_schema_extra=_schema_default(0.75))] = None,
-    ) -> list[FailurePattern]:
+    ) -> list[results.FailurePattern]:
         """Find recurring tool failures: (error_type, tool_name) signatures of failed tool calls,
         most frequent first, with correlation, confidence, affected runs and a suggested fix.
         Read-only: unlike `agent self-heal detect` it neither proposes nor notifies."""
-        from selfheal_plugin.lifecycle.proposals import detect_with_fixes
-
         with _session(home, db, lookback=since, min_occurrences=min_occurrences,
-                      confidence_threshold=confidence_threshold) as (s, conn):
-            result = detect_with_fixes(conn, s)
-            warn_bad_rows("run_events", result.scanned.total_bad_rows)
-            return [p.to_dict() for p in result.patterns]
+                      confidence_threshold=confidence_threshold) as sh:
+            result = sh.detect()
+            warn_bad_rows("run_events", result["skipped_rows"])
+            return result["patterns"]
 
     @tool("Analyze run health", read_only=True)
     def analyze_run_health(
         run_id: Annotated[str, Field(description="Run id (a unique prefix is enough)")],
-    ) -> RunHealth:
+    ) -> results.RunHealth:
         """Health score (0-100) of one run with its issues, each with a severity and a recommendation."""
-        from selfheal_plugin.analysis.health import analyze_run_health as analyze
-
-        with _session(home, db) as (_s, conn):
-            return analyze(conn, run_id)
+        with _session(home, db) as sh:
+            return sh.run_health(run_id)
 
     @tool("Compute agent metrics", read_only=True)
     def compute_agent_metrics(
         since: Annotated[str | None, Field(
             description="Window start: -30m, -24h, -7d, -1w, an ISO date or datetime "
                         "(omitted: the lookback setting, -7d)", json_schema_extra=_schema_default("-7d"))] = None,
-    ) -> AgentMetrics:
+    ) -> results.AgentMetrics:
         """Success rate, run count, average duration and trend per agent (workflow) in the window."""
-        from selfheal_plugin.analysis.health import compute_agent_metrics as agents
-
-        with _session(home, db, lookback=since) as (s, conn):
-            return agents(conn, since=s.lookback)
+        with _session(home, db, lookback=since) as sh:
+            return sh.agent_metrics()
 
     @tool("Compute tool reliability", read_only=True)
     def compute_tool_reliability(
         since: Annotated[str | None, Field(
             description="Window start: -30m, -24h, -7d, -1w, an ISO date or datetime "
                         "(omitted: the lookback setting, -7d)", json_schema_extra=_schema_default("-7d"))] = None,
-    ) -> ToolReliability:
+    ) -> results.ToolReliability:
         """Per tool in the window: success, timeout and other-error rates, durations, top error types."""
-        from selfheal_plugin.analysis.health import compute_tool_reliability as tools
-
-        with _session(home, db, lookback=since) as (s, conn):
-            result = tools(conn, since=s.lookback)
+        with _session(home, db, lookback=since) as sh:
+            result = sh.tool_reliability()
             warn_bad_rows("tool event", result.get("skipped_rows") or 0)
             return result
 
@@ -322,13 +202,11 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
     def propose_improvement(
         pattern_id: Annotated[str, Field(description="Pattern id from detect_failure_patterns "
                                                      "(error_type:tool_name)")],
-    ) -> ImprovementProposal:
+    ) -> results.ProposalOutcome:
         """Propose a fix for a pattern through its error type's strategy and store it as an
         improvement (status proposed). An open proposal for the pattern is returned, not duplicated."""
-        from selfheal_plugin.lifecycle.proposals import propose_detailed
-
-        with _session(home, db) as (s, conn):
-            return propose_detailed(conn, s, pattern_id, since=s.lookback).to_dict()
+        with _session(home, db) as sh:
+            return sh.propose(pattern_id)
 
     @tool("Test improvement")
     def test_improvement(
@@ -338,14 +216,12 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
                         "fraction of runs; shadow observes it without changing outcomes")] = "simulation",
         fraction: Annotated[float | None, Field(
             gt=0, lt=1, description="canary only: share of runs in the canary arm (default 0.5)")] = None,
-    ) -> ImprovementTest:
+    ) -> results.TestResult:
         """Estimate the improvement against history: simulated vs baseline success rate with a
         95% interval and a recommendation (safe_to_apply, risky or reject). Stores the result.
         canary/shadow start an experiment section in config.toml (a git commit)."""
-        from selfheal_plugin.lifecycle.simulation import test_improvement as run_test
-
-        with _session(home, db, recover=True) as (s, conn):
-            return run_test(conn, s, improvement_id, mode, fraction=fraction)
+        with _session(home, db) as sh:
+            return sh.test(improvement_id, mode, fraction=fraction)
 
     @tool("Apply improvement", destructive=True, idempotent=False)
     def apply_improvement(
@@ -353,14 +229,12 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         changes_made: Annotated[str, Field(
             description="What was done: recorded with the improvement (required text for manual-only "
                         "improvements; a note beside the config edit otherwise)")],
-    ) -> AppliedImprovement:
+    ) -> results.ApplyResult:
         """Apply an improvement: edit config.toml (comments and formatting kept), commit it to git
         with trailers, mark it applied and schedule verification. Refuses a config with
         uncommitted edits."""
-        from selfheal_plugin.lifecycle.apply import apply_improvement as apply
-
-        with _session(home, db, recover=True) as (s, conn):
-            return apply(conn, s, improvement_id, changes_made)
+        with _session(home, db) as sh:
+            return sh.apply(improvement_id, changes_made)
 
     @tool("Verify improvement")
     def verify_improvement(
@@ -368,26 +242,22 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         measurement_window_days: Annotated[float | None, Field(
             gt=0, description="Days before and after the apply time to compare (omitted: setting, 7)",
             json_schema_extra=_schema_default(7))] = None,
-    ) -> Verification:
+    ) -> results.VerifyResult:
         """Measure an applied improvement: success rate and the pattern's error rate before vs after
         the apply (Fisher's exact test, sample-size floor) and recommend keep, rollback or extend."""
-        from selfheal_plugin.lifecycle.verification import verify_improvement as verify
-
-        with _session(home, db, recover=True) as (s, conn):
-            return verify(conn, s, improvement_id, measurement_window_days)
+        with _session(home, db) as sh:
+            return sh.verify(improvement_id, measurement_window_days)
 
     # -------------------------------------------------------------- dashboard
 
     @tool("Health dashboard", read_only=True)
     def get_health_dashboard(
         detailed: Annotated[bool, Field(description="Include per-agent and per-tool tables")] = False,
-    ) -> HealthDashboard:
+    ) -> results.HealthDashboard:
         """System-wide health over the lookback window: overall score, trend, success rate, worst
         tools, daily success and recent improvements with their measured impact."""
-        from selfheal_plugin.analysis.health import get_health_dashboard as dashboard
-
-        with _session(home, db) as (s, conn):
-            return dashboard(conn, detailed=detailed, since=s.lookback)
+        with _session(home, db) as sh:
+            return sh.dashboard(detailed=detailed)
 
     return server
 

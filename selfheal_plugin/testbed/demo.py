@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from selfheal_plugin.errors import SelfHealError, UsageError
+from selfheal_plugin.history.clock import SimulatedClock
+from selfheal_plugin.lifecycle import gitops
+from selfheal_plugin.service import SelfHeal
+from selfheal_plugin.testbed.agent import TestbedConfig, run_workload
 
 DEMO_RUNS = 200
 DEMO_DAYS = 7
@@ -116,17 +120,6 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
 
 def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoStep], None],
          testbed_config: Any, now: datetime | None) -> None:
-    from selfheal_plugin.lifecycle import gitops
-    from selfheal_plugin.history.clock import SimulatedClock
-    from selfheal_plugin.analysis.health import get_health_dashboard
-    from selfheal_plugin.history.connection import connect
-    from selfheal_plugin.lifecycle.apply import apply_improvement
-    from selfheal_plugin.lifecycle.proposals import attach_suggested_fixes, propose_all
-    from selfheal_plugin.lifecycle.simulation import test_improvement
-    from selfheal_plugin.lifecycle.verification import verify_improvement
-    from selfheal_plugin.analysis.patterns import detect_failure_patterns
-    from selfheal_plugin.history.settings import load_settings
-    from selfheal_plugin.testbed import TestbedConfig, run_workload
 
     def step(name: str, title: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -150,34 +143,25 @@ def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoSt
     step("workload_before", "A week of runs (real MCP servers over stdio, simulated clock)",
          lambda: _workload_data(run_workload(home, runs=runs, seed=1, clock=clock, days=DEMO_DAYS, config=config)))
 
-    settings = load_settings(home)
-    conn = connect(settings.db_path)
-    try:
-        found_patterns: list[Any] = []
-
+    at = [applied_at]  # the service's clock: the instant of the step in progress
+    with SelfHeal(home, clock=lambda: at[0]) as sh:
         def detect() -> dict[str, Any]:
-            found = detect_failure_patterns(conn, settings.lookback, settings.min_occurrences,
-                                            settings.confidence_threshold, now=applied_at, until=applied_at)
-            attach_suggested_fixes(found.patterns, settings)
-            found_patterns.extend(found.patterns)
-            return {"since": found.since, "patterns": [p.to_dict() for p in found.patterns]}
+            found = sh.detect(until=applied_at)
+            return {"since": found["since"], "patterns": found["patterns"]}
 
         detected = step("detect", "Detect recurring failures", detect)
         if not detected["patterns"]:
             raise DemoError("the workload produced no recurring failure pattern to heal")
 
-        def propose() -> dict[str, Any]:
-            return {"proposals": [{"pattern_id": None, "error": str(r)} if isinstance(r, Exception) else r.to_dict()
-                                  for r in propose_all(conn, settings, found_patterns, now=applied_at)]}
-
-        proposals = step("propose", "Propose a fix per pattern (strategy plugins)", propose)
+        proposals = step("propose", "Propose a fix per pattern (strategy plugins)",
+                         lambda: {"proposals": sh.detect(propose=True, until=applied_at)["proposals"]})
 
         def test() -> dict[str, Any]:
             results = []
             for p in proposals["proposals"]:
                 if "error" in p or not any(c.get("kind") == "config" for c in p.get("changes") or []):
                     continue
-                results.append(test_improvement(conn, settings, p["improvement_id"], "simulation", now=applied_at))
+                results.append(sh.test(p["improvement_id"]))
             safe = [r for r in results if r["recommendation"] == "safe_to_apply"]
             best = max(safe, key=lambda r: r["simulated_success_rate"] - r["baseline_success_rate"], default=None)
             return {"tests": results, "chosen": best["improvement_id"] if best else None}
@@ -188,24 +172,19 @@ def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoSt
             raise DemoError("no proposal was safe to apply according to the simulation")
 
         def apply() -> dict[str, Any]:
-            result = apply_improvement(conn, settings, chosen, "applied by agent self-heal demo", now=applied_at)
-            cr = gitops.locate(settings.config_path, settings.home)
+            result = sh.apply(chosen, "applied by agent self-heal demo")
+            cr = gitops.locate(sh.settings.config_path, sh.settings.home)
             return {**result, "git_log": cr.git("log", "--format=%h %s").splitlines(),
-                    "config_toml": settings.config_path.read_text(encoding="utf-8")}
+                    "config_toml": sh.settings.config_path.read_text(encoding="utf-8")}
 
         step("apply", "Apply the best safe proposal (a real git commit)", apply)
 
         step("workload_after", "Another week of runs with the fix in force (ToolPolicy re-reads config.toml)",
              lambda: _workload_data(run_workload(home, runs=runs, seed=2, clock=clock, start=applied_at,
                                                  days=DEMO_DAYS, config=config)))
-
-        step("verify", "Verify: the week before vs the week after the apply",
-             lambda: verify_improvement(conn, settings, chosen, now=verify_at))
-
-        step("dashboard", "Health dashboard (the last 7 days)",
-             lambda: get_health_dashboard(conn, detailed=False, since="-7d", now=verify_at))
-    finally:
-        conn.close()
+        at[0] = verify_at
+        step("verify", "Verify: the week before vs the week after the apply", lambda: sh.verify(chosen))
+        step("dashboard", "Health dashboard (the last 7 days)", lambda: sh.dashboard(since="-7d"))
 
 
 class DemoError(SelfHealError):

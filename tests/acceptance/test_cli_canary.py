@@ -39,10 +39,18 @@ def test_canary_start_report_and_promote(db, binks_home):
     r = run_agent("self-heal", "test", imp.id, "--mode", "canary", "--json")
     d = json.loads(r.stdout)
     assert d["started"] is False and d["test_mode"] == "canary" and d["fraction"] == 0.3
-    r = run_agent("self-heal", "canary", "promote", imp.id, "--json")
+    before = (binks_home / "config.toml").read_text()
+    r = run_agent("self-heal", "canary", "promote", imp.id, "--json")  # no runs yet: the verdict is extend
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"Error: {imp.id}: the canary's verdict is extend (extend monitoring: 0 finished run(s) in the canary arm "
+        "and 0 in the control arm (min_sample_size 30)); promote anyway with --force"]
+    assert status(db, imp.id) == "canary" and (binks_home / "config.toml").read_text() == before
+    r = run_agent("self-heal", "canary", "promote", imp.id, "--force", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["status"] == "applied" and d["ended"]["end_commit_sha"] and d["commit_sha"]
+    assert d["forced"] is True and d["verdict"] == "extend"
+    assert "promoted with --force (verdict extend)" in d["changes_made"]
     text = (binks_home / "config.toml").read_text()
     assert "canary" not in text and "timeout_ms = 90000" in text
     assert len(git(binks_home, "log", "--format=%H").split()) == 4  # start versioning, canary, end, apply

@@ -57,8 +57,9 @@ def test_detect_proposes_writes_inbox_and_is_idempotent(history_copy, binks_home
     data = json.loads(again.stdout)
     assert {p["improvement_id"] for p in data["proposals"]} == set(rows)
     assert not any(p["created"] for p in data["proposals"])
-    # one suggested_fix per pattern: detect --json, show --json and the MCP tool agree (the
-    # strategy's suggest()); the proposal's own description is a separate field and line
+    assert data["notified"] == []  # the cooldown: one inbox entry per pattern per cooldown_minutes
+    # one suggested_fix per pattern: detect --json, show --json and the MCP tool agree, and it
+    # is the stored open proposal's description
     mcp = _mcp_detect(binks_home, SINCE)
     assert {p["id"] for p in mcp} == {p["id"] for p in data["patterns"]}
     by_pattern = {p["pattern_id"]: p for p in data["proposals"]}
@@ -67,11 +68,12 @@ def test_detect_proposes_writes_inbox_and_is_idempotent(history_copy, binks_home
                                      "--json").stdout)
         assert pat["suggested_fix"] and pat["suggested_fix"] == shown["suggested_fix"]
         assert pat["suggested_fix"] == next(p["suggested_fix"] for p in mcp if p["id"] == pat["id"])
+        assert pat["suggested_fix"] == by_pattern[pat["id"]]["description"] and pat["suggested_by"] == "proposal"
         assert f"{by_pattern[pat['id']]['improvement_id']} for pattern {pat['id']}\n" \
                f"      {by_pattern[pat['id']]['description']}\n" in out
     for p in data["proposals"]:
         assert p["changes"] and p["risk_level"] in ("low", "medium", "high") and p["expected_impact"]
-    assert len(_inbox_entries()) == 2
+    assert len(_inbox_entries()) == 1
 
     listing = run_agent("self-heal", "improvements", "--home", str(binks_home), "--json")
     assert {r["id"] for r in json.loads(listing.stdout)["improvements"]} == set(rows)

@@ -83,10 +83,13 @@ def test_stdio_all_nine_tools_match_the_library(home):
         out["dashboard"] = structured(await call(client, "get_health_dashboard", detailed=True))
         return out
 
+    # before the session proposes: a pattern's suggested fix becomes its proposal's description then
+    expected_detect = reference("detect_failure_patterns", home)
+    expected_iso = reference("detect_failure_patterns", home, since="2000-01-01", min_occurrences=5,
+                             confidence_threshold=0.6)
     out, stderr = over_stdio(["--home", str(home)], session)
-    assert stable(out["detect"]) == reference("detect_failure_patterns", home)
-    assert stable(out["detect_iso"]) == reference("detect_failure_patterns", home, since="2000-01-01",
-                                                  min_occurrences=5, confidence_threshold=0.6)
+    assert stable(out["detect"]) == expected_detect
+    assert stable(out["detect_iso"]) == expected_iso
     assert out["health"] == reference("analyze_run_health", home, run_id=run_id)
     assert stable(out["agents"]) == stable(reference("compute_agent_metrics", home, since="-5d"))
     assert stable(out["tools"]) == stable(reference("compute_tool_reliability", home))
@@ -96,7 +99,7 @@ def test_stdio_all_nine_tools_match_the_library(home):
     again = reference("propose_improvement", home, pattern_id=out["proposal"]["pattern_id"])
     assert again["improvement_id"] == imp_id and again["created"] is False
     row = ImprovementStore(connect(db)).get(imp_id)
-    assert out["test"] == {**row.test_result}
+    assert out["test"] == {**row.test_result, "next_step": f"agent self-heal apply {imp_id}"}
     assert (out["apply"]["status"], out["apply"]["commit_sha"], out["apply"]["applied_at"]) == (
         "applied", row.commit_sha, row.applied_at)
     log = subprocess.run(["git", "-C", str(home), "log", "-1", "--format=%B"], capture_output=True, text=True)
@@ -201,6 +204,7 @@ def test_streamable_http(home):
 
     # before the proposal below: a run's recommendations cite the open improvement of their pattern
     want_health = reference("analyze_run_health", home, other, run_id=run_id)
+    want_detect = reference("detect_failure_patterns", home, other, since="-6d")
     proc, url = start_http_server("--home", str(home), "--db", str(other))
     try:
         out = over_http(url, session)
@@ -208,7 +212,7 @@ def test_streamable_http(home):
         assert proc.poll() is None
     finally:
         _, stderr = stop(proc)
-    assert out["detect"] == reference("detect_failure_patterns", home, other, since="-6d")
+    assert out["detect"] == want_detect
     assert out["health"] == want_health
     assert "no run 'zzz-unknown'" in error_text(out["unknown"])
     assert "mode: Input should be" in error_text(out["bad_mode"])
@@ -217,7 +221,9 @@ def test_streamable_http(home):
     imp_id = out["proposal"]["improvement_id"]
     assert reference("propose_improvement", home, other, pattern_id="tool_error:list_dir")["improvement_id"] == imp_id
     row = ImprovementStore(connect(other)).get(imp_id)
-    assert out["test"] == row.test_result
+    assert {k: v for k, v in out["test"].items() if k != "next_step"} == row.test_result
+    # a risky result never suggests apply as the next step
+    assert (" apply " in out["test"]["next_step"]) == (row.test_result["recommendation"] == "safe_to_apply")
     assert (out["apply"]["status"], out["apply"]["commit_sha"]) == ("applied", row.commit_sha)
     assert "preflight" in (home / "config.toml").read_text()
     assert stable(out["verify"]) == stable(reference("verify_improvement", home, other, improvement_id=imp_id))

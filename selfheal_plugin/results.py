@@ -1,0 +1,167 @@
+"""The typed results of :class:`~selfheal_plugin.service.SelfHeal`, one per verb.
+
+They are ``TypedDict``\\ s: the values the engine builds are plain JSON-ready dicts, so
+``--json`` prints them as they are (no copies), and the MCP server declares them as its
+tools' return types, from which the SDK derives the output schemas. The fields listed are
+the documented ones; a result may carry more (``__pydantic_config__`` says so to the
+schema, without importing pydantic here).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from typing_extensions import TypedDict  # pydantic derives schemas from these only (Python < 3.12)
+
+_OPEN = {"extra": "allow"}
+
+
+class FailurePattern(TypedDict, total=False):
+    id: str  # error_type:tool_name
+    error_type: str
+    tool_name: str
+    occurrences: int
+    correlation_score: float
+    confidence: float
+    failure_rate: float
+    first_seen: str
+    last_seen: str
+    affected_runs: list[str]
+    affected_run_count: int
+    suggested_fix: str | None  # the open proposal's description, else the strategy's suggestion
+    suggested_by: Literal["proposal", "strategy"] | None
+    improvement_id: str | None  # the open proposal behind suggested_fix
+
+
+class ProposalOutcome(TypedDict, total=False):
+    improvement_id: str
+    pattern_id: str | None
+    status: str
+    description: str
+    expected_impact: str | None
+    changes_required: list[str]
+    risk_level: str | None
+    strategy: str | None
+    confidence: float | None
+    changes: list[dict[str, Any]]
+    expected_reduction: float | None
+    proposed_at: str | None
+    created: bool  # False when an open proposal for the pattern already existed
+    skipped: str | None  # why nothing was proposed (a rejection that still stands)
+    error: str | None  # a strategy that failed for this pattern
+
+
+class DetectResult(TypedDict, total=False):
+    since: str
+    patterns: list[FailurePattern]
+    proposals: list[ProposalOutcome]
+    notified: list[str]  # pattern ids whose notification fired this time (the cooldown let them)
+    candidates: int
+    skipped_rows: int
+    stopped: bool  # proposing stopped early (the daemon was asked to stop)
+
+
+class PatternDetails(FailurePattern, total=False):
+    templates: list[dict[str, Any]]
+    context: dict[str, Any]
+    runs: list[dict[str, Any]]
+
+
+class ImprovementRow(TypedDict, total=False):
+    id: str
+    status: str
+    description: str
+    pattern_id: str | None
+    strategy: str | None
+    risk_level: str | None
+    expected_impact: str | None
+    actual_impact: str | None
+    proposed_at: str | None
+    applied_at: str | None
+    commit_sha: str | None
+
+
+class TestResult(TypedDict, total=False):
+    improvement_id: str
+    test_mode: str
+    simulated_success_rate: float | None
+    baseline_success_rate: float | None
+    expected_improvement: str | None
+    recommendation: str  # safe_to_apply | risky | reject
+    next_step: str | None  # the command to run next (never apply after a risky result)
+
+
+class ApplyPlan(TypedDict, total=False):
+    improvement_id: str
+    config_path: str
+    diff: str
+    manual: list[str]
+
+
+class ApplyResult(TypedDict, total=False):
+    improvement_id: str
+    status: str
+    applied_at: str | None
+    verification_scheduled: str | None
+    commit_sha: str | None
+
+
+class VerifyResult(TypedDict, total=False):
+    improvement_id: str
+    expected_impact: str | None
+    actual_impact: str
+    verification_status: str  # verified | failed | inconclusive
+    recommendation: str  # keep | rollback | extend
+    metrics: dict[str, Any]
+
+
+class RollbackResult(TypedDict, total=False):
+    improvement_id: str
+    status: str
+    method: str
+    rollback_sha: str | None
+
+
+class StatusResult(TypedDict, total=False):
+    improvement_id: str
+    status: str
+
+
+class PromoteResult(ApplyResult, total=False):
+    verdict: str  # the canary's verify recommendation when it was promoted
+    forced: bool
+    ended: dict[str, Any]
+
+
+class RunHealth(TypedDict, total=False):
+    run_id: str
+    health_score: float
+    issues: list[dict[str, Any]]
+
+
+class AgentMetrics(TypedDict, total=False):
+    agents: list[dict[str, Any]]
+
+
+class ToolReliability(TypedDict, total=False):
+    tools: list[dict[str, Any]]
+    skipped_rows: int
+
+
+class HealthDashboard(TypedDict, total=False):
+    overall_health_score: float | None
+    trend: str
+    success_rate: float | None
+    recent_improvements: list[dict[str, Any]]
+
+
+class PluginsReport(TypedDict, total=False):
+    plugins: list[dict[str, Any]]
+    strategies: list[dict[str, Any]]
+    hooks: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+
+
+for _t in (FailurePattern, ProposalOutcome, DetectResult, PatternDetails, ImprovementRow, TestResult, ApplyPlan,
+           ApplyResult, VerifyResult, RollbackResult, StatusResult, PromoteResult, RunHealth, AgentMetrics,
+           ToolReliability, HealthDashboard, PluginsReport):
+    _t.__pydantic_config__ = _OPEN  # type: ignore[attr-defined]

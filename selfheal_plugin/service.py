@@ -1,0 +1,273 @@
+"""The one service behind every shell: ``agent self-heal``, ``self-healing-mcp``, the daemon,
+and runtimes or plugin authors calling selfheal from Python::
+
+    from selfheal_plugin import SelfHeal
+
+    with SelfHeal(home="~/.binks") as sh:
+        found = sh.detect(propose=True)
+        for p in found["patterns"]:
+            print(p["id"], p["suggested_fix"])
+        sh.test(found["proposals"][0]["improvement_id"])
+
+A ``SelfHeal`` owns the settings (``[self_heal]`` of config.toml, overridden by keyword
+arguments), the history connection, the clock and crash recovery, which runs once, when it
+opens: an apply, rollback or experiment edit a killed process left half done is finished or
+undone before any verb reads config, git or the database. Each verb returns a typed result
+(:mod:`selfheal_plugin.results`); the shells only parse arguments, call one verb and render.
+
+Every question has one answer here:
+
+* a pattern's suggested fix is its stored open proposal's description wherever one exists,
+  else its strategy's one-line suggestion (``suggested_by`` says which);
+* ``detect(notify=True)`` notifies at most once per pattern per ``cooldown_minutes``,
+  whoever asks (CLI, MCP, daemon), through the same cooldown record;
+* a rejected pattern is not proposed again until its evidence changes (see
+  :func:`selfheal_plugin.lifecycle.proposals.rejection_stands`);
+* a strategy that takes over an error type supersedes the open proposals of the strategy it
+  replaced (status ``superseded``, kept in history);
+* ``canary_promote`` refuses unless the canary's verdict is keep (``force=True`` overrides
+  and is recorded); a risky ``test`` never suggests ``apply`` as its next step.
+"""
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from selfheal_plugin.analysis import health
+from selfheal_plugin.errors import UsageError
+from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, get_pattern, pattern_details
+from selfheal_plugin.history.clock import wall_clock
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.settings import Settings, load_settings
+from selfheal_plugin.history.times import parse_since
+from selfheal_plugin.lifecycle import apply as applying
+from selfheal_plugin.lifecycle import canary, proposals, simulation, verification
+from selfheal_plugin.lifecycle.apply import LifecycleError
+from selfheal_plugin.lifecycle.cooldown import claim_notification
+from selfheal_plugin.lifecycle.recovery import recover
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.results import (
+    ApplyPlan, ApplyResult, DetectResult, HealthDashboard, ImprovementRow, PatternDetails,
+    PluginsReport, PromoteResult, ProposalOutcome, RollbackResult, RunHealth, StatusResult, TestResult,
+    ToolReliability, AgentMetrics, VerifyResult,
+)
+
+EXPERIMENT_MODES = ("canary", "shadow")
+TEST_MODES = ("simulation", *EXPERIMENT_MODES)
+
+
+class SelfHeal:
+    """selfheal over one runtime home.
+
+    :param home: the runtime home (default ``$BINKS_HOME`` or ``~/.binks``).
+    :param db: the run-history database (default ``HOME/conversations.db``).
+    :param settings: ready settings (then ``home``, ``db`` and ``overrides`` are ignored).
+    :param clock: a callable returning the current UTC instant (a
+        :class:`~selfheal_plugin.history.clock.SimulatedClock` in the testbed).
+    :param warn: receives one line per recovered operation (the CLI prints them on stderr).
+    :param overrides: ``[self_heal]`` values for this session (``lookback``,
+        ``min_occurrences``, ``confidence_threshold``, ...), as the CLI's flags give them.
+    """
+
+    def __init__(self, home: str | Path | None = None, db: str | Path | None = None, *,
+                 settings: Settings | None = None, clock: Callable[[], datetime] | None = None,
+                 warn: Callable[[str], None] | None = None, **overrides: Any) -> None:
+        self.settings = settings or load_settings(home, db, **overrides)
+        self.clock = clock or wall_clock
+        parse_since(self.settings.lookback)  # a bad window is a usage error before anything is opened
+        self.conn: sqlite3.Connection = connect(self.settings.db_path)
+        try:
+            self.recovered = recover(self.conn, self.settings, warn=warn)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    # -------------------------------------------------------------- plumbing
+
+    def __enter__(self) -> "SelfHeal":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def now(self) -> datetime:
+        return self.clock()
+
+    # -------------------------------------------------------------- detection
+
+    def detect(self, *, propose: bool = False, notify: bool = False, since: str | None = None,
+               progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None,
+               **filters: Any) -> DetectResult:
+        """Recurring failure patterns of the window, each with its one suggested fix.
+
+        ``propose`` stores a proposal for every pattern (idempotent); ``notify`` fires
+        ``patterns_detected`` for the patterns whose cooldown has passed. ``progress`` sees the
+        index scan; ``should_stop`` is asked before each proposal (``stopped`` in the result says
+        it stopped there). ``filters`` go to
+        :func:`~selfheal_plugin.analysis.patterns.detect_failure_patterns` (``error_type``,
+        ``tool_name``, ...)."""
+        s, now = self.settings, self.now()
+        found = detect_failure_patterns(self.conn, since=since or s.lookback, min_occurrences=s.min_occurrences,
+                                        confidence_threshold=s.confidence_threshold, now=now, progress=progress,
+                                        **filters)
+        outcomes: list[ProposalOutcome] = []
+        if propose and found.patterns:
+            outcomes = self._propose_all(found.patterns, since=since, now=now, should_stop=should_stop)
+        self._attach_fixes(found.patterns)
+        notified: list[str] = []
+        if notify and found.patterns:
+            fresh = [p for p in found.patterns if claim_notification(self.conn, p.id, now, s.cooldown_minutes)]
+            notified = [p.id for p in fresh]
+            if fresh:
+                plugins.fire("patterns_detected", patterns=fresh, settings=s)
+        return {"since": found.since, "patterns": [p.to_dict() for p in found.patterns], "proposals": outcomes,
+                "notified": notified, "candidates": found.candidates, "skipped_rows": found.scanned.total_bad_rows,
+                "stopped": len(outcomes) < len(found.patterns) if propose else False}
+
+    def show(self, pattern_id: str, since: str | None = None) -> PatternDetails:
+        """One pattern: message templates, context, affected runs, and its suggested fix."""
+        pattern = get_pattern(self.conn, pattern_id, since=since or self.settings.lookback, now=self.now())
+        self._attach_fixes([pattern])
+        return pattern_details(pattern)
+
+    def _attach_fixes(self, patterns: list[Pattern]) -> None:
+        store = ImprovementStore(self.conn)
+        for p in patterns:
+            open_row = store.open_for_pattern(p.id)
+            if open_row is not None:
+                p.suggested_fix, p.suggested_by, p.improvement_id = open_row.description, "proposal", open_row.id
+            else:
+                proposals.attach_suggested_fixes([p], self.settings)
+                p.suggested_by = "strategy" if p.suggested_fix else None
+
+    # -------------------------------------------------------------- proposals
+
+    def propose(self, pattern_id: str, since: str | None = None) -> ProposalOutcome:
+        """Store a proposal for one pattern (the open one when it exists)."""
+        pattern = get_pattern(self.conn, pattern_id, since=since or self.settings.lookback, now=self.now())
+        outcome = self._propose_all([pattern], since=since, now=self.now())[0]
+        if outcome.get("error"):
+            raise proposals.StrategyError(outcome["error"])
+        if outcome.get("skipped"):
+            raise LifecycleError(outcome["skipped"])
+        return outcome
+
+    def _propose_all(self, patterns: list[Pattern], *, since: str | None, now: datetime,
+                     should_stop: Callable[[], bool] | None = None) -> list[ProposalOutcome]:
+        results = proposals.propose_all(self.conn, self.settings, patterns, since=since, now=now,
+                                        should_stop=should_stop)
+        out: list[ProposalOutcome] = []
+        for pattern, res in zip(patterns, results):
+            if isinstance(res, proposals.StrategyError):
+                out.append({"pattern_id": pattern.id, "error": str(res)})
+            else:
+                out.append(res.to_dict())
+        return out
+
+    def improvements(self, status: str | None = None, limit: int | None = 20) -> list[ImprovementRow]:
+        """Stored improvements, newest first (ours and the runtime's older rows)."""
+        return proposals.list_improvements(self.conn, status=status, limit=limit)
+
+    # -------------------------------------------------------------- test, apply, verify, undo
+
+    def test(self, improvement_id: str, mode: str = "simulation", *, since: str | None = None,
+             fraction: float | None = None) -> TestResult:
+        """``simulation`` replays the window with the change; ``canary`` and ``shadow`` start an
+        experiment section in config.toml (a git commit) — see :meth:`canary_start`."""
+        if mode in EXPERIMENT_MODES:
+            return self.canary_start(improvement_id, mode=mode, fraction=fraction)
+        if mode != "simulation":
+            raise UsageError(f"unknown test mode {mode!r}: use {', '.join(TEST_MODES)}")
+        if fraction is not None:
+            raise UsageError("--fraction is for canary mode only")
+        result = simulation.test_improvement(self.conn, self.settings, improvement_id, since=since, now=self.now())
+        result["next_step"] = (f"agent self-heal apply {improvement_id}" if result["recommendation"] == "safe_to_apply"
+                               else f"agent self-heal test {improvement_id} --mode canary"
+                               if result["recommendation"] == "risky" else f"agent self-heal reject {improvement_id}")
+        return result
+
+    def plan_apply(self, improvement_id: str) -> ApplyPlan:
+        """What :meth:`apply` would write (diff, repository, manual steps), changing nothing."""
+        return applying.plan_apply(self.conn, self.settings, improvement_id)
+
+    def apply(self, improvement_id: str, changes_made: str | None = None, *,
+              expected_sha256: str | None = None) -> ApplyResult:
+        """Edit config.toml and commit it; ``expected_sha256`` refuses a file that changed since
+        the plan was shown."""
+        return applying.apply_improvement(self.conn, self.settings, improvement_id, changes_made,
+                                          expected_sha256=expected_sha256, now=self.now())
+
+    def verify(self, improvement_id: str, window_days: float | None = None, *, early: bool = False) -> VerifyResult:
+        """Before vs after the apply (or canary vs control, or what a shadow observed)."""
+        imp = ImprovementStore(self.conn).get(improvement_id)
+        if imp.status in EXPERIMENT_MODES:
+            return canary.verify_experiment(self.conn, self.settings, imp, window_days, now=self.now())
+        return verification.verify_improvement(self.conn, self.settings, improvement_id, window_days, early=early,
+                                               now=self.now())
+
+    def rollback(self, improvement_id: str, reason: str | None = None) -> RollbackResult:
+        """Revert the improvement's commit (or the inverse edit when config.toml moved on)."""
+        return applying.rollback_improvement(self.conn, self.settings, improvement_id, reason=reason,
+                                             now=self.now())
+
+    def reject(self, improvement_id: str) -> StatusResult:
+        """Reject a proposal; the pattern is not proposed again until its evidence changes."""
+        return applying.reject_improvement(self.conn, self.settings, improvement_id)
+
+    # -------------------------------------------------------------- canary and shadow
+
+    def canary_start(self, improvement_id: str, *, mode: str = "canary", fraction: float | None = None) -> TestResult:
+        """Write the change under ``[canary."ID"]`` (a ``fraction`` of runs) or ``[shadow."ID"]``."""
+        result = canary.test_experiment(self.conn, self.settings, improvement_id, mode, fraction=fraction,
+                                        now=self.now())
+        result["next_step"] = f"agent self-heal verify {improvement_id}"
+        return result
+
+    def canary_promote(self, improvement_id: str, *, force: bool = False,
+                       changes_made: str | None = None) -> PromoteResult:
+        """End the canary and apply the change to every run — only when its verdict is keep."""
+        verdict = self.verify(improvement_id)
+        recommendation = verdict.get("recommendation")
+        if recommendation != "keep" and not force:
+            raise LifecycleError(f"{improvement_id}: the canary's verdict is {recommendation} "
+                                 f"({verdict.get('reason') or 'not enough evidence'}); promote anyway with --force")
+        note = changes_made
+        if recommendation != "keep":
+            note = "; ".join(x for x in (changes_made, f"promoted with --force (verdict {recommendation})") if x)
+        result = canary.promote_experiment(self.conn, self.settings, improvement_id, changes_made=note, now=self.now())
+        return {**result, "verdict": recommendation, "forced": recommendation != "keep"}
+
+    def canary_drop(self, improvement_id: str) -> StatusResult:
+        """End the canary or shadow without applying; the improvement goes back to tested."""
+        return canary.drop_experiment(self.conn, self.settings, improvement_id, now=self.now())
+
+    # -------------------------------------------------------------- health
+
+    def dashboard(self, *, detailed: bool = False, since: str | None = None, improvements_limit: int = 5,
+                  progress: Callable[[int, int], None] | None = None) -> HealthDashboard:
+        """Health over the window: score, trend, success rate, worst tools, recent improvements."""
+        return health.get_health_dashboard(self.conn, detailed=detailed, since=since or self.settings.lookback,
+                                           now=self.now(), progress=progress, improvements_limit=improvements_limit)
+
+    def run_health(self, run_id: str, *, progress: Callable[[int, int], None] | None = None) -> RunHealth:
+        """Health score (0–100) and issues of one run (a unique id prefix is enough)."""
+        return health.analyze_run_health(self.conn, run_id, progress=progress)
+
+    def agent_metrics(self, since: str | None = None) -> AgentMetrics:
+        return health.compute_agent_metrics(self.conn, since=since or self.settings.lookback, now=self.now())
+
+    def tool_reliability(self, since: str | None = None) -> ToolReliability:
+        return health.compute_tool_reliability(self.conn, since=since or self.settings.lookback, now=self.now())
+
+    # -------------------------------------------------------------- plugins
+
+    def plugins(self) -> PluginsReport:
+        """Loaded plugins, their hooks, the strategy for each error type, and plugin errors."""
+        return plugins.describe(self.settings)
+
