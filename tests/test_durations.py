@@ -17,6 +17,7 @@ from selfheal_plugin.history.connection import connect
 from selfheal_plugin.lifecycle import simulation
 from selfheal_plugin.lifecycle.proposals import propose_improvement
 from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.plugins.strategy import HistoryWindow
 
 from .conftest import NOW
 from .lifecycle_data import K8S, RunSpec, settings_for, timeout_change, timeout_history, write_runs
@@ -134,6 +135,26 @@ def test_sample_takes_successes_as_observed_and_timeouts_as_censored():
     assert durations.sample_from_calls(calls, 30_000) == durations.DurationSample((900.0,), (30_003.0, 30_000.0))
     # a timed-out call with no duration and no known limit says nothing
     assert durations.sample_from_calls(calls).censored == (30_003.0,)
+
+
+def test_one_tool_s_calls_are_the_history_window_s(binks_home):
+    """The per-tool read the strategy and the simulation fit from returns what
+    HistoryWindow.tool_calls does, also for names JSON escapes and at the window's edges."""
+    db = binks_home / "conversations.db"
+    odd = ['srv:tool "quoted"', "serveur__requête", "a/b\\c"]
+    runs = [RunSpec(NOW - timedelta(hours=h, minutes=7 * h), "failed" if h % 3 else "completed",
+                    [(K8S, h % 4 != 0, 900.0 + h, None if h % 4 else "timeout"), (odd[h % 3], True, 50.0, None),
+                     ("read_file", h % 5 != 0, 10.0, None if h % 5 else "tool_error")], offset_hours=(0, 2, -5)[h % 3])
+            for h in range(60)]
+    write_runs(db, runs)
+    conn = connect(db)
+    since, until = NOW - timedelta(hours=40), NOW - timedelta(hours=3)
+    window = HistoryWindow(conn=conn, since=since, until=until)
+    for tool in [K8S, "read_file", "absent", *odd]:
+        assert durations.load_tool_calls(conn, tool, since, until) == window.tool_calls(tool)
+    # run h starts 67·h minutes before NOW: h = 3..35 fall in [40 h, 3 h) before NOW
+    assert len(durations.load_tool_calls(conn, K8S, since, until)) == 33
+    assert durations.load_tool_calls(conn, K8S, since) == HistoryWindow(conn=conn, since=since).tool_calls(K8S)
 
 
 def test_the_strategy_and_the_simulation_use_the_same_fitted_model(binks_home):

@@ -11,8 +11,8 @@ Models (only these; a change without a model is reported as such, never guessed)
 
 * ``tools.NAME.timeout_ms`` — the one duration model of
   :mod:`selfheal_plugin.analysis.durations` (the one the timeout strategy proposes from),
-  fitted to the tool's calls in the window (:class:`~selfheal_plugin.plugins.strategy.HistoryWindow`
-  ``tool_calls``, as the strategy reads them): successful calls observed, timed-out calls
+  fitted to the tool's calls in the window (``load_tool_calls``, as the strategy reads
+  them): successful calls observed, timed-out calls
   right-censored at the duration they were cut off at — a censored log-normal. A call that
   timed out at ``c`` finishes under the new limit ``L`` with probability ``1 - S(L)/S(c)``.
   Successful calls slower than a lowered limit would fail.
@@ -39,9 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from selfheal_plugin.analysis.durations import fit_sample, sample_from_calls
+from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
 from selfheal_plugin.history.connection import normalize_error_type
-from selfheal_plugin.plugins.strategy import HistoryWindow
 
 REPLICATES = 400
 MIN_RETRY_OBSERVATIONS = 3
@@ -190,11 +189,8 @@ def _config_sets(changes: list[Any]) -> list[tuple[list[str], Any]]:
 
 def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: str | None, since_epoch: float,
                      until_epoch: float | None, config: dict[str, Any] | None = None,
-                     seed: int = 0, history: HistoryWindow | None = None) -> Simulation:
-    """Replay the runs of the window with ``changes`` (see the module docstring).
-
-    ``history`` is the window's :class:`HistoryWindow` when the caller has one (the
-    duration model reads its ``tool_calls``); else one is made for [since, until)."""
+                     seed: int = 0) -> Simulation:
+    """Replay the runs of the window with ``changes`` (see the module docstring)."""
     config = config or {}
     sets = _config_sets(changes)
     tools = sorted({p[1] for p, _ in sets if len(p) >= 2 and p[0] == "tools"})
@@ -208,7 +204,6 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
     # per call: list of (K,) arrays of fix probabilities; per call: False when the change breaks it
     fix: dict[int, list[np.ndarray]] = {}
     broken: set[int] = set()
-    window = history  # the calls the duration model is fitted to, read once on first use
 
     for path, value in sets:
         key = ".".join(path)
@@ -220,11 +215,9 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
             configured = tool_cfg.get("timeout_ms") if isinstance(tool_cfg, dict) else None
             old_limit = configured if isinstance(configured, int) and not isinstance(configured, bool) \
                 and configured > 0 else None
-            if window is None:
-                window = HistoryWindow(conn=conn, since=datetime.fromtimestamp(since_epoch, UTC),
-                                       until=None if until_epoch is None
-                                       else datetime.fromtimestamp(until_epoch, UTC))
-            sample = sample_from_calls(window.tool_calls(tool), old_limit)
+            since_dt = datetime.fromtimestamp(since_epoch, UTC)
+            until_dt = None if until_epoch is None else datetime.fromtimestamp(until_epoch, UTC)
+            sample = sample_from_calls(load_tool_calls(conn, tool, since_dt, until_dt), old_limit)
             fitted = fit_sample(sample)
             if isinstance(fitted, str):
                 unmodeled.append({"change": key, "reason": fitted})
@@ -341,8 +334,7 @@ def simulate_proposal(proposal: Any, history: Any, seed: int = 0) -> Simulation:
     :class:`selfheal_plugin.plugins.strategy.HistoryWindow`) with the proposal's changes."""
     until = history.until.timestamp() if getattr(history, "until", None) else None
     return simulate_changes(history.conn, proposal.changes, getattr(proposal, "error_type", None),
-                            history.since.timestamp(), until, config=history.config, seed=seed,
-                            history=history)
+                            history.since.timestamp(), until, config=history.config, seed=seed)
 
 
 # ------------------------------------------------------------------ verdict
