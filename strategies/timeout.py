@@ -1,45 +1,29 @@
 """Timeouts: raise the tool's timeout to what its slow calls actually need.
 
-The new limit is the 99th percentile of a log-normal fitted by maximum likelihood to
-the tool's durations in the window, where successful calls are observed and timed-out
-calls are *censored* at the limit they hit (they would have taken at least that long).
+The durations come from the one duration model, :mod:`selfheal_plugin.analysis.durations`
+(the simulation behind ``test`` uses the same one, so a proposal and its test agree):
+a log-normal fitted by maximum likelihood to the tool's calls in the window, successful
+calls observed and timed-out calls *censored* at the limit they hit (they would have taken
+at least that long). The new limit is the fitted 99th percentile, rounded up.
 Expected impact: the share of timed-out calls the new limit would have let finish,
-``mean_j (F(T) - F(c_j)) / (1 - F(c_j))``. When the fitted percentile is not above the
-old limit the timeouts look like hangs, not slow tails, and the fix is a retry instead.
+``mean_j P(T <= new | T > c_j)`` (with a delta-method interval in the evidence). When the
+fitted percentile is not above the old limit the timeouts look like hangs, not slow tails,
+and the fix is a retry instead. Too few successful calls to fit: no model, and the limit
+is raised to 1.5 × the longest timed-out call, with the impact unknown.
 """
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any
 
 from selfheal_plugin import hookimpl
+from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
 from selfheal_plugin.plugins.strategy import (
     Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, nice_ceil_ms, percent, retries_needed, tool_path,
 )
 
 TARGET_QUANTILE = 0.99
 MAX_TIMEOUT_MS = 600_000
-MIN_SUCCESSES = 5
-
-
-def fit_censored_lognormal(observed: list[float], censored: list[float]) -> tuple[float, float]:
-    """(mu, sigma) of log-duration by maximum likelihood with right-censoring."""
-    from scipy import optimize, stats
-    xs = [math.log(max(x, 1.0)) for x in observed]
-    cs = [math.log(max(c, 1.0)) for c in censored]
-    mu0 = statistics.fmean(xs + cs)
-    s0 = max(statistics.pstdev(xs + cs), 0.1)
-
-    def nll(theta: Any) -> float:
-        mu, log_s = theta
-        s = math.exp(log_s)
-        return -(stats.norm.logpdf(xs, mu, s).sum() + stats.norm.logsf(cs, mu, s).sum())
-
-    res = optimize.minimize(nll, [mu0, math.log(s0)], method="Nelder-Mead",
-                            options={"xatol": 1e-6, "fatol": 1e-8, "maxiter": 2000})
-    mu, log_s = res.x
-    return float(mu), float(math.exp(log_s))
 
 
 class TimeoutStrategy(ModeledStrategy):
@@ -51,35 +35,36 @@ class TimeoutStrategy(ModeledStrategy):
         return f"Increase the timeout of {pattern.tool_name} to fit its slow calls"
 
     def propose(self, pattern: Any, history: HistoryWindow) -> Proposal:
-        from scipy import stats
-
         tool = pattern.tool_name
-        successes = [c.duration_ms for c in history.tool_calls(tool) if c.ok and c.duration_ms]
-        timed_out = [o["duration_ms"] for o in pattern.occurrences_detail if o.get("duration_ms")]
         configured = history.tool_setting(tool, "timeout_ms")
-        old_limit = configured if isinstance(configured, int) and configured > 0 else (
+        limit = configured if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0 \
+            else None
+        sample = sample_from_calls(load_tool_calls(history.conn, tool, history.since, history.until), limit)
+        timed_out = list(sample.censored)
+        old_limit = limit if limit is not None else (
             int(round(statistics.median(timed_out), -3)) if timed_out else None)
-        evidence: dict[str, Any] = {"successful_calls": len(successes), "timed_out_calls": len(timed_out),
+        evidence: dict[str, Any] = {"successful_calls": len(sample.observed), "timed_out_calls": len(timed_out),
                                     "old_timeout_ms": old_limit, "old_timeout_source":
-                                    "config.toml" if configured else "observed timed-out durations"}
-        if len(successes) >= MIN_SUCCESSES and timed_out:
-            mu, sigma = fit_censored_lognormal(successes, timed_out)
-            q = math.exp(mu + sigma * stats.norm.ppf(TARGET_QUANTILE))
-            evidence.update({"lognormal_mu": round(mu, 4), "lognormal_sigma": round(sigma, 4),
-                             "p99_ms": round(q)})
+                                    "config.toml" if limit is not None else "observed timed-out durations"}
+        model = fit_sample(sample) if timed_out else "no timed-out call with a known duration or limit"
+        if not isinstance(model, str):
+            q = model.quantile_ms(TARGET_QUANTILE)
+            q_lo, q_hi = model.quantile_interval_ms(TARGET_QUANTILE)
+            evidence.update({"duration_model": model.describe(), "lognormal_mu": round(model.mu, 4),
+                             "lognormal_sigma": round(model.sigma, 4), "p99_ms": round(q),
+                             "p99_interval_ms": [round(q_lo), round(q_hi)]})
             if old_limit is None or q > old_limit * 1.05:
                 new = min(nice_ceil_ms(q), MAX_TIMEOUT_MS)
-                dist = stats.lognorm(s=sigma, scale=math.exp(mu))
-                avoided = [(dist.cdf(new) - dist.cdf(c)) / max(dist.sf(c), 1e-12) for c in timed_out]
-                reduction = max(0.0, min(1.0, statistics.fmean(avoided)))
+                p, lo, hi = model.finish_estimate(new, timed_out)
+                evidence["timed_out_finish_interval"] = [round(lo, 4), round(hi, 4)]
+                reduction = max(0.0, min(1.0, p))
                 return self._raise(pattern, old_limit, new, reduction, evidence,
-                                   f"censored log-normal fit of {len(successes)} successful and "
-                                   f"{len(timed_out)} timed-out calls, p99 {q / 1000:.1f} s")
+                                   f"durations ~ {model.describe()}, p99 {q / 1000:.1f} s")
             return self._retry(pattern, history, old_limit, evidence)
         # Too few successful calls to fit: the tool rarely finishes in time at all.
+        evidence["duration_model"] = f"no model: {model}"
         new = min(nice_ceil_ms(1.5 * max(timed_out or [old_limit or 30_000])), MAX_TIMEOUT_MS)
-        return self._raise(pattern, old_limit, new, None, evidence,
-                           f"only {len(successes)} successful call(s) in the window, no duration model")
+        return self._raise(pattern, old_limit, new, None, evidence, f"no duration model: {model}")
 
     def _raise(self, pattern: Any, old: int | None, new: int, reduction: float | None,
                evidence: dict[str, Any], basis: str) -> Proposal:

@@ -49,10 +49,11 @@ def test_command(improvement_id: str, home: str | None, db: str | None, as_json:
         click.echo("  Simulated success rate: no model")
     for m in r["models"]:
         if m["model"] == "duration":
-            click.echo(f"  Model: {m['tool']} durations ~ {m['family']} (median {m['median_ms']} ms, p95 "
-                       f"{m['p95_ms']} ms; {m['successful_calls']} ok, {m['timed_out_calls']} censored); "
-                       f"a timed-out call finishes under {m['new_limit_ms']} ms with p="
-                       f"{m['p_timed_out_call_finishes']}")
+            ci = m.get("p_timed_out_call_finishes_interval")
+            click.echo(f"  Model: {m['tool']} durations ~ {m.get('duration_model', m['family'])}: median "
+                       f"{m['median_ms']} ms, p95 {m['p95_ms']} ms; a timed-out call finishes under "
+                       f"{m['new_limit_ms']} ms with p={m['p_timed_out_call_finishes']}"
+                       + (f" (95% {ci[0]}–{ci[1]})" if ci else ""))
         elif m["model"] == "retry":
             click.echo(f"  Model: retry of {m['tool']} succeeds with p={m['p_retry_succeeds']} "
                        f"({m['followups_succeeded']}/{m['followups_observed']} follow-up calls ok, estimate "

@@ -9,12 +9,13 @@ the mean recovery probability over runs, next to the baseline (observed) rate.
 
 Models (only these; a change without a model is reported as such, never guessed):
 
-* ``tools.NAME.timeout_ms`` — the tool's duration distribution is fitted to its calls in
-  the window: successful calls are observed durations, timed-out calls are right-censored
-  at the duration they were cut off at. Three log-location-scale families (lognormal,
-  Weibull, log-logistic) are fitted by maximum likelihood with censoring and the lowest
-  AIC wins. A call that timed out at ``c`` finishes under the new limit ``L`` with
-  probability ``1 - S(L)/S(c)``. Successful calls slower than a lowered limit would fail.
+* ``tools.NAME.timeout_ms`` — the one duration model of
+  :mod:`selfheal_plugin.analysis.durations` (the one the timeout strategy proposes from),
+  fitted to the tool's calls in the window (``load_tool_calls``, as the strategy reads
+  them): successful calls observed, timed-out calls
+  right-censored at the duration they were cut off at — a censored log-normal. A call that
+  timed out at ``c`` finishes under the new limit ``L`` with probability ``1 - S(L)/S(c)``.
+  Successful calls slower than a lowered limit would fail.
 * ``tools.NAME.retry_attempts`` — failure independence from history: of the ``n`` failures
   of that tool (of the pattern's type) followed by another call of the same tool in the
   same run, ``s`` such next calls succeeded. The retry success probability is the shrunk
@@ -31,13 +32,14 @@ durations, the Beta posterior for retries).
 """
 from __future__ import annotations
 
-import math
 import sqlite3
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
+from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
 from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
@@ -47,15 +49,7 @@ from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal
 
 REPLICATES = 400
-MIN_DURATIONS = 8  # successful calls needed to fit a duration distribution
 MIN_RETRY_OBSERVATIONS = 3
-FAMILIES = {"lognormal": "norm", "weibull": "gumbel_l", "loglogistic": "logistic"}  # on ln(duration)
-
-
-def _family(name: str) -> Any:
-    from scipy import stats  # imported on use: scipy costs ~1 s at start-up
-
-    return getattr(stats, FAMILIES[name])
 NEUTRAL_KEYS = ("retry_backoff_ms",)
 
 
@@ -121,104 +115,6 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
     for run in runs.values():
         run.calls.sort(key=lambda c: c.event_id)
     return list(runs.values())
-
-
-# ------------------------------------------------------------------ duration model
-
-
-@dataclass
-class DurationModel:
-    """A fitted duration distribution: ``ln T`` follows ``family`` with (loc, scale)."""
-
-    family: str
-    loc: float
-    scale: float
-    cov: list[list[float]]  # covariance of (loc, ln scale)
-    observed: int
-    censored: int
-    aic: float
-    max_observed_ms: float
-
-    def _dist(self) -> Any:
-        return _family(self.family)
-
-    def p_finish(self, censored_at: np.ndarray, limit: float, loc: np.ndarray | float | None = None,
-                 scale: np.ndarray | float | None = None) -> np.ndarray:
-        """P(T <= limit | T > c) per censoring point c (0 where limit <= c)."""
-        loc = np.asarray(self.loc if loc is None else loc, dtype=float)
-        scale = np.asarray(self.scale if scale is None else scale, dtype=float)
-        if loc.ndim:  # K parameter draws → a (K, n) matrix
-            loc, scale = loc[:, None], scale[:, None]
-        c = np.asarray(censored_at, dtype=float)
-        dist = self._dist()
-        lsf_c = dist.logsf((np.log(c) - loc) / scale)
-        lsf_l = dist.logsf((math.log(limit) - loc) / scale)
-        p = 1.0 - np.exp(np.minimum(lsf_l - lsf_c, 0.0))
-        return np.where(limit > c, p, 0.0)
-
-    def draws(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Parameter draws from the MLE's normal approximation (first one: the MLE)."""
-        theta = rng.multivariate_normal([self.loc, math.log(self.scale)], np.array(self.cov), size=k)
-        theta[0] = [self.loc, math.log(self.scale)]
-        return theta[:, 0], np.exp(theta[:, 1])
-
-    def quantile_ms(self, q: float) -> float:
-        return float(math.exp(self.loc + self.scale * self._dist().ppf(q)))
-
-
-def _nll(theta: np.ndarray, dist, z_obs: np.ndarray, z_cens: np.ndarray) -> float:
-    loc, log_scale = theta
-    scale = math.exp(log_scale)
-    ll = np.sum(dist.logpdf((z_obs - loc) / scale)) - len(z_obs) * log_scale
-    if len(z_cens):
-        ll += np.sum(dist.logsf((z_cens - loc) / scale))
-    return float(-ll) if np.isfinite(ll) else 1e300
-
-
-def _hessian(f, x: np.ndarray, h: float = 1e-4) -> np.ndarray:
-    n = len(x)
-    H = np.zeros((n, n))
-    for i in range(n):
-        for j in range(n):
-            ei, ej = np.eye(n)[i] * h, np.eye(n)[j] * h
-            H[i, j] = (f(x + ei + ej) - f(x + ei - ej) - f(x - ei + ej) + f(x - ei - ej)) / (4 * h * h)
-    return H
-
-
-def fit_durations(durations_ms: list[float], censored_ms: list[float]) -> DurationModel | str:
-    """Fit the three families with right-censoring; the lowest AIC wins.
-
-    Returns a reason (str) instead of a model when the data cannot support one.
-    """
-    obs = np.array([d for d in durations_ms if d and d > 0], dtype=float)
-    cens = np.array([c for c in censored_ms if c and c > 0], dtype=float)
-    if len(obs) < MIN_DURATIONS:
-        return f"only {len(obs)} successful calls with a duration (need {MIN_DURATIONS}) to fit their distribution"
-    from scipy import optimize
-
-    z_obs, z_cens = np.log(obs), np.log(cens)
-    start = np.array([z_obs.mean(), math.log(max(z_obs.std(), 1e-3))])
-    best: DurationModel | None = None
-    for name in FAMILIES:
-        dist = _family(name)
-        fun = lambda th, d=dist: _nll(th, d, z_obs, z_cens)  # noqa: E731
-        res = optimize.minimize(fun, start, method="Nelder-Mead",
-                                options={"xatol": 1e-6, "fatol": 1e-8, "maxiter": 4000})
-        if not np.isfinite(res.fun):
-            continue
-        H = _hessian(fun, res.x)
-        try:
-            cov = np.linalg.inv(H)
-            if not np.all(np.linalg.eigvalsh(cov) > 0):
-                raise np.linalg.LinAlgError
-        except np.linalg.LinAlgError:
-            continue
-        aic = 2 * 2 + 2 * res.fun
-        model = DurationModel(name, float(res.x[0]), float(math.exp(res.x[1])), cov.tolist(), len(obs), len(cens),
-                              float(aic), float(obs.max()))
-        if best is None or model.aic < best.aic:
-            best = model
-    return best if best is not None else "the duration distribution could not be fitted"
 
 
 # ------------------------------------------------------------------ retry model
@@ -321,36 +217,46 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
                 and not isinstance(value, bool) and value > 0:
             tool = path[1]
             calls = [c for r in runs for c in r.calls if c.tool == tool]
-            ok_d = [c.duration_ms for c in calls if c.ok and c.duration_ms]
-            old_limit = config.get("tools", {}).get(tool, {}).get("timeout_ms") if isinstance(
-                config.get("tools", {}).get(tool), dict) else None
-            timed_out = [c for c in calls if not c.ok and c.error_type == "timeout"]
-            cens = [c.duration_ms or old_limit for c in timed_out]
-            fitted = fit_durations(ok_d, [c for c in cens if c])
+            tool_cfg = config.get("tools", {}).get(tool)
+            configured = tool_cfg.get("timeout_ms") if isinstance(tool_cfg, dict) else None
+            old_limit = configured if isinstance(configured, int) and not isinstance(configured, bool) \
+                and configured > 0 else None
+            since_dt = datetime.fromtimestamp(since_epoch, UTC)
+            until_dt = None if until_epoch is None else datetime.fromtimestamp(until_epoch, UTC)
+            sample = sample_from_calls(load_tool_calls(conn, tool, since_dt, until_dt), old_limit)
+            fitted = fit_sample(sample)
             if isinstance(fitted, str):
                 unmodeled.append({"change": key, "reason": fitted})
                 continue
             locs, scales = fitted.draws(K, rng)
-            pts = [(c, cp) for c, cp in zip(timed_out, cens) if cp]
+            pts = [(c, c.duration_ms if c.duration_ms and c.duration_ms > 0 else old_limit)
+                   for c in calls if not c.ok and c.error_type == "timeout"]
+            pts = [(c, cp) for c, cp in pts if cp]
             if pts:
-                P = fitted.p_finish(np.array([cp for _, cp in pts]), float(value), locs, scales)  # (K, n)
+                P = fitted.p_finish(float(value), np.array([cp for _, cp in pts]), locs, scales)  # (K, n)
                 for j, (c, _) in enumerate(pts):
                     fix.setdefault(c.event_id, []).append(P[:, j])
             for c in calls:
                 if c.ok and c.duration_ms and c.duration_ms > value:
                     broken.add(c.event_id)
-            mean_fix = float(np.mean([fitted.p_finish(np.array([cp]), float(value))[0] for _, cp in pts])) \
-                if pts else None
-            models.append({"change": key, "model": "duration", "tool": tool, "family": fitted.family,
-                           "new_limit_ms": value, "old_limit_ms": old_limit or (max(cens) if cens else None),
+            p_fin = fitted.finish_estimate(float(value), sample.censored) if sample.censored else None
+            models.append({"change": key, "model": "duration", "tool": tool, "family": "lognormal",
+                           "duration_model": fitted.describe(),
+                           "mu": round(fitted.mu, 4), "sigma": round(fitted.sigma, 4),
+                           "new_limit_ms": value,
+                           "old_limit_ms": old_limit or (max(sample.censored) if sample.censored else None),
                            "successful_calls": fitted.observed, "timed_out_calls": fitted.censored,
                            "median_ms": round(fitted.quantile_ms(0.5)), "p95_ms": round(fitted.quantile_ms(0.95)),
+                           "p99_ms": round(fitted.quantile_ms(0.99)),
                            "longest_observed_ms": round(fitted.max_observed_ms),
-                           "p_timed_out_call_finishes": None if mean_fix is None else round(mean_fix, 4),
+                           "p_timed_out_call_finishes": None if p_fin is None else round(p_fin[0], 4),
+                           "p_timed_out_call_finishes_interval": None if p_fin is None
+                           else [round(p_fin[1], 4), round(p_fin[2], 4)],
+                           "p_interval_method": "delta method on logit p (95%)",
                            "successful_calls_over_new_limit": sum(1 for c in calls if c.event_id in broken)})
             if pts and value > fitted.max_observed_ms:
                 notes.append(f"{tool}: the new limit {value} ms is beyond the longest observed duration "
-                             f"({fitted.max_observed_ms:.0f} ms); the tail is the fitted {fitted.family} model's")
+                             f"({fitted.max_observed_ms:.0f} ms); the tail is the fitted {fitted.name} model's")
         elif len(path) == 3 and path[0] == "tools" and path[2] == "retry_attempts" and isinstance(value, int) \
                 and not isinstance(value, bool):
             tool = path[1]
