@@ -85,12 +85,23 @@ def test_entry_point_strategy_overrides_builtin(with_test_strategy):
                    "summary": "Restart the crashed server, nothing else"}
 
 
-def test_entry_points_can_be_restricted(with_test_strategy, monkeypatch):
+def test_entry_points_can_be_restricted(with_test_strategy, monkeypatch, caplog):
     monkeypatch.setenv("SELFHEAL_LOAD_PLUGINS", "")
     assert plugins.strategies()["server_crashed"][0].name == "server_crashed"
     plugins.reset()
-    monkeypatch.setenv("SELFHEAL_LOAD_PLUGINS", "selfheal_test_strategy")
+    # the name `plugins` shows (the entry point's), not the distribution's
+    monkeypatch.setenv("SELFHEAL_LOAD_PLUGINS", "test_strategy")
     assert plugins.strategies()["server_crashed"][0].name == "restart-only"
+    assert "SELFHEAL_LOAD_PLUGINS" not in caplog.text
+
+
+def test_unknown_names_in_load_plugins_warn_in_one_line(with_test_strategy, monkeypatch, caplog):
+    monkeypatch.setenv("SELFHEAL_LOAD_PLUGINS", "selfheal_test_strategy, nosuch")
+    assert plugins.strategies()["server_crashed"][0].name == "server_crashed"  # nothing matched
+    (warning,) = [r.getMessage() for r in caplog.records if "SELFHEAL_LOAD_PLUGINS" in r.getMessage()]
+    assert "\n" not in warning
+    assert "'nosuch'" in warning and "'selfheal_test_strategy' (a distribution; its plugins: test_strategy)" in warning
+    assert "installed: test_strategy" in warning
 
 
 def test_user_plugin_folder_loads_last_and_wins(binks_home):
