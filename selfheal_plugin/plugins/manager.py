@@ -20,7 +20,7 @@ Containment (plugins are third-party code):
   included (``sys.exit(3)``, ``SystemExit`` at import, ``KeyboardInterrupt``), is caught
   in that thread and recorded; after the deadline the caller stops waiting, reports the
   plugin and goes on (the abandoned thread cannot be killed; being a daemon thread it
-  never keeps the process alive). A stop request (:func:`interruptible`, used by the
+  never keeps the process alive). A stop request (:func:`add_stop_event`, used by the
   daemon on SIGTERM) ends the wait at once with :class:`Interrupted`. The hooks of the
   built-in plugins (``hooks/``) are part of selfheal: they run in the caller's thread
   (their own calls into plugins are bounded as above) with exceptions contained.
@@ -211,18 +211,28 @@ def builtin_folder(kind: str) -> Path:
 # ---------------------------------------------------------------- bounded calls
 
 
-@contextmanager
-def interruptible(stop: threading.Event) -> Iterator[None]:
-    """While inside, a wait for a plugin ends with :class:`Interrupted` as soon as ``stop``
-    is set (in any thread). The daemon wraps its run in it, so SIGTERM stops it whatever a
-    plugin does."""
+def add_stop_event(stop: threading.Event) -> None:
+    """From now on a wait for a plugin ends with :class:`Interrupted` as soon as ``stop``
+    is set (in any thread). The daemon adds its stop event while it runs, so SIGTERM
+    stops it whatever a plugin does. Undo with :func:`remove_stop_event`."""
     with _stop_lock:
         _stop_events.append(stop)
+
+
+def remove_stop_event(stop: threading.Event) -> None:
+    with _stop_lock:
+        if stop in _stop_events:
+            _stop_events.remove(stop)
+
+
+@contextmanager
+def interruptible(stop: threading.Event) -> Iterator[None]:
+    """:func:`add_stop_event` for the duration of a ``with`` block."""
+    add_stop_event(stop)
     try:
         yield
     finally:
-        with _stop_lock:
-            _stop_events.remove(stop)
+        remove_stop_event(stop)
 
 
 def _stop_requested() -> bool:
@@ -237,8 +247,9 @@ def _timeout_from(settings: Any) -> float:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    detail = str(exc).strip()
+    text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return text.splitlines()[0]
 
 
 def call_plugin(plugin: str, what: str, fn: Callable[..., Any], *args: Any, phase: str = "hook",
@@ -253,6 +264,7 @@ def call_plugin(plugin: str, what: str, fn: Callable[..., Any], *args: Any, phas
     own ``KeyboardInterrupt`` (Ctrl-C arrives in the main thread) is not caught.
     """
     limit = _state.timeout if timeout is None else timeout
+    hook = None if phase == "load" else what
     box: dict[str, Any] = {}
     done = threading.Event()
 
@@ -272,13 +284,13 @@ def call_plugin(plugin: str, what: str, fn: Callable[..., Any], *args: Any, phas
         if _stop_requested():
             raise Interrupted(f"stopped while waiting for plugin {plugin} ({what})")
         if time.monotonic() >= deadline:
-            record = PluginError(plugin=plugin, phase=phase, hook=what, strategy=strategy, path=path,
+            record = PluginError(plugin=plugin, phase=phase, hook=hook, strategy=strategy, path=path,
                                  error=f"timed out after {limit:g} s (plugin_timeout_seconds); call abandoned")
             _record(record)
             raise PluginCallFailed(record)
     if "error" in box:
         log.debug("plugin %s raised in %s:\n%s", plugin, what, box.get("trace"))
-        record = PluginError(plugin=plugin, phase=phase, hook=what, strategy=strategy, path=path,
+        record = PluginError(plugin=plugin, phase=phase, hook=hook, strategy=strategy, path=path,
                              error=_one_line(box["error"]))
         _record(record)
         raise PluginCallFailed(record)

@@ -130,9 +130,9 @@ def parse_key_path(path: Any) -> list[str]:
 class Change:
     """One edit a proposal needs: a config value to set or delete, or a step for a person.
 
-    ``kind="config"``: ``file`` (only ``config.toml`` in BINKS_HOME), ``path`` (keys from
-    the top of the file, see :func:`parse_key_path`), ``op`` (``set`` with a TOML
-    ``value``, or ``delete``). ``kind="manual"``: ``text`` says what a person must do;
+    ``kind`` is ``config``: ``file`` (only ``config.toml`` in BINKS_HOME), ``path`` (keys
+    from the top of the file, see :func:`parse_key_path`), ``op`` (``set`` with a TOML
+    ``value``, or ``delete``); or ``manual``: ``text`` says what a person must do;
     ``apply`` never performs it. Build one with :meth:`config`, :meth:`delete`,
     :meth:`manual` or from data with :meth:`from_dict` (a proposal's ``changes`` may also
     hold such dicts). Invalid input raises ValueError with the reason.
@@ -318,7 +318,8 @@ def validate_proposal(proposal: Any, pattern_id: str | None = None) -> Proposal:
     try:
         encoded = json.dumps(proposal.evidence, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"evidence is not JSON data: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"evidence is not JSON data ({detail})") from None
     if len(encoded) > MAX_EVIDENCE_BYTES:
         raise ValueError(f"evidence is {len(encoded)} bytes when encoded, more than {MAX_EVIDENCE_BYTES}")
     return proposal
