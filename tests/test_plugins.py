@@ -8,16 +8,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from selfheal_plugin import hookimpl
-
+from selfheal_plugin.history.settings import load_settings
 from selfheal_plugin.plugins import hookspecs
-
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.manager import Notification
-from selfheal_plugin.history.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DIST = ROOT / "tests" / "plugins" / "selfheal_test_strategy"
@@ -256,7 +255,7 @@ def test_readme_documents_no_hook_that_does_not_exist():
     readme = (ROOT / "README.md").read_text()
     start = readme.index("### Hooks")
     end = readme.index("###", start + 3)
-    documented = set(re.findall(r"^\| `(\w+)\(", readme[start:end], re.M))
+    documented = set(re.findall(r"^\| `(\w+)\(", readme[start:end], re.MULTILINE))
     assert documented == set(EXPECTED_HOOKS)
 
 
@@ -297,7 +296,7 @@ def test_a_wrapper_plugin_wraps_each_plugins_call(binks_home):
     s = load_settings(binks_home)
 
     class Wrapping:
-        seen: list = []
+        seen: ClassVar[list] = []
 
         @hookimpl(wrapper=True)
         def notify(self, notification, settings):

@@ -58,13 +58,14 @@ import threading
 import time
 import tomllib
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pluggy
 from filelock import FileLock, Timeout
@@ -144,7 +145,7 @@ class PluginError:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PluginError":
+    def from_dict(cls, data: dict[str, Any]) -> PluginError:
         return cls(**{k: data.get(k) for k in ("plugin", "phase", "error", "hook", "path", "strategy",
                                                 "first_seen", "last_seen")},
                    count=int(data.get("count") or 1))
@@ -300,16 +301,20 @@ def call_plugin(plugin: str, what: str, fn: Callable[..., Any], *args: Any, phas
 # ---------------------------------------------------------------- errors: recorded and persisted
 
 
+_record_lock = threading.RLock()  # the watcher thread records too
+
+
 def _record(err: PluginError) -> None:
     now = format_timestamp(utcnow())
     err.first_seen = err.first_seen or now
     err.last_seen = now
-    _state.errors.append(err)
     where = f" in hook {err.hook}" if err.phase == "hook" and err.hook else (
         f" in {err.hook}" if err.hook else "")
     log.warning("plugin %s failed%s (%s): %s", err.plugin, where, err.phase, err.error)
-    _state.unpersisted.append(err)
-    _flush()
+    with _record_lock:
+        _state.errors.append(err)
+        _state.unpersisted.append(err)
+        _flush()
 
 
 def _errors_path() -> Path | None:
@@ -367,10 +372,14 @@ def _seen_after(err: PluginError, horizon: datetime) -> bool:
 
 def _flush() -> None:
     """Merge the errors recorded since the last flush into the persisted log."""
-    if _errors_path() is None or not _state.unpersisted:
-        return
-    fresh, _state.unpersisted = _state.unpersisted, []
+    with _record_lock:
+        if _errors_path() is None or not _state.unpersisted:
+            return
+        fresh, _state.unpersisted = _state.unpersisted, []
+        _merge_into_log(fresh)
 
+
+def _merge_into_log(fresh: list[PluginError]) -> None:
     def merge(entries: list[PluginError]) -> list[PluginError]:
         by_key = {e.key(): e for e in entries}
         for err in fresh:
@@ -700,12 +709,11 @@ def _collect_strategies() -> None:
     table: dict[str, tuple[Any, str]] = {}
     listing: list[dict[str, Any]] = []
     owners: dict[int, str] = {}
-    found: list[Any] = []
     # get_hookimpls() lists implementations lowest priority first (pluggy calls them in
     # reverse): registering in this order lets a later plugin replace an earlier one.
     impls = [i for i in pm.hook.register_strategies.get_hookimpls() if not _is_wrapper(i)]
     for impl in impls:
-        found.clear()
+        found: list[Any] = []  # a fresh list: a timed-out plugin may still append to its own
         others = [p for p in pm.get_plugins() if p is not impl.plugin]
         caller = pm.subset_hook_caller("register_strategies", remove_plugins=others)
         name = impl.plugin_name
@@ -720,7 +728,7 @@ def _collect_strategies() -> None:
                 call_plugin(name, "register_strategies", caller, register=found.append)
             except PluginCallFailed:
                 continue
-        for strategy in list(found):
+        for strategy in found:
             problem = _strategy_problem(strategy)
             if problem:
                 _record(PluginError(plugin=name, phase="register", hook="register_strategies", error=problem))

@@ -162,29 +162,29 @@ class Change:
             raise ValueError(f"config change value is not a TOML value: {self.value!r}")
 
     @classmethod
-    def config(cls, path: list[str] | tuple[str, ...] | str, value: Any, file: str = "config.toml") -> "Change":
+    def config(cls, path: list[str] | tuple[str, ...] | str, value: Any, file: str = "config.toml") -> Change:
         """Set ``path`` (a list of keys, or a TOML dotted key string) to ``value``."""
         return cls(kind="config", file=file, path=path, op="set", value=value)  # type: ignore[arg-type]
 
     @classmethod
-    def delete(cls, path: list[str] | tuple[str, ...] | str, file: str = "config.toml") -> "Change":
+    def delete(cls, path: list[str] | tuple[str, ...] | str, file: str = "config.toml") -> Change:
         """Remove the key at ``path``."""
         return cls(kind="config", file=file, path=path, op="delete")  # type: ignore[arg-type]
 
     @classmethod
-    def manual(cls, text: str) -> "Change":
+    def manual(cls, text: str) -> Change:
         """A step for a person (``apply`` lists it, never performs it)."""
         return cls(kind="manual", text=text)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Change":
+    def from_dict(cls, data: Any) -> Change:
         """A change given as data, as stored: ``{"kind": "config", "file": "config.toml",
         "path": [...], "op": "set", "value": 90000}`` or ``{"kind": "manual", "text": ...}``.
         ``file`` defaults to config.toml and ``op`` to ``set`` (``delete`` when no value)."""
         if isinstance(data, Change):
             return data
         if not isinstance(data, dict):
-            raise ValueError(f"a change must be a Change or a dict, got {type(data).__name__}")
+            raise ValueError(f"a change must be a Change or a dict, got {type(data).__name__}")  # noqa: TRY004
         unknown = sorted(set(map(str, data)) - set(CHANGE_FIELDS))
         if unknown:
             raise ValueError(f"unknown change field(s) {', '.join(unknown)}; fields: {', '.join(CHANGE_FIELDS)}")
@@ -217,7 +217,7 @@ class Change:
 def as_changes(changes: Any) -> list[Change]:
     """A list of :class:`Change` from Change objects and/or dicts; ValueError otherwise."""
     if not isinstance(changes, (list, tuple)):
-        raise ValueError(f"changes must be a list, got {type(changes).__name__}")
+        raise ValueError(f"changes must be a list, got {type(changes).__name__}")  # noqa: TRY004
     out = []
     for i, c in enumerate(changes):
         try:
@@ -289,7 +289,7 @@ def validate_proposal(proposal: Any, pattern_id: str | None = None) -> Proposal:
     :data:`MAX_EVIDENCE_DEPTH` levels deep and :data:`MAX_EVIDENCE_BYTES` when encoded).
     """
     if not isinstance(proposal, Proposal):
-        raise ValueError(f"returned {type(proposal).__name__}, not a Proposal")
+        raise ValueError(f"returned {type(proposal).__name__}, not a Proposal")  # noqa: TRY004
     if pattern_id is not None and proposal.pattern_id != pattern_id:
         raise ValueError(f"returned a proposal for {proposal.pattern_id!r}, not {pattern_id!r}")
     for name in ("description", "expected_impact", "strategy", "error_type", "tool_name"):
@@ -302,7 +302,7 @@ def validate_proposal(proposal: Any, pattern_id: str | None = None) -> Proposal:
         raise ValueError("a proposal needs at least one change")
     for i, change in enumerate(proposal.changes):
         if not isinstance(change, Change):
-            raise ValueError(f"change {i + 1} is a {type(change).__name__}, not a Change")
+            raise ValueError(f"change {i + 1} is a {type(change).__name__}, not a Change")  # noqa: TRY004
         Change.from_dict(change.to_dict())  # re-validates a Change edited after it was made
     if not isinstance(proposal.changes_required, list) or not all(isinstance(c, str) for c in proposal.changes_required):
         raise ValueError("changes_required must be a list of strings")
@@ -312,7 +312,7 @@ def validate_proposal(proposal: Any, pattern_id: str | None = None) -> Proposal:
                                   or not 0.0 <= value <= 1.0):
             raise ValueError(f"{name} must be a number between 0 and 1 or None, got {value!r}")
     if not isinstance(proposal.evidence, dict):
-        raise ValueError(f"evidence must be a dict, got {type(proposal.evidence).__name__}")
+        raise ValueError(f"evidence must be a dict, got {type(proposal.evidence).__name__}")  # noqa: TRY004
     if not _json_depth_ok(proposal.evidence, MAX_EVIDENCE_DEPTH):
         raise ValueError(f"evidence is nested more than {MAX_EVIDENCE_DEPTH} levels deep")
     try:
@@ -354,7 +354,7 @@ class HistoryWindow:
     conn: sqlite3.Connection
     since: datetime
     until: datetime = field(default_factory=utcnow)
-    settings: "Settings | None" = None
+    settings: Settings | None = None
     _calls: dict[str, list[ToolCall]] | None = field(default=None, repr=False)
     _config: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -422,7 +422,7 @@ class Strategy(abc.ABC):
     error_types: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
 
-    def suggest(self, pattern: "Pattern") -> str:
+    def suggest(self, pattern: Pattern) -> str:
         """The one-line fix ``detect`` shows for a pattern without an open proposal, from
         the pattern alone: no history reads, it must be fast. When a proposal is stored
         its description is the pattern's suggested fix instead. Default: the summary and
@@ -430,7 +430,7 @@ class Strategy(abc.ABC):
         return f"{self.summary} ({pattern.tool_name})" if self.summary else f"See: agent self-heal show {pattern.id}"
 
     @abc.abstractmethod
-    def propose(self, pattern: "Pattern", history: HistoryWindow) -> Proposal:
+    def propose(self, pattern: Pattern, history: HistoryWindow) -> Proposal:
         """The fix for ``pattern``, with changes and an expected impact from ``history``;
         build it with :meth:`make_proposal`. Raise (anything) when there is no fix: the
         pattern then gets no proposal and the error is reported with this strategy's name."""
@@ -439,7 +439,7 @@ class Strategy(abc.ABC):
         """Replay ``history`` with ``proposal`` applied; None means "no model"."""
         return None
 
-    def make_proposal(self, pattern: "Pattern", *, description: str, expected_impact: str, risk_level: str,
+    def make_proposal(self, pattern: Pattern, *, description: str, expected_impact: str, risk_level: str,
                       changes: list[Change | dict[str, Any]], expected_reduction: float | None = None,
                       evidence: dict[str, Any] | None = None,
                       changes_required: list[str] | None = None) -> Proposal:
@@ -500,7 +500,7 @@ def retries_needed(failure_rate: float, target: float = 0.01, max_retries: int =
     return max_retries
 
 
-def recovered_in_run(pattern: "Pattern", history: HistoryWindow) -> tuple[int, list[float]]:
+def recovered_in_run(pattern: Pattern, history: HistoryWindow) -> tuple[int, list[float]]:
     """How many of the pattern's failures were followed by a successful call of the same
     tool in the same run, and the delays (ms) until that success."""
     calls = history.tool_calls(pattern.tool_name)
@@ -539,7 +539,7 @@ class RetryPlan:
 DEFAULT_BACKOFF_MS = 1000
 
 
-def retry_plan(pattern: "Pattern", history: HistoryWindow) -> RetryPlan:
+def retry_plan(pattern: Pattern, history: HistoryWindow) -> RetryPlan:
     rate = float(pattern.failure_rate)
     attempts = retries_needed(rate)
     _, delays = recovered_in_run(pattern, history)

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import sqlite3
+from datetime import UTC
 
 from selfheal_plugin.plugins.inbox import parse_inbox
 
@@ -38,7 +39,7 @@ def test_detect_proposes_writes_inbox_and_is_idempotent(history_copy, binks_home
     res = run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    proposals = re.findall(r"^  ✓ Proposal (imp-\d{8}-[0-9a-f]{8}) for pattern (\S+)$", out, re.M)
+    proposals = re.findall(r"^  ✓ Proposal (imp-\d{8}-[0-9a-f]{8}) for pattern (\S+)$", out, re.MULTILINE)
     assert {p for _, p in proposals} == {p["id"] for p in truth["patterns"]}
     tail = out[out.index("💡 Generating improvement proposals...\n"):]
     assert "\n📬 Writing summary to inbox...\n\n📋 Next steps:\n" \
@@ -142,7 +143,7 @@ def test_broken_user_plugins_are_reported_and_the_rest_works(history_copy, binks
     assert det.returncode == 0, det.stderr
     assert ("  ✗ No proposal for pattern connection_refused:mcp__github__create_issue: strategy 'crashy' "
             "(plugin user:crashy_strategy) failed in propose(): RuntimeError: cannot think today\n") in det.stdout
-    assert len(re.findall(r"^  ✓ Proposal imp-", det.stdout, re.M)) == 4
+    assert len(re.findall(r"^  ✓ Proposal imp-", det.stdout, re.MULTILINE)) == 4
     assert "plugin user:crashy_strategy failed in hook patterns_detected" in det.stderr
     assert "plugin user:broken failed" in det.stderr
     assert len(_inbox_entries()) == 1  # the built-in inbox hook still ran
@@ -260,7 +261,7 @@ def test_invalid_and_hanging_strategies_cost_their_patterns_only(history_copy, b
     _write_plugins(binks_home, **BAD_STRATEGIES)
     det = run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE)
     assert det.returncode == 0, det.stderr
-    failed = dict(re.findall(r"^  ✗ No proposal for pattern (\S+): (.*)$", det.stdout, re.M))
+    failed = dict(re.findall(r"^  ✗ No proposal for pattern (\S+): (.*)$", det.stdout, re.MULTILINE))
     by_type = {pid.split(":")[0]: text for pid, text in failed.items()}
     assert set(by_type) == {"connection_refused", "timeout"}
     assert by_type["connection_refused"].startswith("strategy 'bad-evidence' (plugin user:bad_evidence) returned "
@@ -268,7 +269,7 @@ def test_invalid_and_hanging_strategies_cost_their_patterns_only(history_copy, b
     assert "evidence is not JSON data" in by_type["connection_refused"]
     assert by_type["timeout"] == ("strategy 'hang' (plugin user:hangs) failed in propose(): timed out after 1 s "
                                   "(plugin_timeout_seconds); call abandoned")
-    proposed = re.findall(r"^  ✓ Proposal imp-\S+ for pattern (\S+)", det.stdout, re.M)
+    proposed = re.findall(r"^  ✓ Proposal imp-\S+ for pattern (\S+)", det.stdout, re.MULTILINE)
     assert sorted(proposed + list(failed)) == sorted(p["id"] for p in truth["patterns"])  # the others went on
     stored = {r[0] for r in sqlite3.connect(db).execute("SELECT pattern_id FROM improvements")}
     assert not stored & set(failed)
@@ -280,7 +281,7 @@ def test_a_strategy_that_failed_to_load_lets_no_other_store_a_proposal(history_c
                    .replace("'connection_refused'", "'connection_refused', 'Unknown'"))
     det = run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE)
     assert det.returncode == 0, det.stderr
-    failed = dict(re.findall(r"^  ✗ No proposal for pattern (\S+): (.*)$", det.stdout, re.M))
+    failed = dict(re.findall(r"^  ✗ No proposal for pattern (\S+): (.*)$", det.stdout, re.MULTILINE))
     assert failed and all(pid.split(":")[0] in ("connection_refused", "Unknown") for pid in failed)
     for pid, text in failed.items():
         assert text.startswith(f"strategy for {pid.split(':')[0]} failed to load (plugin user:refused: ImportError: ")
@@ -316,14 +317,14 @@ def register_strategies(register):
 def test_the_daemon_stops_on_sigterm_while_a_strategy_hangs(binks_home, tmp_path):
     import signal
     import subprocess
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from selfheal_plugin.testbed.generator import generate_history
 
     from ..conftest import agent_bin
     from ..watchsupport import wait_until
 
-    generate_history(binks_home / "conversations.db", seed=7, runs=300, end=datetime.now(timezone.utc))
+    generate_history(binks_home / "conversations.db", seed=7, runs=300, end=datetime.now(UTC))
     (binks_home / "config.toml").write_text("[self_heal]\nplugin_timeout_seconds = 3600\n")
     _write_plugins(binks_home, hang=HANGING_PROPOSE)
     marker = binks_home / "proposing.log"
