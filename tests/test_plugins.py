@@ -502,3 +502,45 @@ def test_declared_error_types_are_read_without_running_the_file(tmp_path):
     assert plugins.declared_error_types(path) == ["server_crashed", "timeout", "x"]
     path.write_text("class A:\n    error_types = ('timeout',)\n  def broken(:\n")
     assert plugins.declared_error_types(path) == ["timeout"]
+
+
+def test_hookspec_parameters_are_typed_and_resolve():
+    import typing
+
+    from selfheal_plugin.analysis.patterns import Pattern
+    from selfheal_plugin.history.improvements import Improvement
+    from selfheal_plugin.history.settings import Settings
+    from selfheal_plugin.plugins.strategy import Strategy
+
+    names = {"Pattern": Pattern, "Improvement": Improvement, "Settings": Settings, "Notification": Notification,
+             "Strategy": Strategy}
+    for name in EXPECTED_HOOKS:
+        func = getattr(hookspecs, name)
+        for param in inspect.signature(func).parameters.values():
+            assert param.annotation not in (inspect.Parameter.empty, "Any"), f"{name}({param.name}) is typed"
+        hints = typing.get_type_hints(func, globalns={**vars(hookspecs), **names})
+        assert "settings" not in hints or hints["settings"] is Settings
+
+
+def test_auto_analysis_run_failed_returns_what_its_spec_says(binks_home):
+    plugins.load_plugins()
+    module = sys.modules["selfheal_plugin.hooks.auto_analysis"]
+    spec = inspect.signature(hookspecs.run_failed).return_annotation
+    impl = inspect.signature(module.run_failed).return_annotation
+    assert spec == impl == "None"
+    assert module.run_failed({"id": None}, load_settings(binks_home)) is None
+
+
+def test_plugin_timeout_is_a_setting_with_a_range(binks_home):
+    from selfheal_plugin.errors import ConfigError
+
+    assert load_settings(binks_home).plugin_timeout_seconds == 60.0
+    (binks_home / "config.toml").write_text("[self_heal]\nplugin_timeout_seconds = 5\n")
+    assert load_settings(binks_home).plugin_timeout_seconds == 5.0
+    (binks_home / "config.toml").write_text("[self_heal]\nplugin_timeout_seconds = 0\n")
+    with pytest.raises(ConfigError, match="plugin_timeout_seconds must be between 0.1 and 86400"):
+        load_settings(binks_home)
+    import tomllib
+
+    manifest = tomllib.loads((ROOT / "plugin.toml").read_text())
+    assert manifest["self_heal"]["plugin_timeout_seconds"] == 60.0

@@ -423,10 +423,10 @@ class Strategy(abc.ABC):
     summary: ClassVar[str] = ""
 
     def suggest(self, pattern: Pattern) -> str:
-        """The one-line fix ``detect`` shows for a pattern without an open proposal, from
-        the pattern alone: no history reads, it must be fast. When a proposal is stored
-        its description is the pattern's suggested fix instead. Default: the summary and
-        the tool."""
+        """The one-line fix ``detect``, ``show`` and the MCP tools report as a pattern's
+        ``suggested_fix``, from the pattern alone: no history reads, it must be fast (it
+        runs for every pattern detected). Only the first line of the text is kept.
+        Default: the summary and the tool."""
         return f"{self.summary} ({pattern.tool_name})" if self.summary else f"See: agent self-heal show {pattern.id}"
 
     @abc.abstractmethod

@@ -346,3 +346,27 @@ def test_the_daemon_stops_on_sigterm_while_a_strategy_hangs(binks_home, tmp_path
     assert "received SIGTERM: stopping" in text and "self-heal daemon stopped" in text
     assert "Traceback" not in text
     assert len(marker.read_text().split()) == 1  # stopped there: no other pattern was proposed for
+
+
+def test_the_daemons_round_report_lists_plugin_errors(binks_home):
+    from datetime import datetime, timezone
+
+    from selfheal_plugin.testbed.generator import generate_history
+
+    generate_history(binks_home / "conversations.db", seed=7, runs=300, end=datetime.now(timezone.utc))
+    _write_plugins(binks_home, listener=(
+        "from selfheal_plugin import hookimpl\n"
+        "@hookimpl\n"
+        "def patterns_detected(patterns, settings):\n"
+        "    raise ValueError('listener down')\n"))
+    res = run_agent("self-heal-daemon", "--home", str(binks_home), "--once", "--json")
+    assert res.returncode == 0, res.stderr
+    tick = json.loads(res.stdout)["tick"]
+    assert tick["patterns"]
+    assert tick["plugin_errors"] == ["plugin user:listener (hook patterns_detected): ValueError: listener down"]
+    text = run_agent("self-heal-daemon", "--home", str(binks_home), "--once")
+    assert text.returncode == 0, text.stderr
+    # the cooldown holds this round's notification back: no hook call, no error; the
+    # persisted error is still listed by `plugins`
+    listed = json.loads(run_agent("self-heal", "plugins", "--home", str(binks_home), "--json").stdout)
+    assert any(e["plugin"] == "user:listener" and e["hook"] == "patterns_detected" for e in listed["errors"])
