@@ -115,6 +115,20 @@ def test_third_party_strategy_overrides_builtin(history_copy, binks_home, test_s
     plain = json.loads(run_agent("self-heal", "plugins", "--home", str(binks_home), "--json").stdout)
     assert {r["error_type"]: r["strategy"] for r in plain["strategies"]}["server_crashed"] == "server_crashed"
 
+    # SELFHEAL_LOAD_PLUGINS takes the name `plugins` shows; another name is one warning line
+    only = run_agent("self-heal", "plugins", "--home", str(binks_home), "--json",
+                     env={**env, "SELFHEAL_LOAD_PLUGINS": "test_strategy"})
+    assert {r["error_type"]: r["strategy"] for r in json.loads(only.stdout)["strategies"]}["server_crashed"] == \
+        "restart-only"
+    assert "SELFHEAL_LOAD_PLUGINS" not in only.stderr
+    wrong = run_agent("self-heal", "plugins", "--home", str(binks_home), "--json",
+                      env={**env, "SELFHEAL_LOAD_PLUGINS": "selfheal-test-strategy"})
+    assert wrong.returncode == 0, wrong.stderr
+    assert {r["error_type"]: r["strategy"] for r in json.loads(wrong.stdout)["strategies"]}["server_crashed"] == \
+        "server_crashed"
+    (warning,) = [line for line in wrong.stderr.splitlines() if "SELFHEAL_LOAD_PLUGINS" in line]
+    assert "'selfheal-test-strategy' (a distribution; its plugins: test_strategy)" in warning
+
 
 def test_broken_user_plugins_are_reported_and_the_rest_works(history_copy, binks_home):
     plugins_dir = binks_home / "selfheal" / "plugins"
