@@ -414,6 +414,18 @@ def test_system_exit_in_a_plugin_file_is_a_load_error(binks_home):
     assert "fine" in plugins.fire("notify", notification=Notification(title="t", body="b"), settings=s)
 
 
+def test_a_plugin_file_that_hangs_at_import_is_reported_after_the_deadline(binks_home):
+    s = _quick(load_settings(binks_home), 0.3)
+    s.plugins_dir.mkdir(parents=True)
+    (s.plugins_dir / "sleeps.py").write_text("import time\ntime.sleep(120)\n")
+    (s.plugins_dir / "zz_fine.py").write_text("VALUE = 1\n")
+    info = plugins.describe(s)
+    (err,) = [e for e in info["errors"] if e["plugin"] == "user:sleeps"]
+    assert (err["phase"], err["hook"]) == ("load", None)
+    assert err["error"] == "timed out after 0.3 s (plugin_timeout_seconds); call abandoned"
+    assert "user:zz_fine" in [p["name"] for p in info["plugins"]]
+
+
 # ---------------------------------------------------------------- errors persisted for later processes
 
 
