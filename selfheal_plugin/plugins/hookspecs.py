@@ -7,7 +7,9 @@ non-None result. A plugin that raises is reported (``agent self-heal plugins``) 
 skipped; the others still run (see :mod:`selfheal_plugin.plugins.manager`). Each
 implementation of a third-party plugin runs in a worker thread with a deadline
 (``[self_heal] plugin_timeout_seconds``); anything it raises, ``SystemExit`` included, is
-reported and never ends the command. None of these hooks is *firstresult*.
+reported and never ends the command. Each call may run on a different thread: keep no
+thread-bound object (an ``sqlite3`` connection opened with ``check_same_thread``) from one
+call to the next. None of these hooks is *firstresult*.
 
 The parameter types below are the real ones; those of higher layers are imported for
 type checkers only.
