@@ -14,6 +14,7 @@ written with a simulated clock is analysed in its own time.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from datetime import datetime
 from typing import Any
 
@@ -21,7 +22,9 @@ from selfheal_plugin import hookimpl
 from selfheal_plugin.lifecycle.cooldown import claim_notification
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.lifecycle.proposals import StrategyError, attach_suggested_fixes, history_window, propose_for_pattern
-from selfheal_plugin.analysis.patterns import detect_failure_patterns, get_pattern
+from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, get_pattern
+from selfheal_plugin.history.improvements import Improvement
+from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.plugins.manager import Notification, notify
 from selfheal_plugin.history.times import parse_timestamp, utcnow
 
@@ -39,7 +42,15 @@ def run_instant(run: dict[str, Any]) -> datetime:
 
 
 @hookimpl
-def run_failed(run: dict[str, Any], settings: Any) -> list[dict[str, Any]]:
+def run_failed(run: dict[str, Any], settings: Settings) -> None:
+    """The ``run_failed`` hook: :func:`analyse_failed_run`; returns nothing, as its spec says."""
+    analyse_failed_run(run, settings)
+
+
+def analyse_failed_run(run: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    """Propose and notify for the patterns of ``run``'s errors that pass the thresholds;
+    one outcome per such pattern: ``pattern_id``, ``improvement_id`` (None when the
+    strategy failed), ``created``, ``notified``."""
     run_id = run.get("id")
     if not run_id:
         return []
@@ -61,7 +72,8 @@ def run_failed(run: dict[str, Any], settings: Any) -> list[dict[str, Any]]:
         conn.close()
 
 
-def _react(conn: Any, settings: Any, run: dict[str, Any], pattern: Any, now: datetime) -> dict[str, Any]:
+def _react(conn: sqlite3.Connection, settings: Settings, run: dict[str, Any], pattern: Pattern,
+           now: datetime) -> dict[str, Any]:
     attach_suggested_fixes([pattern], settings)
     improvement, created, problem = None, False, None
     try:
@@ -79,7 +91,7 @@ def _react(conn: Any, settings: Any, run: dict[str, Any], pattern: Any, now: dat
             "created": created, "notified": notified}
 
 
-def _notification(run: dict[str, Any], pattern: Any, improvement: Any, created: bool,
+def _notification(run: dict[str, Any], pattern: Pattern, improvement: Improvement | None, created: bool,
                   problem: str | None) -> Notification:
     lines = [f"Run {run['id']} ({run.get('workflow_name') or 'unknown workflow'}) failed with {pattern.error_type} "
              f"on {pattern.tool_name}.",

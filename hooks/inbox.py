@@ -5,14 +5,13 @@ same hook (every implementation receives every notification).
 """
 from __future__ import annotations
 
-from typing import Any
-
 from selfheal_plugin import hookimpl
+from selfheal_plugin.history.settings import Settings, inbox_dir
 from selfheal_plugin.plugins.inbox import append_notification
-from selfheal_plugin.history.settings import inbox_dir
+from selfheal_plugin.plugins.manager import Notification
 
 
 @hookimpl
-def notify(notification: Any, settings: Any) -> str:
+def notify(notification: Notification, settings: Settings | None) -> str:
     folder = settings.inbox_dir if settings is not None else inbox_dir()
     return str(append_notification(notification, folder, settings=settings))

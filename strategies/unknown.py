@@ -5,7 +5,9 @@ Each occurrence's message is classified the way the runtime classifies errors (p
 strategy, that strategy proposes the fix (whichever plugin provides it) and a manual
 change asks for the errors to be classified at the source. Otherwise: retries when the
 same tool usually succeeded later in the same run (that share is the expected impact),
-else a manual review of the most common messages.
+else a manual review of the most common messages. When the strategy for the type the
+messages agree on failed to load, nothing is proposed (``strategy … failed to load``):
+a generic fix stored now would block the real one later.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 from selfheal_plugin import hookimpl
 from selfheal_plugin.history.connection import classify_error
+from selfheal_plugin.plugins.manager import strategy_for
 from selfheal_plugin.plugins.strategy import (
     Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, recovered_in_run, tool_path,
 )
@@ -49,8 +52,6 @@ class UnknownStrategy(ModeledStrategy):
         return label, count / sum(labels.values())
 
     def propose(self, pattern: Any, history: HistoryWindow) -> Proposal:
-        from selfheal_plugin.plugins.manager import strategy_for
-
         label, share = self._label(pattern)
         classify_change = Change.manual(
             f"Make the runtime record an error_type for {pattern.tool_name} failures "

@@ -8,16 +8,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from selfheal_plugin import hookimpl
-
+from selfheal_plugin.history.settings import load_settings
 from selfheal_plugin.plugins import hookspecs
-
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.manager import Notification
-from selfheal_plugin.history.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DIST = ROOT / "tests" / "plugins" / "selfheal_test_strategy"
@@ -85,12 +84,23 @@ def test_entry_point_strategy_overrides_builtin(with_test_strategy):
                    "summary": "Restart the crashed server, nothing else"}
 
 
-def test_entry_points_can_be_restricted(with_test_strategy, monkeypatch):
+def test_entry_points_can_be_restricted(with_test_strategy, monkeypatch, caplog):
     monkeypatch.setenv("SELFHEAL_LOAD_PLUGINS", "")
     assert plugins.strategies()["server_crashed"][0].name == "server_crashed"
     plugins.reset()
-    monkeypatch.setenv("SELFHEAL_LOAD_PLUGINS", "selfheal_test_strategy")
+    # the name `plugins` shows (the entry point's), not the distribution's
+    monkeypatch.setenv("SELFHEAL_LOAD_PLUGINS", "test_strategy")
     assert plugins.strategies()["server_crashed"][0].name == "restart-only"
+    assert "SELFHEAL_LOAD_PLUGINS" not in caplog.text
+
+
+def test_unknown_names_in_load_plugins_warn_in_one_line(with_test_strategy, monkeypatch, caplog):
+    monkeypatch.setenv("SELFHEAL_LOAD_PLUGINS", "selfheal_test_strategy, nosuch")
+    assert plugins.strategies()["server_crashed"][0].name == "server_crashed"  # nothing matched
+    (warning,) = [r.getMessage() for r in caplog.records if "SELFHEAL_LOAD_PLUGINS" in r.getMessage()]
+    assert "\n" not in warning
+    assert "'nosuch'" in warning and "'selfheal_test_strategy' (a distribution; its plugins: test_strategy)" in warning
+    assert "installed: test_strategy" in warning
 
 
 def test_user_plugin_folder_loads_last_and_wins(binks_home):
@@ -245,5 +255,304 @@ def test_readme_documents_no_hook_that_does_not_exist():
     readme = (ROOT / "README.md").read_text()
     start = readme.index("### Hooks")
     end = readme.index("###", start + 3)
-    documented = set(re.findall(r"^\| `(\w+)\(", readme[start:end], re.M))
+    documented = set(re.findall(r"^\| `(\w+)\(", readme[start:end], re.MULTILINE))
     assert documented == set(EXPECTED_HOOKS)
+
+
+# ---------------------------------------------------------------- containment (issue 14 item 4)
+
+
+def _quick(settings, seconds: float = 1.0):
+    """Settings whose plugin calls may take ``seconds``."""
+    return settings.with_overrides(plugin_timeout_seconds=seconds)
+
+
+def test_hooks_go_through_pluggy_and_hookimpls_stay_as_registered(binks_home):
+    s = load_settings(binks_home)
+    raising, recording = Raising(), Recording()
+    plugins.load_plugins(s.plugins_dir)
+    plugins.register(raising, "raising")
+    plugins.register(recording, "recording")
+    calls: list[tuple[str, list[str]]] = []
+    undo = plugins.pm.add_hookcall_monitoring(
+        lambda name, impls, kwargs: calls.append((name, [i.plugin_name for i in impls])), lambda *a: None)
+    try:
+        before = {i.plugin_name: i.function for i in plugins.pm.hook.notify.get_hookimpls()}
+        results = plugins.fire("notify", notification=Notification(title="t", body="b"), settings=s)
+        after = {i.plugin_name: i.function for i in plugins.pm.hook.notify.get_hookimpls()}
+        assert after == before  # the very functions the plugins defined, not wrappers of ours
+        assert before["raising"].__func__ is Raising.notify
+        assert "recorded" in results
+        # pluggy made every call, one plugin at a time, last registered first
+        notify_calls = [impls for name, impls in calls if name == "notify"]
+        assert notify_calls == [["recording"], ["raising"], ["selfheal.hooks.inbox"]]
+    finally:
+        undo()
+        plugins.unregister(raising)
+        plugins.unregister(recording)
+
+
+def test_a_wrapper_plugin_wraps_each_plugins_call(binks_home):
+    s = load_settings(binks_home)
+
+    class Wrapping:
+        seen: ClassVar[list] = []
+
+        @hookimpl(wrapper=True)
+        def notify(self, notification, settings):
+            result = yield
+            self.seen.append(list(result))
+            return result
+
+    wrapping, recording = Wrapping(), Recording()
+    plugins.load_plugins(s.plugins_dir)
+    plugins.register(wrapping, "wrapping")
+    plugins.register(recording, "recording")
+    try:
+        plugins.fire("notify", notification=Notification(title="t", body="b"), settings=s)
+        assert ["recorded"] in wrapping.seen and len(wrapping.seen) == 2  # recording's call and the inbox's
+    finally:
+        plugins.unregister(wrapping)
+        plugins.unregister(recording)
+
+
+class Exiting:
+    @hookimpl
+    def notify(self, notification, settings):
+        sys.exit(3)
+
+
+class Interrupting:
+    @hookimpl
+    def notify(self, notification, settings):
+        raise KeyboardInterrupt
+
+
+def test_base_exceptions_from_hooks_are_contained(binks_home):
+    s = load_settings(binks_home)
+    exiting, interrupting, recording = Exiting(), Interrupting(), Recording()
+    plugins.load_plugins(s.plugins_dir)
+    for plugin, name in ((exiting, "exiting"), (interrupting, "interrupting"), (recording, "recording")):
+        plugins.register(plugin, name)
+    try:
+        results = plugins.fire("notify", notification=Notification(title="hi", body="b"), settings=s)
+        assert "recorded" in results and recording.got == ["hi"]
+        errs = {e.plugin: e.error for e in plugins.errors()}
+        assert errs["exiting"] == "SystemExit: 3"
+        assert errs["interrupting"] == "KeyboardInterrupt"
+    finally:
+        for plugin in (exiting, interrupting, recording):
+            plugins.unregister(plugin)
+
+
+class Hanging:
+    def __init__(self):
+        self.release = __import__("threading").Event()
+        self.entered = __import__("threading").Event()
+
+    @hookimpl
+    def notify(self, notification, settings):
+        self.entered.set()
+        self.release.wait()
+        return "late"
+
+
+def test_a_hanging_hook_is_reported_after_the_deadline_and_skipped(binks_home):
+    s = _quick(load_settings(binks_home), 0.3)
+    hanging, recording = Hanging(), Recording()
+    plugins.load_plugins(s.plugins_dir)
+    plugins.register(hanging, "hanging")
+    plugins.register(recording, "recording")
+    try:
+        results = plugins.fire("notify", notification=Notification(title="t", body="b"), settings=s)
+        assert "recorded" in results and "late" not in results
+        (err,) = [e for e in plugins.errors() if e.plugin == "hanging"]
+        assert (err.phase, err.hook) == ("hook", "notify")
+        assert err.error == "timed out after 0.3 s (plugin_timeout_seconds); call abandoned"
+    finally:
+        hanging.release.set()
+        plugins.unregister(hanging)
+        plugins.unregister(recording)
+
+
+def test_a_stop_request_ends_the_wait_for_a_plugin():
+    import threading
+
+    s = load_settings()
+    stop = threading.Event()
+    hanging = Hanging()
+    plugins.register(hanging, "hanging")
+    try:
+        with plugins.interruptible(stop):
+            threading.Thread(target=lambda: (hanging.entered.wait(), stop.set()), daemon=True).start()
+            with pytest.raises(plugins.Interrupted):
+                plugins.fire("notify", notification=Notification(title="t", body="b"), settings=_quick(s, 3600))
+        assert not any(e.plugin == "hanging" for e in plugins.errors())  # stopping is not the plugin's fault
+        # outside the block the same event no longer interrupts anything
+        assert plugins.fire("history_changed", new_runs=[], new_event_count=0, settings=s) == []
+    finally:
+        hanging.release.set()
+        plugins.unregister(hanging)
+
+
+def test_plugin_calls_never_end_the_process_with_the_plugins_exit_code():
+    with pytest.raises(plugins.PluginCallFailed, match=r"plugin p \(hook h\): SystemExit: 3"):
+        plugins.call_plugin("p", "h", sys.exit, 3)
+    assert plugins.errors()[-1].error == "SystemExit: 3"
+
+
+def test_system_exit_in_a_plugin_file_is_a_load_error(binks_home):
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    (s.plugins_dir / "quits.py").write_text("raise SystemExit(0)\n")
+    (s.plugins_dir / "fine.py").write_text(
+        "from selfheal_plugin import hookimpl\n@hookimpl\ndef notify(notification, settings):\n    return 'fine'\n")
+    info = plugins.describe(s)
+    (err,) = [e for e in info["errors"] if e["plugin"] == "user:quits"]
+    assert (err["phase"], err["error"]) == ("load", "SystemExit: 0")
+    assert "user:fine" in [p["name"] for p in info["plugins"]]
+    assert "fine" in plugins.fire("notify", notification=Notification(title="t", body="b"), settings=s)
+
+
+def test_a_plugin_file_that_hangs_at_import_is_reported_after_the_deadline(binks_home):
+    s = _quick(load_settings(binks_home), 0.3)
+    s.plugins_dir.mkdir(parents=True)
+    (s.plugins_dir / "sleeps.py").write_text("import time\ntime.sleep(120)\n")
+    (s.plugins_dir / "zz_fine.py").write_text("VALUE = 1\n")
+    info = plugins.describe(s)
+    (err,) = [e for e in info["errors"] if e["plugin"] == "user:sleeps"]
+    assert (err["phase"], err["hook"]) == ("load", None)
+    assert err["error"] == "timed out after 0.3 s (plugin_timeout_seconds); call abandoned"
+    assert "user:zz_fine" in [p["name"] for p in info["plugins"]]
+
+
+# ---------------------------------------------------------------- errors persisted for later processes
+
+
+def test_errors_are_persisted_for_a_later_process_and_counted_not_repeated(binks_home):
+    s = load_settings(binks_home)
+    raising = Raising()
+    plugins.load_plugins(s.plugins_dir)
+    plugins.register(raising, "raising")
+    try:
+        for _ in range(2):
+            plugins.fire("notify", notification=Notification(title="t", body="b"), settings=s)
+    finally:
+        plugins.unregister(raising)
+    plugins.reset()  # what a new process starts with
+    assert plugins.errors() == []
+    errs = [e for e in plugins.describe(s)["errors"] if e["plugin"] == "raising"]
+    assert [(e["phase"], e["hook"], e["error"], e["count"]) for e in errs] == [
+        ("hook", "notify", "RuntimeError: sink is down", 2)]
+    assert errs[0]["first_seen"] <= errs[0]["last_seen"]
+    stored = s.home / "selfheal" / "state" / "plugin-errors.json"
+    assert stored.exists() and (stored.parent / ".gitignore").read_text().endswith("*\n")
+
+
+def test_a_plugin_that_loads_again_loses_its_old_load_errors(binks_home):
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    path = s.plugins_dir / "flaky.py"
+    path.write_text("import no_such_module_here\n")
+    assert any(e["plugin"] == "user:flaky" for e in plugins.describe(s)["errors"])
+    plugins.reset()
+    path.write_text("VALUE = 1\n")
+    assert not any(e["plugin"] == "user:flaky" for e in plugins.describe(s)["errors"])
+
+
+# ---------------------------------------------------------------- a strategy that failed to load
+
+
+TIMEOUT_STRATEGY = (
+    "from selfheal_plugin import hookimpl\n"
+    "from selfheal_plugin.plugins.strategy import Change, Strategy\n"
+    "class Mine(Strategy):\n"
+    "    name = 'mine'\n"
+    "    error_types = ('timeout', 'RateLimited')\n"
+    "    def propose(self, pattern, history):\n"
+    "        return self.make_proposal(pattern, description='d', expected_impact='unknown',\n"
+    "                                  risk_level='low', changes=[Change.manual('x')])\n"
+    "@hookimpl\n"
+    "def register_strategies(register):\n"
+    "    register(Mine())\n")
+
+
+def test_a_type_whose_strategy_failed_to_load_gets_no_fallback(binks_home):
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    (s.plugins_dir / "mine.py").write_text(TIMEOUT_STRATEGY.replace("import hookimpl", "import hookimpl, nope"))
+    failed = plugins.failed_to_load(s)
+    assert set(failed) == {"timeout", "rate_limited"}
+    assert failed["timeout"][0] == "user:mine"
+    assert failed["timeout"][1].startswith("ImportError: cannot import name 'nope'")
+    for etype in ("timeout", "RateLimited"):  # neither the built-in nor Unknown answers in its place
+        with pytest.raises(plugins.StrategyError, match=r"^strategy for \w+ failed to load \(plugin user:mine: "
+                                                        r"ImportError: .*\); nothing proposed"):
+            plugins.strategy_for(etype, s)
+    assert plugins.strategy_for("tool_error", s).name == "tool_error"  # other types are unaffected
+    listed = {f["error_type"] for f in plugins.describe(s)["failed_strategies"]}
+    assert listed == {"timeout", "rate_limited"}
+
+
+def test_a_syntax_error_still_says_which_types_it_owned_and_a_later_plugin_may_answer(binks_home):
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    (s.plugins_dir / "a_mine.py").write_text(TIMEOUT_STRATEGY.replace("def propose(self", "def propose(self,,"))
+    (s.plugins_dir / "b_mine.py").write_text(TIMEOUT_STRATEGY.replace("'RateLimited'", "'other'"))
+    # b_mine, loaded after the broken a_mine, answers for timeout; nobody for rate_limited
+    assert set(plugins.failed_to_load(s)) == {"rate_limited"}
+    strategy, plugin = plugins.resolve_strategy("timeout", s)
+    assert (strategy.name, plugin) == ("mine", "user:b_mine")
+    with pytest.raises(plugins.StrategyError, match="SyntaxError"):
+        plugins.strategy_for("rate_limited", s)
+
+
+def test_declared_error_types_are_read_without_running_the_file(tmp_path):
+    path = tmp_path / "p.py"
+    path.write_text("import sys\nsys.exit(1)\nclass A:\n    error_types: tuple = ('Timeout', \"server_crashed\")\n"
+                    "class B:\n    error_types = ['x']\n")
+    assert plugins.declared_error_types(path) == ["server_crashed", "timeout", "x"]
+    path.write_text("class A:\n    error_types = ('timeout',)\n  def broken(:\n")
+    assert plugins.declared_error_types(path) == ["timeout"]
+
+
+def test_hookspec_parameters_are_typed_and_resolve():
+    import typing
+
+    from selfheal_plugin.analysis.patterns import Pattern
+    from selfheal_plugin.history.improvements import Improvement
+    from selfheal_plugin.history.settings import Settings
+    from selfheal_plugin.plugins.strategy import Strategy
+
+    names = {"Pattern": Pattern, "Improvement": Improvement, "Settings": Settings, "Notification": Notification,
+             "Strategy": Strategy}
+    for name in EXPECTED_HOOKS:
+        func = getattr(hookspecs, name)
+        for param in inspect.signature(func).parameters.values():
+            assert param.annotation not in (inspect.Parameter.empty, "Any"), f"{name}({param.name}) is typed"
+        hints = typing.get_type_hints(func, globalns={**vars(hookspecs), **names})
+        assert "settings" not in hints or hints["settings"] is Settings
+
+
+def test_auto_analysis_run_failed_returns_what_its_spec_says(binks_home):
+    plugins.load_plugins()
+    module = sys.modules["selfheal_plugin.hooks.auto_analysis"]
+    spec = inspect.signature(hookspecs.run_failed).return_annotation
+    impl = inspect.signature(module.run_failed).return_annotation
+    assert spec == impl == "None"
+    assert module.run_failed({"id": None}, load_settings(binks_home)) is None
+
+
+def test_plugin_timeout_is_a_setting_with_a_range(binks_home):
+    from selfheal_plugin.errors import ConfigError
+
+    assert load_settings(binks_home).plugin_timeout_seconds == 60.0
+    (binks_home / "config.toml").write_text("[self_heal]\nplugin_timeout_seconds = 5\n")
+    assert load_settings(binks_home).plugin_timeout_seconds == 5.0
+    (binks_home / "config.toml").write_text("[self_heal]\nplugin_timeout_seconds = 0\n")
+    with pytest.raises(ConfigError, match="plugin_timeout_seconds must be between 0.1 and 86400"):
+        load_settings(binks_home)
+    import tomllib
+
+    manifest = tomllib.loads((ROOT / "plugin.toml").read_text())
+    assert manifest["self_heal"]["plugin_timeout_seconds"] == 60.0

@@ -3,6 +3,7 @@ from the data, and the fix chosen from what the messages say."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import tomllib
 from pathlib import Path
@@ -265,3 +266,209 @@ def test_server_crashed_adds_a_breaker_only_for_streaks(tmp_path):
     streaky = _propose(streak, "server_crashed:mcp__search__web_search")
     assert streaky.evidence["short_circuited_calls"] > 0
     assert any("circuit_breaker" in tuple(c.path) for c in streaky.changes) and streaky.risk_level == "medium"
+
+
+# ---------------------------------------------------------------- the plugin API as a third party meets it
+
+
+def test_a_string_path_is_a_toml_dotted_key_never_split_into_characters():
+    assert Change.config("tools.x.y", 3).path == ["tools", "x", "y"]
+    assert Change.config('tools."mcp__k8s__pods.list".timeout_ms', 3).path == [
+        "tools", "mcp__k8s__pods.list", "timeout_ms"]
+    assert Change.config(("tools", "x", "y"), 3).path == ["tools", "x", "y"]
+    for bad in ("tools..x", "", "tools.x =", 'tools."x', "a b", "x = 1\ny"):
+        with pytest.raises(ValueError, match="dotted key"):
+            Change.config(bad, 1)
+    for bad in (["tools", ""], ["tools", 3], 42, None):
+        with pytest.raises(ValueError, match="non-empty list of keys"):
+            Change.config(bad, 1)
+
+
+def test_changes_given_as_data_are_accepted():
+    from selfheal_plugin.analysis.patterns import Pattern
+    from selfheal_plugin.plugins.strategy import Strategy
+
+    class DataStrategy(Strategy):
+        name = "data"
+        error_types = ("timeout",)
+
+        def propose(self, pattern, history):
+            return self.make_proposal(pattern, description="d", expected_impact="unknown", risk_level="low", changes=[
+                {"kind": "config", "file": "config.toml", "path": ["tools", "t", "timeout_ms"], "op": "set",
+                 "value": 90000},
+                {"kind": "config", "path": "tools.t.retry_attempts", "value": 2},  # file and op by default
+                {"kind": "manual", "text": "look at it"}])
+
+    pattern = Pattern(id="timeout:t", error_type="timeout", tool_name="t", occurrences=3, correlation_score=1.0,
+                      confidence=0.9, affected_runs=["r"], first_seen="", last_seen="", failure_rate=0.5)
+    p = DataStrategy().propose(pattern, None)
+    assert [c.to_dict() for c in p.changes] == [
+        {"kind": "config", "file": "config.toml", "path": ["tools", "t", "timeout_ms"], "op": "set", "value": 90000},
+        {"kind": "config", "file": "config.toml", "path": ["tools", "t", "retry_attempts"], "op": "set", "value": 2},
+        {"kind": "manual", "text": "look at it"}]
+    assert p.changes_required == ["config.toml: tools.t.timeout_ms = 90000", "config.toml: tools.t.retry_attempts = 2",
+                                  "look at it"]
+    assert Change.from_dict({"kind": "config", "path": ["a", "b"]}).op == "delete"
+    with pytest.raises(ValueError, match="change 1: unknown change field"):
+        DataStrategy().make_proposal(pattern, description="d", expected_impact="u", risk_level="low",
+                                     changes=[{"kind": "config", "paht": ["a"], "value": 1}])
+    with pytest.raises(ValueError, match="change 1: a change must be a Change or a dict, got str"):
+        DataStrategy().make_proposal(pattern, description="d", expected_impact="u", risk_level="low",
+                                     changes=["tools.a = 1"])
+
+
+def _deep(n: int) -> dict:
+    d: dict = {}
+    for _ in range(n):
+        d = {"x": d}
+    return d
+
+
+def _non_change(p):
+    p.changes.append("raise the timeout")
+    return p
+
+
+BAD_PROPOSALS = {
+    "non-JSON evidence": (lambda p: p, {"evidence": {"when": object()}}, "evidence is not JSON data"),
+    "NaN evidence": (lambda p: p, {"evidence": {"rate": float("nan")}}, "evidence is not JSON data"),
+    "deep nesting": (lambda p: p, {"evidence": _deep(5000)}, "evidence is nested more than 16 levels deep"),
+    "None description": (lambda p: p, {"description": None}, "description must be a non-empty string, got None"),
+    "non-Change items": (_non_change, {}, "change 2 is a str, not a Change"),
+    "not a proposal": (lambda p: {"description": "d"}, {}, "returned dict, not a Proposal"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROPOSALS))
+def test_an_invalid_proposal_is_one_line_naming_the_plugin_and_the_others_go_on(case, all_types_history, tmp_path):
+    import shutil
+
+    from selfheal_plugin import hookimpl
+    from selfheal_plugin.history.improvements import ImprovementStore
+    from selfheal_plugin.lifecycle.proposals import Proposed, StrategyError, propose_all
+    from selfheal_plugin.plugins.strategy import Strategy
+
+    edit, fields, message = BAD_PROPOSALS[case]
+
+    class Bad(Strategy):
+        name = "bad"
+        error_types = ("connection_refused",)
+
+        def propose(self, pattern, history):
+            made = self.make_proposal(pattern, description="d", expected_impact="unknown", risk_level="low",
+                                      changes=[Change.manual("x")])
+            for key, value in fields.items():
+                setattr(made, key, value)
+            return edit(made)
+
+    class Plugin:
+        @hookimpl
+        def register_strategies(self, register):
+            register(Bad())
+
+    src, truth = all_types_history
+    db = tmp_path / "conversations.db"
+    shutil.copy(src, db)
+    s = load_settings(tmp_path, db)
+    conn = connect(db)
+    ids = sorted(p["id"] for p in truth["patterns"] if p["id"].split(":")[0] in ("connection_refused", "timeout"))
+    patterns = [get_pattern(conn, i, since=SINCE, now=NOW) for i in ids]
+    plugin = Plugin()
+    plugins.load_plugins()
+    plugins.register(plugin, "bad-plugin")
+    try:
+        results = propose_all(conn, s, patterns, since=SINCE, now=NOW)
+    finally:
+        plugins.unregister(plugin)
+    by_id = dict(zip(ids, results))
+    bad_id = next(i for i in ids if i.startswith("connection_refused:"))
+    err = by_id.pop(bad_id)
+    assert isinstance(err, StrategyError)
+    assert str(err).startswith(f"strategy 'bad' (plugin bad-plugin) returned an invalid proposal for {bad_id}: "
+                               f"{message}")
+    assert "\n" not in str(err)
+    assert all(isinstance(r, Proposed) and r.created for r in by_id.values())  # the others go on
+    assert ImprovementStore(conn).open_for_pattern(bad_id) is None  # nothing stored
+    assert any(e.plugin == "bad-plugin" and e.phase == "strategy" and message in e.error for e in plugins.errors())
+
+
+def test_a_hanging_or_exiting_strategy_costs_its_pattern_only(all_types_history):
+    import threading
+
+    from selfheal_plugin import hookimpl
+    from selfheal_plugin.lifecycle.proposals import StrategyError
+    from selfheal_plugin.plugins.strategy import Strategy
+
+    release = threading.Event()
+
+    class Hang(Strategy):
+        name = "hang"
+        error_types = ("connection_refused",)
+
+        def propose(self, pattern, history):
+            release.wait()
+
+    class Exit(Strategy):
+        name = "exit"
+        error_types = ("timeout",)
+
+        def propose(self, pattern, history):
+            raise SystemExit(3)
+
+    class Plugin:
+        @hookimpl
+        def register_strategies(self, register):
+            register(Hang())
+            register(Exit())
+
+    db, truth = all_types_history
+    s = load_settings(db.parent, db).with_overrides(plugin_timeout_seconds=0.3)
+    conn = connect(db)
+    plugin = Plugin()
+    plugins.load_plugins()
+    plugins.register(plugin, "odd")
+    try:
+        for prefix, expected in (("connection_refused:", "failed in propose(): timed out after 0.3 s"),
+                                 ("timeout:", "failed in propose(): SystemExit: 3")):
+            pid = next(p["id"] for p in truth["patterns"] if p["id"].startswith(prefix))
+            pattern = get_pattern(conn, pid, since=SINCE, now=NOW)
+            with pytest.raises(StrategyError, match=r"^strategy '\w+' \(plugin odd\) " + re.escape(expected)):
+                make_proposal(pattern, history_window(conn, s, SINCE, now=NOW))
+    finally:
+        release.set()
+        plugins.unregister(plugin)
+
+
+def test_the_history_window_always_has_an_end(all_types_history):
+    from datetime import timedelta
+
+    from selfheal_plugin.plugins.strategy import HistoryWindow
+
+    db, _ = all_types_history
+    conn = connect(db)
+    s = load_settings(db.parent, db)
+    assert history_window(conn, s, SINCE, now=NOW).until == NOW
+    assert history_window(conn, s, SINCE).until is not None
+    assert HistoryWindow(conn, NOW - timedelta(days=1)).until is not None
+    assert HistoryWindow(conn, NOW - timedelta(days=1), None).until is not None
+
+
+def test_the_reference_documents_what_a_strategy_author_meets():
+    import dataclasses
+    import inspect
+
+    from selfheal_plugin.analysis.patterns import Pattern
+    from selfheal_plugin.plugins import strategy as api
+
+    module_doc = inspect.getdoc(api)
+    for f in dataclasses.fields(Pattern):
+        assert f.name in module_doc, f"Pattern.{f.name} documented"
+    for level in api.RISK_LEVELS:
+        assert f"``{level}``" in module_doc
+    for cls in (api.ToolCall, api.Change):
+        doc = inspect.getdoc(cls)
+        for f in dataclasses.fields(cls):
+            assert f"``{f.name}``" in doc, f"{cls.__name__}.{f.name} documented"
+    assert "detect" in inspect.getdoc(api.Strategy.suggest)
+    assert "never None" in inspect.getdoc(api.HistoryWindow)
+    assert "dotted key" in inspect.getdoc(api.parse_key_path)

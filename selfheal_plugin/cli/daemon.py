@@ -45,6 +45,8 @@ def self_heal_daemon(home: str | None, db: str | None, as_json: bool, interval: 
             click.echo(json.dumps(r.to_dict(), default=str))
         else:
             click.echo(f"[{r.at}] {r.summary()}")
+            for e in r.plugin_errors:
+                click.echo(f"  ✗ {e}")
 
     daemon = Daemon(s, interval=seconds, auto_detect=auto_detect, auto_apply=not no_auto_apply,
                     watch_mode=mode, on_report=None if once else report, reload_config=True)
@@ -69,6 +71,8 @@ def self_heal_daemon(home: str | None, db: str | None, as_json: bool, interval: 
                 click.echo(f"  applied {a['improvement_id']} (commit {(a['commit_sha'] or '')[:7]})")
             for e in tick.errors:
                 click.echo(f"  error: {e}")
+            for e in tick.plugin_errors:
+                click.echo(f"  ✗ {e}")
             return
         daemon.run()
     finally:

@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
+from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.history.improvements import STATUSES
 from selfheal_plugin.history.settings import Settings
 
@@ -120,12 +121,18 @@ def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
         st.add_row(*(Text(v or "") for v in (row["error_type"], row["strategy"], row["plugin"], row["summary"])))
     out.print(st)
     click.echo(f"User plugin folder: {info['plugins_dir']}")
+    for f in info.get("failed_strategies", []):
+        click.echo(f"✗ strategy for {f['error_type']} failed to load (plugin {f['plugin']}): nothing is proposed "
+                   "for it until it loads")
     if info["errors"]:
-        click.echo(f"{len(info['errors'])} plugin error(s):")
+        click.echo(f"{len(info['errors'])} plugin error(s) (this command's and the last "
+                   f"{plugins.ERROR_RETENTION_DAYS} days'):")
         for e in info["errors"]:
             where = f" in {e['hook']}" if e.get("hook") else ""
+            when = (e.get("last_seen") or "")[:19].replace("T", " ")
+            seen = f" ({e['count']}×, last {when})" if (e.get("count") or 1) > 1 else (f" ({when})" if when else "")
             click.echo(f"  ✗ {e['plugin']} ({e['phase']}{where}): {e['error']}"
-                       + (f" [{e['path']}]" if e.get("path") else ""))
+                       + (f" [{e['path']}]" if e.get("path") else "") + seen)
 
 
 COMMANDS = [improvements, plugins_command]

@@ -79,8 +79,10 @@ class DaemonBusyError(SelfHealError):
     """Another daemon holds this home's lock."""
 
 
-class Stopped(Exception):
-    """Raised inside a long step when the daemon was asked to stop (not an error)."""
+class Stopped(plugins.Interrupted):
+    """Raised inside a long step when the daemon was asked to stop (not an error); a wait
+    for a plugin interrupted by the stop raises the base class,
+    :class:`~selfheal_plugin.plugins.manager.Interrupted`."""
 
 
 def parse_interval(text: str | float | int) -> float:
@@ -117,6 +119,7 @@ class TickReport:
     skipped: list[dict[str, Any]] = field(default_factory=list)  # auto-apply held back, with the reason
     concluded: list[dict[str, Any]] = field(default_factory=list)  # monitoring ended inconclusive
     errors: list[str] = field(default_factory=list)
+    plugin_errors: list[str] = field(default_factory=list)  # plugins that failed since the last report
     stopped: bool = False  # the tick was cut short by a stop request
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,7 +130,7 @@ class TickReport:
         for label, items in (("proposed", self.proposed), ("tested", self.tested), ("applied", self.applied),
                              ("held back", self.skipped), ("verified", self.verified),
                              ("rolled back", self.rolled_back), ("concluded inconclusive", self.concluded),
-                             ("error(s)", self.errors)):
+                             ("error(s)", self.errors), ("plugin error(s)", self.plugin_errors)):
             if items:
                 parts.append(f"{len(items)} {label}")
         return ", ".join(parts) + (" (stopped early)" if self.stopped else "")
@@ -166,6 +169,7 @@ class Daemon:
         self._service: SelfHeal | None = None
         self._now: datetime | None = None  # the instant of the round in progress (the service's clock)
         self.watcher: Watcher | None = None
+        self._errors_mark = plugins.errors_mark()
 
     # -------------------------------------------------------------- lock
 
@@ -232,17 +236,24 @@ class Daemon:
                 break
             try:
                 step()
-            except Stopped:
+            except plugins.Interrupted:
                 report.stopped = True
                 log.info("%s interrupted: stopping", name)
                 break
             except (SelfHealError, sqlite3.Error) as exc:
                 report.errors.append(f"{name}: {exc}")
                 log.warning("%s failed: %s", name, exc)
+        self._report_plugin_errors(report)
         log.info("tick at %s: %s", report.at, report.summary())
         if self.on_report is not None:
             self.on_report(report)
         return report
+
+    def _report_plugin_errors(self, report: TickReport) -> None:
+        """Plugin failures recorded in this process since the last report (the watcher's
+        hooks between ticks included); they are also persisted for ``plugins``."""
+        report.plugin_errors = [e.line() for e in plugins.errors_since(self._errors_mark)]
+        self._errors_mark = plugins.errors_mark()
 
     def _reload_settings(self) -> None:
         """Pick up edits of ``[self_heal]`` in config.toml (thresholds, auto-apply) without a
@@ -453,6 +464,7 @@ class Daemon:
         log.info("self-heal daemon started (pid %d): home %s, history %s, interval %ss, auto-detect %s, "
                  "auto-apply %s", os.getpid(), s.home, s.db_path, f"{self.interval:g}",
                  "on" if self.auto_detect else "off", "on" if self.auto_apply else "off")
+        plugins.add_stop_event(self._stop)  # SIGTERM ends any wait for a plugin (Interrupted)
         try:
             watcher = self.start_watcher()
             log.info("watching %s with %s file events", s.db_path, watcher.mode)
@@ -466,7 +478,10 @@ class Daemon:
                     if self._stop.is_set():
                         break
                     self._safe(lambda: self._auto_apply_now())
+        except plugins.Interrupted:
+            log.info("stopped while a plugin was running")
         finally:
+            plugins.remove_stop_event(self._stop)
             if self.watcher is not None:
                 self.watcher.stop(timeout=0.5)
             self.close()
@@ -484,7 +499,7 @@ class Daemon:
     def _safe(self, fn: Callable[[], Any]) -> None:
         try:
             fn()
-        except Stopped:
+        except plugins.Interrupted:
             log.info("step interrupted: stopping")
         except Exception:  # noqa: BLE001 — the daemon keeps running; the next tick tries again
             log.exception("daemon step failed")

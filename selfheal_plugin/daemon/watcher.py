@@ -43,6 +43,7 @@ from typing import Any, Callable
 from selfheal_plugin.errors import UsageError
 from selfheal_plugin.history.connection import connect, get_state, rows_by_id, set_state, write_transaction
 from selfheal_plugin.history.settings import Settings
+from selfheal_plugin.plugins.manager import Interrupted
 from selfheal_plugin.history.times import format_timestamp, utcnow
 
 log = logging.getLogger("selfheal.watcher")
@@ -449,7 +450,10 @@ class Watcher:
                 next_safety = now + (self.poll_interval if self.mode == "poll" else self.safety_interval)
                 due.append(now)
             if due:
-                self._check()
+                try:
+                    self._check()
+                except Interrupted:  # stopping while a plugin was running: its run stays unfired
+                    return
 
     def _check(self, force: bool = False) -> CheckResult | None:
         with self._lock:

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "notify_verified": True,
     "notify_rolled_back": True,
     "cooldown_minutes": 60,
+    "plugin_timeout_seconds": 60.0,  # each call into a plugin (hook, strategy method, import)
 }
 
 
@@ -50,6 +51,7 @@ class Settings:
     notify_verified: bool = DEFAULTS["notify_verified"]
     notify_rolled_back: bool = DEFAULTS["notify_rolled_back"]
     cooldown_minutes: int = DEFAULTS["cooldown_minutes"]
+    plugin_timeout_seconds: float = DEFAULTS["plugin_timeout_seconds"]
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -122,6 +124,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "significance_level": (1e-9, 0.5),
     "auto_apply_confidence_threshold": (0.0, 1.0),
     "cooldown_minutes": (0, 525_600),
+    "plugin_timeout_seconds": (0.1, 86_400),
 }
 
 

@@ -12,13 +12,12 @@ from datetime import datetime
 from typing import Any, Callable
 
 from selfheal_plugin.plugins import manager as plugins
-from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.lifecycle.cooldown import mark_if_undone
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore, new_improvement_id
 from selfheal_plugin.analysis.patterns import Pattern, get_pattern
 from selfheal_plugin.history.settings import Settings
-from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal
-from selfheal_plugin.history.times import parse_since, parse_timestamp
+from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError, validate_proposal
+from selfheal_plugin.history.times import parse_since, parse_timestamp, utcnow
 
 log = logging.getLogger("selfheal.lifecycle")
 
@@ -26,14 +25,12 @@ log = logging.getLogger("selfheal.lifecycle")
 # ================================================================= propose
 
 
-class StrategyError(SelfHealError):
-    """A strategy plugin failed to produce a proposal."""
-
-
 def history_window(conn: sqlite3.Connection, settings: Settings, since: str | None = None, *,
                    now: datetime | None = None, until: datetime | None = None) -> HistoryWindow:
-    """The window strategies read: ``since`` (default: the lookback setting) to ``until``."""
-    return HistoryWindow(conn=conn, since=parse_since(since or settings.lookback, now), until=until,
+    """The window strategies read: ``since`` (default: the lookback setting) to ``until``
+    (default: ``now``, itself defaulting to the current instant; never None)."""
+    now = now or utcnow()
+    return HistoryWindow(conn=conn, since=parse_since(since or settings.lookback, now), until=until or now,
                          settings=settings)
 
 
@@ -44,29 +41,39 @@ def attach_suggested_fixes(patterns: list[Pattern], settings: Settings | None = 
     pattern that has no open proposal (whose description is the suggested fix otherwise)."""
     for p in patterns:
         try:
-            p.suggested_fix = plugins.strategy_for(p.error_type, settings).suggest(p)
-        except Exception as exc:  # noqa: BLE001 — a broken plugin costs the hint, not the command
+            strategy = plugins.strategy_for(p.error_type, settings)
+            fix = plugins.call_strategy(strategy, "suggest", p, settings=settings)
+        except StrategyError as exc:  # a broken plugin costs the hint, not the command
             log.warning("no suggested fix for %s: %s", p.id, exc)
+            continue
+        if isinstance(fix, str) and fix.strip():
+            p.suggested_fix = fix.strip().splitlines()[0]
+        else:
+            log.warning("no suggested fix for %s: strategy %r returned %r, not a line of text", p.id,
+                        getattr(strategy, "name", "?"), type(fix).__name__)
     return patterns
 
 
 def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
     """Ask the strategy for ``pattern.error_type`` for a proposal (not stored).
 
-    A strategy that raises or returns something else is reported as :class:`StrategyError`
-    with the strategy's name and recorded in ``plugins.errors()``.
+    The strategy runs contained and bounded (``plugins.call_strategy``) and what it returns
+    is checked by :func:`~selfheal_plugin.plugins.strategy.validate_proposal`. Any failure —
+    the type's strategy failed to load, it raised, timed out or returned an invalid
+    proposal — is one :class:`StrategyError` line naming the strategy and its plugin (also
+    recorded in the plugin errors); nothing is stored for that pattern.
     """
-    strategy = plugins.strategy_for(pattern.error_type, history.settings)
+    strategy, plugin = plugins.resolve_strategy(pattern.error_type, history.settings)
+    proposal = plugins.call_strategy(strategy, "propose", pattern, history, settings=history.settings)
     try:
-        proposal = strategy.propose(pattern, history)
-    except Exception as exc:  # noqa: BLE001
-        plugins._record(plugins.PluginError(plugin=f"strategy {strategy.name}", phase="hook", hook="propose",
-                                            error=plugins._one_line(exc)))
-        raise StrategyError(f"strategy {strategy.name!r} failed to propose a fix for {pattern.id}: "
-                            f"{plugins._one_line(exc)}") from exc
-    if not isinstance(proposal, Proposal):
-        raise StrategyError(f"strategy {strategy.name!r} returned {type(proposal).__name__}, not a Proposal")
-    return proposal
+        return validate_proposal(proposal, pattern.id)
+    except (ValueError, TypeError, RecursionError) as exc:
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        plugins._record(plugins.PluginError(plugin=plugin, phase="strategy", hook="propose",
+                                            strategy=getattr(strategy, "name", None),
+                                            error=f"invalid proposal for {pattern.id}: {problem}"))
+        raise StrategyError(f"strategy {strategy.name!r} (plugin {plugin}) returned an invalid proposal for "
+                            f"{pattern.id}: {problem}") from None
 
 
 def improvement_from_proposal(proposal: Proposal) -> Improvement:

@@ -46,7 +46,7 @@ from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
 from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError
 from selfheal_plugin.lifecycle.configedit import split_changes
 from selfheal_plugin.plugins import manager as plugins
-from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal
+from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError
 
 REPLICATES = 400
 MIN_RETRY_OBSERVATIONS = 3
@@ -445,12 +445,15 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
         source = f"strategy {strategy.name}"
         try:
             proposal = _proposal_for(imp)
-            raw = strategy.simulate(proposal, history)
+            raw = plugins.call_strategy(strategy, "simulate", proposal, history, settings=settings)  # bounded
             if raw is None and getattr(strategy, "replays_with_builtin_models", False):
                 raw = simulate_proposal(proposal, history)
             sim = _as_simulation(raw)
+        except StrategyError:  # raised, timed out: already reported by the plugin manager
+            sim = None
         except Exception as exc:  # noqa: BLE001 — a broken plugin is reported, not fatal
-            plugins._record(plugins.PluginError(plugin=f"strategy {strategy.name}", phase="hook", hook="simulate",
+            plugins._record(plugins.PluginError(plugin=plugins.plugin_of(strategy), phase="strategy",
+                                                hook="simulate", strategy=strategy.name,
                                                 error=plugins._one_line(exc)))
             sim = None
         if sim is None:

@@ -4,20 +4,36 @@ A plugin is a module (or object) with functions decorated ``@selfheal_plugin.hoo
 whose names are the hooks below; it may take any subset of a hook's arguments. Hooks
 are called for every plugin unless marked *firstresult*, which stops at the first
 non-None result. A plugin that raises is reported (``agent self-heal plugins``) and
-skipped; the others still run (see :mod:`selfheal_plugin.plugins.manager`).
+skipped; the others still run (see :mod:`selfheal_plugin.plugins.manager`). Each
+implementation of a third-party plugin runs in a worker thread with a deadline
+(``[self_heal] plugin_timeout_seconds``); anything it raises, ``SystemExit`` included, is
+reported and never ends the command. Each call may run on a different thread: keep no
+thread-bound object (an ``sqlite3`` connection opened with ``check_same_thread``) from one
+call to the next. None of these hooks is *firstresult*.
+
+The parameter types below are the real ones; those of higher layers are imported for
+type checkers only.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pluggy import HookimplMarker, HookspecMarker
+
+if TYPE_CHECKING:
+    from selfheal_plugin.analysis.patterns import Pattern
+    from selfheal_plugin.history.improvements import Improvement
+    from selfheal_plugin.history.settings import Settings
+    from selfheal_plugin.plugins.manager import Notification
+    from selfheal_plugin.plugins.strategy import Strategy
 
 hookspec = HookspecMarker("selfheal")
 hookimpl = HookimplMarker("selfheal")
 
 
 @hookspec
-def register_strategies(register: Callable[[Any], None]) -> None:
+def register_strategies(register: Callable[[Strategy], None]) -> None:
     """Register fix strategies.
 
     Fires when a strategy is first looked up, and again after plugins were added or
@@ -33,7 +49,7 @@ def register_strategies(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
-def run_failed(run: dict[str, Any], settings: Any) -> None:
+def run_failed(run: dict[str, Any], settings: Settings) -> None:
     """A run in the history ended with status ``failed``.
 
     Fires once per failed run (across restarts, and with several watchers) when the
@@ -50,7 +66,7 @@ def run_failed(run: dict[str, Any], settings: Any) -> None:
 
 
 @hookspec
-def history_changed(new_runs: list[str], new_event_count: int, settings: Any) -> None:
+def history_changed(new_runs: list[str], new_event_count: int, settings: Settings) -> None:
     """New rows appeared in the run history.
 
     Fires when the watcher reads rows past its persisted watermark, before any
@@ -64,7 +80,7 @@ def history_changed(new_runs: list[str], new_event_count: int, settings: Any) ->
 
 
 @hookspec
-def patterns_detected(patterns: list[Any], settings: Any) -> None:
+def patterns_detected(patterns: list[Pattern], settings: Settings) -> None:
     """Detection found recurring failure patterns.
 
     Fires after ``agent self-heal detect`` (and the daemon's periodic detection) when at
@@ -78,7 +94,7 @@ def patterns_detected(patterns: list[Any], settings: Any) -> None:
 
 
 @hookspec
-def improvement_proposed(improvement: Any, settings: Any) -> None:
+def improvement_proposed(improvement: Improvement, settings: Settings) -> None:
     """A new proposal was stored in ``improvements`` (status ``proposed``).
 
     Fires once per new row; proposing again for a pattern that already has an open
@@ -91,7 +107,7 @@ def improvement_proposed(improvement: Any, settings: Any) -> None:
 
 
 @hookspec
-def improvement_tested(improvement: Any, result: dict[str, Any], settings: Any) -> None:
+def improvement_tested(improvement: Improvement, result: dict[str, Any], settings: Settings) -> None:
     """An improvement was tested (simulation, canary or shadow).
 
     Fires after the test result is stored on the row.
@@ -105,7 +121,7 @@ def improvement_tested(improvement: Any, result: dict[str, Any], settings: Any) 
 
 
 @hookspec
-def improvement_applied(improvement: Any, settings: Any) -> None:
+def improvement_applied(improvement: Improvement, settings: Settings) -> None:
     """An improvement's changes were written and committed (status ``applied``).
 
     Fires after the commit and the database row agree (``commit_sha``, ``applied_at``,
@@ -119,7 +135,7 @@ def improvement_applied(improvement: Any, settings: Any) -> None:
 
 
 @hookspec
-def improvement_verified(improvement: Any, verification: dict[str, Any], settings: Any) -> None:
+def improvement_verified(improvement: Improvement, verification: dict[str, Any], settings: Settings) -> None:
     """An applied improvement was measured against the history before it.
 
     Fires after every verification, whatever its recommendation (keep, rollback,
@@ -135,7 +151,7 @@ def improvement_verified(improvement: Any, verification: dict[str, Any], setting
 
 
 @hookspec
-def improvement_rolled_back(improvement: Any, settings: Any) -> None:
+def improvement_rolled_back(improvement: Improvement, settings: Settings) -> None:
     """An applied improvement was reverted (status ``rolled_back``).
 
     Fires after the revert commit and the database row agree, whether a user or the
@@ -149,7 +165,7 @@ def improvement_rolled_back(improvement: Any, settings: Any) -> None:
 
 
 @hookspec
-def notify(notification: Any, settings: Any) -> None:
+def notify(notification: Notification, settings: Settings) -> str | None:
     """Deliver a notification to the user.
 
     Fires for every :class:`selfheal_plugin.plugins.manager.Notification` the lifecycle hooks

@@ -17,20 +17,58 @@ Config keys written by the built-in strategies (and read by ``ToolPolicy``)::
                     retry_backoff_ms (first delay, doubled per retry), preflight = ["path_exists"]
     [tools."NAME".circuit_breaker]  failure_threshold, timeout_duration_sec, half_open_requests
     [servers."NAME"]  health_check, auto_restart
+
+What a strategy receives, ``pattern`` (:class:`selfheal_plugin.analysis.patterns.Pattern`)::
+
+    id                 "error_type:tool_name", e.g. "timeout:mcp__k8s__pods_list"
+    error_type         normalised type ("timeout", "Unknown" when the runtime gave none)
+    tool_name          the failing tool
+    occurrences        failed calls with this signature in the window
+    correlation_score  0..1, Jaccard similarity of the occurrences' contexts
+    confidence         0..1, from sample size, correlation and frequency
+    affected_runs      run ids, oldest first
+    first_seen, last_seen   ISO-8601 UTC instants
+    failure_rate       0..1, failed calls / all calls of the tool in the window
+    suggested_fix      the pattern's one suggested fix: its open proposal's description when
+                       there is one, else :meth:`Strategy.suggest` (None while proposing)
+    suggested_by       "proposal" or "strategy": where suggested_fix came from
+    improvement_id     the open proposal behind suggested_fix, if any
+    occurrences_detail one dict per failure: event_id, run_id, step_index, ts (epoch s),
+                       timestamp, tool_name, error_type, raw_error_type, message,
+                       template (numbers, paths, ids masked), duration_ms, arg_keys,
+                       workflow, run_started_at, run_status
+
+and ``history`` (:class:`HistoryWindow`): ``since``/``until`` (aware datetimes, never
+None), ``settings``, ``config`` (the parsed config.toml), ``tool_calls(tool)`` (every
+:class:`ToolCall` of a tool in the window) and ``tool_setting(tool, *keys)``.
+
+Risk levels (:data:`RISK_LEVELS`): ``low`` — a value that only widens what already works
+(a longer timeout, a retry); the daemon may auto-apply it when enabled and simulated
+safe; ``medium`` — changes behaviour a user may notice (a circuit breaker, preflight
+checks); ``high`` — may hide failures or needs a person; never applied automatically.
+
+Plugin calls are contained: a strategy method that raises, returns something that is not
+a valid :class:`Proposal` (see :func:`validate_proposal`) or runs past
+``[self_heal] plugin_timeout_seconds`` costs that pattern its proposal, with one line
+naming the strategy and its plugin; the other patterns go on.
 """
 from __future__ import annotations
 
 import abc
+import json
 import math
 import re
 import sqlite3
+import tomllib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import normalize_error_type, server_of  # noqa: F401  (server_of: for strategies)
 from selfheal_plugin.history.settings import read_config
+from selfheal_plugin.history.times import utcnow
 
 if TYPE_CHECKING:
     from selfheal_plugin.analysis.patterns import Pattern
@@ -40,6 +78,15 @@ CHANGE_KINDS = ("config", "manual")
 CHANGE_OPS = ("set", "delete")
 RISK_LEVELS = ("low", "medium", "high")
 ALLOWED_CONFIG_FILES = ("config.toml",)
+CHANGE_FIELDS = ("kind", "file", "path", "op", "value", "text")
+MAX_EVIDENCE_DEPTH = 16
+MAX_EVIDENCE_BYTES = 256 * 1024
+
+
+class StrategyError(SelfHealError):
+    """A strategy could not give a proposal for a pattern: it failed to load, raised, ran
+    past its deadline or returned something invalid. One line, naming the strategy."""
+
 
 def _is_toml_value(value: Any) -> bool:
     if isinstance(value, (bool, int, float, str)):
@@ -51,9 +98,48 @@ def _is_toml_value(value: Any) -> bool:
     return False
 
 
+def parse_key_path(path: Any) -> list[str]:
+    """A config key path as a list of keys.
+
+    Accepts a list or tuple of non-empty strings (``["tools", TOOL, "timeout_ms"]``,
+    what :func:`tool_path` returns: the safe form, any tool name works), or a string
+    read as a TOML dotted key, exactly as it would be written in config.toml:
+    ``'tools."mcp__k8s__pods_list".timeout_ms'``, ``"tools.x.y"``. A dot inside a bare
+    key separates keys, so a tool name holding dots or other characters must be quoted
+    in the string (or the list form used). Anything else raises ValueError.
+    """
+    if isinstance(path, str):
+        try:
+            parsed = tomllib.loads(f"{path} = 0")
+        except tomllib.TOMLDecodeError:
+            raise ValueError(f"config change path {path!r} is not a TOML dotted key (e.g. 'tools.\"NAME\".timeout_ms'); "
+                             "or pass a list of keys") from None
+        keys: list[str] = []
+        node: Any = parsed
+        while isinstance(node, dict):
+            if len(node) != 1:
+                raise ValueError(f"config change path {path!r} is not a single dotted key")
+            (key, node), = node.items()
+            keys.append(key)
+        if node != 0 or not all(keys):
+            raise ValueError(f"config change path {path!r} is not a single dotted key")
+        return keys
+    if isinstance(path, (list, tuple)) and path and all(isinstance(p, str) and p for p in path):
+        return list(path)
+    raise ValueError(f"config change path must be a non-empty list of keys or a dotted key string, got {path!r}")
+
+
 @dataclass
 class Change:
-    """One edit a proposal needs: a config value to set, or a step for a person."""
+    """One edit a proposal needs: a config value to set or delete, or a step for a person.
+
+    ``kind`` is ``config``: ``file`` (only ``config.toml`` in BINKS_HOME), ``path`` (keys
+    from the top of the file, see :func:`parse_key_path`), ``op`` (``set`` with a TOML
+    ``value``, or ``delete``); or ``manual``: ``text`` says what a person must do;
+    ``apply`` never performs it. Build one with :meth:`config`, :meth:`delete`,
+    :meth:`manual` or from data with :meth:`from_dict` (a proposal's ``changes`` may also
+    hold such dicts). Invalid input raises ValueError with the reason.
+    """
 
     kind: str
     file: str | None = None
@@ -71,26 +157,46 @@ class Change:
             return
         if self.op not in CHANGE_OPS:
             raise ValueError(f"config change op must be one of {CHANGE_OPS}, got {self.op!r}")
-        f = PurePosixPath(self.file or "")
+        f = PurePosixPath(self.file if isinstance(self.file, str) else "")
         if f.is_absolute() or ".." in f.parts or str(f) not in ALLOWED_CONFIG_FILES:
             raise ValueError(f"config changes may only touch {ALLOWED_CONFIG_FILES} in BINKS_HOME, not {self.file!r}")
-        if not self.path or not all(isinstance(p, str) and p for p in self.path):
-            raise ValueError(f"config change path must be a non-empty list of keys, got {self.path!r}")
-        self.path = list(self.path)
+        self.path = parse_key_path(self.path)
         if self.op == "set" and not _is_toml_value(self.value):
             raise ValueError(f"config change value is not a TOML value: {self.value!r}")
 
     @classmethod
-    def config(cls, path: list[str], value: Any, file: str = "config.toml") -> "Change":
-        return cls(kind="config", file=file, path=list(path), op="set", value=value)
+    def config(cls, path: list[str] | tuple[str, ...] | str, value: Any, file: str = "config.toml") -> Change:
+        """Set ``path`` (a list of keys, or a TOML dotted key string) to ``value``."""
+        return cls(kind="config", file=file, path=path, op="set", value=value)  # type: ignore[arg-type]
 
     @classmethod
-    def manual(cls, text: str) -> "Change":
+    def delete(cls, path: list[str] | tuple[str, ...] | str, file: str = "config.toml") -> Change:
+        """Remove the key at ``path``."""
+        return cls(kind="config", file=file, path=path, op="delete")  # type: ignore[arg-type]
+
+    @classmethod
+    def manual(cls, text: str) -> Change:
+        """A step for a person (``apply`` lists it, never performs it)."""
         return cls(kind="manual", text=text)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Change":
-        return cls(**{k: data.get(k) for k in ("kind", "file", "path", "op", "value", "text")})
+    def from_dict(cls, data: Any) -> Change:
+        """A change given as data, as stored: ``{"kind": "config", "file": "config.toml",
+        "path": [...], "op": "set", "value": 90000}`` or ``{"kind": "manual", "text": ...}``.
+        ``file`` defaults to config.toml and ``op`` to ``set`` (``delete`` when no value)."""
+        if isinstance(data, Change):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"a change must be a Change or a dict, got {type(data).__name__}")  # noqa: TRY004
+        unknown = sorted(set(map(str, data)) - set(CHANGE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown change field(s) {', '.join(unknown)}; fields: {', '.join(CHANGE_FIELDS)}")
+        values = {k: data.get(k) for k in CHANGE_FIELDS}
+        if values["kind"] == "config":
+            values["file"] = values["file"] if "file" in data else "config.toml"
+            if values["op"] is None:
+                values["op"] = "set" if "value" in data else "delete"
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind == "manual":
@@ -104,17 +210,35 @@ class Change:
         """One human-readable line: ``config.toml: tools."x".timeout_ms = 90000``."""
         if self.kind == "manual":
             return str(self.text)
-        keys = ".".join(p if re.fullmatch(r"[A-Za-z0-9_-]+", p) else f'"{p}"' for p in self.path or [])
+        keys = ".".join(p if re.fullmatch(r"[A-Za-z0-9_-]+", p) else json.dumps(p, ensure_ascii=False) for p in self.path or [])
         if self.op == "delete":
             return f"{self.file}: remove {keys}"
         value = str(self.value).lower() if isinstance(self.value, bool) else repr(self.value).replace("'", '"')
         return f"{self.file}: {keys} = {value}"
 
 
+def as_changes(changes: Any) -> list[Change]:
+    """A list of :class:`Change` from Change objects and/or dicts; ValueError otherwise."""
+    if not isinstance(changes, (list, tuple)):
+        raise ValueError(f"changes must be a list, got {type(changes).__name__}")  # noqa: TRY004
+    out = []
+    for i, c in enumerate(changes):
+        try:
+            out.append(Change.from_dict(c))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"change {i + 1}: {exc}") from None
+    return out
+
+
 @dataclass
 class Proposal:
     """A strategy's answer for one pattern.
 
+    ``description`` (one line: what the fix is), ``expected_impact`` (one line, with its
+    basis), ``risk_level`` (one of :data:`RISK_LEVELS`), ``changes`` (at least one
+    :class:`Change`, or dicts as :meth:`Change.from_dict` reads them),
+    ``changes_required`` (a line per change; :meth:`Strategy.make_proposal` fills it),
+    ``evidence`` (JSON data: what the numbers came from, shown by ``show`` and stored).
     ``expected_reduction`` is the share (0..1) of the pattern's failures in the window
     the change would have avoided, estimated from history; None when the strategy
     cannot estimate it (``expected_impact`` then says "unknown").
@@ -136,7 +260,7 @@ class Proposal:
     def __post_init__(self) -> None:
         if self.risk_level not in RISK_LEVELS:
             raise ValueError(f"risk_level must be one of {RISK_LEVELS}, got {self.risk_level!r}")
-        self.changes = [c if isinstance(c, Change) else Change.from_dict(c) for c in self.changes]
+        self.changes = as_changes(self.changes)
         if not self.changes:
             raise ValueError("a proposal needs at least one change")
 
@@ -146,9 +270,71 @@ class Proposal:
         return d
 
 
+def _json_depth_ok(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return True
+
+
+def validate_proposal(proposal: Any, pattern_id: str | None = None) -> Proposal:
+    """Check what a strategy returned before anything is stored; returns it or raises
+    ValueError with the first problem (one line).
+
+    A proposal must be a :class:`Proposal` for ``pattern_id`` with a non-empty one-line
+    ``description`` and ``expected_impact`` (strings), a known ``risk_level``, at least one
+    change, each a :class:`Change`, ``changes_required`` a list of strings, numbers in
+    range, and ``evidence`` a JSON object (str keys, finite numbers, at most
+    :data:`MAX_EVIDENCE_DEPTH` levels deep and :data:`MAX_EVIDENCE_BYTES` when encoded).
+    """
+    if not isinstance(proposal, Proposal):
+        raise ValueError(f"returned {type(proposal).__name__}, not a Proposal")  # noqa: TRY004
+    if pattern_id is not None and proposal.pattern_id != pattern_id:
+        raise ValueError(f"returned a proposal for {proposal.pattern_id!r}, not {pattern_id!r}")
+    for name in ("description", "expected_impact", "strategy", "error_type", "tool_name"):
+        value = getattr(proposal, name)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if proposal.risk_level not in RISK_LEVELS:
+        raise ValueError(f"risk_level must be one of {RISK_LEVELS}, got {proposal.risk_level!r}")
+    if not isinstance(proposal.changes, list) or not proposal.changes:
+        raise ValueError("a proposal needs at least one change")
+    for i, change in enumerate(proposal.changes):
+        if not isinstance(change, Change):
+            raise ValueError(f"change {i + 1} is a {type(change).__name__}, not a Change")  # noqa: TRY004
+        Change.from_dict(change.to_dict())  # re-validates a Change edited after it was made
+    if not isinstance(proposal.changes_required, list) or not all(isinstance(c, str) for c in proposal.changes_required):
+        raise ValueError("changes_required must be a list of strings")
+    for name in ("confidence", "expected_reduction"):
+        value = getattr(proposal, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0.0 <= value <= 1.0):
+            raise ValueError(f"{name} must be a number between 0 and 1 or None, got {value!r}")
+    if not isinstance(proposal.evidence, dict):
+        raise ValueError(f"evidence must be a dict, got {type(proposal.evidence).__name__}")  # noqa: TRY004
+    if not _json_depth_ok(proposal.evidence, MAX_EVIDENCE_DEPTH):
+        raise ValueError(f"evidence is nested more than {MAX_EVIDENCE_DEPTH} levels deep")
+    try:
+        encoded = json.dumps(proposal.evidence, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"evidence is not JSON data ({detail})") from None
+    if len(encoded) > MAX_EVIDENCE_BYTES:
+        raise ValueError(f"evidence is {len(encoded)} bytes when encoded, more than {MAX_EVIDENCE_BYTES}")
+    return proposal
+
+
 @dataclass
 class ToolCall:
-    """One finished call of a tool (a ``tool_complete`` event)."""
+    """One finished call of a tool (a ``tool_complete`` event) in the window.
+
+    ``event_id`` (the ``run_events`` row id), ``run_id``, ``ts`` (epoch seconds),
+    ``ok`` (False when ``is_error``), ``duration_ms`` (None when absent or invalid),
+    ``error_type`` (normalised, None on success)."""
 
     event_id: int
     run_id: str
@@ -162,16 +348,22 @@ class ToolCall:
 class HistoryWindow:
     """What a strategy may read: the connection, the analysis window and the settings.
 
-    Reads are lazy and cached, so several strategies proposing in one command scan the
-    ``tool_complete`` rows of the window once.
+    ``since`` and ``until`` are the window's start and end (aware datetimes; ``until`` is
+    never None: it defaults to the moment the window is made). Reads are lazy and cached,
+    so several strategies proposing in one command scan the ``tool_complete`` rows of the
+    window once.
     """
 
     conn: sqlite3.Connection
     since: datetime
-    until: datetime | None = None
-    settings: "Settings | None" = None
+    until: datetime = field(default_factory=utcnow)
+    settings: Settings | None = None
     _calls: dict[str, list[ToolCall]] | None = field(default=None, repr=False)
     _config: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.until is None:  # older callers passed None for "now"
+            self.until = utcnow()
 
     def tool_calls(self, tool_name: str) -> list[ToolCall]:
         """Every call of ``tool_name`` in the window, oldest first."""
@@ -181,7 +373,7 @@ class HistoryWindow:
 
     def _load_calls(self) -> dict[str, list[ToolCall]]:
         lo = self.since.timestamp() / 86400 + 2440587.5
-        hi = self.until.timestamp() / 86400 + 2440587.5 if self.until else 1e12
+        hi = self.until.timestamp() / 86400 + 2440587.5
         sql = """
         SELECT id, run_id, (julianday(timestamp) - 2440587.5) * 86400.0 AS ts,
                json_extract(event_data, '$.name'), json_extract(event_data, '$.is_error'),
@@ -223,36 +415,48 @@ class Strategy(abc.ABC):
     """Base class for fix strategies; register instances through ``register_strategies``.
 
     Subclasses set ``name`` (unique, shown in ``plugins`` and stored on proposals),
-    ``error_types`` (canonical names, e.g. ``("timeout",)``) and ``summary`` (one line:
-    what the fix does), and implement :meth:`propose`.
+    ``error_types`` (canonical names, e.g. ``("timeout",)``; any spelling normalises) and
+    ``summary`` (one line: what the fix does), and implement :meth:`propose`; optionally
+    :meth:`suggest` and :meth:`simulate`. Every method is called in a worker thread with
+    a deadline (``plugin_timeout_seconds``): keep them free of global side effects.
     """
 
     name: ClassVar[str] = ""
     error_types: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
 
-    def suggest(self, pattern: "Pattern") -> str:
-        """A one-line fix for ``detect`` results, from the pattern alone (no history reads)."""
+    def suggest(self, pattern: Pattern) -> str:
+        """The one-line fix ``detect``, ``show`` and the MCP tools report as a pattern's
+        ``suggested_fix``, from the pattern alone: no history reads, it must be fast (it
+        runs for every pattern detected). Only the first line of the text is kept.
+        Default: the summary and the tool."""
         return f"{self.summary} ({pattern.tool_name})" if self.summary else f"See: agent self-heal show {pattern.id}"
 
     @abc.abstractmethod
-    def propose(self, pattern: "Pattern", history: HistoryWindow) -> Proposal:
-        """The fix for ``pattern``, with changes and an expected impact from ``history``."""
+    def propose(self, pattern: Pattern, history: HistoryWindow) -> Proposal:
+        """The fix for ``pattern``, with changes and an expected impact from ``history``;
+        build it with :meth:`make_proposal`. Raise (anything) when there is no fix: the
+        pattern then gets no proposal and the error is reported with this strategy's name."""
 
     def simulate(self, proposal: Proposal, history: HistoryWindow) -> Any | None:
         """Replay ``history`` with ``proposal`` applied; None means "no model"."""
         return None
 
-    def make_proposal(self, pattern: "Pattern", *, description: str, expected_impact: str, risk_level: str,
-                      changes: list[Change], expected_reduction: float | None = None,
+    def make_proposal(self, pattern: Pattern, *, description: str, expected_impact: str, risk_level: str,
+                      changes: list[Change | dict[str, Any]], expected_reduction: float | None = None,
                       evidence: dict[str, Any] | None = None,
                       changes_required: list[str] | None = None) -> Proposal:
-        """A :class:`Proposal` for ``pattern`` with this strategy's name filled in."""
+        """A :class:`Proposal` for ``pattern`` with this strategy's name filled in.
+
+        ``changes`` may mix :class:`Change` objects and dicts (:meth:`Change.from_dict`);
+        ``risk_level`` is one of :data:`RISK_LEVELS`; ``changes_required`` defaults to one
+        :meth:`Change.describe` line per change. Raises ValueError on invalid input."""
+        parsed = as_changes(changes)
         return Proposal(
             pattern_id=pattern.id, error_type=normalize_error_type(pattern.error_type),
             tool_name=pattern.tool_name, strategy=self.name, description=description,
             expected_impact=expected_impact, risk_level=risk_level,
-            changes_required=changes_required or [c.describe() for c in changes], changes=changes,
+            changes_required=changes_required or [c.describe() for c in parsed], changes=parsed,
             confidence=pattern.confidence,
             expected_reduction=None if expected_reduction is None else round(float(expected_reduction), 4),
             evidence=evidence or {},
@@ -299,7 +503,7 @@ def retries_needed(failure_rate: float, target: float = 0.01, max_retries: int =
     return max_retries
 
 
-def recovered_in_run(pattern: "Pattern", history: HistoryWindow) -> tuple[int, list[float]]:
+def recovered_in_run(pattern: Pattern, history: HistoryWindow) -> tuple[int, list[float]]:
     """How many of the pattern's failures were followed by a successful call of the same
     tool in the same run, and the delays (ms) until that success."""
     calls = history.tool_calls(pattern.tool_name)
@@ -338,7 +542,7 @@ class RetryPlan:
 DEFAULT_BACKOFF_MS = 1000
 
 
-def retry_plan(pattern: "Pattern", history: HistoryWindow) -> RetryPlan:
+def retry_plan(pattern: Pattern, history: HistoryWindow) -> RetryPlan:
     rate = float(pattern.failure_rate)
     attempts = retries_needed(rate)
     _, delays = recovered_in_run(pattern, history)
