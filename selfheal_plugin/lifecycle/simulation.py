@@ -521,7 +521,7 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
     from selfheal_plugin.plugins.strategy import HistoryWindow
     from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
 
-    from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError
+    from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError, update_if_unchanged
 
     if mode not in TEST_MODES:
         raise UsageError(f"unknown test mode {mode!r}: use {', '.join(TEST_MODES)}")
@@ -597,7 +597,9 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
     fields: dict[str, Any] = {"test_result": result}
     if imp.status == "proposed":
         fields["status"] = "tested"
-    imp = store.update(imp.id, **fields)
+    # Compare-and-set under the apply lock: an apply, reject or canary that happened while
+    # we simulated wins, and this result is not stored over it.
+    imp = update_if_unchanged(store, settings, imp, "the test result was not stored", **fields)
     plugins.fire("improvement_tested", improvement=imp, result=result, settings=settings)
     return result
 
