@@ -401,6 +401,46 @@ def test_verify_that_finishes_after_a_rollback_does_not_overwrite_it(versioned, 
     assert (versioned / "config.toml").read_text() == CONFIG
 
 
+def test_two_applies_at_once_make_one_commit(versioned, db, tmp_path):
+    imp = add_improvement(db, [timeout_change()])
+    pause_a, pause_b = tmp_path / "a", tmp_path / "b"
+    pause_a.mkdir()
+    pause_b.mkdir()
+    first = spawn("self-heal", "apply", imp.id, "--yes", "--home", str(versioned), pause_at="after-commit",
+                  pause_dir=pause_a)
+    wait_reached(pause_a, "after-commit", first)  # committed, row not yet applied, lock held
+    go(pause_b, "lock-busy")
+    second = spawn("self-heal", "apply", imp.id, "--yes", "--home", str(versioned), pause_at="lock-busy",
+                   pause_dir=pause_b)
+    wait_reached(pause_b, "lock-busy", second)
+    go(pause_a, "after-commit")
+    code_a, _, err_a = finish(first)
+    code_b, _, err_b = finish(second)
+    assert code_a == 0, err_a
+    assert code_b == 1 and f"{imp.id} changed meanwhile (now applied)" in err_b, err_b
+    assert len(commits_of(versioned, imp.id)) == 1
+    assert_consistent(versioned, db, imp.id)
+
+
+def test_a_simulation_that_finishes_after_a_canary_start_does_not_overwrite_it(versioned, db, tmp_path):
+    imp = add_improvement(db, [timeout_change()])
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    tester = spawn("self-heal", "test", imp.id, "--home", str(versioned), pause_at="before-conditional-write",
+                   pause_dir=pause)
+    wait_reached(pause, "before-conditional-write", tester)
+    r = run_agent("self-heal", "test", imp.id, "--mode", "canary", "--home", str(versioned))
+    assert r.returncode == 0, r.stderr
+    go(pause, "before-conditional-write")
+    code, out, err = finish(tester)
+    assert code == 1 and f"{imp.id} changed meanwhile (now canary)" in err, (out, err)
+    state = row(db, imp.id)
+    assert state.status == "canary" and state.test_result is None and state.pending_op is None
+    assert f"[canary.{imp.id}]" in (versioned / "config.toml").read_text()
+    assert git(versioned, "status", "--porcelain") == ""
+    assert state.experiment["commit_sha"] == git(versioned, "rev-parse", "HEAD").strip()
+
+
 def test_conditional_update_in_process(versioned, db):
     imp = add_improvement(db, [timeout_change()])
     conn = connect(db)

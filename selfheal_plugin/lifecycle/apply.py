@@ -264,7 +264,17 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
     Raises the same refusals ``apply`` would (wrong status, forbidden change, unparsable
     or uncommitted config).
     """
-    imp = ImprovementStore(conn).get(improvement_id)
+    store = ImprovementStore(conn)
+    imp = store.get(improvement_id)
+    if imp.pending_op:  # maybe an apply or rollback running in another process: let it finish, look again
+        lock = _locked(settings)
+        try:
+            fresh = store.get(improvement_id)
+        finally:
+            lock.release()
+        if fresh.status != imp.status:
+            raise ChangedMeanwhileError(f"{imp.id} changed meanwhile (now {fresh.status}); nothing was changed")
+        imp = fresh
     _check_applicable(imp)
     changes, manual = _config_changes(imp)
     plan: dict[str, Any] = {"improvement_id": imp.id, "description": imp.description, "manual_steps": manual,
@@ -284,8 +294,18 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
     return plan
 
 
-def _check_applicable(imp: Improvement) -> None:
-    if imp.pending_op:
+def _reread_applicable(store: ImprovementStore, improvement_id: str) -> Improvement:
+    """The row again, under the apply lock: an improvement that another command took past
+    proposed/tested since we first read it is the loser's one line, "changed meanwhile"."""
+    imp = store.get(improvement_id)
+    if imp.status not in APPLICABLE:
+        raise ChangedMeanwhileError(f"{imp.id} changed meanwhile (now {imp.status}); nothing was changed")
+    _check_applicable(imp)
+    return imp
+
+
+def _check_applicable(imp: Improvement, pending: bool = True) -> None:
+    if pending and imp.pending_op:
         op = imp.pending_op.get("op") if isinstance(imp.pending_op, dict) else None
         raise LifecycleError(f"{imp.id} has an interrupted {str(op)[:40]} that could not be recovered; "
                              "see the warning above")
@@ -311,7 +331,7 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
     """
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
-    _check_applicable(imp)
+    _check_applicable(imp, pending=False)  # an intent now may be an apply running elsewhere: see under the lock
     changes, manual = _config_changes(imp)
     now = now or utcnow()
     if not changes:
@@ -320,8 +340,7 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
                              f"(steps: {'; '.join(manual) or 'none listed'})")
         lock = _locked(settings)
         try:
-            imp = store.get(improvement_id)
-            _check_applicable(imp)
+            imp = _reread_applicable(store, improvement_id)
             imp = _record_applied(store, imp, settings, now, commit_sha=None, changes_made=changes_made.strip(),
                                   record=None)
         finally:
@@ -330,8 +349,7 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
         return _applied_result(imp, manual, diff="", creates=False)
     lock = _locked(settings)
     try:
-        imp = store.get(improvement_id)  # another process may have applied it meanwhile
-        _check_applicable(imp)
+        imp = _reread_applicable(store, improvement_id)  # another process may have applied it meanwhile
         cr = gitops.locate(settings.config_path, settings.home)
         old = read_text(cr.real_path)
         edit = configedit.edit_config(old, changes, where=str(cr.real_path))
@@ -524,10 +542,7 @@ def reject_improvement(conn: sqlite3.Connection, settings: Settings, improvement
         raise LifecycleError(f"{imp.id} is {imp.status}; only proposed or tested improvements can be rejected")
     lock = _locked(settings)  # not in the middle of an apply: it either finished (we lose) or never started
     try:
-        imp = store.get(improvement_id)
-        if imp.status not in APPLICABLE:
-            raise ChangedMeanwhileError(f"{imp.id} changed meanwhile (now {imp.status}); nothing was changed")
-        _check_applicable(imp)  # an interrupted apply is finished or undone first
+        imp = _reread_applicable(store, improvement_id)  # an interrupted apply is finished or undone first
         imp = update_status(store, imp.id, imp.status, status="rejected")
     finally:
         lock.release()
