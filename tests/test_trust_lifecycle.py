@@ -16,7 +16,7 @@ import pytest
 
 from selfheal_plugin.errors import ConfigError, SelfHealError
 from selfheal_plugin.history.connection import connect
-from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.improvements import STATUSES, ImprovementStore
 from selfheal_plugin.history.settings import read_config
 from selfheal_plugin.lifecycle.apply import (
     ChangedMeanwhileError, UntrustedRecordError, apply_improvement, reject_improvement, rollback_improvement,
@@ -156,6 +156,40 @@ def test_recovery_writes_back_only_text_that_git_has(versioned, db):
     actions, _ = run_recover(versioned, db)
     assert actions[0]["action"] == "undone"
     assert (versioned / "config.toml").read_text() == CONFIG and row(db, imp.id).pending_op is None
+
+
+def test_recovery_never_deletes_a_config_git_has_no_copy_of(binks_home, tmp_path):
+    """A forged 'the file did not exist before' intent against a config that is not
+    committed: the file is set aside, never deleted."""
+    home = binks_home
+    db = home / "conversations.db"
+    connect(db, create=True).close()
+    git(home, "init", "-q", "-b", "main")
+    (home / ".gitignore").write_text("conversations.db*\n/selfheal/\n")
+    git(home, "add", ".gitignore")
+    git_as_user(home, "commit", "-q", "-m", "init")
+    (home / "config.toml").write_text(CONFIG)  # the user's, never committed
+    head = git(home, "rev-parse", "HEAD").strip()
+    op = {"op": "apply", "step": "intent", "head_before": head, "old_sha256": None, "old_text": None,
+          "new_sha256": sha(CONFIG), "record": {"config_path": str(home / "config.toml")}}
+    add_improvement(db, [timeout_change()], pending_op=op)
+    actions, _ = run_recover(home, db)
+    assert actions[0]["action"] == "undone" and "set aside" in actions[0]["detail"]
+    assert (home / ".config.toml.selfheal-undone").read_text() == CONFIG
+
+
+def test_recovery_restores_nothing_once_head_moved_on(versioned, db):
+    head = git(versioned, "rev-parse", "HEAD").strip()
+    (versioned / "config.toml").write_text(APPLIED)
+    git(versioned, "add", "config.toml")
+    git_as_user(versioned, "commit", "-q", "-m", "user commits the new value")
+    (versioned / "config.toml").write_text(APPLIED)
+    op = forged_apply_op(versioned / "config.toml", versioned, CONFIG, head)
+    op["old_sha256"], op["new_sha256"] = sha(CONFIG), sha(APPLIED)
+    add_improvement(db, [timeout_change()], pending_op=op)
+    actions, lines = run_recover(versioned, db)
+    assert actions[0]["action"] == "failed" and "refused to guess" in lines[0]
+    assert (versioned / "config.toml").read_text() == APPLIED
 
 
 def test_recovery_never_passes_a_recorded_revision_to_git(versioned, db, tmp_path):
@@ -375,7 +409,7 @@ def test_reject_during_an_apply_loses_cleanly(versioned, db, tmp_path):
                      pause_dir=pause_r)
     wait_reached(pause_r, "lock-busy", rejecter)  # it read "proposed" and waits for the apply's lock
     go(pause_a, "after-write")
-    code_a, out_a, err_a = finish(applier)
+    code_a, _, err_a = finish(applier)
     code_r, out_r, err_r = finish(rejecter)
     assert code_a == 0, err_a
     assert code_r == 1, (out_r, err_r)
@@ -557,3 +591,85 @@ def test_invalid_utf8_in_config_is_like_invalid_toml(binks_home, db):
         r = run_agent(*args, "--home", str(binks_home))
         assert r.returncode == 1 and "not valid TOML" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ properties: any row, any config bytes
+
+
+def test_any_forged_intent_writes_nothing_outside_the_home_config(tmp_path_factory):
+    """Whatever a row's pending_op holds, recovery raises nothing but reports, and no file
+    but the home's config.toml (with text git has) is ever written."""
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+    base = tmp_path_factory.mktemp("forged")
+    home = base / "binks"
+    home.mkdir()
+    (home / "config.toml").write_text(CONFIG)
+    git(home, "init", "-q", "-b", "main")
+    (home / ".gitignore").write_text("conversations.db*\n/selfheal/\n")
+    git(home, "add", "config.toml", ".gitignore")
+    git_as_user(home, "commit", "-q", "-m", "my config")
+    other = base / "other"
+    other.mkdir()
+    git(other, "init", "-q", "-b", "main")
+    (other / "victim.txt").write_text("precious\n")
+    git(other, "add", "victim.txt")
+    git_as_user(other, "commit", "-q", "-m", "victim")
+    db = home / "conversations.db"
+    connect(db, create=True).close()
+    watched = [other / "victim.txt", other / ".git" / "config", home / ".git" / "config", home / ".gitignore"]
+    before = snapshot(*watched)
+    heads = [git(home, "rev-parse", "HEAD").strip(), git(other, "rev-parse", "HEAD").strip()]
+    paths = [str(home / "config.toml"), str(other / "victim.txt"), str(other / ".git" / "config"),
+             str(home / ".git" / "config"), str(home / ".." / "other" / "victim.txt"), "config.toml", "/dev/null"]
+    texts = st.one_of(st.none(), st.sampled_from([CONFIG, APPLIED, "PWNED\n"]), st.text(max_size=30))
+    revs = st.one_of(st.none(), st.sampled_from(heads + ["HEAD", "--output=/tmp/x", "0" * 40]), st.text(max_size=12))
+    anything = st.one_of(st.none(), st.integers(), st.text(max_size=10), st.lists(st.integers(), max_size=2))
+    record = st.fixed_dictionaries({}, optional={
+        "config_path": st.one_of(st.sampled_from(paths), anything), "real_path": st.sampled_from(paths),
+        "repo": st.sampled_from([str(home), str(other), "/"]), "entries": st.one_of(st.just([]), anything)})
+    op = st.fixed_dictionaries({"op": st.sampled_from(["apply", "rollback", "experiment-start", "experiment-end",
+                                                       "rm -rf", None])}, optional={
+        "record": st.one_of(record, anything), "old_text": texts, "head_before": revs, "commit_sha": revs,
+        "old_sha256": st.one_of(st.none(), st.sampled_from([sha(CONFIG), sha(APPLIED), sha("PWNED\n")])),
+        "new_sha256": st.sampled_from([sha(CONFIG), sha(APPLIED)]), "started_at": anything,
+        "action": st.sampled_from(["canary", "shadow-end", "apply", "x"]),
+        "finish": st.one_of(anything, st.fixed_dictionaries({"status": st.sampled_from(STATUSES)})),
+        "sha_key": st.sampled_from(["commit_sha", "status"])})
+
+    @hsettings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(pending=st.one_of(op, anything))
+    def check(pending):
+        (home / "config.toml").write_text(APPLIED)
+        imp = add_improvement(db, [timeout_change()], pending_op=pending)
+        try:
+            _, lines = run_recover(home, db)
+            assert all("\n" not in line for line in lines)
+            assert snapshot(*watched) == before
+            assert (home / "config.toml").read_text() in (CONFIG, APPLIED)
+            assert not Path("/tmp/x").exists() or Path("/tmp/x").stat().st_mtime < 0
+            state = row(db, imp.id)
+            assert state.status in ("proposed", "canary", "shadow", "tested")  # never applied without our commit
+        finally:
+            set_row(db, imp.id, pending_op=None, status="rejected")
+            git(home, "checkout", "-q", "--", "config.toml")
+
+    check()
+
+
+def test_any_config_bytes_are_parsed_or_one_config_error(tmp_path):
+    from hypothesis import given, settings as hsettings, strategies as st
+
+    path = tmp_path / "config.toml"
+
+    @hsettings(max_examples=200, deadline=None)
+    @given(data=st.one_of(st.binary(max_size=200),
+                          st.text(max_size=100).map(lambda t: ("[self_heal]\nx = \"" + t + "\"\n").encode())))
+    def check(data):
+        path.write_bytes(data)
+        try:
+            read_config(path)
+        except ConfigError as exc:
+            assert str(exc).startswith(str(path))
+
+    check()

@@ -613,10 +613,11 @@ def undo_config_write(cr: gitops.ConfigRepo, op: dict[str, Any]) -> str:
     h = sha256_text(current)
     if h == op.get("new_sha256") and h != op.get("old_sha256"):
         old = _trusted_old_text(cr, op)
-        if old is None:
-            cr.real_path.unlink(missing_ok=True)
-        else:
-            atomic_write(cr.real_path, old)
+        if old is None:  # it did not exist: set aside, never deleted (git has no copy of it)
+            aside = _set_aside(cr.real_path)
+            _reset_index(cr)
+            return f"config set aside as {aside.name} (there was none before)"
+        atomic_write(cr.real_path, old)
         _reset_index(cr)
         return "config restored to its previous content"
     if h == op.get("old_sha256"):
@@ -635,9 +636,10 @@ def _trusted_old_text(cr: gitops.ConfigRepo, op: dict[str, Any]) -> str | None:
     if (old is not None and not isinstance(old, str)) or sha256_text(old) != op.get("old_sha256"):
         raise UntrustedRecordError(f"the recorded previous text of {cr.real_path} does not match its recorded hash; "
                                    "refused, nothing was changed")
-    if head_before is not None and not gitops.reachable(cr, head_before):
-        raise UntrustedRecordError(f"{str(head_before)[:40]!r} is not a commit in the history of HEAD in {cr.root}; "
-                                   "refused, nothing was changed")
+    head = gitops.head_sha(cr)
+    if head_before != head:  # an unfinished operation never moved HEAD: restore only what HEAD has
+        raise UntrustedRecordError(f"the interrupted operation started at {str(head_before)[:12]!r} but HEAD of "
+                                   f"{cr.root} is {str(head)[:12]!r}; refused to guess, nothing was changed")
     committed = gitops.file_at(cr, head_before) if head_before else None
     if committed is None:
         ok = old is None or not old.strip()
@@ -647,6 +649,16 @@ def _trusted_old_text(cr: gitops.ConfigRepo, op: dict[str, Any]) -> str | None:
         raise UntrustedRecordError(f"the recorded previous text of {cr.real_path} is not what git has at "
                                    f"{str(head_before)[:12] or 'HEAD'}; refused, nothing was changed")
     return old
+
+
+def _set_aside(path: Path) -> Path:
+    n = 0
+    while True:
+        aside = path.with_name(f".{path.name}.selfheal-undone" + (f"-{n}" if n else ""))
+        if not os.path.lexists(aside):
+            os.rename(path, aside)
+            return aside
+        n += 1
 
 
 def _reset_index(cr: gitops.ConfigRepo) -> None:

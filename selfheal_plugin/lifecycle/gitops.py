@@ -155,9 +155,12 @@ def ensure_repo(cr: ConfigRepo) -> ConfigRepo:
         cr.repo = git.Repo.init(cr.root)
     gi = cr.root / ".gitignore"
     if head_sha(cr) is None:
-        ours = not gi.exists() or gi.read_text(encoding="utf-8", errors="replace").startswith(GITIGNORE_MARKER)
+        # (never through a symlink or into a FIFO: lexists/is_file, not exists/read)
+        absent = not os.path.lexists(gi)
+        ours = absent or (not gi.is_symlink() and gi.is_file() and gi.read_text(
+            encoding="utf-8", errors="replace").startswith(GITIGNORE_MARKER))
         if ours:
-            if not gi.exists():
+            if absent:
                 gi.write_text(GITIGNORE, encoding="utf-8")
             paths = [".gitignore"] + ([cr.rel] if cr.real_path.exists() else [])
             cr.git("add", "--", *paths)
