@@ -20,7 +20,19 @@ cleared — and reported on one line with git's own reason; config, git and data
 disagree until some later command.
 
 One process at a time: ``BINKS_HOME/selfheal/locks/apply.lock`` guards apply, rollback and
-recovery; recovery skips while another command holds it. (The locks folder has its own
+recovery; recovery skips while another command holds it. Every status change (apply,
+reject, rollback, test, verify, canary start/end) is a compare-and-set on the status it
+read, made under that lock (:func:`update_status`, :func:`update_if_unchanged`); the loser
+of a race gets ``<id> changed meanwhile (now STATUS)`` and nothing changes.
+
+The database is written by another program: nothing read from it chooses what is written.
+Recovery and rollback work on the home's own config file and repository only
+(:func:`home_config_repo`), write back only text git has at HEAD, and revert only a full
+commit id reachable from HEAD that carries our trailers for that improvement and touched
+the config alone (:func:`gitops.untrusted_commit`); anything else is one line
+(:class:`UntrustedRecordError`) and nothing is written. ``SELFHEAL_PAUSE_AT=<step>`` with
+``SELFHEAL_PAUSE_DIR`` holds a process at a step (crash steps, ``lock-busy``,
+``before-conditional-write``) until a file says go, so tests can order racing processes. (The locks folder has its own
 ``.gitignore``, so a dotfiles repository holding BINKS_HOME never sees the lock.)
 """
 from __future__ import annotations
