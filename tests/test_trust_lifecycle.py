@@ -132,6 +132,23 @@ def test_recovery_never_writes_a_file_of_another_repository(home, db, victim, wh
     assert row(db, imp.id).status == "proposed"
 
 
+def test_every_command_reports_a_forged_intent_in_one_line(home, db, victim):
+    target = victim / ".git" / "config"
+    payload = "[core]\n\tfsmonitor = touch pwned\n"
+    op = forged_apply_op(target, victim, payload, git(victim, "rev-parse", "HEAD").strip())
+    imp = add_improvement(db, [timeout_change()], pending_op=op)
+    before = snapshot(target, victim / "victim.txt")
+    r = run_agent("self-heal", "improvements", "--home", str(home))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    said = " ".join(r.stderr.split())  # (the terminal may wrap a long line)
+    assert f"could not recover the interrupted apply of {imp.id}: the interrupted apply of {imp.id} names" in said
+    r = run_agent("self-heal", "apply", imp.id, "--yes", "--home", str(home))
+    assert r.returncode == 1 and "could not be recovered" in r.stderr and "Traceback" not in r.stderr
+    assert snapshot(target, victim / "victim.txt") == before and not (victim / "pwned").exists()
+    git(victim, "status")  # no fsmonitor command was planted
+    assert not (victim / "pwned").exists()
+
+
 def test_recovery_refuses_a_repository_other_than_the_homes(versioned, db, victim):
     head = git(versioned, "rev-parse", "HEAD").strip()
     op = forged_apply_op(versioned / "config.toml", victim, CONFIG, head)

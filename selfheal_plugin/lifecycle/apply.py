@@ -625,6 +625,7 @@ def undo_config_write(cr: gitops.ConfigRepo, op: dict[str, Any]) -> str:
     h = sha256_text(current)
     if h == op.get("new_sha256") and h != op.get("old_sha256"):
         old = _trusted_old_text(cr, op)
+        gitops.check_file_writable(cr.real_path)  # a file made read-only since is not replaced either
         if old is None:  # it did not exist: set aside, never deleted (git has no copy of it)
             aside = _set_aside(cr.real_path)
             _reset_index(cr)

@@ -203,15 +203,24 @@ def check_writable(cr: ConfigRepo) -> None:
     except OSError as exc:
         raise GitOpsError(f"cannot inspect {cr.real_path}: {exc.strerror or exc}; nothing was changed") from None
     if st is not None:
-        if not stat.S_ISREG(st.st_mode):
-            raise GitOpsError(f"{cr.real_path} is not a regular file ({_file_kind(st.st_mode)}); selfheal only edits "
-                              "a regular config.toml, nothing was changed")
-        if not st.st_mode & stat.S_IWUSR or not os.access(cr.real_path, os.W_OK):
-            raise GitOpsError(f"{cr.real_path} is read-only; selfheal does not replace a file its owner made "
-                              "read-only (chmod u+w it to allow changes), nothing was changed")
+        check_file_writable(cr.real_path, st)
     if cr.repo is not None and head_sha(cr) is not None and cr.repo.head.is_detached:
         raise GitOpsError(f"the git repository at {cr.root} is on a detached HEAD ({head_sha(cr)[:12]}); a commit "
                           "there would be lost at the next checkout. Check out a branch first; nothing was changed")
+
+
+def check_file_writable(path: Path, st: os.stat_result | None = None) -> None:
+    """Refuse to replace ``path`` unless it is a regular file its owner may write."""
+    try:
+        st = st or os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise GitOpsError(f"{path} is not a regular file ({_file_kind(st.st_mode)}); selfheal only edits "
+                          "a regular config.toml, nothing was changed")
+    if not st.st_mode & stat.S_IWUSR or not os.access(path, os.W_OK):
+        raise GitOpsError(f"{path} is read-only; selfheal does not replace a file its owner made "
+                          "read-only (chmod u+w it to allow changes), nothing was changed")
 
 
 def _file_kind(mode: int) -> str:
