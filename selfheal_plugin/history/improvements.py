@@ -17,7 +17,7 @@ import sqlite3
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from selfheal_plugin.errors import NotFoundError
+from selfheal_plugin.errors import NotFoundError, SelfHealError
 from selfheal_plugin.history.connection import load_json, table_columns, write_transaction
 from selfheal_plugin.history.times import format_timestamp, utcnow
 
@@ -25,6 +25,15 @@ STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "re
 OPEN_STATUSES = ("proposed", "tested", "canary", "shadow", "applied")
 _JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact",
                 "apply_record", "evidence", "experiment")
+
+
+class StatusChangedError(SelfHealError):
+    """A conditional update found the row in another status than the one it read (another
+    command changed it meanwhile); nothing was written."""
+
+    def __init__(self, improvement_id: str, expected: tuple[str, ...], actual: str):
+        self.improvement_id, self.expected, self.actual = improvement_id, expected, actual
+        super().__init__(f"{improvement_id} changed meanwhile (now {actual}); nothing was changed")
 
 
 @dataclass
@@ -149,16 +158,30 @@ class ImprovementStore:
             self._insert_row(imp)
         return imp, True
 
-    def update(self, improvement_id: str, **fields_: Any) -> Improvement:
-        """Set some fields of one row (JSON fields take Python values)."""
+    def update(self, improvement_id: str, *, expect_status: str | tuple[str, ...] | None = None,
+               **fields_: Any) -> Improvement:
+        """Set some fields of one row (JSON fields take Python values).
+
+        With ``expect_status`` the update is a compare-and-set: it is made only while the
+        row is still in that status (one, or any of a tuple), else nothing is written and
+        :class:`StatusChangedError` says what the row is now.
+        """
         fields_["updated_at"] = format_timestamp(utcnow())
         values = {k: self._encode(k, v) for k, v in fields_.items() if k in self.columns}
+        expected = (expect_status,) if isinstance(expect_status, str) else tuple(expect_status or ())
+        where, params = "id = ?", [improvement_id]
+        if expect_status is not None:
+            where += f" AND status IN ({','.join('?' * len(expected))})" if expected else " AND 0"
+            params += list(expected)
         with write_transaction(self.conn):
             cur = self.conn.execute(
-                f"UPDATE improvements SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?",
-                [*values.values(), improvement_id])
+                f"UPDATE improvements SET {', '.join(f'{k} = ?' for k in values)} WHERE {where}",
+                [*values.values(), *params])
             if cur.rowcount == 0:
-                raise NotFoundError(f"no improvement {improvement_id!r}")
+                row = self.conn.execute("SELECT status FROM improvements WHERE id = ?", (improvement_id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no improvement {improvement_id!r}")
+                raise StatusChangedError(improvement_id, expected, row[0])
         return self.get(improvement_id)
 
     def _row_values(self, imp: Improvement) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -97,17 +98,40 @@ def resolve_home(home: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".binks"
 
 
+def read_config_text(path: Path) -> str | None:
+    """``config.toml``'s text (None when absent), never blocking: opened non-blocking and
+    refused unless it is a regular file (a FIFO there would hang every command); invalid
+    UTF-8 is a :class:`ConfigError` like invalid TOML."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path} is not a regular file; config.toml must be a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: invalid UTF-8 at byte {exc.start}") from None
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """The parsed ``config.toml`` (empty when the file is absent).
 
     Raises :class:`ConfigError` with the parser's reason when the file does not parse.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    text = read_config_text(path)
+    if text is None:
         return {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

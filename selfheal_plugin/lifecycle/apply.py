@@ -20,7 +20,19 @@ cleared — and reported on one line with git's own reason; config, git and data
 disagree until some later command.
 
 One process at a time: ``BINKS_HOME/selfheal/locks/apply.lock`` guards apply, rollback and
-recovery; recovery skips while another command holds it. (The locks folder has its own
+recovery; recovery skips while another command holds it. Every status change (apply,
+reject, rollback, test, verify, canary start/end) is a compare-and-set on the status it
+read, made under that lock (:func:`update_status`, :func:`update_if_unchanged`); the loser
+of a race gets ``<id> changed meanwhile (now STATUS)`` and nothing changes.
+
+The database is written by another program: nothing read from it chooses what is written.
+Recovery and rollback work on the home's own config file and repository only
+(:func:`home_config_repo`), write back only text git has at HEAD, and revert only a full
+commit id reachable from HEAD that carries our trailers for that improvement and touched
+the config alone (:func:`gitops.untrusted_commit`); anything else is one line
+(:class:`UntrustedRecordError`) and nothing is written. ``SELFHEAL_PAUSE_AT=<step>`` with
+``SELFHEAL_PAUSE_DIR`` holds a process at a step (crash steps, ``lock-busy``,
+``before-conditional-write``) until a file says go, so tests can order racing processes. (The locks folder has its own
 ``.gitignore``, so a dotfiles repository holding BINKS_HOME never sees the lock.)
 """
 from __future__ import annotations
@@ -29,6 +41,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -42,13 +55,16 @@ from selfheal_plugin.lifecycle import gitops
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
 from selfheal_plugin.errors import SelfHealError, UsageError
-from selfheal_plugin.history.improvements import Improvement, ImprovementStore
-from selfheal_plugin.history.settings import Settings, lock_dir
+from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError
+from selfheal_plugin.history.settings import Settings, lock_dir, read_config_text
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 
 log = logging.getLogger("selfheal.apply")
 
 CRASH_ENV = "SELFHEAL_CRASH_AT"
+PAUSE_ENV = "SELFHEAL_PAUSE_AT"  # tests: stop at a step until told to go on (orders racing processes)
+PAUSE_DIR_ENV = "SELFHEAL_PAUSE_DIR"
+PAUSE_LIMIT_S = 300.0
 APPLY_STEPS = ("after-intent", "after-write", "after-commit", "before-db-update")
 ROLLBACK_STEPS = ("rollback-after-intent", "rollback-after-write", "rollback-after-commit")
 LOCK_TIMEOUT_S = 30.0
@@ -65,10 +81,34 @@ class ConflictError(LifecycleError):
     """A later edit by the user touches a key selfheal would have to change back."""
 
 
+class ChangedMeanwhileError(LifecycleError):
+    """Another command changed the improvement's status between our read and our write
+    (the loser of a race); nothing was changed."""
+
+
+class UntrustedRecordError(LifecycleError):
+    """A database row names a file, repository, text or commit that is not this home's own
+    (the history database is written by another program); nothing was written."""
+
+
 def crash_point(step: str) -> None:
     """Exit at once (no cleanup, like a kill) when ``SELFHEAL_CRASH_AT`` names this step."""
     if os.environ.get(CRASH_ENV) == step:
         os._exit(99)
+    pause_point(step)
+
+
+def pause_point(step: str) -> None:
+    """When ``SELFHEAL_PAUSE_AT`` names this step: create ``<SELFHEAL_PAUSE_DIR>/<step>.reached``
+    and wait until ``<step>.go`` exists there (at most :data:`PAUSE_LIMIT_S`). Lets a test
+    hold one process at a known point while another runs, with files, not sleeps."""
+    if os.environ.get(PAUSE_ENV) != step or not os.environ.get(PAUSE_DIR_ENV):
+        return
+    folder = Path(os.environ[PAUSE_DIR_ENV])
+    (folder / f"{step}.reached").touch()
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not (folder / f"{step}.go").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def lock_for(settings: Settings) -> FileLock:
@@ -78,11 +118,39 @@ def lock_for(settings: Settings) -> FileLock:
 def _locked(settings: Settings) -> FileLock:
     lock = lock_for(settings)
     try:
-        lock.acquire(timeout=LOCK_TIMEOUT_S)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            pause_point("lock-busy")
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
     except Timeout:
         raise LifecycleError("another selfheal command is applying or rolling back an improvement; "
                              "nothing was changed, try again") from None
     return lock
+
+
+def update_status(store: ImprovementStore, improvement_id: str, expected: str | tuple[str, ...],
+                  what: str = "nothing was changed", **fields: Any) -> Improvement:
+    """Compare-and-set: write ``fields`` only while the row is still ``expected`` (the
+    status the caller read); else :class:`ChangedMeanwhileError` and nothing is written.
+    The caller holds the apply lock, so the check and every file/git step it guards
+    happen while no other selfheal command changes the row."""
+    try:
+        return store.update(improvement_id, expect_status=expected, **fields)
+    except StatusChangedError as exc:
+        raise ChangedMeanwhileError(f"{improvement_id} changed meanwhile (now {exc.actual}); {what}") from None
+
+
+def update_if_unchanged(store: ImprovementStore, settings: Settings, imp: Improvement,
+                        what: str = "nothing was changed", **fields: Any) -> Improvement:
+    """Take the apply lock and write ``fields`` only if ``imp`` is still in the status it was
+    read in (for a result computed without the lock: a simulation, a verification)."""
+    pause_point("before-conditional-write")
+    lock = _locked(settings)
+    try:
+        return update_status(store, imp.id, imp.status, what, **fields)
+    finally:
+        lock.release()
 
 
 def fire(hook: str, **kwargs: Any) -> None:
@@ -118,14 +186,12 @@ def _remove_temp_files(path: Path) -> None:
 
 def read_text(path: Path) -> str | None:
     """The file's text exactly as stored (no newline translation: a CRLF file stays CRLF,
-    so hashes, diffs and the bytes a recovery writes back are the file's own)."""
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise SelfHealError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    so hashes, diffs and the bytes a recovery writes back are the file's own).
+
+    Never blocks and never reads anything but a regular file (a FIFO at config.toml would
+    hang every command); invalid UTF-8 is a :class:`ConfigError` like invalid TOML
+    (:func:`~selfheal_plugin.history.settings.read_config_text`)."""
+    return read_config_text(path)
 
 
 def display_path(path: Path) -> str:
@@ -133,6 +199,68 @@ def display_path(path: Path) -> str:
         return "~/" + path.relative_to(Path.home()).as_posix()
     except ValueError:
         return str(path)
+
+
+# ------------------------------------------------------------------ the home's own config
+
+
+def _same_file(value: object, *allowed: str) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        return os.path.realpath(value) in allowed
+    except (ValueError, OSError):  # a NUL byte, a loop
+        return False
+
+
+def home_config_repo(settings: Settings, record: Any, what: str) -> gitops.ConfigRepo:
+    """The home's own config file and its repository — never a path read from the
+    database. A ``record`` (an intent's or apply's, from the database) naming any other
+    config file or repository is refused with :class:`UntrustedRecordError`."""
+    cr = gitops.locate(settings.config_path, settings.home)
+    record = record if isinstance(record, dict) else {}
+    allowed = (os.path.realpath(settings.config_path), str(cr.real_path))
+    for key in ("config_path", "real_path"):
+        value = record.get(key)
+        if value is not None and not _same_file(value, *allowed):
+            raise UntrustedRecordError(f"{what} names {str(value)[:200]!r} as its config file, not this home's "
+                                       f"{settings.config_path}; refused, nothing was changed")
+    repo = record.get("repo")
+    if repo is not None and not _same_file(repo, str(cr.root)):
+        raise UntrustedRecordError(f"{what} names {str(repo)[:200]!r} as its repository, not {cr.root} (which holds "
+                                   f"{settings.config_path}); refused, nothing was changed")
+    return cr
+
+
+def check_entries(cr: gitops.ConfigRepo, sha: str, entries: Any, what: str) -> list[dict[str, Any]]:
+    """The apply record's key edits (from the database), accepted only when the apply
+    commit ``sha`` really made them: each key held ``old`` in the commit's parent and
+    ``new`` in the commit. An inverse edit then only ever writes values git had."""
+    if not isinstance(entries, list):
+        raise UntrustedRecordError(f"{what}: the recorded edits are not a list; refused, nothing was changed")
+    before = configedit.parse_config_text(gitops.file_at(cr, f"{sha}^"), f"{cr.rel} at {sha[:12]}^")
+    after = configedit.parse_config_text(gitops.file_at(cr, sha), f"{cr.rel} at {sha[:12]}")
+    for e in entries:
+        ok = (isinstance(e, dict) and isinstance(e.get("path"), list) and e["path"]
+              and all(isinstance(p, str) and p for p in e["path"]) and e.get("op") in ("set", "delete")
+              and isinstance(e.get("existed"), bool))
+        if ok:
+            old, new = configedit.lookup(before, e["path"]), configedit.lookup(after, e["path"])
+            ok = ((configedit.is_missing(old) if not e["existed"] else old == e.get("old"))
+                  and (configedit.is_missing(new) if e["op"] == "delete" else new == e.get("new")))
+        if not ok:
+            shown = configedit.dotted_key(e["path"]) if isinstance(e, dict) and isinstance(e.get("path"), list) \
+                and all(isinstance(p, str) for p in e["path"]) else repr(e)[:80]
+            raise UntrustedRecordError(f"{what}: the recorded edit of {shown} is not what commit {sha[:12]} "
+                                       "changed; refused, nothing was changed")
+    return entries
+
+
+def _created_tables(record: dict[str, Any]) -> list[list[str]]:
+    tables = record.get("created_tables")
+    if not isinstance(tables, list):
+        return []
+    return [t for t in tables if isinstance(t, list) and t and all(isinstance(p, str) for p in t)]
 
 
 # ------------------------------------------------------------------ planning
@@ -148,7 +276,17 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
     Raises the same refusals ``apply`` would (wrong status, forbidden change, unparsable
     or uncommitted config).
     """
-    imp = ImprovementStore(conn).get(improvement_id)
+    store = ImprovementStore(conn)
+    imp = store.get(improvement_id)
+    if imp.pending_op:  # maybe an apply or rollback running in another process: let it finish, look again
+        lock = _locked(settings)
+        try:
+            fresh = store.get(improvement_id)
+        finally:
+            lock.release()
+        if fresh.status != imp.status:
+            raise ChangedMeanwhileError(f"{imp.id} changed meanwhile (now {fresh.status}); nothing was changed")
+        imp = fresh
     _check_applicable(imp)
     changes, manual = _config_changes(imp)
     plan: dict[str, Any] = {"improvement_id": imp.id, "description": imp.description, "manual_steps": manual,
@@ -168,9 +306,20 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
     return plan
 
 
-def _check_applicable(imp: Improvement) -> None:
-    if imp.pending_op:
-        raise LifecycleError(f"{imp.id} has an interrupted {imp.pending_op.get('op')} that could not be recovered; "
+def _reread_applicable(store: ImprovementStore, improvement_id: str) -> Improvement:
+    """The row again, under the apply lock: an improvement that another command took past
+    proposed/tested since we first read it is the loser's one line, "changed meanwhile"."""
+    imp = store.get(improvement_id)
+    if imp.status not in APPLICABLE:
+        raise ChangedMeanwhileError(f"{imp.id} changed meanwhile (now {imp.status}); nothing was changed")
+    _check_applicable(imp)
+    return imp
+
+
+def _check_applicable(imp: Improvement, pending: bool = True) -> None:
+    if pending and imp.pending_op:
+        op = imp.pending_op.get("op") if isinstance(imp.pending_op, dict) else None
+        raise LifecycleError(f"{imp.id} has an interrupted {str(op)[:40]} that could not be recovered; "
                              "see the warning above")
     if imp.status not in APPLICABLE:
         hint = " (roll it back first: agent self-heal rollback)" if imp.status in ROLLBACKABLE else ""
@@ -194,21 +343,25 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
     """
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
-    _check_applicable(imp)
+    _check_applicable(imp, pending=False)  # an intent now may be an apply running elsewhere: see under the lock
     changes, manual = _config_changes(imp)
     now = now or utcnow()
     if not changes:
         if not (changes_made and changes_made.strip()):
             raise UsageError(f"{imp.id} has only manual steps; say what was done with --changes-made TEXT "
                              f"(steps: {'; '.join(manual) or 'none listed'})")
-        imp = _record_applied(store, imp, settings, now, commit_sha=None, changes_made=changes_made.strip(),
-                              record=None)
+        lock = _locked(settings)
+        try:
+            imp = _reread_applicable(store, improvement_id)
+            imp = _record_applied(store, imp, settings, now, commit_sha=None, changes_made=changes_made.strip(),
+                                  record=None)
+        finally:
+            lock.release()
         _notify_applied(imp, settings)
         return _applied_result(imp, manual, diff="", creates=False)
     lock = _locked(settings)
     try:
-        imp = store.get(improvement_id)  # another process may have applied it meanwhile
-        _check_applicable(imp)
+        imp = _reread_applicable(store, improvement_id)  # another process may have applied it meanwhile
         cr = gitops.locate(settings.config_path, settings.home)
         old = read_text(cr.real_path)
         edit = configedit.edit_config(old, changes, where=str(cr.real_path))
@@ -226,7 +379,7 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
         intent = {"op": "apply", "step": "intent", "started_at": format_timestamp(now),
                   "head_before": gitops.head_sha(cr), "old_sha256": sha256_text(old),
                   "new_sha256": sha256_text(edit.new_text), "old_text": old, "record": record}
-        store.update(imp.id, pending_op=intent)
+        update_status(store, imp.id, imp.status, pending_op=intent)
         crash_point("after-intent")
         try:
             atomic_write(cr.real_path, edit.new_text)
@@ -236,7 +389,7 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
             imp = abort_operation(store, settings, imp.id, exc, "apply")  # raises unless the commit exists
         else:
             crash_point("after-commit")
-            store.update(imp.id, pending_op={**intent, "step": "committed", "commit_sha": sha})
+            update_status(store, imp.id, imp.status, pending_op={**intent, "step": "committed", "commit_sha": sha})
             crash_point("before-db-update")
             text = _changes_made_text(settings, lines, changes_made)
             imp = _record_applied(store, imp, settings, now, commit_sha=sha, changes_made=text, record=record)
@@ -274,7 +427,7 @@ def _changes_made_text(settings: Settings, lines: list[str], note: str | None) -
 def _record_applied(store: ImprovementStore, imp: Improvement, settings: Settings, when: datetime,
                     commit_sha: str | None, changes_made: str, record: dict[str, Any] | None) -> Improvement:
     scheduled = when + timedelta(days=settings.measurement_window_days)
-    return store.update(imp.id, status="applied", applied_at=format_timestamp(when),
+    return update_status(store, imp.id, imp.status, status="applied", applied_at=format_timestamp(when),
                         verification_scheduled=format_timestamp(scheduled), commit_sha=commit_sha,
                         changes_made=changes_made, apply_record=record, pending_op=None)
 
@@ -310,32 +463,43 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
         raise LifecycleError(f"{imp.id} is {imp.status}; only applied or verified improvements can be rolled back")
     now = now or utcnow()
     if not imp.commit_sha:
-        imp = store.update(imp.id, status="rolled_back", rolled_back_at=format_timestamp(now), pending_op=None)
+        lock = _locked(settings)
+        try:
+            imp = store.get(improvement_id)
+            if imp.status not in ROLLBACKABLE or imp.commit_sha:
+                raise ChangedMeanwhileError(f"{imp.id} changed meanwhile (now {imp.status}); nothing was changed")
+            imp = update_status(store, imp.id, imp.status, status="rolled_back",
+                                rolled_back_at=format_timestamp(now), pending_op=None)
+        finally:
+            lock.release()
         fire("improvement_rolled_back", improvement=imp, settings=settings)
         return _rolled_back_result(imp, method="manual", diff="",
                                    note="no config change was committed; undo the manual steps by hand")
-    record = imp.apply_record or {}
     lock = _locked(settings)
     try:
         imp = store.get(improvement_id)
         if imp.status not in ROLLBACKABLE:
-            raise LifecycleError(f"{imp.id} is {imp.status}; only applied or verified improvements can be rolled back")
-        cr = gitops.locate(Path(record.get("config_path") or settings.config_path), settings.home)
-        if cr.repo is None or not gitops.has_commit(cr, imp.commit_sha):
-            raise LifecycleError(f"commit {imp.commit_sha[:12]} of {imp.id} is not in the repository holding "
-                                 f"{cr.real_path}; nothing was changed")
+            raise ChangedMeanwhileError(f"{imp.id} changed meanwhile (now {imp.status}); nothing was changed")
+        record = imp.apply_record if isinstance(imp.apply_record, dict) else {}
+        what = f"the apply record of {imp.id}"
+        cr = home_config_repo(settings, record, what)
+        untrusted = gitops.untrusted_commit(cr, imp.commit_sha, imp.id, "apply")
+        if untrusted:
+            raise UntrustedRecordError(f"cannot roll back {imp.id}: {untrusted}; only selfheal's own apply commit "
+                                       "is reverted, nothing was changed")
         current = read_text(cr.real_path)
         current_data = configedit.parse_config_text(current, str(cr.real_path))
         gitops.check_clean(cr)
         if gitops.changed_since(cr, imp.commit_sha):
             method = "inverse-edit"
-            conflicts = configedit.conflicts_with(current_data, record.get("entries", []))
+            entries = check_entries(cr, imp.commit_sha, record.get("entries", []), what)
+            conflicts = configedit.conflicts_with(current_data, entries)
             if conflicts:
                 raise ConflictError(f"{cr.real_path} was edited after {imp.id} was applied: {'; '.join(conflicts)}. "
                                     "Not overwriting your edit; nothing was changed (undo it by hand if needed)")
-            inverse = configedit.inverse_changes(record.get("entries", []))
+            inverse = configedit.inverse_changes(entries)
             new = configedit.edit_config(current, inverse, where=str(cr.real_path)).new_text
-            new = configedit.remove_empty_tables(new, record.get("created_tables", []))
+            new = configedit.remove_empty_tables(new, _created_tables(record))
         else:
             method = "revert"
             new = gitops.file_at(cr, f"{imp.commit_sha}^")
@@ -343,11 +507,11 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
         intent = {"op": "rollback", "method": method, "step": "intent", "started_at": format_timestamp(now),
                   "head_before": head_before, "old_sha256": sha256_text(current), "new_sha256": sha256_text(new),
                   "old_text": current, "record": record}
-        store.update(imp.id, pending_op=intent)
+        update_status(store, imp.id, imp.status, pending_op=intent)
         crash_point("rollback-after-intent")
         lines = [f"{configedit.dotted_key(e['path'])}: {configedit.format_value(e['new'])} → "
                  f"{configedit.format_value(e['old']) if e['existed'] else '(removed)'}"
-                 for e in record.get("entries", [])]
+                 for e in check_entries(cr, imp.commit_sha, record.get("entries", []), what)]
         body = ["What:", *[f"  {ln}" for ln in lines], "", "Why:",
                 f"  {reason or 'Rollback requested'} (applied in {imp.commit_sha[:12]}).",
                 f"  Method: {'git revert' if method == 'revert' else 'inverse edit (the file changed since)'}."]
@@ -363,8 +527,8 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
             imp = abort_operation(store, settings, imp.id, exc, "rollback")  # raises unless the commit exists
         else:
             crash_point("rollback-after-commit")
-            imp = store.update(imp.id, status="rolled_back", rollback_sha=sha,
-                               rolled_back_at=format_timestamp(now), pending_op=None)
+            imp = update_status(store, imp.id, imp.status, status="rolled_back", rollback_sha=sha,
+                                rolled_back_at=format_timestamp(now), pending_op=None)
     finally:
         lock.release()
     fire("improvement_rolled_back", improvement=imp, settings=settings)
@@ -388,31 +552,67 @@ def reject_improvement(conn: sqlite3.Connection, settings: Settings, improvement
     imp = store.get(improvement_id)
     if imp.status not in APPLICABLE:
         raise LifecycleError(f"{imp.id} is {imp.status}; only proposed or tested improvements can be rejected")
-    imp = store.update(imp.id, status="rejected")
+    lock = _locked(settings)  # not in the middle of an apply: it either finished (we lose) or never started
+    try:
+        imp = _reread_applicable(store, improvement_id)  # an interrupted apply is finished or undone first
+        imp = update_status(store, imp.id, imp.status, status="rejected")
+    finally:
+        lock.release()
     return {"improvement_id": imp.id, "status": imp.status}
 
 
 def recover_apply_op(store: ImprovementStore, imp: Improvement, settings: Settings) -> dict[str, Any]:
     """Finish (the commit exists) or undo (it does not) an interrupted apply or rollback."""
-    op = imp.pending_op or {}
+    op = imp.pending_op if isinstance(imp.pending_op, dict) else {}
     kind = op.get("op")
-    record = op.get("record") or {}
-    cr = gitops.locate(Path(record.get("config_path") or settings.config_path), settings.home)
-    started = parse_timestamp(op["started_at"]) if op.get("started_at") else utcnow()
-    action = "rollback" if kind == "rollback" else "apply"
-    sha = op.get("commit_sha") or gitops.find_commit(cr, imp.id, action, op.get("head_before"))
+    if kind not in ("apply", "rollback"):
+        raise UntrustedRecordError(f"the interrupted operation of {imp.id} is {str(kind)[:40]!r}, not one selfheal "
+                                   "makes; refused, nothing was changed")
+    record = op.get("record") if isinstance(op.get("record"), dict) else {}
+    action = kind
+    cr, sha = trusted_op_commit(store, imp, settings, op, record, action)
+    started = _started(op)
     if sha:
         if kind == "apply":
-            lines = configedit.describe_entries(record.get("entries", []))
+            entries = check_entries(cr, sha, record.get("entries", []), f"the interrupted apply of {imp.id}")
+            lines = configedit.describe_entries(entries)
             _record_applied(store, imp, settings, started, commit_sha=sha,
                             changes_made=_changes_made_text(settings, lines, None), record=record)
         else:
-            store.update(imp.id, status="rolled_back", rollback_sha=sha, rolled_back_at=format_timestamp(started),
-                         pending_op=None)
+            update_status(store, imp.id, imp.status, status="rolled_back", rollback_sha=sha,
+                          rolled_back_at=format_timestamp(started), pending_op=None)
         return {"improvement_id": imp.id, "op": kind, "action": "finished", "detail": f"commit {sha[:12]} exists"}
     detail = undo_config_write(cr, op)
-    store.update(imp.id, pending_op=None)
+    update_status(store, imp.id, imp.status, pending_op=None)
     return {"improvement_id": imp.id, "op": kind, "action": "undone", "detail": detail}
+
+
+def _started(op: dict[str, Any]) -> datetime:
+    try:
+        return parse_timestamp(op["started_at"]) if isinstance(op.get("started_at"), str) else utcnow()
+    except (SelfHealError, ValueError, TypeError, OverflowError):
+        return utcnow()
+
+
+def trusted_op_commit(store: ImprovementStore, imp: Improvement, settings: Settings, op: dict[str, Any],
+                      record: dict[str, Any], action: str) -> tuple[gitops.ConfigRepo, str | None]:
+    """An interrupted operation's config repository and commit, checked against the
+    home's own before anything is written: the config file and repository it names must
+    be this home's, ``head_before`` a commit in the history of HEAD, and its commit (the
+    recorded one or the one found by our trailers) selfheal's own for this improvement
+    and action. Returns (repository, commit sha or None when no commit was made)."""
+    what = f"the interrupted {op.get('op')} of {imp.id}"
+    cr = home_config_repo(settings, record, what)
+    head_before = op.get("head_before")
+    if head_before is not None and not gitops.reachable(cr, head_before):
+        raise UntrustedRecordError(f"{what} started at {str(head_before)[:40]!r}, which is not a commit in the "
+                                   f"history of HEAD in {cr.root}; refused, nothing was changed")
+    sha = op.get("commit_sha") or gitops.find_commit(cr, imp.id, action, head_before)
+    if sha:
+        untrusted = gitops.untrusted_commit(cr, sha, imp.id, action)
+        if untrusted:
+            raise UntrustedRecordError(f"{what}: {untrusted}; refused, nothing was changed")
+    return cr, sha
 
 
 def undo_config_write(cr: gitops.ConfigRepo, op: dict[str, Any]) -> str:
@@ -424,11 +624,13 @@ def undo_config_write(cr: gitops.ConfigRepo, op: dict[str, Any]) -> str:
     current = read_text(cr.real_path)
     h = sha256_text(current)
     if h == op.get("new_sha256") and h != op.get("old_sha256"):
-        old = op.get("old_text")
-        if old is None:
-            cr.real_path.unlink(missing_ok=True)
-        else:
-            atomic_write(cr.real_path, old)
+        old = _trusted_old_text(cr, op)
+        gitops.check_file_writable(cr.real_path)  # a file made read-only since is not replaced either
+        if old is None:  # it did not exist: set aside, never deleted (git has no copy of it)
+            aside = _set_aside(cr.real_path)
+            _reset_index(cr)
+            return f"config set aside as {aside.name} (there was none before)"
+        atomic_write(cr.real_path, old)
         _reset_index(cr)
         return "config restored to its previous content"
     if h == op.get("old_sha256"):
@@ -436,6 +638,40 @@ def undo_config_write(cr: gitops.ConfigRepo, op: dict[str, Any]) -> str:
         return "the config had not been changed yet"
     gitops.end_revert_state(cr)
     return "the config was edited since; left as it is"
+
+
+def _trusted_old_text(cr: gitops.ConfigRepo, op: dict[str, Any]) -> str | None:
+    """The text an undo writes back, accepted only when it is what git holds for the
+    config at the commit the operation started from (every operation starts from a clean,
+    committed config), so an undo never writes text that only the database knows."""
+    old = op.get("old_text")
+    head_before = op.get("head_before")
+    if (old is not None and not isinstance(old, str)) or sha256_text(old) != op.get("old_sha256"):
+        raise UntrustedRecordError(f"the recorded previous text of {cr.real_path} does not match its recorded hash; "
+                                   "refused, nothing was changed")
+    head = gitops.head_sha(cr)
+    if head_before != head:  # an unfinished operation never moved HEAD: restore only what HEAD has
+        raise UntrustedRecordError(f"the interrupted operation started at {str(head_before)[:12]!r} but HEAD of "
+                                   f"{cr.root} is {str(head)[:12]!r}; refused to guess, nothing was changed")
+    committed = gitops.file_at(cr, head_before) if head_before else None
+    if committed is None:
+        ok = old is None or not old.strip()
+    else:  # git may convert line endings on checkout
+        ok = old is not None and old.replace("\r\n", "\n") == committed.replace("\r\n", "\n")
+    if not ok:
+        raise UntrustedRecordError(f"the recorded previous text of {cr.real_path} is not what git has at "
+                                   f"{str(head_before)[:12] or 'HEAD'}; refused, nothing was changed")
+    return old
+
+
+def _set_aside(path: Path) -> Path:
+    n = 0
+    while True:
+        aside = path.with_name(f".{path.name}.selfheal-undone" + (f"-{n}" if n else ""))
+        if not os.path.lexists(aside):
+            os.rename(path, aside)
+            return aside
+        n += 1
 
 
 def _reset_index(cr: gitops.ConfigRepo) -> None:

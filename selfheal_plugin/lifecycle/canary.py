@@ -23,9 +23,9 @@ Status: ``canary`` or ``shadow`` while the section is in force; the improvement'
 """
 from __future__ import annotations
 
+import re
 import sqlite3
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from selfheal_plugin.lifecycle import configedit
@@ -34,8 +34,9 @@ from selfheal_plugin.lifecycle import gitops
 
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.apply import (
-    APPLICABLE, LifecycleError, _locked, abort_operation, apply_improvement, atomic_write, crash_point, read_text,
-    undo_config_write,
+    APPLICABLE, ChangedMeanwhileError, LifecycleError, UntrustedRecordError, _locked, abort_operation,
+    apply_improvement, atomic_write, crash_point, read_text, trusted_op_commit, undo_config_write,
+    update_if_unchanged, update_status,
 )
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
 from selfheal_plugin.errors import SelfHealError, UsageError
@@ -104,7 +105,7 @@ def _commit_edit(conn: sqlite3.Connection, settings: Settings, imp: Improvement,
     try:
         imp = store.get(imp.id)
         if imp.status not in expect:
-            raise LifecycleError(f"{imp.id} is {imp.status} now; nothing was changed")
+            raise ChangedMeanwhileError(f"{imp.id} changed meanwhile (now {imp.status}); nothing was changed")
         cr = gitops.locate(settings.config_path, settings.home)
         old = read_text(cr.real_path)
         where = str(cr.real_path)
@@ -117,13 +118,13 @@ def _commit_edit(conn: sqlite3.Connection, settings: Settings, imp: Improvement,
         gitops.check_clean(cr)
         if new == (old or ""):
             fields = _finished(finish, sha_key, None)
-            return store.update(imp.id, **fields, pending_op=None), None, ""
+            return update_status(store, imp.id, imp.status, **fields, pending_op=None), None, ""
         gitops.ensure_repo(cr)
         intent = {"op": op, "action": action, "step": "intent", "started_at": format_timestamp(now),
                   "head_before": gitops.head_sha(cr), "old_sha256": sha256_text(old), "new_sha256": sha256_text(new),
                   "old_text": old, "record": {"config_path": str(settings.config_path)}, "finish": finish,
                   "sha_key": sha_key}
-        store.update(imp.id, pending_op=intent)
+        update_status(store, imp.id, imp.status, pending_op=intent)
         crash_point(f"{op}-after-intent")
         try:
             atomic_write(cr.real_path, new)
@@ -135,7 +136,7 @@ def _commit_edit(conn: sqlite3.Connection, settings: Settings, imp: Improvement,
             sha = (imp.experiment or {}).get(sha_key)
         else:
             crash_point(f"{op}-after-commit")
-            imp = store.update(imp.id, **_finished(finish, sha_key, sha), pending_op=None)
+            imp = update_status(store, imp.id, imp.status, **_finished(finish, sha_key, sha), pending_op=None)
     finally:
         lock.release()
     return imp, sha, configedit.unified_diff(old, new)
@@ -149,17 +150,36 @@ def _finished(finish: dict[str, Any], sha_key: str, sha: str | None) -> dict[str
 
 def recover_experiment_op(store: ImprovementStore, imp: Improvement, settings: Settings) -> dict[str, Any]:
     """Finish (its commit exists) or undo (it does not) an interrupted section edit."""
-    op = imp.pending_op or {}
-    cr = gitops.locate(Path((op.get("record") or {}).get("config_path") or settings.config_path), settings.home)
-    sha = op.get("commit_sha") or gitops.find_commit(cr, imp.id, op.get("action", ""), op.get("head_before"))
+    op = imp.pending_op if isinstance(imp.pending_op, dict) else {}
+    record = op.get("record") if isinstance(op.get("record"), dict) else {}
+    action = op.get("action")
+    modes = "|".join(EXPERIMENT_MODES)
+    if not (isinstance(action, str) and re.fullmatch(rf"(?:{modes})(?:-end)?", action)):
+        raise UntrustedRecordError(f"the interrupted {str(op.get('op'))[:40]} of {imp.id} names the action "
+                                   f"{str(action)[:40]!r}, not one selfheal makes; refused, nothing was changed")
+    cr, sha = trusted_op_commit(store, imp, settings, op, record, action)
     if sha:
-        store.update(imp.id, **_finished(op.get("finish") or {}, op.get("sha_key", "commit_sha"), sha),
-                     pending_op=None)
+        update_status(store, imp.id, imp.status, **_trusted_finish(imp, op, sha), pending_op=None)
         return {"improvement_id": imp.id, "op": op.get("op"), "action": "finished",
                 "detail": f"commit {sha[:12]} exists"}
     detail = undo_config_write(cr, op)
-    store.update(imp.id, pending_op=None)
+    update_status(store, imp.id, imp.status, pending_op=None)
     return {"improvement_id": imp.id, "op": op.get("op"), "action": "undone", "detail": detail}
+
+
+def _trusted_finish(imp: Improvement, op: dict[str, Any], sha: str) -> dict[str, Any]:
+    """The fields an interrupted section edit sets when finished: only a status an
+    experiment start or end leads to and the experiment record, never other columns
+    (the intent is read from the database)."""
+    finish = op.get("finish") if isinstance(op.get("finish"), dict) else {}
+    sha_key = op.get("sha_key") if op.get("sha_key") in ("commit_sha", "end_commit_sha") else "commit_sha"
+    status = finish.get("status")
+    allowed = EXPERIMENT_MODES if op.get("op") == "experiment-start" else APPLICABLE
+    if status not in allowed:
+        raise UntrustedRecordError(f"the interrupted {str(op.get('op'))[:40]} of {imp.id} would set status "
+                                   f"{str(status)[:40]!r}; refused, nothing was changed")
+    experiment = finish.get("experiment") if isinstance(finish.get("experiment"), dict) else {}
+    return _finished({"status": status, "experiment": experiment}, sha_key, sha)
 
 
 # ------------------------------------------------------------------ start
@@ -388,10 +408,11 @@ def verify_experiment(conn: sqlite3.Connection, settings: Settings, imp: Improve
     exp = {**(imp.experiment or {}), "last_verification": {k: report[k] for k in
                                                            ("recommendation", "verification_status", "actual_impact")}
            | {"checked_at": result["checked_at"]}}
-    imp = store.update(imp.id, metrics={**report["metrics"], "verification_status": report["verification_status"],
-                                        "recommendation": report["recommendation"], "mode": report["mode"],
-                                        "checked_at": result["checked_at"], "window": report["window"]},
-                       actual_impact=report["actual_impact"], experiment=exp)
+    imp = update_if_unchanged(store, settings, imp, "the verification was not stored",
+                              metrics={**report["metrics"], "verification_status": report["verification_status"],
+                                       "recommendation": report["recommendation"], "mode": report["mode"],
+                                       "checked_at": result["checked_at"], "window": report["window"]},
+                              actual_impact=report["actual_impact"], experiment=exp)
     result["status"] = imp.status
     plugins.fire("improvement_verified", improvement=imp, verification=result, settings=settings)
     return result

@@ -20,6 +20,8 @@
 from __future__ import annotations
 
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ conversations.db.selfheal.lock
 TRAILER_IMPROVEMENT = "Self-Heal-Improvement"
 TRAILER_PATTERN = "Self-Heal-Pattern"
 TRAILER_ACTION = "Self-Heal-Action"
+FULL_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # a full object name, never a ref or an option
 
 
 class GitOpsError(SelfHealError):
@@ -130,6 +133,11 @@ def locate(config_path: Path, home: Path) -> ConfigRepo:
                               "repository; put that file under git first") from None
         return ConfigRepo(config_path, real, home_real, None)
     cr = ConfigRepo(config_path, real, root, repo)
+    try:  # git refuses a repository owned by someone else ("dubious ownership"): one line
+        cr.git("rev-parse", "--git-dir")
+    except GitOpsError as exc:
+        raise GitOpsError(f"git refuses the repository at {root} holding {real}: "
+                          f"{str(exc).split(': ', 1)[-1]}; nothing was changed") from None
     if repo.ignored(cr.rel):
         raise GitOpsError(f"{cr.rel} is ignored by the git repository at {root}; selfheal only changes a "
                           "config file that git versions (remove it from .gitignore)")
@@ -147,9 +155,12 @@ def ensure_repo(cr: ConfigRepo) -> ConfigRepo:
         cr.repo = git.Repo.init(cr.root)
     gi = cr.root / ".gitignore"
     if head_sha(cr) is None:
-        ours = not gi.exists() or gi.read_text(encoding="utf-8", errors="replace").startswith(GITIGNORE_MARKER)
+        # (never through a symlink or into a FIFO: lexists/is_file, not exists/read)
+        absent = not os.path.lexists(gi)
+        ours = absent or (not gi.is_symlink() and gi.is_file() and gi.read_text(
+            encoding="utf-8", errors="replace").startswith(GITIGNORE_MARKER))
         if ours:
-            if not gi.exists():
+            if absent:
                 gi.write_text(GITIGNORE, encoding="utf-8")
             paths = [".gitignore"] + ([cr.rel] if cr.real_path.exists() else [])
             cr.git("add", "--", *paths)
@@ -178,9 +189,53 @@ def tracked_in_head(cr: ConfigRepo) -> bool:
         return False
 
 
+def check_writable(cr: ConfigRepo) -> None:
+    """Refuse a config file selfheal must not replace: not a regular file (a FIFO, a
+    directory, a dangling symlink), read-only, or in a repository on a detached HEAD
+    (a commit there disappears at the next checkout)."""
+    try:
+        st = os.stat(cr.real_path)
+    except FileNotFoundError:
+        if os.path.islink(cr.config_path):
+            raise GitOpsError(f"{cr.config_path} is a symlink to {cr.real_path}, which does not exist; "
+                              "nothing was changed") from None
+        st = None
+    except OSError as exc:
+        raise GitOpsError(f"cannot inspect {cr.real_path}: {exc.strerror or exc}; nothing was changed") from None
+    if st is not None:
+        check_file_writable(cr.real_path, st)
+    if cr.repo is not None and head_sha(cr) is not None and cr.repo.head.is_detached:
+        raise GitOpsError(f"the git repository at {cr.root} is on a detached HEAD ({head_sha(cr)[:12]}); a commit "
+                          "there would be lost at the next checkout. Check out a branch first; nothing was changed")
+
+
+def check_file_writable(path: Path, st: os.stat_result | None = None) -> None:
+    """Refuse to replace ``path`` unless it is a regular file its owner may write."""
+    try:
+        st = st or os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise GitOpsError(f"{path} is not a regular file ({_file_kind(st.st_mode)}); selfheal only edits "
+                          "a regular config.toml, nothing was changed")
+    if not st.st_mode & stat.S_IWUSR or not os.access(path, os.W_OK):
+        raise GitOpsError(f"{path} is read-only; selfheal does not replace a file its owner made "
+                          "read-only (chmod u+w it to allow changes), nothing was changed")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def check_clean(cr: ConfigRepo) -> None:
-    """Refuse a config file with uncommitted edits (modified, staged, deleted, or
-    untracked with content in an existing repository)."""
+    """Refuse a config file selfheal must not write (:func:`check_writable`) or with
+    uncommitted edits (modified, staged, deleted, or untracked with content in an existing
+    repository)."""
+    check_writable(cr)
     if cr.repo is None:
         return
     status = cr.git("status", "--porcelain", "--untracked-files=all", "--", cr.rel)
@@ -212,15 +267,54 @@ def file_at(cr: ConfigRepo, rev: str) -> str | None:
         blob = cr.repo.commit(rev).tree / cr.rel
     except (KeyError, ValueError, git.BadName):
         return None
-    return blob.data_stream.read().decode("utf-8")
+    try:
+        return blob.data_stream.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise GitOpsError(f"{cr.rel} at {rev[:12]} is not valid UTF-8") from None
 
 
 def has_commit(cr: ConfigRepo, sha: str) -> bool:
-    try:
-        cr.repo.commit(sha)
-        return True
-    except (ValueError, git.BadName):
+    """Is ``sha`` (a full object name, never a ref, a range or an option) a commit here?"""
+    if cr.repo is None or not isinstance(sha, str) or not FULL_SHA.match(sha):
         return False
+    try:  # GitPython's repo.commit(sha) does not check that the object exists
+        cr.git("cat-file", "-e", f"{sha}^{{commit}}")
+        return True
+    except GitOpsError:
+        return False
+
+
+def reachable(cr: ConfigRepo, sha: str) -> bool:
+    """Is the commit ``sha`` in the history of HEAD (the current branch)?"""
+    if not has_commit(cr, sha) or head_sha(cr) is None:
+        return False
+    try:
+        return bool(cr.repo.is_ancestor(sha, "HEAD"))
+    except git.GitCommandError:
+        return False
+
+
+def untrusted_commit(cr: ConfigRepo, sha: object, improvement_id: str, action: str | None) -> str | None:
+    """Why ``sha`` (read from the database) is not a commit selfheal made for this
+    improvement in this repository — None when it is: a full sha of a commit reachable
+    from HEAD, whose message carries our trailers ``Self-Heal-Improvement: <id>`` (and
+    ``Self-Heal-Action: <action>``), and which changed the config file only."""
+    shown = str(sha)[:40]
+    if not isinstance(sha, str) or not FULL_SHA.match(sha):
+        return f"{shown!r} is not a commit id"
+    if cr.repo is None or not has_commit(cr, sha):
+        return f"commit {sha[:12]} is not in the repository at {cr.root}"
+    if not reachable(cr, sha):
+        return f"commit {sha[:12]} is not in the history of HEAD in {cr.root}"
+    lines = {ln.strip() for ln in str(cr.repo.commit(sha).message).splitlines()}
+    if f"{TRAILER_IMPROVEMENT}: {improvement_id}" not in lines or (
+            action is not None and f"{TRAILER_ACTION}: {action}" not in lines):
+        return (f"commit {sha[:12]} does not carry selfheal's trailers for {improvement_id}"
+                + (f" ({action})" if action else ""))
+    files = [f for f in cr.git("diff-tree", "--no-commit-id", "--name-only", "-r", "--root", sha).splitlines() if f]
+    if files != [cr.rel]:
+        return f"commit {sha[:12]} changes {', '.join(files[:3]) or 'nothing'}, not only {cr.rel}"
+    return None
 
 
 def changed_since(cr: ConfigRepo, sha: str) -> bool:
@@ -232,6 +326,8 @@ def find_commit(cr: ConfigRepo, improvement_id: str, action: str, since: str | N
     """Our commit for (improvement, action) made after ``since`` (for crash recovery)."""
     if cr.repo is None or head_sha(cr) is None:
         return None
+    if since and not has_commit(cr, since):  # never a ref, a range or an option from the database
+        raise GitOpsError(f"{str(since)[:40]!r} is not a commit of the repository at {cr.root}")
     rng = f"{since}..HEAD" if since else "HEAD"
     out = cr.git("log", "--format=%H%x00%B%x1e", rng, "--", cr.rel)
     for entry in out.split("\x1e"):

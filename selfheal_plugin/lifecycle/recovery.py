@@ -42,13 +42,17 @@ def recover(conn: sqlite3.Connection, settings: Settings,
             imp = store.get(imp_id)
             if not imp.pending_op:
                 continue
+            op = imp.pending_op if isinstance(imp.pending_op, dict) else {}
             try:
                 action = _recover_one(store, imp, settings)
-            except SelfHealError as exc:
-                action = {"improvement_id": imp.id, "op": imp.pending_op.get("op"), "action": "failed",
-                          "detail": str(exc)}
+            except (SelfHealError, OSError) as exc:
+                action = {"improvement_id": imp.id, "op": str(op.get("op"))[:40], "action": "failed",
+                          "detail": " ".join(str(exc).split())}
             actions.append(action)
-            msg = f"recovered interrupted {action['op']} of {imp.id}: {action['action']} ({action['detail']})"
+            if action["action"] == "failed":
+                msg = f"could not recover the interrupted {action['op']} of {imp.id}: {action['detail']}"
+            else:
+                msg = f"recovered interrupted {action['op']} of {imp.id}: {action['action']} ({action['detail']})"
             log.warning(msg)
             if warn:
                 warn(msg)
@@ -63,7 +67,7 @@ def recover(conn: sqlite3.Connection, settings: Settings,
 
 
 def _recover_one(store: ImprovementStore, imp: Improvement, settings: Settings) -> dict[str, Any]:
-    kind = (imp.pending_op or {}).get("op")
+    kind = imp.pending_op.get("op") if isinstance(imp.pending_op, dict) else None
     if kind in ("experiment-start", "experiment-end"):  # a canary/shadow section edit
         return recover_experiment_op(store, imp, settings)
     return recover_apply_op(store, imp, settings)

@@ -43,7 +43,7 @@ from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, samp
 from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
-from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError
+from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError, update_if_unchanged
 from selfheal_plugin.lifecycle.configedit import split_changes
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError
@@ -490,7 +490,9 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
     fields: dict[str, Any] = {"test_result": result}
     if imp.status == "proposed":
         fields["status"] = "tested"
-    imp = store.update(imp.id, **fields)
+    # Compare-and-set under the apply lock: an apply, reject or canary that happened while
+    # we simulated wins, and this result is not stored over it.
+    imp = update_if_unchanged(store, settings, imp, "the test result was not stored", **fields)
     plugins.fire("improvement_tested", improvement=imp, result=result, settings=settings)
     return result
 

@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from selfheal_plugin.plugins import manager as plugins
-from selfheal_plugin.lifecycle.apply import LifecycleError
+from selfheal_plugin.lifecycle.apply import LifecycleError, update_if_unchanged
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.history.improvements import ImprovementStore
@@ -252,7 +252,7 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
                               "actual_impact": actual}
     if recommendation == "keep":
         fields.update(status="verified", verified_at=format_timestamp(now))
-    imp = store.update(imp.id, **fields)
+    imp = update_if_unchanged(store, settings, imp, "the verification was not stored", **fields)
     result["status"] = imp.status
     plugins.fire("improvement_verified", improvement=imp, verification=result, settings=settings)
     return result
