@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from selfheal_plugin.cli.common import common_options, echo_json, err_console, open_history, pct, scan_progress, settings_for
+from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.analysis.health import analyze_run_health, get_health_dashboard
 from selfheal_plugin.analysis.report import TREND_TEXT, check_report_target, write_html_report
 from selfheal_plugin.history.times import parse_since
@@ -44,7 +45,7 @@ def _ms(x: float | None) -> str:
 
 @click.command()
 @click.option("--detailed", is_flag=True, help="Include per-agent and per-tool tables.")
-@click.option("--since", default=None, help="Window start (default: the lookback setting, -7d).")
+@setting_option("lookback", "--since", help="Window start")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML report (charts and numbers) to FILE.")
 @click.option("--force", is_flag=True,

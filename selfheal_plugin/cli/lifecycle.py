@@ -11,6 +11,7 @@ import click
 
 from selfheal_plugin.lifecycle.apply import apply_improvement, plan_apply, reject_improvement, rollback_improvement
 from selfheal_plugin.cli.common import common_options, echo_json, open_history, pct, settings_for
+from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.lifecycle.simulation import TEST_MODES, test_improvement
 from selfheal_plugin.lifecycle.verification import verify_improvement
@@ -30,9 +31,8 @@ def _rate(x: float | None) -> str:
 @click.argument("improvement_id")
 @click.option("--mode", type=click.Choice(TEST_MODES), default="simulation", show_default=True,
               help="How to test the improvement.")
-@click.option("--since", default=None, help="Baseline window start (default: the lookback setting, -7d).")
-@click.option("--fraction", type=float, default=None,
-              help="Canary mode: share of runs that get the change (default 0.5).")
+@setting_option("lookback", "--since", help="Baseline window start")
+@setting_option("fraction", "--fraction", default=None)
 @common_options
 def test_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, mode: str = "simulation",
                  since: str | None = None, fraction: float | None = None) -> None:
@@ -146,8 +146,7 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
 
 @click.command("verify")
 @click.argument("improvement_id")
-@click.option("--window-days", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Measurement window in days (default: measurement_window_days, 7).")
+@setting_option("window_days", "--window-days")
 @click.option("--early", is_flag=True,
               help="Accept a significant improvement before the window after the apply has ended "
                    "(otherwise it is provisional: extend monitoring).")

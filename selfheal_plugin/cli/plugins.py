@@ -11,6 +11,7 @@ from rich.text import Text
 
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.cli.common import common_options, echo_json, open_history, settings_for
+from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.improvements import STATUSES
 from selfheal_plugin.lifecycle.proposals import StrategyError, attach_suggested_fixes, list_improvements, propose_all
 from selfheal_plugin.analysis.patterns import Pattern
@@ -63,7 +64,7 @@ def detect_proposals(conn: Any, settings: Settings, patterns: list[Pattern], *, 
 
 @click.command()
 @click.option("--status", type=click.Choice(STATUSES), default=None, help="Only improvements in this state.")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Maximum rows.")
+@setting_option("limit", "--limit")
 @common_options
 def improvements(home: str | None, db: str | None, as_json: bool, status: str | None = None,
                  limit: int = 20) -> None:

@@ -135,7 +135,7 @@ FLAGS: dict[str, Spec] = {
     "fraction": Spec("float", 0.5, "Canary mode: share of runs that get the change.", 0.0, 1.0, lo_open=True),
     "window_days": Spec("float", None, "Measurement window in days.", *SELF_HEAL["measurement_window_days"].bounds,
                         setting="measurement_window_days"),
-    "runs": Spec("int", 200, "Runs per simulated week.", 40, 100_000),
+    "runs": Spec("int", None, "Runs per simulated week.", 40, 10_000),  # default: the testbed's DEMO_RUNS
 }
 
 TABLES: dict[str, dict[str, Spec]] = {"self_heal": SELF_HEAL, "tool": TOOL, "circuit_breaker": CIRCUIT_BREAKER,
@@ -218,10 +218,11 @@ def field_kwargs(name: str) -> dict[str, Any]:
     return out
 
 
-def check(name: str, value: Any, *, label: str | None = None) -> Any:
+def check(name: str, value: Any, *, label: str | None = None, shown: str | None = None) -> Any:
     """``value`` validated against the setting or flag ``name`` (through its model): returned
     converted (an int for a float setting becomes a float, an interval text becomes seconds),
-    or :class:`UsageError` with one line naming ``label`` (default: the name)."""
+    or :class:`UsageError` with one line naming ``label`` (default: the name) and the value as
+    ``shown`` (default: its repr; a CLI passes the text the user typed)."""
     table = "self_heal" if name in SELF_HEAL else "flags"
     if name not in TABLES[table]:
         raise KeyError(f"no setting or flag named {name!r}")
@@ -229,7 +230,7 @@ def check(name: str, value: Any, *, label: str | None = None) -> Any:
     try:
         checked = model.model_validate({name: value})
     except _validation_error() as exc:
-        raise UsageError(_message(exc, label or name, TABLES[table], prefix_key=False)) from None
+        raise UsageError(_message(exc, label or name, TABLES[table], prefix_key=False, shown=shown)) from None
     return getattr(checked, name)
 
 
@@ -380,12 +381,22 @@ def _validation_error() -> type[Exception]:
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
+def _cut(text: str) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _message(exc: Any, where: str, table: dict[str, Spec], *, prefix_key: bool = True) -> str:
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to 80 characters: a message stays one readable line."""
+    return _cut(repr(value))
+
+
+def short_text(text: str) -> str:
+    """What a user typed, control characters escaped, cut to 80 characters."""
+    return _cut(repr(str(text))[1:-1])
+
+
+def _message(exc: Any, where: str, table: dict[str, Spec], *, prefix_key: bool = True,
+             shown: str | None = None) -> str:
     """One line for the first error of a pydantic ValidationError."""
     err = exc.errors(include_url=False)[0]
     loc = [str(part) for part in err["loc"]]
@@ -401,6 +412,7 @@ def _message(exc: Any, where: str, table: dict[str, Spec], *, prefix_key: bool =
     name = f"{head} {key}" if prefix_key else head
     sp = specs.get(key)
     value = err.get("input")
+    got = short_repr(value) if shown is None else short_text(shown)
     if err["type"] == "missing":
         return f"{head} needs {key}"
     if err["type"] == "extra_forbidden" or sp is None:
@@ -409,5 +421,5 @@ def _message(exc: Any, where: str, table: dict[str, Spec], *, prefix_key: bool =
         reason = str(err.get("ctx", {}).get("error", err["msg"]))
         return f"{name}: {reason}" if prefix_key else reason
     if err["type"] in _RANGE_ERRORS and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{name} must be {sp.range_text()}, got {_short(value)}"
-    return f"{name} must be {sp.what()}, got {_short(value)}"
+        return f"{name} must be {sp.range_text()}, got {got}"
+    return f"{name} must be {sp.what()}, got {got}"
