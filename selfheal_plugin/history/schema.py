@@ -45,7 +45,7 @@ PREFLIGHT_CHECKS = ("path_exists",)
 @dataclass(frozen=True)
 class Spec:
     """One key: its kind, default, description and the closed range ``[lo, hi]`` it must fall in
-    (``lo_open``: ``lo`` itself is excluded)."""
+    (``lo_open``/``hi_open``: that end itself is excluded)."""
 
     kind: str  # "int" | "float" | "bool" | "window" | "checks" | "interval"
     default: Any
@@ -53,6 +53,7 @@ class Spec:
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
+    hi_open: bool = False
     unit: str = ""  # shown after the default in help texts
     setting: str | None = None  # a flag whose default is this [self_heal] setting
 
@@ -75,7 +76,10 @@ class Spec:
 
     def range_text(self) -> str:
         text = f"between {_g(self.lo)} and {_g(self.hi)}"
-        return text + " (exclusive)" if self.lo_open else text
+        if self.lo_open and self.hi_open:
+            return text + " (exclusive)"
+        return text + (f" (excluding {_g(self.lo)})" if self.lo_open else f" (excluding {_g(self.hi)})"
+                       if self.hi_open else "")
 
 
 def _g(x: float | None) -> str:
@@ -132,7 +136,8 @@ FLAGS: dict[str, Spec] = {
     "limit": Spec("int", 20, "Maximum rows.", 1, 1_000_000),
     "interval": Spec("interval", "1h", "Time between rounds of detection and verification: 90s, 30m, 1h, 1d.",
                      0, 30 * 86_400, lo_open=True),
-    "fraction": Spec("float", 0.5, "Canary mode: share of runs that get the change.", 0.0, 1.0, lo_open=True),
+    "fraction": Spec("float", 0.5, "Canary mode: share of runs that get the change.", 0.0, 1.0,
+                     lo_open=True, hi_open=True),
     "window_days": Spec("float", None, "Measurement window in days.", *SELF_HEAL["measurement_window_days"].bounds,
                         setting="measurement_window_days"),
     "runs": Spec("int", None, "Runs per simulated week.", 40, 10_000),  # default: the testbed's DEMO_RUNS
@@ -190,7 +195,7 @@ def help_text(name: str, text: str | None = None) -> str:
     sp = spec(name)
     parts = []
     if sp.bounds and sp.kind in ("int", "float"):
-        parts.append(f"{_g(sp.lo)}-{_g(sp.hi)}" + (" exclusive" if sp.lo_open else ""))
+        parts.append(f"{_g(sp.lo)}-{_g(sp.hi)}" + (" exclusive" if sp.lo_open or sp.hi_open else ""))
     elif sp.kind == "interval":
         parts.append(f"at most {_g(sp.hi / 86400)} days")
     setting = sp.setting or (name if name in SELF_HEAL else None)
@@ -214,7 +219,7 @@ def field_kwargs(name: str) -> dict[str, Any]:
     out: dict[str, Any] = {"description": help_text(name)}
     if sp.bounds and sp.kind in ("int", "float"):
         out["gt" if sp.lo_open else "ge"] = sp.lo
-        out["le"] = sp.hi
+        out["lt" if sp.hi_open else "le"] = sp.hi
     return out
 
 
@@ -317,7 +322,7 @@ def _field(sp: Spec) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {"description": sp.description}
     if sp.bounds and sp.kind in ("int", "float"):
         kwargs["gt" if sp.lo_open else "ge"] = sp.lo
-        kwargs["le"] = sp.hi
+        kwargs["lt" if sp.hi_open else "le"] = sp.hi
     if sp.kind == "int":
         ann: Any = Annotated[int, Field(strict=True, **kwargs)]
     elif sp.kind == "float":
