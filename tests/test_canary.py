@@ -69,7 +69,7 @@ def test_the_canary_layer_applies_to_canary_runs_only(tmp_path):
 @pytest.mark.parametrize("text, message", [
     (f'[canary."{IMP}"]\nfraction = 1.5\n', "fraction must be a number between 0 and 1"),
     (f'[canary."{IMP}"]\nfraction = true\n', "fraction must be a number between 0 and 1"),
-    (f'[canary."{IMP}".tools."x"]\ntimeout_ms = -1\n', "timeout_ms must be an integer >= 1"),
+    (f'[canary."{IMP}".tools."x"]\ntimeout_ms = -1\n', "timeout_ms must be between 1 and 86400000, got -1"),
     (f'[shadow."{IMP}".tools."x"]\nretry_attempts = 2\n', "a shadow can only observe timeout_ms"),
     ('canary = 3\n', "[canary] must be a table"),
 ])

@@ -258,8 +258,8 @@ def test_health_check_hook(config):
 
 
 @pytest.mark.parametrize("text,message", [
-    (f'[tools."{TOOL}"]\ntimeout_ms = "fast"\n', "timeout_ms must be an integer >= 1, got 'fast'"),
-    (f'[tools."{TOOL}"]\nretry_attempts = -1\n', "retry_attempts must be an integer >= 0"),
+    (f'[tools."{TOOL}"]\ntimeout_ms = "fast"\n', "timeout_ms must be an integer between 1 and 86400000, got 'fast'"),
+    (f'[tools."{TOOL}"]\nretry_attempts = -1\n', "retry_attempts must be between 0 and 100, got -1"),
     (f'[tools."{TOOL}"]\npreflight = ["warp_drive"]\n', "unknown preflight check 'warp_drive'"),
     (f'[tools."{TOOL}".circuit_breaker]\nfailure_threshold = 3\n', "needs failure_threshold and timeout_duration_sec"),
     ('[servers."k"]\nauto_restart = "yes"\n', "auto_restart must be true or false"),

@@ -31,8 +31,8 @@ def test_env_home_and_db(tmp_path, monkeypatch):
     ("confidence_threshold = nan", "confidence_threshold must be between 0 and 1"),
     ("min_occurrences = -3", "min_occurrences must be between 1"),
     ("measurement_window_days = -1", "measurement_window_days must be between 1"),
-    ("min_occurrences = 'three'", "min_occurrences must be int"),
-    ("auto_apply_enabled = 1", "auto_apply_enabled must be bool"),
+    ("min_occurrences = 'three'", "min_occurrences must be an integer between 1 and 1000000, got 'three'"),
+    ("auto_apply_enabled = 1", "auto_apply_enabled must be true or false, got 1"),
     ("lookback = '-7x'", "invalid time window '-7x'"),
 ])
 def test_bad_config_values_are_config_errors(binks_home, line, message):

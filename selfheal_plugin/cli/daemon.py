@@ -8,13 +8,13 @@ import os
 import click
 
 from selfheal_plugin.cli.common import common_options, echo_json, settings_for
+from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.daemon.loop import Daemon, TickReport, parse_interval
 from selfheal_plugin.daemon.watcher import MODES, resolve_mode
 
 
 @click.command("self-heal-daemon")
-@click.option("--interval", default="1h", show_default=True,
-              help="Time between rounds of detection and verification: 90s, 30m, 1h, 1d.")
+@setting_option("interval", "--interval")
 @click.option("--auto-detect", is_flag=True, help="Also propose a fix for every pattern periodic detection finds.")
 @click.option("--no-auto-apply", is_flag=True,
               help="Never apply anything, even with [self_heal] auto_apply_enabled = true.")

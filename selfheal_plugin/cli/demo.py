@@ -6,6 +6,7 @@ from typing import Any
 import click
 
 from selfheal_plugin.cli.common import echo_json, pct
+from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.testbed.demo import DEMO_RUNS, DemoStep, run_demo
 from selfheal_plugin.errors import SelfHealError, UsageError
 
@@ -88,8 +89,7 @@ def print_step(s: DemoStep) -> None:
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
               help="Use this new or empty directory as the demo home (default: a temporary one).")
 @click.option("--keep", is_flag=True, help="Keep the demo home afterwards (its path is printed).")
-@click.option("--runs", type=click.IntRange(min=40), default=DEMO_RUNS, show_default=True,
-              help="Runs per simulated week.")
+@setting_option("runs", "--runs", default=DEMO_RUNS, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def demo(directory: str | None, keep: bool, runs: int, as_json: bool) -> None:
     """Run the whole loop in a throwaway home: a week of real tool calls, detect, propose,

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from selfheal_plugin.history.settings import load_settings
 from selfheal_plugin.cli.common import common_options, echo_json, err_console, open_service, pct, scan_progress
+from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.analysis.report import TREND_TEXT, check_report_target, write_html_report
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -43,7 +44,7 @@ def _ms(x: float | None) -> str:
 
 @click.command()
 @click.option("--detailed", is_flag=True, help="Include per-agent and per-tool tables.")
-@click.option("--since", default=None, help="Window start (default: the lookback setting, -7d).")
+@setting_option("lookback", "--since", help="Window start")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML report (charts and numbers) to FILE.")
 @click.option("--force", is_flag=True,

@@ -6,6 +6,7 @@ import click
 
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
 from selfheal_plugin.service import TEST_MODES
+from selfheal_plugin.cli.options import setting_option
 
 
 def _rate(x: float | None) -> str:
@@ -16,9 +17,8 @@ def _rate(x: float | None) -> str:
 @click.argument("improvement_id")
 @click.option("--mode", type=click.Choice(TEST_MODES), default="simulation", show_default=True,
               help="How to test the improvement.")
-@click.option("--since", default=None, help="Baseline window start (default: the lookback setting, -7d).")
-@click.option("--fraction", type=float, default=None,
-              help="Canary mode: share of runs that get the change (default 0.5).")
+@setting_option("lookback", "--since", help="Baseline window start")
+@setting_option("fraction", "--fraction", default=None)
 @common_options
 def test_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, mode: str = "simulation",
                  since: str | None = None, fraction: float | None = None) -> None:
@@ -133,8 +133,7 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
 
 @click.command("verify")
 @click.argument("improvement_id")
-@click.option("--window-days", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Measurement window in days (default: measurement_window_days, 7).")
+@setting_option("window_days", "--window-days")
 @click.option("--early", is_flag=True,
               help="Accept a significant improvement before the window after the apply has ended "
                    "(otherwise it is provisional: extend monitoring).")

@@ -14,6 +14,7 @@ from rich.console import Console
 from selfheal_plugin import __version__
 from selfheal_plugin.cli import canary, daemon, demo, health, lifecycle, plugins
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct, scan_progress, warn_bad_rows
+from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.settings import configure_logging
 
 
@@ -42,10 +43,9 @@ def self_heal(ctx: click.Context, home: str | None, db: str | None) -> None:
 
 
 @self_heal.command()
-@click.option("--since", default=None, help="Window start: -7d, -24h, -30m, -1w, or an ISO date/datetime.")
-@click.option("--min-occurrences", type=click.IntRange(min=1), default=None, help="Minimum occurrences (default 3).")
-@click.option("--confidence", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Confidence threshold 0.0-1.0 (default 0.75).")
+@setting_option("lookback", "--since", help="Window start: -7d, -24h, -30m, -1w, or an ISO date/datetime.")
+@setting_option("min_occurrences", "--min-occurrences")
+@setting_option("confidence_threshold", "--confidence")
 @common_options
 def detect(home: str | None, db: str | None, as_json: bool, since: str | None = None,
            min_occurrences: int | None = None, confidence: float | None = None) -> None:
@@ -67,7 +67,7 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
 
 @self_heal.command()
 @click.argument("pattern_id")
-@click.option("--since", default=None, help="Window start (default: the lookback setting, -7d).")
+@setting_option("lookback", "--since", help="Window start")
 @common_options
 def show(pattern_id: str, home: str | None, db: str | None, as_json: bool, since: str | None = None) -> None:
     """Show one pattern: affected runs, message templates, context."""

@@ -10,6 +10,7 @@ from rich.text import Text
 
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
 from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.improvements import STATUSES
 from selfheal_plugin.history.settings import Settings
 
@@ -65,7 +66,7 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
 
 @click.command()
 @click.option("--status", type=click.Choice(STATUSES), default=None, help="Only improvements in this state.")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Maximum rows.")
+@setting_option("limit", "--limit")
 @common_options
 def improvements(home: str | None, db: str | None, as_json: bool, status: str | None = None,
                  limit: int = 20) -> None:

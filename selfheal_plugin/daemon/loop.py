@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import sqlite3
 import threading
@@ -52,6 +51,7 @@ from selfheal_plugin.history.clock import Clock, wall_clock
 from selfheal_plugin.lifecycle.configedit import split_changes
 from selfheal_plugin.lifecycle.cooldown import REAPPLY_COOLDOWN_DAYS, claim_once, forget, undone_same_change
 from selfheal_plugin.errors import SelfHealError, UsageError
+from selfheal_plugin.history import schema
 from selfheal_plugin.history.settings import lock_dir
 from selfheal_plugin.history.connection import get_state, set_state, write_transaction
 from selfheal_plugin.history.improvements import ImprovementStore
@@ -66,8 +66,6 @@ from selfheal_plugin.daemon.watcher import CheckResult, Watcher, check_history, 
 
 log = logging.getLogger("selfheal.daemon")
 
-_INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, None: 1}
 
 
 MAX_EXTENSIONS = 3  # extend-monitoring verdicts before the daemon concludes "inconclusive"
@@ -86,18 +84,12 @@ class Stopped(plugins.Interrupted):
 
 
 def parse_interval(text: str | float | int) -> float:
-    """``"1h"`` → 3600.0; accepts ``90``/``90s``, ``30m``, ``1.5h``, ``1d``; must be > 0."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        m = _INTERVAL.match(str(text or ""))
-        if not m:
-            raise UsageError(f"invalid interval {text!r}: use e.g. 90s, 30m, 1h, 1d")
-        unit = m.group(2).lower() if m.group(2) else None
-        seconds = float(m.group(1)) * _UNIT_SECONDS[unit]
-    if seconds <= 0:
-        raise UsageError(f"invalid interval {text!r}: it must be longer than zero")
-    return seconds
+    """``"1h"`` → 3600.0; accepts ``90``/``90s``, ``30m``, ``1.5h``, ``1d``; longer than zero and at
+    most the schema's bound for ``--interval`` (30 days: a longer wait overflows the timers)."""
+    try:
+        return schema.interval_seconds(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def lock_path(settings: Settings) -> Path:

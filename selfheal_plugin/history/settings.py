@@ -1,7 +1,8 @@
 """Paths and ``[self_heal]`` settings.
 
 Resolution order for every setting: explicit argument (a CLI flag) > ``[self_heal]`` in
-``BINKS_HOME/config.toml`` > the defaults in :data:`DEFAULTS`. ``BINKS_HOME`` defaults to
+``BINKS_HOME/config.toml`` > the defaults of :mod:`~selfheal_plugin.history.schema`, which also
+validates both (types and ranges). ``BINKS_HOME`` defaults to
 ``~/.binks``; the database is ``BINKS_HOME/conversations.db`` unless ``--db`` says otherwise.
 """
 from __future__ import annotations
@@ -11,28 +12,14 @@ import os
 import stat
 import tomllib
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from selfheal_plugin.errors import ConfigError, UsageError
+from selfheal_plugin.errors import ConfigError
+from selfheal_plugin.history import schema
 
-DEFAULTS: dict[str, Any] = {
-    "min_occurrences": 3,
-    "confidence_threshold": 0.75,
-    "lookback": "-7d",
-    "measurement_window_days": 7,
-    "min_sample_size": 30,
-    "significance_level": 0.05,
-    "auto_apply_enabled": False,
-    "auto_apply_confidence_threshold": 0.9,
-    "notify_patterns": True,
-    "notify_applied": True,
-    "notify_verified": True,
-    "notify_rolled_back": True,
-    "cooldown_minutes": 60,
-    "plugin_timeout_seconds": 60.0,  # each call into a plugin (hook, strategy method, import)
-}
+# Derived from the schema (kept for callers that read them; the schema is the source).
+DEFAULTS: dict[str, Any] = schema.defaults("self_heal")
 
 
 @dataclass(frozen=True)
@@ -138,18 +125,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
 
 
-# The range each numeric setting must fall in, the same whether it comes from a flag,
-# config.toml or an MCP call.
 RANGES: dict[str, tuple[float, float]] = {
-    "min_occurrences": (1, 1_000_000),
-    "confidence_threshold": (0.0, 1.0),
-    "measurement_window_days": (1, 3650),
-    "min_sample_size": (1, 10_000_000),
-    "significance_level": (1e-9, 0.5),
-    "auto_apply_confidence_threshold": (0.0, 1.0),
-    "cooldown_minutes": (0, 525_600),
-    "plugin_timeout_seconds": (0.1, 86_400),
-}
+    k: b for k in schema.SELF_HEAL if (b := schema.bounds(k)) is not None}
 
 
 def check_range(key: str, value: Any, where: str, error: type[Exception] = ConfigError) -> None:
@@ -157,17 +134,6 @@ def check_range(key: str, value: Any, where: str, error: type[Exception] = Confi
     lo, hi = RANGES.get(key, (None, None))
     if lo is not None and not (lo <= value <= hi):  # `not` so that NaN fails too
         raise error(f"{where}: {key} must be between {lo:g} and {hi:g}, got {value!r}")
-
-
-def _check_window(value: Any, error: type[Exception]) -> None:
-    """The syntax of a lookback window (whether it starts in the future depends on the clock
-    of the command that uses it)."""
-    from selfheal_plugin.history.times import parse_since
-
-    try:
-        parse_since(value, datetime.max.replace(tzinfo=timezone.utc))
-    except UsageError as exc:
-        raise error(str(exc)) from None
 
 
 def load_settings(
@@ -179,32 +145,15 @@ def load_settings(
     home_path = resolve_home(home)
     db_path = Path(db).expanduser() if db else home_path / "conversations.db"
     section = read_config(home_path / "config.toml").get("self_heal", {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{home_path / 'config.toml'}: [self_heal] must be a table")
+    # Validated through the schema's model only when there is something to validate: the
+    # common path (no table, no flag) does not import pydantic.
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
-    for key, value in section.items():
-        if key in DEFAULTS:
-            expected = type(DEFAULTS[key])
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise ConfigError(
-                    f"{home_path / 'config.toml'}: [self_heal] {key} must be {expected.__name__}, got {value!r}"
-                )
-            where = f"{home_path / 'config.toml'}: [self_heal]"
-            check_range(key, value, where)
-            if key == "lookback":
-                _check_window(value, ConfigError)
-            values[key] = value
-        else:
-            extra[key] = value
-    for key, value in overrides.items():
-        if value is not None:
-            check_range(key, value, "invalid value", UsageError)
-            if key == "lookback":
-                _check_window(value, UsageError)
-            values[key] = value
+    if section != {}:
+        values, extra = schema.validate_self_heal(section, f"{home_path / 'config.toml'}: [self_heal]")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given:
+        values.update(schema.validate_overrides(given))
     return Settings(home=home_path, db_path=db_path, extra=extra, **values)
 
 

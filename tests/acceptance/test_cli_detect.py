@@ -124,7 +124,7 @@ def test_broken_config_is_reported(history_copy, binks_home):
     assert res.returncode == 1 and "is not valid TOML" in res.stderr
     (binks_home / "config.toml").write_text('[self_heal]\nmin_occurrences = "three"\n')
     res = run_agent("self-heal", "detect", "--home", str(binks_home))
-    assert res.returncode == 1 and "min_occurrences must be int" in res.stderr
+    assert res.returncode == 1 and "[self_heal] min_occurrences must be an integer between 1 and 1000000, got 'three'" in res.stderr
 
 
 def test_legacy_improvement_rows_survive_commands(history_copy, binks_home):
