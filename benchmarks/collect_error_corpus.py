@@ -636,7 +636,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         labels: dict[str, int] = {}
         for r in mine:
             labels[r["label"]] = labels.get(r["label"], 0) + 1
-        seen = ", ".join(f"{k} {v}" for k, v in sorted(labels.items(), key=lambda kv: -kv[1]))
+        seen = ", ".join(f"{k} {v}" for k, v in sorted(labels.items(), key=lambda kv: (-kv[1], kv[0])))
         if kind == "unknown":
             lines.append(f"| {kind} | {len(mine)} | n/a | n/a | {seen} |")
             continue
