@@ -88,29 +88,29 @@ class Server:
 
 SERVERS = {
     "filesystem": Server("filesystem", "@modelcontextprotocol/server-filesystem", "npm",
-                         ("node_modules/.bin/mcp-server-filesystem", "{sandbox}/files")),
+                         ("{pkgdir}/node_modules/.bin/mcp-server-filesystem", "{sandbox}/files")),
     "memory": Server("memory", "@modelcontextprotocol/server-memory", "npm",
-                     ("node_modules/.bin/mcp-server-memory",), (("MEMORY_FILE_PATH", "{sandbox}/memory/graph.jsonl"),)),
+                     ("{pkgdir}/node_modules/.bin/mcp-server-memory",), (("MEMORY_FILE_PATH", "{sandbox}/memory/graph.jsonl"),)),
     "memory-readonly": Server("memory-readonly", "@modelcontextprotocol/server-memory", "npm",
-                              ("node_modules/.bin/mcp-server-memory",),
+                              ("{pkgdir}/node_modules/.bin/mcp-server-memory",),
                               (("MEMORY_FILE_PATH", "{sandbox}/readonly/graph.jsonl"),)),
     "everything": Server("everything", "@modelcontextprotocol/server-everything", "npm",
-                         ("node_modules/.bin/mcp-server-everything",), (("GZIP_ALLOWED_DOMAINS", "127.0.0.1"), ("GZIP_MAX_FETCH_TIME_MILLIS", "1000"))),
+                         ("{pkgdir}/node_modules/.bin/mcp-server-everything",), (("GZIP_ALLOWED_DOMAINS", "127.0.0.1"), ("GZIP_MAX_FETCH_TIME_MILLIS", "1000"))),
     "sequential-thinking": Server("sequential-thinking", "@modelcontextprotocol/server-sequential-thinking", "npm",
-                                  ("node_modules/.bin/mcp-server-sequential-thinking",)),
+                                  ("{pkgdir}/node_modules/.bin/mcp-server-sequential-thinking",)),
     "postgres": Server("postgres", "@modelcontextprotocol/server-postgres", "npm",
-                       ("node_modules/.bin/mcp-server-postgres", "postgresql://agent:secret@127.0.0.1:1/app")),
+                       ("{pkgdir}/node_modules/.bin/mcp-server-postgres", "postgresql://agent:secret@127.0.0.1:1/app")),
     "brave-search": Server("brave-search", "@modelcontextprotocol/server-brave-search", "npm",
-                           ("node_modules/.bin/mcp-server-brave-search",)),
-    "fetch": Server("fetch", "mcp-server-fetch", "pypi", ("pyenv/bin/mcp-server-fetch", "--allow-private-ips")),
-    "fetch-default": Server("fetch-default", "mcp-server-fetch", "pypi", ("pyenv/bin/mcp-server-fetch",)),
-    "git": Server("git", "mcp-server-git", "pypi", ("pyenv/bin/mcp-server-git",)),
+                           ("{pkgdir}/node_modules/.bin/mcp-server-brave-search",)),
+    "fetch": Server("fetch", "mcp-server-fetch", "pypi", ("{pkgdir}/bin/mcp-server-fetch", "--allow-private-ips")),
+    "fetch-default": Server("fetch-default", "mcp-server-fetch", "pypi", ("{pkgdir}/bin/mcp-server-fetch",)),
+    "git": Server("git", "mcp-server-git", "pypi", ("{pkgdir}/bin/mcp-server-git",)),
     "git-restricted": Server("git-restricted", "mcp-server-git", "pypi",
-                             ("pyenv/bin/mcp-server-git", "--repository", "{sandbox}/repo")),
-    "time": Server("time", "mcp-server-time", "pypi", ("pyenv/bin/mcp-server-time",)),
+                             ("{pkgdir}/bin/mcp-server-git", "--repository", "{sandbox}/repo")),
+    "time": Server("time", "mcp-server-time", "pypi", ("{pkgdir}/bin/mcp-server-time",)),
     "missing-command": Server("missing-command", "(none)", "none", ("mcp-server-does-not-exist",)),
     "missing-script": Server("missing-script", "@modelcontextprotocol/server-filesystem", "npm",
-                             ("node", "node_modules/@modelcontextprotocol/server-filesystem/dist/main.js",
+                             ("node", "{pkgdir}/node_modules/@modelcontextprotocol/server-filesystem/dist/main.js",
                               "{sandbox}/files")),
 }
 
@@ -369,29 +369,42 @@ def start_http(handler: type) -> ThreadingHTTPServer:
 # ---------------------------------------------------------------- install
 
 
+def package_dir(servers_dir: Path, package: str) -> Path:
+    """Each package in a folder of its own, resolved alone, as ``npx -y PKG`` or ``uvx PKG`` would."""
+    safe = package.replace("@", "").replace("/", "__")
+    return servers_dir / ("npm" if package in NPM_PACKAGES else "pypi") / safe
+
+
 def install(servers_dir: Path) -> None:
-    servers_dir.mkdir(parents=True, exist_ok=True)
-    if not (servers_dir / "package.json").exists():
-        (servers_dir / "package.json").write_text('{"name": "corpus-servers", "private": true}\n')
-    subprocess.run(["npm", "install", "--no-audit", "--no-fund", *NPM_PACKAGES], cwd=servers_dir, check=True)
-    venv = servers_dir / "pyenv"
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *PYPI_PACKAGES], check=True)
+    for pkg in NPM_PACKAGES:
+        where = package_dir(servers_dir, pkg)
+        where.mkdir(parents=True, exist_ok=True)
+        if not (where / "package.json").exists():
+            (where / "package.json").write_text('{"name": "corpus-server", "private": true}\n')
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", pkg], cwd=where, check=True)
+    for pkg in PYPI_PACKAGES:
+        venv = package_dir(servers_dir, pkg)
+        if not (venv / "bin" / "python").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", pkg], check=True)
     # Servers run as nobody when we are root: everything must be readable by them.
     subprocess.run(["chmod", "-R", "a+rX", str(servers_dir)], check=True)
 
 
-def versions(servers_dir: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
+def versions(servers_dir: Path) -> dict[str, tuple[str, str]]:
+    """package → (its version, the version of the MCP SDK it runs on)."""
+    out: dict[str, tuple[str, str]] = {}
     for pkg in NPM_PACKAGES:
-        meta = json.loads((servers_dir / "node_modules" / pkg / "package.json").read_text())
-        out[pkg] = meta["version"]
-    listing = subprocess.run([str(servers_dir / "pyenv" / "bin" / "pip"), "list", "--format=json"],
-                             capture_output=True, text=True, check=True).stdout
-    pip = {p["name"].lower(): p["version"] for p in json.loads(listing)}
+        modules = package_dir(servers_dir, pkg) / "node_modules"
+        version = json.loads((modules / pkg / "package.json").read_text())["version"]
+        sdk = next((p for p in (modules / pkg / "node_modules" / "@modelcontextprotocol" / "sdk" / "package.json",
+                                modules / "@modelcontextprotocol" / "sdk" / "package.json") if p.exists()), None)
+        out[pkg] = (version, f"@modelcontextprotocol/sdk@{json.loads(sdk.read_text())['version']}" if sdk else "?")
     for pkg in PYPI_PACKAGES:
-        out[pkg] = pip[pkg]
+        listing = subprocess.run([str(package_dir(servers_dir, pkg) / "bin" / "pip"), "list", "--format=json"],
+                                 capture_output=True, text=True, check=True).stdout
+        pip = {p["name"].lower(): p["version"] for p in json.loads(listing)}
+        out[pkg] = (pip[pkg], f"mcp@{pip.get('mcp', '?')}")
     return out
 
 
@@ -468,7 +481,7 @@ class Context:
     sandbox: Path
     ports: tuple[int, int]
     drop: list[str]
-    versions: dict[str, str]
+    versions: dict[str, tuple[str, str]]
     stderr: dict[str, str] = field(default_factory=dict)
 
     def fill(self, text: str) -> str:
@@ -494,10 +507,8 @@ class Context:
         return text
 
     def params(self, server: Server) -> Any:
-        cmd = [self.fill(c) for c in server.command]
-        if cmd[0].startswith(("node_modules/", "pyenv/")):
-            cmd[0] = str(self.servers_dir / cmd[0])
-        cmd = [str(self.servers_dir / c) if c.startswith("node_modules/") else c for c in cmd]
+        pkgdir = str(package_dir(self.servers_dir, server.package))
+        cmd = [self.fill(c).replace("{pkgdir}", pkgdir) for c in server.command]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.sandbox / "home"),
                "NO_PROXY": "*", "LANG": "C.UTF-8"}
         env.update({k: self.fill(v) for k, v in server.env})
@@ -509,7 +520,7 @@ class Context:
 def package_label(server: Server, ctx: Context) -> str:
     if server.registry == "none":
         return "(none: a command that does not exist)"
-    return f"{server.package}@{ctx.versions[server.package]}"
+    return f"{server.package}@{ctx.versions[server.package][0]}"
 
 
 async def run_server_cases(server: Server, cases: list[Case], ctx: Context) -> list[dict[str, Any]]:
@@ -526,6 +537,8 @@ async def run_server_cases(server: Server, cases: list[Case], ctx: Context) -> l
                "arguments": case.arguments, "provoked": case.provoked, "channel": channel,
                "message": message, "is_error": is_error, "label": classify_error(message),
                "expected_kind": case.expected_kind}
+        if server.package in ctx.versions:
+            out["sdk"] = ctx.versions[server.package][1]
         if case.note:
             out["note"] = case.note
         return out

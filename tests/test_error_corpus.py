@@ -26,7 +26,7 @@ FIELDS: dict[str, type] = {
     "id": str, "server": str, "tool": str, "runtime_tool": str, "arguments": dict, "provoked": str,
     "channel": str, "message": str, "is_error": bool, "label": str, "expected_kind": str,
 }
-OPTIONAL: dict[str, type] = {"note": str, "server_stderr": str}
+OPTIONAL: dict[str, type] = {"note": str, "server_stderr": str, "sdk": str}
 # package@version, npm scoped or not: "@modelcontextprotocol/server-memory@2026.8.31", "mcp-server-git@2026.10.19"
 PACKAGE = re.compile(r"^(@[a-z0-9][\w.-]*/)?[a-z0-9][\w.-]*@\d[\w.+-]*$")
 # Where a collecting machine's own paths would show; /tmp/corpus and /opt/mcp-servers are the placeholders.
