@@ -14,17 +14,23 @@ Run (needs node + npm and network access to the npm registry and PyPI only; CI n
 
     .venv/bin/python benchmarks/collect_error_corpus.py               # install, collect, write
     .venv/bin/python benchmarks/collect_error_corpus.py --no-install  # reuse /tmp/corpus-servers
+    .venv/bin/python benchmarks/collect_error_corpus.py --report      # only the baseline table
     .venv/bin/python benchmarks/collect_error_corpus.py --out /tmp/c.jsonl --servers-dir DIR
 
-Nothing here contacts a host other than 127.0.0.1: the fetch server is only pointed at a
-local ``http.server``; servers that would call an external API are only provoked where they
-fail before any network use (a missing API key, arguments that fail validation).
+Nothing here contacts a host other than 127.0.0.1 (the script refuses to start a server
+whose arguments or environment name another host): the fetch server is only pointed at a
+local ``http.server``, the GitLab server's ``GITLAB_API_URL`` at a stand-in on the same
+server that answers with GitLab's statuses (401, 403, 404, 429, 500, 503); servers that
+would call an external API otherwise are only provoked where they fail before any network
+use (brave-search without its API key).
 
 When run as root the servers run as ``nobody`` (through ``setpriv``) so that file
 permissions mean what they mean for a normal user. Paths of this machine are replaced by
 placeholders: the scratch sandbox by ``/tmp/corpus``, the servers' folder by
-``/opt/mcp-servers``, the local web server's port by ``8000``. Messages differ between
-package versions; the versions used are recorded per line (``server`` is ``package@version``).
+``/opt/mcp-servers``, the local web servers' ports by ``8000`` and ``8001``. Messages
+differ between package versions and the SDK (and zod) they resolve; each package is
+installed alone, as ``npx -y``/``uvx`` would, and every line records ``server`` as
+``package@version`` and ``sdk``.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.stdio import stdio_client
@@ -67,6 +74,7 @@ NPM_PACKAGES = (
     "@modelcontextprotocol/server-sequential-thinking",
     "@modelcontextprotocol/server-postgres",
     "@modelcontextprotocol/server-brave-search",
+    "@modelcontextprotocol/server-gitlab",
 )
 PYPI_PACKAGES = ("mcp-server-fetch", "mcp-server-git", "mcp-server-time")
 
@@ -102,6 +110,21 @@ SERVERS = {
                        ("{pkgdir}/node_modules/.bin/mcp-server-postgres", "postgresql://agent:secret@127.0.0.1:1/app")),
     "brave-search": Server("brave-search", "@modelcontextprotocol/server-brave-search", "npm",
                            ("{pkgdir}/node_modules/.bin/mcp-server-brave-search",)),
+    # GITLAB_API_URL always points at the local stand-in (GITLAB_API below), never at a real GitLab.
+    "gitlab": Server("gitlab", "@modelcontextprotocol/server-gitlab", "npm",
+                     ("{pkgdir}/node_modules/.bin/mcp-server-gitlab",),
+                     (("GITLAB_API_URL", "{web}/gitlab/api/v4"), ("GITLAB_PERSONAL_ACCESS_TOKEN", "glpat-corpus-valid"))),
+    "gitlab-revoked": Server("gitlab-revoked", "@modelcontextprotocol/server-gitlab", "npm",
+                             ("{pkgdir}/node_modules/.bin/mcp-server-gitlab",),
+                             (("GITLAB_API_URL", "{web}/gitlab/api/v4"),
+                              ("GITLAB_PERSONAL_ACCESS_TOKEN", "glpat-corpus-revoked"))),
+    "gitlab-unreachable": Server("gitlab-unreachable", "@modelcontextprotocol/server-gitlab", "npm",
+                                 ("{pkgdir}/node_modules/.bin/mcp-server-gitlab",),
+                                 (("GITLAB_API_URL", "http://127.0.0.1:1/api/v4"),
+                                  ("GITLAB_PERSONAL_ACCESS_TOKEN", "glpat-corpus-valid"))),
+    "gitlab-notoken": Server("gitlab-notoken", "@modelcontextprotocol/server-gitlab", "npm",
+                             ("{pkgdir}/node_modules/.bin/mcp-server-gitlab",),
+                             (("GITLAB_API_URL", "{web}/gitlab/api/v4"),)),
     "fetch": Server("fetch", "mcp-server-fetch", "pypi", ("{pkgdir}/bin/mcp-server-fetch", "--allow-private-ips")),
     "fetch-default": Server("fetch-default", "mcp-server-fetch", "pypi", ("{pkgdir}/bin/mcp-server-fetch",)),
     "git": Server("git", "mcp-server-git", "pypi", ("{pkgdir}/bin/mcp-server-git",)),
@@ -132,6 +155,10 @@ class Case:
 
 
 S = SANDBOX_PLACEHOLDER
+GITLAB_ZOD_NOTE = ("the server formats zod 3's error.errors; the zod npm resolves for it today (4.x) has none, "
+                   "so the validation error becomes a TypeError: the cause (an invalid argument) is lost")
+GITLAB_NOTE = ("the server's message for the status a local stand-in for the GitLab API answered "
+               "(GitLab's status codes and bodies; the server reports only the status text)")
 URL = f"http://127.0.0.1:{PORT_PLACEHOLDER}"
 URL_ROBOTS403 = f"http://127.0.0.1:{PORT_PLACEHOLDER + 1}"
 
@@ -232,6 +259,39 @@ CASES: tuple[Case, ...] = (
     Case("brave-no-key", "brave-search", "brave_web_search", {"query": "mcp"},
          "server_down", "the server started without its API key (exits before any network use)",
          note="the client only sees the connection close; the missing key is named only on the server's stderr"),
+    # gitlab (its API answered by a local stand-in that returns GitLab's statuses) -------------
+    Case("gitlab-missing-project", "gitlab", "get_file_contents", {"project_id": "acme/missing", "file_path": "README.md"},
+         "missing_resource", "a project that does not exist (API: 404 Project Not Found)", note=GITLAB_NOTE),
+    Case("gitlab-missing-file", "gitlab", "get_file_contents", {"project_id": "acme/app", "file_path": "docs/old.md"},
+         "missing_resource", "a file that does not exist (API: 404 File Not Found)", note=GITLAB_NOTE),
+    Case("gitlab-forbidden", "gitlab", "create_issue", {"project_id": "acme/private", "title": "Flaky deploy"},
+         "permission", "a project the token may not write (API: 403)", note=GITLAB_NOTE),
+    Case("gitlab-rate-limited-search", "gitlab", "search_repositories", {"search": "mcp"},
+         "rate_limited", "the API's rate limit (API: 429, Retry-After: 60)", note=GITLAB_NOTE),
+    Case("gitlab-rate-limited-file", "gitlab", "get_file_contents", {"project_id": "acme/busy", "file_path": "README.md"},
+         "rate_limited", "the API's rate limit (API: 429, Retry-After: 60)", note=GITLAB_NOTE),
+    Case("gitlab-rate-limited-issue", "gitlab", "create_issue", {"project_id": "acme/busy", "title": "Flaky deploy"},
+         "rate_limited", "the API's rate limit (API: 429, Retry-After: 60)", note=GITLAB_NOTE),
+    Case("gitlab-500", "gitlab", "get_file_contents", {"project_id": "acme/broken", "file_path": "README.md"},
+         "transient_upstream", "the API fails (API: 500)", note=GITLAB_NOTE),
+    Case("gitlab-503", "gitlab", "create_branch", {"project_id": "acme/maintenance", "branch": "fix/deploy"},
+         "transient_upstream", "the API is in maintenance (API: 503)", note=GITLAB_NOTE),
+    Case("gitlab-missing-arg", "gitlab", "get_file_contents", {"project_id": "acme/app"},
+         "unknown", "call without the required file_path", note=GITLAB_ZOD_NOTE),
+    Case("gitlab-wrong-type", "gitlab", "search_repositories", {"search": "mcp", "page": "two"},
+         "unknown", "page given as a string", note=GITLAB_ZOD_NOTE),
+    Case("gitlab-unknown-tool", "gitlab", "delete_repository", {"project_id": "acme/app"},
+         "invalid_arguments", "call a tool the server does not have"),
+    Case("gitlab-bad-token", "gitlab-revoked", "get_file_contents", {"project_id": "acme/app", "file_path": "README.md"},
+         "permission", "a revoked access token (API: 401)", note=GITLAB_NOTE),
+    Case("gitlab-bad-token-search", "gitlab-revoked", "search_repositories", {"search": "mcp"},
+         "permission", "a revoked access token (API: 401)", note=GITLAB_NOTE),
+    Case("gitlab-unreachable", "gitlab-unreachable", "get_file_contents", {"project_id": "acme/app", "file_path": "README.md"},
+         "transient_upstream", "GITLAB_API_URL on a local port nothing listens on",
+         note="the MCP server is up; the API it calls is not"),
+    Case("gitlab-no-token", "gitlab-notoken", "get_file_contents", {"project_id": "acme/app", "file_path": "README.md"},
+         "server_down", "the server started without GITLAB_PERSONAL_ACCESS_TOKEN (exits before any network use)",
+         note="the client only sees the connection close; the missing token is named only on the server's stderr"),
     # fetch (only 127.0.0.1) ----------------------------------------------------------------
     Case("fetch-private-ip", "fetch-default", "fetch", {"url": f"{URL}/ok.html"},
          "permission", "a local address, the server started without --allow-private-ips"),
@@ -331,9 +391,51 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def _gitlab(self) -> None:
+        """A stand-in for the GitLab REST API: the status follows the project, as GitLab's would."""
+        if self.headers.get("Authorization") != "Bearer glpat-corpus-valid":
+            return self._json(401, {"message": "401 Unauthorized"})
+        parts = urlsplit(self.path)
+        rest = parts.path[len("/gitlab/api/v4/"):]
+        if rest == "projects":
+            if parse_qs(parts.query).get("search"):
+                return self._json(429, None, {"Retry-After": "60", "RateLimit-Reset": "1767225600"})
+            return self._json(200, [])
+        project = unquote(rest.split("/")[1]) if rest.startswith("projects/") else ""
+        status = {"acme/missing": 404, "acme/private": 403, "acme/busy": 429, "acme/broken": 500,
+                  "acme/maintenance": 503}.get(project)
+        if status == 404:
+            return self._json(404, {"message": "404 Project Not Found"})
+        if status == 429:
+            return self._json(429, None, {"Retry-After": "60", "RateLimit-Reset": "1767225600"})
+        if status:
+            return self._json(status, {"message": f"{status} {self.responses[status][0]}"})
+        return self._json(404, {"message": "404 File Not Found"})
+
+    def _json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = b"Retry later\n" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain" if body is None else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.startswith("/gitlab/api/v4/"):
+            return self._gitlab()
+        self._send(405, "<h1>405</h1>")
+
+    def do_PUT(self) -> None:
+        self.do_POST()
+
     def do_GET(self) -> None:
         path = self.path.split("?")[0]
-        if path == "/robots.txt":
+        if path.startswith("/gitlab/api/v4/"):
+            self._gitlab()
+        elif path == "/robots.txt":
             if self.robots_status != 200:
                 self._send(self.robots_status, "<h1>Forbidden</h1>")
             else:
@@ -488,7 +590,7 @@ class Context:
     stderr: dict[str, str] = field(default_factory=dict)
 
     def fill(self, text: str) -> str:
-        return text.replace("{sandbox}", str(self.sandbox))
+        return text.replace("{sandbox}", str(self.sandbox)).replace("{web}", f"http://127.0.0.1:{self.ports[0]}")
 
     def real(self, value: Any) -> Any:
         """A case's arguments with placeholders made real."""
@@ -515,6 +617,9 @@ class Context:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.sandbox / "home"),
                "NO_PROXY": "*", "LANG": "C.UTF-8"}
         env.update({k: self.fill(v) for k, v in server.env})
+        for value in [*cmd, *env.values()]:  # a server is only ever pointed at this machine
+            if "://" in value and urlsplit(value).hostname != "127.0.0.1":
+                raise SystemExit(f"refusing to start {server.key}: {value!r} is not on 127.0.0.1")
         if server.key != "missing-command":
             cmd = [*self.drop, *cmd]
         return StdioServerParameters(command=cmd[0], args=cmd[1:], env=env, cwd=str(self.sandbox))
@@ -532,7 +637,7 @@ async def run_server_cases(server: Server, cases: list[Case], ctx: Context) -> l
 
     def row(case: Case, message: str, is_error: bool, channel: str) -> dict[str, Any]:
         message = ctx.sanitise(message)
-        name = server.key.split("-")[0] if server.key.startswith(("memory-", "git-", "fetch-")) else server.key
+        name = server.key.split("-")[0] if server.key.startswith(("memory-", "git-", "fetch-", "gitlab-")) else server.key
         if server.key.startswith("missing-"):
             name = "filesystem"
         out = {"id": case.id, "server": package_label(server, ctx), "tool": case.tool,
