@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -57,11 +59,9 @@ from mcp.client.stdio import stdio_client
 
 from selfheal_plugin.history.connection import classify_error
 from selfheal_plugin.history.errorindex import message_template
+from selfheal_plugin.plugins.manager import builtin_folder
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # strategies/ is a plugin folder at the repo root, not an installed package
-from strategies.tool_error import template_kind
-
 DEFAULT_OUT = REPO / "tests" / "data" / "mcp_error_corpus.jsonl"
 SANDBOX_PLACEHOLDER = "/tmp/corpus"
 SERVERS_PLACEHOLDER = "/opt/mcp-servers"
@@ -735,12 +735,28 @@ TOOL_ERROR_FITS: dict[str, frozenset[str]] = {
 }
 
 
+@functools.cache
+def _tool_error_plugin() -> Any:
+    """The built-in tool_error strategy module, loaded from its plugin folder under a private
+    name (strategies/ is a plugin folder, never a top-level module; nothing is left registered)."""
+    name = "_corpus_builtin_tool_error"
+    spec = importlib.util.spec_from_file_location(name, builtin_folder("strategies") / "tool_error.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
+
+
 def fix_suits(row: dict[str, Any]) -> bool:
     """Whether today's strategy for the row's label would propose the kind's fix."""
     kind, label = row["expected_kind"], row["label"]
     if label not in RIGHT_LABELS.get(kind, frozenset()):
         return False
     if label == "tool_error":
+        template_kind = _tool_error_plugin().template_kind
         return template_kind(message_template(row["message"])) in TOOL_ERROR_FITS.get(kind, frozenset())
     return True
 
