@@ -44,7 +44,7 @@ from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
 from selfheal_plugin.lifecycle import apply as applying
-from selfheal_plugin.lifecycle import canary, proposals, simulation, verification
+from selfheal_plugin.lifecycle import autopilot, canary, proposals, simulation, verification
 from selfheal_plugin.lifecycle.apply import LifecycleError
 from selfheal_plugin.lifecycle.cooldown import claim_notification
 from selfheal_plugin.lifecycle.recovery import recover
@@ -219,6 +219,24 @@ class SelfHeal:
     def reject(self, improvement_id: str) -> StatusResult:
         """Reject a proposal; the pattern is not proposed again until its evidence changes."""
         return applying.reject_improvement(self.conn, self.settings, improvement_id)
+
+    # -------------------------------------------------------------- automatic decisions
+
+    def auto_apply(self, *, should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        """Test and apply what is low-risk, confident and simulated safe
+        (:mod:`~selfheal_plugin.lifecycle.autopilot`); lists of what was tested, applied,
+        held back (with the reason) and refused."""
+        report = autopilot.AutopilotReport()
+        autopilot.auto_apply(self.conn, self.settings, self.now(), report, should_stop=should_stop)
+        return {k: v for k, v in report.to_dict().items() if v}
+
+    def verify_due(self, *, retry_seconds: float = 3600.0,
+                   should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        """Verify what is due: keep, extend monitoring, conclude inconclusive, or roll back."""
+        report = autopilot.AutopilotReport()
+        autopilot.verify_due(self.conn, self.settings, self.now(), report, retry_seconds=retry_seconds,
+                             should_stop=should_stop)
+        return {k: v for k, v in report.to_dict().items() if v}
 
     # -------------------------------------------------------------- canary and shadow
 

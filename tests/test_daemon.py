@@ -357,7 +357,7 @@ def test_a_failed_automatic_rollback_is_notified_once_and_retried(applied):
 
 
 def test_monitoring_is_extended_at_most_three_times_then_concluded(applied):
-    from selfheal_plugin.daemon.loop import MAX_EXTENSIONS
+    from selfheal_plugin.lifecycle.autopilot import MAX_EXTENSIONS
 
     settings, imp_id, commit = applied
     write_week_after(settings.db_path, T0, 10, fail_every=None)  # never enough runs for a verdict

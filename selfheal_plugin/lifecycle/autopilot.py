@@ -1,0 +1,205 @@
+"""The daemon's automatic decisions, kept in the engine so that every shell that runs them
+(the daemon today, any runtime calling :class:`~selfheal_plugin.service.SelfHeal`) decides
+and words them the same way:
+
+* **auto-apply** — only low-risk proposals whose confidence reaches
+  ``auto_apply_confidence_threshold`` and whose simulation says ``safe_to_apply`` (untested
+  ones are tested first); never a change rolled back or rejected in the last
+  :data:`~selfheal_plugin.lifecycle.cooldown.REAPPLY_COOLDOWN_DAYS` days; manual steps wait
+  for a person;
+* **scheduled verification** — keep; extend monitoring by a window at most
+  :data:`MAX_EXTENSIONS` times, then end it inconclusive (the change stays) and ask a person;
+  roll back at once when the change made things significantly worse.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+from selfheal_plugin.errors import SelfHealError
+from selfheal_plugin.history.connection import get_state, set_state, write_transaction
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.settings import Settings
+from selfheal_plugin.history.times import format_timestamp, parse_timestamp
+from selfheal_plugin.lifecycle.apply import apply_improvement, rollback_improvement
+from selfheal_plugin.lifecycle.configedit import split_changes
+from selfheal_plugin.lifecycle.cooldown import REAPPLY_COOLDOWN_DAYS, claim_once, forget, undone_same_change
+from selfheal_plugin.lifecycle.simulation import test_improvement
+from selfheal_plugin.lifecycle.verification import verify_improvement
+from selfheal_plugin.plugins import manager as plugins
+
+log = logging.getLogger("selfheal.daemon")
+
+MAX_EXTENSIONS = 3  # extend-monitoring verdicts before the daemon concludes "inconclusive"
+EXTENSIONS_KEY = "monitoring:extensions:"  # + improvement id, in selfheal_state
+ROLLBACK_FAILED_KEY = "auto_rollback_failed:"  # + improvement id: notified once
+
+
+@dataclass
+class AutopilotReport:
+    """What one round of automatic decisions did (JSON-ready)."""
+
+    tested: list[dict[str, Any]] = field(default_factory=list)
+    applied: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # auto-apply held back, with the reason
+    verified: list[dict[str, Any]] = field(default_factory=list)
+    rolled_back: list[dict[str, Any]] = field(default_factory=list)
+    concluded: list[dict[str, Any]] = field(default_factory=list)  # monitoring ended inconclusive
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pct(value: Any) -> str:
+    return f"{value * 100:.0f}%" if isinstance(value, (int, float)) else "n/a"
+
+
+def auto_apply(conn: sqlite3.Connection, settings: Settings, now: datetime, report: AutopilotReport, *,
+               should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Apply what is low-risk, confident enough and simulated safe; test what is untested."""
+    s = settings
+    store = ImprovementStore(conn)
+    for imp in [*store.list(status="proposed", limit=None), *store.list(status="tested", limit=None)]:
+        if should_stop():
+            return
+        if (imp.risk_level or "").lower() != "low" or imp.confidence is None \
+                or imp.confidence < s.auto_apply_confidence_threshold:
+            continue
+        undone = undone_same_change(conn, imp.pattern_id, imp.changes, now, exclude=imp.id)
+        if undone is not None:
+            when = undone.rolled_back_at if undone.status == "rolled_back" else undone.updated_at
+            reason = (f"the same change ({undone.id}) was {undone.status.replace('_', ' ')} on {when}; no "
+                      f"automatic re-apply for {REAPPLY_COOLDOWN_DAYS} days (a person may apply it)")
+            report.skipped.append({"improvement_id": imp.id, "reason": reason})
+            log.info("not auto-applying %s: %s", imp.id, reason)
+            continue
+        try:
+            config_changes, _manual = split_changes(imp.changes)
+            if not config_changes:
+                continue  # manual steps need a person
+            result = imp.test_result
+            if imp.status == "proposed" or not result:
+                result = test_improvement(conn, s, imp.id, now=now)
+                report.tested.append({"improvement_id": imp.id, "recommendation": result["recommendation"]})
+                log.info("tested %s: %s (%s)", imp.id, result["recommendation"], result.get("reason"))
+            if result.get("recommendation") != "safe_to_apply":
+                continue
+            applied = apply_improvement(conn, s, imp.id, now=now,
+                                        changes_made="Applied automatically by the self-heal daemon")
+        except SelfHealError as exc:
+            report.errors.append(f"auto-apply {imp.id}: {exc}")
+            log.warning("auto-apply of %s refused: %s", imp.id, exc)
+            continue
+        report.applied.append({"improvement_id": imp.id, "commit_sha": applied["commit_sha"]})
+        log.info("auto-applied %s (commit %s, confidence %.0f%%, verification at %s)", imp.id,
+                 (applied["commit_sha"] or "")[:12], imp.confidence * 100, applied["verification_scheduled"])
+
+def verify_due(conn: sqlite3.Connection, settings: Settings, now: datetime, report: AutopilotReport, *,
+               retry_seconds: float, should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Verify every applied improvement whose verification is due: keep, extend monitoring
+    (at most :data:`MAX_EXTENSIONS` times, then conclude inconclusive), or roll back at once
+    when it made things significantly worse (a failed rollback is retried after
+    ``retry_seconds`` and notified once)."""
+    s = settings
+    store = ImprovementStore(conn)
+    for imp in store.list(status="applied", limit=None):
+        if should_stop():
+            return
+        try:
+            due = parse_timestamp(imp.verification_scheduled or "")
+            applied_at = parse_timestamp(imp.applied_at or "")
+        except ValueError:
+            continue
+        if due > now:
+            continue
+        # the whole time since the apply (at least one window): an extended monitoring
+        # period measures everything gathered so far
+        days = max(float(s.measurement_window_days), (now - applied_at).total_seconds() / 86400)
+        try:
+            result = verify_improvement(conn, s, imp.id, measurement_window_days=days, now=now)
+        except SelfHealError as exc:
+            report.errors.append(f"verify {imp.id}: {exc}")
+            log.warning("verification of %s failed: %s", imp.id, exc)
+            continue
+        rec = result["recommendation"]
+        report.verified.append({"improvement_id": imp.id, "recommendation": rec,
+                                "actual_impact": result["actual_impact"]})
+        log.info("verified %s: %s (%s)", imp.id, rec, result["actual_impact"])
+        if rec == "rollback":
+            _auto_rollback(conn, settings, imp.id, result, now, report, retry_seconds)
+        elif rec != "keep":
+            _extend_or_conclude(conn, settings, imp.id, result, now, report)
+
+def _extend_or_conclude(conn: sqlite3.Connection, settings: Settings, improvement_id: str,
+                    verification: dict[str, Any], now: datetime, report: AutopilotReport) -> None:
+    """Extend monitoring by a window, at most :data:`MAX_EXTENSIONS` times; then end it
+    as inconclusive (the change stays applied) and ask a person to decide."""
+    s = settings
+    store = ImprovementStore(conn)
+    key = EXTENSIONS_KEY + improvement_id
+    done = int(get_state(conn, key, "0") or 0)
+    if done >= MAX_EXTENSIONS:
+        metrics = {**(store.get(improvement_id).metrics or {}),
+                   "monitoring": f"ended inconclusive after {done} extension(s)", "monitoring_ended_at":
+                   format_timestamp(now)}
+        store.update(improvement_id, verification_scheduled=None, metrics=metrics)
+        weeks = (done + 1) * s.measurement_window_days
+        report.concluded.append({"improvement_id": improvement_id, "extensions": done,
+                                 "actual_impact": verification["actual_impact"]})
+        log.warning("monitoring of %s ended inconclusive after %d extension(s): %s", improvement_id, done,
+                    verification["actual_impact"])
+        plugins.notify(plugins.Notification(
+            title=f"No clear effect of {improvement_id} after {done} extensions",
+            body=(f"Verification of {improvement_id} found no significant change over {weeks:g} days "
+                  f"({verification['actual_impact']}). Monitoring has ended; the change stays applied.\n\n"
+                  f"Keep it, or roll it back: agent self-heal rollback {improvement_id}"),
+            tags=["improvement", "verification", "inconclusive"], priority="normal"), s)
+        return
+    with write_transaction(conn):
+        set_state(conn, key, str(done + 1))
+    nxt = now + timedelta(days=s.measurement_window_days)
+    store.update(improvement_id, verification_scheduled=format_timestamp(nxt))
+    log.info("monitoring of %s extended (%d of %d): next verification at %s", improvement_id, done + 1,
+             MAX_EXTENSIONS, format_timestamp(nxt))
+
+def _auto_rollback(conn: sqlite3.Connection, settings: Settings, improvement_id: str,
+               verification: dict[str, Any], now: datetime, report: AutopilotReport, retry_seconds: float) -> None:
+    reason = f"Automatic rollback by the self-heal daemon: {verification['actual_impact']}"
+    key = ROLLBACK_FAILED_KEY + improvement_id
+    try:
+        done = rollback_improvement(conn, settings, improvement_id, reason=reason, now=now)
+    except SelfHealError as exc:
+        report.errors.append(f"rollback {improvement_id}: {exc}")
+        log.error("automatic rollback of %s failed: %s", improvement_id, exc)
+        # try again next tick (the user may resolve it), but tell them once
+        retry = now + timedelta(seconds=retry_seconds)
+        ImprovementStore(conn).update(improvement_id, verification_scheduled=format_timestamp(retry))
+        if not claim_once(conn, key, now):
+            return
+        plugins.notify(plugins.Notification(
+            title=f"Automatic rollback of {improvement_id} failed",
+            body=(f"Verification says {improvement_id} made things significantly worse "
+                  f"({verification['actual_impact']}), but the rollback failed: {exc}\n\n"
+                  f"Roll it back by hand: agent self-heal rollback {improvement_id}"),
+            tags=["improvement", "rollback", "failed"], priority="urgent"), settings)
+        return
+    forget(conn, key)
+    report.rolled_back.append({"improvement_id": improvement_id, "rollback_sha": done["rollback_sha"],
+                               "method": done["method"]})
+    log.warning("rolled back %s automatically (revert commit %s): %s", improvement_id,
+                (done["rollback_sha"] or "")[:12], verification["actual_impact"])
+    metrics = verification.get("metrics") or {}
+    plugins.notify(plugins.Notification(
+        title=f"Automatically rolled back {improvement_id}",
+        body="\n".join([
+            f"Improvement {improvement_id} made things significantly worse and was rolled back.",
+            f"Actual impact: {verification['actual_impact']}",
+            f"Success rate before: {_pct(metrics.get('before_success_rate'))}, "
+            f"after: {_pct(metrics.get('after_success_rate'))} (p = {metrics.get('p_value')})",
+            f"Revert commit: {(done['rollback_sha'] or 'none')[:7]}",
+        ]),
+        tags=["improvement", "rolled-back", "automatic"], priority="urgent"), settings)
