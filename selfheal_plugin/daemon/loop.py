@@ -53,7 +53,7 @@ from selfheal_plugin.lifecycle.configedit import split_changes
 from selfheal_plugin.lifecycle.cooldown import REAPPLY_COOLDOWN_DAYS, claim_notification, claim_once, forget, undone_same_change
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.settings import lock_dir
-from selfheal_plugin.history.connection import connect, get_state, set_state, write_transaction
+from selfheal_plugin.history.connection import connect, file_identity, get_state, set_state, write_transaction
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.lifecycle.proposals import StrategyError, attach_suggested_fixes, history_window, propose_for_pattern
 from selfheal_plugin.lifecycle.apply import apply_improvement, rollback_improvement
@@ -165,6 +165,7 @@ class Daemon:
         self._wake = threading.Event()
         self._lock: FileLock | None = None
         self._conn: sqlite3.Connection | None = None
+        self._conn_identity: tuple[int, int] | None = None
         self.watcher: Watcher | None = None
 
     # -------------------------------------------------------------- lock
@@ -193,8 +194,15 @@ class Daemon:
 
     @property
     def conn(self) -> sqlite3.Connection:
+        """The history's connection, reopened when the file was replaced (the runtime
+        recreated it: another inode) since it was opened."""
+        identity = file_identity(self.settings.db_path)
+        if self._conn is not None and identity is not None and identity != self._conn_identity:
+            log.info("%s was replaced: reopening it", self.settings.db_path)
+            self.close()
         if self._conn is None:
             self._conn = connect(self.settings.db_path)
+            self._conn_identity = identity
             ensure_watch_schema(self._conn)
         return self._conn
 
@@ -214,7 +222,14 @@ class Daemon:
         report = TickReport(at=format_timestamp(now))
         if self.reload_config:
             self._reload_settings()
-        conn = self.conn
+        try:
+            conn = self.conn
+        except (SelfHealError, sqlite3.Error) as exc:  # e.g. the file is being replaced right now
+            report.errors.append(f"history: {exc}")
+            log.warning("cannot open the history: %s", exc)
+            if self.on_report is not None:
+                self.on_report(report)
+            return report
         recover(conn, self.settings)
         steps: list[tuple[str, Callable[[], None]]] = [("detection", lambda: self._detect(conn, now, report))]
         if self.auto_apply:

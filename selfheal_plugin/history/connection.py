@@ -285,6 +285,17 @@ def connect(db_path: Path | str, *, create: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def file_identity(path: Path | str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file at ``path``, None when there is none. A connection
+    opened on a file that the runtime has since replaced (deleted and recreated, or renamed
+    over) keeps reading the old one: long-lived readers compare this to reopen."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _check_header(path: Path) -> None:
     """Refuse a non-empty file that does not start with SQLite's header, without opening it."""
     try:
