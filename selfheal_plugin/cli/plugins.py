@@ -15,6 +15,7 @@ from selfheal_plugin.history.improvements import STATUSES
 from selfheal_plugin.lifecycle.proposals import StrategyError, attach_suggested_fixes, list_improvements, propose_all
 from selfheal_plugin.analysis.patterns import Pattern
 from selfheal_plugin.history.settings import Settings
+from selfheal_plugin.history.text import for_terminal
 
 
 def _console() -> Console:
@@ -40,13 +41,13 @@ def detect_proposals(conn: Any, settings: Settings, patterns: list[Pattern], *, 
         if isinstance(res, StrategyError):
             out.append({"pattern_id": pattern.id, "error": str(res)})
             if not as_json:
-                click.echo(f"  ✗ No proposal for pattern {pattern.id}: {res}")
+                click.echo(f"  ✗ No proposal for pattern {for_terminal(pattern.id)}: {for_terminal(res)}")
             continue
         out.append(res.to_dict())
         if not as_json:
             note = "" if res.created else " (already open)"
-            click.echo(f"  ✓ Proposal {res.improvement.id} for pattern {pattern.id}{note}")
-            click.echo(f"      {res.improvement.description}")
+            click.echo(f"  ✓ Proposal {res.improvement.id} for pattern {for_terminal(pattern.id)}{note}")
+            click.echo(f"      {for_terminal(res.improvement.description)}")
     if not as_json:
         click.echo()
         click.echo("📬 Writing summary to inbox..." if settings.notify_patterns
@@ -86,7 +87,7 @@ def improvements(home: str | None, db: str | None, as_json: bool, status: str | 
     t.add_column("applied", no_wrap=True)
     for r in rows:
         desc = r["description"] if not r["legacy"] else f"{r['description']} (runtime: {r['category']})"
-        t.add_row(*(Text(v) for v in (r["id"], r["status"], desc, r["expected_impact"] or "-",
+        t.add_row(*(Text(for_terminal(v)) for v in (r["id"], r["status"], desc, r["expected_impact"] or "-",
                                       r["actual_impact"] or "-", (r["applied_at"] or "-")[:19].replace("T", " "))))
     _console().print(t)
 

@@ -185,10 +185,14 @@ def normalize_error_type(value: Any) -> str:
     ``timeout``/``Timeout`` → ``timeout``, ``ConnectionRefused`` → ``connection_refused``;
     absent, null, empty and ``Unknown`` → ``Unknown``. Types we do not know are kept,
     in snake_case, so that ``RateLimited`` and ``rate_limited`` still meet.
+
+    A normalised type never holds ``:`` (written as ``_``, like ``-`` and spaces): pattern
+    ids are ``error_type:tool_name`` and tool names may hold ``:``, so the first ``:`` of
+    an id always ends its type (see ``analysis.patterns.split_pattern_id``).
     """
     if value is None or not isinstance(value, str) or not value.strip():
         return "Unknown"
-    text = value.strip()
+    text = value.strip().replace(":", "_")
     key = text.replace("_", "").replace("-", "").replace(" ", "").lower()
     if key in _SPELLINGS:
         return _SPELLINGS[key]
