@@ -286,34 +286,34 @@ def analyze_run_health(conn: sqlite3.Connection, run_id: str, *, now: datetime |
     failures: list[dict[str, Any]] = []
     malformed = 0
     events = 0
-    # the same rows the window scan counts: well-formed JSON and a timestamp SQLite can place
-    for etype, data, valid in conn.execute(
-            "SELECT event_type, CASE WHEN length(CAST(event_data AS BLOB)) <= ? THEN event_data END, "
-            f"{wellformed_sql('event_data')} AND julianday(timestamp) IS NOT NULL "
-            "FROM run_events WHERE run_id = ? ORDER BY id", (MAX_EVENT_BYTES, facts.run_id)):
+    # the same rows and rules as the window scan (errorindex.wellformed_sql, fields taken
+    # apart by SQLite, invalid UTF-8 in a failed call's text makes it malformed)
+    for etype, ok, name, name_type, is_error, error_type, duration, result, failed_text in conn.execute(
+            "SELECT event_type, ok, "
+            "CASE WHEN ok THEN json_extract(event_data, '$.name') END, "
+            "CASE WHEN ok THEN json_type(event_data, '$.name') END, "
+            "CASE WHEN ok THEN json_extract(event_data, '$.is_error') END, "
+            "CASE WHEN ok THEN json_extract(event_data, '$.error_type') END, "
+            "CASE WHEN ok THEN json_extract(event_data, '$.duration') END, "
+            "CASE WHEN ok THEN json_extract(event_data, '$.result') END, "
+            "CASE WHEN ok AND json_extract(event_data, '$.is_error') = 1 THEN event_data END "
+            f"FROM (SELECT *, {wellformed_sql('event_data')} AND julianday(timestamp) IS NOT NULL AS ok "
+            "FROM run_events WHERE run_id = ?) ORDER BY id", (facts.run_id,)):
         events += 1
-        if etype == "iteration" and valid:
+        if etype == "iteration" and ok:
             facts.iteration_events += 1
         if etype != "tool_complete":
             continue
-        try:
-            if not valid or isinstance(data, Undecodable):
-                raise ValueError("invalid JSON, UTF-8, size, duration or timestamp")
-            ev = json.loads(data)
-            name = ev.get("name")
-            if not isinstance(name, str) or not name:
-                raise ValueError("no tool name")
-            if not sane_duration(ev.get("duration")):
-                raise ValueError("duration out of range")
-        except (ValueError, TypeError, AttributeError, RecursionError):
+        if (not ok or name_type != "text" or not name or isinstance(name, Undecodable)
+                or isinstance(failed_text, Undecodable) or not sane_duration(duration)):
             malformed += 1
             continue
         counts = facts.tool_calls.setdefault(name, [0, 0])
         counts[0] += 1
-        if ev.get("is_error") == 1:  # JSON true (SQLite's json_extract(...) = 1 agrees)
+        if is_error == 1:  # JSON true
             counts[1] += 1
-            failures.append({"tool": name, "error_type": _norm_type(ev.get("error_type")),
-                             "duration": _num(ev.get("duration")), "message": ev.get("result")})
+            failures.append({"tool": name, "error_type": _norm_type(error_type),
+                             "duration": _num(duration), "message": result})
     ref = load_reference(conn, {facts.workflow})
     scored = score_run(facts, ref, now)
     issues = _run_issues(facts, scored["components"], failures, malformed, events, ref, ImprovementStore(conn))

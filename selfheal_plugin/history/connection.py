@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -332,18 +333,31 @@ def schema_problem(tables: dict[str, list[str]]) -> str | None:
     return None
 
 
-def quick_check(conn: sqlite3.Connection) -> str | None:
+def quick_check(conn: sqlite3.Connection, attempts: int = 3) -> str | None:
     """The first problem ``PRAGMA quick_check`` finds, or None (also for a main file over
-    :data:`QUICK_CHECK_MAX_BYTES`, which is not checked)."""
+    :data:`QUICK_CHECK_MAX_BYTES`, which is not checked).
+
+    A problem must show in each of ``attempts`` checks, a moment apart: while the runtime
+    switches the file to WAL or checkpoints, a check can fail to read a page of a healthy
+    file ("unable to get the page. error code=522"), and a healthy file is never refused.
+    """
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     try:
         if path and os.path.getsize(path) > QUICK_CHECK_MAX_BYTES:
             return None
     except OSError:
         pass
-    rows = conn.execute("PRAGMA quick_check(1)").fetchall()
-    result = " ".join(str(r[0]) for r in rows).replace("*** in database main ***", "").strip()
-    return None if result == "ok" else one_line(result)
+    problem = None
+    for attempt in range(max(1, attempts)):
+        if attempt:
+            time.sleep(0.05 * attempt)
+        rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+        result = " ".join(str(r[0]) for r in rows).replace("*** in database main ***", "").strip()
+        if result == "ok":
+            return None
+        problem = one_line(result)
+        log.debug("quick_check of %s: %s", path, problem)
+    return problem
 
 
 def one_line(value: object, limit: int = 200) -> str:

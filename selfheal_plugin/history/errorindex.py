@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from selfheal_plugin.history.connection import SELFHEAL_SCHEMA, get_state, normalize_error_type, set_state, write_transaction
-from selfheal_plugin.history.text import Undecodable, bounded
+from selfheal_plugin.history.text import Undecodable, bounded, decode_text
 from selfheal_plugin.history.times import to_epoch
 
 log = logging.getLogger("selfheal.errorindex")
@@ -107,7 +107,10 @@ SELECT e.id, e.run_id, e.step_index, e.timestamp, e.event_data,
       AND {wellformed_sql('s.event_data')}
       AND json_extract(s.event_data, '$.name') = json_extract(e.event_data, '$.name')
     ORDER BY s.id DESC LIMIT 1) AS start_data,
-  json_extract(e.event_data, '$.name') AS tool, {_HOUR.format(t='e.timestamp')} AS hour
+  json_extract(e.event_data, '$.name') AS tool, {_HOUR.format(t='e.timestamp')} AS hour,
+  json_type(e.event_data, '$.name'), json_extract(e.event_data, '$.error_type'),
+  json_type(e.event_data, '$.result'), json_extract(e.event_data, '$.result'),
+  json_extract(e.event_data, '$.duration')
 FROM run_events e
 WHERE e.id > ? AND e.id <= ?
   AND e.event_type = 'tool_complete'
@@ -160,6 +163,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     busy_s = conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
     side = sqlite3.connect(path, check_same_thread=False, timeout=busy_s)
+    side.text_factory = decode_text  # a tool name with invalid UTF-8 is malformed, not an error
     pool = ThreadPoolExecutor(max_workers=1)
     try:
         while mark < top:
@@ -214,19 +218,28 @@ def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple
     message, say). Rows the hour counts find malformed themselves are left to them."""
     rows: list[tuple] = []
     unreadable: list[tuple[str, int]] = []
-    for event_id, run_id, step, timestamp, data, start_data, tool, hour in conn.execute(_ERRORS_SQL, (lo, hi)):
+    # The fields are taken apart by SQLite, as the other readers do (a result nested deeper
+    # than Python's json parser goes is still a message); the event's whole text is read
+    # only to refuse invalid UTF-8 in a failed call, the text we keep.
+    for (event_id, run_id, step, timestamp, data, start_data, tool, hour, name_type, raw_type, result_type, result,
+         duration) in conn.execute(_ERRORS_SQL, (lo, hi)):
         try:
             if isinstance(data, Undecodable) or isinstance(run_id, Undecodable) or not isinstance(run_id, str):
                 raise ValueError("invalid UTF-8 or no run id")
-            event = json.loads(data)
-            name = event.get("name")
-            if not isinstance(name, str) or not name:
+            if name_type != "text" or not tool:
                 raise ValueError("no tool name")
             ts = to_epoch(timestamp)
-            raw_type = event.get("error_type")
-            message = event.get("result")
-            message = message if isinstance(message, str) else json.dumps(message)
-            duration = event.get("duration")
+            if result_type == "text":
+                message = result
+            elif result_type in ("array", "object"):
+                try:
+                    message = json.dumps(json.loads(result))  # spelled as Python writes it
+                except RecursionError:
+                    message = result
+            elif result_type in ("integer", "real"):
+                message = json.dumps(result)
+            else:  # true, false, null or absent
+                message = result_type or "null"
             if not sane_duration(duration):
                 raise ValueError("duration out of range")
             duration = int(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool) else None
@@ -234,6 +247,8 @@ def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple
             if _countable(tool, hour):
                 unreadable.append((tool, hour))
             continue
+        name = tool
+        raw_type = raw_type if isinstance(raw_type, str) else None
         keys: list[str] = []
         if start_data and not isinstance(start_data, Undecodable):
             try:
@@ -244,6 +259,6 @@ def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple
                 pass
         message = bounded(message, MAX_MESSAGE_CHARS)
         rows.append((event_id, run_id, step if isinstance(step, int) else None, ts, timestamp, name,
-                     normalize_error_type(raw_type), raw_type if isinstance(raw_type, str) else None,
+                     normalize_error_type(raw_type), raw_type,
                      message, message_template(message), duration, "\x1f".join(keys)))
     return rows, unreadable
