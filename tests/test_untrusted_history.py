@@ -422,11 +422,11 @@ def test_a_foreign_improvements_table_is_refused(tmp_path, base_history):
     assert path.read_bytes() == before
 
 
-def _damage(src: Path, dst: Path) -> Path:
+def _damage(src: Path, dst: Path, first_page: int = 3) -> Path:
     shutil.copy(src, dst)
     data = bytearray(dst.read_bytes())
     page = 4096
-    for p in range(3, len(data) // page, 4):  # scribble over a b-tree page header now and then
+    for p in range(first_page, len(data) // page, 4):  # scribble over a b-tree page header now and then
         data[p * page:p * page + 12] = b"\xde\xad\xbe\xef" * 3
     dst.write_bytes(bytes(data))
     return dst
@@ -466,3 +466,17 @@ def test_missing_and_empty_files_keep_their_behaviour(tmp_path):
     connect(tmp_path / "empty.db", create=True).close()
     assert connect(tmp_path / "empty.db").execute("SELECT count(*) FROM runs").fetchone()[0] == 0
 
+
+
+def test_damage_past_the_up_front_check_is_one_line(tmp_path, base_history, monkeypatch):
+    """A file over the quick_check size limit is not checked up front: the damage is
+    reported as one line when a read reaches it, not as a traceback."""
+    import selfheal_plugin.history.connection as connection
+
+    monkeypatch.setattr(connection, "QUICK_CHECK_MAX_BYTES", 0)
+    path = _damage(base_history, tmp_path / "damaged.db", first_page=len(base_history.read_bytes()) // 4096 // 2)
+    connect(path).close()  # the schema is intact: the damage is in the events
+    res = CliRunner().invoke(agent, ["self-heal", "dashboard", "--db", str(path)])
+    assert res.exit_code == 1, res.output
+    assert "damaged" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
