@@ -309,7 +309,8 @@ def test_the_patterns_detected_summary_escapes_pattern_ids():
     patterns_detected = builtin_hook("notifications").patterns_detected
 
     class Sink:
-        notes: list = []
+        def __init__(self):
+            self.notes = []
 
         @hookimpl
         def notify(self, notification, settings):
@@ -471,7 +472,7 @@ def test_missing_and_empty_files_keep_their_behaviour(tmp_path):
 def test_damage_past_the_up_front_check_is_one_line(tmp_path, base_history, monkeypatch):
     """A file over the quick_check size limit is not checked up front: the damage is
     reported as one line when a read reaches it, not as a traceback."""
-    import selfheal_plugin.history.connection as connection
+    from selfheal_plugin.history import connection
 
     monkeypatch.setattr(connection, "QUICK_CHECK_MAX_BYTES", 0)
     path = _damage(base_history, tmp_path / "damaged.db", first_page=len(base_history.read_bytes()) // 4096 // 2)
@@ -480,3 +481,30 @@ def test_damage_past_the_up_front_check_is_one_line(tmp_path, base_history, monk
     assert res.exit_code == 1, res.output
     assert "damaged" in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_invalid_utf8_in_the_runs_table_raises_nowhere(history):
+    c = sqlite3.connect(history)
+    run_id = str(uuid.uuid4())
+    c.execute("INSERT INTO runs VALUES (?, CAST(? AS TEXT), 't', CAST(? AS TEXT), 'm', ?, ?, 10, NULL, "
+              "CAST(? AS TEXT), CAST(? AS TEXT))", (run_id, b"wf\xff", b"fail\xc3ed", STAMP, STAMP, b"err\xfe", b"{\xff}"))
+    c.commit()
+    c.close()
+    for _ in range(3):
+        add_event(history, json.dumps(failed_call()), run_id=run_id)
+    conn = connect(history)
+    try:
+        found = detect_failure_patterns(conn, since="-7d", now=NOW, min_occurrences=1, confidence_threshold=0)
+        pattern = [p for p in found.patterns if p.tool_name == "mcp__x__y"][0]
+        details = pattern_details(get_pattern(conn, pattern.id, since="-7d", now=NOW))
+        assert details["runs"][0]["workflow"] == "wf\ufffd"
+        get_health_dashboard(conn, since="-7d", now=NOW, detailed=True)
+        analyze_run_health(conn, run_id, now=NOW)
+        load_runs(conn, 0, None)
+        ensure_watch_schema(conn)
+        check_history(conn, load_settings(history.parent), fire=False)
+    finally:
+        conn.close()
+    for args in (["show", pattern.id, "--since", "-7d"], ["dashboard", "--detailed"], ["health", run_id]):
+        res = CliRunner().invoke(agent, ["self-heal", *args, "--db", str(history)])
+        assert res.exit_code == 0, res.output
