@@ -508,3 +508,14 @@ def test_invalid_utf8_in_the_runs_table_raises_nowhere(history):
     for args in (["show", pattern.id, "--since", "-7d"], ["dashboard", "--detailed"], ["health", run_id]):
         res = CliRunner().invoke(agent, ["self-heal", *args, "--db", str(history)])
         assert res.exit_code == 0, res.output
+
+
+def test_log_lines_quote_history_text_neutralised():
+    import logging
+
+    from selfheal_plugin.history.text import TerminalFormatter
+
+    record = logging.LogRecord("selfheal.watcher", logging.INFO, __file__, 1, "run %s (%s) failed", ("r1", "wf" + FORGED
+                               + "\x1b[2J"), None)
+    line = TerminalFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert "\n" not in line and "\x1b" not in line and line.startswith("INFO selfheal.watcher: run r1 (wf\\n## ")

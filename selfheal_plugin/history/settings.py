@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selfheal_plugin.errors import ConfigError, UsageError
+from selfheal_plugin.history.text import TerminalFormatter
 
 DEFAULTS: dict[str, Any] = {
     "min_occurrences": 3,
@@ -187,5 +188,7 @@ def configure_logging() -> None:
     raw = raw.split(",")[0].split("=")[-1]
     level = {"error": logging.ERROR, "warn": logging.WARNING, "warning": logging.WARNING,
              "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG}.get(raw, logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()  # stderr; history text in messages is neutralised
+    handler.setFormatter(TerminalFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("selfheal").setLevel(level)

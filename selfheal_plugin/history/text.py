@@ -21,6 +21,7 @@ fails on it and can count the row as malformed (``isinstance(value, Undecodable)
 """
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 from typing import Any
@@ -72,6 +73,16 @@ def markdown_inline(value: Any) -> str:
     if stripped.startswith("#"):
         text = text[:len(text) - len(stripped)] + "\\" + stripped
     return text
+
+
+class TerminalFormatter(logging.Formatter):
+    """A log formatter whose messages pass through :func:`for_terminal`: log lines quote
+    tool names, run ids and workflow names, and a newline or an escape sequence in one
+    must not forge a log line or drive the terminal (tracebacks keep their lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 — logging's name
+        record.message = for_terminal(record.message)
+        return super().formatMessage(record)
 
 
 def commit_line(value: Any) -> str:
