@@ -519,3 +519,15 @@ def test_log_lines_quote_history_text_neutralised():
                                + "\x1b[2J"), None)
     line = TerminalFormatter("%(levelname)s %(name)s: %(message)s").format(record)
     assert "\n" not in line and "\x1b" not in line and line.startswith("INFO selfheal.watcher: run r1 (wf\\n## ")
+
+
+def test_scan_id_range_switches_to_lenient_decoding_at_the_first_bad_row(tmp_path):
+    from selfheal_plugin.history.connection import scan_id_range
+    from selfheal_plugin.history.text import Undecodable
+
+    conn = sqlite3.connect(tmp_path / "t.db")  # the default, strict text factory
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, x TEXT)")
+    conn.executemany("INSERT INTO t VALUES (?, CAST(? AS TEXT))", [(1, b"a"), (2, b"b\xff"), (3, b"c")])
+    rows = list(scan_id_range(conn, "SELECT id, x FROM t WHERE id > ? AND id <= ? ORDER BY id", 0, 3))
+    assert [r[1] for r in rows] == ["a", "b\ufffd", "c"] and isinstance(rows[1][1], Undecodable)
+    assert conn.text_factory is str

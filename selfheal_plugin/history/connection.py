@@ -395,7 +395,12 @@ def scan_id_range(conn: sqlite3.Connection, sql: str, lo: int, hi: int, *params:
             raise
     finally:
         conn.text_factory = factory
-    yield from conn.execute(sql, (last, hi, *params)).fetchall()
+    conn.text_factory = decode_text
+    try:
+        rest = conn.execute(sql, (last, hi, *params)).fetchall()
+    finally:
+        conn.text_factory = factory
+    yield from rest
 
 
 BUSY_MESSAGE = ("the run-history database is busy (another process holds its write lock); "
