@@ -37,7 +37,7 @@ CHUNK_IDS = 200_000
 INDEX_VERSION = "4"
 
 # Bounds past which a row is not a tool call but damage (counted and skipped everywhere).
-MAX_EVENT_BYTES = 1 << 20  # 1 MiB of event JSON
+MAX_EVENT_BYTES = 8 << 20  # 8 MiB of event JSON: past what a tool call returns (a file read of a few MB is fine)
 MAX_DURATION_MS = 30 * 86_400_000  # a tool call of more than 30 days
 MAX_MESSAGE_CHARS = 4000  # what we keep of a failure's message (templates keep 500)
 
