@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import tempfile
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from selfheal_plugin.lifecycle.simulation import load_runs
 from selfheal_plugin.plugins.inbox import format_entry, parse_inbox
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.manager import Notification
+from selfheal_plugin.plugins.strategy import HistoryWindow
 from selfheal_plugin.testbed.generator import generate_history
 
 from .conftest import NOW
@@ -107,6 +109,7 @@ def test_a_bad_row_is_counted_and_skipped_everywhere(history, data, where):
             assert dash["skipped_rows"] >= 1
         assert analyze_run_health(conn, run_id, now=NOW)["skipped_events"] == 1
         assert all(c.tool != "mcp__x__y" for r in load_runs(conn, 0, None) for c in r.calls)
+        assert HistoryWindow(conn, NOW - timedelta(days=7)).tool_calls("mcp__x__y") == []
         ensure_watch_schema(conn)
         check_history(conn, load_settings(history.parent), fire=False)
     finally:
@@ -226,6 +229,7 @@ def test_no_row_content_makes_detection_dashboard_or_health_raise(base_history, 
                 analyze_run_health(conn, run_id, now=NOW)
             load_runs(conn, 0, None)
             load_runs(conn, 0, None, tools=["mcp__x__y"])
+            HistoryWindow(conn, NOW - timedelta(days=7)).tool_calls("mcp__x__y")
             ensure_watch_schema(conn)
             check_history(conn, load_settings(Path(tmp)), fire=False)
         finally:
