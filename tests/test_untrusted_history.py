@@ -535,3 +535,14 @@ def test_scan_id_range_switches_to_lenient_decoding_at_the_first_bad_row(tmp_pat
     rows = list(scan_id_range(conn, "SELECT id, x FROM t WHERE id > ? AND id <= ? ORDER BY id", 0, 3))
     assert [r[1] for r in rows] == ["a", "b\ufffd", "c"] and isinstance(rows[1][1], Undecodable)
     assert conn.text_factory is str
+
+
+def test_other_tables_with_odd_names_beside_the_history_are_fine(history):
+    c = sqlite3.connect(history)
+    c.execute('CREATE TABLE "x); DROP TABLE runs; --" (a)')
+    c.execute('CREATE TABLE "my notes" (a)')
+    c.commit()
+    c.close()
+    conn = connect(history)
+    assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
+    conn.close()

@@ -267,8 +267,10 @@ def connect(db_path: Path | str, *, create: bool = False) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         raise _open_error(path, exc) from exc
     try:
-        tables = {r[0]: table_columns(conn, r[0])
-                  for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()}
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()]
+        # columns of the tables we judge only (another program's table names are not SQL)
+        tables = {n: [r[0] for r in conn.execute("SELECT name FROM pragma_table_info(?)", (n,))]
+                  if n in REQUIRED_COLUMNS else [] for n in names}
         if create and not tables:
             create_runtime_schema(conn)
             ensure_selfheal_schema(conn)
