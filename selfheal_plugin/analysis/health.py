@@ -514,7 +514,7 @@ def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime, runs: 
                 conn, _SCAN_SQL, mark, hi, lo_jd, hi_jd):
             # a failed call's text is read by detection: invalid UTF-8 there makes it malformed, as in the index
             if (jd is None or not ok or isinstance(failed_data, Undecodable) or isinstance(run_id, Undecodable)
-                    or not sane_duration(duration)):  # the rules of errorindex.wellformed_sql
+                    or not isinstance(run_id, str) or not sane_duration(duration)):  # the index's rules
                 skipped += etype == "tool_complete"
                 continue
             facts = runs.get(run_id)
