@@ -26,6 +26,7 @@ from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, 
 from selfheal_plugin.history.improvements import Improvement
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.plugins.manager import Notification, notify
+from selfheal_plugin.history.text import markdown_inline as md
 from selfheal_plugin.history.times import parse_timestamp, utcnow
 
 log = logging.getLogger("selfheal.hooks.auto_analysis")
@@ -93,19 +94,20 @@ def _react(conn: sqlite3.Connection, settings: Settings, run: dict[str, Any], pa
 
 def _notification(run: dict[str, Any], pattern: Pattern, improvement: Improvement | None, created: bool,
                   problem: str | None) -> Notification:
-    lines = [f"Run {run['id']} ({run.get('workflow_name') or 'unknown workflow'}) failed with {pattern.error_type} "
-             f"on {pattern.tool_name}.",
-             f"Pattern {pattern.id}: {pattern.occurrences} occurrence(s) in {len(pattern.affected_runs)} run(s), "
+    # every value here comes from the history or a plugin: escaped, one line each (no forged headings)
+    lines = [f"Run {md(run['id'])} ({md(run.get('workflow_name') or 'unknown workflow')}) failed with "
+             f"{md(pattern.error_type)} on {md(pattern.tool_name)}.",
+             f"Pattern {md(pattern.id)}: {pattern.occurrences} occurrence(s) in {len(pattern.affected_runs)} run(s), "
              f"confidence {pattern.confidence * 100:.0f}%."]
     if pattern.suggested_fix:
-        lines.append(f"Suggested fix: {pattern.suggested_fix}")
+        lines.append(f"Suggested fix: {md(pattern.suggested_fix)}")
     lines.append("")
     if improvement is not None:
-        verb = "Proposed" if created else f"Open proposal ({improvement.status})"
-        lines.append(f"{verb}: {improvement.id} — {improvement.description}")
+        verb = "Proposed" if created else f"Open proposal ({md(improvement.status)})"
+        lines.append(f"{verb}: {md(improvement.id)} — {md(improvement.description)}")
         if improvement.status == "proposed":
-            lines.append(f"Next: agent self-heal test {improvement.id}")
+            lines.append(f"Next: agent self-heal test {md(improvement.id)}")
     else:
-        lines.append(f"No proposal: {problem}")
-    return Notification(title=f"Recurring failure {pattern.id}", body="\n".join(lines),
+        lines.append(f"No proposal: {md(problem)}")
+    return Notification(title=f"Recurring failure {md(pattern.id)}", body="\n".join(lines),
                         tags=["self-heal", "auto-analysis"], priority="high")

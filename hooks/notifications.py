@@ -1,6 +1,9 @@
 """Turn lifecycle events into notifications (bodies as in the design document).
 
 Each event is sent through the ``notify`` hook, so the inbox and any other sink get it.
+Bodies are Markdown: text that comes from the history (pattern ids, tool names,
+descriptions and changes that quote them) goes through ``markdown_inline``, so a tool
+name with a newline cannot forge a heading, and HTML in it stays text.
 The ``notify_patterns``, ``notify_applied``, ``notify_verified`` and ``notify_rolled_back``
 settings switch them off one by one.
 """
@@ -11,6 +14,7 @@ from typing import Any
 from selfheal_plugin import hookimpl
 from selfheal_plugin.plugins.manager import Notification, notify
 from selfheal_plugin.plugins.strategy import Change
+from selfheal_plugin.history.text import markdown_inline as md
 
 
 def _short_sha(sha: str | None) -> str | None:
@@ -43,10 +47,10 @@ def patterns_detected(patterns: list[Any], settings: Any) -> None:
         return
     lines = [f"Detected {len(patterns)} failure pattern(s). View details: agent self-heal improvements", ""]
     for p in patterns:
-        line = (f"- {p.id}: {p.occurrences} occurrence(s) in {len(p.affected_runs)} run(s), "
+        line = (f"- {md(p.id)}: {p.occurrences} occurrence(s) in {len(p.affected_runs)} run(s), "
                 f"confidence {_pct(p.confidence)}")
         if p.suggested_fix:
-            line += f". Fix: {p.suggested_fix}"
+            line += f". Fix: {md(p.suggested_fix)}"
         lines.append(line)
     notify(Notification(title=f"Detected {len(patterns)} failure pattern(s)", body="\n".join(lines),
                         tags=["self-heal", "patterns"], priority="high"), settings)
@@ -56,12 +60,12 @@ def patterns_detected(patterns: list[Any], settings: Any) -> None:
 def improvement_applied(improvement: Any, settings: Any) -> None:
     if not settings.notify_applied:
         return
-    lines = [f"Applied improvement {improvement.id}:", f"Description: {improvement.description}",
-             f"Changes: {_changes_text(improvement, settings)}"]
+    lines = [f"Applied improvement {md(improvement.id)}:", f"Description: {md(improvement.description)}",
+             f"Changes: {md(_changes_text(improvement, settings))}"]
     if improvement.commit_sha:
         lines.append(f"Commit: {_short_sha(improvement.commit_sha)}")
     lines += ["", f"Monitoring for {settings.measurement_window_days} days to verify impact."]
-    notify(Notification(title=f"Applied improvement {improvement.id}", body="\n".join(lines),
+    notify(Notification(title=f"Applied improvement {md(improvement.id)}", body="\n".join(lines),
                         tags=["improvement", "applied"], priority="normal"), settings)
 
 
@@ -71,16 +75,16 @@ def improvement_verified(improvement: Any, verification: dict[str, Any], setting
         return
     recommendation = str(verification.get("recommendation") or "extend_monitoring")
     metrics = verification.get("metrics") or {}
-    lines = [f"Verified improvement {improvement.id}:",
-             f"Expected: {verification.get('expected_impact') or improvement.expected_impact or 'unknown'}",
-             f"Actual: {verification.get('actual_impact') or 'unknown'}",
-             f"Recommendation: {recommendation.replace('_', ' ').capitalize()}",
+    lines = [f"Verified improvement {md(improvement.id)}:",
+             f"Expected: {md(verification.get('expected_impact') or improvement.expected_impact or 'unknown')}",
+             f"Actual: {md(verification.get('actual_impact') or 'unknown')}",
+             f"Recommendation: {md(recommendation.replace('_', ' ').capitalize())}",
              "", "Metrics:",
              f"- Success rate before: {_pct(metrics.get('before_success_rate'))}",
              f"- Success rate after: {_pct(metrics.get('after_success_rate'))}",
              f"- Runs analyzed: {metrics.get('runs_analyzed', 'n/a')}"]
     priority = {"rollback": "urgent", "keep": "normal"}.get(recommendation.lower(), "high")
-    notify(Notification(title=f"Verified improvement {improvement.id}", body="\n".join(lines),
+    notify(Notification(title=f"Verified improvement {md(improvement.id)}", body="\n".join(lines),
                         tags=["improvement", "verified"], priority=priority), settings)
 
 
@@ -88,14 +92,14 @@ def improvement_verified(improvement: Any, verification: dict[str, Any], setting
 def improvement_rolled_back(improvement: Any, settings: Any) -> None:
     if not settings.notify_rolled_back:
         return
-    lines = [f"Rolled back improvement {improvement.id}:", f"Description: {improvement.description}"]
+    lines = [f"Rolled back improvement {md(improvement.id)}:", f"Description: {md(improvement.description)}"]
     if improvement.actual_impact:
-        lines.append(f"Actual impact: {improvement.actual_impact}")
+        lines.append(f"Actual impact: {md(improvement.actual_impact)}")
     if improvement.commit_sha:
         lines.append(f"Reverted commit: {_short_sha(improvement.commit_sha)}")
     if improvement.rollback_sha:
         lines.append(f"Revert commit: {_short_sha(improvement.rollback_sha)}")
-    lines += ["", f"The pattern stays open: agent self-heal show {improvement.pattern_id}"
+    lines += ["", f"The pattern stays open: agent self-heal show {md(improvement.pattern_id)}"
               if improvement.pattern_id else "See: agent self-heal improvements --status rolled_back"]
-    notify(Notification(title=f"Rolled back improvement {improvement.id}", body="\n".join(lines),
+    notify(Notification(title=f"Rolled back improvement {md(improvement.id)}", body="\n".join(lines),
                         tags=["improvement", "rolled-back"], priority="high"), settings)

@@ -435,3 +435,20 @@ def test_a_stop_between_patterns_ends_the_tick(fresh):
         daemon.close()
     assert report.stopped and len(report.patterns) >= 3
     assert len(report.proposed) == 1 and report.verified == []
+
+
+def test_a_replaced_database_is_reopened(fresh, tmp_path):
+    """The runtime recreates its file (another inode): the daemon's next round reads the new
+    file, not the deleted one it had open."""
+    settings = load_settings(fresh)
+    daemon = Daemon(settings, clock=SimulatedClock(T0))
+    try:
+        assert daemon.tick().patterns
+        replacement = tmp_path / "recreated.db"
+        connect(replacement, create=True).close()  # the runtime starts over: no runs at all
+        replacement.replace(settings.db_path)
+        report = daemon.tick()
+        assert report.patterns == [] and not report.errors
+        assert daemon.conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+    finally:
+        daemon.close()

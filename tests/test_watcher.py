@@ -309,3 +309,20 @@ def test_check_history_fires_nothing_without_changes(home):
         result = check_history(conn, settings)
     assert not result.changed and seen.calls == []
     conn.close()
+
+
+def test_a_replaced_database_is_reopened(home, tmp_path):
+    """The runtime deletes and recreates its file: the watcher follows the new file (the
+    old connection would read the deleted one forever) and hooks its failed runs."""
+    settings = load_settings(home)
+    with collecting() as seen:
+        w = Watcher(settings, mode="poll").start()
+        try:
+            new_history(tmp_path / "recreated.db").replace(settings.db_path)
+            assert w.check_now() is not None  # reopened: the new file's baseline
+            expected = failed_ids(write_runs(settings.db_path, "--runs", "6"))
+            assert expected
+            assert wait_until(lambda: set(seen.failed()) >= expected)
+        finally:
+            w.stop()
+    assert seen.failed() == {r: 1 for r in expected}

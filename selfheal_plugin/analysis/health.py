@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from selfheal_plugin.history.errorindex import refresh
+from selfheal_plugin.history.errorindex import MAX_EVENT_BYTES, refresh, sane_duration, wellformed_sql
 from selfheal_plugin.errors import NotFoundError, UsageError
-from selfheal_plugin.history.connection import get_state, normalize_error_type, rows_by_id
+from selfheal_plugin.history.connection import get_state, normalize_error_type, rows_by_id, scan_id_range
+from selfheal_plugin.history.text import Undecodable
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.plugins.strategy import Change, server_of
 from selfheal_plugin.history.times import format_timestamp, parse_since, parse_timestamp, utc_text, utcnow
@@ -285,31 +286,34 @@ def analyze_run_health(conn: sqlite3.Connection, run_id: str, *, now: datetime |
     failures: list[dict[str, Any]] = []
     malformed = 0
     events = 0
-    # the same rows the window scan counts: valid JSON and a timestamp SQLite can place
-    for etype, data, valid in conn.execute(
-            "SELECT event_type, event_data, json_valid(event_data) AND julianday(timestamp) IS NOT NULL "
-            "FROM run_events WHERE run_id = ? ORDER BY id", (facts.run_id,)):
+    # the same rows and rules as the window scan (errorindex.wellformed_sql, fields taken
+    # apart by SQLite, invalid UTF-8 in a failed call's text makes it malformed)
+    for etype, ok, name, name_type, is_error, error_type, duration, result, failed_text in conn.execute(
+            "SELECT event_type, ok, "
+            "CASE WHEN ok THEN json_extract(event_data, '$.name') END, "
+            "CASE WHEN ok THEN json_type(event_data, '$.name') END, "
+            "CASE WHEN ok THEN json_extract(event_data, '$.is_error') END, "
+            "CASE WHEN ok THEN json_extract(event_data, '$.error_type') END, "
+            "CASE WHEN ok THEN json_extract(event_data, '$.duration') END, "
+            "CASE WHEN ok THEN json_extract(event_data, '$.result') END, "
+            "CASE WHEN ok AND json_extract(event_data, '$.is_error') = 1 THEN event_data END "
+            f"FROM (SELECT *, {wellformed_sql('event_data')} AND julianday(timestamp) IS NOT NULL AS ok "
+            "FROM run_events WHERE run_id = ?) ORDER BY id", (facts.run_id,)):
         events += 1
-        if etype == "iteration" and valid:
+        if etype == "iteration" and ok:
             facts.iteration_events += 1
         if etype != "tool_complete":
             continue
-        try:
-            if not valid:
-                raise ValueError("invalid JSON or timestamp")
-            ev = json.loads(data)
-            name = ev.get("name")
-            if not isinstance(name, str) or not name:
-                raise ValueError("no tool name")
-        except (ValueError, TypeError, AttributeError):
+        if (not ok or name_type != "text" or not name or isinstance(name, Undecodable)
+                or isinstance(failed_text, Undecodable) or not sane_duration(duration)):
             malformed += 1
             continue
         counts = facts.tool_calls.setdefault(name, [0, 0])
         counts[0] += 1
-        if ev.get("is_error") == 1:  # JSON true (SQLite's json_extract(...) = 1 agrees)
+        if is_error == 1:  # JSON true
             counts[1] += 1
-            failures.append({"tool": name, "error_type": _norm_type(ev.get("error_type")),
-                             "duration": _num(ev.get("duration")), "message": ev.get("result")})
+            failures.append({"tool": name, "error_type": _norm_type(error_type),
+                             "duration": _num(duration), "message": result})
     ref = load_reference(conn, {facts.workflow})
     scored = score_run(facts, ref, now)
     issues = _run_issues(facts, scored["components"], failures, malformed, events, ref, ImprovementStore(conn))
@@ -468,17 +472,21 @@ class WindowScan:
     skipped_rows: int
 
 
-_SCAN_SQL = """
-SELECT run_id, event_type,
+_SCAN_SQL = f"""
+SELECT id, run_id, event_type,
   CASE WHEN ok THEN json_extract(event_data, '$.name') END,
   CASE WHEN ok THEN json_extract(event_data, '$.is_error') END,
   CASE WHEN ok THEN json_extract(event_data, '$.error_type') END,
   CASE WHEN ok THEN json_extract(event_data, '$.duration') END,
   CASE WHEN ok THEN json_type(event_data, '$.name') END,
-  ok, jd
-FROM (SELECT run_id, event_type, event_data, json_valid(event_data) AS ok, julianday(timestamp) AS jd
+  ok, jd,
+  CASE WHEN ok AND json_extract(event_data, '$.is_error') = 1 THEN event_data END
+FROM (SELECT id, run_id, event_type, event_data,
+             length(CAST(event_data AS BLOB)) <= {MAX_EVENT_BYTES} AND json_valid(event_data) AS ok,
+             julianday(timestamp) AS jd
       FROM run_events WHERE id > ? AND id <= ? AND event_type IN ('tool_complete', 'iteration'))
 WHERE jd IS NULL OR (jd >= ? AND jd < ?)
+ORDER BY id
 """
 
 
@@ -502,9 +510,11 @@ def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime, runs: 
     mark = 0
     while mark < top:
         hi = min(mark + CHUNK_IDS, top)
-        for run_id, etype, name, is_error, error_type, duration, name_type, ok, jd in conn.execute(
-                _SCAN_SQL, (mark, hi, lo_jd, hi_jd)):
-            if jd is None or not ok:
+        for _id, run_id, etype, name, is_error, error_type, duration, name_type, ok, jd, failed_data in scan_id_range(
+                conn, _SCAN_SQL, mark, hi, lo_jd, hi_jd):
+            # a failed call's text is read by detection: invalid UTF-8 there makes it malformed, as in the index
+            if (jd is None or not ok or isinstance(failed_data, Undecodable) or isinstance(run_id, Undecodable)
+                    or not isinstance(run_id, str) or not sane_duration(duration)):  # the index's rules
                 skipped += etype == "tool_complete"
                 continue
             facts = runs.get(run_id)
@@ -512,7 +522,7 @@ def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime, runs: 
                 if facts is not None:
                     facts.iteration_events += 1
                 continue
-            if name_type != "text" or not name:
+            if name_type != "text" or not name or isinstance(name, Undecodable):
                 skipped += 1
                 continue
             st = tools.get(name)

@@ -24,12 +24,14 @@ from typing import Any, Callable
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.history.text import bounded
 from selfheal_plugin.history.times import format_timestamp, parse_since, utc_text
 
 SIZE_K = 2.0
 FREQUENCY_SATURATION = 0.02
 WEIGHTS = (0.35, 0.45, 0.20)
 MAX_CONTEXT_GROUPS = 300  # above this many distinct contexts, pairs are sampled (seeded)
+MAX_EXAMPLE_CHARS = 500  # what `show` gives of a template's example message (as templates)
 
 
 @dataclass
@@ -257,7 +259,15 @@ def _build_pattern(etype: str, tool: str, occ: list[dict], tool_calls: int) -> P
 
 
 def split_pattern_id(pattern_id: str) -> tuple[str, str]:
-    """``"timeout:mcp__k8s__pods_list"`` → (``"timeout"``, tool). Tool names may hold ``:``."""
+    """``"timeout:mcp__k8s__pods_list"`` → (``"timeout"``, tool).
+
+    The rule: the id splits at its first ``:``. A normalised error type never holds ``:``
+    (:func:`~selfheal_plugin.history.connection.normalize_error_type` writes it as ``_``;
+    the runtime's types such as ``HTTP:503`` become ``http_503``), while tool names may:
+    the runtime's MCP names are ``mcp__server__tool``, but a runtime's own or a
+    third-party tool can be named ``server:tool``. So ``"http_503:api:get"`` is the type
+    ``http_503`` on the tool ``api:get``; an id typed with the raw ``HTTP:503`` type is
+    not found (``show`` prints the normalised id)."""
     etype, sep, tool = (pattern_id or "").partition(":")
     if not sep or not etype or not tool:
         raise NotFoundError(f"invalid pattern id {pattern_id!r}: expected error_type:tool_name")
@@ -294,7 +304,8 @@ def pattern_details(pattern: Pattern) -> dict[str, Any]:
     templates = Counter(r["template"] for r in occ)
     examples: dict[str, str] = {}
     for r in occ:
-        examples.setdefault(r["template"], r["message"])
+        if r["template"] not in examples:
+            examples[r["template"]] = bounded(r["message"], MAX_EXAMPLE_CHARS)
     workflows = Counter(r["workflow"] for r in occ)
     steps = Counter(r["step_index"] for r in occ)
     arg_keys = Counter(k for r in occ for k in r["arg_keys"])

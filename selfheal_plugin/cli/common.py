@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from selfheal_plugin.errors import SelfHealError, UsageError
-from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error
+from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error, is_corrupt_error, one_line
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.service import SelfHeal
 
@@ -38,9 +38,12 @@ def common_options(func: Callable) -> Callable:
             raise click.UsageError(str(exc)) from None
         except SelfHealError as exc:
             raise click.ClickException(str(exc)) from None
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
             if is_busy_error(exc):
                 raise click.ClickException(BUSY_MESSAGE) from None
+            if is_corrupt_error(exc):  # damage past what connect's quick_check looked at
+                raise click.ClickException(f"the run-history database is damaged ({one_line(exc)}); "
+                                           "restore a backup or run sqlite3's .recover") from None
             raise
     return wrapper
 
@@ -88,7 +91,8 @@ def scan_progress(enabled: bool, label: str = "Indexing run history") -> Iterato
 def warn_bad_rows(count: int) -> None:
     if count:
         err_console.print(f"[yellow]warning:[/] skipped {count} malformed run_events row(s) "
-                          "(invalid JSON, missing tool name or unparsable timestamp)", highlight=False)
+                          "(invalid JSON or UTF-8, missing tool name, unparsable timestamp, "
+                          "absurd duration or size)", highlight=False)
 
 
 def pct(x: float) -> str:

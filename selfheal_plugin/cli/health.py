@@ -12,6 +12,7 @@ from selfheal_plugin.history.settings import load_settings
 from selfheal_plugin.cli.common import common_options, echo_json, err_console, open_service, pct, scan_progress
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.analysis.report import TREND_TEXT, check_report_target, write_html_report
+from selfheal_plugin.history.text import for_rich
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_DAYS = 60
@@ -113,7 +114,8 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
         for col in ("id", "status", "description", "expected", "measured impact"):
             t.add_column(col, overflow="fold")
         for i in imps:
-            t.add_row(i["id"], i["status"], i["description"], i.get("expected_impact") or "—", i["impact"])
+            t.add_row(*(for_rich(v) for v in (i["id"], i["status"], i["description"], i.get("expected_impact") or "—",
+                                               i["impact"])))
         out.print(t)
     else:
         out.print("  No improvements recorded yet (agent self-heal detect finds what to improve).")
@@ -124,7 +126,7 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
                           ("running", "right"), ("avg s", "right"), ("trend", "left")):
             a.add_column(col, justify=just)
         for x in d.get("agents", []):
-            a.add_row(x["name"], str(x["total_runs"]), _pct_or_na(x["success_rate"]), str(x["failed_runs"]),
+            a.add_row(for_rich(x["name"]), str(x["total_runs"]), _pct_or_na(x["success_rate"]), str(x["failed_runs"]),
                       str(x["running_runs"]),
                       "n/a" if x["avg_duration_seconds"] is None else f"{x['avg_duration_seconds']:.1f}",
                       x["trend"].replace("_", " "))
@@ -141,10 +143,10 @@ def _tools_table(title: str, tools: list[dict[str, Any]]) -> Table:
                       ("top error types", "left")):
         t.add_column(col, justify=just, overflow="fold")
     for x in tools:
-        t.add_row(x["name"], f"{x['total_calls']:,}", f"{x['success_rate'] * 100:.1f}%",
+        t.add_row(for_rich(x["name"]), f"{x['total_calls']:,}", f"{x['success_rate'] * 100:.1f}%",
                   f"{x['timeout_rate'] * 100:.1f}%", f"{x['error_rate'] * 100:.1f}%", _ms(x["avg_duration_ms"]),
                   _ms(x["p95_duration_ms"]),
-                  ", ".join(f"{e['error_type']} {e['count']}" for e in x["top_error_types"]) or "—")
+                  ", ".join(f"{for_rich(e['error_type'])} {e['count']}" for e in x["top_error_types"]) or "—")
     return t
 
 
@@ -159,7 +161,7 @@ def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> 
         echo_json(result)
         return
     out = Console(width=max(110, Console().width), highlight=False)
-    out.print(f"🩺 Run {result['run_id']} ({result['workflow_name']}, {result['status']}, "
+    out.print(f"🩺 Run {for_rich(result['run_id'])} ({for_rich(result['workflow_name'])}, {for_rich(result['status'])}, "
               f"started {result['started_at']})")
     basis = {"reweighted": " (re-weighted: some components unknown)",
              "no_data": " (neutral: nothing measurable yet)"}.get(result["score_basis"], "")
@@ -174,8 +176,8 @@ def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> 
     out.print(f"  Issues ({len(result['issues'])}):")
     colors = {"high": "red", "medium": "yellow", "low": "cyan"}
     for issue in result["issues"]:
-        out.print(f"    [{colors[issue['severity']]}]\\[{issue['severity'].upper()}][/] {issue['description']}")
-        out.print(f"        → {issue['recommendation']}")
+        out.print(f"    [{colors[issue['severity']]}]\\[{issue['severity'].upper()}][/] {for_rich(issue['description'])}")
+        out.print(f"        → {for_rich(issue['recommendation'])}")
 
 
 COMMANDS = [dashboard, run_health]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
+from selfheal_plugin.history.text import for_terminal
 from selfheal_plugin.service import TEST_MODES
 from selfheal_plugin.cli.options import setting_option
 
@@ -59,10 +60,10 @@ def test_command(improvement_id: str, home: str | None, db: str | None, as_json:
                        f"({m['followups_succeeded']}/{m['followups_observed']} follow-up calls ok, estimate "
                        f"({m['followups_succeeded']}+1)/({m['followups_observed']}+2))")
     for note in r["notes"]:
-        click.echo(f"  Note: {note}")
+        click.echo(f"  Note: {for_terminal(note)}")
     click.echo()
     icon = {"safe_to_apply": "✅", "risky": "⚠️ ", "reject": "❌"}[r["recommendation"]]
-    click.echo(f"{icon} Recommendation: {r['recommendation']} — {r['reason']}")
+    click.echo(f"{icon} Recommendation: {r['recommendation']} — {for_terminal(r['reason'])}")
     click.echo(f"   Next: {r['next_step']}")
 
 
@@ -81,7 +82,7 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
     if not yes:
         if as_json:
             raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
-        click.echo(f"Improvement {plan['improvement_id']}: {plan['description']}")
+        click.echo(f"Improvement {plan['improvement_id']}: {for_terminal(plan['description'])}")
         if plan["config_changes"]:
             where = plan["repository"] + (" (new repository)" if plan["creates_repository"] else "")
             click.echo(f"Config: {plan['config_path']}   git: {where}")
@@ -89,7 +90,7 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
             click.echo(plan["diff"].rstrip("\n"))
             click.echo()
         for step in plan["manual_steps"]:
-            click.echo(f"Manual step (not applied by selfheal): {step}")
+            click.echo(f"Manual step (not applied by selfheal): {for_terminal(step)}")
         click.confirm("Apply this change and commit it?" if plan["config_changes"] else
                       "Record these manual steps as applied?", abort=True)
     with sh:
@@ -104,7 +105,7 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
     for line in (r["changes_made"] or "").splitlines():
         click.echo(f"  {line}")
     for step in r["manual_steps"]:
-        click.echo(f"  Still to do by hand: {step}")
+        click.echo(f"  Still to do by hand: {for_terminal(step)}")
     click.echo(f"  Verification scheduled: {r['verification_scheduled']} (agent self-heal verify "
                f"{r['improvement_id']})")
 
@@ -128,7 +129,7 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
         if r["diff"]:
             click.echo(r["diff"].rstrip("\n"))
     if r.get("note"):
-        click.echo(f"  Note: {r['note']}")
+        click.echo(f"  Note: {for_terminal(r['note'])}")
 
 
 @click.command("verify")
@@ -155,8 +156,8 @@ def verify_command(improvement_id: str, home: str | None, db: str | None, as_jso
     click.echo(f"📏 Verifying {r['improvement_id']} ({r['window']['days']:g}-day windows around the apply"
                + ("" if r["window"]["complete"] else ", after-window still open") + ")")
     click.echo()
-    click.echo(f"  Expected: {r['expected_impact'] or 'unknown'}")
-    click.echo(f"  Actual:   {r['actual_impact']}")
+    click.echo(f"  Expected: {for_terminal(r['expected_impact'] or 'unknown')}")
+    click.echo(f"  Actual:   {for_terminal(r['actual_impact'])}")
     click.echo(f"  Success rate before: {_rate(m['before_success_rate'])} ({m['runs_before']} runs)")
     click.echo(f"  Success rate after:  {_rate(m['after_success_rate'])} ({m['runs_after']} runs)")
     click.echo(f"  Runs analyzed: {m['runs_analyzed']}   p-value (Fisher): "
@@ -164,12 +165,12 @@ def verify_command(improvement_id: str, home: str | None, db: str | None, as_jso
                f"{m['alpha_per_test']:.3g} (Bonferroni, {m['tests']} test(s))")
     p = m.get("pattern")
     if p:
-        click.echo(f"  {p['pattern_id']} error rate: {_rate(p['before_error_rate'])} → {_rate(p['after_error_rate'])}"
+        click.echo(f"  {for_terminal(p['pattern_id'])} error rate: {_rate(p['before_error_rate'])} → {_rate(p['after_error_rate'])}"
                    f" per call ({p['before_errors']} → {p['after_errors']} errors; p="
                    f"{'n/a' if p['p_value'] is None else format(p['p_value'], '.3g')})")
     click.echo()
     icon = {"keep": "✅", "rollback": "❌", "extend": "⏳"}[r["recommendation"]]
-    click.echo(f"{icon} Recommendation: {r['recommendation']} ({r['verification_status']}) — {r['reason']}")
+    click.echo(f"{icon} Recommendation: {r['recommendation']} ({r['verification_status']}) — {for_terminal(r['reason'])}")
 
 
 @click.command("reject")

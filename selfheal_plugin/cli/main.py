@@ -16,6 +16,7 @@ from selfheal_plugin.cli import canary, daemon, demo, health, lifecycle, plugins
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct, scan_progress, warn_bad_rows
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.settings import configure_logging
+from selfheal_plugin.history.text import for_rich, for_terminal
 
 
 # ------------------------------------------------------------------ commands
@@ -83,36 +84,37 @@ def _print_pattern(d: dict[str, Any]) -> None:
     from rich.table import Table
 
     out = Console(width=max(120, Console().width))
-    click.echo(f"Pattern {d['id']}")
-    click.echo(f"  Error: {d['error_type']} on {d['tool_name']}")
+    click.echo(f"Pattern {for_terminal(d['id'])}")
+    click.echo(f"  Error: {for_terminal(d['error_type'])} on {for_terminal(d['tool_name'])}")
     click.echo(f"  Occurrences: {d['occurrences']} in {len(d['affected_runs'])} run(s); "
                f"{pct(d['failure_rate'])} of the tool's calls")
     click.echo(f"  Correlation: {pct(d['correlation_score'])}   Confidence: {pct(d['confidence'])}")
     click.echo(f"  First seen: {d['first_seen']}")
     click.echo(f"  Last seen:  {d['last_seen']}")
     if d.get("suggested_fix"):
-        click.echo(f"  Suggested fix: {d['suggested_fix']}")
+        click.echo(f"  Suggested fix: {for_terminal(d['suggested_fix'])}")
     t = Table(title="Message templates (context similarity)", title_justify="left")
     t.add_column("count", justify="right")
     t.add_column("template")
     t.add_column("example", overflow="fold")
     for tpl in d["templates"]:
-        t.add_row(str(tpl["count"]), tpl["template"], tpl["example"])
+        t.add_row(str(tpl["count"]), for_rich(tpl["template"]), for_rich(tpl["example"]))
     out.print(t)
     ctx = d["context"]
-    out.print("  Workflows: " + ", ".join(f"{k} ({v})" for k, v in ctx["workflows"].items()), highlight=False)
+    out.print("  Workflows: " + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["workflows"].items()), highlight=False)
     out.print("  Steps: " + ", ".join(f"{k} ({v})" for k, v in ctx["steps"].items()), highlight=False)
     if ctx["argument_keys"]:
-        out.print("  Argument keys: " + ", ".join(f"{k} ({v})" for k, v in ctx["argument_keys"].items()),
+        out.print("  Argument keys: " + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["argument_keys"].items()),
                   highlight=False)
-    out.print("  error_type as written: " + ", ".join(f"{k} ({v})" for k, v in ctx["error_type_spellings"].items()),
+    out.print("  error_type as written: " + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["error_type_spellings"].items()),
               highlight=False)
     r = Table(title="Affected runs", title_justify="left")
     r.add_column("run", no_wrap=True)
     for col in ("workflow", "started (UTC)", "status", "errors"):
         r.add_column(col, no_wrap=True)
     for run in d["runs"]:
-        r.add_row(run["run_id"], run["workflow"], run["started_at"], run["status"], str(run["errors"]))
+        r.add_row(*(for_rich(v) for v in (run["run_id"], run["workflow"], run["started_at"], run["status"])),
+                  str(run["errors"]))
     out.print(r)
 
 

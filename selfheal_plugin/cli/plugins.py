@@ -13,6 +13,7 @@ from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.improvements import STATUSES
 from selfheal_plugin.history.settings import Settings
+from selfheal_plugin.history.text import for_terminal
 
 
 def _console() -> Console:
@@ -31,25 +32,25 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
     click.echo(f"📊 Found {len(patterns)} pattern(s):")
     click.echo()
     for p in patterns:
-        click.echo(f"  Pattern {p['id']}")
-        click.echo(f"    Error: {p['error_type']} on {p['tool_name']}")
+        click.echo(f"  Pattern {for_terminal(p['id'])}")
+        click.echo(f"    Error: {for_terminal(p['error_type'])} on {for_terminal(p['tool_name'])}")
         click.echo(f"    Occurrences: {p['occurrences']}")
         click.echo(f"    Correlation: {pct(p['correlation_score'])}")
         click.echo(f"    Confidence: {pct(p['confidence'])}")
         if p.get("suggested_fix"):
-            click.echo(f"    Suggested fix: {p['suggested_fix']}")
+            click.echo(f"    Suggested fix: {for_terminal(p['suggested_fix'])}")
         click.echo()
     click.echo("💡 Generating improvement proposals...")
     click.echo()
     for res in result["proposals"]:
         if res.get("error"):
-            click.echo(f"  ✗ No proposal for pattern {res['pattern_id']}: {res['error']}")
+            click.echo(f"  ✗ No proposal for pattern {for_terminal(res['pattern_id'])}: {for_terminal(res['error'])}")
         elif res.get("skipped"):
-            click.echo(f"  – No new proposal for pattern {res['pattern_id']}: {res['skipped']}")
+            click.echo(f"  – No new proposal for pattern {for_terminal(res['pattern_id'])}: {for_terminal(res['skipped'])}")
         else:
             note = "" if res["created"] else " (already open)"
-            click.echo(f"  ✓ Proposal {res['improvement_id']} for pattern {res['pattern_id']}{note}")
-            click.echo(f"      {res['description']}")
+            click.echo(f"  ✓ Proposal {res['improvement_id']} for pattern {for_terminal(res['pattern_id'])}{note}")
+            click.echo(f"      {for_terminal(res['description'])}")
     click.echo()
     if not settings.notify_patterns:
         click.echo("📭 Inbox summary off (notify_patterns = false)")
@@ -89,7 +90,7 @@ def improvements(home: str | None, db: str | None, as_json: bool, status: str | 
     t.add_column("applied", no_wrap=True)
     for r in rows:
         desc = r["description"] if not r["legacy"] else f"{r['description']} (runtime: {r['category']})"
-        t.add_row(*(Text(v) for v in (r["id"], r["status"], desc, r["expected_impact"] or "-",
+        t.add_row(*(Text(for_terminal(v)) for v in (r["id"], r["status"], desc, r["expected_impact"] or "-",
                                       r["actual_impact"] or "-", (r["applied_at"] or "-")[:19].replace("T", " "))))
     _console().print(t)
 

@@ -51,6 +51,7 @@ from selfheal_plugin.history.clock import Clock, wall_clock
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history import schema
 from selfheal_plugin.history.settings import lock_dir
+from selfheal_plugin.history.connection import file_identity
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.service import SelfHeal
@@ -150,6 +151,7 @@ class Daemon:
         self._lock: FileLock | None = None
         self._service: SelfHeal | None = None
         self._now: datetime | None = None  # the instant of the round in progress (the service's clock)
+        self._db_identity: tuple[int, int] | None = None
         self.watcher: Watcher | None = None
         self._errors_mark = plugins.errors_mark()
 
@@ -180,8 +182,13 @@ class Daemon:
     @property
     def service(self) -> SelfHeal:
         """The one service the daemon's rounds call (opened once; its clock is the round's instant)."""
+        identity = file_identity(self.settings.db_path)
+        if self._service is not None and identity is not None and identity != self._db_identity:
+            log.info("%s was replaced: reopening it", self.settings.db_path)  # the runtime recreated it
+            self.close()
         if self._service is None:
             self._service = SelfHeal(settings=self.settings, clock=lambda: self._now or self.clock())
+            self._db_identity = identity
             ensure_watch_schema(self._service.conn)
         return self._service
 
@@ -206,7 +213,14 @@ class Daemon:
         report = TickReport(at=format_timestamp(now))
         if self.reload_config:
             self._reload_settings()
-        conn = self.conn
+        try:
+            conn = self.conn
+        except (SelfHealError, sqlite3.Error) as exc:  # e.g. the file is being replaced right now
+            report.errors.append(f"history: {exc}")
+            log.warning("cannot open the history: %s", exc)
+            if self.on_report is not None:
+                self.on_report(report)
+            return report
         recover(conn, self.settings)
         steps: list[tuple[str, Callable[[], None]]] = [("detection", lambda: self._detect(conn, now, report))]
         if self.auto_apply:

@@ -40,8 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from selfheal_plugin.errors import UsageError
-from selfheal_plugin.history.connection import connect, get_state, rows_by_id, set_state, write_transaction
+from selfheal_plugin.errors import SelfHealError, UsageError
+from selfheal_plugin.history.connection import (connect, file_identity, get_state, rows_by_id, set_state,
+                                                write_transaction)
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.plugins.manager import Interrupted
 from selfheal_plugin.history.times import format_timestamp, utcnow
@@ -360,6 +361,7 @@ class Watcher:
         self._observer: Any = None
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None
         self._data_version: int | None = None
 
     # -------------------------------------------------------------- lifecycle
@@ -368,6 +370,7 @@ class Watcher:
         from selfheal_plugin.plugins import manager as plugins
 
         plugins.load_plugins(self.settings.plugins_dir)  # once, now: not on the first failure's clock
+        self._identity = file_identity(self.db_path)
         self._conn = connect(self.db_path)
         ensure_watch_schema(self._conn)
         recover_unfired(self._conn, self.settings)
@@ -459,6 +462,8 @@ class Watcher:
         with self._lock:
             if self._conn is None:
                 return None
+            if self._reopen_if_replaced():
+                force = True
             try:
                 version = int(self._conn.execute("PRAGMA data_version").fetchone()[0])
                 if not force and version == self._data_version:
@@ -479,6 +484,27 @@ class Watcher:
             except Exception:  # noqa: BLE001 — a callback must not stop the watcher
                 log.exception("watcher callback failed")
         return result
+
+    def _reopen_if_replaced(self) -> bool:
+        """Reopen the history when its file is another one than the connection's (the
+        runtime deleted and recreated it, or renamed a new file over it): the old
+        connection would read the old file forever. A new file that cannot be opened yet
+        is retried at the next look, the old connection kept meanwhile."""
+        identity = file_identity(self.db_path)
+        if identity is None or identity == self._identity:
+            return False
+        try:
+            fresh = connect(self.db_path)
+            ensure_watch_schema(fresh)
+        except (SelfHealError, sqlite3.Error) as exc:
+            self.errors += 1
+            log.warning("%s was replaced but cannot be opened yet (%s); will retry", self.db_path, exc)
+            return False
+        log.info("%s was replaced: reopened it", self.db_path)
+        assert self._conn is not None
+        self._conn.close()
+        self._conn, self._identity, self._data_version = fresh, identity, None
+        return True
 
     def check_now(self) -> CheckResult | None:
         """Look at the history now, in the calling thread (whatever data_version says)."""

@@ -11,11 +11,13 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from selfheal_plugin.errors import HistoryError
+from selfheal_plugin.history.text import decode_text, is_decode_error
 
 log = logging.getLogger("selfheal.history")
 
@@ -152,6 +154,23 @@ CREATE TABLE IF NOT EXISTS selfheal_tool_hours (
 
 REQUIRED_TABLES = ("runs", "run_events")
 
+# The columns a file must have to be the runtime's history (spec/run-history-format.md).
+# A file whose tables lack them is another program's database: we refuse it and write
+# nothing to it (no selfheal tables, no migration).
+REQUIRED_COLUMNS: dict[str, frozenset[str]] = {
+    "runs": frozenset({"id", "workflow_name", "task", "status", "model", "started_at", "completed_at",
+                       "duration_ms", "context", "error", "metadata"}),
+    "run_events": frozenset({"id", "run_id", "step_index", "event_type", "event_data", "timestamp"}),
+    # only when present: the runtime's own older shape, which we migrate in place
+    "improvements": frozenset({"id", "category", "description", "created_at", "status"}),
+}
+SQLITE_HEADER = b"SQLite format 3\x00"
+# `PRAGMA quick_check` reads every page (~3 ms per MB here, and it cannot be stopped
+# half-way: the b-tree walk is one VM step). It runs on every open of a file up to this
+# size (~0.1 s); a larger file is not checked up front, and damage in it is reported as
+# one line when a read reaches it (is_corrupt_error).
+QUICK_CHECK_MAX_BYTES = 32 << 20
+
 # ---------------------------------------------------------------- error types
 
 CANONICAL_ERROR_TYPES = (
@@ -167,10 +186,14 @@ def normalize_error_type(value: Any) -> str:
     ``timeout``/``Timeout`` → ``timeout``, ``ConnectionRefused`` → ``connection_refused``;
     absent, null, empty and ``Unknown`` → ``Unknown``. Types we do not know are kept,
     in snake_case, so that ``RateLimited`` and ``rate_limited`` still meet.
+
+    A normalised type never holds ``:`` (written as ``_``, like ``-`` and spaces): pattern
+    ids are ``error_type:tool_name`` and tool names may hold ``:``, so the first ``:`` of
+    an id always ends its type (see ``analysis.patterns.split_pattern_id``).
     """
     if value is None or not isinstance(value, str) or not value.strip():
         return "Unknown"
-    text = value.strip()
+    text = value.strip().replace(":", "_")
     key = text.replace("_", "").replace("-", "").replace(" ", "").lower()
     if key in _SPELLINGS:
         return _SPELLINGS[key]
@@ -214,6 +237,8 @@ def classify_error(message: str) -> str:
 
 def _configure(conn: sqlite3.Connection) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
+    # invalid UTF-8 written by the runtime reads as an Undecodable string, never an error
+    conn.text_factory = decode_text
     conn.execute(f"PRAGMA busy_timeout = {_busy_timeout_ms()}")
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
@@ -222,33 +247,162 @@ def _configure(conn: sqlite3.Connection) -> sqlite3.Connection:
 def connect(db_path: Path | str, *, create: bool = False) -> sqlite3.Connection:
     """Open the runtime's database, ready for our reads and short writes.
 
-    ``create=True`` makes a new file with the runtime's schema when none exists.
-    Otherwise a missing file, a file that is not SQLite, or one without the runtime's run
-    tables raises :class:`HistoryError` with one line saying which.
+    ``create=True`` makes a new file with the runtime's schema when none exists (or the
+    file is empty). Otherwise a missing file raises :class:`HistoryError`. A file that is
+    not SQLite, whose tables are not the runtime's (another program's database), or that
+    is damaged (``PRAGMA quick_check``, on files up to :data:`QUICK_CHECK_MAX_BYTES`) is refused
+    with one line, before anything is written to it.
     """
     path = Path(db_path)
     if not path.exists():
         if not create:
             raise HistoryError(f"no run history at {path} (use --db or BINKS_HOME)")
         path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        _check_header(path)
     try:
         # isolation_level=None: we open transactions ourselves and keep them short.
         conn = _configure(sqlite3.connect(str(path), timeout=_busy_timeout_ms() / 1000, isolation_level=None,
                                           check_same_thread=False))
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as exc:
-        if is_busy_error(exc):
-            raise HistoryError(BUSY_MESSAGE) from exc
-        raise HistoryError(f"{path} is not a run-history database: {exc}") from exc
-    if create and not tables:
-        create_runtime_schema(conn)
-        tables = set(REQUIRED_TABLES)
+        raise _open_error(path, exc) from exc
+    try:
+        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()]
+        # columns of the tables we judge only (another program's table names are not SQL)
+        tables = {n: [r[0] for r in conn.execute("SELECT name FROM pragma_table_info(?)", (n,))]
+                  if n in REQUIRED_COLUMNS else [] for n in names}
+        if create and not tables:
+            create_runtime_schema(conn)
+            ensure_selfheal_schema(conn)
+            return conn
+        problem = schema_problem(tables)
+        if problem:
+            raise HistoryError(f"{path} {problem}: not an agent run history; nothing was written to it")
+        damage = quick_check(conn)
+        if damage:
+            raise HistoryError(f"{path} is damaged ({damage}); nothing was written to it "
+                               "(restore a backup or run sqlite3's .recover)")
+        ensure_selfheal_schema(conn)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise _open_error(path, exc) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def file_identity(path: Path | str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the file at ``path``, None when there is none. A connection
+    opened on a file that the runtime has since replaced (deleted and recreated, or renamed
+    over) keeps reading the old one: long-lived readers compare this to reopen."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a non-empty file that does not start with SQLite's header, without opening it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise HistoryError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if head and head != SQLITE_HEADER:
+        raise HistoryError(f"{path} is not a run-history database: not an SQLite file")
+
+
+def _open_error(path: Path, exc: sqlite3.DatabaseError) -> HistoryError:
+    if is_busy_error(exc):
+        return HistoryError(BUSY_MESSAGE)
+    if is_corrupt_error(exc):
+        return HistoryError(f"{path} is damaged ({one_line(exc)}); nothing was written to it")
+    return HistoryError(f"{path} is not a run-history database: {one_line(exc)}")
+
+
+def schema_problem(tables: dict[str, list[str]]) -> str | None:
+    """Why tables (name → columns) are not the runtime's history, or None when they are."""
     missing = [t for t in REQUIRED_TABLES if t not in tables]
     if missing:
-        conn.close()
-        raise HistoryError(f"{path} has no {' or '.join(missing)} table: not an agent run history")
-    ensure_selfheal_schema(conn)
-    return conn
+        return f"has no {' or '.join(missing)} table"
+    for table, needed in REQUIRED_COLUMNS.items():
+        if table in tables:
+            lacking = sorted(needed - set(tables[table]))
+            if lacking:
+                return f"has a {table} table without the runtime's column(s) {', '.join(lacking)}"
+    return None
+
+
+def quick_check(conn: sqlite3.Connection, attempts: int = 3) -> str | None:
+    """The first problem ``PRAGMA quick_check`` finds, or None (also for a main file over
+    :data:`QUICK_CHECK_MAX_BYTES`, which is not checked).
+
+    A problem must show in each of ``attempts`` checks, a moment apart: while the runtime
+    switches the file to WAL or checkpoints, a check can fail to read a page of a healthy
+    file ("unable to get the page. error code=522"), and a healthy file is never refused.
+    """
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    try:
+        if path and os.path.getsize(path) > QUICK_CHECK_MAX_BYTES:
+            return None
+    except OSError:
+        pass
+    problem = None
+    for attempt in range(max(1, attempts)):
+        if attempt:
+            time.sleep(0.05 * attempt)
+        rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+        result = " ".join(str(r[0]) for r in rows).replace("*** in database main ***", "").strip()
+        if result == "ok":
+            return None
+        problem = one_line(result)
+        log.debug("quick_check of %s: %s", path, problem)
+    return problem
+
+
+def one_line(value: object, limit: int = 200) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def is_corrupt_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the file is damaged or not a database (SQLITE_CORRUPT/NOTADB)."""
+    return isinstance(exc, sqlite3.DatabaseError) and any(
+        w in str(exc).lower() for w in ("malformed", "file is not a database", "corrupt"))
+
+
+def scan_id_range(conn: sqlite3.Connection, sql: str, lo: int, hi: int, *params: Any) -> Iterator[Any]:
+    """Rows of ``sql`` for the id range (lo, hi] of a table, fast and never failing on
+    invalid UTF-8.
+
+    ``sql`` takes ``lo`` and ``hi`` as its first two parameters and returns the id as its
+    first column, ascending. Text is decoded by sqlite3's C decoder (our lenient text
+    factory costs ~15 % of a full scan); at the first row with invalid UTF-8 the scan
+    goes on after the last good id with :func:`~selfheal_plugin.history.text.decode_text`,
+    so that row's text arrives as an ``Undecodable`` string. Do not use ``conn`` for
+    anything else while iterating.
+    """
+    last = lo
+    factory = conn.text_factory
+    conn.text_factory = str
+    try:
+        for row in conn.execute(sql, (lo, hi, *params)):
+            last = row[0]
+            yield row
+        return
+    except sqlite3.OperationalError as exc:
+        if not is_decode_error(exc):
+            raise
+    finally:
+        conn.text_factory = factory
+    conn.text_factory = decode_text
+    try:
+        rest = conn.execute(sql, (last, hi, *params)).fetchall()
+    finally:
+        conn.text_factory = factory
+    yield from rest
 
 
 BUSY_MESSAGE = ("the run-history database is busy (another process holds its write lock); "

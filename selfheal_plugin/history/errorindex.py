@@ -10,13 +10,17 @@ for long, and stores
 * per tool and hour, the number of calls in ``selfheal_tool_hours``.
 
 A warm command then reads only the window it needs from small, indexed tables.
-Malformed ``tool_complete`` rows (invalid JSON, no tool name, an unparsable timestamp)
-are counted once in ``selfheal_state`` and skipped.
+Malformed ``tool_complete`` rows are counted once in ``selfheal_state`` and skipped:
+invalid JSON, no tool name, an unparsable timestamp, invalid UTF-8 in what we read, a
+``duration`` that is not a finite number within :data:`MAX_DURATION_MS`, or an
+``event_data`` over :data:`MAX_EVENT_BYTES` (see :func:`wellformed_sql`, which the other
+readers of ``run_events`` share). Stored messages are cut to :data:`MAX_MESSAGE_CHARS`.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +28,38 @@ from dataclasses import dataclass
 from typing import Callable
 
 from selfheal_plugin.history.connection import SELFHEAL_SCHEMA, get_state, normalize_error_type, set_state, write_transaction
+from selfheal_plugin.history.text import Undecodable, bounded, decode_text
 from selfheal_plugin.history.times import to_epoch
 
 log = logging.getLogger("selfheal.errorindex")
 
 CHUNK_IDS = 200_000
-INDEX_VERSION = "3"
+INDEX_VERSION = "4"
+
+# Bounds past which a row is not a tool call but damage (counted and skipped everywhere).
+MAX_EVENT_BYTES = 8 << 20  # 8 MiB of event JSON: past what a tool call returns (a file read of a few MB is fine)
+MAX_DURATION_MS = 30 * 86_400_000  # a tool call of more than 30 days
+MAX_MESSAGE_CHARS = 4000  # what we keep of a failure's message (templates keep 500)
+
+
+def wellformed_sql(col: str) -> str:
+    """SQL that is 1 when the JSON text in ``col`` is a row we can read: at most
+    :data:`MAX_EVENT_BYTES`, valid JSON, and a numeric ``duration`` (when there is one)
+    within ±:data:`MAX_DURATION_MS` (``1e30`` or ``1e400`` is damage, not a duration).
+    The size test comes first, so an oversized row is never parsed."""
+    duration = f"json_extract({col}, '$.duration')"
+    return (f"(CASE WHEN length(CAST({col} AS BLOB)) > {MAX_EVENT_BYTES} THEN 0 "
+            f"WHEN NOT json_valid({col}) THEN 0 "
+            f"WHEN json_type({col}, '$.duration') IN ('integer', 'real') "
+            f"THEN {duration} >= -{MAX_DURATION_MS} AND {duration} <= {MAX_DURATION_MS} ELSE 1 END)")
+
+
+def sane_duration(value: object) -> bool:
+    """A JSON ``duration`` we accept: absent/non-numeric, or finite within the bound
+    (the same rule as :func:`wellformed_sql`, for rows parsed in Python)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return True
+    return math.isfinite(value) and -MAX_DURATION_MS <= value <= MAX_DURATION_MS
 
 # Masks applied to error messages, in order, so that the same failure with other paths,
 # numbers or ids becomes one template.
@@ -64,28 +94,37 @@ class RefreshResult:
     total_bad_rows: int
 
 
+_HOUR = "CAST((julianday({t}) - 2440587.5) * 24 AS INTEGER)"
+
 # Failed calls in an id range. `instr(..., 'true')` is a cheap, exact prefilter (a failed
 # call's JSON holds the literal `true`) that spares the JSON parse of almost every row.
-_ERRORS_SQL = """
+# Each comes with the tool and hour the hour counts filed it under, so that a row found
+# malformed here can be moved from those counts to the malformed ones.
+_ERRORS_SQL = f"""
 SELECT e.id, e.run_id, e.step_index, e.timestamp, e.event_data,
   (SELECT s.event_data FROM run_events s
     WHERE s.run_id = e.run_id AND s.event_type = 'tool_start' AND s.id < e.id
-      AND json_valid(s.event_data)
+      AND {wellformed_sql('s.event_data')}
       AND json_extract(s.event_data, '$.name') = json_extract(e.event_data, '$.name')
-    ORDER BY s.id DESC LIMIT 1) AS start_data
+    ORDER BY s.id DESC LIMIT 1) AS start_data,
+  json_extract(e.event_data, '$.name') AS tool, {_HOUR.format(t='e.timestamp')} AS hour,
+  json_type(e.event_data, '$.name'), json_extract(e.event_data, '$.error_type'),
+  json_type(e.event_data, '$.result'), json_extract(e.event_data, '$.result'),
+  json_extract(e.event_data, '$.duration')
 FROM run_events e
 WHERE e.id > ? AND e.id <= ?
   AND e.event_type = 'tool_complete'
   AND instr(e.event_data, 'true') > 0
-  AND CASE WHEN json_valid(e.event_data) THEN json_extract(e.event_data, '$.is_error') = 1 END
+  AND CASE WHEN {wellformed_sql('e.event_data')} THEN json_extract(e.event_data, '$.is_error') = 1 END
   AND julianday(e.timestamp) IS NOT NULL
+ORDER BY e.id
 """
 
-# Calls per tool and hour in an id range. A NULL tool (invalid JSON or no name) or a NULL
+# Calls per tool and hour in an id range. A NULL tool (malformed row or no name) or a NULL
 # hour (unparsable timestamp) is a malformed row: counted, never indexed.
-_HOURS_SQL = """
-SELECT CASE WHEN json_valid(event_data) THEN json_extract(event_data, '$.name') END AS tool,
-       CAST((julianday(timestamp) - 2440587.5) * 24 AS INTEGER) AS hour,
+_HOURS_SQL = f"""
+SELECT CASE WHEN {wellformed_sql('event_data')} THEN json_extract(event_data, '$.name') END AS tool,
+       {_HOUR.format(t='timestamp')} AS hour,
        count(*)
 FROM run_events
 WHERE id > ? AND id <= ? AND event_type = 'tool_complete'
@@ -124,18 +163,25 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     busy_s = conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
     side = sqlite3.connect(path, check_same_thread=False, timeout=busy_s)
+    side.text_factory = decode_text  # a tool name with invalid UTF-8 is malformed, not an error
     pool = ThreadPoolExecutor(max_workers=1)
     try:
         while mark < top:
             hi = min(mark + CHUNK_IDS, top)
             counting = pool.submit(lambda lo=mark, hi=hi: side.execute(_HOURS_SQL, (lo, hi)).fetchall())
-            errors = _read_errors(conn, mark, hi)
-            hours, n_bad = [], 0
+            errors, unreadable = _read_errors(conn, mark, hi)
+            counted: dict[tuple[str, int], int] = {}
+            n_bad = 0
             for tool, hour, calls in counting.result():
-                if isinstance(tool, str) and tool and hour is not None:
-                    hours.append((tool, hour, calls))
+                if _countable(tool, hour):
+                    counted[(tool, hour)] = calls
                 else:
                     n_bad += calls
+            for key in unreadable:  # counted as calls above, malformed on a closer look
+                if counted.get(key, 0) > 0:
+                    counted[key] -= 1
+                    n_bad += 1
+            hours = [(tool, hour, calls) for (tool, hour), calls in counted.items() if calls > 0]
             with write_transaction(conn):
                 current = int(get_state(conn, "errors_watermark", "0"))
                 if current != mark:  # another process ingested rows meanwhile: go on from there
@@ -162,33 +208,57 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     return RefreshResult(scanned, new_errors, new_bad, int(get_state(conn, "bad_rows", "0")))
 
 
-def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> list[tuple]:
-    """Failed calls as ``selfheal_errors`` rows; malformed ones are left to the hour
-    counts, which count them once."""
+def _countable(tool: object, hour: object) -> bool:
+    return isinstance(tool, str) and not isinstance(tool, Undecodable) and bool(tool) and isinstance(hour, int)
+
+
+def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple], list[tuple[str, int]]]:
+    """Failed calls as ``selfheal_errors`` rows, and the (tool, hour) of the ones found
+    malformed here although the hour counts took them for calls (invalid UTF-8 in the
+    message, say). Rows the hour counts find malformed themselves are left to them."""
     rows: list[tuple] = []
-    for event_id, run_id, step, timestamp, data, start_data in conn.execute(_ERRORS_SQL, (lo, hi)):
+    unreadable: list[tuple[str, int]] = []
+    # The fields are taken apart by SQLite, as the other readers do (a result nested deeper
+    # than Python's json parser goes is still a message); the event's whole text is read
+    # only to refuse invalid UTF-8 in a failed call, the text we keep.
+    for (event_id, run_id, step, timestamp, data, start_data, tool, hour, name_type, raw_type, result_type, result,
+         duration) in conn.execute(_ERRORS_SQL, (lo, hi)):
         try:
-            event = json.loads(data)
-            name = event.get("name")
-            if not isinstance(name, str) or not name:
+            if isinstance(data, Undecodable) or isinstance(run_id, Undecodable) or not isinstance(run_id, str):
+                raise ValueError("invalid UTF-8 or no run id")
+            if name_type != "text" or not tool:
                 raise ValueError("no tool name")
             ts = to_epoch(timestamp)
-            raw_type = event.get("error_type")
-            message = event.get("result")
-            message = message if isinstance(message, str) else json.dumps(message)
-            duration = event.get("duration")
+            if result_type == "text":
+                message = result
+            elif result_type in ("array", "object"):
+                try:
+                    message = json.dumps(json.loads(result))  # spelled as Python writes it
+                except RecursionError:
+                    message = result
+            elif result_type in ("integer", "real"):
+                message = json.dumps(result)
+            else:  # true, false, null or absent
+                message = result_type or "null"
+            if not sane_duration(duration):
+                raise ValueError("duration out of range")
             duration = int(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool) else None
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
+            if _countable(tool, hour):
+                unreadable.append((tool, hour))
             continue
+        name = tool
+        raw_type = raw_type if isinstance(raw_type, str) else None
         keys: list[str] = []
-        if start_data:
+        if start_data and not isinstance(start_data, Undecodable):
             try:
                 args = json.loads(start_data).get("arguments")
                 if isinstance(args, dict):
                     keys = sorted(str(k) for k in args)
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 pass
+        message = bounded(message, MAX_MESSAGE_CHARS)
         rows.append((event_id, run_id, step if isinstance(step, int) else None, ts, timestamp, name,
-                     normalize_error_type(raw_type), raw_type if isinstance(raw_type, str) else None,
+                     normalize_error_type(raw_type), raw_type,
                      message, message_template(message), duration, "\x1f".join(keys)))
-    return rows
+    return rows, unreadable

@@ -17,6 +17,7 @@ from typing import Any
 
 from selfheal_plugin.errors import ConfigError
 from selfheal_plugin.history import schema
+from selfheal_plugin.history.text import TerminalFormatter
 
 # Derived from the schema (kept for callers that read them; the schema is the source).
 DEFAULTS: dict[str, Any] = schema.defaults("self_heal")
@@ -163,5 +164,7 @@ def configure_logging() -> None:
     raw = raw.split(",")[0].split("=")[-1]
     level = {"error": logging.ERROR, "warn": logging.WARNING, "warning": logging.WARNING,
              "info": logging.INFO, "debug": logging.DEBUG, "trace": logging.DEBUG}.get(raw, logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()  # stderr; history text in messages is neutralised
+    handler.setFormatter(TerminalFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("selfheal").setLevel(level)

@@ -28,6 +28,7 @@ from pathlib import Path
 import git
 
 from selfheal_plugin.errors import SelfHealError
+from selfheal_plugin.history.text import commit_line
 
 IDENTITY_NAME = "selfheal"
 IDENTITY_EMAIL = "selfheal@localhost"
@@ -382,8 +383,14 @@ def restore_index_and_file(cr: ConfigRepo, text: str | None) -> None:
 
 def commit_message(subject: str, body: list[str], improvement_id: str, pattern_id: str | None,
                    action: str) -> str:
-    trailers = [f"{TRAILER_IMPROVEMENT}: {improvement_id}"]
+    """Subject, body lines and our trailers. Each part is made one line (control
+    characters, newlines included, written as visible escapes): descriptions and pattern
+    ids quote the history's tool names, and a name holding ``"\\nSelf-Heal-Improvement:
+    imp-x"`` must not add a trailer or a paragraph. A body line that looks like a trailer
+    (``Key: value``) stays above the blank line that opens the trailer block."""
+    trailers = [f"{TRAILER_IMPROVEMENT}: {commit_line(improvement_id)}"]
     if pattern_id:
-        trailers.append(f"{TRAILER_PATTERN}: {pattern_id}")
-    trailers.append(f"{TRAILER_ACTION}: {action}")
-    return "\n".join([subject, "", *body, "", *trailers]) + "\n"
+        trailers.append(f"{TRAILER_PATTERN}: {commit_line(pattern_id)}")
+    trailers.append(f"{TRAILER_ACTION}: {commit_line(action)}")
+    lines = [commit_line(subject) or "selfheal", "", *(commit_line(line) for line in body), "", *trailers]
+    return "\n".join(lines) + "\n"

@@ -41,6 +41,8 @@ import numpy as np
 
 from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
 from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.history.errorindex import wellformed_sql
+from selfheal_plugin.history.text import Undecodable
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
 from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError, update_if_unchanged
@@ -95,17 +97,20 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
         prefilter = " AND (" + " OR ".join(["instr(e.event_data, 'true') > 0"]
                                            + ["instr(e.event_data, ?) > 0"] * len(tools)) + ")"
         params += list(tools)
+    # malformed rows are skipped by the rules of the error index (errorindex.wellformed_sql)
     sql = f"""
     SELECT e.run_id, e.id, json_extract(e.event_data, '$.name'), json_extract(e.event_data, '$.is_error'),
-           json_extract(e.event_data, '$.duration'), json_extract(e.event_data, '$.error_type')
+           json_extract(e.event_data, '$.duration'), json_extract(e.event_data, '$.error_type'),
+           CASE WHEN json_extract(e.event_data, '$.is_error') = 1 THEN e.event_data END
     FROM runs r JOIN run_events e ON e.run_id = r.id
     WHERE r.status IN ('completed', 'failed') AND julianday(r.started_at) >= ? AND julianday(r.started_at) < ?
-      AND e.event_type = 'tool_complete'{prefilter} AND json_valid(e.event_data)
+      AND e.event_type = 'tool_complete'{prefilter} AND {wellformed_sql('e.event_data')}
     """
     wanted = set(tools) if tools is not None else None
-    for run_id, eid, name, is_error, duration, etype in conn.execute(sql, params):
+    for run_id, eid, name, is_error, duration, etype, failed_text in conn.execute(sql, params):
         run = runs.get(run_id)
-        if run is None or not isinstance(name, str) or not name:
+        if (run is None or not isinstance(name, str) or not name or isinstance(name, Undecodable)
+                or isinstance(failed_text, Undecodable)):
             continue
         ok = is_error != 1
         if ok and wanted is not None and name not in wanted:

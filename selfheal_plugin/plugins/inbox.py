@@ -26,6 +26,7 @@ from filelock import FileLock
 
 from selfheal_plugin.plugins.manager import Notification
 from selfheal_plugin.history.settings import lock_dir, resolve_home
+from selfheal_plugin.history.text import for_terminal
 
 PRIORITY_MARKS = {"urgent": "**[URGENT]**", "high": "*[HIGH]*", "normal": "", "low": "[LOW]"}
 LOCK_TIMEOUT_S = 30
@@ -41,9 +42,26 @@ def _clean_tag(tag: str) -> str:
     return re.sub(r"[\s#\[\]*]+", "-", tag.strip()).strip("-")
 
 
+_HEADING = re.compile(r"^( {0,3})(#|=+\s*$)")  # an ATX heading, or a setext underline
+_HTML_START = re.compile(r"<(?=[A-Za-z/!?])")  # what would open a raw HTML tag or comment
+
+
 def _clean_body(body: str) -> str:
-    # A line that is exactly "---" would split the entry when the file is read back.
-    lines = ["- - -" if line.strip() == "---" else line for line in body.strip("\n").splitlines()]
+    """The body as it is written: no line can start an entry or a heading, no raw HTML.
+
+    Hooks escape the history's text they quote (``history.text.markdown_inline``); this
+    is the sink's own guard for any notifier's body: a line that is exactly ``---`` would
+    split the entry when the file is read back, a line starting with ``#`` (or made only
+    of ``=``) would be a heading such as a forged ``## … [security-team] **[URGENT]**``,
+    and ``<`` before a letter, ``/``, ``!`` or ``?`` would open HTML. Control characters
+    (an escape sequence for whoever runs ``cat`` on the file) are written as visible escapes.
+    """
+    lines = []
+    for line in body.strip("\n").splitlines():
+        if line.strip() == "---":
+            line = "- - -"
+        line = _HEADING.sub(lambda m: m.group(1) + "\\" + m.group(2), line)
+        lines.append(for_terminal(_HTML_START.sub("&lt;", line)))
     return "\n".join(lines)
 
 

@@ -69,6 +69,8 @@ from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import normalize_error_type, server_of  # noqa: F401  (server_of: for strategies)
 from selfheal_plugin.history.settings import read_config
 from selfheal_plugin.history.times import utcnow
+from selfheal_plugin.history.errorindex import wellformed_sql
+from selfheal_plugin.history.text import Undecodable
 
 if TYPE_CHECKING:
     from selfheal_plugin.analysis.patterns import Pattern
@@ -374,17 +376,20 @@ class HistoryWindow:
     def _load_calls(self) -> dict[str, list[ToolCall]]:
         lo = self.since.timestamp() / 86400 + 2440587.5
         hi = self.until.timestamp() / 86400 + 2440587.5
-        sql = """
+        # malformed rows are skipped by the rules of the error index (errorindex.wellformed_sql)
+        sql = f"""
         SELECT id, run_id, (julianday(timestamp) - 2440587.5) * 86400.0 AS ts,
                json_extract(event_data, '$.name'), json_extract(event_data, '$.is_error'),
-               json_extract(event_data, '$.duration'), json_extract(event_data, '$.error_type')
+               json_extract(event_data, '$.duration'), json_extract(event_data, '$.error_type'),
+               CASE WHEN json_extract(event_data, '$.is_error') = 1 THEN event_data END
         FROM run_events
-        WHERE event_type = 'tool_complete' AND json_valid(event_data)
+        WHERE event_type = 'tool_complete' AND {wellformed_sql('event_data')}
           AND julianday(timestamp) >= ? AND julianday(timestamp) < ?
         """
         out: dict[str, list[ToolCall]] = {}
-        for eid, run_id, ts, name, is_error, duration, etype in self.conn.execute(sql, (lo, hi)):
-            if not isinstance(name, str) or not name:
+        for eid, run_id, ts, name, is_error, duration, etype, failed_text in self.conn.execute(sql, (lo, hi)):
+            if (not isinstance(name, str) or not name or isinstance(name, Undecodable)
+                    or isinstance(failed_text, Undecodable)):
                 continue
             ok = is_error != 1
             dur = int(duration) if isinstance(duration, (int, float)) and duration >= 0 else None
