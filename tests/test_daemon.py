@@ -45,7 +45,7 @@ def write_week_after(db, start, runs: int, fail_every: int | None, fail_tool: st
             clock.advance(2)
             if fails and fail_tool != TOOL:
                 run.record_tool_call(TOOL, {"namespace": "default"}, "3 pods", 18000)
-                run.record_tool_call(fail_tool, {"path": "/srv/x"}, f"Permission denied: /srv/x", 12, is_error=True)
+                run.record_tool_call(fail_tool, {"path": "/srv/x"}, "Permission denied: /srv/x", 12, is_error=True)
                 run.finish("failed", "permission denied")
             elif fails:
                 run.record_tool_call(TOOL, {"namespace": "default"}, f"Tool {TOOL} timed out after 100s", 100003,

@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 from mcp import Client
 
+from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.mcp.server import build_server
@@ -45,12 +46,19 @@ def test_nine_tools_with_schemas_and_annotations(home):
         assert t.output_schema is not None, f"{name} has no structured output"
         for prop in t.input_schema.get("properties", {}).values():
             assert prop.get("description"), f"{name}: a parameter without a description"
+    # an omitted setting means the [self_heal] value: the schema publishes no hard default, and
+    # its description and range come from the settings schema, as the CLI's help does
     props = tools["detect_failure_patterns"].input_schema["properties"]
-    assert {k: v["default"] for k, v in props.items()} == {
-        "since": "-7d", "min_occurrences": 3, "confidence_threshold": 0.75}
+    assert {k: v.get("default") for k, v in props.items()} == {
+        "since": None, "min_occurrences": None, "confidence_threshold": None}
+    for name, key in (("since", "lookback"), ("min_occurrences", "min_occurrences"),
+                      ("confidence_threshold", "confidence_threshold")):
+        assert props[name]["description"] == schema.help_text(key)
+    assert props["min_occurrences"]["anyOf"][0]["minimum"] == schema.bounds("min_occurrences")[0]
     mode = tools["test_improvement"].input_schema["properties"]["mode"]
     assert mode["enum"] == ["simulation", "canary", "shadow"] and mode["default"] == "simulation"
-    assert tools["verify_improvement"].input_schema["properties"]["measurement_window_days"]["default"] == 7
+    assert "else 7 days" in tools["verify_improvement"].input_schema["properties"]["measurement_window_days"][
+        "description"]
     assert tools["get_health_dashboard"].input_schema["properties"]["detailed"]["default"] is False
     assert set(tools["apply_improvement"].input_schema["required"]) == {"improvement_id", "changes_made"}
     pattern_fields = tools["detect_failure_patterns"].output_schema["$defs"]["FailurePattern"]["properties"]

@@ -51,7 +51,7 @@ def self_heal_daemon(home: str | None, db: str | None, as_json: bool, interval: 
     daemon = Daemon(s, interval=seconds, auto_detect=auto_detect, auto_apply=not no_auto_apply,
                     watch_mode=mode, on_report=None if once else report, reload_config=True)
     try:
-        daemon.conn  # a missing or foreign database is one line, before anything is created
+        daemon.open()  # a missing or foreign database is one line, before anything is created
         daemon.acquire()
         if once:
             checked, tick = daemon.run_once()

@@ -196,6 +196,11 @@ class Daemon:
     def conn(self) -> sqlite3.Connection:
         return self.service.conn
 
+    def open(self) -> None:
+        """Open the history now: a missing, foreign or damaged database is one line before
+        anything else is done (the lock, the watcher)."""
+        self.service  # noqa: B018 — the property opens it
+
     def close(self) -> None:
         if self._service is not None:
             self._service.close()

@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError
 from selfheal_plugin import __version__
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin import results
+from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error
 from selfheal_plugin.history.settings import configure_logging, resolve_home
 from selfheal_plugin.service import SelfHeal
@@ -107,12 +108,6 @@ def _session(home: str | os.PathLike | None, db: str | os.PathLike | None, **ove
             service.close()
 
 
-def _schema_default(value: Any) -> dict[str, Any]:
-    """Show the design document's default in the schema while ``None`` (omitted) defers to the
-    ``[self_heal]`` setting, as the CLI's flags do."""
-    return {"default": value}
-
-
 def _sdk_log_level() -> Any:
     """The SDK's level name for ours (it only configures logging when nothing else has)."""
     name = logging.getLevelName(logging.getLogger("selfheal").getEffectiveLevel())
@@ -147,15 +142,9 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
 
     @tool("Detect failure patterns", read_only=True)
     def detect_failure_patterns(
-        since: Annotated[str | None, Field(
-            description="Window start: -30m, -24h, -7d, -1w, an ISO date or datetime "
-                        "(omitted: the lookback setting, -7d)", json_schema_extra=_schema_default("-7d"))] = None,
-        min_occurrences: Annotated[int | None, Field(
-            ge=1, description="Minimum failed calls with the same signature (omitted: setting, 3)",
-            json_schema_extra=_schema_default(3))] = None,
-        confidence_threshold: Annotated[float | None, Field(
-            ge=0.0, le=1.0, description="Minimum confidence 0.0-1.0 (omitted: setting, 0.75)",
-            json_schema_extra=_schema_default(0.75))] = None,
+        since: Annotated[str | None, Field(**schema.field_kwargs("lookback"))] = None,
+        min_occurrences: Annotated[int | None, Field(**schema.field_kwargs("min_occurrences"))] = None,
+        confidence_threshold: Annotated[float | None, Field(**schema.field_kwargs("confidence_threshold"))] = None,
     ) -> list[results.FailurePattern]:
         """Find recurring tool failures: (error_type, tool_name) signatures of failed tool calls,
         most frequent first, with correlation, confidence, affected runs and a suggested fix.
@@ -176,9 +165,7 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
 
     @tool("Compute agent metrics", read_only=True)
     def compute_agent_metrics(
-        since: Annotated[str | None, Field(
-            description="Window start: -30m, -24h, -7d, -1w, an ISO date or datetime "
-                        "(omitted: the lookback setting, -7d)", json_schema_extra=_schema_default("-7d"))] = None,
+        since: Annotated[str | None, Field(**schema.field_kwargs("lookback"))] = None,
     ) -> results.AgentMetrics:
         """Success rate, run count, average duration and trend per agent (workflow) in the window."""
         with _session(home, db, lookback=since) as sh:
@@ -186,9 +173,7 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
 
     @tool("Compute tool reliability", read_only=True)
     def compute_tool_reliability(
-        since: Annotated[str | None, Field(
-            description="Window start: -30m, -24h, -7d, -1w, an ISO date or datetime "
-                        "(omitted: the lookback setting, -7d)", json_schema_extra=_schema_default("-7d"))] = None,
+        since: Annotated[str | None, Field(**schema.field_kwargs("lookback"))] = None,
     ) -> results.ToolReliability:
         """Per tool in the window: success, timeout and other-error rates, durations, top error types."""
         with _session(home, db, lookback=since) as sh:
@@ -214,8 +199,7 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         mode: Annotated[Literal["simulation", "canary", "shadow"], Field(
             description="simulation replays the history window with the change; canary applies it to a "
                         "fraction of runs; shadow observes it without changing outcomes")] = "simulation",
-        fraction: Annotated[float | None, Field(
-            gt=0, lt=1, description="canary only: share of runs in the canary arm (default 0.5)")] = None,
+        fraction: Annotated[float | None, Field(**schema.field_kwargs("fraction"))] = None,
     ) -> results.TestResult:
         """Estimate the improvement against history: simulated vs baseline success rate with a
         95% interval and a recommendation (safe_to_apply, risky or reject). Stores the result.
@@ -239,9 +223,7 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
     @tool("Verify improvement")
     def verify_improvement(
         improvement_id: Annotated[str, Field(description="Improvement id (imp-...), applied")],
-        measurement_window_days: Annotated[float | None, Field(
-            gt=0, description="Days before and after the apply time to compare (omitted: setting, 7)",
-            json_schema_extra=_schema_default(7))] = None,
+        measurement_window_days: Annotated[float | None, Field(**schema.field_kwargs("window_days"))] = None,
     ) -> results.VerifyResult:
         """Measure an applied improvement: success rate and the pattern's error rate before vs after
         the apply (Fisher's exact test, sample-size floor) and recommend keep, rollback or extend."""
