@@ -30,7 +30,8 @@ _EXPORTS = {
     "ToolCall": "selfheal_plugin.plugins.strategy",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["Change", "HistoryWindow", "ModeledStrategy", "Proposal", "SelfHeal", "Strategy", "ToolCall", "__version__",
+           "hookimpl"]
 
 if TYPE_CHECKING:
     from selfheal_plugin.plugins.hookspecs import hookimpl

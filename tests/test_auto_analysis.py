@@ -7,7 +7,8 @@ from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.plugins.inbox import parse_inbox
 from selfheal_plugin.history.settings import load_settings
-from selfheal_plugin.daemon.watcher import Watcher, check_history, ensure_watch_schema
+from selfheal_plugin.daemon.watcher import Watcher
+from selfheal_plugin.lifecycle.events import check_history, ensure_watch_schema
 
 from .watchsupport import collecting, failed_ids, new_history, wait_until, write_runs
 

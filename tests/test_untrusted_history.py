@@ -20,7 +20,7 @@ from selfheal_plugin import hookimpl
 from selfheal_plugin.analysis.patterns import (MAX_EXAMPLE_CHARS, Pattern, detect_failure_patterns, get_pattern,
                                                pattern_details, split_pattern_id)
 from selfheal_plugin.cli.main import agent
-from selfheal_plugin.daemon.watcher import check_history, ensure_watch_schema
+from selfheal_plugin.lifecycle.events import check_history, ensure_watch_schema
 from selfheal_plugin.errors import HistoryError
 from selfheal_plugin.history.connection import connect, normalize_error_type
 from selfheal_plugin.history.errorindex import MAX_DURATION_MS, MAX_EVENT_BYTES, MAX_MESSAGE_CHARS, refresh

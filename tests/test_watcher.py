@@ -13,8 +13,9 @@ from selfheal_plugin.errors import UsageError
 from selfheal_plugin.testbed.generator import generate_history
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.settings import load_settings
-from selfheal_plugin.daemon.watcher import (
-    FLOOR_KEY, WATERMARK_KEY, Watcher, check_history, ensure_watch_schema, notify_run_finished, resolve_mode,
+from selfheal_plugin.daemon.watcher import Watcher, resolve_mode
+from selfheal_plugin.lifecycle.events import (
+    FLOOR_KEY, WATERMARK_KEY, check_history, ensure_watch_schema, notify_run_finished,
 )
 
 from .conftest import NOW
@@ -126,7 +127,7 @@ def test_runtime_in_process_notify_and_a_watcher_hook_each_run_once(home):
         from selfheal_plugin.history.clock import SimulatedClock
         from selfheal_plugin.runtime.recorder import RunRecorder
         from selfheal_plugin.history.settings import load_settings
-        from selfheal_plugin.daemon.watcher import notify_run_finished
+        from selfheal_plugin.lifecycle.events import notify_run_finished
         plugins.pm.set_blocked("selfheal.hooks.auto_analysis")
         settings = load_settings({str(home)!r})
         clock = SimulatedClock(datetime(2026, 11, 20, 11, tzinfo=timezone.utc))

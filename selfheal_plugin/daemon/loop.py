@@ -56,7 +56,8 @@ from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.service import SelfHeal
 from selfheal_plugin.history.times import format_timestamp
-from selfheal_plugin.daemon.watcher import CheckResult, Watcher, check_history, ensure_watch_schema, recover_unfired
+from selfheal_plugin.daemon.watcher import Watcher
+from selfheal_plugin.lifecycle.events import CheckResult, check_history, ensure_watch_schema, recover_unfired
 
 log = logging.getLogger("selfheal.daemon")
 
