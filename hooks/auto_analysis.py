@@ -75,14 +75,21 @@ def analyse_failed_run(run: dict[str, Any], settings: Settings) -> list[dict[str
 
 def _react(conn: sqlite3.Connection, settings: Settings, run: dict[str, Any], pattern: Pattern,
            now: datetime) -> dict[str, Any]:
-    attach_suggested_fixes([pattern], settings)
     improvement, created, problem = None, False, None
     try:
         proposed = propose_for_pattern(conn, settings, pattern, history_window(conn, settings, now=now))
-        improvement, created = proposed.improvement, proposed.created
+        if proposed.skipped:  # a rejection that still stands
+            problem = proposed.skipped
+        else:
+            improvement, created = proposed.improvement, proposed.created
     except StrategyError as exc:
         problem = str(exc)
         log.warning("auto-analysis could not propose for %s: %s", pattern.id, exc)
+    # one suggested fix: the open proposal's description, else the strategy's own line
+    if improvement is not None:
+        pattern.suggested_fix = improvement.description
+    else:
+        attach_suggested_fixes([pattern], settings)
     if created:
         log.info("run %s failed: proposed %s for %s", run["id"], improvement.id, pattern.id)
     notified = claim_notification(conn, pattern.id, now, settings.cooldown_minutes)
@@ -99,7 +106,7 @@ def _notification(run: dict[str, Any], pattern: Pattern, improvement: Improvemen
              f"{md(pattern.error_type)} on {md(pattern.tool_name)}.",
              f"Pattern {md(pattern.id)}: {pattern.occurrences} occurrence(s) in {len(pattern.affected_runs)} run(s), "
              f"confidence {pattern.confidence * 100:.0f}%."]
-    if pattern.suggested_fix:
+    if pattern.suggested_fix and improvement is None:
         lines.append(f"Suggested fix: {md(pattern.suggested_fix)}")
     lines.append("")
     if improvement is not None:
