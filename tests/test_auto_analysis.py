@@ -57,6 +57,8 @@ def test_a_burst_of_failures_proposes_and_notifies_once(home, tmp_path):
     notes = pattern_notifications(seen)
     assert len(notes) == 1
     assert rows[0].id in notes[0].body and notes[0].priority == "high"
+    # one suggested fix: the proposal's description, not a second line from the strategy
+    assert rows[0].description in notes[0].body and "Suggested fix:" not in notes[0].body
     inbox = [e for e in inbox_entries(tmp_path) if "auto-analysis" in e.tags]
     assert len(inbox) == 1
 
