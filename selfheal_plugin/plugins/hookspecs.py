@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from selfheal_plugin.analysis.patterns import Pattern
     from selfheal_plugin.history.improvements import Improvement
     from selfheal_plugin.history.settings import Settings
-    from selfheal_plugin.plugins.manager import Notification
+    from selfheal_plugin.plugins.notification import Notification
     from selfheal_plugin.plugins.strategy import Strategy
 
 hookspec = HookspecMarker("selfheal")

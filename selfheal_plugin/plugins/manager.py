@@ -75,12 +75,12 @@ from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.history.settings import DEFAULTS
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 from selfheal_plugin.plugins import hookspecs
+from selfheal_plugin.plugins.notification import PRIORITIES, Notification  # noqa: F401  (plugins.Notification)
 from selfheal_plugin.plugins.strategy import StrategyError
 
 log = logging.getLogger("selfheal.plugins")
 
 ENTRY_POINT_GROUP = "selfheal"
-PRIORITIES = ("urgent", "high", "normal", "low")
 ERROR_RETENTION_DAYS = 7
 MAX_PERSISTED_ERRORS = 100
 ERRORS_FILE = "plugin-errors.json"
@@ -90,27 +90,6 @@ pm.add_hookspecs(hookspecs)
 if os.environ.get("SELFHEAL_TRACE_HOOKS"):
     pm.trace.root.setwriter(sys.stderr.write)
     pm.enable_tracing()
-
-
-@dataclass
-class Notification:
-    """A message for the user; every ``notify`` implementation receives it."""
-
-    title: str
-    body: str
-    source: str = "self-heal"
-    tags: list[str] = field(default_factory=list)
-    priority: str = "normal"  # urgent | high | normal | low
-    created_at: datetime | None = None  # aware; None means now
-
-    def __post_init__(self) -> None:
-        if self.priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["created_at"] = self.created_at.isoformat() if self.created_at else None
-        return d
 
 
 @dataclass
