@@ -18,7 +18,8 @@ import pytest
 
 # What the session isolates: the variables that choose where user files live.
 GIT_IDENTITY = ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL")
-SESSION_UNSET = (*GIT_IDENTITY, "SELFHEAL_LOG", "RUST_LOG", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")
+SESSION_UNSET = (*GIT_IDENTITY, "SELFHEAL_LOG", "RUST_LOG", "SELFHEAL_MCP_TOKEN", "GIT_DIR", "GIT_WORK_TREE",
+                 "GIT_INDEX_FILE")
 XDG_DIRS = {"XDG_CONFIG_HOME": ".config", "XDG_DATA_HOME": ".local/share", "XDG_STATE_HOME": ".local/state",
             "XDG_CACHE_HOME": ".cache"}
 
