@@ -44,7 +44,9 @@ from selfheal_plugin.plugins.strategy import Change, Strategy, tool_path
 from selfheal_plugin.testbed import TestbedConfig, run_workload, tool_name
 from selfheal_plugin.testbed.servers import reported_latency_ms
 
-pytestmark = pytest.mark.closed_loop
+# The module's fixtures run three simulated weeks of real MCP calls; on a loaded machine the
+# first test (which sets them up) takes minutes: the default 300 s is a hang detector, not this.
+pytestmark = [pytest.mark.closed_loop, pytest.mark.timeout(1200)]
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 A = T0 + timedelta(days=7)  # the apply instant: a week of history before it, a week after
