@@ -43,7 +43,7 @@ def isolate_session() -> tuple[Path, dict[str, str | None]]:
 
 SESSION_ROOT, _SAVED_ENV = isolate_session()
 
-from selfheal_plugin.testbed.generator import generate_history  # noqa: E402 - after the isolation
+from selfheal_plugin.testbed.generator import generate_history  # after the isolation, on purpose
 
 NOW = datetime(2026, 11, 20, 12, 0, 0, tzinfo=timezone.utc)
 
