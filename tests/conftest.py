@@ -1,19 +1,61 @@
 """Every test runs with a temp HOME, BINKS_HOME and INBOX_PATH, and git isolated from the
-machine's configuration, so nothing touches the real ~/.binks, ~/.notes or ~/.gitconfig."""
+machine's configuration, so nothing touches the real ~/.binks, ~/.notes or ~/.gitconfig.
+
+Two layers: the whole session (set below when this file is imported, before any test module,
+fixture or plugin of ours is loaded, so module- and session-scoped fixtures and every
+subprocess they start are isolated too) and each test (``isolated_env``, fresh directories)."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from selfheal_plugin.testbed.generator import generate_history
+# What the session isolates: the variables that choose where user files live.
+GIT_IDENTITY = ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL")
+SESSION_UNSET = (*GIT_IDENTITY, "SELFHEAL_LOG", "RUST_LOG", "SELFHEAL_MCP_TOKEN", "GIT_DIR", "GIT_WORK_TREE",
+                 "GIT_INDEX_FILE")
+XDG_DIRS = {"XDG_CONFIG_HOME": ".config", "XDG_DATA_HOME": ".local/share", "XDG_STATE_HOME": ".local/state",
+            "XDG_CACHE_HOME": ".cache"}
+
+
+def isolate_session() -> tuple[Path, dict[str, str | None]]:
+    """Point HOME, BINKS_HOME, INBOX_PATH, the XDG folders and git's global config into a
+    fresh temporary directory for the rest of the process; returns it and what was there."""
+    root = Path(tempfile.mkdtemp(prefix="selfheal-tests-"))
+    home = root / "home"
+    env = {"HOME": str(home), "BINKS_HOME": str(root / "binks"), "INBOX_PATH": str(root / "inbox"),
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": str(home / ".gitconfig"),
+           **{var: str(home / sub) for var, sub in XDG_DIRS.items()}}
+    saved = {var: os.environ.get(var) for var in (*env, *SESSION_UNSET)}
+    for sub in XDG_DIRS.values():
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)
+    for var in SESSION_UNSET:
+        os.environ.pop(var, None)
+    return root, saved
+
+
+SESSION_ROOT, _SAVED_ENV = isolate_session()
+
+from selfheal_plugin.testbed.generator import generate_history  # after the isolation, on purpose  # noqa: E402
 
 NOW = datetime(2026, 11, 20, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def pytest_unconfigure(config):
+    """Give the process its environment back and remove the session's home."""
+    for var, value in _SAVED_ENV.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    shutil.rmtree(SESSION_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -25,8 +67,9 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("INBOX_PATH", str(tmp_path / "inbox"))
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / ".gitconfig"))
-    for var in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL",
-                "SELFHEAL_LOG", "RUST_LOG"):
+    for var, sub in XDG_DIRS.items():
+        monkeypatch.setenv(var, str(home / sub))
+    for var in SESSION_UNSET:
         monkeypatch.delenv(var, raising=False)
     yield
 

@@ -134,7 +134,7 @@ def start_http_server(*args: str, env: dict | None = None, stderr: Any = None) -
     proc = subprocess.Popen([server_command(), "--transport", "streamable-http", "--port", str(port), *args],
                             env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=stderr if stderr is not None else subprocess.PIPE)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a deadline, not a speed check: a loaded machine starts slowly
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             out, err = proc.communicate()
@@ -145,7 +145,7 @@ def start_http_server(*args: str, env: dict | None = None, stderr: Any = None) -
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError("self-healing-mcp did not start listening within 30 s")
+    raise RuntimeError("self-healing-mcp did not start listening within 120 s")
 
 
 def stop(proc: subprocess.Popen) -> tuple[bytes, bytes]:

@@ -12,7 +12,9 @@ from selfheal_plugin.history.connection import connect
 from selfheal_plugin.analysis.patterns import detect_failure_patterns
 from selfheal_plugin.testbed import TestbedConfig, run_workload, tool_name
 from selfheal_plugin.testbed.agent import build_tree
-from selfheal_plugin.testbed.servers import list_directory, parse_args, search_latency_ms
+from selfheal_plugin.testbed.servers import (
+    latency_note, list_directory, parse_args, reported_latency_ms, search_latency_ms,
+)
 
 START = datetime(2026, 11, 1, tzinfo=timezone.utc)
 SEARCH, FILES, FLAKY = tool_name("search"), tool_name("files"), tool_name("flaky")
@@ -37,6 +39,12 @@ def test_search_latency_is_seeded_lognormal():
     assert a == b
     draws = sorted(search_latency_ms(random.Random(f"s:{i}"), 12000, 0.5) for i in range(2001))
     assert 11000 < draws[1000] < 13000  # the median is the configured one
+
+
+def test_a_search_answer_reports_its_latency():
+    answer = f"3 results for 'x'\n1. x\n{latency_note(12345.6)}"
+    assert reported_latency_ms(answer) == 12346
+    assert reported_latency_ms("3 results for 'x'\n(answered after soon)") is None
 
 
 def test_server_arguments_are_checked():
@@ -86,6 +94,10 @@ def test_workload_records_real_failures(workload):
     assert "process exited" in messages["server_crashed"]
     timeouts = [e["duration"] for e in events if e.get("error_type") == "timeout"]
     assert min(timeouts) >= 20000  # recorded in simulated ms, at or past the deadline
+    # a search answers with the latency it drew; one that got through drew less than the limit
+    # (the client's deadline starts before the request is sent), whatever the machine's load
+    answered = [reported_latency_ms(e["result"]) for e in events if e["name"] == SEARCH and not e["is_error"]]
+    assert answered and all(latency is not None and latency <= 20000 for latency in answered)
 
 
 def test_selfheal_detects_the_workload_patterns(workload):

@@ -35,6 +35,10 @@ from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error
 from selfheal_plugin.history.settings import configure_logging, resolve_home
 from selfheal_plugin.service import SelfHeal
+from selfheal_plugin.mcp.access import (
+    MIN_TOKEN_LENGTH, TOKEN_ENV, BearerTokenMiddleware, check_bind, load_token, restrict_to_read_only,
+    transport_security,
+)
 
 log = logging.getLogger("selfheal.mcp")
 
@@ -247,36 +251,70 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
 # ------------------------------------------------------------------ console script
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=(
+    "HTTP access: a bind beyond loopback (--host 0.0.0.0, a LAN address) is refused unless a bearer token is "
+    f"set with ${TOKEN_ENV} or --token-file; with a token, every request needs 'Authorization: Bearer TOKEN' "
+    "(401 otherwise), on loopback too. Loopback binds also check the Host and Origin headers."))
 @click.option("--transport", type=click.Choice(["stdio", "streamable-http"]), default="stdio", show_default=True,
               help="stdio (for an MCP client that spawns the server) or streamable HTTP.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP bind address.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help=f"HTTP bind address; beyond loopback a bearer token (${TOKEN_ENV} or --token-file) is required.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="HTTP port.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help=f"HTTP bearer token: the first line of this file (instead of ${TOKEN_ENV}); at least "
+                   f"{MIN_TOKEN_LENGTH} characters. Clients send 'Authorization: Bearer TOKEN'.")
+@click.option("--read-only", is_flag=True, default=False,
+              help="Serve only the read-only analysis tools (detect_failure_patterns, analyze_run_health, "
+                   "compute_agent_metrics, compute_tool_reliability, get_health_dashboard); propose, test, "
+                   "apply and verify are not offered.")
 @click.option("--home", type=click.Path(file_okay=False), default=None,
               help="Runtime home (default: $BINKS_HOME or ~/.binks).")
 @click.option("--db", type=click.Path(dir_okay=False), default=None,
               help="Run-history database (default: HOME/conversations.db).")
 @click.version_option(__version__, prog_name="self-healing-mcp")
-def cli(transport: str, host: str, port: int, home: str | None, db: str | None) -> None:
+def cli(transport: str, host: str, port: int, token_file: str | None, read_only: bool, home: str | None,
+        db: str | None) -> None:
     """MCP server with the self-healing tools (detect, health, propose, test, apply, verify)."""
     configure_logging()
+    token = None
+    if transport == "streamable-http":
+        try:
+            token = load_token(token_file)
+            check_bind(host, token)
+        except SelfHealError as exc:
+            _refuse(str(exc))
+    elif token_file is not None:
+        _refuse("--token-file applies to --transport streamable-http only")
     server = build_server(home, db)
+    if read_only:
+        removed = restrict_to_read_only(server)
+        log.info("read-only: not serving %s", ", ".join(removed))
     where = resolve_home(home)
     log.info("self-healing-mcp %s over %s: home %s, database %s", __version__, transport, where,
              db or where / "conversations.db")
     if transport == "stdio":
         server.run("stdio")
         return
-    click.echo(f"self-healing-mcp: serving streamable HTTP at http://{host}:{port}/mcp", err=True)
-    _run_http(server, host, port)
+    access = ("bearer token required" if token else "no token: loopback only") + (", read-only" if read_only else "")
+    click.echo(f"self-healing-mcp: serving streamable HTTP at http://{host}:{port}/mcp ({access})", err=True)
+    _run_http(server, host, port, token)
 
 
-def _run_http(server: SelfHealingServer, host: str, port: int) -> None:
-    """Streamable HTTP at ``/mcp`` with uvicorn logging through our stderr handler."""
+def _refuse(message: str) -> None:
+    """Bad usage: one line on stderr, exit 2, nothing served."""
+    click.echo(f"Error: {one_line(message)}", err=True)
+    sys.exit(2)
+
+
+def _run_http(server: SelfHealingServer, host: str, port: int, token: str | None = None) -> None:
+    """Streamable HTTP at ``/mcp`` with uvicorn logging through our stderr handler; behind the
+    bearer-token check when ``token`` is set (see :mod:`.access`)."""
     import anyio
     import uvicorn
 
-    app = server.streamable_http_app(host=host)
+    app: Any = server.streamable_http_app(host=host, transport_security=transport_security(host))
+    if token is not None:
+        app = BearerTokenMiddleware(app, token)
     debug = logging.getLogger("selfheal").isEnabledFor(logging.DEBUG)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=debug,
                             log_level=logging.getLogger("selfheal").getEffectiveLevel())

@@ -669,8 +669,14 @@ class ToolPolicy:
             "duration_ms": None if real_seconds is None else int(round(real_seconds / self.time_scale * 1000)),
             "timeout_ms": s.timeout_ms, "shadow_timeout_ms": s.shadow_timeout_ms})
 
-    def _shadow_verdict(self, s: ToolSettings, ok: bool, real_seconds: float) -> bool:
-        """Would an attempt that ended (``ok``) after ``real_seconds`` succeed under the shadow limit?"""
+    def _shadow_verdict(self, s: ToolSettings, ok: bool, real_seconds: float, within_limit: bool = False) -> bool:
+        """Would an attempt that ended (``ok``) after ``real_seconds`` succeed under the shadow limit?
+
+        ``within_limit``: it ended before the enforced limit's deadline. Then a shadow limit
+        at least as long lets it through too, however late this thread got to measure it (on
+        a busy machine the measured time can pass the limit after the call has finished)."""
+        if ok and within_limit and s.timeout_ms is not None and (s.shadow_timeout_ms or 0) >= s.timeout_ms:
+            return True
         return ok and real_seconds <= (s.shadow_timeout_ms or 0) / 1000 * self.time_scale
 
     def _call_shadowed_sync(self, s: ToolSettings, fn: Callable[..., Any], args: dict,
@@ -693,7 +699,7 @@ class ToolPolicy:
         limit = s.timeout_ms
         if done.wait(None if limit is None else limit / 1000 * self.time_scale):
             ok = "error" not in box
-            self._observe(s, run, ok, self._shadow_verdict(s, ok, box["seconds"]), box["seconds"])
+            self._observe(s, run, ok, self._shadow_verdict(s, ok, box["seconds"], within_limit=True), box["seconds"])
             if not ok:
                 raise box["error"]
             return box.get("result")
@@ -727,7 +733,7 @@ class ToolPolicy:
             seconds = time.perf_counter() - t0
             error = task.exception()
             ok = error is None
-            self._observe(s, run, ok, self._shadow_verdict(s, ok, seconds), seconds)
+            self._observe(s, run, ok, self._shadow_verdict(s, ok, seconds, within_limit=True), seconds)
             if error is not None:
                 raise error
             return task.result()

@@ -5,7 +5,8 @@
 * ``search`` — ``web_search(query, limit)``: its latency in simulated milliseconds is
   lognormal (``--median-ms``, ``--sigma``, seeded by ``--seed``) and it really sleeps
   ``latency × --time-scale`` seconds, so a client timeout on the same scale fires on a
-  really slow call.
+  really slow call. The result's last line reports that latency (``reported_latency_ms``):
+  unlike the client's measured duration it does not grow when the machine is busy.
 * ``files`` — ``list_dir(path)``: ``os.listdir`` over a real tree under ``--root``; a
   missing path is a tool error ``Path not found: PATH``.
 * ``flaky`` — ``service_status(service)``: does a little work and, with probability
@@ -21,6 +22,7 @@ import argparse
 import math
 import os
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -43,6 +45,21 @@ def search_results(query: str, limit: int, rng: random.Random) -> str:
     n = max(1, min(limit, 10))
     lines = [f"{i + 1}. {' '.join(words)} — result {rng.randrange(10_000)}" for i in range(n)]
     return f"{n} results for {query!r}\n" + "\n".join(lines)
+
+
+LATENCY_NOTE = re.compile(r"^\(answered after (\d+) simulated ms\)$", re.M)
+
+
+def latency_note(latency_ms: float) -> str:
+    """The last line of a search result: the latency the server drew (and slept, scaled).
+    A client's recorded duration adds its own real overhead; this is what the server alone took."""
+    return f"(answered after {round(latency_ms)} simulated ms)"
+
+
+def reported_latency_ms(result: str) -> int | None:
+    """The latency a search result reports (see :func:`latency_note`), or None."""
+    found = LATENCY_NOTE.search(result)
+    return int(found.group(1)) if found else None
 
 
 def list_directory(root: Path, path: str) -> str:
@@ -96,7 +113,7 @@ def build_server(kind: str, opts: argparse.Namespace):
             latency = search_latency_ms(rng, opts.median_ms, opts.sigma)
             results = search_results(query, limit, rng)
             await anyio.sleep(latency / 1000 * scale)
-            return results
+            return f"{results}\n{latency_note(latency)}"
 
     elif kind == "files":
         root = Path(opts.root)

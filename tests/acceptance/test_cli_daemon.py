@@ -129,7 +129,6 @@ def improvement_proposed(improvement, settings):
 
 
 def test_sigterm_during_a_long_tick_stops_between_patterns(binks_home, tmp_path):
-    import time
     from datetime import datetime, timezone
 
     from selfheal_plugin.testbed.generator import generate_history
@@ -147,10 +146,8 @@ def test_sigterm_during_a_long_tick_stops_between_patterns(binks_home, tmp_path)
     try:
         assert wait_until(lambda: log.exists() or proc.poll() is not None), (tmp_path / "daemon.err").read_text()
         assert proc.poll() is None, (tmp_path / "daemon.err").read_text()
-        sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-        took = time.monotonic() - sent
+        rc = proc.wait(timeout=60)  # a hang, not a speed limit: how soon it stops is shown below
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -162,4 +159,3 @@ def test_sigterm_during_a_long_tick_stops_between_patterns(binks_home, tmp_path)
     # proposed for (the whole tick would have taken 2.5 s per pattern)
     assert len(log.read_text().split()) == 1, text
     assert "(stopped early)" in text
-    assert took < 5.0, took  # generous: the slow hook itself still finishes
