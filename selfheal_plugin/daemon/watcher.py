@@ -24,6 +24,7 @@ from typing import Any, Callable
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.connection import (connect, file_identity)
 from selfheal_plugin.history.settings import Settings
+from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.manager import Interrupted
 
 from selfheal_plugin.lifecycle.events import (
@@ -103,8 +104,6 @@ class Watcher:
     # -------------------------------------------------------------- lifecycle
 
     def start(self) -> "Watcher":
-        from selfheal_plugin.plugins import manager as plugins
-
         plugins.load_plugins(self.settings.plugins_dir)  # once, now: not on the first failure's clock
         self._identity = file_identity(self.db_path)
         self._conn = connect(self.db_path)

@@ -23,7 +23,7 @@ from typing import Any
 
 from selfheal_plugin.history.connection import get_state, set_state, write_transaction
 from selfheal_plugin.history.improvements import Improvement
-from selfheal_plugin.history.times import format_timestamp, parse_timestamp
+from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 
 STATE_PREFIX = "notified:pattern:"
 REAPPLY_COOLDOWN_DAYS = 30  # no automatic re-apply of a change rolled back / rejected this recently
@@ -122,8 +122,6 @@ def mark_if_undone(conn: sqlite3.Connection, imp: Improvement, now: datetime | N
     """Before a new proposal is stored: when the same change was rolled back or rejected
     within the cooldown, say so in its evidence (``same_change_undone``: note and id); a
     person can still decide to apply it."""
-    from selfheal_plugin.history.times import utcnow
-
     earlier = undone_same_change(conn, imp.pattern_id, imp.changes, now or utcnow(), exclude=imp.id)
     if earlier is not None:
         imp.evidence = {**(imp.evidence or {}), "same_change_undone": {

@@ -38,6 +38,7 @@ from selfheal_plugin.history.connection import (connect, get_state, rows_by_id, 
                                                 write_transaction)
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.times import format_timestamp, utcnow
+from selfheal_plugin.plugins import manager as plugins
 
 log = logging.getLogger("selfheal.watcher")
 
@@ -87,8 +88,6 @@ class CheckResult:
 
 
 def _fire(hook: str, **kwargs: Any) -> None:
-    from selfheal_plugin.plugins import manager as plugins
-
     plugins.fire(hook, **kwargs)
 
 
