@@ -96,7 +96,8 @@ def _notification(run: dict[str, Any], pattern: Pattern, improvement: Improvemen
     lines = [f"Run {run['id']} ({run.get('workflow_name') or 'unknown workflow'}) failed with {pattern.error_type} "
              f"on {pattern.tool_name}.",
              f"Pattern {pattern.id}: {pattern.occurrences} occurrence(s) in {len(pattern.affected_runs)} run(s), "
-             f"confidence {pattern.confidence * 100:.0f}%."]
+             f"confidence {pattern.confidence * 100:.0f}%.",
+             f"Failure kind: {(pattern.evidence or {}).get('summary') or pattern.failure_kind or 'unknown'}."]
     if pattern.suggested_fix:
         lines.append(f"Suggested fix: {pattern.suggested_fix}")
     lines.append("")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from selfheal_plugin.analysis.evidence import gather
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type
@@ -49,6 +50,10 @@ class Pattern:
     # improvement_id), "strategy" when it is the strategy's one-line suggestion
     suggested_by: str | None = None
     improvement_id: str | None = None
+    # what the failures are, read from the evidence (analysis.evidence): the runtime's label
+    # is one input; strategies follow the kind (see plugins.manager.resolve_strategy)
+    failure_kind: str | None = None
+    evidence: dict[str, Any] | None = field(default=None, repr=False)
     # what detection knew, for strategies and `show`; not part of the JSON result
     occurrences_detail: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -232,7 +237,7 @@ def detect_failure_patterns(
         candidates += 1
         pattern = _build_pattern(etype, tool, occ, calls.get(tool, 0))
         if pattern.confidence >= confidence_threshold:
-            patterns.append(pattern)
+            patterns.append(attach_evidence(conn, pattern))
     patterns.sort(key=lambda p: (-p.occurrences, p.id))
     return Detection(patterns, format_timestamp(start), scanned, candidates)
 
@@ -278,7 +283,14 @@ def get_pattern(conn: sqlite3.Connection, pattern_id: str, since: str = "-7d", *
     if not occ:
         raise NotFoundError(f"no pattern {etype}:{tool} in the history since {format_timestamp(start)}")
     calls = _tool_calls(conn, start.timestamp(), until_epoch).get(tool, 0)
-    return _build_pattern(etype, tool, occ, calls)
+    return attach_evidence(conn, _build_pattern(etype, tool, occ, calls))
+
+
+def attach_evidence(conn: sqlite3.Connection, pattern: Pattern) -> Pattern:
+    """Read the pattern's evidence and failure kind (:func:`selfheal_plugin.analysis.evidence.gather`)."""
+    pattern.evidence = gather(conn, pattern.tool_name, pattern.error_type, pattern.occurrences_detail)
+    pattern.failure_kind = pattern.evidence["kind"]
+    return pattern
 
 
 def pattern_details(pattern: Pattern) -> dict[str, Any]:
@@ -300,10 +312,12 @@ def pattern_details(pattern: Pattern) -> dict[str, Any]:
     arg_keys = Counter(k for r in occ for k in r["arg_keys"])
     spellings = Counter(r["raw_error_type"] if r["raw_error_type"] is not None else "(absent)" for r in occ)
     durations = [r["duration_ms"] for r in occ if r["duration_ms"] is not None]
+    kinds = {t["template"]: t["kind"] for t in (pattern.evidence or {}).get("templates", [])}
     d = pattern.to_dict()
     d.update({
         "runs": [{k: v for k, v in e.items() if k != "_ts"} for e in sorted(runs.values(), key=lambda e: e["_ts"])],
-        "templates": [{"template": t, "count": c, "example": examples[t]} for t, c in templates.most_common()],
+        "templates": [{"template": t, "count": c, "example": examples[t],
+                       **({"kind": kinds[t]} if t in kinds else {})} for t, c in templates.most_common()],
         "context": {
             "workflows": dict(workflows.most_common()),
             "steps": {str(k): v for k, v in steps.most_common()},

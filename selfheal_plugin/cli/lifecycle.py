@@ -37,6 +37,8 @@ def test_command(improvement_id: str, home: str | None, db: str | None, as_json:
     click.echo(f"🧪 Testing {r['improvement_id']} ({r['test_mode']}, {r['runs_replayed']} runs replayed, "
                f"{r['window']['since']} → {r['window']['until']})")
     click.echo()
+    if r.get("failure_kind"):
+        click.echo(f"  Failure kind:           {r['failure_kind']}")
     click.echo(f"  Baseline success rate:  {_rate(r['baseline_success_rate'])}")
     if r["simulated_success_rate"] is not None:
         lo, hi = r["interval"]["simulated_success_rate"]

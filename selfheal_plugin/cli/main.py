@@ -85,6 +85,9 @@ def _print_pattern(d: dict[str, Any]) -> None:
     out = Console(width=max(120, Console().width))
     click.echo(f"Pattern {d['id']}")
     click.echo(f"  Error: {d['error_type']} on {d['tool_name']}")
+    click.echo(f"  Failure kind: {(d.get('evidence') or {}).get('summary') or d.get('failure_kind') or 'unknown'}")
+    for reason in (d.get("evidence") or {}).get("reasons", []):
+        click.echo(f"    because: {reason}")
     click.echo(f"  Occurrences: {d['occurrences']} in {len(d['affected_runs'])} run(s); "
                f"{pct(d['failure_rate'])} of the tool's calls")
     click.echo(f"  Correlation: {pct(d['correlation_score'])}   Confidence: {pct(d['confidence'])}")
@@ -94,10 +97,11 @@ def _print_pattern(d: dict[str, Any]) -> None:
         click.echo(f"  Suggested fix: {d['suggested_fix']}")
     t = Table(title="Message templates (context similarity)", title_justify="left")
     t.add_column("count", justify="right")
+    t.add_column("kind")
     t.add_column("template")
     t.add_column("example", overflow="fold")
     for tpl in d["templates"]:
-        t.add_row(str(tpl["count"]), tpl["template"], tpl["example"])
+        t.add_row(str(tpl["count"]), tpl.get("kind", ""), tpl["template"], tpl["example"])
     out.print(t)
     ctx = d["context"]
     out.print("  Workflows: " + ", ".join(f"{k} ({v})" for k, v in ctx["workflows"].items()), highlight=False)
@@ -107,6 +111,15 @@ def _print_pattern(d: dict[str, Any]) -> None:
                   highlight=False)
     out.print("  error_type as written: " + ", ".join(f"{k} ({v})" for k, v in ctx["error_type_spellings"].items()),
               highlight=False)
+    ev = d.get("evidence") or {}
+    for path in ev.get("paths", [])[:5]:
+        exists = {True: "exists now", False: "does not exist now"}.get(path.get("exists_now"), "not checked")
+        out.print(f"  Path named: {path['path']} ({path['count']}×, {exists})", highlight=False, markup=False)
+    det = ev.get("determinism") or {}
+    if det:
+        out.print(f"  Repeats: {det['verdict']} — same arguments failed again {det['same_args_failed_again']}×, "
+                  f"succeeded later {det['same_args_succeeded_later']}×; next call in the same run succeeded "
+                  f"{det['follow_up_succeeded']} of {det['followed_in_run']}", highlight=False)
     r = Table(title="Affected runs", title_justify="left")
     r.add_column("run", no_wrap=True)
     for col in ("workflow", "started (UTC)", "status", "errors"):

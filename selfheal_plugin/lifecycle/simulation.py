@@ -477,6 +477,9 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
         "simulated_success_rate": sim.simulated_success_rate, "baseline_success_rate": sim.baseline_success_rate,
         "expected_improvement": None if gain is None else percent_points(gain),
         "recommendation": recommendation, "reason": reason,
+        # the kind the proposal was made for; proposals from before kinds existed, and
+        # patterns no rule could read, stay an honest "unknown"
+        "failure_kind": (imp.evidence or {}).get("failure_kind") or "unknown",
         "interval": None if not sim.has_model else {
             "confidence": 0.95, "method": f"bootstrap over runs with model-parameter draws ({REPLICATES})",
             "simulated_success_rate": sim.simulated_interval,
