@@ -22,8 +22,16 @@ from typing import Any
 
 from selfheal_plugin import hookimpl
 from selfheal_plugin.plugins.strategy import (
-    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, nice_ceil_ms, percent, recovered_in_run,
-    server_of, tool_path,
+    Change,
+    HistoryWindow,
+    ModeledStrategy,
+    Proposal,
+    impact_text,
+    nice_ceil_ms,
+    percent,
+    recovered_in_run,
+    server_of,
+    tool_path,
 )
 
 ATTEMPTS = 3

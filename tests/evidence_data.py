@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from selfheal_plugin.history.connection import classify_error, connect
 
-NOW = datetime(2026, 11, 20, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 20, 12, 0, 0, tzinfo=UTC)
 
 
 @dataclass

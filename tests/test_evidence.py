@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from selfheal_plugin.analysis.evidence import gather, message_codes, message_kind, named_argument
+from selfheal_plugin.analysis.evidence import (
+    gather,
+    message_codes,
+    message_kind,
+    named_argument,
+)
 from selfheal_plugin.analysis.patterns import detect_failure_patterns, get_pattern
 from selfheal_plugin.history.connection import connect
 

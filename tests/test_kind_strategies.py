@@ -126,7 +126,7 @@ def test_rate_limits_back_off_for_the_servers_retry_after(tmp_path):
 
 def test_rate_limits_without_a_header_back_off_for_the_observed_recovery(tmp_path):
     db = _rate_limited(tmp_path, "Error executing tool: status code 429", recover=True)
-    pattern, p = _propose(db, "tool_error:mcp__gitlab__search_repositories")
+    _, p = _propose(db, "tool_error:mcp__gitlab__search_repositories")
     assert p.strategy == "rate_limited"
     wait = p.evidence["wait_ms"]
     assert 20_000 <= wait <= 20_100  # the 20 s until the next call succeeded

@@ -29,15 +29,17 @@ computed by tests/test_evidence.py and quoted in the README.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import os
 import re
 import sqlite3
 import statistics
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 
 from selfheal_plugin.history.connection import server_of
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
@@ -58,23 +60,23 @@ _ERRNO = re.compile(r"\b(" + "|".join(ERRNO_NAMES) + r")\b")
 _PY_ERRNO = {2: "ENOENT", 13: "EACCES", 1: "EPERM", 111: "ECONNREFUSED", 104: "ECONNRESET", 110: "ETIMEDOUT",
              32: "EPIPE", 21: "EISDIR", 20: "ENOTDIR", 17: "EEXIST", 30: "EROFS", 113: "EHOSTUNREACH"}
 _PY_ERRNO_RE = re.compile(r"\[(?:Errno|WinError) (\d+)\]")
-_STATUS_RE = re.compile(r"\b(?:status(?: code)?|HTTP(?:/\d(?:\.\d)?)?|code)[:= ]+([45]\d\d)\b", re.I)
+_STATUS_RE = re.compile(r"\b(?:status(?: code)?|HTTP(?:/\d(?:\.\d)?)?|code)[:= ]+([45]\d\d)\b", re.IGNORECASE)
 REASONS = {"Bad Request": 400, "Unauthorized": 401, "Forbidden": 403, "Not Found": 404, "Request Timeout": 408,
            "Conflict": 409, "Unprocessable Entity": 422, "Too Many Requests": 429, "Internal Server Error": 500,
            "Bad Gateway": 502, "Service Unavailable": 503, "Gateway Timeout": 504}
 _REASON_RE = re.compile(r"\b(" + "|".join(re.escape(r) for r in REASONS) + r")\b")
-_JSONRPC_RE = re.compile(r"(?:MCP error|JSON-?RPC error|\bcode)[: ]+(-32\d\d\d)\b", re.I)
+_JSONRPC_RE = re.compile(r"(?:MCP error|JSON-?RPC error|\bcode)[: ]+(-32\d\d\d)\b", re.IGNORECASE)
 _RETRY_AFTER_RE = re.compile(r"retry[- ]after[:= ]+(\d+(?:\.\d+)?)\s*(ms|milliseconds?|s|sec|seconds?|m|min|minutes?)?"
                              r"|(?:try again|retry) in (\d+(?:\.\d+)?)\s*(ms|milliseconds?|s|sec|seconds?|m|min|minutes?)",
-                             re.I)
+                             re.IGNORECASE)
 _RESET_RE = re.compile(r"(?:rate.?limit.?reset|resets? at|reset)[:= ]+(\d{10}(?:\.\d+)?|\d{4}-\d\d-\d\dT[\d:.]+(?:Z|[+-]\d\d:?\d\d)?)",
-                       re.I)
+                       re.IGNORECASE)
 
 
 def _seconds(value: str, unit: str | None) -> float:
     v = float(value)
     u = (unit or "s").lower()
-    if u.startswith("ms") or u.startswith("milli"):
+    if u.startswith(("ms", "milli")):
         return v / 1000
     if u.startswith("m"):
         return v * 60
@@ -99,7 +101,7 @@ def message_codes(message: str) -> dict[str, Any]:
         raw = m.group(1)
         try:
             reset_at = float(raw) if raw[:4].isdigit() and "-" not in raw else \
-                datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+                datetime.fromisoformat(raw).timestamp()
         except ValueError:
             continue
     return {"errno": sorted(set(errno)), "http_status": sorted(set(status)), "jsonrpc": sorted(set(jsonrpc)),
@@ -108,31 +110,31 @@ def message_codes(message: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the kind of one message
 
-_RATE = re.compile(r"too many requests|rate.?limit|quota exceeded|throttl|slow down", re.I)
+_RATE = re.compile(r"too many requests|rate.?limit|quota exceeded|throttl|slow down", re.IGNORECASE)
 _CREDENTIALS = re.compile(r"unauthori[sz]ed|invalid (?:api[ _-]?key|token|credentials)|(?:api[ _-]?key|token) "
                           r"(?:is )?(?:missing|invalid|expired|revoked)|authentication (?:failed|required)|"
-                          r"not authenticated", re.I)
+                          r"not authenticated", re.IGNORECASE)
 _PERMISSION = re.compile(r"permission denied|access denied|access is denied|forbidden|not permitted|"
                          r"operation not allowed|is not allowed|not allowed to|outside (?:the )?allowed|"
                          r"not in the allowed|dubious ownership|read-only|insufficient (?:privileges|scope)|"
-                         r"refused to fetch|not a public address", re.I)
+                         r"refused to fetch|not a public address", re.IGNORECASE)
 _INVALID = re.compile(r"validation error|invalid input|invalid (?:arguments?|params?|parameters?|option|value|"
                       r"format)|\binvalid [\w ]{1,30}(?::| format)|unknown tool|tool \S+ not found|field required|"
                       r"missing required|required (?:argument|parameter|property|field)|expected \w+, received|"
                       r"input should be|must be (?:a|an|one of|at least|at most|greater|less)|"
                       r"unexpected (?:argument|keyword|property)|unsupported (?:url )?(?:protocol|scheme)|"
-                      r"already exists|could not find exact match|malformed|bad request", re.I)
+                      r"already exists|could not find exact match|malformed|bad request", re.IGNORECASE)
 _MISSING = re.compile(r"not found|does not exist|doesn't exist|no such (?:file|directory|entity|object|key|"
                       r"table|ref|branch|path)|did not resolve|did not match any|cannot find|can't find|"
-                      r"could not find|unknown revision|no longer exists", re.I)
+                      r"could not find|unknown revision|no longer exists", re.IGNORECASE)
 _UPSTREAM = re.compile(r"fetch failed|connection issue|temporar(?:y|ily) unavailable|try again later|"
                        r"socket hang up|upstream|bad gateway|service unavailable|internal server error|"
-                       r"gateway timeout|connection reset|network (?:error|is unreachable)", re.I)
+                       r"gateway timeout|connection reset|network (?:error|is unreachable)", re.IGNORECASE)
 _SERVER_DOWN = re.compile(r"connection closed|not connected|broken pipe|server (?:exited|has exited|disconnected)|"
                           r"process exited|transport closed|spawn \S+ ENOENT|cannot find module|"
-                          r"failed to start", re.I)
+                          r"failed to start", re.IGNORECASE)
 _TIMEOUT = re.compile(r"timed out|time-?out|deadline (?:has )?(?:elapsed|exceeded)|took more than .{0,40}abort",
-                      re.I)
+                      re.IGNORECASE)
 # A launch failure: Python's "[Errno 2] No such file or directory: 'cmd'" naming a bare
 # command (no slash), or Node's "spawn cmd ENOENT".
 _MISSING_COMMAND = re.compile(r"\[Errno 2\] No such file or directory: '([^'/]+)'|spawn \S+ ENOENT")
@@ -439,7 +441,7 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
                 p["count"] += 1
     for p in paths.values():
         p["exists_now"] = _path_exists(p["path"]) if check_paths else None
-    gaps = [b["ts"] - a["ts"] for a, b in zip(occ, occ[1:]) if b["ts"] >= a["ts"]]
+    gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(occ) if b["ts"] >= a["ts"]]
     det = determinism(occ, calls, args)
     streak = server_streak(conn, tool, occ)
     kind, share = votes.most_common(1)[0][0], votes.most_common(1)[0][1] / len(occ)
