@@ -249,3 +249,37 @@ def test_a_strategy_with_an_unknown_kind_is_refused():
 
     assert "unknown failure kind(s) flaky" in plugins._strategy_problem(Bad())
     assert plugins._strategy_problem(_ByKind()) is None  # kinds alone are enough
+
+
+# ---------------------------------------------------------------- carried by the MCP tools and the dashboard
+
+
+def test_mcp_tools_and_the_dashboard_carry_the_kind_and_its_evidence(tmp_path):
+    import anyio
+    from mcp import Client
+
+    from selfheal_plugin.mcp.server import build_server
+
+    home = tmp_path / "binks"
+    home.mkdir()
+    enoent_history(home / "conversations.db", tmp_path / "gone")
+    (home / "config.toml").write_text('[self_heal]\nlookback = "2026-11-13T12:00:00Z"\n')
+
+    async def go():
+        async with Client(build_server(home)) as client:
+            found = await client.call_tool("detect_failure_patterns", {})
+            proposed = await client.call_tool("propose_improvement", {
+                "pattern_id": "connection_refused:mcp__filesystem__read_text_file"})
+            return found, proposed
+
+    found, proposed = anyio.run(go)
+    assert not found.is_error and not proposed.is_error
+    [pattern] = found.structured_content["result"]
+    assert pattern["failure_kind"] == "missing_resource"
+    assert pattern["evidence"]["codes"]["errno"] == {"ENOENT": 16}
+    out = proposed.structured_content
+    assert out["failure_kind"] == "missing_resource" and out["strategy"] == "tool_error"
+    with SelfHeal(home=home, clock=lambda: NOW) as sh:
+        [imp] = sh.dashboard()["recent_improvements"]
+    assert imp["failure_kind"] == "missing_resource"
+    assert imp["kind_evidence"].startswith("missing_resource (runtime label connection_refused; ENOENT")

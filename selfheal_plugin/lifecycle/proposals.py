@@ -83,8 +83,8 @@ def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
 
 def failure_summary(evidence: dict[str, Any]) -> dict[str, Any]:
     """The part of a pattern's evidence stored with its proposal: the kind and why."""
-    keys = ("kind", "kind_share", "reasons", "runtime_label", "codes", "determinism", "server", "retry_after_s",
-            "reset_in_s", "spacing_s")
+    keys = ("kind", "summary", "kind_share", "reasons", "runtime_label", "codes", "determinism", "server",
+            "retry_after_s", "reset_in_s", "spacing_s")
     out = {k: evidence[k] for k in keys if evidence.get(k) is not None}
     if evidence.get("paths"):
         out["paths"] = evidence["paths"][:5]
