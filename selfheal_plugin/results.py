@@ -98,6 +98,9 @@ class TestResult(TypedDict, total=False):
     expected_improvement: str | None
     recommendation: str  # safe_to_apply | risky | reject
     failure_kind: str | None  # the pattern's kind when it was proposed ("unknown" stays unknown)
+    # 95% intervals: simulated_success_rate and improvement (the replayed window), and
+    # next_window_success_rate (a prediction interval for the next next_window_runs runs)
+    interval: dict[str, Any] | None
     next_step: str | None  # the command to run next (never apply after a risky result)
 
 
