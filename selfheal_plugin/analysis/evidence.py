@@ -46,7 +46,8 @@ from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 
 KINDS = FAILURE_KINDS
 MAX_OCCURRENCES = 500  # the most recent occurrences read for arguments
-MAX_CALLS = 20_000  # the most recent calls of the tool read for determinism
+MAX_CALLS = 5_000  # the most recent calls of the tool read for determinism
+START_LOOKBACK_IDS = 10_000  # how far before a pattern's first failure its tool_start may be
 STREAK_SECONDS = 60.0
 STREAK_SHARE = 0.5
 HANG_SHARE = 0.5  # a success at least this share of the cut-off duration makes the timeouts a slow tail
@@ -246,25 +247,6 @@ def _path_exists(value: str) -> bool | None:
 # ---------------------------------------------------------------- history reads
 
 
-def _args_of(conn: sqlite3.Connection, event_ids: list[int]) -> dict[int, Any]:
-    """The ``arguments`` of the ``tool_start`` before each ``tool_complete`` event id."""
-    out: dict[int, Any] = {}
-    for i in range(0, len(event_ids), 500):
-        chunk = event_ids[i:i + 500]
-        sql = f"""
-        SELECT e.id, (SELECT s.event_data FROM run_events s
-            WHERE s.run_id = e.run_id AND s.event_type = 'tool_start' AND s.id < e.id AND json_valid(s.event_data)
-              AND json_extract(s.event_data, '$.name') = json_extract(e.event_data, '$.name')
-            ORDER BY s.id DESC LIMIT 1)
-        FROM run_events e WHERE e.id IN ({','.join('?' * len(chunk))}) AND json_valid(e.event_data)"""
-        for eid, start in conn.execute(sql, chunk):
-            try:
-                out[eid] = json.loads(start).get("arguments") if start else None
-            except (ValueError, AttributeError):
-                out[eid] = None
-    return out
-
-
 @dataclass
 class _Call:
     event_id: int
@@ -275,39 +257,54 @@ class _Call:
     args_key: str | None
 
 
-def _tool_calls(conn: sqlite3.Connection, tool: str, since_epoch: float) -> list[_Call]:
-    """The tool's calls from ``since_epoch`` on (the most recent :data:`MAX_CALLS`), with
-    their arguments, oldest first."""
-    sql = """
-    SELECT c.id, c.run_id, (julianday(c.timestamp) - 2440587.5) * 86400.0,
-           json_extract(c.event_data, '$.is_error'), json_extract(c.event_data, '$.duration'),
-           (SELECT json_extract(s.event_data, '$.arguments') FROM run_events s
-             WHERE s.run_id = c.run_id AND s.event_type = 'tool_start' AND s.id < c.id AND json_valid(s.event_data)
-               AND json_extract(s.event_data, '$.name') = ? ORDER BY s.id DESC LIMIT 1)
-    FROM run_events c
-    WHERE c.event_type = 'tool_complete' AND json_valid(c.event_data)
-      AND json_extract(c.event_data, '$.name') = ? AND julianday(c.timestamp) >= ?
-    ORDER BY c.id DESC LIMIT ?"""
-    out = []
-    for eid, run_id, ts, is_error, duration, args in conn.execute(
-            sql, (tool, tool, since_epoch / 86400 + 2440587.5, MAX_CALLS)):
-        if ts is None:
+def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tuple[list[_Call], dict[int, Any]]]:
+    """For each tool in ``firsts`` (tool → the ``run_events`` id of its pattern's first
+    failure): its calls from that id on (the most recent :data:`MAX_CALLS`), oldest first,
+    and each ``tool_complete`` id's call arguments (JSON text).
+
+    One range scan on the primary key for all the tools, with a substring prefilter
+    (``instr``, no JSON parse) on their names; SQLite's JSON functions read the fields of the
+    rows that pass (the arguments stay JSON text, compared as such), and each call is
+    paired with the run's latest ``tool_start`` of the tool before it."""
+    out: dict[str, tuple[list[_Call], dict[int, Any]]] = {t: ([], {}) for t in firsts}
+    if not firsts:
+        return out
+    names = list(firsts)
+    sql = f"""
+    SELECT id, run_id, event_type, json_extract(event_data, '$.name'), json_extract(event_data, '$.arguments'),
+           json_extract(event_data, '$.is_error'), json_extract(event_data, '$.duration'),
+           (julianday(timestamp) - 2440587.5) * 86400.0
+    FROM run_events
+    WHERE id >= ? AND event_type IN ('tool_start', 'tool_complete')
+      AND ({' OR '.join('instr(event_data, ?) > 0' for _ in names)}) AND json_valid(event_data)
+    ORDER BY id"""
+    started: dict[tuple[str, str], str | None] = {}
+    for eid, run_id, etype, name, args, is_error, duration, ts in conn.execute(
+            sql, (min(firsts.values()) - START_LOOKBACK_IDS, *names)):
+        if name not in out:
             continue
+        if etype == "tool_start":
+            started[(run_id, name)] = args if isinstance(args, str) else None
+            continue
+        if ts is None or eid < firsts[name]:
+            continue
+        text = started.pop((run_id, name), None)
+        calls, args_of = out[name]
+        args_of[eid] = text
         dur = float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None
-        out.append(_Call(eid, run_id, ts, is_error != 1, dur, _canonical(args)))
-    out.reverse()
+        calls.append(_Call(eid, run_id, float(ts), is_error != 1, dur, text))
+    for name, (calls, _) in out.items():
+        del calls[:-MAX_CALLS]
     return out
 
 
-def _canonical(args: Any) -> str | None:
-    if args is None:
+def _parsed(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
         return None
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return args
-    return json.dumps(args, sort_keys=True, separators=(",", ":"))
 
 
 def _server_errors(conn: sqlite3.Connection, server: str, lo: float, hi: float) -> list[tuple[float, str]]:
@@ -333,7 +330,7 @@ def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, A
     same_failed = same_ok = retried = retry_ok = follow = follow_ok = 0
     keys = {}
     for o in occ:
-        key = _canonical(args.get(o["event_id"]))
+        key = args.get(o["event_id"])  # the arguments' JSON text, as the calls' args_key
         keys[o["event_id"]] = key
     for o in occ:
         key = keys[o["event_id"]]
@@ -398,16 +395,20 @@ def _durations(calls: list[_Call], occ: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurrences: list[dict[str, Any]],
-           *, check_paths: bool = True) -> dict[str, Any]:
+           *, check_paths: bool = True,
+           calls: tuple[list[_Call], dict[int, Any]] | None = None) -> dict[str, Any]:
     """The evidence for one pattern (JSON data) with its ``kind``; see the module docstring.
 
     ``occurrences`` are the pattern's ``occurrences_detail`` (event_id, run_id, ts, message,
-    template, duration_ms); the most recent :data:`MAX_OCCURRENCES` are read for arguments."""
+    template, duration_ms); the most recent :data:`MAX_OCCURRENCES` are read for arguments.
+    ``calls`` is what :func:`tool_calls` returned for the tool (detect reads all patterns'
+    tools in one scan); read here when not given."""
     occ = sorted(occurrences, key=lambda o: o["event_id"])[-MAX_OCCURRENCES:]
     if not occ:
         return {"kind": "unknown", "reasons": ["no occurrences"]}
-    args = _args_of(conn, [o["event_id"] for o in occ])
-    calls = _tool_calls(conn, tool, min(o["ts"] for o in occ) - 1)
+    if calls is None:
+        calls = tool_calls(conn, {tool: min(o["event_id"] for o in occ)})[tool]
+    calls, args = calls
     votes: Counter = Counter()
     reasons: Counter = Counter()
     errno: Counter = Counter()
@@ -433,7 +434,7 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
         t = templates.setdefault(o["template"], {"template": o["template"], "count": 0, "kind": kind,
                                                  "example": o["message"][:300]})
         t["count"] += 1
-        arg = named_argument(o["message"], args.get(o["event_id"])) or message_path(o["message"])
+        arg = named_argument(o["message"], _parsed(args.get(o["event_id"]))) or message_path(o["message"])
         if arg:
             named[arg["type"]] += 1
             if arg["type"] == "path":

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from selfheal_plugin.analysis.evidence import gather
+from selfheal_plugin.analysis.evidence import MAX_OCCURRENCES, gather, tool_calls
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type
@@ -237,7 +237,8 @@ def detect_failure_patterns(
         candidates += 1
         pattern = _build_pattern(etype, tool, occ, calls.get(tool, 0))
         if pattern.confidence >= confidence_threshold:
-            patterns.append(attach_evidence(conn, pattern))
+            patterns.append(pattern)
+    attach_evidence_all(conn, patterns)
     patterns.sort(key=lambda p: (-p.occurrences, p.id))
     return Detection(patterns, format_timestamp(start), scanned, candidates)
 
@@ -288,9 +289,21 @@ def get_pattern(conn: sqlite3.Connection, pattern_id: str, since: str = "-7d", *
 
 def attach_evidence(conn: sqlite3.Connection, pattern: Pattern) -> Pattern:
     """Read the pattern's evidence and failure kind (:func:`selfheal_plugin.analysis.evidence.gather`)."""
-    pattern.evidence = gather(conn, pattern.tool_name, pattern.error_type, pattern.occurrences_detail)
-    pattern.failure_kind = pattern.evidence["kind"]
+    attach_evidence_all(conn, [pattern])
     return pattern
+
+
+def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern]) -> None:
+    """:func:`attach_evidence` for several patterns, their tools' calls read in one scan."""
+    firsts: dict[str, int] = {}
+    for p in patterns:
+        recent = sorted(o["event_id"] for o in p.occurrences_detail)[-MAX_OCCURRENCES:]
+        if recent:
+            firsts[p.tool_name] = min(firsts.get(p.tool_name, recent[0]), recent[0])
+    calls = tool_calls(conn, firsts)
+    for p in patterns:
+        p.evidence = gather(conn, p.tool_name, p.error_type, p.occurrences_detail, calls=calls.get(p.tool_name))
+        p.failure_kind = p.evidence["kind"]
 
 
 def pattern_details(pattern: Pattern) -> dict[str, Any]:

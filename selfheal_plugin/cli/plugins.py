@@ -33,10 +33,10 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
     for p in patterns:
         click.echo(f"  Pattern {p['id']}")
         click.echo(f"    Error: {p['error_type']} on {p['tool_name']}")
-        click.echo(f"    Failure kind: {(p.get('evidence') or {}).get('summary') or p.get('failure_kind') or 'unknown'}")
         click.echo(f"    Occurrences: {p['occurrences']}")
         click.echo(f"    Correlation: {pct(p['correlation_score'])}")
         click.echo(f"    Confidence: {pct(p['confidence'])}")
+        click.echo(f"    Failure kind: {(p.get('evidence') or {}).get('summary') or p.get('failure_kind') or 'unknown'}")
         if p.get("suggested_fix"):
             click.echo(f"    Suggested fix: {p['suggested_fix']}")
         click.echo()

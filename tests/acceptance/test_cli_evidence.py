@@ -30,6 +30,10 @@ def test_enoent_labelled_connection_refused_gets_a_preflight_not_a_restart(binks
     assert paths == [["tools", TOOL, "preflight"]]  # no health check, restart or retries
     assert pattern["suggested_fix"] == proposal["description"]
 
+    detected = run_agent("self-heal", "detect", *home)
+    assert "    Failure kind: missing_resource (runtime label connection_refused; ENOENT ×16; deterministic)" \
+        in detected.stdout
+
     text = run_agent("self-heal", "show", PATTERN, *home)
     assert text.returncode == 0, text.stderr
     assert "Failure kind: missing_resource (runtime label connection_refused; ENOENT ×16; deterministic)" \
