@@ -171,6 +171,7 @@ class HealthDashboard(TypedDict, total=False):
 class PluginsReport(TypedDict, total=False):
     plugins: list[dict[str, Any]]
     strategies: list[dict[str, Any]]
+    kind_strategies: list[dict[str, Any]]  # failure kind -> the strategy registered for it (kind, strategy, plugin)
     hooks: list[dict[str, Any]]
     errors: list[dict[str, Any]]
 

@@ -114,12 +114,12 @@ def _print_pattern(d: dict[str, Any]) -> None:
     ev = d.get("evidence") or {}
     for path in ev.get("paths", [])[:5]:
         exists = {True: "exists now", False: "does not exist now"}.get(path.get("exists_now"), "not checked")
-        out.print(f"  Path named: {path['path']} ({path['count']}×, {exists})", highlight=False, markup=False)
+        click.echo(f"  Path named: {path['path']} ({path['count']}×, {exists})")
     det = ev.get("determinism") or {}
     if det:
-        out.print(f"  Repeats: {det['verdict']} — same arguments failed again {det['same_args_failed_again']}×, "
-                  f"succeeded later {det['same_args_succeeded_later']}×; next call in the same run succeeded "
-                  f"{det['follow_up_succeeded']} of {det['followed_in_run']}", highlight=False)
+        click.echo(f"  Repeats: {det['verdict']} — same arguments failed again {det['same_args_failed_again']}×, "
+                   f"succeeded later {det['same_args_succeeded_later']}×; next call in the same run succeeded "
+                   f"{det['follow_up_succeeded']} of {det['followed_in_run']}")
     r = Table(title="Affected runs", title_justify="left")
     r.add_column("run", no_wrap=True)
     for col in ("workflow", "started (UTC)", "status", "errors"):

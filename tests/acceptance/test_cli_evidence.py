@@ -48,3 +48,16 @@ def test_enoent_labelled_connection_refused_gets_a_preflight_not_a_restart(binks
     config = tomllib.loads((binks_home / "config.toml").read_text())
     assert config["tools"][TOOL]["preflight"] == ["path_exists"]
     assert "servers" not in config
+
+
+def test_plugins_lists_the_strategy_for_each_failure_kind(binks_home, tmp_path):
+    enoent_history(binks_home / "conversations.db", tmp_path / "gone")
+    res = run_agent("self-heal", "plugins", "--home", str(binks_home), "--json")
+    assert res.returncode == 0, res.stderr
+    kinds = {k["kind"]: k["strategy"] for k in json.loads(res.stdout)["kind_strategies"]}
+    assert kinds == {"missing_resource": "tool_error", "invalid_arguments": "tool_error",
+                     "permission": "permission_denied", "rate_limited": "rate_limited",
+                     "transient_upstream": "transport_error", "slow_tail": "timeout", "hang": "timeout",
+                     "server_down": "connection_refused"}
+    text = run_agent("self-heal", "plugins", "--home", str(binks_home))
+    assert "Strategy for each failure kind" in text.stdout and "rate_limited" in text.stdout
