@@ -116,6 +116,10 @@ def test_codes_in_messages(message, field, value):
     ("Connection closed", "tool_error", "server_down"),
     ("spawn mcp-server-x ENOENT", "connection_refused", "server_down"),
     ("Request 'tools/call' timed out", "timeout", "slow_tail"),
+    ("Additional properties are not allowed ('colour' was unexpected)", "tool_error", "invalid_arguments"),
+    ("Additional property colour is not allowed", "tool_error", "invalid_arguments"),
+    ("Error: Cannot find module '/opt/servers/dist/index.js'", "tool_error", "server_down"),
+    ("EROFS: read-only file system, open '/data/x'", "tool_error", "permission"),
     ("something odd happened", "timeout", "slow_tail"),  # the label, when the message says nothing
     ("something odd happened", "tool_error", "unknown"),  # tool_error says nothing either: an honest unknown
 ])

@@ -124,7 +124,7 @@ _INVALID = re.compile(r"validation error|invalid input|invalid (?:arguments?|par
                       r"missing required|required (?:argument|parameter|property|field)|expected \w+, received|"
                       r"input should be|must be (?:a|an|one of|at least|at most|greater|less)|"
                       r"unexpected (?:argument|keyword|property)|unsupported (?:url )?(?:protocol|scheme)|"
-                      r"already exists|could not find exact match|malformed|bad request", re.IGNORECASE)
+                      r"already exists|could not find exact match|malformed|bad request|additional propert", re.IGNORECASE)
 _MISSING = re.compile(r"not found|does not exist|doesn't exist|no such (?:file|directory|entity|object|key|"
                       r"table|ref|branch|path)|did not resolve|did not match any|cannot find|can't find|"
                       r"could not find|unknown revision|no longer exists", re.IGNORECASE)
@@ -137,8 +137,10 @@ _SERVER_DOWN = re.compile(r"connection closed|not connected|broken pipe|server (
 _TIMEOUT = re.compile(r"timed out|time-?out|deadline (?:has )?(?:elapsed|exceeded)|took more than .{0,40}abort",
                       re.IGNORECASE)
 # A launch failure: Python's "[Errno 2] No such file or directory: 'cmd'" naming a bare
-# command (no slash), or Node's "spawn cmd ENOENT".
-_MISSING_COMMAND = re.compile(r"\[Errno 2\] No such file or directory: '([^'/]+)'|spawn \S+ ENOENT")
+# command (no slash), Node's "spawn cmd ENOENT", or Node's "Cannot find module" (the
+# server's script is missing).
+_MISSING_COMMAND = re.compile(r"\[Errno 2\] No such file or directory: '([^'/]+)'|spawn \S+ ENOENT|"
+                              r"cannot find module", re.I)
 
 LABEL_KINDS = {"timeout": "slow_tail", "connection_refused": "server_down", "server_crashed": "server_down",
                "permission_denied": "permission", "rate_limited": "rate_limited", "rate_limit": "rate_limited"}
@@ -159,13 +161,15 @@ def message_kind(message: str, label: str | None = None) -> tuple[str, str]:
     if status & {401, 403} or errno & {"EACCES", "EPERM", "EROFS"}:
         return "permission", ", ".join([*(f"HTTP {s}" for s in sorted(status & {401, 403})),
                                         *sorted(errno & {"EACCES", "EPERM", "EROFS"})])
-    if _CREDENTIALS.search(text) or _PERMISSION.search(text):
-        return "permission", "permission phrase"
+    if _CREDENTIALS.search(text):
+        return "permission", "credential phrase"
     if errno & {"EISDIR", "ENOTDIR", "EEXIST", "EINVAL"} or status & {400, 409, 422}:
         return "invalid_arguments", ", ".join([*sorted(errno & {"EISDIR", "ENOTDIR", "EEXIST", "EINVAL"}),
                                                *(f"HTTP {s}" for s in sorted(status & {400, 409, 422}))])
-    if _INVALID.search(text):
+    if _INVALID.search(text):  # before the permission phrases: "property x is not allowed" is a schema error
         return "invalid_arguments", "validation phrase"
+    if _PERMISSION.search(text):
+        return "permission", "permission phrase"
     if "ENOENT" in errno or 404 in status:
         return "missing_resource", "ENOENT" if "ENOENT" in errno else "HTTP 404"
     if _MISSING.search(text):
