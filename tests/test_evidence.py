@@ -212,6 +212,10 @@ def test_timeouts_are_a_hang_when_no_call_comes_close_and_a_slow_tail_when_some_
     assert hang.failure_kind == "hang" and hang.evidence["durations"]["successes_near_limit"] == 0
     slow = _pattern(_timeouts(tmp_path, 25_000), "timeout:mcp__web__get")
     assert slow.failure_kind == "slow_tail" and slow.evidence["durations"]["successes_near_limit"] == 32
+    runs = [Run(s, [Call("mcp__web__stuck", {}, False, "Request 'tools/call' timed out", ms=30_000)])
+            for s in spread(5)]
+    never = _pattern(write_history(tmp_path / "never.db", runs), "timeout:mcp__web__stuck")
+    assert never.failure_kind == "hang" and never.evidence["durations"]["successes"] == 0
 
 
 def test_rate_limits_carry_retry_after_and_spacing(tmp_path):

@@ -458,6 +458,9 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
             kind = "hang"
             why.append(f"none of {durations['successes']} successful calls came within "
                        f"{HANG_SHARE:.0%} of the {durations['cut_off_ms_median']:.0f} ms cut-off: a hang")
+        elif durations["successes"] == 0 and len(occ) >= 3:
+            kind = "hang"
+            why.append(f"no call of the tool finished in the history, {len(occ)} timed out: a hang")
     if kind in ("transient_upstream", "server_down", "unknown") and streak and streak["other_tools_failing"] >= 1 \
             and streak["streak_share"] >= STREAK_SHARE:
         if kind != "server_down":
