@@ -1,8 +1,8 @@
 """Connection refused: health checks and auto-restart for the MCP server, plus retries.
 
-Retries are sized from the tool's observed failure rate (see ``RetryPlan``): the
-expected impact is ``1 − rate^attempts``, the failures a retry would have turned into
-successes if failures are independent. Health checks and auto-restart apply to the
+Retries are sized by ``RetryPlan``: from how often a retry in the same run succeeded when
+the history shows at least 3 (the expected impact is then ``1 − (1 − p)^attempts``);
+otherwise from the failure rate as if failures were independent, with the impact unknown. Health checks and auto-restart apply to the
 server named in ``mcp__<server>__<tool>``; built-in tools get retries only.
 
 It also answers for the failure kind ``server_down`` (a closed connection, a server whose
@@ -47,8 +47,8 @@ class ConnectionRefusedStrategy(ModeledStrategy):
             basis = (f"a retry in the same run succeeded with p≈{plan.p_retry_succeeds:.2f}; "
                      f"{plan.attempts} retr{'y' if plan.attempts == 1 else 'ies'}")
         else:
-            basis = (f"{percent(plan.failure_rate)} of calls refused; "
-                     f"{plan.attempts} retr{'y' if plan.attempts == 1 else 'ies'} assumed independent")
+            basis = (f"{percent(plan.failure_rate)} of calls refused; no retry of it seen in the history, so "
+                     f"{plan.attempts} retr{'y' if plan.attempts == 1 else 'ies'} sized as if independent")
         return self.make_proposal(
             pattern, description=self.suggest(pattern),
             expected_impact=impact_text(plan.reduction, f"connection failures on {pattern.tool_name}", basis),

@@ -100,7 +100,7 @@ class TimeoutStrategy(ModeledStrategy):
             description=(f"Retry {pattern.tool_name} up to {n} time(s): its timeouts look like hangs "
                          f"(p99 of completed calls is below the {old} ms limit)"),
             expected_impact=impact_text(reduction, f"timeouts on {pattern.tool_name}",
-                                        f"{percent(rate)} of calls time out; retries assumed independent"
+                                        f"{percent(rate)} of calls time out; no retry seen in the history"
                                         if plan.model == "independence" else
                                         f"a retry in the same run succeeded with p≈{plan.p_retry_succeeds:.2f}"),
             risk_level="low", changes=changes, expected_reduction=reduction, evidence=evidence,

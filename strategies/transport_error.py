@@ -1,8 +1,8 @@
 """Transport errors (failed to parse, serialization, protocol): retries, and a person to
 check the server's protocol version when they keep coming back.
 
-Retries are sized from the observed failure rate (``RetryPlan``); the expected impact is
-``1 − rate^attempts`` under independence.
+Retries are sized by ``RetryPlan`` (from observed in-run retry success when there is some;
+the expected impact is unknown otherwise).
 
 It also answers for the failure kind ``transient_upstream`` (HTTP 5xx, a refused or reset
 upstream connection) whatever the runtime's label: retries whose number comes from how
@@ -41,7 +41,9 @@ class TransportErrorStrategy(Strategy):
         return self.make_proposal(
             pattern, description=self.suggest(pattern),
             expected_impact=impact_text(plan.reduction, f"transport errors on {pattern.tool_name}",
-                                        f"{percent(plan.failure_rate)} of calls fail; retries assumed independent"),
+                                        f"a retry in the same run succeeded with p≈{plan.p_retry_succeeds:.2f}"
+                                        if plan.model == "observed" else
+                                        f"{percent(plan.failure_rate)} of calls fail; no retry seen in the history"),
             risk_level="low", changes=changes, expected_reduction=plan.reduction, evidence=plan.evidence(),
         )
 
@@ -60,7 +62,7 @@ class TransportErrorStrategy(Strategy):
                 changes=[Change.manual(f"The upstream behind {tool} fails deterministically ({'; '.join(top)}): "
                                        f"check that it is up and configured; retries will not help")])
         basis = (f"a retry in the same run succeeded with p≈{plan.p_retry_succeeds:.2f}" if plan.model == "observed"
-                 else f"{percent(plan.failure_rate)} of calls fail; retries assumed independent")
+                 else f"{percent(plan.failure_rate)} of calls fail; no retry seen in the history")
         return self.make_proposal(
             pattern, description=f"Retry {tool} up to {plan.attempts} time(s) with backoff on upstream errors",
             expected_impact=impact_text(plan.reduction, f"upstream errors on {tool}", basis),

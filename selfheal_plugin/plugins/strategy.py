@@ -545,19 +545,22 @@ class RetryPlan:
       of the tool in the same run: ``p = (s + 1) / (n + 2)`` of those succeeded (as the
       simulation's retry model), ``attempts`` the fewest with ``(1 − p)^attempts <= 1 %``
       (at most 5) and ``reduction = 1 − (1 − p)^attempts``;
-    * ``independence`` — no such evidence: failures assumed independent at the observed
-      rate, ``rate ** (attempts + 1) <= 1 %`` and ``reduction = 1 − rate^attempts``.
+    * ``independence`` — no such evidence: the attempts are sized as if failures were
+      independent at the observed rate (``rate ** (attempts + 1) <= 1 %``), but nothing in
+      the history says a retry succeeds, so ``reduction`` is None (unknown), not
+      ``1 − rate^attempts``; ``independent_reduction`` keeps that figure for reference.
 
     ``backoff_ms`` makes the total wait ``backoff · (2^attempts − 1)`` cover the median
     in-run recovery delay."""
 
     attempts: int
     backoff_ms: int
-    reduction: float  # failures the retries would have turned into successes
+    reduction: float | None  # failures the retries would have turned into successes; None: unknown
     failure_rate: float
     recovery_delay_ms: float | None
     model: str = "independence"
     p_retry_succeeds: float | None = None
+    independent_reduction: float | None = None  # 1 − rate^attempts, what independence would give
 
     def changes(self, tool_name: str) -> list[Change]:
         if self.attempts <= 0:
@@ -588,11 +591,11 @@ def retry_plan(pattern: Pattern, history: HistoryWindow) -> RetryPlan:
         reduction, model = 1 - (1 - p) ** attempts, "observed"
     else:
         attempts = retries_needed(rate)
-        reduction, model = 1 - rate ** attempts, "independence"
+        reduction, model = None, "independence"
     backoff = min(30_000, max(250, nice_ceil_ms(median / (2 ** attempts - 1)))) if median is not None \
         else DEFAULT_BACKOFF_MS
-    return RetryPlan(attempts, backoff, round(reduction, 4), rate, median, model,
-                     None if p is None else round(p, 4))
+    return RetryPlan(attempts, backoff, None if reduction is None else round(reduction, 4), rate, median, model,
+                     None if p is None else round(p, 4), round(1 - rate ** attempts, 4))
 
 
 class ModeledStrategy(Strategy):
