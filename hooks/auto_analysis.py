@@ -105,7 +105,8 @@ def _notification(run: dict[str, Any], pattern: Pattern, improvement: Improvemen
     lines = [f"Run {md(run['id'])} ({md(run.get('workflow_name') or 'unknown workflow')}) failed with "
              f"{md(pattern.error_type)} on {md(pattern.tool_name)}.",
              f"Pattern {md(pattern.id)}: {pattern.occurrences} occurrence(s) in {len(pattern.affected_runs)} run(s), "
-             f"confidence {pattern.confidence * 100:.0f}%."]
+             f"confidence {pattern.confidence * 100:.0f}%.",
+             f"Failure kind: {md((pattern.evidence or {}).get('summary') or pattern.failure_kind or 'unknown')}."]
     if pattern.suggested_fix and improvement is None:
         lines.append(f"Suggested fix: {md(pattern.suggested_fix)}")
     lines.append("")

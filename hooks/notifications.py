@@ -37,6 +37,12 @@ def _changes_text(improvement: Any, settings: Any) -> str:
     return "; ".join(parts) or "none recorded"
 
 
+def _kind(pattern: Any) -> str:
+    """The pattern's failure kind with its evidence; an unknown says so."""
+    ev = getattr(pattern, "evidence", None) or {}
+    return ev.get("summary") or getattr(pattern, "failure_kind", None) or "unknown"
+
+
 def _pct(value: Any) -> str:
     return f"{value * 100:.0f}%" if isinstance(value, (int, float)) else "n/a"
 
@@ -48,7 +54,7 @@ def patterns_detected(patterns: list[Any], settings: Any) -> None:
     lines = [f"Detected {len(patterns)} failure pattern(s). View details: agent self-heal improvements", ""]
     for p in patterns:
         line = (f"- {md(p.id)}: {p.occurrences} occurrence(s) in {len(p.affected_runs)} run(s), "
-                f"confidence {_pct(p.confidence)}")
+                f"confidence {_pct(p.confidence)}, kind {md(_kind(p))}")
         if p.suggested_fix:
             line += f". Fix: {md(p.suggested_fix)}"
         lines.append(line)

@@ -30,6 +30,15 @@ class FailurePattern(TypedDict, total=False):
     suggested_fix: str | None  # the open proposal's description, else the strategy's suggestion
     suggested_by: Literal["proposal", "strategy"] | None
     improvement_id: str | None  # the open proposal behind suggested_fix
+    # what the failures are, read from the evidence (the runtime's label is one input):
+    # missing_resource | permission | rate_limited | transient_upstream | slow_tail | hang |
+    # server_down | invalid_arguments | unknown
+    failure_kind: str | None
+    # the evidence behind the kind (selfheal_plugin.analysis.evidence.gather): kind_votes,
+    # reasons, templates (with kinds), codes (errno, http_status, jsonrpc), paths
+    # (exists_now), determinism (verdict and counts), server (streak_share), spacing_s,
+    # retry_after_s, reset_in_s, durations
+    evidence: dict[str, Any] | None
 
 
 class ProposalOutcome(TypedDict, total=False):
@@ -44,6 +53,7 @@ class ProposalOutcome(TypedDict, total=False):
     confidence: float | None
     changes: list[dict[str, Any]]
     expected_reduction: float | None
+    failure_kind: str | None  # the pattern's kind when it was proposed
     proposed_at: str | None
     created: bool  # False when an open proposal for the pattern already existed
     skipped: str | None  # why nothing was proposed (a rejection that still stands)
@@ -87,6 +97,10 @@ class TestResult(TypedDict, total=False):
     baseline_success_rate: float | None
     expected_improvement: str | None
     recommendation: str  # safe_to_apply | risky | reject
+    failure_kind: str | None  # the pattern's kind when it was proposed ("unknown" stays unknown)
+    # 95% intervals: simulated_success_rate and improvement (the replayed window), and
+    # next_window_success_rate (a prediction interval for the next next_window_runs runs)
+    interval: dict[str, Any] | None
     next_step: str | None  # the command to run next (never apply after a risky result)
 
 
@@ -157,6 +171,7 @@ class HealthDashboard(TypedDict, total=False):
 class PluginsReport(TypedDict, total=False):
     plugins: list[dict[str, Any]]
     strategies: list[dict[str, Any]]
+    kind_strategies: list[dict[str, Any]]  # failure kind -> the strategy registered for it (kind, strategy, plugin)
     hooks: list[dict[str, Any]]
     errors: list[dict[str, Any]]
 

@@ -1,9 +1,13 @@
 """Connection refused: health checks and auto-restart for the MCP server, plus retries.
 
-Retries are sized from the tool's observed failure rate (see ``RetryPlan``): the
-expected impact is ``1 − rate^attempts``, the failures a retry would have turned into
-successes if failures are independent. Health checks and auto-restart apply to the
+Retries are sized by ``RetryPlan``: from how often a retry in the same run succeeded when
+the history shows at least 3 (the expected impact is then ``1 − (1 − p)^attempts``);
+otherwise from the failure rate as if failures were independent, with the impact unknown. Health checks and auto-restart apply to the
 server named in ``mcp__<server>__<tool>``; built-in tools get retries only.
+
+It also answers for the failure kind ``server_down`` (a closed connection, a server whose
+command is missing, all tools of one server failing together), whatever the runtime's
+label. Retries follow :func:`retry_plan`: none when the evidence says a repeat fails too.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from selfheal_plugin.plugins.strategy import (
 class ConnectionRefusedStrategy(ModeledStrategy):
     name = "connection_refused"
     error_types = ("connection_refused",)
+    kinds = ("server_down",)
     summary = "Health checks, auto-restart and retries with backoff"
 
     def suggest(self, pattern: Any) -> str:
@@ -33,11 +38,20 @@ class ConnectionRefusedStrategy(ModeledStrategy):
         if server:
             changes += [Change.config(server_path(server, "health_check"), True),
                         Change.config(server_path(server, "auto_restart"), True)]
+        if not changes:
+            changes = [Change.manual(f"Find out why {pattern.tool_name} cannot reach its server: a repeat of the "
+                                     f"same call failed every time, so retries will not help")]
+        if plan.model == "deterministic":
+            basis = "the same calls failed again every time they were repeated: no retries"
+        elif plan.model == "observed":
+            basis = (f"a retry in the same run succeeded with p≈{plan.p_retry_succeeds:.2f}; "
+                     f"{plan.attempts} retr{'y' if plan.attempts == 1 else 'ies'}")
+        else:
+            basis = (f"{percent(plan.failure_rate)} of calls refused; no retry of it seen in the history, so "
+                     f"{plan.attempts} retr{'y' if plan.attempts == 1 else 'ies'} sized as if independent")
         return self.make_proposal(
             pattern, description=self.suggest(pattern),
-            expected_impact=impact_text(plan.reduction, f"connection failures on {pattern.tool_name}",
-                                        f"{percent(plan.failure_rate)} of calls refused; "
-                                        f"{plan.attempts} retr{'y' if plan.attempts == 1 else 'ies'} assumed independent"),
+            expected_impact=impact_text(plan.reduction, f"connection failures on {pattern.tool_name}", basis),
             risk_level="medium" if server else "low", changes=changes, expected_reduction=plan.reduction,
             evidence={**plan.evidence(), "server": server},
         )

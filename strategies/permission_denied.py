@@ -2,7 +2,10 @@
 
 The resources come from the messages themselves (paths, URLs and quoted names that the
 templates masked), most frequent first. No config key grants permissions, so the
-change is manual and its effect unknown.
+change is manual and its effect unknown. It also answers for the failure kind
+``permission`` whatever the runtime's label: a credential problem (HTTP 401, a missing,
+invalid or revoked token or API key) asks a person to renew the credential in the
+server's environment; it never proposes retries or any config change.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from typing import Any
 from selfheal_plugin import hookimpl
 from selfheal_plugin.plugins.strategy import Change, HistoryWindow, Proposal, Strategy, impact_text
 
+_CREDENTIALS = re.compile(r"unauthori[sz]ed|invalid (?:api[ _-]?key|token|credentials)|(?:api[ _-]?key|token) "
+                          r"(?:is )?(?:missing|invalid|expired|revoked)|authentication", re.I)
 _RESOURCE = re.compile(r"https?://\S+|(?:~|\.{1,2})?(?:/[\w.@+-]+)+/?|'[^']+'|\"[^\"]+\"")
 
 
@@ -24,6 +29,7 @@ def resources(pattern: Any, k: int = 5) -> list[str]:
 class PermissionDeniedStrategy(Strategy):
     name = "permission_denied"
     error_types = ("permission_denied",)
+    kinds = ("permission",)
     summary = "Update the permissions table for the resources the calls were denied"
 
     def suggest(self, pattern: Any) -> str:
@@ -33,14 +39,23 @@ class PermissionDeniedStrategy(Strategy):
         found = resources(pattern)
         target = ", ".join(found) if found else "the resources in its error messages"
         templates = Counter(o["template"] for o in pattern.occurrences_detail).most_common(3)
-        changes = [Change.manual(f"Grant {pattern.tool_name} access to {target} (permissions table or "
-                                 f"file/ACL permissions), or stop the agent from requesting them"),
-                   Change.manual("Messages: " + "; ".join(t for t, _ in templates))]
+        ev = getattr(pattern, "evidence", None) or {}
+        credentials = "401" in (ev.get("codes") or {}).get("http_status", {}) or any(
+            _CREDENTIALS.search(o["message"]) for o in pattern.occurrences_detail[:200])
+        changes = []
+        if credentials:
+            changes.append(Change.manual(
+                f"Renew the credential {pattern.tool_name}'s server uses (the token or API key in the server's "
+                f"environment, where the runtime starts it): the upstream answered 401/unauthorized. "
+                f"Retrying will not help."))
+        changes += [Change.manual(f"Grant {pattern.tool_name} access to {target} (permissions table or "
+                                  f"file/ACL permissions), or stop the agent from requesting them"),
+                    Change.manual("Messages: " + "; ".join(t for t, _ in templates))]
         return self.make_proposal(
             pattern, description=f"Update permissions so {pattern.tool_name} can reach {target}",
             expected_impact=impact_text(None, f"permission errors on {pattern.tool_name}",
                                         f"{pattern.occurrences} denial(s); the fix needs a person"),
-            risk_level="medium", changes=changes, evidence={"resources": found},
+            risk_level="medium", changes=changes, evidence={"resources": found, "credentials": credentials},
         )
 
 

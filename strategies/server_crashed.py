@@ -47,6 +47,7 @@ def streaks(calls: list[Any]) -> list[tuple[int, float, float | None]]:
 class ServerCrashedStrategy(ModeledStrategy):
     name = "server_crashed"
     error_types = ("server_crashed",)
+    kinds = ("server_down",)
     summary = "Circuit breaker on the tool, auto-restart for its server"
 
     def suggest(self, pattern: Any) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from selfheal_plugin import hookimpl
 from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
 from selfheal_plugin.plugins.strategy import (
-    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, nice_ceil_ms, percent, retries_needed, tool_path,
+    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, nice_ceil_ms, percent, retry_plan, tool_path,
 )
 
 TARGET_QUANTILE = 0.99
@@ -29,6 +29,7 @@ MAX_TIMEOUT_MS = 600_000
 class TimeoutStrategy(ModeledStrategy):
     name = "timeout"
     error_types = ("timeout",)
+    kinds = ("slow_tail", "hang")
     summary = "Increase the timeout to the observed p99 duration"
 
     def suggest(self, pattern: Any) -> str:
@@ -82,17 +83,26 @@ class TimeoutStrategy(ModeledStrategy):
 
     def _retry(self, pattern: Any, history: HistoryWindow, old: int | None, evidence: dict[str, Any]) -> Proposal:
         rate = pattern.failure_rate
-        n = retries_needed(rate)
-        reduction = 1 - rate ** n
-        evidence.update({"failure_rate": rate, "retry_attempts": n})
-        changes = [Change.config(tool_path(pattern.tool_name, "retry_attempts"), n),
-                   Change.config(tool_path(pattern.tool_name, "retry_backoff_ms"), 1000)]
+        plan = retry_plan(pattern, history)
+        n, reduction = plan.attempts, plan.reduction
+        evidence.update({"failure_rate": rate, "retry_attempts": n, "retry_model": plan.model})
+        if n <= 0:
+            return self.make_proposal(
+                pattern, description=f"Find out why {pattern.tool_name} hangs: repeats of the same call hang too",
+                expected_impact=impact_text(0.0, f"timeouts on {pattern.tool_name}",
+                                            "the same calls timed out again every time they were repeated"),
+                risk_level="low", expected_reduction=0.0, evidence=evidence,
+                changes=[Change.manual(f"{pattern.tool_name} hangs on the same calls every time (p99 of completed "
+                                       f"calls is below the {old} ms limit): check its server or upstream")])
+        changes = plan.changes(pattern.tool_name)
         return self.make_proposal(
             pattern,
             description=(f"Retry {pattern.tool_name} up to {n} time(s): its timeouts look like hangs "
                          f"(p99 of completed calls is below the {old} ms limit)"),
             expected_impact=impact_text(reduction, f"timeouts on {pattern.tool_name}",
-                                        f"{percent(rate)} of calls time out; retries assumed independent"),
+                                        f"{percent(rate)} of calls time out; no retry seen in the history"
+                                        if plan.model == "independence" else
+                                        f"a retry in the same run succeeded with p≈{plan.p_retry_succeeds:.2f}"),
             risk_level="low", changes=changes, expected_reduction=reduction, evidence=evidence,
         )
 

@@ -9,7 +9,16 @@ occurrences (other kinds with at least a fifth of them get their own change too)
 * permission → a manual change: grant access to the resources named in the messages;
 * invalid argument → a manual change: validate the argument keys the calls used;
 * other → retries when the same tool later succeeded in the same run (the share that
-  did is the expected impact), otherwise a manual review of the top messages.
+  did is the expected impact), otherwise a manual review of the top messages; never
+  retries when the evidence says the failures are deterministic (the same arguments
+  failed again every time they were repeated).
+
+It also answers for the failure kinds ``missing_resource`` and ``invalid_arguments``
+(whatever the runtime's label, e.g. an ``ENOENT`` labelled ``connection_refused``), from
+the pattern's evidence: a missing resource named by a *path* argument gets the pre-flight
+check (expected impact: the share of occurrences whose message names a path argument);
+missing ids, refs or URLs, and invalid arguments, go to a person or the prompt: no
+config change, no retries, impact unknown.
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ from typing import Any
 
 from selfheal_plugin import hookimpl
 from selfheal_plugin.plugins.strategy import (
-    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, recovered_in_run, tool_path,
+    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, percent, recovered_in_run, tool_path,
 )
 
 _NOT_FOUND = re.compile(r"not found|does not exist|doesn't exist|no such file|cannot find|can't find|enoent|missing file")
@@ -56,9 +65,17 @@ def _examples(pattern: Any, kind: str, k: int = 3) -> list[str]:
 class ToolErrorStrategy(ModeledStrategy):
     name = "tool_error"
     error_types = ("tool_error",)
+    kinds = ("missing_resource", "invalid_arguments")
     summary = "Existence checks, permissions or argument validation, chosen from the messages"
 
     def suggest(self, pattern: Any) -> str:
+        fk = getattr(pattern, "failure_kind", None)
+        if fk == "missing_resource":
+            if _path_share(pattern) > 0:
+                return f"Add file existence checks before {pattern.tool_name} calls"
+            return f"Look up the resources {pattern.tool_name} names before calling it: they do not exist"
+        if fk == "invalid_arguments":
+            return f"Validate {pattern.tool_name} arguments before calling it"
         kind = kinds_of(pattern).most_common(1)[0][0] if pattern.occurrences_detail else "other"
         return {
             "missing_path": f"Add file existence checks before {pattern.tool_name} calls",
@@ -68,6 +85,9 @@ class ToolErrorStrategy(ModeledStrategy):
         }[kind]
 
     def propose(self, pattern: Any, history: HistoryWindow) -> Proposal:
+        fk = getattr(pattern, "failure_kind", None)
+        if fk in ("missing_resource", "invalid_arguments") and getattr(pattern, "evidence", None):
+            return self._from_kind(pattern, history, fk)
         tool = pattern.tool_name
         kinds = kinds_of(pattern)
         n = sum(kinds.values()) or 1
@@ -106,7 +126,9 @@ class ToolErrorStrategy(ModeledStrategy):
                 evidence["recovered_in_run"] = recovered
                 others = [o for o in pattern.occurrences_detail if template_kind(o["template"]) == "other"]
                 share_recovered = recovered / len(pattern.occurrences_detail) if pattern.occurrences_detail else 0
-                if others and share_recovered >= RETRY_EVIDENCE:
+                deterministic = _verdict(pattern) == "deterministic"
+                evidence["determinism"] = _verdict(pattern)
+                if others and share_recovered >= RETRY_EVIDENCE and not deterministic:
                     retried = True
                     changes.append(Change.config(tool_path(tool, "retry_attempts"), 1))
                     changes.append(Change.config(tool_path(tool, "retry_backoff_ms"), 1000))
@@ -128,6 +150,57 @@ class ToolErrorStrategy(ModeledStrategy):
             risk_level=risk, changes=changes,
             expected_reduction=None if reduction is None else min(1.0, reduction), evidence=evidence,
         )
+
+
+    def _from_kind(self, pattern: Any, history: HistoryWindow, kind: str) -> Proposal:
+        tool = pattern.tool_name
+        ev = pattern.evidence
+        n = pattern.occurrences
+        examples = "; ".join(t["template"] for t in ev.get("templates", [])[:3])
+        paths = ev.get("paths") or []
+        evidence = {"failure_kind": kind, "paths": paths, "named_arguments": ev.get("named_arguments", {}),
+                    "determinism": _verdict(pattern)}
+        if kind == "missing_resource" and paths:
+            share = _path_share(pattern)
+            current = history.tool_setting(tool, "preflight")
+            checks = list(current) if isinstance(current, list) else []
+            if "path_exists" not in checks:
+                checks.append("path_exists")
+            missing = ", ".join(p["path"] for p in paths if p.get("exists_now") is not True)[:300] or "see show"
+            changes = [Change.config(tool_path(tool, "preflight"), checks),
+                       Change.manual(f"Have the agent check paths (or list the folder) before {tool} calls; "
+                                     f"paths that do not exist now: {missing}")]
+            return self.make_proposal(
+                pattern, description=f"Add file existence checks before {tool} calls",
+                expected_impact=impact_text(share, f"missing-path errors on {tool}",
+                                            f"{percent(share)} of {n} failures name a path argument that did not "
+                                            f"exist; the check stops them before the call"),
+                risk_level="low", changes=changes, expected_reduction=share, evidence=evidence)
+        if kind == "missing_resource":
+            text = (f"The resources {tool} was asked for do not exist ({examples}); have the agent look them up "
+                    f"(list, search) before using them, or correct the ids in the prompt. Retrying will not help.")
+            description = f"Look up the resources {tool} names before calling it: they do not exist"
+        else:
+            keys = Counter(k for o in pattern.occurrences_detail for k in o.get("arg_keys", []))
+            key_text = ", ".join(k for k, _ in keys.most_common(5)) or "its arguments"
+            text = (f"Validate {key_text} before calling {tool} (state the tool's schema in the prompt, or "
+                    f"validate before the call); messages: {examples}. Retrying will not help.")
+            description = f"Validate {tool} arguments before calling it"
+        return self.make_proposal(
+            pattern, description=description,
+            expected_impact=impact_text(None, f"{tool} errors", f"{n} occurrence(s) of {kind.replace('_', ' ')}; "
+                                        "the fix needs a person, no model for its effect"),
+            risk_level="low", changes=[Change.manual(text)], evidence=evidence)
+
+
+def _path_share(pattern: Any) -> float:
+    ev = getattr(pattern, "evidence", None) or {}
+    named = ev.get("path_occurrences") or sum(p.get("count", 0) for p in ev.get("paths") or [])
+    return min(1.0, named / max(1, ev.get("sampled_occurrences") or pattern.occurrences or 1))
+
+
+def _verdict(pattern: Any) -> str | None:
+    return ((getattr(pattern, "evidence", None) or {}).get("determinism") or {}).get("verdict")
 
 
 @hookimpl

@@ -56,7 +56,7 @@ class UnknownStrategy(ModeledStrategy):
         classify_change = Change.manual(
             f"Make the runtime record an error_type for {pattern.tool_name} failures "
             f"({pattern.occurrences} call(s) had none; {share:.0%} of their messages read as {label})")
-        delegate = strategy_for(label, history.settings) if share >= AGREEMENT else None
+        delegate = strategy_for(label, history.settings, getattr(pattern, "failure_kind", None)) if share >= AGREEMENT else None
         if delegate is not None and delegate is not self and label != "Unknown":
             inner = delegate.propose(dataclasses.replace(pattern, error_type=label), history)
             return self.make_proposal(
@@ -71,7 +71,10 @@ class UnknownStrategy(ModeledStrategy):
         n = len(pattern.occurrences_detail) or 1
         top = Counter(o["template"] for o in pattern.occurrences_detail).most_common(3)
         evidence = {"labels_agreement": round(share, 4), "top_label": label, "recovered_in_run": recovered}
-        if recovered / n >= RETRY_EVIDENCE:
+        deterministic = ((getattr(pattern, "evidence", None) or {}).get("determinism") or {}).get("verdict") \
+            == "deterministic"
+        evidence["determinism"] = "deterministic" if deterministic else None
+        if recovered / n >= RETRY_EVIDENCE and not deterministic:
             reduction = recovered / n
             changes = [Change.config(tool_path(pattern.tool_name, "retry_attempts"), 1),
                        Change.config(tool_path(pattern.tool_name, "retry_backoff_ms"), 1000), classify_change]

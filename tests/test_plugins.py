@@ -21,7 +21,7 @@ from selfheal_plugin.plugins.manager import Notification
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DIST = ROOT / "tests" / "plugins" / "selfheal_test_strategy"
 BUILTIN_TYPES = ("tool_error", "timeout", "connection_refused", "server_crashed", "permission_denied",
-                 "transport_error", "Unknown")
+                 "transport_error", "rate_limited", "Unknown")
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def test_builtins_answer_for_every_error_type():
         assert plugin.startswith("selfheal.strategies.")
     # any spelling finds the same strategy; unknown types fall back to Unknown's
     assert plugins.strategy_for("ConnectionRefused") is table["connection_refused"][0]
-    assert plugins.strategy_for("rate_limited") is table["Unknown"][0]
+    assert plugins.strategy_for("quota_exceeded") is table["Unknown"][0]
     assert plugins.strategy_for(None) is table["Unknown"][0]
 
 

@@ -700,6 +700,9 @@ def _improvement_entries(conn: sqlite3.Connection, limit: int) -> list[dict[str,
         out.append({
             "id": imp.id, "description": imp.description, "status": imp.status, "pattern_id": imp.pattern_id,
             "expected_impact": imp.expected_impact, "impact": impact or NOT_MEASURED,
+            # the failure kind the fix was made for, and the evidence behind it in one line
+            "failure_kind": (imp.evidence or {}).get("failure_kind") or "unknown",
+            "kind_evidence": ((imp.evidence or {}).get("failure") or {}).get("summary"),
             "measured": bool(impact),
             "before_success_rate": m.get("before_success_rate"), "after_success_rate": m.get("after_success_rate"),
             "runs_analyzed": m.get("runs_analyzed"),

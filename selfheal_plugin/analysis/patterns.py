@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from selfheal_plugin.analysis.evidence import MAX_OCCURRENCES, gather, tool_calls
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type
@@ -51,6 +52,10 @@ class Pattern:
     # improvement_id), "strategy" when it is the strategy's one-line suggestion
     suggested_by: str | None = None
     improvement_id: str | None = None
+    # what the failures are, read from the evidence (analysis.evidence): the runtime's label
+    # is one input; strategies follow the kind (see plugins.manager.resolve_strategy)
+    failure_kind: str | None = None
+    evidence: dict[str, Any] | None = field(default=None, repr=False)
     # what detection knew, for strategies and `show`; not part of the JSON result
     occurrences_detail: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -235,6 +240,7 @@ def detect_failure_patterns(
         pattern = _build_pattern(etype, tool, occ, calls.get(tool, 0))
         if pattern.confidence >= confidence_threshold:
             patterns.append(pattern)
+    attach_evidence_all(conn, patterns)
     patterns.sort(key=lambda p: (-p.occurrences, p.id))
     return Detection(patterns, format_timestamp(start), scanned, candidates)
 
@@ -288,7 +294,26 @@ def get_pattern(conn: sqlite3.Connection, pattern_id: str, since: str = "-7d", *
     if not occ:
         raise NotFoundError(f"no pattern {etype}:{tool} in the history since {format_timestamp(start)}")
     calls = _tool_calls(conn, start.timestamp(), until_epoch).get(tool, 0)
-    return _build_pattern(etype, tool, occ, calls)
+    return attach_evidence(conn, _build_pattern(etype, tool, occ, calls))
+
+
+def attach_evidence(conn: sqlite3.Connection, pattern: Pattern) -> Pattern:
+    """Read the pattern's evidence and failure kind (:func:`selfheal_plugin.analysis.evidence.gather`)."""
+    attach_evidence_all(conn, [pattern])
+    return pattern
+
+
+def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern]) -> None:
+    """:func:`attach_evidence` for several patterns, their tools' calls read in one scan."""
+    firsts: dict[str, int] = {}
+    for p in patterns:
+        recent = sorted(o["event_id"] for o in p.occurrences_detail)[-MAX_OCCURRENCES:]
+        if recent:
+            firsts[p.tool_name] = min(firsts.get(p.tool_name, recent[0]), recent[0])
+    calls = tool_calls(conn, firsts)
+    for p in patterns:
+        p.evidence = gather(conn, p.tool_name, p.error_type, p.occurrences_detail, calls=calls.get(p.tool_name))
+        p.failure_kind = p.evidence["kind"]
 
 
 def pattern_details(pattern: Pattern) -> dict[str, Any]:
@@ -311,10 +336,12 @@ def pattern_details(pattern: Pattern) -> dict[str, Any]:
     arg_keys = Counter(k for r in occ for k in r["arg_keys"])
     spellings = Counter(r["raw_error_type"] if r["raw_error_type"] is not None else "(absent)" for r in occ)
     durations = [r["duration_ms"] for r in occ if r["duration_ms"] is not None]
+    kinds = {t["template"]: t["kind"] for t in (pattern.evidence or {}).get("templates", [])}
     d = pattern.to_dict()
     d.update({
         "runs": [{k: v for k, v in e.items() if k != "_ts"} for e in sorted(runs.values(), key=lambda e: e["_ts"])],
-        "templates": [{"template": t, "count": c, "example": examples[t]} for t, c in templates.most_common()],
+        "templates": [{"template": t, "count": c, "example": examples[t],
+                       **({"kind": kinds[t]} if t in kinds else {})} for t, c in templates.most_common()],
         "context": {
             "workflows": dict(workflows.most_common()),
             "steps": {str(k): v for k, v in steps.most_common()},

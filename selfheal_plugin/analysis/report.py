@@ -243,7 +243,8 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
                    str(a["running_runs"]),
                    "n/a" if a["avg_duration_seconds"] is None else f"{a['avg_duration_seconds']:.1f}",
                    a["trend"].replace("_", " ")] for a in d.get("agents", [])]
-    imp_rows = [[i["id"], i["status"], i["description"], i.get("expected_impact") or "—", i["impact"]]
+    imp_rows = [[i["id"], i["status"], i.get("kind_evidence") or i.get("failure_kind") or "unknown", i["description"],
+                 i.get("expected_impact") or "—", i["impact"]]
                 for i in d["recent_improvements"]]
     sections = [
         ("Daily success rate", daily_success_svg(d["daily_success"]), ""),
@@ -260,7 +261,7 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
                                            ("running", True), ("avg s", True), ("trend", False)], agent_rows,
                           "No runs in this window."), ""),
         ("Recent improvements", _table("table-improvements", [("id", False), ("status", False),
-                                                              ("description", False), ("expected", False),
+                                                              ("failure kind", False), ("description", False), ("expected", False),
                                                               ("measured impact", False)], imp_rows,
                                        "No improvements recorded yet."), ""),
     ]

@@ -111,11 +111,11 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
     imps = d["recent_improvements"]
     if imps:
         t = Table(title="Recent improvements", title_justify="left")
-        for col in ("id", "status", "description", "expected", "measured impact"):
+        for col in ("id", "status", "kind", "description", "expected", "measured impact"):
             t.add_column(col, overflow="fold")
         for i in imps:
-            t.add_row(*(for_rich(v) for v in (i["id"], i["status"], i["description"], i.get("expected_impact") or "—",
-                                               i["impact"])))
+            t.add_row(*(for_rich(v) for v in (i["id"], i["status"], i.get("failure_kind") or "unknown", i["description"],
+                                               i.get("expected_impact") or "—", i["impact"])))
         out.print(t)
     else:
         out.print("  No improvements recorded yet (agent self-heal detect finds what to improve).")

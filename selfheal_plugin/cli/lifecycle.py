@@ -38,11 +38,17 @@ def test_command(improvement_id: str, home: str | None, db: str | None, as_json:
     click.echo(f"🧪 Testing {r['improvement_id']} ({r['test_mode']}, {r['runs_replayed']} runs replayed, "
                f"{r['window']['since']} → {r['window']['until']})")
     click.echo()
+    if r.get("failure_kind"):
+        click.echo(f"  Failure kind:           {for_terminal(r['failure_kind'])}")
     click.echo(f"  Baseline success rate:  {_rate(r['baseline_success_rate'])}")
     if r["simulated_success_rate"] is not None:
         lo, hi = r["interval"]["simulated_success_rate"]
         click.echo(f"  Simulated success rate: {_rate(r['simulated_success_rate'])} "
                    f"(95% interval {pct(lo)}–{pct(hi)})")
+        nxt = r["interval"].get("next_window_success_rate")
+        if nxt:
+            click.echo(f"  Next {r['interval']['next_window_runs']} runs:          {pct(nxt[0])}–{pct(nxt[1])} "
+                       f"success expected (95% prediction interval)")
         click.echo(f"  Expected improvement:   {r['expected_improvement']}")
         click.echo(f"  Runs recovered:         {r['runs_recovered']:g} of {r['runs_replayed']} "
                    f"({r['failures_fixed']:g} of {r['failures_targeted']} targeted failures fixed)")

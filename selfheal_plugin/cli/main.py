@@ -86,6 +86,9 @@ def _print_pattern(d: dict[str, Any]) -> None:
     out = Console(width=max(120, Console().width))
     click.echo(f"Pattern {for_terminal(d['id'])}")
     click.echo(f"  Error: {for_terminal(d['error_type'])} on {for_terminal(d['tool_name'])}")
+    click.echo(f"  Failure kind: {for_terminal((d.get('evidence') or {}).get('summary') or d.get('failure_kind') or 'unknown')}")
+    for reason in (d.get("evidence") or {}).get("reasons", []):
+        click.echo(f"    because: {for_terminal(reason)}")
     click.echo(f"  Occurrences: {d['occurrences']} in {len(d['affected_runs'])} run(s); "
                f"{pct(d['failure_rate'])} of the tool's calls")
     click.echo(f"  Correlation: {pct(d['correlation_score'])}   Confidence: {pct(d['confidence'])}")
@@ -95,10 +98,11 @@ def _print_pattern(d: dict[str, Any]) -> None:
         click.echo(f"  Suggested fix: {for_terminal(d['suggested_fix'])}")
     t = Table(title="Message templates (context similarity)", title_justify="left")
     t.add_column("count", justify="right")
+    t.add_column("kind")
     t.add_column("template")
     t.add_column("example", overflow="fold")
     for tpl in d["templates"]:
-        t.add_row(str(tpl["count"]), for_rich(tpl["template"]), for_rich(tpl["example"]))
+        t.add_row(str(tpl["count"]), for_rich(tpl.get("kind", "")), for_rich(tpl["template"]), for_rich(tpl["example"]))
     out.print(t)
     ctx = d["context"]
     out.print("  Workflows: " + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["workflows"].items()), highlight=False)
@@ -108,6 +112,15 @@ def _print_pattern(d: dict[str, Any]) -> None:
                   highlight=False)
     out.print("  error_type as written: " + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["error_type_spellings"].items()),
               highlight=False)
+    ev = d.get("evidence") or {}
+    for path in ev.get("paths", [])[:5]:
+        exists = {True: "exists now", False: "does not exist now"}.get(path.get("exists_now"), "not checked")
+        click.echo(f"  Path named: {path['path']} ({path['count']}×, {exists})")
+    det = ev.get("determinism") or {}
+    if det:
+        click.echo(f"  Repeats: {det['verdict']} — same arguments failed again {det['same_args_failed_again']}×, "
+                   f"succeeded later {det['same_args_succeeded_later']}×; next call in the same run succeeded "
+                   f"{det['follow_up_succeeded']} of {det['followed_in_run']}")
     r = Table(title="Affected runs", title_justify="left")
     r.add_column("run", no_wrap=True)
     for col in ("workflow", "started (UTC)", "status", "errors"):

@@ -37,6 +37,7 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
         click.echo(f"    Occurrences: {p['occurrences']}")
         click.echo(f"    Correlation: {pct(p['correlation_score'])}")
         click.echo(f"    Confidence: {pct(p['confidence'])}")
+        click.echo(f"    Failure kind: {for_terminal((p.get('evidence') or {}).get('summary') or p.get('failure_kind') or 'unknown')}")
         if p.get("suggested_fix"):
             click.echo(f"    Suggested fix: {for_terminal(p['suggested_fix'])}")
         click.echo()
@@ -122,6 +123,13 @@ def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
     for row in info["strategies"]:
         st.add_row(*(Text(v or "") for v in (row["error_type"], row["strategy"], row["plugin"], row["summary"])))
     out.print(st)
+    if info.get("kind_strategies"):
+        kt = Table(title="Strategy for each failure kind (see README: which strategy answers)", title_justify="left")
+        for col in ("failure kind", "strategy", "plugin"):
+            kt.add_column(col, no_wrap=True)
+        for row in info["kind_strategies"]:
+            kt.add_row(*(Text(for_terminal(v or "")) for v in (row["kind"], row["strategy"], row["plugin"])))
+        out.print(kt)
     click.echo(f"User plugin folder: {info['plugins_dir']}")
     for f in info.get("failed_strategies", []):
         click.echo(f"✗ strategy for {f['error_type']} failed to load (plugin {f['plugin']}): nothing is proposed "

@@ -41,7 +41,7 @@ def attach_suggested_fixes(patterns: list[Pattern], settings: Settings | None = 
     pattern that has no open proposal (whose description is the suggested fix otherwise)."""
     for p in patterns:
         try:
-            strategy = plugins.strategy_for(p.error_type, settings)
+            strategy = plugins.strategy_for(p.error_type, settings, p.failure_kind)
             fix = plugins.call_strategy(strategy, "suggest", p, settings=settings)
         except StrategyError as exc:  # a broken plugin costs the hint, not the command
             log.warning("no suggested fix for %s: %s", p.id, exc)
@@ -55,7 +55,8 @@ def attach_suggested_fixes(patterns: list[Pattern], settings: Settings | None = 
 
 
 def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
-    """Ask the strategy for ``pattern.error_type`` for a proposal (not stored).
+    """Ask the strategy for ``pattern.error_type`` and ``pattern.failure_kind`` (see
+    :func:`~selfheal_plugin.plugins.manager.resolve_strategy`) for a proposal (not stored).
 
     The strategy runs contained and bounded (``plugins.call_strategy``) and what it returns
     is checked by :func:`~selfheal_plugin.plugins.strategy.validate_proposal`. Any failure —
@@ -63,10 +64,14 @@ def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
     proposal — is one :class:`StrategyError` line naming the strategy and its plugin (also
     recorded in the plugin errors); nothing is stored for that pattern.
     """
-    strategy, plugin = plugins.resolve_strategy(pattern.error_type, history.settings)
+    strategy, plugin = plugins.resolve_strategy(pattern.error_type, history.settings, pattern.failure_kind)
     proposal = plugins.call_strategy(strategy, "propose", pattern, history, settings=history.settings)
     try:
-        return validate_proposal(proposal, pattern.id)
+        valid = validate_proposal(proposal, pattern.id)
+        if pattern.evidence:
+            valid.failure_kind = valid.failure_kind or pattern.failure_kind
+            valid.evidence.setdefault("failure", failure_summary(pattern.evidence))
+        return valid
     except (ValueError, TypeError, RecursionError) as exc:
         problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         plugins._record(plugins.PluginError(plugin=plugin, phase="strategy", hook="propose",
@@ -76,6 +81,16 @@ def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
                             f"{pattern.id}: {problem}") from None
 
 
+def failure_summary(evidence: dict[str, Any]) -> dict[str, Any]:
+    """The part of a pattern's evidence stored with its proposal: the kind and why."""
+    keys = ("kind", "summary", "kind_share", "reasons", "runtime_label", "codes", "determinism", "server",
+            "retry_after_s", "reset_in_s", "spacing_s")
+    out = {k: evidence[k] for k in keys if evidence.get(k) is not None}
+    if evidence.get("paths"):
+        out["paths"] = evidence["paths"][:5]
+    return out
+
+
 def improvement_from_proposal(proposal: Proposal) -> Improvement:
     return Improvement(
         id=new_improvement_id(), status="proposed", description=proposal.description,
@@ -83,7 +98,8 @@ def improvement_from_proposal(proposal: Proposal) -> Improvement:
         strategy=proposal.strategy, risk_level=proposal.risk_level, confidence=proposal.confidence,
         expected_impact=proposal.expected_impact, changes_required=list(proposal.changes_required),
         changes=[c.to_dict() for c in proposal.changes],
-        evidence={**proposal.evidence, "expected_reduction": proposal.expected_reduction},
+        evidence={**proposal.evidence, "expected_reduction": proposal.expected_reduction,
+                  **({"failure_kind": proposal.failure_kind} if proposal.failure_kind else {})},
     )
 
 
@@ -159,7 +175,7 @@ def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: P
     store = ImprovementStore(conn)
     existing = store.open_for_pattern(pattern.id)
     if existing is not None:
-        current = plugins.strategy_for(pattern.error_type, settings)
+        current = plugins.strategy_for(pattern.error_type, settings, pattern.failure_kind)
         if not supersede_replaced(store, existing, current.name, settings):
             return Proposed(existing, False, pattern)
     rejected = latest_rejection(conn, pattern.id)
@@ -218,6 +234,7 @@ def proposal_result(imp: Improvement) -> dict[str, Any]:
         "changes_required": imp.changes_required, "risk_level": imp.risk_level,
         "strategy": imp.strategy, "confidence": imp.confidence, "changes": imp.changes,
         "expected_reduction": (imp.evidence or {}).get("expected_reduction"),
+        "failure_kind": (imp.evidence or {}).get("failure_kind"),
         "proposed_at": imp.proposed_at,
     }
 

@@ -28,7 +28,11 @@ Models (only these; a change without a model is reported as such, never guessed)
 
 Uncertainty: 95% percentile interval over 400 replicates, each a Poisson bootstrap of the
 runs combined with a draw of the model parameters (the MLE's normal approximation for
-durations, the Beta posterior for retries).
+durations, the Beta posterior for retries). That interval is for the success rate the
+replayed window would have had. The **prediction interval** is for what the next window of
+the same size (as many runs) will show with the change: each replicate's rate, then a
+binomial draw of that many runs from it, so the sampling noise of the next window is in it
+too (``benchmarks/bench_prediction.py`` measures its coverage over seeds).
 """
 from __future__ import annotations
 
@@ -180,6 +184,8 @@ class Simulation:
     models: list[dict[str, Any]] = field(default_factory=list)
     unmodeled: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # 95% prediction interval for the success rate of the next window of runs_replayed runs
+    prediction_interval: list[float] | None = None
 
     @property
     def has_model(self) -> bool:
@@ -329,6 +335,7 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
     sim_k = (W * P.T).sum(axis=1) / tot
     base_k = (W * base).sum(axis=1) / tot
     gain_k = sim_k - base_k
+    next_k = rng.binomial(n, np.clip(sim_k, 0.0, 1.0)) / n  # the next window: n new runs at each replicate's rate
     sim = float(P[:, 0].mean())
     recovered = float(P[base == 0, 0].sum())
     return Simulation(
@@ -337,7 +344,9 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
         improvement_interval=[round(float(np.percentile(gain_k, 2.5)), 4),
                               round(float(np.percentile(gain_k, 97.5)), 4)],
         runs_replayed=n, runs_recovered=round(recovered, 2), runs_broken=n_broken, failures_targeted=targeted,
-        failures_fixed=round(float(fixed_sum[0]), 2), models=models, unmodeled=unmodeled, notes=notes)
+        failures_fixed=round(float(fixed_sum[0]), 2), models=models, unmodeled=unmodeled, notes=notes,
+        prediction_interval=[round(float(np.percentile(next_k, 2.5)), 4),
+                             round(float(np.percentile(next_k, 97.5)), 4)])
 
 
 def simulate_proposal(proposal: Any, history: Any, seed: int = 0) -> Simulation:
@@ -482,10 +491,16 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
         "simulated_success_rate": sim.simulated_success_rate, "baseline_success_rate": sim.baseline_success_rate,
         "expected_improvement": None if gain is None else percent_points(gain),
         "recommendation": recommendation, "reason": reason,
+        # the kind the proposal was made for; proposals from before kinds existed, and
+        # patterns no rule could read, stay an honest "unknown"
+        "failure_kind": (imp.evidence or {}).get("failure_kind") or "unknown",
         "interval": None if not sim.has_model else {
             "confidence": 0.95, "method": f"bootstrap over runs with model-parameter draws ({REPLICATES})",
             "simulated_success_rate": sim.simulated_interval,
-            "improvement": sim.improvement_interval},
+            "improvement": sim.improvement_interval,
+            # what the next window of as many runs will show with the change (95%): the
+            # interval above plus that window's own sampling noise
+            "next_window_success_rate": sim.prediction_interval, "next_window_runs": sim.runs_replayed},
         "runs_replayed": sim.runs_replayed, "runs_recovered": sim.runs_recovered, "runs_broken": sim.runs_broken,
         "failures_targeted": sim.failures_targeted, "failures_fixed": sim.failures_fixed,
         "models": sim.models, "unmodeled_changes": sim.unmodeled, "notes": sim.notes, "model_source": source,

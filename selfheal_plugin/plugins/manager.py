@@ -72,6 +72,7 @@ from filelock import FileLock, Timeout
 
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 from selfheal_plugin.history.settings import DEFAULTS
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 from selfheal_plugin.plugins import hookspecs
@@ -149,6 +150,7 @@ class _State:
     errors: list[PluginError] = field(default_factory=list)
     info: dict[str, dict[str, Any]] = field(default_factory=dict)  # plugin name -> source, path, version, rank
     strategies: dict[str, tuple[Any, str]] | None = None  # error_type -> (strategy, plugin name)
+    kind_strategies: dict[str, tuple[Any, str]] = field(default_factory=dict)  # failure kind -> (strategy, plugin)
     strategy_list: list[dict[str, Any]] = field(default_factory=list)
     strategies_key: tuple | None = None
     failed_types: dict[str, tuple[str, int, str]] = field(default_factory=dict)  # type -> (plugin, rank, error)
@@ -686,6 +688,7 @@ def _collect_strategies() -> None:
     if _state.strategies is not None and _state.strategies_key == key:
         return
     table: dict[str, tuple[Any, str]] = {}
+    kind_table: dict[str, tuple[Any, str]] = {}
     listing: list[dict[str, Any]] = []
     owners: dict[int, str] = {}
     # get_hookimpls() lists implementations lowest priority first (pluggy calls them in
@@ -712,14 +715,17 @@ def _collect_strategies() -> None:
             if problem:
                 _record(PluginError(plugin=name, phase="register", hook="register_strategies", error=problem))
                 continue
-            types = [normalize_error_type(t) for t in strategy.error_types]
+            types = [normalize_error_type(t) for t in strategy.error_types or ()]
             for t in types:
                 previous = table.get(t)
                 table[t] = (strategy, name)
                 if previous is not None:
                     log.info("strategy %s (%s) replaces %s for %s", strategy.name, name, previous[0].name, t)
+            kinds = [k for k in getattr(strategy, "kinds", ()) or () if k != "unknown"]
+            for k in kinds:
+                kind_table[k] = (strategy, name)
             owners[id(strategy)] = name
-            listing.append({"name": strategy.name, "plugin": name, "error_types": types,
+            listing.append({"name": strategy.name, "plugin": name, "error_types": types, "kinds": kinds,
                             "summary": getattr(strategy, "summary", "")})
     orphans: dict[str, tuple[str, str]] = {}
     for t, (plugin, rank, error) in _state.failed_types.items():
@@ -727,15 +733,23 @@ def _collect_strategies() -> None:
         if answering is None or _state.info.get(answering[1], {}).get("rank", 0) < rank:
             orphans[t] = (plugin, error)
     _state.strategies, _state.strategy_list, _state.strategies_key = table, listing, key
+    _state.kind_strategies = kind_table
     _state.orphans, _state.owners = orphans, owners
 
 
 def _strategy_problem(strategy: Any) -> str | None:
     if not isinstance(getattr(strategy, "name", None), str) or not strategy.name:
         return f"registered strategy {strategy!r} has no name"
-    types = getattr(strategy, "error_types", None)
-    if not types or isinstance(types, str) or not all(isinstance(t, str) for t in types):
-        return f"strategy {strategy.name!r}: error_types must be a non-empty sequence of names"
+    types = getattr(strategy, "error_types", None) or ()
+    kinds = getattr(strategy, "kinds", None) or ()
+    for what, names in (("error_types", types), ("kinds", kinds)):
+        if isinstance(names, str) or not isinstance(names, (tuple, list)) or not all(isinstance(t, str) for t in names):
+            return f"strategy {strategy.name!r}: {what} must be a sequence of names"
+    if not types and not kinds:
+        return f"strategy {strategy.name!r}: error_types (or kinds) must name at least one"
+    unknown_kinds = sorted(set(kinds) - set(FAILURE_KINDS))
+    if unknown_kinds:
+        return f"strategy {strategy.name!r}: unknown failure kind(s) {', '.join(unknown_kinds)}"
     for method in ("propose", "simulate", "suggest"):
         if not callable(getattr(strategy, method, None)):
             return f"strategy {strategy.name!r} has no {method}() method"
@@ -755,18 +769,46 @@ def failed_to_load(settings: Any = None) -> dict[str, tuple[str, str]]:
     return dict(_state.orphans)
 
 
-def resolve_strategy(error_type: str | None, settings: Any = None) -> tuple[Any, str]:
-    """(strategy, plugin name) answering for ``error_type`` (any spelling); types without
-    one get the ``Unknown`` strategy.
+def _is_builtin(plugin: str) -> bool:
+    return _state.info.get(plugin, {}).get("source") == "builtin"
 
+
+def resolve_strategy(error_type: str | None, settings: Any = None, kind: str | None = None) -> tuple[Any, str]:
+    """(strategy, plugin name) answering for a pattern of ``error_type`` (any spelling)
+    whose failure kind (:mod:`selfheal_plugin.analysis.evidence`) is ``kind``.
+
+    Precedence, first that applies:
+
+    1. a strategy registered for the kind by a plugin that is not built-in (the last loaded);
+    2. a strategy registered for the error type by a plugin that is not built-in (an
+       existing third-party replacement of a built-in keeps answering for its type);
+    3. the error type's strategy when it also lists the kind (the label was right), and
+       the ``Unknown`` strategy for patterns without a label (it delegates by kind itself,
+       and asks for the errors to be labelled at the source);
+    4. a built-in strategy registered for the kind (the label was wrong: an ``ENOENT``
+       labelled ``connection_refused`` goes to the strategy for ``missing_resource``);
+    5. the strategy registered for the error type;
+    6. the ``Unknown`` strategy.
+
+    A kind of ``unknown`` (or None) skips the kind steps: the runtime's label decides.
     Raises :class:`StrategyError` when the plugin meant to answer for the type failed to
     load (no fallback may answer in its place), or when no strategy answers at all."""
     table = strategies(settings)
     etype = normalize_error_type(error_type)
+    by_kind = _state.kind_strategies.get(kind) if kind and kind != "unknown" else None
+    if by_kind is not None and not _is_builtin(by_kind[1]):
+        return by_kind
     if etype in _state.orphans:
         plugin, error = _state.orphans[etype]
         raise StrategyError(f"strategy for {etype} failed to load (plugin {plugin}: {error}); nothing proposed "
                             "(see: agent self-heal plugins)")
+    if etype in table and not _is_builtin(table[etype][1]):
+        return table[etype]
+    if by_kind is not None and etype in table and (kind in (getattr(table[etype][0], "kinds", ()) or ())
+                                                   or etype == "Unknown"):
+        return table[etype]
+    if by_kind is not None:
+        return by_kind
     if etype in table:
         return table[etype]
     if "Unknown" in table:
@@ -774,9 +816,9 @@ def resolve_strategy(error_type: str | None, settings: Any = None) -> tuple[Any,
     raise StrategyError(f"no strategy answers for error type {etype!r} (see: agent self-heal plugins)")
 
 
-def strategy_for(error_type: str | None, settings: Any = None) -> Any:
+def strategy_for(error_type: str | None, settings: Any = None, kind: str | None = None) -> Any:
     """The strategy of :func:`resolve_strategy`."""
-    return resolve_strategy(error_type, settings)[0]
+    return resolve_strategy(error_type, settings, kind)[0]
 
 
 def plugin_of(strategy: Any) -> str:
@@ -827,6 +869,8 @@ def describe(settings: Any = None) -> dict[str, Any]:
         "plugins": plugins,
         "strategies": [{"error_type": t, "strategy": s.name, "plugin": p, "summary": getattr(s, "summary", "")}
                        for t, (s, p) in sorted(table.items())],
+        "kind_strategies": [{"kind": k, "strategy": s.name, "plugin": p}
+                            for k, (s, p) in sorted(_state.kind_strategies.items())],
         "registered_strategies": list(_state.strategy_list),
         "failed_strategies": [{"error_type": t, "plugin": p, "error": e} for t, (p, e) in sorted(_state.orphans.items())],
         "errors": [e.to_dict() for e in recent_errors(settings)],

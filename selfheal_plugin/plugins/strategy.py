@@ -33,6 +33,12 @@ What a strategy receives, ``pattern`` (:class:`selfheal_plugin.analysis.patterns
                        there is one, else :meth:`Strategy.suggest` (None while proposing)
     suggested_by       "proposal" or "strategy": where suggested_fix came from
     improvement_id     the open proposal behind suggested_fix, if any
+    failure_kind       what the failures are, from the evidence (one of FAILURE_KINDS)
+    evidence           the evidence behind it (JSON data, see selfheal_plugin.analysis.evidence):
+                       kind, reasons, templates, codes (errno, http_status, jsonrpc), paths
+                       (exists_now), determinism (verdict, same_args_*, retried_in_run,
+                       followed_in_run, follow_up_succeeded), server (streak_share),
+                       spacing_s, retry_after_s, reset_in_s, durations
     occurrences_detail one dict per failure: event_id, run_id, step_index, ts (epoch s),
                        timestamp, tool_name, error_type, raw_error_type, message,
                        template (numbers, paths, ids masked), duration_ms, arg_keys,
@@ -76,6 +82,10 @@ if TYPE_CHECKING:
     from selfheal_plugin.analysis.patterns import Pattern
     from selfheal_plugin.history.settings import Settings
 
+# What a failure is, read from its evidence (selfheal_plugin.analysis.evidence); a strategy
+# may register for kinds as well as error types (see plugins.manager.resolve_strategy).
+FAILURE_KINDS = ("missing_resource", "permission", "rate_limited", "transient_upstream", "slow_tail", "hang",
+                 "server_down", "invalid_arguments", "unknown")
 CHANGE_KINDS = ("config", "manual")
 CHANGE_OPS = ("set", "delete")
 RISK_LEVELS = ("low", "medium", "high")
@@ -258,6 +268,7 @@ class Proposal:
     confidence: float | None = None
     expected_reduction: float | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
+    failure_kind: str | None = None  # the pattern's kind when proposed (make_proposal fills it)
 
     def __post_init__(self) -> None:
         if self.risk_level not in RISK_LEVELS:
@@ -420,7 +431,10 @@ class Strategy(abc.ABC):
     """Base class for fix strategies; register instances through ``register_strategies``.
 
     Subclasses set ``name`` (unique, shown in ``plugins`` and stored on proposals),
-    ``error_types`` (canonical names, e.g. ``("timeout",)``; any spelling normalises) and
+    ``error_types`` (canonical names, e.g. ``("timeout",)``; any spelling normalises),
+    optionally ``kinds`` (failure kinds from :data:`FAILURE_KINDS` the strategy fixes,
+    whatever the runtime's label; at least one of the two must be non-empty; see
+    :func:`selfheal_plugin.plugins.manager.resolve_strategy` for the precedence) and
     ``summary`` (one line: what the fix does), and implement :meth:`propose`; optionally
     :meth:`suggest` and :meth:`simulate`. Every method is called in a worker thread with
     a deadline (``plugin_timeout_seconds``): keep them free of global side effects.
@@ -428,6 +442,7 @@ class Strategy(abc.ABC):
 
     name: ClassVar[str] = ""
     error_types: ClassVar[tuple[str, ...]] = ()
+    kinds: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
 
     def suggest(self, pattern: Pattern) -> str:
@@ -464,7 +479,7 @@ class Strategy(abc.ABC):
             changes_required=changes_required or [c.describe() for c in parsed], changes=parsed,
             confidence=pattern.confidence,
             expected_reduction=None if expected_reduction is None else round(float(expected_reduction), 4),
-            evidence=evidence or {},
+            evidence=evidence or {}, failure_kind=getattr(pattern, "failure_kind", None),
         )
 
 
@@ -526,17 +541,35 @@ def recovered_in_run(pattern: Pattern, history: HistoryWindow) -> tuple[int, lis
 
 @dataclass
 class RetryPlan:
-    """Retries sized from history: ``attempts`` so that, with failures independent at the
-    observed rate, ``rate ** (attempts + 1) <= 1 %``; ``backoff_ms`` so that the total wait
-    ``backoff · (2^attempts − 1)`` covers the median in-run recovery delay."""
+    """Retries sized from history, by the first model that the evidence supports:
+
+    * ``deterministic`` — the same arguments failed again every time they were repeated
+      (``pattern.evidence["determinism"]``): a retry would fail too; no retries
+      (``attempts = 0``, ``reduction = 0``, :meth:`changes` is empty);
+    * ``observed`` — at least :data:`MIN_FOLLOW_UPS` failures were followed by another call
+      of the tool in the same run: ``p = (s + 1) / (n + 2)`` of those succeeded (as the
+      simulation's retry model), ``attempts`` the fewest with ``(1 − p)^attempts <= 1 %``
+      (at most 5) and ``reduction = 1 − (1 − p)^attempts``;
+    * ``independence`` — no such evidence: the attempts are sized as if failures were
+      independent at the observed rate (``rate ** (attempts + 1) <= 1 %``), but nothing in
+      the history says a retry succeeds, so ``reduction`` is None (unknown), not
+      ``1 − rate^attempts``; ``independent_reduction`` keeps that figure for reference.
+
+    ``backoff_ms`` makes the total wait ``backoff · (2^attempts − 1)`` cover the median
+    in-run recovery delay."""
 
     attempts: int
     backoff_ms: int
-    reduction: float  # 1 - rate ** attempts: failures a retry would have turned into successes
+    reduction: float | None  # failures the retries would have turned into successes; None: unknown
     failure_rate: float
     recovery_delay_ms: float | None
+    model: str = "independence"
+    p_retry_succeeds: float | None = None
+    independent_reduction: float | None = None  # 1 − rate^attempts, what independence would give
 
     def changes(self, tool_name: str) -> list[Change]:
+        if self.attempts <= 0:
+            return []
         return [Change.config(tool_path(tool_name, "retry_attempts"), self.attempts),
                 Change.config(tool_path(tool_name, "retry_backoff_ms"), self.backoff_ms)]
 
@@ -545,19 +578,29 @@ class RetryPlan:
 
 
 DEFAULT_BACKOFF_MS = 1000
+MIN_FOLLOW_UPS = 3
 
 
 def retry_plan(pattern: Pattern, history: HistoryWindow) -> RetryPlan:
     rate = float(pattern.failure_rate)
-    attempts = retries_needed(rate)
+    det = (getattr(pattern, "evidence", None) or {}).get("determinism") or {}
     _, delays = recovered_in_run(pattern, history)
-    if delays:
-        delays.sort()
-        median = delays[len(delays) // 2]
-        backoff = min(30_000, max(250, nice_ceil_ms(median / (2 ** attempts - 1))))
+    median = sorted(delays)[len(delays) // 2] if delays else None
+    if det.get("verdict") == "deterministic":
+        return RetryPlan(0, 0, 0.0, rate, median, "deterministic", 0.0)
+    follow, follow_ok = int(det.get("followed_in_run") or 0), int(det.get("follow_up_succeeded") or 0)
+    p = None
+    if follow >= MIN_FOLLOW_UPS:
+        p = (follow_ok + 1) / (follow + 2)
+        attempts = next((n for n in range(1, 6) if (1 - p) ** n <= 0.01), 5)
+        reduction, model = 1 - (1 - p) ** attempts, "observed"
     else:
-        median, backoff = None, DEFAULT_BACKOFF_MS
-    return RetryPlan(attempts, backoff, round(1 - rate ** attempts, 4), rate, median)
+        attempts = retries_needed(rate)
+        reduction, model = None, "independence"
+    backoff = min(30_000, max(250, nice_ceil_ms(median / (2 ** attempts - 1)))) if median is not None \
+        else DEFAULT_BACKOFF_MS
+    return RetryPlan(attempts, backoff, None if reduction is None else round(reduction, 4), rate, median, model,
+                     None if p is None else round(p, 4), round(1 - rate ** attempts, 4))
 
 
 class ModeledStrategy(Strategy):

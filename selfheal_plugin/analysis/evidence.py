@@ -1,0 +1,516 @@
+"""Evidence per failure pattern, and the failure kind read from it.
+
+The runtime's error label (``connection_refused``, ``tool_error``...) is a hint taken from
+a substring of the message; it calls every ``ENOENT`` a refused connection and every HTTP
+429 a tool error. The fix should follow what the failures *are*, so this module reads, for
+one pattern (its occurrences and the history around them):
+
+* message templates with counts, and the **codes** in the messages: errno names
+  (``ENOENT``, ``EACCES``, ``ECONNREFUSED``, ``ETIMEDOUT``..., also Python's
+  ``[Errno 2]``), HTTP statuses (``status code 404``, ``HTTP 429`` or a reason phrase such
+  as ``Too Many Requests``), JSON-RPC codes (``MCP error -32602``), and ``Retry-After``
+  seconds or reset instants;
+* the **argument** a message names (a path, a URL or an id of the call) and, for paths,
+  whether the path exists now on this machine;
+* **determinism**: did the same arguments fail again, succeed later, and did a retry of
+  the same tool in the same run succeed;
+* **server streaks**: did other tools of the same MCP server fail within
+  :data:`STREAK_SECONDS` of each occurrence (the server, not the call, is down);
+* the spacing of the failures and, for timeouts, how long the tool's successful calls take.
+
+The **failure kind** (:data:`KINDS`) comes from rules on those signals — codes first, then
+phrases, then the runtime label when the messages say nothing — voted over the
+occurrences, then adjusted by history: a streak across a server's tools makes a refused or
+closed connection ``server_down``; timeouts are a ``slow_tail`` when the tool's successful
+calls come close to the limit and a ``hang`` when none do. No rule names a server or a
+message of one; the accuracy on the real corpus (tests/data/mcp_error_corpus.jsonl) is
+computed by tests/test_evidence.py and quoted in the README.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+import os
+import re
+import sqlite3
+import statistics
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from selfheal_plugin.history.connection import server_of
+from selfheal_plugin.plugins.strategy import FAILURE_KINDS
+
+KINDS = FAILURE_KINDS
+MAX_OCCURRENCES = 500  # the most recent occurrences read for arguments
+MAX_CALLS = 5_000  # the most recent calls of the tool read for determinism
+START_LOOKBACK_IDS = 10_000  # how far before a pattern's first failure its tool_start may be
+STREAK_SECONDS = 60.0
+STREAK_SHARE = 0.5
+HANG_SHARE = 0.5  # a success at least this share of the cut-off duration makes the timeouts a slow tail
+
+# ---------------------------------------------------------------- codes in a message
+
+ERRNO_NAMES = ("ENOENT", "EACCES", "EPERM", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "EHOSTUNREACH",
+               "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN", "EPIPE", "EISDIR", "ENOTDIR", "EEXIST", "EROFS",
+               "ENOSPC", "EMFILE", "EINVAL")
+_ERRNO = re.compile(r"\b(" + "|".join(ERRNO_NAMES) + r")\b")
+_PY_ERRNO = {2: "ENOENT", 13: "EACCES", 1: "EPERM", 111: "ECONNREFUSED", 104: "ECONNRESET", 110: "ETIMEDOUT",
+             32: "EPIPE", 21: "EISDIR", 20: "ENOTDIR", 17: "EEXIST", 30: "EROFS", 113: "EHOSTUNREACH"}
+_PY_ERRNO_RE = re.compile(r"\[(?:Errno|WinError) (\d+)\]")
+_STATUS_RE = re.compile(r"\b(?:status(?: code)?|HTTP(?:/\d(?:\.\d)?)?|code)[:= ]+([45]\d\d)\b", re.IGNORECASE)
+REASONS = {"Bad Request": 400, "Unauthorized": 401, "Forbidden": 403, "Not Found": 404, "Request Timeout": 408,
+           "Conflict": 409, "Unprocessable Entity": 422, "Too Many Requests": 429, "Internal Server Error": 500,
+           "Bad Gateway": 502, "Service Unavailable": 503, "Gateway Timeout": 504}
+_REASON_RE = re.compile(r"\b(" + "|".join(re.escape(r) for r in REASONS) + r")\b")
+_JSONRPC_RE = re.compile(r"(?:MCP error|JSON-?RPC error|\bcode)[: ]+(-32\d\d\d)\b", re.IGNORECASE)
+_RETRY_AFTER_RE = re.compile(r"retry[- ]after[:= ]+(\d+(?:\.\d+)?)\s*(ms|milliseconds?|s|sec|seconds?|m|min|minutes?)?"
+                             r"|(?:try again|retry) in (\d+(?:\.\d+)?)\s*(ms|milliseconds?|s|sec|seconds?|m|min|minutes?)",
+                             re.IGNORECASE)
+_RESET_RE = re.compile(r"(?:rate.?limit.?reset|resets? at|reset)[:= ]+(\d{10}(?:\.\d+)?|\d{4}-\d\d-\d\dT[\d:.]+(?:Z|[+-]\d\d:?\d\d)?)",
+                       re.IGNORECASE)
+
+
+def _seconds(value: str, unit: str | None) -> float:
+    v = float(value)
+    u = (unit or "s").lower()
+    if u.startswith(("ms", "milli")):
+        return v / 1000
+    if u.startswith("m"):
+        return v * 60
+    return v
+
+
+def message_codes(message: str) -> dict[str, Any]:
+    """The machine-readable signals in one message: ``errno`` names, ``http_status``
+    numbers, ``jsonrpc`` codes, ``retry_after_s`` and ``reset_at`` (epoch seconds)."""
+    text = message or ""
+    errno = [m for m in _ERRNO.findall(text)]
+    errno += [_PY_ERRNO[int(n)] for n in _PY_ERRNO_RE.findall(text) if int(n) in _PY_ERRNO]
+    status = [int(s) for s in _STATUS_RE.findall(text)]
+    status += [REASONS[r] for r in _REASON_RE.findall(text)]
+    jsonrpc = [int(c) for c in _JSONRPC_RE.findall(text)]
+    retry_after = None
+    for m in _RETRY_AFTER_RE.finditer(text):
+        value, unit = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        retry_after = max(retry_after or 0.0, _seconds(value, unit))
+    reset_at = None
+    for m in _RESET_RE.finditer(text):
+        raw = m.group(1)
+        try:
+            reset_at = float(raw) if raw[:4].isdigit() and "-" not in raw else \
+                datetime.fromisoformat(raw).timestamp()
+        except ValueError:
+            continue
+    return {"errno": sorted(set(errno)), "http_status": sorted(set(status)), "jsonrpc": sorted(set(jsonrpc)),
+            "retry_after_s": retry_after, "reset_at": reset_at}
+
+
+# ---------------------------------------------------------------- the kind of one message
+
+_RATE = re.compile(r"too many requests|rate.?limit|quota exceeded|throttl|slow down", re.IGNORECASE)
+_CREDENTIALS = re.compile(r"unauthori[sz]ed|invalid (?:api[ _-]?key|token|credentials)|(?:api[ _-]?key|token) "
+                          r"(?:is )?(?:missing|invalid|expired|revoked)|authentication (?:failed|required)|"
+                          r"not authenticated", re.IGNORECASE)
+_PERMISSION = re.compile(r"permission denied|access denied|access is denied|forbidden|not permitted|"
+                         r"operation not allowed|is not allowed|not allowed to|outside (?:the )?allowed|"
+                         r"not in the allowed|dubious ownership|read-only|insufficient (?:privileges|scope)|"
+                         r"refused to fetch|not a public address", re.IGNORECASE)
+_INVALID = re.compile(r"validation error|invalid input|invalid (?:arguments?|params?|parameters?|option|value|"
+                      r"format)|\binvalid [\w ]{1,30}(?::| format)|unknown tool|tool \S+ not found|field required|"
+                      r"missing required|required (?:argument|parameter|property|field)|expected \w+, received|"
+                      r"input should be|must be (?:a|an|one of|at least|at most|greater|less)|"
+                      r"unexpected (?:argument|keyword|property)|unsupported (?:url )?(?:protocol|scheme)|"
+                      r"already exists|could not find exact match|malformed|bad request|additional propert", re.IGNORECASE)
+_MISSING = re.compile(r"not found|does not exist|doesn't exist|no such (?:file|directory|entity|object|key|"
+                      r"table|ref|branch|path)|did not resolve|did not match any|cannot find|can't find|"
+                      r"could not find|unknown revision|no longer exists", re.IGNORECASE)
+_UPSTREAM = re.compile(r"fetch failed|connection issue|temporar(?:y|ily) unavailable|try again later|"
+                       r"socket hang up|upstream|bad gateway|service unavailable|internal server error|"
+                       r"gateway timeout|connection reset|network (?:error|is unreachable)", re.IGNORECASE)
+_SERVER_DOWN = re.compile(r"connection closed|not connected|broken pipe|server (?:exited|has exited|disconnected)|"
+                          r"process exited|transport closed|spawn \S+ ENOENT|cannot find module|"
+                          r"failed to start", re.IGNORECASE)
+_TIMEOUT = re.compile(r"timed out|time-?out|deadline (?:has )?(?:elapsed|exceeded)|took more than .{0,40}abort",
+                      re.IGNORECASE)
+# A launch failure: Python's "[Errno 2] No such file or directory: 'cmd'" naming a bare
+# command (no slash), Node's "spawn cmd ENOENT", or Node's "Cannot find module" (the
+# server's script is missing).
+_MISSING_COMMAND = re.compile(r"\[Errno 2\] No such file or directory: '([^'/]+)'|spawn \S+ ENOENT|"
+                              r"cannot find module", re.I)
+
+LABEL_KINDS = {"timeout": "slow_tail", "connection_refused": "server_down", "server_crashed": "server_down",
+               "permission_denied": "permission", "rate_limited": "rate_limited", "rate_limit": "rate_limited"}
+
+
+def message_kind(message: str, label: str | None = None) -> tuple[str, str]:
+    """(kind, reason) for one message: codes first, then phrases, then the runtime's label
+    (``label``) when the message says nothing a rule knows; else ``unknown``."""
+    text = message or ""
+    codes = message_codes(text)
+    errno, status, rpc = set(codes["errno"]), set(codes["http_status"]), set(codes["jsonrpc"])
+    if 429 in status or _RATE.search(text):
+        return "rate_limited", "HTTP 429" if 429 in status else "rate-limit phrase"
+    if _MISSING_COMMAND.search(text):
+        return "server_down", "the server's command was not found"
+    if -32602 in rpc or -32601 in rpc:
+        return "invalid_arguments", f"JSON-RPC {min(rpc & {-32602, -32601})}"
+    if status & {401, 403} or errno & {"EACCES", "EPERM", "EROFS"}:
+        return "permission", ", ".join([*(f"HTTP {s}" for s in sorted(status & {401, 403})),
+                                        *sorted(errno & {"EACCES", "EPERM", "EROFS"})])
+    if _CREDENTIALS.search(text):
+        return "permission", "credential phrase"
+    if errno & {"EISDIR", "ENOTDIR", "EEXIST", "EINVAL"} or status & {400, 409, 422}:
+        return "invalid_arguments", ", ".join([*sorted(errno & {"EISDIR", "ENOTDIR", "EEXIST", "EINVAL"}),
+                                               *(f"HTTP {s}" for s in sorted(status & {400, 409, 422}))])
+    if _INVALID.search(text):  # before the permission phrases: "property x is not allowed" is a schema error
+        return "invalid_arguments", "validation phrase"
+    if _PERMISSION.search(text):
+        return "permission", "permission phrase"
+    if "ENOENT" in errno or 404 in status:
+        return "missing_resource", "ENOENT" if "ENOENT" in errno else "HTTP 404"
+    if _MISSING.search(text):
+        return "missing_resource", "not-found phrase"
+    if any(500 <= s < 600 for s in status) or 408 in status or errno & {"ECONNREFUSED", "ECONNRESET", "EHOSTUNREACH",
+                                                                          "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN"}:
+        found = [f"HTTP {s}" for s in sorted(status) if s >= 500 or s == 408]
+        found += sorted(errno & {"ECONNREFUSED", "ECONNRESET", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN"})
+        return "transient_upstream", ", ".join(found)
+    if _UPSTREAM.search(text):
+        return "transient_upstream", "upstream phrase"
+    if _SERVER_DOWN.search(text) or "EPIPE" in errno:
+        return "server_down", "connection to the server closed"
+    if _TIMEOUT.search(text) or "ETIMEDOUT" in errno or -32001 in rpc:
+        return "slow_tail", "timed out (slow tail unless the history shows a hang)"
+    if label in LABEL_KINDS:
+        return LABEL_KINDS[label], f"runtime label {label} (the message says nothing more)"
+    return "unknown", "no rule matches the message"
+
+
+# ---------------------------------------------------------------- arguments named by a message
+
+_URL = re.compile(r"https?://[^\s'\"<>)]+")
+
+
+def _flat_args(args: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(args, dict):
+        for k, v in args.items():
+            yield from _flat_args(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(args, list):
+        for i, v in enumerate(args[:20]):
+            yield from _flat_args(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, args
+
+
+def named_argument(message: str, args: Any) -> dict[str, Any] | None:
+    """The argument of the call that the message names: ``{"key", "value", "type"}`` with
+    type ``path``, ``url`` or ``id``; None when the message names none of them."""
+    text = message or ""
+    best = None
+    for key, value in _flat_args(args):
+        if not isinstance(value, str) or len(value) < 2 or value not in text:
+            continue
+        if _URL.fullmatch(value):
+            kind = "url"
+        elif value.startswith(("/", "~/", "./", "../")) or re.search(r"[\\/]", value) and "." in value.rsplit("/", 1)[-1]:
+            kind = "path"
+        else:
+            kind = "id"
+        if best is None or len(value) > len(best["value"]):
+            best = {"key": key, "value": value, "type": kind}
+    if best is None:  # a path argument the server resolved (../ folded, ~ expanded)
+        for key, value in _flat_args(args):
+            if isinstance(value, str) and value.startswith(("/", "~")) and os.path.normpath(value) in text:
+                return {"key": key, "value": value, "type": "path"}
+    return best
+
+
+_MESSAGE_PATH = re.compile(r"(?<![\w:/.])(?:~|\.{1,2})?(?:/[\w.@+-]+){2,}/?")
+
+
+def message_path(message: str) -> dict[str, Any] | None:
+    """A path the message names when the call's arguments do not hold it (arguments
+    unknown, or the server resolved them): ``{"key": None, "value", "type": "path"}``."""
+    if _URL.search(message or ""):
+        return None
+    m = _MESSAGE_PATH.search(message or "")
+    return {"key": None, "value": m.group(0), "type": "path"} if m else None
+
+
+def _path_exists(value: str) -> bool | None:
+    try:
+        return os.path.exists(os.path.expanduser(value))
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- history reads
+
+
+@dataclass
+class _Call:
+    event_id: int
+    run_id: str
+    ts: float
+    ok: bool
+    duration_ms: float | None
+    args_key: str | None
+
+
+def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tuple[list[_Call], dict[int, Any]]]:
+    """For each tool in ``firsts`` (tool → the ``run_events`` id of its pattern's first
+    failure): its calls from that id on (the most recent :data:`MAX_CALLS`), oldest first,
+    and each ``tool_complete`` id's call arguments (JSON text).
+
+    One range scan on the primary key for all the tools, with a substring prefilter
+    (``instr``, no JSON parse) on their names; SQLite's JSON functions read the fields of the
+    rows that pass (the arguments stay JSON text, compared as such), and each call is
+    paired with the run's latest ``tool_start`` of the tool before it."""
+    out: dict[str, tuple[list[_Call], dict[int, Any]]] = {t: ([], {}) for t in firsts}
+    if not firsts:
+        return out
+    names = list(firsts)
+    sql = f"""
+    SELECT id, run_id, event_type, json_extract(event_data, '$.name'), json_extract(event_data, '$.arguments'),
+           json_extract(event_data, '$.is_error'), json_extract(event_data, '$.duration'),
+           (julianday(timestamp) - 2440587.5) * 86400.0
+    FROM run_events
+    WHERE id >= ? AND event_type IN ('tool_start', 'tool_complete')
+      AND ({' OR '.join('instr(event_data, ?) > 0' for _ in names)}) AND json_valid(event_data)
+    ORDER BY id"""
+    started: dict[tuple[str, str], str | None] = {}
+    for eid, run_id, etype, name, args, is_error, duration, ts in conn.execute(
+            sql, (min(firsts.values()) - START_LOOKBACK_IDS, *names)):
+        if name not in out:
+            continue
+        if etype == "tool_start":
+            started[(run_id, name)] = args if isinstance(args, str) else None
+            continue
+        if ts is None or eid < firsts[name]:
+            continue
+        text = started.pop((run_id, name), None)
+        calls, args_of = out[name]
+        args_of[eid] = text
+        dur = float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None
+        calls.append(_Call(eid, run_id, float(ts), is_error != 1, dur, text))
+    for calls, _ in out.values():
+        del calls[:-MAX_CALLS]
+    return out
+
+
+def _parsed(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _server_errors(conn: sqlite3.Connection, server: str, lo: float, hi: float) -> list[tuple[float, str]]:
+    prefix = f"mcp__{server}__"
+    rows = conn.execute("SELECT ts, tool_name FROM selfheal_errors WHERE ts >= ? AND ts <= ? "
+                        "AND substr(tool_name, 1, ?) = ?", (lo, hi, len(prefix), prefix)).fetchall()
+    return [(float(ts), name) for ts, name in rows]
+
+
+# ---------------------------------------------------------------- the evidence of a pattern
+
+
+def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, Any]) -> dict[str, Any]:
+    """Did the same arguments fail again or succeed later; did a retry in the run succeed.
+
+    ``verdict``: ``deterministic`` when repeats of failed arguments (later calls with the
+    same arguments, or retries in the same run) all failed and there were at least two;
+    ``transient`` when at least half of those repeats succeeded; else ``mixed``, or
+    ``undetermined`` with no repeat in the history."""
+    by_run: dict[str, list[_Call]] = {}
+    for c in calls:
+        by_run.setdefault(c.run_id, []).append(c)
+    same_failed = same_ok = retried = retry_ok = follow = follow_ok = 0
+    keys = {}
+    for o in occ:
+        key = args.get(o["event_id"])  # the arguments' JSON text, as the calls' args_key
+        keys[o["event_id"]] = key
+    for o in occ:
+        key = keys[o["event_id"]]
+        later = [c for c in calls if c.event_id > o["event_id"]]
+        in_run = [c for c in by_run.get(o["run_id"], ()) if c.event_id > o["event_id"]]
+        if in_run:
+            follow += 1
+            follow_ok += in_run[0].ok
+        if key is None:
+            continue
+        same = [c for c in later if c.args_key == key]
+        if same:
+            nxt = same[0]
+            if nxt.ok:
+                same_ok += 1
+            else:
+                same_failed += 1
+            if nxt.run_id == o["run_id"]:
+                retried += 1
+                retry_ok += nxt.ok
+    repeats = same_failed + same_ok
+    if repeats >= 2 and same_ok == 0:
+        verdict = "deterministic"
+    elif repeats >= 1 and same_ok / repeats >= 0.5:
+        verdict = "transient"
+    elif repeats:
+        verdict = "mixed"
+    else:
+        verdict = "undetermined"
+    return {"verdict": verdict, "same_args_failed_again": same_failed, "same_args_succeeded_later": same_ok,
+            "retried_in_run": retried, "retry_succeeded_in_run": retry_ok,
+            "followed_in_run": follow, "follow_up_succeeded": follow_ok}
+
+
+def server_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How often another tool of the same MCP server failed within :data:`STREAK_SECONDS`
+    of an occurrence; None for a tool of no MCP server."""
+    server = server_of(tool)
+    if not server or not occ:
+        return None
+    times = sorted(o["ts"] for o in occ)
+    errors = _server_errors(conn, server, times[0] - STREAK_SECONDS, times[-1] + STREAK_SECONDS)
+    others = sorted((ts, name) for ts, name in errors if name != tool)
+    tools = {name for _, name in others}
+    other_ts = [ts for ts, _ in others]
+    together = 0
+    for t in times:
+        i = bisect.bisect_left(other_ts, t - STREAK_SECONDS)
+        if i < len(other_ts) and other_ts[i] <= t + STREAK_SECONDS:
+            together += 1
+    return {"server": server, "other_tools_failing": len(tools), "occurrences_with_server_streak": together,
+            "streak_share": round(together / len(times), 4)}
+
+
+def _durations(calls: list[_Call], occ: list[dict[str, Any]]) -> dict[str, Any]:
+    cut = [o["duration_ms"] for o in occ if o.get("duration_ms") is not None]
+    ok = [c.duration_ms for c in calls if c.ok and c.duration_ms is not None]
+    limit = statistics.median(cut) if cut else None
+    near = sum(1 for d in ok if limit and d >= HANG_SHARE * limit)
+    return {"cut_off_ms_median": limit, "successes": len(ok), "successes_near_limit": near,
+            "success_ms_max": max(ok) if ok else None}
+
+
+def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurrences: list[dict[str, Any]],
+           *, check_paths: bool = True,
+           calls: tuple[list[_Call], dict[int, Any]] | None = None) -> dict[str, Any]:
+    """The evidence for one pattern (JSON data) with its ``kind``; see the module docstring.
+
+    ``occurrences`` are the pattern's ``occurrences_detail`` (event_id, run_id, ts, message,
+    template, duration_ms); the most recent :data:`MAX_OCCURRENCES` are read for arguments.
+    ``calls`` is what :func:`tool_calls` returned for the tool (detect reads all patterns'
+    tools in one scan); read here when not given."""
+    occ = sorted(occurrences, key=lambda o: o["event_id"])[-MAX_OCCURRENCES:]
+    if not occ:
+        return {"kind": "unknown", "reasons": ["no occurrences"]}
+    if calls is None:
+        calls = tool_calls(conn, {tool: min(o["event_id"] for o in occ)})[tool]
+    calls, args = calls
+    votes: Counter = Counter()
+    reasons: Counter = Counter()
+    errno: Counter = Counter()
+    status: Counter = Counter()
+    rpc: Counter = Counter()
+    templates: dict[str, dict[str, Any]] = {}
+    named: Counter = Counter()
+    paths: dict[str, dict[str, Any]] = {}
+    retry_after: list[float] = []
+    resets: list[float] = []
+    for o in occ:
+        kind, reason = message_kind(o["message"], error_type)
+        votes[kind] += 1
+        reasons[f"{kind}: {reason}"] += 1
+        codes = message_codes(o["message"])
+        errno.update(codes["errno"])
+        status.update(str(s) for s in codes["http_status"])
+        rpc.update(str(c) for c in codes["jsonrpc"])
+        if codes["retry_after_s"] is not None:
+            retry_after.append(codes["retry_after_s"])
+        if codes["reset_at"] is not None:
+            resets.append(codes["reset_at"] - o["ts"])
+        t = templates.setdefault(o["template"], {"template": o["template"], "count": 0, "kind": kind,
+                                                 "example": o["message"][:300]})
+        t["count"] += 1
+        arg = named_argument(o["message"], _parsed(args.get(o["event_id"]))) or message_path(o["message"])
+        if arg:
+            named[arg["type"]] += 1
+            if arg["type"] == "path":
+                p = paths.setdefault(arg["value"], {"path": arg["value"], "argument": arg["key"], "count": 0})
+                p["count"] += 1
+    for p in paths.values():
+        p["exists_now"] = _path_exists(p["path"]) if check_paths else None
+    gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(occ) if b["ts"] >= a["ts"]]
+    det = determinism(occ, calls, args)
+    streak = server_streak(conn, tool, occ)
+    kind, share = votes.most_common(1)[0][0], votes.most_common(1)[0][1] / len(occ)
+    why = [r for r, _ in reasons.most_common(3)]
+    durations = None
+    if kind in ("slow_tail", "hang"):
+        durations = _durations(calls, occ)
+        if durations["cut_off_ms_median"] and durations["successes"] >= 3 and durations["successes_near_limit"] == 0:
+            kind = "hang"
+            why.append(f"none of {durations['successes']} successful calls came within "
+                       f"{HANG_SHARE:.0%} of the {durations['cut_off_ms_median']:.0f} ms cut-off: a hang")
+        elif durations["successes"] == 0 and len(occ) >= 3:
+            kind = "hang"
+            why.append(f"no call of the tool finished in the history, {len(occ)} timed out: a hang")
+    if kind in ("transient_upstream", "server_down", "unknown") and streak and streak["other_tools_failing"] >= 1 \
+            and streak["streak_share"] >= STREAK_SHARE:
+        if kind != "server_down":
+            why.append(f"{streak['streak_share']:.0%} of failures came with failures of "
+                       f"{streak['other_tools_failing']} other tool(s) of server {streak['server']}: the server is down")
+        kind = "server_down"
+    out = {
+        "kind": kind,
+        "kind_share": round(share, 4),
+        "kind_votes": dict(votes.most_common()),
+        "reasons": why,
+        "runtime_label": error_type,
+        "sampled_occurrences": len(occ),
+        "templates": sorted(templates.values(), key=lambda t: -t["count"])[:10],
+        "codes": {"errno": dict(errno.most_common()), "http_status": dict(status.most_common()),
+                  "jsonrpc": dict(rpc.most_common())},
+        "named_arguments": dict(named.most_common()),
+        "paths": sorted(paths.values(), key=lambda p: -p["count"])[:10],
+        "path_occurrences": sum(p["count"] for p in paths.values()),
+        "determinism": det,
+        "server": streak,
+        "spacing_s": {"median": round(statistics.median(gaps), 3), "min": round(min(gaps), 3)} if gaps else None,
+        "retry_after_s": max(retry_after) if retry_after else None,
+        "reset_in_s": round(max(resets), 3) if resets else None,
+        "durations": durations,
+    }
+    out["summary"] = kind_line(out)
+    return out
+
+
+def kind_line(evidence: dict[str, Any] | None) -> str:
+    """One line for people: the kind and the strongest evidence for it, e.g.
+    ``missing_resource (runtime label connection_refused; ENOENT ×5; deterministic)``."""
+    if not evidence:
+        return "unknown (no evidence read)"
+    parts = []
+    if evidence.get("runtime_label"):
+        parts.append(f"runtime label {evidence['runtime_label']}")
+    codes = evidence.get("codes") or {}
+    for name, fmt in (("errno", "{}"), ("http_status", "HTTP {}"), ("jsonrpc", "JSON-RPC {}")):
+        for code, count in list((codes.get(name) or {}).items())[:2]:
+            parts.append(f"{fmt.format(code)} ×{count}")
+    verdict = (evidence.get("determinism") or {}).get("verdict")
+    if verdict and verdict != "undetermined":
+        parts.append(verdict)
+    server = evidence.get("server") or {}
+    if server.get("streak_share"):
+        parts.append(f"server streak {server['streak_share']:.0%}")
+    if evidence.get("retry_after_s"):
+        parts.append(f"Retry-After {evidence['retry_after_s']:g} s")
+    if evidence.get("kind") == "unknown":
+        parts.append("no rule reads a cause from the messages")
+    return f"{evidence.get('kind', 'unknown')} ({'; '.join(parts)})" if parts else str(evidence.get("kind", "unknown"))
