@@ -25,7 +25,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import git
+from selfheal_plugin.lazy import lazy_module
+
+git = lazy_module("git")  # imported on first use: start-up does not pay for it
 
 from selfheal_plugin.errors import SelfHealError
 

@@ -37,7 +37,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
+from selfheal_plugin.lazy import lazy_module
+
+np = lazy_module("numpy")  # imported on first use: start-up does not pay for it
 
 from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
 from selfheal_plugin.history.connection import normalize_error_type
