@@ -52,10 +52,15 @@ class Pattern:
     # what detection knew, for strategies and `show`; not part of the JSON result
     occurrences_detail: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
-    def to_dict(self, detail: bool = False) -> dict[str, Any]:
-        """The JSON-ready fields (a shallow copy: no deep copy of the occurrences)."""
+    def to_dict(self, detail: bool = False, runs_limit: int | None = None) -> dict[str, Any]:
+        """The JSON-ready fields (a shallow copy: no deep copy of the occurrences).
+
+        ``affected_run_count`` is the number of affected runs; ``runs_limit`` keeps only the
+        latest that many of them in ``affected_runs`` (oldest first), None keeps all."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "occurrences_detail"}
-        d["affected_runs"] = list(self.affected_runs)
+        runs = self.affected_runs
+        d["affected_runs"] = list(runs[-runs_limit:] if runs_limit is not None and runs_limit > 0 else runs)
+        d["affected_run_count"] = len(runs)
         if detail:
             d["occurrences_detail"] = self.occurrences_detail
         return d

@@ -75,9 +75,11 @@ def self_heal(ctx: click.Context, home: str | None, db: str | None) -> None:
 @setting_option("lookback", "--since", help="Window start: -7d, -24h, -30m, -1w, or an ISO date/datetime.")
 @setting_option("min_occurrences", "--min-occurrences")
 @setting_option("confidence_threshold", "--confidence")
+@setting_option("limit", "--limit", help="Affected runs listed per pattern in --json, the latest first kept "
+                "(affected_run_count is the total; `show PATTERN` lists them all).")
 @common_options
 def detect(home: str | None, db: str | None, as_json: bool, since: str | None = None,
-           min_occurrences: int | None = None, confidence: float | None = None) -> None:
+           min_occurrences: int | None = None, confidence: float | None = None, limit: int = 20) -> None:
     """Detect recurring failure patterns."""
     with open_service(home, db, lookback=since, min_occurrences=min_occurrences,
                       confidence_threshold=confidence) as sh:
@@ -86,7 +88,7 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
             click.echo(f"🔍 Detecting failure patterns (last {s.lookback}, min {s.min_occurrences} occurrences, "
                        f"confidence >= {pct(s.confidence_threshold)})...")
         with scan_progress(not as_json) as progress:
-            result = sh.detect(propose=True, notify=True, progress=progress)
+            result = sh.detect(propose=True, notify=True, progress=progress, runs_limit=limit)
     warn_bad_rows(result["skipped_rows"])
     if as_json:
         echo_json(result)
