@@ -116,7 +116,7 @@ class SelfHeal:
         s, now = self.settings, self.now()
         found = detect_failure_patterns(self.conn, since=since or s.lookback, min_occurrences=s.min_occurrences,
                                         confidence_threshold=s.confidence_threshold, now=now, progress=progress,
-                                        **filters)
+                                        lazy_detail=True, **filters)
         outcomes: list[ProposalOutcome] = []
         if propose and found.patterns:
             outcomes = self._propose_all(found.patterns, since=since, now=now, should_stop=should_stop)

@@ -76,11 +76,16 @@ def test_grouped_detection_equals_row_by_row(sample_history):
         expected = sorted((P._build_pattern(e, t, occ, calls.get(t, 0)) for (e, t), occ in by_sig.items()),
                           key=lambda p: (-p.occurrences, p.id))
         assert [p.to_dict() for p in found.patterns] == [p.to_dict() for p in expected]
-        for p in found.patterns:  # the rows, read when a strategy (or show) looks at them
+        lazy = P.detect_failure_patterns(conn, since="-7d", now=NOW, min_occurrences=1, confidence_threshold=0.0,
+                                         lazy_detail=True)
+        assert [p.to_dict() for p in lazy.patterns] == [p.to_dict() for p in expected]
+        for p in lazy.patterns:  # the rows, read when a strategy (or show) looks at them
             assert len(p.occurrences_detail) == p.occurrences
             assert list(p.occurrences_detail) == by_sig[(p.error_type, p.tool_name)]
     finally:
         conn.close()
+    for p in found.patterns:  # read with the patterns: usable after the connection is closed
+        assert p.occurrences_detail == by_sig[(p.error_type, p.tool_name)]
 
 
 def test_correlation_of_many_distinct_contexts_is_seeded_and_order_free():

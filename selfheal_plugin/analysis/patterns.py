@@ -274,11 +274,16 @@ def detect_failure_patterns(
     until: datetime | None = None,
     run_ids: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lazy_detail: bool = False,
 ) -> Detection:
     """Recurring failure signatures in the window, most frequent first.
 
     ``run_ids`` narrows detection to errors of those runs (the auto-analysis hook uses
     it); occurrences then count only those runs' errors within the window.
+
+    Each pattern's ``occurrences_detail`` (one dict per failure) is read with it; with
+    ``lazy_detail`` it is read when first looked at instead (the connection must still be
+    open then), which spares a detect that proposes nothing new the reading of every row.
     """
     start = parse_since(since, now)
     scanned = refresh(conn, progress)
@@ -293,9 +298,15 @@ def detect_failure_patterns(
             continue
         candidates += 1
         load = functools.partial(_error_rows, conn, since_epoch, until_epoch, etype, tool, run_ids)
-        pattern = _pattern(etype, tool, sig, calls.get(tool, 0), _LazyRows(load))
+        pattern = _pattern(etype, tool, sig, calls.get(tool, 0), _LazyRows(load) if lazy_detail else [])
         if pattern.confidence >= confidence_threshold:
             patterns.append(pattern)
+    if not lazy_detail and patterns:
+        by_sig = {(p.error_type, p.tool_name): p.occurrences_detail for p in patterns}
+        for row in _error_rows(conn, since_epoch, until_epoch, error_type, tool_name, run_ids):
+            rows = by_sig.get((row["error_type"], row["tool_name"]))
+            if rows is not None:
+                rows.append(row)
     patterns.sort(key=lambda p: (-p.occurrences, p.id))
     return Detection(patterns, format_timestamp(start), scanned, candidates)
 

@@ -207,16 +207,19 @@ def propose_all(conn: sqlite3.Connection, settings: Settings, patterns: list[Pat
     yields its :class:`StrategyError` in place of that pattern's result. ``should_stop`` is
     asked before each pattern: when it says so, the patterns left get no result.
 
-    The strategies run first, outside any transaction; the new rows are then stored in one
-    write transaction (each still only when its pattern has no open proposal), and
-    ``improvement_proposed`` fires for each row created."""
+    Without ``should_stop`` the strategies run first, outside any transaction, and the new
+    rows are then stored in one write transaction (each still only when its pattern has no
+    open proposal), ``improvement_proposed`` firing for each row created. With it, each
+    pattern's row is stored and announced before the next pattern, so that a stop request
+    (a hook may make one) lands between two patterns."""
     history = history_window(conn, settings, since, now=now)
     out: list[Proposed | StrategyError | Improvement] = []
     for p in patterns:
         if should_stop is not None and should_stop():
             break
         try:
-            out.append(_prepare(conn, settings, p, history))
+            out.append(_prepare(conn, settings, p, history) if should_stop is None
+                       else propose_for_pattern(conn, settings, p, history))
         except StrategyError as exc:
             out.append(exc)
     new = [i for i, r in enumerate(out) if isinstance(r, Improvement)]
