@@ -46,7 +46,7 @@ from selfheal_plugin.history.times import parse_since
 from selfheal_plugin.lifecycle import apply as applying
 from selfheal_plugin.lifecycle import autopilot, canary, proposals, simulation, verification
 from selfheal_plugin.lifecycle.apply import LifecycleError
-from selfheal_plugin.lifecycle.cooldown import claim_notification
+from selfheal_plugin.lifecycle.cooldown import claim_notifications
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.results import (
@@ -103,30 +103,32 @@ class SelfHeal:
 
     def detect(self, *, propose: bool = False, notify: bool = False, since: str | None = None,
                progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None,
-               **filters: Any) -> DetectResult:
+               runs_limit: int | None = None, **filters: Any) -> DetectResult:
         """Recurring failure patterns of the window, each with its one suggested fix.
 
         ``propose`` stores a proposal for every pattern (idempotent); ``notify`` fires
         ``patterns_detected`` for the patterns whose cooldown has passed. ``progress`` sees the
         index scan; ``should_stop`` is asked before each proposal (``stopped`` in the result says
-        it stopped there). ``filters`` go to
+        it stopped there). ``runs_limit`` bounds each pattern's ``affected_runs`` to its latest runs
+        (``affected_run_count`` is the total; :meth:`show` lists them all). ``filters`` go to
         :func:`~selfheal_plugin.analysis.patterns.detect_failure_patterns` (``error_type``,
         ``tool_name``, ...)."""
         s, now = self.settings, self.now()
         found = detect_failure_patterns(self.conn, since=since or s.lookback, min_occurrences=s.min_occurrences,
                                         confidence_threshold=s.confidence_threshold, now=now, progress=progress,
-                                        **filters)
+                                        lazy_detail=True, **filters)
         outcomes: list[ProposalOutcome] = []
         if propose and found.patterns:
             outcomes = self._propose_all(found.patterns, since=since, now=now, should_stop=should_stop)
         self._attach_fixes(found.patterns)
         notified: list[str] = []
         if notify and found.patterns:
-            fresh = [p for p in found.patterns if claim_notification(self.conn, p.id, now, s.cooldown_minutes)]
+            claimed = set(claim_notifications(self.conn, [p.id for p in found.patterns], now, s.cooldown_minutes))
+            fresh = [p for p in found.patterns if p.id in claimed]
             notified = [p.id for p in fresh]
             if fresh:
                 plugins.fire("patterns_detected", patterns=fresh, settings=s)
-        return {"since": found.since, "patterns": [p.to_dict() for p in found.patterns], "proposals": outcomes,
+        return {"since": found.since, "patterns": [p.to_dict(runs_limit=runs_limit) for p in found.patterns], "proposals": outcomes,
                 "notified": notified, "candidates": found.candidates, "skipped_rows": found.scanned.total_bad_rows,
                 "stopped": len(outcomes) < len(found.patterns) if propose else False}
 

@@ -17,7 +17,7 @@ import statistics
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
+from selfheal_plugin.analysis.durations import fit_sample, sample_from_calls
 from selfheal_plugin.plugins.strategy import (
     Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, nice_ceil_ms, percent, retry_plan, tool_path,
 )
@@ -40,7 +40,7 @@ class TimeoutStrategy(ModeledStrategy):
         configured = history.tool_setting(tool, "timeout_ms")
         limit = configured if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0 \
             else None
-        sample = sample_from_calls(load_tool_calls(history.conn, tool, history.since, history.until), limit)
+        sample = sample_from_calls(history.tool_calls(tool), limit)  # the window's one shared scan
         timed_out = list(sample.censored)
         old_limit = limit if limit is not None else (
             int(round(statistics.median(timed_out), -3)) if timed_out else None)

@@ -45,10 +45,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, ClassVar
 
-import numpy as np
-
 from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.plugins.strategy import ToolCall
+
+np = lazy_module("numpy")  # imported on first use: start-up does not pay for it
 
 MODEL_NAME = "censored log-normal"
 MIN_OBSERVED = 8  # observed (uncensored) durations needed to fit

@@ -14,6 +14,7 @@ as ``0.35·size + 0.45·correlation + 0.20·frequency``. See README "Detection".
 """
 from __future__ import annotations
 
+import functools
 import random
 import sqlite3
 from collections import Counter
@@ -59,12 +60,17 @@ class Pattern:
     # what detection knew, for strategies and `show`; not part of the JSON result
     occurrences_detail: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
-    def to_dict(self, detail: bool = False) -> dict[str, Any]:
-        """The JSON-ready fields (a shallow copy: no deep copy of the occurrences)."""
+    def to_dict(self, detail: bool = False, runs_limit: int | None = None) -> dict[str, Any]:
+        """The JSON-ready fields (a shallow copy: no deep copy of the occurrences).
+
+        ``affected_run_count`` is the number of affected runs; ``runs_limit`` keeps only the
+        latest that many of them in ``affected_runs`` (oldest first), None keeps all."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "occurrences_detail"}
-        d["affected_runs"] = list(self.affected_runs)
+        runs = self.affected_runs
+        d["affected_runs"] = list(runs[-runs_limit:] if runs_limit is not None and runs_limit > 0 else runs)
+        d["affected_run_count"] = len(runs)
         if detail:
-            d["occurrences_detail"] = self.occurrences_detail
+            d["occurrences_detail"] = list(self.occurrences_detail)
         return d
 
 
@@ -92,6 +98,10 @@ def _bit_jaccard(a: int, b: int) -> float:
 
 
 def context_correlation(contexts: list[frozenset[str]], seed: int = 0) -> float:
+    return _correlation(Counter(contexts), len(contexts), seed)
+
+
+def _correlation(groups: Counter, n: int, seed: int = 0) -> float:
     """How alike a pattern's occurrences are: for each occurrence, its mean Jaccard
     similarity to every other occurrence; the correlation is the median of those.
 
@@ -102,10 +112,8 @@ def context_correlation(contexts: list[frozenset[str]], seed: int = 0) -> float:
     distinct contexts, occurrences and their partners are drawn with a seeded generator,
     so the result stays deterministic. Fewer than two occurrences carry no evidence: 0.0.
     """
-    n = len(contexts)
     if n < 2:
         return 0.0
-    groups = Counter(contexts)
     if len(groups) <= MAX_CONTEXT_GROUPS:
         keys = list(groups)
         masks = _bitsets(keys)
@@ -116,7 +124,7 @@ def context_correlation(contexts: list[frozenset[str]], seed: int = 0) -> float:
             per_group.append((total / (n - 1), counts[i]))
         return _weighted_median(per_group)
     rng = random.Random(seed)
-    ordered = sorted(contexts, key=lambda s: sorted(s))
+    ordered = sorted((ctx for ctx, c in groups.items() for _ in range(c)), key=lambda s: sorted(s))
     probes = rng.sample(range(n), MAX_CONTEXT_GROUPS)
     partners = rng.sample(range(n), MAX_CONTEXT_GROUPS)
     chosen = sorted(set(probes) | set(partners))
@@ -157,12 +165,60 @@ def context_of(row: dict[str, Any]) -> frozenset[str]:
     return frozenset(ctx)
 
 
-def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None,
-                error_type: str | None, tool_name: str | None, run_ids: list[str] | None = None) -> list[dict]:
-    sql = ["SELECT e.event_id, e.run_id, e.step_index, e.ts, e.timestamp, e.tool_name, e.error_type,",
-           " e.raw_error_type, e.message, e.template, e.duration_ms, e.arg_keys,",
-           " r.workflow_name, r.started_at, r.status",
-           " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE e.ts >= ?"]
+@functools.lru_cache(maxsize=8192)
+def _message_context(template: str) -> frozenset[str]:
+    return frozenset(f"msg:{t}" for t in template_tokens(template))
+
+
+def _context(template: str, arg_keys: str, workflow: Any, step_index: Any) -> frozenset[str]:
+    """:func:`context_of` of a row given as its stored columns (``arg_keys`` joined by U+001F)."""
+    ctx = set(_message_context(template))
+    if arg_keys:
+        ctx.update(f"arg:{k}" for k in arg_keys.split("\x1f"))
+    ctx.add(f"workflow:{workflow}")
+    ctx.add(f"step:{step_index}")
+    return frozenset(ctx)
+
+
+class _LazyRows(list):
+    """A pattern's ``occurrences_detail``, read from the index when first looked at: detect
+    builds patterns from grouped counts, and only a strategy proposing for a pattern (or
+    ``show``) needs its rows."""
+
+    def __init__(self, load: Callable[[], list[dict]]) -> None:
+        super().__init__()
+        self._load: Callable[[], list[dict]] | None = load
+
+    def _fill(self) -> None:
+        if self._load is not None:
+            load, self._load = self._load, None
+            super().extend(load())
+
+    def _filled(name: str) -> Any:  # noqa: N805 - a decorator factory inside the class body
+        method = getattr(list, name)
+
+        def call(self: "_LazyRows", *args: Any, **kwargs: Any) -> Any:
+            self._fill()
+            return method(self, *args, **kwargs)
+        call.__name__ = name
+        return call
+
+    for _name in ("__iter__", "__len__", "__getitem__", "__contains__", "__reversed__", "__eq__", "__ne__",
+                  "__repr__", "__add__", "__mul__", "__lt__", "__le__", "__gt__", "__ge__", "index", "count",
+                  "copy", "append", "extend", "insert", "pop", "remove", "sort", "reverse", "clear",
+                  "__setitem__", "__delitem__", "__iadd__", "__imul__"):
+        locals()[_name] = _filled(_name)
+    del _name, _filled
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        self._fill()
+        return list, (list(self),)
+
+
+def _where(since_epoch: float, until_epoch: float | None, error_type: str | None, tool_name: str | None,
+           run_ids: list[str] | None) -> tuple[str, list[Any]]:
+    sql = ["e.ts >= ?"]
     params: list[Any] = [since_epoch]
     if until_epoch is not None:
         sql.append(" AND e.ts < ?")
@@ -176,9 +232,18 @@ def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float
     if run_ids:
         sql.append(f" AND e.run_id IN ({','.join('?' * len(run_ids))})")
         params.extend(run_ids)
-    sql.append(" ORDER BY e.event_id")
+    return "".join(sql), params
+
+
+def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None,
+                error_type: str | None, tool_name: str | None, run_ids: list[str] | None = None) -> list[dict]:
+    where, params = _where(since_epoch, until_epoch, error_type, tool_name, run_ids)
+    sql = ("SELECT e.event_id, e.run_id, e.step_index, e.ts, e.timestamp, e.tool_name, e.error_type,"
+           " e.raw_error_type, e.message, e.template, e.duration_ms, e.arg_keys,"
+           " r.workflow_name, r.started_at, r.status"
+           " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where + " ORDER BY e.event_id")
     out = []
-    for r in conn.execute("".join(sql), params):
+    for r in conn.execute(sql, params):
         out.append({
             "event_id": r[0], "run_id": r[1], "step_index": r[2], "ts": r[3], "timestamp": r[4],
             "tool_name": r[5], "error_type": r[6], "raw_error_type": r[7], "message": r[8],
@@ -216,51 +281,99 @@ def detect_failure_patterns(
     until: datetime | None = None,
     run_ids: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lazy_detail: bool = False,
 ) -> Detection:
     """Recurring failure signatures in the window, most frequent first.
 
     ``run_ids`` narrows detection to errors of those runs (the auto-analysis hook uses
     it); occurrences then count only those runs' errors within the window.
+
+    Each pattern's ``occurrences_detail`` (one dict per failure) is read with it; with
+    ``lazy_detail`` it is read when first looked at instead (the connection must still be
+    open then), which spares a detect that proposes nothing new the reading of every row.
     """
     start = parse_since(since, now)
     scanned = refresh(conn, progress)
     since_epoch = start.timestamp()
     until_epoch = until.timestamp() if until else None
-    rows = _error_rows(conn, since_epoch, until_epoch, error_type, tool_name, run_ids)
-    by_sig: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
-        by_sig.setdefault((row["error_type"], row["tool_name"]), []).append(row)
+    where, params = _where(since_epoch, until_epoch, error_type, tool_name, run_ids)
     calls = _tool_calls(conn, since_epoch, until_epoch)
     patterns: list[Pattern] = []
     candidates = 0
-    for (etype, tool), occ in by_sig.items():
-        if len(occ) < max(1, min_occurrences):
+    for (etype, tool), sig in _signatures(conn, where, params).items():
+        if sig.n < max(1, min_occurrences):
             continue
         candidates += 1
-        pattern = _build_pattern(etype, tool, occ, calls.get(tool, 0))
+        load = functools.partial(_error_rows, conn, since_epoch, until_epoch, etype, tool, run_ids)
+        pattern = _pattern(etype, tool, sig, calls.get(tool, 0), _LazyRows(load) if lazy_detail else [])
         if pattern.confidence >= confidence_threshold:
             patterns.append(pattern)
+    if not lazy_detail and patterns:
+        by_sig = {(p.error_type, p.tool_name): p.occurrences_detail for p in patterns}
+        for row in _error_rows(conn, since_epoch, until_epoch, error_type, tool_name, run_ids):
+            rows = by_sig.get((row["error_type"], row["tool_name"]))
+            if rows is not None:
+                rows.append(row)
     attach_evidence_all(conn, patterns)
     patterns.sort(key=lambda p: (-p.occurrences, p.id))
     return Detection(patterns, format_timestamp(start), scanned, candidates)
 
 
+@dataclass
+class _Signature:
+    """What detection needs of one signature's failures in the window, grouped in SQL."""
+
+    n: int = 0
+    contexts: Counter = field(default_factory=Counter)  # in order of first occurrence
+    runs: list[str] = field(default_factory=list)  # in order of first occurrence
+    first_ts: float = float("inf")
+    last_ts: float = float("-inf")
+
+
+def _signatures(conn: sqlite3.Connection, where: str, params: list[Any]) -> dict[tuple[str, str], _Signature]:
+    """The window's failures grouped by signature and context in SQLite, so that detection's
+    Python work grows with the distinct contexts and runs, not with every failed call."""
+    out: dict[tuple[str, str], _Signature] = {}
+    for etype, tool, template, arg_keys, step, workflow, count, _first, lo, hi in conn.execute(
+            "SELECT e.error_type, e.tool_name, e.template, e.arg_keys, e.step_index, r.workflow_name,"
+            " count(*), min(e.event_id) AS first_id, min(e.ts), max(e.ts)"
+            " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where +
+            " GROUP BY e.error_type, e.tool_name, e.template, e.arg_keys, e.step_index, r.workflow_name"
+            " ORDER BY first_id", params):
+        sig = out.get((etype, tool))
+        if sig is None:
+            sig = out[(etype, tool)] = _Signature()
+        sig.n += count
+        sig.contexts[_context(template, arg_keys, workflow, step)] += count
+        sig.first_ts, sig.last_ts = min(sig.first_ts, lo), max(sig.last_ts, hi)
+    for etype, tool, run_id in conn.execute(
+            "SELECT e.error_type, e.tool_name, e.run_id"
+            " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where +
+            " GROUP BY e.error_type, e.tool_name, e.run_id ORDER BY min(e.event_id)", params):
+        out[(etype, tool)].runs.append(run_id)
+    return out
+
+
 def _build_pattern(etype: str, tool: str, occ: list[dict], tool_calls: int) -> Pattern:
-    n = len(occ)
-    correlation = context_correlation([context_of(r) for r in occ])
+    sig = _Signature(n=len(occ), contexts=Counter(context_of(r) for r in occ),
+                     runs=list(dict.fromkeys(r["run_id"] for r in occ)),
+                     first_ts=min(r["ts"] for r in occ), last_ts=max(r["ts"] for r in occ))
+    return _pattern(etype, tool, sig, tool_calls, occ)
+
+
+def _pattern(etype: str, tool: str, sig: _Signature, tool_calls: int, detail: list[dict]) -> Pattern:
+    n = sig.n
+    correlation = _correlation(sig.contexts, n)
     rate = n / max(tool_calls, n)
-    runs: list[str] = list(dict.fromkeys(r["run_id"] for r in occ))
-    first = min(occ, key=lambda r: r["ts"])
-    last = max(occ, key=lambda r: r["ts"])
     return Pattern(
         id=f"{etype}:{tool}", error_type=etype, tool_name=tool, occurrences=n,
         correlation_score=round(correlation, 4),
         confidence=round(confidence_score(n, correlation, rate), 4),
-        affected_runs=runs,
-        first_seen=format_timestamp(datetime.fromtimestamp(first["ts"], timezone.utc)),
-        last_seen=format_timestamp(datetime.fromtimestamp(last["ts"], timezone.utc)),
+        affected_runs=sig.runs,
+        first_seen=format_timestamp(datetime.fromtimestamp(sig.first_ts, timezone.utc)),
+        last_seen=format_timestamp(datetime.fromtimestamp(sig.last_ts, timezone.utc)),
         failure_rate=round(rate, 4),
-        occurrences_detail=occ,
+        occurrences_detail=detail,
     )
 
 

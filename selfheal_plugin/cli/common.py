@@ -6,18 +6,39 @@ import json
 import sqlite3
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error, is_corrupt_error, one_line
 from selfheal_plugin.history.settings import Settings, load_settings
-from selfheal_plugin.service import SelfHeal
+from selfheal_plugin.lazy import lazy_module
 
-err_console = Console(stderr=True)
+if TYPE_CHECKING:
+    from selfheal_plugin.service import SelfHeal
+
+# rich is imported when something is printed through it, not by `--json` or `--version`
+rich_console, rich_progress = lazy_module("rich.console"), lazy_module("rich.progress")
+
+
+class _ErrConsole:
+    """A rich console on stderr, created on first use."""
+
+    _console: Any = None
+
+    def get(self) -> Any:
+        if self._console is None:
+            type(self)._console = rich_console.Console(stderr=True)
+        return self._console
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self.get(), attr)
+
+
+err_console = _ErrConsole()
 
 
 def common_options(func: Callable) -> Callable:
@@ -55,7 +76,11 @@ def settings_for(home: str | None, db: str | None, **overrides: Any) -> Settings
 def open_service(home: str | None, db: str | None, **overrides: Any) -> SelfHeal:
     """The service over the command's home and database (crash recovery runs as it opens;
     what it recovered is one warning line each on stderr)."""
-    return SelfHeal(home, db, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False),
+    # The engine is imported here, when a command opens it, so that `agent --version` and
+    # `--help` start without it (not to dodge a cycle: the service never imports the CLI).
+    from selfheal_plugin.service import SelfHeal
+
+    return SelfHeal(home, db, warn=warning,
                     **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -75,8 +100,11 @@ def scan_progress(enabled: bool, label: str = "Indexing run history") -> Iterato
         if state["progress"] is None:
             if time.monotonic() - started < 1.0:
                 return
-            progress = Progress(TextColumn(label), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} rows"),
-                                TimeElapsedColumn(), console=err_console, transient=True)
+            rp = rich_progress
+            progress = rp.Progress(rp.TextColumn(label), rp.BarColumn(),
+                                   rp.TextColumn("{task.completed:,}/{task.total:,} rows"),
+                                   rp.TimeElapsedColumn(), console=err_console.get(),
+                                   transient=True)
             progress.start()
             state["progress"], state["task"] = progress, progress.add_task(label, total=total)
         state["progress"].update(state["task"], completed=done, total=total)
@@ -90,9 +118,14 @@ def scan_progress(enabled: bool, label: str = "Indexing run history") -> Iterato
 
 def warn_bad_rows(count: int) -> None:
     if count:
-        err_console.print(f"[yellow]warning:[/] skipped {count} malformed run_events row(s) "
-                          "(invalid JSON or UTF-8, missing tool name, unparsable timestamp, "
-                          "absurd duration or size)", highlight=False)
+        warning(f"skipped {count} malformed run_events row(s) "
+                "(invalid JSON or UTF-8, missing tool name, unparsable timestamp, absurd duration or size)")
+
+
+def warning(message: str) -> None:
+    """One warning line on stderr, plain text (click, not rich: a warning must not cost rich's
+    import, and carries no escape sequence of its own)."""
+    click.echo(f"warning: {message}", err=True)
 
 
 def pct(x: float) -> str:

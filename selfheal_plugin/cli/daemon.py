@@ -78,3 +78,6 @@ def self_heal_daemon(home: str | None, db: str | None, as_json: bool, interval: 
     finally:
         daemon.close()
         daemon.release()
+
+
+COMMANDS = [self_heal_daemon]

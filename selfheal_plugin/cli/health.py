@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from selfheal_plugin.history.settings import load_settings
 from selfheal_plugin.cli.common import common_options, echo_json, err_console, open_service, pct, scan_progress
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.analysis.report import TREND_TEXT, check_report_target, write_html_report
 from selfheal_plugin.history.text import for_rich
+from selfheal_plugin.lazy import lazy_module
+
+rich_console, rich_table = lazy_module("rich.console"), lazy_module("rich.table")  # imported when printing
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_DAYS = 60
@@ -76,7 +77,7 @@ def dashboard(home: str | None, db: str | None, as_json: bool, detailed: bool = 
 
 
 def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
-    out = Console(width=max(110, Console().width), highlight=False)
+    out = rich_console.Console(width=max(110, rich_console.Console().width), highlight=False)
     w = d["window"]
     out.print(f"🩺 Health dashboard (since {w['since']}: {w['start'][:16].replace('T', ' ')} → "
               f"{w['end'][:16].replace('T', ' ')} UTC)")
@@ -110,7 +111,7 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
     out.print()
     imps = d["recent_improvements"]
     if imps:
-        t = Table(title="Recent improvements", title_justify="left")
+        t = rich_table.Table(title="Recent improvements", title_justify="left")
         for col in ("id", "status", "kind", "description", "expected", "measured impact"):
             t.add_column(col, overflow="fold")
         for i in imps:
@@ -121,7 +122,7 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
         out.print("  No improvements recorded yet (agent self-heal detect finds what to improve).")
     if detailed:
         out.print()
-        a = Table(title="Agents", title_justify="left")
+        a = rich_table.Table(title="Agents", title_justify="left")
         for col, just in (("agent", "left"), ("runs", "right"), ("success", "right"), ("failed", "right"),
                           ("running", "right"), ("avg s", "right"), ("trend", "left")):
             a.add_column(col, justify=just)
@@ -135,8 +136,8 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
         out.print(_tools_table("Tools", d.get("tools", [])))
 
 
-def _tools_table(title: str, tools: list[dict[str, Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+def _tools_table(title: str, tools: list[dict[str, Any]]) -> rich_table.Table:
+    t = rich_table.Table(title=title, title_justify="left")
     t.add_column("tool", no_wrap=True)
     for col, just in (("calls", "right"), ("success", "right"), ("timeouts", "right"),
                       ("other errors", "right"), ("avg ms", "right"), ("p95 ms", "right"),
@@ -160,7 +161,7 @@ def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> 
     if as_json:
         echo_json(result)
         return
-    out = Console(width=max(110, Console().width), highlight=False)
+    out = rich_console.Console(width=max(110, rich_console.Console().width), highlight=False)
     out.print(f"🩺 Run {for_rich(result['run_id'])} ({for_rich(result['workflow_name'])}, {for_rich(result['status'])}, "
               f"started {result['started_at']})")
     basis = {"reweighted": " (re-weighted: some components unknown)",

@@ -6,30 +6,59 @@ module per area; this module holds the groups and registers them.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import click
-from rich.console import Console
 
 from selfheal_plugin import __version__
-from selfheal_plugin.cli import canary, daemon, demo, health, lifecycle, plugins
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct, scan_progress, warn_bad_rows
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.settings import configure_logging
 from selfheal_plugin.history.text import for_rich, for_terminal
 
+# Commands defined in other modules of this package, by name → module (each lists them in its
+# COMMANDS). A module is imported when one of its commands runs or help lists them, so
+# `agent --version` and `detect` do not pay for the others (rich, the HTML report, the demo).
+LAZY_COMMANDS = {
+    "dashboard": "health", "health": "health",
+    "improvements": "plugins", "plugins": "plugins",
+    "test": "lifecycle", "apply": "lifecycle", "rollback": "lifecycle", "verify": "lifecycle", "reject": "lifecycle",
+    "canary": "canary", "demo": "demo",
+}
+LAZY_AGENT_COMMANDS = {"self-heal-daemon": "daemon"}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands from :data:`LAZY_COMMANDS`-style tables load on first use."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None and name in self.lazy:
+            module = importlib.import_module(f"selfheal_plugin.cli.{self.lazy[name]}")
+            command = next(c for c in module.COMMANDS if c.name == name)
+            self.add_command(command)
+        return command
+
 
 # ------------------------------------------------------------------ commands
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy=LAZY_AGENT_COMMANDS)
 @click.version_option(__version__, prog_name="selfheal")
 def agent() -> None:
     """Agent runtime commands provided by the selfheal plugin."""
     configure_logging()
 
 
-@agent.group("self-heal", invoke_without_command=True)
+@agent.group("self-heal", cls=LazyGroup, lazy=LAZY_COMMANDS, invoke_without_command=True)
 @click.option("--home", type=click.Path(file_okay=False), default=None, help="Runtime home (default: $BINKS_HOME).")
 @click.option("--db", type=click.Path(dir_okay=False), default=None, help="Run-history database.")
 @click.pass_context
@@ -47,9 +76,11 @@ def self_heal(ctx: click.Context, home: str | None, db: str | None) -> None:
 @setting_option("lookback", "--since", help="Window start: -7d, -24h, -30m, -1w, or an ISO date/datetime.")
 @setting_option("min_occurrences", "--min-occurrences")
 @setting_option("confidence_threshold", "--confidence")
+@setting_option("limit", "--limit", help="Affected runs listed per pattern in --json, the latest first kept "
+                "(affected_run_count is the total; `show PATTERN` lists them all).")
 @common_options
 def detect(home: str | None, db: str | None, as_json: bool, since: str | None = None,
-           min_occurrences: int | None = None, confidence: float | None = None) -> None:
+           min_occurrences: int | None = None, confidence: float | None = None, limit: int = 20) -> None:
     """Detect recurring failure patterns."""
     with open_service(home, db, lookback=since, min_occurrences=min_occurrences,
                       confidence_threshold=confidence) as sh:
@@ -58,12 +89,12 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
             click.echo(f"🔍 Detecting failure patterns (last {s.lookback}, min {s.min_occurrences} occurrences, "
                        f"confidence >= {pct(s.confidence_threshold)})...")
         with scan_progress(not as_json) as progress:
-            result = sh.detect(propose=True, notify=True, progress=progress)
+            result = sh.detect(propose=True, notify=True, progress=progress, runs_limit=limit)
     warn_bad_rows(result["skipped_rows"])
     if as_json:
         echo_json(result)
         return
-    plugins.print_detection(result, s)
+    importlib.import_module("selfheal_plugin.cli.plugins").print_detection(result, s)
 
 
 @self_heal.command()
@@ -81,6 +112,7 @@ def show(pattern_id: str, home: str | None, db: str | None, as_json: bool, since
 
 
 def _print_pattern(d: dict[str, Any]) -> None:
+    from rich.console import Console  # rich only when a table is printed
     from rich.table import Table
 
     out = Console(width=max(120, Console().width))
@@ -139,7 +171,3 @@ def main_self_heal() -> None:
     """``python -m selfheal_plugin``: the same as ``agent self-heal``."""
     self_heal(prog_name="python -m selfheal_plugin")
 
-
-for _command in (*health.COMMANDS, *plugins.COMMANDS, *lifecycle.COMMANDS, *canary.COMMANDS, *demo.COMMANDS):
-    self_heal.add_command(_command)
-agent.add_command(daemon.self_heal_daemon)

@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+
+from selfheal_plugin.lazy import lazy_module
 
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
 from selfheal_plugin.plugins import manager as plugins
@@ -15,9 +14,12 @@ from selfheal_plugin.history.improvements import STATUSES
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.text import for_terminal
 
+# rich is imported when a table is printed, not by `--json` or `--version`
+rich_console, rich_table, rich_text = (lazy_module(m) for m in ("rich.console", "rich.table", "rich.text"))
 
-def _console() -> Console:
-    return Console(width=max(120, Console().width), highlight=False)
+
+def _console() -> rich_console.Console:
+    return rich_console.Console(width=max(120, rich_console.Console().width), highlight=False)
 
 
 def print_detection(result: dict[str, Any], settings: Settings) -> None:
@@ -82,7 +84,7 @@ def improvements(home: str | None, db: str | None, as_json: bool, status: str | 
         click.echo(f"No improvements{' with status ' + status if status else ''}. "
                    "Run `agent self-heal detect` to propose some.")
         return
-    t = Table(title=f"Improvements{' (' + status + ')' if status else ''}", title_justify="left")
+    t = rich_table.Table(title=f"Improvements{' (' + status + ')' if status else ''}", title_justify="left")
     t.add_column("id", no_wrap=True, min_width=21)
     t.add_column("status", no_wrap=True, min_width=11)
     t.add_column("description", overflow="fold", ratio=3)
@@ -91,7 +93,7 @@ def improvements(home: str | None, db: str | None, as_json: bool, status: str | 
     t.add_column("applied", no_wrap=True)
     for r in rows:
         desc = r["description"] if not r["legacy"] else f"{r['description']} (runtime: {r['category']})"
-        t.add_row(*(Text(for_terminal(v)) for v in (r["id"], r["status"], desc, r["expected_impact"] or "-",
+        t.add_row(*(rich_text.Text(for_terminal(v)) for v in (r["id"], r["status"], desc, r["expected_impact"] or "-",
                                       r["actual_impact"] or "-", (r["applied_at"] or "-")[:19].replace("T", " "))))
     _console().print(t)
 
@@ -107,28 +109,28 @@ def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
         echo_json(info)
         return
     out = _console()
-    t = Table(title="Plugins", title_justify="left")
+    t = rich_table.Table(title="Plugins", title_justify="left")
     t.add_column("name", no_wrap=True)
     t.add_column("source", no_wrap=True)
     t.add_column("hooks", overflow="fold")
     t.add_column("version / path", overflow="fold")
     for p in info["plugins"]:
-        t.add_row(*(Text(v) for v in (p["name"], p["source"], ", ".join(p["hooks"]),
+        t.add_row(*(rich_text.Text(v) for v in (p["name"], p["source"], ", ".join(p["hooks"]),
                                       p.get("version") or p.get("path") or "-")))
     out.print(t)
-    st = Table(title="Strategy for each error type", title_justify="left")
+    st = rich_table.Table(title="Strategy for each error type", title_justify="left")
     for col in ("error type", "strategy", "plugin"):
         st.add_column(col, no_wrap=True)
     st.add_column("what it does", overflow="fold")
     for row in info["strategies"]:
-        st.add_row(*(Text(v or "") for v in (row["error_type"], row["strategy"], row["plugin"], row["summary"])))
+        st.add_row(*(rich_text.Text(for_terminal(v or "")) for v in (row["error_type"], row["strategy"], row["plugin"], row["summary"])))
     out.print(st)
     if info.get("kind_strategies"):
-        kt = Table(title="Strategy for each failure kind (see README: which strategy answers)", title_justify="left")
+        kt = rich_table.Table(title="Strategy for each failure kind (see README: which strategy answers)", title_justify="left")
         for col in ("failure kind", "strategy", "plugin"):
             kt.add_column(col, no_wrap=True)
         for row in info["kind_strategies"]:
-            kt.add_row(*(Text(for_terminal(v or "")) for v in (row["kind"], row["strategy"], row["plugin"])))
+            kt.add_row(*(rich_text.Text(for_terminal(v or "")) for v in (row["kind"], row["strategy"], row["plugin"])))
         out.print(kt)
     click.echo(f"User plugin folder: {info['plugins_dir']}")
     for f in info.get("failed_strategies", []):

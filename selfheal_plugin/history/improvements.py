@@ -158,6 +158,22 @@ class ImprovementStore:
             self._insert_row(imp)
         return imp, True
 
+    def insert_many_unless_open(self, imps: list[Improvement]) -> list[tuple[Improvement, bool]]:
+        """:meth:`insert_unless_open` for several improvements in one write transaction (one
+        commit, not one per row); results in order."""
+        if not imps:
+            return []
+        out: list[tuple[Improvement, bool]] = []
+        with write_transaction(self.conn):
+            for imp in imps:
+                row = self._open_row(imp.pattern_id)
+                if row is not None:
+                    out.append((Improvement.from_row(row), False))
+                else:
+                    self._insert_row(imp)
+                    out.append((imp, True))
+        return out
+
     def update(self, improvement_id: str, *, expect_status: str | tuple[str, ...] | None = None,
                **fields_: Any) -> Improvement:
         """Set some fields of one row (JSON fields take Python values).

@@ -233,12 +233,39 @@ def check(name: str, value: Any, *, label: str | None = None, shown: str | None 
     table = "self_heal" if name in SELF_HEAL else "flags"
     if name not in TABLES[table]:
         raise KeyError(f"no setting or flag named {name!r}")
+    plain = _plainly_valid(TABLES[table][name], value)
+    if plain is not _UNDECIDED:  # spares a command line of plain values the import of pydantic
+        return plain
     model = models()[table]
     try:
         checked = model.model_validate({name: value})
     except _validation_error() as exc:
         raise UsageError(_message(exc, label or name, TABLES[table], prefix_key=False, shown=shown)) from None
     return getattr(checked, name)
+
+
+_UNDECIDED = object()
+
+
+def _plainly_valid(sp: Spec, value: Any) -> Any:
+    """What the model would return for a value that is plainly valid (an int in range for an
+    int, a float in range for a float, a well-formed window); :data:`_UNDECIDED` for anything
+    else, which the model then checks (and words the error for)."""
+    if sp.kind == "window" and type(value) is str:
+        try:
+            return _window(value)
+        except ValueError:
+            return _UNDECIDED
+    if (sp.kind == "int" and type(value) is int) or (sp.kind == "float" and type(value) is float
+                                                     and value - value == 0):  # finite: not inf or NaN
+        if sp.bounds is None:
+            return value
+        lo, hi = sp.bounds
+        above = value > lo if sp.lo_open else value >= lo
+        below = value < hi if sp.hi_open else value <= hi
+        if above and below:  # False for NaN
+            return value
+    return _UNDECIDED
 
 
 def validate_self_heal(section: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -254,6 +281,9 @@ def validate_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(overrides) - set(SELF_HEAL)
     if unknown:  # a caller's mistake, not a user's
         raise TypeError(f"unknown setting {min(unknown)!r}")
+    plain = {k: _plainly_valid(SELF_HEAL[k], v) for k, v in overrides.items()}
+    if _UNDECIDED not in plain.values():  # plain flag values: no pydantic import for them
+        return plain
     m = validate("self_heal", overrides, "invalid value:", error=UsageError)
     return _set_values(m, SELF_HEAL)
 

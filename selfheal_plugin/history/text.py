@@ -26,7 +26,6 @@ import re
 import sqlite3
 from typing import Any
 
-from rich.markup import escape as _rich_escape
 
 # C0 controls, DEL, C1 controls, bidi embeddings/overrides/isolates and marks, and the
 # Unicode line and paragraph separators.
@@ -54,7 +53,9 @@ def for_terminal(value: Any) -> str:
 
 def for_rich(value: Any) -> str:
     """:func:`for_terminal`, then Rich markup escaped (for ``Console.print`` and tables)."""
-    return _rich_escape(for_terminal(value))
+    from rich.markup import escape  # only where rich prints: start-up does not pay for it
+
+    return escape(for_terminal(value))
 
 
 def markdown_inline(value: Any) -> str:

@@ -22,13 +22,16 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
-
-import tomlkit
-from tomlkit.items import AoT, InlineTable, Table
-from tomlkit.toml_document import TOMLDocument
+from typing import TYPE_CHECKING, Any
 
 from selfheal_plugin.errors import ConfigError, SelfHealError
+from selfheal_plugin.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from tomlkit.toml_document import TOMLDocument
+
+# imported when a config is edited, not by every command that loads the lifecycle
+tomlkit, tomlkit_items = lazy_module("tomlkit"), lazy_module("tomlkit.items")
 
 ALLOWED_FILES = ("config.toml",)
 # Top-level tables a proposal may not write: the plugin's own settings (a proposal must
@@ -189,7 +192,8 @@ def _descend(doc: TOMLDocument, path: tuple[str, ...], create: bool, created: li
     for depth, key in enumerate(path[:-1]):
         if key in container:
             item = container[key]
-            if isinstance(item, AoT) or not isinstance(item, (Table, InlineTable, dict)):
+            if isinstance(item, tomlkit_items.AoT) or not isinstance(
+                item, (tomlkit_items.Table, tomlkit_items.InlineTable, dict)):
                 where = dotted_key(path[: depth + 1])
                 raise ChangeError(f"cannot set {dotted_key(path)}: {where} is not a table in config.toml")
             container = item

@@ -39,20 +39,35 @@ def claim_notification(conn: sqlite3.Connection, pattern_id: str, now: datetime,
     return claim_once(conn, STATE_PREFIX + pattern_id, now, timedelta(minutes=cooldown_minutes))
 
 
+def claim_notifications(conn: sqlite3.Connection, pattern_ids: list[str], now: datetime,
+                        cooldown_minutes: float) -> list[str]:
+    """:func:`claim_notification` for several patterns in one write transaction (one commit,
+    not one per pattern); returns the ids claimed, in order."""
+    cooldown = timedelta(minutes=cooldown_minutes)
+    if not pattern_ids:
+        return []
+    with write_transaction(conn):
+        return [pid for pid in pattern_ids if _claim(conn, STATE_PREFIX + pid, now, cooldown)]
+
+
 def claim_once(conn: sqlite3.Connection, key: str, now: datetime, cooldown: timedelta | None = None) -> bool:
     """True, with ``now`` recorded under ``key``, when nothing was recorded there within
     ``cooldown`` before ``now`` (``None``: ever); False (nothing changed) otherwise."""
     with write_transaction(conn):
-        last = get_state(conn, key)
-        if last is not None:
-            if cooldown is None:
+        return _claim(conn, key, now, cooldown)
+
+
+def _claim(conn: sqlite3.Connection, key: str, now: datetime, cooldown: timedelta | None) -> bool:
+    last = get_state(conn, key)
+    if last is not None:
+        if cooldown is None:
+            return False
+        try:
+            if now - parse_timestamp(last) < cooldown:
                 return False
-            try:
-                if now - parse_timestamp(last) < cooldown:
-                    return False
-            except ValueError:
-                pass  # a damaged value: notify and overwrite it
-        set_state(conn, key, format_timestamp(now))
+        except ValueError:
+            pass  # a damaged value: notify and overwrite it
+    set_state(conn, key, format_timestamp(now))
     return True
 
 

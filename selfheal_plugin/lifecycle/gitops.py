@@ -25,10 +25,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import git
-
+from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.text import commit_line
+
+git = lazy_module("git")  # imported on first use: start-up does not pay for it
 
 IDENTITY_NAME = "selfheal"
 IDENTITY_EMAIL = "selfheal@localhost"

@@ -172,6 +172,19 @@ def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: P
 
     Fires ``improvement_proposed`` for a new row only.
     """
+    found = _prepare(conn, settings, pattern, history or history_window(conn, settings))
+    if isinstance(found, Proposed):
+        return found
+    imp, created = ImprovementStore(conn).insert_unless_open(found)
+    if created:
+        plugins.fire("improvement_proposed", improvement=imp, settings=settings)
+    return Proposed(imp, created, pattern)
+
+
+def _prepare(conn: sqlite3.Connection, settings: Settings, pattern: Pattern,
+             history: HistoryWindow) -> Proposed | Improvement:
+    """The pattern's open proposal or standing rejection (a :class:`Proposed`), else the new
+    improvement its strategy proposes, not yet stored."""
     store = ImprovementStore(conn)
     existing = store.open_for_pattern(pattern.id)
     if existing is not None:
@@ -181,15 +194,10 @@ def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: P
     rejected = latest_rejection(conn, pattern.id)
     if rejected is not None and (reason := rejection_stands(rejected, pattern, settings)):
         return Proposed(rejected, False, pattern, skipped=reason)
-    history = history or history_window(conn, settings)
     proposal = make_proposal(pattern, history)
     if rejected is not None and (reason := rejection_stands(rejected, pattern, settings, proposal)):
         return Proposed(rejected, False, pattern, skipped=reason)
-    fresh = mark_if_undone(conn, improvement_from_proposal(proposal), history.until)  # a fix undone before
-    imp, created = store.insert_unless_open(fresh)
-    if created:
-        plugins.fire("improvement_proposed", improvement=imp, settings=settings)
-    return Proposed(imp, created, pattern)
+    return mark_if_undone(conn, improvement_from_proposal(proposal), history.until)  # a fix undone before
 
 
 def propose_improvement(conn: sqlite3.Connection, settings: Settings, pattern_id: str, *,
@@ -213,17 +221,30 @@ def propose_all(conn: sqlite3.Connection, settings: Settings, patterns: list[Pat
                 should_stop: Callable[[], bool] | None = None) -> list[Proposed | StrategyError]:
     """Propose for each detected pattern (one shared history scan); a failing strategy
     yields its :class:`StrategyError` in place of that pattern's result. ``should_stop`` is
-    asked before each pattern: when it says so, the patterns left get no result."""
+    asked before each pattern: when it says so, the patterns left get no result.
+
+    Without ``should_stop`` the strategies run first, outside any transaction, and the new
+    rows are then stored in one write transaction (each still only when its pattern has no
+    open proposal), ``improvement_proposed`` firing for each row created. With it, each
+    pattern's row is stored and announced before the next pattern, so that a stop request
+    (a hook may make one) lands between two patterns."""
     history = history_window(conn, settings, since, now=now)
-    out: list[Proposed | StrategyError] = []
+    out: list[Proposed | StrategyError | Improvement] = []
     for p in patterns:
         if should_stop is not None and should_stop():
             break
         try:
-            out.append(propose_for_pattern(conn, settings, p, history))
+            out.append(_prepare(conn, settings, p, history) if should_stop is None
+                       else propose_for_pattern(conn, settings, p, history))
         except StrategyError as exc:
             out.append(exc)
-    return out
+    new = [i for i, r in enumerate(out) if isinstance(r, Improvement)]
+    stored = ImprovementStore(conn).insert_many_unless_open([out[i] for i in new])  # type: ignore[misc]
+    for i, (imp, created) in zip(new, stored):
+        out[i] = Proposed(imp, created, patterns[i])
+        if created:
+            plugins.fire("improvement_proposed", improvement=imp, settings=settings)
+    return out  # type: ignore[return-value]
 
 
 def proposal_result(imp: Improvement) -> dict[str, Any]:

@@ -41,8 +41,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-
+from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
 from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.history.errorindex import wellformed_sql
@@ -53,6 +52,8 @@ from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError, update_i
 from selfheal_plugin.lifecycle.configedit import split_changes
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError
+
+np = lazy_module("numpy")  # imported on first use: start-up does not pay for it
 
 REPLICATES = 400
 MIN_RETRY_OBSERVATIONS = 3

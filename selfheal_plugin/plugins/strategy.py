@@ -341,7 +341,7 @@ def validate_proposal(proposal: Any, pattern_id: str | None = None) -> Proposal:
     return proposal
 
 
-@dataclass
+@dataclass(slots=True)  # one per call in the window: no per-instance __dict__
 class ToolCall:
     """One finished call of a tool (a ``tool_complete`` event) in the window.
 

@@ -96,7 +96,29 @@ class GeneratorConfig:
     # Extra chance that a finished run fails (no tool error, a failed step), ramping linearly
     # from the first value at the history's start to the second at its end; None: off.
     failure_ramp: tuple[float, float] | None = None
+    # More tools than the built-in eight (``mcp__svcK__call``), each called like the others.
+    extra_tools: int = 0
+    # Noise errors with one message template per signature (a real recurring failure each)
+    # instead of unrelated words.
+    recurring_noise: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+PROFILES = ("default", "failure-heavy")
+
+
+def profile_config(profile: str = "default", **overrides: Any) -> GeneratorConfig:
+    """A named shape of history. ``failure-heavy``: 10 % of tool calls fail, spread over
+    40 tools x 5 error types (200 recurring signatures, each with its own message template)
+    on top of the injected patterns."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: use {', '.join(PROFILES)}")
+    cfg = GeneratorConfig()
+    if profile == "failure-heavy":
+        cfg.noise_rate, cfg.extra_tools, cfg.noise_on_patterns, cfg.recurring_noise = 0.10, 32, True, True
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
 
 
 def _stamp(rng: random.Random, dt: datetime) -> str:
@@ -150,11 +172,18 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
         truth_patterns.append({"id": pat.id, "error_type": pat.error_type, "tool_name": pat.tool_name,
                                "occurrences": pat.occurrences,
                                "affected_runs": sorted({run_ids[i] for i in chosen})})
+    tools = dict(TOOLS)
+    for k in range(cfg.extra_tools):
+        tools[f"mcp__svc{k}__call"] = (("target", "payload"), 200.0 + 50 * (k % 7))
+    tool_names = list(tools)
     injected_sigs = {(p.error_type, p.tool_name) for p in cfg.patterns}
     # A tool that times out at a limit never succeeds after it: successes stay below it.
     limits = {p.tool_name: p.duration_ms for p in cfg.patterns if p.error_type == "timeout" and p.duration_ms}
-    noise_sigs = [(t, tool) for t in NOISE_TYPES for tool in TOOLS
+    noise_sigs = [(t, tool) for t in NOISE_TYPES for tool in tools
                   if cfg.noise_on_patterns or (t, tool) not in injected_sigs]
+    sigs_by_tool: dict[str, list[tuple[str, str]]] = {}
+    for sig in noise_sigs:
+        sigs_by_tool.setdefault(sig[1], []).append(sig)
     noise_on_patterns: dict[str, list[str]] = {}
 
     runs_rows, events, metrics_rows = [], [], []
@@ -176,7 +205,7 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
             step_t0 = t
             evs.append((step, "step_started", {"type": "step_started", "step_index": step}, t))
             step_ok = True
-            planned = [rng.choice(list(TOOLS)) for _ in range(rng.randint(1, 3))]
+            planned = [rng.choice(tool_names) for _ in range(rng.randint(1, 3))]
             here = [p for p in carried if p.step_index == step]
             for p in here:
                 carried.remove(p)
@@ -187,7 +216,7 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
                 t += timedelta(milliseconds=rng.randint(50, 400))
                 evs.append((step, "iteration", {"type": "iteration", "iteration": iterations}, t))
                 evs.append((step, "thinking", {"type": "thinking", "content": f"Calling {tool}"}, t))
-                keys, median = TOOLS[tool]
+                keys, median = tools[tool]
                 args = {k: f"{rng.choice(VOCAB)}" for k in keys}
                 evs.append((step, "tool_start", {"type": "tool_start", "name": tool, "arguments": args}, t))
                 complete: dict[str, Any] = {"type": "tool_complete", "name": tool}
@@ -205,10 +234,13 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
                         run_failed = True
                     step_ok = False
                 elif rng.random() < cfg.noise_rate:
-                    etype, ntool = rng.choice([s for s in noise_sigs if s[1] == tool] or noise_sigs)
-                    words = " ".join(rng.sample(VOCAB, 4))
+                    etype, ntool = rng.choice(sigs_by_tool.get(tool) or noise_sigs)
+                    if cfg.recurring_noise:
+                        message = _fill(rng, f"{etype} in {tool}: request {{n}} failed for {{path}}")
+                    else:
+                        message = " ".join(rng.sample(VOCAB, 4)) + " failed"
                     duration = int(rng.lognormvariate(6, 1))
-                    complete.update({"result": f"{words} failed", "duration": duration, "is_error": True,
+                    complete.update({"result": message, "duration": duration, "is_error": True,
                                      "error_type": rng.choice((etype, _camel(etype)))})
                     noise_errors += 1
                     if (etype, tool) in injected_sigs:
@@ -338,12 +370,18 @@ def add_runtime_improvements(path: str | Path, rows: int = 3) -> list[str]:
 @click.option("--runs", default=400, show_default=True, type=click.IntRange(min=1))
 @click.option("--days", default=7.0, show_default=True)
 @click.option("--tokens-per-step", default=3, show_default=True, help="Scales the number of events per run.")
-@click.option("--noise-rate", default=0.01, show_default=True)
-def main(out: str, seed: int, runs: int, days: float, tokens_per_step: int, noise_rate: float) -> None:
+@click.option("--noise-rate", default=None, type=float, help="Share of calls failing as noise (default 0.01; "
+              "0.10 in the failure-heavy profile).")
+@click.option("--profile", type=click.Choice(PROFILES), default="default", show_default=True,
+              help="failure-heavy: 10% of calls fail over 40 tools x 5 error types.")
+def main(out: str, seed: int, runs: int, days: float, tokens_per_step: int, noise_rate: float | None,
+         profile: str) -> None:
     """Write a synthetic run history to OUT and its ground truth to OUT.truth.json."""
+    cfg = profile_config(profile, seed=seed, runs=runs, days=days, tokens_per_step=tokens_per_step)
+    if noise_rate is not None:
+        cfg.noise_rate = noise_rate
     try:
-        truth = generate_history(out, seed=seed, runs=runs, days=days, tokens_per_step=tokens_per_step,
-                                 noise_rate=noise_rate)
+        truth = generate_history(out, cfg)
     except ValueError as exc:
         raise click.UsageError(f"{exc} (try more --runs)") from None
     click.echo(f"wrote {out}: {truth['runs']} runs, {truth['events']} events, "

@@ -38,10 +38,25 @@ def test_detect_json_shape(history_copy, binks_home):
     for p in truth["patterns"]:
         got = found[p["id"]]
         assert got["occurrences"] == p["occurrences"]
-        assert sorted(got["affected_runs"]) == p["affected_runs"]
+        assert got["affected_run_count"] == len(p["affected_runs"])
+        assert set(got["affected_runs"]) <= set(p["affected_runs"])
+        assert len(got["affected_runs"]) == min(20, len(p["affected_runs"]))  # --limit's default
         assert 0 < got["correlation_score"] <= 1 and 0 < got["confidence"] <= 1
         assert got["first_seen"] <= got["last_seen"]
     assert data["skipped_rows"] == truth["bad_rows"]
+
+
+def test_detect_json_limit_bounds_affected_runs(history_copy, binks_home):
+    db, truth = history_copy
+    res = run_agent("self-heal", "detect", "--db", str(db), "--since", SINCE, "--json", "--limit", "2")
+    assert res.returncode == 0, res.stderr
+    found = {p["id"]: p for p in json.loads(res.stdout)["patterns"]}
+    for p in truth["patterns"]:
+        got = found[p["id"]]
+        assert got["affected_run_count"] == len(p["affected_runs"]) > 2
+        assert len(got["affected_runs"]) == 2 and set(got["affected_runs"]) <= set(p["affected_runs"])
+    bad = run_agent("self-heal", "detect", "--db", str(db), "--json", "--limit", "0")
+    assert bad.returncode == 2 and "--limit" in bad.stderr
 
 
 def test_plain_self_heal_runs_detect_and_python_m(history_copy, binks_home):
