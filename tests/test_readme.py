@@ -29,8 +29,9 @@ def test_readme_is_short_with_a_walkthrough_in_order():
     assert len(text.splitlines()) <= 200
     walk = text[text.index("## Ten minutes"):]
     steps = ["source .venv/bin/activate", "BINKS_HOME", "agent self-heal detect", "agent self-heal show",
-             "agent self-heal test", "agent self-heal apply imp-20261127-0df4244f --yes", "git -C", "--append --from applied",
-             "agent self-heal verify", "agent self-heal rollback"]
+             "agent self-heal test", "agent self-heal apply imp-20261127-0df4244f --yes", "git -C",
+             "agent self-heal verify imp-20261127-0df4244f  ", "--append --from applied",
+             "verify imp-20261127-0df4244f --early", "agent self-heal rollback"]
     at = [walk.index(s) for s in steps]
     assert at == sorted(at), "the walkthrough's steps come in the order a user runs them"
     for page in ("cli", "hooks", "api", "mcp", "runtime", "daemon", "lifecycle", "performance"):
