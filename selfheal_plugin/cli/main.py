@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.console import Console
 
 from selfheal_plugin import __version__
 from selfheal_plugin.cli import canary, daemon, demo, health, lifecycle, plugins
-from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct, scan_progress, warn_bad_rows
+from selfheal_plugin.cli.common import (common_options, echo_json, open_service, pct, scan_progress, table_console,
+                                        warn_bad_rows)
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.settings import configure_logging
 from selfheal_plugin.history.text import for_rich, for_terminal
@@ -22,25 +22,35 @@ from selfheal_plugin.history.text import for_rich, for_terminal
 # ------------------------------------------------------------------ commands
 
 
-@click.group()
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="selfheal")
 def agent() -> None:
     """Agent runtime commands provided by the selfheal plugin."""
     configure_logging()
 
 
-@agent.group("self-heal", invoke_without_command=True)
-@click.option("--home", type=click.Path(file_okay=False), default=None, help="Runtime home (default: $BINKS_HOME).")
-@click.option("--db", type=click.Path(dir_okay=False), default=None, help="Run-history database.")
+@agent.group("self-heal", invoke_without_command=True, context_settings=CONTEXT)
+@click.option("--home", type=click.Path(file_okay=False), default=None,
+              help="Runtime home (default: $BINKS_HOME or ~/.binks).")
+@click.option("--db", type=click.Path(dir_okay=False), default=None,
+              help="Run-history database (default: HOME/conversations.db).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (every subcommand).")
+@click.version_option(__version__, prog_name="selfheal")
 @click.pass_context
-def self_heal(ctx: click.Context, home: str | None, db: str | None) -> None:
+def self_heal(ctx: click.Context, home: str | None, db: str | None, as_json: bool) -> None:
     """Find recurring failures, propose, test, apply and verify fixes.
 
-    Without a subcommand, runs `detect`.
+    Start with `agent self-heal detect`. The options above are also accepted after the
+    subcommand. Exit codes: 0 ok, 1 failure, 2 bad usage; with --check, 3 and 4 for
+    verdicts (see `test --help`, `verify --help`).
     """
-    ctx.obj = {"home": home, "db": db}
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(detect)
+    ctx.obj = {"home": home, "db": db, "json": as_json}
+    if ctx.invoked_subcommand is None:  # help, and nothing read or written
+        click.echo(ctx.get_help())
+        ctx.exit(0)
 
 
 @self_heal.command()
@@ -83,7 +93,7 @@ def show(pattern_id: str, home: str | None, db: str | None, as_json: bool, since
 def _print_pattern(d: dict[str, Any]) -> None:
     from rich.table import Table
 
-    out = Console(width=max(120, Console().width))
+    out = table_console()
     click.echo(f"Pattern {for_terminal(d['id'])}")
     click.echo(f"  Error: {for_terminal(d['error_type'])} on {for_terminal(d['tool_name'])}")
     click.echo(f"  Occurrences: {d['occurrences']} in {len(d['affected_runs'])} run(s); "
@@ -95,7 +105,7 @@ def _print_pattern(d: dict[str, Any]) -> None:
         click.echo(f"  Suggested fix: {for_terminal(d['suggested_fix'])}")
     t = Table(title="Message templates (context similarity)", title_justify="left")
     t.add_column("count", justify="right")
-    t.add_column("template")
+    t.add_column("template", overflow="fold")
     t.add_column("example", overflow="fold")
     for tpl in d["templates"]:
         t.add_row(str(tpl["count"]), for_rich(tpl["template"]), for_rich(tpl["example"]))
@@ -111,7 +121,7 @@ def _print_pattern(d: dict[str, Any]) -> None:
     r = Table(title="Affected runs", title_justify="left")
     r.add_column("run", no_wrap=True)
     for col in ("workflow", "started (UTC)", "status", "errors"):
-        r.add_column(col, no_wrap=True)
+        r.add_column(col, overflow="fold")
     for run in d["runs"]:
         r.add_row(*(for_rich(v) for v in (run["run_id"], run["workflow"], run["started_at"], run["status"])),
                   str(run["errors"]))
@@ -130,3 +140,14 @@ def main_self_heal() -> None:
 for _command in (*health.COMMANDS, *plugins.COMMANDS, *lifecycle.COMMANDS, *canary.COMMANDS, *demo.COMMANDS):
     self_heal.add_command(_command)
 agent.add_command(daemon.self_heal_daemon)
+
+
+def _with_version(command: click.Command) -> None:
+    """``--version`` at every level (``-h`` comes from the groups' context settings)."""
+    if not any(isinstance(p, click.Option) and "--version" in p.opts for p in command.params):
+        click.version_option(__version__, prog_name="selfheal")(command)
+    for sub in getattr(command, "commands", {}).values():
+        _with_version(sub)
+
+
+_with_version(agent)

@@ -434,7 +434,7 @@ def _end(conn: sqlite3.Connection, settings: Settings, improvement_id: str, outc
     body = ["What:", f"  Remove [{mode}.\"{imp.id}\"] (the {mode} started {exp.get('started_at')}).", "", "Why:",
             f"  The {mode} is {outcome}" + (" (the improvement is applied to every run next)." if outcome == "promoted"
                                              else ".")]
-    message = gitops.commit_message(f"selfheal: end {mode} {imp.id} ({outcome})"[:72], body, imp.id, imp.pattern_id,
+    message = gitops.commit_message(f"selfheal: end {mode} {imp.id} ({outcome})", body, imp.id, imp.pattern_id,
                                     f"{mode}-end")
     record = {**exp, "ended_at": format_timestamp(now), "outcome": outcome}
     imp, sha, diff = _commit_edit(conn, settings, imp, [ConfigChange((mode, imp.id), "delete")],
