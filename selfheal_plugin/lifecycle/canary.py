@@ -439,7 +439,11 @@ def _end(conn: sqlite3.Connection, settings: Settings, improvement_id: str, outc
     record = {**exp, "ended_at": format_timestamp(now), "outcome": outcome}
     imp, sha, diff = _commit_edit(conn, settings, imp, [ConfigChange((mode, imp.id), "delete")],
                                   op="experiment-end", action=f"{mode}-end", message=message, expect=(mode,),
-                                  finish={"status": back, "experiment": record}, sha_key="end_commit_sha", now=now,
+                                  # a dropped experiment's measurement is history (kept in the record), not
+                                  # the improvement's measured impact
+                                  finish={"status": back, "experiment": record,
+                                          **({"actual_impact": None, "metrics": None} if outcome == "dropped" else {})},
+                                  sha_key="end_commit_sha", now=now,
                                   removing=True)
     return imp, {"mode": mode, "end_commit_sha": sha, "diff": diff, "status": imp.status}
 
