@@ -110,7 +110,7 @@ def settings_for(home: str | None, db: str | None, **overrides: Any) -> Settings
 def open_service(home: str | None, db: str | None, **overrides: Any) -> SelfHeal:
     """The service over the command's home and database (crash recovery runs as it opens;
     what it recovered is one warning line each on stderr)."""
-    return SelfHeal(home, db, warn=lambda msg: err_console.print(f"[yellow]warning:[/] {msg}", highlight=False),
+    return SelfHeal(home, db, warn=lambda msg: click.echo(f"warning: {msg}", err=True),  # one line, never wrapped
                     **{k: v for k, v in overrides.items() if v is not None})
 
 
