@@ -89,7 +89,8 @@ def improvement_verified(improvement: Any, verification: dict[str, Any], setting
              f"- Success rate before: {_pct(metrics.get('before_success_rate'))}",
              f"- Success rate after: {_pct(metrics.get('after_success_rate'))}",
              f"- Runs analyzed: {metrics.get('runs_analyzed', 'n/a')}"]
-    priority = {"rollback": "urgent", "keep": "normal"}.get(recommendation.lower(), "high")
+    # extend is "nothing to decide yet" (too few runs, or no significant change so far): low, never high
+    priority = {"rollback": "urgent", "keep": "normal", "extend": "low"}.get(recommendation.lower(), "high")
     notify(Notification(title=f"Verified improvement {md(improvement.id)}", body="\n".join(lines),
                         tags=["improvement", "verified"], priority=priority), settings)
 

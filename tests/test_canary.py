@@ -369,3 +369,17 @@ def test_a_failed_commit_of_a_canary_start_or_drop_is_undone_at_once(home):
     assert (home / "config.toml").read_bytes() == started and git(home, "rev-parse", "HEAD") == head
     lock.unlink()
     assert drop_experiment(conn, s, imp.id, now=NOW + timedelta(days=1))["status"] == "tested"
+
+
+def test_dropping_a_canary_clears_its_measured_impact(home):
+    """Issue 15: after a drop the improvement said "0 of 0 observed call(s) would have changed outcome"."""
+    imp = add_improvement(home / "conversations.db", [timeout_change(90_000)], status="tested")
+    conn, s = _lib(home)
+    test_experiment(conn, s, imp.id, "shadow", now=NOW)
+    verify_experiment(conn, s, ImprovementStore(conn).get(imp.id), None, now=NOW + timedelta(hours=1))
+    measured = ImprovementStore(conn).get(imp.id)
+    assert measured.actual_impact and measured.metrics
+    drop_experiment(conn, s, imp.id, now=NOW + timedelta(days=1))
+    dropped = ImprovementStore(conn).get(imp.id)
+    assert dropped.status == "tested" and dropped.actual_impact is None and not dropped.metrics
+    assert dropped.experiment["last_verification"]["actual_impact"] == measured.actual_impact  # kept as history

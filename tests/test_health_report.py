@@ -7,6 +7,7 @@ import re
 import shutil
 import struct
 import subprocess
+import time
 import zlib
 from collections import Counter
 from html.parser import HTMLParser
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from selfheal_plugin.analysis.health import get_health_dashboard
-from selfheal_plugin.analysis.report import ERROR_COLOR, OK_COLOR, TIMEOUT_COLOR, render_html, write_html_report
+from selfheal_plugin.analysis.report import (ERROR_COLOR, OK_COLOR, TIMEOUT_COLOR, local_time, reliability_axis_start,
+                                             render_html, tool_reliability_svg, write_html_report)
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore
 from selfheal_plugin.errors import SelfHealError
@@ -73,8 +75,8 @@ class DomIndex(HTMLParser):
                 and (cls is None or cls in e["attrs"].get("class", "").split())]
 
 
-def png_pixels(path: Path) -> tuple[int, int, Counter]:
-    """Decode an 8-bit RGB/RGBA PNG (what Chromium writes) into a colour histogram."""
+def png_rows(path: Path) -> tuple[int, int, list[list[bytes]]]:
+    """Decode an 8-bit RGB/RGBA PNG (what Chromium writes) into rows of RGB pixels."""
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     pos, idat, width = 8, b"", 0
@@ -91,7 +93,7 @@ def png_pixels(path: Path) -> tuple[int, int, Counter]:
     raw = zlib.decompress(idat)
     stride = width * bpp
     prev = bytearray(stride)
-    colours: Counter = Counter()
+    rows: list[list[bytes]] = []
     for y in range(height):
         f = raw[y * (stride + 1)]
         line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
@@ -109,8 +111,17 @@ def png_pixels(path: Path) -> tuple[int, int, Counter]:
                 p = a + b - c
                 pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
                 line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
-        colours.update(bytes(line[i:i + 3]) for i in range(0, stride, bpp))
+        rows.append([bytes(line[i:i + 3]) for i in range(0, stride, bpp)])
         prev = line
+    return width, height, rows
+
+
+def png_pixels(path: Path) -> tuple[int, int, Counter]:
+    """A PNG's size and colour histogram."""
+    width, height, rows = png_rows(path)
+    colours: Counter = Counter()
+    for row in rows:
+        colours.update(row)
     return width, height, colours
 
 
@@ -208,3 +219,83 @@ def test_report_escapes_names(report):
     d = {**d, "tools": [{**d["tools"][0], "name": "<script>alert(1)</script>"}]}
     html = render_html(d)
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+# ---------------------------------------------------------------- layout (issue 15)
+
+PAGE = bytes.fromhex("f4f5f7")
+
+
+def _margins(rows: list[list[bytes]], y: int) -> tuple[int, int]:
+    """Left and right page margins (background pixels) on row ``y``."""
+    row = rows[y]
+    left = next(i for i, px in enumerate(row) if px != PAGE)
+    right = next(i for i, px in enumerate(reversed(row)) if px != PAGE)
+    return left, right
+
+
+@pytest.mark.parametrize("width", [1400, 390])
+def test_report_is_centred_and_fits_desktop_and_phone(report, tmp_path, width):
+    """Screenshots at a desktop's and a phone's width (kept as test artifacts): the page is
+    centred, and on a phone the sections fit the screen."""
+    d, path = report
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / f"health-report-{width}.png"
+    shot.unlink(missing_ok=True)
+    proc = run_chromium(tmp_path, f"--window-size={width},1800", f"--screenshot={shot}", path.as_uri())
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
+    w, h, rows = png_rows(shot)
+    assert (w, h) == (width, 1800)
+    # below the header, rows that cross a card or section have a margin on both sides
+    crossing = [y for y in range(150, h, 10) if any(px != PAGE for px in rows[y])
+                and rows[y][0] == PAGE and rows[y][-1] == PAGE]
+    assert len(crossing) > 20
+    for y in crossing[:40]:
+        left, right = _margins(rows, y)
+        assert abs(left - right) <= 3, (y, left, right)  # centred
+        if width == 1400:
+            assert left >= 140  # max-width 1100 px, the rest split on both sides
+        else:
+            assert left <= 20  # a phone uses the width
+
+
+def test_ids_do_not_wrap_and_times_are_human(report):
+    d, path = report
+    html = path.read_text(encoding="utf-8")
+    assert "td.id{white-space:nowrap}" in html
+    dom = DomIndex()
+    dom.feed(html)
+    first = dom.within("table-improvements", "td")[0]
+    assert first["text"] == "imp-report" and "id" in first["attrs"]["class"].split()
+    tool_cell = dom.within("table-tools", "td")[0]
+    assert "id" in tool_cell["attrs"]["class"].split()
+    times = [e for e in dom.elements if e["tag"] == "time"]
+    assert len(times) >= 4
+    for t in times:
+        assert re.fullmatch(r"\d\d [A-Z][a-z]{2} \d{4}, \d\d:\d\d \S+", t["text"]), t["text"]
+        assert t["attrs"]["datetime"].endswith("Z")
+    header = dom.elements[[e["tag"] for e in dom.elements].index("header")]["text"]
+    assert not re.search(r"\d{2}:\d{2}:\d{2}\.\d", header), "no raw ISO instants with fractions"
+
+
+def test_local_time_follows_the_machine_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert ">20 Nov 2026, 07:00 EST</time>" in local_time("2026-11-20T12:00:00Z")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_reliability_bars_are_scaled_to_the_datas_range():
+    tools = [{"name": name, "success_rate": sr, "timeout_rate": 1 - sr, "error_rate": 0.0, "total_calls": 100}
+             for name, sr in (("a", 0.939), ("b", 0.993))]
+    assert reliability_axis_start(tools) == 0.9
+    svg = tool_reliability_svg(tools)
+    widths = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'data-tool="(\w)" data-kind="success" data-rate="[\d.]+" x="[\d.]+" y="[\d.]+" width="([\d.]+)"', svg)}
+    assert widths["b"] / widths["a"] > 2  # on a 0-100% axis they differed by 6%
+    assert "90.0%" in svg and "100.0%" in svg
+    low = [{"name": "c", "success_rate": 0.03, "timeout_rate": 0.97, "error_rate": 0.0, "total_calls": 10}]
+    assert reliability_axis_start(low) == 0.0

@@ -21,3 +21,18 @@ def test_ci_runs_the_readme_test_command():
     second = bash_blocks((ROOT / "README.md").read_text())[1]
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert second in ci_lines
+
+
+def test_readme_is_short_with_a_walkthrough_in_order():
+    """Issue 15: the README is what a newcomer reads first; the reference lives in docs/."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    walk = text[text.index("## Ten minutes"):]
+    steps = ["source .venv/bin/activate", "BINKS_HOME", "agent self-heal detect", "agent self-heal show",
+             "agent self-heal test", "agent self-heal apply imp-20261127-0df4244f --yes", "git -C",
+             "agent self-heal verify imp-20261127-0df4244f  ", "--append --from applied",
+             "verify imp-20261127-0df4244f --early", "agent self-heal rollback"]
+    at = [walk.index(s) for s in steps]
+    assert at == sorted(at), "the walkthrough's steps come in the order a user runs them"
+    for page in ("cli", "hooks", "api", "mcp", "runtime", "daemon", "lifecycle", "performance"):
+        assert f"(docs/{page}.md)" in text

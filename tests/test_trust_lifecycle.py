@@ -422,7 +422,7 @@ def test_reject_during_an_apply_loses_cleanly(versioned, db, tmp_path):
                     pause_dir=pause_a)
     wait_reached(pause_a, "after-write", applier)  # config written, lock held, row still "proposed"
     go(pause_r, "lock-busy")  # the rejecter only reports that it waits for the lock
-    rejecter = spawn("self-heal", "reject", imp.id, "--home", str(versioned), pause_at="lock-busy",
+    rejecter = spawn("self-heal", "reject", imp.id, "--yes", "--home", str(versioned), pause_at="lock-busy",
                      pause_dir=pause_r)
     wait_reached(pause_r, "lock-busy", rejecter)  # it read "proposed" and waits for the apply's lock
     go(pause_a, "after-write")
@@ -442,7 +442,7 @@ def test_verify_that_finishes_after_a_rollback_does_not_overwrite_it(versioned, 
     verifier = spawn("self-heal", "verify", applied.id, "--home", str(versioned), "--early",
                      pause_at="before-conditional-write", pause_dir=pause)
     wait_reached(pause, "before-conditional-write", verifier)
-    r = run_agent("self-heal", "rollback", applied.id, "--home", str(versioned))
+    r = run_agent("self-heal", "rollback", applied.id, "--yes", "--home", str(versioned))
     assert r.returncode == 0, r.stderr
     go(pause, "before-conditional-write")
     code, out, err = finish(verifier)
@@ -499,11 +499,11 @@ def test_promote_during_a_drop_loses_cleanly(versioned, db, tmp_path):
     pause_d, pause_p = tmp_path / "d", tmp_path / "p"
     pause_d.mkdir()
     pause_p.mkdir()
-    dropper = spawn("self-heal", "canary", "drop", imp.id, "--home", str(versioned),
+    dropper = spawn("self-heal", "canary", "drop", imp.id, "--yes", "--home", str(versioned),
                     pause_at="experiment-end-after-write", pause_dir=pause_d)
     wait_reached(pause_d, "experiment-end-after-write", dropper)
     go(pause_p, "lock-busy")
-    promoter = spawn("self-heal", "canary", "promote", imp.id, "--home", str(versioned), pause_at="lock-busy",
+    promoter = spawn("self-heal", "canary", "promote", imp.id, "--yes", "--home", str(versioned), pause_at="lock-busy",
                      pause_dir=pause_p)
     wait_reached(pause_p, "lock-busy", promoter)
     go(pause_d, "experiment-end-after-write")

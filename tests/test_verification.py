@@ -186,3 +186,41 @@ def test_bad_requests(db, binks_home):
 ])
 def test_compare_with_expected(expected, delta, reduction, verdict):
     assert compare_with_expected(expected, delta, reduction) == verdict
+
+
+# ---------------------------------------------------------------- honest words (issue 15)
+
+def _simulated(gain: tuple[float, float], finishes: tuple[float, float] | None = None) -> dict:
+    models = [] if finishes is None else [{"model": "duration", "tool": K8S, "p_timed_out_call_finishes_interval":
+                                           list(finishes)}]
+    return {"test_mode": "simulation", "recommendation": "safe_to_apply", "expected_improvement": "+12%",
+            "interval": {"confidence": 0.95, "improvement": list(gain)}, "models": models}
+
+
+def test_as_expected_only_inside_the_simulations_interval(db, binks_home):
+    """The demo once said "+3% success rate (as expected)" against a predicted +8% to +16%."""
+    history(db, before_rate=0.3, after_rate=0.02)  # measured: +28 points, 93% fewer timeouts
+    far = applied(db, expected_impact="40% reduction in timeout errors", test_result=_simulated((0.08, 0.16),
+                                                                                                  (0.5, 0.7)))
+    r = verify(db, far.id, binks_home)
+    assert r["actual_impact"] == ("93% reduction in timeout errors (predicted 50–70%: better than expected!), "
+                                  "+28% success rate (predicted +8% to +16%: better than expected!)")
+    assert r["comparison"] == "timeout errors better than expected!; success rate better than expected!"
+    inside = applied(db, pattern_id=f"timeout:{K8S}", test_result=_simulated((0.2, 0.3), (0.9, 0.97)))
+    r = verify(db, inside.id, binks_home)
+    assert "(predicted 90–97%: as expected)" in r["actual_impact"]
+    assert "(predicted +20% to +30%: as expected)" in r["actual_impact"]
+    over = applied(db, test_result=_simulated((0.3, 0.4)))
+    r = verify(db, over.id, binks_home)
+    assert "+28% success rate (predicted +30% to +40%: less than expected)" in r["actual_impact"]
+    assert "as expected" not in r["actual_impact"]
+
+
+def test_an_inconclusive_verify_writes_no_high_inbox_entry(db, binks_home, tmp_path):
+    history(db, before_rate=0.3, after_rate=0.02, n_after=0)  # nothing after the apply
+    imp = applied(db)
+    r = verify(db, imp.id, binks_home)
+    assert r["recommendation"] == "extend"
+    inbox = "".join(p.read_text() for p in (tmp_path / "inbox").glob("*.md"))
+    assert f"Verified improvement {imp.id}" in inbox
+    assert "[HIGH]" not in inbox and "[URGENT]" not in inbox and "[LOW]" in inbox

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selfheal_plugin.errors import SelfHealError
-from selfheal_plugin.history.times import format_timestamp, utcnow
+from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 
 PALETTE = ("#e377c2", "#1f77b4", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd")
 OK_COLOR, TIMEOUT_COLOR, ERROR_COLOR = "#2ca02c", "#ff9f1c", "#d62728"
@@ -34,9 +34,10 @@ DB_SIDE_FILES = ("", "-wal", "-shm", "-journal")
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
 header{background:#1d2330;color:#fff;padding:18px 28px}
+header .inner{max-width:1100px;margin:0 auto}
 header h1{margin:0;font-size:22px}
 header p{margin:4px 0 0;color:#b8c0cc;font-size:13px}
-main{padding:20px 28px;max-width:1100px}
+main{padding:20px 28px;max-width:1100px;margin:0 auto;box-sizing:border-box}
 .cards{display:flex;flex-wrap:wrap;gap:14px;margin-bottom:18px}
 .card{flex:1 1 0;background:#fff;border-radius:8px;padding:14px 18px;min-width:190px;box-shadow:0 1px 3px rgba(0,0,0,.12)}
 .card .label{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:#5b6472}
@@ -54,7 +55,25 @@ svg text{font-family:inherit;font-size:11px;fill:#3b4350}
 .legend{display:flex;flex-wrap:wrap;gap:12px;font-size:12px;margin-top:6px}
 .legend span.sw{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:4px;vertical-align:-1px}
 .muted{color:#5b6472;font-size:12px}
+td.id{white-space:nowrap}
+.scroll{overflow-x:auto}
+@media (max-width:600px){header{padding:12px 14px}main{padding:12px 10px}section{padding:10px}}
 """
+
+
+def local_time(ts: str | None) -> str:
+    """An instant as people read it, in this machine's time zone (where the report is made
+    and, usually, read): ``27 Nov 2026, 09:30 CET``; the exact UTC instant stays in the
+    ``datetime`` attribute of the ``<time>`` element."""
+    if not ts:
+        return "—"
+    try:
+        dt = parse_timestamp(ts)
+    except ValueError:
+        return escape(ts)
+    local = dt.astimezone()
+    return (f'<time datetime="{escape(format_timestamp(dt))}">{local.strftime("%d %b %Y, %H:%M")} '
+            f'{escape(local.tzname() or "")}</time>')
 
 
 def _pct(x: float | None, digits: int = 0) -> str:
@@ -173,20 +192,29 @@ def tool_reliability_svg(tools: list[dict[str, Any]], width: int = 1000) -> str:
     """One stacked bar per tool: successful, timed-out and otherwise failed share of calls."""
     if not tools:
         return _no_data("chart-tool-reliability", width, 60, "No tool calls in this window")
-    row, left, right, top = 24, 230, 70, 6
-    height = top * 2 + row * len(tools)
+    row, left, right, top, axis = 24, 230, 70, 6, 18
+    height = top * 2 + row * len(tools) + axis
     pw = width - left - right
+    lo = reliability_axis_start(tools)
+    scale = pw / (1 - lo)
     parts = [f'<svg id="chart-tool-reliability" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-             f'role="img" aria-label="Tool reliability">']
+             f'role="img" aria-label="Tool reliability" data-axis-start="{lo}">']
+    base = top + row * len(tools)
+    for k in range(5):  # gridlines and labels from the axis start to 100%
+        v = lo + (1 - lo) * k / 4
+        gx = left + (v - lo) * scale
+        parts.append(f'<line x1="{gx:.1f}" x2="{gx:.1f}" y1="{top}" y2="{base}" stroke="#e3e6ea"/>'
+                     f'<text class="axis" x="{gx:.1f}" y="{base + 13}" text-anchor="middle">{_pct(v, 1)}</text>')
     for i, t in enumerate(tools):
         y = top + i * row
         name = t["name"] if len(t["name"]) <= 34 else t["name"][:33] + "…"
         parts.append(f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{escape(name)}</text>')
         x = float(left)
+        # the success segment starts at the axis start; the failures stack after it up to 100%
         for share, color, label in ((t["success_rate"], OK_COLOR, "success"),
                                     (t["timeout_rate"], TIMEOUT_COLOR, "timeouts"),
                                     (t["error_rate"], ERROR_COLOR, "other errors")):
-            w = pw * share
+            w = scale * (share - lo if label == "success" else share)
             if w <= 0:
                 continue
             parts.append(f'<rect class="tool-bar" data-tool="{escape(t["name"])}" data-kind="{label}" '
@@ -199,13 +227,25 @@ def tool_reliability_svg(tools: list[dict[str, Any]], width: int = 1000) -> str:
     return "".join(parts)
 
 
-def _table(table_id: str, headers: list[tuple[str, bool]], rows: list[list[str]], empty: str) -> str:
+def reliability_axis_start(tools: list[dict[str, Any]]) -> float:
+    """Where the reliability bars' axis starts: below the lowest success rate, in steps of
+    5 points, so 93.9% and 99.3% look different (0 when some tool is below 6%)."""
+    low = min(t["success_rate"] for t in tools)
+    return max(0.0, math.floor((low - 0.01) * 20) / 20)
+
+
+def _table(table_id: str, headers: list[tuple[str, bool]], rows: list[list[str]], empty: str,
+           nowrap: tuple[int, ...] = ()) -> str:
+    """A table; the columns in ``nowrap`` (ids, tool names) never wrap, and a table wider
+    than a phone scrolls sideways inside its section."""
     if not rows:
         return f'<p class="muted" id="{table_id}-empty">{escape(empty)}</p>'
     head = "".join(f'<th class="{"num" if num else ""}">{escape(h)}</th>' for h, num in headers)
-    body = "".join("<tr>" + "".join(f'<td class="{"num" if headers[i][1] else ""}">{escape(c)}</td>'
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    body = "".join("<tr>" + "".join(
+        f'<td class="{"num" if headers[i][1] else "id" if i in nowrap else ""}">{escape(c)}</td>'
+        for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return (f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{body}</tbody></table></div>')
 
 
 def _ms(value: float | None) -> str:
@@ -231,10 +271,12 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
          f"last 7 days {_pct(td['recent']['success_rate'], 1)} ({td['recent']['finished_runs']} runs) vs "
          f"30 days before {_pct(td['historical']['success_rate'], 1)} ({td['historical']['finished_runs']} runs)"),
         ("Runs in window", f'<span id="run-count">{runs["total"]}</span>',
-         f"{window['start'][:16].replace('T', ' ')} → {window['end'][:16].replace('T', ' ')} UTC"),
+         f"{local_time(window['start'])} → {local_time(window['end'])}"),
     ]
+    built = {"Runs in window"}  # its sub-line is made of <time> elements; the others are text
     cards_html = "".join(f'<div class="card"><div class="label">{escape(label)}</div><div class="value">{value}</div>'
-                         f'<div class="sub">{escape(sub)}</div></div>' for label, value, sub in cards)
+                         f'<div class="sub">{sub if label in built else escape(sub)}</div></div>'
+                         for label, value, sub in cards)
     tool_rows = [[t["name"], f"{t['total_calls']:,}", _pct(t["success_rate"], 1), _pct(t["timeout_rate"], 1),
                   _pct(t["error_rate"], 1), _ms(t["avg_duration_ms"]), _ms(t["p95_duration_ms"]),
                   ", ".join(f"{e['error_type']} ({e['count']})" for e in t["top_error_types"]) or "—"]
@@ -252,18 +294,20 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
         ("Tool reliability", tool_reliability_svg(tools) +
          f'<div class="legend"><span><span class="sw" style="background:{OK_COLOR}"></span>success</span>'
          f'<span><span class="sw" style="background:{TIMEOUT_COLOR}"></span>timeouts</span>'
-         f'<span><span class="sw" style="background:{ERROR_COLOR}"></span>other errors</span></div>', ""),
+         f'<span><span class="sw" style="background:{ERROR_COLOR}"></span>other errors</span>'
+         f'<span class="muted">axis from {_pct(reliability_axis_start(tools) if tools else 0.0)} to 100% '
+         f'(scaled to the data)</span></div>', ""),
         ("Tools", _table("table-tools", [("tool", False), ("calls", True), ("success", True), ("timeouts", True),
                                          ("other errors", True), ("avg ms", True), ("p95 ms", True),
                                          ("top error types", False)], tool_rows,
-                         "No tool calls in this window."), ""),
+                         "No tool calls in this window.", nowrap=(0,)), ""),
         ("Agents", _table("table-agents", [("agent", False), ("runs", True), ("success", True), ("failed", True),
                                            ("running", True), ("avg s", True), ("trend", False)], agent_rows,
                           "No runs in this window."), ""),
         ("Recent improvements", _table("table-improvements", [("id", False), ("status", False),
                                                               ("failure kind", False), ("description", False), ("expected", False),
                                                               ("measured impact", False)], imp_rows,
-                                       "No improvements recorded yet."), ""),
+                                       "No improvements recorded yet.", nowrap=(0, 1)), ""),
     ]
     body = "".join(f"<section><h2>{escape(h)}</h2>{content}</section>" for h, content, _ in sections)
     skipped = d.get("skipped_rows", 0)
@@ -273,8 +317,9 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
         f'<html lang="en"><head><meta charset="utf-8">{REPORT_MARKER}<title>{escape(title)}</title>'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<style>{CSS}</style></head><body>"
-        f"<header><h1>{escape(title)}</h1><p>window {escape(window['since'])}: {escape(window['start'])} → "
-        f"{escape(window['end'])} · generated {escape(format_timestamp(utcnow()))}{escape(note)}</p></header>"
+        f"<header><div class=\"inner\"><h1>{escape(title)}</h1><p>window {escape(window['since'])}: "
+        f"{local_time(window['start'])} → {local_time(window['end'])} · generated "
+        f"{local_time(format_timestamp(utcnow()))}{escape(note)}</p></div></header>"
         f'<main><div class="cards">{cards_html}</div>{body}</main></body></html>\n'
     )
 

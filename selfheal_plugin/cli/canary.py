@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
+from selfheal_plugin.cli.common import common_options, confirm_or_abort, echo_json, format_p, open_service, pct, yes_option
 
 
 def _rate(x: float | None) -> str:
@@ -14,7 +14,7 @@ def _rate(x: float | None) -> str:
 
 
 def _p(x: float | None) -> str:
-    return "n/a" if x is None else format(x, ".3g")
+    return format_p(x)
 
 
 def print_experiment_report(r: dict[str, Any], indent: str = "  ") -> None:
@@ -26,13 +26,13 @@ def print_experiment_report(r: dict[str, Any], indent: str = "  ") -> None:
                    + ("" if w["complete"] else ", window still open") + ")")
         click.echo(f"{indent}Runs: {m['runs_canary']} canary, {m['runs_control']} control "
                    f"(canary share {_rate(split['canary_share'])}, configured {pct(split['fraction'])}, "
-                   f"binomial p={_p(split['p_value'])})")
+                   f"binomial {_p(split['p_value'])})")
         click.echo(f"{indent}Success rate: canary {_rate(m['canary_success_rate'])}, control "
-                   f"{_rate(m['control_success_rate'])} (Fisher p={_p(m['p_value'])})")
+                   f"{_rate(m['control_success_rate'])} (Fisher {_p(m['p_value'])})")
         p = m.get("pattern")
         if p:
             click.echo(f"{indent}{p['pattern_id']} error rate: canary {_rate(p['canary_error_rate'])}, control "
-                       f"{_rate(p['control_error_rate'])} per call (p={_p(p['p_value'])})")
+                       f"{_rate(p['control_error_rate'])} per call ({_p(p['p_value'])})")
     else:
         click.echo(f"{indent}Shadow observations since {w['since']} (until {w['until']})")
         click.echo(f"{indent}Runs observed: {m['runs_observed']} of {m['runs_in_period']}; calls observed: "
@@ -69,12 +69,14 @@ def canary_group() -> None:
 @click.argument("improvement_id")
 @click.option("--changes-made", default=None, help="A note recorded with the apply.")
 @click.option("--force", is_flag=True, help="Promote although the canary's verdict is not keep (recorded).")
+@yes_option
 @common_options
 def promote_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
-                    changes_made: str | None = None, force: bool = False) -> None:
+                    changes_made: str | None = None, force: bool = False, yes: bool = False) -> None:
     """Remove the canary/shadow section and apply the improvement to every run (two commits).
-    Refused unless the canary's verdict (verify) is keep."""
+    Refused unless the canary's verdict (verify) is keep. Asks first unless --yes."""
     with open_service(home, db) as sh:
+        confirm_or_abort(sh, improvement_id, "Promote it to every run (two commits)?", yes=yes, as_json=as_json)
         r = sh.canary_promote(improvement_id, force=force, changes_made=changes_made)
     if as_json:
         echo_json(r)
@@ -92,10 +94,14 @@ def promote_command(improvement_id: str, home: str | None, db: str | None, as_js
 
 @canary_group.command("drop")
 @click.argument("improvement_id")
+@yes_option
 @common_options
-def drop_command(improvement_id: str, home: str | None, db: str | None, as_json: bool) -> None:
-    """Remove the canary/shadow section without applying (the improvement goes back to tested)."""
+def drop_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, yes: bool = False) -> None:
+    """Remove the canary/shadow section without applying (the improvement goes back to tested).
+    Asks first unless --yes."""
     with open_service(home, db) as sh:
+        confirm_or_abort(sh, improvement_id, "Drop this experiment (a commit removing its section)?", yes=yes,
+                         as_json=as_json)
         r = sh.canary_drop(improvement_id)
     if as_json:
         echo_json(r)

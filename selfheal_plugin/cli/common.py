@@ -12,6 +12,8 @@ import click
 
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error, is_corrupt_error, one_line
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.text import for_terminal
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.lazy import lazy_module
 
@@ -41,8 +43,60 @@ class _ErrConsole:
 err_console = _ErrConsole()
 
 
+# Exit codes for verdicts, with --check (0 otherwise): see docs/cli.md.
+EXIT_VERDICT_BAD = 3   # test: risky or reject; verify: rollback
+EXIT_VERDICT_WAIT = 4  # verify: extend (inconclusive so far)
+
+
+def table_console() -> Any:
+    """A console as wide as the terminal (``COLUMNS`` when set; 80 when not a terminal):
+    tables shrink their wrapping columns to fit, ids are declared ``no_wrap``."""
+    return rich_console.Console(highlight=False)
+
+
+def yes_option(func: Callable) -> Callable:
+    return click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")(func)
+
+
+def check_option(func: Callable) -> Callable:
+    return click.option("--check", is_flag=True,
+                        help="Exit 3 when the verdict is bad (test: risky or reject; verify: rollback) and 4 when "
+                             "verify says extend; without it the exit code is 0 whatever the verdict.")(func)
+
+
+def exit_for_verdict(check: bool, recommendation: str | None) -> None:
+    """With ``--check``, end with the verdict's exit code (documented in docs/cli.md)."""
+    if not check:
+        return
+    code = {"risky": EXIT_VERDICT_BAD, "reject": EXIT_VERDICT_BAD, "rollback": EXIT_VERDICT_BAD,
+            "extend": EXIT_VERDICT_WAIT}.get(recommendation or "", 0)
+    if code:
+        raise SystemExit(code)
+
+
+def confirm_or_abort(sh: SelfHeal, improvement_id: str, question: str, *, yes: bool, as_json: bool) -> None:
+    """Ask before a state change unless ``--yes``; an unknown id fails before any question."""
+    imp = ImprovementStore(sh.conn).get(improvement_id)
+    if yes:
+        return
+    if as_json:
+        raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
+    click.echo(f"Improvement {imp.id} ({imp.status}): {for_terminal(imp.description or '')}")
+    click.confirm(question, abort=True)
+
+
+def format_p(p: float | None) -> str:
+    """A p-value as people read one: ``p < 0.001`` or two significant digits."""
+    if p is None:
+        return "p n/a"
+    if p < 0.001:
+        return "p < 0.001"
+    return f"p = {float(format(p, '.2g')):g}"
+
+
 def common_options(func: Callable) -> Callable:
-    """``--home``, ``--db`` and ``--json`` for a command."""
+    """``--home``, ``--db`` and ``--json`` for a command (also accepted before the subcommand,
+    on ``agent self-heal``)."""
     @click.option("--home", type=click.Path(file_okay=False), default=None,
                   help="Runtime home (default: $BINKS_HOME or ~/.binks).")
     @click.option("--db", type=click.Path(dir_okay=False), default=None,
@@ -53,6 +107,7 @@ def common_options(func: Callable) -> Callable:
         parent = click.get_current_context().find_object(dict) or {}
         home = home or parent.get("home")
         db = db or parent.get("db")
+        as_json = as_json or bool(parent.get("json"))
         try:
             return func(*args, home=home, db=db, as_json=as_json, **kwargs)
         except UsageError as exc:
@@ -117,14 +172,21 @@ def scan_progress(enabled: bool, label: str = "Indexing run history") -> Iterato
 
 
 def warn_bad_rows(count: int) -> None:
-    if count:
-        warning(f"skipped {count} malformed run_events row(s) "
-                "(invalid JSON or UTF-8, missing tool name, unparsable timestamp, absurd duration or size)")
+    """One line on stderr, once per command however many scans skipped rows."""
+    if not count:
+        return
+    ctx = click.get_current_context(silent=True)
+    meta = ctx.find_root().meta if ctx is not None else {}
+    if meta.get("selfheal.warned_bad_rows"):
+        return
+    meta["selfheal.warned_bad_rows"] = True
+    warning(f"skipped {count} malformed run_events row(s) (invalid JSON or UTF-8, missing tool name, "
+            "unparsable timestamp, absurd duration or size)")
 
 
 def warning(message: str) -> None:
     """One warning line on stderr, plain text (click, not rich: a warning must not cost rich's
-    import, and carries no escape sequence of its own)."""
+    import, and carries no escape sequence of its own; never wrapped)."""
     click.echo(f"warning: {message}", err=True)
 
 

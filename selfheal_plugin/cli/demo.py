@@ -87,8 +87,8 @@ def print_step(s: DemoStep) -> None:
 
 @click.command("demo")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
-              help="Use this new or empty directory as the demo home (default: a temporary one).")
-@click.option("--keep", is_flag=True, help="Keep the demo home afterwards (its path is printed).")
+              help="Use this new or empty directory as the demo home, and keep it (default: a temporary one).")
+@click.option("--keep", is_flag=True, help="Keep the temporary demo home afterwards (its path is printed).")
 @setting_option("runs", "--runs", default=DEMO_RUNS, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def demo(directory: str | None, keep: bool, runs: int, as_json: bool) -> None:

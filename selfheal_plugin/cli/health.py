@@ -7,13 +7,14 @@ from typing import Any
 import click
 
 from selfheal_plugin.history.settings import load_settings
-from selfheal_plugin.cli.common import common_options, echo_json, err_console, open_service, pct, scan_progress
+from selfheal_plugin.cli.common import (common_options, echo_json, err_console, open_service, pct, scan_progress,
+                                        table_console, warn_bad_rows)
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.analysis.report import TREND_TEXT, check_report_target, write_html_report
 from selfheal_plugin.history.text import for_rich
 from selfheal_plugin.lazy import lazy_module
 
-rich_console, rich_table = lazy_module("rich.console"), lazy_module("rich.table")  # imported when printing
+rich_box, rich_table = lazy_module("rich.box"), lazy_module("rich.table")  # imported when printing
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_DAYS = 60
@@ -77,7 +78,7 @@ def dashboard(home: str | None, db: str | None, as_json: bool, detailed: bool = 
 
 
 def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
-    out = rich_console.Console(width=max(110, rich_console.Console().width), highlight=False)
+    out = table_console()
     w = d["window"]
     out.print(f"🩺 Health dashboard (since {w['since']}: {w['start'][:16].replace('T', ' ')} → "
               f"{w['end'][:16].replace('T', ' ')} UTC)")
@@ -101,8 +102,7 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
     if known:
         out.print(f"  Daily success:  {sparkline(rates)}  ({daily[0]['date']} … {daily[-1]['date']}; "
                   f"min {pct(min(known))}, max {pct(max(known))})")
-    if d["skipped_rows"]:
-        out.print(f"  [yellow]Skipped {d['skipped_rows']} malformed tool event row(s)[/]")
+    warn_bad_rows(d["skipped_rows"])
     out.print()
     if d["worst_tools"]:
         out.print(_tools_table("Worst tools", d["worst_tools"]))
@@ -111,18 +111,22 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
     out.print()
     imps = d["recent_improvements"]
     if imps:
-        t = rich_table.Table(title="Recent improvements", title_justify="left")
-        for col in ("id", "status", "kind", "description", "expected", "measured impact"):
-            t.add_column(col, overflow="fold")
+        t = rich_table.Table(title="Recent improvements", title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False)
+        t.add_column("id", no_wrap=True, min_width=21)
+        t.add_column("status", no_wrap=True)
+        t.add_column("description, expected → measured impact", ratio=1)
         for i in imps:
-            t.add_row(*(for_rich(v) for v in (i["id"], i["status"], i.get("failure_kind") or "unknown", i["description"],
-                                               i.get("expected_impact") or "—", i["impact"])))
+            t.add_row(for_rich(i["id"]), for_rich(i["status"]),
+                      f"{for_rich(i['description'])}\n[dim]kind: {for_rich(i.get('failure_kind') or 'unknown')}\n"
+                      f"expected: {for_rich(i.get('expected_impact') or '—')}\n"
+                      f"measured: {for_rich(i['impact'])}[/]")
         out.print(t)
     else:
         out.print("  No improvements recorded yet (agent self-heal detect finds what to improve).")
     if detailed:
         out.print()
-        a = rich_table.Table(title="Agents", title_justify="left")
+        a = rich_table.Table(title="Agents", title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for col, just in (("agent", "left"), ("runs", "right"), ("success", "right"), ("failed", "right"),
                           ("running", "right"), ("avg s", "right"), ("trend", "left")):
             a.add_column(col, justify=just)
@@ -136,18 +140,19 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
         out.print(_tools_table("Tools", d.get("tools", [])))
 
 
-def _tools_table(title: str, tools: list[dict[str, Any]]) -> rich_table.Table:
-    t = rich_table.Table(title=title, title_justify="left")
-    t.add_column("tool", no_wrap=True)
-    for col, just in (("calls", "right"), ("success", "right"), ("timeouts", "right"),
-                      ("other errors", "right"), ("avg ms", "right"), ("p95 ms", "right"),
-                      ("top error types", "left")):
-        t.add_column(col, justify=just, overflow="fold")
+def _tools_table(title: str, tools: list[dict[str, Any]]) -> Any:
+    t = rich_table.Table(title=title, title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+              padding=(0, 1, 0, 0))
+    wide = table_console().width >= 110  # a narrow terminal drops the average (p95 stays)
+    t.add_column("tool", no_wrap=True)  # a name to paste into config.toml: never wrapped
+    for col in ("calls", "ok", "timeout", "error", *(("avg ms",) if wide else ()), "p95 ms"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("top error types", ratio=2, min_width=12)
     for x in tools:
         t.add_row(for_rich(x["name"]), f"{x['total_calls']:,}", f"{x['success_rate'] * 100:.1f}%",
-                  f"{x['timeout_rate'] * 100:.1f}%", f"{x['error_rate'] * 100:.1f}%", _ms(x["avg_duration_ms"]),
-                  _ms(x["p95_duration_ms"]),
-                  ", ".join(f"{for_rich(e['error_type'])} {e['count']}" for e in x["top_error_types"]) or "—")
+                  f"{x['timeout_rate'] * 100:.1f}%", f"{x['error_rate'] * 100:.1f}%",
+                  *((_ms(x["avg_duration_ms"]),) if wide else ()), _ms(x["p95_duration_ms"]),
+                  "\n".join(f"{for_rich(e['error_type'])} {e['count']}" for e in x["top_error_types"]) or "—")
     return t
 
 
@@ -161,7 +166,7 @@ def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> 
     if as_json:
         echo_json(result)
         return
-    out = rich_console.Console(width=max(110, rich_console.Console().width), highlight=False)
+    out = table_console()
     out.print(f"🩺 Run {for_rich(result['run_id'])} ({for_rich(result['workflow_name'])}, {for_rich(result['status'])}, "
               f"started {result['started_at']})")
     basis = {"reweighted": " (re-weighted: some components unknown)",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
+from selfheal_plugin.cli.common import (check_option, common_options, confirm_or_abort, echo_json, exit_for_verdict,
+                                        format_p, open_service, pct, yes_option)
 from selfheal_plugin.history.text import for_terminal
 from selfheal_plugin.service import TEST_MODES
 from selfheal_plugin.cli.options import setting_option
@@ -20,13 +21,21 @@ def _rate(x: float | None) -> str:
               help="How to test the improvement.")
 @setting_option("lookback", "--since", help="Baseline window start")
 @setting_option("fraction", "--fraction", default=None)
+@check_option
 @common_options
 def test_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, mode: str = "simulation",
-                 since: str | None = None, fraction: float | None = None) -> None:
+                 since: str | None = None, fraction: float | None = None, check: bool = False) -> None:
     """Test an improvement: replay history (simulation), or run it on a share of runs
-    (canary) or beside the current settings (shadow) via a config.toml section."""
+    (canary) or beside the current settings (shadow) via a config.toml section.
+
+    With --check the exit code is 3 when the simulation says risky or reject."""
     with open_service(home, db) as sh:
         r = sh.test(improvement_id, mode, since=since, fraction=fraction)
+    _render_test(r, mode, as_json)
+    exit_for_verdict(check, r.get("recommendation") if mode == "simulation" else None)
+
+
+def _render_test(r: dict, mode: str, as_json: bool) -> None:
     if as_json:
         echo_json(r)
         return
@@ -75,7 +84,7 @@ def test_command(improvement_id: str, home: str | None, db: str | None, as_json:
 
 @click.command("apply")
 @click.argument("improvement_id")
-@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @click.option("--changes-made", default=None,
               help="What was done (required for an improvement with only manual steps).")
 @common_options
@@ -119,11 +128,13 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
 @click.command("rollback")
 @click.argument("improvement_id")
 @click.option("--reason", default=None, help="Why (goes into the commit message).")
+@yes_option
 @common_options
 def rollback_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
-                     reason: str | None = None) -> None:
-    """Roll back an applied improvement (git revert, or the inverse edit)."""
+                     reason: str | None = None, yes: bool = False) -> None:
+    """Roll back an applied improvement (git revert, or the inverse edit). Asks first unless --yes."""
     with open_service(home, db) as sh:
+        confirm_or_abort(sh, improvement_id, "Roll back this change (a revert commit)?", yes=yes, as_json=as_json)
         r = sh.rollback(improvement_id, reason=reason)
     if as_json:
         echo_json(r)
@@ -144,12 +155,20 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
 @click.option("--early", is_flag=True,
               help="Accept a significant improvement before the window after the apply has ended "
                    "(otherwise it is provisional: extend monitoring).")
+@check_option
 @common_options
 def verify_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,
-                   window_days: float | None = None, early: bool = False) -> None:
-    """Measure an applied improvement: before vs after, with a significance test."""
+                   window_days: float | None = None, early: bool = False, check: bool = False) -> None:
+    """Measure an applied improvement: before vs after, with a significance test.
+
+    With --check the exit code is 3 for rollback and 4 for extend (inconclusive so far)."""
     with open_service(home, db) as sh:
         r = sh.verify(improvement_id, window_days, early=early)
+    _render_verify(r, as_json)
+    exit_for_verdict(check, r.get("recommendation"))
+
+
+def _render_verify(r: dict, as_json: bool) -> None:
     if as_json:
         echo_json(r)
         return
@@ -166,14 +185,16 @@ def verify_command(improvement_id: str, home: str | None, db: str | None, as_jso
     click.echo(f"  Actual:   {for_terminal(r['actual_impact'])}")
     click.echo(f"  Success rate before: {_rate(m['before_success_rate'])} ({m['runs_before']} runs)")
     click.echo(f"  Success rate after:  {_rate(m['after_success_rate'])} ({m['runs_after']} runs)")
-    click.echo(f"  Runs analyzed: {m['runs_analyzed']}   p-value (Fisher): "
-               f"{'n/a' if m['p_value'] is None else format(m['p_value'], '.3g')}   significant below "
-               f"{m['alpha_per_test']:.3g} (Bonferroni, {m['tests']} test(s))")
+    if m["tests"]:
+        click.echo(f"  Runs analyzed: {m['runs_analyzed']}   success rate: {format_p(m['p_value'])} (Fisher)   "
+                   f"significant below {m['alpha_per_test']:.2g} (Bonferroni, {m['tests']} test(s))")
+    else:
+        click.echo(f"  Runs analyzed: {m['runs_analyzed']}   no significance test yet (too few runs on one side)")
     p = m.get("pattern")
     if p:
         click.echo(f"  {for_terminal(p['pattern_id'])} error rate: {_rate(p['before_error_rate'])} → {_rate(p['after_error_rate'])}"
-                   f" per call ({p['before_errors']} → {p['after_errors']} errors; p="
-                   f"{'n/a' if p['p_value'] is None else format(p['p_value'], '.3g')})")
+                   f" per call ({p['before_errors']} → {p['after_errors']} errors"
+                   + (f"; {format_p(p['p_value'])})" if p["p_value"] is not None else ")"))
     click.echo()
     icon = {"keep": "✅", "rollback": "❌", "extend": "⏳"}[r["recommendation"]]
     click.echo(f"{icon} Recommendation: {r['recommendation']} ({r['verification_status']}) — {for_terminal(r['reason'])}")
@@ -181,10 +202,12 @@ def verify_command(improvement_id: str, home: str | None, db: str | None, as_jso
 
 @click.command("reject")
 @click.argument("improvement_id")
+@yes_option
 @common_options
-def reject_command(improvement_id: str, home: str | None, db: str | None, as_json: bool) -> None:
-    """Reject a proposed improvement."""
+def reject_command(improvement_id: str, home: str | None, db: str | None, as_json: bool, yes: bool = False) -> None:
+    """Reject a proposed improvement (not proposed again until its evidence changes). Asks first unless --yes."""
     with open_service(home, db) as sh:
+        confirm_or_abort(sh, improvement_id, "Reject this proposal?", yes=yes, as_json=as_json)
         r = sh.reject(improvement_id)
     if as_json:
         echo_json(r)

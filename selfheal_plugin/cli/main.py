@@ -12,7 +12,8 @@ from typing import Any
 import click
 
 from selfheal_plugin import __version__
-from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct, scan_progress, warn_bad_rows
+from selfheal_plugin.cli.common import (common_options, echo_json, open_service, pct, scan_progress, table_console,
+                                        warn_bad_rows)
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.settings import configure_logging
 from selfheal_plugin.history.text import for_rich, for_terminal
@@ -29,6 +30,15 @@ LAZY_COMMANDS = {
 LAZY_AGENT_COMMANDS = {"self-heal-daemon": "daemon"}
 
 
+def _with_version(command: click.Command) -> click.Command:
+    """``--version`` at every level (``-h`` comes from the groups' context settings)."""
+    if not any(isinstance(p, click.Option) and "--version" in p.opts for p in command.params):
+        click.version_option(__version__, prog_name="selfheal")(command)
+    for sub in getattr(command, "commands", {}).values():
+        _with_version(sub)
+    return command
+
+
 class LazyGroup(click.Group):
     """A click group whose commands from :data:`LAZY_COMMANDS`-style tables load on first use."""
 
@@ -43,7 +53,7 @@ class LazyGroup(click.Group):
         command = super().get_command(ctx, name)
         if command is None and name in self.lazy:
             module = importlib.import_module(f"selfheal_plugin.cli.{self.lazy[name]}")
-            command = next(c for c in module.COMMANDS if c.name == name)
+            command = _with_version(next(c for c in module.COMMANDS if c.name == name))
             self.add_command(command)
         return command
 
@@ -51,25 +61,36 @@ class LazyGroup(click.Group):
 # ------------------------------------------------------------------ commands
 
 
-@click.group(cls=LazyGroup, lazy=LAZY_AGENT_COMMANDS)
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(cls=LazyGroup, lazy=LAZY_AGENT_COMMANDS, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="selfheal")
 def agent() -> None:
     """Agent runtime commands provided by the selfheal plugin."""
     configure_logging()
 
 
-@agent.group("self-heal", cls=LazyGroup, lazy=LAZY_COMMANDS, invoke_without_command=True)
-@click.option("--home", type=click.Path(file_okay=False), default=None, help="Runtime home (default: $BINKS_HOME).")
-@click.option("--db", type=click.Path(dir_okay=False), default=None, help="Run-history database.")
+@agent.group("self-heal", cls=LazyGroup, lazy=LAZY_COMMANDS, invoke_without_command=True,
+             context_settings=CONTEXT)
+@click.option("--home", type=click.Path(file_okay=False), default=None,
+              help="Runtime home (default: $BINKS_HOME or ~/.binks).")
+@click.option("--db", type=click.Path(dir_okay=False), default=None,
+              help="Run-history database (default: HOME/conversations.db).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text (every subcommand).")
+@click.version_option(__version__, prog_name="selfheal")
 @click.pass_context
-def self_heal(ctx: click.Context, home: str | None, db: str | None) -> None:
+def self_heal(ctx: click.Context, home: str | None, db: str | None, as_json: bool) -> None:
     """Find recurring failures, propose, test, apply and verify fixes.
 
-    Without a subcommand, runs `detect`.
+    Start with `agent self-heal detect`. The options above are also accepted after the
+    subcommand. Exit codes: 0 ok, 1 failure, 2 bad usage; with --check, 3 and 4 for
+    verdicts (see `test --help`, `verify --help`).
     """
-    ctx.obj = {"home": home, "db": db}
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(detect)
+    ctx.obj = {"home": home, "db": db, "json": as_json}
+    if ctx.invoked_subcommand is None:  # help, and nothing read or written
+        click.echo(ctx.get_help())
+        ctx.exit(0)
 
 
 @self_heal.command()
@@ -112,10 +133,9 @@ def show(pattern_id: str, home: str | None, db: str | None, as_json: bool, since
 
 
 def _print_pattern(d: dict[str, Any]) -> None:
-    from rich.console import Console  # rich only when a table is printed
     from rich.table import Table
 
-    out = Console(width=max(120, Console().width))
+    out = table_console()
     click.echo(f"Pattern {for_terminal(d['id'])}")
     click.echo(f"  Error: {for_terminal(d['error_type'])} on {for_terminal(d['tool_name'])}")
     click.echo(f"  Failure kind: {for_terminal((d.get('evidence') or {}).get('summary') or d.get('failure_kind') or 'unknown')}")
@@ -131,7 +151,7 @@ def _print_pattern(d: dict[str, Any]) -> None:
     t = Table(title="Message templates (context similarity)", title_justify="left")
     t.add_column("count", justify="right")
     t.add_column("kind")
-    t.add_column("template")
+    t.add_column("template", overflow="fold")
     t.add_column("example", overflow="fold")
     for tpl in d["templates"]:
         t.add_row(str(tpl["count"]), for_rich(tpl.get("kind", "")), for_rich(tpl["template"]), for_rich(tpl["example"]))
@@ -156,7 +176,7 @@ def _print_pattern(d: dict[str, Any]) -> None:
     r = Table(title="Affected runs", title_justify="left")
     r.add_column("run", no_wrap=True)
     for col in ("workflow", "started (UTC)", "status", "errors"):
-        r.add_column(col, no_wrap=True)
+        r.add_column(col, overflow="fold")
     for run in d["runs"]:
         r.add_row(*(for_rich(v) for v in (run["run_id"], run["workflow"], run["started_at"], run["status"])),
                   str(run["errors"]))
@@ -171,3 +191,5 @@ def main_self_heal() -> None:
     """``python -m selfheal_plugin``: the same as ``agent self-heal``."""
     self_heal(prog_name="python -m selfheal_plugin")
 
+
+_with_version(agent)

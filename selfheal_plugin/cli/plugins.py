@@ -7,7 +7,7 @@ import click
 
 from selfheal_plugin.lazy import lazy_module
 
-from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct
+from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct, table_console
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.improvements import STATUSES
@@ -15,11 +15,11 @@ from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.text import for_terminal
 
 # rich is imported when a table is printed, not by `--json` or `--version`
-rich_console, rich_table, rich_text = (lazy_module(m) for m in ("rich.console", "rich.table", "rich.text"))
+rich_box, rich_table, rich_text = (lazy_module(m) for m in ("rich.box", "rich.table", "rich.text"))
 
 
-def _console() -> rich_console.Console:
-    return rich_console.Console(width=max(120, rich_console.Console().width), highlight=False)
+def _console() -> Any:
+    return table_console()
 
 
 def print_detection(result: dict[str, Any], settings: Settings) -> None:
@@ -84,17 +84,21 @@ def improvements(home: str | None, db: str | None, as_json: bool, status: str | 
         click.echo(f"No improvements{' with status ' + status if status else ''}. "
                    "Run `agent self-heal detect` to propose some.")
         return
-    t = rich_table.Table(title=f"Improvements{' (' + status + ')' if status else ''}", title_justify="left")
+    # Ids and states never wrap (an id is pasted into the next command); the texts wrap at
+    # word boundaries into what the terminal has left.
+    t = rich_table.Table(title=f"Improvements{' (' + status + ')' if status else ''}", title_justify="left",
+              box=rich_box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     t.add_column("id", no_wrap=True, min_width=21)
-    t.add_column("status", no_wrap=True, min_width=11)
-    t.add_column("description", overflow="fold", ratio=3)
-    t.add_column("expected impact", overflow="fold", ratio=2)
-    t.add_column("actual impact", overflow="fold", ratio=1)
-    t.add_column("applied", no_wrap=True)
+    t.add_column("status", no_wrap=True)
+    t.add_column("applied", no_wrap=True, min_width=10)
+    t.add_column("description and impact (expected → measured)", ratio=1)
     for r in rows:
         desc = r["description"] if not r["legacy"] else f"{r['description']} (runtime: {r['category']})"
-        t.add_row(*(rich_text.Text(for_terminal(v)) for v in (r["id"], r["status"], desc, r["expected_impact"] or "-",
-                                      r["actual_impact"] or "-", (r["applied_at"] or "-")[:19].replace("T", " "))))
+        text = rich_text.Text(for_terminal(desc))
+        text.append(f"\nexpected: {for_terminal(r['expected_impact'] or '-')}", style="dim")
+        if r["actual_impact"]:
+            text.append(f"\nmeasured: {for_terminal(r['actual_impact'])}", style="dim")
+        t.add_row(rich_text.Text(r["id"]), rich_text.Text(for_terminal(r["status"])), rich_text.Text((r["applied_at"] or "-")[:10]), text)
     _console().print(t)
 
 
@@ -109,16 +113,18 @@ def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
         echo_json(info)
         return
     out = _console()
-    t = rich_table.Table(title="Plugins", title_justify="left")
+    t = rich_table.Table(title="Plugins", title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     t.add_column("name", no_wrap=True)
     t.add_column("source", no_wrap=True)
+    t.add_column("version", no_wrap=True)
     t.add_column("hooks", overflow="fold")
-    t.add_column("version / path", overflow="fold")
+    t.add_column("path", overflow="fold")
     for p in info["plugins"]:
-        t.add_row(*(rich_text.Text(v) for v in (p["name"], p["source"], ", ".join(p["hooks"]),
-                                      p.get("version") or p.get("path") or "-")))
+        t.add_row(*(rich_text.Text(for_terminal(v)) for v in (p["name"], p["source"], p.get("version") or "-", ", ".join(p["hooks"]),
+                                      p.get("path") or "-")))
     out.print(t)
-    st = rich_table.Table(title="Strategy for each error type", title_justify="left")
+    st = rich_table.Table(title="Strategy for each error type", title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False,
+               pad_edge=False)
     for col in ("error type", "strategy", "plugin"):
         st.add_column(col, no_wrap=True)
     st.add_column("what it does", overflow="fold")

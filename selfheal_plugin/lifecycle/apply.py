@@ -400,7 +400,7 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
 
 
 def _apply_message(imp: Improvement, lines: list[str], manual: list[str]) -> str:
-    subject = f"selfheal: {imp.description}".splitlines()[0][:72].rstrip()
+    subject = f"selfheal: {imp.description}".splitlines()[0]  # commit_message fits it in 72 characters
     body = ["What:", *[f"  {ln}" for ln in lines], "", "Why:"]
     if imp.pattern_id:
         body.append(f"  Recurring failure pattern {imp.pattern_id}"

@@ -434,12 +434,16 @@ def _end(conn: sqlite3.Connection, settings: Settings, improvement_id: str, outc
     body = ["What:", f"  Remove [{mode}.\"{imp.id}\"] (the {mode} started {exp.get('started_at')}).", "", "Why:",
             f"  The {mode} is {outcome}" + (" (the improvement is applied to every run next)." if outcome == "promoted"
                                              else ".")]
-    message = gitops.commit_message(f"selfheal: end {mode} {imp.id} ({outcome})"[:72], body, imp.id, imp.pattern_id,
+    message = gitops.commit_message(f"selfheal: end {mode} {imp.id} ({outcome})", body, imp.id, imp.pattern_id,
                                     f"{mode}-end")
     record = {**exp, "ended_at": format_timestamp(now), "outcome": outcome}
     imp, sha, diff = _commit_edit(conn, settings, imp, [ConfigChange((mode, imp.id), "delete")],
                                   op="experiment-end", action=f"{mode}-end", message=message, expect=(mode,),
-                                  finish={"status": back, "experiment": record}, sha_key="end_commit_sha", now=now,
+                                  # a dropped experiment's measurement is history (kept in the record), not
+                                  # the improvement's measured impact
+                                  finish={"status": back, "experiment": record,
+                                          **({"actual_impact": None, "metrics": None} if outcome == "dropped" else {})},
+                                  sha_key="end_commit_sha", now=now,
                                   removing=True)
     return imp, {"mode": mode, "end_commit_sha": sha, "diff": diff, "status": imp.status}
 

@@ -382,6 +382,22 @@ def restore_index_and_file(cr: ConfigRepo, text: str | None) -> None:
     end_revert_state(cr)
 
 
+SUBJECT_LIMIT = 72
+
+
+def commit_subject(text: str, limit: int = SUBJECT_LIMIT) -> str:
+    """A commit subject of at most ``limit`` characters: cut at the last word that fits,
+    the cut marked with an ellipsis (a single word longer than the limit is cut inside it)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    head = text[:limit - 1]
+    cut = head.rfind(" ")
+    if cut > limit // 2:
+        head = head[:cut]
+    return head.rstrip(" ,;:-(") + "…"
+
+
 def commit_message(subject: str, body: list[str], improvement_id: str, pattern_id: str | None,
                    action: str) -> str:
     """Subject, body lines and our trailers. Each part is made one line (control
@@ -393,5 +409,6 @@ def commit_message(subject: str, body: list[str], improvement_id: str, pattern_i
     if pattern_id:
         trailers.append(f"{TRAILER_PATTERN}: {commit_line(pattern_id)}")
     trailers.append(f"{TRAILER_ACTION}: {commit_line(action)}")
-    lines = [commit_line(subject) or "selfheal", "", *(commit_line(line) for line in body), "", *trailers]
+    lines = [commit_subject(commit_line(subject)) or "selfheal", "", *(commit_line(line) for line in body), "",
+             *trailers]
     return "\n".join(lines) + "\n"

@@ -103,6 +103,33 @@ def compare_with_expected(expected: str | None, success_delta: float | None,
     return "less than expected"
 
 
+def predicted_intervals(test_result: dict[str, Any] | None) -> dict[str, tuple[float, float]]:
+    """The simulation's 95% intervals an outcome is judged against: ``success`` (the gain in
+    run success rate) and ``pattern`` (the share of the pattern's failures fixed, from the
+    duration model); empty without a simulation that modelled them."""
+    tr = test_result if isinstance(test_result, dict) else {}
+    if tr.get("test_mode") != "simulation":
+        return {}
+    out: dict[str, tuple[float, float]] = {}
+    gain = (tr.get("interval") or {}).get("improvement")
+    if isinstance(gain, (list, tuple)) and len(gain) == 2 and None not in gain:
+        out["success"] = (float(gain[0]), float(gain[1]))
+    for m in tr.get("models") or []:
+        ci = m.get("p_timed_out_call_finishes_interval") if isinstance(m, dict) else None
+        if m.get("model") == "duration" and isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
+            out["pattern"] = (float(ci[0]), float(ci[1]))
+    return out
+
+
+def interval_verdict(value: float, lo: float, hi: float) -> str:
+    """Measured ``value`` against a predicted interval: as expected only inside it."""
+    if value > hi:
+        return "better than expected!"
+    if value < lo:
+        return "less than expected"
+    return "as expected"
+
+
 def pattern_tool(imp: Any) -> str | None:
     """The tool of the improvement's pattern; None for a legacy row without a usable id
     (then only overall run success is measured)."""
@@ -173,17 +200,37 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
                   "extend monitoring: no significant change over the full window")
 
     parts = []
+    success_part = pattern_part = None
     if success_delta is not None:
-        parts.append(f"{percent_points(success_delta)} success rate" if success_delta else "+0% success rate")
+        success_part = f"{percent_points(success_delta)} success rate" if success_delta else "+0% success rate"
     if pattern is not None and reduction is not None:
         word = "reduction" if reduction >= 0 else "increase"
-        parts.insert(0, f"{abs(reduction) * 100:.0f}% {word} in {pattern['error_type']} errors")
+        pattern_part = f"{abs(reduction) * 100:.0f}% {word} in {pattern['error_type']} errors"
     elif pattern is not None and pattern["before_error_rate"] == 0 and pattern["after_errors"]:
-        parts.insert(0, f"new {pattern['error_type']} errors ({pattern['after_errors']} after, none before)")
-    comparison = compare_with_expected(imp.expected_impact, success_delta, reduction)
-    actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
-    if comparison:
-        actual += f" ({comparison})"
+        pattern_part = f"new {pattern['error_type']} errors ({pattern['after_errors']} after, none before)"
+    predicted = predicted_intervals(getattr(imp, "test_result", None))
+    if predicted:
+        # The simulation gave 95% intervals: "as expected" only inside them, each measure on its own.
+        said = []
+        if pattern_part and reduction is not None and "pattern" in predicted:
+            lo, hi = predicted["pattern"]
+            verdict = interval_verdict(reduction, lo, hi)
+            pattern_part += f" (predicted {lo * 100:.0f}–{hi * 100:.0f}%: {verdict})"
+            said.append(f"{pattern['error_type']} errors {verdict}")
+        if success_part and "success" in predicted:
+            lo, hi = predicted["success"]
+            verdict = interval_verdict(success_delta, lo, hi)
+            success_part += f" (predicted {percent_points(lo)} to {percent_points(hi)}: {verdict})"
+            said.append(f"success rate {verdict}")
+        parts = [x for x in (pattern_part, success_part) if x]
+        comparison = "; ".join(said) or None
+        actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
+    else:
+        parts = [x for x in (pattern_part, success_part) if x]
+        comparison = compare_with_expected(imp.expected_impact, success_delta, reduction)
+        actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
+        if comparison:
+            actual += f" ({comparison})"
 
     return {"n_b": n_b, "n_a": n_a, "sr_b": sr_b, "sr_a": sr_a, "p_success": p_success, "pattern": pattern,
             "recommendation": recommendation, "status": status, "reason": reason, "comparison": comparison,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -293,11 +294,22 @@ def cli(transport: str, host: str, port: int, token_file: str | None, read_only:
     log.info("self-healing-mcp %s over %s: home %s, database %s", __version__, transport, where,
              db or where / "conversations.db")
     if transport == "stdio":
+        _exit_cleanly_on_sigterm()
         server.run("stdio")
         return
     access = ("bearer token required" if token else "no token: loopback only") + (", read-only" if read_only else "")
     click.echo(f"self-healing-mcp: serving streamable HTTP at http://{host}:{port}/mcp ({access})", err=True)
     _run_http(server, host, port, token)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM is how a client or a supervisor stops a stdio server: exit 0, not 143.
+    (Over HTTP, uvicorn handles SIGTERM itself and returns.)"""
+    def stop(signum: int, frame: Any) -> None:
+        log.info("self-healing-mcp: SIGTERM, exiting")
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _refuse(message: str) -> None:

@@ -96,20 +96,19 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
              now: datetime | None = None) -> DemoResult:
     """Run the demo; ``on_step`` is called after each step (the CLI prints there).
 
-    The home is a new temporary directory unless ``directory`` (new or empty) is given;
-    it is removed at the end unless ``keep``. Returns every step's findings.
+    The home is a new temporary directory, removed at the end unless ``keep``; a
+    ``directory`` (new or empty) the caller named is always kept. Returns every step's findings.
     """
     if runs < 40:
         raise UsageError(f"the demo needs at least 40 runs per week to verify anything, got {runs}")
     home = _prepare_home(directory)
     t_start = time.perf_counter()
     steps: list[DemoStep] = []
-    kept = keep
+    kept = keep or directory is not None  # a directory the user named is theirs
     try:
         with _demo_environment(home):
             _run(home, runs, steps, on_step or (lambda s: None), testbed_config, now)
     except BaseException:
-        kept = True if directory is not None else keep
         if not kept:
             shutil.rmtree(home, ignore_errors=True)
         raise

@@ -6,12 +6,20 @@ over other (type, tool) signatures with unrelated messages; a few malformed rows
 ``error_type`` values, both spellings of each type and non-UTC offsets are mixed in. The
 same seed gives the same file, byte for byte apart from SQLite's page layout, and the
 ground truth is written beside it as ``OUT.db.truth.json``.
+
+``--append --from INSTANT`` extends an existing history instead: runs between INSTANT
+(``applied``: the newest applied improvement's ``applied_at``; ``now``; ``-2h``; an ISO
+instant) and ``--until`` (default now), with the injected patterns scaled to the number of
+runs and the effect of the config in force modelled (:func:`fixed_by_config`), so a user
+working by hand can apply a fix, add the runs that followed it, and see ``verify`` judge it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sqlite3
+import tomllib
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -20,7 +28,10 @@ from typing import Any
 
 import click
 
+from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.times import parse_since, parse_timestamp
 
 WORKFLOWS = ("planner", "coder", "researcher", "k8s-ops")
 TOOLS: dict[str, tuple[tuple[str, ...], float]] = {
@@ -101,6 +112,9 @@ class GeneratorConfig:
     # Noise errors with one message template per signature (a real recurring failure each)
     # instead of unrelated words.
     recurring_noise: bool = False
+    # Append to an existing file instead of replacing it; runs start at or after ``start``.
+    append: bool = False
+    start: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,6 +133,48 @@ def profile_config(profile: str = "default", **overrides: Any) -> GeneratorConfi
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
+
+
+# The default patterns' sizes are for this many runs; appended runs scale them.
+BASE_RUNS = 400
+
+
+def _tool_table(config: dict[str, Any], tool: str) -> dict[str, Any]:
+    table = (config.get("tools") or {}).get(tool)
+    return table if isinstance(table, dict) else {}
+
+
+def _server_table(config: dict[str, Any], tool: str) -> dict[str, Any]:
+    parts = tool.split("__")
+    if len(parts) < 3 or parts[0] != "mcp":
+        return {}
+    table = (config.get("servers") or {}).get(parts[1])
+    return table if isinstance(table, dict) else {}
+
+
+def fixed_by_config(pattern: InjectedPattern, config: dict[str, Any]) -> bool:
+    """Whether the config in force fixes ``pattern``'s failures: a timeout pattern when
+    ``tools."T".timeout_ms`` is above the duration its calls ran for; any other pattern when
+    the config sets anything for its tool (``[tools."T"]``) or its MCP server (``[servers."S"]``)."""
+    tool = _tool_table(config, pattern.tool_name)
+    if pattern.error_type == "timeout":
+        limit = tool.get("timeout_ms")
+        return isinstance(limit, (int, float)) and limit > (pattern.duration_ms or 0)
+    return bool(tool) or bool(_server_table(config, pattern.tool_name))
+
+
+def scaled_patterns(patterns: tuple[InjectedPattern, ...], runs: int, config: dict[str, Any] | None,
+                    residual: float) -> tuple[tuple[InjectedPattern, ...], list[str]]:
+    """The patterns for ``runs`` appended runs (their sizes are per :data:`BASE_RUNS` runs),
+    those the config fixes cut to ``residual`` of their rate; returns them and the fixed ids."""
+    out, fixed = [], []
+    for pat in patterns:
+        rate = runs / BASE_RUNS
+        if config is not None and fixed_by_config(pat, config):
+            rate *= residual
+            fixed.append(pat.id)
+        out.append(dataclasses.replace(pat, occurrences=int(round(pat.occurrences * rate))))
+    return tuple(out), fixed
 
 
 def _stamp(rng: random.Random, dt: datetime) -> str:
@@ -148,23 +204,38 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
     cfg = config or GeneratorConfig()
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    rng = random.Random(cfg.seed)
     end = (cfg.end or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    start = end - timedelta(days=cfg.days)
     path = Path(path)
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
-    conn = connect(path, create=True)
+    if cfg.append:
+        if cfg.start is None:
+            raise ValueError("appending needs a start instant")
+        # A second later: a timestamp written without its fraction must not fall before the start.
+        start = cfg.start.astimezone(timezone.utc) + timedelta(seconds=1)
+        if start >= end:
+            raise ValueError(f"nothing to add: the start {start.isoformat()} is not before the end {end.isoformat()}")
+        cfg.days = (end - start).total_seconds() / 86400
+        # Another seed per start, so appended run ids never repeat the file's own.
+        rng = random.Random(f"{cfg.seed}:{start.isoformat()}")
+        conn = connect(path)
+    else:
+        rng = random.Random(cfg.seed)
+        start = end - timedelta(days=cfg.days)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        conn = connect(path, create=True)
+    span = cfg.days * 86400
+    # Runs start early enough to finish in the window (an hour's margin, or half a short window).
+    latest_start = span - 3600 if span > 7200 else span / 2
 
     # Decide which runs carry which injected occurrence (a run may carry several).
     run_ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(cfg.runs)]
-    run_starts = sorted(start + timedelta(seconds=rng.uniform(0, cfg.days * 86400 - 3600)) for _ in run_ids)
+    run_starts = sorted(start + timedelta(seconds=rng.uniform(0, latest_start)) for _ in run_ids)
     workflows = [rng.choice(WORKFLOWS) for _ in run_ids]
     injected: dict[int, list[InjectedPattern]] = {}
     truth_patterns = []
     for pat in cfg.patterns:
         eligible = [i for i, w in enumerate(workflows) if w in pat.workflows and i >= cfg.running_runs]
-        if not eligible:
+        if not eligible and pat.occurrences:
             raise ValueError(f"no run of workflows {pat.workflows} to carry {pat.id}")
         chosen = [rng.choice(eligible) for _ in range(pat.occurrences)]
         for i in chosen:
@@ -321,9 +392,10 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
                          "VALUES (?,?,?,?,?)", events)
         conn.executemany("INSERT INTO run_metrics VALUES (?,?,?,?,?,?,?,?,?,?,?)", metrics_rows)
         conn.execute("COMMIT")
-    # The generator's own index tables would not exist in a runtime's file: drop them.
-    for table in ("selfheal_errors", "selfheal_tool_hours", "selfheal_state"):
-        conn.execute(f"DROP TABLE IF EXISTS {table}")
+    if not cfg.append:
+        # The generator's own index tables would not exist in a runtime's file: drop them.
+        for table in ("selfheal_errors", "selfheal_tool_hours", "selfheal_state"):
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
     conn.close()
 
     for entry in truth_patterns:
@@ -337,7 +409,8 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
         "patterns": truth_patterns, "noise_errors": noise_errors, "bad_rows": len(bad),
         "running_runs": cfg.running_runs,
     }
-    Path(str(path) + ".truth.json").write_text(json.dumps(truth, indent=2))
+    if not cfg.append:  # the file's truth stays that of the history as first generated
+        Path(str(path) + ".truth.json").write_text(json.dumps(truth, indent=2))
     return truth
 
 
@@ -364,28 +437,111 @@ def add_runtime_improvements(path: str | Path, rows: int = 3) -> list[str]:
     return ids
 
 
-@click.command()
-@click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--runs", default=400, show_default=True, type=click.IntRange(min=1))
-@click.option("--days", default=7.0, show_default=True)
-@click.option("--tokens-per-step", default=3, show_default=True, help="Scales the number of events per run.")
-@click.option("--noise-rate", default=None, type=float, help="Share of calls failing as noise (default 0.01; "
-              "0.10 in the failure-heavy profile).")
-@click.option("--profile", type=click.Choice(PROFILES), default="default", show_default=True,
-              help="failure-heavy: 10% of calls fail over 40 tools x 5 error types.")
-def main(out: str, seed: int, runs: int, days: float, tokens_per_step: int, noise_rate: float | None,
-         profile: str) -> None:
-    """Write a synthetic run history to OUT and its ground truth to OUT.truth.json."""
-    cfg = profile_config(profile, seed=seed, runs=runs, days=days, tokens_per_step=tokens_per_step)
-    if noise_rate is not None:
-        cfg.noise_rate = noise_rate
+def newest_applied_at(path: str | Path) -> datetime:
+    """When the newest applied (or since verified) improvement in the history was applied."""
+    conn = connect(path)
     try:
-        truth = generate_history(out, cfg)
+        found = [parse_timestamp(r.applied_at) for r in ImprovementStore(conn).list(limit=None)
+                 if r.applied_at and r.status in ("applied", "verified")]
+    finally:
+        conn.close()
+    if not found:
+        raise click.UsageError("--from applied: no applied improvement in this history "
+                               "(apply one first, or give an instant)")
+    return max(found)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise click.UsageError(f"{path} does not parse: {exc}") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--seed", default=0, show_default=True,
+              help="Random seed: the same seed and options give the same history.")
+@click.option("--runs", default=400, show_default=True, type=click.IntRange(min=1),
+              help="Number of runs to write.")
+@click.option("--days", default=7.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Length of the history in days, ending at --until (ignored with --append, "
+                   "which fills --from to --until).")
+@click.option("--tokens-per-step", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Token events per step: scales the number of events per run.")
+@click.option("--noise-rate", default=0.01, show_default=True, type=click.FloatRange(0, 1),
+              help="Chance that a tool call fails at random on a signature that is not an injected pattern.")
+@click.option("--append", is_flag=True,
+              help="Add runs to the existing history OUT instead of replacing it (no truth file is written).")
+@click.option("--from", "from_", metavar="INSTANT",
+              help="With --append: where the new runs start. 'applied' (the newest applied improvement's "
+                   "applied_at), 'now', a relative time such as -2h or -1d, or an ISO date/datetime.")
+@click.option("--until", metavar="INSTANT", default="now", show_default=True,
+              help="Where the history ends: 'now', a relative time (-1d) or an ISO date/datetime.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="With --append: the config.toml whose fixes are modelled (default: config.toml beside OUT).")
+@click.option("--residual", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="With --append: the share of a pattern's failures left once the config fixes it.")
+@click.option("--profile", type=click.Choice(PROFILES), default="default", show_default=True,
+              help="The mix of a new history: failure-heavy makes 10% of calls fail over 40 tools x 5 error "
+                   "types (200 recurring signatures) on top of the injected patterns.")
+@click.option("--healthy", is_flag=True,
+              help="With --append: no injected pattern at all (only the random noise), whatever the config.")
+def main(out: str, seed: int, runs: int, days: float, tokens_per_step: int, noise_rate: float, append: bool,
+         from_: str | None, until: str, config_path: str | None, residual: float, profile: str,
+         healthy: bool) -> None:
+    """Write a synthetic run history to OUT and its ground truth to OUT.truth.json.
+
+    With --append, extend the history OUT past --from instead: runs in the runtime's format
+    whose injected failures are scaled to --runs, and cut to --residual for the patterns the
+    config in force fixes (a timeout_ms above the calls' durations; any setting of the tool or
+    its MCP server). After `agent self-heal apply`, `--append --from applied --runs 200` adds
+    the runs that followed the apply, so `agent self-heal verify ID --early` can judge it.
+    """
+    try:
+        end = _instant(until)
+        if not append:
+            if from_ is not None:
+                raise click.UsageError("--from needs --append")
+            cfg = profile_config(profile, seed=seed, runs=runs, days=days, tokens_per_step=tokens_per_step,
+                                 end=end)
+            if profile == "default" or noise_rate != 0.01:  # an explicit --noise-rate wins over the profile's
+                cfg.noise_rate = noise_rate
+            truth = generate_history(out, cfg)
+            click.echo(f"wrote {out}: {truth['runs']} runs, {truth['events']} events, "
+                       f"{len(truth['patterns'])} injected patterns, {truth['bad_rows']} malformed rows")
+            return
+        if from_ is None:
+            raise click.UsageError("--append needs --from (for example --from applied)")
+        if not Path(out).exists():
+            raise click.UsageError(f"--append: {out} does not exist (generate it first, without --append)")
+        start = newest_applied_at(out) if from_ == "applied" else _instant(from_)
+        config = read_config(Path(config_path) if config_path else Path(out).parent / "config.toml")
+        patterns, fixed = scaled_patterns(DEFAULT_PATTERNS, runs, None if healthy else config, residual)
+        if healthy:
+            patterns = tuple(dataclasses.replace(p, occurrences=0) for p in patterns)
+        truth = generate_history(out, seed=seed, runs=runs, tokens_per_step=tokens_per_step, noise_rate=noise_rate,
+                                 append=True, start=start, end=end, patterns=patterns, bad_rows=0,
+                                 running_runs=0)
     except ValueError as exc:
-        raise click.UsageError(f"{exc} (try more --runs)") from None
-    click.echo(f"wrote {out}: {truth['runs']} runs, {truth['events']} events, "
-               f"{len(truth['patterns'])} injected patterns, {truth['bad_rows']} malformed rows")
+        raise click.UsageError(f"{exc} (try more --runs)" if "no run of" in str(exc) else str(exc)) from None
+    except SelfHealError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"added {truth['runs']} runs to {out} from {truth['window_start']} to {truth['end']}: "
+               f"{truth['events']} events; "
+               + ("no injected patterns (--healthy)" if healthy else
+                  f"fixed by the config: {', '.join(fixed) if fixed else 'none'}"))
+
+
+def _instant(text: str) -> datetime:
+    if text == "now":
+        return datetime.now(timezone.utc)
+    try:
+        return parse_since(text)
+    except SelfHealError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 if __name__ == "__main__":

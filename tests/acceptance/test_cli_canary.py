@@ -40,12 +40,12 @@ def test_canary_start_report_and_promote(db, binks_home):
     d = json.loads(r.stdout)
     assert d["started"] is False and d["test_mode"] == "canary" and d["fraction"] == 0.3
     before = (binks_home / "config.toml").read_text()
-    r = run_agent("self-heal", "canary", "promote", imp.id, "--json")  # no runs yet: the verdict is extend
+    r = run_agent("self-heal", "canary", "promote", imp.id, "--yes", "--json")  # no runs yet: the verdict is extend
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"Error: {imp.id}: the canary's verdict is extend (extend monitoring: 0 finished run(s) in the canary arm "
         "and 0 in the control arm (min_sample_size 30)); promote anyway with --force"]
     assert status(db, imp.id) == "canary" and (binks_home / "config.toml").read_text() == before
-    r = run_agent("self-heal", "canary", "promote", imp.id, "--force", "--json")
+    r = run_agent("self-heal", "canary", "promote", imp.id, "--force", "--yes", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["status"] == "applied" and d["ended"]["end_commit_sha"] and d["commit_sha"]
@@ -62,10 +62,10 @@ def test_shadow_then_drop_in_text(db, binks_home):
     assert r.returncode == 0 and "observed only; outcomes unchanged" in r.stdout
     r = run_agent("self-heal", "verify", imp.id)
     assert "Calls that would have changed outcome: 0" in r.stdout
-    r = run_agent("self-heal", "canary", "drop", imp.id)
+    r = run_agent("self-heal", "canary", "drop", imp.id, "--yes")
     assert r.returncode == 0 and f"Dropped the shadow of {imp.id} (now proposed)" in r.stdout
     assert (binks_home / "config.toml").read_text() == ""
-    r = run_agent("self-heal", "canary", "drop", imp.id)
+    r = run_agent("self-heal", "canary", "drop", imp.id, "--yes")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"Error: {imp.id} is proposed; only an improvement running as a canary or shadow can be dropped "
         f"(start one: agent self-heal test {imp.id} --mode canary)"]

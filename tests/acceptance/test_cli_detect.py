@@ -25,7 +25,9 @@ def test_detect_text_output(history_copy, binks_home):
         block = (f"  Pattern {p['id']}\n    Error: {p['error_type']} on {p['tool_name']}\n"
                  f"    Occurrences: {p['occurrences']}\n    Correlation: ")
         assert block in out
-    assert f"skipped {truth['bad_rows']} malformed run_events row(s)" in res.stderr.replace("\n", " ")
+    warnings = [line for line in res.stderr.splitlines() if "malformed" in line]
+    assert warnings == [f"warning: skipped {truth['bad_rows']} malformed run_events row(s) (invalid JSON or UTF-8, "
+                        "missing tool name, unparsable timestamp, absurd duration or size)"]
 
 
 def test_detect_json_shape(history_copy, binks_home):
@@ -59,13 +61,19 @@ def test_detect_json_limit_bounds_affected_runs(history_copy, binks_home):
     assert bad.returncode == 2 and "--limit" in bad.stderr
 
 
-def test_plain_self_heal_runs_detect_and_python_m(history_copy, binks_home):
+def test_plain_self_heal_prints_help_and_writes_nothing(history_copy, binks_home, tmp_path):
+    """Issue 15: a bare `agent self-heal` (or `python -m selfheal_plugin`) is help, not a detect
+    that writes proposals and an inbox entry."""
+    db, _ = history_copy
+    before = db.read_bytes()
     res = run_agent("self-heal", "--home", str(binks_home))
     assert res.returncode == 0, res.stderr
-    assert "🔍 Detecting failure patterns (last -7d" in res.stdout
+    assert res.stdout.startswith("Usage: agent self-heal") and "detect" in res.stdout
     mod = subprocess.run([sys.executable, "-m", "selfheal_plugin", "--home", str(binks_home)],
                          capture_output=True, text=True)
-    assert mod.returncode == 0 and "🔍 Detecting failure patterns (last -7d" in mod.stdout
+    assert mod.returncode == 0 and "Usage:" in mod.stdout and "detect" in mod.stdout
+    assert db.read_bytes() == before
+    assert not (tmp_path / "inbox").exists() and not (binks_home / "selfheal").exists()
 
 
 def test_settings_from_config_and_flag_precedence(history_copy, binks_home):

@@ -57,7 +57,7 @@ def test_full_cycle_with_prompt(db, binks_home):
     assert v["recommendation"] == "extend" and v["verification_status"] == "inconclusive"
     assert v["metrics"]["runs_after"] == 0 and v["window"]["days"] == 3
 
-    r = run_agent("self-heal", "rollback", imp.id, "--json")
+    r = run_agent("self-heal", "rollback", imp.id, "--yes", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["method"] == "revert" and out["rollback_sha"] == git(binks_home, "rev-parse", "HEAD").strip()
@@ -109,14 +109,14 @@ def test_conflicting_user_edit_exits_1(db, binks_home):
     cfg = binks_home / "config.toml"
     cfg.write_text(cfg.read_text().replace("90000", "120000"))
     git_as_user(binks_home, "commit", "-q", "-am", "mine")
-    line = one_line_error(run_agent("self-heal", "rollback", imp.id))
+    line = one_line_error(run_agent("self-heal", "rollback", imp.id, "--yes"))
     assert "timeout_ms is now 120000 (selfheal set 90000)" in line
     assert "120000" in cfg.read_text() and status(db, imp.id) == "applied"
 
 
 def test_reject(db):
     imp = add_improvement(db, [timeout_change()])
-    r = run_agent("self-heal", "reject", imp.id, "--json")
+    r = run_agent("self-heal", "reject", imp.id, "--yes", "--json")
     assert r.returncode == 0 and json.loads(r.stdout) == {"improvement_id": imp.id, "status": "rejected"}
     assert "is rejected" in one_line_error(run_agent("self-heal", "apply", imp.id, "--yes"))
 

@@ -13,13 +13,13 @@ pytestmark = pytest.mark.closed_loop
 
 def test_the_demo_runs_every_step_and_keeps_its_home(tmp_path):
     home = tmp_path / "demo"
-    r = run_agent("self-heal", "demo", "--dir", str(home), "--keep", "--json", timeout=300)
+    r = run_agent("self-heal", "demo", "--dir", str(home), "--json", timeout=300)  # --dir alone keeps it (issue 15)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     steps = {s["name"]: s for s in d["steps"]}
     assert list(steps) == ["home", "workload_before", "detect", "propose", "test", "apply", "workload_after",
                            "verify", "dashboard"]
-    assert d["kept"] and d["home"] == str(home)
+    assert d["kept"] and d["home"] == str(home) and (home / "config.toml").exists()
     assert steps["workload_before"]["runs"] == steps["workload_after"]["runs"] == 200
     assert any(p["id"].startswith("timeout:") for p in steps["detect"]["patterns"])
     chosen = steps["test"]["chosen"]

@@ -96,7 +96,7 @@ def test_rollback_killed_at_each_step_is_recovered(setup, step, method):
         git_as_user(home, "commit", "-q", "-am", "model n")
         expected_after = CONFIG.replace('model = "m"', 'model = "n"')
     before_rollback = (home / "config.toml").read_text()
-    r = run_agent("self-heal", "rollback", imp.id, env={"SELFHEAL_CRASH_AT": step})
+    r = run_agent("self-heal", "rollback", imp.id, "--yes", env={"SELFHEAL_CRASH_AT": step})
     assert r.returncode == 99, r.stderr
 
     r = run_agent("self-heal", "detect", "--json")
@@ -113,7 +113,7 @@ def test_rollback_killed_at_each_step_is_recovered(setup, step, method):
         assert (state.status, state.rollback_sha) == ("applied", None)
         assert (home / "config.toml").read_text() == before_rollback
         assert apply_commits(home, imp.id, "rollback") == []
-        again = run_agent("self-heal", "rollback", imp.id, "--json")
+        again = run_agent("self-heal", "rollback", imp.id, "--yes", "--json")
         assert again.returncode == 0, again.stderr
         assert json.loads(again.stdout)["method"] == method
     assert (home / "config.toml").read_text() == expected_after

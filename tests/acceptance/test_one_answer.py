@@ -63,7 +63,7 @@ def _detect(home) -> dict:
 def test_a_rejection_sticks_in_the_cli_and_over_mcp(history_copy, binks_home):
     first = _detect(binks_home)
     imp_id = next(p["improvement_id"] for p in first["proposals"] if p["pattern_id"] == PATTERN)
-    res = run_agent("self-heal", "reject", imp_id, "--home", str(binks_home), "--json")
+    res = run_agent("self-heal", "reject", imp_id, "--yes", "--home", str(binks_home), "--json")
     assert res.returncode == 0, res.stderr
     again = _detect(binks_home)
     outcome = next(p for p in again["proposals"] if p["pattern_id"] == PATTERN)

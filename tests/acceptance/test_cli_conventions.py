@@ -1,0 +1,164 @@
+"""CLI conventions of issue 15, through the installed `agent`: help and version at every
+level, global options on either side of the subcommand, tables that fit an 80-column
+terminal, confirmation before every state change, --check exit codes, the subject line of
+selfheal's commits, p-values as people read them, `plugins` columns, the MCP server's exit
+on SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selfheal_plugin.cli.common import format_p
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.lifecycle.gitops import commit_subject
+
+from ..conftest import NOW, run_agent
+from ..lifecycle_data import add_improvement, git, timeout_change, timeout_history
+
+LEVELS = [[], ["self-heal"], ["self-heal", "detect"], ["self-heal", "apply"], ["self-heal", "canary"],
+          ["self-heal", "canary", "drop"], ["self-heal", "improvements"], ["self-heal-daemon"]]
+
+
+@pytest.fixture
+def db(binks_home):
+    path = binks_home / "conversations.db"
+    timeout_history(path, NOW, runs=150, seed=5)
+    return path
+
+
+def status(db, imp_id):
+    return ImprovementStore(connect(db)).get(imp_id).status
+
+
+@pytest.mark.parametrize("level", LEVELS, ids=lambda lv: " ".join(lv) or "agent")
+def test_help_and_version_at_every_level(level):
+    short = run_agent(*level, "-h")
+    assert short.returncode == 0 and short.stdout.startswith("Usage: agent"), short.stderr
+    assert run_agent(*level, "--help").stdout == short.stdout
+    version = run_agent(*level, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("selfheal, version "), version.stderr
+
+
+def test_global_options_before_or_after_the_subcommand(db, binks_home):
+    imp = add_improvement(db, [timeout_change(90_000)])
+    before = run_agent("self-heal", "--json", "--home", str(binks_home), "improvements")
+    after = run_agent("self-heal", "improvements", "--json", "--home", str(binks_home))
+    assert before.returncode == after.returncode == 0, before.stderr + after.stderr
+    assert json.loads(before.stdout) == json.loads(after.stdout)
+    assert [r["id"] for r in json.loads(before.stdout)["improvements"]] == [imp.id]
+    mixed = run_agent("self-heal", "--db", str(db), "improvements", "--json", env={"BINKS_HOME": "/nonexistent"})
+    assert mixed.returncode == 0 and json.loads(mixed.stdout)["improvements"]
+
+
+def test_tables_fit_80_columns_and_ids_never_wrap(history_copy, binks_home):
+    env = {"COLUMNS": "80"}
+    assert run_agent("self-heal", "detect", "--since", "2026-11-13", env=env).returncode == 0
+    ids = [r["id"] for r in json.loads(run_agent("self-heal", "improvements", "--json").stdout)["improvements"]]
+    assert ids
+    for args in (["improvements"], ["plugins"], ["dashboard", "--since", "2026-11-13", "--detailed"],
+                 ["show", "tool_error:list_dir", "--since", "2026-11-13"]):
+        r = run_agent("self-heal", *args, env=env)
+        assert r.returncode == 0, r.stderr
+        # a plain line naming a file (the plugin folder) may be longer: a path is not cut
+        too_wide = [line for line in r.stdout.splitlines() if len(line) > 80 and str(binks_home) not in line]
+        assert not too_wide, (args, too_wide)
+        if args[0] == "improvements":
+            assert all(any(i in line for line in r.stdout.splitlines()) for i in ids), "each id on one line"
+
+
+def test_plugins_has_version_and_path_columns(history_copy):
+    r = run_agent("self-heal", "plugins", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    header = next(line for line in r.stdout.splitlines() if line.lstrip().startswith("name"))
+    assert header.split() == ["name", "source", "version", "hooks", "path"]
+    assert "version / path" not in r.stdout
+
+
+@pytest.mark.parametrize("command", [["rollback"], ["reject"]])
+def test_state_changes_ask_first(db, binks_home, command):
+    imp = add_improvement(db, [timeout_change(90_000)])
+    if command == ["rollback"]:
+        assert run_agent("self-heal", "apply", imp.id, "--yes").returncode == 0
+    state = status(db, imp.id)
+    head = git(binks_home, "rev-parse", "HEAD").strip() if (binks_home / ".git").exists() else None
+    no = run_agent("self-heal", *command, imp.id, input="n\n")
+    assert no.returncode == 1 and "Aborted" in no.stderr and f"Improvement {imp.id} ({state})" in no.stdout
+    assert status(db, imp.id) == state
+    if head:
+        assert git(binks_home, "rev-parse", "HEAD").strip() == head
+    as_json = run_agent("self-heal", *command, imp.id, "--json")
+    assert as_json.returncode == 2 and "--json needs --yes" in as_json.stderr
+    yes = run_agent("self-heal", *command, imp.id, input="y\n")
+    assert yes.returncode == 0, yes.stderr
+    assert status(db, imp.id) == ("rolled_back" if command == ["rollback"] else "rejected")
+
+
+def test_canary_promote_and_drop_ask_first(db, binks_home):
+    imp = add_improvement(db, [timeout_change(90_000)])
+    assert run_agent("self-heal", "test", imp.id, "--mode", "canary").returncode == 0
+    for sub in ("promote", "drop"):
+        r = run_agent("self-heal", "canary", sub, imp.id, input="n\n")
+        assert r.returncode == 1 and "Aborted" in r.stderr
+        assert status(db, imp.id) == "canary"
+    assert run_agent("self-heal", "canary", "drop", imp.id, "-y").returncode == 0
+    assert status(db, imp.id) != "canary"
+
+
+def test_check_gives_verdicts_an_exit_code(db, binks_home):
+    imp = add_improvement(db, [timeout_change(90_000)])
+    assert run_agent("self-heal", "apply", imp.id, "--yes").returncode == 0
+    plain = run_agent("self-heal", "verify", imp.id)
+    assert plain.returncode == 0 and "Recommendation: extend" in plain.stdout
+    assert "no significance test yet" in plain.stdout and "0 test(s)" not in plain.stdout
+    assert run_agent("self-heal", "verify", imp.id, "--check").returncode == 4
+    risky = add_improvement(db, [{"kind": "manual", "text": "look at it"}], pattern_id="tool_error:x")
+    r = run_agent("self-heal", "test", risky.id, "--since", "2026-11-13")
+    assert r.returncode == 0 and "Recommendation: risky" in r.stdout
+    assert run_agent("self-heal", "test", risky.id, "--since", "2026-11-13", "--check").returncode == 3
+
+
+def test_p_values_read_as_people_write_them():
+    assert format_p(0.0) == "p < 0.001" and format_p(1.2e-5) == "p < 0.001"
+    assert format_p(0.16123) == "p = 0.16" and format_p(0.0123) == "p = 0.012" and format_p(1.0) == "p = 1"
+    assert format_p(None) == "p n/a"
+
+
+def test_commit_subjects_fit_72_characters_at_a_word():
+    long = "selfheal: Health-check and auto-restart MCP server github; retry mcp__github__create_issue with backoff"
+    cut = commit_subject(long)
+    assert len(cut) <= 72 and cut.endswith("…") and long.startswith(cut[:-1])
+    assert long[len(cut) - 1] == " " and "retry" in cut
+    assert commit_subject("selfheal: short") == "selfheal: short"
+    assert len(commit_subject("selfheal: " + "x" * 100)) == 72
+
+
+def test_an_applied_commit_subject_is_cut_at_a_word(db, binks_home):
+    description = ("Raise the timeout of the kubernetes pod listing tool so that slow clusters stop failing "
+                   "every morning")
+    imp = add_improvement(db, [timeout_change(90_000)], description=description)
+    assert run_agent("self-heal", "apply", imp.id, "--yes").returncode == 0
+    subject = git(binks_home, "log", "-1", "--format=%s").strip()
+    full = f"selfheal: {description}"
+    assert len(subject) <= 72 and subject.endswith("…")
+    assert full.startswith(subject[:-1]) and full[len(subject) - 1] == " "
+
+
+def test_mcp_server_exits_0_on_sigterm(binks_home):
+    exe = Path(sys.executable).parent / "self-healing-mcp"
+    proc = subprocess.Popen([str(exe), "--home", str(binks_home)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "SELFHEAL_LOG": "info"})
+    # wait until it serves (it logs its start on stderr), then stop it as a supervisor would
+    deadline = time.monotonic() + 60
+    line = b""
+    while b"self-healing-mcp" not in line and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0

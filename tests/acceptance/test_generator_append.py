@@ -1,0 +1,101 @@
+"""The generator extends a history past an apply (issue 15): a user working by hand applies
+a fix, adds the runs that followed it, and sees `verify` reach keep — through the installed
+`agent` and the generator's own command line."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import click
+
+from selfheal_plugin.testbed import generator
+from selfheal_plugin.testbed.generator import DEFAULT_PATTERNS, fixed_by_config, scaled_patterns
+
+from ..conftest import run_agent
+
+
+def gen(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "selfheal_plugin.testbed.generator", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def runs_in(db) -> list[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return [r[0] for r in conn.execute("SELECT id FROM runs")]
+    finally:
+        conn.close()
+
+
+def test_apply_then_append_then_verify_keeps(binks_home):
+    db = binks_home / "conversations.db"
+    r = gen(str(db), "--runs", "400", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    truth_before = (binks_home / "conversations.db.truth.json").read_text()
+
+    r = run_agent("self-heal", "detect", "--json")
+    assert r.returncode == 0, r.stderr
+    proposals = {p["pattern_id"]: p["improvement_id"] for p in json.loads(r.stdout)["proposals"]}
+    imp = proposals["timeout:mcp__kubernetes__pods_list"]
+    assert run_agent("self-heal", "apply", imp, "--yes").returncode == 0
+
+    # nothing after the apply yet: inconclusive
+    r = run_agent("self-heal", "verify", imp, "--json")
+    assert json.loads(r.stdout)["recommendation"] == "extend"
+
+    before = runs_in(db)
+    r = gen(str(db), "--append", "--from", "applied", "--runs", "200")
+    assert r.returncode == 0, r.stderr
+    assert "fixed by the config: timeout:mcp__kubernetes__pods_list" in r.stdout
+    after = runs_in(db)
+    assert len(after) == len(before) + 200 and len(set(after)) == len(after) and set(before) <= set(after)
+    assert (binks_home / "conversations.db.truth.json").read_text() == truth_before
+
+    r = run_agent("self-heal", "verify", imp, "--json")
+    result = json.loads(r.stdout)
+    assert result["recommendation"] == "extend" and result["provisional_recommendation"] == "keep"
+    assert result["metrics"]["runs_analyzed"] >= 590  # every appended run is after the apply
+
+    r = run_agent("self-heal", "verify", imp, "--early", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["recommendation"] == "keep"
+
+
+def test_append_refuses_what_it_cannot_do(binks_home, tmp_path):
+    db = binks_home / "conversations.db"
+    r = gen(str(db), "--append", "--from", "-1h")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert gen(str(db), "--runs", "50").returncode == 0
+    r = gen(str(db), "--append", "--from", "applied")
+    assert r.returncode == 2 and "no applied improvement" in r.stderr
+    r = gen(str(db), "--append")
+    assert r.returncode == 2 and "--append needs --from" in r.stderr
+    r = gen(str(db), "--append", "--from", "now", "--until", "-1d")
+    assert r.returncode == 2 and "nothing to add" in r.stderr
+    r = gen(str(db), "--from", "-1h")
+    assert r.returncode == 2 and "--from needs --append" in r.stderr
+
+
+def test_the_config_in_force_decides_which_patterns_are_fixed():
+    timeout = next(p for p in DEFAULT_PATTERNS if p.error_type == "timeout")
+    crash = next(p for p in DEFAULT_PATTERNS if p.error_type == "server_crashed")
+    assert not fixed_by_config(timeout, {})
+    assert not fixed_by_config(timeout, {"tools": {timeout.tool_name: {"timeout_ms": 30_000}}})  # still too low
+    assert fixed_by_config(timeout, {"tools": {timeout.tool_name: {"timeout_ms": 90_000}}})
+    assert fixed_by_config(crash, {"servers": {"search": {"auto_restart": True}}})
+    assert not fixed_by_config(crash, {"servers": {"github": {"auto_restart": True}}})
+    scaled, fixed = scaled_patterns(DEFAULT_PATTERNS, 200, {"tools": {timeout.tool_name: {"timeout_ms": 90_000}}},
+                                    residual=0.0)
+    sizes = {p.id: p.occurrences for p in scaled}
+    assert fixed == [timeout.id] and sizes[timeout.id] == 0
+    assert sizes["tool_error:list_dir"] == round(15 * 200 / 400)
+
+
+def test_every_generator_option_has_a_help_text():
+    for param in generator.main.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{param.opts} has a help text"
+    r = gen("-h")
+    assert r.returncode == 0 and "--append" in r.stdout and "--from" in r.stdout
