@@ -167,12 +167,12 @@ def _print_pattern(d: dict[str, Any]) -> None:
     ev = d.get("evidence") or {}
     for path in ev.get("paths", [])[:5]:
         exists = {True: "exists now", False: "does not exist now"}.get(path.get("exists_now"), "not checked")
-        click.echo(f"  Path named: {path['path']} ({path['count']}×, {exists})")
+        out.print(f"  Path named: {for_rich(path['path'])} ({path['count']}×, {exists})", highlight=False)
     det = ev.get("determinism") or {}
     if det:
-        click.echo(f"  Repeats: {det['verdict']} — same arguments failed again {det['same_args_failed_again']}×, "
-                   f"succeeded later {det['same_args_succeeded_later']}×; next call in the same run succeeded "
-                   f"{det['follow_up_succeeded']} of {det['followed_in_run']}")
+        out.print(f"  Repeats: {det['verdict']} — same arguments failed again {det['same_args_failed_again']}×, "
+                  f"succeeded later {det['same_args_succeeded_later']}×; next call in the same run succeeded "
+                  f"{det['follow_up_succeeded']} of {det['followed_in_run']}", highlight=False)
     r = Table(title="Affected runs", title_justify="left")
     r.add_column("run", no_wrap=True)
     for col in ("workflow", "started (UTC)", "status", "errors"):

@@ -277,6 +277,8 @@ def cli(transport: str, host: str, port: int, token_file: str | None, read_only:
         db: str | None) -> None:
     """MCP server with the self-healing tools (detect, health, propose, test, apply, verify)."""
     configure_logging()
+    if transport == "stdio":
+        _exit_cleanly_on_sigterm()  # before anything is logged: a supervisor may stop it at once
     token = None
     if transport == "streamable-http":
         try:
@@ -294,7 +296,6 @@ def cli(transport: str, host: str, port: int, token_file: str | None, read_only:
     log.info("self-healing-mcp %s over %s: home %s, database %s", __version__, transport, where,
              db or where / "conversations.db")
     if transport == "stdio":
-        _exit_cleanly_on_sigterm()
         server.run("stdio")
         return
     access = ("bearer token required" if token else "no token: loopback only") + (", read-only" if read_only else "")
