@@ -230,11 +230,12 @@ def test_a_canary_splits_runs_and_agrees_with_the_full_apply(week_before, healed
     assert set(arms) == set(summary.run_ids)  # every run of the period recorded its arm
     k = sum(a == "canary" for a in arms.values())
     n = len(arms)
-    assert abs(k - n * fraction) <= 3 * math.sqrt(n * fraction * (1 - fraction)), (k, n)
+    # the arm is a hash of fresh random ids: 4 standard deviations leave a 1-in-16,000 false alarm
+    assert abs(k - n * fraction) <= 4 * math.sqrt(n * fraction * (1 - fraction)), (k, n)
 
     v = SelfHeal(settings=s, clock=lambda: END).verify(imp.id)
     m = v["metrics"]
-    assert m["runs_canary"] == k and m["runs_control"] == n - k and m["split"]["p_value"] > 0.001
+    assert m["runs_canary"] == k and m["runs_control"] == n - k and m["split"]["p_value"] > 5e-5
     assert v["recommendation"] == healed["verified"]["recommendation"] == "keep"
     assert m["pattern"]["canary_error_rate"] < m["pattern"]["control_error_rate"]
     assert v["status"] == "canary"  # a verdict, not yet a promotion
