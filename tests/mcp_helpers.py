@@ -28,7 +28,7 @@ TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "compute_tool_reliability": (True, False),
     "get_health_dashboard": (True, False),
     "propose_improvement": (False, False),
-    "test_improvement": (False, False),
+    "test_improvement": (False, True),  # canary and shadow modes commit a config.toml section
     "apply_improvement": (False, True),
     "verify_improvement": (False, False),
 }

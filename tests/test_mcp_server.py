@@ -60,7 +60,11 @@ def test_nine_tools_with_schemas_and_annotations(home):
     assert "else 7 days" in tools["verify_improvement"].input_schema["properties"]["measurement_window_days"][
         "description"]
     assert tools["get_health_dashboard"].input_schema["properties"]["detailed"]["default"] is False
-    assert set(tools["apply_improvement"].input_schema["required"]) == {"improvement_id", "changes_made"}
+    # changes_made is optional, as the CLI's --changes-made is; the dashboard takes since like the CLI
+    assert set(tools["apply_improvement"].input_schema["required"]) == {"improvement_id"}
+    assert "since" in tools["get_health_dashboard"].input_schema["properties"]
+    for t in tools.values():  # a client shows the description as written: no docstring indentation
+        assert not any(line.startswith(" ") for line in t.description.splitlines()), t.name
     pattern_fields = tools["detect_failure_patterns"].output_schema["$defs"]["FailurePattern"]["properties"]
     assert {"id", "error_type", "tool_name", "occurrences", "correlation_score", "affected_runs",
             "suggested_fix"} <= set(pattern_fields)
@@ -216,3 +220,8 @@ def test_canary_fraction_and_its_bounds(home):
     assert not ok.is_error, error_text(ok)
     stored = ImprovementStore(connect(home / "conversations.db")).get(imp_id)
     assert stored.status == "canary" and stored.experiment["fraction"] == 0.3
+
+
+def test_an_unknown_argument_is_a_tool_error_not_ignored(home):
+    (result,) = call_all(build_server(home), [("detect_failure_patterns", {"sinse": "-3d"})])
+    assert error_text(result) == "invalid arguments for detect_failure_patterns: unknown argument(s) sinse"

@@ -14,6 +14,7 @@ tool errors with one line; the server keeps serving. Logs go to stderr only (lev
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -83,6 +84,11 @@ class SelfHealingServer(MCPServer):
     """:class:`MCPServer` whose argument-validation errors are one readable line."""
 
     async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        known = {t.name: t for t in await self.list_tools()}
+        if name in known and arguments:  # an argument the tool does not take is a mistake, not ignored
+            extra = sorted(set(arguments) - set((known[name].input_schema or {}).get("properties", {})))
+            if extra:
+                raise ToolError(f"invalid arguments for {name}: unknown argument(s) {', '.join(extra)}")
         try:
             return await super().call_tool(name, arguments, context)
         except UnexpectedToolError:
@@ -140,8 +146,11 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
             log.debug("skipped %d malformed %s row(s), as before", count, kind)
 
     def tool(title: str, *, read_only: bool = False, destructive: bool = False, idempotent: bool | None = None):
-        return server.tool(title=title, annotations=annotations(
-            title, read_only=read_only, destructive=destructive, idempotent=True if read_only else idempotent))
+        def register(fn: Any) -> Any:  # the docstring, dedented, is what a client shows
+            return server.tool(title=title, description=inspect.cleandoc(fn.__doc__ or ""), annotations=annotations(
+                title, read_only=read_only, destructive=destructive,
+                idempotent=True if read_only else idempotent))(fn)
+        return register
 
     # -------------------------------------------------------------- analysis
 
@@ -198,7 +207,7 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         with _session(home, db) as sh:
             return sh.propose(pattern_id)
 
-    @tool("Test improvement")
+    @tool("Test improvement", destructive=True, idempotent=False)  # canary/shadow commit a config edit
     def test_improvement(
         improvement_id: Annotated[str, Field(description="Improvement id (imp-...)")],
         mode: Annotated[Literal["simulation", "canary", "shadow"], Field(
@@ -215,9 +224,9 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
     @tool("Apply improvement", destructive=True, idempotent=False)
     def apply_improvement(
         improvement_id: Annotated[str, Field(description="Improvement id (imp-...), proposed or tested")],
-        changes_made: Annotated[str, Field(
+        changes_made: Annotated[str | None, Field(
             description="What was done: recorded with the improvement (required text for manual-only "
-                        "improvements; a note beside the config edit otherwise)")],
+                        "improvements; an optional note beside the config edit otherwise)")] = None,
     ) -> results.ApplyResult:
         """Apply an improvement: edit config.toml (comments and formatting kept), commit it to git
         with trailers, mark it applied and schedule verification. Refuses a config with
@@ -240,10 +249,12 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
     @tool("Health dashboard", read_only=True)
     def get_health_dashboard(
         detailed: Annotated[bool, Field(description="Include per-agent and per-tool tables")] = False,
+        since: Annotated[str | None, Field(**schema.field_kwargs("lookback"))] = None,
     ) -> results.HealthDashboard:
-        """System-wide health over the lookback window: overall score, trend, success rate, worst
-        tools, daily success and recent improvements with their measured impact."""
-        with _session(home, db) as sh:
+        """System-wide health over the window (the lookback setting unless `since`): overall
+        score, trend, success rate, worst tools, daily success and recent improvements with
+        their measured impact."""
+        with _session(home, db, lookback=since) as sh:
             return sh.dashboard(detailed=detailed)
 
     return server
