@@ -1,11 +1,12 @@
 """``agent self-heal demo``: prints each step of :func:`selfheal_plugin.testbed.demo.run_demo`."""
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import click
 
-from selfheal_plugin.cli.common import echo_json, pct
+from selfheal_plugin.cli.common import echo_json, err_console, pct
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.testbed.demo import DEMO_RUNS, DemoStep, run_demo
 from selfheal_plugin.errors import SelfHealError, UsageError
@@ -85,6 +86,34 @@ def print_step(s: DemoStep) -> None:
         _print_dashboard(d, detailed=False)
 
 
+class _LiveStatus:
+    """A spinner with the running step's title on stderr while it runs (a step can take
+    ten seconds of real tool calls); transient, so the printed findings stay as they were.
+    Shown only on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._status: Any = None
+
+    def start(self, name: str, title: str) -> None:
+        if not self.enabled:
+            return
+        self.stop()
+        self._status = err_console.status(f"{title}…")
+        self._status.start()
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def done(self, then: Callable[[DemoStep], None]) -> Callable[[DemoStep], None]:
+        def finished(step: DemoStep) -> None:
+            self.stop()
+            then(step)
+        return finished
+
+
 @click.command("demo")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
               help="Use this new or empty directory as the demo home, and keep it (default: a temporary one).")
@@ -96,13 +125,16 @@ def demo(directory: str | None, keep: bool, runs: int, as_json: bool) -> None:
     test, apply (a git commit), another week, verify and the dashboard."""
     if not as_json:
         click.echo("🩹 selfheal demo: a simulated week of agent runs against real MCP tool servers, then the fix")
+    status = _LiveStatus(enabled=not as_json)
     try:
-        result = run_demo(directory, keep=keep, runs=runs,
-                          on_step=None if as_json else print_step)
+        result = run_demo(directory, keep=keep, runs=runs, on_start=status.start,
+                          on_step=None if as_json else status.done(print_step))
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
     except SelfHealError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        status.stop()
     if as_json:
         echo_json(result.to_dict())
         return

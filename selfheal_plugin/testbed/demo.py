@@ -93,8 +93,9 @@ def _workload_data(summary: Any) -> dict[str, Any]:
 
 def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: int = DEMO_RUNS,
              on_step: Callable[[DemoStep], None] | None = None, testbed_config: Any = None,
-             now: datetime | None = None) -> DemoResult:
-    """Run the demo; ``on_step`` is called after each step (the CLI prints there).
+             now: datetime | None = None, on_start: Callable[[str, str], None] | None = None) -> DemoResult:
+    """Run the demo; ``on_start(name, title)`` is called as each step begins (the CLI shows a
+    live status line there) and ``on_step`` after it (the CLI prints its findings).
 
     The home is a new temporary directory, removed at the end unless ``keep``; a
     ``directory`` (new or empty) the caller named is always kept. Returns every step's findings.
@@ -107,7 +108,8 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
     kept = keep or directory is not None  # a directory the user named is theirs
     try:
         with _demo_environment(home):
-            _run(home, runs, steps, on_step or (lambda s: None), testbed_config, now)
+            _run(home, runs, steps, on_step or (lambda s: None), testbed_config, now,
+                 on_start or (lambda name, title: None))
     except BaseException:
         if not kept:
             shutil.rmtree(home, ignore_errors=True)
@@ -118,9 +120,10 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
 
 
 def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoStep], None],
-         testbed_config: Any, now: datetime | None) -> None:
+         testbed_config: Any, now: datetime | None, on_start: Callable[[str, str], None]) -> None:
 
     def step(name: str, title: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        on_start(name, title)
         t0 = time.perf_counter()
         data = fn()
         s = DemoStep(name, title, data, time.perf_counter() - t0)

@@ -162,3 +162,32 @@ def test_mcp_server_exits_0_on_sigterm(binks_home):
         line = proc.stderr.readline()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def test_the_demo_shows_a_live_status_line_while_a_step_runs(monkeypatch):
+    """Each demo step shows its title as a transient status while it runs (on a terminal),
+    and stops it before the step's findings are printed."""
+    from selfheal_plugin.cli import demo as cli_demo
+
+    events = []
+
+    class FakeStatus:
+        def __init__(self, text):
+            self.text = text
+
+        def start(self):
+            events.append(("start", self.text))
+
+        def stop(self):
+            events.append(("stop", self.text))
+
+    monkeypatch.setattr(cli_demo.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(cli_demo.err_console, "status", FakeStatus, raising=False)
+    live = cli_demo._LiveStatus(enabled=True)
+    printed = []
+    done = live.done(lambda step: printed.append((step, list(events))))
+    live.start("detect", "Detect recurring failures")
+    done("detect-step")
+    assert events == [("start", "Detect recurring failures…"), ("stop", "Detect recurring failures…")]
+    assert printed == [("detect-step", events)]  # the status was gone before the findings printed
+    assert not cli_demo._LiveStatus(enabled=False).enabled
