@@ -93,8 +93,12 @@ def _workload_data(summary: Any) -> dict[str, Any]:
 
 def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: int = DEMO_RUNS,
              on_step: Callable[[DemoStep], None] | None = None, testbed_config: Any = None,
-             now: datetime | None = None) -> DemoResult:
+             now: datetime | None = None, seed: int = 1) -> DemoResult:
     """Run the demo; ``on_step`` is called after each step (the CLI prints there).
+
+    ``seed`` picks the two weeks' workloads (seeds ``2*seed - 1`` and ``2*seed``; the
+    default is the demo everyone sees, other seeds are other weeks for the calibration
+    benchmark).
 
     The home is a new temporary directory unless ``directory`` (new or empty) is given;
     it is removed at the end unless ``keep``. Returns every step's findings.
@@ -107,7 +111,7 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
     kept = keep
     try:
         with _demo_environment(home):
-            _run(home, runs, steps, on_step or (lambda s: None), testbed_config, now)
+            _run(home, runs, steps, on_step or (lambda s: None), testbed_config, now, seed)
     except BaseException:
         kept = True if directory is not None else keep
         if not kept:
@@ -119,7 +123,7 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
 
 
 def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoStep], None],
-         testbed_config: Any, now: datetime | None) -> None:
+         testbed_config: Any, now: datetime | None, seed: int = 1) -> None:
 
     def step(name: str, title: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -141,7 +145,7 @@ def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoSt
         "apply": applied_at.isoformat(), "after": [applied_at.isoformat(), verify_at.isoformat()]}})
 
     step("workload_before", "A week of runs (real MCP servers over stdio, simulated clock)",
-         lambda: _workload_data(run_workload(home, runs=runs, seed=1, clock=clock, days=DEMO_DAYS, config=config)))
+         lambda: _workload_data(run_workload(home, runs=runs, seed=2 * seed - 1, clock=clock, days=DEMO_DAYS, config=config)))
 
     at = [applied_at]  # the service's clock: the instant of the step in progress
     with SelfHeal(home, clock=lambda: at[0]) as sh:
@@ -180,7 +184,7 @@ def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoSt
         step("apply", "Apply the best safe proposal (a real git commit)", apply)
 
         step("workload_after", "Another week of runs with the fix in force (ToolPolicy re-reads config.toml)",
-             lambda: _workload_data(run_workload(home, runs=runs, seed=2, clock=clock, start=applied_at,
+             lambda: _workload_data(run_workload(home, runs=runs, seed=2 * seed, clock=clock, start=applied_at,
                                                  days=DEMO_DAYS, config=config)))
         at[0] = verify_at
         step("verify", "Verify: the week before vs the week after the apply", lambda: sh.verify(chosen))
