@@ -10,8 +10,8 @@ per seed: the 95% prediction interval ``interval.next_window_success_rate`` of t
 proposal's ``test`` and its point estimate ``simulated_success_rate`` against the success
 rate verify measured on the week after the apply.
 
-Printed: per seed the prediction, the interval, the measured rate, whether it is covered and
-verify's comparison; then the coverage (goal 90–98 % of seeds) and the mean absolute error
+Printed: per seed the prediction, the interval, the measured rate, whether it is covered, the
+pattern's error rate against its prediction interval and verify's comparison; then the coverage (goal 90–98 % of seeds) and the mean absolute error
 in points (goal at most 3). Seeds whose simulation found nothing safe to apply are counted
 apart (no prediction to check). Not run by CI: 20 seeds take 20–40 minutes on 2 shared cores.
 """
@@ -39,11 +39,17 @@ def one_seed(seed: int, runs: int) -> dict:
     lo, hi = t["interval"]["next_window_success_rate"]
     measured = v["metrics"]["after_success_rate"]
     predicted = t["simulated_success_rate"]
+    pattern = v["metrics"]["pattern"] or {}
+    p_band = t["interval"].get("next_window_pattern_error_rate")
+    p_measured = pattern.get("after_error_rate")
     return {"seed": seed, "pattern": next((p.get("pattern_id") for p in demo.step("propose").data["proposals"]
                                        if p.get("improvement_id") == chosen), None),
             "predicted": predicted, "interval": [lo, hi], "measured": measured,
             "baseline": t["baseline_success_rate"], "before": v["metrics"]["before_success_rate"],
             "covered": lo <= measured <= hi, "error_points": round(abs(measured - predicted) * 100, 2),
+            "pattern_predicted": t["interval"].get("pattern_error_rate"), "pattern_interval": p_band,
+            "pattern_measured": p_measured,
+            "pattern_covered": None if not p_band or p_measured is None else p_band[0] <= p_measured <= p_band[1],
             "runs_after": v["metrics"]["runs_after"], "comparison": v["comparison"],
             "recommendation": v["recommendation"], "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -57,7 +63,16 @@ def summarise(rows: list[dict]) -> dict:
             "max_abs_error_points": max((r["error_points"] for r in done), default=None),
             "mean_interval_width_points": round(statistics.fmean((r["interval"][1] - r["interval"][0]) * 100
                                                                  for r in done), 2) if done else None,
+            "pattern_covered": sum(bool(r["pattern_covered"]) for r in done),
+            "pattern_checked": sum(r["pattern_covered"] is not None for r in done),
             "as_expected": sum(r["comparison"] == "as expected" for r in done)}
+
+
+def _pattern_text(r: dict) -> str:
+    if r["pattern_covered"] is None:
+        return "-"
+    lo, hi = r["pattern_interval"]
+    return f"{r['pattern_measured']:.1%} in [{lo:.1%}, {hi:.1%}]: {'yes' if r['pattern_covered'] else 'NO'}"
 
 
 def main() -> int:
@@ -77,7 +92,8 @@ def main() -> int:
             else:
                 print(f"seed {seed:3d}: predicted {r['predicted']:.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}]"
                       f"  measured {r['measured']:.1%}  {'covered' if r['covered'] else 'MISSED '}"
-                      f"  |err| {r['error_points']:.1f} pt  verify: {r['comparison']}, {r['recommendation']}"
+                      f"  |err| {r['error_points']:.1f} pt  pattern {_pattern_text(r)}"
+                      f"  verify: {r['comparison']}, {r['recommendation']}"
                       f"  ({r['seconds']:.0f} s)", flush=True)
     s = summarise(rows)
     if args.json:
@@ -86,7 +102,8 @@ def main() -> int:
         print(f"\ncoverage of the 95% prediction interval: {s['covered']}/{s['checked']} seeds"
               f" ({(s['coverage'] or 0):.0%}; goal 90-98%), mean absolute error {s['mean_abs_error_points']} points"
               f" (goal <= 3; max {s['max_abs_error_points']}), mean interval width {s['mean_interval_width_points']}"
-              f" points, skipped {s['skipped']}, verify said 'as expected' on {s['as_expected']}")
+              f" points, skipped {s['skipped']}; the pattern's error rate inside its prediction interval:"
+              f" {s['pattern_covered']}/{s['pattern_checked']}; verify said 'as expected' on {s['as_expected']}")
     return 0
 
 

@@ -227,6 +227,11 @@ def test_with_the_fix_in_force_the_server_is_not_asked_about_gone_paths_and_veri
     assert m["before_success_rate"] == pytest.approx(loop["before"]["completed"] / RUNS, abs=1e-4)
     assert m["after_success_rate"] == 1.0
     assert v["recommendation"] == "keep" and v["status"] == "verified" and v["p_value"] < 0.001
+    # the policy's refusals are still failed calls of the tool (the runtime labels them
+    # tool_error too): the pattern's count after the apply is exactly those
+    pattern = m["pattern"]
+    assert pattern["after_errors"] == len(after["preflight_errors"])
+    assert pattern["before_errors"] == len(loop["before"]["server_errors"])
 
 
 def test_a_missing_server_fails_where_ci_expects_it_and_is_skipped_elsewhere(tmp_path, monkeypatch):
