@@ -1,6 +1,6 @@
 """Calibration of the closed loop: does `test`'s prediction hold for the week after the apply?
 
-    python benchmarks/bench_calibration.py [--seeds 20] [--runs 200] [--first 1] [--json]
+    python benchmarks/bench_calibration.py [--seeds 20] [--runs 200] [--first 1] [--time-scale S] [--json]
 
 For each seed the demo's loop runs for real (``run_demo(seed=...)``): a week of testbed runs
 (real MCP servers over stdio, the scripted agent through ``ToolPolicy``, ``RunRecorder``,
@@ -23,13 +23,15 @@ import statistics
 import sys
 import time
 
+from selfheal_plugin.testbed.agent import TestbedConfig
 from selfheal_plugin.testbed.demo import DemoError, run_demo
 
 
-def one_seed(seed: int, runs: int) -> dict:
+def one_seed(seed: int, runs: int, time_scale: float | None = None) -> dict:
     t0 = time.perf_counter()
+    config = None if time_scale is None else TestbedConfig(time_scale=time_scale)
     try:
-        demo = run_demo(runs=runs, seed=seed)
+        demo = run_demo(runs=runs, seed=seed, testbed_config=config)
     except DemoError as exc:
         return {"seed": seed, "skipped": str(exc), "seconds": round(time.perf_counter() - t0, 1)}
     tested = demo.step("test").data
@@ -80,17 +82,20 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--first", type=int, default=1, help="first seed (seed 1 is the demo everyone sees)")
     ap.add_argument("--runs", type=int, default=200, help="runs per week (the demo's 200)")
+    ap.add_argument("--time-scale", type=float, default=None,
+                    help="real seconds per simulated second (the demo's 0.004 by default); a larger one makes the "
+                         "recorded durations less sensitive to the machine's load, and each seed slower")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rows = []
     for seed in range(args.first, args.first + args.seeds):
-        r = one_seed(seed, args.runs)
+        r = one_seed(seed, args.runs, args.time_scale)
         rows.append(r)
         if not args.json:
             if "skipped" in r:
                 print(f"seed {seed:3d}: skipped ({r['skipped']})", flush=True)
             else:
-                print(f"seed {seed:3d}: predicted {r['predicted']:.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}]"
+                print(f"seed {seed:3d} {r['pattern']}: predicted {r['predicted']:.1%} [{r['interval'][0]:.1%}, {r['interval'][1]:.1%}]"
                       f"  measured {r['measured']:.1%}  {'covered' if r['covered'] else 'MISSED '}"
                       f"  |err| {r['error_points']:.1f} pt  pattern {_pattern_text(r)}"
                       f"  verify: {r['comparison']}, {r['recommendation']}"
