@@ -247,3 +247,32 @@ def test_no_rule_names_a_server_or_a_corpus_message():
         assert package not in source, package
     for needle in ("gitlab", "robots", "127.0.0.1", "/tmp/corpus", "zod"):
         assert needle not in source.lower(), needle
+
+
+def _path_only_history(db: Path, repo: Path) -> Path:
+    """mcp-server-git's real message for a repo_path it cannot open: only the path
+    (``Error executing tool git_log: /srv/x``, tests/data/mcp_error_corpus.jsonl)."""
+    tool = "mcp__git__git_log"
+    runs = []
+    for i, start in enumerate(spread(24)):
+        if i % 2:
+            runs.append(Run(start, [Call(tool, {"repo_path": str(repo)}, False,
+                                         f"Error executing tool git_log: {repo}")]))
+        else:
+            runs.append(Run(start, [Call(tool, {"repo_path": "/srv/ok"}, True, "Commit history: ...")]))
+    return write_history(db, runs)
+
+
+def test_a_message_that_is_only_a_missing_path_argument_is_a_missing_resource(tmp_path):
+    db = _path_only_history(tmp_path / "c.db", tmp_path / "nowhere")
+    p = _pattern(db, "tool_error:mcp__git__git_log")
+    assert message_kind(f"Error executing tool git_log: {tmp_path / 'nowhere'}", "tool_error")[0] == "unknown"
+    assert p.failure_kind == "missing_resource"
+    assert p.evidence["paths"][0]["argument"] == "repo_path" and p.evidence["paths"][0]["exists_now"] is False
+    assert any("does not exist now" in r for r in p.evidence["reasons"])
+
+
+def test_a_message_that_is_only_a_path_that_exists_stays_unknown(tmp_path):
+    (tmp_path / "plain").mkdir()  # a folder that is there but not a repository: the message cannot say why
+    db = _path_only_history(tmp_path / "c.db", tmp_path / "plain")
+    assert _pattern(db, "tool_error:mcp__git__git_log").failure_kind == "unknown"

@@ -225,3 +225,36 @@ def test_empty_window_and_bad_input(binks_home):
         simulation.test_improvement(conn, s, "imp-missing")
     with pytest.raises(UsageError, match="invalid time window"):
         simulation.test_improvement(conn, s, imp.id, since="-7x")
+
+
+def test_a_run_that_stopped_at_the_fixed_call_still_has_its_later_steps_to_pass(binks_home):
+    """A runtime stops a run at its first failed call: a run whose k8s call timed out never
+    ran its next step, which fails 30 % of the time where it did run. A longer timeout
+    recovers such a run only if that step then passes too."""
+    import random
+
+    db = binks_home / "conversations.db"
+    rng = random.Random(5)
+    specs, truth = [], []
+    for i in range(400):
+        start = NOW - timedelta(days=6.5) + timedelta(seconds=i * 6.5 * 86400 / 400)
+        d = math.exp(rng.gauss(math.log(20_000), 0.6))
+        later_ok = rng.random() >= 0.3
+        calls = [("read_file", True, 40.0, None)]
+        if d <= 45_000:
+            calls += [(K8S, True, d, None), ("mcp__files__list_dir", later_ok, 50.0, None if later_ok else "tool_error")]
+            status = "completed" if later_ok else "failed"
+        else:
+            calls.append((K8S, False, 45_003.0, "timeout"))
+            status = "failed"
+        specs.append(RunSpec(start, status, calls))
+        truth.append(d <= 90_000 and later_ok)
+    write_runs(db, specs)
+    sim = simulation.simulate_changes(connect(db), [timeout_change(90_000)], "timeout", SINCE, UNTIL)
+    true_rate = float(np.mean(truth))
+    assert abs(sim.simulated_success_rate - true_rate) < 0.03
+    lo, hi = sim.prediction_interval
+    assert lo <= true_rate <= hi
+    # counted as certain completions, the recovered runs would overstate the rate by ~30 % of them
+    naive = sim.baseline_success_rate + sim.failures_fixed / sim.runs_replayed
+    assert naive - sim.simulated_success_rate > 0.25 * sim.failures_fixed / sim.runs_replayed

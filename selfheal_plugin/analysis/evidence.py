@@ -22,7 +22,8 @@ The **failure kind** (:data:`KINDS`) comes from rules on those signals — codes
 phrases, then the runtime label when the messages say nothing — voted over the
 occurrences, then adjusted by history: a streak across a server's tools makes a refused or
 closed connection ``server_down``; timeouts are a ``slow_tail`` when the tool's successful
-calls come close to the limit and a ``hang`` when none do. No rule names a server or a
+calls come close to the limit and a ``hang`` when none do; messages no rule reads that name
+a path argument which does not exist now make a ``missing_resource``. No rule names a server or a
 message of one; the accuracy on the real corpus (tests/data/mcp_error_corpus.jsonl) is
 computed by tests/test_evidence.py and quoted in the README.
 """
@@ -461,6 +462,15 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
         elif durations["successes"] == 0 and len(occ) >= 3:
             kind = "hang"
             why.append(f"no call of the tool finished in the history, {len(occ)} timed out: a hang")
+    if kind == "unknown" and check_paths:
+        # A message that is only the path the call named ("Error executing tool git_log:
+        # /srv/repo", a NoSuchPathError) says nothing a rule knows, but a path argument that
+        # does not exist on this machine is itself the evidence of a missing resource.
+        gone = sum(p["count"] for p in paths.values() if p["argument"] is not None and p["exists_now"] is False)
+        if gone and gone >= votes["unknown"] / 2:
+            kind = "missing_resource"
+            why.append(f"{gone} of {len(occ)} messages name a path argument of the call that does not exist now: "
+                       "a missing resource")
     if kind in ("transient_upstream", "server_down", "unknown") and streak and streak["other_tools_failing"] >= 1 \
             and streak["streak_share"] >= STREAK_SHARE:
         if kind != "server_down":

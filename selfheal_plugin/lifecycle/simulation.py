@@ -5,7 +5,11 @@ replayed with the change. A completed run stays completed unless the change woul
 one of its calls (a lowered timeout below a call's observed duration). A failed run is
 recovered when every failed call in it is one the change could fix, with the product of
 the per-call fix probabilities; otherwise it stays failed. The simulated success rate is
-the mean recovery probability over runs, next to the baseline (observed) rate.
+the mean recovery probability over runs, next to the baseline (observed) rate. A failed
+run that *stopped* at the fixed call (no tool call after it) still had steps to run: its
+recovery is also multiplied by how often runs of the same workflow that got past that call
+(the same tool, the same occurrence) went on to complete (``_Continuation``; without that,
+an agent whose later steps fail a quarter of the time was predicted ~5 points too high).
 
 Models (only these; a change without a model is reported as such, never guessed):
 
@@ -56,6 +60,7 @@ from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyEr
 np = lazy_module("numpy")  # imported on first use: start-up does not pay for it
 
 REPLICATES = 400
+MIN_CONTINUATION = 5  # runs past a call needed to estimate how often the rest of the run completes
 MIN_RETRY_OBSERVATIONS = 3
 NEUTRAL_KEYS = ("retry_backoff_ms",)
 
@@ -74,6 +79,8 @@ class ReplayRun:
     run_id: str
     completed: bool
     calls: list[Call]
+    workflow: str | None = None
+    last_call_id: int | None = None  # the run's last tool_complete event (of any tool, failed or not)
 
 
 def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None,
@@ -88,13 +95,20 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
     lo = since_epoch / 86400 + 2440587.5
     hi = until_epoch / 86400 + 2440587.5 if until_epoch is not None else 1e12
     runs: dict[str, ReplayRun] = {}
-    for run_id, status in conn.execute(
-            "SELECT id, status FROM runs WHERE status IN ('completed', 'failed') "
+    for run_id, status, workflow in conn.execute(
+            "SELECT id, status, workflow_name FROM runs WHERE status IN ('completed', 'failed') "
             "AND julianday(started_at) >= ? AND julianday(started_at) < ? ORDER BY julianday(started_at), id",
             (lo, hi)):
-        runs[run_id] = ReplayRun(run_id, status == "completed", [])
+        runs[run_id] = ReplayRun(run_id, status == "completed", [],
+                                 workflow if isinstance(workflow, str) else None)
     if not runs:
         return []
+    for run_id, last in conn.execute(
+            "SELECT e.run_id, max(e.id) FROM runs r JOIN run_events e ON e.run_id = r.id "
+            "WHERE r.status IN ('completed', 'failed') AND julianday(r.started_at) >= ? "
+            "AND julianday(r.started_at) < ? AND e.event_type = 'tool_complete' GROUP BY e.run_id", (lo, hi)):
+        if run_id in runs:
+            runs[run_id].last_call_id = last
     params: list[Any] = [lo, hi]
     prefilter = ""
     if tools is not None:
@@ -187,6 +201,13 @@ class Simulation:
     notes: list[str] = field(default_factory=list)
     # 95% prediction interval for the success rate of the next window of runs_replayed runs
     prediction_interval: list[float] | None = None
+    # the pattern (failed calls of the changed tools, of the pattern's type, per call of those
+    # tools): its rate in the replay, that rate's 95% interval, and the 95% prediction interval
+    # for a next window with as many calls (pattern_calls)
+    pattern_error_rate: float | None = None
+    pattern_interval: list[float] | None = None
+    pattern_prediction_interval: list[float] | None = None
+    pattern_calls: int | None = None
 
     @property
     def has_model(self) -> bool:
@@ -203,6 +224,40 @@ def _config_sets(changes: list[Any]) -> list[tuple[list[str], Any]]:
         if isinstance(d, dict) and d.get("kind") == "config" and (d.get("op") or "set") == "set":
             out.append((list(d.get("path") or []), d.get("value")))
     return out
+
+
+class _Continuation:
+    """P(a run goes on to complete | it got past a call): a failed run that stopped at the
+    call a change fixes still had its remaining steps to run, and those fail as often as
+    they do in the runs that got past the same call. Estimated from the window's runs of
+    the same workflow whose ``k``-th call of the same tool succeeded with no failed call
+    before it: ``s`` of ``n`` completed. Fewer than :data:`MIN_CONTINUATION` such runs, or all of them completed: 1
+    (nothing seen to fail after it). Uncertainty: ``Beta(s + 1, n - s + 1)`` per replicate
+    (replicate 0 is ``s / n``)."""
+
+    def __init__(self, runs: list[ReplayRun], K: int, rng: np.random.Generator) -> None:
+        self.runs, self.K, self.rng = runs, K, rng
+        self._cache: dict[tuple[str | None, str, int], np.ndarray | float] = {}
+
+    def __call__(self, run: ReplayRun, call: Call) -> np.ndarray | float:
+        k = sum(1 for c in run.calls if c.tool == call.tool and c.event_id < call.event_id)
+        key = (run.workflow, call.tool, k)
+        if key not in self._cache:
+            s = n = 0
+            for r in self.runs:
+                if r.workflow != run.workflow:
+                    continue
+                same = [c for c in r.calls if c.tool == call.tool]
+                if len(same) > k and same[k].ok and all(c.ok for c in r.calls if c.event_id < same[k].event_id):
+                    n += 1  # got past the call with nothing failed before it
+                    s += r.completed
+            if n < MIN_CONTINUATION or s == n:
+                self._cache[key] = 1.0
+            else:
+                d = self.rng.beta(s + 1, n - s + 1, size=self.K)
+                d[0] = s / n
+                self._cache[key] = d
+        return self._cache[key]
 
 
 def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: str | None, since_epoch: float,
@@ -307,6 +362,7 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
         base = sum(r.completed for r in runs) / n if n else None
         return Simulation(None, base, None, None, n, None, 0, targeted, None, models, unmodeled, notes)
 
+    continuation = _Continuation(runs, K, rng)
     P = np.zeros((n, K))
     base = np.zeros(n)
     n_broken = 0
@@ -329,6 +385,8 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
         prob = np.ones(K)
         for c in failures:
             prob *= 1.0 - np.prod([1.0 - f for f in fix[c.event_id]], axis=0)
+        if failures[-1].event_id == r.last_call_id:  # the run stopped there: what it never ran may fail too
+            prob *= continuation(r, failures[-1])
         P[i] = prob
     W = rng.poisson(1.0, size=(K, n)).astype(float)
     W[0] = 1.0
@@ -339,6 +397,7 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
     next_k = rng.binomial(n, np.clip(sim_k, 0.0, 1.0)) / n  # the next window: n new runs at each replicate's rate
     sim = float(P[:, 0].mean())
     recovered = float(P[base == 0, 0].sum())
+    pattern = _pattern_replay(runs, tools, etype, fix, broken, W, rng)
     return Simulation(
         simulated_success_rate=round(sim, 4), baseline_success_rate=round(float(base.mean()), 4),
         simulated_interval=[round(float(np.percentile(sim_k, 2.5)), 4), round(float(np.percentile(sim_k, 97.5)), 4)],
@@ -347,7 +406,38 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
         runs_replayed=n, runs_recovered=round(recovered, 2), runs_broken=n_broken, failures_targeted=targeted,
         failures_fixed=round(float(fixed_sum[0]), 2), models=models, unmodeled=unmodeled, notes=notes,
         prediction_interval=[round(float(np.percentile(next_k, 2.5)), 4),
-                             round(float(np.percentile(next_k, 97.5)), 4)])
+                             round(float(np.percentile(next_k, 97.5)), 4)], **pattern)
+
+
+def _pattern_replay(runs: list[ReplayRun], tools: list[str], etype: str | None, fix: dict[int, list[np.ndarray]],
+                    broken: set[int], W: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+    """The pattern's error rate with the changes: each failed call of the pattern's type on a
+    changed tool stays failed with the probability that no model fixes it; a successful call
+    the change breaks (slower than a lower limit) becomes a failure. Same run weights ``W`` as
+    the success rate; the next window draws as many calls binomially at each replicate's rate."""
+    K = W.shape[0]
+    calls = np.zeros(len(runs))
+    fails = np.zeros((len(runs), K))
+    for i, r in enumerate(runs):
+        for c in r.calls:
+            if c.tool not in tools:
+                continue
+            calls[i] += 1
+            if c.event_id in broken:
+                fails[i] += 1.0
+            elif not c.ok and (etype is None or normalize_error_type(c.error_type) == etype):
+                fails[i] += np.prod([1.0 - f for f in fix[c.event_id]], axis=0) if c.event_id in fix else 1.0
+    m = int(calls.sum())
+    if m == 0:
+        return {}
+    rate_k = (W * fails.T).sum(axis=1) / np.maximum((W * calls).sum(axis=1), 1.0)
+    next_k = rng.binomial(m, np.clip(rate_k, 0.0, 1.0)) / m
+    return {"pattern_error_rate": round(float(fails[:, 0].sum() / m), 4),
+            "pattern_interval": [round(float(np.percentile(rate_k, 2.5)), 4),
+                                 round(float(np.percentile(rate_k, 97.5)), 4)],
+            "pattern_prediction_interval": [round(float(np.percentile(next_k, 2.5)), 4),
+                                            round(float(np.percentile(next_k, 97.5)), 4)],
+            "pattern_calls": m}
 
 
 def simulate_proposal(proposal: Any, history: Any, seed: int = 0) -> Simulation:
@@ -501,7 +591,12 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
             "improvement": sim.improvement_interval,
             # what the next window of as many runs will show with the change (95%): the
             # interval above plus that window's own sampling noise
-            "next_window_success_rate": sim.prediction_interval, "next_window_runs": sim.runs_replayed},
+            "next_window_success_rate": sim.prediction_interval, "next_window_runs": sim.runs_replayed,
+            # the pattern's own measure, as verify counts it: failed calls of its type per call
+            # of its tool, with the same two intervals (replay; next window of as many calls)
+            "pattern_error_rate": sim.pattern_error_rate, "pattern_error_rate_interval": sim.pattern_interval,
+            "next_window_pattern_error_rate": sim.pattern_prediction_interval,
+            "next_window_pattern_calls": sim.pattern_calls},
         "runs_replayed": sim.runs_replayed, "runs_recovered": sim.runs_recovered, "runs_broken": sim.runs_broken,
         "failures_targeted": sim.failures_targeted, "failures_fixed": sim.failures_fixed,
         "models": sim.models, "unmodeled_changes": sim.unmodeled, "notes": sim.notes, "model_source": source,

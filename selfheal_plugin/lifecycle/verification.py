@@ -27,6 +27,7 @@ self-heal rollback`` does, and the daemon does when it runs.
 """
 from __future__ import annotations
 
+import math
 import re
 import sqlite3
 from datetime import datetime, timedelta
@@ -103,30 +104,53 @@ def compare_with_expected(expected: str | None, success_delta: float | None,
     return "less than expected"
 
 
-def predicted_intervals(test_result: dict[str, Any] | None) -> dict[str, tuple[float, float]]:
-    """The simulation's 95% intervals an outcome is judged against: ``success`` (the gain in
-    run success rate) and ``pattern`` (the share of the pattern's failures fixed, from the
-    duration model); empty without a simulation that modelled them."""
-    tr = test_result if isinstance(test_result, dict) else {}
-    if tr.get("test_mode") != "simulation":
-        return {}
-    out: dict[str, tuple[float, float]] = {}
-    gain = (tr.get("interval") or {}).get("improvement")
-    if isinstance(gain, (list, tuple)) and len(gain) == 2 and None not in gain:
-        out["success"] = (float(gain[0]), float(gain[1]))
-    for m in tr.get("models") or []:
-        ci = m.get("p_timed_out_call_finishes_interval") if isinstance(m, dict) else None
-        if m.get("model") == "duration" and isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
-            out["pattern"] = (float(ci[0]), float(ci[1]))
-    return out
+_Z95 = 1.959964
 
 
-def interval_verdict(value: float, lo: float, hi: float) -> str:
-    """Measured ``value`` against a predicted interval: as expected only inside it."""
-    if value > hi:
-        return "better than expected!"
-    if value < lo:
+def _interval_for(stored: list[float] | None, replay: list[float] | None, point: float | None,
+                  stored_n: int | None, n: int) -> list[float] | None:
+    """The 95% prediction interval for a window of ``n`` (runs or calls): the stored one when
+    ``n`` is the size it was made for; else the replay's interval (the model's uncertainty)
+    widened by ``n``'s binomial noise, in the normal approximation."""
+    if not stored or len(stored) != 2:
+        return None
+    if n == stored_n or not replay or len(replay) != 2 or point is None or n <= 0:
+        return [float(stored[0]), float(stored[1])]
+    sd = math.sqrt(((replay[1] - replay[0]) / (2 * _Z95)) ** 2 + point * (1 - point) / n)
+    return [max(0.0, point - _Z95 * sd), min(1.0, point + _Z95 * sd)]
+
+
+def compare_with_prediction(test_result: dict[str, Any] | None, after_success_rate: float | None, runs_after: int,
+                            after_error_rate: float | None = None, calls_after: int = 0) -> str | None:
+    """The measured week against ``test``'s 95% prediction intervals (``interval`` of a
+    stored test result): the success rate against ``next_window_success_rate`` and the
+    pattern's error rate against ``next_window_pattern_error_rate``, each for as many runs
+    (calls) as were measured. "as expected" only when every measure with an interval lies
+    inside it; "less than expected" when one fell short (success below, error rate above);
+    "better than expected!" when one did better and none fell short. None when the test
+    left no interval (no model, or never tested)."""
+    iv = (test_result or {}).get("interval") if isinstance(test_result, dict) else None
+    if not isinstance(iv, dict):
+        return None
+    verdicts = []
+    if after_success_rate is not None:
+        band = _interval_for(iv.get("next_window_success_rate"), iv.get("simulated_success_rate"),
+                             test_result.get("simulated_success_rate"), iv.get("next_window_runs"), runs_after)
+        if band:
+            verdicts.append("short" if after_success_rate < band[0] - 1e-9 else
+                            "better" if after_success_rate > band[1] + 1e-9 else "inside")
+    if after_error_rate is not None:
+        band = _interval_for(iv.get("next_window_pattern_error_rate"), iv.get("pattern_error_rate_interval"),
+                             iv.get("pattern_error_rate"), iv.get("next_window_pattern_calls"), calls_after)
+        if band:
+            verdicts.append("short" if after_error_rate > band[1] + 1e-9 else
+                            "better" if after_error_rate < band[0] - 1e-9 else "inside")
+    if not verdicts:
+        return None
+    if "short" in verdicts:
         return "less than expected"
+    if "better" in verdicts:
+        return "better than expected!"
     return "as expected"
 
 
@@ -200,37 +224,23 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
                   "extend monitoring: no significant change over the full window")
 
     parts = []
-    success_part = pattern_part = None
     if success_delta is not None:
-        success_part = f"{percent_points(success_delta)} success rate" if success_delta else "+0% success rate"
+        parts.append(f"{percent_points(success_delta)} success rate" if success_delta else "+0% success rate")
     if pattern is not None and reduction is not None:
         word = "reduction" if reduction >= 0 else "increase"
-        pattern_part = f"{abs(reduction) * 100:.0f}% {word} in {pattern['error_type']} errors"
+        parts.insert(0, f"{abs(reduction) * 100:.0f}% {word} in {pattern['error_type']} errors")
     elif pattern is not None and pattern["before_error_rate"] == 0 and pattern["after_errors"]:
-        pattern_part = f"new {pattern['error_type']} errors ({pattern['after_errors']} after, none before)"
-    predicted = predicted_intervals(getattr(imp, "test_result", None))
-    if predicted:
-        # The simulation gave 95% intervals: "as expected" only inside them, each measure on its own.
-        said = []
-        if pattern_part and reduction is not None and "pattern" in predicted:
-            lo, hi = predicted["pattern"]
-            verdict = interval_verdict(reduction, lo, hi)
-            pattern_part += f" (predicted {lo * 100:.0f}–{hi * 100:.0f}%: {verdict})"
-            said.append(f"{pattern['error_type']} errors {verdict}")
-        if success_part and "success" in predicted:
-            lo, hi = predicted["success"]
-            verdict = interval_verdict(success_delta, lo, hi)
-            success_part += f" (predicted {percent_points(lo)} to {percent_points(hi)}: {verdict})"
-            said.append(f"success rate {verdict}")
-        parts = [x for x in (pattern_part, success_part) if x]
-        comparison = "; ".join(said) or None
-        actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
-    else:
-        parts = [x for x in (pattern_part, success_part) if x]
+        parts.insert(0, f"new {pattern['error_type']} errors ({pattern['after_errors']} after, none before)")
+    # Against the simulation's prediction intervals when `test` made them; else against the
+    # number the proposal's expected impact names (a strategy's estimate without a replay).
+    comparison = compare_with_prediction(getattr(imp, "test_result", None), sr_a, n_a,
+                                         None if pattern is None else pattern["after_error_rate"],
+                                         0 if pattern is None else pattern["after_calls"])
+    if comparison is None:
         comparison = compare_with_expected(imp.expected_impact, success_delta, reduction)
-        actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
-        if comparison:
-            actual += f" ({comparison})"
+    actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
+    if comparison:
+        actual += f" ({comparison})"
 
     return {"n_b": n_b, "n_a": n_a, "sr_b": sr_b, "sr_a": sr_a, "p_success": p_success, "pattern": pattern,
             "recommendation": recommendation, "status": status, "reason": reason, "comparison": comparison,

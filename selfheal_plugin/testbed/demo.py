@@ -93,12 +93,17 @@ def _workload_data(summary: Any) -> dict[str, Any]:
 
 def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: int = DEMO_RUNS,
              on_step: Callable[[DemoStep], None] | None = None, testbed_config: Any = None,
-             now: datetime | None = None, on_start: Callable[[str, str], None] | None = None) -> DemoResult:
+             now: datetime | None = None, on_start: Callable[[str, str], None] | None = None,
+             seed: int = 1) -> DemoResult:
     """Run the demo; ``on_start(name, title)`` is called as each step begins (the CLI shows a
     live status line there) and ``on_step`` after it (the CLI prints its findings).
 
-    The home is a new temporary directory, removed at the end unless ``keep``; a
-    ``directory`` (new or empty) the caller named is always kept. Returns every step's findings.
+    ``seed`` picks the two weeks' workloads (seeds ``2*seed - 1`` and ``2*seed``; the
+    default is the demo everyone sees, other seeds are other weeks for the calibration
+    benchmark).
+
+    The home is a new temporary directory unless ``directory`` (new or empty) is given;
+    it is removed at the end unless ``keep``. Returns every step's findings.
     """
     if runs < 40:
         raise UsageError(f"the demo needs at least 40 runs per week to verify anything, got {runs}")
@@ -109,7 +114,7 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
     try:
         with _demo_environment(home):
             _run(home, runs, steps, on_step or (lambda s: None), testbed_config, now,
-                 on_start or (lambda name, title: None))
+                 on_start or (lambda name, title: None), seed)
     except BaseException:
         if not kept:
             shutil.rmtree(home, ignore_errors=True)
@@ -120,7 +125,7 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
 
 
 def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoStep], None],
-         testbed_config: Any, now: datetime | None, on_start: Callable[[str, str], None]) -> None:
+         testbed_config: Any, now: datetime | None, on_start: Callable[[str, str], None], seed: int = 1) -> None:
 
     def step(name: str, title: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         on_start(name, title)
@@ -143,7 +148,7 @@ def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoSt
         "apply": applied_at.isoformat(), "after": [applied_at.isoformat(), verify_at.isoformat()]}})
 
     step("workload_before", "A week of runs (real MCP servers over stdio, simulated clock)",
-         lambda: _workload_data(run_workload(home, runs=runs, seed=1, clock=clock, days=DEMO_DAYS, config=config)))
+         lambda: _workload_data(run_workload(home, runs=runs, seed=2 * seed - 1, clock=clock, days=DEMO_DAYS, config=config)))
 
     at = [applied_at]  # the service's clock: the instant of the step in progress
     with SelfHeal(home, clock=lambda: at[0]) as sh:
@@ -182,7 +187,7 @@ def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoSt
         step("apply", "Apply the best safe proposal (a real git commit)", apply)
 
         step("workload_after", "Another week of runs with the fix in force (ToolPolicy re-reads config.toml)",
-             lambda: _workload_data(run_workload(home, runs=runs, seed=2, clock=clock, start=applied_at,
+             lambda: _workload_data(run_workload(home, runs=runs, seed=2 * seed, clock=clock, start=applied_at,
                                                  days=DEMO_DAYS, config=config)))
         at[0] = verify_at
         step("verify", "Verify: the week before vs the week after the apply", lambda: sh.verify(chosen))
