@@ -4,6 +4,7 @@ a fix, adds the runs that followed it, and sees `verify` reach keep — through 
 from __future__ import annotations
 
 import json
+import time
 import sqlite3
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def test_apply_then_append_then_verify_keeps(binks_home):
     assert json.loads(r.stdout)["recommendation"] == "extend"
 
     before = runs_in(db)
+    # appended runs start a second after the apply (a timestamp written without its fraction
+    # must not fall before it) and end now: let that second pass, whatever the machine's speed
+    time.sleep(1.5)
     r = gen(str(db), "--append", "--from", "applied", "--runs", "200")
     assert r.returncode == 0, r.stderr
     assert "fixed by the config: timeout:mcp__kubernetes__pods_list" in r.stdout
