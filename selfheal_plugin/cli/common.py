@@ -144,6 +144,19 @@ def echo_json(data: Any) -> None:
 
 
 @contextmanager
+def working(enabled: bool, label: str) -> Iterator[None]:
+    """A live status line on stderr (a terminal only) while a step runs that can take
+    seconds (a simulation, a verification); transient: nothing of it stays on screen."""
+    import sys
+
+    if not (enabled and sys.stderr.isatty()):
+        yield
+        return
+    with err_console.status(label):
+        yield
+
+
+@contextmanager
 def scan_progress(enabled: bool, label: str = "Indexing run history") -> Iterator[Callable[[int, int], None]]:
     """A progress callback that shows a bar only once a scan has taken over a second."""
     started = time.monotonic()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from selfheal_plugin.cli.common import (check_option, common_options, confirm_or_abort, echo_json, exit_for_verdict,
-                                        format_p, open_service, pct, yes_option)
+                                        format_p, open_service, pct, working, yes_option)
 from selfheal_plugin.history.text import for_terminal
 from selfheal_plugin.service import TEST_MODES
 from selfheal_plugin.cli.options import setting_option
@@ -29,7 +29,7 @@ def test_command(improvement_id: str, home: str | None, db: str | None, as_json:
     (canary) or beside the current settings (shadow) via a config.toml section.
 
     With --check the exit code is 3 when the simulation says risky or reject."""
-    with open_service(home, db) as sh:
+    with open_service(home, db) as sh, working(not as_json, f"Testing {improvement_id} ({mode})…"):
         r = sh.test(improvement_id, mode, since=since, fraction=fraction)
     _render_test(r, mode, as_json)
     exit_for_verdict(check, r.get("recommendation") if mode == "simulation" else None)
@@ -162,7 +162,7 @@ def verify_command(improvement_id: str, home: str | None, db: str | None, as_jso
     """Measure an applied improvement: before vs after, with a significance test.
 
     With --check the exit code is 3 for rollback and 4 for extend (inconclusive so far)."""
-    with open_service(home, db) as sh:
+    with open_service(home, db) as sh, working(not as_json, f"Verifying {improvement_id}…"):
         r = sh.verify(improvement_id, window_days, early=early)
     _render_verify(r, as_json)
     exit_for_verdict(check, r.get("recommendation"))

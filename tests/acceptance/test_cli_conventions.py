@@ -191,3 +191,30 @@ def test_the_demo_shows_a_live_status_line_while_a_step_runs(monkeypatch):
     assert events == [("start", "Detect recurring failures…"), ("stop", "Detect recurring failures…")]
     assert printed == [("detect-step", events)]  # the status was gone before the findings printed
     assert not cli_demo._LiveStatus(enabled=False).enabled
+
+
+def test_a_long_step_shows_a_transient_status_on_a_terminal_only(monkeypatch):
+    """`test` and `verify` can take seconds: a status line on stderr while they run, on a
+    terminal only (never in --json or piped output)."""
+    from selfheal_plugin.cli import common
+
+    seen = []
+
+    class FakeStatus:
+        def __init__(self, label):
+            seen.append(label)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            seen.append("done")
+
+    monkeypatch.setattr(common.err_console, "status", FakeStatus, raising=False)
+    monkeypatch.setattr(common.sys.stderr if hasattr(common, "sys") else __import__("sys").stderr, "isatty",
+                        lambda: True, raising=False)
+    with common.working(True, "Testing imp-1 (simulation)…"):
+        seen.append("work")
+    with common.working(False, "quiet"):
+        seen.append("json work")
+    assert seen == ["Testing imp-1 (simulation)…", "work", "done", "json work"]
