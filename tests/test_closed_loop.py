@@ -214,7 +214,7 @@ def test_a_canary_splits_runs_and_agrees_with_the_full_apply(week_before, healed
     conn, s = _open(home)
     imp = propose_improvement(conn, s, PATTERN, now=A)
     assert imp.changes == healed["imp"].changes  # the same proposal as the full apply's
-    fraction = 0.3
+    fraction = 0.5
     started = SelfHeal(settings=s, clock=lambda: A).test(imp.id, "canary", fraction=fraction)
     assert started["status"] == "canary" and started["started"] and started["commit_sha"]
     assert f'[canary.{imp.id}]' in (home / "config.toml").read_text()
@@ -249,7 +249,7 @@ def test_a_canary_splits_runs_and_agrees_with_the_full_apply(week_before, healed
     subjects = cr.git("log", "--format=%s").splitlines()
     assert subjects[0].startswith("selfheal: Increase the timeout")
     assert subjects[1] == f"selfheal: end canary {imp.id} (promoted)"
-    assert subjects[2].startswith(f"selfheal: canary {imp.id} (on 30% of runs)")
+    assert subjects[2].startswith(f"selfheal: canary {imp.id} (on 50% of runs)")
     conn.close()
 
 
