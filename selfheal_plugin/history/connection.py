@@ -150,6 +150,17 @@ CREATE TABLE IF NOT EXISTS selfheal_tool_hours (
     calls INTEGER NOT NULL,
     PRIMARY KEY (tool_name, hour)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selfheal_rules (  -- fix rules (history.rules)
+    id TEXT PRIMARY KEY,
+    failure_kind TEXT NOT NULL,
+    error_type TEXT,
+    description TEXT NOT NULL,
+    template TEXT NOT NULL,     -- JSON array of change templates
+    evidence TEXT NOT NULL,     -- JSON object: origin -> measured effect
+    enabled INTEGER NOT NULL DEFAULT 1,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
 """
 
 REQUIRED_TABLES = ("runs", "run_events")
@@ -447,7 +458,7 @@ def ensure_selfheal_schema(conn: sqlite3.Connection) -> None:
     have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     cols = table_columns(conn, "improvements") if "improvements" in have else []
     need_cols = [c for c in IMPROVEMENT_COLUMNS if c not in cols]
-    if "selfheal_tool_hours" in have and "improvements" in have and not need_cols:
+    if "selfheal_rules" in have and "improvements" in have and not need_cols:  # the newest of ours
         return
     with write_transaction(conn):
         if "improvements" not in have:
