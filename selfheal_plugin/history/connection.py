@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -162,6 +163,8 @@ CREATE TABLE IF NOT EXISTS selfheal_rules (  -- fix rules (history.rules)
     updated_at TEXT NOT NULL
 );
 """
+
+SELFHEAL_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SELFHEAL_SCHEMA))
 
 REQUIRED_TABLES = ("runs", "run_events")
 
@@ -458,7 +461,7 @@ def ensure_selfheal_schema(conn: sqlite3.Connection) -> None:
     have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     cols = table_columns(conn, "improvements") if "improvements" in have else []
     need_cols = [c for c in IMPROVEMENT_COLUMNS if c not in cols]
-    if "selfheal_rules" in have and "improvements" in have and not need_cols:  # the newest of ours
+    if have >= SELFHEAL_TABLES and "improvements" in have and not need_cols:
         return
     with write_transaction(conn):
         if "improvements" not in have:

@@ -29,7 +29,7 @@ from typing import Any
 import click
 
 from selfheal_plugin.errors import SelfHealError
-from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.connection import SELFHEAL_TABLES, connect
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.times import parse_since, parse_timestamp
 
@@ -394,7 +394,7 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
         conn.execute("COMMIT")
     if not cfg.append:
         # The generator's own index tables would not exist in a runtime's file: drop them.
-        for table in ("selfheal_errors", "selfheal_tool_hours", "selfheal_state"):
+        for table in SELFHEAL_TABLES:
             conn.execute(f"DROP TABLE IF EXISTS {table}")
     conn.close()
 
