@@ -18,7 +18,7 @@ import functools
 import random
 import sqlite3
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -28,50 +28,13 @@ from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.history.text import bounded
 from selfheal_plugin.history.times import format_timestamp, parse_since, utc_text
+from selfheal_plugin.plugins.pattern import Pattern
 
 SIZE_K = 2.0
 FREQUENCY_SATURATION = 0.02
 WEIGHTS = (0.35, 0.45, 0.20)
 MAX_CONTEXT_GROUPS = 300  # above this many distinct contexts, pairs are sampled (seeded)
 MAX_EXAMPLE_CHARS = 500  # what `show` gives of a template's example message (as templates)
-
-
-@dataclass
-class Pattern:
-    id: str
-    error_type: str
-    tool_name: str
-    occurrences: int
-    correlation_score: float
-    confidence: float
-    affected_runs: list[str]
-    first_seen: str
-    last_seen: str
-    failure_rate: float
-    suggested_fix: str | None = None
-    # "proposal" when suggested_fix is the stored open proposal's description (its id in
-    # improvement_id), "strategy" when it is the strategy's one-line suggestion
-    suggested_by: str | None = None
-    improvement_id: str | None = None
-    # what the failures are, read from the evidence (analysis.evidence): the runtime's label
-    # is one input; strategies follow the kind (see plugins.manager.resolve_strategy)
-    failure_kind: str | None = None
-    evidence: dict[str, Any] | None = field(default=None, repr=False)
-    # what detection knew, for strategies and `show`; not part of the JSON result
-    occurrences_detail: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-    def to_dict(self, detail: bool = False, runs_limit: int | None = None) -> dict[str, Any]:
-        """The JSON-ready fields (a shallow copy: no deep copy of the occurrences).
-
-        ``affected_run_count`` is the number of affected runs; ``runs_limit`` keeps only the
-        latest that many of them in ``affected_runs`` (oldest first), None keeps all."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "occurrences_detail"}
-        runs = self.affected_runs
-        d["affected_runs"] = list(runs[-runs_limit:] if runs_limit is not None and runs_limit > 0 else runs)
-        d["affected_run_count"] = len(runs)
-        if detail:
-            d["occurrences_detail"] = list(self.occurrences_detail)
-        return d
 
 
 def jaccard(a: frozenset[str], b: frozenset[str]) -> float:

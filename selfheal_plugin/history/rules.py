@@ -35,7 +35,7 @@ from typing import Any, Mapping
 
 from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.history import schema
-from selfheal_plugin.history.connection import load_json, write_transaction
+from selfheal_plugin.history.connection import load_json, server_of, write_transaction
 from selfheal_plugin.history.times import format_timestamp, utcnow
 
 SOURCES = ("learned", "verified", "imported")
@@ -98,12 +98,6 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
         else:
             raise RuleError(f"template change {i}: op must be set (with a value) or delete")
     return out
-
-
-def server_of(tool_name: str) -> str | None:
-    """``mcp__search__web_search`` -> ``search`` (None for a tool without a server part)."""
-    parts = tool_name.split("__")
-    return parts[1] if len(parts) >= 3 and parts[0] == "mcp" and parts[1] else None
 
 
 def template_from_changes(changes: list[Mapping[str, Any]], tool_name: str) -> list[dict[str, Any]] | None:

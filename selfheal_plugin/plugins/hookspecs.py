@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pluggy import HookimplMarker, HookspecMarker
 
 if TYPE_CHECKING:
-    from selfheal_plugin.analysis.patterns import Pattern
+    from selfheal_plugin.plugins.pattern import Pattern
     from selfheal_plugin.history.improvements import Improvement
     from selfheal_plugin.history.settings import Settings
     from selfheal_plugin.plugins.notification import Notification
@@ -87,7 +87,7 @@ def patterns_detected(patterns: list[Pattern], settings: Settings) -> None:
     least one pattern passed the thresholds. The built-in notification hook turns it
     into an inbox entry when ``notify_patterns`` is on.
 
-    :param patterns: the :class:`selfheal_plugin.analysis.patterns.Pattern` objects found.
+    :param patterns: the :class:`selfheal_plugin.plugins.pattern.Pattern` objects found.
     :param settings: the :class:`selfheal_plugin.history.settings.Settings` in force.
     :returns: nothing; not firstresult, every implementation is called and return values are ignored.
     """

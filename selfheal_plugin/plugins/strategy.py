@@ -18,7 +18,7 @@ Config keys written by the built-in strategies (and read by ``ToolPolicy``)::
     [tools."NAME".circuit_breaker]  failure_threshold, timeout_duration_sec, half_open_requests
     [servers."NAME"]  health_check, auto_restart
 
-What a strategy receives, ``pattern`` (:class:`selfheal_plugin.analysis.patterns.Pattern`)::
+What a strategy receives, ``pattern`` (:class:`selfheal_plugin.plugins.pattern.Pattern`)::
 
     id                 "error_type:tool_name", e.g. "timeout:mcp__k8s__pods_list"
     error_type         normalised type ("timeout", "Unknown" when the runtime gave none)
@@ -79,7 +79,7 @@ from selfheal_plugin.history.errorindex import wellformed_sql
 from selfheal_plugin.history.text import Undecodable
 
 if TYPE_CHECKING:
-    from selfheal_plugin.analysis.patterns import Pattern
+    from selfheal_plugin.plugins.pattern import Pattern
     from selfheal_plugin.history.settings import Settings
 
 # What a failure is, read from its evidence (selfheal_plugin.analysis.evidence); a strategy
