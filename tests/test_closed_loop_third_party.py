@@ -232,6 +232,11 @@ def test_with_the_fix_in_force_the_server_is_not_asked_about_gone_paths_and_veri
     pattern = m["pattern"]
     assert pattern["after_errors"] == len(after["preflight_errors"])
     assert pattern["before_errors"] == len(loop["before"]["server_errors"])
+    # ... and verify counts them apart: none reached the server, as the proposal claimed
+    assert (pattern["before_refused"], pattern["after_refused"]) == (0, len(after["preflight_errors"]))
+    assert pattern["reached_reduction"] == 1.0
+    assert "refused before the call (100% fewer reached the tool)" in v["actual_impact"]
+    assert v["comparison"] == "as expected"
 
 
 def test_a_missing_server_fails_where_ci_expects_it_and_is_skipped_elsewhere(tmp_path, monkeypatch):

@@ -237,6 +237,14 @@ def server_of(tool: str) -> str | None:
     return None
 
 
+# How ToolPolicy's own refusals begin: a call it stopped before it reached the tool (a failed
+# preflight check, an open circuit breaker). Still failed calls of the tool in the history,
+# with the runtime's label; verification counts them apart (the fix working, not the fault).
+PREFLIGHT_REFUSAL = "Preflight check "
+BREAKER_REFUSAL = "Circuit breaker open for "
+REFUSAL_PREFIXES = (PREFLIGHT_REFUSAL, BREAKER_REFUSAL)
+
+
 def classify_error(message: str) -> str:
     """The runtime's own label for a failed call's message (first match wins)."""
     low = (message or "").lower()

@@ -47,7 +47,7 @@ from typing import Any
 
 from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
-from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.history.connection import REFUSAL_PREFIXES, normalize_error_type
 from selfheal_plugin.history.errorindex import wellformed_sql
 from selfheal_plugin.history.text import Undecodable
 from selfheal_plugin.history.improvements import ImprovementStore
@@ -72,6 +72,7 @@ class Call:
     ok: bool
     duration_ms: float | None
     error_type: str | None
+    refused: bool = False  # ToolPolicy stopped it before it reached the tool (REFUSAL_PREFIXES)
 
 
 @dataclass
@@ -116,17 +117,20 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
         prefilter = " AND (" + " OR ".join(["instr(e.event_data, 'true') > 0"]
                                            + ["instr(e.event_data, ?) > 0"] * len(tools)) + ")"
         params += list(tools)
+    refused_sql = " OR ".join(["substr(json_extract(e.event_data, '$.result'), 1, ?) = ?"] * len(REFUSAL_PREFIXES))
     # malformed rows are skipped by the rules of the error index (errorindex.wellformed_sql)
     sql = f"""
     SELECT e.run_id, e.id, json_extract(e.event_data, '$.name'), json_extract(e.event_data, '$.is_error'),
            json_extract(e.event_data, '$.duration'), json_extract(e.event_data, '$.error_type'),
-           CASE WHEN json_extract(e.event_data, '$.is_error') = 1 THEN e.event_data END
+           CASE WHEN json_extract(e.event_data, '$.is_error') = 1 THEN e.event_data END,
+           json_extract(e.event_data, '$.is_error') = 1 AND ({refused_sql})
     FROM runs r JOIN run_events e ON e.run_id = r.id
     WHERE r.status IN ('completed', 'failed') AND julianday(r.started_at) >= ? AND julianday(r.started_at) < ?
       AND e.event_type = 'tool_complete'{prefilter} AND {wellformed_sql('e.event_data')}
     """
+    params = [a for p in REFUSAL_PREFIXES for a in (len(p), p)] + params  # the SELECT's, then the WHERE's
     wanted = set(tools) if tools is not None else None
-    for run_id, eid, name, is_error, duration, etype, failed_text in conn.execute(sql, params):
+    for run_id, eid, name, is_error, duration, etype, failed_text, refused in conn.execute(sql, params):
         run = runs.get(run_id)
         if (run is None or not isinstance(name, str) or not name or isinstance(name, Undecodable)
                 or isinstance(failed_text, Undecodable)):
@@ -135,7 +139,7 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
         if ok and wanted is not None and name not in wanted:
             continue
         dur = float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None
-        run.calls.append(Call(eid, name, ok, dur, None if ok else normalize_error_type(etype)))
+        run.calls.append(Call(eid, name, ok, dur, None if ok else normalize_error_type(etype), bool(refused)))
     for run in runs.values():
         run.calls.sort(key=lambda c: c.event_id)
     return list(runs.values())

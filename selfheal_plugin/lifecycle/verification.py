@@ -60,9 +60,10 @@ def _fisher(a: int, b: int, c: int, d: int) -> float | None:
     return float(stats.fisher_exact([[a, b], [c, d]])[1])
 
 
-def _pattern_counts(runs: list[ReplayRun], error_type: str, tool: str) -> tuple[int, int, int]:
-    """(calls of the tool, failures with the signature, runs with such a failure)."""
-    calls = errors = runs_hit = 0
+def _pattern_counts(runs: list[ReplayRun], error_type: str, tool: str) -> tuple[int, int, int, int]:
+    """(calls of the tool, failures with the signature, runs with such a failure, those of
+    the failures that ToolPolicy refused before the call)."""
+    calls = errors = runs_hit = refused = 0
     for r in runs:
         hit = False
         for c in r.calls:
@@ -71,9 +72,10 @@ def _pattern_counts(runs: list[ReplayRun], error_type: str, tool: str) -> tuple[
             calls += 1
             if not c.ok and normalize_error_type(c.error_type) == error_type:
                 errors += 1
+                refused += c.refused
                 hit = True
         runs_hit += hit
-    return calls, errors, runs_hit
+    return calls, errors, runs_hit, refused
 
 
 _NUMBER = re.compile(r"([+-]?\d+(?:\.\d+)?)\s*(?:-\s*(\d+(?:\.\d+)?))?\s*%")
@@ -179,21 +181,27 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
 
     pattern: dict[str, Any] | None = None
     reduction = None
+    reached_reduction = None  # of the failures that reached the tool (refusals left out)
     p_pattern = None
     if imp.pattern_id:
         etype = split_pattern_id(imp.pattern_id)[0] if tool else None
         if etype and tool:
-            calls_b, err_b, runs_hit_b = _pattern_counts(before, etype, tool)
-            calls_a, err_a, runs_hit_a = _pattern_counts(after, etype, tool)
+            calls_b, err_b, runs_hit_b, refused_b = _pattern_counts(before, etype, tool)
+            calls_a, err_a, runs_hit_a, refused_a = _pattern_counts(after, etype, tool)
             rate_b, rate_a = _rate(err_b, calls_b), _rate(err_a, calls_a)
             if calls_b and calls_a:
                 p_pattern = _fisher(err_b, calls_b - err_b, err_a, calls_a - err_a)
             if rate_b and rate_a is not None:
                 reduction = (rate_b - rate_a) / rate_b
+            reached_b, reached_a = _rate(err_b - refused_b, calls_b), _rate(err_a - refused_a, calls_a)
+            if reached_b and reached_a is not None:
+                reached_reduction = (reached_b - reached_a) / reached_b
             pattern = {"pattern_id": imp.pattern_id, "error_type": etype, "tool_name": tool,
                        "before_error_rate": rate_b, "after_error_rate": rate_a,
                        "before_errors": err_b, "after_errors": err_a, "before_calls": calls_b, "after_calls": calls_a,
                        "before_runs_affected": runs_hit_b, "after_runs_affected": runs_hit_a,
+                       "before_refused": refused_b, "after_refused": refused_a,
+                       "reached_reduction": None if reached_reduction is None else round(reached_reduction, 4),
                        "p_value": None if p_pattern is None else round(p_pattern, 6),
                        "reduction": None if reduction is None else round(reduction, 4)}
 
@@ -229,6 +237,9 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
     if pattern is not None and reduction is not None:
         word = "reduction" if reduction >= 0 else "increase"
         parts.insert(0, f"{abs(reduction) * 100:.0f}% {word} in {pattern['error_type']} errors")
+        if pattern["after_refused"] and reached_reduction is not None:
+            parts.insert(1, f"{pattern['after_refused']} refused before the call "
+                            f"({reached_reduction * 100:.0f}% fewer reached the tool)")
     elif pattern is not None and pattern["before_error_rate"] == 0 and pattern["after_errors"]:
         parts.insert(0, f"new {pattern['error_type']} errors ({pattern['after_errors']} after, none before)")
     # Against the simulation's prediction intervals when `test` made them; else against the
@@ -237,7 +248,11 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
                                          None if pattern is None else pattern["after_error_rate"],
                                          0 if pattern is None else pattern["after_calls"])
     if comparison is None:
-        comparison = compare_with_expected(imp.expected_impact, success_delta, reduction)
+        # a refusal by the policy is the fix at work (a preflight stops the call it targets):
+        # the claim is about the failures that reach the tool
+        refusing = pattern is not None and pattern["after_refused"] > 0
+        comparison = compare_with_expected(imp.expected_impact, success_delta,
+                                           reached_reduction if refusing else reduction)
     actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
     if comparison:
         actual += f" ({comparison})"

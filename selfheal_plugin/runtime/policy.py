@@ -48,7 +48,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from selfheal_plugin.history.clock import Clock, wall_clock
 from selfheal_plugin.errors import ConfigError
 from selfheal_plugin.runtime.experiments import ARM_CANARY, Experiments, ShadowLog, canary_layers, parse_experiments, shadow_timeout
-from selfheal_plugin.history.connection import classify_error, server_of
+from selfheal_plugin.history.connection import BREAKER_REFUSAL, PREFLIGHT_REFUSAL, classify_error, server_of
 from selfheal_plugin.runtime.recorder import RecordedRun, RunRecorder, current_run
 from selfheal_plugin.history.settings import read_config
 from selfheal_plugin.runtime.toolconfig import (
@@ -504,12 +504,12 @@ class ToolPolicy:
             missing = self._missing_path(args)
             if missing is not None:
                 self._fail_fast(s, run, args, PreflightFailed(
-                    s.tool, f"Preflight check path_exists failed for {s.tool}: path not found: {missing}"))
+                    s.tool, f"{PREFLIGHT_REFUSAL}path_exists failed for {s.tool}: path not found: {missing}"))
         if s.circuit_breaker is not None:
             breaker = self._breakers.setdefault(s.tool, CircuitBreaker())
             reason = breaker.admit(s.circuit_breaker, self.clock())
             if reason:
-                self._fail_fast(s, run, args, CircuitOpen(s.tool, f"Circuit breaker open for {s.tool}: {reason}"))
+                self._fail_fast(s, run, args, CircuitOpen(s.tool, f"{BREAKER_REFUSAL}{s.tool}: {reason}"))
 
     def _missing_path(self, args: Mapping[str, Any]) -> str | None:
         for key, value in args.items():
