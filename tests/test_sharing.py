@@ -1,0 +1,289 @@
+"""Cross-project learning (lifecycle/sharing.py): fix packs between homes and sync through a git
+remote (a local bare repository over file://)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from selfheal_plugin.history.connection import connect, get_state, write_transaction
+from selfheal_plugin.history.rules import Rule, RuleStore, home_id, template_from_changes
+from selfheal_plugin.lifecycle import sharing
+from selfheal_plugin.lifecycle.sharing import PackError, SyncError
+from selfheal_plugin.service import SelfHeal
+
+SEARCH = "mcp__search__web_search"
+FILES = "mcp__files__read_file"
+
+
+def _home(tmp_path: Path, name: str) -> Path:
+    home = tmp_path / name
+    home.mkdir()
+    connect(home / "conversations.db", create=True).close()
+    return home
+
+
+def _open(home: Path) -> SelfHeal:
+    return SelfHeal(home, home / "conversations.db")
+
+
+def _rule(sh: SelfHeal, tool: str, key: str, value, reduction: float, when: str = "2026-11-01T00:00:00.000000Z"):
+    """A rule measured in this home (as learn/verify record them)."""
+    hid = home_id(sh.conn)
+    tmpl = template_from_changes([{"kind": "config", "file": "config.toml", "path": ["tools", tool, key],
+                                   "op": "set", "value": value}], tool)
+    ev = {f"{hid}:{tool}": {"source": "verified", "subject": tool, "home": hid, "before": 0.3, "after": 0.03,
+                            "n_before": 400, "n_after": 380, "reduction": reduction, "p_value": 1e-12,
+                            "worked": True, "measured_at": when}}
+    rule, _ = RuleStore(sh.conn).merge(Rule.build("slow_tail", tmpl, f"set {key} to {value}", ev, "timeout"))
+    return rule
+
+
+def _table(sh: SelfHeal) -> dict[str, dict]:
+    return {r.id: r.evidence for r in RuleStore(sh.conn).list()}
+
+
+# ------------------------------------------------------------------ packs
+
+
+def test_a_pack_round_trips_between_two_homes_and_importing_twice_changes_nothing(tmp_path):
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa, _open(b) as sb:
+        ra = _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+        rb = _rule(sb, FILES, "retry_attempts", 3, 0.6)
+        pack = sa.export_pack()
+        assert pack["format"] == "selfheal-fix-pack" and pack["version"] == 1 and pack["home"] == home_id(sa.conn)
+        assert [r["id"] for r in pack["rules"]] == [ra.id]
+        assert "enabled" not in pack["rules"][0] and str(a) not in json.dumps(pack)
+        first = sb.import_pack(json.dumps(pack))
+        assert [r["id"] for r in first["added"]] == [ra.id] and not first["updated"]
+        table = _table(sb)
+        assert set(table) == {ra.id, rb.id}
+        (origin, entry), = table[ra.id].items()
+        assert origin == f"{home_id(sa.conn)}:{SEARCH}" and entry["source"] == "imported"
+        assert entry["n_before"] == 400 and entry["reduction"] == 0.9
+        again = sb.import_pack(json.dumps(pack).encode())
+        assert not again["added"] and not again["updated"] and [r["id"] for r in again["unchanged"]] == [ra.id]
+        assert _table(sb) == table
+
+
+def test_a_newer_measurement_updates_an_imported_entry(tmp_path):
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa, _open(b) as sb:
+        _rule(sa, SEARCH, "timeout_ms", 90000, 0.5)
+        sb.import_pack(sa.export_pack())
+        rule = _rule(sa, SEARCH, "timeout_ms", 90000, 0.95, when="2026-11-20T00:00:00.000000Z")
+        r = sb.import_pack(sa.export_pack())
+        assert [x["id"] for x in r["updated"]] == [rule.id]
+        assert list(_table(sb)[rule.id].values())[0]["reduction"] == 0.95
+
+
+def test_evidence_a_pack_claims_for_this_home_never_overwrites_ours(tmp_path):
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa, _open(b) as sb:
+        rb = _rule(sb, SEARCH, "timeout_ms", 90000, 0.9)
+        ours = _table(sb)
+        forged = sb.export_pack()
+        forged["home"] = home_id(sa.conn)
+        (origin,) = forged["rules"][0]["evidence"]
+        forged["rules"][0]["evidence"][origin].update(reduction=0.0, worked=False,
+                                                      measured_at="2030-01-01T00:00:00.000000Z")
+        r = sb.import_pack(forged)
+        assert r["own_entries_ignored"] == 1 and not r["added"] and not r["updated"]
+        assert _table(sb) == ours and rb.id in ours
+
+
+def _pack_with(sh: SelfHeal, **change) -> dict:
+    pack = sh.export_pack()
+    pack.update(change)
+    return pack
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.update(version=2), "fix pack version 2 is newer than this selfheal reads (1); upgrade selfheal"),
+    (lambda p: p.update(format="other"), "not a selfheal fix pack"),
+    (lambda p: p["rules"][1]["template"][0].update(path=["tools", "{tool}", "command"], value="rm -rf ~"),
+     "is not a tool or server setting"),
+    (lambda p: p["rules"][1]["template"][0].update(path=["tools", "{tool}", "timeout_ms"], value=90000,
+                                                   file="/etc/passwd"), "must be a table of path, op and value"),
+    (lambda p: p["rules"][1]["template"][0].update(path=["..", "..", "etc", "passwd"]), "not a tool or server"),
+    (lambda p: p["rules"][1].update(id="rule-000000000000"), "does not match"),
+    (lambda p: p.update(home="../../etc"), "no valid home id"),
+    (lambda p: p["rules"].extend([p["rules"][0]] * sharing.MAX_RULES), "more than the"),
+])
+def test_a_bad_pack_is_refused_whole_and_changes_nothing(tmp_path, mutate, message):
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa, _open(b) as sb:
+        _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+        _rule(sa, FILES, "timeout_ms", 60000, 0.8)
+        pack = sa.export_pack()
+        mutate(pack)
+        with pytest.raises(PackError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+            sb.import_pack(json.dumps(pack))
+        assert "\n" not in str(err.value)
+        assert _table(sb) == {}  # the valid first rule was not merged either
+
+
+def test_an_oversized_or_non_json_pack_is_refused(tmp_path):
+    with _open(_home(tmp_path, "b")) as sb:
+        with pytest.raises(PackError, match="larger than"):
+            sb.import_pack(b" " * (sharing.MAX_PACK_BYTES + 1))
+        with pytest.raises(PackError, match="not JSON"):
+            sb.import_pack("{nope")
+        assert _table(sb) == {}
+
+
+def test_a_failure_half_way_through_the_merge_rolls_every_rule_back(tmp_path, monkeypatch):
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa, _open(b) as sb:
+        _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+        _rule(sa, FILES, "timeout_ms", 60000, 0.8)
+
+        class Broken:
+            @property
+            def id(self):
+                raise RuntimeError("disk full")
+        combine = sharing._combine
+        monkeypatch.setattr(sharing, "_combine", lambda rules: [*combine(rules), Broken()])
+        with pytest.raises(RuntimeError, match="disk full"):
+            sb.import_pack(sa.export_pack())
+        assert _table(sb) == {}  # the two rules merged before the failure were rolled back
+
+
+# ------------------------------------------------------------------ sync
+
+
+def _bare(tmp_path: Path) -> str:
+    remote = tmp_path / "team.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    return remote.as_uri()
+
+
+def _remote_packs(url: str, tmp_path: Path) -> list[str]:
+    out = subprocess.run(["git", "--git-dir", url[len("file://"):], "ls-tree", "--name-only", "main", "packs/"],
+                         capture_output=True, text=True, check=True).stdout
+    return sorted(out.split())
+
+
+@pytest.mark.parametrize("order", ["ab", "ba"])
+def test_two_homes_sync_through_a_bare_remote_and_both_end_with_both_rules(tmp_path, order):
+    url = _bare(tmp_path)
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa, _open(b) as sb:
+        ra = _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+        rb = _rule(sb, FILES, "retry_attempts", 3, 0.6)
+        shared = _rule(sa, FILES, "timeout_ms", 60000, 0.7)
+        _rule(sb, FILES, "timeout_ms", 60000, 0.5)  # the same fix measured in both homes
+        homes = {"a": sa, "b": sb}
+        first, second = homes[order[0]], homes[order[1]]
+        r1 = first.sync(url)
+        assert r1["pushed"] and r1["packs_read"] == []
+        r2 = second.sync(url)
+        assert r2["pushed"] and len(r2["packs_read"]) == 1 and r2["added"]
+        first.sync()  # the remembered remote
+        second.sync()
+        for sh in (sa, sb):
+            table = _table(sh)
+            assert set(table) == {ra.id, rb.id, shared.id}
+            assert len(table[shared.id]) == 2  # evidence of both homes, per origin
+            assert get_state(sh.conn, sharing.REMOTE_KEY) == url
+        assert _remote_packs(url, tmp_path) == sorted(f"packs/{home_id(s.conn)}.json" for s in (sa, sb))
+        before = (_table(sa), _table(sb))
+        again = sa.sync()
+        assert not again["pushed"] and not again["added"] and not again["updated"]
+        assert (_table(sa), _table(sb)) == before
+        clone = Path(again["clone"])
+        assert clone.parent == a / "selfheal" / "sync" and (clone / "HEAD").is_file()
+        assert not (clone / "packs").exists()  # bare: nothing from the remote is checked out
+
+
+def test_a_lost_push_race_fetches_and_retries_once(tmp_path, monkeypatch):
+    url = _bare(tmp_path)
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa, _open(b) as sb:
+        ra = _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+        _rule(sb, FILES, "retry_attempts", 3, 0.6)
+        sb.sync(url)
+        late = _rule(sb, FILES, "timeout_ms", 60000, 0.5)  # pushed by B while A's sync runs
+        raced = []
+
+        def other_home_pushes_first():
+            if not raced:
+                raced.append(sb.sync())
+        r = sharing.sync(sa.conn, sa.settings, url, sa.now(), before_push=other_home_pushes_first)
+        assert r["attempts"] == 2 and r["pushed"] and raced[0]["pushed"]
+        assert late.id in _table(sa)  # read on A's second attempt
+        assert set(_table(sa)) == set(_table(sb)) | {ra.id}
+
+
+def test_a_remote_that_refuses_the_push_changes_nothing(tmp_path):
+    url = _bare(tmp_path)
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa, _open(b) as sb:
+        _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+        _rule(sb, FILES, "retry_attempts", 3, 0.6)
+        sa.sync(url)
+        hook = Path(url[len("file://"):]) / "hooks" / "pre-receive"
+        hook.write_text("#!/bin/sh\necho 'read-only mirror' >&2\nexit 1\n")
+        hook.chmod(0o755)
+        before = _table(sb)
+        with pytest.raises(SyncError, match="pushing to .* failed") as err:
+            sb.sync(url)
+        assert "\n" not in str(err.value)
+        assert _table(sb) == before and get_state(sb.conn, sharing.REMOTE_KEY) is None
+        assert not sharing.clone_dir(b, url).exists()  # a first sync that failed leaves no clone
+
+
+def test_a_missing_remote_changes_nothing(tmp_path):
+    with _open(_home(tmp_path, "b")) as sb:
+        _rule(sb, FILES, "retry_attempts", 3, 0.6)
+        before = _table(sb)
+        url = (tmp_path / "nowhere.git").as_uri()
+        with pytest.raises(SyncError, match="fetching .* failed"):
+            sb.sync(url)
+        assert _table(sb) == before and get_state(sb.conn, sharing.REMOTE_KEY) is None
+        with pytest.raises(SyncError, match="no sync remote yet"):
+            sb.sync()
+
+
+@pytest.mark.parametrize("url", [
+    "ext::sh -c touch% /tmp/pwned", "fd::3", "-uhelp", "ftp://example.com/x.git", "ssh://-oProxyCommand=x/y",
+    "relative/path", "file:///x y", "transport::whatever",
+])
+def test_dangerous_remotes_are_refused(tmp_path, url):
+    with _open(_home(tmp_path, "b")) as sb:
+        with pytest.raises(SyncError, match="refusing remote|one URL"):
+            sb.sync(url)
+        assert not (tmp_path / "b" / "selfheal" / "sync").exists()
+
+
+def test_a_remembered_remote_needs_its_clone_here(tmp_path):
+    url = _bare(tmp_path)
+    with _open(_home(tmp_path, "b")) as sb:
+        with write_transaction(sb.conn):  # a row someone else wrote into the history file
+            sb.conn.execute("INSERT INTO selfheal_state (key, value) VALUES (?, ?)", (sharing.REMOTE_KEY, url))
+        with pytest.raises(SyncError, match="has no clone in this home"):
+            sb.sync()
+        assert not sharing.clone_dir(tmp_path / "b", url).exists()
+
+
+def test_a_pack_on_the_remote_that_is_a_symlink_or_junk_is_not_read(tmp_path):
+    url = _bare(tmp_path)
+    work = tmp_path / "evil"
+    subprocess.run(["git", "clone", "-q", url, str(work)], check=True, capture_output=True)
+    (work / "packs").mkdir()
+    (work / "packs" / "link.json").symlink_to("/etc/passwd")
+    (work / "packs" / "junk.json").write_text("not json")
+    env = {"GIT_AUTHOR_NAME": "x", "GIT_AUTHOR_EMAIL": "x@x", "GIT_COMMITTER_NAME": "x", "GIT_COMMITTER_EMAIL": "x@x"}
+    subprocess.run(["git", "-C", str(work), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(work), "commit", "-qm", "evil"], check=True, env={**os.environ, **env})
+    subprocess.run(["git", "-C", str(work), "push", "-q", "origin", "HEAD:main"], check=True, capture_output=True)
+    with _open(_home(tmp_path, "b")) as sb:
+        rb = _rule(sb, FILES, "retry_attempts", 3, 0.6)
+        r = sb.sync(url)
+        assert r["pushed"] and r["packs_read"] == []
+        assert [x["pack"] for x in r["packs_refused"]] == ["junk.json"]
+        assert set(_table(sb)) == {rb.id}
