@@ -287,3 +287,104 @@ def test_a_pack_on_the_remote_that_is_a_symlink_or_junk_is_not_read(tmp_path):
         assert r["pushed"] and r["packs_read"] == []
         assert [x["pack"] for x in r["packs_refused"]] == ["junk.json"]
         assert set(_table(sb)) == {rb.id}
+
+
+# ------------------------------------------------------------------ shells
+
+
+def _cli(*args: str, input: bytes | None = None):
+    from click.testing import CliRunner
+
+    from selfheal_plugin.cli.main import agent
+
+    return CliRunner().invoke(agent, ["self-heal", *args], input=input)
+
+
+def test_the_cli_exports_imports_and_syncs_with_one_line_errors(tmp_path):
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa:
+        ra = _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+    out = tmp_path / "pack.json"
+    r = _cli("export", "--home", str(a), "-o", str(out))
+    assert r.exit_code == 0 and "Wrote 1 rule(s)" in r.output
+    stdout = _cli("export", "--home", str(a))
+    assert json.loads(stdout.output)["rules"] == json.loads(out.read_text())["rules"]
+    r = _cli("import", str(out), "--home", str(b), "--json")
+    assert r.exit_code == 0 and [x["id"] for x in json.loads(r.output)["added"]] == [ra.id]
+    r = _cli("import", "-", "--home", str(b), input=out.read_bytes())
+    assert r.exit_code == 0 and "0 added, 0 updated, 1 unchanged" in r.output
+    newer = json.loads(out.read_text()) | {"version": 2}
+    bad = {"missing": (["import", str(tmp_path / "nope.json")], None, "cannot read"),
+           "not json": (["import", "-"], b"{", "is not JSON"),
+           "format": (["import", "-"], b'{"format": "x"}', "not a selfheal fix pack"),
+           "newer": (["import", "-"], json.dumps(newer).encode(), "fix pack version 2 is newer"),
+           "remote": (["sync", "--remote", str((tmp_path / "none.git").as_uri())], None, "failed"),
+           "no remote": (["sync"], None, "no sync remote yet"),
+           "ext": (["sync", "--remote", "ext::sh"], None, "refusing remote")}
+    with _open(b) as sb:
+        before = _table(sb)
+    for name, (args, stdin, message) in bad.items():
+        r = _cli(*args, "--home", str(b), input=stdin)
+        assert r.exit_code == 1, (name, r.output)
+        assert message in r.output and r.output.count("\n") == 1 and "Traceback" not in r.output, name
+    with _open(b) as sb:
+        assert _table(sb) == before
+    url = _bare(tmp_path)
+    r = _cli("sync", "--remote", url, "--home", str(b))
+    assert r.exit_code == 0 and "pushed our pack" in r.output, r.output
+    r = _cli("sync", "--home", str(b), "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["remote"] == url
+
+
+def test_pack_text_is_escaped_when_the_cli_shows_it(tmp_path):
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa:
+        tool = SEARCH
+        tmpl = template_from_changes([{"kind": "config", "file": "config.toml", "path": ["tools", tool, "timeout_ms"],
+                                       "op": "set", "value": 1}], tool)
+        ev = {"zz:x": {"source": "learned", "worked": True, "measured_at": "2026-11-01T00:00:00Z"}}
+        RuleStore(sa.conn).merge(Rule.build("slow_tail", tmpl, "raise \x1b[31mred\x1b[0m it", ev))
+    pack = _cli("export", "--home", str(a)).output
+    r = _cli("import", "-", "--home", str(b), input=pack.encode())
+    assert r.exit_code == 0 and "\x1b" not in r.output and "\\x1b[31mred" in r.output
+
+
+def test_mcp_tools_share_packs_and_read_only_serves_export_only(tmp_path):
+    import anyio
+    from mcp import Client
+
+    from selfheal_plugin.mcp.access import restrict_to_read_only
+    from selfheal_plugin.mcp.server import build_server
+
+    from .mcp_helpers import error_text, structured
+
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa:
+        ra = _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+
+    async def calls(server, *items):
+        async with Client(server) as client:
+            return [await client.call_tool(name, args) for name, args in items]
+
+    async def tools(server):
+        async with Client(server) as client:
+            return {t.name: t for t in (await client.list_tools()).tools}
+
+    listed = anyio.run(tools, build_server(a))
+    assert listed["export_fix_pack"].annotations.read_only_hint is True
+    assert listed["import_fix_pack"].annotations.read_only_hint is False
+    assert listed["sync_fix_packs"].input_schema.get("properties", {}) == {}  # a client cannot pick a remote
+    (pack,) = anyio.run(calls, build_server(a, a / "conversations.db"), ("export_fix_pack", {}))
+    pack = structured(pack)
+    imported, again, newer, sync = anyio.run(
+        calls, build_server(b, b / "conversations.db"), ("import_fix_pack", {"pack": json.dumps(pack)}),
+        ("import_fix_pack", {"pack": pack}), ("import_fix_pack", {"pack": {**pack, "version": 9}}),
+        ("sync_fix_packs", {}))
+    assert [x["id"] for x in structured(imported)["added"]] == [ra.id]
+    assert not structured(again)["added"] and not structured(again)["updated"]
+    assert error_text(newer).endswith(": fix pack version 9 is newer than this selfheal reads (1); upgrade selfheal")
+    assert "no sync remote yet" in error_text(sync)
+    ro = build_server(b, b / "conversations.db")
+    restrict_to_read_only(ro)
+    assert {"export_fix_pack"} <= set(anyio.run(tools, ro)) and not {"import_fix_pack", "sync_fix_packs"} & set(
+        anyio.run(tools, ro))
