@@ -230,7 +230,7 @@ def test_a_remote_that_refuses_the_push_changes_nothing(tmp_path):
         hook.write_text("#!/bin/sh\necho 'read-only mirror' >&2\nexit 1\n")
         hook.chmod(0o755)
         before = _table(sb)
-        with pytest.raises(SyncError, match="pushing to .* failed") as err:
+        with pytest.raises(SyncError, match="refused our push: .*pre-receive hook declined.*nothing was changed") as err:
             sb.sync(url)
         assert "\n" not in str(err.value)
         assert _table(sb) == before and get_state(sb.conn, sharing.REMOTE_KEY) is None
@@ -388,3 +388,16 @@ def test_mcp_tools_share_packs_and_read_only_serves_export_only(tmp_path):
     restrict_to_read_only(ro)
     assert {"export_fix_pack"} <= set(anyio.run(tools, ro)) and not {"import_fix_pack", "sync_fix_packs"} & set(
         anyio.run(tools, ro))
+
+
+def test_a_sync_reads_a_bounded_number_of_packs(tmp_path, monkeypatch):
+    url = _bare(tmp_path)
+    homes = [_home(tmp_path, n) for n in ("a", "b", "c")]
+    for h in homes[:2]:
+        with _open(h) as sh:
+            _rule(sh, SEARCH, "timeout_ms", 90000, 0.9)
+            sh.sync(url)
+    monkeypatch.setattr(sharing, "MAX_PACKS", 1)
+    with _open(homes[2]) as sc:
+        r = sc.sync(url)
+        assert len(r["packs_read"]) == 1 and "over the limit" in r["packs_refused"][0]["reason"]

@@ -56,6 +56,8 @@ FORMAT = "selfheal-fix-pack"
 VERSION = 1
 MAX_PACK_BYTES = 4 * 1024 * 1024
 MAX_RULES = 2000
+MAX_PACKS = 500  # other homes' packs read per sync
+MAX_TOTAL_BYTES = 64 * 1024 * 1024  # and their total size
 HOME_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 BRANCH = "main"
 PACKS_DIR = "packs"
@@ -282,29 +284,36 @@ class _Clone:
 
     def fetch(self) -> str | None:
         """Fetch the remote; the fetched ``main`` commit (None for a remote without one yet)."""
-        self.run("fetch", "--prune", "--no-tags", "--no-recurse-submodules", "origin",
-                 "+refs/heads/*:refs/remotes/origin/*", timeout=NETWORK_TIMEOUT_S,
-                 what=f"fetching {bounded(self.url, 120)}")
+        try:
+            self.run("fetch", "--prune", "--no-tags", "--no-recurse-submodules", "origin",
+                     "+refs/heads/*:refs/remotes/origin/*", timeout=NETWORK_TIMEOUT_S,
+                     what=f"fetching {bounded(self.url, 120)}")
+        except SyncError as exc:
+            raise SyncError(f"{exc}; nothing was changed") from None
         ref = f"refs/remotes/origin/{BRANCH}"
         return self.run("rev-parse", ref).strip() if self.has_ref(ref) else None
 
-    def packs(self, commit: str | None, own: str) -> list[tuple[str, bytes | str]]:
+    def packs(self, commit: str | None, own: str) -> list[tuple[str, bytes | str | None]]:
         """(file name, content) of every other home's pack in the commit's ``packs/`` folder:
         regular files only (no symlink, no subfolder), each read from git's objects."""
         if commit is None:
             return []
-        out = []
-        listing = self.run("ls-tree", "-z", commit, "--", f"{PACKS_DIR}/")
+        out: list[tuple[str, bytes | str | None]] = []
+        total = 0
+        listing = self.run("ls-tree", "-z", "-l", commit, "--", f"{PACKS_DIR}/")
         for entry in filter(None, listing.split("\0")):
             meta, _, path = entry.partition("\t")
-            mode, kind, sha = meta.split()
+            mode, kind, sha, size = meta.split()
             name = path[len(PACKS_DIR) + 1:]
             if kind != "blob" or mode != "100644" or not name.endswith(".json") or name == f"{own}.json":
                 continue
-            size = int(self.run("cat-file", "-s", sha).strip())
-            if size > MAX_PACK_BYTES:
+            if len(out) >= MAX_PACKS or total + int(size) > MAX_TOTAL_BYTES:
+                out.append((name, None))
+                continue
+            if int(size) > MAX_PACK_BYTES:
                 out.append((name, b"x" * (MAX_PACK_BYTES + 1)))
                 continue
+            total += int(size)
             out.append((name, self.run("cat-file", "blob", sha, stdout_as_string=False, strip_newline_in_stdout=False)))
         return out
 
@@ -350,7 +359,12 @@ class _Clone:
             text = str(getattr(cause, "stdout", "") or "") + str(getattr(cause, "stderr", "") or "")
             if "non-fast-forward" in text or "fetch first" in text or "stale info" in text:
                 return False, "non-fast-forward"
-            raise
+            refused = [line.split("\t")[-1].strip() for line in str(getattr(cause, "stdout", "") or "").splitlines()
+                       if line.startswith("!")]
+            if refused:  # --porcelain: "!<TAB>src:dst<TAB>[remote rejected] (pre-receive hook declined)"
+                raise SyncError(f"{bounded(self.url, 120)} refused our push: {bounded(refused[0], 200)}; "
+                                "nothing was changed") from None
+            raise SyncError(f"{exc}; nothing was changed") from None
 
 
 def open_clone(home: Path, url: str) -> tuple[_Clone, bool]:
@@ -427,6 +441,10 @@ def _sync_locked(conn: sqlite3.Connection, settings: Settings, url: str, own: st
             head = clone.fetch()
             foreign, read, refused, dropped = [], [], [], 0
             for name, content in clone.packs(head, own):
+                if content is None:
+                    refused.append({"pack": bounded(name, 80), "reason": f"over the limit of {MAX_PACKS} packs or "
+                                    f"{MAX_TOTAL_BYTES // (1024 * 1024)} MiB read per sync"})
+                    continue
                 try:
                     _, rules = parse_pack(content, f"{PACKS_DIR}/{name}")
                 except PackError as exc:
