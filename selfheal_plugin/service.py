@@ -311,3 +311,8 @@ class SelfHeal:
         """Share packs through a git remote (the remembered one without ``remote``): fetch, read
         the other homes' packs, push ours, then merge theirs; a refusal changes nothing."""
         return sharing.sync(self.conn, self.settings, remote, self.now())  # type: ignore[return-value]
+
+    def sync_remembered(self) -> SyncResult | None:
+        """:meth:`sync` with the remembered remote when one is set, else nothing (the daemon's
+        scheduled sync)."""
+        return sharing.sync_remembered(self.conn, self.settings, self.now())  # type: ignore[return-value]

@@ -401,3 +401,38 @@ def test_a_sync_reads_a_bounded_number_of_packs(tmp_path, monkeypatch):
     with _open(homes[2]) as sc:
         r = sc.sync(url)
         assert len(r["packs_read"]) == 1 and "over the limit" in r["packs_refused"][0]["reason"]
+
+
+def test_the_daemon_syncs_on_its_schedule_only_when_a_remote_is_set(tmp_path):
+    from selfheal_plugin.daemon.loop import Daemon
+    from selfheal_plugin.history.settings import load_settings
+
+    url = _bare(tmp_path)
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa:
+        ra = _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+        sa.sync(url)
+    daemon = Daemon(load_settings(b, b / "conversations.db"))
+    try:
+        report = daemon.tick()
+        assert report.synced == [] and report.errors == []  # no remote set: nothing shared
+        with _open(b) as sb:
+            sb.sync(url)
+            _rule(sb, FILES, "retry_attempts", 3, 0.6)
+        with _open(a) as sa:
+            _rule(sa, FILES, "timeout_ms", 60000, 0.7)
+            sa.sync()
+        report = daemon.tick()
+        assert report.errors == [] and report.synced[0]["remote"] == url and report.synced[0]["added"] == 1
+        assert "1 fix pack sync(s)" in report.summary()
+        hook = Path(url[len("file://"):]) / "hooks" / "pre-receive"
+        hook.write_text("#!/bin/sh\nexit 1\n")
+        hook.chmod(0o755)
+        with _open(b) as sb:
+            _rule(sb, SEARCH, "retry_attempts", 2, 0.5)
+        report = daemon.tick()
+        assert report.synced == [] and len(report.errors) == 1 and report.errors[0].startswith("sync: ")
+    finally:
+        daemon.close()
+    with _open(b) as sb:
+        assert ra.id in _table(sb)

@@ -506,3 +506,10 @@ def _same_rules(previous: bytes, content: bytes) -> bool:
     except (ValueError, AttributeError):
         return False
 
+
+
+def sync_remembered(conn: sqlite3.Connection, settings: Settings, now: datetime) -> dict[str, Any] | None:
+    """The daemon's sync: with the remembered remote when a person set one (None when not)."""
+    if not get_state(conn, REMOTE_KEY):
+        return None
+    return sync(conn, settings, None, now)
