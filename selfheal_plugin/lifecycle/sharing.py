@@ -120,6 +120,13 @@ def export_pack(conn: sqlite3.Connection, now: datetime) -> tuple[dict[str, Any]
 
 def parse_pack(data: bytes | str | dict[str, Any], where: str = "the pack") -> tuple[str, list[Rule]]:
     """The pack's home id and its validated rules, or :class:`PackError` (one line)."""
+    if isinstance(data, dict):
+        try:
+            size = len(json.dumps(data))
+        except (TypeError, ValueError):
+            raise PackError(f"{where} is not JSON data") from None
+        if size > MAX_PACK_BYTES:
+            raise PackError(f"{where} is larger than {MAX_PACK_BYTES // (1024 * 1024)} MiB; refusing it")
     if isinstance(data, (bytes, str)):
         if len(data) > MAX_PACK_BYTES:
             raise PackError(f"{where} is larger than {MAX_PACK_BYTES // (1024 * 1024)} MiB; refusing it")
@@ -234,6 +241,9 @@ def check_remote(url: Any) -> str:
                             f"{', '.join(ALLOWED_PROTOCOLS)}")
         if host.rsplit("@", 1)[-1].startswith("-"):
             raise SyncError(f"refusing remote {bounded(url, 80)!r}: a host name cannot start with '-'")
+        if "@" in host and ":" in host.rsplit("@", 1)[0]:
+            raise SyncError("refusing a remote URL with a password in it (it would be stored in the history "
+                            "database and shown in every report); use git's credential helper or ssh keys")
         return url
     if url.startswith("/"):
         return url
