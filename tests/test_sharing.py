@@ -438,3 +438,31 @@ def test_the_daemon_syncs_on_its_schedule_only_when_a_remote_is_set(tmp_path):
         daemon.close()
     with _open(b) as sb:
         assert ra.id in _table(sb)
+
+
+def test_a_rule_without_evidence_is_shared_too(tmp_path):
+    url = _bare(tmp_path)
+    homes = [_home(tmp_path, n) for n in ("a", "b", "c")]
+    ids = set()
+    for i, h in enumerate(homes):
+        with _open(h) as sh:
+            tmpl = [{"path": ["tools", "{tool}", "timeout_ms"], "op": "set", "value": 5000 + i}]
+            ids.add(RuleStore(sh.conn).merge(Rule.build("slow_tail", tmpl, "a rule nobody measured yet", {}))[0].id)
+    for _ in range(2):
+        for h in homes:
+            with _open(h) as sh:
+                sh.sync(url)
+    for h in homes:
+        with _open(h) as sh:
+            assert set(_table(sh)) == ids
+
+
+def test_an_export_stays_importable_when_a_home_has_more_rules_than_a_pack_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(sharing, "MAX_RULES", 2)
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa, _open(b) as sb:
+        for i in range(3):
+            _rule(sa, SEARCH, "timeout_ms", 1000 + i, 0.5)
+        pack, skipped = sharing.export_pack(sa.conn, sa.now())
+        assert len(pack["rules"]) == 2 and skipped == 1
+        assert len(sb.import_pack(pack)["added"]) == 2

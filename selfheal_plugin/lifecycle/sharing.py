@@ -107,7 +107,8 @@ def build_pack(home: str, rules: list[Rule], now: datetime) -> dict[str, Any]:
 
 
 def export_pack(conn: sqlite3.Connection, now: datetime) -> tuple[dict[str, Any], int]:
-    """This home's pack and the number of stored rules left out because they no longer validate."""
+    """This home's pack and the number of stored rules left out: rows that no longer validate, and
+    beyond :data:`MAX_RULES` those measured in the fewest places."""
     rules, skipped = [], 0
     for stored in RuleStore(conn).list():
         rule = _rebuilt(stored)
@@ -115,6 +116,10 @@ def export_pack(conn: sqlite3.Connection, now: datetime) -> tuple[dict[str, Any]
             skipped += 1
             continue
         rules.append(rule)
+    if len(rules) > MAX_RULES:  # a pack others can read: the rules measured in the most places first
+        rules.sort(key=lambda r: (-r.places, r.id))
+        skipped += len(rules) - MAX_RULES
+        rules = rules[:MAX_RULES]
     return build_pack(own_home_id(conn), rules, now), skipped
 
 
@@ -176,7 +181,7 @@ def _foreign(rules: list[Rule], own: str) -> tuple[list[Rule], int]:
                 dropped += 1
                 continue
             evidence[origin] = {**entry, "source": "imported"}
-        if evidence:
+        if evidence or not rule.evidence:  # a rule whose only evidence is ours brings nothing new
             out.append(Rule(id=rule.id, failure_kind=rule.failure_kind, description=rule.description,
                             template=rule.template, evidence=evidence, error_type=rule.error_type))
     return out, dropped
