@@ -272,6 +272,27 @@ def _env() -> dict[str, str]:
     return env
 
 
+_BOILERPLATE = ("Please make sure you have the correct access rights", "and the repository exists",
+                "hint:", "To ", "Done")
+
+
+def _reason(exc: Any) -> str:
+    """git's reason on one line: its first two meaningful stderr lines (``ssh: Could not resolve
+    hostname x`` before ``fatal: Could not read from remote repository.``), without boilerplate."""
+    text = str(exc.stderr or "").strip()
+    if text.startswith("stderr:"):
+        text = text[len("stderr:"):].strip().strip("'")
+    lines = []
+    for line in (ln.strip() for ln in text.splitlines()):
+        if not line or line.startswith(_BOILERPLATE) or line.startswith("warning:"):
+            continue
+        for prefix in ("fatal:", "error:"):
+            if line.startswith(prefix):
+                line = line[len(prefix):].strip()
+        lines.append(line)
+    return "; ".join(lines[:2]) if lines else git_reason(exc)
+
+
 class _Clone:
     """The bare local copy of the remote; git commands with our identity and protocol limits."""
 
@@ -287,8 +308,7 @@ class _Clone:
                  "-c", "protocol.ext.allow=never", *args],
                 env={**_env(), **(env or {})}, kill_after_timeout=timeout, **kw)
         except git.GitCommandError as exc:
-            reason = git_reason(exc)
-            raise SyncError(f"{what or 'git ' + args[0]} failed: {bounded(reason, 200)}") from exc
+            raise SyncError(f"{what or 'git ' + args[0]} failed: {bounded(_reason(exc), 240)}") from exc
 
     def has_ref(self, ref: str) -> bool:
         try:
@@ -372,7 +392,7 @@ class _Clone:
         except SyncError as exc:
             cause = exc.__cause__
             text = str(getattr(cause, "stdout", "") or "") + str(getattr(cause, "stderr", "") or "")
-            if "non-fast-forward" in text or "fetch first" in text or "stale info" in text:
+            if any(k in text for k in ("non-fast-forward", "fetch first", "stale info", "cannot lock ref")):
                 return False, "non-fast-forward"
             refused = [line.split("\t")[-1].strip() for line in str(getattr(cause, "stdout", "") or "").splitlines()
                        if line.startswith("!")]
