@@ -306,7 +306,7 @@ class _Clone:
             return self.repo.git.execute(
                 ["git", "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null",
                  "-c", "protocol.ext.allow=never", *args],
-                env={**_env(), **(env or {})}, kill_after_timeout=timeout, **kw)
+                env={**_env(), "GIT_DIR": str(self.path), **(env or {})}, kill_after_timeout=timeout, **kw)
         except git.GitCommandError as exc:
             raise SyncError(f"{what or 'git ' + args[0]} failed: {bounded(_reason(exc), 240)}") from exc
 
@@ -441,8 +441,8 @@ def remembered_remote(conn: sqlite3.Connection, home: Path) -> str:
     check_remote(url)
     path = clone_dir(home, url)
     try:
-        same = (path / "HEAD").is_file() and git.Repo(path).git.config("--get", "remote.origin.url") == url
-    except (git.GitCommandError, git.InvalidGitRepositoryError, git.NoSuchPathError):
+        same = (path / "HEAD").is_file() and _Clone(path, url).run("config", "--get", "remote.origin.url") == url
+    except (SyncError, git.InvalidGitRepositoryError, git.NoSuchPathError):
         same = False
     if not same:
         raise SyncError("the remembered sync remote has no clone in this home; give it again with --remote URL")
@@ -491,7 +491,7 @@ def _sync_locked(conn: sqlite3.Connection, settings: Settings, url: str, own: st
                 read.append(bounded(name, 80))
             foreign = _combine(foreign)
             ours, skipped = export_pack(conn, now)
-            content = _pack_bytes(_with(ours, foreign, now))
+            content = _pack_bytes(_with(ours, foreign))
             previous = clone.current(head, own)
             if previous is not None and _same_rules(previous, content):
                 break  # our pack on the remote already says this: nothing to push
@@ -519,7 +519,7 @@ def _sync_locked(conn: sqlite3.Connection, settings: Settings, url: str, own: st
             **report}
 
 
-def _with(ours: dict[str, Any], foreign: list[Rule], now: datetime) -> dict[str, Any]:
+def _with(ours: dict[str, Any], foreign: list[Rule]) -> dict[str, Any]:
     """Our pack with the foreign rules merged in (what our table will hold after this sync)."""
     rules = {r["id"]: r for r in ours["rules"]}
     for rule in foreign:
