@@ -466,3 +466,19 @@ def test_an_export_stays_importable_when_a_home_has_more_rules_than_a_pack_holds
         pack, skipped = sharing.export_pack(sa.conn, sa.now())
         assert len(pack["rules"]) == 2 and skipped == 1
         assert len(sb.import_pack(pack)["added"]) == 2
+
+
+def test_the_installed_command_pipes_a_pack_from_one_home_to_another(tmp_path):
+    from .conftest import run_agent
+
+    a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
+    with _open(a) as sa:
+        ra = _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+    exported = run_agent("self-heal", "export", "--home", str(a))
+    assert exported.returncode == 0 and exported.stderr == ""
+    imported = run_agent("self-heal", "import", "-", "--home", str(b), "--json", input=exported.stdout)
+    assert imported.returncode == 0 and [r["id"] for r in json.loads(imported.stdout)["added"]] == [ra.id]
+    newer = run_agent("self-heal", "import", "-", "--home", str(b),
+                      input=json.dumps(json.loads(exported.stdout) | {"version": 2}))
+    assert newer.returncode == 1 and newer.stdout == ""
+    assert newer.stderr == "Error: fix pack version 2 is newer than this selfheal reads (1); upgrade selfheal\n"
