@@ -180,3 +180,38 @@ for _t in (FailurePattern, ProposalOutcome, DetectResult, PatternDetails, Improv
            ApplyResult, VerifyResult, RollbackResult, StatusResult, PromoteResult, RunHealth, AgentMetrics,
            ToolReliability, HealthDashboard, PluginsReport):
     _t.__pydantic_config__ = _OPEN  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------ fix packs and sync (lifecycle/sharing.py)
+
+
+class FixPack(TypedDict, total=False):
+    format: str  # "selfheal-fix-pack"
+    version: int
+    exported_at: str
+    home: str  # the exporting home's id (origin of its evidence)
+    rules: list[dict[str, Any]]  # id, failure_kind, error_type, description, template, evidence
+
+
+class ImportResult(TypedDict, total=False):
+    home: str  # the pack's home id
+    own_home: str
+    rules: int  # rules in the pack
+    own_entries_ignored: int  # evidence the pack claimed for this home (ours wins)
+    added: list[dict[str, Any]]  # id, failure_kind, description, places, summary
+    updated: list[dict[str, Any]]
+    unchanged: list[dict[str, Any]]
+
+
+class SyncResult(ImportResult, total=False):
+    remote: str
+    clone: str  # the bare local copy, BINKS_HOME/selfheal/sync/<hash>
+    packs_read: list[str]
+    packs_refused: list[dict[str, Any]]  # pack, reason
+    pushed: bool  # False when the remote already had this home's pack as it is
+    attempts: int  # 2 after a non-fast-forward push was retried
+    skipped_rules: int  # stored rules left out of our pack because they no longer validate
+
+
+for _t in (FixPack, ImportResult, SyncResult):
+    _t.__pydantic_config__ = _OPEN  # type: ignore[attr-defined]

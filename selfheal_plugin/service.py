@@ -45,10 +45,12 @@ from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
 from selfheal_plugin.lifecycle import apply as applying
 from selfheal_plugin.lifecycle import autopilot, canary, proposals, simulation, verification
+from selfheal_plugin.lifecycle import sharing
 from selfheal_plugin.lifecycle.apply import LifecycleError
 from selfheal_plugin.lifecycle.cooldown import claim_notifications
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.results import FixPack, ImportResult, SyncResult
 from selfheal_plugin.results import (
     ApplyPlan, ApplyResult, DetectResult, HealthDashboard, ImprovementRow, PatternDetails,
     PluginsReport, PromoteResult, ProposalOutcome, RollbackResult, RunHealth, StatusResult, TestResult,
@@ -291,3 +293,26 @@ class SelfHeal:
         """Loaded plugins, their hooks, the strategy for each error type, and plugin errors."""
         return plugins.describe(self.settings)
 
+
+    # -------------------------------------------------------------- cross-project learning
+
+    def export_pack(self) -> FixPack:
+        """This home's fix rules as a portable pack (kind, template, description, evidence with
+        sample sizes; never paths, secrets or the local enabled flags)."""
+        pack, _skipped = sharing.export_pack(self.conn, self.now())
+        return pack  # type: ignore[return-value]
+
+    def import_pack(self, data: bytes | str | dict[str, Any], where: str = "the pack") -> ImportResult:
+        """Validate a whole fix pack, then merge all its rules in one transaction; evidence it
+        claims for this home is ignored (our own measurement wins)."""
+        return sharing.import_pack(self.conn, data, where)  # type: ignore[return-value]
+
+    def sync(self, remote: str | None = None) -> SyncResult:
+        """Share packs through a git remote (the remembered one without ``remote``): fetch, read
+        the other homes' packs, push ours, then merge theirs; a refusal changes nothing."""
+        return sharing.sync(self.conn, self.settings, remote, self.now())  # type: ignore[return-value]
+
+    def sync_remembered(self) -> SyncResult | None:
+        """:meth:`sync` with the remembered remote when one is set, else nothing (the daemon's
+        scheduled sync)."""
+        return sharing.sync_remembered(self.conn, self.settings, self.now())  # type: ignore[return-value]

@@ -31,6 +31,9 @@ TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "test_improvement": (False, True),  # canary and shadow modes commit a config.toml section
     "apply_improvement": (False, True),
     "verify_improvement": (False, False),
+    "export_fix_pack": (True, False),
+    "import_fix_pack": (False, False),  # merges rules only; never applies anything
+    "sync_fix_packs": (False, False),
 }
 
 # Fields that carry the instant of the call (window ends at "now", time of the test run).

@@ -21,7 +21,9 @@ proposes and notifies). Every ``interval`` a tick:
    verification, the change stays applied) and a notification asks a person to decide —
    every look is another chance of a false verdict, so the looks are capped. A rollback
    that fails (e.g. the user edited the key since) is retried every tick, with one urgent
-   notification, not one per tick.
+   notification, not one per tick;
+5. when a person set a sync remote (``agent self-heal sync --remote URL``), shares fix packs
+   through it (:mod:`selfheal_plugin.lifecycle.sharing`); a refusing remote is a tick error.
 
 Stopping: SIGTERM/SIGINT set a stop event that long steps check — the error index build
 after each chunk, detection between patterns, auto-apply and verification between
@@ -105,6 +107,7 @@ class TickReport:
     errors: list[str] = field(default_factory=list)
     plugin_errors: list[str] = field(default_factory=list)  # plugins that failed since the last report
     stopped: bool = False  # the tick was cut short by a stop request
+    synced: list[dict[str, Any]] = field(default_factory=list)  # fix packs shared (remote, read, added, updated)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,7 +117,8 @@ class TickReport:
         for label, items in (("proposed", self.proposed), ("tested", self.tested), ("applied", self.applied),
                              ("held back", self.skipped), ("verified", self.verified),
                              ("rolled back", self.rolled_back), ("concluded inconclusive", self.concluded),
-                             ("error(s)", self.errors), ("plugin error(s)", self.plugin_errors)):
+                             ("error(s)", self.errors), ("plugin error(s)", self.plugin_errors),
+                             ("fix pack sync(s)", self.synced)):
             if items:
                 parts.append(f"{len(items)} {label}")
         return ", ".join(parts) + (" (stopped early)" if self.stopped else "")
@@ -232,6 +236,7 @@ class Daemon:
         if self.auto_apply:
             steps.append(("auto-apply", lambda: self._auto_apply(conn, now, report)))
         steps.append(("verification", lambda: self._verify_due(conn, now, report)))
+        steps.append(("sync", lambda: self._sync(report)))
         for name, step in steps:
             if self._stop.is_set():
                 report.stopped = True
@@ -305,6 +310,13 @@ class Daemon:
 
     def _verify_due(self, conn: sqlite3.Connection, now: datetime, report: TickReport) -> None:
         self._merge(report, self.service.verify_due(retry_seconds=self.interval, should_stop=self._stop.is_set))
+
+    def _sync(self, report: TickReport) -> None:
+        """Share fix packs when a person set a remote (``agent self-heal sync --remote URL``)."""
+        r = self.service.sync_remembered()
+        if r is not None:
+            report.synced.append({"remote": r["remote"], "packs_read": len(r["packs_read"]), "pushed": r["pushed"],
+                                  "added": len(r["added"]), "updated": len(r["updated"])})
 
     @staticmethod
     def _merge(report: TickReport, done: dict[str, Any]) -> None:

@@ -318,3 +318,30 @@ class RuleStore:
             self.conn.execute("UPDATE selfheal_rules SET enabled = ?, updated_at = ? WHERE id = ?",
                               (int(enabled), format_timestamp(utcnow()), rid))
         return self.get(rid)
+
+    def merge_many(self, rules: list[Rule]) -> list[tuple[Rule, str]]:
+        """:meth:`merge` for many rules in ONE transaction (all or nothing: an error rolls every
+        one back). Returns each rule with ``added``, ``updated`` or ``unchanged``."""
+        now = format_timestamp(utcnow())
+        out: list[tuple[Rule, str]] = []
+        with write_transaction(self.conn):
+            for rule in rules:
+                row = self.conn.execute(f"SELECT {self._COLS} FROM selfheal_rules WHERE id = ?",
+                                        (rule.id,)).fetchone()
+                if row is None:
+                    self.conn.execute(
+                        f"INSERT INTO selfheal_rules ({self._COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (rule.id, rule.failure_kind, rule.error_type, rule.description, json.dumps(rule.template),
+                         json.dumps(rule.evidence, sort_keys=True), 1, now, now))
+                    out.append((rule, "added"))
+                    continue
+                stored = self._row(row)
+                merged = merge_evidence(stored.evidence, rule.evidence)
+                if merged == stored.evidence:
+                    out.append((stored, "unchanged"))
+                    continue
+                self.conn.execute("UPDATE selfheal_rules SET evidence = ?, updated_at = ? WHERE id = ?",
+                                  (json.dumps(merged, sort_keys=True), now, rule.id))
+                stored.evidence = merged
+                out.append((stored, "updated"))
+        return out

@@ -257,6 +257,36 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         with _session(home, db, lookback=since) as sh:
             return sh.dashboard(detailed=detailed)
 
+    # -------------------------------------------------------------- cross-project learning
+
+    @tool("Export fix pack", read_only=True)
+    def export_fix_pack() -> results.FixPack:
+        """This home's fix rules as a portable fix pack (format selfheal-fix-pack, version 1): failure
+        kind, change template, description and measured evidence with sample sizes per origin home.
+        Never paths, secrets, config values beyond the template, or local enabled flags."""
+        with _session(home, db) as sh:
+            return sh.export_pack()
+
+    @tool("Import fix pack", idempotent=True)
+    def import_fix_pack(
+        pack: Annotated[str | dict[str, Any], Field(
+            description="The fix pack itself (its JSON text or object, as export_fix_pack returns it), "
+                        "not a path")],
+    ) -> results.ImportResult:
+        """Merge another home's fix pack into this home's rules. The whole pack is validated first
+        (format, version, every rule's template) and merged in one transaction; evidence it claims for
+        this home is ignored. Imported rules inform proposals; nothing is applied."""
+        with _session(home, db) as sh:
+            return sh.import_pack(pack, "the pack")
+
+    @tool("Sync fix packs", idempotent=True)
+    def sync_fix_packs() -> results.SyncResult:
+        """Share fix packs through the git remote this home last synced with (set by a person with
+        `agent self-heal sync --remote URL`; a client cannot choose a new remote): fetch, read the
+        other homes' packs, push ours, then merge theirs. A remote that refuses changes nothing."""
+        with _session(home, db) as sh:
+            return sh.sync()
+
     return server
 
 
@@ -277,8 +307,8 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
                    f"{MIN_TOKEN_LENGTH} characters. Clients send 'Authorization: Bearer TOKEN'.")
 @click.option("--read-only", is_flag=True, default=False,
               help="Serve only the read-only analysis tools (detect_failure_patterns, analyze_run_health, "
-                   "compute_agent_metrics, compute_tool_reliability, get_health_dashboard); propose, test, "
-                   "apply and verify are not offered.")
+                   "compute_agent_metrics, compute_tool_reliability, get_health_dashboard, export_fix_pack); propose, "
+                   "test, apply, verify, import and sync are not offered.")
 @click.option("--home", type=click.Path(file_okay=False), default=None,
               help="Runtime home (default: $BINKS_HOME or ~/.binks).")
 @click.option("--db", type=click.Path(dir_okay=False), default=None,
