@@ -104,6 +104,8 @@ class TickReport:
     concluded: list[dict[str, Any]] = field(default_factory=list)  # monitoring ended inconclusive
     errors: list[str] = field(default_factory=list)
     plugin_errors: list[str] = field(default_factory=list)  # plugins that failed since the last report
+    ab_judged: list[dict[str, Any]] = field(default_factory=list)  # A/B experiments judged this tick
+    ab_promoted: list[dict[str, Any]] = field(default_factory=list)  # A/B winners promoted automatically
     stopped: bool = False  # the tick was cut short by a stop request
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,6 +234,8 @@ class Daemon:
         if self.auto_apply:
             steps.append(("auto-apply", lambda: self._auto_apply(conn, now, report)))
         steps.append(("verification", lambda: self._verify_due(conn, now, report)))
+        steps.append(("experiments", lambda: self._merge(report, self.service.ab_judge_due(
+            should_stop=self._stop.is_set))))
         for name, step in steps:
             if self._stop.is_set():
                 report.stopped = True
