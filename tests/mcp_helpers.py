@@ -31,6 +31,10 @@ TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "test_improvement": (False, True),  # canary and shadow modes commit a config.toml section
     "apply_improvement": (False, True),
     "verify_improvement": (False, False),
+    "ab_start": (False, True),
+    "ab_status": (True, False),
+    "ab_promote": (False, True),
+    "ab_drop": (False, True),
 }
 
 # Fields that carry the instant of the call (window ends at "now", time of the test run).

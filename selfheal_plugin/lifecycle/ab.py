@@ -210,6 +210,9 @@ def start_ab(conn: sqlite3.Connection, settings: Settings, pattern_id: str, arm_
         split_pattern_id(pattern_id)
     except SelfHealError:
         raise UsageError(f"{pattern_id!r} is not a pattern id (error_type:tool_name)") from None
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0 < fraction < 1):
+        raise UsageError(f"--fraction is each arm's share of runs, between 0 and 1 (exclusive), got {fraction!r}")
     store = ImprovementStore(conn)
     abs_ = AbStore(conn)
     running = [e for e in abs_.list(ACTIVE) if e.pattern_id == pattern_id]
