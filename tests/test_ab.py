@@ -360,3 +360,56 @@ def test_without_arms_the_strategies_offer_candidates(home):
     statuses = {ImprovementStore(conn).get(i).status for i in ids}
     assert statuses == {"proposed", "candidate"}
     assert ImprovementStore(conn).open_for_pattern(PATTERN).id == proposed["improvement_id"]  # still the suggested fix
+
+
+def _inbox(tmp_path) -> str:
+    folder = tmp_path / "inbox"
+    return "".join(p.read_text() for p in sorted(folder.glob("*.md"))) if folder.exists() else ""
+
+
+def test_the_daemon_judges_notifies_a_verdict_once_and_the_end_is_one_escaped_inbox_entry(home, tmp_path):
+    db = home / "conversations.db"
+    tool = "mcp__k8s__<b>pods</b>"
+    pattern = f"timeout:{tool}"
+    write_runs(db, rate_runs(NOW - timedelta(days=7), NOW - timedelta(days=1), 60, 0.3, tool=tool, seed=9))
+    a = add_improvement(db, [timeout_change(90_000, tool)], pattern_id=pattern, status="tested",
+                        risk_level="medium")
+    b = add_improvement(db, [retry_change(2, tool)], pattern_id=pattern, status="candidate")
+    conn, s = _lib(home)
+    sh = SelfHeal(settings=s, clock=lambda: NOW + timedelta(days=7))
+    ab_id = ab.start_ab(conn, s, pattern, [a.id, b.id], now=NOW)["experiment_id"]
+    start = NOW
+    for i, (g, fail) in enumerate((("control", 0.3), (a.id, 0.02), (b.id, 0.3))):
+        ids = _new_runs(db, rate_runs(start + timedelta(hours=1), start + timedelta(days=6), 80, fail, tool=tool,
+                                      seed=20 + i))
+        _tag(db, ids, (ab_id, g))
+    first = sh.ab_judge_due()
+    assert first["ab_judged"] == [{"experiment_id": ab_id, "verdict": "winner", "winner": a.id}]
+    assert "ab_promoted" not in first  # auto-apply is off (and the winner is medium risk)
+    sh.ab_judge_due()
+    text = _inbox(tmp_path)
+    assert text.count("reached a verdict") == 1  # notified once, judged twice
+    assert AbStore(conn).get(ab_id).verdict["winner"] == a.id  # the stored verdict the dashboard shows
+    dash = sh.dashboard()
+    (running,) = dash["experiments"]
+    assert running["experiment_id"] == ab_id and [x["improvement_id"] for x in running["arms"]] == [a.id, b.id]
+    sh.ab_promote(ab_id)
+    text = _inbox(tmp_path)
+    assert text.count(f"A/B experiment {ab_id} of") == 2 and "promoted" in text
+    assert "<b>" not in text and "&lt;b&gt;" in text  # the tool name from the history is escaped
+    assert sh.dashboard()["experiments"] == []
+
+
+def test_the_daemon_promotes_a_low_risk_winner_only_with_auto_apply(home):
+    db = home / "conversations.db"
+    a = add_improvement(db, [timeout_change(90_000)], status="tested", confidence=0.99)
+    b = add_improvement(db, [retry_change(2)], status="candidate", confidence=0.99)
+    conn = connect(db)
+    s = settings_for(home, auto_apply_enabled=True, auto_apply_confidence_threshold=0.9)
+    ab_id = ab.start_ab(conn, s, PATTERN, [a.id, b.id], now=NOW)["experiment_id"]
+    for i, (g, fail) in enumerate((("control", 0.3), (a.id, 0.02), (b.id, 0.3))):
+        _tag(db, _new_runs(db, rate_runs(NOW + timedelta(hours=1), NOW + timedelta(days=6), 80, fail, seed=30 + i)),
+             (ab_id, g))
+    done = SelfHeal(settings=s, clock=lambda: NOW + timedelta(days=7)).ab_judge_due()
+    assert done["ab_promoted"][0]["winner"] == a.id and done["ab_promoted"][0]["commit_sha"]
+    assert AbStore(conn).get(ab_id).status == "promoted" and ImprovementStore(conn).get(a.id).status == "applied"
