@@ -116,6 +116,7 @@ class TickReport:
         for label, items in (("proposed", self.proposed), ("tested", self.tested), ("applied", self.applied),
                              ("held back", self.skipped), ("verified", self.verified),
                              ("rolled back", self.rolled_back), ("concluded inconclusive", self.concluded),
+                             ("A/B experiment(s) judged", self.ab_judged), ("A/B winner(s) promoted", self.ab_promoted),
                              ("error(s)", self.errors), ("plugin error(s)", self.plugin_errors)):
             if items:
                 parts.append(f"{len(items)} {label}")

@@ -486,6 +486,14 @@ def end_ab(conn: sqlite3.Connection, settings: Settings, ab_id: str, outcome: st
     now = now or utcnow()
     exp = ensure_known(conn, ab_id)
     store = AbStore(conn)
+    if outcome == "promoted" and exp.status == "promoted" and exp.winner \
+            and ImprovementStore(conn).get(exp.winner).status in APPLICABLE:
+        # a promotion killed between its end commit and the apply (recovery finished the end)
+        applied = apply_improvement(conn, settings, exp.winner, f"Promoted from A/B experiment {ab_id}", now=now)
+        result = {**status_of(conn, settings, exp, now=now), "end_commit_sha": exp.end_sha, "diff": "",
+                  "applied": applied}
+        plugins.fire("ab_finished", experiment=result, settings=settings)
+        return result
     if exp.status != "running":
         raise LifecycleError(f"{ab_id} is {exp.status}; only a running experiment can be {outcome}")
     verdict = judge(conn, settings, exp, now=now)
@@ -585,7 +593,11 @@ def recover_ab_op(conn: sqlite3.Connection, settings: Settings, exp: AbExperimen
             _finish_start(conn, exp, sha)
         else:
             _finish_end(conn, exp, op.get("finish") if isinstance(op.get("finish"), dict) else {}, sha)
-        return {"experiment_id": exp.id, "op": kind, "action": "finished", "detail": f"commit {sha[:12]} exists"}
+        detail = f"commit {sha[:12]} exists"
+        finish = op.get("finish") if isinstance(op.get("finish"), dict) else {}
+        if kind == "ab-end" and finish.get("status") == "promoted":
+            detail += f"; apply the winner with: agent self-heal ab promote {exp.id}"
+        return {"experiment_id": exp.id, "op": kind, "action": "finished", "detail": detail}
     detail = undo_config_write(cr, op)
     if kind == "ab-start":
         store.delete(exp.id, "starting")

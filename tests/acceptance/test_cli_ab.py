@@ -169,3 +169,19 @@ def test_the_mcp_tools(home):
     restrict_to_read_only(server)
     kept = set(_tools(server))
     assert "ab_status" in kept and not {"ab_start", "ab_promote", "ab_drop"} & kept
+
+
+def test_a_promotion_killed_before_the_apply_is_finished_by_promote_again(home):
+    a, b = _arms(home)
+    r = run_agent("self-heal", "ab", "start", PATTERN, "--arms", f"{a.id},{b.id}", "--json")
+    ab_id = json.loads(r.stdout)["experiment_id"]
+    r = run_agent("self-heal", "ab", "promote", ab_id, "--yes", "--force", env={"SELFHEAL_CRASH_AT": "after-intent"})
+    assert r.returncode == 99  # the end is committed, the winner's apply was killed
+    r = run_agent("self-heal", "ab", "status", ab_id, "--json")
+    d = json.loads(r.stdout)
+    assert d["status"] == "promoted" and d["forced"] == 1 and "[ab." not in (home / "config.toml").read_text()
+    winner = d["winner"]
+    assert _status(home, winner) in ("proposed", "tested")
+    r = run_agent("self-heal", "ab", "promote", ab_id, "--yes", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["applied"]["status"] == "applied" and _status(home, winner) == "applied"
