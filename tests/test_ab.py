@@ -22,6 +22,9 @@ from selfheal_plugin.lifecycle.gitops import GitOpsError
 from selfheal_plugin.runtime.experiments import ab_arm_for, parse_ab_sections
 from selfheal_plugin.runtime.policy import PolicyConfig, ToolPolicy, ToolTimeout, resolve_tool_settings
 from selfheal_plugin.runtime.recorder import RunRecorder
+from selfheal_plugin import hookimpl
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.plugins.strategy import Change, Strategy, tool_path
 from selfheal_plugin.service import SelfHeal
 
 from .lifecycle_data import (
@@ -413,3 +416,55 @@ def test_the_daemon_promotes_a_low_risk_winner_only_with_auto_apply(home):
     done = SelfHeal(settings=s, clock=lambda: NOW + timedelta(days=7)).ab_judge_due()
     assert done["ab_promoted"][0]["winner"] == a.id and done["ab_promoted"][0]["commit_sha"]
     assert AbStore(conn).get(ab_id).status == "promoted" and ImprovementStore(conn).get(a.id).status == "applied"
+
+
+def test_auto_apply_leaves_a_pattern_under_experiment_alone(home):
+    db = home / "conversations.db"
+    a, b = _two_arms(home)
+    c = add_improvement(db, [timeout_change(120_000)], status="candidate", confidence=0.99)
+    conn = connect(db)
+    ab.start_ab(conn, settings_for(home), PATTERN, [b.id, c.id], now=NOW)  # a (tested) is not an arm
+    s = settings_for(home, auto_apply_enabled=True, auto_apply_confidence_threshold=0.5)
+    ImprovementStore(conn).update(a.id, confidence=0.99)
+    done = SelfHeal(settings=s, clock=lambda: NOW).auto_apply()
+    assert "applied" not in done and any(x["improvement_id"] == a.id and "A/B experiment" in x["reason"]
+                                         for x in done["skipped"])
+    assert ImprovementStore(conn).get(a.id).status == "tested"
+
+
+class _BadCandidates(Strategy):
+    """Test-only: proposes a timeout raise, but its candidates() raises."""
+    name = "bad-candidates-test"
+    error_types = ("timeout",)
+    summary = "tests only"
+
+    def propose(self, pattern, history):
+        return self.make_proposal(pattern, description="Raise it", expected_impact="some", risk_level="low",
+                                  changes=[Change.config(tool_path(pattern.tool_name, "timeout_ms"), 99_000)])
+
+    def candidates(self, pattern, history):
+        raise RuntimeError("boom")
+
+
+class _BadCandidatesPlugin:
+    @hookimpl
+    def register_strategies(self, register):
+        register(_BadCandidates())
+
+
+def test_a_strategy_whose_candidates_fail_is_contained(home):
+    timeout_history(home / "conversations.db", NOW, runs=200)
+    conn, s = _lib(home)
+    plugins.strategies(s)  # built-ins first, so the test plugin replaces the timeout strategy
+    plugin = _BadCandidatesPlugin()
+    plugins.register(plugin, "bad-candidates-test")
+    try:
+        sh = SelfHeal(settings=s, clock=lambda: NOW)
+        sh.propose(PATTERN)
+        head = git(home, "rev-parse", "HEAD")
+        with pytest.raises(LifecycleError, match="strategies offer 1 fix"):
+            sh.ab_start(PATTERN)
+        assert git(home, "rev-parse", "HEAD") == head
+        assert any(e.hook == "candidates" and "boom" in e.error for e in plugins.errors())
+    finally:
+        plugins.unregister(plugin)

@@ -66,9 +66,14 @@ def auto_apply(conn: sqlite3.Connection, settings: Settings, now: datetime, repo
     """Apply what is low-risk, confident enough and simulated safe; test what is untested."""
     s = settings
     store = ImprovementStore(conn)
+    experimenting = {e.pattern_id for e in ab.running_experiments(conn)}
     for imp in [*store.list(status="proposed", limit=None), *store.list(status="tested", limit=None)]:
         if should_stop():
             return
+        if imp.pattern_id in experimenting:  # an A/B experiment of the pattern decides (judge_experiments)
+            report.skipped.append({"improvement_id": imp.id, "reason": f"an A/B experiment of {imp.pattern_id} is "
+                                   "running; its winner is promoted instead"})
+            continue
         if (imp.risk_level or "").lower() != "low" or imp.confidence is None \
                 or imp.confidence < s.auto_apply_confidence_threshold:
             continue
