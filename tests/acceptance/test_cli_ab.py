@@ -185,3 +185,15 @@ def test_a_promotion_killed_before_the_apply_is_finished_by_promote_again(home):
     r = run_agent("self-heal", "ab", "promote", ab_id, "--yes", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["applied"]["status"] == "applied" and _status(home, winner) == "applied"
+
+
+def test_the_dashboard_lists_running_experiments_with_their_arms(home):
+    a, b = _arms(home)
+    r = run_agent("self-heal", "ab", "start", PATTERN, "--arms", f"{a.id},{b.id}", "--json")
+    ab_id = json.loads(r.stdout)["experiment_id"]
+    r = run_agent("self-heal", "dashboard", env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    assert f"A/B {ab_id}: {PATTERN}" in r.stdout and a.id in r.stdout and b.id in r.stdout
+    assert all(len(line) <= 80 for line in r.stdout.splitlines())
+    d = json.loads(run_agent("self-heal", "dashboard", "--json").stdout)
+    assert [e["experiment_id"] for e in d["experiments"]] == [ab_id]
