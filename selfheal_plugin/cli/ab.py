@@ -14,6 +14,11 @@ def _rate(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 100:.1f}%"
 
 
+def _p(p: float | None) -> str:
+    """A p-value for a table cell: ``<0.001``, ``0.034`` or ``n/a``."""
+    return format_p(p).replace("p = ", "").replace("p < ", "<").replace("p ", "")
+
+
 def _short(text: str | None, n: int = 12) -> str:
     return (text or "")[:n]
 
@@ -39,7 +44,7 @@ def _arms_table(r: dict[str, Any]) -> None:
             "better" if m and m.get("better") else "worse" if m and m.get("worse") else "")
         if m:
             table.add_row(for_rich(imp_id), str(m["runs"]), _rate(m["error_rate"]), _rate(m["success_rate"]),
-                          format_p(m["p_error_holm"]).removeprefix("p "), mark)
+                          _p(m["p_error_holm"]), mark)
         else:
             table.add_row(for_rich(imp_id), "-", "-", "-", "-", mark)
     table_console().print(table)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from selfheal_plugin.errors import NotFoundError, SelfHealError
@@ -63,7 +63,6 @@ class AbExperiment:
     notified: str | None = None  # the verdict last notified (once per verdict)
     pending_op: dict[str, Any] | None = None
     updated_at: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def arm_ids(self) -> list[str]:
@@ -71,7 +70,6 @@ class AbExperiment:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("extra")
         d.pop("pending_op")
         return d
 
@@ -130,7 +128,7 @@ class AbStore:
 
     def insert(self, exp: AbExperiment) -> AbExperiment:
         exp.updated_at = format_timestamp(utcnow())
-        values = {k: _enc(k, v) for k, v in asdict(exp).items() if k != "extra"}
+        values = {k: _enc(k, v) for k, v in asdict(exp).items()}
         with write_transaction(self.conn):
             self.conn.execute(f"INSERT INTO selfheal_ab ({','.join(values)}) VALUES ({','.join('?' * len(values))})",
                               list(values.values()))

@@ -214,8 +214,7 @@ def start_ab(conn: sqlite3.Connection, settings: Settings, pattern_id: str, arm_
                                  or not 0 < fraction < 1):
         raise UsageError(f"--fraction is each arm's share of runs, between 0 and 1 (exclusive), got {fraction!r}")
     store = ImprovementStore(conn)
-    abs_ = AbStore(conn)
-    running = [e for e in abs_.list(ACTIVE) if e.pattern_id == pattern_id]
+    running = [e for e in (AbStore(conn).list(ACTIVE) if has_ab_table(conn) else []) if e.pattern_id == pattern_id]
     if running:
         raise LifecycleError(f"{running[0].id} already runs an A/B experiment of {pattern_id}; promote or drop it "
                              f"first (agent self-heal ab promote|drop {running[0].id})")
@@ -413,8 +412,12 @@ def judge_counts(groups: dict[str, dict[str, int]], *, alpha: float, min_sample:
     if arms_out and all(x["worse"] for x in arms_out):
         out.update(verdict="drop", reason="every arm did significantly worse than the control; drop the experiment")
         return out
-    out.update(verdict="extend", reason="no winner yet: no arm is significantly better than the control after "
-               "Holm's correction" + ("" if p_omni is None or p_omni < alpha else f" (omnibus p={p_omni:.3g})"))
+    if winners:
+        reason = (f"no winner yet: {winners[0]['improvement_id']} looks better than the control, but the omnibus "
+                  f"test across all groups is not significant (p={p_omni if p_omni is not None else float('nan'):.3g})")
+    else:
+        reason = "no winner yet: no arm is significantly better than the control after Holm's correction"
+    out.update(verdict="extend", reason=reason)
     return out
 
 
