@@ -468,3 +468,24 @@ def test_a_strategy_whose_candidates_fail_is_contained(home):
         assert any(e.hook == "candidates" and "boom" in e.error for e in plugins.errors())
     finally:
         plugins.unregister(plugin)
+
+
+def test_with_a_canary_running_too_each_keeps_its_own_record(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[canary."imp-c"]\nfraction = 0.5\n[canary."imp-c".tools."other"]\ntimeout_ms = 5000\n'
+                      f'[ab."{AB_ID}"]\npattern = "timeout:slow"\n[ab."{AB_ID}".arms."{A1}".tools."slow"]\n'
+                      f'timeout_ms = 20\n[ab."{AB_ID}".arms."{A2}".tools."slow"]\ntimeout_ms = 60000\n')
+    db = tmp_path / "conversations.db"
+    recorder = RunRecorder(db, clock=SimulatedClock(T0))
+    policy = ToolPolicy(config, recorder=recorder, watch=False, clock=recorder.clock)
+    (sec,) = policy.config.experiments.abs
+    for i in range(8):
+        with recorder.run("wf", f"task {i}"):
+            policy.call("fast", lambda: "done")
+    recorder.close()
+    conn = sqlite3.connect(db)
+    meta = {rid: json.loads(m) for rid, m in conn.execute("SELECT id, metadata FROM runs")}
+    conn.close()
+    for rid, m in meta.items():
+        assert m["selfheal_improvement"] == "imp-c" and m["selfheal_arm"] in ("canary", "control")
+        assert m["selfheal_ab_arms"] == {AB_ID: ab_arm_for(sec, rid)}  # what the judge reads
