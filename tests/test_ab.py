@@ -287,6 +287,7 @@ def test_bad_input_is_one_line_and_changes_nothing(home):
     a, b = _two_arms(home)
     other = add_improvement(db, [timeout_change(5000, "x")], pattern_id="timeout:x")
     applied = add_improvement(db, [retry_change(3)], status="applied")
+    in_canary = add_improvement(db, [retry_change(4)], status="canary")
     conn, s = _lib(home)
     head = git(home, "rev-parse", "HEAD")
 
@@ -301,6 +302,7 @@ def test_bad_input_is_one_line_and_changes_nothing(home):
         ([a.id, "imp-nope"], NotFoundError, "no improvement 'imp-nope'"),
         ([a.id, other.id], LifecycleError, "is a fix for timeout:x"),
         ([a.id, applied.id], LifecycleError, "is applied"),
+        ([a.id, in_canary.id], LifecycleError, "is canary"),
     ]
     for arms, exc, message in cases:
         with pytest.raises(exc, match=message):

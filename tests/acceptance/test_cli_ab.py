@@ -78,6 +78,7 @@ def test_start_status_and_drop_in_text_and_json(home):
     (["start", PATTERN, "--arms", "ARM_A,ARM_B", "--fraction", "x"], 2, "is not a valid float"),
     (["start", "nocolon", "--arms", "ARM_A,ARM_B"], 2, "not a pattern id"),
     (["start", "timeout:other", "--arms", "ARM_A,ARM_B"], 1, "is a fix for"),
+    (["start", "timeout:nope"], 1, "no pattern timeout:nope"),
     (["status", "ab-nope"], 1, "no A/B experiment 'ab-nope'"),
     (["promote", "ab-nope", "--yes"], 1, "no A/B experiment 'ab-nope'"),
     (["drop", "ab-nope", "--yes"], 1, "no A/B experiment 'ab-nope'"),
