@@ -110,3 +110,46 @@ def improvement_rolled_back(improvement: Any, settings: Any) -> None:
               if improvement.pattern_id else "See: agent self-heal improvements --status rolled_back"]
     notify(Notification(title=f"Rolled back improvement {md(improvement.id)}", body="\n".join(lines),
                         tags=["improvement", "rolled-back"], priority="high"), settings)
+
+
+def _arm_lines(experiment: dict[str, Any]) -> list[str]:
+    verdict = experiment.get("verdict") or {}
+    control = (verdict.get("groups") or {}).get("control") or {}
+    lines = [f"- control: error rate {_pct(control.get('error_rate'))}, run success {_pct(control.get('success_rate'))}"
+             f" ({control.get('runs', 0)} runs)"]
+    for arm in verdict.get("arms") or []:
+        lines.append(f"- {md(str(arm.get('improvement_id')))}: error rate {_pct(arm.get('error_rate'))}, run success "
+                     f"{_pct(arm.get('success_rate'))} ({arm.get('runs', 0)} runs)")
+    return lines
+
+
+@hookimpl
+def ab_verdict(experiment: dict[str, Any], settings: Any) -> None:
+    if not settings.notify_verified:
+        return
+    verdict = experiment.get("verdict") or {}
+    ab_id = md(str(experiment.get("experiment_id")))
+    lines = [f"A/B experiment {ab_id} of {md(str(experiment.get('pattern_id')))} reached a verdict:",
+             f"{md(str(verdict.get('reason') or verdict.get('verdict')))}", "", *_arm_lines(experiment), "",
+             f"Next: agent self-heal ab {'promote' if verdict.get('verdict') == 'winner' else 'drop'} {ab_id}"]
+    notify(Notification(title=f"A/B experiment {ab_id}: {md(str(verdict.get('verdict')))}", body="\n".join(lines),
+                        tags=["ab", "verdict"], priority="normal"), settings)
+
+
+@hookimpl
+def ab_finished(experiment: dict[str, Any], settings: Any) -> None:
+    if not settings.notify_applied:
+        return
+    ab_id = md(str(experiment.get("experiment_id")))
+    status = str(experiment.get("status"))
+    lines = [f"A/B experiment {ab_id} of {md(str(experiment.get('pattern_id')))} {md(status)}."]
+    if experiment.get("winner"):
+        lines.append(f"Winner: {md(str(experiment['winner']))}" + (" (forced)" if experiment.get("forced") else ""))
+        applied = experiment.get("applied") or {}
+        if applied.get("commit_sha"):
+            lines.append(f"Applied: commit {_short_sha(applied['commit_sha'])}")
+    if experiment.get("end_commit_sha"):
+        lines.append(f"Section removed: commit {_short_sha(experiment['end_commit_sha'])}")
+    lines += ["", *_arm_lines(experiment)]
+    notify(Notification(title=f"A/B experiment {ab_id} {md(status)}", body="\n".join(lines),
+                        tags=["ab", status], priority="normal"), settings)

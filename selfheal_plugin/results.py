@@ -215,3 +215,31 @@ class SyncResult(ImportResult, total=False):
 
 for _t in (FixPack, ImportResult, SyncResult):
     _t.__pydantic_config__ = _OPEN  # type: ignore[attr-defined]
+
+
+class AbExperiment(TypedDict, total=False):
+    """An A/B experiment of fix strategies (``ab start|status|promote|drop``)."""
+    experiment_id: str  # ab-YYYYMMDD-xxxxxxxx
+    pattern_id: str
+    status: str  # running | promoted | dropped (starting/ending while its section is being committed)
+    arms: list[dict[str, Any]]  # improvement_id, fraction, status_before, description, strategy
+    started_at: str
+    ended_at: str | None
+    winner: str | None
+    forced: int
+    start_sha: str | None
+    end_sha: str | None
+    config_section: str
+    verdict: dict[str, Any] | None  # verdict (winner|extend|drop), reason, groups, arms, p-values
+    started: bool  # ab start: the section was written now
+    diff: str
+    end_commit_sha: str | None  # promote/drop
+    applied: dict[str, Any] | None  # promote: the winner's apply result
+
+
+class AbList(TypedDict, total=False):
+    experiments: list[AbExperiment]
+
+
+for _t in (AbExperiment, AbList):
+    _t.__pydantic_config__ = _OPEN  # type: ignore[attr-defined]

@@ -44,17 +44,15 @@ from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
 from selfheal_plugin.lifecycle import apply as applying
-from selfheal_plugin.lifecycle import autopilot, canary, proposals, simulation, verification
-from selfheal_plugin.lifecycle import sharing
+from selfheal_plugin.lifecycle import ab, autopilot, canary, proposals, simulation, sharing, verification
 from selfheal_plugin.lifecycle.apply import LifecycleError
 from selfheal_plugin.lifecycle.cooldown import claim_notifications
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.plugins import manager as plugins
-from selfheal_plugin.results import FixPack, ImportResult, SyncResult
 from selfheal_plugin.results import (
-    ApplyPlan, ApplyResult, DetectResult, HealthDashboard, ImprovementRow, PatternDetails,
-    PluginsReport, PromoteResult, ProposalOutcome, RollbackResult, RunHealth, StatusResult, TestResult,
-    ToolReliability, AgentMetrics, VerifyResult,
+    AbExperiment, AbList, AgentMetrics, ApplyPlan, ApplyResult, DetectResult, FixPack, HealthDashboard,
+    ImportResult, ImprovementRow, PatternDetails, PluginsReport, PromoteResult, ProposalOutcome, RollbackResult,
+    RunHealth, StatusResult, SyncResult, TestResult, ToolReliability, VerifyResult,
 )
 
 EXPERIMENT_MODES = ("canary", "shadow")
@@ -316,3 +314,35 @@ class SelfHeal:
         """:meth:`sync` with the remembered remote when one is set, else nothing (the daemon's
         scheduled sync)."""
         return sharing.sync_remembered(self.conn, self.settings, self.now())  # type: ignore[return-value]
+    # -------------------------------------------------------------- A/B experiments
+
+    def ab_start(self, pattern_id: str, arms: list[str] | None = None, *,
+                 fraction: float | None = None) -> AbExperiment:
+        """Run two or more fixes of one pattern as arms of an experiment beside a control
+        (``[ab."ID"]`` in config.toml, a git commit); without ``arms`` the strategies offer them."""
+        return ab.start_ab(self.conn, self.settings, pattern_id, arms, fraction=fraction, now=self.now())
+
+    def ab_status(self, experiment_id: str) -> AbExperiment:
+        """One experiment with its current verdict (judged now while it runs)."""
+        return ab.status_of(self.conn, self.settings, ab.ensure_known(self.conn, experiment_id), now=self.now())
+
+    def ab_list(self) -> AbList:
+        """Every experiment, newest first, running ones judged now."""
+        return {"experiments": [ab.status_of(self.conn, self.settings, e, now=self.now())
+                                for e in ab.all_experiments(self.conn)]}
+
+    def ab_promote(self, experiment_id: str, *, force: bool = False) -> AbExperiment:
+        """End the experiment and apply its winner (refused without a significant winner
+        unless ``force``: then the best observed arm, recorded)."""
+        return ab.end_ab(self.conn, self.settings, experiment_id, "promoted", force=force, now=self.now())
+
+    def ab_drop(self, experiment_id: str) -> AbExperiment:
+        """End the experiment without applying anything; every arm goes back to what it was."""
+        return ab.end_ab(self.conn, self.settings, experiment_id, "dropped", now=self.now())
+
+    def ab_judge_due(self, *, should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        """The daemon's round over running experiments (see
+        :func:`~selfheal_plugin.lifecycle.autopilot.judge_experiments`)."""
+        report = autopilot.AutopilotReport()
+        autopilot.judge_experiments(self.conn, self.settings, self.now(), report, should_stop=should_stop)
+        return {k: v for k, v in report.to_dict().items() if v}

@@ -67,6 +67,24 @@ class TimeoutStrategy(ModeledStrategy):
         new = min(nice_ceil_ms(1.5 * max(timed_out or [old_limit or 30_000])), MAX_TIMEOUT_MS)
         return self._raise(pattern, old_limit, new, None, evidence, f"no duration model: {model}")
 
+    def candidates(self, pattern: Any, history: HistoryWindow) -> list[Proposal]:
+        """The proposal, plus the other kind of fix: retries when it raises the timeout, a
+        raised timeout (to the fitted p99, at least 1.5 × the old limit) when it retries."""
+        main = self.propose(pattern, history)
+        keys = {c.path[-1] for c in main.changes if c.kind == "config" and c.path}
+        ev = dict(main.evidence)
+        old = ev.get("old_timeout_ms") if isinstance(ev.get("old_timeout_ms"), int) else None
+        out = [main]
+        if "retry_attempts" not in keys:
+            alt = self._retry(pattern, history, old, dict(ev))
+            if any(c.kind == "config" for c in alt.changes):
+                out.append(alt)
+        if "timeout_ms" not in keys and old:
+            p99 = ev.get("p99_ms") if isinstance(ev.get("p99_ms"), (int, float)) else 0
+            new = min(nice_ceil_ms(max(float(p99), 1.5 * old)), MAX_TIMEOUT_MS)
+            out.append(self._raise(pattern, old, new, None, dict(ev), "an alternative to retries, to compare"))
+        return out
+
     def _raise(self, pattern: Any, old: int | None, new: int, reduction: float | None,
                evidence: dict[str, Any], basis: str) -> Proposal:
         evidence["new_timeout_ms"] = new

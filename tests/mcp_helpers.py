@@ -34,6 +34,10 @@ TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "export_fix_pack": (True, False),
     "import_fix_pack": (False, False),  # merges rules only; never applies anything
     "sync_fix_packs": (False, False),
+    "ab_start": (False, True),
+    "ab_status": (True, False),
+    "ab_promote": (False, True),
+    "ab_drop": (False, True),
 }
 
 # Fields that carry the instant of the call (window ends at "now", time of the test run).

@@ -228,6 +228,8 @@ EXPECTED_HOOKS = {
     "improvement_verified": ["improvement", "verification", "settings"],
     "improvement_rolled_back": ["improvement", "settings"],
     "notify": ["notification", "settings"],
+    "ab_verdict": ["experiment", "settings"],
+    "ab_finished": ["experiment", "settings"],
 }
 
 

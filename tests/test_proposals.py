@@ -151,13 +151,14 @@ def _one_per_status(db, binks_home, truth) -> dict[str, str]:
     ids = {}
     pats = [p["id"] for p in truth["patterns"]]
     # closed rows first: their patterns are free again for an open one (one open per pattern)
-    order = [("verified", pats[0]), ("rejected", pats[1]), ("rolled_back", pats[2]), ("proposed", pats[0]),
-             ("superseded", pats[3]), ("tested", pats[1]), ("canary", pats[2]), ("shadow", pats[3]),
-             ("applied", pats[4])]
+    order = [("verified", pats[0]), ("rejected", pats[1]), ("rolled_back", pats[2]), ("candidate", pats[2]),
+             ("ab_lost", pats[3]), ("proposed", pats[0]), ("superseded", pats[3]), ("tested", pats[1]),
+             ("canary", pats[2]), ("shadow", pats[3]), ("applied", pats[4]), ("ab", pats[4])]
     assert {st for st, _ in order} == set(STATUSES)
     for status, pid in order:
         imp = propose_improvement(conn, s, pid, since="-8d", now=NOW)
-        if imp.status == "rejected":  # the rejection stands (same evidence): a row of its own for the test
+        if imp.status == "rejected" or imp.id in ids.values():  # a standing rejection, or the open row (an A/B
+            # experiment's arms are open rows of one pattern): a row of its own for the test
             imp = store.insert(replace(imp, id=new_improvement_id(), status="proposed"))
         fields = {"status": status}
         if status in ("applied", "verified", "rolled_back"):

@@ -41,6 +41,7 @@ from selfheal_plugin.history.errorindex import MAX_EVENT_BYTES, refresh, sane_du
 from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.history.connection import get_state, normalize_error_type, rows_by_id, scan_id_range
 from selfheal_plugin.history.text import Undecodable
+from selfheal_plugin.history.abstore import AbStore, has_ab_table
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.plugins.strategy import Change, server_of
 from selfheal_plugin.history.times import format_timestamp, parse_since, parse_timestamp, utc_text, utcnow
@@ -778,11 +779,30 @@ def get_health_dashboard(conn: sqlite3.Connection, detailed: bool = False, since
         "worst_tools": [t for t in tools if t["total_calls"] >= MIN_TOOL_CALLS_RANKED][:5],
         "skipped_rows": scan.skipped_rows,
         "skipped_runs": _unparsable_runs(conn),
+        "experiments": running_ab_entries(conn),
     }
     if detailed:
         result["agents"] = _agent_entries(runs, start, end)
         result["tools"] = tools
     return result
+
+
+def running_ab_entries(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Running A/B experiments with their arms and the last verdict the daemon stored."""
+    if not has_ab_table(conn):
+        return []
+    out = []
+    for e in AbStore(conn).list("running"):
+        v = e.verdict or {}
+        measured = {a.get("improvement_id"): a for a in v.get("arms") or [] if isinstance(a, dict)}
+        out.append({"experiment_id": e.id, "pattern_id": e.pattern_id, "started_at": e.started_at,
+                    "verdict": v.get("verdict"), "winner": v.get("winner"), "checked_at": v.get("checked_at"),
+                    "arms": [{"improvement_id": a.get("improvement_id"), "description": a.get("description"),
+                              "fraction": a.get("fraction"),
+                              "error_rate": (measured.get(a.get("improvement_id")) or {}).get("error_rate"),
+                              "runs": (measured.get(a.get("improvement_id")) or {}).get("runs")}
+                             for a in e.arms if isinstance(a, dict)]})
+    return out
 
 
 def _pending_index_rows(conn: sqlite3.Connection) -> int:

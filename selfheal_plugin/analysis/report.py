@@ -308,6 +308,13 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
                                                               ("failure kind", False), ("description", False), ("expected", False),
                                                               ("measured impact", False)], imp_rows,
                                        "No improvements recorded yet.", nowrap=(0, 1)), ""),
+        ("A/B experiments", _table("table-ab", [("experiment", False), ("pattern", False), ("arm", False),
+                                                ("runs", True), ("error rate", True), ("verdict", False)],
+                                   [[e["experiment_id"], e["pattern_id"], a["improvement_id"] or "",
+                                     str(a.get("runs") or 0), _pct(a["error_rate"]) if a.get("error_rate") is not None
+                                     else "n/a", e.get("verdict") or "not judged yet"]
+                                    for e in d.get("experiments") or [] for a in e["arms"]],
+                                   "No A/B experiment running.", nowrap=(0, 2)), ""),
     ]
     body = "".join(f"<section><h2>{escape(h)}</h2>{content}</section>" for h, content, _ in sections)
     skipped = d.get("skipped_rows", 0)

@@ -124,6 +124,20 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
         out.print(t)
     else:
         out.print("  No improvements recorded yet (agent self-heal detect finds what to improve).")
+    for e in d.get("experiments") or []:  # running A/B experiments (agent self-heal ab status ID)
+        out.print()
+        t = rich_table.Table(title=f"A/B {for_rich(e['experiment_id'])}: {for_rich(e['pattern_id'])} — "
+                             f"{for_rich(e.get('verdict') or 'not judged yet')}", title_justify="left",
+                             box=rich_box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        t.add_column("arm", no_wrap=True, min_width=21)
+        t.add_column("runs", justify="right")
+        t.add_column("errors", justify="right")
+        t.add_column("fix", ratio=1)
+        for a in e["arms"]:
+            t.add_row(for_rich(a["improvement_id"]), str(a.get("runs") or 0),
+                      "n/a" if a.get("error_rate") is None else pct(a["error_rate"]),
+                      for_rich(a.get("description") or ""))
+        out.print(t)
     if detailed:
         out.print()
         a = rich_table.Table(title="Agents", title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False, pad_edge=False)

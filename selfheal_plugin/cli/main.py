@@ -27,6 +27,7 @@ LAZY_COMMANDS = {
     "test": "lifecycle", "apply": "lifecycle", "rollback": "lifecycle", "verify": "lifecycle", "reject": "lifecycle",
     "canary": "canary", "demo": "demo",
     "export": "sharing", "import": "sharing", "sync": "sharing",
+    "ab": "ab",
 }
 LAZY_AGENT_COMMANDS = {"self-heal-daemon": "daemon"}
 

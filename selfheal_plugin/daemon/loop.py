@@ -106,6 +106,8 @@ class TickReport:
     concluded: list[dict[str, Any]] = field(default_factory=list)  # monitoring ended inconclusive
     errors: list[str] = field(default_factory=list)
     plugin_errors: list[str] = field(default_factory=list)  # plugins that failed since the last report
+    ab_judged: list[dict[str, Any]] = field(default_factory=list)  # A/B experiments judged this tick
+    ab_promoted: list[dict[str, Any]] = field(default_factory=list)  # A/B winners promoted automatically
     stopped: bool = False  # the tick was cut short by a stop request
     synced: list[dict[str, Any]] = field(default_factory=list)  # fix packs shared (remote, read, added, updated)
 
@@ -117,6 +119,7 @@ class TickReport:
         for label, items in (("proposed", self.proposed), ("tested", self.tested), ("applied", self.applied),
                              ("held back", self.skipped), ("verified", self.verified),
                              ("rolled back", self.rolled_back), ("concluded inconclusive", self.concluded),
+                             ("A/B experiment(s) judged", self.ab_judged), ("A/B winner(s) promoted", self.ab_promoted),
                              ("error(s)", self.errors), ("plugin error(s)", self.plugin_errors),
                              ("fix pack sync(s)", self.synced)):
             if items:
@@ -236,6 +239,8 @@ class Daemon:
         if self.auto_apply:
             steps.append(("auto-apply", lambda: self._auto_apply(conn, now, report)))
         steps.append(("verification", lambda: self._verify_due(conn, now, report)))
+        steps.append(("experiments", lambda: self._merge(report, self.service.ab_judge_due(
+            should_stop=self._stop.is_set))))
         steps.append(("sync", lambda: self._sync(report)))
         for name, step in steps:
             if self._stop.is_set():

@@ -21,8 +21,11 @@ from selfheal_plugin.errors import NotFoundError, SelfHealError
 from selfheal_plugin.history.connection import load_json, table_columns, write_transaction
 from selfheal_plugin.history.times import format_timestamp, utcnow
 
-STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "rejected", "rolled_back", "superseded")
-OPEN_STATUSES = ("proposed", "tested", "canary", "shadow", "applied")
+STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "rejected", "rolled_back", "superseded",
+            "candidate", "ab", "ab_lost")
+# "candidate": another fix for a pattern that already has its open proposal, kept for an A/B
+# experiment; "ab": an arm of a running experiment; "ab_lost": an arm that lost (history).
+OPEN_STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "ab")
 _JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact",
                 "apply_record", "evidence", "experiment")
 

@@ -24,6 +24,7 @@ from selfheal_plugin.history.connection import get_state, set_state, write_trans
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp
+from selfheal_plugin.lifecycle import ab
 from selfheal_plugin.lifecycle.apply import apply_improvement, rollback_improvement
 from selfheal_plugin.lifecycle.configedit import split_changes
 from selfheal_plugin.lifecycle.cooldown import REAPPLY_COOLDOWN_DAYS, claim_once, forget, undone_same_change
@@ -49,6 +50,8 @@ class AutopilotReport:
     rolled_back: list[dict[str, Any]] = field(default_factory=list)
     concluded: list[dict[str, Any]] = field(default_factory=list)  # monitoring ended inconclusive
     errors: list[str] = field(default_factory=list)
+    ab_judged: list[dict[str, Any]] = field(default_factory=list)  # A/B experiments judged (verdict)
+    ab_promoted: list[dict[str, Any]] = field(default_factory=list)  # A/B winners promoted automatically
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,9 +66,14 @@ def auto_apply(conn: sqlite3.Connection, settings: Settings, now: datetime, repo
     """Apply what is low-risk, confident enough and simulated safe; test what is untested."""
     s = settings
     store = ImprovementStore(conn)
+    experimenting = {e.pattern_id for e in ab.running_experiments(conn)}
     for imp in [*store.list(status="proposed", limit=None), *store.list(status="tested", limit=None)]:
         if should_stop():
             return
+        if imp.pattern_id in experimenting:  # an A/B experiment of the pattern decides (judge_experiments)
+            report.skipped.append({"improvement_id": imp.id, "reason": f"an A/B experiment of {imp.pattern_id} is "
+                                   "running; its winner is promoted instead"})
+            continue
         if (imp.risk_level or "").lower() != "low" or imp.confidence is None \
                 or imp.confidence < s.auto_apply_confidence_threshold:
             continue
@@ -203,3 +211,43 @@ def _auto_rollback(conn: sqlite3.Connection, settings: Settings, improvement_id:
             f"Revert commit: {(done['rollback_sha'] or 'none')[:7]}",
         ]),
         tags=["improvement", "rolled-back", "automatic"], priority="urgent"), settings)
+
+
+def judge_experiments(conn: sqlite3.Connection, settings: Settings, now: datetime, report: AutopilotReport, *,
+                      should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Judge every running A/B experiment and store its verdict; notify (``ab_verdict``)
+    once per verdict reached. With auto-apply enabled, a winner whose risk is low and whose
+    confidence reaches ``auto_apply_confidence_threshold`` is promoted (as auto-apply does
+    for a proposal); anything else waits for a person."""
+    for exp in ab.running_experiments(conn):
+        if should_stop():
+            return
+        try:
+            status, fresh = ab.record_verdict(conn, settings, exp.id, now=now)
+        except SelfHealError as exc:
+            report.errors.append(f"judge {exp.id}: {exc}")
+            log.warning("judging %s failed: %s", exp.id, exc)
+            continue
+        verdict = status.get("verdict") or {}
+        report.ab_judged.append({"experiment_id": exp.id, "verdict": verdict.get("verdict"),
+                                 "winner": verdict.get("winner")})
+        if fresh:
+            plugins.fire("ab_verdict", experiment=status, settings=settings)
+        winner = verdict.get("winner")
+        if verdict.get("verdict") != "winner" or not winner or not settings.auto_apply_enabled:
+            continue
+        imp = ImprovementStore(conn).get(winner)
+        if (imp.risk_level or "").lower() != "low" or imp.confidence is None \
+                or imp.confidence < settings.auto_apply_confidence_threshold:
+            report.skipped.append({"improvement_id": winner, "reason": f"A/B winner of {exp.id} is not low-risk and "
+                                   "confident enough to promote automatically"})
+            continue
+        try:
+            done = ab.end_ab(conn, settings, exp.id, "promoted", now=now)
+        except SelfHealError as exc:
+            report.errors.append(f"promote {exp.id}: {exc}")
+            log.warning("automatic promotion of %s refused: %s", exp.id, exc)
+            continue
+        report.ab_promoted.append({"experiment_id": exp.id, "winner": winner,
+                                   "commit_sha": (done.get("applied") or {}).get("commit_sha")})
+        log.info("promoted A/B winner %s of %s", winner, exp.id)

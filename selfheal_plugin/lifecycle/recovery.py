@@ -13,6 +13,7 @@ from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.lifecycle.apply import fire, lock_for, recover_apply_op
+from selfheal_plugin.lifecycle.ab import recover_ab
 from selfheal_plugin.lifecycle.canary import recover_experiment_op
 
 log = logging.getLogger("selfheal.recovery")
@@ -27,15 +28,22 @@ def recover(conn: sqlite3.Connection, settings: Settings,
     A file that changed in between (neither old nor new content) is left alone and the
     intent dropped, with a warning. Returns one entry per operation handled.
     """
+    ab_actions = recover_ab(conn, settings)  # A/B experiments keep their intent in selfheal_ab
+    for action in ab_actions:
+        msg = (f"recovered interrupted {action['op']} of {action['experiment_id']}: {action['action']} "
+               f"({action['detail']})")
+        log.warning(msg)
+        if warn:
+            warn(msg)
     rows = conn.execute("SELECT id FROM improvements WHERE pending_op IS NOT NULL AND pending_op != ''").fetchall()
     if not rows:
-        return []
+        return ab_actions
     lock = lock_for(settings)
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        return []  # an apply or rollback is running right now: its intent is not stale
-    actions = []
+        return ab_actions  # an apply or rollback is running right now: its intent is not stale
+    actions: list[dict[str, Any]] = []
     try:
         store = ImprovementStore(conn)
         for (imp_id,) in rows:
@@ -63,7 +71,7 @@ def recover(conn: sqlite3.Connection, settings: Settings,
             imp = store.get(action["improvement_id"])
             fire("improvement_applied" if action["op"] == "apply" else "improvement_rolled_back",
                  improvement=imp, settings=settings)
-    return actions
+    return ab_actions + actions
 
 
 def _recover_one(store: ImprovementStore, imp: Improvement, settings: Settings) -> dict[str, Any]:

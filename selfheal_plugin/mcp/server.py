@@ -286,6 +286,54 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         other homes' packs, push ours, then merge theirs. A remote that refuses changes nothing."""
         with _session(home, db) as sh:
             return sh.sync()
+    # -------------------------------------------------------------- A/B experiments
+
+    @tool("Start A/B experiment", destructive=True, idempotent=False)  # commits an [ab."ID"] section
+    def ab_start(
+        pattern_id: Annotated[str, Field(description="Pattern id (error_type:tool_name)")],
+        arms: Annotated[list[str] | None, Field(
+            description="Improvement ids of the pattern to run as arms (at least two); default: the candidates "
+                        "its strategies offer")] = None,
+        fraction: Annotated[float | None, Field(
+            description="Each arm's share of runs; default: equal shares for every arm and the control")] = None,
+    ) -> results.AbExperiment:
+        """Run two or more fixes of one pattern as arms of an experiment beside a control: writes
+        [ab."ID"] to config.toml (a git commit); ToolPolicy assigns each run to an arm or the control."""
+        with _session(home, db) as sh:
+            return sh.ab_start(pattern_id, arms, fraction=fraction)
+
+    @tool("A/B experiment status", read_only=True)
+    def ab_status(
+        experiment_id: Annotated[str | None, Field(description="Experiment id (ab-...); omit to list all")] = None,
+    ) -> results.AbList:
+        """A/B experiments with their arms and verdict so far (per arm and control: the pattern's
+        error rate and run success; chi-square omnibus, each arm vs control by Fisher's exact
+        test with Holm's correction, a minimum sample per arm). Nothing is stored."""
+        with _session(home, db) as sh:
+            if experiment_id:
+                return {"experiments": [sh.ab_status(experiment_id)]}
+            return sh.ab_list()
+
+    @tool("Promote A/B winner", destructive=True, idempotent=False)
+    def ab_promote(
+        experiment_id: Annotated[str, Field(description="Experiment id (ab-...), running")],
+        force: Annotated[bool, Field(description="Promote the best observed arm without a significant winner "
+                                                 "(recorded)")] = False,
+    ) -> results.AbExperiment:
+        """End the experiment (a commit removing its section) and apply the winner as a normal
+        improvement (its own commit, verification scheduled). Refused without a significant
+        winner unless force."""
+        with _session(home, db) as sh:
+            return sh.ab_promote(experiment_id, force=force)
+
+    @tool("Drop A/B experiment", destructive=True, idempotent=False)
+    def ab_drop(
+        experiment_id: Annotated[str, Field(description="Experiment id (ab-...), running")],
+    ) -> results.AbExperiment:
+        """End the experiment without applying anything: a commit removes its section and every
+        arm goes back to the status it had."""
+        with _session(home, db) as sh:
+            return sh.ab_drop(experiment_id)
 
     return server
 
@@ -307,8 +355,9 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
                    f"{MIN_TOKEN_LENGTH} characters. Clients send 'Authorization: Bearer TOKEN'.")
 @click.option("--read-only", is_flag=True, default=False,
               help="Serve only the read-only analysis tools (detect_failure_patterns, analyze_run_health, "
-                   "compute_agent_metrics, compute_tool_reliability, get_health_dashboard, export_fix_pack); propose, "
-                   "test, apply, verify, import and sync are not offered.")
+                   "compute_agent_metrics, compute_tool_reliability, get_health_dashboard, ab_status, "
+                   "export_fix_pack); propose, test, apply, verify, A/B start/promote/drop, import and sync are "
+                   "not offered.")
 @click.option("--home", type=click.Path(file_okay=False), default=None,
               help="Runtime home (default: $BINKS_HOME or ~/.binks).")
 @click.option("--db", type=click.Path(dir_okay=False), default=None,

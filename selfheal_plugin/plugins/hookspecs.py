@@ -165,6 +165,36 @@ def improvement_rolled_back(improvement: Improvement, settings: Settings) -> Non
 
 
 @hookspec
+def ab_verdict(experiment: dict[str, Any], settings: Settings) -> None:
+    """A running A/B experiment reached a verdict (a winner, or every arm worse).
+
+    Fires once per verdict (and winner) when the daemon judges the experiment on its
+    schedule. The built-in notification hook writes one inbox entry.
+
+    :param experiment: the experiment as ``agent self-heal ab status ID --json`` shows it
+        (``experiment_id``, ``pattern_id``, ``arms``, ``verdict``, ...).
+    :param settings: the :class:`selfheal_plugin.history.settings.Settings` in force.
+    :returns: nothing; not firstresult, every implementation is called and return values are ignored.
+    """
+
+
+@hookspec
+def ab_finished(experiment: dict[str, Any], settings: Settings) -> None:
+    """An A/B experiment ended: promoted (its winner applied) or dropped.
+
+    Fires after the commit removing its ``[ab."ID"]`` section and the database agree (and,
+    for a promotion, after the winner's apply). The built-in notification hook writes one
+    inbox entry.
+
+    :param experiment: the experiment as ``agent self-heal ab status ID --json`` shows it,
+        with ``status`` (``promoted``/``dropped``), ``winner``, ``forced``, ``end_commit_sha``
+        and ``applied`` (the winner's apply result, or None).
+    :param settings: the :class:`selfheal_plugin.history.settings.Settings` in force.
+    :returns: nothing; not firstresult, every implementation is called and return values are ignored.
+    """
+
+
+@hookspec
 def notify(notification: Notification, settings: Settings) -> str | None:
     """Deliver a notification to the user.
 

@@ -462,6 +462,12 @@ class Strategy(abc.ABC):
         """Replay ``history`` with ``proposal`` applied; None means "no model"."""
         return None
 
+    def candidates(self, pattern: Pattern, history: HistoryWindow) -> list[Proposal]:
+        """Alternative fixes for ``pattern`` to compare in an A/B experiment (``agent self-heal
+        ab start``), best first; each is validated like a proposal and stored as its own
+        improvement. Default: ``[self.propose(pattern, history)]`` (one candidate)."""
+        return [self.propose(pattern, history)]
+
     def make_proposal(self, pattern: Pattern, *, description: str, expected_impact: str, risk_level: str,
                       changes: list[Change | dict[str, Any]], expected_reduction: float | None = None,
                       evidence: dict[str, Any] | None = None,

@@ -21,6 +21,23 @@ a restarted runtime puts the run back in it. Canary-arm runs get the section's
 ``{"selfheal_arm": "canary"|"control", "selfheal_improvement": ID}`` in the run's
 ``metadata`` at their first tool call.
 
+A/B (``agent self-heal ab start``): k arms beside a control, one section per experiment::
+
+    [ab."ab-20261127-1a2b3c4d"]
+    started_at = "2026-11-19T12:00:00.000000Z"
+    pattern = "timeout:mcp__search__web_search"
+    [ab."ab-20261127-1a2b3c4d".arms."imp-20261127-aaaaaaaa"]
+    fraction = 0.3333333333333333               # default: equal shares for the arms and control
+    [ab."ab-20261127-1a2b3c4d".arms."imp-20261127-aaaaaaaa".tools."mcp__search__web_search"]
+    timeout_ms = 90000
+
+A run's position ``sha256("AB-ID:RUN-ID")`` in [0, 1) picks the arm whose cumulative
+fraction (in the section's order) first exceeds it, else the control. The arm's
+``tools``/``servers`` tables are layered like a canary's; the run records
+``{"selfheal_experiment": AB-ID, "selfheal_arm": IMP-ID|"control"}`` in ``metadata`` at its
+first tool call (and ``{"selfheal_ab_arms": {AB-ID: arm}}``, which stays right when a canary
+or a second experiment runs at the same time).
+
 Shadow: calls run under the normal settings and the agent sees their normal outcome; the
 policy also observes what the shadow ``timeout_ms`` would have done. A call that times out
 under the current limit keeps running in the background up to the shadow limit (its
@@ -41,6 +58,7 @@ from selfheal_plugin.runtime.toolconfig import validate_server_table, validate_t
 
 CANARY = "canary"
 SHADOW = "shadow"
+AB = "ab"
 ARM_CANARY = "canary"
 ARM_CONTROL = "control"
 SHADOW_KEYS = ("timeout_ms",)  # what a shadow can observe without changing the outcome
@@ -63,12 +81,30 @@ class ShadowSection:
 
 
 @dataclass(frozen=True)
+class AbArm:
+    improvement_id: str
+    fraction: float
+    tools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    servers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AbSection:
+    """``[ab."AB-ID"]``: k arms (improvements) beside a control, run by run."""
+    experiment_id: str
+    pattern: str | None
+    started_at: str | None
+    arms: tuple[AbArm, ...] = ()
+
+
+@dataclass(frozen=True)
 class Experiments:
     canaries: tuple[CanarySection, ...] = ()
     shadows: tuple[ShadowSection, ...] = ()
+    abs: tuple[AbSection, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.canaries or self.shadows)
+        return bool(self.canaries or self.shadows or self.abs)
 
 
 def arm_fraction(improvement_id: str, run_id: str) -> float:
@@ -127,7 +163,67 @@ def parse_experiments(data: Mapping[str, Any], path: Path) -> Experiments:
             tools[n] = checked
         started = sec.get("started_at")
         shadows.append(ShadowSection(imp_id, started if isinstance(started, str) else None, tools))
-    return Experiments(tuple(canaries), tuple(shadows))
+    return Experiments(tuple(canaries), tuple(shadows), parse_ab_sections(data, path))
+
+
+def parse_ab_sections(data: Mapping[str, Any], path: Path) -> tuple[AbSection, ...]:
+    """The validated ``[ab."AB-ID"]`` sections: ``started_at``, ``pattern`` and at least two
+    ``arms."IMP-ID"`` tables, each with a ``fraction`` (default: an equal share for every
+    arm and the control) and its ``tools``/``servers`` overlay; the fractions must leave the
+    control a share (sum below 1)."""
+    out = []
+    for ab_id, sec in _tables(data.get(AB), _where(path, AB)).items():
+        where = _where(path, f'ab."{ab_id}"')
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{where} must be a table")
+        arms_raw = _tables(sec.get("arms"), where[:-1] + '.arms]')
+        if len(arms_raw) < 2:
+            raise ConfigError(f"{where} needs at least two arms (arms.\"IMP-ID\" tables), has {len(arms_raw)}")
+        default = 1 / (len(arms_raw) + 1)
+        arms = []
+        for imp_id, arm in arms_raw.items():
+            awhere = _where(path, f'ab."{ab_id}".arms."{imp_id}"')
+            if not isinstance(arm, dict):
+                raise ConfigError(f"{awhere} must be a table")
+            fraction = arm.get("fraction", default)
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+                raise ConfigError(f"{awhere} fraction must be a number between 0 and 1 (exclusive), got {fraction!r}")
+            tools = {n: validate_tool_table(t, _where(path, f'ab."{ab_id}".arms."{imp_id}".tools."{n}"'))
+                     for n, t in _tables(arm.get("tools"), awhere[:-1] + '.tools]').items()}
+            servers = {n: validate_server_table(t, _where(path, f'ab."{ab_id}".arms."{imp_id}".servers."{n}"'))
+                       for n, t in _tables(arm.get("servers"), awhere[:-1] + '.servers]').items()}
+            arms.append(AbArm(imp_id, float(fraction), tools, servers))
+        total = sum(a.fraction for a in arms)
+        if total >= 1:
+            raise ConfigError(f"{where} arm fractions add up to {total:g}; they must leave the control a share "
+                              "(sum below 1)")
+        started, pattern = sec.get("started_at"), sec.get("pattern")
+        out.append(AbSection(ab_id, pattern if isinstance(pattern, str) else None,
+                             started if isinstance(started, str) else None, tuple(arms)))
+    return tuple(out)
+
+
+def ab_arm_for(section: AbSection, run_id: str) -> str:
+    """The arm (an improvement id) or ``control`` of a run: ``sha256("AB-ID:RUN-ID")`` read as
+    a number in [0, 1) against the arms' cumulative fractions, in the section's order."""
+    u = arm_fraction(section.experiment_id, run_id)
+    edge = 0.0
+    for arm in section.arms:
+        edge += arm.fraction
+        if u < edge:
+            return arm.improvement_id
+    return ARM_CONTROL
+
+
+def ab_layers(experiments: Experiments, run_id: str | None) -> list[tuple[AbSection, AbArm | None]]:
+    """(section, the run's arm or None for control) of every A/B experiment for this run."""
+    if run_id is None:
+        return []
+    out: list[tuple[AbSection, AbArm | None]] = []
+    for sec in experiments.abs:
+        chosen = ab_arm_for(sec, run_id)
+        out.append((sec, next((a for a in sec.arms if a.improvement_id == chosen), None)))
+    return out
 
 
 def canary_layers(experiments: Experiments, run_id: str | None) -> list[tuple[CanarySection, str]]:

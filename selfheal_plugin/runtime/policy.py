@@ -20,7 +20,7 @@ Keys it reads (all optional; a tool without any is called directly)::
     [servers."SERVER"]          # SERVER from mcp__SERVER__tool or the call's server=
     health_check = true         # ask the health_check hook before each call
     auto_restart = true         # on a crash/refused connection call the restart hook, retry once
-    [canary."ID"] / [shadow."ID"] # experiments selfheal writes: see selfheal_plugin.runtime.experiments
+    [canary."ID"] / [shadow."ID"] / [ab."ID"] # experiments selfheal writes: see selfheal_plugin.runtime.experiments
 
 The policy reloads ``config.toml`` when it changes on disk: a watchdog observer on the
 config's folder, and a cheap mtime/size check at most every ``check_interval`` seconds as a
@@ -47,7 +47,9 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from selfheal_plugin.history.clock import Clock, wall_clock
 from selfheal_plugin.errors import ConfigError
-from selfheal_plugin.runtime.experiments import ARM_CANARY, Experiments, ShadowLog, canary_layers, parse_experiments, shadow_timeout
+from selfheal_plugin.runtime.experiments import (
+    ARM_CANARY, Experiments, ShadowLog, ab_layers, canary_layers, parse_experiments, shadow_timeout,
+)
 from selfheal_plugin.history.connection import BREAKER_REFUSAL, PREFLIGHT_REFUSAL, classify_error, server_of
 from selfheal_plugin.runtime.recorder import RecordedRun, RunRecorder, current_run
 from selfheal_plugin.history.settings import read_config
@@ -176,6 +178,15 @@ def resolve_tool_settings(config: PolicyConfig, tool: str, *, server: str | None
         if server and canary.servers.get(server):
             merged.update(canary.servers[server])
             sources.append(f'canary."{canary.improvement_id}".servers."{server}"')
+    for ab, arm in ab_layers(config.experiments, run.id if run is not None else None):
+        if arm is None:
+            continue
+        if arm.tools.get(tool):
+            merged.update(arm.tools[tool])
+            sources.append(f'ab."{ab.experiment_id}".arms."{arm.improvement_id}".tools."{tool}"')
+        if server and arm.servers.get(server):
+            merged.update(arm.servers[server])
+            sources.append(f'ab."{ab.experiment_id}".arms."{arm.improvement_id}".servers."{server}"')
     shadow = shadow_timeout(config.experiments, tool)
     return ToolSettings(
         tool=tool, server=server,
@@ -370,7 +381,7 @@ class ToolPolicy:
             self._sig = sig  # do not re-parse the same broken file on every call
             return False
         self._config, self._cache, self._sig = cfg, {}, sig
-        self._per_run = bool(cfg.experiments.canaries)  # settings depend on the run: no cache
+        self._per_run = bool(cfg.experiments.canaries or cfg.experiments.abs)  # settings depend on the run: no cache
         self.last_error = None
         self.config_version += 1
         return True
@@ -392,7 +403,7 @@ class ToolPolicy:
                            run: RecordedRun | None = None) -> ToolSettings:
         """What the policy enforces for ``tool`` now (see :func:`resolve_tool_settings`).
         With canary sections the answer depends on the run, so it is not cached."""
-        if self._config.experiments.canaries:
+        if self._config.experiments.canaries or self._config.experiments.abs:
             return resolve_tool_settings(self._config, tool, server=server, defaults=self.defaults, run=run)
         key = (tool, server)
         hit = self._cache.get(key)
@@ -413,12 +424,21 @@ class ToolPolicy:
         if len(self._tagged) > 10_000:  # runs end; keep the memo small
             self._tagged = {run.id: self.config_version}
         layers = canary_layers(self._config.experiments, run.id)
-        if not layers:
+        abs_ = ab_layers(self._config.experiments, run.id)
+        if not layers and not abs_:
             return
-        canary, arm = layers[0]
-        values: dict[str, Any] = {"selfheal_arm": arm, "selfheal_improvement": canary.improvement_id}
-        if len(layers) > 1:
-            values["selfheal_arms"] = {c.improvement_id: a for c, a in layers}
+        values: dict[str, Any] = {}
+        if layers:
+            canary, arm = layers[0]
+            values = {"selfheal_arm": arm, "selfheal_improvement": canary.improvement_id}
+            if len(layers) > 1:
+                values["selfheal_arms"] = {c.improvement_id: a for c, a in layers}
+        if abs_:  # A/B experiments: see runtime.experiments (a canary keeps selfheal_arm for itself)
+            chosen = {sec.experiment_id: arm.improvement_id if arm else "control" for sec, arm in abs_}
+            values["selfheal_ab_arms"] = chosen
+            if not layers:
+                first = abs_[0][0].experiment_id
+                values.update(selfheal_experiment=first, selfheal_arm=chosen[first])
         if all((run.metadata or {}).get(k) == v for k, v in values.items()):
             return
         try:

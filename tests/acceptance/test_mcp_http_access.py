@@ -22,8 +22,7 @@ from selfheal_plugin.mcp.access import TOKEN_ENV, check_bind, is_loopback, load_
 from ..mcp_helpers import TOOLS, home, recent_history, server_command, start_http_server, stop, structured  # noqa: F401
 
 TOKEN = "s3cret-token-for-tests-0123456789"
-READ_TOOLS = {"detect_failure_patterns", "analyze_run_health", "compute_agent_metrics", "compute_tool_reliability",
-              "get_health_dashboard"}
+READ_TOOLS = {name for name, (read_only, _) in TOOLS.items() if read_only}  # what --read-only serves
 INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
 
