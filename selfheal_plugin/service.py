@@ -44,7 +44,7 @@ from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
 from selfheal_plugin.lifecycle import apply as applying
-from selfheal_plugin.lifecycle import autopilot, canary, proposals, simulation, verification
+from selfheal_plugin.lifecycle import autopilot, canary, learning, proposals, simulation, verification
 from selfheal_plugin.lifecycle.apply import LifecycleError
 from selfheal_plugin.lifecycle.cooldown import claim_notifications
 from selfheal_plugin.lifecycle.recovery import recover
@@ -54,6 +54,7 @@ from selfheal_plugin.results import (
     PluginsReport, PromoteResult, ProposalOutcome, RollbackResult, RunHealth, StatusResult, TestResult,
     ToolReliability, AgentMetrics, VerifyResult,
 )
+from selfheal_plugin.results import LearnResult, RuleResult, RulesResult
 
 EXPERIMENT_MODES = ("canary", "shadow")
 TEST_MODES = ("simulation", *EXPERIMENT_MODES)
@@ -291,3 +292,21 @@ class SelfHeal:
         """Loaded plugins, their hooks, the strategy for each error type, and plugin errors."""
         return plugins.describe(self.settings)
 
+    # -------------------------------------------------------------- learning from success
+
+    def learn(self, since: str | None = None, until: str | None = None, *, record: bool = True) -> LearnResult:
+        """What got better without us between the window before ``since`` and the one since it
+        (signatures, tools, workflows), the person's config change that explains each (or why
+        none does), the rules learned (stored unless ``record`` is False) and where enabled
+        rules could apply now (:mod:`~selfheal_plugin.lifecycle.learning`)."""
+        now = self.now()
+        end = parse_since(until, now) if until else None
+        return learning.learn(self.conn, self.settings, since=since, until=end, now=now, record=record)
+
+    def rules(self) -> RulesResult:
+        """Stored fix rules (learned, verified and imported), enabled or not."""
+        return {"rules": learning.rules_list(self.conn)}
+
+    def set_rule_enabled(self, rule_id: str, enabled: bool) -> RuleResult:
+        """Turn a rule on or off (a disabled rule is never a prior or a proposal)."""
+        return {"rule": learning.set_rule_enabled(self.conn, rule_id, enabled)}

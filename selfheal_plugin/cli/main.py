@@ -26,6 +26,7 @@ LAZY_COMMANDS = {
     "improvements": "plugins", "plugins": "plugins",
     "test": "lifecycle", "apply": "lifecycle", "rollback": "lifecycle", "verify": "lifecycle", "reject": "lifecycle",
     "canary": "canary", "demo": "demo",
+    "learn": "learn",
 }
 LAZY_AGENT_COMMANDS = {"self-heal-daemon": "daemon"}
 
