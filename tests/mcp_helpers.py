@@ -31,6 +31,9 @@ TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "test_improvement": (False, True),  # canary and shadow modes commit a config.toml section
     "apply_improvement": (False, True),
     "verify_improvement": (False, False),
+    "learn_from_success": (True, False),
+    "list_rules": (True, False),
+    "set_rule_enabled": (False, False),
 }
 
 # Fields that carry the instant of the call (window ends at "now", time of the test run).

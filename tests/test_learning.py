@@ -277,3 +277,38 @@ def test_cli_learn_bad_input_is_one_line_and_changes_nothing(binks_home, args, m
     errors = [line for line in res.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and message in errors[0], res.output
     assert db.read_bytes() == before
+
+
+# ------------------------------------------------------------------ MCP
+
+
+def test_mcp_learn_is_read_only_and_rules_turn_off_through_it(binks_home):
+    import anyio
+    from mcp import Client
+
+    from selfheal_plugin.mcp.server import build_server
+
+    home = make_home(binks_home)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
+    with SelfHeal(home=home, clock=lambda: END) as sh:
+        rid = sh.learn(since=SPLIT.isoformat())["learned_rules"][0]["rule"]["id"]
+
+    async def go():
+        async with Client(build_server(home)) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            learned = await client.call_tool("learn_from_success", {"since": SPLIT.isoformat(),
+                                                                     "until": END.isoformat()})
+            off = await client.call_tool("set_rule_enabled", {"rule_id": rid, "enabled": False})
+            bad = await client.call_tool("set_rule_enabled", {"rule_id": "rule-nope", "enabled": True})
+            listed = await client.call_tool("list_rules", {})
+            return tools, learned, off, bad, listed
+
+    tools, learned, off, bad, listed = anyio.run(go)
+    assert tools["learn_from_success"].annotations.read_only_hint
+    assert not tools["set_rule_enabled"].annotations.read_only_hint
+    data = learned.structured_content
+    assert data["recorded"] is False and any(e["subject"] == f"timeout:{K8S}" and e["attributed"]
+                                             for e in data["improved"])
+    assert off.structured_content["rule"]["enabled"] is False
+    assert bad.is_error and "no rule" in bad.content[0].text and "Traceback" not in bad.content[0].text
+    assert [r["enabled"] for r in listed.structured_content["rules"]] == [False]

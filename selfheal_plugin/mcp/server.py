@@ -257,6 +257,38 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         with _session(home, db, lookback=since) as sh:
             return sh.dashboard(detailed=detailed)
 
+    # -------------------------------------------------------------- learning from success
+
+    @tool("Learn from success", read_only=True)
+    def learn_from_success(
+        since: Annotated[str | None, Field(**schema.field_kwargs("lookback"))] = None,
+        until: Annotated[str | None, Field(description="End of the window after `since` (default now): "
+                                                       "-2d or an ISO date/time")] = None,
+    ) -> results.LearnResult:
+        """What got better without selfheal: signatures, tools and workflows whose error rate fell
+        significantly from the window before `since` to the window since it, each credited to a
+        person's own config.toml commit when its timing fits (else "no config change explains
+        it"), the fix rules that teaches, and where enabled rules could apply now. Read-only:
+        rules are stored by `agent self-heal learn` (this tool reports them, recorded false)."""
+        with _session(home, db, lookback=since) as sh:
+            return sh.learn(since=since, until=until, record=False)
+
+    @tool("List fix rules", read_only=True)
+    def list_rules() -> results.RulesResult:
+        """Stored fix rules (learned, verified, imported): failure kind, change template, measured
+        effect per origin, and whether each is enabled."""
+        with _session(home, db) as sh:
+            return sh.rules()
+
+    @tool("Enable or disable a fix rule", idempotent=True)
+    def set_rule_enabled(
+        rule_id: Annotated[str, Field(description="Rule id (rule-...) from list_rules")],
+        enabled: Annotated[bool, Field(description="false: never used as a prior or a proposal")],
+    ) -> results.RuleResult:
+        """Turn a fix rule on or off; a disabled rule is kept and listed but never a prior or a proposal."""
+        with _session(home, db) as sh:
+            return sh.set_rule_enabled(rule_id, enabled)
+
     return server
 
 
@@ -277,8 +309,9 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
                    f"{MIN_TOKEN_LENGTH} characters. Clients send 'Authorization: Bearer TOKEN'.")
 @click.option("--read-only", is_flag=True, default=False,
               help="Serve only the read-only analysis tools (detect_failure_patterns, analyze_run_health, "
-                   "compute_agent_metrics, compute_tool_reliability, get_health_dashboard); propose, test, "
-                   "apply and verify are not offered.")
+                   "compute_agent_metrics, compute_tool_reliability, get_health_dashboard, learn_from_success, "
+                   "list_rules); propose, test, "
+                   "apply, verify and set_rule_enabled are not offered.")
 @click.option("--home", type=click.Path(file_okay=False), default=None,
               help="Runtime home (default: $BINKS_HOME or ~/.binks).")
 @click.option("--db", type=click.Path(dir_okay=False), default=None,

@@ -23,7 +23,8 @@ from ..mcp_helpers import TOOLS, home, recent_history, server_command, start_htt
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 READ_TOOLS = {"detect_failure_patterns", "analyze_run_health", "compute_agent_metrics", "compute_tool_reliability",
-              "get_health_dashboard"}
+              "get_health_dashboard",
+              "learn_from_success", "list_rules"}
 INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
 
