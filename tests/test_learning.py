@@ -119,7 +119,7 @@ def test_a_commit_whose_timing_does_not_fit_is_not_credited(binks_home):
     r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
     sig = next(e for e in r["improved"] if e["subject"] == f"timeout:{K8S}")
     assert not sig["attributed"] and "timing does not fit" in sig["explanation"]
-    assert sig["rejected"][0]["reason"].startswith("the errors fell around")
+    assert sig["rejected"][0]["reason"].startswith("the errors fell between")
     assert RuleStore(conn).list() == []
 
 

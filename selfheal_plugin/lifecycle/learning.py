@@ -19,10 +19,13 @@ no path read from the history or git is ever written) between the start of the b
 and ``until``: commits without selfheal's trailers (``Self-Heal-Improvement:``) are a person's
 own changes, diffed (old vs new TOML) to the ``tools."X"`` / ``servers."Y"`` keys they changed.
 A commit is credited with a subject's improvement when it touched the subject's tool (or its
-server; any commit for a workflow) and the subject's rate after the commit is significantly lower
-than before it (one-sided Fisher, ``significance_level``); of several, the best split wins. When no
-commit touched it the answer is "improved, no config change explains it"; when commits touched it
-but the rate did not fall at them, each is named with "the timing does not fit".
+server; any commit for a workflow), the subject's rate after the commit is significantly lower
+than before it (one-sided Fisher, ``significance_level``), and the fall happened at the commit:
+its hour lies in the likelihood-ratio interval of the hourly rates' changepoint (a commit days
+before or after the fall is not credited, however lower the rate after it is); of several, the
+lowest p-value wins. When no commit touched it the answer is "improved, no config change explains
+it"; when commits touched it but the rate did not fall at them, each is named with "the timing
+does not fit" and why.
 
 **Rules.** A credited signature becomes a fix rule (:mod:`selfheal_plugin.history.rules`): the
 failure kind of the signature's failures before the commit (:mod:`~selfheal_plugin.analysis.evidence`),
@@ -169,22 +172,42 @@ def _loglik(f: int, n: int) -> float:
     return f * math.log(p) + (n - f) * math.log(1 - p)
 
 
-def changepoint(bins: list[tuple[int, int]]) -> int | None:
-    """The hour index at which a fall of the failure rate fits the bins best (the maximum
-    likelihood split into two binomial segments, the later one lower); None without a fall."""
+def changepoint_profile(bins: list[tuple[int, int]]) -> list[float | None]:
+    """The log-likelihood of a change of the failure rate at each hour boundary k (the two
+    segments binomial), None where a segment has no trials."""
     total_f, total_n = _sum(bins)
-    best, best_k = None, None
+    out: list[float | None] = [None]
     f = n = 0
     for k in range(1, len(bins)):
         f += bins[k - 1][0]
         n += bins[k - 1][1]
         rf, rn = total_f - f, total_n - n
-        if not n or not rn or rf / rn >= f / n:
+        out.append(_loglik(f, n) + _loglik(rf, rn) if n and rn else None)
+    return out + [None]
+
+
+def fall_interval(bins: list[tuple[int, int]], alpha: float) -> tuple[int, int, int] | None:
+    """(best, first, last) hour boundaries of the fall: the maximum likelihood changepoint
+    among those where the rate falls, and the likelihood-ratio interval around it (boundaries
+    whose log-likelihood is within ``chi2(1).ppf(1 - alpha) / 2`` of the best). None without
+    a fall."""
+    profile = changepoint_profile(bins)
+    total_f, total_n = _sum(bins)
+    f = n = 0
+    best, best_k = None, None
+    for k in range(1, len(bins)):
+        f += bins[k - 1][0]
+        n += bins[k - 1][1]
+        ll = profile[k]
+        if ll is None or not n or (total_n - n) == 0 or (total_f - f) / (total_n - n) >= f / n:
             continue
-        ll = _loglik(f, n) + _loglik(rf, rn)
         if best is None or ll > best:
             best, best_k = ll, k
-    return best_k
+    if best is None or best_k is None:
+        return None
+    crit = float(stats.chi2.ppf(1 - alpha, 1)) / 2
+    inside = [k for k, ll in enumerate(profile) if ll is not None and best - ll <= crit]
+    return best_k, min(inside), max(inside)
 
 
 def fell(bf: int, bn: int, af: int, an: int) -> float | None:
@@ -314,27 +337,21 @@ def _entry(subject: Subject, bf: int, bn: int, af: int, an: int, p: float) -> di
             "p_value": p}
 
 
-def timing_tolerance_hours(w: Windows) -> int:
-    """How far the fall may lie from a commit for the commit to explain it: 5% of the span
-    compared, at least 6 hours (the fall is seen only once calls come, so it lags a little)."""
-    return max(6, math.ceil(0.05 * (w.hi - w.lo)))
-
-
 def attribute(conn: sqlite3.Connection, subject: Subject, commits: list[ConfigCommit], w: Windows,
               alpha: float) -> dict[str, Any]:
     """The commit that explains the subject's fall, or why none does.
 
     A commit explains it when it touched the subject (its tool or that tool's server; any
     commit for a workflow), the failure rate after the commit is significantly lower than
-    before it (one-sided Fisher at ``alpha``), and the fall happened at the commit: the best
-    changepoint of the hourly rates (:func:`changepoint`) lies within
-    :func:`timing_tolerance_hours` of it. Of several, the lowest p-value wins."""
+    before it (one-sided Fisher at ``alpha``), and the fall happened at the commit: the
+    commit's hour lies in the likelihood-ratio interval of the changepoint of the hourly
+    rates (:func:`fall_interval`). Of several, the lowest p-value wins."""
     bins = subject.bins(conn, w.lo, w.hi)
-    cp = changepoint(bins)
-    fell_at = None if cp is None else _iso_hour(w.lo + cp)
-    tol = timing_tolerance_hours(w)
+    fall = fall_interval(bins, alpha)
+    fell_at = None if fall is None else _iso_hour(w.lo + fall[0])
+    span = None if fall is None else [_iso_hour(w.lo + fall[1]), _iso_hour(w.lo + fall[2])]
+    base = {"fell_at": fell_at, "fell_between": span}
     candidates = [c for c in commits if c.changes and (subject.kind == "workflow" or c.touches(subject.tool or ""))]
-    base = {"fell_at": fell_at, "tolerance_hours": tol}
     if not candidates:
         return {**base, "attributed": False, "commit": None, "rejected": [],
                 "explanation": NO_CHANGE + (f" (it fell around {fell_at[:16]})" if fell_at else "")}
@@ -348,10 +365,9 @@ def attribute(conn: sqlite3.Connection, subject: Subject, commits: list[ConfigCo
                  "failures_before": bf, "failures_after": af, "p_value": p}
         if p is None or p >= alpha or af / an >= bf / bn:
             why = "the errors did not fall significantly after it"
-        elif cp is None or abs(cp - k) > tol:
-            hours = 0 if cp is None else cp - k
-            why = (f"the errors fell around {fell_at[:16] if fell_at else '?'}, {abs(hours)} h "
-                   f"{'after' if hours > 0 else 'before'} it (tolerance {tol} h)")
+        elif fall is None or not fall[1] <= k <= fall[2]:
+            why = ("no fall of the errors fits a change at one instant" if fall is None else
+                   f"the errors fell between {span[0][:16]} and {span[1][:16]}, not at it")
         else:
             if best is None or p < best[1]["p_value"]:
                 best = (c, split)
