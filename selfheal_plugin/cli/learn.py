@@ -94,7 +94,7 @@ def print_rules(rules: list[dict[str, Any]]) -> None:
 
 @click.command("learn")
 @setting_option("lookback", "--since", help="Start of the window after (the one before it is as long)")
-@click.option("--until", default=None, help="End of the window after (default now): 7d ago or ISO.")
+@click.option("--until", default=None, help="End of the window after (default: now): -2d or an ISO date/time.")
 @click.option("--rules", "list_rules", is_flag=True, help="List the stored fix rules instead.")
 @click.option("--disable", "disable", default=None, metavar="RULE", help="Turn a rule off (never a prior or proposal).")
 @click.option("--enable", "enable", default=None, metavar="RULE", help="Turn a rule back on.")
