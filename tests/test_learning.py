@@ -9,18 +9,21 @@ import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import anyio
 import pytest
 from click.testing import CliRunner
+from mcp import Client
 
 from selfheal_plugin import hookimpl
 from selfheal_plugin.cli.main import agent
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.improvements import ImprovementStore
-from selfheal_plugin.history.rules import RuleStore
+from selfheal_plugin.history.rules import Rule, RuleStore
 from selfheal_plugin.lifecycle import learning
 from selfheal_plugin.lifecycle.apply import apply_improvement
 from selfheal_plugin.lifecycle.proposals import history_window, make_proposal, propose_detailed
 from selfheal_plugin.lifecycle.verification import verify_improvement
+from selfheal_plugin.mcp.server import build_server
 from selfheal_plugin.analysis.patterns import get_pattern
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.strategy import Change, Strategy
@@ -285,11 +288,6 @@ def test_cli_learn_bad_input_is_one_line_and_changes_nothing(binks_home, args, m
 
 
 def test_mcp_learn_is_read_only_and_rules_turn_off_through_it(binks_home):
-    import anyio
-    from mcp import Client
-
-    from selfheal_plugin.mcp.server import build_server
-
     home = make_home(binks_home)
     person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
     with SelfHeal(home=home, clock=lambda: END) as sh:
@@ -314,3 +312,22 @@ def test_mcp_learn_is_read_only_and_rules_turn_off_through_it(binks_home):
     assert off.structured_content["rule"]["enabled"] is False
     assert bad.is_error and "no rule" in bad.content[0].text and "Traceback" not in bad.content[0].text
     assert [r["enabled"] for r in listed.structured_content["rules"]] == [False]
+
+
+def test_evidence_imported_from_other_homes_is_a_prior_too(binks_home):
+    home = make_home(binks_home)  # no person's commit: nothing learned here
+    conn, s = open_home(home)
+    plugins.load_plugins()
+    pattern = get_pattern(conn, f"timeout:{OTHER}", since="-7d", now=END)
+    template = [{"path": ["tools", "{tool}", "timeout_ms"], "op": "set", "value": 90000}]
+    entry = {"source": "imported", "worked": True, "reduction": 0.9, "before": 0.3, "after": 0.03,
+             "n_before": 400, "n_after": 380, "measured_at": "2026-11-01T00:00:00.000000Z"}
+    RuleStore(conn).merge(Rule.build(pattern.failure_kind, template, "set timeout_ms = 90000",
+                                     {"team-a:mcp__k8s__logs": entry,
+                                      "team-b:mcp__db__query": {**entry, "worked": False, "reduction": 0.0}}))
+    RuleStore(conn).merge(Rule.build("rate_limited", template, "other kind", {"team-c:x": entry}))
+    proposal = make_proposal(pattern, history_window(conn, s, "-7d", now=END))
+    prior = proposal.evidence["prior"]
+    assert (prior["places"], prior["worked"], prior["sources"]) == (2, 1, ["imported"])
+    assert "worked in 1 of 2 places, median -90% errors" in proposal.expected_impact
+    assert proposal.strategy == "timeout"  # a prior never replaces the strategy's own config change
