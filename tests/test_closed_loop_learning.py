@@ -2,12 +2,12 @@
 commit to config.toml, and ``learn`` finding what it fixed and where the fix could go next.
 
 A week of runs in which the search tool times out (the runtime's 20 s default against a
-lognormal latency of median 12 s) and so does the flaky server's status query (its work has a
+lognormal latency of median 14 s) and so does the flaky server's status query (its work has a
 median of 12 s against a configured 15 s limit). At ``A`` a person raises the search timeout
 to 60 s by hand and commits it; a second week runs with it in force. ``learn`` must find the
 fall of the search timeouts, credit the person's commit, keep it as a rule, point at the flaky
 tool, which times out the same way, and the proposal for that tool must carry the rule as its
-prior. The assertions rest on margins load cannot erase: a 60 s limit against a 12 s median
+prior. The assertions rest on margins load cannot erase: a 60 s limit against a 14 s median
 (the search server's drawn latency, not the machine, decides), and a 15 s limit against a 12 s
 median for the flaky tool (a busy machine only makes it time out more).
 """
@@ -34,6 +34,7 @@ END = A + timedelta(days=7)
 SEARCH = tool_name("search")
 FLAKY = tool_name("flaky")
 CONFIG = TestbedConfig(time_scale=0.01, missing_path_rate=0.05, crash_probability=0.02, flaky_work_ms=12_000.0,
+                       search_median_ms=14_000.0,
                        workflow_weights={"researcher": 0.4, "planner": 0.2, "ops": 0.4})
 USER_CONFIG = f'# the runtime\'s own config, written by its user\n[tools."{FLAKY}"]\ntimeout_ms = 15000\n'
 RAISED = USER_CONFIG + f'\n[tools."{SEARCH}"]\ntimeout_ms = 60000\n'

@@ -21,7 +21,7 @@ own changes, diffed (old vs new TOML) to the ``tools."X"`` / ``servers."Y"`` key
 A commit is credited with a subject's improvement when it touched the subject's tool (or its
 server; any commit for a workflow), the subject's rate after the commit is significantly lower
 than before it (one-sided Fisher, ``significance_level``), and the fall happened at the commit:
-its hour lies in the likelihood-ratio interval of the hourly rates' changepoint (a commit days
+its hour lies in the 99.9% likelihood-ratio interval of the hourly rates' changepoint (a commit days
 before or after the fall is not credited, however lower the rate after it is); of several, the
 lowest p-value wins. When no commit touched it the answer is "improved, no config change explains
 it"; when commits touched it but the rate did not fall at them, each is named with "the timing
@@ -67,6 +67,10 @@ tomlkit = lazy_module("tomlkit")
 RULE_STRATEGY_PREFIX = "rule:"
 NO_CHANGE = "improved, no config change explains it"
 MAX_COMMITS = 500
+# A commit is out of time only when the data are strongly against a fall at its hour: with
+# sparse calls, a run of successes just before the real change moves the likeliest changepoint
+# hours earlier (and changepoint likelihood ratios have heavier tails than chi2(1)).
+TIMING_CONFIDENCE = 0.999
 
 
 # ================================================================= counting
@@ -186,10 +190,10 @@ def changepoint_profile(bins: list[tuple[int, int]]) -> list[float | None]:
     return out + [None]
 
 
-def fall_interval(bins: list[tuple[int, int]], alpha: float) -> tuple[int, int, int] | None:
+def fall_interval(bins: list[tuple[int, int]], confidence: float) -> tuple[int, int, int] | None:
     """(best, first, last) hour boundaries of the fall: the maximum likelihood changepoint
     among those where the rate falls, and the likelihood-ratio interval around it (boundaries
-    whose log-likelihood is within ``chi2(1).ppf(1 - alpha) / 2`` of the best). None without
+    whose log-likelihood is within ``chi2(1).ppf(confidence) / 2`` of the best). None without
     a fall."""
     profile = changepoint_profile(bins)
     total_f, total_n = _sum(bins)
@@ -205,7 +209,7 @@ def fall_interval(bins: list[tuple[int, int]], alpha: float) -> tuple[int, int, 
             best, best_k = ll, k
     if best is None or best_k is None:
         return None
-    crit = float(stats.chi2.ppf(1 - alpha, 1)) / 2
+    crit = float(stats.chi2.ppf(confidence, 1)) / 2
     inside = [k for k, ll in enumerate(profile) if ll is not None and best - ll <= crit]
     return best_k, min(inside), max(inside)
 
@@ -344,10 +348,10 @@ def attribute(conn: sqlite3.Connection, subject: Subject, commits: list[ConfigCo
     A commit explains it when it touched the subject (its tool or that tool's server; any
     commit for a workflow), the failure rate after the commit is significantly lower than
     before it (one-sided Fisher at ``alpha``), and the fall happened at the commit: the
-    commit's hour lies in the likelihood-ratio interval of the changepoint of the hourly
-    rates (:func:`fall_interval`). Of several, the lowest p-value wins."""
+    commit's hour lies in the :data:`TIMING_CONFIDENCE` likelihood-ratio interval of the
+    changepoint of the hourly rates (:func:`fall_interval`). Of several, the lowest p-value wins."""
     bins = subject.bins(conn, w.lo, w.hi)
-    fall = fall_interval(bins, alpha)
+    fall = fall_interval(bins, TIMING_CONFIDENCE)
     fell_at = None if fall is None else _iso_hour(w.lo + fall[0])
     span = None if fall is None else [_iso_hour(w.lo + fall[1]), _iso_hour(w.lo + fall[2])]
     base = {"fell_at": fell_at, "fell_between": span}
