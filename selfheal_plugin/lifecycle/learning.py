@@ -436,7 +436,7 @@ def learn(conn: sqlite3.Connection, settings: Settings, *, since: str | None = N
     improved = []
     for (subject, bf, bn, af, an), p in zip(tested, adjusted):
         if p < alpha and af / an < bf / bn:
-            entry = _entry(subject, bf, bn, af, an, round(float(p), 8))
+            entry = _entry(subject, bf, bn, af, an, float(f"{float(p):.3g}"))
             entry.update(attribute(conn, subject, commits, w, alpha))
             improved.append(entry)
     improved.sort(key=lambda e: ({"signature": 0, "tool": 1, "workflow": 2}[e["kind"]], e["p_value"], e["subject"]))
