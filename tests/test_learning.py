@@ -331,3 +331,25 @@ def test_evidence_imported_from_other_homes_is_a_prior_too(binks_home):
     assert (prior["places"], prior["worked"], prior["sources"]) == (2, 1, ["imported"])
     assert "worked in 1 of 2 places, median -90% errors" in proposal.expected_impact
     assert proposal.strategy == "timeout"  # a prior never replaces the strategy's own config change
+
+
+def test_an_open_manual_only_proposal_gives_way_to_a_rule_learned_later(binks_home):
+    home = make_home(binks_home)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
+    conn, s = open_home(home)
+    plugins.strategies(s)
+    plugin = ManualPlugin()
+    plugins.register(plugin, "manual-timeout-test")
+    try:
+        manual = propose_detailed(conn, s, f"timeout:{OTHER}", since="-7d", now=END).improvement
+        assert manual.strategy == "manual-timeout-test"  # no rule yet: the strategy's steps
+        rid = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)["learned_rules"][0]["rule"]["id"]
+        ruled = propose_detailed(conn, s, f"timeout:{OTHER}", since="-7d", now=END).improvement
+    finally:
+        plugins.unregister(plugin)
+    assert ruled.strategy == f"rule:{rid}" and ruled.id != manual.id
+    old = ImprovementStore(conn).get(manual.id)
+    assert old.status == "superseded" and old.evidence["superseded_by_strategy"] == f"rule:{rid}"
+    open_rows = conn.execute("SELECT count(*) FROM improvements WHERE pattern_id = ? AND status IN "
+                             "('proposed', 'tested')", (f"timeout:{OTHER}",)).fetchone()[0]
+    assert open_rows == 1

@@ -189,6 +189,18 @@ def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: P
     return Proposed(imp, created, pattern)
 
 
+def _supersede_open(store: ImprovementStore, existing: Improvement, by: str) -> Improvement | None:
+    """Mark a proposal not yet acted on superseded (compare-and-set on proposed/tested); the
+    row as it is now when it was acted on meanwhile (it stands), else None."""
+    try:
+        store.update(existing.id, expect_status=("proposed", "tested"), status="superseded",
+                     evidence={**(existing.evidence or {}), "superseded_by_strategy": by})
+    except StatusChangedError:
+        return store.get(existing.id)
+    log.info("%s superseded by %s", existing.id, by)
+    return None
+
+
 def _prepare(conn: sqlite3.Connection, settings: Settings, pattern: Pattern,
              history: HistoryWindow) -> Proposed | Improvement:
     """The pattern's open proposal or standing rejection (a :class:`Proposed`), else the new
@@ -199,11 +211,15 @@ def _prepare(conn: sqlite3.Connection, settings: Settings, pattern: Pattern,
         # a rule's proposal stands while its rule is enabled; a disabled rule's is superseded
         if learning.rule_usable(conn, existing.strategy):
             return Proposed(existing, False, pattern)
-        try:
-            store.update(existing.id, expect_status=("proposed", "tested"), status="superseded",
-                         evidence={**(existing.evidence or {}), "superseded_by_strategy": "rule disabled"})
-        except StatusChangedError:  # acted on meanwhile (tested, applied...): it stands
-            return Proposed(store.get(existing.id), False, pattern)
+        if (standing := _supersede_open(store, existing, "rule disabled")) is not None:
+            return Proposed(standing, False, pattern)
+        existing = None
+    elif existing is not None and existing.status in ("proposed", "tested") and not any(
+            c.get("kind") == "config" for c in existing.changes or []) and \
+            (by_rule := learning.rule_proposal(conn, pattern, None)) is not None:
+        # an open proposal of steps for a person only gives way to a rule's config change
+        if (standing := _supersede_open(store, existing, by_rule.strategy)) is not None:
+            return Proposed(standing, False, pattern)
         existing = None
     if existing is not None:
         current = plugins.strategy_for(pattern.error_type, settings, pattern.failure_kind)
