@@ -77,7 +77,8 @@ def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
         # is the proposal's prior. Neither ever applies anything by itself.
         by_rule = learning.rule_proposal(history.conn, pattern, valid)
         if by_rule is not None:
-            by_rule.evidence.setdefault("failure", valid.evidence.get("failure"))
+            if valid.evidence.get("failure") is not None:
+                by_rule.evidence.setdefault("failure", valid.evidence["failure"])
             return validate_proposal(by_rule, pattern.id)
         return learning.with_prior(history.conn, valid)
     except (ValueError, TypeError, RecursionError) as exc:
