@@ -243,3 +243,32 @@ class AbList(TypedDict, total=False):
 
 for _t in (AbExperiment, AbList):
     _t.__pydantic_config__ = _OPEN  # type: ignore[attr-defined]
+
+
+class LearnResult(TypedDict, total=False):
+    """``agent self-heal learn``: what improved between two windows, why, and the rules learned."""
+    since: str
+    until: str
+    windows: dict[str, list[str]]  # before/after: [start, end) of each, whole hours
+    tested: int  # subjects with enough failures before to be tested
+    significance_level: float
+    correction: str
+    test: str
+    improved: list[dict[str, Any]]  # kind, subject, rates, p_value, attributed, explanation, commit, rule_id
+    commits: list[dict[str, Any]]  # a person's commits to config.toml in the windows
+    learned_rules: list[dict[str, Any]]
+    applicable: list[dict[str, Any]]  # enabled rules x patterns of their kind still failing
+    suggestions: list[str]
+    recorded: bool
+
+
+class RulesResult(TypedDict, total=False):
+    rules: list[dict[str, Any]]
+
+
+class RuleResult(TypedDict, total=False):
+    rule: dict[str, Any]
+
+
+for _t in (LearnResult, RulesResult, RuleResult):
+    _t.__pydantic_config__ = _OPEN  # type: ignore[attr-defined]

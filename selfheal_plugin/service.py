@@ -44,15 +44,16 @@ from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
 from selfheal_plugin.lifecycle import apply as applying
-from selfheal_plugin.lifecycle import ab, autopilot, canary, proposals, simulation, sharing, verification
+from selfheal_plugin.lifecycle import ab, autopilot, canary, learning, proposals, simulation, sharing, verification
 from selfheal_plugin.lifecycle.apply import LifecycleError
 from selfheal_plugin.lifecycle.cooldown import claim_notifications
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.results import (
     AbExperiment, AbList, AgentMetrics, ApplyPlan, ApplyResult, DetectResult, FixPack, HealthDashboard,
-    ImportResult, ImprovementRow, PatternDetails, PluginsReport, PromoteResult, ProposalOutcome, RollbackResult,
-    RunHealth, StatusResult, SyncResult, TestResult, ToolReliability, VerifyResult,
+    ImportResult, ImprovementRow, LearnResult, PatternDetails, PluginsReport, PromoteResult, ProposalOutcome,
+    RollbackResult, RuleResult, RulesResult, RunHealth, StatusResult, SyncResult, TestResult, ToolReliability,
+    VerifyResult,
 )
 
 EXPERIMENT_MODES = ("canary", "shadow")
@@ -346,3 +347,21 @@ class SelfHeal:
         report = autopilot.AutopilotReport()
         autopilot.judge_experiments(self.conn, self.settings, self.now(), report, should_stop=should_stop)
         return {k: v for k, v in report.to_dict().items() if v}
+    # -------------------------------------------------------------- learning from success
+
+    def learn(self, since: str | None = None, until: str | None = None, *, record: bool = True) -> LearnResult:
+        """What got better without us between the window before ``since`` and the one since it
+        (signatures, tools, workflows), the person's config change that explains each (or why
+        none does), the rules learned (stored unless ``record`` is False) and where enabled
+        rules could apply now (:mod:`~selfheal_plugin.lifecycle.learning`)."""
+        now = self.now()
+        end = parse_since(until, now) if until else None
+        return learning.learn(self.conn, self.settings, since=since, until=end, now=now, record=record)
+
+    def rules(self) -> RulesResult:
+        """Stored fix rules (learned, verified and imported), enabled or not."""
+        return {"rules": learning.rules_list(self.conn)}
+
+    def set_rule_enabled(self, rule_id: str, enabled: bool) -> RuleResult:
+        """Turn a rule on or off (a disabled rule is never a prior or a proposal)."""
+        return {"rule": learning.set_rule_enabled(self.conn, rule_id, enabled)}

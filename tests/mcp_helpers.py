@@ -38,6 +38,9 @@ TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "ab_status": (True, False),
     "ab_promote": (False, True),
     "ab_drop": (False, True),
+    "learn_from_success": (True, False),
+    "list_rules": (True, False),
+    "set_rule_enabled": (False, False),
 }
 
 # Fields that carry the instant of the call (window ends at "now", time of the test run).

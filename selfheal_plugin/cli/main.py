@@ -28,6 +28,7 @@ LAZY_COMMANDS = {
     "canary": "canary", "demo": "demo",
     "export": "sharing", "import": "sharing", "sync": "sharing",
     "ab": "ab",
+    "learn": "learn",
 }
 LAZY_AGENT_COMMANDS = {"self-heal-daemon": "daemon"}
 

@@ -12,8 +12,9 @@ from datetime import datetime
 from typing import Any, Callable
 
 from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.lifecycle import learning
 from selfheal_plugin.lifecycle.cooldown import mark_if_undone
-from selfheal_plugin.history.improvements import Improvement, ImprovementStore, new_improvement_id
+from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError, new_improvement_id
 from selfheal_plugin.analysis.patterns import Pattern, get_pattern
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError, validate_proposal
@@ -71,7 +72,15 @@ def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
         if pattern.evidence:
             valid.failure_kind = valid.failure_kind or pattern.failure_kind
             valid.evidence.setdefault("failure", failure_summary(pattern.evidence))
-        return valid
+        # Learned and imported fix rules (lifecycle.learning): a rule of the pattern's kind
+        # gives a proposal when the strategy offers no config change; else a matching rule
+        # is the proposal's prior. Neither ever applies anything by itself.
+        by_rule = learning.rule_proposal(history.conn, pattern, valid)
+        if by_rule is not None:
+            if valid.evidence.get("failure") is not None:
+                by_rule.evidence.setdefault("failure", valid.evidence["failure"])
+            return validate_proposal(by_rule, pattern.id)
+        return learning.with_prior(history.conn, valid)
     except (ValueError, TypeError, RecursionError) as exc:
         problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         plugins._record(plugins.PluginError(plugin=plugin, phase="strategy", hook="propose",
@@ -181,12 +190,38 @@ def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: P
     return Proposed(imp, created, pattern)
 
 
+def _supersede_open(store: ImprovementStore, existing: Improvement, by: str) -> Improvement | None:
+    """Mark a proposal not yet acted on superseded (compare-and-set on proposed/tested); the
+    row as it is now when it was acted on meanwhile (it stands), else None."""
+    try:
+        store.update(existing.id, expect_status=("proposed", "tested"), status="superseded",
+                     evidence={**(existing.evidence or {}), "superseded_by_strategy": by})
+    except StatusChangedError:
+        return store.get(existing.id)
+    log.info("%s superseded by %s", existing.id, by)
+    return None
+
+
 def _prepare(conn: sqlite3.Connection, settings: Settings, pattern: Pattern,
              history: HistoryWindow) -> Proposed | Improvement:
     """The pattern's open proposal or standing rejection (a :class:`Proposed`), else the new
     improvement its strategy proposes, not yet stored."""
     store = ImprovementStore(conn)
     existing = store.open_for_pattern(pattern.id)
+    if existing is not None and learning.is_rule_strategy(existing.strategy):
+        # a rule's proposal stands while its rule is enabled; a disabled rule's is superseded
+        if learning.rule_usable(conn, existing.strategy):
+            return Proposed(existing, False, pattern)
+        if (standing := _supersede_open(store, existing, "rule disabled")) is not None:
+            return Proposed(standing, False, pattern)
+        existing = None
+    elif existing is not None and existing.status in ("proposed", "tested") and not any(
+            c.get("kind") == "config" for c in existing.changes or []) and \
+            (by_rule := learning.rule_proposal(conn, pattern, None)) is not None:
+        # an open proposal of steps for a person only gives way to a rule's config change
+        if (standing := _supersede_open(store, existing, by_rule.strategy)) is not None:
+            return Proposed(standing, False, pattern)
+        existing = None
     if existing is not None:
         current = plugins.strategy_for(pattern.error_type, settings, pattern.failure_kind)
         if not supersede_replaced(store, existing, current.name, settings):

@@ -35,6 +35,7 @@ from typing import Any
 
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.apply import LifecycleError, update_if_unchanged
+from selfheal_plugin.lifecycle.learning import record_verified
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.history.improvements import ImprovementStore
@@ -326,5 +327,8 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
         fields.update(status="verified", verified_at=format_timestamp(now))
     imp = update_if_unchanged(store, settings, imp, "the verification was not stored", **fields)
     result["status"] = imp.status
+    if imp.status == "verified" and recommendation == "keep":  # a fix that worked: a rule to share
+        rule = record_verified(conn, imp, pattern, now)
+        result["rule_id"] = rule.id if rule is not None else None
     plugins.fire("improvement_verified", improvement=imp, verification=result, settings=settings)
     return result

@@ -334,6 +334,37 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         arm goes back to the status it had."""
         with _session(home, db) as sh:
             return sh.ab_drop(experiment_id)
+    # -------------------------------------------------------------- learning from success
+
+    @tool("Learn from success", read_only=True)
+    def learn_from_success(
+        since: Annotated[str | None, Field(**schema.field_kwargs("lookback"))] = None,
+        until: Annotated[str | None, Field(description="End of the window after `since` (default now): "
+                                                       "-2d or an ISO date/time")] = None,
+    ) -> results.LearnResult:
+        """What got better without selfheal: signatures, tools and workflows whose error rate fell
+        significantly from the window before `since` to the window since it, each credited to a
+        person's own config.toml commit when its timing fits (else "no config change explains
+        it"), the fix rules that teaches, and where enabled rules could apply now. Read-only:
+        rules are stored by `agent self-heal learn` (this tool reports them, recorded false)."""
+        with _session(home, db, lookback=since) as sh:
+            return sh.learn(since=since, until=until, record=False)
+
+    @tool("List fix rules", read_only=True)
+    def list_rules() -> results.RulesResult:
+        """Stored fix rules (learned, verified, imported): failure kind, change template, measured
+        effect per origin, and whether each is enabled."""
+        with _session(home, db) as sh:
+            return sh.rules()
+
+    @tool("Enable or disable a fix rule", idempotent=True)
+    def set_rule_enabled(
+        rule_id: Annotated[str, Field(description="Rule id (rule-...) from list_rules")],
+        enabled: Annotated[bool, Field(description="false: never used as a prior or a proposal")],
+    ) -> results.RuleResult:
+        """Turn a fix rule on or off; a disabled rule is kept and listed but never a prior or a proposal."""
+        with _session(home, db) as sh:
+            return sh.set_rule_enabled(rule_id, enabled)
 
     return server
 
@@ -356,8 +387,8 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
 @click.option("--read-only", is_flag=True, default=False,
               help="Serve only the read-only analysis tools (detect_failure_patterns, analyze_run_health, "
                    "compute_agent_metrics, compute_tool_reliability, get_health_dashboard, ab_status, "
-                   "export_fix_pack); propose, test, apply, verify, A/B start/promote/drop, import and sync are "
-                   "not offered.")
+                   "learn_from_success, list_rules, export_fix_pack); propose, test, apply, verify, A/B "
+                   "start/promote/drop, set_rule_enabled, import and sync are not offered.")
 @click.option("--home", type=click.Path(file_okay=False), default=None,
               help="Runtime home (default: $BINKS_HOME or ~/.binks).")
 @click.option("--db", type=click.Path(dir_okay=False), default=None,

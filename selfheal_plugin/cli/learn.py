@@ -1,0 +1,131 @@
+"""``agent self-heal learn``: what got better without us and why, and the fix rules learned
+(``--rules`` lists them, ``--disable RULE`` / ``--enable RULE`` turn one off or on)."""
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import click
+
+from selfheal_plugin.cli.common import common_options, echo_json, format_p, open_service, pct, table_console
+from selfheal_plugin.cli.options import setting_option
+from selfheal_plugin.history.text import for_rich, for_terminal
+
+WIDTH = 80
+
+
+def _echo_wrapped(text: str, indent: str = "  ") -> None:
+    click.echo(textwrap.fill(for_terminal(text), width=WIDTH, initial_indent=indent, subsequent_indent=indent + "  ",
+                             break_long_words=True, break_on_hyphens=False))
+
+
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else pct(x)
+
+
+def _table(title: str, *columns: str) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", width=None)
+    for col in columns:
+        t.add_column(col, overflow="fold", no_wrap=col in ("rule", "commit"))
+    return t
+
+
+def _console() -> Any:
+    out = table_console()
+    if out.width > WIDTH:
+        out.width = WIDTH
+    return out
+
+
+def print_learn(r: dict[str, Any]) -> None:
+    w = r["windows"]
+    click.echo(f"Before {w['before'][0][:16]} .. {w['before'][1][:16]}")
+    click.echo(f"After  {w['after'][0][:16]} .. {w['after'][1][:16]}")
+    _echo_wrapped(f"{r['tested']} subject(s) tested, {len(r['improved'])} improved ({r['test']}; "
+                  f"{r['correction']} at {r['significance_level']:g})", indent="")
+    out = _console()
+    if r["improved"]:
+        t = _table("What improved", "what", "before", "after", "p", "why")
+        for e in r["improved"]:
+            t.add_row(f"{e['kind']}: {for_rich(e['subject'])}", _rate(e["before_rate"]), _rate(e["after_rate"]),
+                      format_p(e["p_value"]), for_rich(e["explanation"]))
+        out.print(t)
+    else:
+        click.echo("Nothing improved significantly between the two windows.")
+    if r["commits"]:
+        t = _table("A person's config.toml commits in the windows", "commit", "when", "author", "changed")
+        for c in r["commits"]:
+            changed = ", ".join(".".join(ch["path"]) for ch in c["changes"]) or c.get("note") or "no tool/server key"
+            t.add_row(c["sha"][:12], c["at"][:16], for_rich(c["author"]), for_rich(changed))
+        out.print(t)
+    if r["learned_rules"]:
+        t = _table("Rules learned" + ("" if r.get("recorded", True) else " (not stored)"),
+                   "rule", "kind", "change", "from", "effect")
+        for lr in r["learned_rules"]:
+            t.add_row(lr["rule"]["id"], lr["failure_kind"], for_rich(lr["change"]), for_rich(lr["tool"]),
+                      f"-{lr['reduction']:.0%} errors")
+        out.print(t)
+    if r["applicable"]:
+        t = _table("Where enabled rules could apply now", "rule", "tool", "kind", "failures", "rule's record")
+        for a in r["applicable"]:
+            t.add_row(a["rule_id"], for_rich(a["tool"]), a["failure_kind"], str(a["occurrences"]),
+                      for_rich(a["summary"]))
+        out.print(t)
+    for line in r["suggestions"]:
+        _echo_wrapped("💡 " + line[:1].upper() + line[1:], indent="")
+    if r["applicable"]:
+        _echo_wrapped("Propose one with: agent self-heal detect --propose (a rule is a prior, or the proposal "
+                      "when the strategy has no config change; nothing is applied by itself)", indent="")
+
+
+def print_rules(rules: list[dict[str, Any]]) -> None:
+    if not rules:
+        click.echo("No rules stored yet (agent self-heal learn finds them; import adds other homes').")
+        return
+    t = _table("Fix rules", "rule", "kind", "change", "record", "on")
+    for rule in rules:
+        change = ", ".join(f"{'.'.join(c['path'][2:])}={c.get('value', '(removed)')}" for c in rule["template"])
+        t.add_row(rule["id"], rule["failure_kind"], for_rich(change),
+                  f"{for_rich(rule['summary'])}; {', '.join(rule['sources'])}", "yes" if rule["enabled"] else "no")
+    _console().print(t)
+
+
+@click.command("learn")
+@setting_option("lookback", "--since", help="Start of the window after (the one before it is as long)")
+@click.option("--until", default=None, help="End of the window after (default: now): -2d or an ISO date/time.")
+@click.option("--rules", "list_rules", is_flag=True, help="List the stored fix rules instead.")
+@click.option("--disable", "disable", default=None, metavar="RULE", help="Turn a rule off (never a prior or proposal).")
+@click.option("--enable", "enable", default=None, metavar="RULE", help="Turn a rule back on.")
+@common_options
+def learn_command(home: str | None, db: str | None, as_json: bool, since: str | None = None,
+                  until: str | None = None, list_rules: bool = False, disable: str | None = None,
+                  enable: str | None = None) -> None:
+    """What got better without selfheal, and why: signatures, tools and workflows whose error
+    rate fell significantly from the window before --since to the window since it, each
+    credited to a person's own config.toml commit when its timing fits (or "no config change
+    explains it"). Credited fixes become rules (failure kind + change template + measured
+    effect) proposed for other tools of the same kind."""
+    chosen = [name for name, v in (("--rules", list_rules), ("--disable", disable), ("--enable", enable)) if v]
+    if len(chosen) > 1:
+        raise click.UsageError(f"use one of {', '.join(chosen)} at a time")
+    with open_service(home, db, lookback=since) as sh:
+        if disable or enable:
+            result: Any = sh.set_rule_enabled(disable or enable or "", enabled=bool(enable))
+        elif list_rules:
+            result = sh.rules()
+        else:
+            result = sh.learn(since=since, until=until)
+    if as_json:
+        echo_json(result)
+    elif disable or enable:
+        rule = result["rule"]
+        click.echo(f"{rule['id']} {'enabled' if rule['enabled'] else 'disabled'}: {for_terminal(rule['description'])}")
+    elif list_rules:
+        print_rules(result["rules"])
+    else:
+        print_learn(result)
+
+
+COMMANDS = [learn_command]

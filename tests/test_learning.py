@@ -1,0 +1,355 @@
+"""Learning from success (lifecycle.learning): a fall in errors found between two windows,
+credited to a person's own config commit when the timing fits, turned into a fix rule, and
+the rule used as a prior or a proposal for other tools of the same failure kind."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import anyio
+import pytest
+from click.testing import CliRunner
+from mcp import Client
+
+from selfheal_plugin import hookimpl
+from selfheal_plugin.cli.main import agent
+from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.rules import Rule, RuleStore
+from selfheal_plugin.lifecycle import learning
+from selfheal_plugin.lifecycle.apply import apply_improvement
+from selfheal_plugin.lifecycle.proposals import history_window, make_proposal, propose_detailed
+from selfheal_plugin.lifecycle.verification import verify_improvement
+from selfheal_plugin.mcp.server import build_server
+from selfheal_plugin.analysis.patterns import get_pattern
+from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.plugins.strategy import Change, Strategy
+from selfheal_plugin.service import SelfHeal
+
+from .lifecycle_data import K8S, rate_runs, settings_for, write_runs
+
+END = datetime(2026, 11, 20, tzinfo=timezone.utc)
+SPLIT = END - timedelta(days=7)
+LO = END - timedelta(days=14)
+OTHER = "mcp__search__web_search"
+CONFIG = f'# the runtime\'s config\n[tools."{K8S}"]\ntimeout_ms = 60000\n'
+RAISED = f'# the runtime\'s config\n[tools."{K8S}"]\ntimeout_ms = 120000\n'
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugins():
+    plugins.reset()
+    yield
+    plugins.reset()
+
+
+def git_at(home: Path, when: datetime, *args: str) -> str:
+    stamp = when.strftime("%Y-%m-%dT%H:%M:%S+0000")
+    env = {**os.environ, "GIT_AUTHOR_DATE": stamp, "GIT_COMMITTER_DATE": stamp}
+    return subprocess.run(["git", "-c", "user.name=Dot Files", "-c", "user.email=dot@example.com", *args],
+                          cwd=home, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def person_commit(home: Path, when: datetime, text: str, message: str = "raise the k8s timeout") -> None:
+    (home / "config.toml").write_text(text)
+    git_at(home, when, "commit", "-q", "-am", message)
+
+
+def make_home(home: Path, *, k8s_after: float = 0.02, other: float = 0.3) -> Path:
+    """Two weeks: K8S fails 30% of runs before SPLIT and ``k8s_after`` after; OTHER fails
+    ``other`` throughout. config.toml is in git since before the windows."""
+    runs = rate_runs(LO, SPLIT, 300, 0.3, K8S, seed=1) + rate_runs(SPLIT, END, 300, k8s_after, K8S, seed=2)
+    runs += rate_runs(LO, END, 400, other, OTHER, seed=3)
+    write_runs(home / "conversations.db", runs)
+    (home / "config.toml").write_text(CONFIG)
+    git_at(home, LO, "init", "-q")
+    git_at(home, LO - timedelta(days=3), "add", "config.toml")
+    git_at(home, LO - timedelta(days=3), "commit", "-q", "-m", "my config")
+    return home
+
+
+def open_home(home: Path):
+    s = settings_for(home)
+    return connect(s.db_path), s
+
+
+def test_a_planted_fall_is_credited_to_a_persons_commit_and_becomes_a_rule(binks_home):
+    home = make_home(binks_home)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
+    conn, s = open_home(home)
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    sig = next(e for e in r["improved"] if e["subject"] == f"timeout:{K8S}")
+    assert sig["before_rate"] > 0.1 and sig["after_rate"] < 0.03 and sig["p_value"] < 0.05
+    assert sig["attributed"] and sig["commit"]["changes"] == [
+        {"kind": "config", "file": "config.toml", "path": ["tools", K8S, "timeout_ms"], "op": "set", "value": 120000}]
+    assert "a person's change" in sig["explanation"] and sig["commit"]["author"] == "Dot Files"
+    assert not any(e["subject"] in (f"timeout:{OTHER}", OTHER) for e in r["improved"])  # no fall there
+    rule = RuleStore(conn).get(sig["rule_id"])
+    assert rule.template == [{"path": ["tools", "{tool}", "timeout_ms"], "op": "set", "value": 120000}]
+    (origin, ev), = rule.evidence.items()
+    assert origin.endswith(f":{K8S}") and ev["source"] == "learned" and ev["worked"]
+    assert ev["before"] > 0.1 and ev["after"] < 0.03 and ev["reduction"] > 0.8 and ev["p_value"] < 0.05
+    assert ev["n_before"] > 100 and ev["n_after"] > 100
+    assert rule.failure_kind == get_pattern(conn, f"timeout:{K8S}", since=LO.isoformat(), now=END,
+                                            until=SPLIT).failure_kind
+    # where it could apply now: the other tool that still times out the same way
+    assert [a["tool"] for a in r["applicable"] if a["rule_id"] == rule.id] == [OTHER]
+    assert r["suggestions"] and OTHER in r["suggestions"][0] and K8S in r["suggestions"][0]
+    # learning twice counts the same place once
+    learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    assert RuleStore(conn).get(rule.id).places == 1
+
+
+def test_a_fall_without_a_persons_commit_is_said_so(binks_home):
+    home = make_home(binks_home)
+    # selfheal's own commit (with its trailers) is not a person's change
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED,
+                  "selfheal: raise\n\nSelf-Heal-Improvement: imp-x\nSelf-Heal-Action: apply")
+    conn, s = open_home(home)
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    sig = next(e for e in r["improved"] if e["subject"] == f"timeout:{K8S}")
+    assert not sig["attributed"] and sig["explanation"].startswith(learning.NO_CHANGE)
+    assert r["commits"] == [] and r["learned_rules"] == [] and RuleStore(conn).list() == []
+
+
+def test_a_commit_whose_timing_does_not_fit_is_not_credited(binks_home):
+    home = make_home(binks_home)
+    person_commit(home, LO + timedelta(days=3), RAISED)  # four days before the errors fell
+    conn, s = open_home(home)
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    sig = next(e for e in r["improved"] if e["subject"] == f"timeout:{K8S}")
+    assert not sig["attributed"] and "timing does not fit" in sig["explanation"]
+    assert sig["rejected"][0]["reason"].startswith("the errors fell between")
+    assert RuleStore(conn).list() == []
+
+
+def test_no_fall_gives_nothing(binks_home):
+    home = make_home(binks_home, k8s_after=0.3)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
+    conn, s = open_home(home)
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    assert r["improved"] == [] and r["learned_rules"] == [] and r["tested"] > 0
+    assert len(r["commits"]) == 1  # the commit is seen, but credited with nothing
+
+
+def test_a_config_diff_names_only_tool_and_server_settings():
+    old = '[self_heal]\nlookback = "-7d"\n[tools."a"]\ntimeout_ms = 1\n[tools."a".circuit_breaker]\nfailure_threshold = 3\n'
+    new = ('[self_heal]\nlookback = "-3d"\n[tools."a"]\ntimeout_ms = 2\n[servers."s"]\nhealth_check = true\n')
+    assert learning.config_diff(old, new) == [
+        {"kind": "config", "file": "config.toml", "path": ["servers", "s", "health_check"], "op": "set", "value": True},
+        {"kind": "config", "file": "config.toml", "path": ["tools", "a", "circuit_breaker", "failure_threshold"],
+         "op": "delete"},
+        {"kind": "config", "file": "config.toml", "path": ["tools", "a", "timeout_ms"], "op": "set", "value": 2}]
+
+
+def _learned_home(binks_home):
+    home = make_home(binks_home)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
+    conn, s = open_home(home)
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    return conn, s, r["learned_rules"][0]["rule"]["id"]
+
+
+def test_a_rule_is_a_prior_for_the_same_keys_and_a_disabled_rule_is_not(binks_home):
+    conn, s, rid = _learned_home(binks_home)
+    plugins.load_plugins()
+    pattern = get_pattern(conn, f"timeout:{OTHER}", since="-7d", now=END)
+    proposal = make_proposal(pattern, history_window(conn, s, "-7d", now=END))
+    assert proposal.strategy == "timeout" and proposal.changes[0].path == ["tools", OTHER, "timeout_ms"]
+    prior = proposal.evidence["prior"]
+    assert prior["rules"] == [rid] and prior["places"] == 1 and prior["worked"] == 1
+    assert "a learned rule worked in 1 of 1 place, median -" in proposal.expected_impact
+    RuleStore(conn).set_enabled(rid, False)
+    again = make_proposal(pattern, history_window(conn, s, "-7d", now=END))
+    assert "prior" not in again.evidence and "learned rule" not in again.expected_impact
+    # the tool the rule was learned on gets no prior from its own measurement
+    own = get_pattern(conn, f"timeout:{K8S}", since=LO.isoformat(), now=END, until=SPLIT)
+    RuleStore(conn).set_enabled(rid, True)
+    assert "prior" not in make_proposal(own, history_window(conn, s, LO.isoformat(), now=END, until=SPLIT)).evidence
+
+
+class ManualOnly(Strategy):
+    """Test-only: answers timeouts with a step for a person, no config change."""
+    name = "manual-timeout-test"
+    error_types = ("timeout",)
+    kinds = ("hang", "slow_tail")
+    summary = "Ask a person (tests only)"
+
+    def propose(self, pattern, history):
+        return self.make_proposal(pattern, description="Ask the server's owner", expected_impact="unknown",
+                                  risk_level="low", changes=[Change.manual("ask the owner why it hangs")])
+
+
+class ManualPlugin:
+    @hookimpl
+    def register_strategies(self, register):
+        register(ManualOnly())
+
+
+def test_a_rule_gives_a_proposal_when_the_strategy_has_no_config_change_and_stops_when_disabled(binks_home):
+    conn, s, rid = _learned_home(binks_home)
+    plugins.strategies(s)
+    plugin = ManualPlugin()
+    plugins.register(plugin, "manual-timeout-test")
+    try:
+        first = propose_detailed(conn, s, f"timeout:{OTHER}", since="-7d", now=END)
+        imp = first.improvement
+        assert first.created and imp.strategy == f"rule:{rid}" and imp.risk_level == "medium"
+        assert imp.changes[0] == {"kind": "config", "file": "config.toml", "path": ["tools", OTHER, "timeout_ms"],
+                                  "op": "set", "value": 120000}
+        assert imp.changes[1]["kind"] == "manual" and imp.evidence["rule"]["id"] == rid
+        # one open proposal per pattern: asking again returns it
+        assert propose_detailed(conn, s, f"timeout:{OTHER}", since="-7d", now=END).improvement.id == imp.id
+        RuleStore(conn).set_enabled(rid, False)
+        after = propose_detailed(conn, s, f"timeout:{OTHER}", since="-7d", now=END).improvement
+    finally:
+        plugins.unregister(plugin)
+    assert ImprovementStore(conn).get(imp.id).status == "superseded"
+    assert after.id != imp.id and after.strategy == "manual-timeout-test"
+
+
+def test_a_verified_keep_becomes_a_verified_rule(binks_home):
+    home = binks_home
+    write_runs(home / "conversations.db", rate_runs(LO, SPLIT, 300, 0.3, K8S, seed=1)
+               + rate_runs(SPLIT, END, 300, 0.0, K8S, seed=2))
+    conn, s = open_home(home)
+    plugins.load_plugins()
+    imp = propose_detailed(conn, s, f"timeout:{K8S}", since=LO.isoformat(), now=SPLIT).improvement
+    apply_improvement(conn, s, imp.id, now=SPLIT)
+    v = verify_improvement(conn, s, imp.id, now=END)
+    assert v["recommendation"] == "keep" and v["rule_id"]
+    rule = RuleStore(conn).get(v["rule_id"])
+    (ev,) = rule.evidence.values()
+    assert ev["source"] == "verified" and ev["worked"] and ev["note"] == f"improvement {imp.id}"
+    assert rule.template[0]["path"] == ["tools", "{tool}", "timeout_ms"]
+    assert rule.failure_kind == imp.evidence["failure_kind"]
+
+
+# ------------------------------------------------------------------ CLI and service
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(agent, ["self-heal", *args], catch_exceptions=False)
+
+
+def test_cli_learn_lists_improvements_rules_and_turns_rules_off(binks_home, monkeypatch):
+    home = make_home(binks_home)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
+    with SelfHeal(home=home, clock=lambda: END) as sh:
+        rid = sh.learn(since=SPLIT.isoformat())["learned_rules"][0]["rule"]["id"]
+    res = _cli("learn", "--home", str(home), "--rules", "--json")
+    assert res.exit_code == 0, res.output
+    assert [r["id"] for r in json.loads(res.output)["rules"]] == [rid]
+    res = _cli("learn", "--home", str(home), "--rules")
+    assert res.exit_code == 0 and rid in res.output
+    assert all(len(line) <= 80 for line in res.output.splitlines())
+    res = _cli("learn", "--home", str(home), "--disable", rid)
+    assert res.exit_code == 0 and "disabled" in res.output
+    conn, _ = open_home(home)
+    assert not RuleStore(conn).get(rid).enabled
+    res = _cli("learn", "--home", str(home), "--enable", rid, "--json")
+    assert res.exit_code == 0 and json.loads(res.output)["rule"]["enabled"] is True
+
+
+def test_cli_learn_text_fits_80_columns_and_escapes_history_text(binks_home, monkeypatch):
+    home = make_home(binks_home)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED, "raise \x1b[31mred\x1b[0m timeout")
+    monkeypatch.setenv("COLUMNS", "80")
+    res = _cli("learn", "--home", str(home), "--since", SPLIT.isoformat(), "--until", END.isoformat())
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output
+    assert all(len(line) <= 80 for line in res.output.splitlines()), res.output
+    assert K8S in res.output and "person" in res.output and OTHER in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--since", "-7x"], "invalid time window"),
+    (["--disable", "rule-000000000000"], "no rule"),
+    (["--enable", "rule-000000000000"], "no rule"),
+    (["--enable", "a", "--disable", "b"], "one of"),
+    (["--until", "soon"], "invalid time window"),
+    (["--since", "-1d", "--until", "-3d"], "nothing to compare"),
+])
+def test_cli_learn_bad_input_is_one_line_and_changes_nothing(binks_home, args, message):
+    home = make_home(binks_home)
+    db = home / "conversations.db"
+    before = db.read_bytes()
+    res = _cli("learn", "--home", str(home), *args)
+    assert res.exit_code in (1, 2) and message in res.output and "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and message in errors[0], res.output
+    assert db.read_bytes() == before
+
+
+# ------------------------------------------------------------------ MCP
+
+
+def test_mcp_learn_is_read_only_and_rules_turn_off_through_it(binks_home):
+    home = make_home(binks_home)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
+    with SelfHeal(home=home, clock=lambda: END) as sh:
+        rid = sh.learn(since=SPLIT.isoformat())["learned_rules"][0]["rule"]["id"]
+
+    async def go():
+        async with Client(build_server(home)) as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            learned = await client.call_tool("learn_from_success", {"since": SPLIT.isoformat(),
+                                                                     "until": END.isoformat()})
+            off = await client.call_tool("set_rule_enabled", {"rule_id": rid, "enabled": False})
+            bad = await client.call_tool("set_rule_enabled", {"rule_id": "rule-nope", "enabled": True})
+            listed = await client.call_tool("list_rules", {})
+            return tools, learned, off, bad, listed
+
+    tools, learned, off, bad, listed = anyio.run(go)
+    assert tools["learn_from_success"].annotations.read_only_hint
+    assert not tools["set_rule_enabled"].annotations.read_only_hint
+    data = learned.structured_content
+    assert data["recorded"] is False and any(e["subject"] == f"timeout:{K8S}" and e["attributed"]
+                                             for e in data["improved"])
+    assert off.structured_content["rule"]["enabled"] is False
+    assert bad.is_error and "no rule" in bad.content[0].text and "Traceback" not in bad.content[0].text
+    assert [r["enabled"] for r in listed.structured_content["rules"]] == [False]
+
+
+def test_evidence_imported_from_other_homes_is_a_prior_too(binks_home):
+    home = make_home(binks_home)  # no person's commit: nothing learned here
+    conn, s = open_home(home)
+    plugins.load_plugins()
+    pattern = get_pattern(conn, f"timeout:{OTHER}", since="-7d", now=END)
+    template = [{"path": ["tools", "{tool}", "timeout_ms"], "op": "set", "value": 90000}]
+    entry = {"source": "imported", "worked": True, "reduction": 0.9, "before": 0.3, "after": 0.03,
+             "n_before": 400, "n_after": 380, "measured_at": "2026-11-01T00:00:00.000000Z"}
+    RuleStore(conn).merge(Rule.build(pattern.failure_kind, template, "set timeout_ms = 90000",
+                                     {"team-a:mcp__k8s__logs": entry,
+                                      "team-b:mcp__db__query": {**entry, "worked": False, "reduction": 0.0}}))
+    RuleStore(conn).merge(Rule.build("rate_limited", template, "other kind", {"team-c:x": entry}))
+    proposal = make_proposal(pattern, history_window(conn, s, "-7d", now=END))
+    prior = proposal.evidence["prior"]
+    assert (prior["places"], prior["worked"], prior["sources"]) == (2, 1, ["imported"])
+    assert "worked in 1 of 2 places, median -90% errors" in proposal.expected_impact
+    assert proposal.strategy == "timeout"  # a prior never replaces the strategy's own config change
+
+
+def test_an_open_manual_only_proposal_gives_way_to_a_rule_learned_later(binks_home):
+    home = make_home(binks_home)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
+    conn, s = open_home(home)
+    plugins.strategies(s)
+    plugin = ManualPlugin()
+    plugins.register(plugin, "manual-timeout-test")
+    try:
+        manual = propose_detailed(conn, s, f"timeout:{OTHER}", since="-7d", now=END).improvement
+        assert manual.strategy == "manual-timeout-test"  # no rule yet: the strategy's steps
+        rid = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)["learned_rules"][0]["rule"]["id"]
+        ruled = propose_detailed(conn, s, f"timeout:{OTHER}", since="-7d", now=END).improvement
+    finally:
+        plugins.unregister(plugin)
+    assert ruled.strategy == f"rule:{rid}" and ruled.id != manual.id
+    old = ImprovementStore(conn).get(manual.id)
+    assert old.status == "superseded" and old.evidence["superseded_by_strategy"] == f"rule:{rid}"
+    open_rows = conn.execute("SELECT count(*) FROM improvements WHERE pattern_id = ? AND status IN "
+                             "('proposed', 'tested')", (f"timeout:{OTHER}",)).fetchone()[0]
+    assert open_rows == 1
