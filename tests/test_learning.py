@@ -103,16 +103,27 @@ def test_a_planted_fall_is_credited_to_a_persons_commit_and_becomes_a_rule(binks
     assert RuleStore(conn).get(rule.id).places == 1
 
 
-def test_a_fall_without_a_persons_commit_is_said_so(binks_home):
+def test_a_fall_without_a_commit_is_said_so(binks_home):
     home = make_home(binks_home)
-    # selfheal's own commit (with its trailers) is not a person's change
-    person_commit(home, SPLIT + timedelta(minutes=10), RAISED,
-                  "selfheal: raise\n\nSelf-Heal-Improvement: imp-x\nSelf-Heal-Action: apply")
     conn, s = open_home(home)
     r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
     sig = next(e for e in r["improved"] if e["subject"] == f"timeout:{K8S}")
     assert not sig["attributed"] and sig["explanation"].startswith(learning.NO_CHANGE)
     assert r["commits"] == [] and r["learned_rules"] == [] and RuleStore(conn).list() == []
+
+
+def test_a_fall_selfheal_made_is_named_as_ours_and_not_learned_as_a_persons(binks_home):
+    home = make_home(binks_home)
+    # selfheal's own commit (with its trailers) is not a person's change: named, not learned
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED,
+                  "selfheal: raise\n\nSelf-Heal-Improvement: imp-x\nSelf-Heal-Action: apply")
+    conn, s = open_home(home)
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    sig = next(e for e in r["improved"] if e["subject"] == f"timeout:{K8S}")
+    assert not sig["attributed"] and sig["by_selfheal"] == "imp-x"
+    assert sig["explanation"].startswith("selfheal's own improvement imp-x (commit ")
+    assert [c["improvement"] for c in r["commits"]] == ["imp-x"]
+    assert r["learned_rules"] == [] and RuleStore(conn).list() == []
 
 
 def test_a_commit_whose_timing_does_not_fit_is_not_credited(binks_home):

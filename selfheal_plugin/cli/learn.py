@@ -55,10 +55,11 @@ def print_learn(r: dict[str, Any]) -> None:
     else:
         click.echo("Nothing improved significantly between the two windows.")
     if r["commits"]:
-        t = _table("A person's config.toml commits in the windows", "commit", "when", "author", "changed")
+        t = _table("config.toml commits in the windows", "commit", "when", "by", "changed")
         for c in r["commits"]:
             changed = ", ".join(".".join(ch["path"]) for ch in c["changes"]) or c.get("note") or "no tool/server key"
-            t.add_row(c["sha"][:12], c["at"][:16], for_rich(c["author"]), for_rich(changed))
+            by = f"selfheal ({c['improvement']})" if c.get("improvement") else c["author"]
+            t.add_row(c["sha"][:12], c["at"][:16], for_rich(by), for_rich(changed))
         out.print(t)
     if r["learned_rules"]:
         t = _table("Rules learned" + ("" if r.get("recorded", True) else " (not stored)"),

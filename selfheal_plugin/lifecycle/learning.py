@@ -238,11 +238,13 @@ class ConfigCommit:
     subject: str
     changes: list[dict[str, Any]]  # Change.to_dict() shape, only tools."X"/servers."Y" keys
     note: str | None = None  # why its changes could not be read
+    improvement: str | None = None  # selfheal's own commit: the improvement its trailer names
 
     def to_dict(self) -> dict[str, Any]:
         return {"sha": self.sha, "at": format_timestamp(datetime.fromtimestamp(self.at, tz=timezone.utc)),
                 "author": self.author, "subject": self.subject, "changes": self.changes,
-                **({"note": self.note} if self.note else {})}
+                **({"note": self.note} if self.note else {}),
+                **({"improvement": self.improvement} if self.improvement else {})}
 
     def touches(self, tool: str) -> list[dict[str, Any]]:
         server = server_of(tool)
@@ -289,16 +291,21 @@ def config_diff(old: str | None, new: str | None) -> list[dict[str, Any]]:
 _MISSING = object()
 
 
-def _ours(body: str) -> bool:
-    lines = {ln.strip().split(":", 1)[0] for ln in body.splitlines() if ":" in ln}
-    return bool(lines & {gitops.TRAILER_IMPROVEMENT, gitops.TRAILER_ACTION})
+def _ours(body: str) -> str | None:
+    """The improvement a selfheal commit's trailers name ("" for one without an id), None for
+    a person's commit."""
+    trailers = dict(ln.strip().split(":", 1) for ln in body.splitlines() if ":" in ln)
+    if not set(trailers) & {gitops.TRAILER_IMPROVEMENT, gitops.TRAILER_ACTION}:
+        return None
+    return bounded(trailers.get(gitops.TRAILER_IMPROVEMENT, "").strip(), 80)
 
 
-def person_commits(settings: Settings, lo: float, hi: float) -> list[ConfigCommit]:
-    """A person's commits to the home's config.toml with committer time in [lo, hi) (epoch s),
-    oldest first. Only the home's own repository is read (from the settings, never from the
-    history); commits with selfheal's trailers, and a root commit (the file's first version,
-    no change to compare), are not a person's change."""
+def config_commits(settings: Settings, lo: float, hi: float) -> list[ConfigCommit]:
+    """Commits to the home's config.toml with committer time in [lo, hi) (epoch s), oldest
+    first: a person's, and selfheal's own (``improvement`` set from its trailers, so a fall
+    it caused is named as ours, never learned as a person's). Only the home's own repository
+    is read (from the settings, never from the history); a root commit (the file's first
+    version, no change to compare) is left out."""
     try:
         cr = gitops.locate(settings.config_path, settings.home)
     except gitops.GitOpsError as exc:
@@ -318,15 +325,17 @@ def person_commits(settings: Settings, lo: float, hi: float) -> list[ConfigCommi
             at = float(ct)
         except ValueError:
             continue
-        if not lo <= at < hi or not parents.strip() or _ours(body):
+        if not lo <= at < hi or not parents.strip():
             continue
+        ours = _ours(body)
         parent = parents.split()[0]
         note = None
         try:
             changes = config_diff(gitops.file_at(cr, parent), gitops.file_at(cr, sha))
         except Exception as exc:  # noqa: BLE001 - a person's broken TOML: named, not a crash
             changes, note = [], f"config.toml could not be read at this commit: {str(exc).splitlines()[0][:120]}"
-        commits.append(ConfigCommit(sha, at, bounded(author, 80), bounded(subject, 120), changes, note))
+        commits.append(ConfigCommit(sha, at, bounded(author, 80), bounded(subject, 120), changes, note,
+                                    None if ours is None else ours or "selfheal"))
     return sorted(commits, key=lambda c: c.at)
 
 
@@ -382,6 +391,11 @@ def attribute(conn: sqlite3.Connection, subject: Subject, commits: list[ConfigCo
         return {**base, "attributed": False, "commit": None, "rejected": rejected,
                 "explanation": f"{NO_CHANGE}: the timing does not fit {names}"}
     c, split = best
+    if c.improvement:  # our own fix: not "without us", and its verification keeps its rule
+        return {**base, "attributed": False, "by_selfheal": c.improvement, "commit": c.to_dict(), "split": split,
+                "rejected": rejected,
+                "explanation": f"selfheal's own improvement {c.improvement} (commit {c.sha[:12]} at "
+                               f"{c.to_dict()['at'][:16]}); not learned again"}
     return {**base, "attributed": True, "commit": c.to_dict(), "split": split, "rejected": rejected,
             "explanation": f"a person's change {c.sha[:12]} at {c.to_dict()['at'][:16]} "
                            f"({_change_text(subject.tool and c.touches(subject.tool) or c.changes)})"}
@@ -432,7 +446,7 @@ def learn(conn: sqlite3.Connection, settings: Settings, *, since: str | None = N
     tested = [t for t in tested if t[1] >= settings.min_occurrences and t[2] and t[4]]
     raw = [fell(bf, bn, af, an) for _, bf, bn, af, an in tested]
     adjusted = list(stats.false_discovery_control(raw, method="bh")) if raw else []
-    commits = person_commits(settings, w.lo * 3600, w.hi * 3600)
+    commits = config_commits(settings, w.lo * 3600, w.hi * 3600)
     improved = []
     for (subject, bf, bn, af, an), p in zip(tested, adjusted):
         if p < alpha and af / an < bf / bn:
@@ -681,5 +695,5 @@ def set_rule_enabled(conn: sqlite3.Connection, rule_id: str, enabled: bool) -> d
 
 
 __all__ = ["learn", "record_verified", "rule_prior", "with_prior", "rule_proposal", "is_rule_strategy",
-           "rule_usable", "applicable_rules", "person_commits", "config_diff", "windows", "fell",
+           "rule_usable", "applicable_rules", "config_commits", "config_diff", "windows", "fell",
            "rules_list", "set_rule_enabled"]
