@@ -76,7 +76,7 @@ class TimeoutStrategy(ModeledStrategy):
         old = ev.get("old_timeout_ms") if isinstance(ev.get("old_timeout_ms"), int) else None
         out = [main]
         if "retry_attempts" not in keys:
-            alt = self._retry(pattern, history, old, dict(ev))
+            alt = self._retry(pattern, history, old, dict(ev), alternative=True)
             if any(c.kind == "config" for c in alt.changes):
                 out.append(alt)
         if "timeout_ms" not in keys and old:
@@ -99,7 +99,10 @@ class TimeoutStrategy(ModeledStrategy):
             changes_required=[f"Set [tools.\"{pattern.tool_name}\"] timeout_ms: {before}"],
         )
 
-    def _retry(self, pattern: Any, history: HistoryWindow, old: int | None, evidence: dict[str, Any]) -> Proposal:
+    def _retry(self, pattern: Any, history: HistoryWindow, old: int | None, evidence: dict[str, Any],
+               alternative: bool = False) -> Proposal:
+        """Retries: the fix when the timeouts look like hangs, or (``alternative``) the other
+        candidate beside a raised limit, whatever the durations say."""
         rate = pattern.failure_rate
         plan = retry_plan(pattern, history)
         n, reduction = plan.attempts, plan.reduction
@@ -115,8 +118,9 @@ class TimeoutStrategy(ModeledStrategy):
         changes = plan.changes(pattern.tool_name)
         return self.make_proposal(
             pattern,
-            description=(f"Retry {pattern.tool_name} up to {n} time(s): its timeouts look like hangs "
-                         f"(p99 of completed calls is below the {old} ms limit)"),
+            description=(f"Retry {pattern.tool_name} up to {n} time(s): " + (
+                "an alternative to raising its limit, to compare" if alternative else
+                f"its timeouts look like hangs (p99 of completed calls is below the {old} ms limit)")),
             expected_impact=impact_text(reduction, f"timeouts on {pattern.tool_name}",
                                         f"{percent(rate)} of calls time out; no retry seen in the history"
                                         if plan.model == "independence" else

@@ -172,7 +172,7 @@ def test_a_rule_is_a_prior_for_the_same_keys_and_a_disabled_rule_is_not(binks_ho
     assert proposal.strategy == "timeout" and proposal.changes[0].path == ["tools", OTHER, "timeout_ms"]
     prior = proposal.evidence["prior"]
     assert prior["rules"] == [rid] and prior["places"] == 1 and prior["worked"] == 1
-    assert "a learned rule worked in 1 of 1 place, median -" in proposal.expected_impact
+    assert "a learned rule worked in 1 of 1 place (median -" in proposal.expected_impact
     RuleStore(conn).set_enabled(rid, False)
     again = make_proposal(pattern, history_window(conn, s, "-7d", now=END))
     assert "prior" not in again.evidence and "learned rule" not in again.expected_impact
@@ -340,7 +340,7 @@ def test_evidence_imported_from_other_homes_is_a_prior_too(binks_home):
     proposal = make_proposal(pattern, history_window(conn, s, "-7d", now=END))
     prior = proposal.evidence["prior"]
     assert (prior["places"], prior["worked"], prior["sources"]) == (2, 1, ["imported"])
-    assert "worked in 1 of 2 places, median -90% errors" in proposal.expected_impact
+    assert "worked in 1 of 2 places (median -90% errors)" in proposal.expected_impact
     assert proposal.strategy == "timeout"  # a prior never replaces the strategy's own config change
 
 

@@ -6,7 +6,10 @@ from typing import Any, Callable
 
 import click
 
+from selfheal_plugin.cli.ab import print_experiment
 from selfheal_plugin.cli.common import echo_json, err_console, pct
+from selfheal_plugin.cli.learn import print_rules
+from selfheal_plugin.history.text import for_terminal
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.testbed.demo import DEMO_RUNS, DemoStep, run_demo
 from selfheal_plugin.errors import SelfHealError, UsageError
@@ -80,6 +83,23 @@ def print_step(s: DemoStep) -> None:
                        f"p={_p(p['p_value'])})")
         click.echo(f"  Actual impact: {d['actual_impact']}")
         click.echo(f"  Recommendation: {d['recommendation']} ({d['verification_status']}) — {d['reason']}")
+    elif s.name == "rules":
+        print_rules(d["rules"])
+    elif s.name == "detect_week3":
+        p = d["proposal"]
+        click.echo(f"  {for_terminal(d['pattern_id'])}: {p['improvement_id']} ({p['strategy']}): "
+                   f"{for_terminal(p['description'])}")
+        click.echo(f"    expected: {for_terminal(p['expected_impact'])}")
+    elif s.name == "ab_start":
+        click.echo(f"  {d['experiment_id']}: {len(d['arms'])} arms beside a control, commit {d['start_sha'][:12]}")
+        for arm in d["arms"]:
+            click.echo(f"    {arm['improvement_id']} ({arm.get('strategy')}): {for_terminal(arm.get('description') or '')}")
+    elif s.name == "ab_status":
+        print_experiment(d)
+    elif s.name in ("ab_promote", "ab_drop"):
+        applied = d.get("applied") or {}
+        click.echo(f"  {d['experiment_id']} {d['status']}: end commit {(d.get('end_commit_sha') or '')[:12]}"
+                   + (f"; {applied['improvement_id']} applied, commit {applied['commit_sha'][:12]}" if applied else ""))
     elif s.name == "dashboard":
         from selfheal_plugin.cli.health import _print_dashboard
 
@@ -119,15 +139,18 @@ class _LiveStatus:
               help="Use this new or empty directory as the demo home, and keep it (default: a temporary one).")
 @click.option("--keep", is_flag=True, help="Keep the temporary demo home afterwards (its path is printed).")
 @setting_option("runs", "--runs", default=DEMO_RUNS, show_default=True)
+@click.option("--second-act", is_flag=True,
+              help="Two more weeks: the verified fix kept as a rule, a new pattern it is the prior of, an A/B "
+                   "experiment of that pattern's candidate fixes and the winner promoted (about twice as long).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def demo(directory: str | None, keep: bool, runs: int, as_json: bool) -> None:
+def demo(directory: str | None, keep: bool, runs: int, second_act: bool, as_json: bool) -> None:
     """Run the whole loop in a throwaway home: a week of real tool calls, detect, propose,
     test, apply (a git commit), another week, verify and the dashboard."""
     if not as_json:
         click.echo("🩹 selfheal demo: a simulated week of agent runs against real MCP tool servers, then the fix")
     status = _LiveStatus(enabled=not as_json)
     try:
-        result = run_demo(directory, keep=keep, runs=runs, on_start=status.start,
+        result = run_demo(directory, keep=keep, runs=runs, second_act=second_act, on_start=status.start,
                           on_step=None if as_json else status.done(print_step))
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None

@@ -186,6 +186,20 @@ def merge_evidence(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[s
     return merged
 
 
+def evidence_summary(evidence: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What evidence entries (one per origin) say together: places, worked, the median
+    reduction where it worked, sources, and the one-line ``summary``
+    ("worked in 3 of 4 places (median -88% errors)")."""
+    worked = [e for e in evidence.values() if e.get("worked")]
+    reductions = [e["reduction"] for e in worked if isinstance(e.get("reduction"), (int, float))]
+    med = statistics.median(reductions) if reductions else None
+    places = len(evidence)
+    text = f"worked in {len(worked)} of {places} place{'s' if places != 1 else ''}"
+    return {"places": places, "worked": len(worked), "median_reduction": med,
+            "sources": sorted({str(e.get("source", "")) for e in evidence.values()}),
+            "summary": text + (f" (median -{med:.0%} errors)" if med is not None else "")}
+
+
 @dataclass
 class Rule:
     id: str
@@ -204,22 +218,19 @@ class Rule:
 
     @property
     def worked(self) -> int:
-        return sum(1 for e in self.evidence.values() if e.get("worked"))
+        return evidence_summary(self.evidence)["worked"]
 
     @property
     def median_reduction(self) -> float | None:
-        values = [e["reduction"] for e in self.evidence.values() if e.get("worked") and "reduction" in e]
-        return statistics.median(values) if values else None
+        return evidence_summary(self.evidence)["median_reduction"]
 
     @property
     def sources(self) -> list[str]:
-        return sorted({e.get("source", "") for e in self.evidence.values()})
+        return evidence_summary(self.evidence)["sources"]
 
     def summary(self) -> str:
         """"worked in 3 of 4 places (median -88% errors)"."""
-        text = f"worked in {self.worked} of {self.places} place{'s' if self.places != 1 else ''}"
-        med = self.median_reduction
-        return text + (f" (median -{med:.0%} errors)" if med is not None else "")
+        return evidence_summary(self.evidence)["summary"]
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "failure_kind": self.failure_kind, "error_type": self.error_type,

@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
-import statistics
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -51,7 +50,7 @@ from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.connection import get_state
 from selfheal_plugin.history.errorindex import refresh
 from selfheal_plugin.history.rules import (
-    Rule, RuleError, RuleStore, home_id, instantiate, server_of, template_from_changes,
+    Rule, RuleError, RuleStore, evidence_summary, home_id, instantiate, server_of, template_from_changes,
 )
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.text import bounded
@@ -614,14 +613,9 @@ def rule_prior(conn: sqlite3.Connection, tool: str, failure_kind: str | None,
     entries = {o: e for r in matching for o, e in r.evidence.items() if o != own}
     if not entries:
         return None
-    worked = [e for e in entries.values() if e.get("worked")]
-    reductions = [e["reduction"] for e in worked if isinstance(e.get("reduction"), (int, float))]
-    med = statistics.median(reductions) if reductions else None
-    summary = f"worked in {len(worked)} of {len(entries)} place{'s' if len(entries) != 1 else ''}" + (
-        f", median -{med:.0%} errors" if med is not None else "")
-    return {"rules": [r.id for r in matching], "places": len(entries), "worked": len(worked),
-            "median_reduction": None if med is None else round(med, 4),
-            "sources": sorted({e.get("source", "") for e in entries.values()}), "summary": summary}
+    told = evidence_summary(entries)
+    med = told["median_reduction"]
+    return {"rules": [r.id for r in matching], **told, "median_reduction": None if med is None else round(med, 4)}
 
 
 def with_prior(conn: sqlite3.Connection, proposal: Proposal) -> Proposal:

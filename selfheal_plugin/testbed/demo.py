@@ -12,6 +12,19 @@ Two simulated weeks on one :class:`~selfheal_plugin.history.clock.SimulatedClock
 ``A`` is a week before the real now, so the second week ends about now and the
 dashboard's "last 7 days" is the week after the fix. Notifications go to an inbox inside
 the demo home, never to the user's.
+
+With ``second_act`` two more weeks follow (the timeline starts two weeks earlier, so it
+still ends about now):
+
+5. the fix verified in act 1 is kept as a rule (learning from success);
+6. week 3: the ``flaky`` status service slows down (a median of 17 s against the runtime's
+   20 s limit) and the ops workflow runs more; detect finds its timeouts, and the timeout
+   strategy's proposal carries the rule as its prior ("a learned rule worked in 1 of 1 place");
+7. an A/B experiment of the strategy's two candidates for it (a raised limit, retries)
+   beside a control (a git commit of an ``[ab."ID"]`` section);
+8. week 4 under the experiment (ToolPolicy assigns each run to an arm), then the judge
+   (chi-square across the groups, each arm against the control by Fisher's exact test,
+   Holm-corrected) and the winner promoted as a normal applied improvement.
 """
 from __future__ import annotations
 
@@ -20,7 +33,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,10 +42,15 @@ from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.clock import SimulatedClock
 from selfheal_plugin.lifecycle import gitops
 from selfheal_plugin.service import SelfHeal
-from selfheal_plugin.testbed.agent import TestbedConfig, run_workload
+from selfheal_plugin.testbed.agent import TestbedConfig, run_workload, tool_name
 
 DEMO_RUNS = 200
 DEMO_DAYS = 7
+# The second act's weeks: the flaky status service slows to a median of 17 s against the
+# runtime's 20 s limit (about 29 % of its calls time out) and the ops workflow, which calls it
+# twice, is half of the runs, so each arm of the experiment sees some 60 of its calls.
+ACT2_FLAKY_WORK_MS = 17_000.0
+ACT2_WORKFLOWS = {"researcher": 0.3, "planner": 0.2, "ops": 0.5}
 
 
 @dataclass
@@ -94,7 +112,7 @@ def _workload_data(summary: Any) -> dict[str, Any]:
 def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: int = DEMO_RUNS,
              on_step: Callable[[DemoStep], None] | None = None, testbed_config: Any = None,
              now: datetime | None = None, on_start: Callable[[str, str], None] | None = None,
-             seed: int = 1) -> DemoResult:
+             seed: int = 1, second_act: bool = False) -> DemoResult:
     """Run the demo; ``on_start(name, title)`` is called as each step begins (the CLI shows a
     live status line there) and ``on_step`` after it (the CLI prints its findings).
 
@@ -103,7 +121,8 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
     benchmark).
 
     The home is a new temporary directory unless ``directory`` (new or empty) is given;
-    it is removed at the end unless ``keep``. Returns every step's findings.
+    it is removed at the end unless ``keep``. Returns every step's findings. ``second_act``
+    adds the rule, A/B experiment and promotion of weeks 3 and 4 (module docs).
     """
     if runs < 40:
         raise UsageError(f"the demo needs at least 40 runs per week to verify anything, got {runs}")
@@ -114,7 +133,7 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
     try:
         with _demo_environment(home):
             _run(home, runs, steps, on_step or (lambda s: None), testbed_config, now,
-                 on_start or (lambda name, title: None), seed)
+                 on_start or (lambda name, title: None), seed, second_act)
     except BaseException:
         if not kept:
             shutil.rmtree(home, ignore_errors=True)
@@ -125,7 +144,8 @@ def run_demo(directory: str | Path | None = None, *, keep: bool = False, runs: i
 
 
 def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoStep], None],
-         testbed_config: Any, now: datetime | None, on_start: Callable[[str, str], None], seed: int = 1) -> None:
+         testbed_config: Any, now: datetime | None, on_start: Callable[[str, str], None], seed: int = 1,
+         second_act: bool = False) -> None:
 
     def step(name: str, title: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         on_start(name, title)
@@ -137,7 +157,7 @@ def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoSt
         return data
 
     real_now = (now or datetime.now(timezone.utc)).replace(second=0, microsecond=0)
-    applied_at = real_now - timedelta(days=DEMO_DAYS)
+    applied_at = real_now - timedelta(days=DEMO_DAYS * (3 if second_act else 1))
     week_start = applied_at - timedelta(days=DEMO_DAYS)
     verify_at = applied_at + timedelta(days=DEMO_DAYS)
     clock = SimulatedClock(week_start)
@@ -191,7 +211,48 @@ def _run(home: Path, runs: int, steps: list[DemoStep], on_step: Callable[[DemoSt
                                                  days=DEMO_DAYS, config=config)))
         at[0] = verify_at
         step("verify", "Verify: the week before vs the week after the apply", lambda: sh.verify(chosen))
+        if second_act:
+            _second_act(sh, at, home, runs, clock, config, verify_at, seed, step)
         step("dashboard", "Health dashboard (the last 7 days)", lambda: sh.dashboard(since="-7d"))
+
+
+def _second_act(sh: SelfHeal, at: list[datetime], home: Path, runs: int, clock: SimulatedClock, config: Any,
+                week3: datetime, seed: int, step: Callable[..., dict[str, Any]]) -> None:
+    """Weeks 3 and 4: a rule from act 1's verified fix, its prior on a new pattern, and an A/B
+    experiment of that pattern's candidate fixes (module docs)."""
+    week4 = week3 + timedelta(days=DEMO_DAYS)
+    end = week4 + timedelta(days=DEMO_DAYS)
+    slow = replace(config, flaky_work_ms=ACT2_FLAKY_WORK_MS, workflow_weights=dict(ACT2_WORKFLOWS))
+    flaky = f"timeout:{tool_name('flaky')}"
+
+    step("rules", "Learning from success: the verified fix is kept as a rule", lambda: sh.rules())
+    step("workload_week3", "Week 3: the status service slows down (median 17 s against the 20 s limit)",
+         lambda: _workload_data(run_workload(home, runs=runs, seed=2 * seed + 101, clock=clock, start=week3,
+                                             days=DEMO_DAYS, config=slow)))
+    at[0] = week4
+
+    def detect() -> dict[str, Any]:
+        found = sh.detect(propose=True, until=week4)
+        mine = [p for p in found["proposals"] if p.get("pattern_id") == flaky]
+        if not mine:
+            raise DemoError(f"week 3 showed no recurring {flaky} pattern to experiment on")
+        return {"pattern_id": flaky, "proposal": mine[0]}
+
+    step("detect_week3", "Detect and propose: the rule is the new pattern's prior", detect)
+    started = step("ab_start", "A/B experiment of the strategy's candidate fixes beside a control (a git commit)",
+                   lambda: sh.ab_start(flaky))
+    step("workload_week4", "Week 4 under the experiment (ToolPolicy puts each run in an arm or the control)",
+         lambda: _workload_data(run_workload(home, runs=runs, seed=2 * seed + 102, clock=clock, start=week4,
+                                             days=DEMO_DAYS, config=slow)))
+    at[0] = end
+    judged = step("ab_status", "Judge the experiment (chi-square, Fisher per arm, Holm)",
+                  lambda: sh.ab_status(started["experiment_id"]))
+    if (judged.get("verdict") or {}).get("verdict") == "winner":
+        step("ab_promote", "Promote the winner (a normal applied improvement, a git commit)",
+             lambda: sh.ab_promote(started["experiment_id"]))
+    else:
+        step("ab_drop", "No significant winner this time: drop the experiment (a git commit)",
+             lambda: sh.ab_drop(started["experiment_id"]))
 
 
 class DemoError(SelfHealError):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tomllib
 
 import pytest
 
@@ -46,3 +47,44 @@ def test_a_non_empty_dir_is_refused(tmp_path):
     r = run_agent("self-heal", "demo", "--dir", str(target))
     assert r.returncode == 2 and "must be a new or empty directory" in r.stderr
     assert [p.name for p in target.iterdir()] == ["mine.txt"]
+
+
+def test_the_second_act_keeps_a_rule_runs_an_ab_experiment_and_promotes_its_winner(tmp_path):
+    home = tmp_path / "demo2"
+    r = run_agent("self-heal", "demo", "--second-act", "--dir", str(home), "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    steps = {s["name"]: s for s in json.loads(r.stdout)["steps"]}
+    assert list(steps) == ["home", "workload_before", "detect", "propose", "test", "apply", "workload_after",
+                           "verify", "rules", "workload_week3", "detect_week3", "ab_start", "workload_week4",
+                           "ab_status", "ab_promote", "dashboard"]
+    chosen = steps["test"]["chosen"]
+    assert steps["verify"]["recommendation"] == "keep"
+    # learning from success: act 1's verified fix is a rule, measured here
+    (rule,) = steps["rules"]["rules"]
+    assert rule["sources"] == ["verified"] and rule["worked"] == 1 and rule["enabled"]
+    assert rule["template"][0]["path"] == ["tools", "{tool}", "timeout_ms"]
+    # ... and the prior of week 3's new pattern, the slow status service's timeouts
+    proposal = steps["detect_week3"]["proposal"]
+    assert steps["detect_week3"]["pattern_id"] == "timeout:mcp__flaky__query_status"
+    assert proposal["expected_impact"].endswith(f"a learned rule {rule['summary']}")
+    # the experiment: the strategy's two candidates beside a control, a real commit
+    started = steps["ab_start"]
+    arms = {a["improvement_id"]: a for a in started["arms"]}
+    assert len(arms) == 2 and proposal["improvement_id"] in arms
+    section = subprocess.run(["git", "show", started["start_sha"]], cwd=home, capture_output=True, text=True).stdout
+    assert f'+[ab.{started["experiment_id"]}]' in section
+    # the judge: the raised limit wins (about a third of the control's calls time out, the
+    # raised limit lets nearly all finish: a margin no run-to-arm assignment can erase)
+    verdict = steps["ab_status"]["verdict"]
+    assert verdict["verdict"] == "winner" and verdict["winner"] == proposal["improvement_id"]
+    assert "timeout" in arms[verdict["winner"]]["description"].lower()
+    promoted = steps["ab_promote"]
+    assert promoted["status"] == "promoted" and promoted["applied"]["improvement_id"] == verdict["winner"]
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=home, capture_output=True, text=True).stdout
+    assert log.splitlines()[0].startswith("selfheal: Increase the timeout of mcp__flaky__query_status")
+    config = tomllib.loads((home / "config.toml").read_text())
+    assert "timeout_ms" in config["tools"]["mcp__flaky__query_status"] and "ab" not in config
+    improvements = run_agent("self-heal", "--home", str(home), "improvements", "--json")
+    statuses = {i["id"]: i["status"] for i in json.loads(improvements.stdout)["improvements"]}
+    assert statuses[chosen] == "verified" and statuses[verdict["winner"]] == "applied"
+    assert [statuses[a] for a in arms if a != verdict["winner"]] == ["ab_lost"]
