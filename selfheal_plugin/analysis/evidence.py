@@ -30,6 +30,7 @@ computed by tests/test_evidence.py and quoted in the README.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import os
@@ -319,6 +320,30 @@ def _server_errors(conn: sqlite3.Connection, server: str, lo: float, hi: float) 
     return [(float(ts), name) for ts, name in rows]
 
 
+class ServerErrors:
+    """The failed calls of one MCP server's tools between two instants, sorted by time,
+    all together and per tool, so that a pattern's streak is counted by bisection (read
+    once per server for all the patterns of a detect, see :func:`server_errors`)."""
+
+    def __init__(self, server: str, lo: float, hi: float, rows: list[tuple[float, str]]) -> None:
+        self.server, self.lo, self.hi = server, lo, hi
+        self.all = sorted(ts for ts, _ in rows)
+        self.by_tool: dict[str, list[float]] = {}
+        for ts, name in rows:
+            self.by_tool.setdefault(name, []).append(ts)
+        for times in self.by_tool.values():
+            times.sort()
+
+
+def server_errors(conn: sqlite3.Connection, server: str, lo: float, hi: float) -> ServerErrors:
+    """The server's failed calls with ``lo <= ts <= hi`` (one indexed range read)."""
+    return ServerErrors(server, lo, hi, _server_errors(conn, server, lo, hi))
+
+
+def _between(times: list[float], lo: float, hi: float) -> int:
+    return bisect.bisect_right(times, hi) - bisect.bisect_left(times, lo)
+
+
 # ---------------------------------------------------------------- the evidence of a pattern
 
 
@@ -329,26 +354,36 @@ def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, A
     same arguments, or retries in the same run) all failed and there were at least two;
     ``transient`` when at least half of those repeats succeeded; else ``mixed``, or
     ``undetermined`` with no repeat in the history."""
-    by_run: dict[str, list[_Call]] = {}
+    # ``calls`` are oldest first (ids ascending): the first call after an occurrence, of its
+    # run or with its arguments, is found by bisection in per-run and per-arguments lists.
+    by_run: dict[str, tuple[list[int], list[_Call]]] = {}
+    by_key: dict[str, tuple[list[int], list[_Call]]] = {}
     for c in calls:
-        by_run.setdefault(c.run_id, []).append(c)
+        ids, cs = by_run.setdefault(c.run_id, ([], []))
+        ids.append(c.event_id)
+        cs.append(c)
+        if c.args_key is not None:
+            ids, cs = by_key.setdefault(c.args_key, ([], []))
+            ids.append(c.event_id)
+            cs.append(c)
+
+    def next_after(lists: tuple[list[int], list[_Call]] | None, event_id: int) -> _Call | None:
+        if lists is None:
+            return None
+        i = bisect.bisect_right(lists[0], event_id)
+        return lists[1][i] if i < len(lists[1]) else None
+
     same_failed = same_ok = retried = retry_ok = follow = follow_ok = 0
-    keys = {}
     for o in occ:
-        key = args.get(o["event_id"])  # the arguments' JSON text, as the calls' args_key
-        keys[o["event_id"]] = key
-    for o in occ:
-        key = keys[o["event_id"]]
-        later = [c for c in calls if c.event_id > o["event_id"]]
-        in_run = [c for c in by_run.get(o["run_id"], ()) if c.event_id > o["event_id"]]
-        if in_run:
+        nxt_in_run = next_after(by_run.get(o["run_id"]), o["event_id"])
+        if nxt_in_run is not None:
             follow += 1
-            follow_ok += in_run[0].ok
+            follow_ok += nxt_in_run.ok
+        key = args.get(o["event_id"])  # the arguments' JSON text, as the calls' args_key
         if key is None:
             continue
-        same = [c for c in later if c.args_key == key]
-        if same:
-            nxt = same[0]
+        nxt = next_after(by_key.get(key), o["event_id"])
+        if nxt is not None:
             if nxt.ok:
                 same_ok += 1
             else:
@@ -370,23 +405,27 @@ def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, A
             "followed_in_run": follow, "follow_up_succeeded": follow_ok}
 
 
-def server_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[str, Any] | None:
+def server_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]],
+                  errors: ServerErrors | None = None) -> dict[str, Any] | None:
     """How often another tool of the same MCP server failed within :data:`STREAK_SECONDS`
-    of an occurrence; None for a tool of no MCP server."""
+    of an occurrence; None for a tool of no MCP server. ``errors`` are the server's failed
+    calls over at least the occurrences' span widened by :data:`STREAK_SECONDS` (read
+    here when not given)."""
     server = server_of(tool)
     if not server or not occ:
         return None
     times = sorted(o["ts"] for o in occ)
-    errors = _server_errors(conn, server, times[0] - STREAK_SECONDS, times[-1] + STREAK_SECONDS)
-    others = sorted((ts, name) for ts, name in errors if name != tool)
-    tools = {name for _, name in others}
-    other_ts = [ts for ts, _ in others]
+    lo, hi = times[0] - STREAK_SECONDS, times[-1] + STREAK_SECONDS
+    if errors is None or errors.server != server or errors.lo > lo or errors.hi < hi:
+        errors = server_errors(conn, server, lo, hi)
+    own = errors.by_tool.get(tool, [])
+    tools = sum(1 for name, ts in errors.by_tool.items() if name != tool and _between(ts, lo, hi))
     together = 0
-    for t in times:
-        i = bisect.bisect_left(other_ts, t - STREAK_SECONDS)
-        if i < len(other_ts) and other_ts[i] <= t + STREAK_SECONDS:
+    for t in times:  # a failure of another tool within the seconds around t: all of them minus this tool's
+        if _between(errors.all, t - STREAK_SECONDS, t + STREAK_SECONDS) > _between(own, t - STREAK_SECONDS,
+                                                                                  t + STREAK_SECONDS):
             together += 1
-    return {"server": server, "other_tools_failing": len(tools), "occurrences_with_server_streak": together,
+    return {"server": server, "other_tools_failing": tools, "occurrences_with_server_streak": together,
             "streak_share": round(together / len(times), 4)}
 
 
@@ -399,18 +438,43 @@ def _durations(calls: list[_Call], occ: list[dict[str, Any]]) -> dict[str, Any]:
             "success_ms_max": max(ok) if ok else None}
 
 
+def recent(occurrences: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The occurrences the evidence reads: the most recent :data:`MAX_OCCURRENCES`, oldest first."""
+    return sorted(occurrences, key=lambda o: o["event_id"])[-MAX_OCCURRENCES:]
+
+
+@functools.lru_cache(maxsize=16384)
+def _kind_and_codes(message: str, label: str | None) -> tuple[tuple[str, str], dict[str, Any]]:
+    """:func:`message_kind` and :func:`message_codes` of one message, read once per distinct
+    message (a recurring failure repeats its messages; the result is not to be changed)."""
+    return message_kind(message, label), message_codes(message)
+
+
 def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurrences: list[dict[str, Any]],
            *, check_paths: bool = True,
-           calls: tuple[list[_Call], dict[int, Any]] | None = None) -> dict[str, Any]:
+           calls: tuple[list[_Call], dict[int, Any]] | None = None,
+           server: ServerErrors | None = None) -> dict[str, Any]:
     """The evidence for one pattern (JSON data) with its ``kind``; see the module docstring.
 
     ``occurrences`` are the pattern's ``occurrences_detail`` (event_id, run_id, ts, message,
     template, duration_ms); the most recent :data:`MAX_OCCURRENCES` are read for arguments.
     ``calls`` is what :func:`tool_calls` returned for the tool (detect reads all patterns'
-    tools in one scan); read here when not given."""
-    occ = sorted(occurrences, key=lambda o: o["event_id"])[-MAX_OCCURRENCES:]
+    tools in one scan); read here when not given; ``server`` likewise the failed calls of
+    the tool's server (:func:`server_errors`)."""
+    return gather_with_paths(conn, tool, error_type, occurrences, check_paths=check_paths, calls=calls,
+                             server=server)[0]
+
+
+def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | None,
+                      occurrences: list[dict[str, Any]], *, check_paths: bool = True,
+                      calls: tuple[list[_Call], dict[int, Any]] | None = None,
+                      server: ServerErrors | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`gather`, and every path the messages name (``path``, ``argument``, ``count``,
+    ``exists_now``; the evidence lists the ten most frequent): what a stored evidence
+    depends on outside the history."""
+    occ = recent(occurrences)
     if not occ:
-        return {"kind": "unknown", "reasons": ["no occurrences"]}
+        return {"kind": "unknown", "reasons": ["no occurrences"]}, []
     if calls is None:
         calls = tool_calls(conn, {tool: min(o["event_id"] for o in occ)})[tool]
     calls, args = calls
@@ -425,10 +489,9 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
     retry_after: list[float] = []
     resets: list[float] = []
     for o in occ:
-        kind, reason = message_kind(o["message"], error_type)
+        (kind, reason), codes = _kind_and_codes(o["message"], error_type)
         votes[kind] += 1
         reasons[f"{kind}: {reason}"] += 1
-        codes = message_codes(o["message"])
         errno.update(codes["errno"])
         status.update(str(s) for s in codes["http_status"])
         rpc.update(str(c) for c in codes["jsonrpc"])
@@ -449,7 +512,7 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
         p["exists_now"] = _path_exists(p["path"]) if check_paths else None
     gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(occ) if b["ts"] >= a["ts"]]
     det = determinism(occ, calls, args)
-    streak = server_streak(conn, tool, occ)
+    streak = server_streak(conn, tool, occ, server)
     kind, share = votes.most_common(1)[0][0], votes.most_common(1)[0][1] / len(occ)
     why = [r for r, _ in reasons.most_common(3)]
     durations = None
@@ -498,7 +561,7 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
         "durations": durations,
     }
     out["summary"] = kind_line(out)
-    return out
+    return out, list(paths.values())
 
 
 def kind_line(evidence: dict[str, Any] | None) -> str:

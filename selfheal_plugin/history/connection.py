@@ -150,6 +150,17 @@ CREATE TABLE IF NOT EXISTS selfheal_tool_hours (
     calls INTEGER NOT NULL,
     PRIMARY KEY (tool_name, hour)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selfheal_tool_errors (
+    tool_name TEXT PRIMARY KEY,
+    errors INTEGER NOT NULL,  -- rows of selfheal_errors with this tool
+    max_event_id INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selfheal_evidence (
+    pattern_id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,  -- JSON: what the evidence was computed from (analysis/evidencecache.py)
+    evidence TEXT NOT NULL,  -- JSON: the pattern's evidence
+    paths TEXT NOT NULL  -- JSON: every path the messages name, with exists_now when computed
+) WITHOUT ROWID;
 """
 
 REQUIRED_TABLES = ("runs", "run_events")

@@ -1,0 +1,237 @@
+"""What makes a warm detect fast gives what the plain computation gives: the stored evidence
+(analysis/evidencecache.py) against evidence read fresh, and when it goes stale; the
+bisection in determinism and server streaks against the plain scans they replaced."""
+from __future__ import annotations
+
+import bisect
+import json
+import random
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from selfheal_plugin.analysis import evidence as E
+from selfheal_plugin.analysis import patterns as P
+from selfheal_plugin.history.connection import SELFHEAL_SCHEMA, connect
+
+from .evidence_data import NOW, Call, Run, spread, write_history
+
+SINCE = (NOW - timedelta(days=7)).isoformat()
+
+# ---------------------------------------------------------------- the plain scans, as they were
+
+
+def plain_determinism(occ: list[dict[str, Any]], calls: list[E._Call], args: dict[int, Any]) -> dict[str, Any]:
+    by_run: dict[str, list[E._Call]] = {}
+    for c in calls:
+        by_run.setdefault(c.run_id, []).append(c)
+    same_failed = same_ok = retried = retry_ok = follow = follow_ok = 0
+    for o in occ:
+        key = args.get(o["event_id"])
+        later = [c for c in calls if c.event_id > o["event_id"]]
+        in_run = [c for c in by_run.get(o["run_id"], ()) if c.event_id > o["event_id"]]
+        if in_run:
+            follow += 1
+            follow_ok += in_run[0].ok
+        if key is None:
+            continue
+        same = [c for c in later if c.args_key == key]
+        if same:
+            nxt = same[0]
+            same_ok += nxt.ok
+            same_failed += not nxt.ok
+            if nxt.run_id == o["run_id"]:
+                retried += 1
+                retry_ok += nxt.ok
+    return {"same_args_failed_again": same_failed, "same_args_succeeded_later": same_ok, "retried_in_run": retried,
+            "retry_succeeded_in_run": retry_ok, "followed_in_run": follow, "follow_up_succeeded": follow_ok}
+
+
+def plain_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[str, Any]:
+    server = tool.split("__")[1]
+    times = sorted(o["ts"] for o in occ)
+    errors = E._server_errors(conn, server, times[0] - E.STREAK_SECONDS, times[-1] + E.STREAK_SECONDS)
+    others = sorted((ts, name) for ts, name in errors if name != tool)
+    other_ts = [ts for ts, _ in others]
+    together = 0
+    for t in times:
+        i = bisect.bisect_left(other_ts, t - E.STREAK_SECONDS)
+        if i < len(other_ts) and other_ts[i] <= t + E.STREAK_SECONDS:
+            together += 1
+    return {"server": server, "other_tools_failing": len({name for _, name in others}),
+            "occurrences_with_server_streak": together, "streak_share": round(together / len(times), 4)}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_determinism_by_bisection_counts_what_the_plain_scan_counts(seed: int) -> None:
+    rng = random.Random(seed)
+    runs, keys = [f"r{i}" for i in range(rng.randint(1, 8))], [None, '{"a": 1}', '{"a": 2}', '{"b": 3}']
+    calls = [E._Call(eid, rng.choice(runs), float(eid), rng.random() < 0.5, None, rng.choice(keys))
+             for eid in sorted(rng.sample(range(1, 400), rng.randint(0, 120)))]
+    failed = [c for c in calls if not c.ok] or calls[:1]
+    occ = [{"event_id": c.event_id, "run_id": c.run_id} for c in failed]
+    args = {c.event_id: c.args_key for c in calls if rng.random() < 0.9}
+    got = E.determinism(occ, calls, args)
+    assert {k: v for k, v in got.items() if k != "verdict"} == plain_determinism(occ, calls, args)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_server_streak_by_bisection_counts_what_the_plain_scan_counts(seed: int) -> None:
+    rng = random.Random(seed)
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(SELFHEAL_SCHEMA)
+    tools = [f"mcp__s{rng.randint(0, 1)}__t{i}" for i in range(5)]
+    rows = []
+    for eid in range(1, 300):
+        ts = round(rng.uniform(0, 3000), rng.choice([0, 1, 3]))  # ties and exact 60 s gaps happen
+        rows.append((eid, "r", 0, ts, "t", rng.choice(tools), "timeout", None, "m", "m", None, ""))
+    conn.executemany("INSERT INTO selfheal_errors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    shared = {s: E.server_errors(conn, s, -1e9, 1e9) for s in ("s0", "s1")}
+    for tool in tools:
+        occ = [{"ts": r[3]} for r in rows if r[5] == tool]
+        if occ:
+            want = plain_streak(conn, tool, occ)
+            assert E.server_streak(conn, tool, occ) == want
+            assert E.server_streak(conn, tool, occ, shared[tool.split("__")[1]]) == want
+
+
+# ---------------------------------------------------------------- stored evidence
+
+FS = "mcp__filesystem__read_text_file"
+LIST = "mcp__filesystem__list_directory"
+SEARCH = "mcp__search__web_search"
+
+
+def history(db: Path, missing: Path) -> Path:
+    """ENOENT reads retried in the run, a listing of the same server failing alongside,
+    searches timing out and sometimes recovering, successes in between."""
+    runs = []
+    for i, start in enumerate(spread(60)):
+        path = str(missing / f"notes-{i % 4}.md")
+        if i % 3 == 0:
+            msg = f"ENOENT: no such file or directory, open '{path}'"
+            calls = [Call(FS, {"path": path}, False, msg), Call(FS, {"path": path}, False, msg),
+                     Call(LIST, {"path": str(missing)}, False, f"ENOENT: no such file or directory, scandir '{missing}'")]
+        elif i % 3 == 1:
+            calls = [Call(SEARCH, {"query": f"q{i % 5}"}, False, "Tool mcp__search__web_search timed out after 30s",
+                          ms=30000), Call(SEARCH, {"query": f"q{i % 5}"}, i % 2 == 0, "ok", ms=900)]
+        else:
+            calls = [Call(FS, {"path": f"/srv/docs/readme-{i}.md"}, True, "# readme")]
+        runs.append(Run(start, calls))
+    return write_history(db, runs)
+
+
+def detect(conn: sqlite3.Connection, counted: list[str] | None = None,
+           monkeypatch: pytest.MonkeyPatch | None = None) -> list[dict[str, Any]]:
+    if monkeypatch is not None and counted is not None:
+        real = E.gather_with_paths
+
+        def counting(conn: Any, tool: str, *args: Any, **kwargs: Any) -> Any:
+            counted.append(tool)
+            return real(conn, tool, *args, **kwargs)
+        monkeypatch.setattr(P, "gather_with_paths", counting)
+    found = P.detect_failure_patterns(conn, since=SINCE, min_occurrences=3, confidence_threshold=0.0, now=NOW,
+                                      lazy_detail=True)
+    if monkeypatch is not None:
+        monkeypatch.setattr(P, "gather_with_paths", E.gather_with_paths)
+    return [p.to_dict() for p in found.patterns]
+
+
+def fresh(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Detect with nothing stored: every evidence read again."""
+    conn.execute("DELETE FROM selfheal_evidence")
+    conn.commit()
+    return detect(conn)
+
+
+def append(db: Path, *calls: Call, at: float = 1.0) -> None:
+    """One more run, ``at`` hours before NOW, in the runtime's format."""
+    write_history(db, [Run(NOW - timedelta(hours=at), list(calls))])
+
+
+def test_a_warm_detect_reads_no_evidence_and_finds_what_a_fresh_one_does(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    conn = connect(db)
+    first_reads: list[str] = []
+    first = detect(conn, first_reads, monkeypatch)
+    assert {p["id"].split(":", 1)[1] for p in first} == {FS, LIST, SEARCH} and len(first_reads) == len(first)
+    assert conn.execute("SELECT count(*) FROM selfheal_evidence").fetchone()[0] == len(first)
+    warm_reads: list[str] = []
+    warm = detect(conn, warm_reads, monkeypatch)
+    assert warm_reads == [] and warm == first
+    assert fresh(conn) == first
+    assert {p["id"]: p["failure_kind"] for p in first}[f"connection_refused:{FS}"] == "missing_resource"
+
+
+@pytest.mark.parametrize("change", ["failure", "success", "other tool of the server", "path now exists",
+                                    "malformed row", "index rebuilt"])
+def test_stored_evidence_goes_stale_with_what_it_was_read_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               change: str) -> None:
+    missing = tmp_path / "missing"
+    db = history(tmp_path / "h.db", missing)
+    conn = connect(db)
+    before = detect(conn)
+    path = str(missing / "notes-0.md")
+    if change == "failure":
+        append(db, Call(FS, {"path": path}, False, f"ENOENT: no such file or directory, open '{path}'"))
+    elif change == "success":  # the same arguments succeed now: the determinism counts change
+        append(db, Call(FS, {"path": path}, True, "# notes"))
+    elif change == "other tool of the server":
+        append(db, Call(LIST, {"path": str(missing)}, False, f"ENOENT: no such file or directory, scandir '{missing}'"),
+               at=24 * 6.5)
+    elif change == "path now exists":
+        missing.mkdir()
+        for i in range(4):
+            (missing / f"notes-{i}.md").write_text("notes")
+    elif change == "malformed row":
+        c = sqlite3.connect(db)
+        rid = c.execute("SELECT id FROM runs LIMIT 1").fetchone()[0]
+        with c:
+            c.execute("INSERT INTO run_events(run_id, step_index, event_type, event_data, timestamp) VALUES "
+                      "(?, 9, 'tool_complete', ?, ?)", (rid, json.dumps({"name": FS, "is_error": False,
+                                                                         "duration": 1e300}), NOW.isoformat()))
+        c.close()
+    else:
+        conn.execute("UPDATE selfheal_state SET value = 'old' WHERE key = 'errors_index_version'")
+        conn.commit()
+    reads: list[str] = []
+    after = detect(conn, reads, monkeypatch)
+    assert after == fresh(conn)  # what is used is what a fresh read gives
+    if change in ("failure", "success", "path now exists"):
+        assert FS in reads and SEARCH not in reads
+    elif change == "other tool of the server":
+        assert {FS, LIST} <= set(reads) and SEARCH not in reads
+    else:  # a malformed row may be any tool's call; a rebuilt index holds new rows
+        assert sorted(reads) == sorted(p["tool_name"] for p in before)
+    if change in ("failure", "success", "path now exists"):
+        assert after != before
+
+
+def test_evidence_of_another_code_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfheal_plugin.analysis import evidencecache
+
+    conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
+    first = detect(conn)
+    conn.execute("UPDATE selfheal_evidence SET evidence = json_set(evidence, '$.kind', 'bogus')")
+    conn.commit()
+    monkeypatch.setattr(evidencecache, "_CODE_KEY", "another")
+    reads: list[str] = []
+    assert all(p["failure_kind"] != "bogus" for p in detect(conn, reads, monkeypatch)) and len(reads) == len(first)
+
+
+def test_a_file_we_cannot_write_keeps_no_evidence_and_detect_still_answers(tmp_path: Path) -> None:
+    from selfheal_plugin.analysis import evidencecache
+
+    conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
+    first = detect(conn)
+    conn.execute("DELETE FROM selfheal_evidence")
+    conn.commit()
+    conn.execute("PRAGMA query_only = 1")
+    evidencecache.store(conn, [("x:y", "[]", {"kind": "unknown"}, [])])  # refused, not raised
+    assert conn.execute("SELECT count(*) FROM selfheal_evidence").fetchone()[0] == 0
+    conn.execute("PRAGMA query_only = 0")
+    assert detect(conn) == first
