@@ -76,6 +76,7 @@ def test_determinism_by_bisection_counts_what_the_plain_scan_counts(seed: int) -
     args = {c.event_id: c.args_key for c in calls if rng.random() < 0.9}
     got = E.determinism(occ, calls, args)
     assert {k: v for k, v in got.items() if k != "verdict"} == plain_determinism(occ, calls, args)
+    assert E.determinism(occ, calls, args, E.call_index(calls)) == got  # the index shared by a tool's patterns
 
 
 @pytest.mark.parametrize("seed", range(10))

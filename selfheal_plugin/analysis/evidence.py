@@ -268,21 +268,26 @@ def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tu
     failure): its calls from that id on (the most recent :data:`MAX_CALLS`), oldest first,
     and each ``tool_complete`` id's call arguments (JSON text).
 
-    One range scan on the primary key for all the tools, with a substring prefilter
-    (``instr``, no JSON parse) on their names; SQLite's JSON functions read the fields of the
-    rows that pass (the arguments stay JSON text, compared as such), and each call is
-    paired with the run's latest ``tool_start`` of the tool before it."""
+    One range scan on the primary key for all the tools, keeping the rows whose JSON
+    ``name`` is one of them; SQLite's JSON functions read the fields of those rows (the
+    arguments of a ``tool_start``, the outcome and duration of a ``tool_complete``; the
+    arguments stay JSON text, compared as such), and each call is paired with the run's
+    latest ``tool_start`` of the tool before it. (One name test per row: a substring
+    prefilter per tool cost four times as much with 40 tools.)"""
     out: dict[str, tuple[list[_Call], dict[int, Any]]] = {t: ([], {}) for t in firsts}
     if not firsts:
         return out
     names = list(firsts)
     sql = f"""
-    SELECT id, run_id, event_type, json_extract(event_data, '$.name'), json_extract(event_data, '$.arguments'),
-           json_extract(event_data, '$.is_error'), json_extract(event_data, '$.duration'),
+    SELECT id, run_id, event_type, json_extract(event_data, '$.name'),
+           CASE WHEN event_type = 'tool_start' THEN json_extract(event_data, '$.arguments') END,
+           CASE WHEN event_type = 'tool_complete' THEN json_extract(event_data, '$.is_error') END,
+           CASE WHEN event_type = 'tool_complete' THEN json_extract(event_data, '$.duration') END,
            (julianday(timestamp) - 2440587.5) * 86400.0
     FROM run_events
     WHERE id >= ? AND event_type IN ('tool_start', 'tool_complete')
-      AND ({' OR '.join('instr(event_data, ?) > 0' for _ in names)}) AND json_valid(event_data)
+      AND CASE WHEN json_valid(event_data) THEN json_extract(event_data, '$.name') END
+          IN ({','.join('?' * len(names))})
     ORDER BY id"""
     started: dict[tuple[str, str], str | None] = {}
     for eid, run_id, etype, name, args, is_error, duration, ts in conn.execute(
@@ -347,15 +352,13 @@ def _between(times: list[float], lo: float, hi: float) -> int:
 # ---------------------------------------------------------------- the evidence of a pattern
 
 
-def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, Any]) -> dict[str, Any]:
-    """Did the same arguments fail again or succeed later; did a retry in the run succeed.
+CallIndex = tuple[dict[str, tuple[list[int], list[_Call]]], dict[str, tuple[list[int], list[_Call]]]]
 
-    ``verdict``: ``deterministic`` when repeats of failed arguments (later calls with the
-    same arguments, or retries in the same run) all failed and there were at least two;
-    ``transient`` when at least half of those repeats succeeded; else ``mixed``, or
-    ``undetermined`` with no repeat in the history."""
-    # ``calls`` are oldest first (ids ascending): the first call after an occurrence, of its
-    # run or with its arguments, is found by bisection in per-run and per-arguments lists.
+
+def call_index(calls: list[_Call]) -> CallIndex:
+    """A tool's calls (oldest first, ids ascending) by run and by arguments, so that the
+    first call after an occurrence, of its run or with its arguments, is found by bisection
+    (built once per tool for all its patterns)."""
     by_run: dict[str, tuple[list[int], list[_Call]]] = {}
     by_key: dict[str, tuple[list[int], list[_Call]]] = {}
     for c in calls:
@@ -366,6 +369,18 @@ def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, A
             ids, cs = by_key.setdefault(c.args_key, ([], []))
             ids.append(c.event_id)
             cs.append(c)
+    return by_run, by_key
+
+
+def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, Any],
+                index: CallIndex | None = None) -> dict[str, Any]:
+    """Did the same arguments fail again or succeed later; did a retry in the run succeed.
+
+    ``verdict``: ``deterministic`` when repeats of failed arguments (later calls with the
+    same arguments, or retries in the same run) all failed and there were at least two;
+    ``transient`` when at least half of those repeats succeeded; else ``mixed``, or
+    ``undetermined`` with no repeat in the history. ``index`` is :func:`call_index` of ``calls``."""
+    by_run, by_key = index if index is not None else call_index(calls)
 
     def next_after(lists: tuple[list[int], list[_Call]] | None, event_id: int) -> _Call | None:
         if lists is None:
@@ -453,22 +468,23 @@ def _kind_and_codes(message: str, label: str | None) -> tuple[tuple[str, str], d
 def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurrences: list[dict[str, Any]],
            *, check_paths: bool = True,
            calls: tuple[list[_Call], dict[int, Any]] | None = None,
-           server: ServerErrors | None = None) -> dict[str, Any]:
+           server: ServerErrors | None = None, index: CallIndex | None = None) -> dict[str, Any]:
     """The evidence for one pattern (JSON data) with its ``kind``; see the module docstring.
 
     ``occurrences`` are the pattern's ``occurrences_detail`` (event_id, run_id, ts, message,
     template, duration_ms); the most recent :data:`MAX_OCCURRENCES` are read for arguments.
     ``calls`` is what :func:`tool_calls` returned for the tool (detect reads all patterns'
     tools in one scan); read here when not given; ``server`` likewise the failed calls of
-    the tool's server (:func:`server_errors`)."""
+    the tool's server (:func:`server_errors`), ``index`` :func:`call_index` of ``calls``."""
     return gather_with_paths(conn, tool, error_type, occurrences, check_paths=check_paths, calls=calls,
-                             server=server)[0]
+                             server=server, index=index)[0]
 
 
 def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | None,
                       occurrences: list[dict[str, Any]], *, check_paths: bool = True,
                       calls: tuple[list[_Call], dict[int, Any]] | None = None,
-                      server: ServerErrors | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      server: ServerErrors | None = None,
+                      index: CallIndex | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """:func:`gather`, and every path the messages name (``path``, ``argument``, ``count``,
     ``exists_now``; the evidence lists the ten most frequent): what a stored evidence
     depends on outside the history."""
@@ -511,7 +527,7 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
     for p in paths.values():
         p["exists_now"] = _path_exists(p["path"]) if check_paths else None
     gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(occ) if b["ts"] >= a["ts"]]
-    det = determinism(occ, calls, args)
+    det = determinism(occ, calls, args, index)
     streak = server_streak(conn, tool, occ, server)
     kind, share = votes.most_common(1)[0][0], votes.most_common(1)[0][1] / len(occ)
     why = [r for r, _ in reasons.most_common(3)]

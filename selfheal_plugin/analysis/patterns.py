@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from selfheal_plugin.analysis import evidencecache
-from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, gather_with_paths, recent,
+from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, call_index, gather_with_paths, recent,
                                               server_errors, tool_calls)
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
@@ -470,6 +470,7 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
             lo, hi = spans.get(server, (min(times), max(times)))
             spans[server] = (min(lo, *times), max(hi, *times))
     servers = {s: server_errors(conn, s, lo - STREAK_SECONDS, hi + STREAK_SECONDS) for s, (lo, hi) in spans.items()}
+    indexes = {tool: call_index(found[0]) for tool, found in calls.items()}
     fresh = []
     for p in patterns:
         if p.id in stored:
@@ -477,7 +478,8 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
         else:
             p.evidence, paths = gather_with_paths(conn, p.tool_name, p.error_type, p.occurrences_detail,
                                                   calls=calls.get(p.tool_name),
-                                                  server=servers.get(server_of(p.tool_name) or ""))
+                                                  server=servers.get(server_of(p.tool_name) or ""),
+                                                  index=indexes.get(p.tool_name))
             if prints:
                 fresh.append((p.id, prints[p.id], p.evidence, paths))
         p.failure_kind = p.evidence["kind"]
