@@ -142,8 +142,9 @@ def detect(conn: sqlite3.Connection, counted: list[str] | None = None,
 
 
 def fresh(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Detect with nothing stored: every evidence read again."""
+    """Detect with nothing stored: the window grouped and every evidence read again."""
     conn.execute("DELETE FROM selfheal_evidence")
+    conn.execute("DELETE FROM selfheal_signatures")
     conn.commit()
     return detect(conn)
 
@@ -236,3 +237,39 @@ def test_a_file_we_cannot_write_keeps_no_evidence_and_detect_still_answers(tmp_p
     assert conn.execute("SELECT count(*) FROM selfheal_evidence").fetchone()[0] == 0
     conn.execute("PRAGMA query_only = 0")
     assert detect(conn) == first
+
+
+@pytest.mark.parametrize("change", ["nothing", "failure", "new run", "window moved", "filter"])
+def test_the_stored_grouping_of_the_window_is_used_only_for_the_same_failures(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    conn = connect(db)
+    since, kwargs = SINCE, {}
+    detect(conn)
+    if change == "failure":
+        append(db, Call(SEARCH, {"query": "q1"}, False, "Tool mcp__search__web_search timed out after 30s", ms=30000))
+    elif change == "new run":  # a run with no tool call: the runs the failures join may have changed
+        append(db)
+    elif change == "window moved":  # the oldest failures leave the window
+        since = (NOW - timedelta(days=4)).isoformat()
+    elif change == "filter":
+        kwargs = {"tool_name": SEARCH}
+    grouped: list[int] = []
+    real = P._signatures
+
+    def counting(*args: Any) -> Any:
+        grouped.append(1)
+        return real(*args)
+    monkeypatch.setattr(P, "_signatures", counting)
+
+    def run() -> list[dict[str, Any]]:
+        found = P.detect_failure_patterns(conn, since=since, min_occurrences=3, confidence_threshold=0.0, now=NOW,
+                                          lazy_detail=True, **kwargs)
+        return [p.to_dict() for p in found.patterns]
+    got = run()
+    assert grouped == ([] if change == "nothing" else [1])
+    assert run() == got and len(grouped) == (0 if change == "nothing" else 1)  # stored again: used next time
+    conn.execute("DELETE FROM selfheal_signatures")
+    conn.execute("DELETE FROM selfheal_evidence")
+    conn.commit()
+    assert run() == got

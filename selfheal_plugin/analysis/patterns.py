@@ -20,9 +20,10 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
-from selfheal_plugin.analysis import evidencecache
+from selfheal_plugin.analysis import evidencecache, windowcache
 from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, call_index, gather_with_paths, recent,
                                               server_errors, tool_calls)
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
@@ -303,7 +304,7 @@ def detect_failure_patterns(
     patterns: list[Pattern] = []
     keys: dict[str, tuple[int, list[int]]] = {}
     candidates = 0
-    for (etype, tool), sig in _signatures(conn, where, params).items():
+    for (etype, tool), sig in _window_signatures(conn, where, params, stored=run_ids is None).items():
         if sig.n < max(1, min_occurrences):
             continue
         candidates += 1
@@ -337,6 +338,7 @@ class _Signature:
     min_id: int = 2**63 - 1
     max_id: int = -1
     sum_ids: int = 0
+    correlation: float | None = None  # of the contexts, once computed (a stored grouping keeps only this)
 
 
 def _signatures(conn: sqlite3.Connection, where: str, params: list[Any]) -> dict[tuple[str, str], _Signature]:
@@ -364,6 +366,28 @@ def _signatures(conn: sqlite3.Connection, where: str, params: list[Any]) -> dict
     return out
 
 
+_SIGNATURE_FIELDS = ("n", "runs", "first_ts", "last_ts", "min_id", "max_id", "sum_ids", "correlation")
+
+
+def _window_signatures(conn: sqlite3.Connection, where: str, params: list[Any],
+                       stored: bool) -> dict[tuple[str, str], _Signature]:
+    """:func:`_signatures`, or with ``stored`` the grouping a detect stored for the same
+    failures (:mod:`~selfheal_plugin.analysis.windowcache`; a new grouping is stored)."""
+    if not stored:
+        return _signatures(conn, where, params)
+    key = windowcache.window_key(conn, where, params, Path(__file__))
+    found = windowcache.load(conn, key)
+    if found is not None:
+        return {(s["error_type"], s["tool_name"]): _Signature(**{f: s[f] for f in _SIGNATURE_FIELDS})
+                for s in found}
+    sigs = _signatures(conn, where, params)
+    for sig in sigs.values():
+        sig.correlation = _correlation(sig.contexts, sig.n)
+    windowcache.store(conn, key, [{"error_type": etype, "tool_name": tool, **{f: getattr(sig, f) for f in _SIGNATURE_FIELDS}}
+                                  for (etype, tool), sig in sigs.items()])
+    return sigs
+
+
 def _recent_first(conn: sqlite3.Connection, sig: _Signature, since_epoch: float, until_epoch: float | None,
                   etype: str, tool: str, run_ids: list[str] | None) -> int:
     """The id of the oldest of the signature's occurrences the evidence reads (the most
@@ -384,7 +408,7 @@ def _build_pattern(etype: str, tool: str, occ: list[dict], tool_calls: int) -> P
 
 def _pattern(etype: str, tool: str, sig: _Signature, tool_calls: int, detail: list[dict]) -> Pattern:
     n = sig.n
-    correlation = _correlation(sig.contexts, n)
+    correlation = sig.correlation if sig.correlation is not None else _correlation(sig.contexts, n)
     rate = n / max(tool_calls, n)
     return Pattern(
         id=f"{etype}:{tool}", error_type=etype, tool_name=tool, occurrences=n,

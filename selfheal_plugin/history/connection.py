@@ -161,6 +161,10 @@ CREATE TABLE IF NOT EXISTS selfheal_evidence (
     evidence TEXT NOT NULL,  -- JSON: the pattern's evidence
     paths TEXT NOT NULL  -- JSON: every path the messages name, with exists_now when computed
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selfheal_signatures (
+    key TEXT PRIMARY KEY,  -- JSON: what the window's failures were (analysis/windowcache.py)
+    value TEXT NOT NULL  -- JSON: the signatures detect grouped them into
+);
 """
 
 REQUIRED_TABLES = ("runs", "run_events")

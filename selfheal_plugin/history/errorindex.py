@@ -144,6 +144,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
             conn.execute("DROP TABLE IF EXISTS selfheal_tool_hours")
             conn.execute("DROP TABLE IF EXISTS selfheal_tool_errors")
             conn.execute("DROP TABLE IF EXISTS selfheal_evidence")
+            conn.execute("DROP TABLE IF EXISTS selfheal_signatures")
             for stmt in SELFHEAL_SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
@@ -158,6 +159,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
             conn.execute("DELETE FROM selfheal_tool_hours")
             conn.execute("DELETE FROM selfheal_tool_errors")
             conn.execute("DELETE FROM selfheal_evidence")
+            conn.execute("DELETE FROM selfheal_signatures")
             set_state(conn, "errors_watermark", "0")
             set_state(conn, "bad_rows", "0")
         mark = 0
