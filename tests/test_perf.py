@@ -145,6 +145,7 @@ def fresh(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Detect with nothing stored: the window grouped and every evidence read again."""
     conn.execute("DELETE FROM selfheal_evidence")
     conn.execute("DELETE FROM selfheal_signatures")
+    conn.execute("DELETE FROM selfheal_error_kinds")
     conn.commit()
     return detect(conn)
 
@@ -167,6 +168,31 @@ def test_a_warm_detect_reads_no_evidence_and_finds_what_a_fresh_one_does(tmp_pat
     assert warm_reads == [] and warm == first
     assert fresh(conn) == first
     assert {p["id"]: p["failure_kind"] for p in first}[f"connection_refused:{FS}"] == "missing_resource"
+    kinds = conn.execute("SELECT count(*) FROM selfheal_error_kinds").fetchone()[0]
+    assert kinds == sum(p["occurrences"] for p in first)  # each message's kind, kept for the next reading
+
+
+def test_the_kinds_of_messages_read_before_are_not_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    conn = connect(db)
+    detect(conn)
+    path = str(tmp_path / "missing" / "notes-0.md")
+    append(db, Call(FS, {"path": path}, False, f"ENOENT: no such file or directory, open '{path}' (new)"))
+    read: list[str] = []
+    real = E.message_kind
+
+    def counting(message: str, *args: Any) -> Any:
+        read.append(message)
+        return real(message, *args)
+    monkeypatch.setattr(E, "message_kind", counting)
+    E._kind_and_codes.cache_clear()
+    after = detect(conn)
+    assert [m for m in read if m.endswith("(new)")] == read and len(read) == 1
+    conn.execute("UPDATE selfheal_error_kinds SET kind = 'bogus'")
+    conn.execute("UPDATE selfheal_state SET value = 'another' WHERE key = 'error_kinds_code'")
+    conn.execute("DELETE FROM selfheal_evidence")
+    conn.commit()
+    assert detect(conn) == after  # kinds read by another evidence code are dropped, not used
 
 
 @pytest.mark.parametrize("change", ["failure", "success", "other tool of the server", "path now exists",

@@ -148,11 +148,12 @@ LABEL_KINDS = {"timeout": "slow_tail", "connection_refused": "server_down", "ser
                "permission_denied": "permission", "rate_limited": "rate_limited", "rate_limit": "rate_limited"}
 
 
-def message_kind(message: str, label: str | None = None) -> tuple[str, str]:
+def message_kind(message: str, label: str | None = None, codes: dict[str, Any] | None = None) -> tuple[str, str]:
     """(kind, reason) for one message: codes first, then phrases, then the runtime's label
-    (``label``) when the message says nothing a rule knows; else ``unknown``."""
+    (``label``) when the message says nothing a rule knows; else ``unknown``. ``codes`` are
+    :func:`message_codes` of the message when the caller has them."""
     text = message or ""
-    codes = message_codes(text)
+    codes = codes if codes is not None else message_codes(text)
     errno, status, rpc = set(codes["errno"]), set(codes["http_status"]), set(codes["jsonrpc"])
     if 429 in status or _RATE.search(text):
         return "rate_limited", "HTTP 429" if 429 in status else "rate-limit phrase"
@@ -462,7 +463,8 @@ def recent(occurrences: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def _kind_and_codes(message: str, label: str | None) -> tuple[tuple[str, str], dict[str, Any]]:
     """:func:`message_kind` and :func:`message_codes` of one message, read once per distinct
     message (a recurring failure repeats its messages; the result is not to be changed)."""
-    return message_kind(message, label), message_codes(message)
+    codes = message_codes(message)
+    return message_kind(message, label, codes), codes
 
 
 def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurrences: list[dict[str, Any]],
@@ -484,10 +486,12 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
                       occurrences: list[dict[str, Any]], *, check_paths: bool = True,
                       calls: tuple[list[_Call], dict[int, Any]] | None = None,
                       server: ServerErrors | None = None,
-                      index: CallIndex | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      index: CallIndex | None = None,
+                      kinds: dict[int, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """:func:`gather`, and every path the messages name (``path``, ``argument``, ``count``,
     ``exists_now``; the evidence lists the ten most frequent): what a stored evidence
-    depends on outside the history."""
+    depends on outside the history. ``kinds`` (event id → ((kind, reason), codes) of the
+    occurrence's message) holds what was read before; what is read here is added to it."""
     occ = recent(occurrences)
     if not occ:
         return {"kind": "unknown", "reasons": ["no occurrences"]}, []
@@ -505,7 +509,12 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
     retry_after: list[float] = []
     resets: list[float] = []
     for o in occ:
-        (kind, reason), codes = _kind_and_codes(o["message"], error_type)
+        known = kinds.get(o["event_id"]) if kinds is not None else None
+        if known is None:
+            known = _kind_and_codes(o["message"], error_type)
+            if kinds is not None:
+                kinds[o["event_id"]] = known
+        (kind, reason), codes = known
         votes[kind] += 1
         reasons[f"{kind}: {reason}"] += 1
         errno.update(codes["errno"])

@@ -16,6 +16,11 @@ A pattern's evidence (:func:`selfheal_plugin.analysis.evidence.gather`) is a fun
 
 Those make the row's ``fingerprint``; a stored evidence is used only when its fingerprint
 is the one computed now, so a cached detect gives what a fresh one does (tests/test_perf.py).
+
+When a pattern's evidence is read again (a new failure, a new call), the kind and codes of
+each occurrence's message already read come from ``selfheal_error_kinds`` (a function of
+the message and the runtime's label, by event id; emptied when the evidence code changes),
+so only the new occurrences' messages go through the rules.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from selfheal_plugin.analysis import evidence as _evidence
-from selfheal_plugin.history.connection import get_state, server_of, write_transaction
+from selfheal_plugin.history.connection import get_state, server_of, set_state, write_transaction
 
 log = logging.getLogger("selfheal.evidencecache")
 
@@ -103,3 +108,44 @@ def store(conn: sqlite3.Connection, rows: list[tuple[str, str, dict[str, Any], l
                              [(pid, fp, json.dumps(ev), json.dumps(paths)) for pid, fp, ev, paths in rows])
     except sqlite3.Error as exc:
         log.debug("evidence not stored: %s", exc)
+
+
+def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[int, Any]:
+    """Event id → ((kind, reason), codes) of the occurrences in ``labels`` (event id → the
+    runtime's label) read before with the same label by the same evidence code."""
+    if get_state(conn, "error_kinds_code") != code_key():
+        try:
+            with write_transaction(conn):
+                conn.execute("DELETE FROM selfheal_error_kinds")
+                set_state(conn, "error_kinds_code", code_key())
+        except sqlite3.Error as exc:
+            log.debug("kinds not reset: %s", exc)
+        return {}
+    out: dict[int, Any] = {}
+    ids = sorted(labels)
+    for i in range(0, len(ids), 500):
+        part = ids[i:i + 500]
+        for eid, label, kind, reason, codes in conn.execute(
+                f"SELECT event_id, label, kind, reason, codes FROM selfheal_error_kinds "
+                f"WHERE event_id IN ({','.join('?' * len(part))})", part):
+            if label == labels[eid]:
+                try:
+                    out[eid] = ((kind, reason), json.loads(codes))
+                except ValueError:
+                    continue
+    return out
+
+
+def store_kinds(conn: sqlite3.Connection, labels: dict[int, str | None], kinds: dict[int, Any],
+                known: set[int]) -> None:
+    """Keep the kinds read now (those of ``kinds`` not in ``known``)."""
+    rows = [(eid, labels.get(eid), kind, reason, json.dumps(codes))
+            for eid, ((kind, reason), codes) in kinds.items() if eid not in known]
+    if not rows:
+        return
+    try:
+        with write_transaction(conn):
+            if get_state(conn, "error_kinds_code") == code_key():
+                conn.executemany("INSERT OR REPLACE INTO selfheal_error_kinds VALUES (?,?,?,?,?)", rows)
+    except sqlite3.Error as exc:
+        log.debug("kinds not stored: %s", exc)

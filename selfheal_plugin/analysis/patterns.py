@@ -495,6 +495,9 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
             spans[server] = (min(lo, *times), max(hi, *times))
     servers = {s: server_errors(conn, s, lo - STREAK_SECONDS, hi + STREAK_SECONDS) for s, (lo, hi) in spans.items()}
     indexes = {tool: call_index(found[0]) for tool, found in calls.items()}
+    labels = {o["event_id"]: p.error_type for p in todo for o in recent(p.occurrences_detail)} if prints else {}
+    kinds = evidencecache.load_kinds(conn, labels) if labels else None
+    known = set(kinds or ())
     fresh = []
     for p in patterns:
         if p.id in stored:
@@ -503,11 +506,13 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
             p.evidence, paths = gather_with_paths(conn, p.tool_name, p.error_type, p.occurrences_detail,
                                                   calls=calls.get(p.tool_name),
                                                   server=servers.get(server_of(p.tool_name) or ""),
-                                                  index=indexes.get(p.tool_name))
+                                                  index=indexes.get(p.tool_name), kinds=kinds)
             if prints:
                 fresh.append((p.id, prints[p.id], p.evidence, paths))
         p.failure_kind = p.evidence["kind"]
     evidencecache.store(conn, fresh)
+    if kinds is not None:
+        evidencecache.store_kinds(conn, labels, kinds, known)
 
 
 def pattern_details(pattern: Pattern) -> dict[str, Any]:

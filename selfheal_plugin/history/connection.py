@@ -161,6 +161,13 @@ CREATE TABLE IF NOT EXISTS selfheal_evidence (
     evidence TEXT NOT NULL,  -- JSON: the pattern's evidence
     paths TEXT NOT NULL  -- JSON: every path the messages name, with exists_now when computed
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selfheal_error_kinds (
+    event_id INTEGER PRIMARY KEY,  -- a row of selfheal_errors
+    label TEXT,  -- the runtime's label the kind was read with
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    codes TEXT NOT NULL  -- JSON: the codes in the message
+);
 CREATE TABLE IF NOT EXISTS selfheal_signatures (
     key TEXT PRIMARY KEY,  -- JSON: what the window's failures were (analysis/windowcache.py)
     value TEXT NOT NULL  -- JSON: the signatures detect grouped them into

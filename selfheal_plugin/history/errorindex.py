@@ -145,6 +145,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
             conn.execute("DROP TABLE IF EXISTS selfheal_tool_errors")
             conn.execute("DROP TABLE IF EXISTS selfheal_evidence")
             conn.execute("DROP TABLE IF EXISTS selfheal_signatures")
+            conn.execute("DROP TABLE IF EXISTS selfheal_error_kinds")
             for stmt in SELFHEAL_SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
@@ -160,6 +161,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
             conn.execute("DELETE FROM selfheal_tool_errors")
             conn.execute("DELETE FROM selfheal_evidence")
             conn.execute("DELETE FROM selfheal_signatures")
+            conn.execute("DELETE FROM selfheal_error_kinds")
             set_state(conn, "errors_watermark", "0")
             set_state(conn, "bad_rows", "0")
         mark = 0

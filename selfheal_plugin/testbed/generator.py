@@ -395,7 +395,7 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
     if not cfg.append:
         # The generator's own index tables would not exist in a runtime's file: drop them.
         for table in ("selfheal_errors", "selfheal_tool_hours", "selfheal_tool_errors", "selfheal_evidence",
-                      "selfheal_signatures", "selfheal_state"):
+                      "selfheal_signatures", "selfheal_error_kinds", "selfheal_state"):
             conn.execute(f"DROP TABLE IF EXISTS {table}")
     conn.close()
 
