@@ -273,7 +273,8 @@ def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tu
     ``name`` is one of them; SQLite's JSON functions read the fields of those rows (the
     arguments of a ``tool_start``, the outcome and duration of a ``tool_complete``; the
     arguments stay JSON text, compared as such), and each call is paired with the run's
-    latest ``tool_start`` of the tool before it. (One name test per row: a substring
+    latest ``tool_start`` of the tool before it (at most :data:`START_LOOKBACK_IDS` ids before
+    the tool's id in ``firsts``, whichever other tools are read in the same scan). (One name test per row: a substring
     prefilter per tool cost four times as much with 40 tools.)"""
     out: dict[str, tuple[list[_Call], dict[int, Any]]] = {t: ([], {}) for t in firsts}
     if not firsts:
@@ -296,7 +297,8 @@ def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tu
         if name not in out:
             continue
         if etype == "tool_start":
-            started[(run_id, name)] = args if isinstance(args, str) else None
+            if eid >= firsts[name] - START_LOOKBACK_IDS:  # each tool's own lookback: its calls depend on no other tool
+                started[(run_id, name)] = args if isinstance(args, str) else None
             continue
         if ts is None or eid < firsts[name]:
             continue
