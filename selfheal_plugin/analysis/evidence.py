@@ -37,7 +37,7 @@ import os
 import re
 import sqlite3
 import statistics
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -267,7 +267,8 @@ class _Call:
 def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tuple[list[_Call], dict[int, Any]]]:
     """For each tool in ``firsts`` (tool → the ``run_events`` id of its pattern's first
     failure): its calls from that id on (the most recent :data:`MAX_CALLS`), oldest first,
-    and each ``tool_complete`` id's call arguments (JSON text).
+    and each failed ``tool_complete`` id's call arguments (JSON text). Memory stays bounded
+    by :data:`MAX_CALLS` calls per tool and the failed calls, whatever the history's size.
 
     One range scan on the primary key for all the tools, keeping the rows whose JSON
     ``name`` is one of them; SQLite's JSON functions read the fields of those rows (the
@@ -276,9 +277,10 @@ def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tu
     latest ``tool_start`` of the tool before it (at most :data:`START_LOOKBACK_IDS` ids before
     the tool's id in ``firsts``, whichever other tools are read in the same scan). (One name test per row: a substring
     prefilter per tool cost four times as much with 40 tools.)"""
-    out: dict[str, tuple[list[_Call], dict[int, Any]]] = {t: ([], {}) for t in firsts}
     if not firsts:
-        return out
+        return {}
+    recent_calls: dict[str, deque[_Call]] = {t: deque(maxlen=MAX_CALLS) for t in firsts}
+    failed_args: dict[str, dict[int, Any]] = {t: {} for t in firsts}
     names = list(firsts)
     sql = f"""
     SELECT id, run_id, event_type, json_extract(event_data, '$.name'),
@@ -294,7 +296,7 @@ def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tu
     started: dict[tuple[str, str], str | None] = {}
     for eid, run_id, etype, name, args, is_error, duration, ts in conn.execute(
             sql, (min(firsts.values()) - START_LOOKBACK_IDS, *names)):
-        if name not in out:
+        if name not in recent_calls:
             continue
         if etype == "tool_start":
             if eid >= firsts[name] - START_LOOKBACK_IDS:  # each tool's own lookback: its calls depend on no other tool
@@ -303,13 +305,11 @@ def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tu
         if ts is None or eid < firsts[name]:
             continue
         text = started.pop((run_id, name), None)
-        calls, args_of = out[name]
-        args_of[eid] = text
+        if is_error == 1:  # an occurrence's arguments (the evidence reads no other call's by id)
+            failed_args[name][eid] = text
         dur = float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None
-        calls.append(_Call(eid, run_id, float(ts), is_error != 1, dur, text))
-    for calls, _ in out.values():
-        del calls[:-MAX_CALLS]
-    return out
+        recent_calls[name].append(_Call(eid, run_id, float(ts), is_error != 1, dur, text))
+    return {t: (list(recent_calls[t]), failed_args[t]) for t in firsts}
 
 
 def _parsed(text: Any) -> Any:
