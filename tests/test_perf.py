@@ -299,3 +299,18 @@ def test_the_stored_grouping_of_the_window_is_used_only_for_the_same_failures(
     conn.execute("DELETE FROM selfheal_evidence")
     conn.commit()
     assert run() == got
+
+
+def test_the_calls_scan_keeps_the_latest_calls_and_the_failed_calls_arguments(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
+    P.detect_failure_patterns(conn, since=SINCE, now=NOW)  # the index
+    firsts = {FS: 1, SEARCH: 1}
+    everything = E.tool_calls(conn, firsts)
+    monkeypatch.setattr(E, "MAX_CALLS", 5)
+    bounded = E.tool_calls(conn, firsts)
+    for tool in firsts:
+        calls, args = everything[tool]
+        assert len(calls) > 5 and bounded[tool][0] == calls[-5:]
+        assert set(args) == {c.event_id for c in calls if not c.ok} == set(bounded[tool][1])
+        assert all(args[c.event_id] == c.args_key for c in calls if not c.ok)
