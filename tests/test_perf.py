@@ -314,3 +314,17 @@ def test_the_calls_scan_keeps_the_latest_calls_and_the_failed_calls_arguments(tm
         assert len(calls) > 5 and bounded[tool][0] == calls[-5:]
         assert set(args) == {c.event_id for c in calls if not c.ok} == set(bounded[tool][1])
         assert all(args[c.event_id] == c.args_key for c in calls if not c.ok)
+
+
+@pytest.mark.parametrize("most", [1, 3, 500])
+def test_the_oldest_occurrence_the_evidence_reads_is_found_in_sql_as_in_python(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                                most: int) -> None:
+    monkeypatch.setattr(P, "MAX_OCCURRENCES", most)
+    conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
+    P.detect_failure_patterns(conn, since=SINCE, now=NOW)  # the index
+    since = (NOW - timedelta(days=7)).timestamp()
+    where, params = P._where(since, None, None, None, None)
+    for (etype, tool), sig in P._signatures(conn, where, params).items():
+        ids = sorted(r["event_id"] for r in P._error_rows(conn, since, None, etype, tool))
+        assert P._recent_first(conn, sig, since, None, etype, tool, None) == ids[-most:][0]
