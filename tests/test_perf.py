@@ -328,3 +328,27 @@ def test_the_oldest_occurrence_the_evidence_reads_is_found_in_sql_as_in_python(t
     for (etype, tool), sig in P._signatures(conn, where, params).items():
         ids = sorted(r["event_id"] for r in P._error_rows(conn, since, None, etype, tool))
         assert P._recent_first(conn, sig, since, None, etype, tool, None) == ids[-most:][0]
+
+
+@pytest.mark.parametrize("damage", [
+    "UPDATE selfheal_evidence SET evidence = '{\"kind\": \"bogus\"}'",
+    "UPDATE selfheal_evidence SET evidence = '[1, 2]', paths = '{}'",
+    "UPDATE selfheal_evidence SET paths = '[{\"nopath\": 1}]'",
+    "UPDATE selfheal_evidence SET evidence = 'not json'",
+    "UPDATE selfheal_signatures SET value = '[{\"error_type\": \"x\"}]'",
+    "UPDATE selfheal_signatures SET value = '[{\"error_type\": \"x\", \"tool_name\": \"y\", \"n\": \"3\", \"runs\": [], "
+    "\"first_ts\": 0, \"last_ts\": 0, \"min_id\": 0, \"max_id\": 0, \"sum_ids\": 0, \"correlation\": 0}]'",
+    "UPDATE selfheal_signatures SET value = 'null'",
+    "UPDATE selfheal_error_kinds SET codes = '{\"errno\": [{}]}'",
+    "UPDATE selfheal_error_kinds SET kind = 'bogus'",
+])
+def test_stored_rows_of_another_shape_are_read_again_not_used(tmp_path: Path, damage: str) -> None:
+    """Our tables live in a file another program writes: a damaged row is a miss, not a crash."""
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    conn = connect(db)
+    first = detect(conn)
+    conn.execute(damage)
+    if "error_kinds" in damage:
+        conn.execute("DELETE FROM selfheal_evidence")
+    conn.commit()
+    assert detect(conn) == first

@@ -75,6 +75,24 @@ def fingerprints(conn: sqlite3.Connection, patterns: dict[str, tuple[str, Any]],
     return out
 
 
+# What gather() returns; a stored row of another shape (damaged, or written by hand) is not used.
+EVIDENCE_KEYS = frozenset({"kind", "kind_share", "kind_votes", "reasons", "runtime_label", "sampled_occurrences",
+                           "templates", "codes", "named_arguments", "paths", "path_occurrences", "determinism",
+                           "server", "spacing_s", "retry_after_s", "reset_in_s", "durations", "summary"})
+_CODE_LISTS = {"errno": str, "http_status": int, "jsonrpc": int}
+
+
+def _usable(ev: Any, named: Any) -> bool:
+    return (isinstance(ev, dict) and set(ev) == EVIDENCE_KEYS and ev["kind"] in _evidence.KINDS
+            and isinstance(named, list) and all(isinstance(p, dict) and isinstance(p.get("path"), str) for p in named))
+
+
+def _usable_codes(codes: Any) -> bool:
+    return (isinstance(codes, dict) and set(codes) == {*_CODE_LISTS, "retry_after_s", "reset_at"}
+            and all(isinstance(codes[k], list) and all(type(v) is t for v in codes[k]) for k, t in _CODE_LISTS.items())
+            and all(codes[k] is None or type(codes[k]) in (int, float) for k in ("retry_after_s", "reset_at")))
+
+
 def load(conn: sqlite3.Connection, wanted: dict[str, str]) -> dict[str, dict[str, Any]]:
     """The stored evidence of the patterns in ``wanted`` (id → fingerprint) whose
     fingerprint matches and whose named paths exist or not as they did."""
@@ -89,9 +107,9 @@ def load(conn: sqlite3.Connection, wanted: dict[str, str]) -> dict[str, dict[str
                 continue
             try:
                 ev, named = json.loads(evidence), json.loads(paths)
-            except ValueError:
+            except (ValueError, TypeError):
                 continue
-            if all(p.get("exists_now") == _evidence._path_exists(p["path"]) for p in named
+            if _usable(ev, named) and all(p.get("exists_now") == _evidence._path_exists(p["path"]) for p in named
                    if p.get("exists_now") is not None):
                 out[pid] = ev
     return out
@@ -128,11 +146,13 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
         for eid, label, kind, reason, codes in conn.execute(
                 f"SELECT event_id, label, kind, reason, codes FROM selfheal_error_kinds "
                 f"WHERE event_id IN ({','.join('?' * len(part))})", part):
-            if label == labels[eid]:
+            if label == labels[eid] and kind in _evidence.KINDS and isinstance(reason, str):
                 try:
-                    out[eid] = ((kind, reason), json.loads(codes))
-                except ValueError:
+                    parsed = json.loads(codes)
+                except (ValueError, TypeError):
                     continue
+                if _usable_codes(parsed):
+                    out[eid] = ((kind, reason), parsed)
     return out
 
 

@@ -369,6 +369,16 @@ def _signatures(conn: sqlite3.Connection, where: str, params: list[Any]) -> dict
 _SIGNATURE_FIELDS = ("n", "runs", "first_ts", "last_ts", "min_id", "max_id", "sum_ids", "correlation")
 
 
+def _stored_signature(s: dict[str, Any]) -> _Signature:
+    sig = _Signature(**{f: s[f] for f in _SIGNATURE_FIELDS})
+    if not (isinstance(sig.n, int) and sig.n > 0 and isinstance(sig.runs, list)
+            and all(isinstance(r, str) for r in sig.runs) and isinstance(sig.correlation, (int, float))
+            and all(isinstance(getattr(sig, f), (int, float)) for f in ("first_ts", "last_ts", "min_id", "max_id",
+                                                                          "sum_ids"))):
+        raise ValueError("not a stored signature")
+    return sig
+
+
 def _window_signatures(conn: sqlite3.Connection, where: str, params: list[Any],
                        stored: bool) -> dict[tuple[str, str], _Signature]:
     """:func:`_signatures`, or with ``stored`` the grouping a detect stored for the same
@@ -378,8 +388,10 @@ def _window_signatures(conn: sqlite3.Connection, where: str, params: list[Any],
     key = windowcache.window_key(conn, where, params, Path(__file__))
     found = windowcache.load(conn, key)
     if found is not None:
-        return {(s["error_type"], s["tool_name"]): _Signature(**{f: s[f] for f in _SIGNATURE_FIELDS})
-                for s in found}
+        try:
+            return {(s["error_type"], s["tool_name"]): _stored_signature(s) for s in found}
+        except (KeyError, TypeError, ValueError):
+            pass  # a stored row of another shape (damaged, or written by hand): group again
     sigs = _signatures(conn, where, params)
     for sig in sigs.values():
         sig.correlation = _correlation(sig.contexts, sig.n)
