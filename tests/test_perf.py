@@ -74,6 +74,7 @@ def test_determinism_by_bisection_counts_what_the_plain_scan_counts(seed: int) -
     failed = [c for c in calls if not c.ok] or calls[:1]
     occ = [{"event_id": c.event_id, "run_id": c.run_id} for c in failed]
     args = {c.event_id: c.args_key for c in calls if rng.random() < 0.9}
+    calls += [E._Call(1000 + i, run, 0.0, True, None, None) for i, run in enumerate((None, b"r1", 7))]  # not text
     got = E.determinism(occ, calls, args)
     assert {k: v for k, v in got.items() if k != "verdict"} == plain_determinism(occ, calls, args)
     assert E.determinism(occ, calls, args, E.call_index(calls)) == got  # the index shared by a tool's patterns

@@ -355,24 +355,18 @@ def _between(times: list[float], lo: float, hi: float) -> int:
 # ---------------------------------------------------------------- the evidence of a pattern
 
 
-CallIndex = tuple[dict[str, tuple[list[int], list[_Call]]], dict[str, tuple[list[int], list[_Call]]]]
+CallIndex = tuple[list[_Call], list[tuple[str, int, int]], list[tuple[str, int, int]]]
 
 
 def call_index(calls: list[_Call]) -> CallIndex:
-    """A tool's calls (oldest first, ids ascending) by run and by arguments, so that the
-    first call after an occurrence, of its run or with its arguments, is found by bisection
-    (built once per tool for all its patterns)."""
-    by_run: dict[str, tuple[list[int], list[_Call]]] = {}
-    by_key: dict[str, tuple[list[int], list[_Call]]] = {}
-    for c in calls:
-        ids, cs = by_run.setdefault(c.run_id, ([], []))
-        ids.append(c.event_id)
-        cs.append(c)
-        if c.args_key is not None:
-            ids, cs = by_key.setdefault(c.args_key, ([], []))
-            ids.append(c.event_id)
-            cs.append(c)
-    return by_run, by_key
+    """A tool's calls (oldest first, ids ascending) sorted by run and by arguments, as
+    (run or arguments, event id, position) tuples, so that the first call after an
+    occurrence, of its run or with its arguments, is found by bisection (built once per tool
+    for all its patterns; two tuples a call, which keeps the collector out of it)."""
+    by_run = sorted((c.run_id, c.event_id, i) for i, c in enumerate(calls)
+                    if isinstance(c.run_id, str))  # an occurrence's run is text: no other run id can be its
+    by_key = sorted((c.args_key, c.event_id, i) for i, c in enumerate(calls) if c.args_key is not None)
+    return calls, by_run, by_key
 
 
 def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, Any],
@@ -383,24 +377,22 @@ def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, A
     same arguments, or retries in the same run) all failed and there were at least two;
     ``transient`` when at least half of those repeats succeeded; else ``mixed``, or
     ``undetermined`` with no repeat in the history. ``index`` is :func:`call_index` of ``calls``."""
-    by_run, by_key = index if index is not None else call_index(calls)
+    indexed, by_run, by_key = index if index is not None else call_index(calls)
 
-    def next_after(lists: tuple[list[int], list[_Call]] | None, event_id: int) -> _Call | None:
-        if lists is None:
-            return None
-        i = bisect.bisect_right(lists[0], event_id)
-        return lists[1][i] if i < len(lists[1]) else None
+    def next_after(entries: list[tuple[str, int, int]], key: str, event_id: int) -> _Call | None:
+        i = bisect.bisect_right(entries, (key, event_id, len(indexed)))
+        return indexed[entries[i][2]] if i < len(entries) and entries[i][0] == key else None
 
     same_failed = same_ok = retried = retry_ok = follow = follow_ok = 0
     for o in occ:
-        nxt_in_run = next_after(by_run.get(o["run_id"]), o["event_id"])
+        nxt_in_run = next_after(by_run, o["run_id"], o["event_id"])
         if nxt_in_run is not None:
             follow += 1
             follow_ok += nxt_in_run.ok
         key = args.get(o["event_id"])  # the arguments' JSON text, as the calls' args_key
         if key is None:
             continue
-        nxt = next_after(by_key.get(key), o["event_id"])
+        nxt = next_after(by_key, key, o["event_id"])
         if nxt is not None:
             if nxt.ok:
                 same_ok += 1
