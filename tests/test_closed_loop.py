@@ -236,7 +236,7 @@ def test_a_canary_splits_runs_and_agrees_with_the_full_apply(week_before, healed
     v = SelfHeal(settings=s, clock=lambda: END).verify(imp.id)
     m = v["metrics"]
     assert m["runs_canary"] == k and m["runs_control"] == n - k and m["split"]["p_value"] > 5e-5
-    assert v["recommendation"] == healed["verified"]["recommendation"] == "keep", (v["reason"], m)
+    assert v["recommendation"] == healed["verified"]["recommendation"] == "keep", (v["reason"], m["pattern"], k, n)
     assert m["pattern"]["canary_error_rate"] < m["pattern"]["control_error_rate"]
     assert v["status"] == "canary"  # a verdict, not yet a promotion
 

@@ -30,13 +30,14 @@ computed by tests/test_evidence.py and quoted in the README.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import os
 import re
 import sqlite3
 import statistics
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -147,11 +148,12 @@ LABEL_KINDS = {"timeout": "slow_tail", "connection_refused": "server_down", "ser
                "permission_denied": "permission", "rate_limited": "rate_limited", "rate_limit": "rate_limited"}
 
 
-def message_kind(message: str, label: str | None = None) -> tuple[str, str]:
+def message_kind(message: str, label: str | None = None, codes: dict[str, Any] | None = None) -> tuple[str, str]:
     """(kind, reason) for one message: codes first, then phrases, then the runtime's label
-    (``label``) when the message says nothing a rule knows; else ``unknown``."""
+    (``label``) when the message says nothing a rule knows; else ``unknown``. ``codes`` are
+    :func:`message_codes` of the message when the caller has them."""
     text = message or ""
-    codes = message_codes(text)
+    codes = codes if codes is not None else message_codes(text)
     errno, status, rpc = set(codes["errno"]), set(codes["http_status"]), set(codes["jsonrpc"])
     if 429 in status or _RATE.search(text):
         return "rate_limited", "HTTP 429" if 429 in status else "rate-limit phrase"
@@ -265,42 +267,49 @@ class _Call:
 def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tuple[list[_Call], dict[int, Any]]]:
     """For each tool in ``firsts`` (tool → the ``run_events`` id of its pattern's first
     failure): its calls from that id on (the most recent :data:`MAX_CALLS`), oldest first,
-    and each ``tool_complete`` id's call arguments (JSON text).
+    and each failed ``tool_complete`` id's call arguments (JSON text). Memory stays bounded
+    by :data:`MAX_CALLS` calls per tool and the failed calls, whatever the history's size.
 
-    One range scan on the primary key for all the tools, with a substring prefilter
-    (``instr``, no JSON parse) on their names; SQLite's JSON functions read the fields of the
-    rows that pass (the arguments stay JSON text, compared as such), and each call is
-    paired with the run's latest ``tool_start`` of the tool before it."""
-    out: dict[str, tuple[list[_Call], dict[int, Any]]] = {t: ([], {}) for t in firsts}
+    One range scan on the primary key for all the tools, keeping the rows whose JSON
+    ``name`` is one of them; SQLite's JSON functions read the fields of those rows (the
+    arguments of a ``tool_start``, the outcome and duration of a ``tool_complete``; the
+    arguments stay JSON text, compared as such), and each call is paired with the run's
+    latest ``tool_start`` of the tool before it (at most :data:`START_LOOKBACK_IDS` ids before
+    the tool's id in ``firsts``, whichever other tools are read in the same scan). (One name test per row: a substring
+    prefilter per tool cost four times as much with 40 tools.)"""
     if not firsts:
-        return out
+        return {}
+    recent_calls: dict[str, deque[_Call]] = {t: deque(maxlen=MAX_CALLS) for t in firsts}
+    failed_args: dict[str, dict[int, Any]] = {t: {} for t in firsts}
     names = list(firsts)
     sql = f"""
-    SELECT id, run_id, event_type, json_extract(event_data, '$.name'), json_extract(event_data, '$.arguments'),
-           json_extract(event_data, '$.is_error'), json_extract(event_data, '$.duration'),
+    SELECT id, run_id, event_type, json_extract(event_data, '$.name'),
+           CASE WHEN event_type = 'tool_start' THEN json_extract(event_data, '$.arguments') END,
+           CASE WHEN event_type = 'tool_complete' THEN json_extract(event_data, '$.is_error') END,
+           CASE WHEN event_type = 'tool_complete' THEN json_extract(event_data, '$.duration') END,
            (julianday(timestamp) - 2440587.5) * 86400.0
     FROM run_events
     WHERE id >= ? AND event_type IN ('tool_start', 'tool_complete')
-      AND ({' OR '.join('instr(event_data, ?) > 0' for _ in names)}) AND json_valid(event_data)
+      AND CASE WHEN json_valid(event_data) THEN json_extract(event_data, '$.name') END
+          IN ({','.join('?' * len(names))})
     ORDER BY id"""
     started: dict[tuple[str, str], str | None] = {}
     for eid, run_id, etype, name, args, is_error, duration, ts in conn.execute(
             sql, (min(firsts.values()) - START_LOOKBACK_IDS, *names)):
-        if name not in out:
+        if name not in recent_calls:
             continue
         if etype == "tool_start":
-            started[(run_id, name)] = args if isinstance(args, str) else None
+            if eid >= firsts[name] - START_LOOKBACK_IDS:  # each tool's own lookback: its calls depend on no other tool
+                started[(run_id, name)] = args if isinstance(args, str) else None
             continue
         if ts is None or eid < firsts[name]:
             continue
         text = started.pop((run_id, name), None)
-        calls, args_of = out[name]
-        args_of[eid] = text
+        if is_error == 1:  # an occurrence's arguments (the evidence reads no other call's by id)
+            failed_args[name][eid] = text
         dur = float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None
-        calls.append(_Call(eid, run_id, float(ts), is_error != 1, dur, text))
-    for calls, _ in out.values():
-        del calls[:-MAX_CALLS]
-    return out
+        recent_calls[name].append(_Call(eid, run_id, float(ts), is_error != 1, dur, text))
+    return {t: (list(recent_calls[t]), failed_args[t]) for t in firsts}
 
 
 def _parsed(text: Any) -> Any:
@@ -319,36 +328,72 @@ def _server_errors(conn: sqlite3.Connection, server: str, lo: float, hi: float) 
     return [(float(ts), name) for ts, name in rows]
 
 
+class ServerErrors:
+    """The failed calls of one MCP server's tools between two instants, sorted by time,
+    all together and per tool, so that a pattern's streak is counted by bisection (read
+    once per server for all the patterns of a detect, see :func:`server_errors`)."""
+
+    def __init__(self, server: str, lo: float, hi: float, rows: list[tuple[float, str]]) -> None:
+        self.server, self.lo, self.hi = server, lo, hi
+        self.all = sorted(ts for ts, _ in rows)
+        self.by_tool: dict[str, list[float]] = {}
+        for ts, name in rows:
+            self.by_tool.setdefault(name, []).append(ts)
+        for times in self.by_tool.values():
+            times.sort()
+
+
+def server_errors(conn: sqlite3.Connection, server: str, lo: float, hi: float) -> ServerErrors:
+    """The server's failed calls with ``lo <= ts <= hi`` (one indexed range read)."""
+    return ServerErrors(server, lo, hi, _server_errors(conn, server, lo, hi))
+
+
+def _between(times: list[float], lo: float, hi: float) -> int:
+    return bisect.bisect_right(times, hi) - bisect.bisect_left(times, lo)
+
+
 # ---------------------------------------------------------------- the evidence of a pattern
 
 
-def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, Any]) -> dict[str, Any]:
+CallIndex = tuple[list[_Call], list[tuple[str, int, int]], list[tuple[str, int, int]]]
+
+
+def call_index(calls: list[_Call]) -> CallIndex:
+    """A tool's calls (oldest first, ids ascending) sorted by run and by arguments, as
+    (run or arguments, event id, position) tuples, so that the first call after an
+    occurrence, of its run or with its arguments, is found by bisection (built once per tool
+    for all its patterns; two tuples a call, which keeps the collector out of it)."""
+    by_run = sorted((c.run_id, c.event_id, i) for i, c in enumerate(calls)
+                    if isinstance(c.run_id, str))  # an occurrence's run is text: no other run id can be its
+    by_key = sorted((c.args_key, c.event_id, i) for i, c in enumerate(calls) if c.args_key is not None)
+    return calls, by_run, by_key
+
+
+def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, Any],
+                index: CallIndex | None = None) -> dict[str, Any]:
     """Did the same arguments fail again or succeed later; did a retry in the run succeed.
 
     ``verdict``: ``deterministic`` when repeats of failed arguments (later calls with the
     same arguments, or retries in the same run) all failed and there were at least two;
     ``transient`` when at least half of those repeats succeeded; else ``mixed``, or
-    ``undetermined`` with no repeat in the history."""
-    by_run: dict[str, list[_Call]] = {}
-    for c in calls:
-        by_run.setdefault(c.run_id, []).append(c)
+    ``undetermined`` with no repeat in the history. ``index`` is :func:`call_index` of ``calls``."""
+    indexed, by_run, by_key = index if index is not None else call_index(calls)
+
+    def next_after(entries: list[tuple[str, int, int]], key: str, event_id: int) -> _Call | None:
+        i = bisect.bisect_right(entries, (key, event_id, len(indexed)))
+        return indexed[entries[i][2]] if i < len(entries) and entries[i][0] == key else None
+
     same_failed = same_ok = retried = retry_ok = follow = follow_ok = 0
-    keys = {}
     for o in occ:
-        key = args.get(o["event_id"])  # the arguments' JSON text, as the calls' args_key
-        keys[o["event_id"]] = key
-    for o in occ:
-        key = keys[o["event_id"]]
-        later = [c for c in calls if c.event_id > o["event_id"]]
-        in_run = [c for c in by_run.get(o["run_id"], ()) if c.event_id > o["event_id"]]
-        if in_run:
+        nxt_in_run = next_after(by_run, o["run_id"], o["event_id"])
+        if nxt_in_run is not None:
             follow += 1
-            follow_ok += in_run[0].ok
+            follow_ok += nxt_in_run.ok
+        key = args.get(o["event_id"])  # the arguments' JSON text, as the calls' args_key
         if key is None:
             continue
-        same = [c for c in later if c.args_key == key]
-        if same:
-            nxt = same[0]
+        nxt = next_after(by_key, key, o["event_id"])
+        if nxt is not None:
             if nxt.ok:
                 same_ok += 1
             else:
@@ -370,23 +415,27 @@ def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, A
             "followed_in_run": follow, "follow_up_succeeded": follow_ok}
 
 
-def server_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[str, Any] | None:
+def server_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]],
+                  errors: ServerErrors | None = None) -> dict[str, Any] | None:
     """How often another tool of the same MCP server failed within :data:`STREAK_SECONDS`
-    of an occurrence; None for a tool of no MCP server."""
+    of an occurrence; None for a tool of no MCP server. ``errors`` are the server's failed
+    calls over at least the occurrences' span widened by :data:`STREAK_SECONDS` (read
+    here when not given)."""
     server = server_of(tool)
     if not server or not occ:
         return None
     times = sorted(o["ts"] for o in occ)
-    errors = _server_errors(conn, server, times[0] - STREAK_SECONDS, times[-1] + STREAK_SECONDS)
-    others = sorted((ts, name) for ts, name in errors if name != tool)
-    tools = {name for _, name in others}
-    other_ts = [ts for ts, _ in others]
+    lo, hi = times[0] - STREAK_SECONDS, times[-1] + STREAK_SECONDS
+    if errors is None or errors.server != server or errors.lo > lo or errors.hi < hi:
+        errors = server_errors(conn, server, lo, hi)
+    own = errors.by_tool.get(tool, [])
+    tools = sum(1 for name, ts in errors.by_tool.items() if name != tool and _between(ts, lo, hi))
     together = 0
-    for t in times:
-        i = bisect.bisect_left(other_ts, t - STREAK_SECONDS)
-        if i < len(other_ts) and other_ts[i] <= t + STREAK_SECONDS:
+    for t in times:  # a failure of another tool within the seconds around t: all of them minus this tool's
+        if _between(errors.all, t - STREAK_SECONDS, t + STREAK_SECONDS) > _between(own, t - STREAK_SECONDS,
+                                                                                  t + STREAK_SECONDS):
             together += 1
-    return {"server": server, "other_tools_failing": len(tools), "occurrences_with_server_streak": together,
+    return {"server": server, "other_tools_failing": tools, "occurrences_with_server_streak": together,
             "streak_share": round(together / len(times), 4)}
 
 
@@ -399,18 +448,47 @@ def _durations(calls: list[_Call], occ: list[dict[str, Any]]) -> dict[str, Any]:
             "success_ms_max": max(ok) if ok else None}
 
 
+def recent(occurrences: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The occurrences the evidence reads: the most recent :data:`MAX_OCCURRENCES`, oldest first."""
+    return sorted(occurrences, key=lambda o: o["event_id"])[-MAX_OCCURRENCES:]
+
+
+@functools.lru_cache(maxsize=16384)
+def _kind_and_codes(message: str, label: str | None) -> tuple[tuple[str, str], dict[str, Any]]:
+    """:func:`message_kind` and :func:`message_codes` of one message, read once per distinct
+    message (a recurring failure repeats its messages; the result is not to be changed)."""
+    codes = message_codes(message)
+    return message_kind(message, label, codes), codes
+
+
 def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurrences: list[dict[str, Any]],
            *, check_paths: bool = True,
-           calls: tuple[list[_Call], dict[int, Any]] | None = None) -> dict[str, Any]:
+           calls: tuple[list[_Call], dict[int, Any]] | None = None,
+           server: ServerErrors | None = None, index: CallIndex | None = None) -> dict[str, Any]:
     """The evidence for one pattern (JSON data) with its ``kind``; see the module docstring.
 
     ``occurrences`` are the pattern's ``occurrences_detail`` (event_id, run_id, ts, message,
     template, duration_ms); the most recent :data:`MAX_OCCURRENCES` are read for arguments.
     ``calls`` is what :func:`tool_calls` returned for the tool (detect reads all patterns'
-    tools in one scan); read here when not given."""
-    occ = sorted(occurrences, key=lambda o: o["event_id"])[-MAX_OCCURRENCES:]
+    tools in one scan); read here when not given; ``server`` likewise the failed calls of
+    the tool's server (:func:`server_errors`), ``index`` :func:`call_index` of ``calls``."""
+    return gather_with_paths(conn, tool, error_type, occurrences, check_paths=check_paths, calls=calls,
+                             server=server, index=index)[0]
+
+
+def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | None,
+                      occurrences: list[dict[str, Any]], *, check_paths: bool = True,
+                      calls: tuple[list[_Call], dict[int, Any]] | None = None,
+                      server: ServerErrors | None = None,
+                      index: CallIndex | None = None,
+                      kinds: dict[int, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """:func:`gather`, and every path the messages name (``path``, ``argument``, ``count``,
+    ``exists_now``; the evidence lists the ten most frequent): what a stored evidence
+    depends on outside the history. ``kinds`` (event id → ((kind, reason), codes) of the
+    occurrence's message) holds what was read before; what is read here is added to it."""
+    occ = recent(occurrences)
     if not occ:
-        return {"kind": "unknown", "reasons": ["no occurrences"]}
+        return {"kind": "unknown", "reasons": ["no occurrences"]}, []
     if calls is None:
         calls = tool_calls(conn, {tool: min(o["event_id"] for o in occ)})[tool]
     calls, args = calls
@@ -425,10 +503,14 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
     retry_after: list[float] = []
     resets: list[float] = []
     for o in occ:
-        kind, reason = message_kind(o["message"], error_type)
+        known = kinds.get(o["event_id"]) if kinds is not None else None
+        if known is None:
+            known = _kind_and_codes(o["message"], error_type)
+            if kinds is not None:
+                kinds[o["event_id"]] = known
+        (kind, reason), codes = known
         votes[kind] += 1
         reasons[f"{kind}: {reason}"] += 1
-        codes = message_codes(o["message"])
         errno.update(codes["errno"])
         status.update(str(s) for s in codes["http_status"])
         rpc.update(str(c) for c in codes["jsonrpc"])
@@ -448,8 +530,8 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
     for p in paths.values():
         p["exists_now"] = _path_exists(p["path"]) if check_paths else None
     gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(occ) if b["ts"] >= a["ts"]]
-    det = determinism(occ, calls, args)
-    streak = server_streak(conn, tool, occ)
+    det = determinism(occ, calls, args, index)
+    streak = server_streak(conn, tool, occ, server)
     kind, share = votes.most_common(1)[0][0], votes.most_common(1)[0][1] / len(occ)
     why = [r for r, _ in reasons.most_common(3)]
     durations = None
@@ -498,7 +580,7 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
         "durations": durations,
     }
     out["summary"] = kind_line(out)
-    return out
+    return out, list(paths.values())
 
 
 def kind_line(evidence: dict[str, Any] | None) -> str:

@@ -20,12 +20,15 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
-from selfheal_plugin.analysis.evidence import MAX_OCCURRENCES, gather, tool_calls
+from selfheal_plugin.analysis import evidencecache, windowcache
+from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, call_index, gather_with_paths, recent,
+                                              server_errors, tool_calls)
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
-from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.history.connection import normalize_error_type, server_of
 from selfheal_plugin.history.text import bounded
 from selfheal_plugin.history.times import format_timestamp, parse_since, utc_text
 from selfheal_plugin.plugins.pattern import Pattern
@@ -262,8 +265,9 @@ def detect_failure_patterns(
     where, params = _where(since_epoch, until_epoch, error_type, tool_name, run_ids)
     calls = _tool_calls(conn, since_epoch, until_epoch)
     patterns: list[Pattern] = []
+    keys: dict[str, tuple[int, list[int]]] = {}
     candidates = 0
-    for (etype, tool), sig in _signatures(conn, where, params).items():
+    for (etype, tool), sig in _window_signatures(conn, where, params, stored=run_ids is None).items():
         if sig.n < max(1, min_occurrences):
             continue
         candidates += 1
@@ -271,13 +275,15 @@ def detect_failure_patterns(
         pattern = _pattern(etype, tool, sig, calls.get(tool, 0), _LazyRows(load) if lazy_detail else [])
         if pattern.confidence >= confidence_threshold:
             patterns.append(pattern)
+            keys[pattern.id] = (_recent_first(conn, sig, since_epoch, until_epoch, etype, tool, run_ids),
+                                [sig.n, sig.min_id, sig.max_id, sig.sum_ids])
     if not lazy_detail and patterns:
         by_sig = {(p.error_type, p.tool_name): p.occurrences_detail for p in patterns}
         for row in _error_rows(conn, since_epoch, until_epoch, error_type, tool_name, run_ids):
             rows = by_sig.get((row["error_type"], row["tool_name"]))
             if rows is not None:
                 rows.append(row)
-    attach_evidence_all(conn, patterns)
+    attach_evidence_all(conn, patterns, keys=keys if run_ids is None else None)
     patterns.sort(key=lambda p: (-p.occurrences, p.id))
     return Detection(patterns, format_timestamp(start), scanned, candidates)
 
@@ -291,15 +297,20 @@ class _Signature:
     runs: list[str] = field(default_factory=list)  # in order of first occurrence
     first_ts: float = float("inf")
     last_ts: float = float("-inf")
+    # the event ids of the failures: what their stored evidence is keyed by
+    min_id: int = 2**63 - 1
+    max_id: int = -1
+    sum_ids: int = 0
+    correlation: float | None = None  # of the contexts, once computed (a stored grouping keeps only this)
 
 
 def _signatures(conn: sqlite3.Connection, where: str, params: list[Any]) -> dict[tuple[str, str], _Signature]:
     """The window's failures grouped by signature and context in SQLite, so that detection's
     Python work grows with the distinct contexts and runs, not with every failed call."""
     out: dict[tuple[str, str], _Signature] = {}
-    for etype, tool, template, arg_keys, step, workflow, count, _first, lo, hi in conn.execute(
+    for etype, tool, template, arg_keys, step, workflow, count, first, lo, hi, last, ids in conn.execute(
             "SELECT e.error_type, e.tool_name, e.template, e.arg_keys, e.step_index, r.workflow_name,"
-            " count(*), min(e.event_id) AS first_id, min(e.ts), max(e.ts)"
+            " count(*), min(e.event_id) AS first_id, min(e.ts), max(e.ts), max(e.event_id), sum(e.event_id)"
             " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where +
             " GROUP BY e.error_type, e.tool_name, e.template, e.arg_keys, e.step_index, r.workflow_name"
             " ORDER BY first_id", params):
@@ -309,12 +320,58 @@ def _signatures(conn: sqlite3.Connection, where: str, params: list[Any]) -> dict
         sig.n += count
         sig.contexts[_context(template, arg_keys, workflow, step)] += count
         sig.first_ts, sig.last_ts = min(sig.first_ts, lo), max(sig.last_ts, hi)
+        sig.min_id, sig.max_id, sig.sum_ids = min(sig.min_id, first), max(sig.max_id, last), sig.sum_ids + ids
     for etype, tool, run_id in conn.execute(
             "SELECT e.error_type, e.tool_name, e.run_id"
             " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where +
             " GROUP BY e.error_type, e.tool_name, e.run_id ORDER BY min(e.event_id)", params):
         out[(etype, tool)].runs.append(run_id)
     return out
+
+
+_SIGNATURE_FIELDS = ("n", "runs", "first_ts", "last_ts", "min_id", "max_id", "sum_ids", "correlation")
+
+
+def _stored_signature(s: dict[str, Any]) -> _Signature:
+    sig = _Signature(**{f: s[f] for f in _SIGNATURE_FIELDS})
+    if not (isinstance(sig.n, int) and sig.n > 0 and isinstance(sig.runs, list)
+            and all(isinstance(r, str) for r in sig.runs) and isinstance(sig.correlation, (int, float))
+            and all(isinstance(getattr(sig, f), (int, float)) for f in ("first_ts", "last_ts", "min_id", "max_id",
+                                                                          "sum_ids"))):
+        raise ValueError("not a stored signature")
+    return sig
+
+
+def _window_signatures(conn: sqlite3.Connection, where: str, params: list[Any],
+                       stored: bool) -> dict[tuple[str, str], _Signature]:
+    """:func:`_signatures`, or with ``stored`` the grouping a detect stored for the same
+    failures (:mod:`~selfheal_plugin.analysis.windowcache`; a new grouping is stored)."""
+    if not stored:
+        return _signatures(conn, where, params)
+    key = windowcache.window_key(conn, where, params, Path(__file__))
+    found = windowcache.load(conn, key)
+    if found is not None:
+        try:
+            return {(s["error_type"], s["tool_name"]): _stored_signature(s) for s in found}
+        except (KeyError, TypeError, ValueError):
+            pass  # a stored row of another shape (damaged, or written by hand): group again
+    sigs = _signatures(conn, where, params)
+    for sig in sigs.values():
+        sig.correlation = _correlation(sig.contexts, sig.n)
+    windowcache.store(conn, key, [{"error_type": etype, "tool_name": tool, **{f: getattr(sig, f) for f in _SIGNATURE_FIELDS}}
+                                  for (etype, tool), sig in sigs.items()])
+    return sigs
+
+
+def _recent_first(conn: sqlite3.Connection, sig: _Signature, since_epoch: float, until_epoch: float | None,
+                  etype: str, tool: str, run_ids: list[str] | None) -> int:
+    """The id of the oldest of the signature's occurrences the evidence reads (the most
+    recent :data:`MAX_OCCURRENCES` in the window)."""
+    if sig.n <= MAX_OCCURRENCES:
+        return sig.min_id
+    where, params = _where(since_epoch, until_epoch, etype, tool, run_ids)
+    return conn.execute("SELECT e.event_id FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where +
+                        " ORDER BY e.event_id DESC LIMIT 1 OFFSET ?", (*params, MAX_OCCURRENCES - 1)).fetchone()[0]
 
 
 def _build_pattern(etype: str, tool: str, occ: list[dict], tool_calls: int) -> Pattern:
@@ -326,7 +383,7 @@ def _build_pattern(etype: str, tool: str, occ: list[dict], tool_calls: int) -> P
 
 def _pattern(etype: str, tool: str, sig: _Signature, tool_calls: int, detail: list[dict]) -> Pattern:
     n = sig.n
-    correlation = _correlation(sig.contexts, n)
+    correlation = sig.correlation if sig.correlation is not None else _correlation(sig.contexts, n)
     rate = n / max(tool_calls, n)
     return Pattern(
         id=f"{etype}:{tool}", error_type=etype, tool_name=tool, occurrences=n,
@@ -379,17 +436,58 @@ def attach_evidence(conn: sqlite3.Connection, pattern: Pattern) -> Pattern:
     return pattern
 
 
-def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern]) -> None:
-    """:func:`attach_evidence` for several patterns, their tools' calls read in one scan."""
+def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
+                        keys: dict[str, tuple[int, list[int]]] | None = None) -> None:
+    """:func:`attach_evidence` for several patterns, their tools' calls read in one scan.
+
+    ``keys`` (pattern id → the id of the oldest occurrence the evidence reads, and a key of
+    its occurrences in the window) lets a pattern's stored evidence stand in for reading it
+    again when nothing it depends on changed (:mod:`~selfheal_plugin.analysis.evidencecache`);
+    the occurrences of a pattern found there are not read."""
     firsts: dict[str, int] = {}
     for p in patterns:
-        recent = sorted(o["event_id"] for o in p.occurrences_detail)[-MAX_OCCURRENCES:]
-        if recent:
-            firsts[p.tool_name] = min(firsts.get(p.tool_name, recent[0]), recent[0])
-    calls = tool_calls(conn, firsts)
+        if keys is not None:
+            first = keys[p.id][0]
+        else:
+            ids = sorted(o["event_id"] for o in p.occurrences_detail)[-MAX_OCCURRENCES:]
+            if not ids:
+                continue
+            first = ids[0]
+        firsts[p.tool_name] = min(firsts.get(p.tool_name, first), first)
+    stored: dict[str, dict[str, Any]] = {}
+    prints: dict[str, str] = {}
+    if keys is not None and patterns:
+        prints = evidencecache.fingerprints(conn, {p.id: (p.tool_name, keys[p.id][1]) for p in patterns}, firsts)
+        stored = evidencecache.load(conn, prints)
+    todo = [p for p in patterns if p.id not in stored]
+    calls = tool_calls(conn, {t: firsts[t] for t in {p.tool_name for p in todo} if t in firsts})
+    spans: dict[str, tuple[float, float]] = {}  # server -> the span of its patterns' occurrences
+    for p in todo:
+        server = server_of(p.tool_name)
+        times = [o["ts"] for o in recent(p.occurrences_detail)]
+        if server and times:
+            lo, hi = spans.get(server, (min(times), max(times)))
+            spans[server] = (min(lo, *times), max(hi, *times))
+    servers = {s: server_errors(conn, s, lo - STREAK_SECONDS, hi + STREAK_SECONDS) for s, (lo, hi) in spans.items()}
+    indexes = {tool: call_index(found[0]) for tool, found in calls.items()}
+    labels = {o["event_id"]: p.error_type for p in todo for o in recent(p.occurrences_detail)} if prints else {}
+    kinds = evidencecache.load_kinds(conn, labels) if labels else None
+    known = set(kinds or ())
+    fresh = []
     for p in patterns:
-        p.evidence = gather(conn, p.tool_name, p.error_type, p.occurrences_detail, calls=calls.get(p.tool_name))
+        if p.id in stored:
+            p.evidence = stored[p.id]
+        else:
+            p.evidence, paths = gather_with_paths(conn, p.tool_name, p.error_type, p.occurrences_detail,
+                                                  calls=calls.get(p.tool_name),
+                                                  server=servers.get(server_of(p.tool_name) or ""),
+                                                  index=indexes.get(p.tool_name), kinds=kinds)
+            if prints:
+                fresh.append((p.id, prints[p.id], p.evidence, paths))
         p.failure_kind = p.evidence["kind"]
+    evidencecache.store(conn, fresh)
+    if kinds is not None:
+        evidencecache.store_kinds(conn, labels, kinds, known)
 
 
 def pattern_details(pattern: Pattern) -> dict[str, Any]:

@@ -162,6 +162,28 @@ CREATE TABLE IF NOT EXISTS selfheal_rules (  -- fix rules (history.rules)
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS selfheal_tool_errors (
+    tool_name TEXT PRIMARY KEY,
+    errors INTEGER NOT NULL,  -- rows of selfheal_errors with this tool
+    max_event_id INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selfheal_evidence (
+    pattern_id TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,  -- JSON: what the evidence was computed from (analysis/evidencecache.py)
+    evidence TEXT NOT NULL,  -- JSON: the pattern's evidence
+    paths TEXT NOT NULL  -- JSON: every path the messages name, with exists_now when computed
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selfheal_error_kinds (
+    event_id INTEGER PRIMARY KEY,  -- a row of selfheal_errors
+    label TEXT,  -- the runtime's label the kind was read with
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    codes TEXT NOT NULL  -- JSON: the codes in the message
+);
+CREATE TABLE IF NOT EXISTS selfheal_signatures (
+    key TEXT PRIMARY KEY,  -- JSON: what the window's failures were (analysis/windowcache.py)
+    value TEXT NOT NULL  -- JSON: the signatures detect grouped them into
+);
 """
 
 SELFHEAL_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SELFHEAL_SCHEMA))

@@ -7,7 +7,9 @@ for long, and stores
 
 * one row per failed call in ``selfheal_errors`` (normalised type, message template,
   argument keys of the matching ``tool_start``, instant as epoch seconds), and
-* per tool and hour, the number of calls in ``selfheal_tool_hours``.
+* per tool and hour, the number of calls in ``selfheal_tool_hours``, and
+* per tool, the number of failed calls and the latest one's id in ``selfheal_tool_errors``
+  (what a stored evidence of a pattern depends on, see analysis/evidencecache.py).
 
 A warm command then reads only the window it needs from small, indexed tables.
 Malformed ``tool_complete`` rows are counted once in ``selfheal_state`` and skipped:
@@ -34,7 +36,7 @@ from selfheal_plugin.history.times import to_epoch
 log = logging.getLogger("selfheal.errorindex")
 
 CHUNK_IDS = 200_000
-INDEX_VERSION = "4"
+INDEX_VERSION = "6"
 
 # Bounds past which a row is not a tool call but damage (counted and skipped everywhere).
 MAX_EVENT_BYTES = 8 << 20  # 8 MiB of event JSON: past what a tool call returns (a file read of a few MB is fine)
@@ -140,6 +142,10 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
         with write_transaction(conn):  # an index written by another version: rebuild it
             conn.execute("DROP TABLE IF EXISTS selfheal_errors")
             conn.execute("DROP TABLE IF EXISTS selfheal_tool_hours")
+            conn.execute("DROP TABLE IF EXISTS selfheal_tool_errors")
+            conn.execute("DROP TABLE IF EXISTS selfheal_evidence")
+            conn.execute("DROP TABLE IF EXISTS selfheal_signatures")
+            conn.execute("DROP TABLE IF EXISTS selfheal_error_kinds")
             for stmt in SELFHEAL_SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
@@ -152,6 +158,10 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
         with write_transaction(conn):
             conn.execute("DELETE FROM selfheal_errors")
             conn.execute("DELETE FROM selfheal_tool_hours")
+            conn.execute("DELETE FROM selfheal_tool_errors")
+            conn.execute("DELETE FROM selfheal_evidence")
+            conn.execute("DELETE FROM selfheal_signatures")
+            conn.execute("DELETE FROM selfheal_error_kinds")
             set_state(conn, "errors_watermark", "0")
             set_state(conn, "bad_rows", "0")
         mark = 0
@@ -192,6 +202,11 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
                 conn.executemany(
                     "INSERT INTO selfheal_tool_hours VALUES (?,?,?) ON CONFLICT(tool_name, hour) DO UPDATE SET "
                     "calls = calls + excluded.calls", hours)
+                conn.execute(
+                    "INSERT INTO selfheal_tool_errors SELECT tool_name, count(*), max(event_id) FROM selfheal_errors "
+                    "WHERE event_id > ? AND event_id <= ? GROUP BY tool_name ON CONFLICT(tool_name) DO UPDATE SET "
+                    "errors = errors + excluded.errors, max_event_id = max(max_event_id, excluded.max_event_id)",
+                    (mark, hi))
                 if n_bad:
                     set_state(conn, "bad_rows", str(int(get_state(conn, "bad_rows", "0")) + n_bad))
                     log.info("skipped %d malformed tool_complete row(s) in run_events ids %d..%d", n_bad, mark + 1, hi)

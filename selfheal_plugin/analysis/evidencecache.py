@@ -1,0 +1,171 @@
+"""Stored evidence of patterns, so that a detect with nothing new does not read it again.
+
+A pattern's evidence (:func:`selfheal_plugin.analysis.evidence.gather`) is a function of
+
+* its occurrences in the window: the most recent ``MAX_OCCURRENCES`` of them, identified by
+  the count, smallest, largest and sum of the event ids of all of them (rows of
+  ``selfheal_errors`` never change; the index is emptied when it is rebuilt, and so is this
+  table);
+* the calls of its tool from the first of those occurrences of any pattern of the tool
+  (``first``) to the end of the history: the tool's calls in ``selfheal_tool_hours`` and the
+  malformed rows counted so far (a new call, well-formed or not, changes one of them);
+* the failed calls of the other tools of its MCP server (``selfheal_tool_errors``);
+* the code that computes it (a hash of ``evidence.py``), and
+* whether the paths the messages name exist now: checked again on every read, and a
+  change reads the evidence again.
+
+Those make the row's ``fingerprint``; a stored evidence is used only when its fingerprint
+is the one computed now, so a cached detect gives what a fresh one does (tests/test_perf.py).
+
+When a pattern's evidence is read again (a new failure, a new call), the kind and codes of
+each occurrence's message already read come from ``selfheal_error_kinds`` (a function of
+the message and the runtime's label, by event id; emptied when the evidence code changes),
+so only the new occurrences' messages go through the rules.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from selfheal_plugin.analysis import evidence as _evidence
+from selfheal_plugin.history.connection import get_state, server_of, set_state, write_transaction
+
+log = logging.getLogger("selfheal.evidencecache")
+
+_CODE_KEY: str | None = None
+
+
+def code_key() -> str:
+    """A hash of the evidence code: a change to its rules makes every stored evidence stale."""
+    global _CODE_KEY
+    if _CODE_KEY is None:
+        _CODE_KEY = hashlib.sha256(Path(_evidence.__file__).read_bytes()).hexdigest()[:16]
+    return _CODE_KEY
+
+
+def fingerprints(conn: sqlite3.Connection, patterns: dict[str, tuple[str, Any]],
+                 firsts: dict[str, int]) -> dict[str, str]:
+    """``patterns``: pattern id → (tool, key of its occurrences in the window); ``firsts``:
+    tool → the id the tool's calls are read from. The fingerprint of each pattern (JSON)."""
+    tools = sorted({tool for tool, _ in patterns.values()})
+    calls: dict[str, int] = {}
+    for i in range(0, len(tools), 500):
+        part = tools[i:i + 500]
+        calls.update(conn.execute(
+            f"SELECT tool_name, sum(calls) FROM selfheal_tool_hours WHERE tool_name IN ({','.join('?' * len(part))})"
+            " GROUP BY tool_name", part))
+    servers: dict[str, list[list[Any]]] = {}
+    wanted = {server_of(t) for t in tools} - {None, ""}
+    if wanted:
+        for name, errors, max_id in conn.execute(
+                "SELECT tool_name, errors, max_event_id FROM selfheal_tool_errors ORDER BY tool_name"):
+            server = server_of(name)
+            if server in wanted:
+                servers.setdefault(server, []).append([name, errors, max_id])
+    bad = get_state(conn, "bad_rows", "0")
+    out = {}
+    for pid, (tool, occ_key) in patterns.items():
+        server = server_of(tool)
+        out[pid] = json.dumps([code_key(), occ_key, firsts.get(tool), calls.get(tool, 0), bad,
+                               servers.get(server, []) if server else None], separators=(",", ":"))
+    return out
+
+
+# What gather() returns; a stored row of another shape (damaged, or written by hand) is not used.
+EVIDENCE_KEYS = frozenset({"kind", "kind_share", "kind_votes", "reasons", "runtime_label", "sampled_occurrences",
+                           "templates", "codes", "named_arguments", "paths", "path_occurrences", "determinism",
+                           "server", "spacing_s", "retry_after_s", "reset_in_s", "durations", "summary"})
+_CODE_LISTS = {"errno": str, "http_status": int, "jsonrpc": int}
+
+
+def _usable(ev: Any, named: Any) -> bool:
+    return (isinstance(ev, dict) and set(ev) == EVIDENCE_KEYS and ev["kind"] in _evidence.KINDS
+            and isinstance(named, list) and all(isinstance(p, dict) and isinstance(p.get("path"), str) for p in named))
+
+
+def _usable_codes(codes: Any) -> bool:
+    return (isinstance(codes, dict) and set(codes) == {*_CODE_LISTS, "retry_after_s", "reset_at"}
+            and all(isinstance(codes[k], list) and all(type(v) is t for v in codes[k]) for k, t in _CODE_LISTS.items())
+            and all(codes[k] is None or type(codes[k]) in (int, float) for k in ("retry_after_s", "reset_at")))
+
+
+def load(conn: sqlite3.Connection, wanted: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The stored evidence of the patterns in ``wanted`` (id → fingerprint) whose
+    fingerprint matches and whose named paths exist or not as they did."""
+    out: dict[str, dict[str, Any]] = {}
+    ids = list(wanted)
+    for i in range(0, len(ids), 500):
+        part = ids[i:i + 500]
+        for pid, fingerprint, evidence, paths in conn.execute(
+                f"SELECT pattern_id, fingerprint, evidence, paths FROM selfheal_evidence "
+                f"WHERE pattern_id IN ({','.join('?' * len(part))})", part):
+            if fingerprint != wanted[pid]:
+                continue
+            try:
+                ev, named = json.loads(evidence), json.loads(paths)
+            except (ValueError, TypeError):
+                continue
+            if _usable(ev, named) and all(p.get("exists_now") == _evidence._path_exists(p["path"]) for p in named
+                   if p.get("exists_now") is not None):
+                out[pid] = ev
+    return out
+
+
+def store(conn: sqlite3.Connection, rows: list[tuple[str, str, dict[str, Any], list[dict[str, Any]]]]) -> None:
+    """Keep (pattern id, fingerprint, evidence, paths) rows; a file we cannot write now
+    (read-only, busy) keeps none, and the next detect reads the evidence again."""
+    if not rows:
+        return
+    try:
+        with write_transaction(conn):
+            conn.executemany("INSERT OR REPLACE INTO selfheal_evidence VALUES (?,?,?,?)",
+                             [(pid, fp, json.dumps(ev), json.dumps(paths)) for pid, fp, ev, paths in rows])
+    except sqlite3.Error as exc:
+        log.debug("evidence not stored: %s", exc)
+
+
+def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[int, Any]:
+    """Event id → ((kind, reason), codes) of the occurrences in ``labels`` (event id → the
+    runtime's label) read before with the same label by the same evidence code."""
+    if get_state(conn, "error_kinds_code") != code_key():
+        try:
+            with write_transaction(conn):
+                conn.execute("DELETE FROM selfheal_error_kinds")
+                set_state(conn, "error_kinds_code", code_key())
+        except sqlite3.Error as exc:
+            log.debug("kinds not reset: %s", exc)
+        return {}
+    out: dict[int, Any] = {}
+    ids = sorted(labels)
+    for i in range(0, len(ids), 500):
+        part = ids[i:i + 500]
+        for eid, label, kind, reason, codes in conn.execute(
+                f"SELECT event_id, label, kind, reason, codes FROM selfheal_error_kinds "
+                f"WHERE event_id IN ({','.join('?' * len(part))})", part):
+            if label == labels[eid] and kind in _evidence.KINDS and isinstance(reason, str):
+                try:
+                    parsed = json.loads(codes)
+                except (ValueError, TypeError):
+                    continue
+                if _usable_codes(parsed):
+                    out[eid] = ((kind, reason), parsed)
+    return out
+
+
+def store_kinds(conn: sqlite3.Connection, labels: dict[int, str | None], kinds: dict[int, Any],
+                known: set[int]) -> None:
+    """Keep the kinds read now (those of ``kinds`` not in ``known``)."""
+    rows = [(eid, labels.get(eid), kind, reason, json.dumps(codes))
+            for eid, ((kind, reason), codes) in kinds.items() if eid not in known]
+    if not rows:
+        return
+    try:
+        with write_transaction(conn):
+            if get_state(conn, "error_kinds_code") == code_key():
+                conn.executemany("INSERT OR REPLACE INTO selfheal_error_kinds VALUES (?,?,?,?,?)", rows)
+    except sqlite3.Error as exc:
+        log.debug("kinds not stored: %s", exc)

@@ -1,0 +1,355 @@
+"""What makes a warm detect fast gives what the plain computation gives: the stored evidence
+(analysis/evidencecache.py) against evidence read fresh, and when it goes stale; the
+bisection in determinism and server streaks against the plain scans they replaced."""
+from __future__ import annotations
+
+import bisect
+import json
+import random
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from selfheal_plugin.analysis import evidence as E
+from selfheal_plugin.analysis import patterns as P
+from selfheal_plugin.history.connection import SELFHEAL_SCHEMA, connect
+
+from .evidence_data import NOW, Call, Run, spread, write_history
+
+SINCE = (NOW - timedelta(days=7)).isoformat()
+
+# ---------------------------------------------------------------- the plain scans, as they were
+
+
+def plain_determinism(occ: list[dict[str, Any]], calls: list[E._Call], args: dict[int, Any]) -> dict[str, Any]:
+    by_run: dict[str, list[E._Call]] = {}
+    for c in calls:
+        by_run.setdefault(c.run_id, []).append(c)
+    same_failed = same_ok = retried = retry_ok = follow = follow_ok = 0
+    for o in occ:
+        key = args.get(o["event_id"])
+        later = [c for c in calls if c.event_id > o["event_id"]]
+        in_run = [c for c in by_run.get(o["run_id"], ()) if c.event_id > o["event_id"]]
+        if in_run:
+            follow += 1
+            follow_ok += in_run[0].ok
+        if key is None:
+            continue
+        same = [c for c in later if c.args_key == key]
+        if same:
+            nxt = same[0]
+            same_ok += nxt.ok
+            same_failed += not nxt.ok
+            if nxt.run_id == o["run_id"]:
+                retried += 1
+                retry_ok += nxt.ok
+    return {"same_args_failed_again": same_failed, "same_args_succeeded_later": same_ok, "retried_in_run": retried,
+            "retry_succeeded_in_run": retry_ok, "followed_in_run": follow, "follow_up_succeeded": follow_ok}
+
+
+def plain_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[str, Any]:
+    server = tool.split("__")[1]
+    times = sorted(o["ts"] for o in occ)
+    errors = E._server_errors(conn, server, times[0] - E.STREAK_SECONDS, times[-1] + E.STREAK_SECONDS)
+    others = sorted((ts, name) for ts, name in errors if name != tool)
+    other_ts = [ts for ts, _ in others]
+    together = 0
+    for t in times:
+        i = bisect.bisect_left(other_ts, t - E.STREAK_SECONDS)
+        if i < len(other_ts) and other_ts[i] <= t + E.STREAK_SECONDS:
+            together += 1
+    return {"server": server, "other_tools_failing": len({name for _, name in others}),
+            "occurrences_with_server_streak": together, "streak_share": round(together / len(times), 4)}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_determinism_by_bisection_counts_what_the_plain_scan_counts(seed: int) -> None:
+    rng = random.Random(seed)
+    runs, keys = [f"r{i}" for i in range(rng.randint(1, 8))], [None, '{"a": 1}', '{"a": 2}', '{"b": 3}']
+    calls = [E._Call(eid, rng.choice(runs), float(eid), rng.random() < 0.5, None, rng.choice(keys))
+             for eid in sorted(rng.sample(range(1, 400), rng.randint(0, 120)))]
+    failed = [c for c in calls if not c.ok] or calls[:1]
+    occ = [{"event_id": c.event_id, "run_id": c.run_id} for c in failed]
+    args = {c.event_id: c.args_key for c in calls if rng.random() < 0.9}
+    calls += [E._Call(1000 + i, run, 0.0, True, None, None) for i, run in enumerate((None, b"r1", 7))]  # not text
+    got = E.determinism(occ, calls, args)
+    assert {k: v for k, v in got.items() if k != "verdict"} == plain_determinism(occ, calls, args)
+    assert E.determinism(occ, calls, args, E.call_index(calls)) == got  # the index shared by a tool's patterns
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_server_streak_by_bisection_counts_what_the_plain_scan_counts(seed: int) -> None:
+    rng = random.Random(seed)
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(SELFHEAL_SCHEMA)
+    tools = [f"mcp__s{rng.randint(0, 1)}__t{i}" for i in range(5)]
+    rows = []
+    for eid in range(1, 300):
+        ts = round(rng.uniform(0, 3000), rng.choice([0, 1, 3]))  # ties and exact 60 s gaps happen
+        rows.append((eid, "r", 0, ts, "t", rng.choice(tools), "timeout", None, "m", "m", None, ""))
+    conn.executemany("INSERT INTO selfheal_errors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+    shared = {s: E.server_errors(conn, s, -1e9, 1e9) for s in ("s0", "s1")}
+    for tool in tools:
+        occ = [{"ts": r[3]} for r in rows if r[5] == tool]
+        if occ:
+            want = plain_streak(conn, tool, occ)
+            assert E.server_streak(conn, tool, occ) == want
+            assert E.server_streak(conn, tool, occ, shared[tool.split("__")[1]]) == want
+
+
+# ---------------------------------------------------------------- stored evidence
+
+FS = "mcp__filesystem__read_text_file"
+LIST = "mcp__filesystem__list_directory"
+SEARCH = "mcp__search__web_search"
+
+
+def history(db: Path, missing: Path) -> Path:
+    """ENOENT reads retried in the run, a listing of the same server failing alongside,
+    searches timing out and sometimes recovering, successes in between."""
+    runs = []
+    for i, start in enumerate(spread(60)):
+        path = str(missing / f"notes-{i % 4}.md")
+        if i % 3 == 0:
+            msg = f"ENOENT: no such file or directory, open '{path}'"
+            calls = [Call(FS, {"path": path}, False, msg), Call(FS, {"path": path}, False, msg),
+                     Call(LIST, {"path": str(missing)}, False, f"ENOENT: no such file or directory, scandir '{missing}'")]
+        elif i % 3 == 1:
+            calls = [Call(SEARCH, {"query": f"q{i % 5}"}, False, "Tool mcp__search__web_search timed out after 30s",
+                          ms=30000), Call(SEARCH, {"query": f"q{i % 5}"}, i % 2 == 0, "ok", ms=900)]
+        else:
+            calls = [Call(FS, {"path": f"/srv/docs/readme-{i}.md"}, True, "# readme")]
+        runs.append(Run(start, calls))
+    return write_history(db, runs)
+
+
+def detect(conn: sqlite3.Connection, counted: list[str] | None = None,
+           monkeypatch: pytest.MonkeyPatch | None = None) -> list[dict[str, Any]]:
+    if monkeypatch is not None and counted is not None:
+        real = E.gather_with_paths
+
+        def counting(conn: Any, tool: str, *args: Any, **kwargs: Any) -> Any:
+            counted.append(tool)
+            return real(conn, tool, *args, **kwargs)
+        monkeypatch.setattr(P, "gather_with_paths", counting)
+    found = P.detect_failure_patterns(conn, since=SINCE, min_occurrences=3, confidence_threshold=0.0, now=NOW,
+                                      lazy_detail=True)
+    if monkeypatch is not None:
+        monkeypatch.setattr(P, "gather_with_paths", E.gather_with_paths)
+    return [p.to_dict() for p in found.patterns]
+
+
+def fresh(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Detect with nothing stored: the window grouped and every evidence read again."""
+    conn.execute("DELETE FROM selfheal_evidence")
+    conn.execute("DELETE FROM selfheal_signatures")
+    conn.execute("DELETE FROM selfheal_error_kinds")
+    conn.commit()
+    return detect(conn)
+
+
+def append(db: Path, *calls: Call, at: float = 1.0) -> None:
+    """One more run, ``at`` hours before NOW, in the runtime's format."""
+    write_history(db, [Run(NOW - timedelta(hours=at), list(calls))])
+
+
+def test_a_warm_detect_reads_no_evidence_and_finds_what_a_fresh_one_does(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    conn = connect(db)
+    first_reads: list[str] = []
+    first = detect(conn, first_reads, monkeypatch)
+    assert {p["id"].split(":", 1)[1] for p in first} == {FS, LIST, SEARCH} and len(first_reads) == len(first)
+    assert conn.execute("SELECT count(*) FROM selfheal_evidence").fetchone()[0] == len(first)
+    warm_reads: list[str] = []
+    warm = detect(conn, warm_reads, monkeypatch)
+    assert warm_reads == [] and warm == first
+    assert fresh(conn) == first
+    assert {p["id"]: p["failure_kind"] for p in first}[f"connection_refused:{FS}"] == "missing_resource"
+    kinds = conn.execute("SELECT count(*) FROM selfheal_error_kinds").fetchone()[0]
+    assert kinds == sum(p["occurrences"] for p in first)  # each message's kind, kept for the next reading
+
+
+def test_the_kinds_of_messages_read_before_are_not_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    conn = connect(db)
+    detect(conn)
+    path = str(tmp_path / "missing" / "notes-0.md")
+    append(db, Call(FS, {"path": path}, False, f"ENOENT: no such file or directory, open '{path}' (new)"))
+    read: list[str] = []
+    real = E.message_kind
+
+    def counting(message: str, *args: Any) -> Any:
+        read.append(message)
+        return real(message, *args)
+    monkeypatch.setattr(E, "message_kind", counting)
+    E._kind_and_codes.cache_clear()
+    after = detect(conn)
+    assert [m for m in read if m.endswith("(new)")] == read and len(read) == 1
+    conn.execute("UPDATE selfheal_error_kinds SET kind = 'bogus'")
+    conn.execute("UPDATE selfheal_state SET value = 'another' WHERE key = 'error_kinds_code'")
+    conn.execute("DELETE FROM selfheal_evidence")
+    conn.commit()
+    assert detect(conn) == after  # kinds read by another evidence code are dropped, not used
+
+
+@pytest.mark.parametrize("change", ["failure", "success", "other tool of the server", "path now exists",
+                                    "malformed row", "index rebuilt"])
+def test_stored_evidence_goes_stale_with_what_it_was_read_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               change: str) -> None:
+    missing = tmp_path / "missing"
+    db = history(tmp_path / "h.db", missing)
+    conn = connect(db)
+    before = detect(conn)
+    path = str(missing / "notes-0.md")
+    if change == "failure":
+        append(db, Call(FS, {"path": path}, False, f"ENOENT: no such file or directory, open '{path}'"))
+    elif change == "success":  # the same arguments succeed now: the determinism counts change
+        append(db, Call(FS, {"path": path}, True, "# notes"))
+    elif change == "other tool of the server":
+        append(db, Call(LIST, {"path": str(missing)}, False, f"ENOENT: no such file or directory, scandir '{missing}'"),
+               at=24 * 6.5)
+    elif change == "path now exists":
+        missing.mkdir()
+        for i in range(4):
+            (missing / f"notes-{i}.md").write_text("notes")
+    elif change == "malformed row":
+        c = sqlite3.connect(db)
+        rid = c.execute("SELECT id FROM runs LIMIT 1").fetchone()[0]
+        with c:
+            c.execute("INSERT INTO run_events(run_id, step_index, event_type, event_data, timestamp) VALUES "
+                      "(?, 9, 'tool_complete', ?, ?)", (rid, json.dumps({"name": FS, "is_error": False,
+                                                                         "duration": 1e300}), NOW.isoformat()))
+        c.close()
+    else:
+        conn.execute("UPDATE selfheal_state SET value = 'old' WHERE key = 'errors_index_version'")
+        conn.commit()
+    reads: list[str] = []
+    after = detect(conn, reads, monkeypatch)
+    assert after == fresh(conn)  # what is used is what a fresh read gives
+    if change in ("failure", "success", "path now exists"):
+        assert FS in reads and SEARCH not in reads
+    elif change == "other tool of the server":
+        assert {FS, LIST} <= set(reads) and SEARCH not in reads
+    else:  # a malformed row may be any tool's call; a rebuilt index holds new rows
+        assert sorted(reads) == sorted(p["tool_name"] for p in before)
+    if change in ("failure", "success", "path now exists"):
+        assert after != before
+
+
+def test_evidence_of_another_code_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfheal_plugin.analysis import evidencecache
+
+    conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
+    first = detect(conn)
+    conn.execute("UPDATE selfheal_evidence SET evidence = json_set(evidence, '$.kind', 'bogus')")
+    conn.commit()
+    monkeypatch.setattr(evidencecache, "_CODE_KEY", "another")
+    reads: list[str] = []
+    assert all(p["failure_kind"] != "bogus" for p in detect(conn, reads, monkeypatch)) and len(reads) == len(first)
+
+
+def test_a_file_we_cannot_write_keeps_no_evidence_and_detect_still_answers(tmp_path: Path) -> None:
+    from selfheal_plugin.analysis import evidencecache
+
+    conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
+    first = detect(conn)
+    conn.execute("DELETE FROM selfheal_evidence")
+    conn.commit()
+    conn.execute("PRAGMA query_only = 1")
+    evidencecache.store(conn, [("x:y", "[]", {"kind": "unknown"}, [])])  # refused, not raised
+    assert conn.execute("SELECT count(*) FROM selfheal_evidence").fetchone()[0] == 0
+    conn.execute("PRAGMA query_only = 0")
+    assert detect(conn) == first
+
+
+@pytest.mark.parametrize("change", ["nothing", "failure", "new run", "window moved", "filter"])
+def test_the_stored_grouping_of_the_window_is_used_only_for_the_same_failures(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    conn = connect(db)
+    since, kwargs = SINCE, {}
+    detect(conn)
+    if change == "failure":
+        append(db, Call(SEARCH, {"query": "q1"}, False, "Tool mcp__search__web_search timed out after 30s", ms=30000))
+    elif change == "new run":  # a run with no tool call: the runs the failures join may have changed
+        append(db)
+    elif change == "window moved":  # the oldest failures leave the window
+        since = (NOW - timedelta(days=4)).isoformat()
+    elif change == "filter":
+        kwargs = {"tool_name": SEARCH}
+    grouped: list[int] = []
+    real = P._signatures
+
+    def counting(*args: Any) -> Any:
+        grouped.append(1)
+        return real(*args)
+    monkeypatch.setattr(P, "_signatures", counting)
+
+    def run() -> list[dict[str, Any]]:
+        found = P.detect_failure_patterns(conn, since=since, min_occurrences=3, confidence_threshold=0.0, now=NOW,
+                                          lazy_detail=True, **kwargs)
+        return [p.to_dict() for p in found.patterns]
+    got = run()
+    assert grouped == ([] if change == "nothing" else [1])
+    assert run() == got and len(grouped) == (0 if change == "nothing" else 1)  # stored again: used next time
+    conn.execute("DELETE FROM selfheal_signatures")
+    conn.execute("DELETE FROM selfheal_evidence")
+    conn.commit()
+    assert run() == got
+
+
+def test_the_calls_scan_keeps_the_latest_calls_and_the_failed_calls_arguments(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
+    P.detect_failure_patterns(conn, since=SINCE, now=NOW)  # the index
+    firsts = {FS: 1, SEARCH: 1}
+    everything = E.tool_calls(conn, firsts)
+    monkeypatch.setattr(E, "MAX_CALLS", 5)
+    bounded = E.tool_calls(conn, firsts)
+    for tool in firsts:
+        calls, args = everything[tool]
+        assert len(calls) > 5 and bounded[tool][0] == calls[-5:]
+        assert set(args) == {c.event_id for c in calls if not c.ok} == set(bounded[tool][1])
+        assert all(args[c.event_id] == c.args_key for c in calls if not c.ok)
+
+
+@pytest.mark.parametrize("most", [1, 3, 500])
+def test_the_oldest_occurrence_the_evidence_reads_is_found_in_sql_as_in_python(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                                most: int) -> None:
+    monkeypatch.setattr(P, "MAX_OCCURRENCES", most)
+    conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
+    P.detect_failure_patterns(conn, since=SINCE, now=NOW)  # the index
+    since = (NOW - timedelta(days=7)).timestamp()
+    where, params = P._where(since, None, None, None, None)
+    for (etype, tool), sig in P._signatures(conn, where, params).items():
+        ids = sorted(r["event_id"] for r in P._error_rows(conn, since, None, etype, tool))
+        assert P._recent_first(conn, sig, since, None, etype, tool, None) == ids[-most:][0]
+
+
+@pytest.mark.parametrize("damage", [
+    "UPDATE selfheal_evidence SET evidence = '{\"kind\": \"bogus\"}'",
+    "UPDATE selfheal_evidence SET evidence = '[1, 2]', paths = '{}'",
+    "UPDATE selfheal_evidence SET paths = '[{\"nopath\": 1}]'",
+    "UPDATE selfheal_evidence SET evidence = 'not json'",
+    "UPDATE selfheal_signatures SET value = '[{\"error_type\": \"x\"}]'",
+    "UPDATE selfheal_signatures SET value = '[{\"error_type\": \"x\", \"tool_name\": \"y\", \"n\": \"3\", \"runs\": [], "
+    "\"first_ts\": 0, \"last_ts\": 0, \"min_id\": 0, \"max_id\": 0, \"sum_ids\": 0, \"correlation\": 0}]'",
+    "UPDATE selfheal_signatures SET value = 'null'",
+    "UPDATE selfheal_error_kinds SET codes = '{\"errno\": [{}]}'",
+    "UPDATE selfheal_error_kinds SET kind = 'bogus'",
+])
+def test_stored_rows_of_another_shape_are_read_again_not_used(tmp_path: Path, damage: str) -> None:
+    """Our tables live in a file another program writes: a damaged row is a miss, not a crash."""
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    conn = connect(db)
+    first = detect(conn)
+    conn.execute(damage)
+    if "error_kinds" in damage:
+        conn.execute("DELETE FROM selfheal_evidence")
+    conn.commit()
+    assert detect(conn) == first
