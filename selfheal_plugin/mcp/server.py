@@ -1,4 +1,5 @@
-"""``self-healing-mcp``: the design document's nine tools over MCP (stdio or streamable HTTP).
+"""``self-healing-mcp``: the design document's nine tools, and those of A/B testing, learning
+and fix packs, over MCP (stdio or streamable HTTP).
 
 A thin facade: every tool resolves settings exactly as the CLI does
 (:func:`settings.load_settings` with the server's ``--home``/``--db`` and the call's
