@@ -27,7 +27,8 @@ proposes and notifies). Every ``interval`` a tick:
 
 Stopping: SIGTERM/SIGINT set a stop event that long steps check — the error index build
 after each chunk, detection between patterns, auto-apply and verification between
-improvements — so the daemon exits within about a second even mid-tick.
+improvements — so the daemon exits within about a second even mid-tick. SIGUSR1 writes
+every thread's stack to stderr and changes nothing (what is it doing right now?).
 
 Time comes from an injectable clock, so tests pass a week in a call. One daemon per home:
 ``BINKS_HOME/selfheal/locks/daemon.lock`` (filelock, with ``daemon.pid`` beside it); a
@@ -35,6 +36,7 @@ second one gets :class:`DaemonBusyError`.
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -350,6 +352,8 @@ class Daemon:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
+            if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's stack to stderr, and go on
+                faulthandler.register(signal.SIGUSR1, all_threads=True)
         s = self.settings
         log.info("self-heal daemon started (pid %d): home %s, history %s, interval %ss, auto-detect %s, "
                  "auto-apply %s", os.getpid(), s.home, s.db_path, f"{self.interval:g}",

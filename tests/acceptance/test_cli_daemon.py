@@ -35,6 +35,14 @@ def hooked(home) -> list[str]:
     return log.read_text().split() if log.exists() else []
 
 
+def stacks(proc, stderr) -> str:
+    """The daemon's log with every thread's stack (SIGUSR1), for a failure message."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: "most recent call first" in stderr.read_text(), deadline=10)
+    return stderr.read_text()
+
+
 def start_daemon(home, tmp_path, *args):
     err = open(tmp_path / "daemon.err", "w")
     proc = subprocess.Popen([agent_bin(), "self-heal-daemon", "--home", str(home), *args],
@@ -57,7 +65,7 @@ def test_daemon_hooks_failures_refuses_a_second_one_and_stops_cleanly(home, tmp_
         assert len(second.stderr.strip().splitlines()) == 1
 
         expected = failed_ids(write_runs(home / "conversations.db", "--runs", "12", "--journal", "wal"))
-        assert wait_until(lambda: set(hooked(home)) >= expected), stderr.read_text()
+        assert wait_until(lambda: set(hooked(home)) >= expected), stacks(proc, stderr)
 
         proc.send_signal(sig)
         rc = proc.wait(timeout=30)
@@ -159,3 +167,17 @@ def test_sigterm_during_a_long_tick_stops_between_patterns(binks_home, tmp_path)
     # proposed for (the whole tick would have taken 2.5 s per pattern)
     assert len(log.read_text().split()) == 1, text
     assert "(stopped early)" in text
+
+
+def test_sigusr1_writes_every_threads_stack_and_the_daemon_goes_on(home, tmp_path):
+    proc, stderr = start_daemon(home, tmp_path, "--interval", "1h")
+    try:
+        text = stacks(proc, stderr)
+        assert text.count("(most recent call first)") >= 2  # the main thread and the watcher's, at least
+        assert proc.poll() is None  # still running
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, stderr.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
