@@ -6,7 +6,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from selfheal_plugin.cli.common import common_options, echo_json, format_p, open_service, table_console, yes_option
+from selfheal_plugin.cli.common import (
+    ask, common_options, echo_json, format_p, open_service, table_console, yes_option,
+)
 from selfheal_plugin.history.text import for_rich, for_terminal
 
 
@@ -127,12 +129,8 @@ def status_command(experiment_id: str | None, home: str | None, db: str | None, 
 
 def _confirm(sh: Any, experiment_id: str, question: str, *, yes: bool, as_json: bool) -> None:
     exp = sh.ab_status(experiment_id)  # an unknown id fails before any question
-    if yes:
-        return
-    if as_json:
-        raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
-    click.echo(f"A/B {exp['experiment_id']} of {for_terminal(exp['pattern_id'])} ({exp['status']})")
-    click.confirm(question, abort=True)
+    ask(f"A/B {exp['experiment_id']} of {for_terminal(exp['pattern_id'])} ({exp['status']})", question, yes=yes,
+        as_json=as_json)
 
 
 @ab_group.command("promote")

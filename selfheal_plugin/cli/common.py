@@ -77,11 +77,18 @@ def exit_for_verdict(check: bool, recommendation: str | None) -> None:
 def confirm_or_abort(sh: SelfHeal, improvement_id: str, question: str, *, yes: bool, as_json: bool) -> None:
     """Ask before a state change unless ``--yes``; an unknown id fails before any question."""
     imp = ImprovementStore(sh.conn).get(improvement_id)
+    ask(f"Improvement {imp.id} ({imp.status}): {for_terminal(imp.description or '')}", question, yes=yes,
+        as_json=as_json)
+
+
+def ask(about: str, question: str, *, yes: bool, as_json: bool) -> None:
+    """Show ``about`` (already escaped) and ask ``question`` unless ``--yes``; ``--json``
+    without ``--yes`` is a usage error (there is no prompt in JSON mode)."""
     if yes:
         return
     if as_json:
         raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
-    click.echo(f"Improvement {imp.id} ({imp.status}): {for_terminal(imp.description or '')}")
+    click.echo(about)
     click.confirm(question, abort=True)
 
 
