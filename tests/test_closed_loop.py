@@ -210,14 +210,15 @@ def test_a_harmful_change_is_caught_and_reverted(week_before, tmp_path):
 # sits close to the search server's median latency (12 s) and every run searches once, so
 # about a third of the control's searches time out while the proposed limit (the fitted p99,
 # about 40 s) lets nearly all finish. With ~100 searches per arm the pattern's p-value is
-# around 1e-8: a loaded machine that delays calls (and so adds timeouts to both arms) cannot
-# erase that margin. With the module's own configuration (15 % of searches timing out,
+# around 1e-8, and at 0.02 real seconds per simulated second the proposed limit is about half
+# a real second beyond a median search: a loaded machine that delays calls (and so adds
+# timeouts to both arms) cannot erase that margin. With the module's own configuration (15 % of searches timing out,
 # 0.75 searches a run) a canary arm of 100 runs missed significance on about 1 run in 4
 # under load.
 ONE_SEARCH = {"researcher": 0.5, "planner": 0.5}
 CANARY_HISTORY = TestbedConfig(time_scale=0.004, default_timeout_ms=15_000, missing_path_rate=0.05,
                                crash_probability=0.02, workflow_weights=ONE_SEARCH)
-CANARY_CONFIG = TestbedConfig(time_scale=0.01, default_timeout_ms=15_000, missing_path_rate=0.05,
+CANARY_CONFIG = TestbedConfig(time_scale=0.02, default_timeout_ms=15_000, missing_path_rate=0.05,
                               crash_probability=0.02, workflow_weights=ONE_SEARCH)
 
 

@@ -141,7 +141,7 @@ class _LiveStatus:
 @setting_option("runs", "--runs", default=DEMO_RUNS, show_default=True)
 @click.option("--second-act", is_flag=True,
               help="Two more weeks: the verified fix kept as a rule, a new pattern it is the prior of, an A/B "
-                   "experiment of that pattern's candidate fixes and the winner promoted (about twice as long).")
+                   "experiment of that pattern's candidate fixes and the winner promoted (about 2 minutes).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def demo(directory: str | None, keep: bool, runs: int, second_act: bool, as_json: bool) -> None:
     """Run the whole loop in a throwaway home: a week of real tool calls, detect, propose,
