@@ -89,7 +89,10 @@ def test_workload_records_real_failures(workload):
         else:
             assert "error_type" not in e
     messages = {e["error_type"]: e["result"] for e in events if e["is_error"]}
-    assert messages["timeout"] == f"Tool {SEARCH} timed out after 20s"
+    # every timeout names its own tool (on a busy machine a fast tool's call can time out too)
+    assert all(e["result"] == f"Tool {e['name']} timed out after 20s" for e in events
+               if e.get("error_type") == "timeout")
+    assert any(e["name"] == SEARCH for e in events if e.get("error_type") == "timeout")
     assert "Path not found: " in messages["tool_error"]
     assert "process exited" in messages["server_crashed"]
     timeouts = [e["duration"] for e in events if e.get("error_type") == "timeout"]
