@@ -35,7 +35,7 @@ from typing import Any
 from selfheal_plugin.history.clock import SimulatedClock, runtime_timestamp
 from selfheal_plugin.runtime.policy import ToolPolicy
 from selfheal_plugin.runtime.recorder import RecordedRun, RunRecorder
-from selfheal_plugin.testbed import forkserver
+import selfheal_plugin.testbed.forkserver as forkserver  # the module, not the package (whose lazy names are ours)
 
 log = logging.getLogger("selfheal.testbed")
 

@@ -111,7 +111,7 @@ def _stop_shared() -> None:
 
 
 def _child(fds: list[int], argv: list[str]) -> None:
-    from selfheal_plugin.testbed import servers
+    from selfheal_plugin.testbed.servers import main  # the module, not the package
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -122,7 +122,7 @@ def _child(fds: list[int], argv: list[str]) -> None:
             os.close(fd)
     code = 0
     try:
-        servers.main(argv)
+        main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 2
     except BaseException:  # noqa: BLE001 - report on the server's stderr, then exit
@@ -139,9 +139,9 @@ def _preload() -> None:
     import anyio._backends._asyncio  # noqa: F401
     import mcp.server.stdio  # noqa: F401
 
-    from selfheal_plugin.testbed import servers
+    from selfheal_plugin.testbed.servers import build_server, parse_args  # the module, not the package
     for kind in ("search", "files", "flaky"):
-        servers.build_server(kind, servers.parse_args([kind]))
+        build_server(kind, parse_args([kind]))
 
 
 def serve(sock_path: str) -> None:
