@@ -82,14 +82,16 @@ def _open(home: Path):
 
 
 def _search_calls(db: Path, since: datetime, until: datetime | None = None) -> list[dict]:
-    """The search tool's finished calls in runs started in [since, until)."""
+    """The search tool's finished calls in runs started in [since, until), each with its run's id
+    (``run_id``)."""
     conn = sqlite3.connect(db)
     rows = conn.execute(
-        "SELECT e.event_data FROM run_events e JOIN runs r ON r.id = e.run_id WHERE e.event_type = 'tool_complete' "
+        "SELECT e.run_id, e.event_data FROM run_events e JOIN runs r ON r.id = e.run_id "
+        "WHERE e.event_type = 'tool_complete' "
         "AND julianday(r.started_at) >= julianday(?) AND julianday(r.started_at) < julianday(?) ORDER BY e.id",
         (since.isoformat(), (until or datetime(9999, 1, 1, tzinfo=timezone.utc)).isoformat())).fetchall()
     conn.close()
-    return [d for d in (json.loads(r[0]) for r in rows) if d["name"] == SEARCH]
+    return [{**d, "run_id": rid} for rid, d in ((rid, json.loads(raw)) for rid, raw in rows) if d["name"] == SEARCH]
 
 
 def _latency(call: dict) -> int:
@@ -246,7 +248,7 @@ def test_a_canary_splits_runs_finds_the_fix_better_and_is_promoted(tmp_path):
     assert abs(k - n * fraction) <= 4 * math.sqrt(n * fraction * (1 - fraction)), (k, n)
     # each arm had its own limit: a search slower than the runtime's 15 s succeeded only in the
     # canary arm (the server reports the latency it drew, whatever the load)
-    slow_ok = {arms[c["run_id"]] for c in _search_calls_with_runs(home / "conversations.db", A)
+    slow_ok = {arms[c["run_id"]] for c in _search_calls(home / "conversations.db", A)
                if not c["is_error"] and reported_latency_ms(c["result"]) > 15_000}
     assert slow_ok == {"canary"}
 
@@ -268,16 +270,6 @@ def test_a_canary_splits_runs_finds_the_fix_better_and_is_promoted(tmp_path):
     assert subjects[1] == f"selfheal: end canary {imp.id} (promoted)"
     assert subjects[2].startswith(f"selfheal: canary {imp.id} (on 50% of runs)")
     conn.close()
-
-
-def _search_calls_with_runs(db: Path, since: datetime) -> list[dict]:
-    conn = sqlite3.connect(db)
-    rows = conn.execute(
-        "SELECT e.run_id, e.event_data FROM run_events e JOIN runs r ON r.id = e.run_id "
-        "WHERE e.event_type = 'tool_complete' AND julianday(r.started_at) >= julianday(?)",
-        (since.isoformat(),)).fetchall()
-    conn.close()
-    return [{**d, "run_id": rid} for rid, d in ((rid, json.loads(raw)) for rid, raw in rows) if d["name"] == SEARCH]
 
 
 def test_a_shadow_observes_without_changing_outcomes(week_before, tmp_path):
