@@ -236,8 +236,7 @@ class Rule:
         return {"id": self.id, "failure_kind": self.failure_kind, "error_type": self.error_type,
                 "description": self.description, "template": self.template, "evidence": self.evidence,
                 "enabled": self.enabled, "created_at": self.created_at, "updated_at": self.updated_at,
-                "places": self.places, "worked": self.worked, "median_reduction": self.median_reduction,
-                "sources": self.sources, "summary": self.summary()}
+                **evidence_summary(self.evidence)}
 
     @classmethod
     def build(cls, failure_kind: str, template: Any, description: str, evidence: Mapping[str, Any],
