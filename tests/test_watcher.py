@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -327,3 +328,21 @@ def test_a_replaced_database_is_reopened(home, tmp_path):
         finally:
             w.stop()
     assert seen.failed() == {r: 1 for r in expected}
+
+
+def test_opening_the_history_keeps_the_locks_of_our_other_connections(binks_home):
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it.
+    If ``connect`` read the file by itself, a WAL reader of ours would lose its shared
+    lock, and the runtime's last connection, on closing, would take the database for
+    unused and delete the WAL index under it (our next reads: "disk I/O error")."""
+    db = new_history(binks_home / "conversations.db")
+    write_runs(db, "--runs", "2", "--journal", "wal")
+    ours = connect(db)
+    ours.execute("SELECT count(*) FROM runs").fetchone()  # in WAL mode: holds a shared lock while open
+    connect(db).close()  # a second connection of ours, as each hook makes
+    # the runtime opens and closes; it would checkpoint and delete -wal and -shm if it were alone
+    subprocess.run([sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                    "c.execute('SELECT 1 FROM runs').fetchall(); c.close()", str(db)], check=True, timeout=60)
+    assert Path(f"{db}-shm").exists()
+    assert ours.execute("SELECT count(*) FROM runs").fetchone()[0] == 2
+    ours.close()

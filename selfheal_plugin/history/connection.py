@@ -302,8 +302,6 @@ def connect(db_path: Path | str, *, create: bool = False) -> sqlite3.Connection:
         if not create:
             raise HistoryError(f"no run history at {path} (use --db or BINKS_HOME)")
         path.parent.mkdir(parents=True, exist_ok=True)
-    else:
-        _check_header(path)
     try:
         # isolation_level=None: we open transactions ourselves and keep them short.
         conn = _configure(sqlite3.connect(str(path), timeout=_busy_timeout_ms() / 1000, isolation_level=None,
@@ -347,20 +345,24 @@ def file_identity(path: Path | str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _check_header(path: Path) -> None:
-    """Refuse a non-empty file that does not start with SQLite's header, without opening it."""
+def _not_sqlite(path: Path) -> bool:
+    """Whether the file at ``path`` does not start with SQLite's header. Only asked after
+    SQLite refused the file: closing any descriptor of a file drops every POSIX lock this
+    process holds on it, so reading a healthy database beside our open connections would
+    let another process take it for unused and delete the WAL index under them."""
     try:
         with open(path, "rb") as f:
             head = f.read(len(SQLITE_HEADER))
-    except OSError as exc:
-        raise HistoryError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if head and head != SQLITE_HEADER:
-        raise HistoryError(f"{path} is not a run-history database: not an SQLite file")
+    except OSError:
+        return False
+    return bool(head) and head != SQLITE_HEADER
 
 
 def _open_error(path: Path, exc: sqlite3.DatabaseError) -> HistoryError:
     if is_busy_error(exc):
         return HistoryError(BUSY_MESSAGE)
+    if is_corrupt_error(exc) and _not_sqlite(path):
+        return HistoryError(f"{path} is not a run-history database: not an SQLite file")
     if is_corrupt_error(exc):
         return HistoryError(f"{path} is damaged ({one_line(exc)}); nothing was written to it")
     return HistoryError(f"{path} is not a run-history database: {one_line(exc)}")
