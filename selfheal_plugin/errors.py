@@ -23,3 +23,7 @@ class HistoryError(SelfHealError):
 
 class ConfigError(SelfHealError):
     """``config.toml`` cannot be read or parsed."""
+
+
+class LifecycleError(SelfHealError):
+    """An improvement is not in a state for this operation, or the operation was refused."""

@@ -35,17 +35,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from selfheal_plugin.analysis import health
-from selfheal_plugin.errors import UsageError
+from selfheal_plugin.errors import LifecycleError, UsageError
 from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, get_pattern, pattern_details
 from selfheal_plugin.history.clock import wall_clock
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
-from selfheal_plugin.lifecycle import apply as applying
-from selfheal_plugin.lifecycle import ab, autopilot, canary, learning, proposals, simulation, sharing, verification
-from selfheal_plugin.lifecycle.apply import LifecycleError
+from selfheal_plugin.lifecycle import proposals  # the other lifecycle modules: imported by the verbs that use them,
+# so that a command pays only for its own (detect does not import git, the simulator or the A/B judge)
 from selfheal_plugin.lifecycle.cooldown import claim_notifications
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.plugins import manager as plugins
@@ -183,6 +181,7 @@ class SelfHeal:
              fraction: float | None = None) -> TestResult:
         """``simulation`` replays the window with the change; ``canary`` and ``shadow`` start an
         experiment section in config.toml (a git commit) — see :meth:`canary_start`."""
+        from selfheal_plugin.lifecycle import simulation
         if mode in EXPERIMENT_MODES:
             return self.canary_start(improvement_id, mode=mode, fraction=fraction)
         if mode != "simulation":
@@ -197,17 +196,20 @@ class SelfHeal:
 
     def plan_apply(self, improvement_id: str) -> ApplyPlan:
         """What :meth:`apply` would write (diff, repository, manual steps), changing nothing."""
+        from selfheal_plugin.lifecycle import apply as applying
         return applying.plan_apply(self.conn, self.settings, improvement_id)
 
     def apply(self, improvement_id: str, changes_made: str | None = None, *,
               expected_sha256: str | None = None) -> ApplyResult:
         """Edit config.toml and commit it; ``expected_sha256`` refuses a file that changed since
         the plan was shown."""
+        from selfheal_plugin.lifecycle import apply as applying
         return applying.apply_improvement(self.conn, self.settings, improvement_id, changes_made,
                                           expected_sha256=expected_sha256, now=self.now())
 
     def verify(self, improvement_id: str, window_days: float | None = None, *, early: bool = False) -> VerifyResult:
         """Before vs after the apply (or canary vs control, or what a shadow observed)."""
+        from selfheal_plugin.lifecycle import canary, verification
         imp = ImprovementStore(self.conn).get(improvement_id)
         if imp.status in EXPERIMENT_MODES:
             return canary.verify_experiment(self.conn, self.settings, imp, window_days, now=self.now())
@@ -216,11 +218,13 @@ class SelfHeal:
 
     def rollback(self, improvement_id: str, reason: str | None = None) -> RollbackResult:
         """Revert the improvement's commit (or the inverse edit when config.toml moved on)."""
+        from selfheal_plugin.lifecycle import apply as applying
         return applying.rollback_improvement(self.conn, self.settings, improvement_id, reason=reason,
                                              now=self.now())
 
     def reject(self, improvement_id: str) -> StatusResult:
         """Reject a proposal; the pattern is not proposed again until its evidence changes."""
+        from selfheal_plugin.lifecycle import apply as applying
         return applying.reject_improvement(self.conn, self.settings, improvement_id)
 
     # -------------------------------------------------------------- automatic decisions
@@ -229,6 +233,7 @@ class SelfHeal:
         """Test and apply what is low-risk, confident and simulated safe
         (:mod:`~selfheal_plugin.lifecycle.autopilot`); lists of what was tested, applied,
         held back (with the reason) and refused."""
+        from selfheal_plugin.lifecycle import autopilot
         report = autopilot.AutopilotReport()
         autopilot.auto_apply(self.conn, self.settings, self.now(), report, should_stop=should_stop)
         return {k: v for k, v in report.to_dict().items() if v}
@@ -236,6 +241,7 @@ class SelfHeal:
     def verify_due(self, *, retry_seconds: float = 3600.0,
                    should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         """Verify what is due: keep, extend monitoring, conclude inconclusive, or roll back."""
+        from selfheal_plugin.lifecycle import autopilot
         report = autopilot.AutopilotReport()
         autopilot.verify_due(self.conn, self.settings, self.now(), report, retry_seconds=retry_seconds,
                              should_stop=should_stop)
@@ -245,6 +251,7 @@ class SelfHeal:
 
     def canary_start(self, improvement_id: str, *, mode: str = "canary", fraction: float | None = None) -> TestResult:
         """Write the change under ``[canary."ID"]`` (a ``fraction`` of runs) or ``[shadow."ID"]``."""
+        from selfheal_plugin.lifecycle import canary
         result = canary.test_experiment(self.conn, self.settings, improvement_id, mode, fraction=fraction,
                                         now=self.now())
         result["next_step"] = f"agent self-heal verify {improvement_id}"
@@ -253,6 +260,7 @@ class SelfHeal:
     def canary_promote(self, improvement_id: str, *, force: bool = False,
                        changes_made: str | None = None) -> PromoteResult:
         """End the canary and apply the change to every run — only when its verdict is keep."""
+        from selfheal_plugin.lifecycle import canary
         verdict = self.verify(improvement_id)
         recommendation = verdict.get("recommendation")
         if recommendation != "keep" and not force:
@@ -266,6 +274,7 @@ class SelfHeal:
 
     def canary_drop(self, improvement_id: str) -> StatusResult:
         """End the canary or shadow without applying; the improvement goes back to tested."""
+        from selfheal_plugin.lifecycle import canary
         return canary.drop_experiment(self.conn, self.settings, improvement_id, now=self.now())
 
     # -------------------------------------------------------------- health
@@ -273,17 +282,21 @@ class SelfHeal:
     def dashboard(self, *, detailed: bool = False, since: str | None = None, improvements_limit: int = 5,
                   progress: Callable[[int, int], None] | None = None) -> HealthDashboard:
         """Health over the window: score, trend, success rate, worst tools, recent improvements."""
+        from selfheal_plugin.analysis import health
         return health.get_health_dashboard(self.conn, detailed=detailed, since=since or self.settings.lookback,
                                            now=self.now(), progress=progress, improvements_limit=improvements_limit)
 
     def run_health(self, run_id: str, *, progress: Callable[[int, int], None] | None = None) -> RunHealth:
         """Health score (0–100) and issues of one run (a unique id prefix is enough)."""
+        from selfheal_plugin.analysis import health
         return health.analyze_run_health(self.conn, run_id, progress=progress)
 
     def agent_metrics(self, since: str | None = None) -> AgentMetrics:
+        from selfheal_plugin.analysis import health
         return health.compute_agent_metrics(self.conn, since=since or self.settings.lookback, now=self.now())
 
     def tool_reliability(self, since: str | None = None) -> ToolReliability:
+        from selfheal_plugin.analysis import health
         return health.compute_tool_reliability(self.conn, since=since or self.settings.lookback, now=self.now())
 
     # -------------------------------------------------------------- plugins
@@ -298,22 +311,26 @@ class SelfHeal:
     def export_pack(self) -> FixPack:
         """This home's fix rules as a portable pack (kind, template, description, evidence with
         sample sizes; never paths, secrets or the local enabled flags)."""
+        from selfheal_plugin.lifecycle import sharing
         pack, _skipped = sharing.export_pack(self.conn, self.now())
         return pack  # type: ignore[return-value]
 
     def import_pack(self, data: bytes | str | dict[str, Any], where: str = "the pack") -> ImportResult:
         """Validate a whole fix pack, then merge all its rules in one transaction; evidence it
         claims for this home is ignored (our own measurement wins)."""
+        from selfheal_plugin.lifecycle import sharing
         return sharing.import_pack(self.conn, data, where)  # type: ignore[return-value]
 
     def sync(self, remote: str | None = None) -> SyncResult:
         """Share packs through a git remote (the remembered one without ``remote``): fetch, read
         the other homes' packs, push ours, then merge theirs; a refusal changes nothing."""
+        from selfheal_plugin.lifecycle import sharing
         return sharing.sync(self.conn, self.settings, remote, self.now())  # type: ignore[return-value]
 
     def sync_remembered(self) -> SyncResult | None:
         """:meth:`sync` with the remembered remote when one is set, else nothing (the daemon's
         scheduled sync)."""
+        from selfheal_plugin.lifecycle import sharing
         return sharing.sync_remembered(self.conn, self.settings, self.now())  # type: ignore[return-value]
     # -------------------------------------------------------------- A/B experiments
 
@@ -321,29 +338,35 @@ class SelfHeal:
                  fraction: float | None = None) -> AbExperiment:
         """Run two or more fixes of one pattern as arms of an experiment beside a control
         (``[ab."ID"]`` in config.toml, a git commit); without ``arms`` the strategies offer them."""
+        from selfheal_plugin.lifecycle import ab
         return ab.start_ab(self.conn, self.settings, pattern_id, arms, fraction=fraction, now=self.now())
 
     def ab_status(self, experiment_id: str) -> AbExperiment:
         """One experiment with its current verdict (judged now while it runs)."""
+        from selfheal_plugin.lifecycle import ab
         return ab.status_of(self.conn, self.settings, ab.ensure_known(self.conn, experiment_id), now=self.now())
 
     def ab_list(self) -> AbList:
         """Every experiment, newest first, running ones judged now."""
+        from selfheal_plugin.lifecycle import ab
         return {"experiments": [ab.status_of(self.conn, self.settings, e, now=self.now())
                                 for e in ab.all_experiments(self.conn)]}
 
     def ab_promote(self, experiment_id: str, *, force: bool = False) -> AbExperiment:
         """End the experiment and apply its winner (refused without a significant winner
         unless ``force``: then the best observed arm, recorded)."""
+        from selfheal_plugin.lifecycle import ab
         return ab.end_ab(self.conn, self.settings, experiment_id, "promoted", force=force, now=self.now())
 
     def ab_drop(self, experiment_id: str) -> AbExperiment:
         """End the experiment without applying anything; every arm goes back to what it was."""
+        from selfheal_plugin.lifecycle import ab
         return ab.end_ab(self.conn, self.settings, experiment_id, "dropped", now=self.now())
 
     def ab_judge_due(self, *, should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         """The daemon's round over running experiments (see
         :func:`~selfheal_plugin.lifecycle.autopilot.judge_experiments`)."""
+        from selfheal_plugin.lifecycle import autopilot
         report = autopilot.AutopilotReport()
         autopilot.judge_experiments(self.conn, self.settings, self.now(), report, should_stop=should_stop)
         return {k: v for k, v in report.to_dict().items() if v}
@@ -354,14 +377,17 @@ class SelfHeal:
         (signatures, tools, workflows), the person's config change that explains each (or why
         none does), the rules learned (stored unless ``record`` is False) and where enabled
         rules could apply now (:mod:`~selfheal_plugin.lifecycle.learning`)."""
+        from selfheal_plugin.lifecycle import learning
         now = self.now()
         end = parse_since(until, now) if until else None
         return learning.learn(self.conn, self.settings, since=since, until=end, now=now, record=record)
 
     def rules(self) -> RulesResult:
         """Stored fix rules (learned, verified and imported), enabled or not."""
+        from selfheal_plugin.lifecycle import learning
         return {"rules": learning.rules_list(self.conn)}
 
     def set_rule_enabled(self, rule_id: str, enabled: bool) -> RuleResult:
         """Turn a rule on or off (a disabled rule is never a prior or a proposal)."""
+        from selfheal_plugin.lifecycle import learning
         return {"rule": learning.set_rule_enabled(self.conn, rule_id, enabled)}

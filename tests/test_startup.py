@@ -43,6 +43,10 @@ def test_detect_json_with_flags_imports_no_heavy_library(history_copy, binks_hom
     assert "selfheal_plugin.service" in mods  # it did run the engine
     heavy = {m.split(".")[0] for m in mods} & set(HEAVY)
     assert heavy <= {"pluggy"}, heavy  # pluggy: detect proposes through the strategy plugins
+    # nor the lifecycle it does not use: with nothing interrupted, recovery imports nothing either
+    unused = {f"selfheal_plugin.lifecycle.{m}" for m in ("apply", "ab", "canary", "simulation", "verification",
+                                                          "autopilot", "sharing")}
+    assert not mods & unused, mods & unused
 
 
 def test_lazy_command_table_matches_the_modules():

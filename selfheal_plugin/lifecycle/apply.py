@@ -54,7 +54,7 @@ from selfheal_plugin.lifecycle import gitops
 
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
-from selfheal_plugin.errors import SelfHealError, UsageError
+from selfheal_plugin.errors import LifecycleError, SelfHealError, UsageError
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError
 from selfheal_plugin.history.settings import Settings, lock_dir, read_config_text
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
@@ -71,10 +71,6 @@ LOCK_TIMEOUT_S = 30.0
 APPLICABLE = ("proposed", "tested")
 ROLLBACKABLE = ("applied", "verified")
 ABSENT = "absent"  # the content hash we show for a config file that does not exist
-
-
-class LifecycleError(SelfHealError):
-    """An improvement is not in a state for this operation, or the operation was refused."""
 
 
 class ConflictError(LifecycleError):

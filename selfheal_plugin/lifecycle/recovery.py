@@ -10,11 +10,9 @@ from typing import Any, Callable
 from filelock import Timeout
 
 from selfheal_plugin.errors import SelfHealError
+from selfheal_plugin.history.abstore import has_ab_table
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore
 from selfheal_plugin.history.settings import Settings
-from selfheal_plugin.lifecycle.apply import fire, lock_for, recover_apply_op
-from selfheal_plugin.lifecycle.ab import recover_ab
-from selfheal_plugin.lifecycle.canary import recover_experiment_op
 
 log = logging.getLogger("selfheal.recovery")
 
@@ -27,7 +25,15 @@ def recover(conn: sqlite3.Connection, settings: Settings,
     it, the config file gets its old bytes back and its index entry is reset (undone).
     A file that changed in between (neither old nor new content) is left alone and the
     intent dropped, with a warning. Returns one entry per operation handled.
+
+    Every command opens with this, so the common case (nothing interrupted) is two queries;
+    the lifecycle modules that finish or undo an operation are imported only when one is.
     """
+    if not pending_work(conn):
+        return []
+    from selfheal_plugin.lifecycle.ab import recover_ab
+    from selfheal_plugin.lifecycle.apply import fire, lock_for
+
     ab_actions = recover_ab(conn, settings)  # A/B experiments keep their intent in selfheal_ab
     for action in ab_actions:
         msg = (f"recovered interrupted {action['op']} of {action['experiment_id']}: {action['action']} "
@@ -74,7 +80,18 @@ def recover(conn: sqlite3.Connection, settings: Settings,
     return ab_actions + actions
 
 
+def pending_work(conn: sqlite3.Connection) -> bool:
+    """Whether an apply, rollback, experiment or A/B edit left an intent behind."""
+    if conn.execute("SELECT 1 FROM improvements WHERE pending_op IS NOT NULL AND pending_op != '' LIMIT 1").fetchone():
+        return True
+    return has_ab_table(conn) and conn.execute(
+        "SELECT 1 FROM selfheal_ab WHERE pending_op IS NOT NULL LIMIT 1").fetchone() is not None
+
+
 def _recover_one(store: ImprovementStore, imp: Improvement, settings: Settings) -> dict[str, Any]:
+    from selfheal_plugin.lifecycle.apply import recover_apply_op
+    from selfheal_plugin.lifecycle.canary import recover_experiment_op
+
     kind = imp.pending_op.get("op") if isinstance(imp.pending_op, dict) else None
     if kind in ("experiment-start", "experiment-end"):  # a canary/shadow section edit
         return recover_experiment_op(store, imp, settings)
