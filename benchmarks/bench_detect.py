@@ -22,7 +22,8 @@ events; ``--big`` adds 5M (generating a 5M history takes several minutes and a f
     python benchmarks/bench_detect.py --profiles failure-heavy --sizes 250000 --repeats 3
     python benchmarks/bench_detect.py --big                  # adds 5M events
 
-Histories are cached in ``--dir`` (same seed, same file). Not run by CI; no thresholds.
+Histories are cached in ``--dir`` (same seed, same file). selfheal's bytecode is written first,
+as an install leaves it (:mod:`installed`). Not run by CI; no thresholds.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+from installed import compile_package  # benchmarks/installed.py
 
 END = datetime(2026, 11, 20, 12, tzinfo=timezone.utc)
 SINCE = END - timedelta(days=7)
@@ -219,6 +222,7 @@ def main() -> None:
         found = naive_detect(args.naive, SINCE)
         print(json.dumps({"patterns": len(found)}))
         return
+    compile_package()
     workdir = Path(args.dir)
     workdir.mkdir(parents=True, exist_ok=True)
     sizes = sorted({int(s) for s in args.sizes.split(",")} | ({5_000_000} if args.big else set()))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_detect import SINCE, append_events, history  # noqa: E402
+from installed import compile_package  # noqa: E402
 
 PHASES = ("imports", "open", "index+grouping", "evidence", "proposals", "rest", "json")
 
@@ -84,6 +85,7 @@ def main() -> None:
     if args.child:
         child(args.child)
         return
+    compile_package()
     workdir = Path(args.dir)
     workdir.mkdir(parents=True, exist_ok=True)
     src = history(args.profile, args.events, workdir)

@@ -463,6 +463,13 @@ def test_a_truncated_or_foreign_file_is_refused(tmp_path, base_history):
     assert path.read_bytes() == b"PK\x03\x04" + bytes(200)
 
 
+def test_a_directory_at_the_history_path_is_one_line(tmp_path):
+    (tmp_path / "h.db").mkdir()
+    with pytest.raises(HistoryError, match="cannot open .*h.db: a directory"):
+        connect(tmp_path / "h.db")
+    assert list((tmp_path / "h.db").iterdir()) == []
+
+
 def test_missing_and_empty_files_keep_their_behaviour(tmp_path):
     with pytest.raises(HistoryError, match="no run history"):
         connect(tmp_path / "missing.db")
