@@ -465,7 +465,7 @@ def test_a_truncated_or_foreign_file_is_refused(tmp_path, base_history):
 
 def test_a_directory_at_the_history_path_is_one_line(tmp_path):
     (tmp_path / "h.db").mkdir()
-    with pytest.raises(HistoryError, match="cannot open .*h.db: a directory"):
+    with pytest.raises(HistoryError, match="cannot open .*h.db: it is a directory"):
         connect(tmp_path / "h.db")
     assert list((tmp_path / "h.db").iterdir()) == []
 

@@ -362,7 +362,7 @@ def _open_error(path: Path, exc: sqlite3.DatabaseError) -> HistoryError:
     if is_busy_error(exc):
         return HistoryError(BUSY_MESSAGE)
     if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_CANTOPEN"):
-        what = "a directory" if path.is_dir() else "not readable and writable by this user, or in such a folder"
+        what = "it is a directory" if path.is_dir() else "check that this user can read and write it and its folder"
         return HistoryError(f"cannot open {path}: {what}")
     if is_corrupt_error(exc) and _not_sqlite(path):
         return HistoryError(f"{path} is not a run-history database: not an SQLite file")
