@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from selfheal_plugin.history.connection import server_of
+from selfheal_plugin.history.connection import scan_id_range, server_of
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 
 KINDS = FAILURE_KINDS
@@ -264,6 +264,9 @@ class _Call:
     args_key: str | None
 
 
+_MAX_ID = (1 << 63) - 1  # SQLite's largest rowid
+
+
 def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tuple[list[_Call], dict[int, Any]]]:
     """For each tool in ``firsts`` (tool → the ``run_events`` id of its pattern's first
     failure): its calls from that id on (the most recent :data:`MAX_CALLS`), oldest first,
@@ -276,7 +279,8 @@ def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tu
     arguments stay JSON text, compared as such), and each call is paired with the run's
     latest ``tool_start`` of the tool before it (at most :data:`START_LOOKBACK_IDS` ids before
     the tool's id in ``firsts``, whichever other tools are read in the same scan). (One name test per row: a substring
-    prefilter per tool cost four times as much with 40 tools.)"""
+    prefilter per tool cost four times as much with 40 tools.) Text is decoded by sqlite3's C
+    decoder unless a row holds invalid UTF-8 (:func:`scan_id_range`)."""
     if not firsts:
         return {}
     recent_calls: dict[str, deque[_Call]] = {t: deque(maxlen=MAX_CALLS) for t in firsts}
@@ -289,13 +293,13 @@ def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tu
            CASE WHEN event_type = 'tool_complete' THEN json_extract(event_data, '$.duration') END,
            (julianday(timestamp) - 2440587.5) * 86400.0
     FROM run_events
-    WHERE id >= ? AND event_type IN ('tool_start', 'tool_complete')
+    WHERE id > ? AND id <= ? AND event_type IN ('tool_start', 'tool_complete')
       AND CASE WHEN json_valid(event_data) THEN json_extract(event_data, '$.name') END
           IN ({','.join('?' * len(names))})
     ORDER BY id"""
     started: dict[tuple[str, str], str | None] = {}
-    for eid, run_id, etype, name, args, is_error, duration, ts in conn.execute(
-            sql, (min(firsts.values()) - START_LOOKBACK_IDS, *names)):
+    start = min(firsts.values()) - START_LOOKBACK_IDS
+    for eid, run_id, etype, name, args, is_error, duration, ts in scan_id_range(conn, sql, start - 1, _MAX_ID, *names):
         if name not in recent_calls:
             continue
         if etype == "tool_start":
