@@ -172,8 +172,10 @@ def test_sigterm_during_a_long_tick_stops_between_patterns(binks_home, tmp_path)
 def test_sigusr1_writes_every_threads_stack_and_the_daemon_goes_on(home, tmp_path):
     proc, stderr = start_daemon(home, tmp_path, "--interval", "1h")
     try:
-        text = stacks(proc, stderr)
-        assert text.count("(most recent call first)") >= 2  # the main thread and the watcher's, at least
+        proc.send_signal(signal.SIGUSR1)
+        # the main thread and the watcher's, at least; faulthandler writes them one after the other,
+        # so the first may be in the file before the second
+        assert wait_until(lambda: stderr.read_text().count("(most recent call first)") >= 2), stderr.read_text()
         assert proc.poll() is None  # still running
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, stderr.read_text()
