@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from selfheal_plugin.history.connection import scan_id_range, server_of
+from selfheal_plugin.history.connection import last_event_id, scan_id_range, server_of
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 
 KINDS = FAILURE_KINDS
@@ -264,9 +264,6 @@ class _Call:
     args_key: str | None
 
 
-_MAX_ID = (1 << 63) - 1  # SQLite's largest rowid
-
-
 def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tuple[list[_Call], dict[int, Any]]]:
     """For each tool in ``firsts`` (tool → the ``run_events`` id of its pattern's first
     failure): its calls from that id on (the most recent :data:`MAX_CALLS`), oldest first,
@@ -298,8 +295,8 @@ def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tu
           IN ({','.join('?' * len(names))})
     ORDER BY id"""
     started: dict[tuple[str, str], str | None] = {}
-    start = min(firsts.values()) - START_LOOKBACK_IDS
-    for eid, run_id, etype, name, args, is_error, duration, ts in scan_id_range(conn, sql, start - 1, _MAX_ID, *names):
+    start, end = min(firsts.values()) - START_LOOKBACK_IDS, last_event_id(conn)
+    for eid, run_id, etype, name, args, is_error, duration, ts in scan_id_range(conn, sql, start - 1, end, *names):
         if name not in recent_calls:
             continue
         if etype == "tool_start":

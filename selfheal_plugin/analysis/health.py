@@ -39,7 +39,8 @@ from typing import Any, Callable
 
 from selfheal_plugin.history.errorindex import MAX_EVENT_BYTES, refresh, sane_duration, wellformed_sql
 from selfheal_plugin.errors import NotFoundError, UsageError
-from selfheal_plugin.history.connection import get_state, normalize_error_type, rows_by_id, scan_id_range
+from selfheal_plugin.history.connection import (get_state, last_event_id, normalize_error_type, rows_by_id,
+                                                 scan_id_range)
 from selfheal_plugin.history.text import Undecodable
 from selfheal_plugin.history.abstore import AbStore, has_ab_table
 from selfheal_plugin.history.improvements import ImprovementStore
@@ -501,7 +502,7 @@ def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime, runs: 
     window (for p95). ``runs`` (facts keyed by run id) collect their tool calls and
     iterations on the way. Malformed rows are counted and skipped.
     """
-    top = conn.execute("SELECT coalesce(max(id), 0) FROM run_events").fetchone()[0]
+    top = last_event_id(conn)
     total = progress_total if progress_total is not None else top
     tools: dict[str, ToolStats] = {}
     errors_by_day: dict[int, Counter] = defaultdict(Counter)
@@ -735,7 +736,7 @@ def get_health_dashboard(conn: sqlite3.Connection, detailed: bool = False, since
     """
     start, end = _window(since, now)
     pending = _pending_index_rows(conn)
-    top = conn.execute("SELECT coalesce(max(id), 0) FROM run_events").fetchone()[0]
+    top = last_event_id(conn)
     total = pending + top
     refresh(conn, (lambda d, t: progress(d, total)) if progress else None)
     runs = _window_runs(conn, start, end)
@@ -806,7 +807,7 @@ def running_ab_entries(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 
 def _pending_index_rows(conn: sqlite3.Connection) -> int:
-    top = conn.execute("SELECT coalesce(max(id), 0) FROM run_events").fetchone()[0]
+    top = last_event_id(conn)
     try:
         mark = int(get_state(conn, "errors_watermark", "0") or 0)
     except ValueError:

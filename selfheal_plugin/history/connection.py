@@ -422,6 +422,11 @@ def is_corrupt_error(exc: BaseException) -> bool:
         w in str(exc).lower() for w in ("malformed", "file is not a database", "corrupt"))
 
 
+def last_event_id(conn: sqlite3.Connection) -> int:
+    """The largest ``run_events`` id (0 for none): where a scan of the events ends."""
+    return int(conn.execute("SELECT coalesce(max(id), 0) FROM run_events").fetchone()[0])
+
+
 def scan_id_range(conn: sqlite3.Connection, sql: str, lo: int, hi: int, *params: Any) -> Iterator[Any]:
     """Rows of ``sql`` for the id range (lo, hi] of a table, fast and never failing on
     invalid UTF-8.

@@ -29,7 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from selfheal_plugin.history.connection import SELFHEAL_SCHEMA, get_state, normalize_error_type, set_state, write_transaction
+from selfheal_plugin.history.connection import (SELFHEAL_SCHEMA, get_state, last_event_id, normalize_error_type,
+                                                 set_state, write_transaction)
 from selfheal_plugin.history.text import Undecodable, bounded, decode_text
 from selfheal_plugin.history.times import to_epoch
 
@@ -152,7 +153,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
             for key in ("errors_watermark", "bad_rows", "bad_row_ids"):
                 conn.execute("DELETE FROM selfheal_state WHERE key = ?", (key,))
             set_state(conn, "errors_index_version", INDEX_VERSION)
-    top = conn.execute("SELECT coalesce(max(id), 0) FROM run_events").fetchone()[0]
+    top = last_event_id(conn)
     mark = int(get_state(conn, "errors_watermark", "0"))
     if top < mark:  # the table was emptied or replaced: start again
         with write_transaction(conn):

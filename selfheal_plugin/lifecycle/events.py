@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfheal_plugin.history.connection import (connect, get_state, rows_by_id, set_state,
+from selfheal_plugin.history.connection import (connect, get_state, last_event_id, rows_by_id, set_state,
                                                 write_transaction)
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.times import format_timestamp, utcnow
@@ -225,7 +225,7 @@ def check_history(conn: sqlite3.Connection, settings: Settings, *, fire: bool = 
     without marks only sets them (the past is periodic detection's business) and returns
     ``initialized=True``. Safe to call from several processes at once.
     """
-    top = int(conn.execute("SELECT coalesce(max(id), 0) FROM run_events").fetchone()[0])
+    top = last_event_id(conn)
     mark_text = get_state(conn, WATERMARK_KEY)
     floor_text = get_state(conn, FLOOR_KEY)
     if mark_text is not None and floor_text is not None:
@@ -237,7 +237,7 @@ def check_history(conn: sqlite3.Connection, settings: Settings, *, fire: bool = 
     now = format_timestamp(utcnow())
     tag = process_tag()
     with write_transaction(conn):
-        top = int(conn.execute("SELECT coalesce(max(id), 0) FROM run_events").fetchone()[0])
+        top = last_event_id(conn)
         max_rowid = int(conn.execute("SELECT coalesce(max(rowid), 0) FROM runs").fetchone()[0])
         mark_text, floor_text = get_state(conn, WATERMARK_KEY), get_state(conn, FLOOR_KEY)
         if mark_text is None or floor_text is None:
