@@ -364,9 +364,9 @@ def _open_error(path: Path, exc: sqlite3.DatabaseError) -> HistoryError:
     if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_CANTOPEN"):
         what = "it is a directory" if path.is_dir() else "check that this user can read and write it and its folder"
         return HistoryError(f"cannot open {path}: {what}")
-    if is_corrupt_error(exc) and _not_sqlite(path):
-        return HistoryError(f"{path} is not a run-history database: not an SQLite file")
     if is_corrupt_error(exc):
+        if _not_sqlite(path):
+            return HistoryError(f"{path} is not a run-history database: not an SQLite file")
         return HistoryError(f"{path} is damaged ({one_line(exc)}); nothing was written to it")
     return HistoryError(f"{path} is not a run-history database: {one_line(exc)}")
 

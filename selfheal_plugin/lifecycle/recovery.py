@@ -29,7 +29,8 @@ def recover(conn: sqlite3.Connection, settings: Settings,
     Every command opens with this, so the common case (nothing interrupted) is two queries;
     the lifecycle modules that finish or undo an operation are imported only when one is.
     """
-    if not pending_work(conn):
+    rows = conn.execute("SELECT id FROM improvements WHERE pending_op IS NOT NULL AND pending_op != ''").fetchall()
+    if not rows and not _ab_pending(conn):
         return []
     from selfheal_plugin.lifecycle.ab import recover_ab
     from selfheal_plugin.lifecycle.apply import fire, lock_for
@@ -41,7 +42,6 @@ def recover(conn: sqlite3.Connection, settings: Settings,
         log.warning(msg)
         if warn:
             warn(msg)
-    rows = conn.execute("SELECT id FROM improvements WHERE pending_op IS NOT NULL AND pending_op != ''").fetchall()
     if not rows:
         return ab_actions
     lock = lock_for(settings)
@@ -80,10 +80,8 @@ def recover(conn: sqlite3.Connection, settings: Settings,
     return ab_actions + actions
 
 
-def pending_work(conn: sqlite3.Connection) -> bool:
-    """Whether an apply, rollback, experiment or A/B edit left an intent behind."""
-    if conn.execute("SELECT 1 FROM improvements WHERE pending_op IS NOT NULL AND pending_op != '' LIMIT 1").fetchone():
-        return True
+def _ab_pending(conn: sqlite3.Connection) -> bool:
+    """Whether an A/B start or end left an intent behind (what :func:`~.ab.recover_ab` handles)."""
     return has_ab_table(conn) and conn.execute(
         "SELECT 1 FROM selfheal_ab WHERE pending_op IS NOT NULL LIMIT 1").fetchone() is not None
 
