@@ -138,9 +138,9 @@ class SelfHeal:
         return pattern_details(pattern)
 
     def _attach_fixes(self, patterns: list[Pattern]) -> None:
-        store = ImprovementStore(self.conn)
+        open_rows = ImprovementStore(self.conn).open_for_patterns([p.id for p in patterns])
         for p in patterns:
-            open_row = store.open_for_pattern(p.id)
+            open_row = open_rows.get(p.id)
             if open_row is not None:
                 p.suggested_fix, p.suggested_by, p.improvement_id = open_row.description, "proposal", open_row.id
             else:

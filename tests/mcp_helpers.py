@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from selfheal_plugin.testbed.generator import generate_history
+from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.settings import load_settings
 from selfheal_plugin.history.times import utcnow
@@ -92,7 +93,7 @@ def reference(tool: str, home: Path | str | None, db: Path | str | None = None, 
                  "confidence_threshold": args.get("confidence_threshold")}
     with SelfHeal(home, db, **{k: v for k, v in overrides.items() if v is not None}) as sh:
         if tool == "detect_failure_patterns":
-            return plain(sh.detect()["patterns"])
+            return plain(sh.detect(runs_limit=args.get("limit", schema.default("limit")))["patterns"])
         if tool == "analyze_run_health":
             return plain(sh.run_health(args["run_id"]))
         if tool == "compute_agent_metrics":

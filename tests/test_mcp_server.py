@@ -50,7 +50,8 @@ def test_nine_tools_with_schemas_and_annotations(home):
     # its description and range come from the settings schema, as the CLI's help does
     props = tools["detect_failure_patterns"].input_schema["properties"]
     assert {k: v.get("default") for k, v in props.items()} == {
-        "since": None, "min_occurrences": None, "confidence_threshold": None}
+        "since": None, "min_occurrences": None, "confidence_threshold": None, "limit": None}
+    assert "default: 20" in props["limit"]["description"]  # the CLI's --limit default, from the schema
     for name, key in (("since", "lookback"), ("min_occurrences", "min_occurrences"),
                       ("confidence_threshold", "confidence_threshold")):
         assert props[name]["description"] == schema.help_text(key)
@@ -82,6 +83,7 @@ def test_analysis_tools_match_the_library(home):
         ("compute_tool_reliability", {"since": "-2d"}),
         ("get_health_dashboard", {}),
         ("get_health_dashboard", {"detailed": True}),
+        ("detect_failure_patterns", {"limit": 1}),
     ]
     results = call_all(build_server(home), calls)
     for (name, args), result in zip(calls, results):
@@ -92,6 +94,10 @@ def test_analysis_tools_match_the_library(home):
     assert len(structured(results[1])) >= len(patterns)
     dashboard = structured(results[7])
     assert "agents" in dashboard and "agents" not in structured(results[6])
+    # limit keeps each pattern's latest affected runs, as detect --json --limit does; the count stays whole
+    (one,) = [p for p in structured(results[8]) if p["id"] == patterns[0]["id"]]
+    assert one["affected_runs"] == patterns[0]["affected_runs"][-1:]
+    assert one["affected_run_count"] == patterns[0]["affected_run_count"] > 1
 
 
 def test_lifecycle_tools_match_the_library(home):

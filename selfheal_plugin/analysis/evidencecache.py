@@ -97,6 +97,14 @@ def load(conn: sqlite3.Connection, wanted: dict[str, str]) -> dict[str, dict[str
     """The stored evidence of the patterns in ``wanted`` (id → fingerprint) whose
     fingerprint matches and whose named paths exist or not as they did."""
     out: dict[str, dict[str, Any]] = {}
+    exists: dict[str, bool | None] = {}  # patterns of one tool name the same paths: each is checked once
+
+    def same(p: dict[str, Any]) -> bool:
+        path = p["path"]
+        if path not in exists:
+            exists[path] = _evidence._path_exists(path)
+        return p.get("exists_now") == exists[path]
+
     ids = list(wanted)
     for i in range(0, len(ids), 500):
         part = ids[i:i + 500]
@@ -109,8 +117,7 @@ def load(conn: sqlite3.Connection, wanted: dict[str, str]) -> dict[str, dict[str
                 ev, named = json.loads(evidence), json.loads(paths)
             except (ValueError, TypeError):
                 continue
-            if _usable(ev, named) and all(p.get("exists_now") == _evidence._path_exists(p["path"]) for p in named
-                   if p.get("exists_now") is not None):
+            if _usable(ev, named) and all(same(p) for p in named if p.get("exists_now") is not None):
                 out[pid] = ev
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
+import sys
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -147,15 +148,15 @@ def open_service(home: str | None, db: str | None, **overrides: Any) -> SelfHeal
 
 
 def echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    """``data`` as JSON on stdout: indented for a person at a terminal, one line otherwise
+    (a pipe or a file: the C encoder writes it, several times faster than the indenting one)."""
+    click.echo(json.dumps(data, indent=2 if sys.stdout.isatty() else None, default=str))
 
 
 @contextmanager
 def working(enabled: bool, label: str) -> Iterator[None]:
     """A live status line on stderr (a terminal only) while a step runs that can take
     seconds (a simulation, a verification); transient: nothing of it stays on screen."""
-    import sys
-
     if not (enabled and sys.stderr.isatty()):
         yield
         return

@@ -128,6 +128,19 @@ class ImprovementStore:
         row = self._open_row(pattern_id)
         return Improvement.from_row(row) if row else None
 
+    def open_for_patterns(self, pattern_ids: list[str]) -> dict[str, Improvement]:
+        """:meth:`open_for_pattern` of each id that has one, read in one query per 500 ids."""
+        out: dict[str, Improvement] = {}
+        for i in range(0, len(pattern_ids), 500):
+            part = pattern_ids[i:i + 500]
+            for row in self.conn.execute(
+                    f"SELECT * FROM improvements WHERE pattern_id IN ({','.join('?' * len(part))}) "
+                    f"AND status IN ({','.join('?' * len(OPEN_STATUSES))}) "
+                    "ORDER BY julianday(proposed_at) DESC", (*part, *OPEN_STATUSES)):
+                if row["pattern_id"] not in out:
+                    out[row["pattern_id"]] = Improvement.from_row(row)
+        return out
+
     def _open_row(self, pattern_id: str | None) -> sqlite3.Row | None:
         placeholders = ",".join("?" * len(OPEN_STATUSES))
         return self.conn.execute(

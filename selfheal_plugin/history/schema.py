@@ -214,11 +214,12 @@ def defaults(table: str = "self_heal") -> dict[str, Any]:
     return {k: s.default for k, s in TABLES[table].items() if s.default is not REQUIRED}
 
 
-def field_kwargs(name: str) -> dict[str, Any]:
-    """``description``, ``ge``/``gt`` and ``le`` for a pydantic ``Field`` of that setting: what an
-    MCP tool parameter needs to publish the same range (``Field(None, **field_kwargs(n))``)."""
+def field_kwargs(name: str, text: str | None = None) -> dict[str, Any]:
+    """``description`` (:func:`help_text` of ``text``), ``ge``/``gt`` and ``le`` for a pydantic
+    ``Field`` of that setting: what an MCP tool parameter needs to publish the same range
+    (``Field(None, **field_kwargs(n))``)."""
     sp = spec(name)
-    out: dict[str, Any] = {"description": help_text(name)}
+    out: dict[str, Any] = {"description": help_text(name, text)}
     if sp.bounds and sp.kind in ("int", "float"):
         out["gt" if sp.lo_open else "ge"] = sp.lo
         out["lt" if sp.hi_open else "le"] = sp.hi

@@ -181,10 +181,12 @@ def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: P
 
     Fires ``improvement_proposed`` for a new row only.
     """
-    found = _prepare(conn, settings, pattern, history or history_window(conn, settings))
+    store = ImprovementStore(conn)
+    found = _prepare(store, settings, pattern, history or history_window(conn, settings),
+                     store.open_for_pattern(pattern.id))
     if isinstance(found, Proposed):
         return found
-    imp, created = ImprovementStore(conn).insert_unless_open(found)
+    imp, created = store.insert_unless_open(found)
     if created:
         plugins.fire("improvement_proposed", improvement=imp, settings=settings)
     return Proposed(imp, created, pattern)
@@ -202,12 +204,12 @@ def _supersede_open(store: ImprovementStore, existing: Improvement, by: str) -> 
     return None
 
 
-def _prepare(conn: sqlite3.Connection, settings: Settings, pattern: Pattern,
-             history: HistoryWindow) -> Proposed | Improvement:
+def _prepare(store: ImprovementStore, settings: Settings, pattern: Pattern, history: HistoryWindow,
+             existing: Improvement | None) -> Proposed | Improvement:
     """The pattern's open proposal or standing rejection (a :class:`Proposed`), else the new
-    improvement its strategy proposes, not yet stored."""
-    store = ImprovementStore(conn)
-    existing = store.open_for_pattern(pattern.id)
+    improvement its strategy proposes, not yet stored. ``existing``: the pattern's open
+    proposal as read before (``store.open_for_pattern``)."""
+    conn = store.conn
     if existing is not None and learning.is_rule_strategy(existing.strategy):
         # a rule's proposal stands while its rule is enabled; a disabled rule's is superseded
         if learning.rule_usable(conn, existing.strategy):
@@ -264,17 +266,20 @@ def propose_all(conn: sqlite3.Connection, settings: Settings, patterns: list[Pat
     pattern's row is stored and announced before the next pattern, so that a stop request
     (a hook may make one) lands between two patterns."""
     history = history_window(conn, settings, since, now=now)
+    store = ImprovementStore(conn)
+    # read at once: nothing is stored before every pattern is prepared (with should_stop, each in its turn)
+    open_rows = store.open_for_patterns([p.id for p in patterns]) if should_stop is None else {}
     out: list[Proposed | StrategyError | Improvement] = []
     for p in patterns:
         if should_stop is not None and should_stop():
             break
         try:
-            out.append(_prepare(conn, settings, p, history) if should_stop is None
+            out.append(_prepare(store, settings, p, history, open_rows.get(p.id)) if should_stop is None
                        else propose_for_pattern(conn, settings, p, history))
         except StrategyError as exc:
             out.append(exc)
     new = [i for i, r in enumerate(out) if isinstance(r, Improvement)]
-    stored = ImprovementStore(conn).insert_many_unless_open([out[i] for i in new])  # type: ignore[misc]
+    stored = store.insert_many_unless_open([out[i] for i in new])  # type: ignore[misc]
     for i, (imp, created) in zip(new, stored):
         out[i] = Proposed(imp, created, patterns[i])
         if created:

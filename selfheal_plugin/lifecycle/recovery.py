@@ -7,8 +7,6 @@ import logging
 import sqlite3
 from typing import Any, Callable
 
-from filelock import Timeout
-
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.abstore import has_ab_table
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore
@@ -32,6 +30,8 @@ def recover(conn: sqlite3.Connection, settings: Settings,
     rows = conn.execute("SELECT id FROM improvements WHERE pending_op IS NOT NULL AND pending_op != ''").fetchall()
     if not rows and not _ab_pending(conn):
         return []
+    from filelock import Timeout
+
     from selfheal_plugin.lifecycle.ab import recover_ab
     from selfheal_plugin.lifecycle.apply import fire, lock_for
 

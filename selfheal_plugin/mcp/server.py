@@ -160,13 +160,15 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         since: Annotated[str | None, Field(**schema.field_kwargs("lookback"))] = None,
         min_occurrences: Annotated[int | None, Field(**schema.field_kwargs("min_occurrences"))] = None,
         confidence_threshold: Annotated[float | None, Field(**schema.field_kwargs("confidence_threshold"))] = None,
+        limit: Annotated[int | None, Field(**schema.field_kwargs(
+            "limit", "Affected runs listed per pattern, the latest kept; affected_run_count is the total"))] = None,
     ) -> list[results.FailurePattern]:
         """Find recurring tool failures: (error_type, tool_name) signatures of failed tool calls,
         most frequent first, with correlation, confidence, affected runs and a suggested fix.
         Read-only: unlike `agent self-heal detect` it neither proposes nor notifies."""
         with _session(home, db, lookback=since, min_occurrences=min_occurrences,
                       confidence_threshold=confidence_threshold) as sh:
-            result = sh.detect()
+            result = sh.detect(runs_limit=schema.default("limit") if limit is None else limit)
             warn_bad_rows("run_events", result["skipped_rows"])
             return result["patterns"]
 

@@ -22,7 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 
 from selfheal_plugin.plugins.manager import Notification
 from selfheal_plugin.history.settings import lock_dir, resolve_home
@@ -96,6 +95,8 @@ def append_notification(notification: Notification, inbox_dir: Path, when: datet
     inbox_dir.mkdir(parents=True, exist_ok=True)
     path = day_file(inbox_dir, when)
     entry = format_entry(notification, when)
+    from filelock import FileLock  # only when an entry is written: a detect with nothing new does not import it
+
     with FileLock(str(lock_file(settings)), timeout=LOCK_TIMEOUT_S).acquire(poll_interval=LOCK_POLL_S):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

@@ -68,7 +68,6 @@ from types import ModuleType
 from typing import Any
 
 import pluggy
-from filelock import FileLock, Timeout
 
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import normalize_error_type
@@ -326,6 +325,8 @@ def _update_log(change: Callable[[list[PluginError]], list[PluginError]]) -> Non
     path = _errors_path()
     if path is None:
         return
+    from filelock import FileLock, Timeout  # only when a plugin failed: a command with none does not import it
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         gitignore = path.parent / ".gitignore"

@@ -20,7 +20,7 @@ from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.lifecycle.gitops import commit_subject
 
-from ..conftest import NOW, run_agent
+from ..conftest import NOW, agent_bin, run_agent
 from ..lifecycle_data import add_improvement, git, timeout_change, timeout_history
 
 LEVELS = [[], ["self-heal"], ["self-heal", "detect"], ["self-heal", "apply"], ["self-heal", "canary"],
@@ -56,6 +56,34 @@ def test_global_options_before_or_after_the_subcommand(db, binks_home):
     assert [r["id"] for r in json.loads(before.stdout)["improvements"]] == [imp.id]
     mixed = run_agent("self-heal", "--db", str(db), "improvements", "--json", env={"BINKS_HOME": "/nonexistent"})
     assert mixed.returncode == 0 and json.loads(mixed.stdout)["improvements"]
+
+
+def test_json_is_indented_at_a_terminal_and_one_line_when_piped(db, binks_home):
+    import pty
+
+    piped = run_agent("self-heal", "improvements", "--json", "--home", str(binks_home))
+    assert piped.returncode == 0 and piped.stdout.count("\n") == 1, piped.stderr
+    primary, secondary = pty.openpty()
+    try:
+        try:
+            proc = subprocess.run([agent_bin(), "self-heal", "improvements", "--json", "--home", str(binks_home)],
+                                  stdout=secondary, stderr=subprocess.PIPE, timeout=120)
+        finally:
+            os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal's other end is closed: all of it was read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(primary)
+    shown = b"".join(chunks).decode().replace("\r\n", "\n")
+    assert proc.returncode == 0, proc.stderr
+    assert shown.startswith("{\n  ") and json.loads(shown) == json.loads(piped.stdout)
 
 
 def test_tables_fit_80_columns_and_ids_never_wrap(history_copy, binks_home):
