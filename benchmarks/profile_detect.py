@@ -60,7 +60,7 @@ def child(home: str) -> None:
     sh._propose_all = timed_proposals  # type: ignore[method-assign]
     result = sh.detect(propose=True, notify=True, runs_limit=20)
     mark("rest")
-    json.dumps(result, indent=2, default=str)
+    json.dumps(result, default=str)  # as `detect --json` writes it to a pipe
     mark("json")
     sh.close()
     print(json.dumps({name: round(t - prev, 4) for (_, prev), (name, t) in zip(marks, marks[1:])}))
