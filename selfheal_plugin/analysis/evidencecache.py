@@ -97,7 +97,7 @@ def load(conn: sqlite3.Connection, wanted: dict[str, str]) -> dict[str, dict[str
     """The stored evidence of the patterns in ``wanted`` (id → fingerprint) whose
     fingerprint matches and whose named paths exist or not as they did."""
     out: dict[str, dict[str, Any]] = {}
-    exists: dict[str, bool | None] = {}  # patterns of one tool name the same paths: each is checked once
+    exists: dict[str, bool | None] = {}  # the patterns of a tool name the same paths: each path is stat'ed once
 
     def same(p: dict[str, Any]) -> bool:
         path = p["path"]
