@@ -130,22 +130,22 @@ class ImprovementStore:
 
     def open_for_patterns(self, pattern_ids: list[str]) -> dict[str, Improvement]:
         """:meth:`open_for_pattern` of each id that has one, read in one query per 500 ids."""
-        out: dict[str, Improvement] = {}
+        return {pid: Improvement.from_row(row) for pid, row in self._open_rows(pattern_ids).items()}
+
+    def _open_row(self, pattern_id: str | None) -> sqlite3.Row | None:
+        return self._open_rows([pattern_id]).get(pattern_id)
+
+    def _open_rows(self, pattern_ids: list[str | None]) -> dict[str | None, sqlite3.Row]:
+        """Each pattern's open row: of its rows in an open status, the latest proposed."""
+        out: dict[str | None, sqlite3.Row] = {}
         for i in range(0, len(pattern_ids), 500):
             part = pattern_ids[i:i + 500]
             for row in self.conn.execute(
                     f"SELECT * FROM improvements WHERE pattern_id IN ({','.join('?' * len(part))}) "
                     f"AND status IN ({','.join('?' * len(OPEN_STATUSES))}) "
                     "ORDER BY julianday(proposed_at) DESC", (*part, *OPEN_STATUSES)):
-                if row["pattern_id"] not in out:
-                    out[row["pattern_id"]] = Improvement.from_row(row)
+                out.setdefault(row["pattern_id"], row)
         return out
-
-    def _open_row(self, pattern_id: str | None) -> sqlite3.Row | None:
-        placeholders = ",".join("?" * len(OPEN_STATUSES))
-        return self.conn.execute(
-            f"SELECT * FROM improvements WHERE pattern_id = ? AND status IN ({placeholders}) "
-            "ORDER BY julianday(proposed_at) DESC LIMIT 1", (pattern_id, *OPEN_STATUSES)).fetchone()
 
     def _insert_row(self, imp: Improvement) -> None:
         """Stamp a new row's times and category and insert it (inside the caller's transaction)."""

@@ -22,7 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-
 from selfheal_plugin.plugins.manager import Notification
 from selfheal_plugin.history.settings import lock_dir, resolve_home
 from selfheal_plugin.history.text import for_terminal
