@@ -32,7 +32,8 @@ Models (only these; a change without a model is reported as such, never guessed)
 
 Uncertainty: 95% percentile interval over 400 replicates, each a Poisson bootstrap of the
 runs combined with a draw of the model parameters (the MLE's normal approximation for
-durations, the Beta posterior for retries). That interval is for the success rate the
+durations, the Beta posterior for retries; the continuation factor is estimated again from
+the replicate's weighted runs). That interval is for the success rate the
 replayed window would have had. The **prediction interval** is for what the next window of
 the same size (as many runs) will show with the change: each replicate's rate, then a
 binomial draw of that many runs from it, so the sampling noise of the next window is in it
@@ -235,32 +236,35 @@ class _Continuation:
     call a change fixes still had its remaining steps to run, and those fail as often as
     they do in the runs that got past the same call. Estimated from the window's runs of
     the same workflow whose ``k``-th call of the same tool succeeded with no failed call
-    before it: ``s`` of ``n`` completed. Fewer than :data:`MIN_CONTINUATION` such runs, or all of them completed: 1
-    (nothing seen to fail after it). Uncertainty: ``Beta(s + 1, n - s + 1)`` per replicate
-    (replicate 0 is ``s / n``)."""
+    before it: ``s`` of ``n`` completed. Fewer than :data:`MIN_CONTINUATION` such runs, or
+    all of them completed: 1 (nothing seen to fail after it). Uncertainty: each bootstrap
+    replicate estimates it again from the runs as it weighs them (``W``, replicate 0 is
+    ``s / n``), so the estimate moves with the runs it comes from: a week whose later steps
+    failed less has a higher baseline *and* rescues more, and the interval knows it."""
 
-    def __init__(self, runs: list[ReplayRun], K: int, rng: np.random.Generator) -> None:
-        self.runs, self.K, self.rng = runs, K, rng
+    def __init__(self, runs: list[ReplayRun], W: np.ndarray) -> None:
+        self.runs, self.W = runs, W
         self._cache: dict[tuple[str | None, str, int], np.ndarray | float] = {}
 
     def __call__(self, run: ReplayRun, call: Call) -> np.ndarray | float:
         k = sum(1 for c in run.calls if c.tool == call.tool and c.event_id < call.event_id)
         key = (run.workflow, call.tool, k)
         if key not in self._cache:
-            s = n = 0
-            for r in self.runs:
+            past = np.zeros(len(self.runs))
+            done = np.zeros(len(self.runs))
+            for j, r in enumerate(self.runs):
                 if r.workflow != run.workflow:
                     continue
                 same = [c for c in r.calls if c.tool == call.tool]
                 if len(same) > k and same[k].ok and all(c.ok for c in r.calls if c.event_id < same[k].event_id):
-                    n += 1  # got past the call with nothing failed before it
-                    s += r.completed
+                    past[j] = 1.0  # got past the call with nothing failed before it
+                    done[j] = float(r.completed)
+            n, s = int(past.sum()), int(done.sum())
             if n < MIN_CONTINUATION or s == n:
                 self._cache[key] = 1.0
             else:
-                d = self.rng.beta(s + 1, n - s + 1, size=self.K)
-                d[0] = s / n
-                self._cache[key] = d
+                n_k, s_k = self.W @ past, self.W @ done
+                self._cache[key] = np.where(n_k > 0, s_k / np.maximum(n_k, 1.0), s / n)
         return self._cache[key]
 
 
@@ -366,7 +370,9 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
         base = sum(r.completed for r in runs) / n if n else None
         return Simulation(None, base, None, None, n, None, 0, targeted, None, models, unmodeled, notes)
 
-    continuation = _Continuation(runs, K, rng)
+    W = rng.poisson(1.0, size=(K, n)).astype(float)  # the bootstrap's run weights
+    W[0] = 1.0
+    continuation = _Continuation(runs, W)
     P = np.zeros((n, K))
     base = np.zeros(n)
     n_broken = 0
@@ -392,8 +398,6 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
         if failures[-1].event_id == r.last_call_id:  # the run stopped there: what it never ran may fail too
             prob *= continuation(r, failures[-1])
         P[i] = prob
-    W = rng.poisson(1.0, size=(K, n)).astype(float)
-    W[0] = 1.0
     tot = np.maximum(W.sum(axis=1), 1.0)
     sim_k = (W * P.T).sum(axis=1) / tot
     base_k = (W * base).sum(axis=1) / tot
