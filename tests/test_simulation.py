@@ -258,3 +258,18 @@ def test_a_run_that_stopped_at_the_fixed_call_still_has_its_later_steps_to_pass(
     # counted as certain completions, the recovered runs would overstate the rate by ~30 % of them
     naive = sim.baseline_success_rate + sim.failures_fixed / sim.runs_replayed
     assert naive - sim.simulated_success_rate > 0.25 * sim.failures_fixed / sim.runs_replayed
+
+
+def test_the_continuation_is_estimated_again_from_each_replicates_runs():
+    """The factor moves with the runs the bootstrap draws (a week whose later steps failed
+    less also rescues more), not apart from them: each replicate's factor is the completed
+    share of the runs past the call, as that replicate weighs them; replicate 0 is s / n."""
+    Call, Run = simulation.Call, simulation.ReplayRun
+    runs = [Run(f"r{i}", ok, [Call(2 * i, K8S, True, 10.0, None), Call(2 * i + 1, "later", ok, 5.0, None)], "wf")
+            for i, ok in enumerate([True] * 6 + [False] * 4)]
+    stopped = Run("x", False, [Call(99, K8S, False, 45_003.0, "timeout")], "wf")
+    W = np.array([[1.0] * 10, [2.0] * 6 + [0.0] * 4, [0.0] * 6 + [1.0] * 3 + [0.0], [0.0] * 10])
+    factor = simulation._Continuation(runs, W)(stopped, stopped.calls[0])
+    assert factor.tolist() == [0.6, 1.0, 0.0, 0.6]  # a replicate with none of those runs keeps s / n
+    # with fewer runs past the call than MIN_CONTINUATION, or all of them completed: 1
+    assert simulation._Continuation(runs[:6], W[:, :6])(stopped, stopped.calls[0]) == 1.0
