@@ -135,7 +135,7 @@ def one_seed(process: Process, seed: int, runs: int, folder: Path) -> dict:
     actual = statistics.fmean(not any(e for _, e, _ in calls) for _, calls in process.runs(rng, runs, process.new_ms))
     lo, hi = sim.prediction_interval
     clo, chi = sim.simulated_interval
-    return {"seed": seed, "actual": actual, "predicted": sim.simulated_success_rate, "baseline": sim.baseline_success_rate,
+    return {"seed": seed, "actual": actual, "predicted": sim.simulated_success_rate,
             "in_prediction": lo <= actual <= hi, "in_confidence": clo <= actual <= chi,
             "prediction_width": hi - lo, "confidence_width": chi - clo}
 
