@@ -22,10 +22,12 @@ def gen(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def runs_in(db) -> list[str]:
+def runs_in(db, *, finished: bool = False) -> list[str]:
+    """The ids of the history's runs (only the completed and failed ones with ``finished``)."""
     conn = sqlite3.connect(db)
     try:
-        return [r[0] for r in conn.execute("SELECT id FROM runs")]
+        where = " WHERE status IN ('completed', 'failed')" if finished else ""
+        return [r[0] for r in conn.execute("SELECT id FROM runs" + where)]
     finally:
         conn.close()
 
@@ -62,12 +64,7 @@ def test_apply_then_append_then_verify_keeps(binks_home):
     assert result["recommendation"] == "extend" and result["provisional_recommendation"] == "keep"
     # every finished appended run is after the apply (how many finished depends on the
     # appended batch's seed, which depends on the apply's instant: count them, never guess)
-    conn = sqlite3.connect(db)
-    try:
-        finished = {r[0] for r in conn.execute("SELECT id FROM runs WHERE status IN ('completed', 'failed')")}
-    finally:
-        conn.close()
-    assert result["metrics"]["runs_after"] == len(finished - set(before)) >= 190
+    assert result["metrics"]["runs_after"] == len(set(runs_in(db, finished=True)) - set(before)) >= 190
 
     r = run_agent("self-heal", "verify", imp, "--early", "--json")
     assert r.returncode == 0, r.stderr
