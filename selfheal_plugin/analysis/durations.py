@@ -19,9 +19,12 @@ Family: one, the log-normal. ``ln T`` is normal with (mu, sigma). One family kee
 outputs naming the same model, and a tail chosen by whichever family wins an AIC contest
 would move the proposed p99 by a whole family's tail at the switch point.
 
-Fit: maximum likelihood with ``scipy.stats.norm.fit`` on ``scipy.stats.CensoredData`` of
-the log durations (the log-normal likelihood up to the Jacobian ``Σ ln x``, which does not
-depend on the parameters; ~10× faster than ``lognorm.fit(..., floc=0)``).
+Fit: maximum likelihood of the normal on the log durations, censored ones by their log
+survival (the log-normal likelihood up to the Jacobian ``Σ ln x``, which does not depend on
+the parameters), by ``scipy.optimize.minimize`` with the analytic gradient and Hessian: the
+same MLE as ``scipy.stats.lognorm.fit`` on ``CensoredData`` (tests/test_durations.py), in a
+few milliseconds instead of a generic simplex search, and without importing scipy.stats
+(~1 s) in the commands that fit.
 Fewer than :data:`MIN_OBSERVED` observed durations, or observed durations that do not
 vary, is **no model**: :func:`fit_durations` returns the reason instead of numbers.
 
@@ -251,6 +254,42 @@ def information(mu: float, sigma: float, log_observed: np.ndarray, log_censored:
     return -np.array([[l_mm, l_ms], [l_ms, l_ss]])
 
 
+def _mle(x: np.ndarray, c: np.ndarray) -> tuple[float, float]:
+    """(mu, sigma) maximising the censored normal log-likelihood of log durations ``x``
+    (observed) and ``c`` (right-censored): ``scipy.optimize.minimize`` (trust-exact) on
+    (mu, ln sigma) with the analytic gradient and Hessian (:func:`information`), from the
+    observed sample's mean and spread; NaNs when it does not converge."""
+    from scipy.optimize import minimize
+
+    n = len(x)
+
+    def parts(theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
+        mu, sigma = theta[0], math.exp(theta[1])
+        z, w = (x - mu) / sigma, (c - mu) / sigma
+        h = _hazard(w)
+        grad = np.array([-(z.sum() + h.sum()) / sigma, n - float(z @ z) - float(h @ w)])
+        return mu, grad, z, sigma
+
+    def nll(theta: np.ndarray) -> float:
+        mu, sigma = theta[0], math.exp(theta[1])
+        z = (x - mu) / sigma
+        return n * theta[1] + 0.5 * float(z @ z) - float(_log_sf((c - mu) / sigma).sum())
+
+    def jac(theta: np.ndarray) -> np.ndarray:
+        return parts(theta)[1]
+
+    def hess(theta: np.ndarray) -> np.ndarray:
+        mu, grad, _, sigma = parts(theta)
+        i = information(mu, sigma, x, c)  # -(Hessian of the log-likelihood) in (mu, sigma)
+        return np.array([[i[0, 0], sigma * i[0, 1]], [sigma * i[0, 1], sigma * sigma * i[1, 1] + grad[1]]])
+
+    start = np.array([float(x.mean()), math.log(float(x.std()))])
+    res = minimize(nll, start, jac=jac, hess=hess, method="trust-exact", options={"gtol": 1e-8})
+    if not res.success and np.abs(res.jac).max() > 1e-5 * max(1, n + len(c)):
+        return math.nan, math.nan
+    return float(res.x[0]), math.exp(float(res.x[1]))
+
+
 def fit_durations(observed_ms: Iterable[float], censored_ms: Iterable[float] = ()) -> DurationModel | str:
     """Fit the censored log-normal to durations in ms; the reason (a str) when the data
     cannot support a model (too few observed durations, no spread, no convergence)."""
@@ -262,10 +301,7 @@ def fit_durations(observed_ms: Iterable[float], censored_ms: Iterable[float] = (
     x, c = np.log(obs), np.log(cens)
     if np.ptp(x) == 0:
         return f"all {len(obs)} successful calls took {obs[0]:.0f} ms: no spread to fit a duration model to"
-    from scipy import stats
-
-    data = stats.CensoredData(uncensored=x, right=c) if len(c) else x
-    mu, sigma = (float(v) for v in stats.norm.fit(data))
+    mu, sigma = _mle(x, c)
     if not (math.isfinite(mu) and math.isfinite(sigma) and sigma > 0):
         return f"the {MODEL_NAME} fit did not converge"
     try:
