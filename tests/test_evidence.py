@@ -127,6 +127,16 @@ def test_kind_of_a_message(message, label, kind):
     assert message_kind(message, label)[0] == kind
 
 
+@pytest.mark.parametrize("message, kind", [
+    ("PERMISSION DENIED for /x", "permission"), ("Too Many Requests", "rate_limited"),
+    ("Deadline Exceeded", "slow_tail"), ("Spawn MCP-Server-X ENOENT", "server_down"),
+    ("Invalid Arguments: Field Required", "invalid_arguments"), ("Bad Gateway", "transient_upstream"),
+])
+def test_the_phrase_rules_read_any_case(message, kind):
+    # the rules are written in lower case and read the lowercased message
+    assert message_kind(message, "tool_error")[0] == kind
+
+
 def test_the_argument_a_message_names():
     assert named_argument("ENOENT: no such file or directory, open '/srv/a.md'", {"path": "/srv/a.md"}) == \
         {"key": "path", "value": "/srv/a.md", "type": "path"}

@@ -113,31 +113,32 @@ def message_codes(message: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the kind of one message
 
-_RATE = re.compile(r"too many requests|rate.?limit|quota exceeded|throttl|slow down", re.IGNORECASE)
+# The phrase rules are written in lower case and read the lowercased message: a search
+# without IGNORECASE is 5-8x faster in Python's re (a first detect reads ~12k messages).
+_RATE = re.compile(r"too many requests|rate.?limit|quota exceeded|throttl|slow down")
 _CREDENTIALS = re.compile(r"unauthori[sz]ed|invalid (?:api[ _-]?key|token|credentials)|(?:api[ _-]?key|token) "
                           r"(?:is )?(?:missing|invalid|expired|revoked)|authentication (?:failed|required)|"
-                          r"not authenticated", re.IGNORECASE)
+                          r"not authenticated")
 _PERMISSION = re.compile(r"permission denied|access denied|access is denied|forbidden|not permitted|"
                          r"operation not allowed|is not allowed|not allowed to|outside (?:the )?allowed|"
                          r"not in the allowed|dubious ownership|read-only|insufficient (?:privileges|scope)|"
-                         r"refused to fetch|not a public address", re.IGNORECASE)
+                         r"refused to fetch|not a public address")
 _INVALID = re.compile(r"validation error|invalid input|invalid (?:arguments?|params?|parameters?|option|value|"
                       r"format)|\binvalid [\w ]{1,30}(?::| format)|unknown tool|tool \S+ not found|field required|"
                       r"missing required|required (?:argument|parameter|property|field)|expected \w+, received|"
                       r"input should be|must be (?:a|an|one of|at least|at most|greater|less)|"
                       r"unexpected (?:argument|keyword|property)|unsupported (?:url )?(?:protocol|scheme)|"
-                      r"already exists|could not find exact match|malformed|bad request|additional propert", re.IGNORECASE)
+                      r"already exists|could not find exact match|malformed|bad request|additional propert")
 _MISSING = re.compile(r"not found|does not exist|doesn't exist|no such (?:file|directory|entity|object|key|"
                       r"table|ref|branch|path)|did not resolve|did not match any|cannot find|can't find|"
-                      r"could not find|unknown revision|no longer exists", re.IGNORECASE)
+                      r"could not find|unknown revision|no longer exists")
 _UPSTREAM = re.compile(r"fetch failed|connection issue|temporar(?:y|ily) unavailable|try again later|"
                        r"socket hang up|upstream|bad gateway|service unavailable|internal server error|"
-                       r"gateway timeout|connection reset|network (?:error|is unreachable)", re.IGNORECASE)
+                       r"gateway timeout|connection reset|network (?:error|is unreachable)")
 _SERVER_DOWN = re.compile(r"connection closed|not connected|broken pipe|server (?:exited|has exited|disconnected)|"
-                          r"process exited|transport closed|spawn \S+ ENOENT|cannot find module|"
-                          r"failed to start", re.IGNORECASE)
-_TIMEOUT = re.compile(r"timed out|time-?out|deadline (?:has )?(?:elapsed|exceeded)|took more than .{0,40}abort",
-                      re.IGNORECASE)
+                          r"process exited|transport closed|spawn \S+ enoent|cannot find module|"
+                          r"failed to start")
+_TIMEOUT = re.compile(r"timed out|time-?out|deadline (?:has )?(?:elapsed|exceeded)|took more than .{0,40}abort")
 # A launch failure: Python's "[Errno 2] No such file or directory: 'cmd'" naming a bare
 # command (no slash), Node's "spawn cmd ENOENT", or Node's "Cannot find module" (the
 # server's script is missing).
@@ -154,8 +155,9 @@ def message_kind(message: str, label: str | None = None, codes: dict[str, Any] |
     :func:`message_codes` of the message when the caller has them."""
     text = message or ""
     codes = codes if codes is not None else message_codes(text)
+    low = text.lower()  # what the phrase rules read
     errno, status, rpc = set(codes["errno"]), set(codes["http_status"]), set(codes["jsonrpc"])
-    if 429 in status or _RATE.search(text):
+    if 429 in status or _RATE.search(low):
         return "rate_limited", "HTTP 429" if 429 in status else "rate-limit phrase"
     if _MISSING_COMMAND.search(text):
         return "server_down", "the server's command was not found"
@@ -164,29 +166,29 @@ def message_kind(message: str, label: str | None = None, codes: dict[str, Any] |
     if status & {401, 403} or errno & {"EACCES", "EPERM", "EROFS"}:
         return "permission", ", ".join([*(f"HTTP {s}" for s in sorted(status & {401, 403})),
                                         *sorted(errno & {"EACCES", "EPERM", "EROFS"})])
-    if _CREDENTIALS.search(text):
+    if _CREDENTIALS.search(low):
         return "permission", "credential phrase"
     if errno & {"EISDIR", "ENOTDIR", "EEXIST", "EINVAL"} or status & {400, 409, 422}:
         return "invalid_arguments", ", ".join([*sorted(errno & {"EISDIR", "ENOTDIR", "EEXIST", "EINVAL"}),
                                                *(f"HTTP {s}" for s in sorted(status & {400, 409, 422}))])
-    if _INVALID.search(text):  # before the permission phrases: "property x is not allowed" is a schema error
+    if _INVALID.search(low):  # before the permission phrases: "property x is not allowed" is a schema error
         return "invalid_arguments", "validation phrase"
-    if _PERMISSION.search(text):
+    if _PERMISSION.search(low):
         return "permission", "permission phrase"
     if "ENOENT" in errno or 404 in status:
         return "missing_resource", "ENOENT" if "ENOENT" in errno else "HTTP 404"
-    if _MISSING.search(text):
+    if _MISSING.search(low):
         return "missing_resource", "not-found phrase"
     if any(500 <= s < 600 for s in status) or 408 in status or errno & {"ECONNREFUSED", "ECONNRESET", "EHOSTUNREACH",
                                                                           "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN"}:
         found = [f"HTTP {s}" for s in sorted(status) if s >= 500 or s == 408]
         found += sorted(errno & {"ECONNREFUSED", "ECONNRESET", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN"})
         return "transient_upstream", ", ".join(found)
-    if _UPSTREAM.search(text):
+    if _UPSTREAM.search(low):
         return "transient_upstream", "upstream phrase"
-    if _SERVER_DOWN.search(text) or "EPIPE" in errno:
+    if _SERVER_DOWN.search(low) or "EPIPE" in errno:
         return "server_down", "connection to the server closed"
-    if _TIMEOUT.search(text) or "ETIMEDOUT" in errno or -32001 in rpc:
+    if _TIMEOUT.search(low) or "ETIMEDOUT" in errno or -32001 in rpc:
         return "slow_tail", "timed out (slow tail unless the history shows a hang)"
     if label in LABEL_KINDS:
         return LABEL_KINDS[label], f"runtime label {label} (the message says nothing more)"
