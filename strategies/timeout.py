@@ -40,7 +40,7 @@ class TimeoutStrategy(ModeledStrategy):
         configured = history.tool_setting(tool, "timeout_ms")
         limit = configured if isinstance(configured, int) and not isinstance(configured, bool) and configured > 0 \
             else None
-        sample = sample_from_calls(history.tool_calls(tool), limit)  # the window's one shared scan
+        sample = sample_from_calls(history.tool_calls(tool), limit)  # the window's calls, read once for all strategies
         timed_out = list(sample.censored)
         old_limit = limit if limit is not None else (
             int(round(statistics.median(timed_out), -3)) if timed_out else None)

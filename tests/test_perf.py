@@ -15,7 +15,9 @@ import pytest
 
 from selfheal_plugin.analysis import evidence as E
 from selfheal_plugin.analysis import patterns as P
+from selfheal_plugin.history import errorindex
 from selfheal_plugin.history.connection import SELFHEAL_SCHEMA, connect
+from selfheal_plugin.history.errorindex import args_key
 
 from .evidence_data import NOW, Call, Run, spread, write_history
 
@@ -311,10 +313,60 @@ def test_the_calls_scan_keeps_the_latest_calls_and_the_failed_calls_arguments(tm
     monkeypatch.setattr(E, "MAX_CALLS", 5)
     bounded = E.tool_calls(conn, firsts)
     for tool in firsts:
-        calls, args = everything[tool]
+        calls, keys, texts = everything[tool]
         assert len(calls) > 5 and bounded[tool][0] == calls[-5:]
-        assert set(args) == {c.event_id for c in calls if not c.ok} == set(bounded[tool][1])
-        assert all(args[c.event_id] == c.args_key for c in calls if not c.ok)
+        assert set(keys) == {c.event_id for c in calls if not c.ok} == set(bounded[tool][1]) == set(texts)
+        assert all(keys[c.event_id] == c.args_key == args_key(texts[c.event_id]) for c in calls if not c.ok)
+        assert all(json.loads(t) in ({"path": str(tmp_path / "missing" / f"notes-{i}.md")} for i in range(4))
+                   or "query" in json.loads(t) for t in texts.values())
+
+
+def test_the_calls_index_is_the_same_ingested_at_once_or_in_pieces(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call takes the latest tool_start of its run and tool at most START_LOOKBACK_IDS
+    ids before it, each start once: the same calls however the history was cut into scans."""
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    conn = connect(db)
+    t = (NOW - timedelta(hours=2)).isoformat()
+
+    def event(run: str, etype: str, name: Any, **data: Any) -> tuple[str, int, str, str, str]:
+        return (run, 0, etype, json.dumps({"type": etype, "name": name, **data}), t)
+    extra = [event("A", "tool_start", FS, arguments={"path": "/a"}),
+             event("B", "tool_start", FS, arguments={"path": "/b"}),
+             event("B", "tool_complete", FS, is_error=False, duration=5),
+             event("A", "tool_complete", FS, is_error=True, result="ENOENT a", error_type="connection_refused"),
+             event("A", "tool_complete", FS, is_error=False, duration=7),  # its start was taken by the one before
+             event("C", "tool_start", SEARCH, arguments={"query": "far"}),
+             *[event("D", "tool_start", LIST, arguments={"path": f"/d{i}"}) for i in range(4)],
+             event("C", "tool_complete", SEARCH, is_error=False, duration=9),  # 5 ids after its start
+             ("E", 0, "tool_complete", "{not json", t)]
+    conn.executemany("INSERT INTO runs VALUES (?, 'files', 'task', 'completed', 'm', ?, ?, 1, NULL, NULL, NULL)",
+                     [(run, t, t) for run in "ABCDE"])
+    conn.executemany("INSERT INTO run_events(run_id, step_index, event_type, event_data, timestamp) VALUES (?,?,?,?,?)",
+                     extra)
+    conn.commit()
+    conn.close()
+    monkeypatch.setattr(errorindex, "START_LOOKBACK_IDS", 4)
+    tables = {}
+    for chunk in (1_000_000, 3, 1):
+        copy = tmp_path / f"copy-{chunk}.db"
+        copy.write_bytes(db.read_bytes())
+        monkeypatch.setattr(errorindex, "CHUNK_IDS", chunk)
+        c = connect(copy)
+        errorindex.refresh(c)
+        tables[chunk] = [[tuple(r) for r in c.execute(f"SELECT * FROM {name} ORDER BY 1, 2")]
+                         for name in ("selfheal_calls", "selfheal_tool_hours", "selfheal_errors")]
+        tables[chunk].append(tuple(c.execute("SELECT value FROM selfheal_state WHERE key = 'bad_rows'").fetchone()))
+        c.close()
+    assert tables[1_000_000] == tables[3] == tables[1]
+    calls = {r[0]: r for r in tables[1][0]}
+    last = max(calls)
+    a_fail, a_ok, c_far = calls[last - 7], calls[last - 6], calls[last]
+    assert (a_fail[4], a_fail[6], a_fail[7], a_fail[8]) == (0, "connection_refused", args_key('{"path":"/a"}'),
+                                                             '{"path":"/a"}')
+    assert calls[last - 8][7] == args_key('{"path":"/b"}') and calls[last - 8][8] is None  # a success keeps no text
+    assert a_ok[7] is None and c_far[7] is None and c_far[5] == 9
+    assert tables[1][3] == ("1",)  # the row that is not JSON
 
 
 @pytest.mark.parametrize("most", [1, 3, 500])

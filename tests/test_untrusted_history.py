@@ -134,10 +134,12 @@ def test_a_result_nested_deeper_than_python_parses_is_still_a_failure(history):
         conn.close()
 
 
-def test_the_evidence_scan_reads_past_invalid_utf8_in_a_calls_arguments(history):
-    """The tools' calls are read with sqlite3's strict C decoder; a row with invalid UTF-8 (in
-    a call's arguments, here) switches the rest of the scan to the lenient one."""
+def test_the_calls_scan_reads_past_invalid_utf8_in_a_calls_arguments(history):
+    """The index reads the tools' calls with sqlite3's strict C decoder; a row with invalid
+    UTF-8 (in a call's arguments, here) switches the rest of the scan to the lenient one, and
+    the evidence reads what it stored."""
     from selfheal_plugin.analysis.evidence import tool_calls
+    from selfheal_plugin.history.errorindex import args_key, refresh
 
     bad_run = add_event(history, json.dumps({"type": "tool_start", "name": "mcp__x__y", "arguments": {"path": "@@"}})
                         .encode().replace(b"@@", b"/tmp/\xff"), event_type="tool_start")
@@ -147,13 +149,15 @@ def test_the_evidence_scan_reads_past_invalid_utf8_in_a_calls_arguments(history)
     add_event(history, json.dumps(failed_call()), run_id=good_run)
     conn = connect(history)
     try:
-        calls, failed_args = tool_calls(conn, {"mcp__x__y": 1})["mcp__x__y"]
+        refresh(conn)
+        calls, keys, texts = tool_calls(conn, {"mcp__x__y": 1})["mcp__x__y"]
     finally:
         conn.close()
     mine = [c for c in calls if c.run_id in (bad_run, good_run)]
     assert [c.run_id for c in mine] == [bad_run, good_run] and not any(c.ok for c in mine)
-    assert "\ufffd" in mine[0].args_key and json.loads(mine[1].args_key) == {"path": "/a"}
-    assert sorted(failed_args[c.event_id] for c in mine) == sorted(c.args_key for c in mine)
+    bad, good = (texts[c.event_id] for c in mine)
+    assert "\ufffd" in bad and json.loads(good) == {"path": "/a"}
+    assert [keys[c.event_id] for c in mine] == [c.args_key for c in mine] == [args_key(bad), args_key(good)]
 
 
 def test_bad_rows_cost_no_traceback_in_the_commands(history):

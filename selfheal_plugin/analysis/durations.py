@@ -8,8 +8,7 @@ the same fitted parameters and name the same model:
 Data (:func:`load_tool_calls`, then :func:`sample_from_calls`): a tool's finished calls
 (``tool_complete`` events) whose timestamp is in the window, exactly the calls
 :meth:`HistoryWindow.tool_calls <selfheal_plugin.plugins.strategy.HistoryWindow.tool_calls>`
-gives, but read for one tool (the simulation would otherwise scan every call of every
-tool: ~2× the time of a ``test`` on a 1M-event history). A successful call
+gives, but read for one tool from the error index's ``selfheal_calls``. A successful call
 with a duration is *observed*; a call that failed with error type ``timeout`` is *right-
 censored* at the duration it was cut off at (it would have taken at least that long), or
 at the configured limit when it has no duration. Other failures say nothing about how long
@@ -39,16 +38,15 @@ commands never fit a duration.
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, ClassVar
 
-from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.history.connection import last_event_id, scan_id_range
+from selfheal_plugin.history.errorindex import refresh
 from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.plugins.strategy import ToolCall
 
@@ -68,38 +66,18 @@ class DurationSample:
     censored: tuple[float, ...]
 
 
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.:@-]+")
-
-
 def load_tool_calls(conn: sqlite3.Connection, tool: str, since: datetime,
                     until: datetime | None = None) -> list[ToolCall]:
     """Every finished call of ``tool`` with its event timestamp in [since, until), oldest
-    first: what ``HistoryWindow(conn, since, until).tool_calls(tool)`` returns.
-
-    A name that JSON writes verbatim is looked for in the raw text first, which spares
-    the JSON parse of the other tools' rows; any other name is compared after parsing."""
+    first: what ``HistoryWindow(conn, since, until).tool_calls(tool)`` returns, read for one
+    tool from the index's ``selfheal_calls`` (brought up to date first)."""
+    refresh(conn)
     lo = since.timestamp() / 86400 + 2440587.5
     hi = until.timestamp() / 86400 + 2440587.5 if until else 1e12
-    params: list[Any] = [lo, hi]
-    prefilter = ""
-    if _PLAIN_NAME.fullmatch(tool) and json.dumps(tool) == f'"{tool}"':
-        prefilter = " AND instr(event_data, ?) > 0"
-        params.append(tool)
-    sql = f"""
-    SELECT id, run_id, (julianday(timestamp) - 2440587.5) * 86400.0 AS ts,
-           json_extract(event_data, '$.name'), json_extract(event_data, '$.is_error'),
-           json_extract(event_data, '$.duration'), json_extract(event_data, '$.error_type')
-    FROM run_events
-    WHERE event_type = 'tool_complete' AND julianday(timestamp) >= ? AND julianday(timestamp) < ?{prefilter}
-      AND json_valid(event_data)
-    """
-    out = []
-    for eid, run_id, ts, name, is_error, duration, etype in conn.execute(sql, params):
-        if name != tool:
-            continue
-        ok = is_error != 1
-        dur = int(duration) if isinstance(duration, (int, float)) and duration >= 0 else None
-        out.append(ToolCall(eid, run_id, ts, ok, dur, None if ok else normalize_error_type(etype)))
+    sql = ("SELECT event_id, run_id, (jd - 2440587.5) * 86400.0, ok, duration, error_type FROM selfheal_calls "
+           "WHERE event_id > ? AND event_id <= ? AND tool_name = ? AND jd >= ? AND jd < ? ORDER BY event_id")
+    out = [ToolCall(eid, run_id, ts, bool(ok), None if duration is None else int(duration), etype)
+           for eid, run_id, ts, ok, duration, etype in scan_id_range(conn, sql, 0, last_event_id(conn), tool, lo, hi)]
     out.sort(key=lambda c: (c.ts, c.event_id))
     return out
 

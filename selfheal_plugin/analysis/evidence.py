@@ -41,7 +41,7 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Optional
 
 from selfheal_plugin.history.connection import last_event_id, scan_id_range, server_of
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
@@ -49,7 +49,6 @@ from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 KINDS = FAILURE_KINDS
 MAX_OCCURRENCES = 500  # the most recent occurrences read for arguments
 MAX_CALLS = 5_000  # the most recent calls of the tool read for determinism
-START_LOOKBACK_IDS = 10_000  # how far before a pattern's first failure its tool_start may be
 STREAK_SECONDS = 60.0
 STREAK_SHARE = 0.5
 HANG_SHARE = 0.5  # a success at least this share of the cut-off duration makes the timeouts a slow tail
@@ -256,7 +255,7 @@ def _path_exists(value: str) -> bool | None:
 # ---------------------------------------------------------------- history reads
 
 
-@dataclass
+@dataclass(slots=True)  # one per call read: no per-instance __dict__
 class _Call:
     event_id: int
     run_id: str
@@ -266,53 +265,38 @@ class _Call:
     args_key: str | None
 
 
-def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, tuple[list[_Call], dict[int, Any]]]:
+Calls = tuple[list[_Call], dict[int, Optional[str]], dict[int, str]]
+
+
+def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, Calls]:
     """For each tool in ``firsts`` (tool → the ``run_events`` id of its pattern's first
     failure): its calls from that id on (the most recent :data:`MAX_CALLS`), oldest first,
-    and each failed ``tool_complete`` id's call arguments (JSON text). Memory stays bounded
-    by :data:`MAX_CALLS` calls per tool and the failed calls, whatever the history's size.
+    and for each failed call (``tool_complete`` id) the key of its arguments and, when
+    kept, their JSON text. Memory stays bounded by :data:`MAX_CALLS` calls per tool and the
+    failed calls, whatever the history's size.
 
-    One range scan on the primary key for all the tools, keeping the rows whose JSON
-    ``name`` is one of them; SQLite's JSON functions read the fields of those rows (the
-    arguments of a ``tool_start``, the outcome and duration of a ``tool_complete``; the
-    arguments stay JSON text, compared as such), and each call is paired with the run's
-    latest ``tool_start`` of the tool before it (at most :data:`START_LOOKBACK_IDS` ids before
-    the tool's id in ``firsts``, whichever other tools are read in the same scan). (One name test per row: a substring
-    prefilter per tool cost four times as much with 40 tools.) Text is decoded by sqlite3's C
-    decoder unless a row holds invalid UTF-8 (:func:`scan_id_range`)."""
-    if not firsts:
-        return {}
-    recent_calls: dict[str, deque[_Call]] = {t: deque(maxlen=MAX_CALLS) for t in firsts}
-    failed_args: dict[str, dict[int, Any]] = {t: {} for t in firsts}
-    names = list(firsts)
-    sql = f"""
-    SELECT id, run_id, event_type, json_extract(event_data, '$.name'),
-           CASE WHEN event_type = 'tool_start' THEN json_extract(event_data, '$.arguments') END,
-           CASE WHEN event_type = 'tool_complete' THEN json_extract(event_data, '$.is_error') END,
-           CASE WHEN event_type = 'tool_complete' THEN json_extract(event_data, '$.duration') END,
-           (julianday(timestamp) - 2440587.5) * 86400.0
-    FROM run_events
-    WHERE id > ? AND id <= ? AND event_type IN ('tool_start', 'tool_complete')
-      AND CASE WHEN json_valid(event_data) THEN json_extract(event_data, '$.name') END
-          IN ({','.join('?' * len(names))})
-    ORDER BY id"""
-    started: dict[tuple[str, str], str | None] = {}
-    start, end = min(firsts.values()) - START_LOOKBACK_IDS, last_event_id(conn)
-    for eid, run_id, etype, name, args, is_error, duration, ts in scan_id_range(conn, sql, start - 1, end, *names):
-        if name not in recent_calls:
-            continue
-        if etype == "tool_start":
-            if eid >= firsts[name] - START_LOOKBACK_IDS:  # each tool's own lookback: its calls depend on no other tool
-                started[(run_id, name)] = args if isinstance(args, str) else None
-            continue
-        if ts is None or eid < firsts[name]:
-            continue
-        text = started.pop((run_id, name), None)
-        if is_error == 1:  # an occurrence's arguments (the evidence reads no other call's by id)
-            failed_args[name][eid] = text
-        dur = float(duration) if isinstance(duration, (int, float)) and duration >= 0 else None
-        recent_calls[name].append(_Call(eid, run_id, float(ts), is_error != 1, dur, text))
-    return {t: (list(recent_calls[t]), failed_args[t]) for t in firsts}
+    Read from the index's ``selfheal_calls`` (brought up to date by the caller, see
+    :mod:`selfheal_plugin.history.errorindex`, which also says how a call is paired with its
+    ``tool_start``): one range read per tool on (tool, id). Arguments are compared by their
+    key, a hash of their JSON text. Text is decoded by sqlite3's C decoder unless a row
+    holds invalid UTF-8 (:func:`scan_id_range`)."""
+    out: dict[str, Calls] = {}
+    end = last_event_id(conn)
+    sql = ("SELECT event_id, run_id, (jd - 2440587.5) * 86400.0, ok, duration, args_key, "
+           "CASE WHEN ok = 0 THEN arguments END FROM selfheal_calls "
+           "WHERE event_id > ? AND event_id <= ? AND tool_name = ? ORDER BY event_id")
+    for tool, first in firsts.items():
+        recent_calls: deque[_Call] = deque(maxlen=MAX_CALLS)
+        keys: dict[int, str | None] = {}
+        texts: dict[int, str] = {}
+        for eid, run_id, ts, ok, duration, key, text in scan_id_range(conn, sql, first - 1, end, tool):
+            if not ok:
+                keys[eid] = key
+                if text is not None:
+                    texts[eid] = text
+            recent_calls.append(_Call(eid, run_id, ts, bool(ok), None if duration is None else float(duration), key))
+        out[tool] = (list(recent_calls), keys, texts)
+    return out
 
 
 def _parsed(text: Any) -> Any:
@@ -392,7 +376,7 @@ def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, A
         if nxt_in_run is not None:
             follow += 1
             follow_ok += nxt_in_run.ok
-        key = args.get(o["event_id"])  # the arguments' JSON text, as the calls' args_key
+        key = args.get(o["event_id"])  # the key of the arguments, as the calls' args_key
         if key is None:
             continue
         nxt = next_after(by_key, key, o["event_id"])
@@ -466,14 +450,14 @@ def _kind_and_codes(message: str, label: str | None) -> tuple[tuple[str, str], d
 
 def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurrences: list[dict[str, Any]],
            *, check_paths: bool = True,
-           calls: tuple[list[_Call], dict[int, Any]] | None = None,
+           calls: Calls | None = None,
            server: ServerErrors | None = None, index: CallIndex | None = None) -> dict[str, Any]:
     """The evidence for one pattern (JSON data) with its ``kind``; see the module docstring.
 
     ``occurrences`` are the pattern's ``occurrences_detail`` (event_id, run_id, ts, message,
     template, duration_ms); the most recent :data:`MAX_OCCURRENCES` are read for arguments.
     ``calls`` is what :func:`tool_calls` returned for the tool (detect reads all patterns'
-    tools in one scan); read here when not given; ``server`` likewise the failed calls of
+    tools at once); read here when not given; ``server`` likewise the failed calls of
     the tool's server (:func:`server_errors`), ``index`` :func:`call_index` of ``calls``."""
     return gather_with_paths(conn, tool, error_type, occurrences, check_paths=check_paths, calls=calls,
                              server=server, index=index)[0]
@@ -481,7 +465,7 @@ def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurren
 
 def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | None,
                       occurrences: list[dict[str, Any]], *, check_paths: bool = True,
-                      calls: tuple[list[_Call], dict[int, Any]] | None = None,
+                      calls: Calls | None = None,
                       server: ServerErrors | None = None,
                       index: CallIndex | None = None,
                       kinds: dict[int, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -494,7 +478,7 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
         return {"kind": "unknown", "reasons": ["no occurrences"]}, []
     if calls is None:
         calls = tool_calls(conn, {tool: min(o["event_id"] for o in occ)})[tool]
-    calls, args = calls
+    calls, args, texts = calls
     votes: Counter = Counter()
     reasons: Counter = Counter()
     errno: Counter = Counter()
@@ -524,7 +508,7 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
         t = templates.setdefault(o["template"], {"template": o["template"], "count": 0, "kind": kind,
                                                  "example": o["message"][:300]})
         t["count"] += 1
-        arg = named_argument(o["message"], _parsed(args.get(o["event_id"]))) or message_path(o["message"])
+        arg = named_argument(o["message"], _parsed(texts.get(o["event_id"]))) or message_path(o["message"])
         if arg:
             named[arg["type"]] += 1
             if arg["type"] == "path":

@@ -147,6 +147,7 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
             log.debug("kinds not reset: %s", exc)
         return {}
     out: dict[int, Any] = {}
+    read: dict[Any, Any] = {}  # codes text -> its parsed codes, None when unusable (most messages have none)
     ids = sorted(labels)
     for i in range(0, len(ids), 500):
         part = ids[i:i + 500]
@@ -154,12 +155,14 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
                 f"SELECT event_id, label, kind, reason, codes FROM selfheal_error_kinds "
                 f"WHERE event_id IN ({','.join('?' * len(part))})", part):
             if label == labels[eid] and kind in _evidence.KINDS and isinstance(reason, str):
-                try:
-                    parsed = json.loads(codes)
-                except (ValueError, TypeError):
-                    continue
-                if _usable_codes(parsed):
-                    out[eid] = ((kind, reason), parsed)
+                if codes not in read:
+                    try:
+                        parsed = json.loads(codes)
+                    except (ValueError, TypeError):
+                        parsed = None
+                    read[codes] = parsed if _usable_codes(parsed) else None
+                if read[codes] is not None:  # shared by the rows of the same codes: read, never changed
+                    out[eid] = ((kind, reason), read[codes])
     return out
 
 

@@ -438,7 +438,7 @@ def attach_evidence(conn: sqlite3.Connection, pattern: Pattern) -> Pattern:
 
 def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
                         keys: dict[str, tuple[int, list[int]]] | None = None) -> None:
-    """:func:`attach_evidence` for several patterns, their tools' calls read in one scan.
+    """:func:`attach_evidence` for several patterns, their tools' calls read once.
 
     ``keys`` (pattern id → the id of the oldest occurrence the evidence reads, and a key of
     its occurrences in the window) lets a pattern's stored evidence stand in for reading it

@@ -151,6 +151,18 @@ CREATE TABLE IF NOT EXISTS selfheal_tool_hours (
     calls INTEGER NOT NULL,
     PRIMARY KEY (tool_name, hour)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS selfheal_calls (  -- every well-formed tool call (history.errorindex)
+    event_id INTEGER PRIMARY KEY,  -- its tool_complete
+    tool_name TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    jd REAL NOT NULL,  -- julianday() of its timestamp
+    ok INTEGER NOT NULL,
+    duration,  -- the JSON duration when a number >= 0, as written (integer or real)
+    error_type TEXT,  -- normalised, failed calls only
+    args_key TEXT,  -- a hash of its tool_start's arguments (JSON text), NULL when none was found
+    arguments TEXT  -- failed calls only: that JSON text, when at most MAX_ARGUMENT_CHARS
+);
+CREATE INDEX IF NOT EXISTS idx_selfheal_calls_tool ON selfheal_calls(tool_name, event_id);
 CREATE TABLE IF NOT EXISTS selfheal_rules (  -- fix rules (history.rules)
     id TEXT PRIMARY KEY,
     failure_kind TEXT NOT NULL,

@@ -7,9 +7,18 @@ for long, and stores
 
 * one row per failed call in ``selfheal_errors`` (normalised type, message template,
   argument keys of the matching ``tool_start``, instant as epoch seconds), and
+* one row per call in ``selfheal_calls`` (tool, run, instant, outcome, duration, a hash of
+  the arguments of its ``tool_start``, and the arguments themselves for a failed call): what
+  the evidence of a pattern, the strategies' :class:`~selfheal_plugin.plugins.strategy.HistoryWindow`
+  and the duration model read, so that none of them parses the history's JSON again, and
 * per tool and hour, the number of calls in ``selfheal_tool_hours``, and
 * per tool, the number of failed calls and the latest one's id in ``selfheal_tool_errors``
   (what a stored evidence of a pattern depends on, see analysis/evidencecache.py).
+
+A call is paired with the latest ``tool_start`` of its run and tool before it, at most
+:data:`START_LOOKBACK_IDS` ids before it and not paired with an earlier call: a rule of the
+two rows alone, so the index is the same whether the history was ingested at once or in
+pieces (each piece's scan starts that many ids early, for the starts alone).
 
 A warm command then reads only the window it needs from small, indexed tables.
 Malformed ``tool_complete`` rows are counted once in ``selfheal_state`` and skipped:
@@ -20,29 +29,33 @@ readers of ``run_events`` share). Stored messages are cut to :data:`MAX_MESSAGE_
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import re
 import sqlite3
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from selfheal_plugin.history.connection import (SELFHEAL_SCHEMA, get_state, last_event_id, normalize_error_type,
-                                                 set_state, write_transaction)
+                                                 scan_id_range, set_state, write_transaction)
 from selfheal_plugin.history.text import Undecodable, bounded, decode_text
 from selfheal_plugin.history.times import to_epoch
 
 log = logging.getLogger("selfheal.errorindex")
 
 CHUNK_IDS = 200_000
-INDEX_VERSION = "6"
+INDEX_VERSION = "7"
 
 # Bounds past which a row is not a tool call but damage (counted and skipped everywhere).
 MAX_EVENT_BYTES = 8 << 20  # 8 MiB of event JSON: past what a tool call returns (a file read of a few MB is fine)
 MAX_DURATION_MS = 30 * 86_400_000  # a tool call of more than 30 days
 MAX_MESSAGE_CHARS = 4000  # what we keep of a failure's message (templates keep 500)
+MAX_ARGUMENT_CHARS = 65_536  # a failed call's arguments kept for the evidence (longer: only their hash)
+START_LOOKBACK_IDS = 10_000  # how far before its tool_complete a call's tool_start may be
 
 
 def wellformed_sql(col: str) -> str:
@@ -123,16 +136,64 @@ WHERE e.id > ? AND e.id <= ?
 ORDER BY e.id
 """
 
-# Calls per tool and hour in an id range. A NULL tool (malformed row or no name) or a NULL
-# hour (unparsable timestamp) is a malformed row: counted, never indexed.
-_HOURS_SQL = f"""
-SELECT CASE WHEN {wellformed_sql('event_data')} THEN json_extract(event_data, '$.name') END AS tool,
-       {_HOUR.format(t='timestamp')} AS hour,
-       count(*)
-FROM run_events
-WHERE id > ? AND id <= ? AND event_type = 'tool_complete'
-GROUP BY tool, hour
+# Tool calls in an id range, with the tool_starts they are paired with. The fields of a row
+# are read only when its JSON is (the size test first, so an oversized row is never parsed);
+# the rest of wellformed_sql's rule (a sane duration) and the hour are applied in Python, from
+# the same values (one JSON parse and one julianday() a row fewer).
+_CALLS_SQL = f"""
+SELECT id, run_id, event_type,
+  CASE WHEN good THEN json_extract(event_data, '$.name') END,
+  julianday(timestamp),
+  CASE WHEN good AND event_type = 'tool_start' THEN json_extract(event_data, '$.arguments') END,
+  CASE WHEN good AND event_type = 'tool_complete' THEN json_extract(event_data, '$.is_error') END,
+  CASE WHEN good THEN json_extract(event_data, '$.duration') END,
+  CASE WHEN good AND event_type = 'tool_complete' AND json_extract(event_data, '$.is_error') = 1
+       THEN json_extract(event_data, '$.error_type') END
+FROM (SELECT id, run_id, event_type, event_data, timestamp,
+             CASE WHEN length(CAST(event_data AS BLOB)) > {MAX_EVENT_BYTES} THEN 0 ELSE json_valid(event_data) END AS good
+      FROM run_events WHERE id > ? AND id <= ? AND event_type IN ('tool_start', 'tool_complete'))
+ORDER BY id
 """
+
+
+def args_key(arguments: str) -> str:
+    """The hash ``selfheal_calls.args_key`` of a call's arguments (their JSON text)."""
+    return hashlib.blake2b(arguments.encode("utf-8", "replace"), digest_size=16).hexdigest()
+
+
+def _read_calls(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[dict[tuple[str, int], int], int, list[tuple]]:
+    """The calls in ids (lo, hi]: per (tool, hour) counts, the number of malformed
+    ``tool_complete`` rows, and ``selfheal_calls`` rows. The scan starts
+    :data:`START_LOOKBACK_IDS` early, for the starts (and the calls that took them) alone."""
+    counted: Counter = Counter()
+    n_bad = 0
+    rows: list[tuple] = []
+    started: dict[tuple[Any, str], tuple[int, str | None]] = {}
+    for (eid, run_id, etype, tool, jd, args, is_error, duration, raw_type) in scan_id_range(
+            conn, _CALLS_SQL, max(0, lo - START_LOOKBACK_IDS), hi):
+        if not sane_duration(duration):  # as wellformed_sql: the row is damage
+            tool = None
+        named = isinstance(tool, str) and bool(tool)
+        if etype == "tool_start":
+            if named:
+                started[(run_id, tool)] = (eid, args if isinstance(args, str) else None)
+            continue
+        start = started.pop((run_id, tool), None) if named else None
+        if eid <= lo:
+            continue
+        hour = None if jd is None else int((jd - 2440587.5) * 24)  # as _HOUR
+        if not _countable(tool, hour):
+            n_bad += 1
+            continue
+        counted[(tool, hour)] += 1
+        text = start[1] if start is not None and eid - start[0] <= START_LOOKBACK_IDS else None
+        ok = is_error != 1
+        rows.append((eid, tool, run_id, jd, int(ok),
+                     duration if isinstance(duration, (int, float)) and duration >= 0 else None,
+                     None if ok else normalize_error_type(raw_type if isinstance(raw_type, str) else None),
+                     None if text is None else args_key(text),
+                     text if not ok and text is not None and len(text) <= MAX_ARGUMENT_CHARS else None))
+    return counted, n_bad, rows
 
 
 def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | None = None) -> RefreshResult:
@@ -143,6 +204,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
         with write_transaction(conn):  # an index written by another version: rebuild it
             conn.execute("DROP TABLE IF EXISTS selfheal_errors")
             conn.execute("DROP TABLE IF EXISTS selfheal_tool_hours")
+            conn.execute("DROP TABLE IF EXISTS selfheal_calls")
             conn.execute("DROP TABLE IF EXISTS selfheal_tool_errors")
             conn.execute("DROP TABLE IF EXISTS selfheal_evidence")
             conn.execute("DROP TABLE IF EXISTS selfheal_signatures")
@@ -159,6 +221,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
         with write_transaction(conn):
             conn.execute("DELETE FROM selfheal_errors")
             conn.execute("DELETE FROM selfheal_tool_hours")
+            conn.execute("DELETE FROM selfheal_calls")
             conn.execute("DELETE FROM selfheal_tool_errors")
             conn.execute("DELETE FROM selfheal_evidence")
             conn.execute("DELETE FROM selfheal_signatures")
@@ -169,8 +232,9 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     start, scanned, new_errors, new_bad = mark, 0, 0, 0
     if mark >= top:
         return RefreshResult(0, 0, 0, int(get_state(conn, "bad_rows", "0")))
-    # The hour counts are read on a second connection in a worker thread while this one
-    # reads the failed calls: SQLite releases the GIL, so the two scans share the wall time.
+    # The calls (and the hour counts) are read on a second connection in a worker thread
+    # while this one reads the failed calls: SQLite releases the GIL, so the two scans share
+    # the wall time.
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     busy_s = conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
     side = sqlite3.connect(path, check_same_thread=False, timeout=busy_s)
@@ -179,20 +243,18 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     try:
         while mark < top:
             hi = min(mark + CHUNK_IDS, top)
-            counting = pool.submit(lambda lo=mark, hi=hi: side.execute(_HOURS_SQL, (lo, hi)).fetchall())
+            counting = pool.submit(_read_calls, side, mark, hi)
             errors, unreadable = _read_errors(conn, mark, hi)
-            counted: dict[tuple[str, int], int] = {}
-            n_bad = 0
-            for tool, hour, calls in counting.result():
-                if _countable(tool, hour):
-                    counted[(tool, hour)] = calls
-                else:
-                    n_bad += calls
-            for key in unreadable:  # counted as calls above, malformed on a closer look
-                if counted.get(key, 0) > 0:
-                    counted[key] -= 1
+            counted, n_bad, calls = counting.result()
+            dropped = set()
+            for event_id, tool, hour in unreadable:  # counted as calls above, malformed on a closer look
+                if counted.get((tool, hour), 0) > 0:
+                    counted[(tool, hour)] -= 1
                     n_bad += 1
-            hours = [(tool, hour, calls) for (tool, hour), calls in counted.items() if calls > 0]
+                    dropped.add(event_id)
+            if dropped:
+                calls = [c for c in calls if c[0] not in dropped]
+            hours = [(tool, hour, n) for (tool, hour), n in counted.items() if n > 0]
             with write_transaction(conn):
                 current = int(get_state(conn, "errors_watermark", "0"))
                 if current != mark:  # another process ingested rows meanwhile: go on from there
@@ -200,6 +262,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
                     continue
                 conn.executemany(
                     "INSERT OR IGNORE INTO selfheal_errors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", errors)
+                conn.executemany("INSERT OR IGNORE INTO selfheal_calls VALUES (?,?,?,?,?,?,?,?,?)", calls)
                 conn.executemany(
                     "INSERT INTO selfheal_tool_hours VALUES (?,?,?) ON CONFLICT(tool_name, hour) DO UPDATE SET "
                     "calls = calls + excluded.calls", hours)
@@ -228,12 +291,12 @@ def _countable(tool: object, hour: object) -> bool:
     return isinstance(tool, str) and not isinstance(tool, Undecodable) and bool(tool) and isinstance(hour, int)
 
 
-def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple], list[tuple[str, int]]]:
-    """Failed calls as ``selfheal_errors`` rows, and the (tool, hour) of the ones found
+def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple], list[tuple[int, str, int]]]:
+    """Failed calls as ``selfheal_errors`` rows, and the (event id, tool, hour) of the ones found
     malformed here although the hour counts took them for calls (invalid UTF-8 in the
     message, say). Rows the hour counts find malformed themselves are left to them."""
     rows: list[tuple] = []
-    unreadable: list[tuple[str, int]] = []
+    unreadable: list[tuple[int, str, int]] = []
     # The fields are taken apart by SQLite, as the other readers do (a result nested deeper
     # than Python's json parser goes is still a message); the event's whole text is read
     # only to refuse invalid UTF-8 in a failed call, the text we keep.
@@ -261,7 +324,7 @@ def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple
             duration = int(duration) if isinstance(duration, (int, float)) and not isinstance(duration, bool) else None
         except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
             if _countable(tool, hour):
-                unreadable.append((tool, hour))
+                unreadable.append((event_id, tool, hour))
             continue
         name = tool
         raw_type = raw_type if isinstance(raw_type, str) else None

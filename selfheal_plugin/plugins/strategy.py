@@ -72,11 +72,11 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from selfheal_plugin.errors import SelfHealError
-from selfheal_plugin.history.connection import normalize_error_type, server_of  # noqa: F401  (server_of: for strategies)
+from selfheal_plugin.history.connection import last_event_id, normalize_error_type, scan_id_range
+from selfheal_plugin.history.connection import server_of  # noqa: F401  (for strategies)
 from selfheal_plugin.history.settings import read_config
 from selfheal_plugin.history.times import utcnow
-from selfheal_plugin.history.errorindex import wellformed_sql
-from selfheal_plugin.history.text import Undecodable
+from selfheal_plugin.history.errorindex import refresh
 
 if TYPE_CHECKING:
     from selfheal_plugin.plugins.pattern import Pattern
@@ -363,8 +363,8 @@ class HistoryWindow:
 
     ``since`` and ``until`` are the window's start and end (aware datetimes; ``until`` is
     never None: it defaults to the moment the window is made). Reads are lazy and cached,
-    so several strategies proposing in one command scan the ``tool_complete`` rows of the
-    window once.
+    so several strategies proposing in one command read the window's calls once, from the
+    index of calls the history's ingest keeps (:mod:`selfheal_plugin.history.errorindex`).
     """
 
     conn: sqlite3.Connection
@@ -385,27 +385,18 @@ class HistoryWindow:
         return self._calls.get(tool_name, [])
 
     def _load_calls(self) -> dict[str, list[ToolCall]]:
+        # the index's calls (history.errorindex: malformed rows are skipped by its rules),
+        # brought up to date first
+        refresh(self.conn)
         lo = self.since.timestamp() / 86400 + 2440587.5
         hi = self.until.timestamp() / 86400 + 2440587.5
-        # malformed rows are skipped by the rules of the error index (errorindex.wellformed_sql)
-        sql = f"""
-        SELECT id, run_id, (julianday(timestamp) - 2440587.5) * 86400.0 AS ts,
-               json_extract(event_data, '$.name'), json_extract(event_data, '$.is_error'),
-               json_extract(event_data, '$.duration'), json_extract(event_data, '$.error_type'),
-               CASE WHEN json_extract(event_data, '$.is_error') = 1 THEN event_data END
-        FROM run_events
-        WHERE event_type = 'tool_complete' AND {wellformed_sql('event_data')}
-          AND julianday(timestamp) >= ? AND julianday(timestamp) < ?
-        """
+        sql = ("SELECT event_id, run_id, (jd - 2440587.5) * 86400.0, tool_name, ok, duration, error_type "
+               "FROM selfheal_calls WHERE event_id > ? AND event_id <= ? AND jd >= ? AND jd < ? ORDER BY event_id")
         out: dict[str, list[ToolCall]] = {}
-        for eid, run_id, ts, name, is_error, duration, etype, failed_text in self.conn.execute(sql, (lo, hi)):
-            if (not isinstance(name, str) or not name or isinstance(name, Undecodable)
-                    or isinstance(failed_text, Undecodable)):
-                continue
-            ok = is_error != 1
-            dur = int(duration) if isinstance(duration, (int, float)) and duration >= 0 else None
+        for eid, run_id, ts, name, ok, duration, etype in scan_id_range(self.conn, sql, 0, last_event_id(self.conn),
+                                                                         lo, hi):
             out.setdefault(name, []).append(
-                ToolCall(eid, run_id, ts, ok, dur, None if ok else normalize_error_type(etype)))
+                ToolCall(eid, run_id, ts, bool(ok), None if duration is None else int(duration), etype))
         for calls in out.values():
             calls.sort(key=lambda c: (c.ts, c.event_id))
         return out
