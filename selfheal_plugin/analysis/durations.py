@@ -241,25 +241,21 @@ def _mle(x: np.ndarray, c: np.ndarray) -> tuple[float, float]:
 
     n = len(x)
 
-    def parts(theta: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
-        mu, sigma = theta[0], math.exp(theta[1])
-        z, w = (x - mu) / sigma, (c - mu) / sigma
-        h = _hazard(w)
-        grad = np.array([-(z.sum() + h.sum()) / sigma, n - float(z @ z) - float(h @ w)])
-        return mu, grad, z, sigma
-
     def nll(theta: np.ndarray) -> float:
         mu, sigma = theta[0], math.exp(theta[1])
         z = (x - mu) / sigma
         return n * theta[1] + 0.5 * float(z @ z) - float(_log_sf((c - mu) / sigma).sum())
 
     def jac(theta: np.ndarray) -> np.ndarray:
-        return parts(theta)[1]
+        mu, sigma = theta[0], math.exp(theta[1])
+        z, w = (x - mu) / sigma, (c - mu) / sigma
+        h = _hazard(w)
+        return np.array([-(z.sum() + h.sum()) / sigma, n - float(z @ z) - float(h @ w)])
 
     def hess(theta: np.ndarray) -> np.ndarray:
-        mu, grad, _, sigma = parts(theta)
+        mu, sigma = theta[0], math.exp(theta[1])
         i = information(mu, sigma, x, c)  # -(Hessian of the log-likelihood) in (mu, sigma)
-        return np.array([[i[0, 0], sigma * i[0, 1]], [sigma * i[0, 1], sigma * sigma * i[1, 1] + grad[1]]])
+        return np.array([[i[0, 0], sigma * i[0, 1]], [sigma * i[0, 1], sigma * sigma * i[1, 1] + jac(theta)[1]]])
 
     start = np.array([float(x.mean()), math.log(float(x.std()))])
     res = minimize(nll, start, jac=jac, hess=hess, method="trust-exact", options={"gtol": 1e-8})

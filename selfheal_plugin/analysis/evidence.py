@@ -41,7 +41,7 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any
 
 from selfheal_plugin.history.connection import last_event_id, scan_id_range, server_of
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
@@ -265,7 +265,7 @@ class _Call:
     args_key: str | None
 
 
-Calls = tuple[list[_Call], dict[int, Optional[str]], dict[int, str]]
+Calls = tuple[list[_Call], dict[int, str | None], dict[int, str]]
 
 
 def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, Calls]:
