@@ -36,13 +36,12 @@ import math
 import re
 import sqlite3
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from selfheal_plugin.history.connection import (SELFHEAL_SCHEMA, get_state, last_event_id, normalize_error_type,
                                                  scan_id_range, set_state, write_transaction)
-from selfheal_plugin.history.text import Undecodable, bounded, decode_text
+from selfheal_plugin.history.text import Undecodable, bounded
 from selfheal_plugin.history.times import to_epoch
 
 log = logging.getLogger("selfheal.errorindex")
@@ -232,58 +231,47 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     start, scanned, new_errors, new_bad = mark, 0, 0, 0
     if mark >= top:
         return RefreshResult(0, 0, 0, int(get_state(conn, "bad_rows", "0")))
-    # The calls (and the hour counts) are read on a second connection in a worker thread
-    # while this one reads the failed calls: SQLite releases the GIL, so the two scans share
-    # the wall time.
-    path = conn.execute("PRAGMA database_list").fetchone()[2]
-    busy_s = conn.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
-    side = sqlite3.connect(path, check_same_thread=False, timeout=busy_s)
-    side.text_factory = decode_text  # a tool name with invalid UTF-8 is malformed, not an error
-    pool = ThreadPoolExecutor(max_workers=1)
-    try:
-        while mark < top:
-            hi = min(mark + CHUNK_IDS, top)
-            counting = pool.submit(_read_calls, side, mark, hi)
-            errors, unreadable = _read_errors(conn, mark, hi)
-            counted, n_bad, calls = counting.result()
-            dropped = set()
-            for event_id, tool, hour in unreadable:  # counted as calls above, malformed on a closer look
-                if counted.get((tool, hour), 0) > 0:
-                    counted[(tool, hour)] -= 1
-                    n_bad += 1
-                    dropped.add(event_id)
-            if dropped:
-                calls = [c for c in calls if c[0] not in dropped]
-            hours = [(tool, hour, n) for (tool, hour), n in counted.items() if n > 0]
-            with write_transaction(conn):
-                current = int(get_state(conn, "errors_watermark", "0"))
-                if current != mark:  # another process ingested rows meanwhile: go on from there
-                    mark = current
-                    continue
-                conn.executemany(
-                    "INSERT OR IGNORE INTO selfheal_errors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", errors)
-                conn.executemany("INSERT OR IGNORE INTO selfheal_calls VALUES (?,?,?,?,?,?,?,?,?)", calls)
-                conn.executemany(
-                    "INSERT INTO selfheal_tool_hours VALUES (?,?,?) ON CONFLICT(tool_name, hour) DO UPDATE SET "
-                    "calls = calls + excluded.calls", hours)
-                conn.execute(
-                    "INSERT INTO selfheal_tool_errors SELECT tool_name, count(*), max(event_id) FROM selfheal_errors "
-                    "WHERE event_id > ? AND event_id <= ? GROUP BY tool_name ON CONFLICT(tool_name) DO UPDATE SET "
-                    "errors = errors + excluded.errors, max_event_id = max(max_event_id, excluded.max_event_id)",
-                    (mark, hi))
-                if n_bad:
-                    set_state(conn, "bad_rows", str(int(get_state(conn, "bad_rows", "0")) + n_bad))
-                    log.info("skipped %d malformed tool_complete row(s) in run_events ids %d..%d", n_bad, mark + 1, hi)
-                set_state(conn, "errors_watermark", str(hi))
-            new_errors += len(errors)
-            new_bad += n_bad
-            scanned += hi - mark
-            mark = hi
-            if progress:
-                progress(mark - start, top - start)
-    finally:
-        pool.shutdown()
-        side.close()
+    while mark < top:
+        hi = min(mark + CHUNK_IDS, top)
+        # one scan after the other: a worker thread for one of them gained nothing measurable
+        # (both do Python work, under one GIL)
+        counted, n_bad, calls = _read_calls(conn, mark, hi)
+        errors, unreadable = _read_errors(conn, mark, hi)
+        dropped = set()
+        for event_id, tool, hour in unreadable:  # counted as calls above, malformed on a closer look
+            if counted.get((tool, hour), 0) > 0:
+                counted[(tool, hour)] -= 1
+                n_bad += 1
+                dropped.add(event_id)
+        if dropped:
+            calls = [c for c in calls if c[0] not in dropped]
+        hours = [(tool, hour, n) for (tool, hour), n in counted.items() if n > 0]
+        with write_transaction(conn):
+            current = int(get_state(conn, "errors_watermark", "0"))
+            if current != mark:  # another process ingested rows meanwhile: go on from there
+                mark = current
+                continue
+            conn.executemany(
+                "INSERT OR IGNORE INTO selfheal_errors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", errors)
+            conn.executemany("INSERT OR IGNORE INTO selfheal_calls VALUES (?,?,?,?,?,?,?,?,?)", calls)
+            conn.executemany(
+                "INSERT INTO selfheal_tool_hours VALUES (?,?,?) ON CONFLICT(tool_name, hour) DO UPDATE SET "
+                "calls = calls + excluded.calls", hours)
+            conn.execute(
+                "INSERT INTO selfheal_tool_errors SELECT tool_name, count(*), max(event_id) FROM selfheal_errors "
+                "WHERE event_id > ? AND event_id <= ? GROUP BY tool_name ON CONFLICT(tool_name) DO UPDATE SET "
+                "errors = errors + excluded.errors, max_event_id = max(max_event_id, excluded.max_event_id)",
+                (mark, hi))
+            if n_bad:
+                set_state(conn, "bad_rows", str(int(get_state(conn, "bad_rows", "0")) + n_bad))
+                log.info("skipped %d malformed tool_complete row(s) in run_events ids %d..%d", n_bad, mark + 1, hi)
+            set_state(conn, "errors_watermark", str(hi))
+        new_errors += len(errors)
+        new_bad += n_bad
+        scanned += hi - mark
+        mark = hi
+        if progress:
+            progress(mark - start, top - start)
     return RefreshResult(scanned, new_errors, new_bad, int(get_state(conn, "bad_rows", "0")))
 
 
