@@ -45,10 +45,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, ClassVar
 
-from selfheal_plugin.history.connection import last_event_id, scan_id_range
-from selfheal_plugin.history.errorindex import refresh
 from selfheal_plugin.lazy import lazy_module
-from selfheal_plugin.plugins.strategy import ToolCall
+from selfheal_plugin.plugins.strategy import ToolCall, read_tool_calls
 
 np = lazy_module("numpy")  # imported on first use: start-up does not pay for it
 
@@ -70,16 +68,8 @@ def load_tool_calls(conn: sqlite3.Connection, tool: str, since: datetime,
                     until: datetime | None = None) -> list[ToolCall]:
     """Every finished call of ``tool`` with its event timestamp in [since, until), oldest
     first: what ``HistoryWindow(conn, since, until).tool_calls(tool)`` returns, read for one
-    tool from the index's ``selfheal_calls`` (brought up to date first)."""
-    refresh(conn)
-    lo = since.timestamp() / 86400 + 2440587.5
-    hi = until.timestamp() / 86400 + 2440587.5 if until else 1e12
-    sql = ("SELECT event_id, run_id, (jd - 2440587.5) * 86400.0, ok, duration, error_type FROM selfheal_calls "
-           "WHERE event_id > ? AND event_id <= ? AND tool_name = ? AND jd >= ? AND jd < ? ORDER BY event_id")
-    out = [ToolCall(eid, run_id, ts, bool(ok), None if duration is None else int(duration), etype)
-           for eid, run_id, ts, ok, duration, etype in scan_id_range(conn, sql, 0, last_event_id(conn), tool, lo, hi)]
-    out.sort(key=lambda c: (c.ts, c.event_id))
-    return out
+    tool (:func:`~selfheal_plugin.plugins.strategy.read_tool_calls`)."""
+    return read_tool_calls(conn, since, until, tool).get(tool, [])
 
 
 def sample_from_calls(calls: Iterable[Any], limit_ms: float | None = None) -> DurationSample:

@@ -357,6 +357,29 @@ class ToolCall:
     error_type: str | None  # normalised; None on success
 
 
+def read_tool_calls(conn: sqlite3.Connection, since: datetime, until: datetime | None = None,
+                    tool: str | None = None) -> dict[str, list[ToolCall]]:
+    """Every finished call with its event timestamp in [since, until) (``until`` None: no
+    end), per tool, oldest first; only ``tool``'s when given. Read from the index of calls
+    (:mod:`selfheal_plugin.history.errorindex`, whose rules skip malformed rows), brought
+    up to date first. What :meth:`HistoryWindow.tool_calls` and the duration model read."""
+    refresh(conn)
+    params: list[Any] = [since.timestamp() / 86400 + 2440587.5,
+                         until.timestamp() / 86400 + 2440587.5 if until else 1e12]
+    if tool is not None:
+        params.append(tool)
+    sql = ("SELECT event_id, run_id, (jd - 2440587.5) * 86400.0, tool_name, ok, duration, error_type "
+           "FROM selfheal_calls WHERE event_id > ? AND event_id <= ? AND jd >= ? AND jd < ?"
+           + (" AND tool_name = ?" if tool is not None else "") + " ORDER BY event_id")
+    out: dict[str, list[ToolCall]] = {}
+    for eid, run_id, ts, name, ok, duration, etype in scan_id_range(conn, sql, 0, last_event_id(conn), *params):
+        out.setdefault(name, []).append(
+            ToolCall(eid, run_id, ts, bool(ok), None if duration is None else int(duration), etype))
+    for calls in out.values():
+        calls.sort(key=lambda c: (c.ts, c.event_id))
+    return out
+
+
 @dataclass
 class HistoryWindow:
     """What a strategy may read: the connection, the analysis window and the settings.
@@ -385,21 +408,7 @@ class HistoryWindow:
         return self._calls.get(tool_name, [])
 
     def _load_calls(self) -> dict[str, list[ToolCall]]:
-        # the index's calls (history.errorindex: malformed rows are skipped by its rules),
-        # brought up to date first
-        refresh(self.conn)
-        lo = self.since.timestamp() / 86400 + 2440587.5
-        hi = self.until.timestamp() / 86400 + 2440587.5
-        sql = ("SELECT event_id, run_id, (jd - 2440587.5) * 86400.0, tool_name, ok, duration, error_type "
-               "FROM selfheal_calls WHERE event_id > ? AND event_id <= ? AND jd >= ? AND jd < ? ORDER BY event_id")
-        out: dict[str, list[ToolCall]] = {}
-        for eid, run_id, ts, name, ok, duration, etype in scan_id_range(self.conn, sql, 0, last_event_id(self.conn),
-                                                                         lo, hi):
-            out.setdefault(name, []).append(
-                ToolCall(eid, run_id, ts, bool(ok), None if duration is None else int(duration), etype))
-        for calls in out.values():
-            calls.sort(key=lambda c: (c.ts, c.event_id))
-        return out
+        return read_tool_calls(self.conn, self.since, self.until)
 
     @property
     def config(self) -> dict[str, Any]:
