@@ -182,15 +182,23 @@ def test_the_kinds_of_messages_read_before_are_not_read_again(tmp_path: Path, mo
     path = str(tmp_path / "missing" / "notes-0.md")
     append(db, Call(FS, {"path": path}, False, f"ENOENT: no such file or directory, open '{path}' (new)"))
     read: list[str] = []
-    real = E.message_kind
+    named: list[str] = []  # the messages whose call's arguments were parsed for the argument they name
+    real, real_named = E.message_kind, E.named_argument
 
     def counting(message: str, *args: Any) -> Any:
         read.append(message)
         return real(message, *args)
+
+    def counting_named(message: str, args: Any) -> Any:
+        named.append(message)
+        return real_named(message, args)
     monkeypatch.setattr(E, "message_kind", counting)
+    monkeypatch.setattr(E, "named_argument", counting_named)
     E._kind_and_codes.cache_clear()
     after = detect(conn)
     assert [m for m in read if m.endswith("(new)")] == read and len(read) == 1
+    assert [m for m in named if m.endswith("(new)")] == named and len(named) == 1
+    assert after == fresh(conn)  # what was kept gives what reading every message again does
     conn.execute("UPDATE selfheal_error_kinds SET kind = 'bogus'")
     conn.execute("UPDATE selfheal_state SET value = 'another' WHERE key = 'error_kinds_code'")
     conn.execute("DELETE FROM selfheal_evidence")
@@ -309,16 +317,51 @@ def test_the_calls_scan_keeps_the_latest_calls_and_the_failed_calls_arguments(tm
     conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
     P.detect_failure_patterns(conn, since=SINCE, now=NOW)  # the index
     firsts = {FS: 1, SEARCH: 1}
-    everything = E.tool_calls(conn, firsts)
+    runs = {t: [r for (r,) in conn.execute("SELECT run_id FROM selfheal_calls WHERE tool_name = ?", (t,))]
+            for t in firsts}  # every run of the tool: every call is read
+    everything = E.tool_calls(conn, firsts, runs)
     monkeypatch.setattr(E, "MAX_CALLS", 5)
-    bounded = E.tool_calls(conn, firsts)
+    bounded = E.tool_calls(conn, firsts, runs)
     for tool in firsts:
-        calls, keys, texts = everything[tool]
-        assert len(calls) > 5 and bounded[tool][0] == calls[-5:]
-        assert set(keys) == {c.event_id for c in calls if not c.ok} == set(bounded[tool][1]) == set(texts)
+        calls, keys, texts = everything[tool].calls, everything[tool].keys, everything[tool].texts
+        assert len(calls) > 5 and bounded[tool].calls == calls[-5:]
+        assert set(keys) == {c.event_id for c in calls if not c.ok} == set(bounded[tool].keys) == set(texts)
         assert all(keys[c.event_id] == c.args_key == args_key(texts[c.event_id]) for c in calls if not c.ok)
         assert all(json.loads(t) in ({"path": str(tmp_path / "missing" / f"notes-{i}.md")} for i in range(4))
                    or "query" in json.loads(t) for t in texts.values())
+
+
+@pytest.mark.parametrize("most", [5, 5_000])
+def test_the_calls_read_for_determinism_give_what_every_call_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   most: int) -> None:
+    """The evidence reads a tool's failed calls and the calls that share a run or arguments
+    with one; determinism over them, and the durations SQLite sums, are what every call of
+    the window gives."""
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    append(db, Call(SEARCH, {"query": "only the run is shared"}, False, "Request timed out after 30 s", "timeout"),
+           Call(SEARCH, {"query": "a follow-up"}))
+    conn = connect(db)
+    found = P.detect_failure_patterns(conn, since=SINCE, now=NOW, confidence_threshold=0.0, min_occurrences=1)
+    monkeypatch.setattr(E, "MAX_CALLS", most)
+    checked = skipped = 0
+    for p in found.patterns:
+        occ = E.recent(p.occurrences_detail)
+        first = occ[0]["event_id"]
+        every = [E._Call(eid, run, ts, bool(ok), None if d is None else float(d), key)
+                 for eid, run, ts, ok, d, key in conn.execute(
+                     "SELECT event_id, run_id, (jd - 2440587.5) * 86400.0, ok, duration, args_key FROM selfheal_calls "
+                     "WHERE tool_name = ? AND event_id >= ? ORDER BY event_id", (p.tool_name, first))][-most:]
+        read = E.tool_calls(conn, {p.tool_name: first}, {p.tool_name: {o["run_id"] for o in occ}})[p.tool_name]
+        skipped += len(every) - len(read.calls)
+        assert all(c in every for c in read.calls)
+        assert E.determinism(occ, read.calls, read.keys) == E.determinism(occ, every, read.keys)
+        ok = [c.duration_ms for c in every if c.ok and c.duration_ms is not None]
+        for limit in (1.0, 500.0, 10_000.0):
+            summed = E.timeout_durations(conn, read, [{"duration_ms": limit}])
+            assert (summed["successes"], summed["successes_near_limit"], summed["success_ms_max"]) == (
+                len(ok), sum(d >= E.HANG_SHARE * limit for d in ok), max(ok) if ok else None)
+        checked += 1
+    assert checked >= 3 and skipped > 0  # the history has calls the evidence need not read
 
 
 def test_the_calls_index_is_the_same_ingested_at_once_or_in_pieces(tmp_path: Path,
@@ -394,6 +437,8 @@ def test_the_oldest_occurrence_the_evidence_reads_is_found_in_sql_as_in_python(t
     "UPDATE selfheal_signatures SET value = 'null'",
     "UPDATE selfheal_error_kinds SET codes = '{\"errno\": [{}]}'",
     "UPDATE selfheal_error_kinds SET kind = 'bogus'",
+    "UPDATE selfheal_error_kinds SET named = 'not json'",
+    "UPDATE selfheal_error_kinds SET named = '{\"key\": 1, \"value\": \"/x\", \"type\": \"path\"}'",
 ])
 def test_stored_rows_of_another_shape_are_read_again_not_used(tmp_path: Path, damage: str) -> None:
     """Our tables live in a file another program writes: a damaged row is a miss, not a crash."""

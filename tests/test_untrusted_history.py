@@ -150,7 +150,8 @@ def test_the_calls_scan_reads_past_invalid_utf8_in_a_calls_arguments(history):
     conn = connect(history)
     try:
         refresh(conn)
-        calls, keys, texts = tool_calls(conn, {"mcp__x__y": 1})["mcp__x__y"]
+        read = tool_calls(conn, {"mcp__x__y": 1}, {"mcp__x__y": [bad_run, good_run]})["mcp__x__y"]
+        calls, keys, texts = read.calls, read.keys, read.texts
     finally:
         conn.close()
     mine = [c for c in calls if c.run_id in (bad_run, good_run)]

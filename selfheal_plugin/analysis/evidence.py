@@ -37,10 +37,11 @@ import os
 import re
 import sqlite3
 import statistics
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 from selfheal_plugin.history.connection import last_event_id, scan_id_range, server_of
@@ -52,6 +53,7 @@ MAX_CALLS = 5_000  # the most recent calls of the tool read for determinism
 STREAK_SECONDS = 60.0
 STREAK_SHARE = 0.5
 HANG_SHARE = 0.5  # a success at least this share of the cut-off duration makes the timeouts a slow tail
+_EVENT_ID = itemgetter("event_id")
 
 # ---------------------------------------------------------------- codes in a message
 
@@ -265,37 +267,56 @@ class _Call:
     args_key: str | None
 
 
-Calls = tuple[list[_Call], dict[int, str | None], dict[int, str]]
+@dataclass(slots=True)
+class Calls:
+    """What the evidence reads of one tool's calls (:func:`tool_calls`)."""
+
+    calls: list[_Call]  # the calls determinism reads, oldest first
+    keys: dict[int, str | None]  # failed call (tool_complete id) -> the key of its arguments
+    texts: dict[int, str]  # failed call -> its arguments' JSON text, when kept
+    tool: str
+    lo: int  # the calls the durations count: ids lo..hi of the tool
+    hi: int
 
 
-def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int]) -> dict[str, Calls]:
+def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int], runs: dict[str, Iterable[str]]) -> dict[str, Calls]:
     """For each tool in ``firsts`` (tool → the ``run_events`` id of its pattern's first
-    failure): its calls from that id on (the most recent :data:`MAX_CALLS`), oldest first,
-    and for each failed call (``tool_complete`` id) the key of its arguments and, when
-    kept, their JSON text. Memory stays bounded by :data:`MAX_CALLS` calls per tool and the
-    failed calls, whatever the history's size.
+    failure), from its calls from that id on (the most recent :data:`MAX_CALLS`): those
+    :func:`determinism` reads, oldest first — every failed call, and each call of a run in
+    ``runs[tool]`` (the runs of its patterns' occurrences) or with the arguments of a
+    failed call — and for each failed call (``tool_complete`` id) the key of its arguments
+    and, when kept, their JSON text. The other calls count only in the durations of a
+    timeout (:func:`durations`), summed by SQLite. Memory stays bounded by
+    :data:`MAX_CALLS` calls per tool and the failed calls, whatever the history's size.
 
     Read from the index's ``selfheal_calls`` (brought up to date by the caller, see
     :mod:`selfheal_plugin.history.errorindex`, which also says how a call is paired with its
-    ``tool_start``): one range read per tool on (tool, id). Arguments are compared by their
-    key, a hash of their JSON text. Text is decoded by sqlite3's C decoder unless a row
-    holds invalid UTF-8 (:func:`scan_id_range`)."""
+    ``tool_start``): range reads per tool on (tool, id), filtered by SQLite. Arguments are
+    compared by their key, a hash of their JSON text. Text is decoded by sqlite3's C
+    decoder unless a row holds invalid UTF-8 (:func:`scan_id_range`)."""
     out: dict[str, Calls] = {}
     end = last_event_id(conn)
+    oldest = ("SELECT event_id FROM selfheal_calls WHERE tool_name = ? AND event_id >= ? AND event_id <= ? "
+              "ORDER BY event_id DESC LIMIT 1 OFFSET ?")
     sql = ("SELECT event_id, run_id, (jd - 2440587.5) * 86400.0, ok, duration, args_key, "
            "CASE WHEN ok = 0 THEN arguments END FROM selfheal_calls "
-           "WHERE event_id > ? AND event_id <= ? AND tool_name = ? ORDER BY event_id")
+           "WHERE event_id > ? AND event_id <= ? AND tool_name = ? AND (ok = 0 OR event_id >= ? AND ("
+           "run_id IN (SELECT value FROM json_each(?)) OR args_key IN (SELECT args_key FROM selfheal_calls "
+           "WHERE tool_name = ? AND event_id >= ? AND event_id <= ? AND ok = 0))) ORDER BY event_id")
     for tool, first in firsts.items():
-        recent_calls: deque[_Call] = deque(maxlen=MAX_CALLS)
-        keys: dict[int, str | None] = {}
-        texts: dict[int, str] = {}
-        for eid, run_id, ts, ok, duration, key, text in scan_id_range(conn, sql, first - 1, end, tool):
+        row = conn.execute(oldest, (tool, first, end, MAX_CALLS - 1)).fetchone()
+        lo = row[0] if row else first  # the MAX_CALLS-th most recent call, or the first
+        found = Calls([], {}, {}, tool, lo, end)
+        wanted = json.dumps(sorted({r for r in runs.get(tool, ()) if isinstance(r, str)}))
+        for eid, run_id, ts, ok, duration, key, text in scan_id_range(conn, sql, first - 1, end, tool, lo, wanted,
+                                                                        tool, first, end):
             if not ok:
-                keys[eid] = key
+                found.keys[eid] = key
                 if text is not None:
-                    texts[eid] = text
-            recent_calls.append(_Call(eid, run_id, ts, bool(ok), None if duration is None else float(duration), key))
-        out[tool] = (list(recent_calls), keys, texts)
+                    found.texts[eid] = text
+            if eid >= lo:
+                found.calls.append(_Call(eid, run_id, ts, bool(ok), None if duration is None else float(duration), key))
+        out[tool] = found
     return out
 
 
@@ -333,6 +354,25 @@ class ServerErrors:
 def server_errors(conn: sqlite3.Connection, server: str, lo: float, hi: float) -> ServerErrors:
     """The server's failed calls with ``lo <= ts <= hi`` (one indexed range read)."""
     return ServerErrors(server, lo, hi, _server_errors(conn, server, lo, hi))
+
+
+def servers_errors(conn: sqlite3.Connection, spans: dict[str, tuple[float, float]]) -> dict[str, ServerErrors]:
+    """:func:`server_errors` of several servers (server → (lo, hi)), read together in one
+    range read over all their spans: a read per server would walk the window's failures of
+    every server once for each."""
+    if not spans:
+        return {}
+    lo, hi = min(a for a, _ in spans.values()), max(b for _, b in spans.values())
+    rows: dict[str, list[tuple[float, str]]] = {s: [] for s in spans}
+    server: dict[Any, str | None] = {}  # tool name -> the server of `spans` whose prefix mcp__{server}__ it has
+    for ts, name in conn.execute("SELECT ts, tool_name FROM selfheal_errors WHERE ts >= ? AND ts <= ?", (lo, hi)):
+        if name not in server:
+            head, sep, _ = name[5:].partition("__") if isinstance(name, str) and name.startswith("mcp__") else ("", "", "")
+            server[name] = head if sep and head in spans else None
+        s = server[name]
+        if s is not None and spans[s][0] <= ts <= spans[s][1]:
+            rows[s].append((float(ts), name))
+    return {s: ServerErrors(s, a, b, rows[s]) for s, (a, b) in spans.items()}
 
 
 def _between(times: list[float], lo: float, hi: float) -> int:
@@ -426,18 +466,23 @@ def server_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]
             "streak_share": round(together / len(times), 4)}
 
 
-def _durations(calls: list[_Call], occ: list[dict[str, Any]]) -> dict[str, Any]:
+def timeout_durations(conn: sqlite3.Connection, calls: Calls, occ: list[dict[str, Any]]) -> dict[str, Any]:
+    """The timed-out occurrences' median cut-off and the tool's successful calls (those of
+    ``calls``' span with a duration): how many, how many came within :data:`HANG_SHARE` of
+    the cut-off, the longest."""
     cut = [o["duration_ms"] for o in occ if o.get("duration_ms") is not None]
-    ok = [c.duration_ms for c in calls if c.ok and c.duration_ms is not None]
     limit = statistics.median(cut) if cut else None
-    near = sum(1 for d in ok if limit and d >= HANG_SHARE * limit)
-    return {"cut_off_ms_median": limit, "successes": len(ok), "successes_near_limit": near,
-            "success_ms_max": max(ok) if ok else None}
+    successes, near, longest = conn.execute(
+        "SELECT count(duration), coalesce(sum(duration >= ?), 0), max(duration) FROM selfheal_calls "
+        "WHERE tool_name = ? AND event_id >= ? AND event_id <= ? AND ok = 1",
+        (HANG_SHARE * limit if limit else None, calls.tool, calls.lo, calls.hi)).fetchone()
+    return {"cut_off_ms_median": limit, "successes": successes, "successes_near_limit": near if limit else 0,
+            "success_ms_max": None if longest is None else float(longest)}
 
 
 def recent(occurrences: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The occurrences the evidence reads: the most recent :data:`MAX_OCCURRENCES`, oldest first."""
-    return sorted(occurrences, key=lambda o: o["event_id"])[-MAX_OCCURRENCES:]
+    return sorted(occurrences, key=_EVENT_ID)[-MAX_OCCURRENCES:]
 
 
 @functools.lru_cache(maxsize=16384)
@@ -471,14 +516,15 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
                       kinds: dict[int, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """:func:`gather`, and every path the messages name (``path``, ``argument``, ``count``,
     ``exists_now``; the evidence lists the ten most frequent): what a stored evidence
-    depends on outside the history. ``kinds`` (event id → ((kind, reason), codes) of the
-    occurrence's message) holds what was read before; what is read here is added to it."""
+    depends on outside the history. ``kinds`` (event id → ((kind, reason), codes, named
+    argument) of the occurrence: what its message and its call's arguments say, fixed once
+    both are in the index) holds what was read before; what is read here is added to it."""
     occ = recent(occurrences)
     if not occ:
         return {"kind": "unknown", "reasons": ["no occurrences"]}, []
     if calls is None:
-        calls = tool_calls(conn, {tool: min(o["event_id"] for o in occ)})[tool]
-    calls, args, texts = calls
+        calls = tool_calls(conn, {tool: occ[0]["event_id"]}, {tool: {o["run_id"] for o in occ}})[tool]
+    args, texts = calls.keys, calls.texts
     votes: Counter = Counter()
     reasons: Counter = Counter()
     errno: Counter = Counter()
@@ -492,10 +538,11 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
     for o in occ:
         known = kinds.get(o["event_id"]) if kinds is not None else None
         if known is None:
-            known = _kind_and_codes(o["message"], error_type)
+            known = (*_kind_and_codes(o["message"], error_type),
+                     named_argument(o["message"], _parsed(texts.get(o["event_id"]))) or message_path(o["message"]))
             if kinds is not None:
                 kinds[o["event_id"]] = known
-        (kind, reason), codes = known
+        (kind, reason), codes, arg = known
         votes[kind] += 1
         reasons[f"{kind}: {reason}"] += 1
         errno.update(codes["errno"])
@@ -508,7 +555,6 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
         t = templates.setdefault(o["template"], {"template": o["template"], "count": 0, "kind": kind,
                                                  "example": o["message"][:300]})
         t["count"] += 1
-        arg = named_argument(o["message"], _parsed(texts.get(o["event_id"]))) or message_path(o["message"])
         if arg:
             named[arg["type"]] += 1
             if arg["type"] == "path":
@@ -517,13 +563,13 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
     for p in paths.values():
         p["exists_now"] = _path_exists(p["path"]) if check_paths else None
     gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(occ) if b["ts"] >= a["ts"]]
-    det = determinism(occ, calls, args, index)
+    det = determinism(occ, calls.calls, args, index)
     streak = server_streak(conn, tool, occ, server)
     kind, share = votes.most_common(1)[0][0], votes.most_common(1)[0][1] / len(occ)
     why = [r for r, _ in reasons.most_common(3)]
     durations = None
     if kind in ("slow_tail", "hang"):
-        durations = _durations(calls, occ)
+        durations = timeout_durations(conn, calls, occ)
         if durations["cut_off_ms_median"] and durations["successes"] >= 3 and durations["successes_near_limit"] == 0:
             kind = "hang"
             why.append(f"none of {durations['successes']} successful calls came within "

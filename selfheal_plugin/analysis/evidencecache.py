@@ -18,9 +18,10 @@ Those make the row's ``fingerprint``; a stored evidence is used only when its fi
 is the one computed now, so a cached detect gives what a fresh one does (tests/test_perf.py).
 
 When a pattern's evidence is read again (a new failure, a new call), the kind and codes of
-each occurrence's message already read come from ``selfheal_error_kinds`` (a function of
-the message and the runtime's label, by event id; emptied when the evidence code changes),
-so only the new occurrences' messages go through the rules.
+each occurrence's message and the argument it names, already read, come from
+``selfheal_error_kinds`` (a function of the message, the runtime's label and the call's
+arguments, by event id; emptied when the evidence code changes), so only the new
+occurrences' messages go through the rules and their arguments are parsed.
 """
 from __future__ import annotations
 
@@ -135,9 +136,16 @@ def store(conn: sqlite3.Connection, rows: list[tuple[str, str, dict[str, Any], l
         log.debug("evidence not stored: %s", exc)
 
 
+def _usable_named(named: Any) -> bool:
+    return named is None or (isinstance(named, dict) and set(named) == {"key", "value", "type"}
+                             and isinstance(named["value"], str) and named["type"] in ("path", "url", "id")
+                             and (named["key"] is None or isinstance(named["key"], str)))
+
+
 def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[int, Any]:
-    """Event id → ((kind, reason), codes) of the occurrences in ``labels`` (event id → the
-    runtime's label) read before with the same label by the same evidence code."""
+    """Event id → ((kind, reason), codes, named argument) of the occurrences in ``labels``
+    (event id → the runtime's label) read before with the same label by the same evidence
+    code."""
     if get_state(conn, "error_kinds_code") != code_key():
         try:
             with write_transaction(conn):
@@ -151,8 +159,8 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
     ids = sorted(labels)
     for i in range(0, len(ids), 500):
         part = ids[i:i + 500]
-        for eid, label, kind, reason, codes in conn.execute(
-                f"SELECT event_id, label, kind, reason, codes FROM selfheal_error_kinds "
+        for eid, label, kind, reason, codes, named in conn.execute(
+                f"SELECT event_id, label, kind, reason, codes, named FROM selfheal_error_kinds "
                 f"WHERE event_id IN ({','.join('?' * len(part))})", part):
             if label == labels[eid] and kind in _evidence.KINDS and isinstance(reason, str):
                 if codes not in read:
@@ -161,21 +169,25 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
                     except (ValueError, TypeError):
                         parsed = None
                     read[codes] = parsed if _usable_codes(parsed) else None
-                if read[codes] is not None:  # shared by the rows of the same codes: read, never changed
-                    out[eid] = ((kind, reason), read[codes])
+                try:
+                    arg = json.loads(named) if named != "null" else None
+                except (ValueError, TypeError):
+                    continue
+                if read[codes] is not None and _usable_named(arg):  # codes: shared by rows, never changed
+                    out[eid] = ((kind, reason), read[codes], arg)
     return out
 
 
 def store_kinds(conn: sqlite3.Connection, labels: dict[int, str | None], kinds: dict[int, Any],
                 known: set[int]) -> None:
     """Keep the kinds read now (those of ``kinds`` not in ``known``)."""
-    rows = [(eid, labels.get(eid), kind, reason, json.dumps(codes))
-            for eid, ((kind, reason), codes) in kinds.items() if eid not in known]
+    rows = [(eid, labels.get(eid), kind, reason, json.dumps(codes), json.dumps(arg))
+            for eid, ((kind, reason), codes, arg) in kinds.items() if eid not in known]
     if not rows:
         return
     try:
         with write_transaction(conn):
             if get_state(conn, "error_kinds_code") == code_key():
-                conn.executemany("INSERT OR REPLACE INTO selfheal_error_kinds VALUES (?,?,?,?,?)", rows)
+                conn.executemany("INSERT OR REPLACE INTO selfheal_error_kinds VALUES (?,?,?,?,?,?)", rows)
     except sqlite3.Error as exc:
         log.debug("kinds not stored: %s", exc)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from selfheal_plugin.analysis import evidencecache, windowcache
 from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, call_index, gather_with_paths, recent,
-                                              server_errors, tool_calls)
+                                              servers_errors, tool_calls)
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type, server_of
@@ -460,17 +460,21 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
         prints = evidencecache.fingerprints(conn, {p.id: (p.tool_name, keys[p.id][1]) for p in patterns}, firsts)
         stored = evidencecache.load(conn, prints)
     todo = [p for p in patterns if p.id not in stored]
-    calls = tool_calls(conn, {t: firsts[t] for t in {p.tool_name for p in todo} if t in firsts})
+    occurrences = {p.id: recent(p.occurrences_detail) for p in todo}  # what each evidence reads
+    runs: dict[str, set[str]] = {}
+    for p in todo:
+        runs.setdefault(p.tool_name, set()).update(o["run_id"] for o in occurrences[p.id])
+    calls = tool_calls(conn, {t: firsts[t] for t in runs if t in firsts}, runs)
     spans: dict[str, tuple[float, float]] = {}  # server -> the span of its patterns' occurrences
     for p in todo:
         server = server_of(p.tool_name)
-        times = [o["ts"] for o in recent(p.occurrences_detail)]
+        times = [o["ts"] for o in occurrences[p.id]]
         if server and times:
             lo, hi = spans.get(server, (min(times), max(times)))
             spans[server] = (min(lo, *times), max(hi, *times))
-    servers = {s: server_errors(conn, s, lo - STREAK_SECONDS, hi + STREAK_SECONDS) for s, (lo, hi) in spans.items()}
-    indexes = {tool: call_index(found[0]) for tool, found in calls.items()}
-    labels = {o["event_id"]: p.error_type for p in todo for o in recent(p.occurrences_detail)} if prints else {}
+    servers = servers_errors(conn, {s: (lo - STREAK_SECONDS, hi + STREAK_SECONDS) for s, (lo, hi) in spans.items()})
+    indexes = {tool: call_index(found.calls) for tool, found in calls.items()}
+    labels = {o["event_id"]: p.error_type for p in todo for o in occurrences[p.id]} if prints else {}
     kinds = evidencecache.load_kinds(conn, labels) if labels else None
     known = set(kinds or ())
     fresh = []
@@ -478,7 +482,7 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
         if p.id in stored:
             p.evidence = stored[p.id]
         else:
-            p.evidence, paths = gather_with_paths(conn, p.tool_name, p.error_type, p.occurrences_detail,
+            p.evidence, paths = gather_with_paths(conn, p.tool_name, p.error_type, occurrences[p.id],
                                                   calls=calls.get(p.tool_name),
                                                   server=servers.get(server_of(p.tool_name) or ""),
                                                   index=indexes.get(p.tool_name), kinds=kinds)

@@ -190,7 +190,8 @@ CREATE TABLE IF NOT EXISTS selfheal_error_kinds (
     label TEXT,  -- the runtime's label the kind was read with
     kind TEXT NOT NULL,
     reason TEXT NOT NULL,
-    codes TEXT NOT NULL  -- JSON: the codes in the message
+    codes TEXT NOT NULL,  -- JSON: the codes in the message
+    named TEXT NOT NULL  -- JSON: the argument of the call (or path) the message names, null when none
 );
 CREATE TABLE IF NOT EXISTS selfheal_signatures (
     key TEXT PRIMARY KEY,  -- JSON: what the window's failures were (analysis/windowcache.py)
