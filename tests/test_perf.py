@@ -71,12 +71,12 @@ def plain_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]])
 def test_determinism_by_bisection_counts_what_the_plain_scan_counts(seed: int) -> None:
     rng = random.Random(seed)
     runs, keys = [f"r{i}" for i in range(rng.randint(1, 8))], [None, '{"a": 1}', '{"a": 2}', '{"b": 3}']
-    calls = [E._Call(eid, rng.choice(runs), float(eid), rng.random() < 0.5, None, rng.choice(keys))
+    calls = [E._Call(eid, rng.choice(runs), rng.random() < 0.5, rng.choice(keys))
              for eid in sorted(rng.sample(range(1, 400), rng.randint(0, 120)))]
     failed = [c for c in calls if not c.ok] or calls[:1]
     occ = [{"event_id": c.event_id, "run_id": c.run_id} for c in failed]
     args = {c.event_id: c.args_key for c in calls if rng.random() < 0.9}
-    calls += [E._Call(1000 + i, run, 0.0, True, None, None) for i, run in enumerate((None, b"r1", 7))]  # not text
+    calls += [E._Call(1000 + i, run, True, None) for i, run in enumerate((None, b"r1", 7))]  # not text
     got = E.determinism(occ, calls, args)
     assert {k: v for k, v in got.items() if k != "verdict"} == plain_determinism(occ, calls, args)
     assert E.determinism(occ, calls, args, E.call_index(calls)) == got  # the index shared by a tool's patterns
@@ -149,6 +149,7 @@ def fresh(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     conn.execute("DELETE FROM selfheal_evidence")
     conn.execute("DELETE FROM selfheal_signatures")
     conn.execute("DELETE FROM selfheal_error_kinds")
+    conn.execute("DELETE FROM selfheal_followups")
     conn.commit()
     return detect(conn)
 
@@ -312,56 +313,63 @@ def test_the_stored_grouping_of_the_window_is_used_only_for_the_same_failures(
     assert run() == got
 
 
-def test_the_calls_scan_keeps_the_latest_calls_and_the_failed_calls_arguments(tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_failed_calls_arguments_are_read_by_their_ids(tmp_path: Path) -> None:
     conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
     P.detect_failure_patterns(conn, since=SINCE, now=NOW)  # the index
-    firsts = {FS: 1, SEARCH: 1}
-    runs = {t: [r for (r,) in conn.execute("SELECT run_id FROM selfheal_calls WHERE tool_name = ?", (t,))]
-            for t in firsts}  # every run of the tool: every call is read
-    everything = E.tool_calls(conn, firsts, runs)
-    monkeypatch.setattr(E, "MAX_CALLS", 5)
-    bounded = E.tool_calls(conn, firsts, runs)
-    for tool in firsts:
-        calls, keys, texts = everything[tool].calls, everything[tool].keys, everything[tool].texts
-        assert len(calls) > 5 and bounded[tool].calls == calls[-5:]
-        assert set(keys) == {c.event_id for c in calls if not c.ok} == set(bounded[tool].keys) == set(texts)
-        assert all(keys[c.event_id] == c.args_key == args_key(texts[c.event_id]) for c in calls if not c.ok)
-        assert all(json.loads(t) in ({"path": str(tmp_path / "missing" / f"notes-{i}.md")} for i in range(4))
-                   or "query" in json.loads(t) for t in texts.values())
+    failed = [eid for (eid,) in conn.execute("SELECT event_id FROM selfheal_calls WHERE ok = 0 AND tool_name IN (?, ?)",
+                                             (FS, SEARCH))]
+    keys, texts = E.failed_calls(conn, [*failed, 10**9])  # an id of no call: none
+    assert len(failed) > 5 and set(keys) == set(texts) == set(failed)
+    assert all(keys[eid] == args_key(texts[eid]) for eid in failed)
+    assert all(json.loads(t) in ({"path": str(tmp_path / "missing" / f"notes-{i}.md")} for i in range(4))
+               or "query" in json.loads(t) for t in texts.values())
+    assert E.failed_calls(conn, []) == ({}, {})
 
 
-@pytest.mark.parametrize("most", [5, 5_000])
-def test_the_calls_read_for_determinism_give_what_every_call_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                   most: int) -> None:
-    """The evidence reads a tool's failed calls and the calls that share a run or arguments
-    with one; determinism over them, and the durations SQLite sums, are what every call of
-    the window gives."""
+def test_the_follow_ups_read_for_determinism_give_what_every_call_gives(tmp_path: Path) -> None:
+    """The evidence reads, for each occurrence, the calls after it in its run or with its
+    arguments; determinism from them, and the durations SQLite sums, are what every call
+    of the tool gives."""
     db = history(tmp_path / "h.db", tmp_path / "missing")
     append(db, Call(SEARCH, {"query": "only the run is shared"}, False, "Request timed out after 30 s", "timeout"),
            Call(SEARCH, {"query": "a follow-up"}))
     conn = connect(db)
     found = P.detect_failure_patterns(conn, since=SINCE, now=NOW, confidence_threshold=0.0, min_occurrences=1)
-    monkeypatch.setattr(E, "MAX_CALLS", most)
-    checked = skipped = 0
+    checked = 0
     for p in found.patterns:
         occ = E.recent(p.occurrences_detail)
-        first = occ[0]["event_id"]
-        every = [E._Call(eid, run, ts, bool(ok), None if d is None else float(d), key)
-                 for eid, run, ts, ok, d, key in conn.execute(
-                     "SELECT event_id, run_id, (jd - 2440587.5) * 86400.0, ok, duration, args_key FROM selfheal_calls "
-                     "WHERE tool_name = ? AND event_id >= ? ORDER BY event_id", (p.tool_name, first))][-most:]
-        read = E.tool_calls(conn, {p.tool_name: first}, {p.tool_name: {o["run_id"] for o in occ}})[p.tool_name]
-        skipped += len(every) - len(read.calls)
-        assert all(c in every for c in read.calls)
-        assert E.determinism(occ, read.calls, read.keys) == E.determinism(occ, every, read.keys)
-        ok = [c.duration_ms for c in every if c.ok and c.duration_ms is not None]
+        rows = conn.execute("SELECT event_id, run_id, ok, duration, args_key FROM selfheal_calls WHERE tool_name = ? "
+                            "ORDER BY event_id", (p.tool_name,)).fetchall()
+        every = [E._Call(eid, run, bool(ok), key) for eid, run, ok, _, key in rows]
+        keys, _ = E.failed_calls(conn, [o["event_id"] for o in occ])
+        followups = {o["event_id"]: E.Followup(keys.get(o["event_id"])) for o in occ}
+        looked, answered = E.resolve_followups(conn, p.tool_name, occ, followups)
+        assert set(looked) == set(followups) and set(answered) <= set(looked)
+        assert all(not f.open or f.checked == E.indexed_up_to(conn) for f in followups.values())
+        assert E.determinism_of(followups.values()) == E.determinism(occ, every, keys)
+        ok = [float(d) for eid, _, good, d, _ in rows if good and d is not None and eid >= occ[0]["event_id"]]
         for limit in (1.0, 500.0, 10_000.0):
-            summed = E.timeout_durations(conn, read, [{"duration_ms": limit}])
+            summed = E.timeout_durations(conn, p.tool_name, [{**occ[0], "duration_ms": limit}])
             assert (summed["successes"], summed["successes_near_limit"], summed["success_ms_max"]) == (
                 len(ok), sum(d >= E.HANG_SHARE * limit for d in ok), max(ok) if ok else None)
         checked += 1
-    assert checked >= 3 and skipped > 0  # the history has calls the evidence need not read
+    assert checked >= 3
+
+
+def test_follow_ups_kept_open_are_answered_by_later_calls(tmp_path: Path) -> None:
+    """A failure's follow-ups are kept; a later call that repeats its arguments answers
+    one still open, and the evidence then is what reading every call at once gives."""
+    db = history(tmp_path / "h.db", tmp_path / "missing")
+    conn = connect(db)
+    detect(conn)
+    eid, text = conn.execute(
+        "SELECT f.event_id, c.arguments FROM selfheal_followups f JOIN selfheal_calls c USING (event_id) "
+        "WHERE f.repeat IS NULL AND c.tool_name = ? ORDER BY f.event_id DESC LIMIT 1", (SEARCH,)).fetchone()
+    append(db, Call(SEARCH, json.loads(text)), at=0.5)  # the same search succeeds, in another run
+    after = detect(conn)
+    assert tuple(conn.execute("SELECT repeat, repeat_run FROM selfheal_followups WHERE event_id = ?",
+                        (eid,)).fetchone()) == (1, 0)
+    assert after == fresh(conn)
 
 
 def test_the_calls_index_is_the_same_ingested_at_once_or_in_pieces(tmp_path: Path,

@@ -138,7 +138,7 @@ def test_the_calls_scan_reads_past_invalid_utf8_in_a_calls_arguments(history):
     """The index reads the tools' calls with sqlite3's strict C decoder; a row with invalid
     UTF-8 (in a call's arguments, here) switches the rest of the scan to the lenient one, and
     the evidence reads what it stored."""
-    from selfheal_plugin.analysis.evidence import tool_calls
+    from selfheal_plugin.analysis.evidence import failed_calls
     from selfheal_plugin.history.errorindex import args_key, refresh
 
     bad_run = add_event(history, json.dumps({"type": "tool_start", "name": "mcp__x__y", "arguments": {"path": "@@"}})
@@ -150,15 +150,15 @@ def test_the_calls_scan_reads_past_invalid_utf8_in_a_calls_arguments(history):
     conn = connect(history)
     try:
         refresh(conn)
-        read = tool_calls(conn, {"mcp__x__y": 1}, {"mcp__x__y": [bad_run, good_run]})["mcp__x__y"]
-        calls, keys, texts = read.calls, read.keys, read.texts
+        mine = conn.execute("SELECT event_id, run_id, ok, args_key FROM selfheal_calls WHERE run_id IN (?, ?) "
+                            "ORDER BY event_id", (bad_run, good_run)).fetchall()
+        keys, texts = failed_calls(conn, [eid for eid, *_ in mine])
     finally:
         conn.close()
-    mine = [c for c in calls if c.run_id in (bad_run, good_run)]
-    assert [c.run_id for c in mine] == [bad_run, good_run] and not any(c.ok for c in mine)
-    bad, good = (texts[c.event_id] for c in mine)
+    assert [run for _, run, _, _ in mine] == [bad_run, good_run] and not any(ok for _, _, ok, _ in mine)
+    bad, good = (texts[eid] for eid, *_ in mine)
     assert "\ufffd" in bad and json.loads(good) == {"path": "/a"}
-    assert [keys[c.event_id] for c in mine] == [c.args_key for c in mine] == [args_key(bad), args_key(good)]
+    assert [keys[eid] for eid, *_ in mine] == [key for *_, key in mine] == [args_key(bad), args_key(good)]
 
 
 def test_bad_rows_cost_no_traceback_in_the_commands(history):

@@ -44,12 +44,11 @@ from datetime import datetime
 from operator import itemgetter
 from typing import Any
 
-from selfheal_plugin.history.connection import last_event_id, scan_id_range, server_of
+from selfheal_plugin.history.connection import get_state, scan_id_range, server_of
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 
 KINDS = FAILURE_KINDS
 MAX_OCCURRENCES = 500  # the most recent occurrences read for arguments
-MAX_CALLS = 5_000  # the most recent calls of the tool read for determinism
 STREAK_SECONDS = 60.0
 STREAK_SHARE = 0.5
 HANG_SHARE = 0.5  # a success at least this share of the cut-off duration makes the timeouts a slow tail
@@ -261,63 +260,86 @@ def _path_exists(value: str) -> bool | None:
 class _Call:
     event_id: int
     run_id: str
-    ts: float
     ok: bool
-    duration_ms: float | None
     args_key: str | None
 
 
 @dataclass(slots=True)
-class Calls:
-    """What the evidence reads of one tool's calls (:func:`tool_calls`)."""
+class Followup:
+    """What the history says after one occurrence (a failed call): ``follow``, the outcome
+    (1 ok, 0 failed) of the next call of its tool in its run; ``repeat``, of the next call
+    of its tool with the same arguments (``args_key``, the hash of the call's arguments), and
+    ``repeat_run``, 1 when that call is in the same run; None while there is none. The calls
+    up to id ``checked`` were looked at. A call found is the first after the occurrence
+    whatever comes later, so only the questions still open are looked at again, in the calls
+    after ``checked`` (:func:`resolve_followups`)."""
 
-    calls: list[_Call]  # the calls determinism reads, oldest first
-    keys: dict[int, str | None]  # failed call (tool_complete id) -> the key of its arguments
-    texts: dict[int, str]  # failed call -> its arguments' JSON text, when kept
-    tool: str
-    lo: int  # the calls the durations count: ids lo..hi of the tool
-    hi: int
+    args_key: str | None
+    follow: int | None = None
+    repeat: int | None = None
+    repeat_run: int | None = None
+    checked: int = 0
+
+    @property
+    def open(self) -> bool:
+        return self.follow is None or (self.repeat is None and self.args_key is not None)
 
 
-def tool_calls(conn: sqlite3.Connection, firsts: dict[str, int], runs: dict[str, Iterable[str]]) -> dict[str, Calls]:
-    """For each tool in ``firsts`` (tool → the ``run_events`` id of its pattern's first
-    failure), from its calls from that id on (the most recent :data:`MAX_CALLS`): those
-    :func:`determinism` reads, oldest first — every failed call, and each call of a run in
-    ``runs[tool]`` (the runs of its patterns' occurrences) or with the arguments of a
-    failed call — and for each failed call (``tool_complete`` id) the key of its arguments
-    and, when kept, their JSON text. The other calls count only in the durations of a
-    timeout (:func:`durations`), summed by SQLite. Memory stays bounded by
-    :data:`MAX_CALLS` calls per tool and the failed calls, whatever the history's size.
+Known = tuple[tuple[str, str], dict[str, Any], dict[str, Any] | None]  # (kind, reason), codes, named argument
 
-    Read from the index's ``selfheal_calls`` (brought up to date by the caller, see
-    :mod:`selfheal_plugin.history.errorindex`, which also says how a call is paired with its
-    ``tool_start``): range reads per tool on (tool, id), filtered by SQLite. Arguments are
-    compared by their key, a hash of their JSON text. Text is decoded by sqlite3's C
-    decoder unless a row holds invalid UTF-8 (:func:`scan_id_range`)."""
-    out: dict[str, Calls] = {}
-    end = last_event_id(conn)
-    oldest = ("SELECT event_id FROM selfheal_calls WHERE tool_name = ? AND event_id >= ? AND event_id <= ? "
-              "ORDER BY event_id DESC LIMIT 1 OFFSET ?")
-    sql = ("SELECT event_id, run_id, (jd - 2440587.5) * 86400.0, ok, duration, args_key, "
-           "CASE WHEN ok = 0 THEN arguments END FROM selfheal_calls "
-           "WHERE event_id > ? AND event_id <= ? AND tool_name = ? AND (ok = 0 OR event_id >= ? AND ("
-           "run_id IN (SELECT value FROM json_each(?)) OR args_key IN (SELECT args_key FROM selfheal_calls "
-           "WHERE tool_name = ? AND event_id >= ? AND event_id <= ? AND ok = 0))) ORDER BY event_id")
-    for tool, first in firsts.items():
-        row = conn.execute(oldest, (tool, first, end, MAX_CALLS - 1)).fetchone()
-        lo = row[0] if row else first  # the MAX_CALLS-th most recent call, or the first
-        found = Calls([], {}, {}, tool, lo, end)
-        wanted = json.dumps(sorted({r for r in runs.get(tool, ()) if isinstance(r, str)}))
-        for eid, run_id, ts, ok, duration, key, text in scan_id_range(conn, sql, first - 1, end, tool, lo, wanted,
-                                                                        tool, first, end):
-            if not ok:
-                found.keys[eid] = key
-                if text is not None:
-                    found.texts[eid] = text
-            if eid >= lo:
-                found.calls.append(_Call(eid, run_id, ts, bool(ok), None if duration is None else float(duration), key))
-        out[tool] = found
-    return out
+
+def failed_calls(conn: sqlite3.Connection, ids: Iterable[int]) -> tuple[dict[int, str | None], dict[int, str]]:
+    """For failed calls (their ``tool_complete`` ids), from the index's ``selfheal_calls``:
+    the key of each one's arguments and, when kept, their JSON text. Text is decoded by
+    sqlite3's C decoder unless a row holds invalid UTF-8 (:func:`scan_id_range`)."""
+    wanted = sorted(set(ids))
+    keys: dict[int, str | None] = {}
+    texts: dict[int, str] = {}
+    if wanted:
+        sql = ("SELECT event_id, args_key, arguments FROM selfheal_calls WHERE event_id > ? AND event_id <= ? "
+               "AND event_id IN (SELECT value FROM json_each(?)) ORDER BY event_id")
+        for eid, key, text in scan_id_range(conn, sql, wanted[0] - 1, wanted[-1], json.dumps(wanted)):
+            keys[eid] = key
+            if text is not None:
+                texts[eid] = text
+    return keys, texts
+
+
+def indexed_up_to(conn: sqlite3.Connection) -> int:
+    """The last ``run_events`` id the index has read: every call up to it is in ``selfheal_calls``."""
+    try:
+        return int(get_state(conn, "errors_watermark", "0"))
+    except ValueError:
+        return 0
+
+
+def resolve_followups(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]],
+                      followups: dict[int, Followup]) -> tuple[list[int], list[int]]:
+    """Bring the follow-ups of ``occ`` (occurrences of ``tool``, each in ``followups``) up
+    to the index's end: the calls of the tool after each open one's ``checked`` in its run
+    or with its arguments, read in one range read on (tool, id) filtered by SQLite. Returns
+    the ids of the follow-ups looked at, and of those among them answered now."""
+    end = indexed_up_to(conn)
+    todo = [(o, f) for o in occ if (f := followups[o["event_id"]]).open and f.checked < end]
+    if not todo:
+        return [], []
+    runs = sorted({o["run_id"] for o, f in todo if f.follow is None and isinstance(o["run_id"], str)})
+    keys = sorted({f.args_key for _, f in todo if f.repeat is None and isinstance(f.args_key, str)})
+    sql = ("SELECT event_id, run_id, ok, args_key FROM selfheal_calls WHERE event_id > ? AND event_id <= ? "
+           "AND tool_name = ? AND (run_id IN (SELECT value FROM json_each(?)) "
+           "OR args_key IN (SELECT value FROM json_each(?))) ORDER BY event_id")
+    lo = min(max(o["event_id"], f.checked) for o, f in todo)
+    calls = [_Call(eid, run_id, bool(ok), key)
+             for eid, run_id, ok, key in scan_id_range(conn, sql, lo, end, tool, json.dumps(runs), json.dumps(keys))]
+    index = call_index(calls)
+    answered = []
+    for o, f in todo:
+        before = (f.follow, f.repeat)
+        _follow_up(f, o, index, max(o["event_id"], f.checked))
+        f.checked = end
+        if (f.follow, f.repeat) != before:
+            answered.append(o["event_id"])
+    return [o["event_id"] for o, _ in todo], answered
 
 
 def _parsed(text: Any) -> Any:
@@ -396,38 +418,55 @@ def call_index(calls: list[_Call]) -> CallIndex:
     return calls, by_run, by_key
 
 
+def _next_after(index: CallIndex, entries: list[tuple[str, int, int]], key: str, event_id: int) -> _Call | None:
+    i = bisect.bisect_right(entries, (key, event_id, len(index[0])))
+    return index[0][entries[i][2]] if i < len(entries) and entries[i][0] == key else None
+
+
+def _follow_up(f: Followup, o: dict[str, Any], index: CallIndex, after: int) -> None:
+    """Fill the open questions of ``f`` (occurrence ``o``) from the calls of ``index`` after id ``after``."""
+    if f.follow is None:
+        nxt = _next_after(index, index[1], o["run_id"], after)
+        if nxt is not None:
+            f.follow = int(nxt.ok)
+    if f.repeat is None and f.args_key is not None:
+        nxt = _next_after(index, index[2], f.args_key, after)
+        if nxt is not None:
+            f.repeat, f.repeat_run = int(nxt.ok), int(nxt.run_id == o["run_id"])
+
+
 def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, Any],
                 index: CallIndex | None = None) -> dict[str, Any]:
+    """:func:`determinism_of` the occurrences ``occ`` among ``calls`` (the tool's calls,
+    oldest first; ``args``: occurrence id → the key of its arguments; ``index``:
+    :func:`call_index` of ``calls``)."""
+    index = index if index is not None else call_index(calls)
+    found = []
+    for o in occ:
+        f = Followup(args.get(o["event_id"]))
+        _follow_up(f, o, index, o["event_id"])
+        found.append(f)
+    return determinism_of(found)
+
+
+def determinism_of(followups: Iterable[Followup]) -> dict[str, Any]:
     """Did the same arguments fail again or succeed later; did a retry in the run succeed.
 
     ``verdict``: ``deterministic`` when repeats of failed arguments (later calls with the
     same arguments, or retries in the same run) all failed and there were at least two;
     ``transient`` when at least half of those repeats succeeded; else ``mixed``, or
-    ``undetermined`` with no repeat in the history. ``index`` is :func:`call_index` of ``calls``."""
-    indexed, by_run, by_key = index if index is not None else call_index(calls)
-
-    def next_after(entries: list[tuple[str, int, int]], key: str, event_id: int) -> _Call | None:
-        i = bisect.bisect_right(entries, (key, event_id, len(indexed)))
-        return indexed[entries[i][2]] if i < len(entries) and entries[i][0] == key else None
-
+    ``undetermined`` with no repeat in the history."""
     same_failed = same_ok = retried = retry_ok = follow = follow_ok = 0
-    for o in occ:
-        nxt_in_run = next_after(by_run, o["run_id"], o["event_id"])
-        if nxt_in_run is not None:
+    for f in followups:
+        if f.follow is not None:
             follow += 1
-            follow_ok += nxt_in_run.ok
-        key = args.get(o["event_id"])  # the key of the arguments, as the calls' args_key
-        if key is None:
-            continue
-        nxt = next_after(by_key, key, o["event_id"])
-        if nxt is not None:
-            if nxt.ok:
-                same_ok += 1
-            else:
-                same_failed += 1
-            if nxt.run_id == o["run_id"]:
+            follow_ok += f.follow
+        if f.repeat is not None:
+            same_ok += f.repeat
+            same_failed += 1 - f.repeat
+            if f.repeat_run:
                 retried += 1
-                retry_ok += nxt.ok
+                retry_ok += f.repeat
     repeats = same_failed + same_ok
     if repeats >= 2 and same_ok == 0:
         verdict = "deterministic"
@@ -466,16 +505,16 @@ def server_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]
             "streak_share": round(together / len(times), 4)}
 
 
-def timeout_durations(conn: sqlite3.Connection, calls: Calls, occ: list[dict[str, Any]]) -> dict[str, Any]:
-    """The timed-out occurrences' median cut-off and the tool's successful calls (those of
-    ``calls``' span with a duration): how many, how many came within :data:`HANG_SHARE` of
-    the cut-off, the longest."""
+def timeout_durations(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[str, Any]:
+    """The timed-out occurrences' median cut-off and the tool's successful calls since the
+    first of them (those with a duration): how many, how many came within
+    :data:`HANG_SHARE` of the cut-off, the longest; summed by SQLite."""
     cut = [o["duration_ms"] for o in occ if o.get("duration_ms") is not None]
     limit = statistics.median(cut) if cut else None
     successes, near, longest = conn.execute(
         "SELECT count(duration), coalesce(sum(duration >= ?), 0), max(duration) FROM selfheal_calls "
         "WHERE tool_name = ? AND event_id >= ? AND event_id <= ? AND ok = 1",
-        (HANG_SHARE * limit if limit else None, calls.tool, calls.lo, calls.hi)).fetchone()
+        (HANG_SHARE * limit if limit else None, tool, occ[0]["event_id"], indexed_up_to(conn))).fetchone()
     return {"cut_off_ms_median": limit, "successes": successes, "successes_near_limit": near if limit else 0,
             "success_ms_max": None if longest is None else float(longest)}
 
@@ -494,37 +533,44 @@ def _kind_and_codes(message: str, label: str | None) -> tuple[tuple[str, str], d
 
 
 def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurrences: list[dict[str, Any]],
-           *, check_paths: bool = True,
-           calls: Calls | None = None,
-           server: ServerErrors | None = None, index: CallIndex | None = None) -> dict[str, Any]:
+           *, check_paths: bool = True, server: ServerErrors | None = None) -> dict[str, Any]:
     """The evidence for one pattern (JSON data) with its ``kind``; see the module docstring.
 
     ``occurrences`` are the pattern's ``occurrences_detail`` (event_id, run_id, ts, message,
-    template, duration_ms); the most recent :data:`MAX_OCCURRENCES` are read for arguments.
-    ``calls`` is what :func:`tool_calls` returned for the tool (detect reads all patterns'
-    tools at once); read here when not given; ``server`` likewise the failed calls of
-    the tool's server (:func:`server_errors`), ``index`` :func:`call_index` of ``calls``."""
-    return gather_with_paths(conn, tool, error_type, occurrences, check_paths=check_paths, calls=calls,
-                             server=server, index=index)[0]
+    template, duration_ms); the most recent :data:`MAX_OCCURRENCES` are read. ``server``:
+    the failed calls of the tool's server (:func:`server_errors`), read here when not given."""
+    return gather_with_paths(conn, tool, error_type, occurrences, check_paths=check_paths, server=server)[0]
 
 
 def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | None,
                       occurrences: list[dict[str, Any]], *, check_paths: bool = True,
-                      calls: Calls | None = None,
                       server: ServerErrors | None = None,
-                      index: CallIndex | None = None,
-                      kinds: dict[int, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      kinds: dict[int, Known] | None = None,
+                      followups: dict[int, Followup] | None = None,
+                      texts: dict[int, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """:func:`gather`, and every path the messages name (``path``, ``argument``, ``count``,
     ``exists_now``; the evidence lists the ten most frequent): what a stored evidence
-    depends on outside the history. ``kinds`` (event id → ((kind, reason), codes, named
-    argument) of the occurrence: what its message and its call's arguments say, fixed once
-    both are in the index) holds what was read before; what is read here is added to it."""
+    depends on outside the history.
+
+    What is known of each occurrence is read once and kept by the caller: ``kinds`` (event
+    id → ((kind, reason), codes, named argument): what its message and its call's arguments
+    say, fixed once both are in the index) and ``followups`` (event id → its
+    :class:`Followup`, brought up to date here). What is read here is added to them.
+    ``texts``: the arguments of the occurrences missing from ``kinds`` when the caller read
+    them (:func:`failed_calls`), with ``followups`` complete."""
     occ = recent(occurrences)
     if not occ:
         return {"kind": "unknown", "reasons": ["no occurrences"]}, []
-    if calls is None:
-        calls = tool_calls(conn, {tool: occ[0]["event_id"]}, {tool: {o["run_id"] for o in occ}})[tool]
-    args, texts = calls.keys, calls.texts
+    kinds = {} if kinds is None else kinds
+    followups = {} if followups is None else followups
+    if texts is None:
+        keys, texts = failed_calls(conn, [o["event_id"] for o in occ if o["event_id"] not in kinds
+                                          or o["event_id"] not in followups])
+        for eid, key in keys.items():
+            followups.setdefault(eid, Followup(key))
+        for o in occ:  # a failure the calls index does not hold (no pairing): no arguments
+            followups.setdefault(o["event_id"], Followup(None))
+    resolve_followups(conn, tool, occ, followups)
     votes: Counter = Counter()
     reasons: Counter = Counter()
     errno: Counter = Counter()
@@ -536,12 +582,11 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
     retry_after: list[float] = []
     resets: list[float] = []
     for o in occ:
-        known = kinds.get(o["event_id"]) if kinds is not None else None
+        known = kinds.get(o["event_id"])
         if known is None:
-            known = (*_kind_and_codes(o["message"], error_type),
-                     named_argument(o["message"], _parsed(texts.get(o["event_id"]))) or message_path(o["message"]))
-            if kinds is not None:
-                kinds[o["event_id"]] = known
+            known = kinds[o["event_id"]] = (
+                *_kind_and_codes(o["message"], error_type),
+                named_argument(o["message"], _parsed(texts.get(o["event_id"]))) or message_path(o["message"]))
         (kind, reason), codes, arg = known
         votes[kind] += 1
         reasons[f"{kind}: {reason}"] += 1
@@ -563,13 +608,13 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
     for p in paths.values():
         p["exists_now"] = _path_exists(p["path"]) if check_paths else None
     gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(occ) if b["ts"] >= a["ts"]]
-    det = determinism(occ, calls.calls, args, index)
+    det = determinism_of(followups[o["event_id"]] for o in occ)
     streak = server_streak(conn, tool, occ, server)
     kind, share = votes.most_common(1)[0][0], votes.most_common(1)[0][1] / len(occ)
     why = [r for r, _ in reasons.most_common(3)]
     durations = None
     if kind in ("slow_tail", "hang"):
-        durations = timeout_durations(conn, calls, occ)
+        durations = timeout_durations(conn, tool, occ)
         if durations["cut_off_ms_median"] and durations["successes"] >= 3 and durations["successes_near_limit"] == 0:
             kind = "hang"
             why.append(f"none of {durations['successes']} successful calls came within "

@@ -21,7 +21,11 @@ When a pattern's evidence is read again (a new failure, a new call), the kind an
 each occurrence's message and the argument it names, already read, come from
 ``selfheal_error_kinds`` (a function of the message, the runtime's label and the call's
 arguments, by event id; emptied when the evidence code changes), so only the new
-occurrences' messages go through the rules and their arguments are parsed.
+occurrences' messages go through the rules and their arguments are parsed. What came after
+each occurrence (:class:`~selfheal_plugin.analysis.evidence.Followup`: the next call of its
+tool in its run, the next with its arguments) comes from ``selfheal_followups`` (emptied
+with the kinds): a question answered stays answered, and one still open is looked for only
+in the calls ingested since it was last looked at.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import hashlib
 import json
 import logging
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +155,14 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
         try:
             with write_transaction(conn):
                 conn.execute("DELETE FROM selfheal_error_kinds")
+                conn.execute("DELETE FROM selfheal_followups")
                 set_state(conn, "error_kinds_code", code_key())
         except sqlite3.Error as exc:
             log.debug("kinds not reset: %s", exc)
         return {}
     out: dict[int, Any] = {}
     read: dict[Any, Any] = {}  # codes text -> its parsed codes, None when unusable (most messages have none)
+    args: dict[Any, Any] = {}  # named text -> its parsed argument, False when unusable
     ids = sorted(labels)
     for i in range(0, len(ids), 500):
         part = ids[i:i + 500]
@@ -169,12 +176,14 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
                     except (ValueError, TypeError):
                         parsed = None
                     read[codes] = parsed if _usable_codes(parsed) else None
-                try:
-                    arg = json.loads(named) if named != "null" else None
-                except (ValueError, TypeError):
-                    continue
-                if read[codes] is not None and _usable_named(arg):  # codes: shared by rows, never changed
-                    out[eid] = ((kind, reason), read[codes], arg)
+                if named not in args:
+                    try:
+                        parsed = json.loads(named)
+                    except (ValueError, TypeError):
+                        parsed = False
+                    args[named] = parsed if _usable_named(parsed) else False
+                if read[codes] is not None and args[named] is not False:  # shared by rows, never changed
+                    out[eid] = ((kind, reason), read[codes], args[named])
     return out
 
 
@@ -191,3 +200,47 @@ def store_kinds(conn: sqlite3.Connection, labels: dict[int, str | None], kinds: 
                 conn.executemany("INSERT OR REPLACE INTO selfheal_error_kinds VALUES (?,?,?,?,?,?)", rows)
     except sqlite3.Error as exc:
         log.debug("kinds not stored: %s", exc)
+
+
+def _flag(value: Any) -> bool:
+    return value is None or (type(value) is int and value in (0, 1))
+
+
+def load_followups(conn: sqlite3.Connection, ids: list[int]) -> dict[int, _evidence.Followup]:
+    """Event id → the :class:`~selfheal_plugin.analysis.evidence.Followup` kept of the
+    occurrences ``ids``, written by the same evidence code (rows of another shape are
+    not used: their occurrences are looked at again)."""
+    out: dict[int, _evidence.Followup] = {}
+    if get_state(conn, "error_kinds_code") != code_key():
+        return out
+    wanted = sorted(ids)
+    for i in range(0, len(wanted), 500):
+        part = wanted[i:i + 500]
+        for eid, key, follow, repeat, repeat_run, checked in conn.execute(
+                f"SELECT event_id, args_key, follow, repeat, repeat_run, checked FROM selfheal_followups "
+                f"WHERE event_id IN ({','.join('?' * len(part))})", part):
+            if (key is None or isinstance(key, str)) and _flag(follow) and _flag(repeat) and _flag(repeat_run) \
+                    and type(checked) is int:
+                out[eid] = _evidence.Followup(key, follow, repeat, repeat_run, checked)
+    return out
+
+
+def store_followups(conn: sqlite3.Connection, followups: dict[int, _evidence.Followup], changed: Iterable[int],
+                    looked: Iterable[int], up_to: int) -> None:
+    """Keep the follow-ups of ``changed`` (new or answered) whole, and for the others
+    ``looked`` at again up to id ``up_to`` with nothing found only how far."""
+    rows = [(eid, f.args_key, f.follow, f.repeat, f.repeat_run, f.checked)
+            for eid in sorted(set(changed)) if (f := followups[eid])]
+    again = sorted(set(looked) - set(changed))
+    if not rows and not again:
+        return
+    try:
+        with write_transaction(conn):
+            if get_state(conn, "error_kinds_code") != code_key():
+                return
+            conn.executemany("INSERT OR REPLACE INTO selfheal_followups VALUES (?,?,?,?,?,?)", rows)
+            if again:
+                conn.execute("UPDATE selfheal_followups SET checked = ? WHERE event_id IN "
+                             "(SELECT value FROM json_each(?))", (up_to, json.dumps(again)))
+    except sqlite3.Error as exc:
+        log.debug("follow-ups not stored: %s", exc)

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from selfheal_plugin.analysis import evidencecache, windowcache
-from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, call_index, gather_with_paths, recent,
-                                              servers_errors, tool_calls)
+from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, Followup, failed_calls,
+                                              gather_with_paths, indexed_up_to, recent, resolve_followups,
+                                              servers_errors)
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type, server_of
@@ -461,10 +462,6 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
         stored = evidencecache.load(conn, prints)
     todo = [p for p in patterns if p.id not in stored]
     occurrences = {p.id: recent(p.occurrences_detail) for p in todo}  # what each evidence reads
-    runs: dict[str, set[str]] = {}
-    for p in todo:
-        runs.setdefault(p.tool_name, set()).update(o["run_id"] for o in occurrences[p.id])
-    calls = tool_calls(conn, {t: firsts[t] for t in runs if t in firsts}, runs)
     spans: dict[str, tuple[float, float]] = {}  # server -> the span of its patterns' occurrences
     for p in todo:
         server = server_of(p.tool_name)
@@ -473,25 +470,38 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
             lo, hi = spans.get(server, (min(times), max(times)))
             spans[server] = (min(lo, *times), max(hi, *times))
     servers = servers_errors(conn, {s: (lo - STREAK_SECONDS, hi + STREAK_SECONDS) for s, (lo, hi) in spans.items()})
-    indexes = {tool: call_index(found.calls) for tool, found in calls.items()}
-    labels = {o["event_id"]: p.error_type for p in todo for o in occurrences[p.id]} if prints else {}
-    kinds = evidencecache.load_kinds(conn, labels) if labels else None
-    known = set(kinds or ())
+    # What is known of each occurrence, kept by earlier detects: the rest is read now, at once.
+    labels = {o["event_id"]: p.error_type for p in todo for o in occurrences[p.id]}
+    kinds = evidencecache.load_kinds(conn, labels) if prints and labels else {}
+    followups = evidencecache.load_followups(conn, list(labels)) if prints and labels else {}
+    known_kinds, new = set(kinds), [eid for eid in labels if eid not in kinds or eid not in followups]
+    keys, texts = failed_calls(conn, new)
+    for eid in new:
+        followups.setdefault(eid, Followup(keys.get(eid)))
+    by_tool: dict[str, list[dict[str, Any]]] = {}
+    for p in todo:
+        by_tool.setdefault(p.tool_name, []).extend(occurrences[p.id])
+    looked: list[int] = []
+    changed = set(new)
+    for tool, occ in by_tool.items():
+        seen, answered = resolve_followups(conn, tool, occ, followups)
+        looked += seen
+        changed.update(answered)
     fresh = []
     for p in patterns:
         if p.id in stored:
             p.evidence = stored[p.id]
         else:
             p.evidence, paths = gather_with_paths(conn, p.tool_name, p.error_type, occurrences[p.id],
-                                                  calls=calls.get(p.tool_name),
                                                   server=servers.get(server_of(p.tool_name) or ""),
-                                                  index=indexes.get(p.tool_name), kinds=kinds)
+                                                  kinds=kinds, followups=followups, texts=texts)
             if prints:
                 fresh.append((p.id, prints[p.id], p.evidence, paths))
         p.failure_kind = p.evidence["kind"]
-    evidencecache.store(conn, fresh)
-    if kinds is not None:
-        evidencecache.store_kinds(conn, labels, kinds, known)
+    if prints:
+        evidencecache.store(conn, fresh)
+        evidencecache.store_kinds(conn, labels, kinds, known_kinds)
+        evidencecache.store_followups(conn, followups, changed, looked, indexed_up_to(conn))
 
 
 def pattern_details(pattern: Pattern) -> dict[str, Any]:

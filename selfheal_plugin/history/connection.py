@@ -193,6 +193,14 @@ CREATE TABLE IF NOT EXISTS selfheal_error_kinds (
     codes TEXT NOT NULL,  -- JSON: the codes in the message
     named TEXT NOT NULL  -- JSON: the argument of the call (or path) the message names, null when none
 );
+CREATE TABLE IF NOT EXISTS selfheal_followups (  -- what came after each occurrence (analysis.evidence.Followup)
+    event_id INTEGER PRIMARY KEY,  -- a row of selfheal_errors
+    args_key TEXT,  -- the key of its call's arguments, as selfheal_calls.args_key
+    follow INTEGER,  -- the outcome of the next call of its tool in its run (1 ok, 0 failed), NULL while none
+    repeat INTEGER,  -- the outcome of the next call of its tool with the same arguments, NULL while none
+    repeat_run INTEGER,  -- 1 when that call was in the same run
+    checked INTEGER NOT NULL  -- the calls up to this run_events id were looked at
+);
 CREATE TABLE IF NOT EXISTS selfheal_signatures (
     key TEXT PRIMARY KEY,  -- JSON: what the window's failures were (analysis/windowcache.py)
     value TEXT NOT NULL  -- JSON: the signatures detect grouped them into

@@ -208,6 +208,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
             conn.execute("DROP TABLE IF EXISTS selfheal_evidence")
             conn.execute("DROP TABLE IF EXISTS selfheal_signatures")
             conn.execute("DROP TABLE IF EXISTS selfheal_error_kinds")
+            conn.execute("DROP TABLE IF EXISTS selfheal_followups")
             for stmt in SELFHEAL_SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
@@ -225,6 +226,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
             conn.execute("DELETE FROM selfheal_evidence")
             conn.execute("DELETE FROM selfheal_signatures")
             conn.execute("DELETE FROM selfheal_error_kinds")
+            conn.execute("DELETE FROM selfheal_followups")
             set_state(conn, "errors_watermark", "0")
             set_state(conn, "bad_rows", "0")
         mark = 0
