@@ -35,7 +35,7 @@ import logging
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from selfheal_plugin.analysis import evidence as _evidence
 from selfheal_plugin.history.connection import get_state, server_of, set_state, write_transaction
@@ -86,6 +86,7 @@ EVIDENCE_KEYS = frozenset({"kind", "kind_share", "kind_votes", "reasons", "runti
                            "templates", "codes", "named_arguments", "paths", "path_occurrences", "determinism",
                            "server", "spacing_s", "retry_after_s", "reset_in_s", "durations", "summary"})
 _CODE_LISTS = {"errno": str, "http_status": int, "jsonrpc": int}
+_UNUSABLE = object()  # a stored text that does not hold what it should
 
 
 def _usable(ev: Any, named: Any) -> bool:
@@ -161,29 +162,24 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
             log.debug("kinds not reset: %s", exc)
         return {}
     out: dict[int, Any] = {}
-    read: dict[Any, Any] = {}  # codes text -> its parsed codes, None when unusable (most messages have none)
-    args: dict[Any, Any] = {}  # named text -> its parsed argument, False when unusable
-    ids = sorted(labels)
-    for i in range(0, len(ids), 500):
-        part = ids[i:i + 500]
-        for eid, label, kind, reason, codes, named in conn.execute(
-                f"SELECT event_id, label, kind, reason, codes, named FROM selfheal_error_kinds "
-                f"WHERE event_id IN ({','.join('?' * len(part))})", part):
-            if label == labels[eid] and kind in _evidence.KINDS and isinstance(reason, str):
-                if codes not in read:
-                    try:
-                        parsed = json.loads(codes)
-                    except (ValueError, TypeError):
-                        parsed = None
-                    read[codes] = parsed if _usable_codes(parsed) else None
-                if named not in args:
-                    try:
-                        parsed = json.loads(named)
-                    except (ValueError, TypeError):
-                        parsed = False
-                    args[named] = parsed if _usable_named(parsed) else False
-                if read[codes] is not None and args[named] is not False:  # shared by rows, never changed
-                    out[eid] = ((kind, reason), read[codes], args[named])
+    read: dict[Any, Any] = {}  # codes or named text -> what it holds (_UNUSABLE): most rows share one
+
+    def parsed(text: Any, usable: Callable[[Any], bool], column: str) -> Any:
+        if (column, text) not in read:
+            try:
+                value = json.loads(text)
+            except (ValueError, TypeError):
+                value = _UNUSABLE
+            read[column, text] = value if value is not _UNUSABLE and usable(value) else _UNUSABLE
+        return read[column, text]
+
+    for eid, label, kind, reason, codes, named in conn.execute(
+            "SELECT event_id, label, kind, reason, codes, named FROM selfheal_error_kinds "
+            "WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(labels)),)):
+        if label == labels[eid] and kind in _evidence.KINDS and isinstance(reason, str):
+            found = parsed(codes, _usable_codes, "codes"), parsed(named, _usable_named, "named")
+            if _UNUSABLE not in found:  # shared by the rows of the same text: read, never changed
+                out[eid] = ((kind, reason), *found)
     return out
 
 
@@ -213,15 +209,12 @@ def load_followups(conn: sqlite3.Connection, ids: list[int]) -> dict[int, _evide
     out: dict[int, _evidence.Followup] = {}
     if get_state(conn, "error_kinds_code") != code_key():
         return out
-    wanted = sorted(ids)
-    for i in range(0, len(wanted), 500):
-        part = wanted[i:i + 500]
-        for eid, key, follow, repeat, repeat_run, checked in conn.execute(
-                f"SELECT event_id, args_key, follow, repeat, repeat_run, checked FROM selfheal_followups "
-                f"WHERE event_id IN ({','.join('?' * len(part))})", part):
-            if (key is None or isinstance(key, str)) and _flag(follow) and _flag(repeat) and _flag(repeat_run) \
-                    and type(checked) is int:
-                out[eid] = _evidence.Followup(key, follow, repeat, repeat_run, checked)
+    for eid, key, follow, repeat, repeat_run, checked in conn.execute(
+            "SELECT event_id, args_key, follow, repeat, repeat_run, checked FROM selfheal_followups "
+            "WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(ids)),)):
+        if (key is None or isinstance(key, str)) and _flag(follow) and _flag(repeat) and _flag(repeat_run) \
+                and type(checked) is int:
+            out[eid] = _evidence.Followup(key, follow, repeat, repeat_run, checked)
     return out
 
 
