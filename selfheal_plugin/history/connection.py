@@ -162,7 +162,7 @@ CREATE TABLE IF NOT EXISTS selfheal_calls (  -- every well-formed tool call (his
     args_key TEXT,  -- a hash of its tool_start's arguments (JSON text), NULL when none was found
     arguments TEXT  -- failed calls only: that JSON text, when at most MAX_ARGUMENT_CHARS
 );
-CREATE INDEX IF NOT EXISTS idx_selfheal_calls_tool ON selfheal_calls(tool_name, event_id);
+CREATE INDEX IF NOT EXISTS idx_selfheal_calls_tool ON selfheal_calls(tool_name, event_id, ok, duration);
 CREATE TABLE IF NOT EXISTS selfheal_rules (  -- fix rules (history.rules)
     id TEXT PRIMARY KEY,
     failure_kind TEXT NOT NULL,

@@ -47,7 +47,7 @@ from selfheal_plugin.history.times import to_epoch
 log = logging.getLogger("selfheal.errorindex")
 
 CHUNK_IDS = 200_000
-INDEX_VERSION = "8"
+INDEX_VERSION = "9"
 
 # Bounds past which a row is not a tool call but damage (counted and skipped everywhere).
 MAX_EVENT_BYTES = 8 << 20  # 8 MiB of event JSON: past what a tool call returns (a file read of a few MB is fine)
