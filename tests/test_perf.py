@@ -356,12 +356,17 @@ def test_the_follow_ups_read_for_determinism_give_what_every_call_gives(tmp_path
     assert checked >= 3
 
 
-def test_follow_ups_kept_open_are_answered_by_later_calls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damaged", [False, True])
+def test_follow_ups_kept_open_are_answered_by_later_calls(tmp_path: Path, damaged: bool) -> None:
     """A failure's follow-ups are kept; a later call that repeats its arguments answers
-    one still open, and the evidence then is what reading every call at once gives."""
+    one still open, and the evidence then is what reading every call at once gives. A kept
+    row that says it looked further than the index has read is not believed."""
     db = history(tmp_path / "h.db", tmp_path / "missing")
     conn = connect(db)
     detect(conn)
+    if damaged:
+        conn.execute("UPDATE selfheal_followups SET checked = 1000000000000")
+        conn.commit()
     eid, text = conn.execute(
         "SELECT f.event_id, c.arguments FROM selfheal_followups f JOIN selfheal_calls c USING (event_id) "
         "WHERE f.repeat IS NULL AND c.tool_name = ? ORDER BY f.event_id DESC LIMIT 1", (SEARCH,)).fetchone()
@@ -447,6 +452,8 @@ def test_the_oldest_occurrence_the_evidence_reads_is_found_in_sql_as_in_python(t
     "UPDATE selfheal_error_kinds SET kind = 'bogus'",
     "UPDATE selfheal_error_kinds SET named = 'not json'",
     "UPDATE selfheal_error_kinds SET named = '{\"key\": 1, \"value\": \"/x\", \"type\": \"path\"}'",
+    "UPDATE selfheal_followups SET follow = 7",
+    "UPDATE selfheal_followups SET args_key = 5, checked = 'x'",
 ])
 def test_stored_rows_of_another_shape_are_read_again_not_used(tmp_path: Path, damage: str) -> None:
     """Our tables live in a file another program writes: a damaged row is a miss, not a crash."""
@@ -454,7 +461,7 @@ def test_stored_rows_of_another_shape_are_read_again_not_used(tmp_path: Path, da
     conn = connect(db)
     first = detect(conn)
     conn.execute(damage)
-    if "error_kinds" in damage:
+    if "error_kinds" in damage or "followups" in damage:
         conn.execute("DELETE FROM selfheal_evidence")
     conn.commit()
     assert detect(conn) == first

@@ -204,16 +204,18 @@ def _flag(value: Any) -> bool:
 
 def load_followups(conn: sqlite3.Connection, ids: list[int]) -> dict[int, _evidence.Followup]:
     """Event id → the :class:`~selfheal_plugin.analysis.evidence.Followup` kept of the
-    occurrences ``ids``, written by the same evidence code (rows of another shape are
-    not used: their occurrences are looked at again)."""
+    occurrences ``ids``, written by the same evidence code (rows of another shape, or
+    looked at beyond what the index has read, are not used: their occurrences are looked
+    at again)."""
     out: dict[int, _evidence.Followup] = {}
     if get_state(conn, "error_kinds_code") != code_key():
         return out
+    end = _evidence.indexed_up_to(conn)
     for eid, key, follow, repeat, repeat_run, checked in conn.execute(
             "SELECT event_id, args_key, follow, repeat, repeat_run, checked FROM selfheal_followups "
             "WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(ids)),)):
         if (key is None or isinstance(key, str)) and _flag(follow) and _flag(repeat) and _flag(repeat_run) \
-                and type(checked) is int:
+                and type(checked) is int and checked <= end:
             out[eid] = _evidence.Followup(key, follow, repeat, repeat_run, checked)
     return out
 
