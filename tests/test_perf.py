@@ -55,7 +55,10 @@ def plain_determinism(occ: list[dict[str, Any]], calls: list[E._Call], args: dic
 def plain_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[str, Any]:
     server = tool.split("__")[1]
     times = sorted(o["ts"] for o in occ)
-    errors = E._server_errors(conn, server, times[0] - E.STREAK_SECONDS, times[-1] + E.STREAK_SECONDS)
+    prefix = f"mcp__{server}__"
+    errors = conn.execute("SELECT ts, tool_name FROM selfheal_errors WHERE ts >= ? AND ts <= ? "
+                          "AND substr(tool_name, 1, ?) = ?", (times[0] - E.STREAK_SECONDS,
+                                                              times[-1] + E.STREAK_SECONDS, len(prefix), prefix))
     others = sorted((ts, name) for ts, name in errors if name != tool)
     other_ts = [ts for ts, _ in others]
     together = 0

@@ -288,6 +288,18 @@ class Followup:
 Known = tuple[tuple[str, str], dict[str, Any], dict[str, Any] | None]  # (kind, reason), codes, named argument
 
 
+def read_unknown(conn: sqlite3.Connection, ids: Iterable[int], kinds: dict[int, Known],
+                 followups: dict[int, Followup]) -> dict[int, str]:
+    """For the occurrences ``ids`` missing from ``kinds`` or ``followups`` (what was kept of
+    them), read their calls' arguments (:func:`failed_calls`): each missing follow-up is
+    made, not yet looked for; the arguments' JSON texts are returned, for the kinds."""
+    unknown = [eid for eid in ids if eid not in kinds or eid not in followups]
+    keys, texts = failed_calls(conn, unknown)
+    for eid in unknown:  # a failure the calls index does not hold (no pairing) has no arguments
+        followups.setdefault(eid, Followup(keys.get(eid)))
+    return texts
+
+
 def failed_calls(conn: sqlite3.Connection, ids: Iterable[int]) -> tuple[dict[int, str | None], dict[int, str]]:
     """For failed calls (their ``tool_complete`` ids), from the index's ``selfheal_calls``:
     the key of each one's arguments and, when kept, their JSON text. Text is decoded by
@@ -351,13 +363,6 @@ def _parsed(text: Any) -> Any:
         return None
 
 
-def _server_errors(conn: sqlite3.Connection, server: str, lo: float, hi: float) -> list[tuple[float, str]]:
-    prefix = f"mcp__{server}__"
-    rows = conn.execute("SELECT ts, tool_name FROM selfheal_errors WHERE ts >= ? AND ts <= ? "
-                        "AND substr(tool_name, 1, ?) = ?", (lo, hi, len(prefix), prefix)).fetchall()
-    return [(float(ts), name) for ts, name in rows]
-
-
 class ServerErrors:
     """The failed calls of one MCP server's tools between two instants, sorted by time,
     all together and per tool, so that a pattern's streak is counted by bisection (read
@@ -374,14 +379,15 @@ class ServerErrors:
 
 
 def server_errors(conn: sqlite3.Connection, server: str, lo: float, hi: float) -> ServerErrors:
-    """The server's failed calls with ``lo <= ts <= hi`` (one indexed range read)."""
-    return ServerErrors(server, lo, hi, _server_errors(conn, server, lo, hi))
+    """The server's failed calls (its tools' names begin ``mcp__{server}__``) with
+    ``lo <= ts <= hi``: :func:`servers_errors` of the one server."""
+    return servers_errors(conn, {server: (lo, hi)})[server]
 
 
 def servers_errors(conn: sqlite3.Connection, spans: dict[str, tuple[float, float]]) -> dict[str, ServerErrors]:
     """:func:`server_errors` of several servers (server → (lo, hi)), read together in one
-    range read over all their spans: a read per server would walk the window's failures of
-    every server once for each."""
+    indexed range read over all their spans: a read per server would walk the window's
+    failures of every server once for each."""
     if not spans:
         return {}
     lo, hi = min(a for a, _ in spans.values()), max(b for _, b in spans.values())
@@ -555,22 +561,18 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
     What is known of each occurrence is read once and kept by the caller: ``kinds`` (event
     id → ((kind, reason), codes, named argument): what its message and its call's arguments
     say, fixed once both are in the index) and ``followups`` (event id → its
-    :class:`Followup`, brought up to date here). What is read here is added to them.
-    ``texts``: the arguments of the occurrences missing from ``kinds`` when the caller read
-    them (:func:`failed_calls`), with ``followups`` complete."""
+    :class:`Followup`). What is read here is added to them. ``texts``: when the caller read
+    the occurrences' unknowns itself (:func:`read_unknown`) and brought their follow-ups up
+    to date (:func:`resolve_followups`, once for all the patterns of a tool), what
+    :func:`read_unknown` returned; else both are done here."""
     occ = recent(occurrences)
     if not occ:
         return {"kind": "unknown", "reasons": ["no occurrences"]}, []
     kinds = {} if kinds is None else kinds
     followups = {} if followups is None else followups
     if texts is None:
-        keys, texts = failed_calls(conn, [o["event_id"] for o in occ if o["event_id"] not in kinds
-                                          or o["event_id"] not in followups])
-        for eid, key in keys.items():
-            followups.setdefault(eid, Followup(key))
-        for o in occ:  # a failure the calls index does not hold (no pairing): no arguments
-            followups.setdefault(o["event_id"], Followup(None))
-    resolve_followups(conn, tool, occ, followups)
+        texts = read_unknown(conn, [o["event_id"] for o in occ], kinds, followups)
+        resolve_followups(conn, tool, occ, followups)
     votes: Counter = Counter()
     reasons: Counter = Counter()
     errno: Counter = Counter()

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from selfheal_plugin.analysis import evidencecache, windowcache
-from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, Followup, failed_calls,
-                                              gather_with_paths, indexed_up_to, recent, resolve_followups,
-                                              servers_errors)
+from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, gather_with_paths, indexed_up_to,
+                                              read_unknown, recent, resolve_followups, servers_errors)
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type, server_of
@@ -445,19 +444,12 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
     its occurrences in the window) lets a pattern's stored evidence stand in for reading it
     again when nothing it depends on changed (:mod:`~selfheal_plugin.analysis.evidencecache`);
     the occurrences of a pattern found there are not read."""
-    firsts: dict[str, int] = {}
-    for p in patterns:
-        if keys is not None:
-            first = keys[p.id][0]
-        else:
-            ids = sorted(o["event_id"] for o in p.occurrences_detail)[-MAX_OCCURRENCES:]
-            if not ids:
-                continue
-            first = ids[0]
-        firsts[p.tool_name] = min(firsts.get(p.tool_name, first), first)
     stored: dict[str, dict[str, Any]] = {}
     prints: dict[str, str] = {}
     if keys is not None and patterns:
+        firsts: dict[str, int] = {}  # tool -> the oldest occurrence any of its patterns' evidence reads
+        for p in patterns:
+            firsts[p.tool_name] = min(firsts.get(p.tool_name, keys[p.id][0]), keys[p.id][0])
         prints = evidencecache.fingerprints(conn, {p.id: (p.tool_name, keys[p.id][1]) for p in patterns}, firsts)
         stored = evidencecache.load(conn, prints)
     todo = [p for p in patterns if p.id not in stored]
@@ -474,15 +466,13 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
     labels = {o["event_id"]: p.error_type for p in todo for o in occurrences[p.id]}
     kinds = evidencecache.load_kinds(conn, labels) if prints and labels else {}
     followups = evidencecache.load_followups(conn, list(labels)) if prints and labels else {}
-    known_kinds, new = set(kinds), [eid for eid in labels if eid not in kinds or eid not in followups]
-    keys, texts = failed_calls(conn, new)
-    for eid in new:
-        followups.setdefault(eid, Followup(keys.get(eid)))
+    known_kinds, known_followups = set(kinds), set(followups)
+    texts = read_unknown(conn, labels, kinds, followups)
     by_tool: dict[str, list[dict[str, Any]]] = {}
     for p in todo:
         by_tool.setdefault(p.tool_name, []).extend(occurrences[p.id])
     looked: list[int] = []
-    changed = set(new)
+    changed = set(followups) - known_followups
     for tool, occ in by_tool.items():
         seen, answered = resolve_followups(conn, tool, occ, followups)
         looked += seen
