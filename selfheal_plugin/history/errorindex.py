@@ -48,6 +48,10 @@ log = logging.getLogger("selfheal.errorindex")
 
 CHUNK_IDS = 200_000
 INDEX_VERSION = "9"
+# What the index and what is computed from it keep: dropped when the version changes,
+# emptied when the history is replaced.
+INDEX_TABLES = ("selfheal_errors", "selfheal_tool_hours", "selfheal_calls", "selfheal_tool_errors",
+                "selfheal_evidence", "selfheal_signatures", "selfheal_error_kinds", "selfheal_followups")
 
 # Bounds past which a row is not a tool call but damage (counted and skipped everywhere).
 MAX_EVENT_BYTES = 8 << 20  # 8 MiB of event JSON: past what a tool call returns (a file read of a few MB is fine)
@@ -201,14 +205,8 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     chunk already ingested by someone else is skipped."""
     if get_state(conn, "errors_index_version") != INDEX_VERSION:
         with write_transaction(conn):  # an index written by another version: rebuild it
-            conn.execute("DROP TABLE IF EXISTS selfheal_errors")
-            conn.execute("DROP TABLE IF EXISTS selfheal_tool_hours")
-            conn.execute("DROP TABLE IF EXISTS selfheal_calls")
-            conn.execute("DROP TABLE IF EXISTS selfheal_tool_errors")
-            conn.execute("DROP TABLE IF EXISTS selfheal_evidence")
-            conn.execute("DROP TABLE IF EXISTS selfheal_signatures")
-            conn.execute("DROP TABLE IF EXISTS selfheal_error_kinds")
-            conn.execute("DROP TABLE IF EXISTS selfheal_followups")
+            for table in INDEX_TABLES:
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
             for stmt in SELFHEAL_SCHEMA.split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
@@ -219,14 +217,8 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     mark = int(get_state(conn, "errors_watermark", "0"))
     if top < mark:  # the table was emptied or replaced: start again
         with write_transaction(conn):
-            conn.execute("DELETE FROM selfheal_errors")
-            conn.execute("DELETE FROM selfheal_tool_hours")
-            conn.execute("DELETE FROM selfheal_calls")
-            conn.execute("DELETE FROM selfheal_tool_errors")
-            conn.execute("DELETE FROM selfheal_evidence")
-            conn.execute("DELETE FROM selfheal_signatures")
-            conn.execute("DELETE FROM selfheal_error_kinds")
-            conn.execute("DELETE FROM selfheal_followups")
+            for table in INDEX_TABLES:
+                conn.execute(f"DELETE FROM {table}")
             set_state(conn, "errors_watermark", "0")
             set_state(conn, "bad_rows", "0")
         mark = 0
