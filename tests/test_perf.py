@@ -329,10 +329,10 @@ def test_the_failed_calls_arguments_are_read_by_their_ids(tmp_path: Path) -> Non
     assert E.failed_calls(conn, []) == ({}, {})
 
 
-def test_the_follow_ups_read_for_determinism_give_what_every_call_gives(tmp_path: Path) -> None:
-    """The evidence reads, for each occurrence, the calls after it in its run or with its
-    arguments; determinism from them, and the durations SQLite sums, are what every call
-    of the tool gives."""
+def test_the_follow_ups_kept_by_the_index_give_what_every_call_gives(tmp_path: Path) -> None:
+    """The index keeps, for each failure, the outcome of the next call of its tool in its
+    run and with its arguments; they, the same read from the calls, and determinism from
+    them, are what every call of the tool gives, and so are the durations SQLite sums."""
     db = history(tmp_path / "h.db", tmp_path / "missing")
     append(db, Call(SEARCH, {"query": "only the run is shared"}, False, "Request timed out after 30 s", "timeout"),
            Call(SEARCH, {"query": "a follow-up"}))
@@ -345,11 +345,11 @@ def test_the_follow_ups_read_for_determinism_give_what_every_call_gives(tmp_path
                             "ORDER BY event_id", (p.tool_name,)).fetchall()
         every = [E._Call(eid, run, bool(ok), key) for eid, run, ok, _, key in rows]
         keys, _ = E.failed_calls(conn, [o["event_id"] for o in occ])
-        followups = {o["event_id"]: E.Followup(keys.get(o["event_id"])) for o in occ}
-        looked, answered = E.resolve_followups(conn, p.tool_name, occ, followups)
-        assert set(looked) == set(followups) and set(answered) <= set(looked)
-        assert all(not f.open or f.checked == E.indexed_up_to(conn) for f in followups.values())
-        assert E.determinism_of(followups.values()) == E.determinism(occ, every, keys)
+        kept = conn.execute("SELECT count(*) FROM selfheal_followups WHERE event_id IN (SELECT value FROM json_each(?))",
+                            (json.dumps([o["event_id"] for o in occ]),)).fetchone()[0]
+        assert kept == len(occ)  # every failure's, from the index
+        from_index, from_calls = E.read_followups(conn, occ), E.followups_from_calls(conn, p.tool_name, occ)
+        assert from_index == from_calls and E.determinism_of(from_index.values()) == E.determinism(occ, every, keys)
         ok = [float(d) for eid, _, good, d, _ in rows if good and d is not None and eid >= occ[0]["event_id"]]
         for limit in (1.0, 500.0, 10_000.0):
             summed = E.timeout_durations(conn, p.tool_name, [{**occ[0], "duration_ms": limit}])
@@ -357,26 +357,30 @@ def test_the_follow_ups_read_for_determinism_give_what_every_call_gives(tmp_path
                 len(ok), sum(d >= E.HANG_SHARE * limit for d in ok), max(ok) if ok else None)
         checked += 1
     assert checked >= 3
+    answered = conn.execute("SELECT count(follow), count(repeat) FROM selfheal_followups").fetchone()
+    assert answered[0] > 0 and answered[1] > 0  # both questions answered somewhere: the test can fail
 
 
 @pytest.mark.parametrize("damaged", [False, True])
 def test_follow_ups_kept_open_are_answered_by_later_calls(tmp_path: Path, damaged: bool) -> None:
     """A failure's follow-ups are kept; a later call that repeats its arguments answers
     one still open, and the evidence then is what reading every call at once gives. A kept
-    row that says it looked further than the index has read is not believed."""
+    row of another shape is not believed: the calls are read for it instead."""
     db = history(tmp_path / "h.db", tmp_path / "missing")
     conn = connect(db)
     detect(conn)
-    if damaged:
-        conn.execute("UPDATE selfheal_followups SET checked = 1000000000000")
-        conn.commit()
     eid, text = conn.execute(
         "SELECT f.event_id, c.arguments FROM selfheal_followups f JOIN selfheal_calls c USING (event_id) "
         "WHERE f.repeat IS NULL AND c.tool_name = ? ORDER BY f.event_id DESC LIMIT 1", (SEARCH,)).fetchone()
+    if damaged:
+        conn.execute("UPDATE selfheal_followups SET repeat_run = 'x' WHERE event_id = ?", (eid,))
+        conn.commit()
     append(db, Call(SEARCH, json.loads(text)), at=0.5)  # the same search succeeds, in another run
     after = detect(conn)
     assert tuple(conn.execute("SELECT repeat, repeat_run FROM selfheal_followups WHERE event_id = ?",
-                        (eid,)).fetchone()) == (1, 0)
+                              (eid,)).fetchone()) == ((None, "x") if damaged else (1, 0))
+    assert E.read_followups(conn, [{"event_id": eid, "tool_name": SEARCH, "run_id": conn.execute(
+        "SELECT run_id FROM selfheal_errors WHERE event_id = ?", (eid,)).fetchone()[0]}])[eid].repeat == 1
     assert after == fresh(conn)
 
 
@@ -414,7 +418,7 @@ def test_the_calls_index_is_the_same_ingested_at_once_or_in_pieces(tmp_path: Pat
         c = connect(copy)
         errorindex.refresh(c)
         tables[chunk] = [[tuple(r) for r in c.execute(f"SELECT * FROM {name} ORDER BY 1, 2")]
-                         for name in ("selfheal_calls", "selfheal_tool_hours", "selfheal_errors")]
+                         for name in ("selfheal_calls", "selfheal_tool_hours", "selfheal_errors", "selfheal_followups")]
         tables[chunk].append(tuple(c.execute("SELECT value FROM selfheal_state WHERE key = 'bad_rows'").fetchone()))
         c.close()
     assert tables[1_000_000] == tables[3] == tables[1]
@@ -425,7 +429,9 @@ def test_the_calls_index_is_the_same_ingested_at_once_or_in_pieces(tmp_path: Pat
                                                              '{"path":"/a"}')
     assert calls[last - 8][7] == args_key('{"path":"/b"}') and calls[last - 8][8] is None  # a success keeps no text
     assert a_ok[7] is None and c_far[7] is None and c_far[5] == 9
-    assert tables[1][3] == ("1",)  # the row that is not JSON
+    assert tables[1][4] == ("1",)  # the row that is not JSON
+    followups = {r[0]: r for r in tables[1][3]}
+    assert followups[last - 7][3:] == (args_key('{"path":"/a"}'), 1, None, None)  # A's next call succeeded
 
 
 @pytest.mark.parametrize("most", [1, 3, 500])
@@ -436,10 +442,10 @@ def test_the_oldest_occurrence_the_evidence_reads_is_found_in_sql_as_in_python(t
     conn = connect(history(tmp_path / "h.db", tmp_path / "missing"))
     P.detect_failure_patterns(conn, since=SINCE, now=NOW)  # the index
     since = (NOW - timedelta(days=7)).timestamp()
-    where, params = P._where(since, None, None, None, None)
-    for (etype, tool), sig in P._signatures(conn, where, params).items():
+    window = P._Window(conn, since, None, None)
+    for (etype, tool), sig in P._signatures(P._error_rows(conn, since, None, None, None))[0].items():
         ids = sorted(r["event_id"] for r in P._error_rows(conn, since, None, etype, tool))
-        assert P._recent_first(conn, sig, since, None, etype, tool, None) == ids[-most:][0]
+        assert P._recent_first(conn, sig, window, etype, tool) == ids[-most:][0]
 
 
 @pytest.mark.parametrize("damage", [
@@ -456,7 +462,8 @@ def test_the_oldest_occurrence_the_evidence_reads_is_found_in_sql_as_in_python(t
     "UPDATE selfheal_error_kinds SET named = 'not json'",
     "UPDATE selfheal_error_kinds SET named = '{\"key\": 1, \"value\": \"/x\", \"type\": \"path\"}'",
     "UPDATE selfheal_followups SET follow = 7",
-    "UPDATE selfheal_followups SET args_key = 5, checked = 'x'",
+    "UPDATE selfheal_followups SET args_key = 5, repeat_run = 'x'",
+    "DELETE FROM selfheal_followups",
 ])
 def test_stored_rows_of_another_shape_are_read_again_not_used(tmp_path: Path, damage: str) -> None:
     """Our tables live in a file another program writes: a damaged row is a miss, not a crash."""

@@ -44,7 +44,7 @@ from datetime import datetime
 from operator import itemgetter
 from typing import Any
 
-from selfheal_plugin.history.connection import get_state, scan_id_range, server_of
+from selfheal_plugin.history.connection import get_state, read_all, scan_id_range, server_of
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 
 KINDS = FAILURE_KINDS
@@ -269,35 +269,22 @@ class Followup:
     """What the history says after one occurrence (a failed call): ``follow``, the outcome
     (1 ok, 0 failed) of the next call of its tool in its run; ``repeat``, of the next call
     of its tool with the same arguments (``args_key``, the hash of the call's arguments), and
-    ``repeat_run``, 1 when that call is in the same run; None while there is none. The calls
-    up to id ``checked`` were looked at. A call found is the first after the occurrence
-    whatever comes later, so only the questions still open are looked at again, in the calls
-    after ``checked`` (:func:`resolve_followups`)."""
+    ``repeat_run``, 1 when that call is in the same run; None while there is none. The index
+    keeps them (``selfheal_followups``), answered as the calls come in."""
 
     args_key: str | None
     follow: int | None = None
     repeat: int | None = None
     repeat_run: int | None = None
-    checked: int = 0
-
-    @property
-    def open(self) -> bool:
-        return self.follow is None or (self.repeat is None and self.args_key is not None)
 
 
 Known = tuple[tuple[str, str], dict[str, Any], dict[str, Any] | None]  # (kind, reason), codes, named argument
 
 
-def read_unknown(conn: sqlite3.Connection, ids: Iterable[int], kinds: dict[int, Known],
-                 followups: dict[int, Followup]) -> dict[int, str]:
-    """For the occurrences ``ids`` missing from ``kinds`` or ``followups`` (what was kept of
-    them), read their calls' arguments (:func:`failed_calls`): each missing follow-up is
-    made, not yet looked for; the arguments' JSON texts are returned, for the kinds."""
-    unknown = [eid for eid in ids if eid not in kinds or eid not in followups]
-    keys, texts = failed_calls(conn, unknown)
-    for eid in unknown:  # a failure the calls index does not hold (no pairing) has no arguments
-        followups.setdefault(eid, Followup(keys.get(eid)))
-    return texts
+def read_unknown(conn: sqlite3.Connection, ids: Iterable[int], kinds: dict[int, Known]) -> dict[int, str]:
+    """The JSON texts of the arguments of the calls of the occurrences ``ids`` missing
+    from ``kinds`` (what was kept of them), for the arguments their messages name."""
+    return failed_calls(conn, [eid for eid in ids if eid not in kinds])[1]
 
 
 def failed_calls(conn: sqlite3.Connection, ids: Iterable[int]) -> tuple[dict[int, str | None], dict[int, str]]:
@@ -325,33 +312,47 @@ def indexed_up_to(conn: sqlite3.Connection) -> int:
         return 0
 
 
-def resolve_followups(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]],
-                      followups: dict[int, Followup]) -> tuple[list[int], list[int]]:
-    """Bring the follow-ups of ``occ`` (occurrences of ``tool``, each in ``followups``) up
-    to the index's end: the calls of the tool after each open one's ``checked`` in its run
-    or with its arguments, read in one range read on (tool, id) filtered by SQLite. Returns
-    the ids of the follow-ups looked at, and of those among them answered now."""
-    end = indexed_up_to(conn)
-    todo = [(o, f) for o in occ if (f := followups[o["event_id"]]).open and f.checked < end]
-    if not todo:
-        return [], []
-    runs = sorted({o["run_id"] for o, f in todo if f.follow is None and isinstance(o["run_id"], str)})
-    keys = sorted({f.args_key for _, f in todo if f.repeat is None and isinstance(f.args_key, str)})
+def _flag(value: Any) -> bool:
+    return value is None or (type(value) is int and value in (0, 1))
+
+
+def read_followups(conn: sqlite3.Connection, occ: Iterable[dict[str, Any]]) -> dict[int, Followup]:
+    """Event id → the :class:`Followup` of each occurrence of ``occ``, as the index keeps
+    it; one it does not hold, or holds in a row of another shape (damage: our table lives in
+    a file another program writes), is read from the calls (:func:`followups_from_calls`)."""
+    occ = list(occ)
+    out: dict[int, Followup] = {}
+    sql = ("SELECT event_id, args_key, follow, repeat, repeat_run FROM selfheal_followups WHERE event_id > ? "
+           "AND event_id <= ? AND event_id IN (SELECT value FROM json_each(?)) ORDER BY event_id")
+    ids = sorted({o["event_id"] for o in occ})
+    for eid, key, follow, repeat, repeat_run in scan_id_range(conn, sql, ids[0] - 1, ids[-1], json.dumps(ids)) \
+            if ids else ():
+        if (key is None or isinstance(key, str)) and _flag(follow) and _flag(repeat) and _flag(repeat_run):
+            out[eid] = Followup(key, follow, repeat, repeat_run)
+    missing: dict[str, list[dict[str, Any]]] = {}
+    for o in occ:
+        if o["event_id"] not in out:
+            missing.setdefault(o["tool_name"], []).append(o)
+    for tool, some in missing.items():
+        out.update(followups_from_calls(conn, tool, some))
+    return out
+
+
+def followups_from_calls(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[int, Followup]:
+    """The :class:`Followup` of each occurrence of ``occ`` (of ``tool``) found in the calls
+    themselves: the tool's calls after the first of them, in their runs or with their
+    arguments, read in one range read on (tool, id) filtered by SQLite."""
+    if not occ:
+        return {}
+    keys, _ = failed_calls(conn, [o["event_id"] for o in occ])
+    runs = sorted({o["run_id"] for o in occ if isinstance(o["run_id"], str)})
+    wanted = sorted({k for k in keys.values() if isinstance(k, str)})
     sql = ("SELECT event_id, run_id, ok, args_key FROM selfheal_calls WHERE event_id > ? AND event_id <= ? "
            "AND tool_name = ? AND (run_id IN (SELECT value FROM json_each(?)) "
            "OR args_key IN (SELECT value FROM json_each(?))) ORDER BY event_id")
-    lo = min(max(o["event_id"], f.checked) for o, f in todo)
-    calls = [_Call(eid, run_id, bool(ok), key)
-             for eid, run_id, ok, key in scan_id_range(conn, sql, lo, end, tool, json.dumps(runs), json.dumps(keys))]
-    index = call_index(calls)
-    answered = []
-    for o, f in todo:
-        before = (f.follow, f.repeat)
-        _follow_up(f, o, index, max(o["event_id"], f.checked))
-        f.checked = end
-        if (f.follow, f.repeat) != before:
-            answered.append(o["event_id"])
-    return [o["event_id"] for o, _ in todo], answered
+    calls = [_Call(eid, run_id, bool(ok), key) for eid, run_id, ok, key in scan_id_range(
+        conn, sql, min(o["event_id"] for o in occ), indexed_up_to(conn), tool, json.dumps(runs), json.dumps(wanted))]
+    return _followups_among(occ, call_index(calls), keys)
 
 
 def _parsed(text: Any) -> Any:
@@ -393,7 +394,7 @@ def servers_errors(conn: sqlite3.Connection, spans: dict[str, tuple[float, float
     lo, hi = min(a for a, _ in spans.values()), max(b for _, b in spans.values())
     rows: dict[str, list[tuple[float, str]]] = {s: [] for s in spans}
     server: dict[Any, str | None] = {}  # tool name -> the server of `spans` whose prefix mcp__{server}__ it has
-    for ts, name in conn.execute("SELECT ts, tool_name FROM selfheal_errors WHERE ts >= ? AND ts <= ?", (lo, hi)):
+    for ts, name in read_all(conn, "SELECT ts, tool_name FROM selfheal_errors WHERE ts >= ? AND ts <= ?", (lo, hi)):
         if name not in server:
             head, sep, _ = name[5:].partition("__") if isinstance(name, str) and name.startswith("mcp__") else ("", "", "")
             server[name] = head if sep and head in spans else None
@@ -429,16 +430,20 @@ def _next_after(index: CallIndex, entries: list[tuple[str, int, int]], key: str,
     return index[0][entries[i][2]] if i < len(entries) and entries[i][0] == key else None
 
 
-def _follow_up(f: Followup, o: dict[str, Any], index: CallIndex, after: int) -> None:
-    """Fill the open questions of ``f`` (occurrence ``o``) from the calls of ``index`` after id ``after``."""
-    if f.follow is None:
-        nxt = _next_after(index, index[1], o["run_id"], after)
+def _followups_among(occ: list[dict[str, Any]], index: CallIndex, keys: dict[int, Any]) -> dict[int, Followup]:
+    """The :class:`Followup` of each occurrence among the calls of ``index``
+    (``keys``: occurrence id → the key of its arguments)."""
+    found = {}
+    for o in occ:
+        f = found[o["event_id"]] = Followup(keys.get(o["event_id"]))
+        nxt = _next_after(index, index[1], o["run_id"], o["event_id"])
         if nxt is not None:
             f.follow = int(nxt.ok)
-    if f.repeat is None and f.args_key is not None:
-        nxt = _next_after(index, index[2], f.args_key, after)
-        if nxt is not None:
-            f.repeat, f.repeat_run = int(nxt.ok), int(nxt.run_id == o["run_id"])
+        if f.args_key is not None:
+            nxt = _next_after(index, index[2], f.args_key, o["event_id"])
+            if nxt is not None:
+                f.repeat, f.repeat_run = int(nxt.ok), int(nxt.run_id == o["run_id"])
+    return found
 
 
 def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, Any],
@@ -446,13 +451,7 @@ def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, A
     """:func:`determinism_of` the occurrences ``occ`` among ``calls`` (the tool's calls,
     oldest first; ``args``: occurrence id → the key of its arguments; ``index``:
     :func:`call_index` of ``calls``)."""
-    index = index if index is not None else call_index(calls)
-    found = []
-    for o in occ:
-        f = Followup(args.get(o["event_id"]))
-        _follow_up(f, o, index, o["event_id"])
-        found.append(f)
-    return determinism_of(found)
+    return determinism_of(_followups_among(occ, index if index is not None else call_index(calls), args).values())
 
 
 def determinism_of(followups: Iterable[Followup]) -> dict[str, Any]:
@@ -558,21 +557,19 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
     ``exists_now``; the evidence lists the ten most frequent): what a stored evidence
     depends on outside the history.
 
-    What is known of each occurrence is read once and kept by the caller: ``kinds`` (event
-    id → ((kind, reason), codes, named argument): what its message and its call's arguments
-    say, fixed once both are in the index) and ``followups`` (event id → its
-    :class:`Followup`). What is read here is added to them. ``texts``: when the caller read
-    the occurrences' unknowns itself (:func:`read_unknown`) and brought their follow-ups up
-    to date (:func:`resolve_followups`, once for all the patterns of a tool), what
-    :func:`read_unknown` returned; else both are done here."""
+    What is known of each occurrence may be read once by the caller, for several patterns:
+    ``kinds`` (event id → ((kind, reason), codes, named argument): what its message and its
+    call's arguments say, fixed once both are in the index; what is read here is added),
+    ``texts`` (:func:`read_unknown` of the occurrences, the arguments of those missing from
+    ``kinds``) and ``followups`` (:func:`read_followups` of the occurrences)."""
     occ = recent(occurrences)
     if not occ:
         return {"kind": "unknown", "reasons": ["no occurrences"]}, []
     kinds = {} if kinds is None else kinds
-    followups = {} if followups is None else followups
     if texts is None:
-        texts = read_unknown(conn, [o["event_id"] for o in occ], kinds, followups)
-        resolve_followups(conn, tool, occ, followups)
+        texts = read_unknown(conn, [o["event_id"] for o in occ], kinds)
+    if followups is None:
+        followups = read_followups(conn, occ)
     votes: Counter = Counter()
     reasons: Counter = Counter()
     errno: Counter = Counter()
@@ -589,31 +586,42 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
             known = kinds[o["event_id"]] = (
                 *_kind_and_codes(o["message"], error_type),
                 named_argument(o["message"], _parsed(texts.get(o["event_id"]))) or message_path(o["message"]))
-        (kind, reason), codes, arg = known
-        votes[kind] += 1
-        reasons[f"{kind}: {reason}"] += 1
-        errno.update(codes["errno"])
-        status.update(str(s) for s in codes["http_status"])
-        rpc.update(str(c) for c in codes["jsonrpc"])
+        kind_reason, codes, arg = known
+        votes[kind_reason[0]] += 1
+        reasons[kind_reason] += 1
+        if codes["errno"]:
+            errno.update(codes["errno"])
+        if codes["http_status"]:
+            status.update(map(str, codes["http_status"]))
+        if codes["jsonrpc"]:
+            rpc.update(map(str, codes["jsonrpc"]))
         if codes["retry_after_s"] is not None:
             retry_after.append(codes["retry_after_s"])
         if codes["reset_at"] is not None:
             resets.append(codes["reset_at"] - o["ts"])
-        t = templates.setdefault(o["template"], {"template": o["template"], "count": 0, "kind": kind,
-                                                 "example": o["message"][:300]})
+        t = templates.get(o["template"])
+        if t is None:
+            t = templates[o["template"]] = {"template": o["template"], "count": 0, "kind": kind_reason[0],
+                                            "example": o["message"][:300]}
         t["count"] += 1
         if arg:
             named[arg["type"]] += 1
             if arg["type"] == "path":
-                p = paths.setdefault(arg["value"], {"path": arg["value"], "argument": arg["key"], "count": 0})
+                p = paths.get(arg["value"])
+                if p is None:
+                    p = paths[arg["value"]] = {"path": arg["value"], "argument": arg["key"], "count": 0,
+                                               "exists_now": None}
                 p["count"] += 1
-    for p in paths.values():
+    # Whether a path exists now is looked at only where it shows: the ten most named, and for
+    # messages no rule reads, the path arguments (a stored evidence checks them again).
+    shown = sorted(paths.values(), key=lambda p: -p["count"])[:10]
+    for p in shown:
         p["exists_now"] = _path_exists(p["path"]) if check_paths else None
     gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(occ) if b["ts"] >= a["ts"]]
     det = determinism_of(followups[o["event_id"]] for o in occ)
     streak = server_streak(conn, tool, occ, server)
     kind, share = votes.most_common(1)[0][0], votes.most_common(1)[0][1] / len(occ)
-    why = [r for r, _ in reasons.most_common(3)]
+    why = [f"{k}: {r}" for (k, r), _ in reasons.most_common(3)]
     durations = None
     if kind in ("slow_tail", "hang"):
         durations = timeout_durations(conn, tool, occ)
@@ -628,6 +636,9 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
         # A message that is only the path the call named ("Error executing tool git_log:
         # /srv/repo", a NoSuchPathError) says nothing a rule knows, but a path argument that
         # does not exist on this machine is itself the evidence of a missing resource.
+        for p in paths.values():
+            if p["argument"] is not None and p["exists_now"] is None:
+                p["exists_now"] = _path_exists(p["path"])
         gone = sum(p["count"] for p in paths.values() if p["argument"] is not None and p["exists_now"] is False)
         if gone and gone >= votes["unknown"] / 2:
             kind = "missing_resource"
@@ -650,7 +661,7 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
         "codes": {"errno": dict(errno.most_common()), "http_status": dict(status.most_common()),
                   "jsonrpc": dict(rpc.most_common())},
         "named_arguments": dict(named.most_common()),
-        "paths": sorted(paths.values(), key=lambda p: -p["count"])[:10],
+        "paths": shown,
         "path_occurrences": sum(p["count"] for p in paths.values()),
         "determinism": det,
         "server": streak,

@@ -21,11 +21,7 @@ When a pattern's evidence is read again (a new failure, a new call), the kind an
 each occurrence's message and the argument it names, already read, come from
 ``selfheal_error_kinds`` (a function of the message, the runtime's label and the call's
 arguments, by event id; emptied when the evidence code changes), so only the new
-occurrences' messages go through the rules and their arguments are parsed. What came after
-each occurrence (:class:`~selfheal_plugin.analysis.evidence.Followup`: the next call of its
-tool in its run, the next with its arguments) comes from ``selfheal_followups`` (emptied
-with the kinds): a question answered stays answered, and one still open is looked for only
-in the calls ingested since it was last looked at.
+occurrences' messages go through the rules and their arguments are parsed.
 """
 from __future__ import annotations
 
@@ -33,12 +29,11 @@ import hashlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from selfheal_plugin.analysis import evidence as _evidence
-from selfheal_plugin.history.connection import get_state, server_of, set_state, write_transaction
+from selfheal_plugin.history.connection import get_state, read_all, server_of, set_state, write_transaction
 
 log = logging.getLogger("selfheal.evidencecache")
 
@@ -156,30 +151,38 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
         try:
             with write_transaction(conn):
                 conn.execute("DELETE FROM selfheal_error_kinds")
-                conn.execute("DELETE FROM selfheal_followups")
                 set_state(conn, "error_kinds_code", code_key())
         except sqlite3.Error as exc:
             log.debug("kinds not reset: %s", exc)
         return {}
     out: dict[int, Any] = {}
-    read: dict[Any, Any] = {}  # codes or named text -> what it holds (_UNUSABLE): most rows share one
+    # what a stored text holds (_UNUSABLE when nothing usable): most rows share one codes text
+    read: dict[str, dict[Any, Any]] = {"codes": {}, "named": {}}
+    usable = {"codes": _usable_codes, "named": _usable_named}
 
-    def parsed(text: Any, usable: Callable[[Any], bool], column: str) -> Any:
-        if (column, text) not in read:
-            try:
-                value = json.loads(text)
-            except (ValueError, TypeError):
-                value = _UNUSABLE
-            read[column, text] = value if value is not _UNUSABLE and usable(value) else _UNUSABLE
-        return read[column, text]
+    def parsed(text: Any, column: str) -> Any:
+        seen = read[column]
+        try:
+            return seen[text]
+        except KeyError:
+            pass
+        except TypeError:  # not a text (damage)
+            return _UNUSABLE
+        try:
+            value = json.loads(text)
+        except (ValueError, TypeError):
+            value = _UNUSABLE
+        seen[text] = value = value if value is not _UNUSABLE and usable[column](value) else _UNUSABLE
+        return value
 
-    for eid, label, kind, reason, codes, named in conn.execute(
-            "SELECT event_id, label, kind, reason, codes, named FROM selfheal_error_kinds "
+    reasons: dict[tuple[str, str], tuple[str, str]] = {}  # one tuple per distinct (kind, reason)
+    for eid, label, kind, reason, codes, named in read_all(
+            conn, "SELECT event_id, label, kind, reason, codes, named FROM selfheal_error_kinds "
             "WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(labels)),)):
         if label == labels[eid] and kind in _evidence.KINDS and isinstance(reason, str):
-            found = parsed(codes, _usable_codes, "codes"), parsed(named, _usable_named, "named")
+            found = parsed(codes, "codes"), parsed(named, "named")
             if _UNUSABLE not in found:  # shared by the rows of the same text: read, never changed
-                out[eid] = ((kind, reason), *found)
+                out[eid] = (reasons.setdefault((kind, reason), (kind, reason)), *found)
     return out
 
 
@@ -196,46 +199,3 @@ def store_kinds(conn: sqlite3.Connection, labels: dict[int, str | None], kinds: 
                 conn.executemany("INSERT OR REPLACE INTO selfheal_error_kinds VALUES (?,?,?,?,?,?)", rows)
     except sqlite3.Error as exc:
         log.debug("kinds not stored: %s", exc)
-
-
-def _flag(value: Any) -> bool:
-    return value is None or (type(value) is int and value in (0, 1))
-
-
-def load_followups(conn: sqlite3.Connection, ids: list[int]) -> dict[int, _evidence.Followup]:
-    """Event id → the :class:`~selfheal_plugin.analysis.evidence.Followup` kept of the
-    occurrences ``ids``, written by the same evidence code (rows of another shape, or
-    looked at beyond what the index has read, are not used: their occurrences are looked
-    at again)."""
-    out: dict[int, _evidence.Followup] = {}
-    if get_state(conn, "error_kinds_code") != code_key():
-        return out
-    end = _evidence.indexed_up_to(conn)
-    for eid, key, follow, repeat, repeat_run, checked in conn.execute(
-            "SELECT event_id, args_key, follow, repeat, repeat_run, checked FROM selfheal_followups "
-            "WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(ids)),)):
-        if (key is None or isinstance(key, str)) and _flag(follow) and _flag(repeat) and _flag(repeat_run) \
-                and type(checked) is int and checked <= end:
-            out[eid] = _evidence.Followup(key, follow, repeat, repeat_run, checked)
-    return out
-
-
-def store_followups(conn: sqlite3.Connection, followups: dict[int, _evidence.Followup], changed: Iterable[int],
-                    looked: Iterable[int], up_to: int) -> None:
-    """Keep the follow-ups of ``changed`` (new or answered) whole, and for the others
-    ``looked`` at again up to id ``up_to`` with nothing found only how far."""
-    rows = [(eid, f.args_key, f.follow, f.repeat, f.repeat_run, f.checked)
-            for eid in sorted(set(changed)) if (f := followups[eid])]
-    again = sorted(set(looked) - set(changed))
-    if not rows and not again:
-        return
-    try:
-        with write_transaction(conn):
-            if get_state(conn, "error_kinds_code") != code_key():
-                return
-            conn.executemany("INSERT OR REPLACE INTO selfheal_followups VALUES (?,?,?,?,?,?)", rows)
-            if again:
-                conn.execute("UPDATE selfheal_followups SET checked = ? WHERE event_id IN "
-                             "(SELECT value FROM json_each(?))", (up_to, json.dumps(again)))
-    except sqlite3.Error as exc:
-        log.debug("follow-ups not stored: %s", exc)

@@ -14,7 +14,7 @@ as ``0.35·size + 0.45·correlation + 0.20·frequency``. See README "Detection".
 """
 from __future__ import annotations
 
-import functools
+import json
 import random
 import sqlite3
 from collections import Counter
@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from selfheal_plugin.analysis import evidencecache, windowcache
-from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, gather_with_paths, indexed_up_to,
-                                              read_unknown, recent, resolve_followups, servers_errors)
+from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, gather_with_paths, read_followups,
+                                              read_unknown, recent, servers_errors)
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
-from selfheal_plugin.history.connection import normalize_error_type, server_of
+from selfheal_plugin.history.connection import normalize_error_type, read_all, server_of
 from selfheal_plugin.history.text import bounded
 from selfheal_plugin.history.times import format_timestamp, parse_since, utc_text
 from selfheal_plugin.plugins.pattern import Pattern
@@ -131,34 +131,42 @@ def context_of(row: dict[str, Any]) -> frozenset[str]:
     return frozenset(ctx)
 
 
-@functools.lru_cache(maxsize=8192)
-def _message_context(template: str) -> frozenset[str]:
-    return frozenset(f"msg:{t}" for t in template_tokens(template))
+@dataclass(frozen=True)
+class _Window:
+    """Where a detect's occurrences are read: the window, and the runs it is narrowed to."""
 
+    conn: sqlite3.Connection
+    since_epoch: float
+    until_epoch: float | None
+    run_ids: tuple[str, ...] | None
 
-def _context(template: str, arg_keys: str, workflow: Any, step_index: Any) -> frozenset[str]:
-    """:func:`context_of` of a row given as its stored columns (``arg_keys`` joined by U+001F)."""
-    ctx = set(_message_context(template))
-    if arg_keys:
-        ctx.update(f"arg:{k}" for k in arg_keys.split("\x1f"))
-    ctx.add(f"workflow:{workflow}")
-    ctx.add(f"step:{step_index}")
-    return frozenset(ctx)
+    def rows(self, signatures: list[tuple[str, str]]) -> dict[tuple[str, str], list[dict]]:
+        """The occurrences of each of ``signatures`` in the window, read in one query."""
+        out: dict[tuple[str, str], list[dict]] = {sig: [] for sig in signatures}
+        for row in _error_rows(self.conn, self.since_epoch, self.until_epoch, None, None,
+                               list(self.run_ids) if self.run_ids else None, signatures=signatures):
+            out[(row["error_type"], row["tool_name"])].append(row)
+        return out
 
 
 class _LazyRows(list):
     """A pattern's ``occurrences_detail``, read from the index when first looked at: detect
     builds patterns from grouped counts, and only a strategy proposing for a pattern (or
-    ``show``) needs its rows."""
+    ``show``) needs its rows. Those of several patterns are read together by
+    :func:`_fill_together`."""
 
-    def __init__(self, load: Callable[[], list[dict]]) -> None:
+    def __init__(self, window: _Window, signature: tuple[str, str]) -> None:
         super().__init__()
-        self._load: Callable[[], list[dict]] | None = load
+        self._source: tuple[_Window, tuple[str, str]] | None = (window, signature)
 
     def _fill(self) -> None:
-        if self._load is not None:
-            load, self._load = self._load, None
-            super().extend(load())
+        if self._source is not None:
+            window, sig = self._source
+            self._set(window.rows([sig])[sig])
+
+    def _set(self, rows: list[dict]) -> None:
+        self._source = None
+        super().extend(rows)
 
     def _filled(name: str) -> Any:  # noqa: N805 - a decorator factory inside the class body
         method = getattr(list, name)
@@ -182,6 +190,20 @@ class _LazyRows(list):
         return list, (list(self),)
 
 
+def _fill_together(details: list[list[dict]]) -> None:
+    """Read the rows of the patterns' ``occurrences_detail`` not read yet, those of one
+    window in one query (a query per pattern costs more than the rows)."""
+    pending: dict[_Window, list[_LazyRows]] = {}
+    for rows in details:
+        if isinstance(rows, _LazyRows) and rows._source is not None:
+            pending.setdefault(rows._source[0], []).append(rows)
+    for window, lazy in pending.items():
+        read = window.rows([rows._source[1] for rows in lazy if rows._source is not None])
+        for rows in lazy:
+            if rows._source is not None:
+                rows._set(read[rows._source[1]])
+
+
 def _where(since_epoch: float, until_epoch: float | None, error_type: str | None, tool_name: str | None,
            run_ids: list[str] | None) -> tuple[str, list[Any]]:
     sql = ["e.ts >= ?"]
@@ -202,21 +224,23 @@ def _where(since_epoch: float, until_epoch: float | None, error_type: str | None
 
 
 def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None,
-                error_type: str | None, tool_name: str | None, run_ids: list[str] | None = None) -> list[dict]:
+                error_type: str | None, tool_name: str | None, run_ids: list[str] | None = None,
+                signatures: list[tuple[str, str]] | None = None) -> list[dict]:
+    """The failures of the window (with the filters), oldest first, as ``occurrences_detail``
+    rows; ``signatures``: only those of these (error type, tool) pairs."""
     where, params = _where(since_epoch, until_epoch, error_type, tool_name, run_ids)
+    if signatures is not None:
+        where += (" AND (e.error_type, e.tool_name) IN"
+                  " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))")
+        params.append(json.dumps(signatures))
     sql = ("SELECT e.event_id, e.run_id, e.step_index, e.ts, e.timestamp, e.tool_name, e.error_type,"
            " e.raw_error_type, e.message, e.template, e.duration_ms, e.arg_keys,"
            " r.workflow_name, r.started_at, r.status"
            " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where + " ORDER BY e.event_id")
-    out = []
-    for r in conn.execute(sql, params):
-        out.append({
-            "event_id": r[0], "run_id": r[1], "step_index": r[2], "ts": r[3], "timestamp": r[4],
-            "tool_name": r[5], "error_type": r[6], "raw_error_type": r[7], "message": r[8],
-            "template": r[9], "duration_ms": r[10], "arg_keys": r[11].split("\x1f") if r[11] else [],
-            "workflow": r[12], "run_started_at": r[13], "run_status": r[14],
-        })
-    return out
+    return [{"event_id": r[0], "run_id": r[1], "step_index": r[2], "ts": r[3], "timestamp": r[4],
+             "tool_name": r[5], "error_type": r[6], "raw_error_type": r[7], "message": r[8],
+             "template": r[9], "duration_ms": r[10], "arg_keys": r[11].split("\x1f") if r[11] else [],
+             "workflow": r[12], "run_started_at": r[13], "run_status": r[14]} for r in read_all(conn, sql, params)]
 
 
 def _tool_calls(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None) -> dict[str, int]:
@@ -260,29 +284,26 @@ def detect_failure_patterns(
     """
     start = parse_since(since, now)
     scanned = refresh(conn, progress)
-    since_epoch = start.timestamp()
-    until_epoch = until.timestamp() if until else None
-    where, params = _where(since_epoch, until_epoch, error_type, tool_name, run_ids)
-    calls = _tool_calls(conn, since_epoch, until_epoch)
+    window = _Window(conn, start.timestamp(), until.timestamp() if until else None,
+                     tuple(run_ids) if run_ids else None)
+    where, params = _where(window.since_epoch, window.until_epoch, error_type, tool_name, run_ids)
+    calls = _tool_calls(conn, window.since_epoch, window.until_epoch)
+    sigs, rows = _window_signatures(conn, where, params, window, error_type, tool_name, stored=run_ids is None)
     patterns: list[Pattern] = []
     keys: dict[str, tuple[int, list[int]]] = {}
     candidates = 0
-    for (etype, tool), sig in _window_signatures(conn, where, params, stored=run_ids is None).items():
+    for (etype, tool), sig in sigs.items():
         if sig.n < max(1, min_occurrences):
             continue
         candidates += 1
-        load = functools.partial(_error_rows, conn, since_epoch, until_epoch, etype, tool, run_ids)
-        pattern = _pattern(etype, tool, sig, calls.get(tool, 0), _LazyRows(load) if lazy_detail else [])
+        detail = rows[(etype, tool)] if rows is not None else _LazyRows(window, (etype, tool))
+        pattern = _pattern(etype, tool, sig, calls.get(tool, 0), detail)
         if pattern.confidence >= confidence_threshold:
             patterns.append(pattern)
-            keys[pattern.id] = (_recent_first(conn, sig, since_epoch, until_epoch, etype, tool, run_ids),
+            keys[pattern.id] = (_recent_first(conn, sig, window, etype, tool),
                                 [sig.n, sig.min_id, sig.max_id, sig.sum_ids])
-    if not lazy_detail and patterns:
-        by_sig = {(p.error_type, p.tool_name): p.occurrences_detail for p in patterns}
-        for row in _error_rows(conn, since_epoch, until_epoch, error_type, tool_name, run_ids):
-            rows = by_sig.get((row["error_type"], row["tool_name"]))
-            if rows is not None:
-                rows.append(row)
+    if not lazy_detail:
+        _fill_together([p.occurrences_detail for p in patterns])
     attach_evidence_all(conn, patterns, keys=keys if run_ids is None else None)
     patterns.sort(key=lambda p: (-p.occurrences, p.id))
     return Detection(patterns, format_timestamp(start), scanned, candidates)
@@ -304,29 +325,33 @@ class _Signature:
     correlation: float | None = None  # of the contexts, once computed (a stored grouping keeps only this)
 
 
-def _signatures(conn: sqlite3.Connection, where: str, params: list[Any]) -> dict[tuple[str, str], _Signature]:
-    """The window's failures grouped by signature and context in SQLite, so that detection's
-    Python work grows with the distinct contexts and runs, not with every failed call."""
+def _signatures(rows: list[dict]) -> tuple[dict[tuple[str, str], _Signature], dict[tuple[str, str], list[dict]]]:
+    """The window's failures (``rows``, oldest first) grouped by signature, with each
+    signature's rows; the contexts are grouped as they come (one context a distinct template,
+    argument keys, workflow and step)."""
+    by_sig: dict[tuple[str, str], list[dict]] = {}
+    contexts: dict[tuple[Any, ...], frozenset[str]] = {}
     out: dict[tuple[str, str], _Signature] = {}
-    for etype, tool, template, arg_keys, step, workflow, count, first, lo, hi, last, ids in conn.execute(
-            "SELECT e.error_type, e.tool_name, e.template, e.arg_keys, e.step_index, r.workflow_name,"
-            " count(*), min(e.event_id) AS first_id, min(e.ts), max(e.ts), max(e.event_id), sum(e.event_id)"
-            " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where +
-            " GROUP BY e.error_type, e.tool_name, e.template, e.arg_keys, e.step_index, r.workflow_name"
-            " ORDER BY first_id", params):
-        sig = out.get((etype, tool))
+    for r in rows:
+        key = (r["error_type"], r["tool_name"])
+        sig = out.get(key)
         if sig is None:
-            sig = out[(etype, tool)] = _Signature()
-        sig.n += count
-        sig.contexts[_context(template, arg_keys, workflow, step)] += count
-        sig.first_ts, sig.last_ts = min(sig.first_ts, lo), max(sig.last_ts, hi)
-        sig.min_id, sig.max_id, sig.sum_ids = min(sig.min_id, first), max(sig.max_id, last), sig.sum_ids + ids
-    for etype, tool, run_id in conn.execute(
-            "SELECT e.error_type, e.tool_name, e.run_id"
-            " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where +
-            " GROUP BY e.error_type, e.tool_name, e.run_id ORDER BY min(e.event_id)", params):
-        out[(etype, tool)].runs.append(run_id)
-    return out
+            sig = out[key] = _Signature()
+            by_sig[key] = []
+        by_sig[key].append(r)
+        ck = (r["template"], tuple(r["arg_keys"]), r["workflow"], r["step_index"])
+        ctx = contexts.get(ck)
+        if ctx is None:
+            ctx = contexts[ck] = context_of(r)
+        sig.contexts[ctx] += 1
+    for key, sig in out.items():
+        occ = by_sig[key]
+        ids = [r["event_id"] for r in occ]
+        times = [r["ts"] for r in occ]
+        sig.n, sig.min_id, sig.max_id, sig.sum_ids = len(occ), min(ids), max(ids), sum(ids)
+        sig.first_ts, sig.last_ts = min(times), max(times)
+        sig.runs = list(dict.fromkeys(r["run_id"] for r in occ))
+    return out, by_sig
 
 
 _SIGNATURE_FIELDS = ("n", "runs", "first_ts", "last_ts", "min_id", "max_id", "sum_ids", "correlation")
@@ -342,34 +367,37 @@ def _stored_signature(s: dict[str, Any]) -> _Signature:
     return sig
 
 
-def _window_signatures(conn: sqlite3.Connection, where: str, params: list[Any],
-                       stored: bool) -> dict[tuple[str, str], _Signature]:
-    """:func:`_signatures`, or with ``stored`` the grouping a detect stored for the same
-    failures (:mod:`~selfheal_plugin.analysis.windowcache`; a new grouping is stored)."""
-    if not stored:
-        return _signatures(conn, where, params)
-    key = windowcache.window_key(conn, where, params, Path(__file__))
-    found = windowcache.load(conn, key)
+def _window_signatures(conn: sqlite3.Connection, where: str, params: list[Any], window: _Window,
+                       error_type: str | None, tool_name: str | None, stored: bool,
+                       ) -> tuple[dict[tuple[str, str], _Signature], dict[tuple[str, str], list[dict]] | None]:
+    """The window's failures grouped by signature (:func:`_signatures`) with each one's
+    rows, or with ``stored`` the grouping a detect stored for the same failures
+    (:mod:`~selfheal_plugin.analysis.windowcache`) and no rows (a new grouping is stored)."""
+    key = windowcache.window_key(conn, where, params, Path(__file__)) if stored else None
+    found = windowcache.load(conn, key) if key is not None else None
     if found is not None:
         try:
-            return {(s["error_type"], s["tool_name"]): _stored_signature(s) for s in found}
+            return {(s["error_type"], s["tool_name"]): _stored_signature(s) for s in found}, None
         except (KeyError, TypeError, ValueError):
             pass  # a stored row of another shape (damaged, or written by hand): group again
-    sigs = _signatures(conn, where, params)
-    for sig in sigs.values():
-        sig.correlation = _correlation(sig.contexts, sig.n)
-    windowcache.store(conn, key, [{"error_type": etype, "tool_name": tool, **{f: getattr(sig, f) for f in _SIGNATURE_FIELDS}}
-                                  for (etype, tool), sig in sigs.items()])
-    return sigs
+    sigs, rows = _signatures(_error_rows(conn, window.since_epoch, window.until_epoch, error_type, tool_name,
+                                         list(window.run_ids) if window.run_ids else None))
+    if key is not None:
+        for sig in sigs.values():
+            sig.correlation = _correlation(sig.contexts, sig.n)
+        windowcache.store(conn, key, [{"error_type": etype, "tool_name": tool,
+                                       **{f: getattr(sig, f) for f in _SIGNATURE_FIELDS}}
+                                      for (etype, tool), sig in sigs.items()])
+    return sigs, rows
 
 
-def _recent_first(conn: sqlite3.Connection, sig: _Signature, since_epoch: float, until_epoch: float | None,
-                  etype: str, tool: str, run_ids: list[str] | None) -> int:
+def _recent_first(conn: sqlite3.Connection, sig: _Signature, window: _Window, etype: str, tool: str) -> int:
     """The id of the oldest of the signature's occurrences the evidence reads (the most
     recent :data:`MAX_OCCURRENCES` in the window)."""
     if sig.n <= MAX_OCCURRENCES:
         return sig.min_id
-    where, params = _where(since_epoch, until_epoch, etype, tool, run_ids)
+    where, params = _where(window.since_epoch, window.until_epoch, etype, tool,
+                           list(window.run_ids) if window.run_ids else None)
     return conn.execute("SELECT e.event_id FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where +
                         " ORDER BY e.event_id DESC LIMIT 1 OFFSET ?", (*params, MAX_OCCURRENCES - 1)).fetchone()[0]
 
@@ -453,6 +481,7 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
         prints = evidencecache.fingerprints(conn, {p.id: (p.tool_name, keys[p.id][1]) for p in patterns}, firsts)
         stored = evidencecache.load(conn, prints)
     todo = [p for p in patterns if p.id not in stored]
+    _fill_together([p.occurrences_detail for p in todo])
     occurrences = {p.id: recent(p.occurrences_detail) for p in todo}  # what each evidence reads
     spans: dict[str, tuple[float, float]] = {}  # server -> the span of its patterns' occurrences
     for p in todo:
@@ -465,18 +494,9 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
     # What is known of each occurrence, kept by earlier detects: the rest is read now, at once.
     labels = {o["event_id"]: p.error_type for p in todo for o in occurrences[p.id]}
     kinds = evidencecache.load_kinds(conn, labels) if prints and labels else {}
-    followups = evidencecache.load_followups(conn, list(labels)) if prints and labels else {}
-    known_kinds, known_followups = set(kinds), set(followups)
-    texts = read_unknown(conn, labels, kinds, followups)
-    by_tool: dict[str, list[dict[str, Any]]] = {}
-    for p in todo:
-        by_tool.setdefault(p.tool_name, []).extend(occurrences[p.id])
-    looked: list[int] = []
-    changed = set(followups) - known_followups
-    for tool, occ in by_tool.items():
-        seen, answered = resolve_followups(conn, tool, occ, followups)
-        looked += seen
-        changed.update(answered)
+    known = set(kinds)
+    texts = read_unknown(conn, labels, kinds)
+    followups = read_followups(conn, [o for p in todo for o in occurrences[p.id]])
     fresh = []
     for p in patterns:
         if p.id in stored:
@@ -490,8 +510,7 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
         p.failure_kind = p.evidence["kind"]
     if prints:
         evidencecache.store(conn, fresh)
-        evidencecache.store_kinds(conn, labels, kinds, known_kinds)
-        evidencecache.store_followups(conn, followups, changed, looked, indexed_up_to(conn))
+        evidencecache.store_kinds(conn, labels, kinds, known)
 
 
 def pattern_details(pattern: Pattern) -> dict[str, Any]:

@@ -193,14 +193,17 @@ CREATE TABLE IF NOT EXISTS selfheal_error_kinds (
     codes TEXT NOT NULL,  -- JSON: the codes in the message
     named TEXT NOT NULL  -- JSON: the argument of the call (or path) the message names, null when none
 );
-CREATE TABLE IF NOT EXISTS selfheal_followups (  -- what came after each occurrence (analysis.evidence.Followup)
+CREATE TABLE IF NOT EXISTS selfheal_followups (  -- what came after each failed call (history.errorindex)
     event_id INTEGER PRIMARY KEY,  -- a row of selfheal_errors
+    tool_name TEXT NOT NULL,
+    run_id TEXT NOT NULL,
     args_key TEXT,  -- the key of its call's arguments, as selfheal_calls.args_key
     follow INTEGER,  -- the outcome of the next call of its tool in its run (1 ok, 0 failed), NULL while none
     repeat INTEGER,  -- the outcome of the next call of its tool with the same arguments, NULL while none
-    repeat_run INTEGER,  -- 1 when that call was in the same run
-    checked INTEGER NOT NULL  -- the calls up to this run_events id were looked at
+    repeat_run INTEGER  -- 1 when that call was in the same run
 );
+CREATE INDEX IF NOT EXISTS idx_selfheal_followups_run ON selfheal_followups(run_id) WHERE follow IS NULL;
+CREATE INDEX IF NOT EXISTS idx_selfheal_followups_args ON selfheal_followups(args_key) WHERE repeat IS NULL;
 CREATE TABLE IF NOT EXISTS selfheal_signatures (
     key TEXT PRIMARY KEY,  -- JSON: what the window's failures were (analysis/windowcache.py)
     value TEXT NOT NULL  -- JSON: the signatures detect grouped them into
@@ -478,6 +481,26 @@ def scan_id_range(conn: sqlite3.Connection, sql: str, lo: int, hi: int, *params:
     finally:
         conn.text_factory = factory
     yield from rest
+
+
+def read_all(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[tuple]:
+    """Every row of ``sql`` as a plain tuple, text decoded by sqlite3's C decoder (our
+    lenient text factory is a Python call per text value); a row with invalid UTF-8 makes the
+    read start again with :func:`~selfheal_plugin.history.text.decode_text`, so that its
+    text arrives as an ``Undecodable`` string."""
+    factory, rows = conn.text_factory, conn.row_factory
+    conn.row_factory = None
+    try:
+        conn.text_factory = str
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if not is_decode_error(exc):
+                raise
+        conn.text_factory = decode_text
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.text_factory, conn.row_factory = factory, rows
 
 
 BUSY_MESSAGE = ("the run-history database is busy (another process holds its write lock); "

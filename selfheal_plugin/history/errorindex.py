@@ -13,7 +13,12 @@ for long, and stores
   and the duration model read, so that none of them parses the history's JSON again, and
 * per tool and hour, the number of calls in ``selfheal_tool_hours``, and
 * per tool, the number of failed calls and the latest one's id in ``selfheal_tool_errors``
-  (what a stored evidence of a pattern depends on, see analysis/evidencecache.py).
+  (what a stored evidence of a pattern depends on, see analysis/evidencecache.py), and
+* per failed call, what came after it (``selfheal_followups``): the outcome of the next
+  call of its tool in its run, and of the next call of its tool with the same arguments
+  (and whether that one was in the same run). A question stays open (NULL) until a call
+  answers it; the calls of each chunk answer the open ones of their runs and arguments, so
+  the evidence's determinism reads the answers instead of looking through the calls.
 
 A call is paired with the latest ``tool_start`` of its run and tool before it, at most
 :data:`START_LOOKBACK_IDS` ids before it and not paired with an earlier call: a rule of the
@@ -47,7 +52,7 @@ from selfheal_plugin.history.times import to_epoch
 log = logging.getLogger("selfheal.errorindex")
 
 CHUNK_IDS = 200_000
-INDEX_VERSION = "9"
+INDEX_VERSION = "10"
 # What the index and what is computed from it keep: dropped when the version changes,
 # emptied when the history is replaced.
 INDEX_TABLES = ("selfheal_errors", "selfheal_tool_hours", "selfheal_calls", "selfheal_tool_errors",
@@ -240,6 +245,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
         if dropped:
             calls = [c for c in calls if c[0] not in dropped]
         hours = [(tool, hour, n) for (tool, hour), n in counted.items() if n > 0]
+        followups = _followups(conn, calls, errors)
         with write_transaction(conn):
             current = int(get_state(conn, "errors_watermark", "0"))
             if current != mark:  # another process ingested rows meanwhile: go on from there
@@ -248,6 +254,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
             conn.executemany(
                 "INSERT OR IGNORE INTO selfheal_errors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", errors)
             conn.executemany("INSERT OR IGNORE INTO selfheal_calls VALUES (?,?,?,?,?,?,?,?,?)", calls)
+            conn.executemany("INSERT OR REPLACE INTO selfheal_followups VALUES (?,?,?,?,?,?,?)", followups)
             conn.executemany(
                 "INSERT INTO selfheal_tool_hours VALUES (?,?,?) ON CONFLICT(tool_name, hour) DO UPDATE SET "
                 "calls = calls + excluded.calls", hours)
@@ -267,6 +274,61 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
         if progress:
             progress(mark - start, top - start)
     return RefreshResult(scanned, new_errors, new_bad, int(get_state(conn, "bad_rows", "0")))
+
+
+def _flag(value: object) -> bool:
+    return value is None or (type(value) is int and value in (0, 1))
+
+
+def _open_followups(conn: sqlite3.Connection, runs: list[str], keys: list[str]) -> list[list[Any]]:
+    """The kept follow-ups still waiting for a call of one of ``runs`` or with one of
+    ``keys`` (rows of another shape are left alone: the evidence reads those from the calls)."""
+    rows = conn.execute(
+        "SELECT event_id, tool_name, run_id, args_key, follow, repeat, repeat_run FROM selfheal_followups "
+        "WHERE follow IS NULL AND run_id IN (SELECT value FROM json_each(?)) UNION "
+        "SELECT event_id, tool_name, run_id, args_key, follow, repeat, repeat_run FROM selfheal_followups "
+        "WHERE repeat IS NULL AND args_key IN (SELECT value FROM json_each(?))", (json.dumps(runs), json.dumps(keys)))
+    return [list(r) for r in rows if isinstance(r[1], str) and isinstance(r[2], str)
+            and (r[3] is None or isinstance(r[3], str)) and _flag(r[4]) and _flag(r[5]) and _flag(r[6])]
+
+
+def _followups(conn: sqlite3.Connection, calls: list[tuple], errors: list[tuple]) -> list[list[Any]]:
+    """The ``selfheal_followups`` rows to write for a chunk: one per new failed call
+    (``errors``), and the kept ones still open that the chunk's ``calls`` answer. The calls
+    are walked in id order: each answers the open questions of its run and tool, and of its
+    tool and arguments, waiting before it; a failed call then waits itself."""
+    key_of = {c[0]: c[7] for c in calls if not c[4]}
+    fresh = {e[0]: [e[0], e[5], e[1], key_of.get(e[0]), None, None, None] for e in errors}
+    by_run: dict[tuple[str, str], list[list[Any]]] = {}
+    by_key: dict[tuple[str, str], list[list[Any]]] = {}
+    changed: dict[int, list[Any]] = {}
+
+    def wait(f: list[Any]) -> None:
+        if f[4] is None:
+            by_run.setdefault((f[1], f[2]), []).append(f)
+        if f[5] is None and f[3] is not None:
+            by_key.setdefault((f[1], f[3]), []).append(f)
+
+    runs = sorted({c[2] for c in calls if isinstance(c[2], str)})
+    keys = sorted({c[7] for c in calls if c[7] is not None})
+    for f in _open_followups(conn, runs, keys) if calls else ():
+        wait(f)
+    # (id, tool, run, ok, key): the calls, and the failed calls the calls index does not hold (no call answers)
+    steps = sorted([(c[0], c[1], c[2], c[4], c[7]) for c in calls] +
+                   [(eid, None, None, None, None) for eid in fresh if eid not in key_of])
+    for eid, tool, run, ok, key in steps:
+        if ok is not None:
+            for f in by_run.pop((tool, run), ()):
+                f[4] = ok
+                changed[f[0]] = f
+            for f in by_key.pop((tool, key), ()) if key is not None else ():
+                f[5], f[6] = ok, int(f[2] == run)
+                changed[f[0]] = f
+        f = fresh.get(eid)
+        if f is not None:
+            changed[eid] = f
+            wait(f)
+    return list(changed.values())
 
 
 def _countable(tool: object, hour: object) -> bool:
