@@ -7,6 +7,7 @@ import bisect
 import json
 import random
 import sqlite3
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,78 @@ def test_server_streak_by_bisection_counts_what_the_plain_scan_counts(seed: int)
         occ = [{"ts": r[3]} for r in rows if r[5] == tool]
         if occ:
             want = plain_streak(conn, tool, occ)
-            assert E.server_streak(conn, tool, occ) == want
-            assert E.server_streak(conn, tool, occ, shared[tool.split("__")[1]]) == want
+            assert E.server_streak(conn, tool, [o["ts"] for o in occ]) == want
+            assert E.server_streak(conn, tool, [o["ts"] for o in occ], shared[tool.split("__")[1]]) == want
+
+
+def plain_sums(occ: list[dict[str, Any]], known: list[Any]) -> dict[str, Any]:
+    """The evidence's sums taken one occurrence at a time, as the evidence once did."""
+    votes: Counter = Counter()
+    reasons: Counter = Counter()
+    codes = {"errno": Counter(), "http_status": Counter(), "jsonrpc": Counter()}
+    templates: dict[str, dict[str, Any]] = {}
+    named: Counter = Counter()
+    paths: dict[str, dict[str, Any]] = {}
+    retry, resets = [], []
+    for o, ((kind, reason), c, arg) in zip(occ, known):
+        votes[kind] += 1
+        reasons[f"{kind}: {reason}"] += 1
+        codes["errno"].update(c["errno"])
+        codes["http_status"].update(str(x) for x in c["http_status"])
+        codes["jsonrpc"].update(str(x) for x in c["jsonrpc"])
+        if c["retry_after_s"] is not None:
+            retry.append(c["retry_after_s"])
+        if c["reset_at"] is not None:
+            resets.append(c["reset_at"] - o["ts"])
+        t = templates.setdefault(o["template"], {"template": o["template"], "count": 0, "kind": kind,
+                                                 "example": o["message"][:300]})
+        t["count"] += 1
+        if arg:
+            named[arg["type"]] += 1
+            if arg["type"] == "path":
+                p = paths.setdefault(arg["value"], {"path": arg["value"], "argument": arg["key"], "count": 0,
+                                                    "exists_now": None})
+                p["count"] += 1
+    return {"kind_votes": dict(votes.most_common()), "reasons": [r for r, _ in reasons.most_common(3)],
+            "templates": sorted(templates.values(), key=lambda t: -t["count"])[:10],
+            "codes": {k: dict(v.most_common()) for k, v in codes.items()},
+            "named_arguments": dict(named.most_common()), "paths": sorted(paths.values(), key=lambda p: -p["count"])[:10],
+            "path_occurrences": sum(p["count"] for p in paths.values()),
+            "retry_after_s": max(retry) if retry else None, "reset_in_s": round(max(resets), 3) if resets else None}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_evidence_summed_per_kind_and_context_is_what_summing_each_occurrence_gives(seed: int) -> None:
+    """Sums per distinct kind and context keep the order of first appearance that ties
+    follow (votes, reasons, codes, templates, named arguments and paths), as counting one
+    occurrence at a time does; kinds of equal value held as two entries count as one."""
+    rng = random.Random(seed)
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(SELFHEAL_SCHEMA)
+    shared = [E.message_codes(m) for m in ("ENOENT here", "HTTP 429 Too Many Requests, retry-after: 5",
+                                            "status code 503 ECONNRESET", "MCP error -32602", "quiet",
+                                            "rate limit reset at 1800000000")]
+    tally = E.Tally("tool_error", "tool")
+    occ, known = [], []
+    for i in range(rng.randint(1, 60)):
+        o = {"event_id": i + 1, "run_id": f"r{rng.randint(0, 5)}", "ts": 1000.0 + rng.choice([0, 1, 5]) * i,
+             "template": rng.choice(["t1 <n>", "t2 <path>", "t3"]), "message": f"m{rng.randint(0, 3)} " * 100,
+             "duration_ms": rng.choice([None, 100, 30000])}
+        codes = rng.choice(shared)
+        codes = dict(codes) if rng.random() < 0.3 else codes  # equal value, another object
+        arg = rng.choice([None, None, {"key": rng.choice(["path", "file", None]), "value": f"/p/{rng.randint(0, 4)}",
+                                       "type": "path"}, {"key": "url", "value": "https://x", "type": "url"}])
+        k = ((rng.choice(["unknown", "missing_resource", "rate_limited", "slow_tail"]), rng.choice(["a", "b"])), codes,
+             arg)
+        tally.add(o, rng.choice([None, 0, 1]), rng.choice([None, 0, 1]), rng.choice([None, 0, 1]))
+        tally.know(i, k)
+        occ.append(o)
+        known.append(k)
+    start = rng.randint(0, len(occ) - 1)
+    got, _ = E.evidence_of(conn, tally, start, "tool_error", check_paths=False)
+    want = plain_sums(occ[start:], known[start:])
+    assert {k: got[k] for k in want if k != "reasons"} == {k: v for k, v in want.items() if k != "reasons"}
+    assert got["reasons"][:len(want["reasons"])] == want["reasons"] and got["sampled_occurrences"] == len(occ) - start
 
 
 # ---------------------------------------------------------------- stored evidence
@@ -134,16 +205,16 @@ def history(db: Path, missing: Path) -> Path:
 def detect(conn: sqlite3.Connection, counted: list[str] | None = None,
            monkeypatch: pytest.MonkeyPatch | None = None) -> list[dict[str, Any]]:
     if monkeypatch is not None and counted is not None:
-        real = E.gather_with_paths
+        real = E.evidence_of
 
-        def counting(conn: Any, tool: str, *args: Any, **kwargs: Any) -> Any:
-            counted.append(tool)
-            return real(conn, tool, *args, **kwargs)
-        monkeypatch.setattr(P, "gather_with_paths", counting)
+        def counting(conn: Any, tally: Any, *args: Any, **kwargs: Any) -> Any:
+            counted.append(tally.tool_name)
+            return real(conn, tally, *args, **kwargs)
+        monkeypatch.setattr(P, "evidence_of", counting)
     found = P.detect_failure_patterns(conn, since=SINCE, min_occurrences=3, confidence_threshold=0.0, now=NOW,
                                       lazy_detail=True)
     if monkeypatch is not None:
-        monkeypatch.setattr(P, "gather_with_paths", E.gather_with_paths)
+        monkeypatch.setattr(P, "evidence_of", E.evidence_of)
     return [p.to_dict() for p in found.patterns]
 
 
@@ -296,20 +367,21 @@ def test_the_stored_grouping_of_the_window_is_used_only_for_the_same_failures(
     elif change == "filter":
         kwargs = {"tool_name": SEARCH}
     grouped: list[int] = []
-    real = P._signatures
+    real = P._signature_of
 
     def counting(*args: Any) -> Any:
         grouped.append(1)
         return real(*args)
-    monkeypatch.setattr(P, "_signatures", counting)
+    monkeypatch.setattr(P, "_signature_of", counting)
 
     def run() -> list[dict[str, Any]]:
         found = P.detect_failure_patterns(conn, since=since, min_occurrences=3, confidence_threshold=0.0, now=NOW,
                                           lazy_detail=True, **kwargs)
         return [p.to_dict() for p in found.patterns]
     got = run()
-    assert grouped == ([] if change == "nothing" else [1])
-    assert run() == got and len(grouped) == (0 if change == "nothing" else 1)  # stored again: used next time
+    assert bool(grouped) == (change != "nothing")
+    grouped.clear()
+    assert run() == got and grouped == []  # stored again: used next time
     conn.execute("DELETE FROM selfheal_signatures")
     conn.execute("DELETE FROM selfheal_evidence")
     conn.commit()
@@ -352,7 +424,7 @@ def test_the_follow_ups_kept_by_the_index_give_what_every_call_gives(tmp_path: P
         assert from_index == from_calls and E.determinism_of(from_index.values()) == E.determinism(occ, every, keys)
         ok = [float(d) for eid, _, good, d, _ in rows if good and d is not None and eid >= occ[0]["event_id"]]
         for limit in (1.0, 500.0, 10_000.0):
-            summed = E.timeout_durations(conn, p.tool_name, [{**occ[0], "duration_ms": limit}])
+            summed = E.timeout_durations(conn, p.tool_name, [limit], occ[0]["event_id"])
             assert (summed["successes"], summed["successes_near_limit"], summed["success_ms_max"]) == (
                 len(ok), sum(d >= E.HANG_SHARE * limit for d in ok), max(ok) if ok else None)
         checked += 1
@@ -443,7 +515,8 @@ def test_the_oldest_occurrence_the_evidence_reads_is_found_in_sql_as_in_python(t
     P.detect_failure_patterns(conn, since=SINCE, now=NOW)  # the index
     since = (NOW - timedelta(days=7)).timestamp()
     window = P._Window(conn, since, None, None)
-    for (etype, tool), sig in P._signatures(P._error_rows(conn, since, None, None, None))[0].items():
+    for (etype, tool), t in P.tallies_of(P._error_rows(conn, since, None, None, None)).items():
+        sig = P._signature_of(t)
         ids = sorted(r["event_id"] for r in P._error_rows(conn, since, None, etype, tool))
         assert P._recent_first(conn, sig, window, etype, tool) == ids[-most:][0]
 

@@ -44,6 +44,7 @@ from datetime import datetime
 from operator import itemgetter
 from typing import Any
 
+from selfheal_plugin.analysis.tally import EXAMPLE_CHARS, Known, Tally
 from selfheal_plugin.history.connection import get_state, read_all, scan_id_range, server_of
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 
@@ -278,9 +279,6 @@ class Followup:
     repeat_run: int | None = None
 
 
-Known = tuple[tuple[str, str], dict[str, Any], dict[str, Any] | None]  # (kind, reason), codes, named argument
-
-
 def read_unknown(conn: sqlite3.Connection, ids: Iterable[int], kinds: dict[int, Known]) -> dict[int, str]:
     """The JSON texts of the arguments of the calls of the occurrences ``ids`` missing
     from ``kinds`` (what was kept of them), for the arguments their messages name."""
@@ -455,23 +453,24 @@ def determinism(occ: list[dict[str, Any]], calls: list[_Call], args: dict[int, A
 
 
 def determinism_of(followups: Iterable[Followup]) -> dict[str, Any]:
-    """Did the same arguments fail again or succeed later; did a retry in the run succeed.
+    """:func:`determinism_counts` of :class:`Followup` objects."""
+    found = list(followups)
+    return determinism_counts([f.follow for f in found], [f.repeat for f in found], [f.repeat_run for f in found])
+
+
+def determinism_counts(follow: list[int | None], repeat: list[int | None],
+                       repeat_run: list[int | None]) -> dict[str, Any]:
+    """Did the same arguments fail again or succeed later; did a retry in the run succeed
+    (the occurrences' follow-ups as three columns: see :class:`Followup`).
 
     ``verdict``: ``deterministic`` when repeats of failed arguments (later calls with the
     same arguments, or retries in the same run) all failed and there were at least two;
     ``transient`` when at least half of those repeats succeeded; else ``mixed``, or
     ``undetermined`` with no repeat in the history."""
-    same_failed = same_ok = retried = retry_ok = follow = follow_ok = 0
-    for f in followups:
-        if f.follow is not None:
-            follow += 1
-            follow_ok += f.follow
-        if f.repeat is not None:
-            same_ok += f.repeat
-            same_failed += 1 - f.repeat
-            if f.repeat_run:
-                retried += 1
-                retry_ok += f.repeat
+    same_ok, same_failed = repeat.count(1), repeat.count(0)
+    in_run = Counter(zip(repeat, repeat_run))
+    retried, retry_ok = in_run[(0, 1)] + in_run[(1, 1)], in_run[(1, 1)]
+    follow_ok = follow.count(1)
     repeats = same_failed + same_ok
     if repeats >= 2 and same_ok == 0:
         verdict = "deterministic"
@@ -483,19 +482,19 @@ def determinism_of(followups: Iterable[Followup]) -> dict[str, Any]:
         verdict = "undetermined"
     return {"verdict": verdict, "same_args_failed_again": same_failed, "same_args_succeeded_later": same_ok,
             "retried_in_run": retried, "retry_succeeded_in_run": retry_ok,
-            "followed_in_run": follow, "follow_up_succeeded": follow_ok}
+            "followed_in_run": len(follow) - follow.count(None), "follow_up_succeeded": follow_ok}
 
 
-def server_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]],
+def server_streak(conn: sqlite3.Connection, tool: str, instants: list[float],
                   errors: ServerErrors | None = None) -> dict[str, Any] | None:
     """How often another tool of the same MCP server failed within :data:`STREAK_SECONDS`
-    of an occurrence; None for a tool of no MCP server. ``errors`` are the server's failed
-    calls over at least the occurrences' span widened by :data:`STREAK_SECONDS` (read
-    here when not given)."""
+    of an occurrence (``instants``: the occurrences' ``ts``); None for a tool of no MCP
+    server. ``errors`` are the server's failed calls over at least the occurrences' span
+    widened by :data:`STREAK_SECONDS` (read here when not given)."""
     server = server_of(tool)
-    if not server or not occ:
+    if not server or not instants:
         return None
-    times = sorted(o["ts"] for o in occ)
+    times = sorted(instants)
     lo, hi = times[0] - STREAK_SECONDS, times[-1] + STREAK_SECONDS
     if errors is None or errors.server != server or errors.lo > lo or errors.hi < hi:
         errors = server_errors(conn, server, lo, hi)
@@ -510,16 +509,16 @@ def server_streak(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]
             "streak_share": round(together / len(times), 4)}
 
 
-def timeout_durations(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[str, Any]:
-    """The timed-out occurrences' median cut-off and the tool's successful calls since the
-    first of them (those with a duration): how many, how many came within
-    :data:`HANG_SHARE` of the cut-off, the longest; summed by SQLite."""
-    cut = [o["duration_ms"] for o in occ if o.get("duration_ms") is not None]
+def timeout_durations(conn: sqlite3.Connection, tool: str, cut_offs: list[Any], first_id: int) -> dict[str, Any]:
+    """The timed-out occurrences' median cut-off (``cut_offs``: their ``duration_ms``) and
+    the tool's successful calls from id ``first_id`` on (those with a duration): how many,
+    how many came within :data:`HANG_SHARE` of the cut-off, the longest; summed by SQLite."""
+    cut = [d for d in cut_offs if d is not None]
     limit = statistics.median(cut) if cut else None
     successes, near, longest = conn.execute(
         "SELECT count(duration), coalesce(sum(duration >= ?), 0), max(duration) FROM selfheal_calls "
         "WHERE tool_name = ? AND event_id >= ? AND event_id <= ? AND ok = 1",
-        (HANG_SHARE * limit if limit else None, tool, occ[0]["event_id"], indexed_up_to(conn))).fetchone()
+        (HANG_SHARE * limit if limit else None, tool, first_id, indexed_up_to(conn))).fetchone()
     return {"cut_off_ms_median": limit, "successes": successes, "successes_near_limit": near if limit else 0,
             "success_ms_max": None if longest is None else float(longest)}
 
@@ -537,73 +536,75 @@ def _kind_and_codes(message: str, label: str | None) -> tuple[tuple[str, str], d
     return message_kind(message, label, codes), codes
 
 
+def known_of(message: str, label: str | None, arguments: str | None) -> Known:
+    """What one failure says: the (kind, reason) and codes of its message (``label``: the
+    runtime's error type), and the argument of its call (``arguments``, their JSON text) or
+    the path the message names."""
+    return (*_kind_and_codes(message, label), named_argument(message, _parsed(arguments)) or message_path(message))
+
+
 def gather(conn: sqlite3.Connection, tool: str, error_type: str | None, occurrences: list[dict[str, Any]],
            *, check_paths: bool = True, server: ServerErrors | None = None) -> dict[str, Any]:
-    """The evidence for one pattern (JSON data) with its ``kind``; see the module docstring.
+    """The evidence for one pattern (JSON data) with its ``kind``; see the module docstring
+    and :func:`evidence_of`.
 
     ``occurrences`` are the pattern's ``occurrences_detail`` (event_id, run_id, ts, message,
     template, duration_ms); the most recent :data:`MAX_OCCURRENCES` are read. ``server``:
     the failed calls of the tool's server (:func:`server_errors`), read here when not given."""
-    return gather_with_paths(conn, tool, error_type, occurrences, check_paths=check_paths, server=server)[0]
-
-
-def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | None,
-                      occurrences: list[dict[str, Any]], *, check_paths: bool = True,
-                      server: ServerErrors | None = None,
-                      kinds: dict[int, Known] | None = None,
-                      followups: dict[int, Followup] | None = None,
-                      texts: dict[int, str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """:func:`gather`, and every path the messages name (``path``, ``argument``, ``count``,
-    ``exists_now``; the evidence lists the ten most frequent): what a stored evidence
-    depends on outside the history.
-
-    What is known of each occurrence may be read once by the caller, for several patterns:
-    ``kinds`` (event id → ((kind, reason), codes, named argument): what its message and its
-    call's arguments say, fixed once both are in the index; what is read here is added),
-    ``texts`` (:func:`read_unknown` of the occurrences, the arguments of those missing from
-    ``kinds``) and ``followups`` (:func:`read_followups` of the occurrences)."""
     occ = recent(occurrences)
     if not occ:
+        return {"kind": "unknown", "reasons": ["no occurrences"]}
+    found = read_followups(conn, occ)
+    texts = read_unknown(conn, [o["event_id"] for o in occ], {})
+    tally = Tally(error_type or "", tool)
+    for i, o in enumerate(occ):
+        f = found[o["event_id"]]
+        tally.add(o, f.follow, f.repeat, f.repeat_run)
+        tally.know(i, known_of(o["message"], error_type, texts.get(o["event_id"])))
+    return evidence_of(conn, tally, 0, error_type, check_paths=check_paths, server=server)[0]
+
+
+def evidence_of(conn: sqlite3.Connection, tally: Tally, start: int, error_type: str | None, *,
+                check_paths: bool = True, server: ServerErrors | None = None,
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The evidence of the failures of ``tally`` from position ``start`` on (the most recent
+    :data:`MAX_OCCURRENCES`), and the paths their messages name whose existence it looked
+    at (``path``, ``argument``, ``count``, ``exists_now``): what a stored evidence depends on
+    outside the history.
+
+    Every failure from ``start`` on must be known (:meth:`Tally.know`), and the message of
+    the first failure of each template read (:meth:`Tally.first_positions`). Sums are
+    taken per distinct kind and context (``Counter`` keeps the order of first appearance,
+    which ties follow, as counting the occurrences one by one would)."""
+    n = len(tally) - start
+    if n <= 0:
         return {"kind": "unknown", "reasons": ["no occurrences"]}, []
-    kinds = {} if kinds is None else kinds
-    if texts is None:
-        texts = read_unknown(conn, [o["event_id"] for o in occ], kinds)
-    if followups is None:
-        followups = read_followups(conn, occ)
+    values = tally.kind_values
     votes: Counter = Counter()
     reasons: Counter = Counter()
     errno: Counter = Counter()
     status: Counter = Counter()
     rpc: Counter = Counter()
-    templates: dict[str, dict[str, Any]] = {}
     named: Counter = Counter()
     paths: dict[str, dict[str, Any]] = {}
     retry_after: list[float] = []
-    resets: list[float] = []
-    for o in occ:
-        known = kinds.get(o["event_id"])
-        if known is None:
-            known = kinds[o["event_id"]] = (
-                *_kind_and_codes(o["message"], error_type),
-                named_argument(o["message"], _parsed(texts.get(o["event_id"]))) or message_path(o["message"]))
-        kind_reason, codes, arg = known
-        votes[kind_reason[0]] += 1
-        reasons[kind_reason] += 1
-        if codes["errno"]:
-            errno.update(codes["errno"])
-        if codes["http_status"]:
-            status.update(map(str, codes["http_status"]))
-        if codes["jsonrpc"]:
-            rpc.update(map(str, codes["jsonrpc"]))
+    resets: set[int] = set()  # the kinds whose codes give a reset instant
+    kinds = tally.kinds[start:]
+    for k, count in Counter(kinds).items():
+        kind_reason, codes = values[k]
+        votes[kind_reason[0]] += count
+        reasons[kind_reason] += count
+        for code in codes["errno"]:
+            errno[code] += count
+        for code in codes["http_status"]:
+            status[str(code)] += count
+        for code in codes["jsonrpc"]:
+            rpc[str(code)] += count
         if codes["retry_after_s"] is not None:
             retry_after.append(codes["retry_after_s"])
         if codes["reset_at"] is not None:
-            resets.append(codes["reset_at"] - o["ts"])
-        t = templates.get(o["template"])
-        if t is None:
-            t = templates[o["template"]] = {"template": o["template"], "count": 0, "kind": kind_reason[0],
-                                            "example": o["message"][:300]}
-        t["count"] += 1
+            resets.add(k)
+    for arg in tally.named[start:]:
         if arg:
             named[arg["type"]] += 1
             if arg["type"] == "path":
@@ -612,26 +613,38 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
                     p = paths[arg["value"]] = {"path": arg["value"], "argument": arg["key"], "count": 0,
                                                "exists_now": None}
                 p["count"] += 1
+    keys = tally.context_keys
+    templates: dict[str, dict[str, Any]] = {}
+    for c, count in Counter(tally.contexts[start:]).items():
+        t = templates.get(keys[c][0])
+        if t is None:
+            t = templates[keys[c][0]] = {"template": keys[c][0], "count": 0}
+        t["count"] += count
+    for template, i in tally.first_positions(start).items():
+        templates[template].update(kind=values[tally.kinds[i]][0][0],
+                                   example=tally.messages[tally.ids[i]][:EXAMPLE_CHARS])
     # Whether a path exists now is looked at only where it shows: the ten most named, and for
     # messages no rule reads, the path arguments (a stored evidence checks them again).
     shown = sorted(paths.values(), key=lambda p: -p["count"])[:10]
     for p in shown:
         p["exists_now"] = _path_exists(p["path"]) if check_paths else None
-    gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(occ) if b["ts"] >= a["ts"]]
-    det = determinism_of(followups[o["event_id"]] for o in occ)
-    streak = server_streak(conn, tool, occ, server)
-    kind, share = votes.most_common(1)[0][0], votes.most_common(1)[0][1] / len(occ)
+    times = tally.ts[start:]
+    gaps = [b - a for a, b in itertools.pairwise(times) if b >= a]
+    det = determinism_counts(tally.follow[start:], tally.repeat[start:], tally.repeat_run[start:])
+    streak = server_streak(conn, tally.tool_name, times, server)
+    (kind, top), = votes.most_common(1)
+    share = top / n
     why = [f"{k}: {r}" for (k, r), _ in reasons.most_common(3)]
     durations = None
     if kind in ("slow_tail", "hang"):
-        durations = timeout_durations(conn, tool, occ)
+        durations = timeout_durations(conn, tally.tool_name, tally.durations[start:], tally.ids[start])
         if durations["cut_off_ms_median"] and durations["successes"] >= 3 and durations["successes_near_limit"] == 0:
             kind = "hang"
             why.append(f"none of {durations['successes']} successful calls came within "
                        f"{HANG_SHARE:.0%} of the {durations['cut_off_ms_median']:.0f} ms cut-off: a hang")
-        elif durations["successes"] == 0 and len(occ) >= 3:
+        elif durations["successes"] == 0 and n >= 3:
             kind = "hang"
-            why.append(f"no call of the tool finished in the history, {len(occ)} timed out: a hang")
+            why.append(f"no call of the tool finished in the history, {n} timed out: a hang")
     if kind == "unknown" and check_paths:
         # A message that is only the path the call named ("Error executing tool git_log:
         # /srv/repo", a NoSuchPathError) says nothing a rule knows, but a path argument that
@@ -642,7 +655,7 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
         gone = sum(p["count"] for p in paths.values() if p["argument"] is not None and p["exists_now"] is False)
         if gone and gone >= votes["unknown"] / 2:
             kind = "missing_resource"
-            why.append(f"{gone} of {len(occ)} messages name a path argument of the call that does not exist now: "
+            why.append(f"{gone} of {n} messages name a path argument of the call that does not exist now: "
                        "a missing resource")
     if kind in ("transient_upstream", "server_down", "unknown") and streak and streak["other_tools_failing"] >= 1 \
             and streak["streak_share"] >= STREAK_SHARE:
@@ -650,13 +663,14 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
             why.append(f"{streak['streak_share']:.0%} of failures came with failures of "
                        f"{streak['other_tools_failing']} other tool(s) of server {streak['server']}: the server is down")
         kind = "server_down"
+    reset_in = [values[k][1]["reset_at"] - t for k, t in zip(kinds, times) if k in resets] if resets else []
     out = {
         "kind": kind,
         "kind_share": round(share, 4),
         "kind_votes": dict(votes.most_common()),
         "reasons": why,
         "runtime_label": error_type,
-        "sampled_occurrences": len(occ),
+        "sampled_occurrences": n,
         "templates": sorted(templates.values(), key=lambda t: -t["count"])[:10],
         "codes": {"errno": dict(errno.most_common()), "http_status": dict(status.most_common()),
                   "jsonrpc": dict(rpc.most_common())},
@@ -667,11 +681,11 @@ def gather_with_paths(conn: sqlite3.Connection, tool: str, error_type: str | Non
         "server": streak,
         "spacing_s": {"median": round(statistics.median(gaps), 3), "min": round(min(gaps), 3)} if gaps else None,
         "retry_after_s": max(retry_after) if retry_after else None,
-        "reset_in_s": round(max(resets), 3) if resets else None,
+        "reset_in_s": round(max(reset_in), 3) if reset_in else None,
         "durations": durations,
     }
     out["summary"] = kind_line(out)
-    return out, list(paths.values())
+    return out, [p for p in paths.values() if p["exists_now"] is not None]
 
 
 def kind_line(evidence: dict[str, Any] | None) -> str:

@@ -30,7 +30,7 @@ import json
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from selfheal_plugin.analysis import evidence as _evidence
 from selfheal_plugin.history.connection import get_state, read_all, server_of, set_state, write_transaction
@@ -143,10 +143,10 @@ def _usable_named(named: Any) -> bool:
                              and (named["key"] is None or isinstance(named["key"], str)))
 
 
-def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[int, Any]:
-    """Event id → ((kind, reason), codes, named argument) of the occurrences in ``labels``
-    (event id → the runtime's label) read before with the same label by the same evidence
-    code."""
+def kind_reader(conn: sqlite3.Connection) -> Callable[[Any, Any, Any, Any], Any] | None:
+    """A reader of kept ``selfheal_error_kinds`` values (kind, reason, codes text, named
+    text) → ((kind, reason), codes, named argument), or None for values of another shape;
+    None itself when the kinds were kept by another evidence code (they are dropped then)."""
     if get_state(conn, "error_kinds_code") != code_key():
         try:
             with write_transaction(conn):
@@ -154,16 +154,16 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
                 set_state(conn, "error_kinds_code", code_key())
         except sqlite3.Error as exc:
             log.debug("kinds not reset: %s", exc)
-        return {}
-    out: dict[int, Any] = {}
-    # what a stored text holds (_UNUSABLE when nothing usable): most rows share one codes text
-    read: dict[str, dict[Any, Any]] = {"codes": {}, "named": {}}
+        return None
+    # what a kept text holds (_UNUSABLE when nothing usable): most rows share one codes text
+    seen: dict[str, dict[Any, Any]] = {"codes": {}, "named": {}}
     usable = {"codes": _usable_codes, "named": _usable_named}
+    reasons: dict[tuple[str, str], tuple[str, str]] = {}  # one tuple per distinct (kind, reason)
 
     def parsed(text: Any, column: str) -> Any:
-        seen = read[column]
+        memo = seen[column]
         try:
-            return seen[text]
+            return memo[text]
         except KeyError:
             pass
         except TypeError:  # not a text (damage)
@@ -172,17 +172,32 @@ def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[
             value = json.loads(text)
         except (ValueError, TypeError):
             value = _UNUSABLE
-        seen[text] = value = value if value is not _UNUSABLE and usable[column](value) else _UNUSABLE
+        memo[text] = value = value if value is not _UNUSABLE and usable[column](value) else _UNUSABLE
         return value
 
-    reasons: dict[tuple[str, str], tuple[str, str]] = {}  # one tuple per distinct (kind, reason)
+    def read(kind: Any, reason: Any, codes: Any, named: Any) -> Any:
+        if not (isinstance(kind, str) and kind in _evidence.KINDS and isinstance(reason, str)):
+            return None
+        found = parsed(codes, "codes"), parsed(named, "named")
+        if _UNUSABLE in found:
+            return None
+        return (reasons.setdefault((kind, reason), (kind, reason)), *found)  # shared, never changed
+    return read
+
+
+def load_kinds(conn: sqlite3.Connection, labels: dict[int, str | None]) -> dict[int, Any]:
+    """Event id → ((kind, reason), codes, named argument) of the occurrences in ``labels``
+    (event id → the runtime's label) read before with the same label by the same evidence
+    code."""
+    read = kind_reader(conn)
+    if read is None:
+        return {}
+    out: dict[int, Any] = {}
     for eid, label, kind, reason, codes, named in read_all(
             conn, "SELECT event_id, label, kind, reason, codes, named FROM selfheal_error_kinds "
             "WHERE event_id IN (SELECT value FROM json_each(?))", (json.dumps(sorted(labels)),)):
-        if label == labels[eid] and kind in _evidence.KINDS and isinstance(reason, str):
-            found = parsed(codes, "codes"), parsed(named, "named")
-            if _UNUSABLE not in found:  # shared by the rows of the same text: read, never changed
-                out[eid] = (reasons.setdefault((kind, reason), (kind, reason)), *found)
+        if label == labels[eid] and (known := read(kind, reason, codes, named)) is not None:
+            out[eid] = known
     return out
 
 

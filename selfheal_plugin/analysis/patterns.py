@@ -14,6 +14,7 @@ as ``0.35·size + 0.45·correlation + 0.20·frequency``. See README "Detection".
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sqlite3
@@ -24,8 +25,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from selfheal_plugin.analysis import evidencecache, windowcache
-from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, gather_with_paths, read_followups,
-                                              read_unknown, recent, servers_errors)
+from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, evidence_of, followups_from_calls,
+                                              known_of, read_followups, read_unknown, recent, servers_errors)
+from selfheal_plugin.analysis.tally import NOT_READ, ContextKey, Tally, error_rows, tallies_of
 from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type, read_all, server_of
@@ -223,6 +225,10 @@ def _where(since_epoch: float, until_epoch: float | None, error_type: str | None
     return "".join(sql), params
 
 
+_SIGNATURES_SQL = (" AND (e.error_type, e.tool_name) IN"
+                   " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))")
+
+
 def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None,
                 error_type: str | None, tool_name: str | None, run_ids: list[str] | None = None,
                 signatures: list[tuple[str, str]] | None = None) -> list[dict]:
@@ -230,17 +236,9 @@ def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float
     rows; ``signatures``: only those of these (error type, tool) pairs."""
     where, params = _where(since_epoch, until_epoch, error_type, tool_name, run_ids)
     if signatures is not None:
-        where += (" AND (e.error_type, e.tool_name) IN"
-                  " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))")
+        where += _SIGNATURES_SQL
         params.append(json.dumps(signatures))
-    sql = ("SELECT e.event_id, e.run_id, e.step_index, e.ts, e.timestamp, e.tool_name, e.error_type,"
-           " e.raw_error_type, e.message, e.template, e.duration_ms, e.arg_keys,"
-           " r.workflow_name, r.started_at, r.status"
-           " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where + " ORDER BY e.event_id")
-    return [{"event_id": r[0], "run_id": r[1], "step_index": r[2], "ts": r[3], "timestamp": r[4],
-             "tool_name": r[5], "error_type": r[6], "raw_error_type": r[7], "message": r[8],
-             "template": r[9], "duration_ms": r[10], "arg_keys": r[11].split("\x1f") if r[11] else [],
-             "workflow": r[12], "run_started_at": r[13], "run_status": r[14]} for r in read_all(conn, sql, params)]
+    return error_rows(conn, where, params)
 
 
 def _tool_calls(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None) -> dict[str, int]:
@@ -288,7 +286,8 @@ def detect_failure_patterns(
                      tuple(run_ids) if run_ids else None)
     where, params = _where(window.since_epoch, window.until_epoch, error_type, tool_name, run_ids)
     calls = _tool_calls(conn, window.since_epoch, window.until_epoch)
-    sigs, rows = _window_signatures(conn, where, params, window, error_type, tool_name, stored=run_ids is None)
+    failures = _Failures(window, error_type, tool_name, kept=run_ids is None)
+    sigs = _window_signatures(conn, where, params, failures, stored=run_ids is None)
     patterns: list[Pattern] = []
     keys: dict[str, tuple[int, list[int]]] = {}
     candidates = 0
@@ -296,7 +295,7 @@ def detect_failure_patterns(
         if sig.n < max(1, min_occurrences):
             continue
         candidates += 1
-        detail = rows[(etype, tool)] if rows is not None else _LazyRows(window, (etype, tool))
+        detail = _LazyRows(window, (etype, tool))
         pattern = _pattern(etype, tool, sig, calls.get(tool, 0), detail)
         if pattern.confidence >= confidence_threshold:
             patterns.append(pattern)
@@ -304,14 +303,85 @@ def detect_failure_patterns(
                                 [sig.n, sig.min_id, sig.max_id, sig.sum_ids])
     if not lazy_detail:
         _fill_together([p.occurrences_detail for p in patterns])
-    attach_evidence_all(conn, patterns, keys=keys if run_ids is None else None)
+    attach_evidence_all(conn, patterns, keys=keys if run_ids is None else None, failures=failures)
     patterns.sort(key=lambda p: (-p.occurrences, p.id))
     return Detection(patterns, format_timestamp(start), scanned, candidates)
 
 
+class _Failures:
+    """The window's failures as tallies, read in one query when a detect first needs them
+    (:func:`_read_tallies`): all of them to group the window, or those of the signatures
+    whose evidence is read again. ``kept``: the kinds kept by earlier detects are read with
+    them (else every kind is read from its message)."""
+
+    def __init__(self, window: _Window, error_type: str | None, tool_name: str | None, kept: bool) -> None:
+        self.window, self.error_type, self.tool_name, self.kept = window, error_type, tool_name, kept
+        self._all: dict[tuple[str, str], Tally] | None = None
+
+    def tallies(self, signatures: list[tuple[str, str]] | None = None) -> dict[tuple[str, str], Tally]:
+        """The tallies of the window's signatures (``signatures``: of those only)."""
+        if self._all is None and signatures is None:
+            self._all = self._read(None)
+        if self._all is not None:
+            return self._all if signatures is None else {sig: self._all[sig] for sig in signatures}
+        return self._read(signatures)
+
+    def _read(self, signatures: list[tuple[str, str]] | None) -> dict[tuple[str, str], Tally]:
+        w = self.window
+        where, params = _where(w.since_epoch, w.until_epoch, self.error_type, self.tool_name,
+                               list(w.run_ids) if w.run_ids else None)
+        if signatures is not None:
+            where += _SIGNATURES_SQL
+            params.append(json.dumps(signatures))
+        return _read_tallies(w.conn, where, params, evidencecache.kind_reader(w.conn) if self.kept else None)
+
+
+# A failure with its run's workflow, its kept kind (when read with the same label) and its follow-ups.
+_TALLY_SQL = ("SELECT e.event_id, e.run_id, e.step_index, e.ts, e.tool_name, e.error_type, e.message, e.template,"
+              " e.duration_ms, e.arg_keys, r.workflow_name, k.kind, k.reason, k.codes, k.named,"
+              " f.event_id, f.args_key, f.follow, f.repeat, f.repeat_run"
+              " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id"
+              " LEFT JOIN selfheal_error_kinds k ON k.event_id = e.event_id AND k.label IS e.error_type"
+              " LEFT JOIN selfheal_followups f ON f.event_id = e.event_id WHERE ")
+
+
+def _read_tallies(conn: sqlite3.Connection, where: str, params: list[Any],
+                  read_kind: Callable[[Any, Any, Any, Any], Any] | None) -> dict[tuple[str, str], Tally]:
+    """The failures ``where`` selects as one tally per signature, read in one query with
+    what the index keeps of each: the follow-ups (a row missing or of another shape: read
+    from the calls, :func:`~selfheal_plugin.analysis.evidence.followups_from_calls`) and,
+    with ``read_kind`` (:func:`~selfheal_plugin.analysis.evidencecache.kind_reader`), the
+    kinds read before."""
+    out: dict[tuple[str, str], Tally] = {}
+    unknown: dict[str, list[tuple[Tally, int, dict[str, Any]]]] = {}  # tool -> follow-ups to read from the calls
+    for (eid, run, step, ts, tool, etype, message, template, duration, arg_keys, workflow, kind, reason, codes, named,
+         kept, key, follow, repeat, repeat_run) in read_all(conn, _TALLY_SQL + where + " ORDER BY e.event_id", params):
+        t = out.get((etype, tool))
+        if t is None:
+            t = out[(etype, tool)] = Tally(etype, tool)
+        good = kept is not None and (key is None or isinstance(key, str)) and _flag(follow) and _flag(repeat) \
+            and _flag(repeat_run)
+        i = t.append(eid, ts, run, duration, (template, tuple(arg_keys.split("\x1f")) if arg_keys else (), workflow, step),
+                     message, follow if good else None, repeat if good else None, repeat_run if good else None)
+        if not good:
+            unknown.setdefault(tool, []).append((t, i, {"event_id": eid, "run_id": run, "tool_name": tool}))
+        if read_kind is not None and kind is not None and (known := read_kind(kind, reason, codes, named)) is not None:
+            t.know(i, known)
+    for tool, missing in unknown.items():
+        found = followups_from_calls(conn, tool, [o for _, _, o in missing])
+        for t, i, o in missing:
+            f = found[o["event_id"]]
+            t.follow[i], t.repeat[i], t.repeat_run[i] = f.follow, f.repeat, f.repeat_run
+    return out
+
+
+def _flag(value: Any) -> bool:
+    return value is None or (type(value) is int and value in (0, 1))
+
+
 @dataclass
 class _Signature:
-    """What detection needs of one signature's failures in the window, grouped in SQL."""
+    """What detection needs of one signature's failures in the window (:func:`_signature_of`)."""
 
     n: int = 0
     contexts: Counter = field(default_factory=Counter)  # in order of first occurrence
@@ -325,33 +395,22 @@ class _Signature:
     correlation: float | None = None  # of the contexts, once computed (a stored grouping keeps only this)
 
 
-def _signatures(rows: list[dict]) -> tuple[dict[tuple[str, str], _Signature], dict[tuple[str, str], list[dict]]]:
-    """The window's failures (``rows``, oldest first) grouped by signature, with each
-    signature's rows; the contexts are grouped as they come (one context a distinct template,
-    argument keys, workflow and step)."""
-    by_sig: dict[tuple[str, str], list[dict]] = {}
-    contexts: dict[tuple[Any, ...], frozenset[str]] = {}
-    out: dict[tuple[str, str], _Signature] = {}
-    for r in rows:
-        key = (r["error_type"], r["tool_name"])
-        sig = out.get(key)
-        if sig is None:
-            sig = out[key] = _Signature()
-            by_sig[key] = []
-        by_sig[key].append(r)
-        ck = (r["template"], tuple(r["arg_keys"]), r["workflow"], r["step_index"])
-        ctx = contexts.get(ck)
-        if ctx is None:
-            ctx = contexts[ck] = context_of(r)
-        sig.contexts[ctx] += 1
-    for key, sig in out.items():
-        occ = by_sig[key]
-        ids = [r["event_id"] for r in occ]
-        times = [r["ts"] for r in occ]
-        sig.n, sig.min_id, sig.max_id, sig.sum_ids = len(occ), min(ids), max(ids), sum(ids)
-        sig.first_ts, sig.last_ts = min(times), max(times)
-        sig.runs = list(dict.fromkeys(r["run_id"] for r in occ))
-    return out, by_sig
+def _signature_of(tally: Tally) -> _Signature:
+    """What detection needs of one signature's failures in the window: their count,
+    contexts (in order of first occurrence; contexts that read the same are one), runs (in
+    order of first occurrence), span and ids."""
+    sig = _Signature(n=len(tally), runs=list(dict.fromkeys(tally.runs)), first_ts=min(tally.ts),
+                     last_ts=max(tally.ts), min_id=tally.ids[0], max_id=tally.ids[-1], sum_ids=sum(tally.ids))
+    for c, count in Counter(tally.contexts).items():
+        sig.contexts[_context(tally.context_keys[c])] += count
+    return sig
+
+
+@functools.lru_cache(maxsize=8192)
+def _context(key: ContextKey) -> frozenset[str]:
+    """:func:`context_of` of a failure whose context key (template, argument keys, workflow, step) is ``key``."""
+    template, arg_keys, workflow, step = key
+    return context_of({"template": template, "arg_keys": arg_keys, "workflow": workflow, "step_index": step})
 
 
 _SIGNATURE_FIELDS = ("n", "runs", "first_ts", "last_ts", "min_id", "max_id", "sum_ids", "correlation")
@@ -367,28 +426,26 @@ def _stored_signature(s: dict[str, Any]) -> _Signature:
     return sig
 
 
-def _window_signatures(conn: sqlite3.Connection, where: str, params: list[Any], window: _Window,
-                       error_type: str | None, tool_name: str | None, stored: bool,
-                       ) -> tuple[dict[tuple[str, str], _Signature], dict[tuple[str, str], list[dict]] | None]:
-    """The window's failures grouped by signature (:func:`_signatures`) with each one's
-    rows, or with ``stored`` the grouping a detect stored for the same failures
-    (:mod:`~selfheal_plugin.analysis.windowcache`) and no rows (a new grouping is stored)."""
+def _window_signatures(conn: sqlite3.Connection, where: str, params: list[Any], failures: _Failures,
+                       stored: bool) -> dict[tuple[str, str], _Signature]:
+    """The window's failures grouped by signature (:func:`_signature_of` their tallies), or
+    with ``stored`` the grouping a detect stored for the same failures
+    (:mod:`~selfheal_plugin.analysis.windowcache`; a new grouping is stored)."""
     key = windowcache.window_key(conn, where, params, Path(__file__)) if stored else None
     found = windowcache.load(conn, key) if key is not None else None
     if found is not None:
         try:
-            return {(s["error_type"], s["tool_name"]): _stored_signature(s) for s in found}, None
+            return {(s["error_type"], s["tool_name"]): _stored_signature(s) for s in found}
         except (KeyError, TypeError, ValueError):
             pass  # a stored row of another shape (damaged, or written by hand): group again
-    sigs, rows = _signatures(_error_rows(conn, window.since_epoch, window.until_epoch, error_type, tool_name,
-                                         list(window.run_ids) if window.run_ids else None))
+    sigs = {sig: _signature_of(t) for sig, t in failures.tallies().items()}
     if key is not None:
         for sig in sigs.values():
             sig.correlation = _correlation(sig.contexts, sig.n)
         windowcache.store(conn, key, [{"error_type": etype, "tool_name": tool,
                                        **{f: getattr(sig, f) for f in _SIGNATURE_FIELDS}}
                                       for (etype, tool), sig in sigs.items()])
-    return sigs, rows
+    return sigs
 
 
 def _recent_first(conn: sqlite3.Connection, sig: _Signature, window: _Window, etype: str, tool: str) -> int:
@@ -465,13 +522,15 @@ def attach_evidence(conn: sqlite3.Connection, pattern: Pattern) -> Pattern:
 
 
 def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
-                        keys: dict[str, tuple[int, list[int]]] | None = None) -> None:
+                        keys: dict[str, tuple[int, list[int]]] | None = None,
+                        failures: _Failures | None = None) -> None:
     """:func:`attach_evidence` for several patterns, their tools' calls read once.
 
     ``keys`` (pattern id → the id of the oldest occurrence the evidence reads, and a key of
     its occurrences in the window) lets a pattern's stored evidence stand in for reading it
     again when nothing it depends on changed (:mod:`~selfheal_plugin.analysis.evidencecache`);
-    the occurrences of a pattern found there are not read."""
+    the occurrences of a pattern found there are not read. ``failures``: the detect's
+    tallies (else the patterns' ``occurrences_detail`` are read into tallies)."""
     stored: dict[str, dict[str, Any]] = {}
     prints: dict[str, str] = {}
     if keys is not None and patterns:
@@ -481,36 +540,59 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
         prints = evidencecache.fingerprints(conn, {p.id: (p.tool_name, keys[p.id][1]) for p in patterns}, firsts)
         stored = evidencecache.load(conn, prints)
     todo = [p for p in patterns if p.id not in stored]
-    _fill_together([p.occurrences_detail for p in todo])
-    occurrences = {p.id: recent(p.occurrences_detail) for p in todo}  # what each evidence reads
+    if not todo:
+        for p in patterns:
+            p.evidence = stored[p.id]
+            p.failure_kind = p.evidence["kind"]
+        return
+    if failures is not None:
+        tallies = failures.tallies([(p.error_type, p.tool_name) for p in todo])
+    else:
+        rows = [o for p in todo for o in recent(p.occurrences_detail)]
+        tallies = tallies_of(rows, read_followups(conn, rows) if rows else {})
+    parts = {p.id: (tallies[(p.error_type, p.tool_name)], max(0, len(tallies[(p.error_type, p.tool_name)])
+                                                              - MAX_OCCURRENCES)) for p in todo}
+    _read_kinds(conn, list(parts.values()), cached=bool(prints))
     spans: dict[str, tuple[float, float]] = {}  # server -> the span of its patterns' occurrences
     for p in todo:
         server = server_of(p.tool_name)
-        times = [o["ts"] for o in occurrences[p.id]]
-        if server and times:
+        t, start = parts[p.id]
+        if server and len(t) > start:
+            times = t.ts[start:]
             lo, hi = spans.get(server, (min(times), max(times)))
             spans[server] = (min(lo, *times), max(hi, *times))
     servers = servers_errors(conn, {s: (lo - STREAK_SECONDS, hi + STREAK_SECONDS) for s, (lo, hi) in spans.items()})
-    # What is known of each occurrence, kept by earlier detects: the rest is read now, at once.
-    labels = {o["event_id"]: p.error_type for p in todo for o in occurrences[p.id]}
-    kinds = evidencecache.load_kinds(conn, labels) if prints and labels else {}
-    known = set(kinds)
-    texts = read_unknown(conn, labels, kinds)
-    followups = read_followups(conn, [o for p in todo for o in occurrences[p.id]])
     fresh = []
     for p in patterns:
         if p.id in stored:
             p.evidence = stored[p.id]
         else:
-            p.evidence, paths = gather_with_paths(conn, p.tool_name, p.error_type, occurrences[p.id],
-                                                  server=servers.get(server_of(p.tool_name) or ""),
-                                                  kinds=kinds, followups=followups, texts=texts)
+            t, start = parts[p.id]
+            p.evidence, paths = evidence_of(conn, t, start, p.error_type,
+                                            server=servers.get(server_of(p.tool_name) or ""))
             if prints:
                 fresh.append((p.id, prints[p.id], p.evidence, paths))
         p.failure_kind = p.evidence["kind"]
     if prints:
         evidencecache.store(conn, fresh)
-        evidencecache.store_kinds(conn, labels, kinds, known)
+
+
+def _read_kinds(conn: sqlite3.Connection, parts: list[tuple[Tally, int]], cached: bool) -> None:
+    """Read the kind of each failure of each tally from its start on not read yet: kept
+    ones first (with ``cached``), the rest from its message and its call's arguments (and
+    kept, with ``cached``)."""
+    missing = [(t, i) for t, start in parts for i in range(start, len(t)) if t.kinds[i] == NOT_READ]
+    labels = {t.ids[i]: t.error_type for t, i in missing}
+    kinds = evidencecache.load_kinds(conn, labels) if cached and labels else {}
+    known = set(kinds)
+    texts = read_unknown(conn, labels, kinds)
+    for t, i in missing:
+        eid = t.ids[i]
+        if eid not in kinds:
+            kinds[eid] = known_of(t.messages[eid], t.error_type, texts.get(eid))
+        t.know(i, kinds[eid])
+    if cached and labels:
+        evidencecache.store_kinds(conn, labels, {eid: kinds[eid] for eid in labels}, known)
 
 
 def pattern_details(pattern: Pattern) -> dict[str, Any]:
