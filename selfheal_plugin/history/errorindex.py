@@ -299,35 +299,44 @@ def _followups(conn: sqlite3.Connection, calls: list[tuple], errors: list[tuple]
     tool and arguments, waiting before it; a failed call then waits itself."""
     key_of = {c[0]: c[7] for c in calls if not c[4]}
     fresh = {e[0]: [e[0], e[5], e[1], key_of.get(e[0]), None, None, None] for e in errors}
-    by_run: dict[tuple[str, str], list[list[Any]]] = {}
-    by_key: dict[tuple[str, str], list[list[Any]]] = {}
+    # run -> tool -> the follow-ups waiting for that tool's next call in the run; args key -> tool -> ...
+    by_run: dict[str, dict[str, list[list[Any]]]] = {}
+    by_key: dict[str, dict[str, list[list[Any]]]] = {}
     changed: dict[int, list[Any]] = {}
 
     def wait(f: list[Any]) -> None:
         if f[4] is None:
-            by_run.setdefault((f[1], f[2]), []).append(f)
+            by_run.setdefault(f[2], {}).setdefault(f[1], []).append(f)
         if f[5] is None and f[3] is not None:
-            by_key.setdefault((f[1], f[3]), []).append(f)
+            by_key.setdefault(f[3], {}).setdefault(f[1], []).append(f)
 
     runs = sorted({c[2] for c in calls if isinstance(c[2], str)})
     keys = sorted({c[7] for c in calls if c[7] is not None})
     for f in _open_followups(conn, runs, keys) if calls else ():
         wait(f)
-    # (id, tool, run, ok, key): the calls, and the failed calls the calls index does not hold (no call answers)
-    steps = sorted([(c[0], c[1], c[2], c[4], c[7]) for c in calls] +
-                   [(eid, None, None, None, None) for eid in fresh if eid not in key_of])
-    for eid, tool, run, ok, key in steps:
-        if ok is not None:
-            for f in by_run.pop((tool, run), ()):
+    # the failed calls the calls index does not hold wait from their place too (no call of theirs answers)
+    alone = sorted(eid for eid in fresh if eid not in key_of)
+    at = 0
+    for eid, tool, run, _, ok, _, _, key, _ in calls:  # in id order
+        while at < len(alone) and alone[at] < eid:
+            wait(fresh[alone[at]])
+            at += 1
+        waiting = by_run.get(run)
+        if waiting is not None:
+            for f in waiting.pop(tool, ()):
                 f[4] = ok
                 changed[f[0]] = f
-            for f in by_key.pop((tool, key), ()) if key is not None else ():
+        waiting = by_key.get(key) if key is not None else None
+        if waiting is not None:
+            for f in waiting.pop(tool, ()):
                 f[5], f[6] = ok, int(f[2] == run)
                 changed[f[0]] = f
         f = fresh.get(eid)
         if f is not None:
-            changed[eid] = f
             wait(f)
+    for eid in alone[at:]:
+        wait(fresh[eid])
+    changed.update(fresh)
     return list(changed.values())
 
 
