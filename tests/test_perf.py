@@ -420,7 +420,7 @@ def test_the_follow_ups_kept_by_the_index_give_what_every_call_gives(tmp_path: P
         kept = conn.execute("SELECT count(*) FROM selfheal_followups WHERE event_id IN (SELECT value FROM json_each(?))",
                             (json.dumps([o["event_id"] for o in occ]),)).fetchone()[0]
         assert kept == len(occ)  # every failure's, from the index
-        from_index, from_calls = E.read_followups(conn, occ), E.followups_from_calls(conn, p.tool_name, occ)
+        from_index, from_calls = E.read_followups(conn, occ), E.followups_from_calls(conn, occ)
         assert from_index == from_calls and E.determinism_of(from_index.values()) == E.determinism(occ, every, keys)
         ok = [float(d) for eid, _, good, d, _ in rows if good and d is not None and eid >= occ[0]["event_id"]]
         for limit in (1.0, 500.0, 10_000.0):

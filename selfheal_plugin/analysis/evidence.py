@@ -46,6 +46,7 @@ from typing import Any
 
 from selfheal_plugin.analysis.tally import EXAMPLE_CHARS, Known, Tally
 from selfheal_plugin.history.connection import get_state, read_all, scan_id_range, server_of
+from selfheal_plugin.history.errorindex import followup_ok
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 
 KINDS = FAILURE_KINDS
@@ -310,10 +311,6 @@ def indexed_up_to(conn: sqlite3.Connection) -> int:
         return 0
 
 
-def _flag(value: Any) -> bool:
-    return value is None or (type(value) is int and value in (0, 1))
-
-
 def read_followups(conn: sqlite3.Connection, occ: Iterable[dict[str, Any]]) -> dict[int, Followup]:
     """Event id → the :class:`Followup` of each occurrence of ``occ``, as the index keeps
     it; one it does not hold, or holds in a row of another shape (damage: our table lives in
@@ -325,23 +322,28 @@ def read_followups(conn: sqlite3.Connection, occ: Iterable[dict[str, Any]]) -> d
     ids = sorted({o["event_id"] for o in occ})
     for eid, key, follow, repeat, repeat_run in scan_id_range(conn, sql, ids[0] - 1, ids[-1], json.dumps(ids)) \
             if ids else ():
-        if (key is None or isinstance(key, str)) and _flag(follow) and _flag(repeat) and _flag(repeat_run):
+        if followup_ok(key, follow, repeat, repeat_run):
             out[eid] = Followup(key, follow, repeat, repeat_run)
-    missing: dict[str, list[dict[str, Any]]] = {}
-    for o in occ:
-        if o["event_id"] not in out:
-            missing.setdefault(o["tool_name"], []).append(o)
-    for tool, some in missing.items():
-        out.update(followups_from_calls(conn, tool, some))
+    out.update(followups_from_calls(conn, [o for o in occ if o["event_id"] not in out]))
     return out
 
 
-def followups_from_calls(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[int, Followup]:
-    """The :class:`Followup` of each occurrence of ``occ`` (of ``tool``) found in the calls
-    themselves: the tool's calls after the first of them, in their runs or with their
-    arguments, read in one range read on (tool, id) filtered by SQLite."""
-    if not occ:
-        return {}
+def followups_from_calls(conn: sqlite3.Connection, occ: list[dict[str, Any]]) -> dict[int, Followup]:
+    """The :class:`Followup` of each occurrence of ``occ`` (event_id, run_id, tool_name)
+    found in the calls themselves (:func:`_tool_followups`, per tool)."""
+    by_tool: dict[str, list[dict[str, Any]]] = {}
+    for o in occ:
+        by_tool.setdefault(o["tool_name"], []).append(o)
+    out: dict[int, Followup] = {}
+    for tool, some in by_tool.items():
+        out.update(_tool_followups(conn, tool, some))
+    return out
+
+
+def _tool_followups(conn: sqlite3.Connection, tool: str, occ: list[dict[str, Any]]) -> dict[int, Followup]:
+    """The follow-ups of occurrences of ``tool``: its calls after the first of them, in
+    their runs or with their arguments, read in one range read on (tool, id) filtered by
+    SQLite."""
     keys, _ = failed_calls(conn, [o["event_id"] for o in occ])
     runs = sorted({o["run_id"] for o in occ if isinstance(o["run_id"], str)})
     wanted = sorted({k for k in keys.values() if isinstance(k, str)})

@@ -28,7 +28,7 @@ from selfheal_plugin.analysis import evidencecache, windowcache
 from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, evidence_of, followups_from_calls,
                                               known_of, read_followups, read_unknown, recent, servers_errors)
 from selfheal_plugin.analysis.tally import NOT_READ, ContextKey, Tally, error_rows, tallies_of
-from selfheal_plugin.history.errorindex import RefreshResult, refresh, template_tokens
+from selfheal_plugin.history.errorindex import RefreshResult, followup_ok, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type, read_all, server_of
 from selfheal_plugin.history.text import bounded
@@ -353,30 +353,24 @@ def _read_tallies(conn: sqlite3.Connection, where: str, params: list[Any],
     with ``read_kind`` (:func:`~selfheal_plugin.analysis.evidencecache.kind_reader`), the
     kinds read before."""
     out: dict[tuple[str, str], Tally] = {}
-    unknown: dict[str, list[tuple[Tally, int, dict[str, Any]]]] = {}  # tool -> follow-ups to read from the calls
+    unknown: list[tuple[Tally, int, dict[str, Any]]] = []  # follow-ups to read from the calls
     for (eid, run, step, ts, tool, etype, message, template, duration, arg_keys, workflow, kind, reason, codes, named,
          kept, key, follow, repeat, repeat_run) in read_all(conn, _TALLY_SQL + where + " ORDER BY e.event_id", params):
         t = out.get((etype, tool))
         if t is None:
             t = out[(etype, tool)] = Tally(etype, tool)
-        good = kept is not None and (key is None or isinstance(key, str)) and _flag(follow) and _flag(repeat) \
-            and _flag(repeat_run)
+        good = kept is not None and followup_ok(key, follow, repeat, repeat_run)
         i = t.append(eid, ts, run, duration, (template, tuple(arg_keys.split("\x1f")) if arg_keys else (), workflow, step),
                      message, follow if good else None, repeat if good else None, repeat_run if good else None)
         if not good:
-            unknown.setdefault(tool, []).append((t, i, {"event_id": eid, "run_id": run, "tool_name": tool}))
+            unknown.append((t, i, {"event_id": eid, "run_id": run, "tool_name": tool}))
         if read_kind is not None and kind is not None and (known := read_kind(kind, reason, codes, named)) is not None:
             t.know(i, known)
-    for tool, missing in unknown.items():
-        found = followups_from_calls(conn, tool, [o for _, _, o in missing])
-        for t, i, o in missing:
-            f = found[o["event_id"]]
-            t.follow[i], t.repeat[i], t.repeat_run[i] = f.follow, f.repeat, f.repeat_run
+    found = followups_from_calls(conn, [o for _, _, o in unknown])
+    for t, i, o in unknown:
+        f = found[o["event_id"]]
+        t.follow[i], t.repeat[i], t.repeat_run[i] = f.follow, f.repeat, f.repeat_run
     return out
-
-
-def _flag(value: Any) -> bool:
-    return value is None or (type(value) is int and value in (0, 1))
 
 
 @dataclass
