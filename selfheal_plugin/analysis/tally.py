@@ -75,7 +75,7 @@ class Tally:
     repeat_run: list[int | None] = field(default_factory=list)
     context_keys: list[ContextKey] = field(default_factory=list)
     kind_values: list[tuple[tuple[str, str], dict[str, Any]]] = field(default_factory=list)  # (kind, reason), codes
-    messages: dict[int, str] = field(default_factory=dict, repr=False)  # event id -> message, when read
+    messages: dict[int, str] = field(default_factory=dict, repr=False)  # event id -> message
     _context_at: dict[ContextKey, int] = field(default_factory=dict, repr=False)
     _kind_at: dict[tuple[tuple[str, str], int], int] = field(default_factory=dict, repr=False)
 
@@ -121,11 +121,6 @@ class Tally:
             self.kind_values.append((kind_reason, codes))
         self.kinds[position] = at
         self.named[position] = named
-
-    def known(self, position: int) -> Known:
-        """What the failure at ``position`` says (it must be read)."""
-        kind_reason, codes = self.kind_values[self.kinds[position]]
-        return kind_reason, codes, self.named[position]
 
     def first_positions(self, start: int) -> dict[str, int]:
         """Template → the position of its first failure at or after ``start``."""
