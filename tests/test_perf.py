@@ -537,6 +537,7 @@ def test_the_oldest_occurrence_the_evidence_reads_is_found_in_sql_as_in_python(t
     "UPDATE selfheal_followups SET follow = 7",
     "UPDATE selfheal_followups SET args_key = 5, repeat_run = 'x'",
     "DELETE FROM selfheal_followups",
+    "UPDATE selfheal_followups SET run_id = x'07', follow = 1 - coalesce(follow, 0)",  # answers of no run
 ])
 def test_stored_rows_of_another_shape_are_read_again_not_used(tmp_path: Path, damage: str) -> None:
     """Our tables live in a file another program writes: a damaged row is a miss, not a crash."""

@@ -317,12 +317,12 @@ def read_followups(conn: sqlite3.Connection, occ: Iterable[dict[str, Any]]) -> d
     a file another program writes), is read from the calls (:func:`followups_from_calls`)."""
     occ = list(occ)
     out: dict[int, Followup] = {}
-    sql = ("SELECT event_id, args_key, follow, repeat, repeat_run FROM selfheal_followups WHERE event_id > ? "
-           "AND event_id <= ? AND event_id IN (SELECT value FROM json_each(?)) ORDER BY event_id")
+    sql = ("SELECT event_id, tool_name, run_id, args_key, follow, repeat, repeat_run FROM selfheal_followups "
+           "WHERE event_id > ? AND event_id <= ? AND event_id IN (SELECT value FROM json_each(?)) ORDER BY event_id")
     ids = sorted({o["event_id"] for o in occ})
-    for eid, key, follow, repeat, repeat_run in scan_id_range(conn, sql, ids[0] - 1, ids[-1], json.dumps(ids)) \
-            if ids else ():
-        if followup_ok(key, follow, repeat, repeat_run):
+    for eid, tool, run, key, follow, repeat, repeat_run in scan_id_range(conn, sql, ids[0] - 1, ids[-1],
+                                                                         json.dumps(ids)) if ids else ():
+        if followup_ok(tool, run, key, follow, repeat, repeat_run):
             out[eid] = Followup(key, follow, repeat, repeat_run)
     out.update(followups_from_calls(conn, [o for o in occ if o["event_id"] not in out]))
     return out

@@ -339,7 +339,7 @@ class _Failures:
 # A failure with its run's workflow, its kept kind (when read with the same label) and its follow-ups.
 _TALLY_SQL = ("SELECT e.event_id, e.run_id, e.step_index, e.ts, e.tool_name, e.error_type, e.message, e.template,"
               " e.duration_ms, e.arg_keys, r.workflow_name, k.kind, k.reason, k.codes, k.named,"
-              " f.event_id, f.args_key, f.follow, f.repeat, f.repeat_run"
+              " f.tool_name, f.run_id, f.args_key, f.follow, f.repeat, f.repeat_run"
               " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id"
               " LEFT JOIN selfheal_error_kinds k ON k.event_id = e.event_id AND k.label IS e.error_type"
               " LEFT JOIN selfheal_followups f ON f.event_id = e.event_id WHERE ")
@@ -355,11 +355,12 @@ def _read_tallies(conn: sqlite3.Connection, where: str, params: list[Any],
     out: dict[tuple[str, str], Tally] = {}
     unknown: list[tuple[Tally, int, dict[str, Any]]] = []  # follow-ups to read from the calls
     for (eid, run, step, ts, tool, etype, message, template, duration, arg_keys, workflow, kind, reason, codes, named,
-         kept, key, follow, repeat, repeat_run) in read_all(conn, _TALLY_SQL + where + " ORDER BY e.event_id", params):
+         f_tool, f_run, key, follow, repeat, repeat_run) in read_all(conn, _TALLY_SQL + where + " ORDER BY e.event_id",
+                                                                     params):
         t = out.get((etype, tool))
         if t is None:
             t = out[(etype, tool)] = Tally(etype, tool)
-        good = kept is not None and followup_ok(key, follow, repeat, repeat_run)
+        good = followup_ok(f_tool, f_run, key, follow, repeat, repeat_run)  # a row missing: no tool
         i = t.append(eid, ts, run, duration, (template, tuple(arg_keys.split("\x1f")) if arg_keys else (), workflow, step),
                      message, follow if good else None, repeat if good else None, repeat_run if good else None)
         if not good:

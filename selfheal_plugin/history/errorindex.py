@@ -276,11 +276,13 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     return RefreshResult(scanned, new_errors, new_bad, int(get_state(conn, "bad_rows", "0")))
 
 
-def followup_ok(args_key: object, follow: object, repeat: object, repeat_run: object) -> bool:
+def followup_ok(tool_name: object, run_id: object, args_key: object, follow: object, repeat: object,
+                repeat_run: object) -> bool:
     """Whether a kept follow-up row holds what ingest writes (our table lives in a file
-    another program writes: a row of another shape is read from the calls instead)."""
-    return (args_key is None or isinstance(args_key, str)) and all(
-        v is None or (type(v) is int and v in (0, 1)) for v in (follow, repeat, repeat_run))
+    another program writes: ingest answers no row of another shape, and the evidence reads
+    such a row's answers from the calls instead)."""
+    return isinstance(tool_name, str) and isinstance(run_id, str) and (args_key is None or isinstance(args_key, str)) \
+        and all(v is None or (type(v) is int and v in (0, 1)) for v in (follow, repeat, repeat_run))
 
 
 def _open_followups(conn: sqlite3.Connection, runs: list[str], keys: list[str]) -> list[list[Any]]:
@@ -291,7 +293,7 @@ def _open_followups(conn: sqlite3.Connection, runs: list[str], keys: list[str]) 
         "WHERE follow IS NULL AND run_id IN (SELECT value FROM json_each(?)) UNION "
         "SELECT event_id, tool_name, run_id, args_key, follow, repeat, repeat_run FROM selfheal_followups "
         "WHERE repeat IS NULL AND args_key IN (SELECT value FROM json_each(?))", (json.dumps(runs), json.dumps(keys)))
-    return [list(r) for r in rows if isinstance(r[1], str) and isinstance(r[2], str) and followup_ok(*r[3:])]
+    return [list(r) for r in rows if followup_ok(*r[1:])]
 
 
 def _followups(conn: sqlite3.Connection, calls: list[tuple], errors: list[tuple]) -> list[list[Any]]:
