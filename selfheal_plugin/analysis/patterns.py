@@ -519,7 +519,7 @@ def attach_evidence(conn: sqlite3.Connection, pattern: Pattern) -> Pattern:
 def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
                         keys: dict[str, tuple[int, list[int]]] | None = None,
                         failures: _Failures | None = None) -> None:
-    """:func:`attach_evidence` for several patterns, their tools' calls read once.
+    """:func:`attach_evidence` for several patterns, their failures read together.
 
     ``keys`` (pattern id → the id of the oldest occurrence the evidence reads, and a key of
     its occurrences in the window) lets a pattern's stored evidence stand in for reading it
@@ -545,8 +545,10 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
     else:
         rows = [o for p in todo for o in recent(p.occurrences_detail)]
         tallies = tallies_of(rows, read_followups(conn, rows) if rows else {})
-    parts = {p.id: (tallies[(p.error_type, p.tool_name)], max(0, len(tallies[(p.error_type, p.tool_name)])
-                                                              - MAX_OCCURRENCES)) for p in todo}
+    parts: dict[str, tuple[Tally, int]] = {}  # pattern id -> its tally, and where the evidence starts in it
+    for p in todo:
+        t = tallies[(p.error_type, p.tool_name)]
+        parts[p.id] = (t, max(0, len(t) - MAX_OCCURRENCES))
     _read_kinds(conn, list(parts.values()), cached=bool(prints))
     spans: dict[str, tuple[float, float]] = {}  # server -> the span of its patterns' occurrences
     for p in todo:
