@@ -27,7 +27,7 @@ from typing import Any, Callable
 from selfheal_plugin.analysis import evidencecache, windowcache
 from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, evidence_of, followups_from_calls,
                                               known_of, read_followups, read_unknown, recent, servers_errors)
-from selfheal_plugin.analysis.tally import NOT_READ, ContextKey, Tally, error_rows, tallies_of
+from selfheal_plugin.analysis.tally import NOT_READ, ContextKey, Tally, tallies_of
 from selfheal_plugin.history.errorindex import RefreshResult, followup_ok, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError
 from selfheal_plugin.history.connection import normalize_error_type, read_all, server_of
@@ -142,11 +142,16 @@ class _Window:
     until_epoch: float | None
     run_ids: tuple[str, ...] | None
 
+    def where(self, error_type: str | None = None, tool_name: str | None = None,
+              signatures: list[tuple[str, str]] | None = None) -> tuple[str, list[Any]]:
+        """:func:`_where` of this window."""
+        return _where(self.since_epoch, self.until_epoch, error_type, tool_name,
+                      list(self.run_ids) if self.run_ids else None, signatures)
+
     def rows(self, signatures: list[tuple[str, str]]) -> dict[tuple[str, str], list[dict]]:
         """The occurrences of each of ``signatures`` in the window, read in one query."""
         out: dict[tuple[str, str], list[dict]] = {sig: [] for sig in signatures}
-        for row in _error_rows(self.conn, self.since_epoch, self.until_epoch, None, None,
-                               list(self.run_ids) if self.run_ids else None, signatures=signatures):
+        for row in _rows(self.conn, *self.where(signatures=signatures)):
             out[(row["error_type"], row["tool_name"])].append(row)
         return out
 
@@ -207,7 +212,9 @@ def _fill_together(details: list[list[dict]]) -> None:
 
 
 def _where(since_epoch: float, until_epoch: float | None, error_type: str | None, tool_name: str | None,
-           run_ids: list[str] | None) -> tuple[str, list[Any]]:
+           run_ids: list[str] | None, signatures: list[tuple[str, str]] | None = None) -> tuple[str, list[Any]]:
+    """SQL conditions on ``selfheal_errors e`` for the window and the filters; ``signatures``:
+    only the failures of these (error type, tool) pairs."""
     sql = ["e.ts >= ?"]
     params: list[Any] = [since_epoch]
     if until_epoch is not None:
@@ -222,11 +229,11 @@ def _where(since_epoch: float, until_epoch: float | None, error_type: str | None
     if run_ids:
         sql.append(f" AND e.run_id IN ({','.join('?' * len(run_ids))})")
         params.extend(run_ids)
-    return "".join(sql), params
-
-
-_SIGNATURES_SQL = (" AND (e.error_type, e.tool_name) IN"
+    if signatures is not None:
+        sql.append(" AND (e.error_type, e.tool_name) IN"
                    " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))")
+        params.append(json.dumps(signatures))
+    return "".join(sql), params
 
 
 def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None,
@@ -234,11 +241,20 @@ def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float
                 signatures: list[tuple[str, str]] | None = None) -> list[dict]:
     """The failures of the window (with the filters), oldest first, as ``occurrences_detail``
     rows; ``signatures``: only those of these (error type, tool) pairs."""
-    where, params = _where(since_epoch, until_epoch, error_type, tool_name, run_ids)
-    if signatures is not None:
-        where += _SIGNATURES_SQL
-        params.append(json.dumps(signatures))
-    return error_rows(conn, where, params)
+    return _rows(conn, *_where(since_epoch, until_epoch, error_type, tool_name, run_ids, signatures))
+
+
+def _rows(conn: sqlite3.Connection, where: str, params: list[Any]) -> list[dict]:
+    """The failures ``where`` selects (on ``selfheal_errors e``), oldest first, as
+    ``occurrences_detail`` rows (with their run's workflow, start and status)."""
+    sql = ("SELECT e.event_id, e.run_id, e.step_index, e.ts, e.timestamp, e.tool_name, e.error_type,"
+           " e.raw_error_type, e.message, e.template, e.duration_ms, e.arg_keys,"
+           " r.workflow_name, r.started_at, r.status"
+           " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where + " ORDER BY e.event_id")
+    return [{"event_id": r[0], "run_id": r[1], "step_index": r[2], "ts": r[3], "timestamp": r[4],
+             "tool_name": r[5], "error_type": r[6], "raw_error_type": r[7], "message": r[8],
+             "template": r[9], "duration_ms": r[10], "arg_keys": r[11].split("\x1f") if r[11] else [],
+             "workflow": r[12], "run_started_at": r[13], "run_status": r[14]} for r in read_all(conn, sql, params)]
 
 
 def _tool_calls(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None) -> dict[str, int]:
@@ -284,7 +300,7 @@ def detect_failure_patterns(
     scanned = refresh(conn, progress)
     window = _Window(conn, start.timestamp(), until.timestamp() if until else None,
                      tuple(run_ids) if run_ids else None)
-    where, params = _where(window.since_epoch, window.until_epoch, error_type, tool_name, run_ids)
+    where, params = window.where(error_type, tool_name)
     calls = _tool_calls(conn, window.since_epoch, window.until_epoch)
     failures = _Failures(window, error_type, tool_name, kept=run_ids is None)
     sigs = _window_signatures(conn, where, params, failures, stored=run_ids is None)
@@ -327,13 +343,9 @@ class _Failures:
         return self._read(signatures)
 
     def _read(self, signatures: list[tuple[str, str]] | None) -> dict[tuple[str, str], Tally]:
-        w = self.window
-        where, params = _where(w.since_epoch, w.until_epoch, self.error_type, self.tool_name,
-                               list(w.run_ids) if w.run_ids else None)
-        if signatures is not None:
-            where += _SIGNATURES_SQL
-            params.append(json.dumps(signatures))
-        return _read_tallies(w.conn, where, params, evidencecache.kind_reader(w.conn) if self.kept else None)
+        conn = self.window.conn
+        where, params = self.window.where(self.error_type, self.tool_name, signatures)
+        return _read_tallies(conn, where, params, evidencecache.kind_reader(conn) if self.kept else None)
 
 
 # A failure with its run's workflow, its kept kind (when read with the same label) and its follow-ups.
@@ -448,8 +460,7 @@ def _recent_first(conn: sqlite3.Connection, sig: _Signature, window: _Window, et
     recent :data:`MAX_OCCURRENCES` in the window)."""
     if sig.n <= MAX_OCCURRENCES:
         return sig.min_id
-    where, params = _where(window.since_epoch, window.until_epoch, etype, tool,
-                           list(window.run_ids) if window.run_ids else None)
+    where, params = window.where(etype, tool)
     return conn.execute("SELECT e.event_id FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where +
                         " ORDER BY e.event_id DESC LIMIT 1 OFFSET ?", (*params, MAX_OCCURRENCES - 1)).fetchone()[0]
 

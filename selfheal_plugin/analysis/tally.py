@@ -11,12 +11,9 @@ follow) rather than one Python step per occurrence and field.
 """
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-from selfheal_plugin.history.connection import read_all
 
 # (kind, reason), codes, named argument: what a failure's message and its call's arguments say
 Known = tuple[tuple[str, str], dict[str, Any], dict[str, Any] | None]
@@ -25,19 +22,6 @@ ContextKey = tuple[str, tuple[str, ...], Any, Any]
 
 NOT_READ = -1  # a failure whose kind is not read yet (a signature no pattern needed the evidence of)
 EXAMPLE_CHARS = 300  # what the evidence quotes of a template's first message
-
-
-def error_rows(conn: sqlite3.Connection, where: str, params: list[Any]) -> list[dict[str, Any]]:
-    """The failures (``selfheal_errors e`` joined with their runs ``r``) that ``where``
-    selects, oldest first, as dicts (a pattern's ``occurrences_detail``)."""
-    sql = ("SELECT e.event_id, e.run_id, e.step_index, e.ts, e.timestamp, e.tool_name, e.error_type,"
-           " e.raw_error_type, e.message, e.template, e.duration_ms, e.arg_keys,"
-           " r.workflow_name, r.started_at, r.status"
-           " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where + " ORDER BY e.event_id")
-    return [{"event_id": r[0], "run_id": r[1], "step_index": r[2], "ts": r[3], "timestamp": r[4],
-             "tool_name": r[5], "error_type": r[6], "raw_error_type": r[7], "message": r[8],
-             "template": r[9], "duration_ms": r[10], "arg_keys": r[11].split("\x1f") if r[11] else [],
-             "workflow": r[12], "run_started_at": r[13], "run_status": r[14]} for r in read_all(conn, sql, params)]
 
 
 def tallies_of(rows: Iterable[dict[str, Any]], followups: dict[int, Any] | None = None) -> dict[tuple[str, str], Tally]:
@@ -84,7 +68,7 @@ class Tally:
 
     def add(self, row: dict[str, Any], follow: int | None = None, repeat: int | None = None,
             repeat_run: int | None = None) -> int:
-        """Append one failure given as a row of :func:`error_rows` (newer than every one held)."""
+        """Append one failure given as an ``occurrences_detail`` row (newer than every one held)."""
         return self.append(row["event_id"], row["ts"], row["run_id"], row["duration_ms"],
                            (row["template"], tuple(row.get("arg_keys", ())), row.get("workflow"), row.get("step_index")),
                            row["message"], follow, repeat, repeat_run)
