@@ -546,21 +546,17 @@ def attach_evidence_all(conn: sqlite3.Connection, patterns: list[Pattern],
         prints = evidencecache.fingerprints(conn, {p.id: (p.tool_name, keys[p.id][1]) for p in patterns}, firsts)
         stored = evidencecache.load(conn, prints)
     todo = [p for p in patterns if p.id not in stored]
-    if not todo:
-        for p in patterns:
-            p.evidence = stored[p.id]
-            p.failure_kind = p.evidence["kind"]
-        return
-    if failures is not None:
-        tallies = failures.tallies([(p.error_type, p.tool_name) for p in todo])
-    else:
-        rows = [o for p in todo for o in recent(p.occurrences_detail)]
-        tallies = tallies_of(rows, read_followups(conn, rows) if rows else {})
     parts: dict[str, tuple[Tally, int]] = {}  # pattern id -> its tally, and where the evidence starts in it
-    for p in todo:
-        t = tallies[(p.error_type, p.tool_name)]
-        parts[p.id] = (t, max(0, len(t) - MAX_OCCURRENCES))
-    _read_kinds(conn, list(parts.values()), cached=bool(prints))
+    if todo:  # nothing is read when every evidence is stored
+        if failures is not None:
+            tallies = failures.tallies([(p.error_type, p.tool_name) for p in todo])
+        else:
+            rows = [o for p in todo for o in recent(p.occurrences_detail)]
+            tallies = tallies_of(rows, read_followups(conn, rows) if rows else {})
+        for p in todo:
+            t = tallies[(p.error_type, p.tool_name)]
+            parts[p.id] = (t, max(0, len(t) - MAX_OCCURRENCES))
+        _read_kinds(conn, list(parts.values()), cached=bool(prints))
     spans: dict[str, tuple[float, float]] = {}  # server -> the span of its patterns' occurrences
     for p in todo:
         server = server_of(p.tool_name)
