@@ -45,8 +45,8 @@ from operator import itemgetter
 from typing import Any
 
 from selfheal_plugin.analysis.tally import EXAMPLE_CHARS, Known, Tally
-from selfheal_plugin.history.connection import get_state, read_all, scan_id_range, server_of
-from selfheal_plugin.history.errorindex import followup_ok
+from selfheal_plugin.history.connection import read_all, scan_id_range, server_of
+from selfheal_plugin.history.errorindex import followup_ok, indexed_up_to
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 
 KINDS = FAILURE_KINDS
@@ -301,14 +301,6 @@ def failed_calls(conn: sqlite3.Connection, ids: Iterable[int]) -> tuple[dict[int
             if text is not None:
                 texts[eid] = text
     return keys, texts
-
-
-def indexed_up_to(conn: sqlite3.Connection) -> int:
-    """The last ``run_events`` id the index has read: every call up to it is in ``selfheal_calls``."""
-    try:
-        return int(get_state(conn, "errors_watermark", "0"))
-    except ValueError:
-        return 0
 
 
 def read_followups(conn: sqlite3.Connection, occ: Iterable[dict[str, Any]]) -> dict[int, Followup]:

@@ -276,6 +276,14 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
     return RefreshResult(scanned, new_errors, new_bad, int(get_state(conn, "bad_rows", "0")))
 
 
+def indexed_up_to(conn: sqlite3.Connection) -> int:
+    """The last ``run_events`` id the index has read: every call up to it is in ``selfheal_calls``."""
+    try:
+        return int(get_state(conn, "errors_watermark", "0"))
+    except ValueError:
+        return 0
+
+
 def followup_ok(tool_name: object, run_id: object, args_key: object, follow: object, repeat: object,
                 repeat_run: object) -> bool:
     """Whether a kept follow-up row holds what ingest writes (our table lives in a file
