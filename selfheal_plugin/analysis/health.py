@@ -37,10 +37,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from selfheal_plugin.history.errorindex import MAX_EVENT_BYTES, refresh, sane_duration, wellformed_sql
+from selfheal_plugin.history.errorindex import MAX_EVENT_BYTES, indexed_up_to, refresh, sane_duration, wellformed_sql
 from selfheal_plugin.errors import NotFoundError, UsageError
-from selfheal_plugin.history.connection import (get_state, last_event_id, normalize_error_type, rows_by_id,
-                                                 scan_id_range)
+from selfheal_plugin.history.connection import normalize_error_type, read_all, rows_by_id
 from selfheal_plugin.history.text import Undecodable
 from selfheal_plugin.history.abstore import AbStore, has_ab_table
 from selfheal_plugin.history.improvements import ImprovementStore
@@ -60,7 +59,6 @@ MIN_AGENT_TREND_RUNS = 5  # finished runs each half-window needs for an agent's 
 RECENT_DAYS, HISTORICAL_DAYS = 7, 30
 MIN_TOOL_CALLS_RANKED = 5  # a tool needs this many calls to be listed among the worst
 UNRELIABLE_TOOL = 0.9  # a used tool below this history success rate is an issue
-CHUNK_IDS = 200_000
 NOT_MEASURED = "not yet measured"
 _JD_EPOCH = 2440587.5
 _SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
@@ -288,8 +286,8 @@ def analyze_run_health(conn: sqlite3.Connection, run_id: str, *, now: datetime |
     failures: list[dict[str, Any]] = []
     malformed = 0
     events = 0
-    # the same rows and rules as the window scan (errorindex.wellformed_sql, fields taken
-    # apart by SQLite, invalid UTF-8 in a failed call's text makes it malformed)
+    # the error index's rules, which the dashboard's calls come from (errorindex.wellformed_sql, fields
+    # taken apart by SQLite, invalid UTF-8 in a failed call's text makes it malformed)
     for etype, ok, name, name_type, is_error, error_type, duration, result, failed_text in conn.execute(
             "SELECT event_type, ok, "
             "CASE WHEN ok THEN json_extract(event_data, '$.name') END, "
@@ -453,6 +451,15 @@ def _window_runs(conn: sqlite3.Connection, start: datetime, end: datetime) -> li
         (_jd(start), _jd(end)))]
 
 
+def run_facts(conn: sqlite3.Connection, runs: list[WindowRun]) -> dict[str, RunFacts]:
+    """The facts of ``runs`` keyed by run id, with their ``run_metrics`` rows (the calls and
+    iterations are filled in by :func:`scan_window`)."""
+    facts = {r.run_id: RunFacts(r.run_id, r.workflow, r.status, r.started_at, r.duration_ms, r.error) for r in runs}
+    for run_id, m in rows_by_id(conn, "run_metrics", "run_id", list(facts)).items():
+        facts[run_id].metrics = m
+    return facts
+
+
 def _unparsable_runs(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT count(*) FROM runs WHERE julianday(started_at) IS NULL").fetchone()[0]
 
@@ -474,80 +481,65 @@ class WindowScan:
     skipped_rows: int
 
 
-_SCAN_SQL = f"""
-SELECT id, run_id, event_type,
-  CASE WHEN ok THEN json_extract(event_data, '$.name') END,
-  CASE WHEN ok THEN json_extract(event_data, '$.is_error') END,
-  CASE WHEN ok THEN json_extract(event_data, '$.error_type') END,
-  CASE WHEN ok THEN json_extract(event_data, '$.duration') END,
-  CASE WHEN ok THEN json_type(event_data, '$.name') END,
-  ok, jd,
+# A window's tool calls as the error index keeps them (every well-formed call; refreshed first).
+_CALLS_SQL = ("SELECT run_id, tool_name, ok, error_type, duration, jd FROM selfheal_calls "
+              "WHERE jd >= ? AND jd < ? AND event_id <= ?")
+# The window's tool_complete rows, well-formed or not: those the index did not keep are malformed.
+_COMPLETES_SQL = ("SELECT count(*) FROM (SELECT julianday(timestamp) AS jd FROM run_events "
+                  "WHERE id <= ? AND event_type = 'tool_complete') WHERE jd IS NULL OR (jd >= ? AND jd < ?)")
+# The window's iteration events of some runs, with what makes one malformed (the index's rules).
+_ITERATIONS_SQL = f"""
+SELECT run_id, ok, CASE WHEN ok THEN json_extract(event_data, '$.duration') END,
   CASE WHEN ok AND json_extract(event_data, '$.is_error') = 1 THEN event_data END
-FROM (SELECT id, run_id, event_type, event_data,
-             length(CAST(event_data AS BLOB)) <= {MAX_EVENT_BYTES} AND json_valid(event_data) AS ok,
+FROM (SELECT run_id, event_data, length(CAST(event_data AS BLOB)) <= {MAX_EVENT_BYTES} AND json_valid(event_data) AS ok,
              julianday(timestamp) AS jd
-      FROM run_events WHERE id > ? AND id <= ? AND event_type IN ('tool_complete', 'iteration'))
-WHERE jd IS NULL OR (jd >= ? AND jd < ?)
-ORDER BY id
+      FROM run_events WHERE run_id IN (SELECT value FROM json_each(?)) AND event_type = 'iteration' AND id <= ?)
+WHERE jd >= ? AND jd < ?
 """
 
 
-def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime, runs: dict[str, RunFacts] | None = None,
-                progress: Progress | None = None, progress_offset: int = 0,
-                progress_total: int | None = None) -> WindowScan:
-    """One streaming pass over the ``tool_complete``/``iteration`` events in [start, end).
-
-    Reads id ranges of :data:`CHUNK_IDS` rows so no read holds the file for long; JSON is
-    taken apart by SQLite (``json_extract``); per-tool duration lists are kept only for the
-    window (for p95). ``runs`` (facts keyed by run id) collect their tool calls and
-    iterations on the way. Malformed rows are counted and skipped.
-    """
-    top = last_event_id(conn)
-    total = progress_total if progress_total is not None else top
+def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime,
+                runs: dict[str, RunFacts] | None = None) -> WindowScan:
+    """The tool calls in [start, end) as the error index keeps them (``selfheal_calls``: every
+    well-formed call; the caller refreshes the index first), per tool and per run of ``runs``
+    (facts keyed by run id), and the window's ``tool_complete`` rows the index refused
+    (malformed: the same rules as detection). The iteration events are counted for the runs
+    of ``runs`` whose score reads them: those without a ``run_metrics`` row."""
+    upto = indexed_up_to(conn)
+    lo_jd, hi_jd = _jd(start), _jd(end)
     tools: dict[str, ToolStats] = {}
     errors_by_day: dict[int, Counter] = defaultdict(Counter)
     runs = runs if runs is not None else {}
-    skipped = 0
-    lo_jd, hi_jd = _jd(start), _jd(end)
-    mark = 0
-    while mark < top:
-        hi = min(mark + CHUNK_IDS, top)
-        for _id, run_id, etype, name, is_error, error_type, duration, name_type, ok, jd, failed_data in scan_id_range(
-                conn, _SCAN_SQL, mark, hi, lo_jd, hi_jd):
-            # a failed call's text is read by detection: invalid UTF-8 there makes it malformed, as in the index
-            if (jd is None or not ok or isinstance(failed_data, Undecodable) or isinstance(run_id, Undecodable)
-                    or not isinstance(run_id, str) or not sane_duration(duration)):  # the index's rules
-                skipped += etype == "tool_complete"
-                continue
-            facts = runs.get(run_id)
-            if etype == "iteration":
-                if facts is not None:
-                    facts.iteration_events += 1
-                continue
-            if name_type != "text" or not name or isinstance(name, Undecodable):
-                skipped += 1
-                continue
-            st = tools.get(name)
-            if st is None:
-                st = tools[name] = ToolStats()
-            st.calls += 1
-            failed = is_error == 1
-            if failed:
-                st.errors += 1
-                norm = _norm_type(error_type)
-                st.error_types[norm] += 1
-                if norm == "timeout":
-                    st.timeouts += 1
-                errors_by_day[int(_epoch_of_jd(jd) // 86400)][norm] += 1
-            if isinstance(duration, (int, float)) and duration >= 0:
-                st.durations.append(duration)
-            if facts is not None:
-                counts = facts.tool_calls.setdefault(name, [0, 0])
-                counts[0] += 1
-                counts[1] += failed
-        if progress:
-            progress(progress_offset + hi, progress_offset + total)
-        mark = hi
+    kept = 0
+    for run_id, name, ok, error_type, duration, jd in read_all(conn, _CALLS_SQL, (lo_jd, hi_jd, upto)):
+        if not isinstance(run_id, str) or isinstance(run_id, Undecodable) or isinstance(name, Undecodable):
+            continue  # a run id that is not text: malformed (counted below)
+        kept += 1
+        st = tools.get(name)
+        if st is None:
+            st = tools[name] = ToolStats()
+        st.calls += 1
+        failed = not ok
+        if failed:
+            st.errors += 1
+            st.error_types[error_type] += 1
+            if error_type == "timeout":
+                st.timeouts += 1
+            errors_by_day[int(_epoch_of_jd(jd) // 86400)][error_type] += 1
+        if duration is not None:
+            st.durations.append(duration)
+        facts = runs.get(run_id)
+        if facts is not None:
+            counts = facts.tool_calls.setdefault(name, [0, 0])
+            counts[0] += 1
+            counts[1] += failed
+    need = [r for r, f in runs.items() if f.metrics is None and not isinstance(r, Undecodable)]
+    if need:
+        for run_id, ok, duration, failed_data in read_all(conn, _ITERATIONS_SQL, (json.dumps(need), upto, lo_jd,
+                                                                                  hi_jd)):
+            if ok and not isinstance(failed_data, Undecodable) and sane_duration(duration):
+                runs[run_id].iteration_events += 1
+    skipped = conn.execute(_COMPLETES_SQL, (upto, lo_jd, hi_jd)).fetchone()[0] - kept
     if skipped:
         log.info("window scan skipped %d malformed tool_complete row(s)", skipped)
     return WindowScan(tools, runs, dict(errors_by_day), skipped)
@@ -598,7 +590,8 @@ def compute_tool_reliability(conn: sqlite3.Connection, since: str = "-7d", *, no
     """Per tool over the window: success, timeout and other-error rates, average and p95
     duration (ms) and the most common normalised error types; worst tools first."""
     start, end = _window(since, now)
-    scan = scan_window(conn, start, end, progress=progress)
+    refresh(conn, progress)
+    scan = scan_window(conn, start, end)
     return {"tools": _tool_entries(scan), "window": _window_dict(start, end, since),
             "skipped_rows": scan.skipped_rows}
 
@@ -735,16 +728,10 @@ def get_health_dashboard(conn: sqlite3.Connection, detailed: bool = False, since
     per-tool tables are included.
     """
     start, end = _window(since, now)
-    pending = _pending_index_rows(conn)
-    top = last_event_id(conn)
-    total = pending + top
-    refresh(conn, (lambda d, t: progress(d, total)) if progress else None)
+    refresh(conn, progress)
     runs = _window_runs(conn, start, end)
-    facts = {r.run_id: RunFacts(r.run_id, r.workflow, r.status, r.started_at, r.duration_ms, r.error) for r in runs}
-    metrics_rows = rows_by_id(conn, "run_metrics", "run_id", list(facts))
-    for run_id, m in metrics_rows.items():
-        facts[run_id].metrics = m
-    scan = scan_window(conn, start, end, facts, progress=progress, progress_offset=pending, progress_total=top)
+    facts = run_facts(conn, runs)
+    scan = scan_window(conn, start, end, facts)
     ref = load_reference(conn, {r.workflow for r in runs})
     scores = [score_run(f, ref, end)["health_score"] for f in facts.values() if f.status in FINISHED]
     rate, finished = _success_rate(runs)
@@ -804,12 +791,3 @@ def running_ab_entries(conn: sqlite3.Connection) -> list[dict[str, Any]]:
                               "runs": (measured.get(a.get("improvement_id")) or {}).get("runs")}
                              for a in e.arms if isinstance(a, dict)]})
     return out
-
-
-def _pending_index_rows(conn: sqlite3.Connection) -> int:
-    top = last_event_id(conn)
-    try:
-        mark = int(get_state(conn, "errors_watermark", "0") or 0)
-    except ValueError:
-        mark = 0
-    return max(0, top - mark)

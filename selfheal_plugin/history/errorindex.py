@@ -27,10 +27,10 @@ pieces (each piece's scan starts that many ids early, for the starts alone).
 
 A warm command then reads only the window it needs from small, indexed tables.
 Malformed ``tool_complete`` rows are counted once in ``selfheal_state`` and skipped:
-invalid JSON, no tool name, an unparsable timestamp, invalid UTF-8 in what we read, a
-``duration`` that is not a finite number within :data:`MAX_DURATION_MS`, or an
-``event_data`` over :data:`MAX_EVENT_BYTES` (see :func:`wellformed_sql`, which the other
-readers of ``run_events`` share). Stored messages are cut to :data:`MAX_MESSAGE_CHARS`.
+invalid JSON, no tool name, an unparsable timestamp, invalid UTF-8 in what we read, a run
+id that is not text, a ``duration`` that is not a finite number within
+:data:`MAX_DURATION_MS`, or an ``event_data`` over :data:`MAX_EVENT_BYTES` (see
+:func:`wellformed_sql`, which the other readers of ``run_events`` share). Stored messages are cut to :data:`MAX_MESSAGE_CHARS`.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from selfheal_plugin.history.times import to_epoch
 log = logging.getLogger("selfheal.errorindex")
 
 CHUNK_IDS = 200_000
-INDEX_VERSION = "10"
+INDEX_VERSION = "11"
 # What the index and what is computed from it keep: dropped when the version changes,
 # emptied when the history is replaced.
 INDEX_TABLES = ("selfheal_errors", "selfheal_tool_hours", "selfheal_calls", "selfheal_tool_errors",
@@ -179,8 +179,8 @@ def _read_calls(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[dict[tuple[
     started: dict[tuple[Any, str], tuple[int, str | None]] = {}
     for (eid, run_id, etype, tool, jd, args, is_error, duration, raw_type) in scan_id_range(
             conn, _CALLS_SQL, max(0, lo - START_LOOKBACK_IDS), hi):
-        if not sane_duration(duration):  # as wellformed_sql: the row is damage
-            tool = None
+        if not sane_duration(duration) or not isinstance(run_id, str) or isinstance(run_id, Undecodable):
+            tool = None  # damage (as wellformed_sql; a run id that is not text, as a failed call's)
         named = isinstance(tool, str) and bool(tool)
         if etype == "tool_start":
             if named:
