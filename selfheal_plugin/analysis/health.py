@@ -174,10 +174,10 @@ class RunFacts:
         return sum(e for _, e in self.tool_calls.values())
 
 
-def score_run(f: RunFacts, ref: Reference, now: datetime) -> dict[str, Any]:
-    """The four components, the weighted score and how each was obtained."""
-    comps: dict[str, dict[str, Any]] = {}
-
+def score_run(f: RunFacts, ref: Reference, now: datetime, *, details: bool = True) -> dict[str, Any]:
+    """The four components, the weighted score and how each was obtained; without
+    ``details`` only ``health_score`` (the dashboard scores every run of its window and
+    keeps only that)."""
     outcome = OUTCOME_SCORE.get(f.status)
     calls, errors = f.calls, f.errors
     source = "run_events"
@@ -190,9 +190,6 @@ def score_run(f: RunFacts, ref: Reference, now: datetime) -> dict[str, Any]:
         success = OUTCOME_SHARE * outcome + (1 - OUTCOME_SHARE) * call_success
     else:
         success = outcome if outcome is not None else call_success
-    comps["success"] = {"score": success, "outcome": f.status, "outcome_score": outcome,
-                        "tool_calls": calls, "failed_tool_calls": errors,
-                        "tool_call_success_rate": _round(call_success), "source": source}
 
     median = ref.duration_median_ms.get(f.workflow)
     elapsed = None
@@ -202,18 +199,15 @@ def score_run(f: RunFacts, ref: Reference, now: datetime) -> dict[str, Any]:
         except ValueError:
             elapsed = None
     duration = f.duration_ms if f.status != "running" and isinstance(f.duration_ms, int) else elapsed
-    comps["duration"] = {"score": _ratio_score(duration, median), "duration_ms": duration,
-                         "workflow_median_ms": median, "elapsed_so_far": f.status == "running"}
+    duration_score = _ratio_score(duration, median)
 
     weighted, weight = 0.0, 0
-    per_tool = {}
     for tool, (n, _) in f.tool_calls.items():
         rate = ref.tool_success(tool)
-        per_tool[tool] = _round(rate)
         if rate is not None:
             weighted += n * rate
             weight += n
-    comps["tool_reliability"] = {"score": weighted / weight if weight else None, "tools": per_tool}
+    reliability = weighted / weight if weight else None
 
     if f.metrics is not None:
         m = f.metrics
@@ -226,20 +220,34 @@ def score_run(f: RunFacts, ref: Reference, now: datetime) -> dict[str, Any]:
     medians = ref.resource_medians.get(f.workflow, {})
     ratios = {k: _ratio_score(v, medians.get(k)) for k, v in values.items()}
     known = [r for r in ratios.values() if r is not None]
-    comps["resource_efficiency"] = {"score": sum(known) / len(known) if known else None, "source": rsource,
-                                    "values": values, "workflow_medians": {k: medians.get(k) for k in values}}
+    resources = sum(known) / len(known) if known else None
 
-    total_w = sum(WEIGHTS[k] for k, c in comps.items() if c["score"] is not None)
+    scores = {"success": success, "duration": duration_score, "tool_reliability": reliability,
+              "resource_efficiency": resources}
+    total_w = sum(WEIGHTS[k] for k, c in scores.items() if c is not None)
     if total_w:
-        score = 100.0 * sum(WEIGHTS[k] * c["score"] for k, c in comps.items() if c["score"] is not None) / total_w
+        score = 100.0 * sum(WEIGHTS[k] * c for k, c in scores.items() if c is not None) / total_w
         basis = "all_components" if total_w == sum(WEIGHTS.values()) else "reweighted"
     else:
         score, basis = 50.0, "no_data"
+    health = round(min(100.0, max(0.0, score)), 1)
+    if not details:
+        return {"health_score": health}
+    comps: dict[str, dict[str, Any]] = {
+        "success": {"score": success, "outcome": f.status, "outcome_score": outcome, "tool_calls": calls,
+                    "failed_tool_calls": errors, "tool_call_success_rate": _round(call_success), "source": source},
+        "duration": {"score": duration_score, "duration_ms": duration, "workflow_median_ms": median,
+                     "elapsed_so_far": f.status == "running"},
+        "tool_reliability": {"score": reliability,
+                             "tools": {tool: _round(ref.tool_success(tool)) for tool in f.tool_calls}},
+        "resource_efficiency": {"score": resources, "source": rsource, "values": values,
+                                "workflow_medians": {k: medians.get(k) for k in values}},
+    }
     for name, c in comps.items():
         c["weight"] = WEIGHTS[name]
         c["effective_weight"] = round(WEIGHTS[name] / total_w, 4) if total_w and c["score"] is not None else 0.0
         c["score"] = _round(c["score"])
-    return {"health_score": round(min(100.0, max(0.0, score)), 1), "score_basis": basis, "components": comps}
+    return {"health_score": health, "score_basis": basis, "components": comps}
 
 
 # ------------------------------------------------------------------ analyze_run_health
@@ -733,7 +741,7 @@ def get_health_dashboard(conn: sqlite3.Connection, detailed: bool = False, since
     facts = run_facts(conn, runs)
     scan = scan_window(conn, start, end, facts)
     ref = load_reference(conn, {r.workflow for r in runs})
-    scores = [score_run(f, ref, end)["health_score"] for f in facts.values() if f.status in FINISHED]
+    scores = [score_run(f, ref, end, details=False)["health_score"] for f in facts.values() if f.status in FINISHED]
     rate, finished = _success_rate(runs)
 
     recent_start = end - timedelta(days=RECENT_DAYS)
