@@ -135,18 +135,24 @@ def test_a_window_in_the_future_of_the_index_counts_nothing_twice(histories, tmp
 
 
 
-def test_a_call_whose_run_id_is_not_text_is_a_bad_row_for_detection_too(histories, tmp_path):
+@pytest.mark.parametrize("call", [OK_CALL, failed_call(name="mcp__x__ok")])
+def test_a_call_whose_run_id_is_not_text_is_one_bad_row_for_detection_too(histories, tmp_path, call):
     """A failed call with such a run id was refused; a successful one was kept as a call of
-    its tool (in the failure rates' denominators). Both are damage, for every reader."""
+    its tool (in the failure rates' denominators). Both are damage, for every reader, and
+    counted once (the failed call's closer look does not count it again, nor take it off
+    another call's hour)."""
     db = tmp_path / "conversations.db"
     shutil.copy(histories["plain"], db)
     conn = connect(db)
     try:
         before = refresh(conn).total_bad_rows
-        _raw_event(db, "x'07'", json.dumps(OK_CALL))
-        _raw_event(db, "CAST(x'72ff' AS TEXT)", json.dumps(OK_CALL))
+        hours = conn.execute("SELECT sum(calls) FROM selfheal_tool_hours").fetchone()[0]
+        _raw_event(db, "x'07'", json.dumps(call))
+        _raw_event(db, "CAST(x'72ff' AS TEXT)", json.dumps(call))
+        add_event(db, json.dumps({**call, "error_type": "timeout"}))  # a sound call of the same tool and hour
         assert refresh(conn).total_bad_rows == before + 2
-        assert conn.execute("SELECT count(*) FROM selfheal_calls WHERE tool_name = 'mcp__x__ok'").fetchone()[0] == 0
-        assert conn.execute("SELECT count(*) FROM selfheal_tool_hours WHERE tool_name = 'mcp__x__ok'").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM selfheal_bad_calls").fetchone()[0] == before + 2
+        assert conn.execute("SELECT count(*) FROM selfheal_calls WHERE tool_name = 'mcp__x__ok'").fetchone()[0] == 1
+        assert conn.execute("SELECT sum(calls) FROM selfheal_tool_hours").fetchone()[0] == hours + 1
     finally:
         conn.close()

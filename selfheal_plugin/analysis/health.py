@@ -26,6 +26,7 @@ Python), never timestamp strings: the runtime writes mixed UTC offsets.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import logging
@@ -455,7 +456,7 @@ class WindowRun:
 def _window_runs(conn: sqlite3.Connection, start: datetime, end: datetime) -> list[WindowRun]:
     return [WindowRun(*r) for r in conn.execute(
         "SELECT id, workflow_name, status, started_at, jd, duration_ms, error FROM "
-        "(SELECT *, julianday(started_at) AS jd FROM runs) WHERE jd >= ? AND jd < ? ORDER BY jd",
+        "(SELECT *, julianday(started_at) AS jd FROM runs) WHERE jd >= ? AND jd < ? ORDER BY jd, id",
         (_jd(start), _jd(end)))]
 
 
@@ -492,9 +493,8 @@ class WindowScan:
 # A window's tool calls as the error index keeps them (every well-formed call; refreshed first).
 _CALLS_SQL = ("SELECT run_id, tool_name, ok, error_type, duration, jd FROM selfheal_calls "
               "WHERE jd >= ? AND jd < ? AND event_id <= ?")
-# The window's tool_complete rows, well-formed or not: those the index did not keep are malformed.
-_COMPLETES_SQL = ("SELECT count(*) FROM (SELECT julianday(timestamp) AS jd FROM run_events "
-                  "WHERE id <= ? AND event_type = 'tool_complete') WHERE jd IS NULL OR (jd >= ? AND jd < ?)")
+# The window's tool_complete rows the index refused (those without an instant are in every window).
+_BAD_CALLS_SQL = "SELECT count(*) FROM selfheal_bad_calls WHERE event_id <= ? AND (jd IS NULL OR (jd >= ? AND jd < ?))"
 # The window's iteration events of some runs, with what makes one malformed (the index's rules).
 _ITERATIONS_SQL = f"""
 SELECT run_id, ok, CASE WHEN ok THEN json_extract(event_data, '$.duration') END,
@@ -510,19 +510,16 @@ def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime,
                 runs: dict[str, RunFacts] | None = None) -> WindowScan:
     """The tool calls in [start, end) as the error index keeps them (``selfheal_calls``: every
     well-formed call; the caller refreshes the index first), per tool and per run of ``runs``
-    (facts keyed by run id), and the window's ``tool_complete`` rows the index refused
-    (malformed: the same rules as detection). The iteration events are counted for the runs
-    of ``runs`` whose score reads them: those without a ``run_metrics`` row."""
+    (facts keyed by run id), and the number of the window's ``tool_complete`` rows the index
+    refused (``selfheal_bad_calls``: malformed by the same rules as for detection). The
+    iteration events are counted for the runs of ``runs`` whose score reads them: those
+    without a ``run_metrics`` row."""
     upto = indexed_up_to(conn)
     lo_jd, hi_jd = _jd(start), _jd(end)
     tools: dict[str, ToolStats] = {}
     errors_by_day: dict[int, Counter] = defaultdict(Counter)
     runs = runs if runs is not None else {}
-    kept = 0
     for run_id, name, ok, error_type, duration, jd in read_all(conn, _CALLS_SQL, (lo_jd, hi_jd, upto)):
-        if not isinstance(run_id, str) or isinstance(run_id, Undecodable) or isinstance(name, Undecodable):
-            continue  # a run id that is not text: malformed (counted below)
-        kept += 1
         st = tools.get(name)
         if st is None:
             st = tools[name] = ToolStats()
@@ -547,7 +544,7 @@ def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime,
                                                                                   hi_jd)):
             if ok and not isinstance(failed_data, Undecodable) and sane_duration(duration):
                 runs[run_id].iteration_events += 1
-    skipped = conn.execute(_COMPLETES_SQL, (upto, lo_jd, hi_jd)).fetchone()[0] - kept
+    skipped = conn.execute(_BAD_CALLS_SQL, (upto, lo_jd, hi_jd)).fetchone()[0]
     if skipped:
         log.info("window scan skipped %d malformed tool_complete row(s)", skipped)
     return WindowScan(tools, runs, dict(errors_by_day), skipped)
@@ -737,17 +734,23 @@ def get_health_dashboard(conn: sqlite3.Connection, detailed: bool = False, since
     """
     start, end = _window(since, now)
     refresh(conn, progress)
-    runs = _window_runs(conn, start, end)
+    recent_start = end - timedelta(days=RECENT_DAYS)
+    hist_start = recent_start - timedelta(days=HISTORICAL_DAYS)
+    every = _window_runs(conn, min(start, hist_start), end)  # read once for the window and both trend periods
+    instants = [r.jd for r in every]
+
+    def between(a: datetime, b: datetime) -> list[WindowRun]:
+        return every[bisect.bisect_left(instants, _jd(a)):bisect.bisect_left(instants, _jd(b))]
+
+    runs = between(start, end)
     facts = run_facts(conn, runs)
     scan = scan_window(conn, start, end, facts)
     ref = load_reference(conn, {r.workflow for r in runs})
     scores = [score_run(f, ref, end, details=False)["health_score"] for f in facts.values() if f.status in FINISHED]
     rate, finished = _success_rate(runs)
 
-    recent_start = end - timedelta(days=RECENT_DAYS)
-    hist_start = recent_start - timedelta(days=HISTORICAL_DAYS)
-    recent_rate, n_recent = _success_rate(_window_runs(conn, recent_start, end))
-    hist_rate, n_hist = _success_rate(_window_runs(conn, hist_start, recent_start))
+    recent_rate, n_recent = _success_rate(between(recent_start, end))
+    hist_rate, n_hist = _success_rate(between(hist_start, recent_start))
     trend = classify_trend(recent_rate, hist_rate, n_recent, n_hist, MIN_TREND_RUNS)
 
     tools = _tool_entries(scan)

@@ -204,6 +204,10 @@ CREATE TABLE IF NOT EXISTS selfheal_followups (  -- what came after each failed 
 );
 CREATE INDEX IF NOT EXISTS idx_selfheal_followups_run ON selfheal_followups(run_id) WHERE follow IS NULL;
 CREATE INDEX IF NOT EXISTS idx_selfheal_followups_args ON selfheal_followups(args_key) WHERE repeat IS NULL;
+CREATE TABLE IF NOT EXISTS selfheal_bad_calls (  -- the tool_complete rows the index refused (history.errorindex)
+    event_id INTEGER PRIMARY KEY,
+    jd REAL  -- julianday() of its timestamp, NULL when it has none
+);
 CREATE TABLE IF NOT EXISTS selfheal_signatures (
     key TEXT PRIMARY KEY,  -- JSON: what the window's failures were (analysis/windowcache.py)
     value TEXT NOT NULL  -- JSON: the signatures detect grouped them into

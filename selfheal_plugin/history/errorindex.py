@@ -52,10 +52,10 @@ from selfheal_plugin.history.times import to_epoch
 log = logging.getLogger("selfheal.errorindex")
 
 CHUNK_IDS = 200_000
-INDEX_VERSION = "11"
+INDEX_VERSION = "12"
 # What the index and what is computed from it keep: dropped when the version changes,
 # emptied when the history is replaced.
-INDEX_TABLES = ("selfheal_errors", "selfheal_tool_hours", "selfheal_calls", "selfheal_tool_errors",
+INDEX_TABLES = ("selfheal_errors", "selfheal_tool_hours", "selfheal_calls", "selfheal_bad_calls", "selfheal_tool_errors",
                 "selfheal_evidence", "selfheal_signatures", "selfheal_error_kinds", "selfheal_followups")
 
 # Bounds past which a row is not a tool call but damage (counted and skipped everywhere).
@@ -169,12 +169,13 @@ def args_key(arguments: str) -> str:
     return hashlib.blake2b(arguments.encode("utf-8", "replace"), digest_size=16).hexdigest()
 
 
-def _read_calls(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[dict[tuple[str, int], int], int, list[tuple]]:
-    """The calls in ids (lo, hi]: per (tool, hour) counts, the number of malformed
-    ``tool_complete`` rows, and ``selfheal_calls`` rows. The scan starts
-    :data:`START_LOOKBACK_IDS` early, for the starts (and the calls that took them) alone."""
+def _read_calls(conn: sqlite3.Connection, lo: int, hi: int
+                ) -> tuple[dict[tuple[str, int], int], list[tuple[int, float | None]], list[tuple]]:
+    """The calls in ids (lo, hi]: per (tool, hour) counts, the malformed ``tool_complete``
+    rows (``selfheal_bad_calls`` rows: id, instant), and ``selfheal_calls`` rows. The scan
+    starts :data:`START_LOOKBACK_IDS` early, for the starts (and the calls that took them) alone."""
     counted: Counter = Counter()
-    n_bad = 0
+    bad: list[tuple[int, float | None]] = []
     rows: list[tuple] = []
     started: dict[tuple[Any, str], tuple[int, str | None]] = {}
     for (eid, run_id, etype, tool, jd, args, is_error, duration, raw_type) in scan_id_range(
@@ -191,7 +192,7 @@ def _read_calls(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[dict[tuple[
             continue
         hour = None if jd is None else int((jd - 2440587.5) * 24)  # as _HOUR
         if not _countable(tool, hour):
-            n_bad += 1
+            bad.append((eid, jd))
             continue
         counted[(tool, hour)] += 1
         text = start[1] if start is not None and eid - start[0] <= START_LOOKBACK_IDS else None
@@ -201,7 +202,7 @@ def _read_calls(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[dict[tuple[
                      None if ok else normalize_error_type(raw_type if isinstance(raw_type, str) else None),
                      None if text is None else args_key(text),
                      text if not ok and text is not None and len(text) <= MAX_ARGUMENT_CHARS else None))
-    return counted, n_bad, rows
+    return counted, bad, rows
 
 
 def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | None = None) -> RefreshResult:
@@ -234,16 +235,16 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
         hi = min(mark + CHUNK_IDS, top)
         # one scan after the other: a worker thread for one of them gained nothing measurable
         # (both do Python work, under one GIL)
-        counted, n_bad, calls = _read_calls(conn, mark, hi)
+        counted, bad, calls = _read_calls(conn, mark, hi)
         errors, unreadable = _read_errors(conn, mark, hi)
-        dropped = set()
-        for event_id, tool, hour in unreadable:  # counted as calls above, malformed on a closer look
-            if counted.get((tool, hour), 0) > 0:
-                counted[(tool, hour)] -= 1
-                n_bad += 1
-                dropped.add(event_id)
-        if dropped:
+        dropped = {event_id: (tool, hour) for event_id, tool, hour in unreadable}
+        if dropped:  # the calls above that a closer look finds malformed (the others are counted already)
+            for c in calls:
+                if c[0] in dropped:
+                    counted[dropped[c[0]]] -= 1
+                    bad.append((c[0], c[3]))
             calls = [c for c in calls if c[0] not in dropped]
+        n_bad = len(bad)
         hours = [(tool, hour, n) for (tool, hour), n in counted.items() if n > 0]
         followups = _followups(conn, calls, errors)
         with write_transaction(conn):
@@ -254,6 +255,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
             conn.executemany(
                 "INSERT OR IGNORE INTO selfheal_errors VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", errors)
             conn.executemany("INSERT OR IGNORE INTO selfheal_calls VALUES (?,?,?,?,?,?,?,?,?)", calls)
+            conn.executemany("INSERT OR IGNORE INTO selfheal_bad_calls VALUES (?,?)", bad)
             conn.executemany("INSERT OR REPLACE INTO selfheal_followups VALUES (?,?,?,?,?,?,?)", followups)
             conn.executemany(
                 "INSERT INTO selfheal_tool_hours VALUES (?,?,?) ON CONFLICT(tool_name, hour) DO UPDATE SET "
