@@ -9,8 +9,9 @@ for long, and stores
   argument keys of the matching ``tool_start``, instant as epoch seconds), and
 * one row per call in ``selfheal_calls`` (tool, run, instant, outcome, duration, a hash of
   the arguments of its ``tool_start``, and the arguments themselves for a failed call): what
-  the evidence of a pattern, the strategies' :class:`~selfheal_plugin.plugins.strategy.HistoryWindow`
-  and the duration model read, so that none of them parses the history's JSON again, and
+  the evidence of a pattern, the strategies' :class:`~selfheal_plugin.plugins.strategy.HistoryWindow`,
+  the duration model and the dashboard read, so that none of them parses the history's JSON
+  again, and
 * per tool and hour, the number of calls in ``selfheal_tool_hours``, and
 * per tool, the number of failed calls and the latest one's id in ``selfheal_tool_errors``
   (what a stored evidence of a pattern depends on, see analysis/evidencecache.py), and
@@ -30,7 +31,9 @@ Malformed ``tool_complete`` rows are counted once in ``selfheal_state`` and skip
 invalid JSON, no tool name, an unparsable timestamp, invalid UTF-8 in what we read, a run
 id that is not text, a ``duration`` that is not a finite number within
 :data:`MAX_DURATION_MS`, or an ``event_data`` over :data:`MAX_EVENT_BYTES` (see
-:func:`wellformed_sql`, which the other readers of ``run_events`` share). Stored messages are cut to :data:`MAX_MESSAGE_CHARS`.
+:func:`wellformed_sql`, which the other readers of ``run_events`` share); each with its
+instant in ``selfheal_bad_calls``, which the dashboard counts per window. Stored messages
+are cut to :data:`MAX_MESSAGE_CHARS`.
 """
 from __future__ import annotations
 
