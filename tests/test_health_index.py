@@ -156,3 +156,31 @@ def test_a_call_whose_run_id_is_not_text_is_one_bad_row_for_detection_too(histor
         assert conn.execute("SELECT sum(calls) FROM selfheal_tool_hours").fetchone()[0] == hours + 1
     finally:
         conn.close()
+
+
+def test_rows_of_another_shape_in_the_calls_index_are_left_out(histories, tmp_path):
+    """The index lives in a file another program writes: a call row whose fields are of
+    another type is not a call for the dashboard, and nothing raises."""
+    db = tmp_path / "conversations.db"
+    shutil.copy(histories["plain"], db)
+    conn = connect(db)
+    try:
+        refresh(conn)
+        start, end = _window("-8d", NOW + timedelta(days=1))
+        before = _tools(scan_window(conn, start, end))
+        (jd,) = conn.execute("SELECT max(jd) FROM selfheal_calls").fetchone()
+        (top,) = conn.execute("SELECT max(event_id) FROM selfheal_calls").fetchone()
+        conn.executemany("INSERT INTO selfheal_calls VALUES (?,?,?,?,?,?,?,?,?)", [
+            (top - 10**6 + i, *row) for i, row in enumerate([
+                (b"\x00", "r", jd, 1, 5, None, None, None),  # a tool name that is not text
+                ("mcp__x__ok", b"\x07", jd, 1, 5, None, None, None),  # nor its run id
+                ("mcp__x__ok", "r", "soon", 1, 5, None, None, None),  # an instant that is not one
+                ("mcp__x__ok", "r", jd, 7, 5, None, None, None),  # an outcome that is not one
+                ("mcp__x__ok", "r", jd, 0, 5, None, None, None),  # a failure without its type
+                ("mcp__x__ok", "r", jd, 1, "slow", None, None, None),  # a duration that is not a number
+            ])])
+        conn.commit()
+        after = _tools(scan_window(conn, start, end))
+    finally:
+        conn.close()
+    assert after == before

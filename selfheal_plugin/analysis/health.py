@@ -491,8 +491,11 @@ class WindowScan:
 
 
 # A window's tool calls as the error index keeps them (every well-formed call; refreshed first).
+# Our table lives in a file another program writes: a row of another shape is left out.
 _CALLS_SQL = ("SELECT run_id, tool_name, ok, error_type, duration, jd FROM selfheal_calls "
-              "WHERE jd >= ? AND jd < ? AND event_id <= ?")
+              "WHERE jd >= ? AND jd < ? AND event_id <= ? AND typeof(jd) = 'real' AND typeof(run_id) = 'text' "
+              "AND typeof(tool_name) = 'text' AND (ok = 1 OR (ok = 0 AND typeof(error_type) = 'text')) "
+              "AND (duration IS NULL OR typeof(duration) IN ('integer', 'real'))")
 # The window's tool_complete rows the index refused (those without an instant are in every window).
 _BAD_CALLS_SQL = "SELECT count(*) FROM selfheal_bad_calls WHERE event_id <= ? AND (jd IS NULL OR (jd >= ? AND jd < ?))"
 # The window's iteration events of some runs, with what makes one malformed (the index's rules).
