@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from selfheal_plugin.analysis import health
 from selfheal_plugin.analysis.health import _window, _window_runs, run_facts, scan_window
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.errorindex import MAX_DURATION_MS, MAX_EVENT_BYTES, refresh
@@ -86,9 +87,12 @@ WINDOWS = [("-7d", NOW), ("-8d", NOW + timedelta(days=1)), ("-36h", NOW - timede
            ("-1d", NOW - timedelta(days=60))]
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])  # iterations by one pass, or by a lookup per run
 @pytest.mark.parametrize("which", ["plain", "damaged"])
 @pytest.mark.parametrize("since, now", WINDOWS)
-def test_the_index_counts_what_the_scan_of_the_events_counted(histories, which, since, now, tmp_path):
+def test_the_index_counts_what_the_scan_of_the_events_counted(histories, which, since, now, share, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.setattr(health, "ITERATION_LOOKUP_SHARE", share)
     db = tmp_path / "conversations.db"
     shutil.copy(histories[which], db)
     conn = connect(db)

@@ -498,15 +498,19 @@ _CALLS_SQL = ("SELECT run_id, tool_name, ok, error_type, duration, jd FROM selfh
               "AND (duration IS NULL OR typeof(duration) IN ('integer', 'real'))")
 # The window's tool_complete rows the index refused (those without an instant are in every window).
 _BAD_CALLS_SQL = "SELECT count(*) FROM selfheal_bad_calls WHERE event_id <= ? AND (jd IS NULL OR (jd >= ? AND jd < ?))"
-# The window's iteration events of some runs, with what makes one malformed (the index's rules).
+# The window's iteration events ({runs}: of some runs, by the run index), with what makes one
+# malformed (the index's rules).
 _ITERATIONS_SQL = f"""
 SELECT run_id, ok, CASE WHEN ok THEN json_extract(event_data, '$.duration') END,
   CASE WHEN ok AND json_extract(event_data, '$.is_error') = 1 THEN event_data END
 FROM (SELECT run_id, event_data, length(CAST(event_data AS BLOB)) <= {MAX_EVENT_BYTES} AND json_valid(event_data) AS ok,
              julianday(timestamp) AS jd
-      FROM run_events WHERE run_id IN (SELECT value FROM json_each(?)) AND event_type = 'iteration' AND id <= ?)
+      FROM run_events WHERE {{runs}} event_type = 'iteration' AND id <= ?)
 WHERE jd >= ? AND jd < ?
 """
+# Past this share of the window's runs, one pass over every iteration event beats a lookup per
+# run (1M events: 0.16 s for a tenth of 19.7k runs by lookup; 1.7 s for all of them, 0.6 s by a pass).
+ITERATION_LOOKUP_SHARE = 0.25
 
 
 def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime,
@@ -541,11 +545,14 @@ def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime,
             counts = facts.tool_calls.setdefault(name, [0, 0])
             counts[0] += 1
             counts[1] += failed
-    need = [r for r, f in runs.items() if f.metrics is None and not isinstance(r, Undecodable)]
+    need = {r for r, f in runs.items() if f.metrics is None and not isinstance(r, Undecodable)}
     if need:
-        for run_id, ok, duration, failed_data in read_all(conn, _ITERATIONS_SQL, (json.dumps(need), upto, lo_jd,
-                                                                                  hi_jd)):
-            if ok and not isinstance(failed_data, Undecodable) and sane_duration(duration):
+        few = len(need) <= ITERATION_LOOKUP_SHARE * len(runs)
+        sql = _ITERATIONS_SQL.format(runs="run_id IN (SELECT value FROM json_each(?)) AND" if few else "")
+        params = (json.dumps(sorted(need)), upto, lo_jd, hi_jd) if few else (upto, lo_jd, hi_jd)
+        for run_id, ok, duration, failed_data in read_all(conn, sql, params):
+            if (ok and run_id in need and not isinstance(run_id, Undecodable) and not isinstance(failed_data, Undecodable)
+                    and sane_duration(duration)):
                 runs[run_id].iteration_events += 1
     skipped = conn.execute(_BAD_CALLS_SQL, (upto, lo_jd, hi_jd)).fetchone()[0]
     if skipped:
