@@ -8,6 +8,8 @@ import json
 import shutil
 import sqlite3
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -78,6 +80,19 @@ def histories(tmp_path_factory) -> dict[str, Path]:
     return {"plain": plain, "damaged": damaged}
 
 
+@contextmanager
+def indexed(history: Path, tmp_path: Path) -> Iterator[tuple[Path, sqlite3.Connection]]:
+    """A copy of ``history`` with its index brought up to date, and a connection to it."""
+    db = tmp_path / "conversations.db"
+    shutil.copy(history, db)
+    conn = connect(db)
+    try:
+        refresh(conn)
+        yield db, conn
+    finally:
+        conn.close()
+
+
 def _tools(scan) -> dict:
     return {name: (s.calls, s.errors, s.timeouts, sorted(s.durations), dict(s.error_types))
             for name, s in scan.tools.items()}
@@ -93,18 +108,12 @@ WINDOWS = [("-7d", NOW), ("-8d", NOW + timedelta(days=1)), ("-36h", NOW - timede
 def test_the_index_counts_what_the_scan_of_the_events_counted(histories, which, since, now, share, tmp_path,
                                                               monkeypatch):
     monkeypatch.setattr(health, "ITERATION_LOOKUP_SHARE", share)
-    db = tmp_path / "conversations.db"
-    shutil.copy(histories[which], db)
-    conn = connect(db)
-    try:
-        refresh(conn)
+    with indexed(histories[which], tmp_path) as (_, conn):
         start, end = _window(since, now)
         runs = _window_runs(conn, start, end)
         ours, theirs = run_facts(conn, runs), run_facts(conn, runs)
         new = scan_window(conn, start, end, ours)
         old = scan_events(conn, start, end, theirs)
-    finally:
-        conn.close()
     assert _tools(new) == _tools(old)
     assert {d: Counter(c) for d, c in new.errors_by_day.items()} == {d: Counter(c) for d, c in old.errors_by_day.items()}
     assert new.skipped_rows == old.skipped_rows
@@ -119,11 +128,7 @@ def test_the_index_counts_what_the_scan_of_the_events_counted(histories, which, 
 def test_a_window_in_the_future_of_the_index_counts_nothing_twice(histories, tmp_path):
     """Calls written after the index was read are neither calls nor malformed rows: both
     counts stop at the index's watermark."""
-    db = tmp_path / "conversations.db"
-    shutil.copy(histories["plain"], db)
-    conn = connect(db)
-    try:
-        refresh(conn)
+    with indexed(histories["plain"], tmp_path) as (db, conn):
         start, end = _window("-8d", NOW + timedelta(days=1))
         before = scan_window(conn, start, end)
         add_event(db, json.dumps(OK_CALL))
@@ -131,12 +136,9 @@ def test_a_window_in_the_future_of_the_index_counts_nothing_twice(histories, tmp
         after = scan_window(conn, start, end)
         refresh(conn)
         again = scan_window(conn, start, end)
-    finally:
-        conn.close()
     assert (after.skipped_rows, _tools(after)) == (before.skipped_rows, _tools(before))
     assert again.skipped_rows == before.skipped_rows + 1
     assert "mcp__x__ok" not in before.tools and again.tools["mcp__x__ok"].calls == 1
-
 
 
 @pytest.mark.parametrize("call", [OK_CALL, failed_call(name="mcp__x__ok")])
@@ -145,10 +147,7 @@ def test_a_call_whose_run_id_is_not_text_is_one_bad_row_for_detection_too(histor
     its tool (in the failure rates' denominators). Both are damage, for every reader, and
     counted once (the failed call's closer look does not count it again, nor take it off
     another call's hour)."""
-    db = tmp_path / "conversations.db"
-    shutil.copy(histories["plain"], db)
-    conn = connect(db)
-    try:
+    with indexed(histories["plain"], tmp_path) as (db, conn):
         before = refresh(conn).total_bad_rows
         hours = conn.execute("SELECT sum(calls) FROM selfheal_tool_hours").fetchone()[0]
         _raw_event(db, "x'07'", json.dumps(call))
@@ -158,18 +157,12 @@ def test_a_call_whose_run_id_is_not_text_is_one_bad_row_for_detection_too(histor
         assert conn.execute("SELECT count(*) FROM selfheal_bad_calls").fetchone()[0] == before + 2
         assert conn.execute("SELECT count(*) FROM selfheal_calls WHERE tool_name = 'mcp__x__ok'").fetchone()[0] == 1
         assert conn.execute("SELECT sum(calls) FROM selfheal_tool_hours").fetchone()[0] == hours + 1
-    finally:
-        conn.close()
 
 
 def test_rows_of_another_shape_in_the_calls_index_are_left_out(histories, tmp_path):
     """The index lives in a file another program writes: a call row whose fields are of
     another type is not a call for the dashboard, and nothing raises."""
-    db = tmp_path / "conversations.db"
-    shutil.copy(histories["plain"], db)
-    conn = connect(db)
-    try:
-        refresh(conn)
+    with indexed(histories["plain"], tmp_path) as (_, conn):
         start, end = _window("-8d", NOW + timedelta(days=1))
         before = _tools(scan_window(conn, start, end))
         (jd,) = conn.execute("SELECT max(jd) FROM selfheal_calls").fetchone()
@@ -185,6 +178,4 @@ def test_rows_of_another_shape_in_the_calls_index_are_left_out(histories, tmp_pa
             ])])
         conn.commit()
         after = _tools(scan_window(conn, start, end))
-    finally:
-        conn.close()
     assert after == before
