@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from selfheal_plugin.history.errorindex import MAX_EVENT_BYTES, indexed_up_to, refresh, sane_duration, wellformed_sql
+from selfheal_plugin.history.errorindex import indexed_up_to, refresh, sane_duration, wellformed_sql
 from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.history.connection import normalize_error_type, read_all, rows_by_id
 from selfheal_plugin.history.text import Undecodable
@@ -499,12 +499,10 @@ _CALLS_SQL = ("SELECT run_id, tool_name, ok, error_type, duration, jd FROM selfh
 # The window's tool_complete rows the index refused (those without an instant are in every window).
 _BAD_CALLS_SQL = "SELECT count(*) FROM selfheal_bad_calls WHERE event_id <= ? AND (jd IS NULL OR (jd >= ? AND jd < ?))"
 # The window's iteration events ({runs}: of some runs, by the run index), with what makes one
-# malformed (the index's rules).
+# malformed (the index's rules: errorindex.wellformed_sql, and invalid UTF-8 in a failure's text).
 _ITERATIONS_SQL = f"""
-SELECT run_id, ok, CASE WHEN ok THEN json_extract(event_data, '$.duration') END,
-  CASE WHEN ok AND json_extract(event_data, '$.is_error') = 1 THEN event_data END
-FROM (SELECT run_id, event_data, length(CAST(event_data AS BLOB)) <= {MAX_EVENT_BYTES} AND json_valid(event_data) AS ok,
-             julianday(timestamp) AS jd
+SELECT run_id, ok, CASE WHEN ok AND json_extract(event_data, '$.is_error') = 1 THEN event_data END
+FROM (SELECT run_id, event_data, {wellformed_sql('event_data')} AS ok, julianday(timestamp) AS jd
       FROM run_events WHERE {{runs}} event_type = 'iteration' AND id <= ?)
 WHERE jd >= ? AND jd < ?
 """
@@ -550,9 +548,8 @@ def scan_window(conn: sqlite3.Connection, start: datetime, end: datetime,
         few = len(need) <= ITERATION_LOOKUP_SHARE * len(runs)
         sql = _ITERATIONS_SQL.format(runs="run_id IN (SELECT value FROM json_each(?)) AND" if few else "")
         params = (json.dumps(sorted(need)), upto, lo_jd, hi_jd) if few else (upto, lo_jd, hi_jd)
-        for run_id, ok, duration, failed_data in read_all(conn, sql, params):
-            if (ok and run_id in need and not isinstance(run_id, Undecodable) and not isinstance(failed_data, Undecodable)
-                    and sane_duration(duration)):
+        for run_id, ok, failed_data in read_all(conn, sql, params):
+            if ok and run_id in need and not isinstance(run_id, Undecodable) and not isinstance(failed_data, Undecodable):
                 runs[run_id].iteration_events += 1
     skipped = conn.execute(_BAD_CALLS_SQL, (upto, lo_jd, hi_jd)).fetchone()[0]
     if skipped:

@@ -327,7 +327,7 @@ def _followups(conn: sqlite3.Connection, calls: list[tuple], errors: list[tuple]
         if f[5] is None and f[3] is not None:
             by_key.setdefault(f[3], {}).setdefault(f[1], []).append(f)
 
-    runs = sorted({c[2] for c in calls if isinstance(c[2], str)})
+    runs = sorted({c[2] for c in calls})  # text: _read_calls refuses any other run id
     keys = sorted({c[7] for c in calls if c[7] is not None})
     for f in _open_followups(conn, runs, keys) if calls else ():
         wait(f)
