@@ -115,3 +115,22 @@ def run_agent(*args: str, env: dict | None = None, timeout: float = 120, input: 
     """Run the installed `agent` command with the test's isolated environment."""
     return subprocess.run([agent_bin(), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, input=input)
+
+
+# ------------------------------------------------------------------ scheduling under xdist
+# The closed loops mostly wait: their workloads sleep through simulated time on real MCP
+# servers (the closed-loop modules, the demo's among them, hold ~430 s of wall time for ~70 s
+# of CPU). So `-n auto` starts two workers per core and one more (a worker that waits
+# leaves its core to the others: 4 min on 2 cores, against 7 with one worker per core and 4.4
+# with two), pyproject's addopts hand out whole modules (`--dist loadfile`, so a module-scoped
+# fixture is built once) in the order below, and the closed loops come first, so that the
+# short tests fill the cores around them rather than after them.
+
+
+def pytest_xdist_auto_num_workers(config):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 2 * cores + 1
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("closed_loop") is None)  # stable: the rest keep their order

@@ -14,7 +14,7 @@ def test_readme_starts_with_the_two_commands():
     first, second = bash_blocks(text)[:2]
     assert text.index("```bash") < text.index("## ")  # before any section
     assert first.endswith("agent self-heal demo") and "pip install -e ." in first
-    assert "pip install -q -e '.[test]'" in second and second.endswith("pytest -q -n auto")  # pytest-xdist: one worker per core
+    assert "pip install -q -e '.[test]'" in second and second.endswith("pytest -q -n auto")  # pytest-xdist: workers as tests/conftest.py counts them
 
 
 def test_ci_runs_the_readme_test_command():
