@@ -120,11 +120,19 @@ def run_agent(*args: str, env: dict | None = None, timeout: float = 120, input: 
 # ------------------------------------------------------------------ scheduling under xdist
 # The closed loops mostly wait: their workloads sleep through simulated time on real MCP
 # servers (the closed-loop modules, the demo's among them, hold ~430 s of wall time for ~70 s
-# of CPU). So `-n auto` starts two workers per core and one more (a worker that waits
-# leaves its core to the others: 4 min on 2 cores, against 7 with one worker per core and 4.4
-# with two), pyproject's addopts hand out whole modules (`--dist loadfile`, so a module-scoped
+# of CPU). So `-n auto` starts two workers per core and one more (a worker that waits leaves
+# its core to the others: 4 min on 2 cores, against 7 with one worker per core and 4.4 with
+# two), pyproject's addopts hand out whole modules (`--dist loadfile`, so a module-scoped
 # fixture is built once) in the order below, and the closed loops come first, so that the
 # short tests fill the cores around them rather than after them.
+#
+# The closed loops keep their timing, though: a call's outcome there is a race in real time
+# (a stall of 30 ms is 3 simulated seconds at their time scale), so a worker lowers its own
+# priority (nice) before its first other test. Those then use what the closed loops leave of
+# the cores instead of delaying their servers' answers. Every worker starts with a closed-loop
+# module while any is left (they come first), so no closed loop runs on a lowered worker.
+OTHER_TESTS_NICE = 10
+_lowered = False
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -134,3 +142,12 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("closed_loop") is None)  # stable: the rest keep their order
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    global _lowered
+    if not _lowered and "PYTEST_XDIST_WORKER" in os.environ and hasattr(os, "nice") \
+            and item.get_closest_marker("closed_loop") is None:
+        os.nice(OTHER_TESTS_NICE)
+        _lowered = True
