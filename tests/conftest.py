@@ -121,8 +121,8 @@ def run_agent(*args: str, env: dict | None = None, timeout: float = 120, input: 
 # The closed loops mostly wait: their workloads sleep through simulated time on real MCP
 # servers (the closed-loop modules, the demo's among them, hold ~430 s of wall time for ~70 s
 # of CPU). So `-n auto` starts two workers per core and one more (a worker that waits leaves
-# its core to the others: 4 min on 2 cores, against 7 with one worker per core and 4.4 with
-# two), pyproject's addopts hand out whole modules (`--dist loadfile`, so a module-scoped
+# its core to the others: 4-5 min on 2 cores against 7-8 with one worker per core, see
+# docs/performance.md), pyproject's addopts hand out whole modules (`--dist loadfile`, so a module-scoped
 # fixture is built once) in the order below, and the closed loops come first, so that the
 # short tests fill the cores around them rather than after them.
 #
