@@ -132,12 +132,13 @@ def run_agent(*args: str, env: dict | None = None, timeout: float = 120, input: 
 # the cores instead of delaying their servers' answers. Every worker starts with a closed-loop
 # module while any is left (they come first), so no closed loop runs on a lowered worker.
 OTHER_TESTS_NICE = 10
+MAX_WORKERS = 16  # past this the demo's module (~2.5 min) is the suite's length anyway; a worker is ~200 MB
 _lowered = False
 
 
 def pytest_xdist_auto_num_workers(config):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 2 * cores + 1
+    return min(2 * cores + 1, MAX_WORKERS)
 
 
 def pytest_collection_modifyitems(config, items):
