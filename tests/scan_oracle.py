@@ -15,7 +15,6 @@ from selfheal_plugin.history.errorindex import MAX_EVENT_BYTES, sane_duration
 from selfheal_plugin.history.text import Undecodable
 
 log = logging.getLogger("scan_oracle")
-Progress = object
 CHUNK_IDS = 200_000
 
 _SCAN_SQL = f"""
@@ -36,9 +35,8 @@ ORDER BY id
 """
 
 
-def scan_events(conn: sqlite3.Connection, start: datetime, end: datetime, runs: dict[str, RunFacts] | None = None,
-                progress: Progress | None = None, progress_offset: int = 0,
-                progress_total: int | None = None) -> WindowScan:
+def scan_events(conn: sqlite3.Connection, start: datetime, end: datetime,
+                runs: dict[str, RunFacts] | None = None) -> WindowScan:
     """One streaming pass over the ``tool_complete``/``iteration`` events in [start, end).
 
     Reads id ranges of :data:`CHUNK_IDS` rows so no read holds the file for long; JSON is
@@ -47,7 +45,6 @@ def scan_events(conn: sqlite3.Connection, start: datetime, end: datetime, runs: 
     iterations on the way. Malformed rows are counted and skipped.
     """
     top = last_event_id(conn)
-    total = progress_total if progress_total is not None else top
     tools: dict[str, ToolStats] = {}
     errors_by_day: dict[int, Counter] = defaultdict(Counter)
     runs = runs if runs is not None else {}
@@ -89,8 +86,6 @@ def scan_events(conn: sqlite3.Connection, start: datetime, end: datetime, runs: 
                 counts = facts.tool_calls.setdefault(name, [0, 0])
                 counts[0] += 1
                 counts[1] += failed
-        if progress:
-            progress(progress_offset + hi, progress_offset + total)
         mark = hi
     if skipped:
         log.info("window scan skipped %d malformed tool_complete row(s)", skipped)
