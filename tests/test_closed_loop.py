@@ -10,7 +10,11 @@ over the time scale, so on a busy machine every call looks slower (tens of real 
 of scheduling are thousands of simulated ones) and more calls time out. So the assertions use
 what load cannot change: the latency the search server drew (it reports it in its answer),
 the limit a timeout message names, and verdicts whose margins are set by the configuration
-(the canary's scenario puts a third of the control's searches over the limit).
+(the canary's scenario puts a third of the control's searches over the limit). One test
+compares two things load moves a little, the simulation's prediction and the week after's
+success rate: each run of the testbed's agent draws from its own stream, so a call that
+load makes time out changes its own run, not the course of the week (docs/closed-loop.md
+has the figures, idle and loaded).
 """
 from __future__ import annotations
 

@@ -159,3 +159,41 @@ def test_a_server_spawned_directly_without_the_fork_server(tmp_path):
 
     listed, healthy = asyncio.run(scenario())
     assert listed.splitlines()[1:] == ["guide/", "reference/"] and healthy
+
+
+def _calls_by_run(home) -> dict[str, list[tuple[str, str]]]:
+    """Each run's tool calls (name, arguments as JSON, the home's path left out) in order, by
+    the run's task."""
+    conn = sqlite3.connect(home / "conversations.db")
+    rows = conn.execute("SELECT r.task, e.event_data FROM run_events e JOIN runs r ON r.id = e.run_id "
+                        "WHERE e.event_type = 'tool_start' ORDER BY e.id").fetchall()
+    conn.close()
+    out: dict[str, list[tuple[str, str]]] = {}
+    for task, data in rows:
+        d = json.loads(data)
+        out.setdefault(task, []).append((d["name"], json.dumps(d["arguments"], sort_keys=True).replace(str(home), "")))
+    return out
+
+
+def test_a_call_that_times_out_changes_only_its_own_run(tmp_path):
+    """What a busy machine can do to a closed loop: make a call time out that would not
+    have. Here every search times out (a 1 ms limit), ending each researcher run at its
+    first step; every run still makes the calls it would have made, with the same
+    arguments, up to the failure (each run draws from its own stream), so the week keeps its
+    course."""
+    # Nothing else times out, however busy the machine: a limit of 10 simulated minutes.
+    config = TestbedConfig(workflow_weights={"researcher": 0.5, "planner": 0.25, "ops": 0.25}, crash_probability=0.0,
+                           default_timeout_ms=600_000)
+    homes = {}
+    for name, text in (("free", ""), ("cut", f'[tools."{SEARCH}"]\ntimeout_ms = 1\n')):
+        home = homes[name] = tmp_path / name
+        home.mkdir()
+        (home / "config.toml").write_text(text)
+        run_workload(home, runs=16, seed=5, start=START, days=1, config=config)
+    free, cut = (_calls_by_run(homes[n]) for n in ("free", "cut"))
+    assert free.keys() == cut.keys() and len(free) == 16
+    ended_early = 0
+    for task, calls in free.items():
+        assert cut[task] == calls[:len(cut[task])], task
+        ended_early += len(cut[task]) < len(calls)
+    assert ended_early >= 3  # researcher runs stopped at their search

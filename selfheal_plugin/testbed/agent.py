@@ -274,7 +274,7 @@ class ScriptedAgent:
         self.clock = clock
         self.config = config
         self.tree = tree
-        self.rng = random.Random(f"agent:{seed}")
+        self.seed = seed
         logs = home / "testbed" / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         scale = ["--time-scale", repr(config.time_scale)]
@@ -315,23 +315,27 @@ class ScriptedAgent:
         await asyncio.gather(*(conn.stop() for conn in self.servers.values()))
         self.policy.close()
 
-    def _arguments(self, server: str) -> dict[str, Any]:
+    def _arguments(self, server: str, rng: random.Random) -> dict[str, Any]:
         if server == "search":
-            return {"query": self.rng.choice(QUERIES), "limit": self.rng.randint(3, 8)}
+            return {"query": rng.choice(QUERIES), "limit": rng.randint(3, 8)}
         if server == "files":
-            if self.rng.random() < self.config.missing_path_rate:
-                rel = self.rng.choice(MISSING)
+            if rng.random() < self.config.missing_path_rate:
+                rel = rng.choice(MISSING)
             else:
-                top = self.rng.choice(list(TREE))
-                rel = f"{top}/{self.rng.choice(TREE[top])}"
+                top = rng.choice(list(TREE))
+                rel = f"{top}/{rng.choice(TREE[top])}"
             return {"path": str(self.tree / rel)}
-        return {"service": self.rng.choice(SERVICES)}
+        return {"service": rng.choice(SERVICES)}
 
     async def run_one(self, workflow: str, index: int) -> RecordedRun:
         down = [conn.restart() for conn in self.needed if not conn.alive]
         if down:  # a new runtime session starts the servers that are down
             await asyncio.gather(*down)
         steps = WORKFLOWS[workflow]
+        # Each run draws from its own stream. A call that a busy machine makes time out ends
+        # its run early, so fewer draws are taken: with one stream for the week, every later
+        # run's arguments, and so the week's course, depended on the machine's load.
+        rng = random.Random(f"agent:{self.seed}:{index}")
         task = f"{workflow} task #{index}"
         with self.recorder.run(workflow, task, metadata={"source": "testbed"},
                                context={"cwd": str(self.tree)}) as run:
@@ -340,7 +344,7 @@ class ScriptedAgent:
                     run.iteration()
                     run.thinking(f"Step {step}: calling {tool_name(server)}")
                     conn = self.servers[server]
-                    args = self._arguments(server)
+                    args = self._arguments(server, rng)
                     try:
                         text = await self.policy.acall(tool_name(server), self._caller(conn), args)
                     except Exception as exc:  # noqa: BLE001 - a failed call fails the run
@@ -348,8 +352,8 @@ class ScriptedAgent:
                         break
                     for word in text.split()[:3]:
                         run.token(word + " ")
-                    run.add_tokens(self.rng.randint(200, 1500), self.rng.randint(50, 400))
-                self.clock.advance(self.rng.uniform(*self.config.think_ms) / 1000)
+                    run.add_tokens(rng.randint(200, 1500), rng.randint(50, 400))
+                self.clock.advance(rng.uniform(*self.config.think_ms) / 1000)
             if run.error_message is None:
                 run.response_complete(f"{workflow} done")
         return run
@@ -407,8 +411,10 @@ def run_workload(home: str | Path, runs: int = 100, seed: int = 0, *, clock: Sim
 
     :param home: BINKS_HOME: ``config.toml`` is read (and reloaded) from here, the history
         goes to ``conversations.db`` (or ``db_path``), the tree and server logs to ``testbed/``.
-    :param seed: seeds workflow choice, arguments, latencies and crashes. Use a different
-        seed for a second workload on the same home, or the servers replay the same draws.
+    :param seed: seeds workflow choice, arguments, latencies and crashes (each run's
+        arguments from a stream of its own, so a call that times out on a busy machine
+        changes that run only). Use a different seed for a second workload on the same
+        home, or the servers replay the same draws.
     :param clock: the simulated clock (shared with a caller that keeps time across
         workloads); default starts ``days`` before now, or at ``start``.
     :param days: runs are spread evenly (with jitter) over this many simulated days.
