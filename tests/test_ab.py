@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -116,12 +117,19 @@ def test_the_policy_records_each_runs_arm_and_enforces_it(tmp_path):
     outcomes = {}
     for i in range(24):
         with recorder.run("wf", f"task {i}", metadata={"source": "test"}) as run:
+            # The 20 ms arm's call ends only when released, after its limit fired, so a busy
+            # machine cannot let it finish in time; the other arms' calls take 0.1 s.
+            release = threading.Event()
+            limited = ab_arm_for(sec, run.id) == A1
+            tool = (lambda r=release: r.wait(10) and "done") if limited else (lambda: time.sleep(0.1) or "done")
             try:
-                policy.call("slow", lambda: time.sleep(0.1) or "done")
+                policy.call("slow", tool)
                 outcomes[run.id] = "ok"
             except ToolTimeout:
                 outcomes[run.id] = "timeout"
                 run.fail("timed out")
+            finally:
+                release.set()
     recorder.close()
     conn = sqlite3.connect(db)
     meta = {rid: json.loads(m) for rid, m in conn.execute("SELECT id, metadata FROM runs")}

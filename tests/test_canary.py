@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import sqlite3
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -98,12 +99,19 @@ def test_the_policy_records_each_runs_arm_and_enforces_it(tmp_path):
     outcomes = {}
     for i in range(16):
         with recorder.run("wf", f"task {i}", metadata={"source": "test"}) as run:
+            # The 20 ms arm's call ends only when released, after its limit fired, so a busy
+            # machine cannot let it finish in time; the other arms' calls take 0.1 s.
+            release = threading.Event()
+            limited = arm_for(IMP, run.id, 0.5) == "canary"
+            tool = (lambda r=release: r.wait(10) and "done") if limited else (lambda: time.sleep(0.1) or "done")
             try:
-                policy.call("slow", lambda: time.sleep(0.1) or "done")
+                policy.call("slow", tool)
                 outcomes[run.id] = "ok"
             except ToolTimeout:
                 outcomes[run.id] = "timeout"
                 run.fail("timed out")
+            finally:
+                release.set()
     recorder.close()
     meta = _metadata(db)
     for rid, outcome in outcomes.items():
@@ -120,25 +128,31 @@ def _shadow_policy(tmp_path, text):
     return recorder, ToolPolicy(config, recorder=recorder, watch=False, clock=recorder.clock)
 
 
-# Margins that a busy machine cannot cross: a call never ends before its sleep, and one that
-# should end in time has over a second to spare ("fast" 200 ms, "finishes" 1.1 s).
-SHADOW = f'[tools."slow"]\ntimeout_ms = 200\n[shadow."{IMP}".tools."slow"]\ntimeout_ms = 1500\n'
+# Enforced 1 s, observed 3 s. Margins a busy machine cannot cross: a call that should end in
+# time has a second to spare, one that should time out ends only when released after its limit
+# fired, and one that should outlast the shadow limit sleeps a second past it.
+SHADOW = f'[tools."slow"]\ntimeout_ms = 1000\n[shadow."{IMP}".tools."slow"]\ntimeout_ms = 3000\n'
 
 
 def test_a_shadow_sees_a_timed_out_call_finish_without_changing_it(tmp_path):
     recorder, policy = _shadow_policy(tmp_path, SHADOW)
     results = {}
-    for name, seconds in (("finishes", 0.4), ("hangs", 2.0), ("fast", 0.0)):
+    release = threading.Event()
+    tools = {"finishes": lambda: release.wait(10) and "done", "hangs": lambda: time.sleep(4.0) or "done",
+             "fast": lambda: "done"}
+    for name, tool in tools.items():
         with recorder.run("wf", name) as run:
             try:
-                results[name] = policy.call("slow", lambda s=seconds: time.sleep(s) or "done")
+                results[name] = policy.call("slow", tool)
             except ToolTimeout as exc:
                 results[name] = str(exc)
                 run.fail(str(exc))
-    policy.drain(5)
+            finally:
+                release.set()
+    policy.drain(10)
     recorder.close()
     # the agent saw the current settings' outcome every time
-    assert results == {"finishes": "Tool slow timed out after 0.2s", "hangs": "Tool slow timed out after 0.2s",
+    assert results == {"finishes": "Tool slow timed out after 1s", "hangs": "Tool slow timed out after 1s",
                        "fast": "done"}
     by_task = {}
     conn = sqlite3.connect(tmp_path / "conversations.db")
@@ -146,7 +160,7 @@ def test_a_shadow_sees_a_timed_out_call_finish_without_changing_it(tmp_path):
         by_task[task] = (status, json.loads(m)["selfheal_shadow"])
     conn.close()
     assert by_task["finishes"][0] == "failed" and by_task["finishes"][1]["would_succeed"] == 1
-    assert by_task["finishes"][1]["changes"][0]["duration_ms"] >= 400
+    assert by_task["finishes"][1]["changes"][0]["duration_ms"] >= 1000
     assert by_task["hangs"][1] == {**by_task["hangs"][1], "calls": 1, "would_change": 0}
     assert by_task["fast"] == ("completed", {**by_task["fast"][1], "calls": 1, "would_change": 0})
 
@@ -173,7 +187,7 @@ def test_a_shadow_observes_a_timed_out_async_call_in_the_background(tmp_path):
     recorder, policy = _shadow_policy(tmp_path, SHADOW)
 
     async def slow():
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(1.4)
         return "done"
 
     async def main():
