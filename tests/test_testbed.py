@@ -165,39 +165,55 @@ def test_a_server_spawned_directly_without_the_fork_server(tmp_path):
     assert listed.splitlines()[1:] == ["guide/", "reference/"] and healthy
 
 
-def _calls_by_run(home) -> dict[str, list[tuple[str, str]]]:
-    """Each run's tool calls (name, arguments as JSON, the home's path left out) in order, by
-    the run's task."""
+def _calls_by_run(home) -> dict[str, list[list]]:
+    """Each run's tool calls in order, by the run's task: [name, arguments as JSON (the home's
+    path left out), its answer (None for a failure)]."""
     conn = sqlite3.connect(home / "conversations.db")
-    rows = conn.execute("SELECT r.task, e.event_data FROM run_events e JOIN runs r ON r.id = e.run_id "
-                        "WHERE e.event_type = 'tool_start' ORDER BY e.id").fetchall()
+    rows = conn.execute("SELECT r.task, e.event_type, e.event_data FROM run_events e JOIN runs r ON r.id = e.run_id "
+                        "WHERE e.event_type IN ('tool_start', 'tool_complete') ORDER BY e.id").fetchall()
     conn.close()
-    out: dict[str, list[tuple[str, str]]] = {}
-    for task, data in rows:
+    out: dict[str, list[list]] = {}
+    for task, kind, data in rows:
         d = json.loads(data)
-        out.setdefault(task, []).append((d["name"], json.dumps(d["arguments"], sort_keys=True).replace(str(home), "")))
+        if kind == "tool_start":
+            out.setdefault(task, []).append([d["name"], json.dumps(d["arguments"], sort_keys=True).replace(str(home), ""),
+                                             None])
+        elif not d["is_error"]:
+            out[task][-1][2] = d["result"]
     return out
 
 
 def test_a_call_that_times_out_changes_only_its_own_run(tmp_path):
     """What a busy machine can do to a closed loop: make a call time out that would not
-    have. Here every search times out (a 1 ms limit), ending each researcher run at its
-    first step; every run still makes the calls it would have made, with the same
-    arguments, up to the failure (each run draws from its own stream), so the week keeps its
-    course."""
+    have. Here every search, or every directory listing, times out (a 1 ms limit), ending
+    runs early: every run still makes the calls it would have made, with the same arguments,
+    up to its failure (each run draws from its own stream), and every search both made
+    answers the same, latency included, though the search server was asked fewer times (each
+    call draws on its server from a stream of its own). So the week keeps its course."""
     # Nothing else times out, however busy the machine: a limit of 10 simulated minutes.
     config = TestbedConfig(workflow_weights={"researcher": 0.5, "planner": 0.25, "ops": 0.25}, crash_probability=0.0,
                            default_timeout_ms=600_000)
-    homes = {}
-    for name, text in (("free", ""), ("cut", f'[tools."{SEARCH}"]\ntimeout_ms = 1\n')):
-        home = homes[name] = tmp_path / name
+    runs = {}
+    for name, tool in (("free", None), ("search cut", SEARCH), ("files cut", FILES)):
+        home = tmp_path / name.replace(" ", "-")
         home.mkdir()
-        (home / "config.toml").write_text(text)
+        (home / "config.toml").write_text(f'[tools."{tool}"]\ntimeout_ms = 1\n' if tool else "")
         run_workload(home, runs=16, seed=5, start=START, days=1, config=config)
-    free, cut = (_calls_by_run(homes[n]) for n in ("free", "cut"))
-    assert free.keys() == cut.keys() and len(free) == 16
-    ended_early = 0
-    for task, calls in free.items():
-        assert cut[task] == calls[:len(cut[task])], task
-        ended_early += len(cut[task]) < len(calls)
-    assert ended_early >= 3  # researcher runs stopped at their search
+        runs[name] = _calls_by_run(home)
+    free = runs["free"]
+    assert len(free) == 16
+    for name in ("search cut", "files cut"):
+        cut = runs[name]
+        assert cut.keys() == free.keys()
+        ended_early = same_answers = 0
+        for task, calls in free.items():
+            made = cut[task]
+            assert [c[:2] for c in made] == [c[:2] for c in calls[:len(made)]], (name, task)
+            ended_early += len(made) < len(calls)
+            for mine, theirs in zip(made, calls):
+                if mine[0] == SEARCH and mine[2] is not None:
+                    assert mine[2] == theirs[2], (name, task)
+                    same_answers += 1
+        assert ended_early >= 2, name  # runs stopped at the calls that time out
+    # planner runs stopped before their search; the researchers' searches answered the same
+    assert same_answers >= 3

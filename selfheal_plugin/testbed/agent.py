@@ -21,6 +21,7 @@ server is restarted only when the next run begins (a new runtime session).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import random
@@ -35,6 +36,7 @@ from typing import Any
 from selfheal_plugin.history.clock import SimulatedClock, runtime_timestamp
 from selfheal_plugin.runtime.policy import ToolPolicy
 from selfheal_plugin.runtime.recorder import RecordedRun, RunRecorder
+from selfheal_plugin.testbed.servers import DRAW_META
 import selfheal_plugin.testbed.forkserver as forkserver  # the module, not the package (whose lazy names are ours)
 
 log = logging.getLogger("selfheal.testbed")
@@ -241,15 +243,16 @@ class ServerConnection:
         except Exception:  # noqa: BLE001 - any failure means unhealthy
             return False
 
-    async def call(self, tool: str, **arguments: Any) -> str:
+    async def call(self, tool: str, *, draw: str | None = None, **arguments: Any) -> str:
         """One real ``tools/call``; a tool error or a closed connection raises with the
-        message a runtime would show."""
+        message a runtime would show. ``draw``: the key of the call's own draws on the server
+        (:data:`~selfheal_plugin.testbed.servers.DRAW_META`)."""
         from mcp import MCPError
 
         if not self.alive or self.client is None:
             raise ConnectionError(f"MCP server {self.name} is not running: its process exited earlier")
         try:
-            result = await self.client.call_tool(tool, arguments)
+            result = await self.client.call_tool(tool, arguments, meta={DRAW_META: draw} if draw else None)
         except MCPError as exc:
             if "connection closed" in str(exc).lower():
                 if self._session is not None:
@@ -332,9 +335,11 @@ class ScriptedAgent:
         if down:  # a new runtime session starts the servers that are down
             await asyncio.gather(*down)
         steps = WORKFLOWS[workflow]
-        # Each run draws from its own stream. A call that a busy machine makes time out ends
-        # its run early, so fewer draws are taken: with one stream for the week, every later
-        # run's arguments, and so the week's course, depended on the machine's load.
+        # Each run draws from its own stream, and so does each call on its server (keyed by
+        # run, step and attempt). A call that a busy machine makes time out ends its run early,
+        # so fewer draws are taken and later servers are not asked: with one stream for the
+        # week, every later run's arguments and latencies, and so the week's course, depended
+        # on the machine's load.
         rng = random.Random(f"agent:{self.seed}:{index}")
         task = f"{workflow} task #{index}"
         with self.recorder.run(workflow, task, metadata={"source": "testbed"},
@@ -346,7 +351,7 @@ class ScriptedAgent:
                     conn = self.servers[server]
                     args = self._arguments(server, rng)
                     try:
-                        text = await self.policy.acall(tool_name(server), self._caller(conn), args)
+                        text = await self.policy.acall(tool_name(server), self._caller(conn, f"{index}:{step}"), args)
                     except Exception as exc:  # noqa: BLE001 - a failed call fails the run
                         run.fail(f"Workflow failed at step {step}: {exc}")
                         break
@@ -359,9 +364,11 @@ class ScriptedAgent:
         return run
 
     @staticmethod
-    def _caller(conn: ServerConnection):
+    def _caller(conn: ServerConnection, key: str):
+        attempts = itertools.count()  # a retry (the policy's, or after a restart) draws anew
+
         async def call(**arguments: Any) -> str:
-            return await conn.call(SERVER_TOOLS[conn.name], **arguments)
+            return await conn.call(SERVER_TOOLS[conn.name], draw=f"{key}:{next(attempts)}", **arguments)
         return call
 
 

@@ -13,11 +13,17 @@
   ``--crash-probability`` (seeded), exits the process mid-call (``os._exit``), so the client
   sees its connection close.
 
+Draws: a request whose ``_meta`` carries a draw key (:data:`DRAW_META`; the testbed's agent
+sends its run, step and attempt) takes its latency, crash and results from a stream of its
+own, so what a call draws does not depend on which calls came before it (a call that a busy
+machine makes time out, and so ends its run before the next server is asked, shifts no other
+call's draws). Without the key a server draws from its own stream, in the order calls arrive.
+
 Each operation is a plain function (tested directly); the MCP layer only maps arguments.
 Logging goes to stderr.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the SDK reads the tools' annotations, and `Context`
+# is imported inside build_server (the SDK only when a server is built).
 import argparse
 import math
 import os
@@ -30,6 +36,7 @@ from typing import Annotated
 from pydantic import Field
 
 CRASH_EXIT_CODE = 70
+DRAW_META = "selfheal-testbed/draw"  # the request _meta key of a call's own draws (see the module docs)
 
 
 # ---------------------------------------------------------------- operations
@@ -92,13 +99,19 @@ def service_status(service: str, rng: random.Random) -> str:
 def build_server(kind: str, opts: argparse.Namespace):
     import anyio
     from mcp.server import MCPServer
+    from mcp.server.mcpserver import Context
     from mcp.server.mcpserver.exceptions import ToolError
     from mcp.types import ToolAnnotations
 
-    rng = random.Random(f"{kind}:{opts.seed}")
+    own = random.Random(f"{kind}:{opts.seed}")
     scale = opts.time_scale
     server = MCPServer(f"testbed-{kind}")
     read_only = ToolAnnotations(readOnlyHint=True)
+
+    def draws(ctx: Context) -> random.Random:
+        """The stream one call draws from: its own when the request names a draw key."""
+        key = (ctx.request_context.meta or {}).get(DRAW_META)
+        return random.Random(f"{kind}:{opts.seed}:{key}") if isinstance(key, str) else own
 
     @server.tool(annotations=read_only)
     def health() -> str:
@@ -107,9 +120,10 @@ def build_server(kind: str, opts: argparse.Namespace):
 
     if kind == "search":
         @server.tool(annotations=read_only)
-        async def web_search(query: Annotated[str, Field(description="search terms")],
+        async def web_search(query: Annotated[str, Field(description="search terms")], ctx: Context,
                              limit: Annotated[int, Field(ge=1, le=10)] = 5) -> str:
             """Search the web (slow: latency follows a lognormal distribution)."""
+            rng = draws(ctx)
             latency = search_latency_ms(rng, opts.median_ms, opts.sigma)
             results = search_results(query, limit, rng)
             await anyio.sleep(latency / 1000 * scale)
@@ -128,8 +142,9 @@ def build_server(kind: str, opts: argparse.Namespace):
 
     elif kind == "flaky":
         @server.tool(annotations=read_only)
-        async def query_status(service: Annotated[str, Field(description="service name")]) -> str:
+        async def query_status(service: Annotated[str, Field(description="service name")], ctx: Context) -> str:
             """Status of a service (the server sometimes crashes mid-call)."""
+            rng = draws(ctx)
             crash = rng.random() < opts.crash_probability
             work = rng.lognormvariate(math.log(opts.work_ms), 0.3)
             if crash:
