@@ -217,5 +217,5 @@ def test_a_call_that_times_out_changes_only_its_own_run(tmp_path):
                     assert mine[2] == theirs[2], (name, task)
                     same_answers += 1
         assert ended_early >= 2, name  # runs stopped at the calls that time out
-    # planner runs stopped before their search; the researchers' searches answered the same
-    assert same_answers >= 3
+        if name == "files cut":  # planner runs stopped before their search; the researchers' answered the same
+            assert same_answers >= 3

@@ -419,9 +419,9 @@ def run_workload(home: str | Path, runs: int = 100, seed: int = 0, *, clock: Sim
     :param home: BINKS_HOME: ``config.toml`` is read (and reloaded) from here, the history
         goes to ``conversations.db`` (or ``db_path``), the tree and server logs to ``testbed/``.
     :param seed: seeds workflow choice, arguments, latencies and crashes (each run's
-        arguments from a stream of its own, so a call that times out on a busy machine
-        changes that run only). Use a different seed for a second workload on the same
-        home, or the servers replay the same draws.
+        arguments, and each call's draws on its server, from a stream of their own, so a
+        call that times out on a busy machine changes that run only). Use a different seed
+        for a second workload on the same home, or the servers replay the same draws.
     :param clock: the simulated clock (shared with a caller that keeps time across
         workloads); default starts ``days`` before now, or at ``start``.
     :param days: runs are spread evenly (with jitter) over this many simulated days.
