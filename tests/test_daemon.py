@@ -394,10 +394,10 @@ def test_a_stop_during_the_index_build_ends_the_tick_after_that_chunk(fresh, mon
     real_read = errorindex._read_errors
     chunks = []
 
-    def read_and_stop(conn, lo, hi):
-        chunks.append((lo, hi))
+    def read_and_stop(conn, failed):
+        chunks.append(sorted(failed))
         daemon.stop()  # e.g. SIGTERM arrives while the first chunk is read
-        return real_read(conn, lo, hi)
+        return real_read(conn, failed)
 
     monkeypatch.setattr(errorindex, "_read_errors", read_and_stop)
     try:

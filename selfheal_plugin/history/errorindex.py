@@ -55,7 +55,7 @@ from selfheal_plugin.history.times import to_epoch
 log = logging.getLogger("selfheal.errorindex")
 
 CHUNK_IDS = 200_000
-INDEX_VERSION = "12"
+INDEX_VERSION = "13"
 # What the index and what is computed from it keep: dropped when the version changes,
 # emptied when the history is replaced.
 INDEX_TABLES = ("selfheal_errors", "selfheal_tool_hours", "selfheal_calls", "selfheal_bad_calls", "selfheal_tool_errors",
@@ -123,23 +123,18 @@ class RefreshResult:
 
 _HOUR = "CAST((julianday({t}) - 2440587.5) * 24 AS INTEGER)"
 
-# Failed calls in an id range. `instr(..., 'true')` is a cheap, exact prefilter (a failed
-# call's JSON holds the literal `true`) that spares the JSON parse of almost every row.
-# Each comes with the tool and hour the hour counts filed it under, so that a row found
-# malformed here can be moved from those counts to the malformed ones.
+# The failed calls among ``ids`` (those _read_calls found failed). `instr(..., 'true')` is a
+# cheap, exact prefilter (a failed call's JSON holds the literal `true`). Each comes with the
+# tool and hour the hour counts filed it under, so that a row found malformed here can be
+# moved from those counts to the malformed ones.
 _ERRORS_SQL = f"""
 SELECT e.id, e.run_id, e.step_index, e.timestamp, e.event_data,
-  (SELECT s.event_data FROM run_events s
-    WHERE s.run_id = e.run_id AND s.event_type = 'tool_start' AND s.id < e.id
-      AND {wellformed_sql('s.event_data')}
-      AND json_extract(s.event_data, '$.name') = json_extract(e.event_data, '$.name')
-    ORDER BY s.id DESC LIMIT 1) AS start_data,
   json_extract(e.event_data, '$.name') AS tool, {_HOUR.format(t='e.timestamp')} AS hour,
   json_type(e.event_data, '$.name'), json_extract(e.event_data, '$.error_type'),
   json_type(e.event_data, '$.result'), json_extract(e.event_data, '$.result'),
   json_extract(e.event_data, '$.duration')
 FROM run_events e
-WHERE e.id > ? AND e.id <= ?
+WHERE e.id IN (SELECT value FROM json_each(?))
   AND e.event_type = 'tool_complete'
   AND instr(e.event_data, 'true') > 0
   AND CASE WHEN {wellformed_sql('e.event_data')} THEN json_extract(e.event_data, '$.is_error') = 1 END
@@ -173,11 +168,14 @@ def args_key(arguments: str) -> str:
 
 
 def _read_calls(conn: sqlite3.Connection, lo: int, hi: int
-                ) -> tuple[dict[tuple[str, int], int], list[tuple[int, float | None]], list[tuple]]:
+                ) -> tuple[dict[tuple[str, int], int], list[tuple[int, float | None]], list[tuple], dict[int, str | None]]:
     """The calls in ids (lo, hi]: per (tool, hour) counts, the malformed ``tool_complete``
-    rows (``selfheal_bad_calls`` rows: id, instant), and ``selfheal_calls`` rows. The scan
-    starts :data:`START_LOOKBACK_IDS` early, for the starts (and the calls that took them) alone."""
+    rows (``selfheal_bad_calls`` rows: id, instant), ``selfheal_calls`` rows, and the failed
+    ones (``is_error`` 1, malformed or not: id → the arguments of the start paired with it,
+    for :func:`_read_errors`). The scan starts :data:`START_LOOKBACK_IDS` early, for the
+    starts (and the calls that took them) alone."""
     counted: Counter = Counter()
+    failed: dict[int, str | None] = {}
     bad: list[tuple[int, float | None]] = []
     rows: list[tuple] = []
     started: dict[tuple[Any, str], tuple[int, str | None]] = {}
@@ -193,19 +191,21 @@ def _read_calls(conn: sqlite3.Connection, lo: int, hi: int
         start = started.pop((run_id, tool), None) if named else None
         if eid <= lo:
             continue
+        text = start[1] if start is not None and eid - start[0] <= START_LOOKBACK_IDS else None
+        if is_error == 1:
+            failed[eid] = text
         hour = None if jd is None else int((jd - 2440587.5) * 24)  # as _HOUR
         if not _countable(tool, hour):
             bad.append((eid, jd))
             continue
         counted[(tool, hour)] += 1
-        text = start[1] if start is not None and eid - start[0] <= START_LOOKBACK_IDS else None
         ok = is_error != 1
         rows.append((eid, tool, run_id, jd, int(ok),
                      duration if isinstance(duration, (int, float)) and duration >= 0 else None,
                      None if ok else normalize_error_type(raw_type if isinstance(raw_type, str) else None),
                      None if text is None else args_key(text),
                      text if not ok and text is not None and len(text) <= MAX_ARGUMENT_CHARS else None))
-    return counted, bad, rows
+    return counted, bad, rows, failed
 
 
 def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | None = None) -> RefreshResult:
@@ -238,8 +238,8 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
         hi = min(mark + CHUNK_IDS, top)
         # one scan after the other: a worker thread for one of them gained nothing measurable
         # (both do Python work, under one GIL)
-        counted, bad, calls = _read_calls(conn, mark, hi)
-        errors, unreadable = _read_errors(conn, mark, hi)
+        counted, bad, calls, failed = _read_calls(conn, mark, hi)
+        errors, unreadable = _read_errors(conn, failed)
         dropped = {event_id: (tool, hour) for event_id, tool, hour in unreadable}
         if dropped:  # the calls above that a closer look finds malformed (the others are counted already)
             for c in calls:
@@ -361,8 +361,11 @@ def _countable(tool: object, hour: object) -> bool:
     return isinstance(tool, str) and not isinstance(tool, Undecodable) and bool(tool) and isinstance(hour, int)
 
 
-def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple], list[tuple[int, str, int]]]:
-    """Failed calls as ``selfheal_errors`` rows, and the (event id, tool, hour) of the ones found
+def _read_errors(conn: sqlite3.Connection, failed: dict[int, str | None]
+                 ) -> tuple[list[tuple], list[tuple[int, str, int]]]:
+    """The failed calls of ``failed`` (event id → the arguments of its start, as
+    :func:`_read_calls` paired them) as ``selfheal_errors`` rows (their argument keys from
+    those arguments), and the (event id, tool, hour) of the ones found
     malformed here although the hour counts took them for calls (invalid UTF-8 in the
     message, say). Rows the hour counts find malformed themselves are left to them."""
     rows: list[tuple] = []
@@ -370,8 +373,10 @@ def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple
     # The fields are taken apart by SQLite, as the other readers do (a result nested deeper
     # than Python's json parser goes is still a message); the event's whole text is read
     # only to refuse invalid UTF-8 in a failed call, the text we keep.
-    for (event_id, run_id, step, timestamp, data, start_data, tool, hour, name_type, raw_type, result_type, result,
-         duration) in conn.execute(_ERRORS_SQL, (lo, hi)):
+    if not failed:
+        return rows, unreadable
+    for (event_id, run_id, step, timestamp, data, tool, hour, name_type, raw_type, result_type, result,
+         duration) in conn.execute(_ERRORS_SQL, (json.dumps(sorted(failed)),)):
         try:
             if isinstance(data, Undecodable) or isinstance(run_id, Undecodable) or not isinstance(run_id, str):
                 raise ValueError("invalid UTF-8 or no run id")
@@ -399,12 +404,13 @@ def _read_errors(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[list[tuple
         name = tool
         raw_type = raw_type if isinstance(raw_type, str) else None
         keys: list[str] = []
-        if start_data and not isinstance(start_data, Undecodable):
+        arguments = failed[event_id]
+        if arguments and not isinstance(arguments, Undecodable):
             try:
-                args = json.loads(start_data).get("arguments")
+                args = json.loads(arguments)
                 if isinstance(args, dict):
                     keys = sorted(str(k) for k in args)
-            except (ValueError, AttributeError, RecursionError):
+            except (ValueError, RecursionError):
                 pass
         message = bounded(message, MAX_MESSAGE_CHARS)
         rows.append((event_id, run_id, step if isinstance(step, int) else None, ts, timestamp, name,
