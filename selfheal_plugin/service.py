@@ -295,9 +295,11 @@ class SelfHeal:
         from selfheal_plugin.analysis import health
         return health.compute_agent_metrics(self.conn, since=since or self.settings.lookback, now=self.now())
 
-    def tool_reliability(self, since: str | None = None) -> ToolReliability:
+    def tool_reliability(self, since: str | None = None, *,
+                         progress: Callable[[int, int], None] | None = None) -> ToolReliability:
         from selfheal_plugin.analysis import health
-        return health.compute_tool_reliability(self.conn, since=since or self.settings.lookback, now=self.now())
+        return health.compute_tool_reliability(self.conn, since=since or self.settings.lookback, now=self.now(),
+                                               progress=progress)
 
     # -------------------------------------------------------------- plugins
 

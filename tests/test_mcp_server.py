@@ -7,6 +7,7 @@ import shutil
 from typing import Any
 
 import anyio
+import pytest
 from mcp import Client
 
 from selfheal_plugin.history import schema
@@ -231,3 +232,36 @@ def test_canary_fraction_and_its_bounds(home):
 def test_an_unknown_argument_is_a_tool_error_not_ignored(home):
     (result,) = call_all(build_server(home), [("detect_failure_patterns", {"sinse": "-3d"})])
     assert error_text(result) == "invalid arguments for detect_failure_patterns: unknown argument(s) sinse"
+
+
+@pytest.mark.parametrize("tool", ["detect_failure_patterns", "get_health_dashboard", "compute_tool_reliability",
+                                  "analyze_run_health"])
+def test_a_first_call_reports_the_index_build_as_progress(home, monkeypatch, tool):
+    """A client that asks for progress sees the index build chunk by chunk, up to all of
+    the history's events; the answer is the one it gets without asking; a call with
+    nothing new to index reports nothing."""
+    from selfheal_plugin.history import errorindex
+
+    monkeypatch.setattr(errorindex, "CHUNK_IDS", 1000)
+    conn = connect(home / "conversations.db")
+    top = conn.execute("SELECT max(id) FROM run_events").fetchone()[0]
+    run_id = conn.execute("SELECT id FROM runs WHERE status = 'failed' ORDER BY id LIMIT 1").fetchone()[0]
+    conn.close()
+    args = {"run_id": run_id} if tool == "analyze_run_health" else {}
+    seen: list[list[tuple[float, float | None, str | None]]] = [[], []]
+
+    async def go() -> list[Any]:
+        async with Client(build_server(home)) as client:
+            out = []
+            for k in (0, 1):
+                async def on_progress(progress: float, total: float | None, message: str | None, k: int = k) -> None:
+                    seen[k].append((progress, total, message))
+                out.append(await client.call_tool(tool, args, progress_callback=on_progress))
+            out.append(await client.call_tool(tool, args))
+            return out
+    first, again, unasked = anyio.run(go)
+    assert top > 3000 and len(seen[0]) == -(-top // 1000)
+    assert [p for p, _, _ in seen[0]] == [min(1000 * (i + 1), top) for i in range(len(seen[0]))]
+    assert {(t, m) for _, t, m in seen[0]} == {(top, "Indexing run history")}
+    assert seen[1] == []
+    assert stable(structured(first)) == stable(structured(again)) == stable(structured(unasked))

@@ -21,12 +21,14 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
+import anyio.from_thread
 import click
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field, ValidationError
@@ -120,6 +122,16 @@ def _session(home: str | os.PathLike | None, db: str | os.PathLike | None, **ove
             service.close()
 
 
+def _progress(ctx: Context) -> Callable[[int, int], None]:
+    """The service's scan progress (events read of the history's new ones) as MCP progress
+    notifications, for a client that asked for them (a ``progressToken``; a no-op otherwise):
+    a first call on a large history builds the index for seconds to minutes, and a client
+    can show it and keep waiting. Called from the tool's worker thread."""
+    def report(done: int, total: int) -> None:
+        anyio.from_thread.run(ctx.report_progress, done, total, "Indexing run history")
+    return report
+
+
 def _sdk_log_level() -> Any:
     """The SDK's level name for ours (it only configures logging when nothing else has)."""
     name = logging.getLevelName(logging.getLogger("selfheal").getEffectiveLevel())
@@ -157,6 +169,7 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
 
     @tool("Detect failure patterns", read_only=True)
     def detect_failure_patterns(
+        ctx: Context,  # given by the SDK (not an argument of the tool): its progress notifications
         since: Annotated[str | None, Field(**schema.field_kwargs("lookback"))] = None,
         min_occurrences: Annotated[int | None, Field(**schema.field_kwargs("min_occurrences"))] = None,
         confidence_threshold: Annotated[float | None, Field(**schema.field_kwargs("confidence_threshold"))] = None,
@@ -168,17 +181,19 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         Read-only: unlike `agent self-heal detect` it neither proposes nor notifies."""
         with _session(home, db, lookback=since, min_occurrences=min_occurrences,
                       confidence_threshold=confidence_threshold) as sh:
-            result = sh.detect(runs_limit=schema.default("limit") if limit is None else limit)
+            result = sh.detect(runs_limit=schema.default("limit") if limit is None else limit,
+                               progress=_progress(ctx))
             warn_bad_rows("run_events", result["skipped_rows"])
             return result["patterns"]
 
     @tool("Analyze run health", read_only=True)
     def analyze_run_health(
+        ctx: Context,
         run_id: Annotated[str, Field(description="Run id (a unique prefix is enough)")],
     ) -> results.RunHealth:
         """Health score (0-100) of one run with its issues, each with a severity and a recommendation."""
         with _session(home, db) as sh:
-            return sh.run_health(run_id)
+            return sh.run_health(run_id, progress=_progress(ctx))
 
     @tool("Compute agent metrics", read_only=True)
     def compute_agent_metrics(
@@ -190,11 +205,12 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
 
     @tool("Compute tool reliability", read_only=True)
     def compute_tool_reliability(
+        ctx: Context,
         since: Annotated[str | None, Field(**schema.field_kwargs("lookback"))] = None,
     ) -> results.ToolReliability:
         """Per tool in the window: success, timeout and other-error rates, durations, top error types."""
         with _session(home, db, lookback=since) as sh:
-            result = sh.tool_reliability()
+            result = sh.tool_reliability(progress=_progress(ctx))
             warn_bad_rows("tool event", result.get("skipped_rows") or 0)
             return result
 
@@ -251,6 +267,7 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
 
     @tool("Health dashboard", read_only=True)
     def get_health_dashboard(
+        ctx: Context,
         detailed: Annotated[bool, Field(description="Include per-agent and per-tool tables")] = False,
         since: Annotated[str | None, Field(**schema.field_kwargs("lookback"))] = None,
     ) -> results.HealthDashboard:
@@ -258,7 +275,7 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         score, trend, success rate, worst tools, daily success and recent improvements with
         their measured impact."""
         with _session(home, db, lookback=since) as sh:
-            return sh.dashboard(detailed=detailed)
+            return sh.dashboard(detailed=detailed, progress=_progress(ctx))
 
     # -------------------------------------------------------------- cross-project learning
 

@@ -135,6 +135,22 @@ def test_stdio_errors_are_tool_errors_and_the_server_keeps_serving(home):
     assert "self-healing-mcp" in stderr  # RUST_LOG=info reaches our logger, on stderr
 
 
+def test_stdio_reports_the_index_build_to_a_client_that_asks(home):
+    """The first call on a history not indexed yet sends progress notifications over the
+    wire (one per chunk of events: here one), ending at all of them."""
+    top = connect(home / "conversations.db").execute("SELECT max(id) FROM run_events").fetchone()[0]
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async def session(client: Client) -> Any:
+        return await client.call_tool("detect_failure_patterns", {}, progress_callback=on_progress)
+
+    result, _ = over_stdio(["--home", str(home)], session)
+    assert structured(result) and seen == [(top, top, "Indexing run history")]
+
+
 def test_stdout_carries_only_the_protocol(home):
     """Raw JSON-RPC over the console script's pipes: every stdout line is a JSON-RPC message,
     even when a call logs a warning (the generated history has malformed rows)."""
