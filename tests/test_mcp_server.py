@@ -265,3 +265,19 @@ def test_a_first_call_reports_the_index_build_as_progress(home, monkeypatch, too
     assert {(t, m) for _, t, m in seen[0]} == {(top, "Indexing run history")}
     assert seen[1] == []
     assert stable(structured(first)) == stable(structured(again)) == stable(structured(unasked))
+
+
+def test_a_progress_notification_that_cannot_be_sent_does_not_stop_the_call(home, monkeypatch):
+    from mcp.server.mcpserver import Context
+
+    async def gone(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise anyio.BrokenResourceError("the client went away")
+    monkeypatch.setattr(Context, "report_progress", gone)
+
+    async def go() -> Any:
+        async with Client(build_server(home)) as client:
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                raise AssertionError("no notification could be sent")
+            return await client.call_tool("detect_failure_patterns", {}, progress_callback=on_progress)
+    result = anyio.run(go)
+    assert stable(structured(result)) == stable(reference("detect_failure_patterns", home))

@@ -126,9 +126,13 @@ def _progress(ctx: Context) -> Callable[[int, int], None]:
     """The service's scan progress (events read of the history's new ones) as MCP progress
     notifications, for a client that asked for them (a ``progressToken``; a no-op otherwise):
     a first call on a large history builds the index for seconds to minutes, and a client
-    can show it and keep waiting. Called from the tool's worker thread."""
+    can show it and keep waiting. Called from the tool's worker thread; a notification that
+    cannot be sent (the client went away) does not stop the build."""
     def report(done: int, total: int) -> None:
-        anyio.from_thread.run(ctx.report_progress, done, total, "Indexing run history")
+        try:
+            anyio.from_thread.run(ctx.report_progress, done, total, "Indexing run history")
+        except Exception as exc:  # noqa: BLE001 — the wire, not the work, failed
+            log.debug("progress not sent: %s", exc)
     return report
 
 
