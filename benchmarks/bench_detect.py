@@ -225,6 +225,7 @@ def main() -> None:
     compile_package()
     workdir = Path(args.dir)
     workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["INBOX_PATH"] = str(workdir / "inbox")  # each detect's summary: here, not in the user's inbox
     sizes = sorted({int(s) for s in args.sizes.split(",")} | ({5_000_000} if args.big else set()))
     for profile in args.profiles.split(","):
         results = []

@@ -51,7 +51,7 @@ def main() -> None:
         home = Path(tmp) / "home"
         home.mkdir()
         generate_history(home / "conversations.db", seed=1, runs=40)
-        env = {**os.environ, "BINKS_HOME": str(home)}
+        env = {**os.environ, "BINKS_HOME": str(home), "INBOX_PATH": str(home / "inbox")}
         bare = [sys.executable, "-c", "import sqlite3, json"]
         agent = str(BIN / "agent")
         cases = {

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def main() -> None:
     compile_package()
     workdir = Path(args.dir)
     workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["INBOX_PATH"] = str(workdir / "inbox")  # each detect's summary: here, not in the user's inbox
     src = history(args.profile, args.events, workdir)
     home = workdir / "profile-home"
     shutil.rmtree(home, ignore_errors=True)
