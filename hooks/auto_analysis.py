@@ -76,8 +76,9 @@ def analyse_failed_run(run: dict[str, Any], settings: Settings) -> list[dict[str
 def _react(conn: sqlite3.Connection, settings: Settings, run: dict[str, Any], pattern: Pattern,
            now: datetime) -> dict[str, Any]:
     improvement, created, problem = None, False, None
+    history = history_window(conn, settings, now=now)
     try:
-        proposed = propose_for_pattern(conn, settings, pattern, history_window(conn, settings, now=now))
+        proposed = propose_for_pattern(conn, settings, pattern, history)
         if proposed.skipped:  # a rejection that still stands
             problem = proposed.skipped
         else:
@@ -85,11 +86,11 @@ def _react(conn: sqlite3.Connection, settings: Settings, run: dict[str, Any], pa
     except StrategyError as exc:
         problem = str(exc)
         log.warning("auto-analysis could not propose for %s: %s", pattern.id, exc)
-    # one suggested fix: the open proposal's description, else the strategy's own line
+    # one suggested fix: the open proposal's description, else that of the proposal the strategy makes now
     if improvement is not None:
         pattern.suggested_fix = improvement.description
     else:
-        attach_suggested_fixes([pattern], settings)
+        attach_suggested_fixes([pattern], history)
     if created:
         log.info("run %s failed: proposed %s for %s", run["id"], improvement.id, pattern.id)
     notified = claim_notification(conn, pattern.id, now, settings.cooldown_minutes)

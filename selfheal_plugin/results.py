@@ -27,7 +27,7 @@ class FailurePattern(TypedDict, total=False):
     last_seen: str
     affected_runs: list[str]
     affected_run_count: int
-    suggested_fix: str | None  # the open proposal's description, else the strategy's suggestion
+    suggested_fix: str | None  # the open proposal's description, else that of the strategy's proposal now
     suggested_by: Literal["proposal", "strategy"] | None
     improvement_id: str | None  # the open proposal behind suggested_fix
     # what the failures are, read from the evidence (the runtime's label is one input):

@@ -18,7 +18,8 @@ undone before any verb reads config, git or the database. Each verb returns a ty
 Every question has one answer here:
 
 * a pattern's suggested fix is its stored open proposal's description wherever one exists,
-  else its strategy's one-line suggestion (``suggested_by`` says which);
+  else the description of the proposal its strategy makes now, not stored (``suggested_by``
+  says which): a read-only detect suggests the fix a proposing one stores;
 * ``detect(notify=True)`` notifies at most once per pattern per ``cooldown_minutes``,
   whoever asks (CLI, MCP, daemon), through the same cooldown record;
 * a rejected pattern is not proposed again until its evidence changes (see
@@ -119,7 +120,7 @@ class SelfHeal:
         outcomes: list[ProposalOutcome] = []
         if propose and found.patterns:
             outcomes = self._propose_all(found.patterns, since=since, now=now, should_stop=should_stop)
-        self._attach_fixes(found.patterns)
+        self._attach_fixes(found.patterns, since)
         notified: list[str] = []
         if notify and found.patterns:
             claimed = set(claim_notifications(self.conn, [p.id for p in found.patterns], now, s.cooldown_minutes))
@@ -134,18 +135,23 @@ class SelfHeal:
     def show(self, pattern_id: str, since: str | None = None) -> PatternDetails:
         """One pattern: message templates, context, affected runs, and its suggested fix."""
         pattern = get_pattern(self.conn, pattern_id, since=since or self.settings.lookback, now=self.now())
-        self._attach_fixes([pattern])
+        self._attach_fixes([pattern], since)
         return pattern_details(pattern)
 
-    def _attach_fixes(self, patterns: list[Pattern]) -> None:
+    def _attach_fixes(self, patterns: list[Pattern], since: str | None) -> None:
+        """Each pattern's one suggested fix: its open proposal's description, else that of the
+        proposal its strategy makes now (not stored)."""
         open_rows = ImprovementStore(self.conn).open_for_patterns([p.id for p in patterns])
+        without = []
         for p in patterns:
             open_row = open_rows.get(p.id)
             if open_row is not None:
                 p.suggested_fix, p.suggested_by, p.improvement_id = open_row.description, "proposal", open_row.id
             else:
-                proposals.attach_suggested_fixes([p], self.settings)
-                p.suggested_by = "strategy" if p.suggested_fix else None
+                without.append(p)
+        if without:
+            proposals.attach_suggested_fixes(without, proposals.history_window(self.conn, self.settings, since,
+                                                                              now=self.now()))
 
     # -------------------------------------------------------------- proposals
 

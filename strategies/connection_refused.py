@@ -25,7 +25,7 @@ class ConnectionRefusedStrategy(ModeledStrategy):
     kinds = ("server_down",)
     summary = "Health checks, auto-restart and retries with backoff"
 
-    def suggest(self, pattern: Any) -> str:
+    def _headline(self, pattern: Any) -> str:
         server = server_of(pattern.tool_name)
         if server:
             return f"Health-check and auto-restart MCP server {server}; retry {pattern.tool_name} with backoff"
@@ -50,7 +50,7 @@ class ConnectionRefusedStrategy(ModeledStrategy):
             basis = (f"{percent(plan.failure_rate)} of calls refused; no retry of it seen in the history, so "
                      f"{plan.attempts} retr{'y' if plan.attempts == 1 else 'ies'} sized as if independent")
         return self.make_proposal(
-            pattern, description=self.suggest(pattern),
+            pattern, description=self._headline(pattern),
             expected_impact=impact_text(plan.reduction, f"connection failures on {pattern.tool_name}", basis),
             risk_level="medium" if server else "low", changes=changes, expected_reduction=plan.reduction,
             evidence={**plan.evidence(), "server": server},

@@ -32,9 +32,6 @@ class PermissionDeniedStrategy(Strategy):
     kinds = ("permission",)
     summary = "Update the permissions table for the resources the calls were denied"
 
-    def suggest(self, pattern: Any) -> str:
-        return f"Update permissions for {pattern.tool_name}"
-
     def propose(self, pattern: Any, history: HistoryWindow) -> Proposal:
         found = resources(pattern)
         target = ", ".join(found) if found else "the resources in its error messages"

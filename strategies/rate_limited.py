@@ -63,9 +63,6 @@ class RateLimitedStrategy(ModeledStrategy):
     kinds = ("rate_limited",)
     summary = "Back off for the server's rate-limit window, then retry"
 
-    def suggest(self, pattern: Any) -> str:
-        return f"Back off and retry {pattern.tool_name} when it is rate limited"
-
     def propose(self, pattern: Any, history: HistoryWindow) -> Proposal:
         tool = pattern.tool_name
         wait, source = wait_from_evidence(pattern, history)

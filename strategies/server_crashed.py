@@ -50,7 +50,7 @@ class ServerCrashedStrategy(ModeledStrategy):
     kinds = ("server_down",)
     summary = "Circuit breaker on the tool, auto-restart for its server"
 
-    def suggest(self, pattern: Any) -> str:
+    def _headline(self, pattern: Any) -> str:
         server = server_of(pattern.tool_name)
         restart = f" and auto-restart MCP server {server}" if server else ""
         return f"Add a circuit breaker to {pattern.tool_name}{restart}"
@@ -89,7 +89,7 @@ class ServerCrashedStrategy(ModeledStrategy):
         basis = (f"the breaker would have short-circuited {short_circuited} of {failures} failed calls "
                  f"({percent(short_circuited / failures) if failures else '0%'}); tool error rate {percent(rate)}")
         if breaker:
-            description, risk = self.suggest(pattern), "medium"
+            description, risk = self._headline(pattern), "medium"
         else:
             description, risk = f"Health-check and auto-restart MCP server {server} (crashes of {tool} are isolated)", "low"
             basis += "; crashes are isolated, so no breaker"

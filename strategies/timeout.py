@@ -32,9 +32,6 @@ class TimeoutStrategy(ModeledStrategy):
     kinds = ("slow_tail", "hang")
     summary = "Increase the timeout to the observed p99 duration"
 
-    def suggest(self, pattern: Any) -> str:
-        return f"Increase the timeout of {pattern.tool_name} to fit its slow calls"
-
     def propose(self, pattern: Any, history: HistoryWindow) -> Proposal:
         tool = pattern.tool_name
         configured = history.tool_setting(tool, "timeout_ms")

@@ -68,7 +68,7 @@ class ToolErrorStrategy(ModeledStrategy):
     kinds = ("missing_resource", "invalid_arguments")
     summary = "Existence checks, permissions or argument validation, chosen from the messages"
 
-    def suggest(self, pattern: Any) -> str:
+    def _headline(self, pattern: Any) -> str:
         fk = getattr(pattern, "failure_kind", None)
         if fk == "missing_resource":
             if _path_share(pattern) > 0:
@@ -137,7 +137,7 @@ class ToolErrorStrategy(ModeledStrategy):
                 else:
                     changes.append(Change.manual(f"Review the recurring {tool} errors and fix their cause: "
                                                  f"{examples}"))
-        description = self.suggest(pattern)
+        description = self._headline(pattern)
         if retried and dominant == "other":
             description = (f"Retry {tool} once: most of its failures were followed by a success "
                            f"in the same run")

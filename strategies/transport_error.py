@@ -26,7 +26,7 @@ class TransportErrorStrategy(Strategy):
     kinds = ("transient_upstream",)
     summary = "Retry with backoff; check protocol versions"
 
-    def suggest(self, pattern: Any) -> str:
+    def _headline(self, pattern: Any) -> str:
         return f"Retry {pattern.tool_name} on transport errors and check the server's protocol version"
 
     def propose(self, pattern: Any, history: HistoryWindow) -> Proposal:
@@ -39,7 +39,7 @@ class TransportErrorStrategy(Strategy):
         changes = plan.changes(pattern.tool_name) + [Change.manual(
             f"Check that {server} and the runtime speak the same MCP protocol version; most common error: {example}")]
         return self.make_proposal(
-            pattern, description=self.suggest(pattern),
+            pattern, description=self._headline(pattern),
             expected_impact=impact_text(plan.reduction, f"transport errors on {pattern.tool_name}",
                                         f"a retry in the same run succeeded with p≈{plan.p_retry_succeeds:.2f}"
                                         if plan.model == "observed" else

@@ -37,7 +37,7 @@ class UnknownStrategy(ModeledStrategy):
     error_types = ("Unknown",)
     summary = "Classify the errors from their messages, then apply that type's fix or a generic one"
 
-    def suggest(self, pattern: Any) -> str:
+    def _headline(self, pattern: Any) -> str:
         label, share = self._label(pattern)
         if share >= AGREEMENT:
             return f"Treat as {label}: messages of {pattern.tool_name} look like {label}; classify them at the source"
@@ -86,7 +86,7 @@ class UnknownStrategy(ModeledStrategy):
                                      + "; ".join(t for t, _ in top)), classify_change]
             impact = impact_text(None, f"unclassified errors on {pattern.tool_name}",
                                  "messages do not point to one cause; the fix needs a person")
-        return self.make_proposal(pattern, description=self.suggest(pattern), expected_impact=impact,
+        return self.make_proposal(pattern, description=self._headline(pattern), expected_impact=impact,
                                   risk_level="low", changes=changes, expected_reduction=reduction, evidence=evidence)
 
 

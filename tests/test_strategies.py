@@ -473,6 +473,6 @@ def test_the_reference_documents_what_a_strategy_author_meets():
         doc = inspect.getdoc(cls)
         for f in dataclasses.fields(cls):
             assert f"``{f.name}``" in doc, f"{cls.__name__}.{f.name} documented"
-    assert "detect" in inspect.getdoc(api.Strategy.suggest)
+    assert "suggested_fix" in inspect.getdoc(api.Strategy) and not hasattr(api.Strategy, "suggest")
     assert "never None" in inspect.getdoc(api.HistoryWindow)
     assert "dotted key" in inspect.getdoc(api.parse_key_path)

@@ -35,23 +35,20 @@ def history_window(conn: sqlite3.Connection, settings: Settings, since: str | No
                          settings=settings)
 
 
-def attach_suggested_fixes(patterns: list[Pattern], settings: Settings | None = None) -> list[Pattern]:
-    """Fill each pattern's ``suggested_fix`` from its strategy's one-line ``suggest``.
-
-    The strategy's suggestion, used by :class:`~selfheal_plugin.service.SelfHeal` for a
-    pattern that has no open proposal (whose description is the suggested fix otherwise)."""
+def attach_suggested_fixes(patterns: list[Pattern], history: HistoryWindow) -> list[Pattern]:
+    """Fill each pattern's ``suggested_fix`` with the first line of the description of the
+    proposal :func:`make_proposal` makes for it now, not stored (``suggested_by``
+    ``strategy``): what :class:`~selfheal_plugin.service.SelfHeal` reports for a pattern
+    without an open proposal (whose description is the suggested fix otherwise), so a
+    read-only detect suggests the fix a proposing one stores. A strategy that makes no
+    proposal leaves no suggestion."""
     for p in patterns:
         try:
-            strategy = plugins.strategy_for(p.error_type, settings, p.failure_kind)
-            fix = plugins.call_strategy(strategy, "suggest", p, settings=settings)
+            proposal = make_proposal(p, history)
         except StrategyError as exc:  # a broken plugin costs the hint, not the command
             log.warning("no suggested fix for %s: %s", p.id, exc)
             continue
-        if isinstance(fix, str) and fix.strip():
-            p.suggested_fix = fix.strip().splitlines()[0]
-        else:
-            log.warning("no suggested fix for %s: strategy %r returned %r, not a line of text", p.id,
-                        getattr(strategy, "name", "?"), type(fix).__name__)
+        p.suggested_fix, p.suggested_by = proposal.description.strip().splitlines()[0], "strategy"
     return patterns
 
 

@@ -97,7 +97,7 @@ class PluginError:
     """A plugin that failed to load, raised or timed out in a hook or strategy method.
 
     ``phase`` is ``load``, ``register`` (a bad registration), ``hook`` or ``strategy``;
-    ``hook`` names the hook or strategy method (``propose``, ``simulate``, ``suggest``);
+    ``hook`` names the hook or strategy method (``propose``, ``simulate``);
     ``strategy`` the strategy's name for strategy failures. ``first_seen``/``last_seen``
     and ``count`` come from the persisted log.
     """
@@ -751,7 +751,7 @@ def _strategy_problem(strategy: Any) -> str | None:
     unknown_kinds = sorted(set(kinds) - set(FAILURE_KINDS))
     if unknown_kinds:
         return f"strategy {strategy.name!r}: unknown failure kind(s) {', '.join(unknown_kinds)}"
-    for method in ("propose", "simulate", "suggest"):
+    for method in ("propose", "simulate"):
         if not callable(getattr(strategy, method, None)):
             return f"strategy {strategy.name!r} has no {method}() method"
     return None

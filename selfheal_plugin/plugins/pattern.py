@@ -22,7 +22,7 @@ class Pattern:
     failure_rate: float
     suggested_fix: str | None = None
     # "proposal" when suggested_fix is the stored open proposal's description (its id in
-    # improvement_id), "strategy" when it is the strategy's one-line suggestion
+    # improvement_id), "strategy" when it is that of the proposal its strategy makes now
     suggested_by: str | None = None
     improvement_id: str | None = None
     # what the failures are, read from the evidence (analysis.evidence): the runtime's label

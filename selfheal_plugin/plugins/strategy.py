@@ -30,7 +30,8 @@ What a strategy receives, ``pattern`` (:class:`selfheal_plugin.plugins.pattern.P
     first_seen, last_seen   ISO-8601 UTC instants
     failure_rate       0..1, failed calls / all calls of the tool in the window
     suggested_fix      the pattern's one suggested fix: its open proposal's description when
-                       there is one, else :meth:`Strategy.suggest` (None while proposing)
+                       there is one, else that of the proposal its strategy makes now
+                       (None while proposing)
     suggested_by       "proposal" or "strategy": where suggested_fix came from
     improvement_id     the open proposal behind suggested_fix, if any
     failure_kind       what the failures are, from the evidence (one of FAILURE_KINDS)
@@ -385,16 +386,18 @@ class HistoryWindow:
     """What a strategy may read: the connection, the analysis window and the settings.
 
     ``since`` and ``until`` are the window's start and end (aware datetimes; ``until`` is
-    never None: it defaults to the moment the window is made). Reads are lazy and cached,
-    so several strategies proposing in one command read the window's calls once, from the
-    index of calls the history's ingest keeps (:mod:`selfheal_plugin.history.errorindex`).
+    never None: it defaults to the moment the window is made). Reads are lazy and cached:
+    a tool's calls are read when a strategy first asks for them (by the index on tool and
+    id), so several strategies proposing in one command read each tool's calls once, and a
+    command about one pattern reads only its tool's, from the index of calls the history's
+    ingest keeps (:mod:`selfheal_plugin.history.errorindex`).
     """
 
     conn: sqlite3.Connection
     since: datetime
     until: datetime = field(default_factory=utcnow)
     settings: Settings | None = None
-    _calls: dict[str, list[ToolCall]] | None = field(default=None, repr=False)
+    _calls: dict[str, list[ToolCall]] = field(default_factory=dict, repr=False)
     _config: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -403,12 +406,11 @@ class HistoryWindow:
 
     def tool_calls(self, tool_name: str) -> list[ToolCall]:
         """Every call of ``tool_name`` in the window, oldest first."""
-        if self._calls is None:
-            self._calls = self._load_calls()
-        return self._calls.get(tool_name, [])
-
-    def _load_calls(self) -> dict[str, list[ToolCall]]:
-        return read_tool_calls(self.conn, self.since, self.until)
+        calls = self._calls.get(tool_name)
+        if calls is None:
+            calls = self._calls[tool_name] = read_tool_calls(self.conn, self.since, self.until, tool_name).get(
+                tool_name, [])
+        return calls
 
     @property
     def config(self) -> dict[str, Any]:
@@ -436,7 +438,8 @@ class Strategy(abc.ABC):
     whatever the runtime's label; at least one of the two must be non-empty; see
     :func:`selfheal_plugin.plugins.manager.resolve_strategy` for the precedence) and
     ``summary`` (one line: what the fix does), and implement :meth:`propose`; optionally
-    :meth:`suggest` and :meth:`simulate`. Every method is called in a worker thread with
+    :meth:`simulate`. The first line of a proposal's description is the pattern's
+    ``suggested_fix`` wherever it is asked, stored or not. Every method is called in a worker thread with
     a deadline (``plugin_timeout_seconds``): keep them free of global side effects.
     """
 
@@ -444,13 +447,6 @@ class Strategy(abc.ABC):
     error_types: ClassVar[tuple[str, ...]] = ()
     kinds: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
-
-    def suggest(self, pattern: Pattern) -> str:
-        """The one-line fix ``detect``, ``show`` and the MCP tools report as a pattern's
-        ``suggested_fix``, from the pattern alone: no history reads, it must be fast (it
-        runs for every pattern detected). Only the first line of the text is kept.
-        Default: the summary and the tool."""
-        return f"{self.summary} ({pattern.tool_name})" if self.summary else f"See: agent self-heal show {pattern.id}"
 
     @abc.abstractmethod
     def propose(self, pattern: Pattern, history: HistoryWindow) -> Proposal:

@@ -60,6 +60,20 @@ def _detect(home) -> dict:
     return json.loads(res.stdout)
 
 
+def test_a_read_only_detect_suggests_the_fix_a_proposing_detect_stores(history_copy, binks_home):
+    """Before any proposal exists, the MCP tool (read-only) and `show` suggest for each
+    pattern the fix its strategy proposes; the proposing `detect` then stores exactly that."""
+    before = {p["id"]: p for p in _mcp(binks_home, "detect_failure_patterns").structured_content["result"]}
+    assert len(before) > 3 and all(p["suggested_by"] == "strategy" and p["improvement_id"] is None
+                                   for p in before.values())
+    shown = json.loads(run_agent("self-heal", "show", PATTERN, "--home", str(binks_home), "--json").stdout)
+    assert shown["suggested_fix"] == before[PATTERN]["suggested_fix"] and shown["suggested_by"] == "strategy"
+    stored = {o["pattern_id"]: o for o in _detect(binks_home)["proposals"]}
+    assert all(o["created"] for o in stored.values())
+    assert {pid: p["suggested_fix"] for pid, p in before.items()} == {
+        pid: stored[pid]["description"].splitlines()[0] for pid in before}
+
+
 def test_a_rejection_sticks_in_the_cli_and_over_mcp(history_copy, binks_home):
     first = _detect(binks_home)
     imp_id = next(p["improvement_id"] for p in first["proposals"] if p["pattern_id"] == PATTERN)
