@@ -171,6 +171,7 @@ def test_errors_are_one_line_tool_errors_and_the_server_keeps_serving(home):
                 "measurement_window_days", "a window reaches back", "no_such_tool"]
     for text, fragment in zip(texts, expected):
         assert fragment in text, (fragment, text)
+    assert "since: invalid time window" in texts[0]  # the argument's name, not the setting's (lookback)
     assert structured(results[-1])["tools"]  # still serving
 
 

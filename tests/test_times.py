@@ -75,6 +75,9 @@ def test_relative_windows(value, delta):
 def test_absolute_windows():
     assert parse_since("2026-01-01", NOW) == datetime(2026, 1, 1, tzinfo=timezone.utc)
     assert parse_since("2026-01-01T06:00:00+02:00", NOW) == datetime(2026, 1, 1, 4, tzinfo=timezone.utc)
+    # as a person types them: minutes without seconds, a space for T, an offset or none (UTC)
+    assert parse_since("2026-01-01T06:00", NOW) == datetime(2026, 1, 1, 6, tzinfo=timezone.utc)
+    assert parse_since("2026-01-01 06:00+02:00", NOW) == datetime(2026, 1, 1, 4, tzinfo=timezone.utc)
 
 
 @pytest.mark.parametrize("value", ["-7x", "seven days", "", "+7d", "-d", "7 days ago", "2026-02-30",

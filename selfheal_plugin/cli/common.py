@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import click
 
 from selfheal_plugin.errors import SelfHealError, UsageError
+from selfheal_plugin.cli.options import OneLineUsageError
 from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error, is_corrupt_error, one_line
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.text import for_terminal
@@ -119,7 +120,7 @@ def common_options(func: Callable) -> Callable:
         try:
             return func(*args, home=home, db=db, as_json=as_json, **kwargs)
         except UsageError as exc:
-            raise click.UsageError(str(exc)) from None
+            raise OneLineUsageError(str(exc)) from None
         except SelfHealError as exc:
             raise click.ClickException(str(exc)) from None
         except sqlite3.DatabaseError as exc:

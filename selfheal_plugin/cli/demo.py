@@ -10,7 +10,7 @@ from selfheal_plugin.cli.ab import print_experiment
 from selfheal_plugin.cli.common import echo_json, err_console, pct
 from selfheal_plugin.cli.learn import print_rules
 from selfheal_plugin.history.text import for_terminal
-from selfheal_plugin.cli.options import setting_option
+from selfheal_plugin.cli.options import OneLineUsageError, setting_option
 from selfheal_plugin.testbed.demo import DEMO_RUNS, DemoStep, run_demo
 from selfheal_plugin.errors import SelfHealError, UsageError
 
@@ -153,7 +153,7 @@ def demo(directory: str | None, keep: bool, runs: int, second_act: bool, as_json
         result = run_demo(directory, keep=keep, runs=runs, second_act=second_act, on_start=status.start,
                           on_step=None if as_json else status.done(print_step))
     except UsageError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise OneLineUsageError(str(exc)) from None
     except SelfHealError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -33,6 +33,14 @@ class OneLineBadParameter(click.BadParameter):
         click.echo(f"Error: {self.format_message()}", file=file, err=True)
 
 
+class OneLineUsageError(click.UsageError):
+    """A usage error the service finds (a window that starts in the future, say): one line,
+    exit code 2, like a bad flag value."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"Error: {self.format_message()}", file=file, err=True)
+
+
 class SettingType(click.ParamType):
     """A value checked against one schema entry (a setting or a flag) by its model."""
 

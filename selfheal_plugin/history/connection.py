@@ -328,7 +328,7 @@ def connect(db_path: Path | str, *, create: bool = False) -> sqlite3.Connection:
     path = Path(db_path)
     if not path.exists():
         if not create:
-            raise HistoryError(f"no run history at {path} (use --db or BINKS_HOME)")
+            raise HistoryError(f"no run history at {path} (use --home, --db or BINKS_HOME)")
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         # isolation_level=None: we open transactions ourselves and keep them short.

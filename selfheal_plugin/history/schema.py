@@ -285,7 +285,10 @@ def validate_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     plain = {k: _plainly_valid(SELF_HEAL[k], v) for k, v in overrides.items()}
     if _UNDECIDED not in plain.values():  # plain flag values: no pydantic import for them
         return plain
-    m = validate("self_heal", overrides, "invalid value:", error=UsageError)
+    try:
+        m = validate("self_heal", overrides, "invalid value:", error=UsageError)
+    except UsageError as exc:  # the lookback given with a command is its `since` (--since, the MCP argument)
+        raise UsageError(str(exc).replace("invalid value: lookback", "invalid value: since", 1)) from None
     return _set_values(m, SELF_HEAL)
 
 

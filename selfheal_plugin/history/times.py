@@ -7,7 +7,7 @@ comparison goes through :func:`parse_timestamp` (to an aware UTC datetime) or ep
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 from selfheal_plugin.errors import UsageError
 
@@ -73,7 +73,8 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     """Turn a window start into an instant.
 
     Accepts ``-7d``/``7d`` (days ago), ``-24h``, ``-30m``, ``-1w``, an ISO date
-    (``2026-01-30``, midnight UTC) or an ISO/RFC 3339 datetime. Anything else raises
+    (``2026-01-30``, midnight UTC) or an ISO/RFC 3339 datetime (``2026-01-30T14:00``,
+    seconds and offset optional, UTC without one). Anything else raises
     :class:`UsageError` with one line saying what is accepted.
     """
     now = now or utcnow()
@@ -92,12 +93,12 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
             start = parse_timestamp(text)
         except ValueError:
             pass
-    if start is None:
+    if start is None:  # what a person types: a date (midnight), minutes without seconds, a space for T
         try:
-            d = date.fromisoformat(text)
-            start = datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
-        except ValueError:
-            pass
+            start = datetime.fromisoformat(text)
+            start = start.replace(tzinfo=timezone.utc) if start.tzinfo is None else start.astimezone(timezone.utc)
+        except (ValueError, OverflowError):
+            start = None
     if start is None:
         raise UsageError(
             f"invalid time window {value!r}: use -30m, -24h, -7d, -1w, 7d, an ISO date (2026-01-30) or datetime")

@@ -121,7 +121,7 @@ def test_missing_history_is_one_line_and_creates_nothing(tmp_path):
     res = run_agent("self-heal-daemon", "--home", str(home), "--once")
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [f"Error: no run history at {home / 'conversations.db'} "
-                                               "(use --db or BINKS_HOME)"]
+                                               "(use --home, --db or BINKS_HOME)"]
     assert not home.exists()
 
 

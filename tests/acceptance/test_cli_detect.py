@@ -105,6 +105,7 @@ def test_show_pattern(history_copy, binks_home):
 @pytest.mark.parametrize("args, code, message", [
     (["detect", "--since", "-7x"], 2, "invalid time window '-7x'"),
     (["detect", "--since", "yesterday"], 2, "invalid time window"),
+    (["detect", "--since", "2999-01-01T00:00"], 2, "it starts in the future"),
     (["detect", "--confidence", "1.5"], 2, "--confidence"),
     (["show", "timeout:no_such_tool"], 1, "no pattern timeout:no_such_tool"),
     (["show", "list_dir"], 1, "expected error_type:tool_name"),
@@ -116,7 +117,8 @@ def test_bad_input(history_copy, binks_home, args, code, message):
     assert res.returncode == code
     assert message in res.stderr
     assert "Traceback" not in res.stderr
-    if code == 2:
+    if code == 2:  # bad usage: one line, as a bad flag value (no usage block)
+        assert res.stderr.strip().splitlines() == [f"Error: {res.stderr.strip()[7:]}"]
         assert db.read_bytes() == before  # nothing touched
 
 
