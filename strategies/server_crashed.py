@@ -86,7 +86,8 @@ class ServerCrashedStrategy(ModeledStrategy):
                     "longest_streak": max((s[0] for s in runs), default=0),
                     "median_outage_sec": round(statistics.median(outages), 1) if outages else None,
                     "short_circuited_calls": short_circuited, "failed_calls": failures, "server": server}
-        basis = (f"the breaker would have short-circuited {short_circuited} of {failures} failed calls "
+        basis = (f"the breaker would have short-circuited {short_circuited} of the tool's {failures} failed calls "
+                 f"(all error types) in the window "
                  f"({percent(short_circuited / failures) if failures else '0%'}); tool error rate {percent(rate)}")
         if breaker:
             description, risk = self._headline(pattern), "medium"

@@ -166,7 +166,9 @@ class ToolErrorStrategy(ModeledStrategy):
             checks = list(current) if isinstance(current, list) else []
             if "path_exists" not in checks:
                 checks.append("path_exists")
-            missing = ", ".join(p["path"] for p in paths if p.get("exists_now") is not True)[:300] or "see show"
+            gone = [p["path"] for p in paths if p.get("exists_now") is not True]
+            missing = ", ".join(gone[:3]) + (f" and {len(gone) - 3} more (agent self-heal show {pattern.id})"
+                                             if len(gone) > 3 else "") if gone else "see show"
             changes = [Change.config(tool_path(tool, "preflight"), checks),
                        Change.manual(f"Have the agent check paths (or list the folder) before {tool} calls; "
                                      f"paths that do not exist now: {missing}")]

@@ -161,3 +161,16 @@ def test_generated_file_has_only_runtime_tables(tmp_path):
     generate_history(path, seed=4, runs=20, end=NOW)
     names = {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert not any(n.startswith("selfheal_") for n in names)
+
+
+def test_improvements_list_newest_first_to_the_microsecond(tmp_path):
+    """Proposals a detect stores together are microseconds apart: julianday() alone ties them
+    (its resolution is ~40 µs) and the id decided; the newest still comes first."""
+    from selfheal_plugin.history.improvements import Improvement
+
+    store = ImprovementStore(connect(tmp_path / "h.db", create=True))
+    ids = ["imp-20261128-ffffffff", "imp-20261128-00000000", "imp-20261128-88888888"]  # oldest first
+    for k, imp_id in enumerate(ids):
+        store.insert(Improvement(id=imp_id, status="proposed", description="d",
+                                 proposed_at=f"2026-11-28T11:00:00.00000{k}Z"))
+    assert [i.id for i in store.list()] == ids[::-1]

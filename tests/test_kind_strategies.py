@@ -53,6 +53,24 @@ def test_enoent_labelled_connection_refused_gets_a_path_check_not_a_restart(tmp_
     assert p.evidence["failure"]["determinism"]["verdict"] == "deterministic"
 
 
+def test_the_missing_paths_a_person_checks_are_named_whole(tmp_path):
+    """The manual step names at most three of the missing paths, each whole (a cut at a
+    character count split one), and how many more there are."""
+    tool = "mcp__filesystem__read_text_file"
+    missing = tmp_path / ("gone-" + "x" * 120)
+    runs = []
+    for i, start in enumerate(spread(40)):
+        path = str(missing / f"notes-{i % 5}.md") if i < 10 else f"/srv/docs/readme-{i}.md"
+        ok = i >= 10
+        runs.append(Run(start, [Call(tool, {"path": path}, ok,
+                                     "# readme" if ok else f"ENOENT: no such file or directory, open '{path}'")]))
+    db = write_history(tmp_path / "conversations.db", runs)
+    _, p = _propose(db, f"connection_refused:{tool}")
+    (step,) = [c.text for c in p.changes if c.kind == "manual"]
+    assert sum(str(missing / f"notes-{k}.md") in step for k in range(5)) == 3
+    assert step.endswith(f"and 2 more (agent self-heal show connection_refused:{tool})")
+
+
 def test_deterministic_failures_get_no_retries_and_the_model_says_so(tmp_path):
     db = enoent_history(tmp_path / "conversations.db", tmp_path / "gone")
     s = load_settings(db.parent, db)

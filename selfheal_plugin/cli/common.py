@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -54,6 +55,20 @@ def table_console() -> Any:
     """A console as wide as the terminal (``COLUMNS`` when set; 80 when not a terminal):
     tables shrink their wrapping columns to fit, ids are declared ``no_wrap``."""
     return rich_console.Console(highlight=False)
+
+
+def print_line(out: Any, markup: str, hang: int = 2) -> None:
+    """One line of Rich markup on the console ``out``, its leading spaces its indent: where it
+    wraps, the rest continues ``hang`` columns further in, never at column 0. Piped output
+    without ``COLUMNS`` is not wrapped (a line stays one line for grep)."""
+    if not out.is_terminal and not os.environ.get("COLUMNS"):
+        out.print(markup, soft_wrap=True, highlight=False)
+        return
+    body = markup.lstrip(" ")
+    indent = len(markup) - len(body)
+    lines = lazy_module("rich.text").Text.from_markup(body).wrap(out, max(20, out.width - indent - hang))
+    for i, line in enumerate(lines):
+        out.print(" " * (indent + (hang if i else 0)), line, sep="", highlight=False)
 
 
 def yes_option(func: Callable) -> Callable:

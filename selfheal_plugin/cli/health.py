@@ -7,8 +7,8 @@ from typing import Any
 import click
 
 from selfheal_plugin.history.settings import load_settings
-from selfheal_plugin.cli.common import (common_options, echo_json, err_console, open_service, pct, scan_progress,
-                                        table_console, warn_bad_rows)
+from selfheal_plugin.cli.common import (common_options, echo_json, err_console, open_service, pct, print_line,
+                                        scan_progress, table_console, warn_bad_rows)
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.analysis.report import TREND_TEXT, check_report_target, write_html_report
 from selfheal_plugin.history.text import for_rich
@@ -86,13 +86,13 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
     runs = d["runs"]
     score = d["overall_health_score"]
     style = "green" if score is not None and score >= 85 else "yellow" if score is not None and score >= 70 else "red"
-    out.print(f"  Overall health: [bold {style}]{'n/a' if score is None else f'{score:.1f}'}[/] / 100"
+    print_line(out, f"  Overall health: [bold {style}]{'n/a' if score is None else f'{score:.1f}'}[/] / 100"
               + (f"   (mean of {runs['scored']} finished run(s))" if score is not None
                  else "   (no finished runs in the window)"))
-    out.print(f"  Success rate:   {_pct_or_na(d['success_rate'])} ({runs['completed']} of {runs['finished']} "
+    print_line(out, f"  Success rate:   {_pct_or_na(d['success_rate'])} ({runs['completed']} of {runs['finished']} "
               f"finished runs; {runs['failed']} failed, {runs['cancelled']} cancelled, {runs['running']} running)")
     td = d["trend_detail"]
-    out.print(f"  Trend:          {TREND_TEXT.get(d['trend'], d['trend'])} (last 7 days "
+    print_line(out, f"  Trend:          {TREND_TEXT.get(d['trend'], d['trend'])} (last 7 days "
               f"{_pct_or_na(td['recent']['success_rate'])} of {td['recent']['finished_runs']} runs vs "
               f"{_pct_or_na(td['historical']['success_rate'])} of {td['historical']['finished_runs']} in the 30 days "
               f"before; ±{td['threshold'] * 100:.0f} points)")
@@ -100,7 +100,7 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
     rates = [x["success_rate"] for x in daily]
     known = [r for r in rates if r is not None]
     if known:
-        out.print(f"  Daily success:  {sparkline(rates)}  ({daily[0]['date']} … {daily[-1]['date']}; "
+        print_line(out, f"  Daily success:  {sparkline(rates)}  ({daily[0]['date']} … {daily[-1]['date']}; "
                   f"min {pct(min(known))}, max {pct(max(known))})")
     warn_bad_rows(d["skipped_rows"])
     out.print()
@@ -181,11 +181,11 @@ def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> 
         echo_json(result)
         return
     out = table_console()
-    out.print(f"🩺 Run {for_rich(result['run_id'])} ({for_rich(result['workflow_name'])}, {for_rich(result['status'])}, "
-              f"started {result['started_at']})")
+    print_line(out, f"🩺 Run {for_rich(result['run_id'])} ({for_rich(result['workflow_name'])}, {for_rich(result['status'])}, "
+               f"started {result['started_at']})")
     basis = {"reweighted": " (re-weighted: some components unknown)",
              "no_data": " (neutral: nothing measurable yet)"}.get(result["score_basis"], "")
-    out.print(f"  Health score: [bold]{result['health_score']:.1f}[/] / 100{basis}")
+    print_line(out, f"  Health score: [bold]{result['health_score']:.1f}[/] / 100{basis}")
     for name, c in result["components"].items():
         value = "unknown" if c["score"] is None else f"{c['score'] * 100:.0f}%"
         out.print(f"    {name.replace('_', ' '):<20} {value:>8}  (weight {c['weight']:.1f})")
@@ -196,8 +196,8 @@ def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> 
     out.print(f"  Issues ({len(result['issues'])}):")
     colors = {"high": "red", "medium": "yellow", "low": "cyan"}
     for issue in result["issues"]:
-        out.print(f"    [{colors[issue['severity']]}]\\[{issue['severity'].upper()}][/] {for_rich(issue['description'])}")
-        out.print(f"        → {for_rich(issue['recommendation'])}")
+        print_line(out, f"    [{colors[issue['severity']]}]\\[{issue['severity'].upper()}][/] {for_rich(issue['description'])}")
+        print_line(out, f"        → {for_rich(issue['recommendation'])}")
 
 
 COMMANDS = [dashboard, run_health]

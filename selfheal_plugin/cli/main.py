@@ -12,11 +12,11 @@ from typing import Any
 import click
 
 from selfheal_plugin import __version__
-from selfheal_plugin.cli.common import (common_options, echo_json, open_service, pct, scan_progress, table_console,
-                                        warn_bad_rows)
+from selfheal_plugin.cli.common import (common_options, echo_json, open_service, pct, print_line, scan_progress,
+                                        table_console, warn_bad_rows)
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.settings import configure_logging
-from selfheal_plugin.history.text import for_rich, for_terminal
+from selfheal_plugin.history.text import for_rich
 
 # Commands defined in other modules of this package, by name → module (each lists them in its
 # COMMANDS). A module is imported when one of its commands runs or help lists them, so
@@ -139,18 +139,19 @@ def _print_pattern(d: dict[str, Any]) -> None:
     from rich.table import Table
 
     out = table_console()
-    click.echo(f"Pattern {for_terminal(d['id'])}")
-    click.echo(f"  Error: {for_terminal(d['error_type'])} on {for_terminal(d['tool_name'])}")
-    click.echo(f"  Failure kind: {for_terminal((d.get('evidence') or {}).get('summary') or d.get('failure_kind') or 'unknown')}")
+    out.print(f"Pattern {for_rich(d['id'])}")
+    print_line(out, f"  Error: {for_rich(d['error_type'])} on {for_rich(d['tool_name'])}")
+    print_line(out, "  Failure kind: "
+               f"{for_rich((d.get('evidence') or {}).get('summary') or d.get('failure_kind') or 'unknown')}")
     for reason in (d.get("evidence") or {}).get("reasons", []):
-        click.echo(f"    because: {for_terminal(reason)}")
-    click.echo(f"  Occurrences: {d['occurrences']} in {len(d['affected_runs'])} run(s); "
+        print_line(out, f"    because: {for_rich(reason)}")
+    print_line(out, f"  Occurrences: {d['occurrences']} in {len(d['affected_runs'])} run(s); "
                f"{pct(d['failure_rate'])} of the tool's calls")
-    click.echo(f"  Correlation: {pct(d['correlation_score'])}   Confidence: {pct(d['confidence'])}")
-    click.echo(f"  First seen: {d['first_seen']}")
-    click.echo(f"  Last seen:  {d['last_seen']}")
+    print_line(out, f"  Correlation: {pct(d['correlation_score'])}   Confidence: {pct(d['confidence'])}")
+    print_line(out, f"  First seen: {d['first_seen']}")
+    print_line(out, f"  Last seen:  {d['last_seen']}")
     if d.get("suggested_fix"):
-        click.echo(f"  Suggested fix: {for_terminal(d['suggested_fix'])}")
+        print_line(out, f"  Suggested fix: {for_rich(d['suggested_fix'])}")
     t = Table(title="Message templates (context similarity)", title_justify="left")
     t.add_column("count", justify="right")
     t.add_column("kind")
@@ -160,29 +161,32 @@ def _print_pattern(d: dict[str, Any]) -> None:
         t.add_row(str(tpl["count"]), for_rich(tpl.get("kind", "")), for_rich(tpl["template"]), for_rich(tpl["example"]))
     out.print(t)
     ctx = d["context"]
-    out.print("  Workflows: " + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["workflows"].items()), highlight=False)
-    out.print("  Steps: " + ", ".join(f"{k} ({v})" for k, v in ctx["steps"].items()), highlight=False)
+    print_line(out, "  Workflows: " + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["workflows"].items()))
+    print_line(out, "  Steps: " + ", ".join(f"{k} ({v})" for k, v in ctx["steps"].items()))
     if ctx["argument_keys"]:
-        out.print("  Argument keys: " + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["argument_keys"].items()),
-                  highlight=False)
-    out.print("  error_type as written: " + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["error_type_spellings"].items()),
-              highlight=False)
+        print_line(out, "  Argument keys: " + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["argument_keys"].items()))
+    print_line(out, "  error_type as written: "
+               + ", ".join(f"{for_rich(k)} ({v})" for k, v in ctx["error_type_spellings"].items()))
     ev = d.get("evidence") or {}
     for path in ev.get("paths", [])[:5]:
         exists = {True: "exists now", False: "does not exist now"}.get(path.get("exists_now"), "not checked")
-        out.print(f"  Path named: {for_rich(path['path'])} ({path['count']}×, {exists})", highlight=False)
+        print_line(out, f"  Path named: {for_rich(path['path'])} ({path['count']}×, {exists})")
     det = ev.get("determinism") or {}
     if det:
-        out.print(f"  Repeats: {det['verdict']} — same arguments failed again {det['same_args_failed_again']}×, "
-                  f"succeeded later {det['same_args_succeeded_later']}×; next call in the same run succeeded "
-                  f"{det['follow_up_succeeded']} of {det['followed_in_run']}", highlight=False)
-    r = Table(title="Affected runs", title_justify="left")
+        print_line(out, f"  Repeats: {det['verdict']} — same arguments failed again {det['same_args_failed_again']}×, "
+                   f"succeeded later {det['same_args_succeeded_later']}×; next call in the same run succeeded "
+                   f"{det['follow_up_succeeded']} of {det['followed_in_run']}")
+    # a row a line at 80 columns: whole run ids (what `health` takes), starts to the minute (--json: to the µs)
+    r = Table(title="Affected runs (started: UTC; errs: failures of the pattern in the run)", title_justify="left",
+              box=None, pad_edge=False, padding=(0, 1, 0, 0))
     r.add_column("run", no_wrap=True)
-    for col in ("workflow", "started (UTC)", "status", "errors"):
-        r.add_column(col, overflow="fold")
+    r.add_column("workflow", overflow="fold")
+    r.add_column("started", no_wrap=True)
+    r.add_column("status", overflow="fold")
+    r.add_column("errs", justify="right")
     for run in d["runs"]:
-        r.add_row(*(for_rich(v) for v in (run["run_id"], run["workflow"], run["started_at"], run["status"])),
-                  str(run["errors"]))
+        started = run["started_at"][:16].replace("T", " ") if run["started_at"][16:17] == ":" else run["started_at"]
+        r.add_row(*(for_rich(v) for v in (run["run_id"], run["workflow"], started, run["status"])), str(run["errors"]))
     out.print(r)
 
 

@@ -7,16 +7,18 @@ import click
 
 from selfheal_plugin.lazy import lazy_module
 
-from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct, table_console
+from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct, print_line, table_console
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.improvements import STATUSES
 from selfheal_plugin.history.settings import Settings
-from selfheal_plugin.history.text import for_terminal
+from selfheal_plugin.history.text import for_rich, for_terminal
 
 # rich is imported when a table is printed, not by `--json` or `--version`
 rich_box, rich_table, rich_text = (lazy_module(m) for m in ("rich.box", "rich.table", "rich.text"))
 
+
+WIDE_PLUGINS = 120  # columns from which `plugins` lists the plugins as a table
 
 def _console() -> Any:
     return table_console()
@@ -69,7 +71,8 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
 
 
 @click.command()
-@click.option("--status", type=click.Choice(STATUSES), default=None, help="Only improvements in this state.")
+@click.option("--status", type=click.Choice(STATUSES), default=None, metavar="STATUS",
+              help=f"Only improvements in this state: {', '.join(STATUSES)}.")
 @setting_option("limit", "--limit")
 @common_options
 def improvements(home: str | None, db: str | None, as_json: bool, status: str | None = None,
@@ -113,15 +116,48 @@ def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
         echo_json(info)
         return
     out = _console()
-    t = rich_table.Table(title="Plugins", title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    if out.width >= WIDE_PLUGINS:
+        _plugin_tables(out, info)
+    else:  # tables would cut names, hooks and paths into pieces: a block a plugin, a line a strategy
+        out.print("Plugins")
+        for p in info["plugins"]:
+            print_line(out, f"  {for_rich(p['name'])} ({for_rich(p['source'])}, version {for_rich(p.get('version') or '-')})")
+            print_line(out, f"    hooks: {for_rich(', '.join(p['hooks']))}", hang=7)
+            out.print(f"    path:  {for_rich(p.get('path') or '-')}", soft_wrap=True)  # a path is not cut
+        out.print("Strategy for each error type")
+        for row in info["strategies"]:
+            print_line(out, f"  {for_rich(row['error_type'])} → {for_rich(row['strategy'])} "
+                            f"({for_rich(row['plugin'])}): {for_rich(row['summary'] or '')}")
+        if info.get("kind_strategies"):
+            out.print("Strategy for each failure kind (see README: which strategy answers)")
+            for row in info["kind_strategies"]:
+                print_line(out, f"  {for_rich(row['kind'])} → {for_rich(row['strategy'])} ({for_rich(row['plugin'])})")
+    click.echo(f"User plugin folder: {info['plugins_dir']}")
+    for f in info.get("failed_strategies", []):
+        click.echo(f"✗ strategy for {f['error_type']} failed to load (plugin {f['plugin']}): nothing is proposed "
+                   "for it until it loads")
+    if info["errors"]:
+        click.echo(f"{len(info['errors'])} plugin error(s) (this command's and the last "
+                   f"{plugins.ERROR_RETENTION_DAYS} days'):")
+        for e in info["errors"]:
+            where = f" in {e['hook']}" if e.get("hook") else ""
+            when = (e.get("last_seen") or "")[:19].replace("T", " ")
+            seen = f" ({e['count']}×, last {when})" if (e.get("count") or 1) > 1 else (f" ({when})" if when else "")
+            click.echo(f"  ✗ {e['plugin']} ({e['phase']}{where}): {e['error']}"
+                       + (f" [{e['path']}]" if e.get("path") else "") + seen)
+
+
+def _plugin_tables(out: Any, info: dict[str, Any]) -> None:
+    t = rich_table.Table(title="Plugins", title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False,
+                         pad_edge=False)
     t.add_column("name", no_wrap=True)
     t.add_column("source", no_wrap=True)
     t.add_column("version", no_wrap=True)
     t.add_column("hooks", overflow="fold")
     t.add_column("path", overflow="fold")
     for p in info["plugins"]:
-        t.add_row(*(rich_text.Text(for_terminal(v)) for v in (p["name"], p["source"], p.get("version") or "-", ", ".join(p["hooks"]),
-                                      p.get("path") or "-")))
+        t.add_row(*(rich_text.Text(for_terminal(v)) for v in (p["name"], p["source"], p.get("version") or "-",
+                                                             ", ".join(p["hooks"]), p.get("path") or "-")))
     out.print(t)
     st = rich_table.Table(title="Strategy for each error type", title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False,
                pad_edge=False)
@@ -138,19 +174,6 @@ def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
         for row in info["kind_strategies"]:
             kt.add_row(*(rich_text.Text(for_terminal(v or "")) for v in (row["kind"], row["strategy"], row["plugin"])))
         out.print(kt)
-    click.echo(f"User plugin folder: {info['plugins_dir']}")
-    for f in info.get("failed_strategies", []):
-        click.echo(f"✗ strategy for {f['error_type']} failed to load (plugin {f['plugin']}): nothing is proposed "
-                   "for it until it loads")
-    if info["errors"]:
-        click.echo(f"{len(info['errors'])} plugin error(s) (this command's and the last "
-                   f"{plugins.ERROR_RETENTION_DAYS} days'):")
-        for e in info["errors"]:
-            where = f" in {e['hook']}" if e.get("hook") else ""
-            when = (e.get("last_seen") or "")[:19].replace("T", " ")
-            seen = f" ({e['count']}×, last {when})" if (e.get("count") or 1) > 1 else (f" ({when})" if when else "")
-            click.echo(f"  ✗ {e['plugin']} ({e['phase']}{where}): {e['error']}"
-                       + (f" [{e['path']}]" if e.get("path") else "") + seen)
 
 
 COMMANDS = [improvements, plugins_command]

@@ -118,7 +118,10 @@ class ImprovementStore:
         if status:
             sql += " WHERE status = ?"
             params.append(status)
-        sql += " ORDER BY julianday(coalesce(proposed_at, created_at)) DESC NULLS LAST, id"  # instants, not strings
+        # instants, not strings; julianday() keeps ~40 µs, so rows a detect proposed together fall back on the
+        # text (ours all UTC to the µs) before the id
+        sql += (" ORDER BY julianday(coalesce(proposed_at, created_at)) DESC NULLS LAST,"
+                " coalesce(proposed_at, created_at) DESC, id")
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)

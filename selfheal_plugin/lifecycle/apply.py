@@ -220,7 +220,8 @@ def home_config_repo(settings: Settings, record: Any, what: str) -> gitops.Confi
         value = record.get(key)
         if value is not None and not _same_file(value, *allowed):
             raise UntrustedRecordError(f"{what} names {str(value)[:200]!r} as its config file, not this home's "
-                                       f"{settings.config_path}; refused, nothing was changed")
+                                       f"{settings.config_path}; refused, nothing was changed (a home moved or "
+                                       "copied since the apply: undo its commit by hand, git revert)")
     repo = record.get("repo")
     if repo is not None and not _same_file(repo, str(cr.root)):
         raise UntrustedRecordError(f"{what} names {str(repo)[:200]!r} as its repository, not {cr.root} (which holds "

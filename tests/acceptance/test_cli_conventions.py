@@ -100,6 +100,37 @@ def test_tables_fit_80_columns_and_ids_never_wrap(history_copy, binks_home):
         assert not too_wide, (args, too_wide)
         if args[0] == "improvements":
             assert all(any(i in line for line in r.stdout.splitlines()) for i in ids), "each id on one line"
+        if args[0] == "plugins":  # names, hooks and paths whole, never cut into pieces
+            info = json.loads(run_agent("self-heal", "plugins", "--json").stdout)
+            words = {w for line in r.stdout.splitlines() for w in line.replace(",", " ").split()}
+            for plugin in info["plugins"]:
+                assert {plugin["name"], *plugin["hooks"]} <= words, plugin["name"]
+                assert any(plugin["path"] in line for line in r.stdout.splitlines()), plugin["path"]
+        if args[0] == "show":  # an affected run a line: its whole id, its start to the minute and its status
+            runs = json.loads(run_agent("self-heal", *args, "--json").stdout)["runs"]
+            for run in runs:
+                row = next(line for line in r.stdout.splitlines() if run["run_id"] in line)
+                assert run["started_at"][:16].replace("T", " ") in row and run["status"] in row, row
+
+
+def test_a_long_line_wraps_under_its_indent_never_at_column_0(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from selfheal_plugin.cli.common import print_line
+
+    text = "  Suggested fix: " + " ".join(["raise the timeout of [bold]x[/]"] * 5)
+    out = Console(file=io.StringIO(), width=40, highlight=False, force_terminal=True, color_system=None)
+    print_line(out, text)
+    lines = out.file.getvalue().splitlines()
+    assert len(lines) > 2 and all(len(line) <= 40 for line in lines)
+    assert lines[0].startswith("  Suggested fix: raise") and all(line.startswith("    ") for line in lines[1:])
+    assert "[bold]" not in out.file.getvalue()  # markup is markup, as with Console.print
+    piped = Console(file=io.StringIO(), width=40, highlight=False)  # not a terminal, no COLUMNS: one line for grep
+    monkeypatch.delenv("COLUMNS", raising=False)
+    print_line(piped, text)
+    assert piped.file.getvalue().splitlines() == ["  Suggested fix: " + " ".join(["raise the timeout of x"] * 5)]
 
 
 def test_plugins_has_version_and_path_columns(history_copy):
