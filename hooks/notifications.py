@@ -80,6 +80,8 @@ def improvement_verified(improvement: Any, verification: dict[str, Any], setting
     if not settings.notify_verified:
         return
     recommendation = str(verification.get("recommendation") or "extend_monitoring")
+    if verification.get("previous_recommendation") == verification.get("recommendation"):
+        return  # the same verdict as the last verification: nothing new for the inbox
     metrics = verification.get("metrics") or {}
     lines = [f"Verified improvement {md(improvement.id)}:",
              f"Expected: {md(verification.get('expected_impact') or improvement.expected_impact or 'unknown')}",

@@ -126,6 +126,7 @@ class VerifyResult(TypedDict, total=False):
     verification_status: str  # verified | failed | inconclusive
     recommendation: str  # keep | rollback | extend
     metrics: dict[str, Any]
+    previous_recommendation: str | None  # the last verification's, None before the first
 
 
 class RollbackResult(TypedDict, total=False):

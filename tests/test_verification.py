@@ -131,6 +131,28 @@ def test_a_keep_before_the_window_ends_is_provisional(db, binks_home):
     assert (stored.status, stored.verified_at) == ("applied", None)
     ok = verify_improvement(connect(db), settings_for(binks_home), imp.id, now=five_days, early=True)
     assert (ok["recommendation"], ok["status"]) == ("keep", "verified")
+    # measured again without --early, the accepted keep stands (it said extend against its own status)
+    again = verify_improvement(connect(db), settings_for(binks_home), imp.id, now=five_days + timedelta(hours=1))
+    assert (again["recommendation"], again["status"], again["previous_recommendation"]) == ("keep", "verified", "keep")
+    assert again["provisional_recommendation"] is None
+
+
+def test_the_inbox_hears_a_verdict_once(db, binks_home, tmp_path, monkeypatch):
+    """Each verification fires improvement_verified; the built-in note is written when the
+    recommendation changes, not again for the same verdict."""
+    inbox = tmp_path / "inbox"
+    monkeypatch.setenv("INBOX_PATH", str(inbox))
+    history(db, before_rate=0.3, after_rate=0.02)
+    imp = applied(db)
+    five_days = APPLIED + timedelta(days=5)
+    notes = lambda: sum(f.read_text().count(f"Verified improvement {imp.id}:") for f in inbox.glob("*.md"))
+
+    results = []
+    for hours, early in ((0, False), (1, False), (2, True), (3, False)):
+        results.append(verify_improvement(connect(db), settings_for(binks_home), imp.id,
+                                          now=five_days + timedelta(hours=hours), early=early)["recommendation"])
+        results.append(notes())
+    assert results == ["extend", 1, "extend", 1, "keep", 2, "keep", 2]
 
 
 def test_harm_is_a_rollback_even_before_the_window_ends(db, binks_home):

@@ -283,6 +283,10 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
         hint = " (a running experiment: measure it with SelfHeal.verify)" if imp.status in EXPERIMENT_STATUSES else ""
         raise LifecycleError(f"{imp.id} is {imp.status}; only applied improvements can be verified{hint}")
     now = now or utcnow()
+    # a keep accepted before the window ended (--early, or a complete window) stands: measuring it
+    # again reports what the history says now, not "extend" for a fix already verified
+    early = early or imp.status == "verified"
+    previous = (imp.metrics or {}).get("recommendation") if isinstance(imp.metrics, dict) else None
     applied = parse_timestamp(imp.applied_at)
     window = timedelta(days=days)
     after_end = min(applied + window, now)
@@ -319,6 +323,7 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
         "window": {"days": days, "before": [format_timestamp(applied - window), format_timestamp(applied)],
                    "after": [format_timestamp(applied), format_timestamp(after_end)], "complete": window_complete},
         "checked_at": format_timestamp(now),
+        "previous_recommendation": previous if isinstance(previous, str) else None,
     }
     fields: dict[str, Any] = {"metrics": {**metrics, "verification_status": status, "recommendation": recommendation,
                                           "checked_at": result["checked_at"], "window": result["window"]},

@@ -140,7 +140,8 @@ def improvement_verified(improvement: Improvement, verification: dict[str, Any],
 
     Fires after every verification, whatever its recommendation (keep, rollback,
     extend monitoring). The built-in notification hook writes an inbox entry when
-    ``notify_verified`` is on (urgent when the recommendation is rollback).
+    ``notify_verified`` is on (urgent when the recommendation is rollback) and the
+    recommendation differs from the last verification's (``previous_recommendation``).
 
     :param improvement: the :class:`selfheal_plugin.history.improvements.Improvement` as stored.
     :param verification: the result (``expected_impact``, ``actual_impact``,
