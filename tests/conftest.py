@@ -112,9 +112,12 @@ def agent_bin() -> str:
 
 def run_agent(*args: str, env: dict | None = None, timeout: float = 120, input: str | None = None
               ) -> subprocess.CompletedProcess:
-    """Run the installed `agent` command with the test's isolated environment."""
+    """Run the installed `agent` command with the test's isolated environment. The terminal's
+    size is the test's to give (``env``): an xdist worker has ``COLUMNS=80`` of its own, a plain
+    pytest run none, and a command wraps differently with it."""
+    inherited = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     return subprocess.run([agent_bin(), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, input=input)
+                          env={**inherited, **(env or {})}, input=input)
 
 
 # ------------------------------------------------------------------ scheduling under xdist

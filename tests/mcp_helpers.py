@@ -44,8 +44,9 @@ TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "set_rule_enabled": (False, False),
 }
 
-# Fields that carry the instant of the call (window ends at "now", time of the test run).
-VOLATILE = {"window", "trend_detail", "tested_at", "checked_at"}
+# Fields that carry the instant of the call (window ends at "now", time of the test run), or
+# what the calls before it said (a verification's previous recommendation).
+VOLATILE = {"window", "trend_detail", "tested_at", "checked_at", "previous_recommendation"}
 
 
 def make_history(path: Path, seed: int = 11, runs: int = 300) -> dict:

@@ -129,7 +129,9 @@ def test_lifecycle_tools_match_the_library(home):
 
     verified = structured(call_all(server, [("verify_improvement", {"improvement_id": imp_id})])[0])
     assert verified["recommendation"] == "extend"  # no runs since the apply yet
-    assert stable(verified) == stable(reference("verify_improvement", home, improvement_id=imp_id))
+    measured_again = reference("verify_improvement", home, improvement_id=imp_id)
+    assert (verified["previous_recommendation"], measured_again["previous_recommendation"]) == (None, "extend")
+    assert stable(verified) == stable(measured_again)
     short = structured(call_all(server, [("verify_improvement",
                                           {"improvement_id": imp_id, "measurement_window_days": 2})])[0])
     assert short["metrics"]["runs_before"] < verified["metrics"]["runs_before"]
