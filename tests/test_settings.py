@@ -55,3 +55,13 @@ def test_unparsable_and_misshapen_config(binks_home):
     write_config(binks_home, "self_heal = 3\n")
     with pytest.raises(ConfigError, match="must be a table"):
         load_settings(binks_home)
+
+
+def test_a_misspelled_setting_is_said_once_and_a_plugins_own_key_is_not(binks_home, caplog):
+    (binks_home / "config.toml").write_text('[self_heal]\nmin_occurences = 50\nmy_plugin_token = "x"\n')
+    with caplog.at_level("WARNING", logger="selfheal.settings"):
+        first = load_settings(binks_home)
+        load_settings(binks_home)
+    told = [r.getMessage() for r in caplog.records if r.name == "selfheal.settings"]
+    assert len(told) == 1 and "'min_occurences' (did you mean min_occurrences?" in told[0]
+    assert first.min_occurrences == 3 and first.extra == {"min_occurences": 50, "my_plugin_token": "x"}

@@ -137,6 +137,23 @@ def check_range(key: str, value: Any, where: str, error: type[Exception] = Confi
         raise error(f"{where}: {key} must be between {lo:g} and {hi:g}, got {value!r}")
 
 
+_WARNED: set[tuple[str, str]] = set()  # (config file, key): each misspelling is told once a process
+
+
+def _warn_misspelled(path: Path, extra: dict[str, Any]) -> None:
+    """A key of ``[self_heal]`` we do not know is kept (a plugin may read its own), but one that
+    reads like a setting of ours misspelled (``min_occurences``) is said: its default is in force."""
+    import difflib
+
+    for key in extra:
+        close = difflib.get_close_matches(str(key), schema.SELF_HEAL, n=1, cutoff=0.8)
+        if close and (str(path), str(key)) not in _WARNED:
+            _WARNED.add((str(path), str(key)))
+            logging.getLogger("selfheal.settings").warning(
+                "%s: [self_heal] has no setting %r (did you mean %s? its default is in force)", path,
+                schema.short_text(str(key)), close[0])
+
+
 def load_settings(
     home: str | os.PathLike | None = None,
     db: str | os.PathLike | None = None,
@@ -152,6 +169,7 @@ def load_settings(
     extra: dict[str, Any] = {}
     if section != {}:
         values, extra = schema.validate_self_heal(section, f"{home_path / 'config.toml'}: [self_heal]")
+        _warn_misspelled(home_path / "config.toml", extra)
     given = {k: v for k, v in overrides.items() if v is not None}
     if given:
         values.update(schema.validate_overrides(given))
