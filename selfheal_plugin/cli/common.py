@@ -106,7 +106,19 @@ def ask(about: str, question: str, *, yes: bool, as_json: bool) -> None:
     if as_json:
         raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
     click.echo(about)
-    click.confirm(question, abort=True)
+    confirm(question)
+
+
+def confirm(question: str) -> None:
+    """Ask ``question``; a no (or Ctrl-D) ends the command with exit code 1, saying that
+    nothing was changed."""
+    try:
+        if click.confirm(question):
+            return
+    except click.Abort:
+        pass
+    click.echo("Aborted: nothing was changed.", err=True)
+    raise SystemExit(1)
 
 
 def format_p(p: float | None) -> str:

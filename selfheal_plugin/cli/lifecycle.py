@@ -1,11 +1,12 @@
 """``agent self-heal test|apply|rollback|verify|reject``: thin shells over the service."""
 from __future__ import annotations
 
+from typing import Any
 
 import click
 
-from selfheal_plugin.cli.common import (check_option, common_options, confirm_or_abort, echo_json, exit_for_verdict,
-                                        format_p, open_service, pct, working, yes_option)
+from selfheal_plugin.cli.common import (check_option, common_options, confirm, confirm_or_abort, echo_json,
+                                        exit_for_verdict, format_p, open_service, pct, working, yes_option)
 from selfheal_plugin.history.text import for_terminal
 from selfheal_plugin.service import TEST_MODES
 from selfheal_plugin.cli.options import setting_option
@@ -98,6 +99,7 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
         if as_json:
             raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
         click.echo(f"Improvement {plan['improvement_id']}: {for_terminal(plan['description'])}")
+        click.echo(_test_line(plan))
         if plan["config_changes"]:
             where = plan["repository"] + (" (new repository)" if plan["creates_repository"] else "")
             click.echo(f"Config: {plan['config_path']}   git: {where}")
@@ -106,14 +108,16 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
             click.echo()
         for step in plan["manual_steps"]:
             click.echo(f"Manual step (not applied by selfheal): {for_terminal(step)}")
-        click.confirm("Apply this change and commit it?" if plan["config_changes"] else
-                      "Record these manual steps as applied?", abort=True)
+        confirm("Apply this change and commit it?" if plan["config_changes"] else
+                "Record these manual steps as applied?")
     with sh:
         r = sh.apply(improvement_id, changes_made, expected_sha256=expected)
     if as_json:
         echo_json(r)
         return
     click.echo(f"✅ Applied {r['improvement_id']}")
+    if yes and (plan.get("test") or {}).get("recommendation") != "safe_to_apply":  # not seen before it was applied
+        click.echo(f"  {_test_line(plan)}")
     if r["commit_sha"]:
         click.echo(f"  Commit: {r['commit_sha'][:12]} in {r['repository']}"
                    + (" (new repository)" if r["created_repository"] else ""))
@@ -123,6 +127,14 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
         click.echo(f"  Still to do by hand: {for_terminal(step)}")
     click.echo(f"  Verification scheduled: {r['verification_scheduled']} (agent self-heal verify "
                f"{r['improvement_id']})")
+
+
+def _test_line(plan: dict[str, Any]) -> str:
+    """What the improvement's last test said, or that it has none."""
+    t = plan.get("test")
+    if not t:
+        return f"Not tested: agent self-heal test {plan['improvement_id']} predicts its effect from history"
+    return f"Its test said: {for_terminal(t['recommendation'])}" + (f" — {for_terminal(t['reason'])}" if t.get("reason") else "")
 
 
 @click.command("rollback")

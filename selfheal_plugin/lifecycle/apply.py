@@ -286,9 +286,13 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
         imp = fresh
     _check_applicable(imp)
     changes, manual = _config_changes(imp)
+    tested = imp.test_result if isinstance(imp.test_result, dict) else {}
     plan: dict[str, Any] = {"improvement_id": imp.id, "description": imp.description, "manual_steps": manual,
                             "config_changes": [c.to_dict() for c in changes], "diff": "", "config_path": None,
-                            "repository": None, "creates_repository": False, "old_sha256": None}
+                            "repository": None, "creates_repository": False, "old_sha256": None,
+                            # what its last test said (None: never tested), shown before anything is asked
+                            "test": {"recommendation": tested.get("recommendation"), "reason": tested.get("reason")}
+                            if tested.get("recommendation") else None}
     if not changes:
         return plan
     cr = gitops.locate(settings.config_path, settings.home)

@@ -37,8 +37,9 @@ def test_full_cycle_with_prompt(db, binks_home):
     assert "Recommendation: safe_to_apply" in r.stdout and "Simulated success rate:" in r.stdout
 
     r = run_agent("self-heal", "apply", imp.id, input="n\n")
-    assert r.returncode == 1 and "Aborted" in r.stderr
+    assert r.returncode == 1 and r.stderr.strip() == "Aborted: nothing was changed."
     assert "+[tools.mcp__k8s__pods_list]" in r.stdout and "+timeout_ms = 90000" in r.stdout
+    assert "Its test said: safe_to_apply" in r.stdout  # what its test said, before the question
     assert not (binks_home / ".git").exists() and not (binks_home / "config.toml").exists()
     assert status(db, imp.id) == "tested"
 
@@ -105,7 +106,9 @@ def test_user_errors_are_one_line_and_change_nothing(db, binks_home):
 
 def test_conflicting_user_edit_exits_1(db, binks_home):
     imp = add_improvement(db, [timeout_change(90_000)])
-    assert run_agent("self-heal", "apply", imp.id, "--yes").returncode == 0
+    applied = run_agent("self-heal", "apply", imp.id, "--yes")
+    assert applied.returncode == 0  # applied untested: the output says so, as the question would have
+    assert f"Not tested: agent self-heal test {imp.id}" in applied.stdout
     cfg = binks_home / "config.toml"
     cfg.write_text(cfg.read_text().replace("90000", "120000"))
     git_as_user(binks_home, "commit", "-q", "-am", "mine")
