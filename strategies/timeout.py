@@ -58,6 +58,9 @@ class TimeoutStrategy(ModeledStrategy):
                 reduction = max(0.0, min(1.0, p))
                 return self._raise(pattern, old_limit, new, reduction, evidence,
                                    f"durations ~ {model.describe()}, p99 {q / 1000:.1f} s")
+            cut = statistics.median(timed_out)
+            if limit is not None and cut < 0.9 * limit:
+                return self._covered(pattern, limit, cut, q, evidence)
             return self._retry(pattern, history, old_limit, evidence)
         # Too few successful calls to fit: the tool rarely finishes in time at all.
         evidence["duration_model"] = f"no model: {model}"
@@ -95,6 +98,22 @@ class TimeoutStrategy(ModeledStrategy):
             changes=[change], expected_reduction=reduction, evidence=evidence,
             changes_required=[f"Set [tools.\"{pattern.tool_name}\"] timeout_ms: {before}"],
         )
+
+    def _covered(self, pattern: Any, limit: int, cut: float, q: float, evidence: dict[str, Any]) -> Proposal:
+        """The timeouts were cut well below the limit config.toml sets now (a window that spans
+        the change that raised it), and that limit covers the fitted p99: nothing to change."""
+        evidence.update({"timed_out_at_ms": round(cut), "covered_by_current_limit": True})
+        return self.make_proposal(
+            pattern,
+            description=(f"Keep the timeout of {pattern.tool_name} at {limit / 1000:g} s: it covers the p99 "
+                         f"({q / 1000:.1f} s); these timeouts were cut at {cut / 1000:g} s, before it"),
+            expected_impact=impact_text(None, f"timeouts on {pattern.tool_name}",
+                                        f"the timed-out calls stopped at a median {cut / 1000:g} s, below the "
+                                        f"{limit / 1000:g} s limit in config.toml now; judge it on the runs since "
+                                        "(a --since after the change)"),
+            risk_level="low", expected_reduction=None, evidence=evidence,
+            changes=[Change.manual(f"Nothing to change in config.toml: {pattern.tool_name}'s timeout is already "
+                                   f"{limit} ms")])
 
     def _retry(self, pattern: Any, history: HistoryWindow, old: int | None, evidence: dict[str, Any],
                alternative: bool = False) -> Proposal:

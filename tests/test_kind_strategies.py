@@ -301,3 +301,28 @@ def test_mcp_tools_and_the_dashboard_carry_the_kind_and_its_evidence(tmp_path):
         [imp] = sh.dashboard()["recent_improvements"]
     assert imp["failure_kind"] == "missing_resource"
     assert imp["kind_evidence"].startswith("missing_resource (runtime label connection_refused; ENOENT")
+
+
+def test_timeouts_cut_below_the_limit_in_force_now_are_covered_by_it(tmp_path):
+    """A window that spans the change that raised a tool's limit: its timeouts stopped at the
+    old 20 s, config.toml says 40 s now and the calls' p99 fits under it. The fix is in force
+    already; a retry 'because the timeouts look like hangs' (the p99 under the current limit)
+    would be the wrong conclusion."""
+    import random
+
+    tool = "mcp__search__web_search"
+    rng = random.Random(7)
+    runs = []
+    for i, start in enumerate(spread(120)):
+        if i < 6:  # before the change: cut at the old limit
+            call = Call(tool, {"q": f"q{i}"}, False, f"Tool {tool} timed out after 20s", "timeout", 20_000)
+        else:  # after it, the long calls finish
+            call = Call(tool, {"q": f"q{i}"}, True, "ok", ms=rng.uniform(3_000, 10_000) if i % 10 else
+                        rng.uniform(20_000, 30_000))
+        runs.append(Run(start, [call]))
+    db = write_history(tmp_path / "conversations.db", runs)
+    (tmp_path / "config.toml").write_text(f'[tools."{tool}"]\ntimeout_ms = 40000\n')
+    _, p = _propose(db, f"timeout:{tool}")
+    assert p.evidence["p99_ms"] <= 42_000  # the model's p99 fits under today's limit
+    assert p.description.startswith(f"Keep the timeout of {tool} at 40 s") and "cut at 20 s" in p.description
+    assert _config(p) == {} and [c.kind for c in p.changes] == ["manual"]
