@@ -87,21 +87,21 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
     score = d["overall_health_score"]
     style = "green" if score is not None and score >= 85 else "yellow" if score is not None and score >= 70 else "red"
     print_line(out, f"  Overall health: [bold {style}]{'n/a' if score is None else f'{score:.1f}'}[/] / 100"
-              + (f"   (mean of {runs['scored']} finished run(s))" if score is not None
-                 else "   (no finished runs in the window)"))
+               + (f"   (mean of {runs['scored']} finished run(s))" if score is not None
+                  else "   (no finished runs in the window)"))
     print_line(out, f"  Success rate:   {_pct_or_na(d['success_rate'])} ({runs['completed']} of {runs['finished']} "
-              f"finished runs; {runs['failed']} failed, {runs['cancelled']} cancelled, {runs['running']} running)")
+               f"finished runs; {runs['failed']} failed, {runs['cancelled']} cancelled, {runs['running']} running)")
     td = d["trend_detail"]
     print_line(out, f"  Trend:          {TREND_TEXT.get(d['trend'], d['trend'])} (last 7 days "
-              f"{_pct_or_na(td['recent']['success_rate'])} of {td['recent']['finished_runs']} runs vs "
-              f"{_pct_or_na(td['historical']['success_rate'])} of {td['historical']['finished_runs']} in the 30 days "
-              f"before; ±{td['threshold'] * 100:.0f} points)")
+               f"{_pct_or_na(td['recent']['success_rate'])} of {td['recent']['finished_runs']} runs vs "
+               f"{_pct_or_na(td['historical']['success_rate'])} of {td['historical']['finished_runs']} in the 30 days "
+               f"before; ±{td['threshold'] * 100:.0f} points)")
     daily = d["daily_success"][-SPARK_DAYS:]
     rates = [x["success_rate"] for x in daily]
     known = [r for r in rates if r is not None]
     if known:
         print_line(out, f"  Daily success:  {sparkline(rates)}  ({daily[0]['date']} … {daily[-1]['date']}; "
-                  f"min {pct(min(known))}, max {pct(max(known))})")
+                   f"min {pct(min(known))}, max {pct(max(known))})")
     warn_bad_rows(d["skipped_rows"])
     out.print()
     if d["worst_tools"]:

@@ -20,6 +20,7 @@ rich_box, rich_table, rich_text = (lazy_module(m) for m in ("rich.box", "rich.ta
 
 WIDE_PLUGINS = 120  # columns from which `plugins` lists the plugins as a table
 
+
 def _console() -> Any:
     return table_console()
 
