@@ -57,6 +57,9 @@ from selfheal_plugin.results import (
 
 EXPERIMENT_MODES = ("canary", "shadow")
 TEST_MODES = ("simulation", *EXPERIMENT_MODES)
+# what `verify --early` (and the MCP tool's `early`) does, said once for both shells
+EARLY_HELP = ("Accept a significant improvement before the window after the apply has ended "
+              "(otherwise it is provisional: extend monitoring).")
 
 
 class SelfHeal:

@@ -284,3 +284,25 @@ def test_a_progress_notification_that_cannot_be_sent_does_not_stop_the_call(home
             return await client.call_tool("detect_failure_patterns", {}, progress_callback=on_progress)
     result = anyio.run(go)
     assert stable(structured(result)) == stable(reference("detect_failure_patterns", home))
+
+
+def test_verify_accepts_a_keep_early_over_mcp_as_the_cli_does(binks_home):
+    """Five days after an apply after which the failing runs fell from 30 % to 2 %, the keep is
+    provisional (extend) unless the caller accepts it early: `early` is the CLI's --early."""
+    from datetime import timedelta
+
+    from selfheal_plugin.history.times import format_timestamp, utcnow
+
+    from .lifecycle_data import add_improvement, rate_runs, timeout_change, write_runs
+
+    db = binks_home / "conversations.db"
+    applied_at = utcnow() - timedelta(days=5)
+    write_runs(db, rate_runs(applied_at - timedelta(days=7), applied_at, 60, 0.3, seed=1)
+               + rate_runs(applied_at, utcnow() - timedelta(minutes=5), 60, 0.02, seed=2))
+    imp = add_improvement(db, [timeout_change()], status="applied", applied_at=format_timestamp(applied_at),
+                          commit_sha="0" * 40)
+    provisional, accepted = (structured(r) for r in call_all(build_server(binks_home), [
+        ("verify_improvement", {"improvement_id": imp.id}),
+        ("verify_improvement", {"improvement_id": imp.id, "early": True})]))
+    assert (provisional["recommendation"], provisional["provisional_recommendation"]) == ("extend", "keep")
+    assert (accepted["recommendation"], accepted["status"]) == ("keep", "verified")

@@ -8,7 +8,7 @@ import click
 from selfheal_plugin.cli.common import (check_option, common_options, confirm, confirm_or_abort, echo_json,
                                         exit_for_verdict, format_p, open_service, pct, working, yes_option)
 from selfheal_plugin.history.text import for_terminal
-from selfheal_plugin.service import TEST_MODES
+from selfheal_plugin.service import EARLY_HELP, TEST_MODES
 from selfheal_plugin.cli.options import setting_option
 
 
@@ -164,9 +164,7 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
 @click.command("verify")
 @click.argument("improvement_id")
 @setting_option("window_days", "--window-days")
-@click.option("--early", is_flag=True,
-              help="Accept a significant improvement before the window after the apply has ended "
-                   "(otherwise it is provisional: extend monitoring).")
+@click.option("--early", is_flag=True, help=EARLY_HELP)
 @check_option
 @common_options
 def verify_command(improvement_id: str, home: str | None, db: str | None, as_json: bool,

@@ -39,7 +39,7 @@ from selfheal_plugin import results
 from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error
 from selfheal_plugin.history.settings import configure_logging, resolve_home
-from selfheal_plugin.service import SelfHeal
+from selfheal_plugin.service import EARLY_HELP, SelfHeal
 from selfheal_plugin.mcp.access import (
     MIN_TOKEN_LENGTH, TOKEN_ENV, BearerTokenMiddleware, check_bind, load_token, restrict_to_read_only,
     transport_security,
@@ -261,11 +261,12 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
     def verify_improvement(
         improvement_id: Annotated[str, Field(description="Improvement id (imp-...), applied")],
         measurement_window_days: Annotated[float | None, Field(**schema.field_kwargs("window_days"))] = None,
+        early: Annotated[bool, Field(description=EARLY_HELP)] = False,
     ) -> results.VerifyResult:
         """Measure an applied improvement: success rate and the pattern's error rate before vs after
         the apply (Fisher's exact test, sample-size floor) and recommend keep, rollback or extend."""
         with _session(home, db) as sh:
-            return sh.verify(improvement_id, measurement_window_days)
+            return sh.verify(improvement_id, measurement_window_days, early=early)
 
     # -------------------------------------------------------------- dashboard
 
