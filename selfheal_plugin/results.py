@@ -111,6 +111,15 @@ class ApplyPlan(TypedDict, total=False):
     manual: list[str]
 
 
+class RollbackPlan(TypedDict, total=False):
+    improvement_id: str
+    status: str
+    description: str
+    commit_sha: str | None
+    method: str  # revert | inverse-edit | manual
+    diff: str
+
+
 class ApplyResult(TypedDict, total=False):
     improvement_id: str
     status: str

@@ -51,8 +51,8 @@ from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.results import (
     AbExperiment, AbList, AgentMetrics, ApplyPlan, ApplyResult, DetectResult, FixPack, HealthDashboard,
     ImportResult, ImprovementRow, LearnResult, PatternDetails, PluginsReport, PromoteResult, ProposalOutcome,
-    RollbackResult, RuleResult, RulesResult, RunHealth, StatusResult, SyncResult, TestResult, ToolReliability,
-    VerifyResult,
+    RollbackPlan, RollbackResult, RuleResult, RulesResult, RunHealth, StatusResult, SyncResult, TestResult,
+    ToolReliability, VerifyResult,
 )
 
 EXPERIMENT_MODES = ("canary", "shadow")
@@ -224,6 +224,11 @@ class SelfHeal:
             return canary.verify_experiment(self.conn, self.settings, imp, window_days, now=self.now())
         return verification.verify_improvement(self.conn, self.settings, improvement_id, window_days, early=early,
                                                now=self.now())
+
+    def plan_rollback(self, improvement_id: str) -> RollbackPlan:
+        """What :meth:`rollback` would do (method, diff), changing nothing; its refusals first."""
+        from selfheal_plugin.lifecycle import apply as applying
+        return applying.plan_rollback(self.conn, self.settings, improvement_id)
 
     def rollback(self, improvement_id: str, reason: str | None = None) -> RollbackResult:
         """Revert the improvement's commit (or the inverse edit when config.toml moved on)."""

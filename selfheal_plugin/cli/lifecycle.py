@@ -146,7 +146,17 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
                      reason: str | None = None, yes: bool = False) -> None:
     """Roll back an applied improvement (git revert, or the inverse edit). Asks first unless --yes."""
     with open_service(home, db) as sh:
-        confirm_or_abort(sh, improvement_id, "Roll back this change (a revert commit)?", yes=yes, as_json=as_json)
+        if not yes:  # what would be undone, and any refusal, before the question
+            if as_json:
+                raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
+            plan = sh.plan_rollback(improvement_id)
+            click.echo(f"Improvement {plan['improvement_id']} ({plan['status']}): {for_terminal(plan['description'])}")
+            if plan["diff"]:
+                how = "git revert" if plan["method"] == "revert" else "inverse edit (config.toml changed since)"
+                click.echo(f"Undoes {plan['commit_sha'][:12]} by {how}:")
+                click.echo(plan["diff"].rstrip("\n"))
+            confirm("Roll back this change (a revert commit)?" if plan["diff"] else
+                    "Mark it rolled back (its manual steps are undone by hand)?")
         r = sh.rollback(improvement_id, reason=reason)
     if as_json:
         echo_json(r)

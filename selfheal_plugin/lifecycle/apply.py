@@ -481,29 +481,7 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
         imp = store.get(improvement_id)
         if imp.status not in ROLLBACKABLE:
             raise ChangedMeanwhileError(f"{imp.id} changed meanwhile (now {imp.status}); nothing was changed")
-        record = imp.apply_record if isinstance(imp.apply_record, dict) else {}
-        what = f"the apply record of {imp.id}"
-        cr = home_config_repo(settings, record, what)
-        untrusted = gitops.untrusted_commit(cr, imp.commit_sha, imp.id, "apply")
-        if untrusted:
-            raise UntrustedRecordError(f"cannot roll back {imp.id}: {untrusted}; only selfheal's own apply commit "
-                                       "is reverted, nothing was changed")
-        current = read_text(cr.real_path)
-        current_data = configedit.parse_config_text(current, str(cr.real_path))
-        gitops.check_clean(cr)
-        if gitops.changed_since(cr, imp.commit_sha):
-            method = "inverse-edit"
-            entries = check_entries(cr, imp.commit_sha, record.get("entries", []), what)
-            conflicts = configedit.conflicts_with(current_data, entries)
-            if conflicts:
-                raise ConflictError(f"{cr.real_path} was edited after {imp.id} was applied: {'; '.join(conflicts)}. "
-                                    "Not overwriting your edit; nothing was changed (undo it by hand if needed)")
-            inverse = configedit.inverse_changes(entries)
-            new = configedit.edit_config(current, inverse, where=str(cr.real_path)).new_text
-            new = configedit.remove_empty_tables(new, _created_tables(record))
-        else:
-            method = "revert"
-            new = gitops.file_at(cr, f"{imp.commit_sha}^")
+        cr, record, what, method, current, new = _rollback_edit(settings, imp)
         head_before = gitops.head_sha(cr)
         intent = {"op": "rollback", "method": method, "step": "intent", "started_at": format_timestamp(now),
                   "head_before": head_before, "old_sha256": sha256_text(current), "new_sha256": sha256_text(new),
@@ -534,6 +512,46 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
         lock.release()
     fire("improvement_rolled_back", improvement=imp, settings=settings)
     return _rolled_back_result(imp, method=method, diff=configedit.unified_diff(current, new))
+
+
+def _rollback_edit(settings: Settings, imp: Improvement) -> tuple[gitops.ConfigRepo, dict[str, Any], str, str, str, str]:
+    """(repository, apply record, its name in messages, method, config text now, config text
+    after) of rolling back ``imp``, or the refusal: checked alike before a question is asked
+    (:func:`plan_rollback`) and under the lock before anything is written."""
+    record = imp.apply_record if isinstance(imp.apply_record, dict) else {}
+    what = f"the apply record of {imp.id}"
+    cr = home_config_repo(settings, record, what)
+    untrusted = gitops.untrusted_commit(cr, imp.commit_sha, imp.id, "apply")
+    if untrusted:
+        raise UntrustedRecordError(f"cannot roll back {imp.id}: {untrusted}; only selfheal's own apply commit "
+                                   "is reverted, nothing was changed")
+    current = read_text(cr.real_path)
+    current_data = configedit.parse_config_text(current, str(cr.real_path))
+    gitops.check_clean(cr)
+    if gitops.changed_since(cr, imp.commit_sha):
+        entries = check_entries(cr, imp.commit_sha, record.get("entries", []), what)
+        conflicts = configedit.conflicts_with(current_data, entries)
+        if conflicts:
+            raise ConflictError(f"{cr.real_path} was edited after {imp.id} was applied: {'; '.join(conflicts)}. "
+                                "Not overwriting your edit; nothing was changed (undo it by hand if needed)")
+        new = configedit.edit_config(current, configedit.inverse_changes(entries), where=str(cr.real_path)).new_text
+        return cr, record, what, "inverse-edit", current, configedit.remove_empty_tables(new, _created_tables(record))
+    return cr, record, what, "revert", current, gitops.file_at(cr, f"{imp.commit_sha}^")
+
+
+def plan_rollback(conn: sqlite3.Connection, settings: Settings, improvement_id: str) -> dict[str, Any]:
+    """What ``rollback`` would do, changing nothing: the method and the diff; raises the same
+    refusals it would (wrong status, a record naming another home, a dirty tree, a conflicting
+    edit), so a person is not asked first."""
+    imp = ImprovementStore(conn).get(improvement_id)
+    if imp.status not in ROLLBACKABLE:
+        raise LifecycleError(f"{imp.id} is {imp.status}; only applied or verified improvements can be rolled back")
+    plan = {"improvement_id": imp.id, "status": imp.status, "description": imp.description,
+            "commit_sha": imp.commit_sha, "method": "manual", "diff": ""}
+    if imp.commit_sha:
+        _, _, _, plan["method"], current, new = _rollback_edit(settings, imp)
+        plan["diff"] = configedit.unified_diff(current, new)
+    return plan
 
 
 def _rolled_back_result(imp: Improvement, method: str, diff: str, note: str | None = None) -> dict[str, Any]:

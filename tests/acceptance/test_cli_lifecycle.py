@@ -163,3 +163,21 @@ def test_a_locked_git_index_is_one_line_with_gits_reason_and_changes_nothing(db,
     assert git(binks_home, "status", "--porcelain", "--", "config.toml") == ""
     r = run_agent("self-heal", "apply", imp.id, "--yes")  # no recovery warning: nothing was left over
     assert r.returncode == 0 and "recovered" not in r.stderr, r.stderr
+
+
+def test_rollback_shows_what_it_undoes_and_refuses_a_moved_home_before_asking(db, binks_home, tmp_path):
+    import shutil
+
+    imp = add_improvement(db, [timeout_change(90_000)])
+    assert run_agent("self-heal", "apply", imp.id, "--yes").returncode == 0
+    no = run_agent("self-heal", "rollback", imp.id, input="n\n")
+    assert no.returncode == 1 and no.stderr.strip() == "Aborted: nothing was changed."
+    assert "by git revert:" in no.stdout and "-timeout_ms = 90000" in no.stdout  # the diff, before the question
+    # a copy of the home: its apply record names the original's config.toml
+    copy = tmp_path / "copy"
+    shutil.copytree(binks_home, copy)
+    head = git(copy, "rev-parse", "HEAD")
+    moved = run_agent("self-heal", "rollback", imp.id, "--home", str(copy), input="y\n")
+    assert moved.returncode == 1 and "moved or copied" in moved.stderr
+    assert "Roll back this change" not in moved.stdout  # refused before any question
+    assert git(copy, "rev-parse", "HEAD") == head and status(copy / "conversations.db", imp.id) == "applied"
