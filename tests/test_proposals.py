@@ -13,7 +13,7 @@ from selfheal_plugin import hookimpl
 
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.cli.main import agent
-from selfheal_plugin.errors import NotFoundError
+from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.testbed.generator import add_runtime_improvements
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.improvements import STATUSES, ImprovementStore, new_improvement_id
@@ -139,7 +139,7 @@ def test_unknown_pattern_is_one_clear_error_and_changes_nothing(history_copy, bi
     before = conn.execute("SELECT count(*) FROM improvements").fetchone()[0]
     with pytest.raises(NotFoundError, match="no pattern timeout:nope"):
         propose_improvement(conn, load_settings(binks_home), "timeout:nope", since="-8d", now=NOW)
-    with pytest.raises(NotFoundError, match="invalid pattern id"):
+    with pytest.raises(UsageError, match="invalid pattern id"):  # a malformed id: bad usage, exit 2
         propose_improvement(conn, load_settings(binks_home), "no-colon", since="-8d", now=NOW)
     assert conn.execute("SELECT count(*) FROM improvements").fetchone()[0] == before
 

@@ -29,7 +29,7 @@ from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, 
                                               known_of, read_followups, read_unknown, recent, servers_errors)
 from selfheal_plugin.analysis.tally import NOT_READ, ContextKey, Tally, tallies_of
 from selfheal_plugin.history.errorindex import RefreshResult, followup_ok, refresh, template_tokens
-from selfheal_plugin.errors import NotFoundError
+from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.history.connection import normalize_error_type, read_all, server_of
 from selfheal_plugin.history.text import bounded
 from selfheal_plugin.history.times import format_timestamp, parse_since, utc_text
@@ -500,7 +500,7 @@ def split_pattern_id(pattern_id: str) -> tuple[str, str]:
     not found (``show`` prints the normalised id)."""
     etype, sep, tool = (pattern_id or "").partition(":")
     if not sep or not etype or not tool:
-        raise NotFoundError(f"invalid pattern id {pattern_id!r}: expected error_type:tool_name")
+        raise UsageError(f"invalid pattern id {pattern_id!r}: expected error_type:tool_name")
     return normalize_error_type(etype), tool
 
 

@@ -127,6 +127,9 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
 @common_options
 def show(pattern_id: str, home: str | None, db: str | None, as_json: bool, since: str | None = None) -> None:
     """Show one pattern: affected runs, message templates, context."""
+    from selfheal_plugin.analysis.patterns import split_pattern_id
+
+    split_pattern_id(pattern_id)  # a malformed id is bad usage, refused before the history is opened
     with open_service(home, db, lookback=since) as sh:
         details = sh.show(pattern_id)
     if as_json:

@@ -108,7 +108,7 @@ def test_show_pattern(history_copy, binks_home):
     (["detect", "--since", "2999-01-01T00:00"], 2, "it starts in the future"),
     (["detect", "--confidence", "1.5"], 2, "--confidence"),
     (["show", "timeout:no_such_tool"], 1, "no pattern timeout:no_such_tool"),
-    (["show", "list_dir"], 1, "expected error_type:tool_name"),
+    (["show", "list_dir"], 2, "expected error_type:tool_name"),  # a malformed id is bad usage
 ])
 def test_bad_input(history_copy, binks_home, args, code, message):
     db, _ = history_copy
