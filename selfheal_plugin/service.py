@@ -275,6 +275,7 @@ class SelfHeal:
                        changes_made: str | None = None) -> PromoteResult:
         """End the canary and apply the change to every run — only when its verdict is keep."""
         from selfheal_plugin.lifecycle import canary
+        canary.running_experiment(self.conn, improvement_id, "promoted")  # before its verdict is asked for
         verdict = self.verify(improvement_id)
         recommendation = verdict.get("recommendation")
         if recommendation != "keep" and not force:

@@ -103,7 +103,7 @@ def _pack_with(sh: SelfHeal, **change) -> dict:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda p: p.update(version=2), "fix pack version 2 is newer than this selfheal reads (1); upgrade selfheal"),
+    (lambda p: p.update(version=2), "is fix pack version 2, newer than this selfheal reads (1); upgrade selfheal"),
     (lambda p: p.update(format="other"), "not a selfheal fix pack"),
     (lambda p: p["rules"][1]["template"][0].update(path=["tools", "{tool}", "command"], value="rm -rf ~"),
      "is not a tool or server setting"),
@@ -319,7 +319,7 @@ def test_the_cli_exports_imports_and_syncs_with_one_line_errors(tmp_path):
     bad = {"missing": (["import", str(tmp_path / "nope.json")], None, "cannot read"),
            "not json": (["import", "-"], b"{", "is not JSON"),
            "format": (["import", "-"], b'{"format": "x"}', "not a selfheal fix pack"),
-           "newer": (["import", "-"], json.dumps(newer).encode(), "fix pack version 2 is newer"),
+           "newer": (["import", "-"], json.dumps(newer).encode(), "is fix pack version 2, newer"),
            "remote": (["sync", "--remote", str((tmp_path / "none.git").as_uri())], None, "failed"),
            "no remote": (["sync"], None, "no sync remote yet"),
            "ext": (["sync", "--remote", "ext::sh"], None, "refusing remote")}
@@ -384,7 +384,7 @@ def test_mcp_tools_share_packs_and_read_only_serves_export_only(tmp_path):
         ("sync_fix_packs", {}))
     assert [x["id"] for x in structured(imported)["added"]] == [ra.id]
     assert not structured(again)["added"] and not structured(again)["updated"]
-    assert error_text(newer).endswith(": fix pack version 9 is newer than this selfheal reads (1); upgrade selfheal")
+    assert error_text(newer).endswith(" is fix pack version 9, newer than this selfheal reads (1); upgrade selfheal")
     assert "no sync remote yet" in error_text(sync)
     ro = build_server(b, b / "conversations.db")
     restrict_to_read_only(ro)
@@ -481,4 +481,5 @@ def test_the_installed_command_pipes_a_pack_from_one_home_to_another(tmp_path):
     newer = run_agent("self-heal", "import", "-", "--home", str(b),
                       input=json.dumps(json.loads(exported.stdout) | {"version": 2}))
     assert newer.returncode == 1 and newer.stdout == ""
-    assert newer.stderr == "Error: fix pack version 2 is newer than this selfheal reads (1); upgrade selfheal\n"
+    assert newer.stderr.startswith("Error: ") and newer.stderr.count("\n") == 1  # one line, naming where it came from
+    assert newer.stderr.endswith(" is fix pack version 2, newer than this selfheal reads (1); upgrade selfheal\n")

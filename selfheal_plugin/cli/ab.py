@@ -66,9 +66,10 @@ def print_experiment(r: dict[str, Any]) -> None:
                    "the tool")
         icon = {"winner": "✅", "drop": "❌", "extend": "⏳"}.get(str(v.get("verdict")), "•")
         click.echo(f"{icon} Verdict: {v.get('verdict')} — {for_terminal(str(v.get('reason') or ''))}")
-    if r["status"] == "running":
-        click.echo(f"  Next: agent self-heal ab {'promote' if v.get('verdict') == 'winner' else 'drop'} "
-                   f"{r['experiment_id']}")
+    if r["status"] == "running":  # extend: wait for runs, never drop an experiment that has not had them
+        step = {"winner": "promote", "drop": "drop"}.get(str(v.get("verdict")), "status")
+        click.echo(f"  Next: agent self-heal ab {step} {r['experiment_id']}"
+                   + (" (when more runs have been measured)" if step == "status" else ""))
 
 
 @click.group("ab")

@@ -77,7 +77,7 @@ def print_learn(r: dict[str, Any]) -> None:
     for line in r["suggestions"]:
         _echo_wrapped("💡 " + line[:1].upper() + line[1:], indent="")
     if r["applicable"]:
-        _echo_wrapped("Propose one with: agent self-heal detect --propose (a rule is a prior, or the proposal "
+        _echo_wrapped("Propose one with: agent self-heal detect, or propose PATTERN (a rule is a prior, or the proposal "
                       "when the strategy has no config change; nothing is applied by itself)", indent="")
 
 

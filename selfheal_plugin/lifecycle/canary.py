@@ -421,13 +421,19 @@ def verify_experiment(conn: sqlite3.Connection, settings: Settings, imp: Improve
 # ------------------------------------------------------------------ end
 
 
-def _end(conn: sqlite3.Connection, settings: Settings, improvement_id: str, outcome: str,
-         now: datetime) -> tuple[Improvement, dict[str, Any]]:
-    store = ImprovementStore(conn)
-    imp = store.get(improvement_id)
+def running_experiment(conn: sqlite3.Connection, improvement_id: str, outcome: str) -> Improvement:
+    """The improvement, running as a canary or shadow; else the refusal to end it as ``outcome``
+    (promoted, dropped)."""
+    imp = ImprovementStore(conn).get(improvement_id)
     if imp.status not in EXPERIMENT_MODES:
         raise LifecycleError(f"{imp.id} is {imp.status}; only an improvement running as a canary or shadow can be "
                              f"{outcome} (start one: agent self-heal test {imp.id} --mode canary)")
+    return imp
+
+
+def _end(conn: sqlite3.Connection, settings: Settings, improvement_id: str, outcome: str,
+         now: datetime) -> tuple[Improvement, dict[str, Any]]:
+    imp = running_experiment(conn, improvement_id, outcome)
     exp = dict(imp.experiment or {})
     mode = exp.get("mode") or imp.status
     back = exp.get("status_before") if exp.get("status_before") in APPLICABLE else "tested"

@@ -145,7 +145,7 @@ def parse_pack(data: bytes | str | dict[str, Any], where: str = "the pack") -> t
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise PackError(f"{where} has no valid version number")
     if version > VERSION:
-        raise PackError(f"fix pack version {version} is newer than this selfheal reads ({VERSION}); "
+        raise PackError(f"{where} is fix pack version {version}, newer than this selfheal reads ({VERSION}); "
                         "upgrade selfheal")
     home = data.get("home")
     if not isinstance(home, str) or not HOME_ID.match(home):

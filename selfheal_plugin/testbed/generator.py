@@ -8,8 +8,7 @@ same seed gives the same file, byte for byte apart from SQLite's page layout, an
 ground truth is written beside it as ``OUT.db.truth.json``.
 
 ``--append --from INSTANT`` extends an existing history instead: runs between INSTANT
-(``applied``: the newest applied improvement's ``applied_at``; ``now``; ``-2h``; an ISO
-instant) and ``--until`` (default now), with the injected patterns scaled to the number of
+(``applied``: the newest applied improvement's ``applied_at``; ``-2h``; an ISO instant) and ``--until`` (default now), with the injected patterns scaled to the number of
 runs and the effect of the config in force modelled (:func:`fixed_by_config`), so a user
 working by hand can apply a fix, add the runs that followed it, and see ``verify`` judge it.
 """
@@ -477,7 +476,7 @@ def read_config(path: Path) -> dict[str, Any]:
               help="Add runs to the existing history OUT instead of replacing it (no truth file is written).")
 @click.option("--from", "from_", metavar="INSTANT",
               help="With --append: where the new runs start. 'applied' (the newest applied improvement's "
-                   "applied_at), 'now', a relative time such as -2h or -1d, or an ISO date/datetime.")
+                   "applied_at), a relative time such as -2h or -1d, or an ISO date/datetime.")
 @click.option("--until", metavar="INSTANT", default="now", show_default=True,
               help="Where the history ends: 'now', a relative time (-1d) or an ISO date/datetime.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -517,6 +516,9 @@ def main(out: str, seed: int, runs: int, days: float, tokens_per_step: int, nois
             raise click.UsageError("--append needs --from (for example --from applied)")
         if not Path(out).exists():
             raise click.UsageError(f"--append: {out} does not exist (generate it first, without --append)")
+        if from_ == "now":
+            raise click.UsageError("--from now leaves no time before --until to add runs in: use --from applied, "
+                                   "-2h or an ISO instant")
         start = newest_applied_at(out) if from_ == "applied" else _instant(from_)
         config = read_config(Path(config_path) if config_path else Path(out).parent / "config.toml")
         patterns, fixed = scaled_patterns(DEFAULT_PATTERNS, runs, None if healthy else config, residual)

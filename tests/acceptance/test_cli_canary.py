@@ -29,6 +29,9 @@ def status(db, imp_id):
 
 def test_canary_start_report_and_promote(db, binks_home):
     imp = add_improvement(db, [timeout_change(90_000)])
+    r = run_agent("self-heal", "canary", "promote", imp.id, "--yes")  # no canary yet: its own reason, not verify's
+    assert r.returncode == 1 and f"{imp.id} is proposed; only an improvement running as a canary or shadow can be " \
+        "promoted" in r.stderr
     r = run_agent("self-heal", "test", imp.id, "--mode", "canary", "--fraction", "0.3")
     assert r.returncode == 0, r.stderr
     assert f"Started canary of {imp.id} (on 30% of runs)" in r.stdout and "+timeout_ms = 90000" in r.stdout

@@ -80,8 +80,10 @@ def test_append_refuses_what_it_cannot_do(binks_home, tmp_path):
     assert r.returncode == 2 and "no applied improvement" in r.stderr
     r = gen(str(db), "--append")
     assert r.returncode == 2 and "--append needs --from" in r.stderr
-    r = gen(str(db), "--append", "--from", "now", "--until", "-1d")
+    r = gen(str(db), "--append", "--from", "-1h", "--until", "-1d")
     assert r.returncode == 2 and "nothing to add" in r.stderr
+    r = gen(str(db), "--append", "--from", "now")  # was documented, could never work (--until is now)
+    assert r.returncode == 2 and "--from now leaves no time" in r.stderr
     r = gen(str(db), "--from", "-1h")
     assert r.returncode == 2 and "--from needs --append" in r.stderr
 
