@@ -397,3 +397,17 @@ def test_dropping_a_canary_clears_its_measured_impact(home):
     dropped = ImprovementStore(conn).get(imp.id)
     assert dropped.status == "tested" and dropped.actual_impact is None and not dropped.metrics
     assert dropped.experiment["last_verification"]["actual_impact"] == measured.actual_impact  # kept as history
+
+
+def test_runs_without_an_arm_are_named_in_the_reason(home):
+    """Runs came after the start but none carries an arm (the runtime does not use ToolPolicy,
+    or the generator wrote them): the verdict says so rather than "0 runs"."""
+    db = home / "conversations.db"
+    imp = add_improvement(db, [timeout_change(90_000)])
+    conn, s = _lib(home)
+    test_experiment(conn, s, imp.id, "canary", fraction=0.5, now=NOW)
+    _new_runs(db, rate_runs(NOW + timedelta(hours=1), NOW + timedelta(days=2), 40, 0.3, seed=5))
+    v = verify_experiment(conn, s, ImprovementStore(conn).get(imp.id), now=NOW + timedelta(days=3))
+    assert v["recommendation"] == "extend" and v["metrics"]["runs_without_arm"] == 40
+    assert "40 run(s) since the start have no arm: is the runtime's ToolPolicy reading this config.toml?" \
+        in v["reason"]

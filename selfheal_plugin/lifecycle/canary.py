@@ -310,6 +310,9 @@ def experiment_report(conn: sqlite3.Connection, settings: Settings, imp: Improve
     n = len(control) + len(canary)
     p_split = _binomial_p(len(canary), n, fraction)
     reason = a["reason"]
+    if len(runs) > n and a["recommendation"] == "extend":  # runs came, but none was put in an arm
+        reason += (f"; {len(runs) - n} run(s) since the start have no arm: is the runtime's ToolPolicy reading "
+                   "this config.toml?")
     if a["recommendation"] == "keep":
         reason = f"the canary arm did significantly better; promote it: agent self-heal canary promote {imp.id}"
     elif a["recommendation"] == "rollback":
