@@ -32,6 +32,8 @@ TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "test_improvement": (False, True),  # canary and shadow modes commit a config.toml section
     "apply_improvement": (False, True),
     "verify_improvement": (False, False),
+    "canary_promote": (False, True),
+    "canary_drop": (False, True),
     "export_fix_pack": (True, False),
     "import_fix_pack": (False, False),  # merges rules only; never applies anything
     "sync_fix_packs": (False, False),

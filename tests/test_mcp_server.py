@@ -306,3 +306,24 @@ def test_verify_accepts_a_keep_early_over_mcp_as_the_cli_does(binks_home):
         ("verify_improvement", {"improvement_id": imp.id, "early": True})]))
     assert (provisional["recommendation"], provisional["provisional_recommendation"]) == ("extend", "keep")
     assert (accepted["recommendation"], accepted["status"]) == ("keep", "verified")
+
+
+def test_a_canary_started_over_mcp_is_ended_over_mcp(home):
+    """test_improvement in canary mode starts one (a commit); canary_promote is refused while
+    its verdict is extend, and canary_drop ends it (a commit) with the improvement back to proposed."""
+    from .lifecycle_data import add_improvement, git, timeout_change
+
+    imp = add_improvement(home / "conversations.db", [timeout_change()])
+    server = build_server(home)
+    started, promote, dropped, again = call_all(server, [
+        ("test_improvement", {"improvement_id": imp.id, "mode": "canary"}),
+        ("canary_promote", {"improvement_id": imp.id}),
+        ("canary_drop", {"improvement_id": imp.id}),
+        ("canary_drop", {"improvement_id": imp.id})])
+    assert structured(started)["test_mode"] == "canary"
+    assert "the canary's verdict is extend" in error_text(promote)
+    assert structured(dropped)["status"] == "proposed"
+    assert "only an improvement running as a canary or shadow can be dropped" in error_text(again)
+    assert ImprovementStore(connect(home / "conversations.db")).get(imp.id).status == "proposed"
+    assert "canary" not in (home / "config.toml").read_text()
+    assert len(git(home, "log", "--format=%H").split()) >= 3  # versioning, the canary, its end

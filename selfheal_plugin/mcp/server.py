@@ -52,7 +52,8 @@ INSTRUCTIONS = (
     "Self-healing for an agent runtime. Read-only analysis: detect_failure_patterns, analyze_run_health, "
     "compute_agent_metrics, compute_tool_reliability, get_health_dashboard. Lifecycle: propose_improvement "
     "(for a pattern id) -> test_improvement (replay history) -> apply_improvement (edits config.toml as a git "
-    "commit) -> verify_improvement (before vs after). Time windows (`since`) are -30m, -24h, -7d, -1w, an ISO "
+    "commit) -> verify_improvement (before vs after); a canary or shadow (test_improvement mode) ends with "
+    "canary_promote or canary_drop. Time windows (`since`) are -30m, -24h, -7d, -1w, an ISO "
     "date or datetime; omitted values come from [self_heal] in the runtime's config.toml."
 )
 
@@ -267,6 +268,26 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         the apply (Fisher's exact test, sample-size floor) and recommend keep, rollback or extend."""
         with _session(home, db) as sh:
             return sh.verify(improvement_id, measurement_window_days, early=early)
+
+    @tool("Promote canary", destructive=True, idempotent=False)  # two commits: the section out, the change in
+    def canary_promote(
+        improvement_id: Annotated[str, Field(description="Improvement id (imp-...), running as a canary or shadow")],
+        force: Annotated[bool, Field(description="Promote although its verdict is not keep (recorded)")] = False,
+    ) -> results.PromoteResult:
+        """End a canary or shadow started by test_improvement (a commit removing its section) and apply
+        the improvement to every run (its own commit, verification scheduled). Refused unless the
+        verdict (verify_improvement) is keep, unless force."""
+        with _session(home, db) as sh:
+            return sh.canary_promote(improvement_id, force=force)
+
+    @tool("Drop canary", destructive=True, idempotent=False)  # a commit removing its section
+    def canary_drop(
+        improvement_id: Annotated[str, Field(description="Improvement id (imp-...), running as a canary or shadow")],
+    ) -> results.StatusResult:
+        """End a canary or shadow without applying: a commit removes its section and the improvement
+        goes back to the status it had."""
+        with _session(home, db) as sh:
+            return sh.canary_drop(improvement_id)
 
     # -------------------------------------------------------------- dashboard
 
