@@ -120,7 +120,7 @@ def status_command(experiment_id: str | None, home: str | None, db: str | None, 
         return
     table = Table(box=None, pad_edge=False)
     for name in ("Experiment", "Pattern", "Status", "Arms", "Verdict"):
-        table.add_column(name, no_wrap=name in ("Experiment", "Status"), overflow="fold")
+        table.add_column(name, no_wrap=name in ("Experiment", "Pattern", "Status"), overflow="fold")  # ids whole
     for e in r["experiments"]:
         v = e.get("verdict") or {}
         table.add_row(e["experiment_id"], for_rich(e["pattern_id"]), e["status"], str(len(e["arms"])),

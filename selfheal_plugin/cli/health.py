@@ -166,7 +166,8 @@ def _tools_table(title: str, tools: list[dict[str, Any]]) -> Any:
         t.add_row(for_rich(x["name"]), f"{x['total_calls']:,}", f"{x['success_rate'] * 100:.1f}%",
                   f"{x['timeout_rate'] * 100:.1f}%", f"{x['error_rate'] * 100:.1f}%",
                   *((_ms(x["avg_duration_ms"]),) if wide else ()), _ms(x["p95_duration_ms"]),
-                  "\n".join(f"{for_rich(e['error_type'])} {e['count']}" for e in x["top_error_types"]) or "—")
+                  # a type and its count on one line (a no-break space): "server_crashed" / "66" read as two rows
+                  "\n".join(f"{for_rich(e['error_type'])}\u00a0{e['count']}" for e in x["top_error_types"]) or "—")
     return t
 
 
