@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from selfheal_plugin.history.errorindex import message_template, refresh
-from selfheal_plugin.errors import NotFoundError
+from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.testbed.generator import generate_history
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.analysis.patterns import (confidence_score, detect_failure_patterns, get_pattern, jaccard,
@@ -78,7 +78,7 @@ def test_template_never_crashes(text):
 def test_split_pattern_id():
     assert split_pattern_id("Timeout:mcp__k8s__pods_list") == ("timeout", "mcp__k8s__pods_list")
     assert split_pattern_id("tool_error:server:tool") == ("tool_error", "server:tool")
-    with pytest.raises(NotFoundError):
+    with pytest.raises(UsageError, match="expected error_type:tool_name"):  # bad usage, not an unknown id
         split_pattern_id("list_dir")
 
 
