@@ -9,6 +9,7 @@ from rich.table import Table
 from selfheal_plugin.cli.common import (
     ask, common_options, echo_json, format_p, open_service, table_console, yes_option,
 )
+from selfheal_plugin.cli.options import WholeSummaries
 from selfheal_plugin.history.text import for_rich, for_terminal
 
 
@@ -72,7 +73,7 @@ def print_experiment(r: dict[str, Any]) -> None:
                    + (" (when more runs have been measured)" if step == "status" else ""))
 
 
-@click.group("ab")
+@click.group("ab", cls=WholeSummaries)
 def ab_group() -> None:
     """A/B experiments: several fixes of one pattern, each on a share of runs, beside a control."""
 

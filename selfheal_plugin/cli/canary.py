@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from selfheal_plugin.cli.common import common_options, confirm_or_abort, echo_json, format_p, open_service, pct, yes_option
+from selfheal_plugin.cli.options import WholeSummaries
 
 
 def _rate(x: float | None) -> str:
@@ -60,7 +61,7 @@ def print_experiment_test(r: dict[str, Any]) -> None:
     print_experiment_report(r["report"])
 
 
-@click.group("canary")
+@click.group("canary", cls=WholeSummaries)
 def canary_group() -> None:
     """End a canary or shadow test: promote it (apply) or drop it."""
 

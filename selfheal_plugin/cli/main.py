@@ -14,7 +14,7 @@ import click
 from selfheal_plugin import __version__
 from selfheal_plugin.cli.common import (common_options, echo_json, open_service, pct, print_line, scan_progress,
                                         table_console, warn_bad_rows)
-from selfheal_plugin.cli.options import setting_option
+from selfheal_plugin.cli.options import WholeSummaries, setting_option
 from selfheal_plugin.history.settings import configure_logging
 from selfheal_plugin.history.text import for_rich
 
@@ -42,7 +42,7 @@ def _with_version(command: click.Command) -> click.Command:
     return command
 
 
-class LazyGroup(click.Group):
+class LazyGroup(WholeSummaries):
     """A click group whose commands from :data:`LAZY_COMMANDS`-style tables load on first use."""
 
     def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:

@@ -41,6 +41,19 @@ class OneLineUsageError(click.UsageError):
         click.echo(f"Error: {self.format_message()}", file=file, err=True)
 
 
+class WholeSummaries(click.Group):
+    """A group whose help lists each command's first sentence whole, wrapped under it at the
+    terminal's width, where click cuts it to one line with "..." ("Roll back an applied
+    improvement (git revert, or the...")."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, cmd.get_short_help_str(limit=10_000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 class SettingType(click.ParamType):
     """A value checked against one schema entry (a setting or a flag) by its model."""
 

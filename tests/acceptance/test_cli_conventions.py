@@ -277,3 +277,12 @@ def test_a_long_step_shows_a_transient_status_on_a_terminal_only(monkeypatch):
     with common.working(False, "quiet"):
         seen.append("json work")
     assert seen == ["Testing imp-1 (simulation)…", "work", "done", "json work"]
+
+
+@pytest.mark.parametrize("group", [[], ["ab"], ["canary"]])
+def test_group_help_lists_each_command_summary_whole(group):
+    """Click cut every summary longer than the line with "..."; they wrap under themselves now."""
+    r = run_agent("self-heal", *group, "--help", env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    commands = r.stdout.split("Commands:", 1)[1]
+    assert "..." not in commands and all(len(line) <= 80 for line in commands.splitlines())
