@@ -283,6 +283,7 @@ def test_cli_learn_text_fits_80_columns_and_escapes_history_text(binks_home, mon
     (["--enable", "a", "--disable", "b"], "one of"),
     (["--until", "soon"], "invalid time window"),
     (["--since", "-1d", "--until", "-3d"], "nothing to compare"),
+    (["--rules", "--since", "-7d"], "--since set the windows learn compares; --rules has none"),
 ])
 def test_cli_learn_bad_input_is_one_line_and_changes_nothing(binks_home, args, message):
     home = make_home(binks_home)

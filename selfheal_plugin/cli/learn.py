@@ -111,6 +111,9 @@ def learn_command(home: str | None, db: str | None, as_json: bool, since: str | 
     chosen = [name for name, v in (("--rules", list_rules), ("--disable", disable), ("--enable", enable)) if v]
     if len(chosen) > 1:
         raise click.UsageError(f"use one of {', '.join(chosen)} at a time")
+    windows = [flag for flag, v in (("--since", since), ("--until", until)) if v is not None]
+    if chosen and windows:  # a flag that would be ignored is refused, not dropped
+        raise click.UsageError(f"{' and '.join(windows)} set the windows learn compares; {chosen[0]} has none")
     with open_service(home, db, lookback=since) as sh:
         if disable or enable:
             result: Any = sh.set_rule_enabled(disable or enable or "", enabled=bool(enable))
