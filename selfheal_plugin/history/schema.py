@@ -276,6 +276,11 @@ def validate_self_heal(section: Mapping[str, Any], where: str) -> tuple[dict[str
     return _set_values(m, SELF_HEAL), dict(m.model_extra or {})
 
 
+# What a person calls a setting when a command gives it: the lookback is a command's `since`
+# (--since, the MCP argument).
+OVERRIDE_NAMES = {"lookback": "since"}
+
+
 def validate_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Setting overrides (flags, MCP arguments) validated like the table: :class:`UsageError`
     ``invalid value: KEY must be ...`` when one is wrong."""
@@ -285,10 +290,7 @@ def validate_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     plain = {k: _plainly_valid(SELF_HEAL[k], v) for k, v in overrides.items()}
     if _UNDECIDED not in plain.values():  # plain flag values: no pydantic import for them
         return plain
-    try:
-        m = validate("self_heal", overrides, "invalid value:", error=UsageError)
-    except UsageError as exc:  # the lookback given with a command is its `since` (--since, the MCP argument)
-        raise UsageError(str(exc).replace("invalid value: lookback", "invalid value: since", 1)) from None
+    m = validate("self_heal", overrides, "invalid value:", error=UsageError, names=OVERRIDE_NAMES)
     return _set_values(m, SELF_HEAL)
 
 
@@ -297,15 +299,16 @@ def _set_values(m: BaseModel, table: dict[str, Spec]) -> dict[str, Any]:
     return {k: getattr(m, k) for k in table if k in m.model_fields_set}
 
 
-def validate(table: str, data: Any, where: str, error: type[SelfHealError] = ConfigError) -> BaseModel:
+def validate(table: str, data: Any, where: str, error: type[SelfHealError] = ConfigError,
+             names: Mapping[str, str] | None = None) -> BaseModel:
     """``data`` as an instance of the table's model, or ``error`` with one line:
-    ``<where> <key> must be <what>, got <value>``."""
+    ``<where> <key> must be <what>, got <value>`` (``names``: a key's name there, when not its own)."""
     if not isinstance(data, Mapping):
         raise error(f"{where} must be a table")
     try:
         return models()[table].model_validate(dict(data))
     except _validation_error() as exc:
-        raise error(_message(exc, where, TABLES[table])) from None
+        raise error(_message(exc, where, TABLES[table], names=names)) from None
 
 
 # ------------------------------------------------------------------ the pydantic models
@@ -437,7 +440,7 @@ def short_text(text: str) -> str:
 
 
 def _message(exc: Any, where: str, table: dict[str, Spec], *, prefix_key: bool = True,
-             shown: str | None = None) -> str:
+             shown: str | None = None, names: Mapping[str, str] | None = None) -> str:
     """One line for the first error of a pydantic ValidationError."""
     err = exc.errors(include_url=False)[0]
     loc = [str(part) for part in err["loc"]]
@@ -450,7 +453,7 @@ def _message(exc: Any, where: str, table: dict[str, Spec], *, prefix_key: bool =
         if err["type"] == "missing":
             needed = [k for k, s in CIRCUIT_BREAKER.items() if s.default is REQUIRED]
             return f"{head} needs {' and '.join(needed)}"
-    name = f"{head} {key}" if prefix_key else head
+    name = f"{head} {(names or {}).get(key, key)}" if prefix_key else head
     sp = specs.get(key)
     value = err.get("input")
     got = short_repr(value) if shown is None else short_text(shown)
