@@ -99,14 +99,20 @@ def confirm_or_abort(sh: SelfHeal, improvement_id: str, question: str, *, yes: b
 
 
 def ask(about: str, question: str, *, yes: bool, as_json: bool) -> None:
-    """Show ``about`` (already escaped) and ask ``question`` unless ``--yes``; ``--json``
-    without ``--yes`` is a usage error (there is no prompt in JSON mode)."""
+    """Show ``about`` (already escaped) and ask ``question`` unless ``--yes``."""
+    if asking(yes=yes, as_json=as_json):
+        click.echo(about)
+        confirm(question)
+
+
+def asking(*, yes: bool, as_json: bool) -> bool:
+    """Whether a state change asks first: not with ``--yes``; ``--json`` without ``--yes`` is a
+    usage error (there is no prompt in JSON mode)."""
     if yes:
-        return
+        return False
     if as_json:
         raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
-    click.echo(about)
-    confirm(question)
+    return True
 
 
 def confirm(question: str) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from selfheal_plugin.cli.common import (check_option, common_options, confirm, confirm_or_abort, echo_json,
+from selfheal_plugin.cli.common import (asking, check_option, common_options, confirm, confirm_or_abort, echo_json,
                                         exit_for_verdict, format_p, open_service, pct, working, yes_option)
 from selfheal_plugin.history.text import for_terminal
 from selfheal_plugin.service import EARLY_HELP, TEST_MODES
@@ -95,9 +95,7 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
     sh = open_service(home, db)
     plan = sh.plan_apply(improvement_id)
     expected = plan["old_sha256"] if plan["config_changes"] else None
-    if not yes:
-        if as_json:
-            raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
+    if asking(yes=yes, as_json=as_json):
         click.echo(f"Improvement {plan['improvement_id']}: {for_terminal(plan['description'])}")
         click.echo(_test_line(plan))
         if plan["config_changes"]:
@@ -146,9 +144,7 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
                      reason: str | None = None, yes: bool = False) -> None:
     """Roll back an applied improvement (git revert, or the inverse edit). Asks first unless --yes."""
     with open_service(home, db) as sh:
-        if not yes:  # what would be undone, and any refusal, before the question
-            if as_json:
-                raise click.UsageError("--json needs --yes (there is no prompt in JSON mode)")
+        if asking(yes=yes, as_json=as_json):  # what would be undone, and any refusal, before the question
             plan = sh.plan_rollback(improvement_id)
             click.echo(f"Improvement {plan['improvement_id']} ({plan['status']}): {for_terminal(plan['description'])}")
             if plan["diff"]:
