@@ -317,6 +317,11 @@ def _reread_applicable(store: ImprovementStore, improvement_id: str) -> Improvem
     return imp
 
 
+def _check_rollbackable(imp: Improvement) -> None:
+    if imp.status not in ROLLBACKABLE:
+        raise LifecycleError(f"{imp.id} is {imp.status}; only applied or verified improvements can be rolled back")
+
+
 def _check_applicable(imp: Improvement, pending: bool = True) -> None:
     if pending and imp.pending_op:
         op = imp.pending_op.get("op") if isinstance(imp.pending_op, dict) else None
@@ -460,8 +465,7 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
     """
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
-    if imp.status not in ROLLBACKABLE:
-        raise LifecycleError(f"{imp.id} is {imp.status}; only applied or verified improvements can be rolled back")
+    _check_rollbackable(imp)
     now = now or utcnow()
     if not imp.commit_sha:
         lock = _locked(settings)
@@ -544,8 +548,7 @@ def plan_rollback(conn: sqlite3.Connection, settings: Settings, improvement_id: 
     refusals it would (wrong status, a record naming another home, a dirty tree, a conflicting
     edit), so a person is not asked first."""
     imp = ImprovementStore(conn).get(improvement_id)
-    if imp.status not in ROLLBACKABLE:
-        raise LifecycleError(f"{imp.id} is {imp.status}; only applied or verified improvements can be rolled back")
+    _check_rollbackable(imp)
     plan = {"improvement_id": imp.id, "status": imp.status, "description": imp.description,
             "commit_sha": imp.commit_sha, "method": "manual", "diff": ""}
     if imp.commit_sha:
