@@ -54,6 +54,7 @@ from selfheal_plugin.results import (
     RollbackPlan, RollbackResult, RuleResult, RulesResult, RunHealth, StatusResult, SyncResult, TestResult,
     ToolReliability, VerifyResult,
 )
+from selfheal_plugin.steps import step
 
 EXPERIMENT_MODES = ("canary", "shadow")
 TEST_MODES = ("simulation", *EXPERIMENT_MODES)
@@ -198,9 +199,9 @@ class SelfHeal:
         if fraction is not None:
             raise UsageError("--fraction is for canary mode only")
         result = simulation.test_improvement(self.conn, self.settings, improvement_id, since=since, now=self.now())
-        result["next_step"] = (f"agent self-heal apply {improvement_id}" if result["recommendation"] == "safe_to_apply"
-                               else f"agent self-heal test {improvement_id} --mode canary"
-                               if result["recommendation"] == "risky" else f"agent self-heal reject {improvement_id}")
+        result["next_step"] = (step("apply", improvement_id) if result["recommendation"] == "safe_to_apply"
+                               else step("test", improvement_id, mode="canary")
+                               if result["recommendation"] == "risky" else step("reject", improvement_id))
         return result
 
     def plan_apply(self, improvement_id: str) -> ApplyPlan:
@@ -268,7 +269,7 @@ class SelfHeal:
         from selfheal_plugin.lifecycle import canary
         result = canary.test_experiment(self.conn, self.settings, improvement_id, mode, fraction=fraction,
                                         now=self.now())
-        result["next_step"] = f"agent self-heal verify {improvement_id}"
+        result["next_step"] = step("verify", improvement_id)
         return result
 
     def canary_promote(self, improvement_id: str, *, force: bool = False,

@@ -89,12 +89,14 @@ def stable(value: Any) -> Any:
 
 
 def reference(tool: str, home: Path | str | None, db: Path | str | None = None, **args: Any) -> Any:
-    """The service's result for ``tool`` (what `agent self-heal` also calls)."""
+    """The service's result for ``tool`` (what `agent self-heal` also calls), its next steps
+    named as tools (as the MCP server asks for them)."""
     from selfheal_plugin.service import SelfHeal
+    from selfheal_plugin.steps import for_agent
 
     overrides = {"lookback": args.get("since"), "min_occurrences": args.get("min_occurrences"),
                  "confidence_threshold": args.get("confidence_threshold")}
-    with SelfHeal(home, db, **{k: v for k, v in overrides.items() if v is not None}) as sh:
+    with for_agent(), SelfHeal(home, db, **{k: v for k, v in overrides.items() if v is not None}) as sh:
         if tool == "detect_failure_patterns":
             return plain(sh.detect(runs_limit=args.get("limit", schema.default("limit")))["patterns"])
         if tool == "analyze_run_health":

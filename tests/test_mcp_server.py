@@ -310,7 +310,8 @@ def test_verify_accepts_a_keep_early_over_mcp_as_the_cli_does(binks_home):
 
 def test_a_canary_started_over_mcp_is_ended_over_mcp(home):
     """test_improvement in canary mode starts one (a commit); canary_promote is refused while
-    its verdict is extend, and canary_drop ends it (a commit) with the improvement back to proposed."""
+    its verdict is extend, and canary_drop ends it (a commit) with the improvement back to proposed.
+    What each says to do next names the tools, not the CLI."""
     from .lifecycle_data import add_improvement, git, timeout_change
 
     imp = add_improvement(home / "conversations.db", [timeout_change()])
@@ -321,9 +322,14 @@ def test_a_canary_started_over_mcp_is_ended_over_mcp(home):
         ("canary_drop", {"improvement_id": imp.id}),
         ("canary_drop", {"improvement_id": imp.id})])
     assert structured(started)["test_mode"] == "canary"
+    assert structured(started)["next_step"] == f'verify_improvement(improvement_id="{imp.id}")'
+    assert (f'end with canary_promote(improvement_id="{imp.id}") or canary_drop(improvement_id="{imp.id}")'
+            in structured(started)["reason"])
     assert "the canary's verdict is extend" in error_text(promote)
     assert structured(dropped)["status"] == "proposed"
     assert "only an improvement running as a canary or shadow can be dropped" in error_text(again)
+    assert f'(start one: test_improvement(improvement_id="{imp.id}", mode="canary"))' in error_text(again)
+    assert "agent self-heal" not in str([structured(started), error_text(promote), error_text(again)])
     assert ImprovementStore(connect(home / "conversations.db")).get(imp.id).status == "proposed"
     assert "canary" not in (home / "config.toml").read_text()
     assert len(git(home, "log", "--format=%H").split()) >= 3  # versioning, the canary, its end

@@ -46,6 +46,7 @@ from selfheal_plugin.history.abstore import AbStore, has_ab_table
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.plugins.strategy import Change, server_of
 from selfheal_plugin.history.times import format_timestamp, parse_since, parse_timestamp, utc_text, utcnow
+from selfheal_plugin.steps import step
 
 log = logging.getLogger("selfheal.health")
 
@@ -346,9 +347,9 @@ def _cite_improvement(imp: Any) -> str:
             continue
     what = f"{imp.id} ({'; '.join(changes) or imp.description})"
     if imp.status in ("proposed", "tested"):
-        return f"Apply {what}: agent self-heal apply {imp.id}"
+        return f"Apply {what}: {step('apply', imp.id)}"
     if imp.status == "applied":
-        return f"{what} is applied; check its effect: agent self-heal verify {imp.id}"
+        return f"{what} is applied; check its effect: {step('verify', imp.id)}"
     return f"{what} is under {imp.status} test; apply it when the test passes"
 
 
@@ -364,7 +365,7 @@ def _recommendation(tool: str, etype: str, durations: list[float], store: Improv
         # The value is the timeout strategy's (fitted to all the tool's calls in the window),
         # not a rule over this run's calls: point to where it is computed.
         seen = f" (calls here timed out after {int(max(durations))} ms)" if durations else ""
-        return (f"Fix the timeouts{seen}: agent self-heal detect proposes {key}.timeout_ms from the p99 of "
+        return (f"Fix the timeouts{seen}: {step('detect')} proposes {key}.timeout_ms from the p99 of "
                 f"the tool's call durations, or retries when they look like hangs (pattern timeout:{tool})")
     if etype == "connection_refused":
         target = f'servers."{server}"' if server else key
@@ -378,7 +379,7 @@ def _recommendation(tool: str, etype: str, durations: list[float], store: Improv
         return f"Check inputs before the call ({key}.preflight, e.g. [\"path_exists\"]) or fix the calling prompt"
     if etype == "permission_denied":
         return f"Grant the permission the tool needs or stop calling {tool} where it is not allowed"
-    return f"Inspect the failing calls (agent self-heal show {etype}:{tool}) to classify the error"
+    return f"Inspect the failing calls ({step('show', f'{etype}:{tool}')}) to classify the error"
 
 
 def _run_issues(f: RunFacts, comps: dict[str, Any], failures: list[dict[str, Any]], malformed: int,
@@ -407,7 +408,7 @@ def _run_issues(f: RunFacts, comps: dict[str, Any], failures: list[dict[str, Any
             calls = ref.tool_rates.get(tool, (0, 0))[0]
             add("medium" if rate < 0.75 else "low",
                 f"Tool {tool} succeeds in only {rate * 100:.0f}% of its {calls} calls across history",
-                f"See its failure patterns: agent self-heal detect --since -30d (tool {tool})", tool=tool)
+                f"See its failure patterns: {step('detect', since='-30d')} (tool {tool})", tool=tool)
     dur = comps["duration"]
     if dur["score"] is not None and dur["score"] < 0.5:
         factor = dur["duration_ms"] / dur["workflow_median_ms"] if dur["workflow_median_ms"] else 0

@@ -19,6 +19,7 @@ from typing import Any
 from selfheal_plugin.errors import NotFoundError, SelfHealError
 from selfheal_plugin.history.connection import load_json, write_transaction
 from selfheal_plugin.history.times import format_timestamp, utcnow
+from selfheal_plugin.steps import step
 
 AB_SCHEMA = """
 CREATE TABLE IF NOT EXISTS selfheal_ab (
@@ -114,7 +115,7 @@ class AbStore:
     def get(self, ab_id: str) -> AbExperiment:
         row = self.conn.execute("SELECT * FROM selfheal_ab WHERE id = ?", (ab_id,)).fetchone()
         if row is None:
-            raise NotFoundError(f"no A/B experiment {ab_id!r} (see: agent self-heal ab status)")
+            raise NotFoundError(f"no A/B experiment {ab_id!r} (see: {step('ab status')})")
         return AbExperiment.from_row(row)
 
     def list(self, status: str | tuple[str, ...] | None = None) -> list[AbExperiment]:

@@ -20,6 +20,7 @@ from typing import Any
 from selfheal_plugin.errors import NotFoundError, SelfHealError
 from selfheal_plugin.history.connection import load_json, table_columns, write_transaction
 from selfheal_plugin.history.times import format_timestamp, utcnow
+from selfheal_plugin.steps import step
 
 STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "rejected", "rolled_back", "superseded",
             "candidate", "ab", "ab_lost")
@@ -109,7 +110,7 @@ class ImprovementStore:
     def get(self, improvement_id: str) -> Improvement:
         row = self.conn.execute("SELECT * FROM improvements WHERE id = ?", (improvement_id,)).fetchone()
         if row is None:
-            raise NotFoundError(f"no improvement {improvement_id!r} (see: agent self-heal improvements)")
+            raise NotFoundError(f"no improvement {improvement_id!r} (see: {step('improvements')})")
         return Improvement.from_row(row)
 
     def list(self, status: str | None = None, limit: int | None = 20) -> list[Improvement]:

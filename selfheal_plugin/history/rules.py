@@ -37,6 +37,7 @@ from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import load_json, server_of, write_transaction
 from selfheal_plugin.history.times import format_timestamp, utcnow
+from selfheal_plugin.steps import step
 
 SOURCES = ("learned", "verified", "imported")
 TOOL = "{tool}"
@@ -288,7 +289,7 @@ class RuleStore:
     def get(self, rid: str) -> Rule:
         row = self.conn.execute(f"SELECT {self._COLS} FROM selfheal_rules WHERE id = ?", (rid,)).fetchone()
         if row is None:
-            raise NotFoundError(f"no rule {rid!r} (see: agent self-heal learn --rules)")
+            raise NotFoundError(f"no rule {rid!r} (see: {step('learn --rules')})")
         return self._row(row)
 
     def list(self, failure_kind: str | None = None, enabled_only: bool = False) -> list[Rule]:

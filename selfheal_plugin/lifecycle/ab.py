@@ -51,6 +51,7 @@ from selfheal_plugin.lifecycle.simulation import ReplayRun, load_runs
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.strategy import Proposal, StrategyError, validate_proposal
 from selfheal_plugin.runtime.experiments import AB, ARM_CONTROL, parse_experiments
+from selfheal_plugin.steps import step
 
 log = logging.getLogger("selfheal.ab")
 
@@ -217,7 +218,7 @@ def start_ab(conn: sqlite3.Connection, settings: Settings, pattern_id: str, arm_
     running = [e for e in (AbStore(conn).list(ACTIVE) if has_ab_table(conn) else []) if e.pattern_id == pattern_id]
     if running:
         raise LifecycleError(f"{running[0].id} already runs an A/B experiment of {pattern_id}; promote or drop it "
-                             f"first (agent self-heal ab promote|drop {running[0].id})")
+                             f"first ({step('ab promote|drop', running[0].id)})")
     new: list[Improvement] = []
     if arm_ids is not None:
         ids = list(dict.fromkeys(a.strip() for a in arm_ids if a.strip()))
@@ -599,7 +600,7 @@ def recover_ab_op(conn: sqlite3.Connection, settings: Settings, exp: AbExperimen
         detail = f"commit {sha[:12]} exists"
         finish = op.get("finish") if isinstance(op.get("finish"), dict) else {}
         if kind == "ab-end" and finish.get("status") == "promoted":
-            detail += f"; apply the winner with: agent self-heal ab promote {exp.id}"
+            detail += f"; apply the winner with: {step('ab promote', exp.id)}"
         return {"experiment_id": exp.id, "op": kind, "action": "finished", "detail": detail}
     detail = undo_config_write(cr, op)
     if kind == "ab-start":
@@ -652,7 +653,7 @@ def all_experiments(conn: sqlite3.Connection) -> list[AbExperiment]:
 
 def ensure_known(conn: sqlite3.Connection, ab_id: str) -> AbExperiment:
     if not has_ab_table(conn):  # an unknown id creates nothing
-        raise NotFoundError(f"no A/B experiment {ab_id!r} (see: agent self-heal ab status)")
+        raise NotFoundError(f"no A/B experiment {ab_id!r} (see: {step('ab status')})")
     return AbStore(conn).get(ab_id)
 
 

@@ -58,6 +58,7 @@ from selfheal_plugin.errors import LifecycleError, SelfHealError, UsageError
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError
 from selfheal_plugin.history.settings import Settings, lock_dir, read_config_text
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
+from selfheal_plugin.steps import step
 
 log = logging.getLogger("selfheal.apply")
 
@@ -328,7 +329,7 @@ def _check_applicable(imp: Improvement, pending: bool = True) -> None:
         raise LifecycleError(f"{imp.id} has an interrupted {str(op)[:40]} that could not be recovered; "
                              "see the warning above")
     if imp.status not in APPLICABLE:
-        hint = " (roll it back first: agent self-heal rollback)" if imp.status in ROLLBACKABLE else ""
+        hint = f" (roll it back first: {step('rollback', imp.id)})" if imp.status in ROLLBACKABLE else ""
         raise LifecycleError(f"{imp.id} is {imp.status}; only proposed or tested improvements can be applied{hint}")
 
 

@@ -31,6 +31,7 @@ from selfheal_plugin.lifecycle.cooldown import REAPPLY_COOLDOWN_DAYS, claim_once
 from selfheal_plugin.lifecycle.simulation import test_improvement
 from selfheal_plugin.lifecycle.verification import verify_improvement
 from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.steps import step
 
 log = logging.getLogger("selfheal.daemon")
 
@@ -164,7 +165,7 @@ def _extend_or_conclude(conn: sqlite3.Connection, settings: Settings, improvemen
             title=f"No clear effect of {improvement_id} after {done} extensions",
             body=(f"Verification of {improvement_id} found no significant change over {weeks:g} days "
                   f"({verification['actual_impact']}). Monitoring has ended; the change stays applied.\n\n"
-                  f"Keep it, or roll it back: agent self-heal rollback {improvement_id}"),
+                  f"Keep it, or roll it back: {step('rollback', improvement_id)}"),
             tags=["improvement", "verification", "inconclusive"], priority="normal"), s)
         return
     with write_transaction(conn):
@@ -192,7 +193,7 @@ def _auto_rollback(conn: sqlite3.Connection, settings: Settings, improvement_id:
             title=f"Automatic rollback of {improvement_id} failed",
             body=(f"Verification says {improvement_id} made things significantly worse "
                   f"({verification['actual_impact']}), but the rollback failed: {exc}\n\n"
-                  f"Roll it back by hand: agent self-heal rollback {improvement_id}"),
+                  f"Roll it back by hand: {step('rollback', improvement_id)}"),
             tags=["improvement", "rollback", "failed"], priority="urgent"), settings)
         return
     forget(conn, key)

@@ -46,6 +46,7 @@ from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.lifecycle.simulation import load_runs
 from selfheal_plugin.lifecycle.verification import assess, pattern_tool
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
+from selfheal_plugin.steps import step
 
 EXPERIMENT_MODES = (CANARY, SHADOW)
 DEFAULT_FRACTION = 0.5
@@ -203,8 +204,8 @@ def test_experiment(conn: sqlite3.Connection, settings: Settings, improvement_id
     exp = imp.experiment or {}
     if imp.status in EXPERIMENT_MODES:
         if imp.status != mode:
-            raise LifecycleError(f"{imp.id} is already in {imp.status} mode; end it first (agent self-heal canary "
-                                 f"drop {imp.id})")
+            raise LifecycleError(f"{imp.id} is already in {imp.status} mode; end it first "
+                                 f"({step('canary drop', imp.id)})")
         if fraction is not None and abs(float(fraction) - float(exp.get("fraction") or 0)) > 1e-12:
             raise LifecycleError(f"{imp.id} already runs as a canary on {exp.get('fraction'):.0%} of runs; drop it "
                                  "and start again to change the fraction")
@@ -216,7 +217,7 @@ def test_experiment(conn: sqlite3.Connection, settings: Settings, improvement_id
     running = store.list(status=mode, limit=None)
     if running:
         raise LifecycleError(f"{running[0].id} is already running as a {mode}; one {mode} at a time — promote or "
-                             f"drop it first (agent self-heal canary promote|drop {running[0].id})")
+                             f"drop it first ({step('canary promote|drop', running[0].id)})")
     f = float(fraction if fraction is not None else DEFAULT_FRACTION) if mode == CANARY else None
     started = format_timestamp(now)
     head = [ConfigChange((mode, imp.id, "fraction"), "set", f)] if f is not None else []
@@ -245,8 +246,8 @@ def _test_result(imp: Improvement, report: dict[str, Any], started: bool) -> dic
     sim = imp.test_result or {}
     rec = {"keep": "safe_to_apply", "rollback": "reject"}.get(report["recommendation"], "pending")
     if started:
-        reason = (f"{mode} started: runs from now on are measured; check with agent self-heal verify {imp.id}, "
-                  f"end with agent self-heal canary promote|drop {imp.id}")
+        reason = (f"{mode} started: runs from now on are measured; check with {step('verify', imp.id)}, "
+                  f"end with {step('canary promote|drop', imp.id)}")
     else:
         reason = report["reason"]
     return {
@@ -314,9 +315,9 @@ def experiment_report(conn: sqlite3.Connection, settings: Settings, imp: Improve
         reason += (f"; {len(runs) - n} run(s) since the start have no arm: is the runtime's ToolPolicy reading "
                    "this config.toml?")
     if a["recommendation"] == "keep":
-        reason = f"the canary arm did significantly better; promote it: agent self-heal canary promote {imp.id}"
+        reason = f"the canary arm did significantly better; promote it: {step('canary promote', imp.id)}"
     elif a["recommendation"] == "rollback":
-        reason = f"the canary arm did significantly worse; drop it: agent self-heal canary drop {imp.id}"
+        reason = f"the canary arm did significantly worse; drop it: {step('canary drop', imp.id)}"
     pattern = a["pattern"]
     if pattern is not None:  # name the groups for what they are
         pattern = {**pattern, "control_error_rate": pattern["before_error_rate"],
@@ -374,11 +375,11 @@ def _shadow_report(conn: sqlite3.Connection, settings: Settings, imp: Improvemen
     elif fail and (not succeed or (p is not None and p < alpha and fail > succeed)):
         rec, status = "rollback", "failed"
         reason = (f"{fail} call(s) that succeeded would have failed under the shadow settings; drop it: "
-                  f"agent self-heal canary drop {imp.id}")
+                  f"{step('canary drop', imp.id)}")
     elif succeed and (not fail or (p is not None and p < alpha)):
         rec, status = "keep", "verified"
         reason = (f"{succeed} failed call(s) would have succeeded and {fail} would have failed; promote it: "
-                  f"agent self-heal canary promote {imp.id}")
+                  f"{step('canary promote', imp.id)}")
     else:
         rec, status = "extend", "inconclusive"
         reason = ("extend monitoring: the shadow settings would not have changed any call's outcome" if not changed
@@ -430,7 +431,7 @@ def running_experiment(conn: sqlite3.Connection, improvement_id: str, outcome: s
     imp = ImprovementStore(conn).get(improvement_id)
     if imp.status not in EXPERIMENT_MODES:
         raise LifecycleError(f"{imp.id} is {imp.status}; only an improvement running as a canary or shadow can be "
-                             f"{outcome} (start one: agent self-heal test {imp.id} --mode canary)")
+                             f"{outcome} (start one: {step('test', imp.id, mode='canary')})")
     return imp
 
 

@@ -58,6 +58,7 @@ from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
 from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.lifecycle import gitops
 from selfheal_plugin.plugins.strategy import Change, Proposal
+from selfheal_plugin.steps import step
 
 log = logging.getLogger("selfheal.learning")
 stats = lazy_module("scipy.stats")  # imported on first use: scipy costs ~1 s at start-up
@@ -684,7 +685,7 @@ def rules_list(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 def set_rule_enabled(conn: sqlite3.Connection, rule_id: str, enabled: bool) -> dict[str, Any]:
     if not isinstance(rule_id, str) or not rule_id.strip():
-        raise UsageError("a rule id is needed (see: agent self-heal learn --rules)")
+        raise UsageError(f"a rule id is needed (see: {step('learn --rules')})")
     return RuleStore(conn).set_enabled(rule_id.strip(), enabled).to_dict()
 
 

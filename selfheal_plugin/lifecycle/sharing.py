@@ -49,6 +49,7 @@ from selfheal_plugin.history.text import bounded
 from selfheal_plugin.history.times import format_timestamp
 from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.lifecycle.gitops import git_reason, identity_env
+from selfheal_plugin.steps import step
 
 git = lazy_module("git")
 
@@ -437,7 +438,7 @@ def remembered_remote(conn: sqlite3.Connection, home: Path) -> str:
     clone here with the same url (a tampered row cannot send our packs somewhere new)."""
     url = get_state(conn, REMOTE_KEY)
     if not url:
-        raise SyncError("no sync remote yet: agent self-heal sync --remote URL (remembered afterwards)")
+        raise SyncError(f"no sync remote yet: {step('sync', remote='URL')} (remembered afterwards)")
     check_remote(url)
     path = clone_dir(home, url)
     try:

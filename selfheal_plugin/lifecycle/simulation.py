@@ -57,6 +57,7 @@ from selfheal_plugin.lifecycle.apply import APPLICABLE, LifecycleError, update_i
 from selfheal_plugin.lifecycle.configedit import split_changes
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError
+from selfheal_plugin.steps import step
 
 np = lazy_module("numpy")  # imported on first use: start-up does not pay for it
 
@@ -537,10 +538,10 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
     if imp.status not in APPLICABLE:  # a test result for something already decided would mislead
-        hint = {"applied": f" (measure it: agent self-heal verify {imp.id})",
-                "verified": f" (measure it: agent self-heal verify {imp.id})",
-                "canary": f" (its canary is running: agent self-heal verify {imp.id})",
-                "shadow": f" (its shadow is running: agent self-heal verify {imp.id})"}.get(imp.status, "")
+        verify = step("verify", imp.id)
+        hint = {"applied": f" (measure it: {verify})", "verified": f" (measure it: {verify})",
+                "canary": f" (its canary is running: {verify})",
+                "shadow": f" (its shadow is running: {verify})"}.get(imp.status, "")
         raise LifecycleError(f"{imp.id} is {imp.status}; only proposed or tested improvements can be tested{hint}")
     split_changes(imp.changes)  # a forbidden change is refused before any work
     now = now or utcnow()

@@ -43,6 +43,7 @@ from selfheal_plugin.analysis.patterns import split_pattern_id
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.lifecycle.simulation import ReplayRun, load_runs, percent_points
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
+from selfheal_plugin.steps import step
 
 VERIFIABLE = ("applied", "verified")
 EXPERIMENT_STATUSES = ("canary", "shadow")
@@ -222,8 +223,8 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
                   f"(min_sample_size {floor})")
     elif worse:
         recommendation, status = "rollback", "failed"
-        reason = ("the change made things significantly worse; roll it back with agent self-heal rollback "
-                  f"{imp.id} (the daemon does so automatically)")
+        reason = (f"the change made things significantly worse; roll it back with {step('rollback', imp.id)} "
+                  "(the daemon does so automatically)")
     elif better:
         recommendation, status = "keep", "verified"
         reason = "significant improvement"
@@ -306,7 +307,7 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
         recommendation, status = "extend", "inconclusive"
         reason = (f"significant improvement so far, but the {days:g}-day window after the apply ends "
                   f"{format_timestamp(applied + window)}: extend monitoring (a keep before then is provisional; "
-                  f"accept it now with agent self-heal verify {imp.id} --early)")
+                  f"accept it now with {step('verify', imp.id, early=True)})")
 
     metrics = {"before_success_rate": sr_b, "after_success_rate": sr_a, "runs_analyzed": n_b + n_a,
                "runs_before": n_b, "runs_after": n_a, "p_value": None if p_success is None else round(p_success, 6),

@@ -40,6 +40,7 @@ from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error
 from selfheal_plugin.history.settings import configure_logging, resolve_home
 from selfheal_plugin.service import EARLY_HELP, SelfHeal
+from selfheal_plugin.steps import for_agent
 from selfheal_plugin.mcp.access import (
     MIN_TOKEN_LENGTH, TOKEN_ENV, BearerTokenMiddleware, check_bind, load_token, restrict_to_read_only,
     transport_security,
@@ -107,11 +108,12 @@ class SelfHealingServer(MCPServer):
 @contextmanager
 def _session(home: str | os.PathLike | None, db: str | os.PathLike | None, **overrides: Any) -> Iterator[SelfHeal]:
     """The service for one call (recovery runs as it opens; its warnings go to the log),
-    closed afterwards; domain errors → one-line ToolError."""
+    closed afterwards; domain errors → one-line ToolError. What it says to do next names tools."""
     service: SelfHeal | None = None
     try:
-        service = SelfHeal(home, db, warn=log.warning, **{k: v for k, v in overrides.items() if v is not None})
-        yield service
+        with for_agent():  # its messages name the MCP tools to call next
+            service = SelfHeal(home, db, warn=log.warning, **{k: v for k, v in overrides.items() if v is not None})
+            yield service
     except SelfHealError as exc:
         raise ToolError(one_line(str(exc))) from None
     except sqlite3.OperationalError as exc:

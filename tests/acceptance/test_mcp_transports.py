@@ -99,7 +99,7 @@ def test_stdio_all_nine_tools_match_the_library(home):
     again = reference("propose_improvement", home, pattern_id=out["proposal"]["pattern_id"])
     assert again["improvement_id"] == imp_id and again["created"] is False
     row = ImprovementStore(connect(db)).get(imp_id)
-    assert out["test"] == {**row.test_result, "next_step": f"agent self-heal apply {imp_id}"}
+    assert out["test"] == {**row.test_result, "next_step": f'apply_improvement(improvement_id="{imp_id}")'}
     assert (out["apply"]["status"], out["apply"]["commit_sha"], out["apply"]["applied_at"]) == (
         "applied", row.commit_sha, row.applied_at)
     log = subprocess.run(["git", "-C", str(home), "log", "-1", "--format=%B"], capture_output=True, text=True)

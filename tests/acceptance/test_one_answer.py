@@ -132,4 +132,8 @@ def test_the_next_step_follows_the_tests_verdict(history_copy, binks_home):
                     "reject": f"agent self-heal reject {imp_id}"}[verdict["recommendation"]]
         assert verdict["next_step"] == expected
         over_mcp = _mcp(binks_home, "test_improvement", improvement_id=imp_id)
-        assert over_mcp.structured_content["next_step"] == expected
+        # the same step, as the tool an agent calls (reject has none: the command stays)
+        assert over_mcp.structured_content["next_step"] == {
+            "safe_to_apply": f'apply_improvement(improvement_id="{imp_id}")',
+            "risky": f'test_improvement(improvement_id="{imp_id}", mode="canary")',
+            "reject": expected}[verdict["recommendation"]]
