@@ -218,10 +218,12 @@ class Daemon:
 
     # -------------------------------------------------------------- one round
 
-    def tick(self, now: datetime | None = None) -> TickReport:
+    def tick(self, now: datetime | None = None, *, log_summary: bool = True) -> TickReport:
         """Detection, optional proposals and auto-apply, due verifications (see module doc).
 
         A step that fails is logged and listed in ``errors``; the others still run.
+        ``log_summary``: also say the round's summary in the log (False when the caller prints
+        the returned report itself, as ``--once`` does: said once, not twice).
         """
         now = now or self.clock()
         self._now = now
@@ -258,7 +260,8 @@ class Daemon:
                 report.errors.append(f"{name}: {exc}")
                 log.warning("%s failed: %s", name, exc)
         self._report_plugin_errors(report)
-        log.info("tick at %s: %s", report.at, report.summary())
+        if log_summary:
+            log.info("tick at %s: %s", report.at, report.summary())
         if self.on_report is not None:
             self.on_report(report)
         return report
@@ -341,11 +344,12 @@ class Daemon:
         return self.watcher
 
     def run_once(self) -> tuple[CheckResult, TickReport]:
-        """Hook what is new once (no watcher thread), then one tick."""
+        """Hook what is new once (no watcher thread), then one tick, whose report the caller
+        prints (so its summary is not logged as well)."""
         plugins.load_plugins(self.settings.plugins_dir)
         recover_unfired(self.conn, self.settings)
         checked = check_history(self.conn, self.settings)
-        return checked, self.tick()
+        return checked, self.tick(log_summary=False)
 
     def run(self, install_signals: bool = True) -> None:
         """Watch and tick every interval until stopped. The lock must be held."""

@@ -100,6 +100,14 @@ def test_once_hooks_what_was_written_while_no_daemon_ran(home):
     assert text.returncode == 0 and "Hooked 0 failed run(s)" in text.stdout
 
 
+def test_once_prints_its_round_once(home):
+    """The round --once prints on stdout is not repeated as a log line on stderr."""
+    res = run_agent("self-heal-daemon", "--home", str(home), "--once")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("Round at ") == 1
+    assert "tick at" not in res.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--interval", "0"], "invalid interval '0'"),
     (["--interval", "1x"], "invalid interval '1x'"),
