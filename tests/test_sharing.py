@@ -338,6 +338,39 @@ def test_the_cli_exports_imports_and_syncs_with_one_line_errors(tmp_path):
     assert r.exit_code == 0 and json.loads(r.output)["remote"] == url
 
 
+def test_import_and_sync_wrap_long_lines_under_their_indent_at_80_columns(tmp_path, monkeypatch):
+    a, b, c, d = (_home(tmp_path, name) for name in "abcd")
+    with _open(a) as sa:
+        tmpl = template_from_changes([{"kind": "config", "file": "config.toml", "path": ["tools", SEARCH, "timeout_ms"],
+                                       "op": "set", "value": 90000}], SEARCH)
+        ev = {"zz:x": {"source": "learned", "worked": True, "measured_at": "2026-11-01T00:00:00Z"}}
+        RuleStore(sa.conn).merge(Rule.build("slow_tail", tmpl, "raise the timeout of the web search tool to what "
+                                            "its slow calls need, measured over a week of runs", ev))
+    pack = _cli("export", "--home", str(a)).output.encode()
+    url = _bare(tmp_path)
+    assert _cli("sync", "--remote", url, "--home", str(a)).exit_code == 0
+
+    def wrapped(output: str) -> list[str]:
+        lines = output.splitlines()
+        assert len(lines) > 2 and all(len(line) <= 80 for line in lines), output
+        assert all(line.startswith("  ") for line in lines[1:]), output  # continuations under their indent
+        return lines
+
+    monkeypatch.setenv("COLUMNS", "80")
+    imported = _cli("import", "-", "--home", str(b), input=pack)
+    assert imported.exit_code == 0, imported.output
+    lines = wrapped(imported.output)
+    rule_at = next(i for i, line in enumerate(lines) if line.startswith("  + rule-"))
+    assert lines[rule_at + 1].startswith("    ") and not lines[rule_at + 1].startswith("     ")
+    synced = _cli("sync", "--remote", url, "--home", str(c))
+    assert synced.exit_code == 0, synced.output
+    assert "Synced with" in wrapped(synced.output)[0]
+    monkeypatch.delenv("COLUMNS")  # piped, no COLUMNS: each line whole, for grep
+    again = _cli("import", "-", "--home", str(d), input=pack)
+    assert again.exit_code == 0 and any(line.startswith("  ") and "measured over a week of runs" in line
+                                        and "web search tool" in line for line in again.output.splitlines())
+
+
 def test_pack_text_is_escaped_when_the_cli_shows_it(tmp_path):
     a, b = _home(tmp_path, "a"), _home(tmp_path, "b")
     with _open(a) as sa:

@@ -6,8 +6,10 @@ from typing import Any
 
 import click
 
-from selfheal_plugin.cli.common import common_options, confirm_or_abort, echo_json, format_p, open_service, pct, yes_option
+from selfheal_plugin.cli.common import (common_options, confirm_or_abort, echo_json, format_p, open_service, pct,
+                                        print_line, table_console, yes_option)
 from selfheal_plugin.cli.options import WholeSummaries
+from selfheal_plugin.history.text import for_rich
 
 
 def _rate(x: float | None) -> str:
@@ -20,44 +22,48 @@ def _p(x: float | None) -> str:
 
 def print_experiment_report(r: dict[str, Any], indent: str = "  ") -> None:
     """The measurement of a canary (arms) or shadow (outcome changes)."""
+    out = table_console()
     m, w = r["metrics"], r["window"]
     if r["mode"] == "canary":
         split = m["split"]
-        click.echo(f"{indent}Canary vs control since {w['since']} (until {w['until']}"
+        print_line(out, f"{indent}Canary vs control since {for_rich(w['since'])} (until {for_rich(w['until'])}"
                    + ("" if w["complete"] else ", window still open") + ")")
-        click.echo(f"{indent}Runs: {m['runs_canary']} canary, {m['runs_control']} control "
+        print_line(out, f"{indent}Runs: {m['runs_canary']} canary, {m['runs_control']} control "
                    f"(canary share {_rate(split['canary_share'])}, configured {pct(split['fraction'])}, "
                    f"binomial {_p(split['p_value'])})")
-        click.echo(f"{indent}Success rate: canary {_rate(m['canary_success_rate'])}, control "
+        print_line(out, f"{indent}Success rate: canary {_rate(m['canary_success_rate'])}, control "
                    f"{_rate(m['control_success_rate'])} (Fisher {_p(m['p_value'])})")
         p = m.get("pattern")
         if p:
-            click.echo(f"{indent}{p['pattern_id']} error rate: canary {_rate(p['canary_error_rate'])}, control "
-                       f"{_rate(p['control_error_rate'])} per call ({_p(p['p_value'])})")
+            print_line(out, f"{indent}{for_rich(p['pattern_id'])} error rate: canary {_rate(p['canary_error_rate'])}, "
+                       f"control {_rate(p['control_error_rate'])} per call ({_p(p['p_value'])})")
     else:
-        click.echo(f"{indent}Shadow observations since {w['since']} (until {w['until']})")
-        click.echo(f"{indent}Runs observed: {m['runs_observed']} of {m['runs_in_period']}; calls observed: "
+        print_line(out, f"{indent}Shadow observations since {for_rich(w['since'])} (until {for_rich(w['until'])})")
+        print_line(out, f"{indent}Runs observed: {m['runs_observed']} of {m['runs_in_period']}; calls observed: "
                    f"{m['calls_observed']}")
-        click.echo(f"{indent}Calls that would have changed outcome: {m['calls_would_change']} "
+        print_line(out, f"{indent}Calls that would have changed outcome: {m['calls_would_change']} "
                    f"({m['calls_would_succeed']} failure → success, {m['calls_would_fail']} success → failure)")
-        click.echo(f"{indent}Runs: {m['runs_would_recover']} failed run(s) would have got past that call, "
+        print_line(out, f"{indent}Runs: {m['runs_would_recover']} failed run(s) would have got past that call, "
                    f"{m['runs_would_break']} completed run(s) would have failed")
     icon = {"keep": "✅", "rollback": "❌", "extend": "⏳"}[r["recommendation"]]
-    click.echo(f"{icon} Recommendation: {r['recommendation']} ({r['verification_status']}) — {r['reason']}")
+    print_line(out, f"{icon} Recommendation: {r['recommendation']} ({r['verification_status']}) — "
+               f"{for_rich(r['reason'])}", hang=3)
 
 
 def print_experiment_test(r: dict[str, Any]) -> None:
+    out = table_console()
     mode = r["test_mode"]
     if r["started"]:
         what = f"on {pct(r['fraction'])} of runs" if mode == "canary" else "observed only; outcomes unchanged"
-        click.echo(f"🧪 Started {mode} of {r['improvement_id']} ({what})")
-        click.echo(f"  Section: {r['config_section']} in config.toml, commit {(r['commit_sha'] or '')[:12]}")
+        print_line(out, f"🧪 Started {mode} of {for_rich(r['improvement_id'])} ({what})", hang=3)
+        print_line(out, f"  Section: {for_rich(r['config_section'])} in config.toml, commit "
+                   f"{(r['commit_sha'] or '')[:12]}")
         if r.get("diff"):
             click.echo(r["diff"].rstrip("\n"))
-        click.echo(f"  Next: agent self-heal verify {r['improvement_id']}; end it with agent self-heal canary "
-                   f"promote|drop {r['improvement_id']}")
+        print_line(out, f"  Next: agent self-heal verify {for_rich(r['improvement_id'])}; end it with agent "
+                   f"self-heal canary promote|drop {for_rich(r['improvement_id'])}")
         return
-    click.echo(f"🧪 {r['improvement_id']} runs as a {mode} since {r['started_at']}")
+    print_line(out, f"🧪 {for_rich(r['improvement_id'])} runs as a {mode} since {for_rich(r['started_at'])}", hang=3)
     print_experiment_report(r["report"])
 
 
@@ -82,15 +88,16 @@ def promote_command(improvement_id: str, home: str | None, db: str | None, as_js
     if as_json:
         echo_json(r)
         return
+    out = table_console()
     ended = r["ended"]
-    click.echo(f"⬆️  Promoted {r['improvement_id']} from {ended['mode']}")
+    print_line(out, f"⬆️  Promoted {for_rich(r['improvement_id'])} from {ended['mode']}", hang=4)
     if ended["end_commit_sha"]:
-        click.echo(f"  Section removed: commit {ended['end_commit_sha'][:12]}")
-    click.echo(f"  Applied: commit {(r['commit_sha'] or '')[:12]} in {r['repository']}")
+        print_line(out, f"  Section removed: commit {ended['end_commit_sha'][:12]}")
+    print_line(out, f"  Applied: commit {(r['commit_sha'] or '')[:12]} in {for_rich(r['repository'])}")
     for line in (r["changes_made"] or "").splitlines():
-        click.echo(f"  {line}")
-    click.echo(f"  Verification scheduled: {r['verification_scheduled']} (agent self-heal verify "
-               f"{r['improvement_id']})")
+        print_line(out, f"  {for_rich(line)}")
+    print_line(out, f"  Verification scheduled: {for_rich(r['verification_scheduled'])} (agent self-heal verify "
+               f"{for_rich(r['improvement_id'])})")
 
 
 @canary_group.command("drop")

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from selfheal_plugin.cli.common import common_options, echo_json, open_service
-from selfheal_plugin.history.text import for_terminal
+from selfheal_plugin.cli.common import common_options, echo_json, open_service, print_line, table_console
+from selfheal_plugin.history.text import for_rich, for_terminal
 from selfheal_plugin.lifecycle.sharing import MAX_PACK_BYTES
 
 
@@ -25,17 +25,18 @@ def _read(source: str) -> tuple[bytes, str]:
         raise click.ClickException(f"cannot read {source}: {exc.strerror or exc}") from None
 
 
-def _rule_line(r: dict[str, Any]) -> str:
-    return f"  {r['id']}  {for_terminal(r['failure_kind'])}: {for_terminal(r['description'])} — {r['summary']}"
+def _rule_line(r: dict[str, Any], mark: str) -> str:
+    return (f"  {mark} {for_rich(r['id'])}  {for_rich(r['failure_kind'])}: {for_rich(r['description'])} — "
+            f"{for_rich(r['summary'])}")
 
 
-def _print_merge(r: dict[str, Any]) -> None:
-    click.echo(f"  {len(r['added'])} added, {len(r['updated'])} updated, {len(r['unchanged'])} unchanged")
-    for key, label in (("added", "+"), ("updated", "~")):
+def _print_merge(out: Any, r: dict[str, Any]) -> None:
+    print_line(out, f"  {len(r['added'])} added, {len(r['updated'])} updated, {len(r['unchanged'])} unchanged")
+    for key, mark in (("added", "+"), ("updated", "~")):
         for rule in r[key]:
-            click.echo(f"  {label}{_rule_line(rule)[1:]}")
+            print_line(out, _rule_line(rule, mark))
     if r.get("own_entries_ignored"):
-        click.echo(f"  {r['own_entries_ignored']} evidence entr{'y' if r['own_entries_ignored'] == 1 else 'ies'} "
+        print_line(out, f"  {r['own_entries_ignored']} evidence entr{'y' if r['own_entries_ignored'] == 1 else 'ies'} "
                    "claimed for this home ignored (our own measurement wins)")
 
 
@@ -75,8 +76,9 @@ def import_command(source: str, home: str | None, db: str | None, as_json: bool)
     if as_json:
         echo_json(r)
         return
-    click.echo(f"📥 Imported {for_terminal(where)}: {r['rules']} rule(s) from home {r['home']}")
-    _print_merge(r)
+    out = table_console()
+    print_line(out, f"📥 Imported {for_rich(where)}: {r['rules']} rule(s) from home {for_rich(r['home'])}", hang=3)
+    _print_merge(out, r)
 
 
 @click.command("sync")
@@ -95,11 +97,12 @@ def sync_command(home: str | None, db: str | None, as_json: bool, remote: str | 
         return
     pushed = "pushed our pack" if r["pushed"] else "our pack was already up to date"
     retry = " (after one retry)" if r["attempts"] > 1 else ""
-    click.echo(f"🔄 Synced with {for_terminal(r['remote'])}: {len(r['packs_read'])} other home(s) read, "
-               f"{pushed}{retry}")
+    out = table_console()
+    print_line(out, f"🔄 Synced with {for_rich(r['remote'])}: {len(r['packs_read'])} other home(s) read, "
+               f"{pushed}{retry}", hang=3)
     for refused in r["packs_refused"]:
-        click.echo(f"  skipped {for_terminal(refused['pack'])}: {for_terminal(refused['reason'])}")
-    _print_merge(r)
+        print_line(out, f"  skipped {for_rich(refused['pack'])}: {for_rich(refused['reason'])}")
+    _print_merge(out, r)
 
 
 COMMANDS = [export_command, import_command, sync_command]

@@ -59,6 +59,22 @@ def test_canary_start_report_and_promote(db, binks_home):
     assert len(git(binks_home, "log", "--format=%H").split()) == 4  # start versioning, canary, end, apply
 
 
+def test_canary_text_wraps_under_its_indent_at_80_columns(db, binks_home):
+    imp = add_improvement(db, [timeout_change(90_000)])
+    outputs = [run_agent("self-heal", *args, env={"COLUMNS": "80"}) for args in (
+        ("test", imp.id, "--mode", "canary", "--fraction", "0.3"), ("verify", imp.id),
+        ("canary", "promote", imp.id, "--force", "--yes"))]
+    for r in outputs:
+        assert r.returncode == 0, r.stderr
+        lines = [line for line in r.stdout.splitlines() if not line.startswith(("+", "-", "@"))]  # the diff: as is
+        assert all(len(line) <= 80 for line in lines), r.stdout
+        assert all(line.startswith(("  ", "🧪", "✅", "❌", "⏳", "⬆️")) for line in lines if line), r.stdout
+    started, verified, promoted = (r.stdout for r in outputs)
+    assert "\n    promote|drop" in started or "\n    self-heal canary promote" in started  # the Next: line wrapped
+    assert "Canary vs control since" in verified and "Recommendation: extend" in verified
+    assert "Verification scheduled:" in promoted
+
+
 def test_shadow_then_drop_in_text(db, binks_home):
     imp = add_improvement(db, [timeout_change(90_000)])
     r = run_agent("self-heal", "test", imp.id, "--mode", "shadow")
