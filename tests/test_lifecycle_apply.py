@@ -286,6 +286,36 @@ def test_unparsable_config_is_refused_before_anything_happens(binks_home, db):
     assert_nothing_changed(binks_home, cfg, b"[tools\ntimeout_ms = \n", None, db, imp.id)
 
 
+@pytest.mark.parametrize("bad", ['"abc"', "-5", "true", '"90.5"', "90000.5"])
+def test_a_tool_value_the_runtime_refuses_is_refused_not_replaced(binks_home, db, bad):
+    """apply would overwrite the person's broken timeout_ms (or leave a file ToolPolicy does not
+    load): one line naming the file, table and key, and nothing changed."""
+    imp = add_improvement(db, [timeout_change()])
+    conn, s = conn_settings(binks_home)
+    cfg = binks_home / "config.toml"
+    text = USER_CONFIG.replace("timeout_ms = 60000", f"timeout_ms = {bad}")
+    cfg.write_text(text)
+    where = f'{cfg}: [tools."{K8S}"] timeout_ms must be '
+    for attempt in (plan_apply, apply_improvement):
+        with pytest.raises(ConfigError) as err:
+            attempt(conn, s, imp.id)
+        assert str(err.value).startswith(where) and str(err.value).endswith("; fix it first, nothing was changed")
+        assert "\n" not in str(err.value)
+    assert not (binks_home / ".git").exists()
+    assert_nothing_changed(binks_home, cfg, text.encode(), None, db, imp.id)
+
+
+def test_a_change_that_writes_a_value_the_runtime_refuses_is_refused(binks_home, db):
+    imp = add_improvement(db, [timeout_change("90000")])  # a plugin's proposal: a string for a number
+    conn, s = conn_settings(binks_home)
+    cfg = binks_home / "config.toml"
+    cfg.write_text(USER_CONFIG)
+    with pytest.raises(ChangeError, match=r"the change would write a value the runtime refuses: .*timeout_ms must be "
+                                          r"an integer .*got '90000'; nothing was changed"):
+        apply_improvement(conn, s, imp.id)
+    assert_nothing_changed(binks_home, cfg, USER_CONFIG.encode(), None, db, imp.id)
+
+
 def test_change_outside_config_toml_is_refused(binks_home, db):
     imp = add_improvement(db, [{"kind": "config", "file": "../.bashrc", "path": ["x"], "op": "set", "value": 1}])
     conn, s = conn_settings(binks_home)

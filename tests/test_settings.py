@@ -65,3 +65,33 @@ def test_a_misspelled_setting_is_said_once_and_a_plugins_own_key_is_not(binks_ho
     told = [r.getMessage() for r in caplog.records if r.name == "selfheal.settings"]
     assert len(told) == 1 and "'min_occurences' (did you mean min_occurrences?" in told[0]
     assert first.min_occurrences == 3 and first.extra == {"min_occurences": 50, "my_plugin_token": "x"}
+
+
+@pytest.mark.parametrize("bad", ['"abc"', "-5", "0", "true", '"90.5"', "90000.5"])
+def test_a_wrong_tool_value_is_refused_by_the_runtime_and_ignored_by_a_reader_with_one_warning(binks_home, caplog,
+                                                                                               bad):
+    from datetime import UTC, datetime
+
+    from selfheal_plugin.history.connection import connect
+    from selfheal_plugin.history.settings import check_tool_tables, read_config
+    from selfheal_plugin.plugins.strategy import HistoryWindow
+    from selfheal_plugin.runtime.policy import ToolPolicy
+
+    write_config(binks_home, f'[tools."k8s"]\ntimeout_ms = {bad}\nretry_attempts = 2\n'
+                             '[servers."k8s"]\ncommand = "k8s-mcp"\nauto_restart = "yes"\n')
+    cfg = binks_home / "config.toml"
+    checked, problems = check_tool_tables(read_config(cfg), cfg)
+    assert checked["tools"] == {"k8s": {"retry_attempts": 2}} and checked["servers"] == {"k8s": {"command": "k8s-mcp"}}
+    assert len(problems) == 2 and problems[0].startswith(f'{cfg}: [tools."k8s"] timeout_ms must be ')
+    assert problems[1] == f'{cfg}: [servers."k8s"] auto_restart must be true or false, got \'yes\''
+    with pytest.raises(ConfigError) as refused:  # the runtime's ToolPolicy reads the same rule
+        ToolPolicy(cfg, watch=False)
+    assert str(refused.value) == problems[0]
+    # what a strategy or the simulation reads: the wrong value left out, each said once
+    conn = connect(binks_home / "conversations.db", create=True)
+    with caplog.at_level("WARNING", logger="selfheal.settings"):
+        for _ in range(2):
+            window = HistoryWindow(conn, datetime(2026, 11, 1, tzinfo=UTC), settings=load_settings(binks_home))
+            assert window.tool_setting("k8s", "timeout_ms") is None and window.tool_setting("k8s", "retry_attempts") == 2
+    told = [r.getMessage() for r in caplog.records if r.name == "selfheal.settings"]
+    assert told == [f"{line} (ignored; apply refuses to edit the file until it is fixed)" for line in problems]

@@ -192,13 +192,18 @@ def test_tool_error_fix_follows_the_messages(tmp_path, templates, expect):
         assert p.description == "Validate list_dir arguments before calling it"
 
 
-def test_preflight_keeps_checks_already_configured(tmp_path):
+def test_preflight_keeps_checks_already_configured_and_not_ones_the_runtime_refuses(tmp_path, caplog):
     db = _tool_error_history(tmp_path / "c.db", ("Path not found: {path}",))
     home = tmp_path / "home"
     home.mkdir()
+    (home / "config.toml").write_text('[tools.list_dir]\npreflight = ["path_exists"]\n')
+    assert _propose(db, "tool_error:list_dir", home).changes[0].value == ["path_exists"]
+    # a check ToolPolicy does not know makes it refuse the file: the reader ignores it and says so
     (home / "config.toml").write_text('[tools.list_dir]\npreflight = ["non_empty"]\n')
-    p = _propose(db, "tool_error:list_dir", home)
-    assert p.changes[0].value == ["non_empty", "path_exists"]
+    with caplog.at_level("WARNING", logger="selfheal.settings"):
+        p = _propose(db, "tool_error:list_dir", home)
+    assert p.changes[0].value == ["path_exists"]
+    assert "[tools.\"list_dir\"] preflight: unknown preflight check 'non_empty'" in caplog.text
 
 
 def test_connection_refused_retries_follow_the_failure_rate(all_types_history):

@@ -137,7 +137,7 @@ def check_range(key: str, value: Any, where: str, error: type[Exception] = Confi
         raise error(f"{where}: {key} must be between {lo:g} and {hi:g}, got {value!r}")
 
 
-_WARNED: set[tuple[str, str]] = set()  # (config file, key): each misspelling is told once a process
+_WARNED: set[tuple[str, str]] = set()  # (config file, key or line): each mistake is told once a process
 
 
 def _warn_misspelled(path: Path, extra: dict[str, Any]) -> None:
@@ -152,6 +152,61 @@ def _warn_misspelled(path: Path, extra: dict[str, Any]) -> None:
             logging.getLogger("selfheal.settings").warning(
                 "%s: [self_heal] has no setting %r (did you mean %s? its default is in force)", path,
                 schema.short_text(str(key)), close[0])
+
+
+# The tables of config.toml the runtime's ToolPolicy reads per tool and per server, and the
+# schema table that declares each (the runtime validates them through the same one).
+TOOL_TABLES = {"tools": "tool", "servers": "server"}
+
+
+def check_tool_tables(config: dict[str, Any], path: Path) -> tuple[dict[str, Any], list[str]]:
+    """``config`` (a parsed config.toml) with every ``[tools."NAME"]`` and ``[servers."NAME"]``
+    value the runtime's ToolPolicy would refuse left out (``timeout_ms = "abc"``, a negative
+    limit, a bool for a number), and one line for each, naming the file, table and key in the
+    schema's words, as for ``[self_heal]``. A command that only reads these values ignores the
+    wrong ones with a warning (:func:`warn_tool_tables`); one that writes into the file refuses."""
+    out, problems = dict(config), []
+    for top, kind in TOOL_TABLES.items():
+        if top not in config:
+            continue
+        tables = config[top]
+        if not isinstance(tables, dict):
+            problems.append(f"{path}: [{top}] must be a table")
+            out[top] = {}
+            continue
+        kept: dict[str, Any] = {}
+        for name, table in tables.items():
+            where = f'{path}: [{top}."{name}"]'
+            try:
+                schema.validate(kind, table, where)
+            except ConfigError as exc:
+                if not isinstance(table, dict):
+                    problems.append(str(exc))
+                    continue
+                kept[name] = {}
+                for key, value in table.items():  # the first wrong key is not the only one
+                    try:
+                        schema.validate(kind, {key: value}, where)
+                    except ConfigError as wrong:
+                        problems.append(str(wrong))
+                    else:
+                        kept[name][key] = value
+            else:
+                kept[name] = table
+        out[top] = kept
+    return out, problems
+
+
+def warn_tool_tables(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """:func:`check_tool_tables` for a command that only reads the values: the wrong ones are
+    ignored, each said once a process in a warning."""
+    checked, problems = check_tool_tables(config, path)
+    for line in problems:
+        if (str(path), line) not in _WARNED:
+            _WARNED.add((str(path), line))
+            logging.getLogger("selfheal.settings").warning(
+                "%s (ignored; apply refuses to edit the file until it is fixed)", line)
+    return checked
 
 
 def load_settings(

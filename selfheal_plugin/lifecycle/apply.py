@@ -54,9 +54,9 @@ from selfheal_plugin.lifecycle import gitops
 
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
-from selfheal_plugin.errors import LifecycleError, SelfHealError, UsageError
+from selfheal_plugin.errors import ConfigError, LifecycleError, SelfHealError, UsageError
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError
-from selfheal_plugin.history.settings import Settings, lock_dir, read_config_text
+from selfheal_plugin.history.settings import Settings, check_tool_tables, lock_dir, read_config_text
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 from selfheal_plugin.steps import step
 
@@ -264,6 +264,21 @@ def _created_tables(record: dict[str, Any]) -> list[list[str]]:
 # ------------------------------------------------------------------ planning
 
 
+def check_tool_values(text: str | None, where: Path, *, written: bool = False) -> None:
+    """Refuse to apply when a ``[tools]`` or ``[servers]`` value in ``text`` is one the runtime
+    refuses (:func:`~selfheal_plugin.history.settings.check_tool_tables`): in the file as it is,
+    a change would replace the person's value silently or leave a file ToolPolicy does not load;
+    in what a change would write (``written``), the change is wrong."""
+    _, problems = check_tool_tables(configedit.parse_config_text(text, str(where)), where)
+    if not problems:
+        return
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    if written:
+        raise configedit.ChangeError(f"the change would write a value the runtime refuses: {problems[0]}{more}; "
+                                     "nothing was changed")
+    raise ConfigError(f"{problems[0]}{more}; fix it first, nothing was changed")
+
+
 def _config_changes(imp: Improvement) -> tuple[list[ConfigChange], list[str]]:
     return configedit.split_changes(imp.changes)
 
@@ -299,6 +314,8 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
     cr = gitops.locate(settings.config_path, settings.home)
     old = read_text(cr.real_path)
     edit = configedit.edit_config(old, changes, where=str(cr.real_path))
+    check_tool_values(old, cr.real_path)
+    check_tool_values(edit.new_text, cr.real_path, written=True)
     gitops.check_clean(cr)
     if not edit.changed:
         raise LifecycleError(f"{display_path(settings.config_path)} already holds these values; nothing to apply")
@@ -372,6 +389,8 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
         cr = gitops.locate(settings.config_path, settings.home)
         old = read_text(cr.real_path)
         edit = configedit.edit_config(old, changes, where=str(cr.real_path))
+        check_tool_values(old, cr.real_path)
+        check_tool_values(edit.new_text, cr.real_path, written=True)
         gitops.check_clean(cr)
         if expected_sha256 is not None and (sha256_text(old) or ABSENT) != expected_sha256:
             raise LifecycleError(f"{cr.real_path} changed since the diff was shown; nothing was changed, run "

@@ -35,7 +35,7 @@ from selfheal_plugin.lifecycle import gitops
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.apply import (
     APPLICABLE, ChangedMeanwhileError, LifecycleError, UntrustedRecordError, _locked, abort_operation,
-    apply_improvement, atomic_write, crash_point, read_text, trusted_op_commit, undo_config_write,
+    apply_improvement, atomic_write, check_tool_values, crash_point, read_text, trusted_op_commit, undo_config_write,
     update_if_unchanged, update_status,
 )
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
@@ -463,6 +463,8 @@ def promote_experiment(conn: sqlite3.Connection, settings: Settings, improvement
     """End the canary/shadow (section removed, committed) and apply the improvement
     normally (its own commit, applied_at = ``now``)."""
     now = now or utcnow()
+    real = gitops.locate(settings.config_path, settings.home).real_path
+    check_tool_values(read_text(real), real)  # apply would refuse it after the section is gone: refuse first
     imp, ended = _end(conn, settings, improvement_id, "promoted", now)
     applied = apply_improvement(conn, settings, imp.id, changes_made, now=now)
     return {**applied, "ended": ended}

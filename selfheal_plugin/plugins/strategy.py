@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import last_event_id, normalize_error_type, scan_id_range
 from selfheal_plugin.history.connection import server_of  # noqa: F401  (for strategies)
-from selfheal_plugin.history.settings import read_config
+from selfheal_plugin.history.settings import read_config, warn_tool_tables
 from selfheal_plugin.history.times import utcnow
 from selfheal_plugin.history.errorindex import refresh
 
@@ -414,9 +414,12 @@ class HistoryWindow:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The parsed ``config.toml`` of the home (empty without settings or file)."""
+        """The parsed ``config.toml`` of the home (empty without settings or file), read as the
+        runtime reads its ``[tools]`` and ``[servers]``: a value it would refuse is left out,
+        with a warning that names it (:func:`~selfheal_plugin.history.settings.warn_tool_tables`)."""
         if self._config is None:
-            self._config = read_config(self.settings.config_path) if self.settings else {}
+            path = self.settings.config_path if self.settings else None
+            self._config = warn_tool_tables(read_config(path), path) if path else {}
         return self._config
 
     def tool_setting(self, tool_name: str, *keys: str) -> Any:
