@@ -248,6 +248,21 @@ def _lib(home):
     return connect(home / "conversations.db"), settings_for(home)
 
 
+def test_promote_refuses_a_tool_value_the_runtime_refuses_before_it_ends_the_canary(home):
+    imp = add_improvement(home / "conversations.db", [timeout_change(90_000)], status="tested")
+    conn, s = _lib(home)
+    test_experiment(conn, s, imp.id, "canary", fraction=0.5, now=NOW)
+    cfg = home / "config.toml"
+    cfg.write_text(cfg.read_text().replace("timeout_ms = 5000", 'timeout_ms = "5s"'))
+    git_as_user(home, "commit", "-q", "-am", "mine, broken")
+    head, before = git(home, "rev-parse", "HEAD"), cfg.read_bytes()
+    with pytest.raises(ConfigError, match=r'\[tools."other"\] timeout_ms must be an integer .*got \'5s\'; fix it '
+                                          r"first, nothing was changed"):
+        promote_experiment(conn, s, imp.id, now=NOW + timedelta(days=1))
+    assert ImprovementStore(conn).get(imp.id).status == "canary"  # still running: nothing was changed
+    assert git(home, "rev-parse", "HEAD") == head and cfg.read_bytes() == before
+
+
 def test_a_canary_is_a_committed_section_and_drop_restores_the_config(home):
     imp = add_improvement(home / "conversations.db", [timeout_change(90_000)], status="tested")
     conn, s = _lib(home)
