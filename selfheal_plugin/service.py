@@ -48,6 +48,7 @@ from selfheal_plugin.lifecycle import proposals  # the other lifecycle modules: 
 from selfheal_plugin.lifecycle.cooldown import claim_notifications
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.plugins import manager as plugins
+from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError
 from selfheal_plugin.results import (
     AbExperiment, AbList, AgentMetrics, ApplyPlan, ApplyResult, DetectResult, FixPack, HealthDashboard,
     ImportResult, ImprovementRow, LearnResult, PatternDetails, PluginsReport, PromoteResult, ProposalOutcome,
@@ -121,10 +122,15 @@ class SelfHeal:
         found = detect_failure_patterns(self.conn, since=since or s.lookback, min_occurrences=s.min_occurrences,
                                         confidence_threshold=s.confidence_threshold, now=now, progress=progress,
                                         lazy_detail=True, **filters)
+        # one window for proposing and suggesting: each tool's calls are read once, each
+        # pattern's strategy runs once (a proposal a rejection kept out is still the suggestion)
+        history = proposals.history_window(self.conn, s, since, now=now)
         outcomes: list[ProposalOutcome] = []
+        made: dict[str, Proposal | StrategyError] = {}
         if propose and found.patterns:
-            outcomes = self._propose_all(found.patterns, since=since, now=now, should_stop=should_stop)
-        self._attach_fixes(found.patterns, since)
+            outcomes = self._propose_all(found.patterns, since=since, now=now, should_stop=should_stop,
+                                         history=history, made=made)
+        self._attach_fixes(found.patterns, history, made)
         notified: list[str] = []
         if notify and found.patterns:
             claimed = set(claim_notifications(self.conn, [p.id for p in found.patterns], now, s.cooldown_minutes))
@@ -138,13 +144,16 @@ class SelfHeal:
 
     def show(self, pattern_id: str, since: str | None = None) -> PatternDetails:
         """One pattern: message templates, context, affected runs, and its suggested fix."""
-        pattern = get_pattern(self.conn, pattern_id, since=since or self.settings.lookback, now=self.now())
-        self._attach_fixes([pattern], since)
+        now = self.now()
+        pattern = get_pattern(self.conn, pattern_id, since=since or self.settings.lookback, now=now)
+        self._attach_fixes([pattern], proposals.history_window(self.conn, self.settings, since, now=now))
         return pattern_details(pattern)
 
-    def _attach_fixes(self, patterns: list[Pattern], since: str | None) -> None:
+    def _attach_fixes(self, patterns: list[Pattern], history: HistoryWindow,
+                      made: dict[str, Proposal | StrategyError] | None = None) -> None:
         """Each pattern's one suggested fix: its open proposal's description, else that of the
-        proposal its strategy makes now (not stored)."""
+        proposal its strategy makes now (not stored), or made already in this command (``made``,
+        see :func:`~selfheal_plugin.lifecycle.proposals.made_by_strategies`)."""
         open_rows = ImprovementStore(self.conn).open_for_patterns([p.id for p in patterns])
         without = []
         for p in patterns:
@@ -154,8 +163,7 @@ class SelfHeal:
             else:
                 without.append(p)
         if without:
-            proposals.attach_suggested_fixes(without, proposals.history_window(self.conn, self.settings, since,
-                                                                              now=self.now()))
+            proposals.attach_suggested_fixes(without, history, made)
 
     # -------------------------------------------------------------- proposals
 
@@ -170,9 +178,14 @@ class SelfHeal:
         return outcome
 
     def _propose_all(self, patterns: list[Pattern], *, since: str | None, now: datetime,
-                     should_stop: Callable[[], bool] | None = None) -> list[ProposalOutcome]:
+                     should_stop: Callable[[], bool] | None = None, history: HistoryWindow | None = None,
+                     made: dict[str, Proposal | StrategyError] | None = None) -> list[ProposalOutcome]:
+        """Outcomes of :func:`~selfheal_plugin.lifecycle.proposals.propose_all`; ``made`` receives
+        what the strategies answered for the patterns nothing was stored for."""
         results = proposals.propose_all(self.conn, self.settings, patterns, since=since, now=now,
-                                        should_stop=should_stop)
+                                        should_stop=should_stop, history=history)
+        if made is not None:
+            made.update(proposals.made_by_strategies(patterns, results))
         out: list[ProposalOutcome] = []
         for pattern, res in zip(patterns, results):
             if isinstance(res, proposals.StrategyError):

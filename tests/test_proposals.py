@@ -222,3 +222,49 @@ def test_listing_user_errors(history_copy, binks_home):
     res = runner.invoke(agent, ["self-heal", "improvements", "--home", str(binks_home)])
     assert res.exit_code == 1 and "is not valid TOML" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_a_proposing_detect_runs_each_strategy_once_over_one_window(history_copy, binks_home, monkeypatch):
+    """A pattern whose proposal a standing rejection or the strategy's error kept out gets its
+    suggested fix from that same strategy run, not from a second one over a second window."""
+    from collections import Counter
+
+    from selfheal_plugin.lifecycle import proposals
+    from selfheal_plugin.plugins.strategy import StrategyError
+    from selfheal_plugin.service import SelfHeal
+
+    db, _ = history_copy
+    broken = "tool_error:list_dir"
+    runs, windows = Counter(), []
+    call_strategy, history_window = plugins.call_strategy, proposals.history_window
+
+    def counting_call(strategy, method, pattern, *args, **kwargs):
+        if method == "propose":
+            runs[pattern.id] += 1
+            if pattern.id == broken:
+                raise StrategyError(f"strategy {strategy.name!r} failed for {pattern.id}")
+        return call_strategy(strategy, method, pattern, *args, **kwargs)
+
+    monkeypatch.setattr(plugins, "call_strategy", counting_call)
+    monkeypatch.setattr(proposals, "history_window", lambda *a, **kw: windows.append(a) or history_window(*a, **kw))
+    with SelfHeal(binks_home, db, clock=lambda: NOW, lookback="-8d") as sh:
+        first = sh.detect(propose=True)
+        ids = [p["id"] for p in first["patterns"]]
+        assert PATTERN in ids and broken in ids
+        assert runs == Counter(ids) and len(windows) == 1
+        rejected = next(o["improvement_id"] for o in first["proposals"] if o["pattern_id"] == PATTERN)
+        # rejected before every failure of the window: the strategy is asked again, and proposes the same
+        sh.conn.execute("UPDATE improvements SET status = 'rejected', updated_at = '2026-11-01T00:00:00.000000Z' "
+                        "WHERE id = ?", (rejected,))
+        sh.conn.commit()
+        runs.clear()
+        windows.clear()
+        again = sh.detect(propose=True)
+    outcome = {o["pattern_id"]: o for o in again["proposals"]}
+    assert "proposes the same fix again" in outcome[PATTERN]["skipped"] and "failed for" in outcome[broken]["error"]
+    assert runs == Counter({PATTERN: 1, broken: 1}) and len(windows) == 1  # the others have open proposals
+    suggested = {p["id"]: p for p in again["patterns"]}
+    description = ImprovementStore(connect(db)).get(rejected).description
+    assert (suggested[PATTERN]["suggested_fix"], suggested[PATTERN]["suggested_by"]) == (
+        description.splitlines()[0], "strategy")
+    assert suggested[broken]["suggested_fix"] is None

@@ -9,7 +9,7 @@ import logging
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle import learning
@@ -35,16 +35,22 @@ def history_window(conn: sqlite3.Connection, settings: Settings, since: str | No
                          settings=settings)
 
 
-def attach_suggested_fixes(patterns: list[Pattern], history: HistoryWindow) -> list[Pattern]:
+def attach_suggested_fixes(patterns: list[Pattern], history: HistoryWindow,
+                           made: Mapping[str, Proposal | StrategyError] | None = None) -> list[Pattern]:
     """Fill each pattern's ``suggested_fix`` with the first line of the description of the
     proposal :func:`make_proposal` makes for it now, not stored (``suggested_by``
     ``strategy``): what :class:`~selfheal_plugin.service.SelfHeal` reports for a pattern
     without an open proposal (whose description is the suggested fix otherwise), so a
     read-only detect suggests the fix a proposing one stores. A strategy that makes no
-    proposal leaves no suggestion."""
+    proposal leaves no suggestion. ``made``: what the strategy already answered for a pattern
+    in this command (:func:`propose_all`'s :func:`made_by_strategies`), taken as it is rather
+    than asked again."""
     for p in patterns:
+        answer = (made or {}).get(p.id)
         try:
-            proposal = make_proposal(p, history)
+            if isinstance(answer, StrategyError):
+                raise answer
+            proposal = answer or make_proposal(p, history)
         except StrategyError as exc:  # a broken plugin costs the hint, not the command
             log.warning("no suggested fix for %s: %s", p.id, exc)
             continue
@@ -117,6 +123,7 @@ class Proposed:
     created: bool
     pattern: Pattern | None = None
     skipped: str | None = None  # set when a rejection still stands: improvement is the rejected row
+    proposal: Proposal | None = None  # what the strategy proposed when the rejection kept it out
 
     def to_dict(self) -> dict[str, Any]:
         if self.skipped:
@@ -230,7 +237,7 @@ def _prepare(store: ImprovementStore, settings: Settings, pattern: Pattern, hist
         return Proposed(rejected, False, pattern, skipped=reason)
     proposal = make_proposal(pattern, history)
     if rejected is not None and (reason := rejection_stands(rejected, pattern, settings, proposal)):
-        return Proposed(rejected, False, pattern, skipped=reason)
+        return Proposed(rejected, False, pattern, skipped=reason, proposal=proposal)
     return mark_if_undone(conn, improvement_from_proposal(proposal), history.until)  # a fix undone before
 
 
@@ -252,17 +259,19 @@ def propose_detailed(conn: sqlite3.Connection, settings: Settings, pattern_id: s
 
 def propose_all(conn: sqlite3.Connection, settings: Settings, patterns: list[Pattern], *,
                 since: str | None = None, now: datetime | None = None,
-                should_stop: Callable[[], bool] | None = None) -> list[Proposed | StrategyError]:
-    """Propose for each detected pattern (one shared history scan); a failing strategy
-    yields its :class:`StrategyError` in place of that pattern's result. ``should_stop`` is
-    asked before each pattern: when it says so, the patterns left get no result.
+                should_stop: Callable[[], bool] | None = None,
+                history: HistoryWindow | None = None) -> list[Proposed | StrategyError]:
+    """Propose for each detected pattern (one shared history scan: ``history``, default the
+    window of ``since`` to ``now``); a failing strategy yields its :class:`StrategyError` in
+    place of that pattern's result. ``should_stop`` is asked before each pattern: when it says
+    so, the patterns left get no result.
 
     Without ``should_stop`` the strategies run first, outside any transaction, and the new
     rows are then stored in one write transaction (each still only when its pattern has no
     open proposal), ``improvement_proposed`` firing for each row created. With it, each
     pattern's row is stored and announced before the next pattern, so that a stop request
     (a hook may make one) lands between two patterns."""
-    history = history_window(conn, settings, since, now=now)
+    history = history or history_window(conn, settings, since, now=now)
     store = ImprovementStore(conn)
     # read at once: nothing is stored before every pattern is prepared (with should_stop, each in its turn)
     open_rows = store.open_for_patterns([p.id for p in patterns]) if should_stop is None else {}
@@ -282,6 +291,20 @@ def propose_all(conn: sqlite3.Connection, settings: Settings, patterns: list[Pat
         if created:
             plugins.fire("improvement_proposed", improvement=imp, settings=settings)
     return out  # type: ignore[return-value]
+
+
+def made_by_strategies(patterns: list[Pattern], results: list[Proposed | StrategyError]
+                       ) -> dict[str, Proposal | StrategyError]:
+    """What :func:`propose_all`'s strategies answered for the patterns it stored nothing for
+    (a rejection that stands against their proposal, or their error), by pattern id: the
+    suggested fix of such a pattern comes from it, without running the strategy again."""
+    out: dict[str, Proposal | StrategyError] = {}
+    for pattern, r in zip(patterns, results):
+        if isinstance(r, StrategyError):
+            out[pattern.id] = r
+        elif r.proposal is not None:
+            out[pattern.id] = r.proposal
+    return out
 
 
 def proposal_result(imp: Improvement) -> dict[str, Any]:
