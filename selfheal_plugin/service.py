@@ -377,9 +377,12 @@ class SelfHeal:
         from selfheal_plugin.lifecycle import ab
         return ab.status_of(self.conn, self.settings, ab.ensure_known(self.conn, experiment_id), now=self.now())
 
-    def ab_list(self) -> AbList:
-        """Every experiment, newest first, running ones judged now."""
+    def ab_list(self, experiment_id: str | None = None) -> AbList:
+        """The answer to ``ab status [ID]``, one shape for the CLI's ``--json`` and the MCP
+        tool: every experiment, newest first, or only ``experiment_id``; running ones judged now."""
         from selfheal_plugin.lifecycle import ab
+        if experiment_id:
+            return {"experiments": [self.ab_status(experiment_id)]}
         return {"experiments": [ab.status_of(self.conn, self.settings, e, now=self.now())
                                 for e in ab.all_experiments(self.conn)]}
 

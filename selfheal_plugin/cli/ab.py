@@ -109,12 +109,12 @@ def start_command(pattern_id: str, home: str | None, db: str | None, as_json: bo
 def status_command(experiment_id: str | None, home: str | None, db: str | None, as_json: bool) -> None:
     """One experiment with its verdict so far, or every experiment."""
     with open_service(home, db) as sh:
-        r: Any = sh.ab_status(experiment_id) if experiment_id else sh.ab_list()
-    if as_json:
+        r = sh.ab_list(experiment_id)
+    if as_json:  # {"experiments": [...]} either way, as the MCP tool ab_status answers
         echo_json(r)
         return
     if experiment_id:
-        print_experiment(r)
+        print_experiment(r["experiments"][0])
         return
     if not r["experiments"]:
         click.echo("No A/B experiments (start one: agent self-heal ab start PATTERN_ID)")

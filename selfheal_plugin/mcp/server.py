@@ -358,9 +358,7 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         error rate and run success; chi-square omnibus, each arm vs control by Fisher's exact
         test with Holm's correction, a minimum sample per arm). Nothing is stored."""
         with _session(home, db) as sh:
-            if experiment_id:
-                return {"experiments": [sh.ab_status(experiment_id)]}
-            return sh.ab_list()
+            return sh.ab_list(experiment_id)
 
     @tool("Promote A/B winner", destructive=True, idempotent=False)
     def ab_promote(

@@ -132,7 +132,7 @@ def test_a_crash_during_the_end_is_recovered(home):
     r = run_agent("self-heal", "ab", "drop", ab_id, "--yes", env={"SELFHEAL_CRASH_AT": "ab-end-after-commit"})
     assert r.returncode == 99
     r = run_agent("self-heal", "ab", "status", ab_id, "--json")
-    assert "recovered interrupted ab-end" in r.stderr and json.loads(r.stdout)["status"] == "dropped"
+    assert "recovered interrupted ab-end" in r.stderr and json.loads(r.stdout)["experiments"][0]["status"] == "dropped"
     assert (home / "config.toml").read_text() == USER
     assert (_status(home, a.id), _status(home, b.id)) == ("tested", "candidate")
 
@@ -163,6 +163,15 @@ def test_the_mcp_tools(home):
     ab_id = started.structured_content["experiment_id"]
     listed = _call(server, "ab_status", {})
     assert [e["experiment_id"] for e in listed.structured_content["experiments"]] == [ab_id]
+    # one question, one answer: the MCP tool and `ab status ID --json` give the same JSON
+    one = _call(server, "ab_status", {"experiment_id": ab_id}).structured_content
+    r = run_agent("self-heal", "ab", "status", ab_id, "--json")
+    assert r.returncode == 0, r.stderr
+    cli = json.loads(r.stdout)
+    for d in (one, cli):  # judged at its own instant
+        for e in d["experiments"]:
+            e["verdict"].pop("checked_at"); e["verdict"].pop("until")
+    assert cli == one and [e["experiment_id"] for e in cli["experiments"]] == [ab_id]
     bad = _call(server, "ab_promote", {"experiment_id": ab_id})
     assert bad.is_error and "no significant winner" in bad.content[0].text and "\n" not in bad.content[0].text
     assert not _call(server, "ab_drop", {"experiment_id": ab_id}).is_error
@@ -178,7 +187,7 @@ def test_a_promotion_killed_before_the_apply_is_finished_by_promote_again(home):
     r = run_agent("self-heal", "ab", "promote", ab_id, "--yes", "--force", env={"SELFHEAL_CRASH_AT": "after-intent"})
     assert r.returncode == 99  # the end is committed, the winner's apply was killed
     r = run_agent("self-heal", "ab", "status", ab_id, "--json")
-    d = json.loads(r.stdout)
+    (d,) = json.loads(r.stdout)["experiments"]
     assert d["status"] == "promoted" and d["forced"] == 1 and "[ab." not in (home / "config.toml").read_text()
     winner = d["winner"]
     assert _status(home, winner) in ("proposed", "tested")
