@@ -266,7 +266,10 @@ def test_start_judge_and_promote_the_winner(home):
     text = (home / "config.toml").read_text()
     assert "[ab" not in text and text.startswith(USER) and "timeout_ms = 90000" in text and "retry" not in text
     subjects = git(home, "log", "--format=%s", "-3").splitlines()
-    assert subjects[1] == f"selfheal: end A/B {ab_id} (promoted)" and subjects[2].startswith(f"selfheal: A/B {ab_id}")
+    # whole subjects: the pattern id (75 characters with it) is in the start's body and trailer
+    assert subjects[1:] == [f"selfheal: end A/B {ab_id} (promoted)", f"selfheal: start A/B {ab_id} (2 arms)"]
+    start = git(home, "log", "-1", "--format=%B", "HEAD~2")
+    assert f"2 fixes for {PATTERN}, each on 33% of runs" in start and f"Self-Heal-Pattern: {PATTERN}" in start
     assert ImprovementStore(conn).get(a.id).status == "applied"
     assert ImprovementStore(conn).get(b.id).status == "ab_lost"  # kept in history
     assert not git(home, "status", "--porcelain", "--", "config.toml").strip()

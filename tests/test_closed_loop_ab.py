@@ -107,6 +107,6 @@ def test_an_ab_experiment_finds_the_better_fix_and_promotes_it(tmp_path):
     subjects = cr.git("log", "--format=%s").splitlines()
     assert subjects[0].startswith("selfheal: Increase the timeout")
     assert subjects[1] == f"selfheal: end A/B {ab_id} (promoted)"
-    assert subjects[2].startswith(f"selfheal: A/B {ab_id}")
+    assert subjects[2] == f"selfheal: start A/B {ab_id} (2 arms)"
     assert store.get(raise_arm).status == "applied" and store.get(retry_arm).status == "ab_lost"
     sh.close()

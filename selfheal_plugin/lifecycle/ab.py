@@ -277,8 +277,10 @@ def start_ab(conn: sqlite3.Connection, settings: Settings, pattern_id: str, arm_
         body = ["What:", f"  An A/B experiment of {len(arms)} fixes for {pattern_id}, each on {share:.0%} of runs:"]
         body += [f"  - {i.id}: {i.description}" for i in arms]
         body += ["", "Why:", "  Measure which fix works best on real runs before applying one to every run."]
-        message = gitops.commit_message(f"selfheal: A/B {ab_id} ({len(arms)} arms for {pattern_id})", body, ab_id,
-                                        pattern_id, "ab")
+        # the subject holds only what has a fixed length (a pattern id can be any length and is
+        # in the body and the trailer), so it is never cut; it pairs with the end's subject
+        message = gitops.commit_message(f"selfheal: start A/B {ab_id} ({len(arms)} arms)", body, ab_id, pattern_id,
+                                        "ab")
         AbStore(conn).insert(exp)
         try:
             sha, diff = _commit(conn, settings, exp, changes, op="ab-start", action="ab", message=message,
