@@ -278,6 +278,7 @@ class RulesResult(TypedDict, total=False):
 
 class RuleResult(TypedDict, total=False):
     rule: dict[str, Any]
+    changed: bool  # False: the rule already was enabled/disabled so; nothing was written
 
 
 for _t in (LearnResult, RulesResult, RuleResult):

@@ -422,6 +422,7 @@ class SelfHeal:
         return {"rules": learning.rules_list(self.conn)}
 
     def set_rule_enabled(self, rule_id: str, enabled: bool) -> RuleResult:
-        """Turn a rule on or off (a disabled rule is never a prior or a proposal)."""
+        """Turn a rule on or off (a disabled rule is never a prior or a proposal); one that
+        already is so is left as it is (``changed`` False)."""
         from selfheal_plugin.lifecycle import learning
-        return {"rule": learning.set_rule_enabled(self.conn, rule_id, enabled)}
+        return learning.set_rule_enabled(self.conn, rule_id, enabled)  # type: ignore[return-value]

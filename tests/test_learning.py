@@ -258,11 +258,22 @@ def test_cli_learn_lists_improvements_rules_and_turns_rules_off(binks_home, monk
     assert res.exit_code == 0 and rid in res.output
     assert all(len(line) <= 80 for line in res.output.splitlines())
     res = _cli("learn", "--home", str(home), "--disable", rid)
-    assert res.exit_code == 0 and "disabled" in res.output
+    assert res.exit_code == 0 and res.output.startswith(f"{rid} disabled: ")
     conn, _ = open_home(home)
-    assert not RuleStore(conn).get(rid).enabled
+    off = RuleStore(conn).get(rid)
+    assert not off.enabled
+    # again: a no-op that says so, the rule untouched (updated_at included)
+    res = _cli("learn", "--home", str(home), "--disable", rid)
+    assert res.exit_code == 0 and res.output.startswith(f"{rid} was already disabled: ")
+    assert RuleStore(conn).get(rid) == off
     res = _cli("learn", "--home", str(home), "--enable", rid, "--json")
     assert res.exit_code == 0 and json.loads(res.output)["rule"]["enabled"] is True
+    assert json.loads(res.output)["changed"] is True
+    on = RuleStore(conn).get(rid)
+    res = _cli("learn", "--home", str(home), "--enable", rid, "--json")
+    assert res.exit_code == 0 and json.loads(res.output)["changed"] is False and RuleStore(conn).get(rid) == on
+    res = _cli("learn", "--home", str(home), "--enable", rid)
+    assert res.exit_code == 0 and res.output.startswith(f"{rid} was already enabled: ")
 
 
 def test_cli_learn_text_fits_80_columns_and_escapes_history_text(binks_home, monkeypatch):
@@ -321,7 +332,7 @@ def test_mcp_learn_is_read_only_and_rules_turn_off_through_it(binks_home):
     data = learned.structured_content
     assert data["recorded"] is False and any(e["subject"] == f"timeout:{K8S}" and e["attributed"]
                                              for e in data["improved"])
-    assert off.structured_content["rule"]["enabled"] is False
+    assert off.structured_content["rule"]["enabled"] is False and off.structured_content["changed"] is True
     assert bad.is_error and "no rule" in bad.content[0].text and "Traceback" not in bad.content[0].text
     assert [r["enabled"] for r in listed.structured_content["rules"]] == [False]
 

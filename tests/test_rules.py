@@ -65,8 +65,8 @@ def test_the_same_fix_is_one_rule_and_evidence_merges_per_origin(tmp_path):
     store.merge(Rule.build("slow_tail", tmpl, "raise the timeout to 90 s", other))
     merged, _ = store.merge(Rule.build("slow_tail", tmpl, "raise the timeout to 90 s", newer))
     assert (merged.worked, merged.places, merged.median_reduction) == (1, 2, 0.5)
-    off = store.set_enabled(r.id, False)
-    assert not off.enabled and store.list(enabled_only=True) == []
+    off, changed = store.set_enabled(r.id, False)
+    assert changed and not off.enabled and store.list(enabled_only=True) == []
     store.merge(Rule.build("slow_tail", tmpl, "raise the timeout to 90 s", EV))
     assert not store.get(r.id).enabled  # a merge never turns a rule back on
     assert home_id(conn) == home_id(conn) and len(home_id(conn)) == 16

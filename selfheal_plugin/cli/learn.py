@@ -125,7 +125,8 @@ def learn_command(home: str | None, db: str | None, as_json: bool, since: str | 
         echo_json(result)
     elif disable or enable:
         rule = result["rule"]
-        click.echo(f"{rule['id']} {'enabled' if rule['enabled'] else 'disabled'}: {for_terminal(rule['description'])}")
+        state = ("" if result["changed"] else "was already ") + ("enabled" if rule["enabled"] else "disabled")
+        click.echo(f"{rule['id']} {state}: {for_terminal(rule['description'])}")
     elif list_rules:
         print_rules(result["rules"])
     else:

@@ -323,12 +323,15 @@ class RuleStore:
                                       (json.dumps(merged, sort_keys=True), now, rule.id))
         return self.get(rule.id), changed
 
-    def set_enabled(self, rid: str, enabled: bool) -> Rule:
+    def set_enabled(self, rid: str, enabled: bool) -> tuple[Rule, bool]:
+        """Turn the rule on or off; (the rule, whether it changed). A rule that already is so
+        is left as it is, ``updated_at`` included."""
         self.get(rid)
         with write_transaction(self.conn):
-            self.conn.execute("UPDATE selfheal_rules SET enabled = ?, updated_at = ? WHERE id = ?",
-                              (int(enabled), format_timestamp(utcnow()), rid))
-        return self.get(rid)
+            changed = self.conn.execute("UPDATE selfheal_rules SET enabled = ?, updated_at = ? WHERE id = ? "
+                                        "AND enabled != ?", (int(enabled), format_timestamp(utcnow()), rid,
+                                                             int(enabled))).rowcount == 1
+        return self.get(rid), changed
 
     def merge_many(self, rules: list[Rule]) -> list[tuple[Rule, str]]:
         """:meth:`merge` for many rules in ONE transaction (all or nothing: an error rolls every

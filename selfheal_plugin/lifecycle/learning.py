@@ -684,9 +684,11 @@ def rules_list(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 
 def set_rule_enabled(conn: sqlite3.Connection, rule_id: str, enabled: bool) -> dict[str, Any]:
+    """``{"rule": ..., "changed": bool}``; a rule that already is so is not written again."""
     if not isinstance(rule_id, str) or not rule_id.strip():
         raise UsageError(f"a rule id is needed (see: {step('learn --rules')})")
-    return RuleStore(conn).set_enabled(rule_id.strip(), enabled).to_dict()
+    rule, changed = RuleStore(conn).set_enabled(rule_id.strip(), enabled)
+    return {"rule": rule.to_dict(), "changed": changed}
 
 
 __all__ = ["learn", "record_verified", "rule_prior", "with_prior", "rule_proposal", "is_rule_strategy",
