@@ -378,6 +378,59 @@ def test_without_arms_the_strategies_offer_candidates(home):
     assert ImprovementStore(conn).open_for_pattern(PATTERN).id == proposed["improvement_id"]  # still the suggested fix
 
 
+def test_default_arms_set_different_keys_and_a_near_copy_stays_a_candidate(home):
+    db = home / "conversations.db"
+    timeout_history(db, NOW, runs=200)
+    conn, s = _lib(home)
+    sh = SelfHeal(settings=s, clock=lambda: NOW)
+    proposed = sh.propose(PATTERN)  # raises the timeout
+    raised = next(c["value"] for c in proposed["changes"] if c["path"][-1] == "timeout_ms")
+    near = add_improvement(db, [timeout_change(raised + 10_000)], status="candidate",
+                           description="Increase the timeout a little more")
+    r = sh.ab_start(PATTERN)
+    ids = [x["improvement_id"] for x in r["arms"]]
+    keys = [tuple(sorted(c["path"][-1] for c in ImprovementStore(conn).get(i).changes)) for i in ids]
+    assert ids[0] == proposed["improvement_id"] and near.id not in ids
+    assert keys == [("timeout_ms",), ("retry_attempts", "retry_backoff_ms")]  # one arm per kind of fix
+    assert ImprovementStore(conn).get(near.id).status == "candidate"  # compare it with --arms
+
+
+def test_without_two_distinct_fixes_the_refusal_says_what_there_is(home):
+    db = home / "conversations.db"
+    timeout_history(db, NOW, runs=200)
+    conn, s = _lib(home)
+    manual = {"kind": "manual", "text": "Ask the cluster's owner for a faster pods_list"}
+    tested = add_improvement(db, [timeout_change(90_000), manual], status="tested")
+    plugins.strategies(s)
+    plugin = _OnlyProposalPlugin()
+    plugins.register(plugin, "only-proposal-test")
+    try:
+        head = git(home, "rev-parse", "HEAD")
+        with pytest.raises(LifecycleError) as err:
+            SelfHeal(settings=s, clock=lambda: NOW).ab_start(PATTERN)
+    finally:
+        plugins.unregister(plugin)
+    message = str(err.value)
+    assert "0 fix" not in message and "\n" not in message
+    assert f"none can be an arm ({tested.id} has manual steps" in message, message
+    assert git(home, "rev-parse", "HEAD") == head and ImprovementStore(conn).get(tested.id).status == "tested"
+
+
+class _OnlyProposal(Strategy):
+    name = "only-proposal"
+    error_types = ["timeout"]
+
+    def propose(self, pattern, history):
+        return self.make_proposal(pattern, description="Ask for a faster tool", expected_impact="unknown",
+                                  risk_level="low", changes=[Change.manual("Ask the owner for a faster tool")])
+
+
+class _OnlyProposalPlugin:
+    @hookimpl
+    def register_strategies(self, register):
+        register(_OnlyProposal())
+
+
 def _inbox(tmp_path) -> str:
     folder = tmp_path / "inbox"
     return "".join(p.read_text() for p in sorted(folder.glob("*.md"))) if folder.exists() else ""
@@ -475,7 +528,8 @@ def test_a_strategy_whose_candidates_fail_is_contained(home):
         sh = SelfHeal(settings=s, clock=lambda: NOW)
         sh.propose(PATTERN)
         head = git(home, "rev-parse", "HEAD")
-        with pytest.raises(LifecycleError, match="strategies offer 1 fix"):
+        with pytest.raises(LifecycleError, match=r"needs two fixes that set different config keys; imp-\S+ "
+                                                 r"\(timeout_ms\) can be an arm; give arms with --arms"):
             sh.ab_start(PATTERN)
         assert git(home, "rev-parse", "HEAD") == head
         assert any(e.hook == "candidates" and "boom" in e.error for e in plugins.errors())

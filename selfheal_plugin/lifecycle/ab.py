@@ -102,11 +102,22 @@ def candidate_proposals(conn: sqlite3.Connection, settings: Settings, pattern: A
     return out
 
 
+def _settings_set(imp: Improvement) -> frozenset[tuple[str, ...]]:
+    """The config keys a fix sets: two fixes that set the same keys (timeouts of 90 s and
+    100 s) are one kind of fix, not two arms worth a default experiment."""
+    return frozenset(tuple(str(p) for p in c.get("path") or []) for c in imp.changes or [] if c.get("kind") == "config")
+
+
+def _keys_text(keys: frozenset[tuple[str, ...]]) -> str:
+    return ", ".join(sorted(k[-1] for k in keys if k)) or "nothing"
+
+
 def candidate_improvements(conn: sqlite3.Connection, settings: Settings, pattern_id: str,
-                           now: datetime) -> tuple[list[Improvement], list[Improvement]]:
-    """(arms already stored, new candidate rows not yet stored) for ``ab start`` without
-    ``--arms``: the pattern's open proposal, its stored candidates, then the strategies'
-    candidates whose changes differ from all of those (nothing is stored here)."""
+                           now: datetime) -> tuple[list[Improvement], list[Improvement], list[str]]:
+    """(arms already stored, new candidate rows not yet stored, why other fixes are not arms)
+    for ``ab start`` without ``--arms``: the pattern's open proposal, its stored candidates,
+    then the strategies' candidates whose changes differ from all of those, each kept only
+    when it sets other config keys than the arms before it (nothing is stored here)."""
     pattern = get_pattern(conn, pattern_id, since=settings.lookback, now=now)
     store = ImprovementStore(conn)
     open_row = store.open_for_pattern(pattern.id)
@@ -116,17 +127,40 @@ def candidate_improvements(conn: sqlite3.Connection, settings: Settings, pattern
     stored = [open_row] if open_row is not None else []
     stored += [i for i in store.list(status="candidate", limit=None) if i.pattern_id == pattern.id]
     seen = {_changes_key(i.changes) for i in stored}
+    kinds: dict[frozenset[tuple[str, ...]], str] = {}  # the keys an arm sets -> that arm
+    notes: list[str] = []
+
+    def distinct(imp: Improvement, name: str) -> bool:
+        keys = _settings_set(imp)
+        if keys in kinds:
+            notes.append(f"{name} sets {_keys_text(keys)} like {kinds[keys]}")
+            return False
+        kinds[keys] = name
+        return True
+
+    arms = []
+    for imp in stored:
+        reason = _armable_reason(imp)
+        if reason:
+            notes.append(reason)
+        elif distinct(imp, imp.id):
+            arms.append(imp)
     fresh: list[Improvement] = []
     for prop in candidate_proposals(conn, settings, pattern, now):
-        if any(c.kind != "config" for c in prop.changes):
-            continue  # a manual step cannot be split by run
         imp = improvement_from_proposal(prop)
         key = _changes_key(imp.changes)
-        if key not in seen:
-            seen.add(key)
+        if key in seen:
+            continue
+        seen.add(key)
+        name = f"the {imp.strategy} strategy's {imp.description.splitlines()[0][:80]!r}"
+        if any(c.kind != "config" for c in prop.changes):
+            # a manual step cannot be split by run (a stored fix with the same settings is named already)
+            if _settings_set(imp) not in {_settings_set(i) for i in stored}:
+                notes.append(f"{name} has manual steps")
+            continue
+        if distinct(imp, name):
             fresh.append(imp)
-    stored = [i for i in stored if _armable_reason(i) is None]
-    return stored, fresh
+    return arms, fresh, notes
 
 
 def _armable_reason(imp: Improvement) -> str | None:
@@ -232,10 +266,14 @@ def start_ab(conn: sqlite3.Connection, settings: Settings, pattern_id: str, arm_
             if reason:
                 raise LifecycleError(reason)
     else:
-        arms, new = candidate_improvements(conn, settings, pattern_id, now)
+        arms, new, notes = candidate_improvements(conn, settings, pattern_id, now)
         if len(arms) + len(new) < 2:
-            raise LifecycleError(f"the strategies offer {len(arms) + len(new)} fix(es) for {pattern_id}; an A/B "
-                                 "experiment needs two (give them with --arms imp-a,imp-b)")
+            found = [f"{i.id} ({_keys_text(_settings_set(i))})" for i in arms] + \
+                [f"a new candidate ({_keys_text(_settings_set(i))})" for i in new]
+            raise LifecycleError(
+                f"an A/B experiment of {pattern_id} needs two fixes that set different config keys; "
+                f"{' and '.join(found) or 'none'} can be an arm" + (f" ({'; '.join(notes)})" if notes else "")
+                + "; give arms with --arms imp-a,imp-b")
     if len(arms) + len(new) > MAX_ARMS:
         new = new[:max(0, MAX_ARMS - len(arms))]
         arms = arms[:MAX_ARMS]
