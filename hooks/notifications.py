@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from selfheal_plugin import hookimpl
+from selfheal_plugin.history.improvements import IN_FORCE
 from selfheal_plugin.plugins.manager import Notification, notify
 from selfheal_plugin.plugins.strategy import Change
 from selfheal_plugin.history.text import markdown_inline as md
@@ -55,7 +56,10 @@ def patterns_detected(patterns: list[Any], settings: Any) -> None:
     for p in patterns:
         line = (f"- {md(p.id)}: {p.occurrences} occurrence(s) in {len(p.affected_runs)} run(s), "
                 f"confidence {_pct(p.confidence)}, kind {md(_kind(p))}")
-        if p.suggested_fix:
+        if p.suggested_fix and getattr(p, "improvement_status", None) in IN_FORCE:
+            # its failures in the window may all predate the fix: say it is fixed, suggest nothing
+            line += f". Already fixed: {md(p.improvement_id)} {md(p.improvement_status)} ({md(p.suggested_fix)})"
+        elif p.suggested_fix:
             line += f". Fix: {md(p.suggested_fix)}"
         lines.append(line)
     notify(Notification(title=f"Detected {len(patterns)} failure pattern(s)", body="\n".join(lines),

@@ -30,6 +30,7 @@ class FailurePattern(TypedDict, total=False):
     suggested_fix: str | None  # the open proposal's description, else that of the strategy's proposal now
     suggested_by: Literal["proposal", "strategy"] | None
     improvement_id: str | None  # the open proposal behind suggested_fix
+    improvement_status: str | None  # its status: applied = the fix is in force already, being verified
     # what the failures are, read from the evidence (the runtime's label is one input):
     # missing_resource | permission | rate_limited | transient_upstream | slow_tail | hang |
     # server_down | invalid_arguments | unknown

@@ -160,6 +160,7 @@ class SelfHeal:
             open_row = open_rows.get(p.id)
             if open_row is not None:
                 p.suggested_fix, p.suggested_by, p.improvement_id = open_row.description, "proposal", open_row.id
+                p.improvement_status = open_row.status
             else:
                 without.append(p)
         if without:

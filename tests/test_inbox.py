@@ -177,6 +177,24 @@ def test_lifecycle_events_become_inbox_entries(binks_home):
     assert rolled.body.startswith("Rolled back improvement imp-123:") and "Revert commit: 9f8e7d6" in rolled.body
 
 
+def test_a_detected_pattern_whose_fix_is_applied_is_said_fixed_not_suggested(binks_home):
+    from selfheal_plugin.service import SelfHeal
+
+    from .lifecycle_data import add_improvement, rate_runs, timeout_change, write_runs
+
+    now = datetime.now(timezone.utc)
+    db = binks_home / "conversations.db"
+    write_runs(db, rate_runs(now - timedelta(days=6), now - timedelta(hours=1), 60, 0.3))
+    fixed = add_improvement(db, [timeout_change(90_000)], status="applied", description="Raise the <b>timeout</b>")
+    with SelfHeal(binks_home) as sh:
+        found = sh.detect(notify=True)
+    (p,) = found["patterns"]
+    assert (p["improvement_id"], p["improvement_status"]) == (fixed.id, "applied")
+    (entry,) = _entries(sh.settings)
+    assert f"Already fixed: {fixed.id} applied (Raise the &lt;b&gt;timeout&lt;/b&gt;)" in entry.body, entry.body
+    assert "Fix:" not in entry.body
+
+
 def test_rollback_recommendation_is_urgent(binks_home):
     s = load_settings(binks_home)
     plugins.fire("improvement_verified", improvement=_improvement(), settings=s,

@@ -17,7 +17,7 @@ from mcp import Client
 from selfheal_plugin import hookimpl
 from selfheal_plugin.cli.main import agent
 from selfheal_plugin.history.connection import connect
-from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.improvements import Improvement, ImprovementStore
 from selfheal_plugin.history.rules import Rule, RuleStore
 from selfheal_plugin.lifecycle import learning
 from selfheal_plugin.lifecycle.apply import apply_improvement
@@ -101,6 +101,21 @@ def test_a_planted_fall_is_credited_to_a_persons_commit_and_becomes_a_rule(binks
     # learning twice counts the same place once
     learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
     assert RuleStore(conn).get(rule.id).places == 1
+
+
+@pytest.mark.parametrize("status", ["applied", "verified"])
+def test_a_rule_is_not_suggested_for_a_pattern_whose_fix_is_in_force(binks_home, status):
+    home = make_home(binks_home)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
+    conn, s = open_home(home)
+    fixed = ImprovementStore(conn).insert(Improvement(
+        id="imp-20261119-0000f1ed", status=status, pattern_id=f"timeout:{OTHER}", error_type="timeout",
+        tool_name=OTHER, description=f"Increase the timeout of {OTHER}", changes=[], applied_at=SPLIT.isoformat()))
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    assert r["learned_rules"] and r["applicable"] == [] and r["suggestions"] == []
+    ImprovementStore(conn).update(fixed.id, status="rolled_back")  # not in force any more: suggested again
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    assert [a["tool"] for a in r["applicable"]] == [OTHER] and OTHER in r["suggestions"][0]
 
 
 def test_a_fall_without_a_commit_is_said_so(binks_home):

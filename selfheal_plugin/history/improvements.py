@@ -27,6 +27,7 @@ STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "re
 # "candidate": another fix for a pattern that already has its open proposal, kept for an A/B
 # experiment; "ab": an arm of a running experiment; "ab_lost": an arm that lost (history).
 OPEN_STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "ab")
+IN_FORCE = ("applied", "verified")  # a fix whose change config.toml holds now
 _JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact",
                 "apply_record", "evidence", "experiment")
 
@@ -136,18 +137,24 @@ class ImprovementStore:
         """:meth:`open_for_pattern` of each id that has one, read in one query per 500 ids."""
         return {pid: Improvement.from_row(row) for pid, row in self._open_rows(pattern_ids).items()}
 
+    def in_force_for_patterns(self, pattern_ids: list[str]) -> dict[str, Improvement]:
+        """Each pattern's latest fix in force (:data:`IN_FORCE`: applied or verified), for the
+        ids that have one."""
+        return {pid: Improvement.from_row(row) for pid, row in self._open_rows(pattern_ids, IN_FORCE).items()}
+
     def _open_row(self, pattern_id: str | None) -> sqlite3.Row | None:
         return self._open_rows([pattern_id]).get(pattern_id)
 
-    def _open_rows(self, pattern_ids: list[str | None]) -> dict[str | None, sqlite3.Row]:
-        """Each pattern's open row: of its rows in an open status, the latest proposed."""
+    def _open_rows(self, pattern_ids: list[str | None], statuses: tuple[str, ...] = OPEN_STATUSES
+                   ) -> dict[str | None, sqlite3.Row]:
+        """Each pattern's open row: of its rows in an open status (``statuses``), the latest proposed."""
         out: dict[str | None, sqlite3.Row] = {}
         for i in range(0, len(pattern_ids), 500):
             part = pattern_ids[i:i + 500]
             for row in self.conn.execute(
                     f"SELECT * FROM improvements WHERE pattern_id IN ({','.join('?' * len(part))}) "
-                    f"AND status IN ({','.join('?' * len(OPEN_STATUSES))}) "
-                    "ORDER BY julianday(proposed_at) DESC", (*part, *OPEN_STATUSES)):
+                    f"AND status IN ({','.join('?' * len(statuses))}) "
+                    "ORDER BY julianday(proposed_at) DESC", (*part, *statuses)):
                 out.setdefault(row["pattern_id"], row)
         return out
 

@@ -49,6 +49,7 @@ from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, 
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.connection import get_state
 from selfheal_plugin.history.errorindex import refresh
+from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.rules import (
     Rule, RuleError, RuleStore, evidence_summary, home_id, instantiate, server_of, template_from_changes,
 )
@@ -532,15 +533,18 @@ def _fixed_here(rule: Rule, home: str | None) -> set[str]:
 
 
 def applicable_rules(conn: sqlite3.Connection, rules: list[Rule], patterns: list[Pattern]) -> list[dict[str, Any]]:
-    """Where enabled rules could apply now: patterns of the rule's kind on other tools that still fail."""
+    """Where enabled rules could apply now: patterns of the rule's kind on other tools that still
+    fail and have no fix in force (applied or verified: their failures in the window may all
+    predate it, and it is what verification measures)."""
     home = _home_id_if_any(conn)
+    in_force = ImprovementStore(conn).in_force_for_patterns([p.id for p in patterns]) if rules else {}
     out = []
     for rule in rules:
         if not rule.enabled:
             continue
         fixed = _fixed_here(rule, home)
         for p in patterns:
-            if p.failure_kind != rule.failure_kind or p.tool_name in fixed:
+            if p.failure_kind != rule.failure_kind or p.tool_name in fixed or p.id in in_force:
                 continue
             try:
                 instantiate(rule.template, p.tool_name)

@@ -25,6 +25,8 @@ class Pattern:
     # improvement_id), "strategy" when it is that of the proposal its strategy makes now
     suggested_by: str | None = None
     improvement_id: str | None = None
+    # that open proposal's status: "applied" says the fix is in force already (being verified)
+    improvement_status: str | None = None
     # what the failures are, read from the evidence (analysis.evidence): the runtime's label
     # is one input; strategies follow the kind (see plugins.manager.resolve_strategy)
     failure_kind: str | None = None
