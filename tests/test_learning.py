@@ -141,6 +141,26 @@ def test_a_fall_selfheal_made_is_named_as_ours_and_not_learned_as_a_persons(bink
     assert r["learned_rules"] == [] and RuleStore(conn).list() == []
 
 
+def test_selfheals_own_commit_is_dated_by_its_clock_and_named_as_ours(binks_home):
+    # a simulated clock (the demo's) stamps applied_at; the commit is dated by the same clock,
+    # so learn finds the fall at selfheal's commit instead of a commit days after it
+    home = make_home(binks_home)
+    conn, s = open_home(home)
+    imp = ImprovementStore(conn).insert(Improvement(
+        id="imp-20261113-0000a11e", status="tested", pattern_id=f"timeout:{K8S}", error_type="timeout", tool_name=K8S,
+        description="Raise the k8s timeout", changes=[
+            {"kind": "config", "file": "config.toml", "path": ["tools", K8S, "timeout_ms"], "op": "set",
+             "value": 120000}]))
+    at = SPLIT + timedelta(minutes=10)
+    apply_improvement(conn, s, imp.id, now=at)
+    assert git_at(home, END, "log", "-1", "--format=%at %ct").split() == [str(int(at.timestamp()))] * 2
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    sig = next(e for e in r["improved"] if e["subject"] == f"timeout:{K8S}")
+    assert sig["by_selfheal"] == imp.id and not sig["attributed"], sig["explanation"]
+    assert sig["explanation"].startswith(f"selfheal's own improvement {imp.id} (commit ")
+    assert r["learned_rules"] == []
+
+
 def test_a_commit_whose_timing_does_not_fit_is_not_credited(binks_home):
     home = make_home(binks_home)
     person_commit(home, LO + timedelta(days=3), RAISED)  # four days before the errors fell

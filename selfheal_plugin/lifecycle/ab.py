@@ -210,7 +210,7 @@ def _commit(conn: sqlite3.Connection, settings: Settings, exp: AbExperiment, cha
     gitops.check_clean(cr)
     if new == (old or ""):
         return None, ""
-    gitops.ensure_repo(cr)
+    gitops.ensure_repo(cr, now)
     intent = {**(exp.pending_op or {}), "op": op, "action": action, "started_at": format_timestamp(now), "head_before": gitops.head_sha(cr),
               "old_sha256": sha256_text(old), "new_sha256": sha256_text(new), "old_text": old,
               "record": {"config_path": str(settings.config_path)}}
@@ -219,7 +219,7 @@ def _commit(conn: sqlite3.Connection, settings: Settings, exp: AbExperiment, cha
     try:
         atomic_write(cr.real_path, new)
         crash_point(f"{op}-after-write")
-        sha = gitops.commit_config(cr, message)
+        sha = gitops.commit_config(cr, message, now)
     except (SelfHealError, OSError) as exc:
         result = recover_ab_op(conn, settings, store.get(exp.id))
         if result["action"] == "finished":

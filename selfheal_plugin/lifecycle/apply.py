@@ -398,7 +398,7 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
         if not edit.changed:
             raise LifecycleError(f"{display_path(settings.config_path)} already holds these values; nothing to apply")
         creates = cr.repo is None
-        gitops.ensure_repo(cr)
+        gitops.ensure_repo(cr, now)
         lines = configedit.describe_entries(edit.entries)
         record = {"config_path": str(settings.config_path), "real_path": str(cr.real_path), "repo": str(cr.root),
                   "entries": edit.entries, "created_tables": edit.created_tables, "file_existed": old is not None}
@@ -410,7 +410,7 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
         try:
             atomic_write(cr.real_path, edit.new_text)
             crash_point("after-write")
-            sha = gitops.commit_config(cr, _apply_message(imp, lines, manual))
+            sha = gitops.commit_config(cr, _apply_message(imp, lines, manual), now)
         except (SelfHealError, OSError) as exc:
             imp = abort_operation(store, settings, imp.id, exc, "apply")  # raises unless the commit exists
         else:
@@ -525,7 +525,7 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
                 atomic_write(cr.real_path, new)
             crash_point("rollback-after-write")
             sha = gitops.commit_config(cr, gitops.commit_message(
-                f"selfheal: roll back {imp.id}", body, imp.id, imp.pattern_id, "rollback"))
+                f"selfheal: roll back {imp.id}", body, imp.id, imp.pattern_id, "rollback"), now)
         except (SelfHealError, OSError) as exc:
             imp = abort_operation(store, settings, imp.id, exc, "rollback")  # raises unless the commit exists
         else:

@@ -120,7 +120,7 @@ def _commit_edit(conn: sqlite3.Connection, settings: Settings, imp: Improvement,
         if new == (old or ""):
             fields = _finished(finish, sha_key, None)
             return update_status(store, imp.id, imp.status, **fields, pending_op=None), None, ""
-        gitops.ensure_repo(cr)
+        gitops.ensure_repo(cr, now)
         intent = {"op": op, "action": action, "step": "intent", "started_at": format_timestamp(now),
                   "head_before": gitops.head_sha(cr), "old_sha256": sha256_text(old), "new_sha256": sha256_text(new),
                   "old_text": old, "record": {"config_path": str(settings.config_path)}, "finish": finish,
@@ -130,7 +130,7 @@ def _commit_edit(conn: sqlite3.Connection, settings: Settings, imp: Improvement,
         try:
             atomic_write(cr.real_path, new)
             crash_point(f"{op}-after-write")
-            sha = gitops.commit_config(cr, message)
+            sha = gitops.commit_config(cr, message, now)
         except (SelfHealError, OSError) as exc:  # undone at once, like a recovery; raises unless committed
             what = "start of the " + action if op == "experiment-start" else "end of the " + action.split("-")[0]
             imp = abort_operation(store, settings, imp.id, exc, what, recover_experiment_op)

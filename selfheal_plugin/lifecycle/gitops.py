@@ -14,6 +14,10 @@
 * selfheal's lock and pid files live in ``BINKS_HOME/selfheal/locks/``, whose own
   ``.gitignore`` (``*``) hides the folder from any repository — selfheal's, or a user's
   dotfiles repository holding BINKS_HOME, whose ``.gitignore`` selfheal never touches.
+* Our commits are dated by the caller's clock (the service's ``now``): the instant the
+  database records for the change (``applied_at``, ...) is the commit's, so ``learn`` (which
+  reads commit times) and a reader of ``git log`` see one timeline — with the wall clock
+  that changes nothing; with a simulated one (the demo) it keeps git in step with the history.
 * A failed git command is reported with git's own reason (``Unable to create
   '.git/index.lock': File exists``), on one line.
 """
@@ -23,6 +27,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from selfheal_plugin.lazy import lazy_module
@@ -54,9 +59,13 @@ class GitOpsError(SelfHealError):
     """A git state selfheal refuses to work in (dirty config, missing commit, ...)."""
 
 
-def identity_env() -> dict[str, str]:
-    return {"GIT_AUTHOR_NAME": IDENTITY_NAME, "GIT_AUTHOR_EMAIL": IDENTITY_EMAIL,
-            "GIT_COMMITTER_NAME": IDENTITY_NAME, "GIT_COMMITTER_EMAIL": IDENTITY_EMAIL}
+def identity_env(when: datetime | None = None) -> dict[str, str]:
+    """Our identity, and the commit's date when ``when`` is given (else git's own clock)."""
+    env = {"GIT_AUTHOR_NAME": IDENTITY_NAME, "GIT_AUTHOR_EMAIL": IDENTITY_EMAIL,
+           "GIT_COMMITTER_NAME": IDENTITY_NAME, "GIT_COMMITTER_EMAIL": IDENTITY_EMAIL}
+    if when is not None:
+        env["GIT_AUTHOR_DATE"] = env["GIT_COMMITTER_DATE"] = f"@{int(when.timestamp())} +0000"
+    return env
 
 
 @dataclass
@@ -72,13 +81,14 @@ class ConfigRepo:
     def rel(self) -> str:
         return self.real_path.relative_to(self.root).as_posix()
 
-    def git(self, *args: str) -> str:
-        """Run ``git <args>`` in the work tree with our identity; raises GitOpsError."""
+    def git(self, *args: str, when: datetime | None = None) -> str:
+        """Run ``git <args>`` in the work tree with our identity (a commit dated ``when``);
+        raises GitOpsError."""
         assert self.repo is not None
         try:
             return self.repo.git.execute(
                 ["git", "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null", *args],
-                env=identity_env())
+                env=identity_env(when))
         except git.GitCommandError as exc:
             raise GitOpsError(f"git {args[0]} failed in {self.root}: {git_reason(exc)}") from exc
 
@@ -146,9 +156,9 @@ def locate(config_path: Path, home: Path) -> ConfigRepo:
     return cr
 
 
-def ensure_repo(cr: ConfigRepo) -> ConfigRepo:
-    """Create the BINKS_HOME repository when there is none, with a first commit of the
-    ``.gitignore`` and the config as it is (so our change is a diff against it).
+def ensure_repo(cr: ConfigRepo, when: datetime | None = None) -> ConfigRepo:
+    """Create the BINKS_HOME repository when there is none, with a first commit (dated
+    ``when``) of the ``.gitignore`` and the config as it is (so our change is a diff against it).
 
     Idempotent: a repository we created whose first commit was interrupted gets it now.
     """
@@ -168,7 +178,7 @@ def ensure_repo(cr: ConfigRepo) -> ConfigRepo:
             cr.git("add", "--", *paths)
             cr.git("commit", "--no-verify", "-q", "-m",
                    "selfheal: start versioning config.toml\n\nThe config as it was before selfheal changed it.",
-                   "--", *paths)
+                   "--", *paths, when=when)
     return cr
 
 
@@ -255,11 +265,12 @@ def check_clean(cr: ConfigRepo) -> None:
                       "them first. Nothing was changed.")
 
 
-def commit_config(cr: ConfigRepo, message: str) -> str:
-    """Commit the config file alone; returns the new commit's sha."""
+def commit_config(cr: ConfigRepo, message: str, when: datetime | None = None) -> str:
+    """Commit the config file alone, dated ``when`` (the caller's clock; default git's);
+    returns the new commit's sha."""
     if cr.real_path.exists():
         cr.git("add", "--", cr.rel)
-    cr.git("commit", "--no-verify", "-q", "--only", "-m", message, "--", cr.rel)
+    cr.git("commit", "--no-verify", "-q", "--only", "-m", message, "--", cr.rel, when=when)
     return head_sha(cr)
 
 
