@@ -161,6 +161,17 @@ def test_selfheals_own_commit_is_dated_by_its_clock_and_named_as_ours(binks_home
     assert r["learned_rules"] == []
 
 
+def test_a_commit_with_no_call_after_it_says_so(binks_home):
+    home = make_home(binks_home)
+    person_commit(home, END + timedelta(hours=1), RAISED)  # after the last call of the window
+    conn, s = open_home(home)
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END + timedelta(hours=2), now=END + timedelta(hours=2))
+    sig = next(e for e in r["improved"] if e["subject"] == f"timeout:{K8S}")
+    (rejected,) = sig["rejected"]
+    assert rejected["n_after"] == 0 and rejected["reason"] == "no call of the tool came after it in the window"
+    assert "did not fall significantly" not in sig["explanation"]
+
+
 def test_a_commit_whose_timing_does_not_fit_is_not_credited(binks_home):
     home = make_home(binks_home)
     person_commit(home, LO + timedelta(days=3), RAISED)  # four days before the errors fell

@@ -377,7 +377,10 @@ def attribute(conn: sqlite3.Connection, subject: Subject, commits: list[ConfigCo
         p = fell(bf, bn, af, an)
         split = {"before_rate": _rate(bf, bn), "after_rate": _rate(af, an), "n_before": bn, "n_after": an,
                  "failures_before": bf, "failures_after": af, "p_value": p}
-        if p is None or p >= alpha or af / an >= bf / bn:
+        if not an or not bn:  # nothing to compare on one side: say so, not that nothing fell
+            unit = "finished run of the workflow" if subject.kind == "workflow" else "call of the tool"
+            why = f"no {unit} came {'after' if not an else 'before'} it in the window"
+        elif p is None or p >= alpha or af / an >= bf / bn:
             why = "the errors did not fall significantly after it"
         elif fall is None or not fall[1] <= k <= fall[2]:
             why = ("no fall of the errors fits a change at one instant" if fall is None else
