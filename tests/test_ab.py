@@ -431,6 +431,29 @@ class _OnlyProposalPlugin:
         register(_OnlyProposal())
 
 
+def test_ab_status_text_wraps_under_its_indent_at_80_columns(home, monkeypatch):
+    from click.testing import CliRunner
+
+    from selfheal_plugin.cli.main import agent
+
+    db = home / "conversations.db"
+    long = "Increase the timeout of the pods list so the slow tail of a busy cluster fits, then watch it"
+    a = add_improvement(db, [timeout_change(90_000)], status="tested", description=long)
+    b = add_improvement(db, [retry_change(2)], status="candidate", description="Retry twice " + "[b]x[/b] " * 9)
+    conn, s = _lib(home)
+    ab_id = ab.start_ab(conn, s, PATTERN, [a.id, b.id], now=NOW)["experiment_id"]
+    monkeypatch.setenv("COLUMNS", "80")
+    res = CliRunner().invoke(agent, ["self-heal", "ab", "status", ab_id, "--home", str(home)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert all(len(line) <= 80 for line in lines), res.output
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"  {a.id}: Increase"))
+    assert lines[at + 1].startswith("      ") and lines[at + 1].strip() in long  # under the arm, not at column 0
+    assert "[b]x[/b]" in res.output  # text from the history stays text
+    verdict = next(i for i, line in enumerate(lines) if "Verdict: extend" in line)
+    assert lines[verdict + 1].startswith("   ") and lines[verdict + 1].strip()  # the reason wraps past the icon
+
+
 def _inbox(tmp_path) -> str:
     folder = tmp_path / "inbox"
     return "".join(p.read_text() for p in sorted(folder.glob("*.md"))) if folder.exists() else ""

@@ -7,7 +7,7 @@ import click
 from rich.table import Table
 
 from selfheal_plugin.cli.common import (
-    ask, common_options, echo_json, format_p, open_service, table_console, yes_option,
+    ask, common_options, echo_json, format_p, open_service, p_cell, print_line, table_console, yes_option,
 )
 from selfheal_plugin.cli.options import WholeSummaries
 from selfheal_plugin.history.text import for_rich, for_terminal
@@ -17,16 +17,11 @@ def _rate(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 100:.1f}%"
 
 
-def _p(p: float | None) -> str:
-    """A p-value for a table cell: ``<0.001``, ``0.034`` or ``n/a``."""
-    return format_p(p).replace("p = ", "").replace("p < ", "<").replace("p ", "")
-
-
 def _short(text: str | None, n: int = 12) -> str:
     return (text or "")[:n]
 
 
-def _arms_table(r: dict[str, Any]) -> None:
+def _arms_table(out: Any, r: dict[str, Any]) -> None:
     v = r.get("verdict") or {}
     control = (v.get("groups") or {}).get("control")
     table = Table(box=None, pad_edge=False)
@@ -47,29 +42,32 @@ def _arms_table(r: dict[str, Any]) -> None:
             "better" if m and m.get("better") else "worse" if m and m.get("worse") else "")
         if m:
             table.add_row(for_rich(imp_id), str(m["runs"]), _rate(m["error_rate"]), _rate(m["success_rate"]),
-                          _p(m["p_error_holm"]), mark)
+                          p_cell(m["p_error_holm"]), mark)
         else:
             table.add_row(for_rich(imp_id), "-", "-", "-", "-", mark)
-    table_console().print(table)
-    for arm in r.get("arms") or []:
-        click.echo(f"  {arm.get('improvement_id')}: {for_terminal(str(arm.get('description') or ''))}")
+    out.print(table)
+    for arm in r.get("arms") or []:  # a long description wraps under its arm, not at column 0
+        print_line(out, f"  {for_rich(str(arm.get('improvement_id')))}: {for_rich(str(arm.get('description') or ''))}",
+                   hang=4)
 
 
 def print_experiment(r: dict[str, Any]) -> None:
     v = r.get("verdict") or {}
-    click.echo(f"🧪 A/B {r['experiment_id']} of {for_terminal(r['pattern_id'])}: {r['status']} "
-               f"(since {r['started_at']})")
-    click.echo(f"  Section {r['config_section']}, commit {_short(r.get('start_sha'))}")
-    _arms_table(r)
+    out = table_console()
+    print_line(out, f"🧪 A/B {for_rich(r['experiment_id'])} of {for_rich(r['pattern_id'])}: {for_rich(r['status'])} "
+               f"(since {for_rich(r['started_at'])})", hang=3)
+    print_line(out, f"  Section {for_rich(r['config_section'])}, commit {_short(r.get('start_sha'))}")
+    _arms_table(out, r)
     if v:
         omni = v.get("p_omnibus")
-        click.echo(f"  Omnibus chi-square {format_p(omni)}; error rate = failed calls of the pattern / calls of "
+        print_line(out, f"  Omnibus chi-square {format_p(omni)}; error rate = failed calls of the pattern / calls of "
                    "the tool")
         icon = {"winner": "✅", "drop": "❌", "extend": "⏳"}.get(str(v.get("verdict")), "•")
-        click.echo(f"{icon} Verdict: {v.get('verdict')} — {for_terminal(str(v.get('reason') or ''))}")
+        print_line(out, f"{icon} Verdict: {for_rich(str(v.get('verdict')))} — {for_rich(str(v.get('reason') or ''))}",
+                   hang=3)  # under the text, past the icon
     if r["status"] == "running":  # extend: wait for runs, never drop an experiment that has not had them
         step = {"winner": "promote", "drop": "drop"}.get(str(v.get("verdict")), "status")
-        click.echo(f"  Next: agent self-heal ab {step} {r['experiment_id']}"
+        print_line(out, f"  Next: agent self-heal ab {step} {for_rich(r['experiment_id'])}"
                    + (" (when more runs have been measured)" if step == "status" else ""))
 
 

@@ -136,6 +136,11 @@ def format_p(p: float | None) -> str:
     return f"p = {float(format(p, '.2g')):g}"
 
 
+def p_cell(p: float | None) -> str:
+    """A p-value for a table cell under a "p" heading: ``<0.001``, ``0.034`` or ``n/a``."""
+    return format_p(p).replace("p = ", "").replace("p < ", "<").replace("p ", "")
+
+
 def common_options(func: Callable) -> Callable:
     """``--home``, ``--db`` and ``--json`` for a command (also accepted before the subcommand,
     on ``agent self-heal``)."""
