@@ -331,6 +331,18 @@ def test_cli_learn_text_fits_80_columns_and_escapes_history_text(binks_home, mon
     assert "\x1b" not in res.output
     assert all(len(line) <= 80 for line in res.output.splitlines()), res.output
     assert K8S in res.output and "person" in res.output and OTHER in res.output
+    # ids whole in their cells: the subject, selfheal's improvement, the tool a rule could apply to
+    ours = "imp-20261116-0000a11e"
+    person_commit(home, SPLIT + timedelta(days=3), CONFIG + "# a note\n",
+                  f"selfheal: note\n\nSelf-Heal-Improvement: {ours}\nSelf-Heal-Action: apply")
+    person_commit(home, SPLIT + timedelta(days=3, hours=1), CONFIG + f'[tools."{OTHER}"]\ntimeout_ms = 5000\n',
+                  f"selfheal: other\n\nSelf-Heal-Improvement: {ours}\nSelf-Heal-Action: apply")
+    res = _cli("learn", "--home", str(home), "--since", SPLIT.isoformat(), "--until", END.isoformat())
+    assert res.exit_code == 0, res.output
+    assert all(len(line) <= 80 for line in res.output.splitlines()), res.output
+    for whole in (f"timeout:{K8S}", ours, f"{OTHER}:"):
+        assert any(whole in line for line in res.output.splitlines()), (whole, res.output)
+    assert any(line.startswith("rule-") and f"  {OTHER}  " in line for line in res.output.splitlines()), res.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from selfheal_plugin.cli.common import common_options, echo_json, format_p, open_service, pct, table_console
+from selfheal_plugin.cli.common import common_options, echo_json, open_service, p_cell, pct, table_console
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.text import for_rich, for_terminal
 
@@ -23,13 +23,23 @@ def _rate(x: float | None) -> str:
     return "n/a" if x is None else pct(x)
 
 
-def _table(title: str, *columns: str) -> Any:
+def _table(title: str, *columns: str, ids: tuple[str, ...] = ()) -> Any:
+    """A table whose ``ids`` columns (and rule ids, commits) are never cut; the others wrap."""
+    from rich import box
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left", width=None)
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+              padding=(0, 1, 0, 0))
     for col in columns:
-        t.add_column(col, overflow="fold", no_wrap=col in ("rule", "commit"))
+        t.add_column(col, overflow="fold", no_wrap=col in ("rule", "commit", *ids))
     return t
+
+
+def _setting(path: list[str]) -> str:
+    """``tools.X.timeout_ms`` as ``X: timeout_ms`` (``server Y: health_check``), so a narrow
+    column wraps after the name instead of cutting it."""
+    head = f"server {path[1]}" if path[0] == "servers" else path[1]
+    return f"{head}: {'.'.join(path[2:])}"
 
 
 def _console() -> Any:
@@ -47,29 +57,31 @@ def print_learn(r: dict[str, Any]) -> None:
                   f"{r['correction']} at {r['significance_level']:g})", indent="")
     out = _console()
     if r["improved"]:
-        t = _table("What improved", "what", "before", "after", "p", "why")
-        for e in r["improved"]:
-            t.add_row(f"{e['kind']}: {for_rich(e['subject'])}", _rate(e["before_rate"]), _rate(e["after_rate"]),
-                      format_p(e["p_value"]), for_rich(e["explanation"]))
+        t = _table("What improved", "what", "before", "after", "p", "why", ids=("what",))
+        for e in r["improved"]:  # the subject (a pattern id, tool or workflow) whole, its kind under it
+            t.add_row(f"{for_rich(e['subject'])}\n{e['kind']}", _rate(e["before_rate"]), _rate(e["after_rate"]),
+                      p_cell(e["p_value"]), for_rich(e["explanation"]))
         out.print(t)
     else:
         click.echo("Nothing improved significantly between the two windows.")
     if r["commits"]:
-        t = _table("config.toml commits in the windows", "commit", "when", "by", "changed")
-        for c in r["commits"]:
-            changed = ", ".join(".".join(ch["path"]) for ch in c["changes"]) or c.get("note") or "no tool/server key"
-            by = f"selfheal ({c['improvement']})" if c.get("improvement") else c["author"]
-            t.add_row(c["sha"][:12], c["at"][:16], for_rich(by), for_rich(changed))
+        t = _table("config.toml commits in the windows", "commit", "when", "by", "changed", ids=("when", "by"))
+        for c in r["commits"]:  # one key per line; selfheal's improvement id under its name
+            changed = "\n".join(for_rich(_setting(ch["path"])) for ch in c["changes"]) \
+                or for_rich(c.get("note") or "no tool/server key")
+            by = f"selfheal\n{for_rich(c['improvement'])}" if c.get("improvement") else for_rich(c["author"])
+            t.add_row(c["sha"][:12], c["at"][:16], by, changed)
         out.print(t)
     if r["learned_rules"]:
         t = _table("Rules learned" + ("" if r.get("recorded", True) else " (not stored)"),
-                   "rule", "kind", "change", "from", "effect")
+                   "rule", "kind", "change", "from", "effect", ids=("from",))
         for lr in r["learned_rules"]:
             t.add_row(lr["rule"]["id"], lr["failure_kind"], for_rich(lr["change"]), for_rich(lr["tool"]),
                       f"-{lr['reduction']:.0%} errors")
         out.print(t)
     if r["applicable"]:
-        t = _table("Where enabled rules could apply now", "rule", "tool", "kind", "failures", "rule's record")
+        t = _table("Where enabled rules could apply now", "rule", "tool", "kind", "failures", "rule's record",
+                   ids=("tool",))
         for a in r["applicable"]:
             t.add_row(a["rule_id"], for_rich(a["tool"]), a["failure_kind"], str(a["occurrences"]),
                       for_rich(a["summary"]))
