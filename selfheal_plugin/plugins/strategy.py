@@ -34,6 +34,7 @@ What a strategy receives, ``pattern`` (:class:`selfheal_plugin.plugins.pattern.P
                        (None while proposing)
     suggested_by       "proposal" or "strategy": where suggested_fix came from
     improvement_id     the open proposal behind suggested_fix, if any
+    improvement_status its status (applied: the fix is in force already, being verified)
     failure_kind       what the failures are, from the evidence (one of FAILURE_KINDS)
     evidence           the evidence behind it (JSON data, see selfheal_plugin.analysis.evidence):
                        kind, reasons, templates, codes (errno, http_status, jsonrpc), paths

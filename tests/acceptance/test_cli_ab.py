@@ -170,7 +170,8 @@ def test_the_mcp_tools(home):
     cli = json.loads(r.stdout)
     for d in (one, cli):  # judged at its own instant
         for e in d["experiments"]:
-            e["verdict"].pop("checked_at"); e["verdict"].pop("until")
+            for volatile in ("checked_at", "until"):
+                e["verdict"].pop(volatile)
     assert cli == one and [e["experiment_id"] for e in cli["experiments"]] == [ab_id]
     bad = _call(server, "ab_promote", {"experiment_id": ab_id})
     assert bad.is_error and "no significant winner" in bad.content[0].text and "\n" not in bad.content[0].text
