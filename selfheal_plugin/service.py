@@ -55,7 +55,7 @@ from selfheal_plugin.results import (
     RollbackPlan, RollbackResult, RuleResult, RulesResult, RunHealth, StatusResult, SyncResult, TestResult,
     ToolReliability, VerifyResult,
 )
-from selfheal_plugin.steps import step
+from selfheal_plugin.steps import option, step
 
 EXPERIMENT_MODES = ("canary", "shadow")
 TEST_MODES = ("simulation", *EXPERIMENT_MODES)
@@ -213,10 +213,21 @@ class SelfHeal:
         if fraction is not None:
             raise UsageError("--fraction is for canary mode only")
         result = simulation.test_improvement(self.conn, self.settings, improvement_id, since=since, now=self.now())
-        result["next_step"] = (step("apply", improvement_id) if result["recommendation"] == "safe_to_apply"
-                               else step("test", improvement_id, mode="canary")
-                               if result["recommendation"] == "risky" else step("reject", improvement_id))
+        result["next_step"] = self._after_test(improvement_id, result["recommendation"])
         return result
+
+    def _after_test(self, improvement_id: str, recommendation: str) -> str:
+        """What to do after a test said ``recommendation``: apply what is safe, reject what is
+        not, and try a risky change on a share of runs first, when it can run as a canary
+        (else apply it knowingly: a change of manual steps only says what was done)."""
+        from selfheal_plugin.lifecycle import canary, configedit
+        if recommendation == "reject":
+            return step("reject", improvement_id)
+        imp = ImprovementStore(self.conn).get(improvement_id)
+        if recommendation == "risky" and canary.experiment_refusal(imp) is None:
+            return step("test", improvement_id, mode="canary")
+        manual_only = not configedit.split_changes(imp.changes)[0]
+        return step("apply", improvement_id, **({"changes_made": "TEXT"} if manual_only else {}))
 
     def plan_apply(self, improvement_id: str) -> ApplyPlan:
         """What :meth:`apply` would write (diff, repository, manual steps), changing nothing."""
@@ -295,7 +306,7 @@ class SelfHeal:
         recommendation = verdict.get("recommendation")
         if recommendation != "keep" and not force:
             raise LifecycleError(f"{improvement_id}: the canary's verdict is {recommendation} "
-                                 f"({verdict.get('reason') or 'not enough evidence'}); promote anyway with --force")
+                                 f"({verdict.get('reason') or 'not enough evidence'}); promote anyway with {option('force')}")
         note = changes_made
         if recommendation != "keep":
             note = "; ".join(x for x in (changes_made, f"promoted with --force (verdict {recommendation})") if x)

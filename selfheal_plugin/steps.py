@@ -4,7 +4,8 @@ Messages are made deep in the engine ("measure it: agent self-heal verify ID"), 
 them depends on the shell that asked: a person at a terminal runs the CLI command, an agent
 on the MCP server calls a tool. :func:`step` writes a command for whoever asked: the CLI's
 words by default, the MCP tool call inside :func:`for_agent` (the MCP server's calls), when a
-tool does it (``rollback``, ``reject`` and ``show`` are CLI-only and stay as they are).
+tool does it (``rollback``, ``reject`` and ``show`` are CLI-only and stay as they are);
+:func:`option` does the same for one option of the command at hand.
 """
 from __future__ import annotations
 
@@ -59,9 +60,19 @@ def step(verb: str, value: str | None = None, **options: str | bool) -> str:
     return _cli(verb, value, options)
 
 
+def option(name: str, placeholder: str | None = None) -> str:
+    """One option of the command at hand: ``--force`` / ``--changes-made TEXT`` for a person,
+    ``force=true`` / ``the changes_made argument`` for an agent."""
+    if _agent.get():
+        return f"the {name} argument" if placeholder else f"{name}=true"
+    return _flag(name, True if placeholder is None else placeholder)
+
+
+def _flag(name: str, value: str | bool) -> str:
+    flag = "--" + name.replace("_", "-")
+    return flag if value is True else f"{flag} {value}"
+
+
 def _cli(verb: str, value: str | None, options: dict[str, str | bool]) -> str:
     words = [CLI, verb, *([value] if value is not None else [])]
-    for name, v in options.items():
-        flag = "--" + name.replace("_", "-")
-        words += [flag] if v is True else [flag, str(v)]
-    return " ".join(words)
+    return " ".join([*words, *(_flag(name, v) for name, v in options.items())])

@@ -350,10 +350,14 @@ def test_user_errors_are_clear_and_change_nothing(home):
         test_experiment(conn, s, retry.id, "shadow")
     with pytest.raises(LifecycleError, match="has manual steps"):
         test_experiment(conn, s, manual.id, "canary")
-    with pytest.raises(LifecycleError, match="only an improvement running as a canary or shadow"):
+    with pytest.raises(LifecycleError, match="only an improvement running as a canary or shadow") as refused:
         drop_experiment(conn, s, imp.id)
+    assert f"(start one: agent self-heal test {imp.id} --mode canary)" in str(refused.value)
     with pytest.raises(LifecycleError, match="only an improvement running as a canary or shadow"):
         promote_experiment(conn, s, imp.id)
+    with pytest.raises(LifecycleError, match="only an improvement running as a canary or shadow") as refused:
+        drop_experiment(conn, s, manual.id)
+    assert "start one" not in str(refused.value)  # a canary would refuse its manual steps: not suggested
     assert git(home, "rev-parse", "HEAD") == head and (home / "config.toml").read_text() == USER
 
     (home / "config.toml").write_text(USER + "# my uncommitted note\n")
@@ -426,3 +430,26 @@ def test_runs_without_an_arm_are_named_in_the_reason(home):
     assert v["recommendation"] == "extend" and v["metrics"]["runs_without_arm"] == 40
     assert "40 run(s) since the start have no arm: is the runtime's ToolPolicy reading this config.toml?" \
         in v["reason"]
+
+
+def test_the_step_after_a_risky_test_is_a_canary_only_where_a_canary_can_run(home):
+    """A risky change of config settings is tried as a canary first; one a canary refuses
+    (manual steps) is applied knowingly, saying what was done; over MCP the same steps are tools."""
+    from selfheal_plugin.service import SelfHeal
+    from selfheal_plugin.steps import for_agent
+
+    db = home / "conversations.db"
+    manual = add_improvement(db, [{"kind": "manual", "text": "tell the planner"}])
+    mixed = add_improvement(db, [timeout_change(90_000), {"kind": "manual", "text": "tell the planner"}],
+                            pattern_id="timeout:other_tool")
+    with SelfHeal(home) as sh:
+        results = {imp.id: sh.test(imp.id) for imp in (manual, mixed)}
+        with for_agent():
+            agent = sh._after_test(manual.id, "risky")
+    assert {r["recommendation"] for r in results.values()} == {"risky"}
+    assert results[manual.id]["next_step"] == f"agent self-heal apply {manual.id} --changes-made TEXT"
+    assert results[mixed.id]["next_step"] == f"agent self-heal apply {mixed.id}"
+    assert agent == f'apply_improvement(improvement_id="{manual.id}", changes_made="TEXT")'
+    with SelfHeal(home) as sh:
+        assert sh._after_test(add_improvement(db, [timeout_change(60_000)], pattern_id="timeout:t3").id,
+                              "risky").endswith("--mode canary")

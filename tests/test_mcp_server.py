@@ -326,6 +326,7 @@ def test_a_canary_started_over_mcp_is_ended_over_mcp(home):
     assert (f'end with canary_promote(improvement_id="{imp.id}") or canary_drop(improvement_id="{imp.id}")'
             in structured(started)["reason"])
     assert "the canary's verdict is extend" in error_text(promote)
+    assert error_text(promote).endswith("promote anyway with force=true")
     assert structured(dropped)["status"] == "proposed"
     assert "only an improvement running as a canary or shadow can be dropped" in error_text(again)
     assert f'(start one: test_improvement(improvement_id="{imp.id}", mode="canary"))' in error_text(again)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from selfheal_plugin.steps import TOOLS, for_agent, step
+from selfheal_plugin.steps import TOOLS, for_agent, option, step
 
 
 def test_a_person_is_told_the_command():
@@ -57,3 +57,9 @@ def test_the_audience_is_the_callers_alone():
         done.wait()
     t.join()
     assert seen == ["agent self-heal verify imp-1"]
+
+
+def test_an_option_of_the_command_at_hand_is_said_as_the_reader_passes_it():
+    assert (option("force"), option("changes_made", "TEXT")) == ("--force", "--changes-made TEXT")
+    with for_agent():
+        assert (option("force"), option("changes_made", "TEXT")) == ("force=true", "the changes_made argument")

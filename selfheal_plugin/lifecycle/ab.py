@@ -51,7 +51,7 @@ from selfheal_plugin.lifecycle.simulation import ReplayRun, load_runs
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.strategy import Proposal, StrategyError, validate_proposal
 from selfheal_plugin.runtime.experiments import AB, ARM_CONTROL, parse_experiments
-from selfheal_plugin.steps import step
+from selfheal_plugin.steps import option, step
 
 log = logging.getLogger("selfheal.ab")
 
@@ -548,7 +548,7 @@ def end_ab(conn: sqlite3.Connection, settings: Settings, ab_id: str, outcome: st
         if winner is None:
             if not force:
                 raise LifecycleError(f"{ab_id} has no significant winner ({verdict['reason']}); promote the best "
-                                     f"observed arm anyway with --force")
+                                     f"observed arm anyway with {option('force')}")
             winner, forced = verdict["best_observed"], True
     lock = _locked(settings)
     try:

@@ -58,7 +58,7 @@ from selfheal_plugin.errors import ConfigError, LifecycleError, SelfHealError, U
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError
 from selfheal_plugin.history.settings import Settings, check_tool_tables, lock_dir, read_config_text
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
-from selfheal_plugin.steps import step
+from selfheal_plugin.steps import option, step
 
 log = logging.getLogger("selfheal.apply")
 
@@ -372,7 +372,7 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
     now = now or utcnow()
     if not changes:
         if not (changes_made and changes_made.strip()):
-            raise UsageError(f"{imp.id} has only manual steps; say what was done with --changes-made TEXT "
+            raise UsageError(f"{imp.id} has only manual steps; say what was done with {option('changes_made', 'TEXT')} "
                              f"(steps: {'; '.join(manual) or 'none listed'})")
         lock = _locked(settings)
         try:

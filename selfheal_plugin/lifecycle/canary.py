@@ -78,6 +78,16 @@ def _overlay(imp: Improvement, mode: str) -> list[ConfigChange]:
     return out
 
 
+def experiment_refusal(imp: Improvement, mode: str = CANARY) -> str | None:
+    """Why ``imp``'s changes cannot run as a ``mode`` (what :func:`test_experiment` would
+    refuse), else None: what a step that suggests a canary asks first."""
+    try:
+        _overlay(imp, mode)
+    except LifecycleError as exc:
+        return str(exc)
+    return None
+
+
 def _removal(data: dict[str, Any], mode: str, imp_id: str) -> list[ConfigChange]:
     table = data.get(mode)
     if not isinstance(table, dict) or imp_id not in table:
@@ -430,8 +440,10 @@ def running_experiment(conn: sqlite3.Connection, improvement_id: str, outcome: s
     (promoted, dropped)."""
     imp = ImprovementStore(conn).get(improvement_id)
     if imp.status not in EXPERIMENT_MODES:
+        start = (f" (start one: {step('test', imp.id, mode='canary')})"
+                 if imp.status in APPLICABLE and experiment_refusal(imp) is None else "")
         raise LifecycleError(f"{imp.id} is {imp.status}; only an improvement running as a canary or shadow can be "
-                             f"{outcome} (start one: {step('test', imp.id, mode='canary')})")
+                             f"{outcome}{start}")
     return imp
 
 
