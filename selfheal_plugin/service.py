@@ -36,7 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
-from selfheal_plugin.errors import LifecycleError, UsageError
+from selfheal_plugin.errors import LifecycleError, NotFoundError, UsageError
 from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, get_pattern, pattern_details
 from selfheal_plugin.history.clock import wall_clock
 from selfheal_plugin.history.connection import connect
@@ -330,7 +330,15 @@ class SelfHeal:
     def run_health(self, run_id: str, *, progress: Callable[[int, int], None] | None = None) -> RunHealth:
         """Health score (0–100) and issues of one run (a unique id prefix is enough)."""
         from selfheal_plugin.analysis import health
-        return health.analyze_run_health(self.conn, run_id, progress=progress)
+        return health.analyze_run_health(self.conn, run_id, progress=progress, suggest=self._suggested_fix)
+
+    def _suggested_fix(self, pattern_id: str) -> str | None:
+        """The fix ``detect`` and ``show`` suggest for a pattern of the window (None: no
+        failure of it in the window, or no strategy answers)."""
+        try:
+            return self.show(pattern_id)["suggested_fix"]
+        except NotFoundError:
+            return None
 
     def agent_metrics(self, since: str | None = None) -> AgentMetrics:
         from selfheal_plugin.analysis import health

@@ -282,11 +282,14 @@ def _metrics_row(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None
 
 
 def analyze_run_health(conn: sqlite3.Connection, run_id: str, *, now: datetime | None = None,
-                       progress: Progress | None = None) -> dict[str, Any]:
+                       progress: Progress | None = None,
+                       suggest: Callable[[str], str | None] | None = None) -> dict[str, Any]:
     """Health score (0–100) and issues with recommendations for one run.
 
     ``run_id`` may be a unique prefix. Raises :class:`NotFoundError` for an unknown id and
-    :class:`UsageError` for an ambiguous prefix.
+    :class:`UsageError` for an ambiguous prefix. ``suggest``: a pattern id → the fix detect
+    suggests for it (the service's), what a failed call's issue recommends when the pattern
+    has no open improvement.
     """
     now = now or utcnow()
     run = resolve_run(conn, run_id)
@@ -326,7 +329,8 @@ def analyze_run_health(conn: sqlite3.Connection, run_id: str, *, now: datetime |
                              "duration": _num(duration), "message": result})
     ref = load_reference(conn, {facts.workflow})
     scored = score_run(facts, ref, now)
-    issues = _run_issues(facts, scored["components"], failures, malformed, events, ref, ImprovementStore(conn))
+    issues = _run_issues(facts, scored["components"], failures, malformed, events, ref, ImprovementStore(conn),
+                         suggest)
     return {
         "run_id": facts.run_id, "workflow_name": facts.workflow, "status": facts.status,
         "started_at": None if facts.started_at is None else utc_text(facts.started_at),
@@ -353,12 +357,16 @@ def _cite_improvement(imp: Any) -> str:
     return f"{what} is under {imp.status} test; apply it when the test passes"
 
 
-def _recommendation(tool: str, etype: str, durations: list[float], store: ImprovementStore) -> str:
+def _recommendation(tool: str, etype: str, durations: list[float], store: ImprovementStore,
+                    suggest: Callable[[str], str | None] | None) -> str:
     """An open improvement for the pattern when there is one (the same fix ``detect``
-    proposed); otherwise the setting to change, by error type."""
+    proposed), else the fix ``detect`` suggests for it (``suggest``); otherwise (no strategy
+    answers) the setting to change, by error type."""
     imp = store.open_for_pattern(f"{etype}:{tool}")
     if imp is not None:
         return _cite_improvement(imp)
+    if suggest is not None and (fix := suggest(f"{etype}:{tool}")):
+        return fix
     key = f'tools."{tool}"'
     server = server_of(tool)
     if etype == "timeout":
@@ -383,7 +391,8 @@ def _recommendation(tool: str, etype: str, durations: list[float], store: Improv
 
 
 def _run_issues(f: RunFacts, comps: dict[str, Any], failures: list[dict[str, Any]], malformed: int,
-                events: int, ref: Reference, store: ImprovementStore) -> list[dict[str, Any]]:
+                events: int, ref: Reference, store: ImprovementStore,
+                suggest: Callable[[str], str | None] | None = None) -> list[dict[str, Any]]:
     issues: list[dict[str, Any]] = []
 
     def add(severity: str, description: str, recommendation: str, **extra: Any) -> None:
@@ -401,7 +410,7 @@ def _run_issues(f: RunFacts, comps: dict[str, Any], failures: list[dict[str, Any
         times = f" ({len(items)}×)" if len(items) > 1 else ""
         durations = [d["duration"] for d in items if d["duration"] is not None]
         add("high" if f.status == "failed" else "medium", f"Tool {label} on {tool}{times}",
-            _recommendation(tool, etype, durations, store), tool=tool, error_type=etype, pattern_id=f"{etype}:{tool}",
+            _recommendation(tool, etype, durations, store, suggest), tool=tool, error_type=etype, pattern_id=f"{etype}:{tool}",
             count=len(items))
     for tool, rate in comps["tool_reliability"]["tools"].items():
         if rate is not None and rate < UNRELIABLE_TOOL:

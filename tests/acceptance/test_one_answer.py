@@ -68,6 +68,15 @@ def test_a_read_only_detect_suggests_the_fix_a_proposing_detect_stores(history_c
                                    for p in before.values())
     shown = json.loads(run_agent("self-heal", "show", PATTERN, "--home", str(binks_home), "--json").stdout)
     assert shown["suggested_fix"] == before[PATTERN]["suggested_fix"] and shown["suggested_by"] == "strategy"
+    # a run's health recommends that same fix for each of its failed calls' patterns
+    checked = 0
+    for pid in (PATTERN, *sorted(before)[:3]):
+        health = _mcp(binks_home, "analyze_run_health", run_id=before[pid]["affected_runs"][-1]).structured_content
+        for issue in health["issues"]:
+            if issue.get("pattern_id") in before:
+                assert issue["recommendation"] == before[issue["pattern_id"]]["suggested_fix"], issue
+                checked += 1
+    assert checked >= 4
     stored = {o["pattern_id"]: o for o in _detect(binks_home)["proposals"]}
     assert all(o["created"] for o in stored.values())
     assert {pid: p["suggested_fix"] for pid, p in before.items()} == {
@@ -127,13 +136,16 @@ def test_the_next_step_follows_the_tests_verdict(history_copy, binks_home):
         res = run_agent("self-heal", "test", imp_id, "--home", str(binks_home), "--json")
         assert res.returncode == 0, res.stderr
         verdict = json.loads(res.stdout)
+        # a risky change is tried as a canary first, where a canary can run it (config settings only)
+        canary = verdict["recommendation"] == "risky" and all(c["kind"] == "config" for c in outcome["changes"])
         expected = {"safe_to_apply": f"agent self-heal apply {imp_id}",
-                    "risky": f"agent self-heal test {imp_id} --mode canary",
+                    "risky": f"agent self-heal test {imp_id} --mode canary" if canary else f"agent self-heal apply {imp_id}",
                     "reject": f"agent self-heal reject {imp_id}"}[verdict["recommendation"]]
-        assert verdict["next_step"] == expected
+        assert verdict["next_step"] == expected, outcome["changes"]
         over_mcp = _mcp(binks_home, "test_improvement", improvement_id=imp_id)
         # the same step, as the tool an agent calls (reject has none: the command stays)
         assert over_mcp.structured_content["next_step"] == {
             "safe_to_apply": f'apply_improvement(improvement_id="{imp_id}")',
-            "risky": f'test_improvement(improvement_id="{imp_id}", mode="canary")',
+            "risky": f'test_improvement(improvement_id="{imp_id}", mode="canary")' if canary
+            else f'apply_improvement(improvement_id="{imp_id}")',
             "reject": expected}[verdict["recommendation"]]
