@@ -25,7 +25,8 @@ Every question has one answer here:
 * a rejected pattern is not proposed again until its evidence changes (see
   :func:`selfheal_plugin.lifecycle.proposals.rejection_stands`);
 * a strategy that takes over an error type supersedes the open proposals of the strategy it
-  replaced (status ``superseded``, kept in history);
+  replaced (status ``superseded``, kept in history) when, and in the transaction where, its
+  own proposal is stored: a failing one supersedes nothing;
 * ``canary_promote`` refuses unless the canary's verdict is keep (``force=True`` overrides
   and is recorded); a risky ``test`` never suggests ``apply`` as its next step.
 """

@@ -268,3 +268,78 @@ def test_a_proposing_detect_runs_each_strategy_once_over_one_window(history_copy
     assert (suggested[PATTERN]["suggested_fix"], suggested[PATTERN]["suggested_by"]) == (
         description.splitlines()[0], "strategy")
     assert suggested[broken]["suggested_fix"] is None
+
+
+class _Replacing:
+    """A plugin whose ``timeout`` strategy replaces the built-in, and fails in ``how``."""
+
+    def __init__(self, how: str):
+        from selfheal_plugin.plugins.strategy import Strategy
+
+        self.release = threading.Event()
+        release = self.release
+
+        class Failing(Strategy):
+            name = "failing-timeout"
+            error_types = ("timeout",)
+
+            def propose(self, pattern, history):
+                if how == "hangs":
+                    release.wait()
+                if how == "exits":
+                    raise SystemExit(0)
+                return "not a proposal"
+
+        self.strategy = Failing()
+
+    @hookimpl
+    def register_strategies(self, register):
+        register(self.strategy)
+
+
+@pytest.mark.parametrize("status", ["proposed", "tested"])
+@pytest.mark.parametrize("how", ["hangs", "exits", "invalid"])
+def test_a_replacing_strategy_that_fails_leaves_the_open_proposal_open(history_copy, binks_home, how, status):
+    """The open proposal is superseded only in the transaction that stores its replacement:
+    a replacing strategy that hangs, exits or returns no valid proposal supersedes nothing."""
+    from selfheal_plugin.service import SelfHeal
+
+    db, _ = history_copy
+    (binks_home / "config.toml").write_text("[self_heal]\nplugin_timeout_seconds = 1\n")
+    with SelfHeal(binks_home, db, clock=lambda: NOW, lookback="-8d") as sh:
+        first = next(o for o in sh.detect(propose=True)["proposals"] if o["pattern_id"] == PATTERN)
+        assert first["created"] and first["strategy"] == "timeout"
+        ImprovementStore(sh.conn).update(first["improvement_id"], status=status)
+        failing = _Replacing(how)
+        plugins.register(failing, "failing")
+        try:
+            again = sh.detect(propose=True)
+        finally:
+            failing.release.set()
+            plugins.unregister(failing)
+        outcome = next(o for o in again["proposals"] if o["pattern_id"] == PATTERN)
+        assert "strategy 'failing-timeout' (plugin failing)" in outcome["error"]
+        assert ImprovementStore(sh.conn).get(first["improvement_id"]).status == status
+        pattern = next(p for p in again["patterns"] if p["id"] == PATTERN)
+        assert (pattern["improvement_id"], pattern["suggested_by"]) == (first["improvement_id"], "proposal")
+
+
+def test_a_replacing_strategy_supersedes_in_the_transaction_that_stores_its_proposal(history_copy, binks_home):
+    """A row acted on between the read and the store stands: nothing superseded, nothing new."""
+    from selfheal_plugin.history.improvements import Replacement
+
+    db, _ = history_copy
+    conn = connect(db)
+    s = load_settings(binks_home)
+    old = propose_improvement(conn, s, PATTERN, since="-8d", now=NOW)
+    store = ImprovementStore(conn)
+    new = replace(old, id=new_improvement_id(), proposed_at=None, created_at=None)
+    store.update(old.id, status="applied")  # meanwhile
+    row, created = store.insert_unless_open(new, Replacement(old.id, {"superseded_by_strategy": "x"}))
+    assert (row.id, row.status, created) == (old.id, "applied", False)
+    store.update(old.id, status="tested")
+    row, created = store.insert_unless_open(new, Replacement(old.id, {"superseded_by_strategy": "x"}))
+    assert created and row.id == new.id
+    replaced = store.get(old.id)
+    assert replaced.status == "superseded" and replaced.evidence["superseded_by_strategy"] == "x"
+    assert replaced.evidence["expected_reduction"] == old.evidence["expected_reduction"]  # kept

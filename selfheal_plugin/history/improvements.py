@@ -28,6 +28,7 @@ STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "re
 # experiment; "ab": an arm of a running experiment; "ab_lost": an arm that lost (history).
 OPEN_STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "ab")
 IN_FORCE = ("applied", "verified")  # a fix whose change config.toml holds now
+REPLACEABLE = ("proposed", "tested")  # an open row not yet acted on: a new proposal may supersede it
 _JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact",
                 "apply_record", "evidence", "experiment")
 
@@ -95,6 +96,17 @@ class Improvement:
         kwargs.setdefault("status", data.get("status") or "proposed")
         kwargs.setdefault("description", data.get("description") or "")
         return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """The open row a new proposal takes the place of: it becomes ``superseded`` (kept in
+    history, ``evidence`` added to its own) in the write transaction that stores the new row,
+    and only then. A row acted on meanwhile (no longer :data:`REPLACEABLE`) stands, and the
+    new one is not stored."""
+
+    improvement_id: str
+    evidence: dict[str, Any]
 
 
 def new_improvement_id() -> str:
@@ -174,26 +186,34 @@ class ImprovementStore:
             self._insert_row(imp)
         return imp
 
-    def insert_unless_open(self, imp: Improvement) -> tuple[Improvement, bool]:
+    def insert_unless_open(self, imp: Improvement, replaces: Replacement | None = None
+                           ) -> tuple[Improvement, bool]:
         """Insert ``imp`` unless its pattern already has an open improvement; returns
         (the stored row, created). Check and insert share one write transaction, so two
-        processes proposing for the same pattern at once still make one row."""
-        with write_transaction(self.conn):
-            row = self._open_row(imp.pattern_id)
-            if row is not None:
-                return Improvement.from_row(row), False
-            self._insert_row(imp)
-        return imp, True
+        processes proposing for the same pattern at once still make one row. ``replaces``:
+        the open row ``imp`` takes the place of, superseded in that same transaction (see
+        :class:`Replacement`)."""
+        return self.insert_many_unless_open([imp], [replaces])[0]
 
-    def insert_many_unless_open(self, imps: list[Improvement]) -> list[tuple[Improvement, bool]]:
+    def insert_many_unless_open(self, imps: list[Improvement], replaces: list[Replacement | None] | None = None
+                                ) -> list[tuple[Improvement, bool]]:
         """:meth:`insert_unless_open` for several improvements in one write transaction (one
-        commit, not one per row); results in order."""
+        commit, not one per row); results in order. ``replaces[i]``, when given, is the open
+        row ``imps[i]`` replaces."""
         if not imps:
             return []
         out: list[tuple[Improvement, bool]] = []
         with write_transaction(self.conn):
-            for imp in imps:
+            for imp, replaced in zip(imps, replaces or [None] * len(imps)):
                 row = self._open_row(imp.pattern_id)
+                if row is not None and replaced is not None and row["id"] == replaced.improvement_id \
+                        and row["status"] in REPLACEABLE:
+                    evidence = load_json(row["evidence"], default=None)
+                    self.conn.execute(
+                        "UPDATE improvements SET status = 'superseded', evidence = ?, updated_at = ? WHERE id = ?",
+                        (json.dumps({**(evidence if isinstance(evidence, dict) else {}), **replaced.evidence}),
+                         format_timestamp(utcnow()), row["id"]))
+                    row = self._open_row(imp.pattern_id)
                 if row is not None:
                     out.append((Improvement.from_row(row), False))
                 else:

@@ -14,7 +14,9 @@ from typing import Any, Callable, Mapping
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle import learning
 from selfheal_plugin.lifecycle.cooldown import mark_if_undone
-from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError, new_improvement_id
+from selfheal_plugin.history.improvements import (
+    REPLACEABLE, Improvement, ImprovementStore, Replacement, new_improvement_id,
+)
 from selfheal_plugin.analysis.patterns import Pattern, get_pattern
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError, validate_proposal
@@ -167,18 +169,6 @@ def rejection_stands(rejected: Improvement, pattern: Pattern, settings: Settings
     return None
 
 
-def supersede_replaced(store: ImprovementStore, existing: Improvement, strategy_name: str,
-                       settings: Settings) -> bool:
-    """Mark ``existing`` superseded when another strategy has taken over its error type (it
-    is kept in history); only proposals not yet acted on (proposed, tested)."""
-    if existing.status not in ("proposed", "tested") or not existing.strategy or existing.strategy == strategy_name:
-        return False
-    store.update(existing.id, status="superseded",
-                 evidence={**(existing.evidence or {}), "superseded_by_strategy": strategy_name})
-    log.info("%s superseded: strategy %s now answers for %s", existing.id, strategy_name, existing.error_type)
-    return True
-
-
 def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: Pattern,
                         history: HistoryWindow | None = None) -> Proposed:
     """Propose for an already loaded pattern; returns the open proposal if there is one.
@@ -190,55 +180,65 @@ def propose_for_pattern(conn: sqlite3.Connection, settings: Settings, pattern: P
                      store.open_for_pattern(pattern.id))
     if isinstance(found, Proposed):
         return found
-    imp, created = store.insert_unless_open(found)
-    if created:
-        plugins.fire("improvement_proposed", improvement=imp, settings=settings)
-    return Proposed(imp, created, pattern)
+    return _stored(store, settings, [pattern], [found])[0]
 
 
-def _supersede_open(store: ImprovementStore, existing: Improvement, by: str) -> Improvement | None:
-    """Mark a proposal not yet acted on superseded (compare-and-set on proposed/tested); the
-    row as it is now when it was acted on meanwhile (it stands), else None."""
-    try:
-        store.update(existing.id, expect_status=("proposed", "tested"), status="superseded",
-                     evidence={**(existing.evidence or {}), "superseded_by_strategy": by})
-    except StatusChangedError:
-        return store.get(existing.id)
-    log.info("%s superseded by %s", existing.id, by)
-    return None
+def _stored(store: ImprovementStore, settings: Settings, patterns: list[Pattern],
+            new: list[tuple[Improvement, Replacement | None]]) -> list[Proposed]:
+    """Store the new improvements :func:`_prepare` made, each superseding the open row it
+    replaces, in one write transaction; ``improvement_proposed`` fires for each row created."""
+    stored = store.insert_many_unless_open([imp for imp, _ in new], [replaces for _, replaces in new])
+    out = []
+    for pattern, (imp, created), (_, replaces) in zip(patterns, stored, new):
+        if created and replaces is not None:
+            log.info("%s superseded by %s (%s)", replaces.improvement_id, imp.id,
+                     replaces.evidence["superseded_by_strategy"])
+        if created:
+            plugins.fire("improvement_proposed", improvement=imp, settings=settings)
+        out.append(Proposed(imp, created, pattern))
+    return out
+
+
+def _replacing(existing: Improvement, by: str) -> Replacement:
+    return Replacement(existing.id, {"superseded_by_strategy": by})
 
 
 def _prepare(store: ImprovementStore, settings: Settings, pattern: Pattern, history: HistoryWindow,
-             existing: Improvement | None) -> Proposed | Improvement:
+             existing: Improvement | None) -> Proposed | tuple[Improvement, Replacement | None]:
     """The pattern's open proposal or standing rejection (a :class:`Proposed`), else the new
-    improvement its strategy proposes, not yet stored. ``existing``: the pattern's open
-    proposal as read before (``store.open_for_pattern``)."""
+    improvement its strategy proposes, not yet stored, with the open row it replaces, if any.
+    ``existing``: the pattern's open proposal as read before (``store.open_for_pattern``).
+
+    An open proposal not yet acted on gives way when a disabled rule made it, when it holds
+    only steps for a person and a rule now offers a config change, or when another strategy
+    has taken over its error type (a third-party one replacing a built-in). It is superseded
+    only when the new proposal is stored, in the same transaction (:func:`_stored`): a
+    strategy that fails, or a standing rejection, leaves it open."""
     conn = store.conn
+    replaces: Replacement | None = None
+    if existing is not None and existing.status not in REPLACEABLE:
+        return Proposed(existing, False, pattern)
     if existing is not None and learning.is_rule_strategy(existing.strategy):
         # a rule's proposal stands while its rule is enabled; a disabled rule's is superseded
         if learning.rule_usable(conn, existing.strategy):
             return Proposed(existing, False, pattern)
-        if (standing := _supersede_open(store, existing, "rule disabled")) is not None:
-            return Proposed(standing, False, pattern)
-        existing = None
-    elif existing is not None and existing.status in ("proposed", "tested") and not any(
-            c.get("kind") == "config" for c in existing.changes or []) and \
+        replaces = _replacing(existing, "rule disabled")
+    elif existing is not None and not any(c.get("kind") == "config" for c in existing.changes or []) and \
             (by_rule := learning.rule_proposal(conn, pattern, None)) is not None:
         # an open proposal of steps for a person only gives way to a rule's config change
-        if (standing := _supersede_open(store, existing, by_rule.strategy)) is not None:
-            return Proposed(standing, False, pattern)
-        existing = None
-    if existing is not None:
+        replaces = _replacing(existing, by_rule.strategy)
+    elif existing is not None:
         current = plugins.strategy_for(pattern.error_type, settings, pattern.failure_kind)
-        if not supersede_replaced(store, existing, current.name, settings):
+        if not existing.strategy or existing.strategy == current.name:
             return Proposed(existing, False, pattern)
+        replaces = _replacing(existing, current.name)  # another strategy took over its error type
     rejected = latest_rejection(conn, pattern.id)
     if rejected is not None and (reason := rejection_stands(rejected, pattern, settings)):
         return Proposed(rejected, False, pattern, skipped=reason)
     proposal = make_proposal(pattern, history)
     if rejected is not None and (reason := rejection_stands(rejected, pattern, settings, proposal)):
         return Proposed(rejected, False, pattern, skipped=reason, proposal=proposal)
-    return mark_if_undone(conn, improvement_from_proposal(proposal), history.until)  # a fix undone before
+    return mark_if_undone(conn, improvement_from_proposal(proposal), history.until), replaces  # a fix undone before
 
 
 def propose_improvement(conn: sqlite3.Connection, settings: Settings, pattern_id: str, *,
@@ -275,7 +275,7 @@ def propose_all(conn: sqlite3.Connection, settings: Settings, patterns: list[Pat
     store = ImprovementStore(conn)
     # read at once: nothing is stored before every pattern is prepared (with should_stop, each in its turn)
     open_rows = store.open_for_patterns([p.id for p in patterns]) if should_stop is None else {}
-    out: list[Proposed | StrategyError | Improvement] = []
+    out: list[Proposed | StrategyError | tuple[Improvement, Replacement | None]] = []
     for p in patterns:
         if should_stop is not None and should_stop():
             break
@@ -284,12 +284,10 @@ def propose_all(conn: sqlite3.Connection, settings: Settings, patterns: list[Pat
                        else propose_for_pattern(conn, settings, p, history))
         except StrategyError as exc:
             out.append(exc)
-    new = [i for i, r in enumerate(out) if isinstance(r, Improvement)]
-    stored = store.insert_many_unless_open([out[i] for i in new])  # type: ignore[misc]
-    for i, (imp, created) in zip(new, stored):
-        out[i] = Proposed(imp, created, patterns[i])
-        if created:
-            plugins.fire("improvement_proposed", improvement=imp, settings=settings)
+    new = [i for i, r in enumerate(out) if isinstance(r, tuple)]
+    stored = _stored(store, settings, [patterns[i] for i in new], [out[i] for i in new])  # type: ignore[misc]
+    for i, proposed in zip(new, stored):
+        out[i] = proposed
     return out  # type: ignore[return-value]
 
 
