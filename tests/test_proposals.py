@@ -343,3 +343,72 @@ def test_a_replacing_strategy_supersedes_in_the_transaction_that_stores_its_prop
     replaced = store.get(old.id)
     assert replaced.status == "superseded" and replaced.evidence["superseded_by_strategy"] == "x"
     assert replaced.evidence["expected_reduction"] == old.evidence["expected_reduction"]  # kept
+
+
+class _Proposing:
+    """A plugin whose ``timeout`` strategy proposes ``change``."""
+
+    def __init__(self, change):
+        from selfheal_plugin.plugins.strategy import Strategy
+
+        class Bad(Strategy):
+            name = "bad-timeout"
+            error_types = ("timeout",)
+
+            def propose(self, pattern, history):
+                return self.make_proposal(pattern, description="Change it", expected_impact="unknown",
+                                          risk_level="low", changes=[change(pattern)])
+
+        self.strategy = Bad()
+
+    @hookimpl
+    def register_strategies(self, register):
+        register(self.strategy)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"path": ["self_heal", "auto_apply_enabled"], "value": True},
+     "change 1: proposals may not change selfheal's own [self_heal] settings"),
+    ({"path": ["tools", "{tool}", "timeout_ms"], "value": -1},
+     'the change would write a value the runtime refuses: config.toml: [tools."{tool}"] timeout_ms must be '
+     "between 1 and 86400000, got -1"),
+    ({"path": ["tools", "{tool}", "timeout_ms"], "value": "90s"},
+     'the change would write a value the runtime refuses: config.toml: [tools."{tool}"] timeout_ms must be an '
+     "integer between 1 and 86400000, got '90s'"),
+    ({"path": ["tools", "{tool}", "circuit_breaker", "failure_threshold"], "value": 3},
+     'the change would write a value the runtime refuses: config.toml: [tools."{tool}".circuit_breaker] needs '
+     "failure_threshold and timeout_duration_sec"),
+], ids=["self_heal", "negative", "string", "half-a-breaker"])
+def test_a_change_apply_would_refuse_is_refused_when_proposed(history_copy, binks_home, change, problem):
+    """Neither stored nor suggested: one strategy error naming the strategy and the change."""
+    from selfheal_plugin.service import SelfHeal
+
+    db, _ = history_copy
+    tool = PATTERN.split(":", 1)[1]
+    # a wrong value elsewhere in the file is the person's to fix, not the proposal's fault
+    (binks_home / "config.toml").write_text('[tools."other"]\ntimeout_ms = "abc"\n')
+    bad = _Proposing(lambda pattern: {"kind": "config", **change,
+                                      "path": [p.format(tool=pattern.tool_name) for p in change["path"]]})
+    plugins.load_plugins()
+    plugins.register(bad, "bad")
+    try:
+        with SelfHeal(binks_home, db, clock=lambda: NOW, lookback="-8d") as sh:
+            found = sh.detect(propose=True)
+            outcome = next(o for o in found["proposals"] if o["pattern_id"] == PATTERN)
+            assert outcome["error"] == ("strategy 'bad-timeout' (plugin bad) returned an invalid proposal for "
+                                        f"{PATTERN}: {problem.format(tool=tool)}")
+            pattern = next(p for p in found["patterns"] if p["id"] == PATTERN)
+            assert pattern["suggested_fix"] is None and pattern["improvement_id"] is None
+            assert sh.show(PATTERN)["suggested_fix"] is None
+            assert ImprovementStore(sh.conn).open_for_pattern(PATTERN) is None
+    finally:
+        plugins.unregister(bad)
+    # a valid value is stored, the wrong one elsewhere notwithstanding
+    good = _Proposing(lambda pattern: {"kind": "config", "path": ["tools", pattern.tool_name, "timeout_ms"],
+                                       "value": 90000})
+    plugins.register(good, "good")
+    try:
+        imp = propose_improvement(connect(db), load_settings(binks_home), PATTERN, since="-8d", now=NOW)
+    finally:
+        plugins.unregister(good)
+    assert imp.strategy == "bad-timeout" and imp.changes[0]["value"] == 90000

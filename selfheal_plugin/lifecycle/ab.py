@@ -46,10 +46,10 @@ from selfheal_plugin.lifecycle.apply import (
 )
 from selfheal_plugin.lifecycle.canary import _edit_text, _removal
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
-from selfheal_plugin.lifecycle.proposals import failure_summary, history_window, improvement_from_proposal
+from selfheal_plugin.lifecycle.proposals import check_proposal, failure_summary, history_window, improvement_from_proposal
 from selfheal_plugin.lifecycle.simulation import ReplayRun, load_runs
 from selfheal_plugin.plugins import manager as plugins
-from selfheal_plugin.plugins.strategy import Proposal, StrategyError, validate_proposal
+from selfheal_plugin.plugins.strategy import Proposal, StrategyError
 from selfheal_plugin.runtime.experiments import AB, ARM_CONTROL, parse_experiments
 from selfheal_plugin.steps import option, step
 
@@ -91,8 +91,8 @@ def candidate_proposals(conn: sqlite3.Connection, settings: Settings, pattern: A
             continue
         for raw in (got if isinstance(got, list) else [got])[:MAX_ARMS]:
             try:
-                valid = validate_proposal(raw, pattern.id)
-            except (ValueError, TypeError, RecursionError) as exc:
+                valid = check_proposal(raw, pattern.id, history)
+            except (ValueError, TypeError, RecursionError, configedit.ChangeError) as exc:
                 log.warning("invalid candidate from %s for %s: %s", getattr(strategy, "name", "?"), pattern.id, exc)
                 continue
             if pattern.evidence:

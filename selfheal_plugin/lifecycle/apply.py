@@ -56,7 +56,7 @@ from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
 from selfheal_plugin.errors import ConfigError, LifecycleError, SelfHealError, UsageError
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError
-from selfheal_plugin.history.settings import Settings, check_tool_tables, lock_dir, read_config_text
+from selfheal_plugin.history.settings import Settings, lock_dir, read_config_text
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 from selfheal_plugin.steps import option, step
 
@@ -269,14 +269,13 @@ def check_tool_values(text: str | None, where: Path, *, written: bool = False) -
     refuses (:func:`~selfheal_plugin.history.settings.check_tool_tables`): in the file as it is,
     a change would replace the person's value silently or leave a file ToolPolicy does not load;
     in what a change would write (``written``), the change is wrong."""
-    _, problems = check_tool_tables(configedit.parse_config_text(text, str(where)), where)
-    if not problems:
+    refused = configedit.refused_values(configedit.parse_config_text(text, str(where)), where)
+    if refused is None:
         return
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     if written:
-        raise configedit.ChangeError(f"the change would write a value the runtime refuses: {problems[0]}{more}; "
+        raise configedit.ChangeError(f"the change would write a value the runtime refuses: {refused}; "
                                      "nothing was changed")
-    raise ConfigError(f"{problems[0]}{more}; fix it first, nothing was changed")
+    raise ConfigError(f"{refused}; fix it first, nothing was changed")
 
 
 def _config_changes(imp: Improvement) -> tuple[list[ConfigChange], list[str]]:

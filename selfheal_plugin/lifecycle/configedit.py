@@ -21,10 +21,11 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from selfheal_plugin.errors import ConfigError, SelfHealError
+from selfheal_plugin.history.settings import check_tool_tables
 from selfheal_plugin.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -145,6 +146,29 @@ def split_changes(changes: list[Any]) -> tuple[list[ConfigChange], list[str]]:
     return config, manual
 
 
+def refused_values(config: dict[str, Any], where: str | Path) -> str | None:
+    """What the runtime's ToolPolicy would refuse in ``config`` (parsed), by the schema it
+    validates with (:func:`~selfheal_plugin.history.settings.check_tool_tables`): the first
+    wrong ``[tools]``/``[servers]`` value and how many more, or None."""
+    _, problems = check_tool_tables(config, Path(where))
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
+def check_changes(changes: list[Any], config: dict[str, Any]) -> None:
+    """Refuse, before a proposal is stored, changes ``apply`` would refuse: :func:`split_changes`'s
+    rules (another file, ``[self_heal]``, a value TOML cannot hold) and a ``[tools]``/``[servers]``
+    value the runtime refuses in ``config`` (the parsed config.toml, its wrong values already
+    left out) with the changes made. :class:`ChangeError` with the first problem."""
+    edits, _manual = split_changes(changes)
+    after = copy.deepcopy(config)
+    for change in edits:
+        _set_plain(after, change)
+    if (refused := refused_values(after, "config.toml")) is not None:
+        raise ChangeError(f"the change would write a value the runtime refuses: {refused}")
+
+
 def parse_config_text(text: str | None, where: str = "config.toml") -> dict[str, Any]:
     """The file as plain data; :class:`ConfigError` when it does not parse."""
     if text is None:
@@ -178,8 +202,10 @@ def _plain(item: Any) -> Any:
 
 def _set_plain(data: dict[str, Any], change: ConfigChange) -> None:
     node = data
-    for key in change.path[:-1]:
+    for i, key in enumerate(change.path[:-1]):
         node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ChangeError(f"{dotted_key(change.path[:i + 1])} is not a table; {change.key()} cannot be set")
     if change.op == "set":
         node[change.path[-1]] = copy.deepcopy(change.value)
     else:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle import learning
+from selfheal_plugin.lifecycle.configedit import ChangeError, check_changes
 from selfheal_plugin.lifecycle.cooldown import mark_if_undone
 from selfheal_plugin.history.improvements import (
     REPLACEABLE, Improvement, ImprovementStore, Replacement, new_improvement_id,
@@ -65,7 +66,8 @@ def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
     :func:`~selfheal_plugin.plugins.manager.resolve_strategy`) for a proposal (not stored).
 
     The strategy runs contained and bounded (``plugins.call_strategy``) and what it returns
-    is checked by :func:`~selfheal_plugin.plugins.strategy.validate_proposal`. Any failure —
+    is checked by :func:`check_proposal` (also the changes: what apply would refuse is refused
+    here, so it is neither stored nor suggested). Any failure —
     the type's strategy failed to load, it raised, timed out or returned an invalid
     proposal — is one :class:`StrategyError` line naming the strategy and its plugin (also
     recorded in the plugin errors); nothing is stored for that pattern.
@@ -73,7 +75,7 @@ def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
     strategy, plugin = plugins.resolve_strategy(pattern.error_type, history.settings, pattern.failure_kind)
     proposal = plugins.call_strategy(strategy, "propose", pattern, history, settings=history.settings)
     try:
-        valid = validate_proposal(proposal, pattern.id)
+        valid = check_proposal(proposal, pattern.id, history)
         if pattern.evidence:
             valid.failure_kind = valid.failure_kind or pattern.failure_kind
             valid.evidence.setdefault("failure", failure_summary(pattern.evidence))
@@ -84,15 +86,26 @@ def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:
         if by_rule is not None:
             if valid.evidence.get("failure") is not None:
                 by_rule.evidence.setdefault("failure", valid.evidence["failure"])
-            return validate_proposal(by_rule, pattern.id)
+            return check_proposal(by_rule, pattern.id, history)
         return learning.with_prior(history.conn, valid)
-    except (ValueError, TypeError, RecursionError) as exc:
+    except (ValueError, TypeError, RecursionError, ChangeError) as exc:
         problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         plugins._record(plugins.PluginError(plugin=plugin, phase="strategy", hook="propose",
                                             strategy=getattr(strategy, "name", None),
                                             error=f"invalid proposal for {pattern.id}: {problem}"))
         raise StrategyError(f"strategy {strategy.name!r} (plugin {plugin}) returned an invalid proposal for "
                             f"{pattern.id}: {problem}") from None
+
+
+def check_proposal(proposal: Any, pattern_id: str, history: HistoryWindow) -> Proposal:
+    """What a strategy returned, checked before anything is stored or suggested: a valid
+    :class:`Proposal` (:func:`~selfheal_plugin.plugins.strategy.validate_proposal`) whose
+    changes ``apply`` would make (:func:`~selfheal_plugin.lifecycle.configedit.check_changes`:
+    not selfheal's own ``[self_heal]``, no value the runtime's ToolPolicy refuses, over the
+    home's config.toml as it is). ValueError or :class:`ChangeError` with the first problem."""
+    valid = validate_proposal(proposal, pattern_id)
+    check_changes(valid.changes, history.config)
+    return valid
 
 
 def failure_summary(evidence: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,8 @@ safe; ``medium`` — changes behaviour a user may notice (a circuit breaker, pre
 checks); ``high`` — may hide failures or needs a person; never applied automatically.
 
 Plugin calls are contained: a strategy method that raises, returns something that is not
-a valid :class:`Proposal` (see :func:`validate_proposal`) or runs past
+a valid :class:`Proposal` (see :func:`validate_proposal`; its changes are also checked
+against what ``apply`` would refuse: ``[self_heal]``, a value ToolPolicy refuses) or runs past
 ``[self_heal] plugin_timeout_seconds`` costs that pattern its proposal, with one line
 naming the strategy and its plugin; the other patterns go on.
 """
