@@ -18,7 +18,10 @@ It also answers for the failure kinds ``missing_resource`` and ``invalid_argumen
 the pattern's evidence: a missing resource named by a *path* argument gets the pre-flight
 check (expected impact: the share of occurrences whose message names a path argument);
 missing ids, refs or URLs, and invalid arguments, go to a person or the prompt: no
-config change, no retries, impact unknown.
+config change, no retries, impact unknown. What the text says about the resources and about
+retrying follows the evidence's determinism verdict: "do not exist" and "retrying will not
+help" only when the same arguments failed again every time they were repeated, never when
+they succeeded later.
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ class ToolErrorStrategy(ModeledStrategy):
         if fk == "missing_resource":
             if _path_share(pattern) > 0:
                 return f"Add file existence checks before {pattern.tool_name} calls"
-            return f"Look up the resources {pattern.tool_name} names before calling it: they do not exist"
+            return _lookup_headline(pattern)
         if fk == "invalid_arguments":
             return f"Validate {pattern.tool_name} arguments before calling it"
         kind = kinds_of(pattern).most_common(1)[0][0] if pattern.occurrences_detail else "other"
@@ -179,14 +182,18 @@ class ToolErrorStrategy(ModeledStrategy):
                                             f"exist; the check stops them before the call"),
                 risk_level="low", changes=changes, expected_reduction=share, evidence=evidence)
         if kind == "missing_resource":
-            text = (f"The resources {tool} was asked for do not exist ({examples}); have the agent look them up "
-                    f"(list, search) before using them, or correct the ids in the prompt. Retrying will not help.")
-            description = f"Look up the resources {tool} names before calling it: they do not exist"
+            found = "do not exist" if _verdict(pattern) == "deterministic" else "were not found when called"
+            unrepeated = "No call repeated the same arguments: whether they appear later is not known."
+            text = (f"The resources {tool} was asked for {found} ({examples}); have the agent look them up "
+                    f"(list, search) before using them, or correct the ids in the prompt. "
+                    f"{_repeats(pattern, unrepeated)}")
+            description = _lookup_headline(pattern)
         else:
             keys = Counter(k for o in pattern.occurrences_detail for k in o.get("arg_keys", []))
             key_text = ", ".join(k for k, _ in keys.most_common(5)) or "its arguments"
+            unrepeated = "Retrying will not help: the tool refused the arguments as invalid."
             text = (f"Validate {key_text} before calling {tool} (state the tool's schema in the prompt, or "
-                    f"validate before the call); messages: {examples}. Retrying will not help.")
+                    f"validate before the call); messages: {examples}. {_repeats(pattern, unrepeated)}")
             description = f"Validate {tool} arguments before calling it"
         return self.make_proposal(
             pattern, description=description,
@@ -203,6 +210,28 @@ def _path_share(pattern: Any) -> float:
 
 def _verdict(pattern: Any) -> str | None:
     return ((getattr(pattern, "evidence", None) or {}).get("determinism") or {}).get("verdict")
+
+
+def _lookup_headline(pattern: Any) -> str:
+    """The fix for resources that were not found, saying they do not exist only when the
+    evidence says so (the same arguments failed again every time they were repeated)."""
+    found = "they do not exist" if _verdict(pattern) == "deterministic" else "they were not found when called"
+    return f"Look up the resources {pattern.tool_name} names before calling it: {found}"
+
+
+def _repeats(pattern: Any, unrepeated: str) -> str:
+    """Whether a retry can help, as the evidence's determinism verdict says (see
+    :func:`selfheal_plugin.analysis.evidence.determinism_counts`); ``unrepeated``: what to say
+    when no call repeated the same arguments (the messages are all there is)."""
+    det = (getattr(pattern, "evidence", None) or {}).get("determinism") or {}
+    failed, ok = det.get("same_args_failed_again", 0), det.get("same_args_succeeded_later", 0)
+    return {
+        "deterministic": f"Retrying will not help: the same arguments failed again every time ({failed}×).",
+        "transient": f"The same arguments succeeded later ({ok}×, failed again {failed}×): the failures did not "
+                     "last, so look at what differed when they succeeded (a step that had to run first, something "
+                     "created later).",
+        "mixed": f"The same arguments failed again {failed}× and succeeded later {ok}×: some failures did not last.",
+    }.get(det.get("verdict"), unrepeated)
 
 
 @hookimpl

@@ -175,6 +175,34 @@ def test_invalid_arguments_go_to_a_person_or_the_prompt(tmp_path):
     assert all(c.kind == "manual" for c in p.changes) and "Retrying will not help" in p.changes[0].text
 
 
+@pytest.mark.parametrize("verdict", ["deterministic", "transient", "undetermined"])
+def test_what_a_missing_resource_fix_says_follows_the_repeats(tmp_path, verdict):
+    """"They do not exist" and "retrying will not help" only when the same arguments failed
+    again every time; never when they succeeded later, as `show`'s Repeats line says."""
+    tool, message = "execute_command", "Command exited with status 127: command not found"
+    calls = {  # per run: the call's arguments and whether it succeeded
+        "deterministic": [({"command": "mk"}, False)] * 6,
+        "transient": [({"command": "mk"}, i % 2 == 1) for i in range(12)],
+        "undetermined": [({"command": f"mk{i}"}, False) for i in range(6)],
+    }[verdict]
+    runs = [Run(s, [Call(tool, args, ok, "ok" if ok else message, None if ok else "tool_error")])
+            for s, (args, ok) in zip(spread(len(calls)), calls)]
+    db = write_history(tmp_path / "k.db", runs)
+    pattern, p = _propose(db, f"tool_error:{tool}")
+    assert pattern.failure_kind == "missing_resource" and pattern.evidence["determinism"]["verdict"] == verdict
+    text = p.changes[0].text
+    if verdict == "deterministic":
+        assert p.description.endswith("they do not exist") and "do not exist (" in text
+        assert "Retrying will not help: the same arguments failed again every time (5×)." in text
+    else:
+        assert "do not exist" not in p.description + text and "Retrying will not help" not in text
+        assert p.description.endswith("they were not found when called")
+    if verdict == "transient":
+        assert "The same arguments succeeded later (6×, failed again 0×): the failures did not last" in text
+    if verdict == "undetermined":
+        assert "No call repeated the same arguments: whether they appear later is not known." in text
+
+
 def test_a_closed_connection_labelled_tool_error_gets_health_check_and_restart(tmp_path):
     db = _one_kind(tmp_path, "mcp__everything__echo", "Connection closed")
     pattern, p = _propose(db, "tool_error:mcp__everything__echo")
