@@ -4,8 +4,9 @@ Each message template is sorted into one kind — a missing path, a permission p
 an invalid argument, or something else — and the fix follows the kind that covers most
 occurrences (other kinds with at least a fifth of them get their own change too):
 
-* missing path → a pre-flight existence check (``preflight = ["path_exists"]``); expected
-  impact: the share of occurrences with a missing path, stopped before the call;
+* missing path → a pre-flight existence check (``preflight = ["path_exists"]``, risk
+  medium: the check refuses calls itself); expected impact: the share of occurrences with a
+  missing path, stopped before the call;
 * permission → a manual change: grant access to the resources named in the messages;
 * invalid argument → a manual change: validate the argument keys the calls used;
 * other → retries when the same tool later succeeded in the same run (the share that
@@ -42,6 +43,10 @@ _INVALID = re.compile(r"invalid|must be|expected .* (got|but)|missing required|r
                       r"unknown (argument|parameter|field|option)|validation|bad request|malformed|unexpected argument")
 KINDS = ("missing_path", "permission", "invalid_argument", "other")
 MINOR_SHARE = 0.2
+# A pre-flight check changes what callers see (the policy refuses a call the tool might have
+# served: a path it creates, one that exists only on the server's side), so it is medium, as
+# docs/plugin-tutorial.md rates it: auto-apply never takes it, a person decides.
+PREFLIGHT_RISK = "medium"
 RETRY_EVIDENCE = 0.5
 
 
@@ -113,6 +118,7 @@ class ToolErrorStrategy(ModeledStrategy):
                 changes.append(Change.config(tool_path(tool, "preflight"), checks))
                 changes.append(Change.manual(f"Have the agent verify paths (or fall back to a glob) before "
                                              f"{tool} calls; missing paths seen: {examples}"))
+                risk = PREFLIGHT_RISK
                 reduction = (reduction or 0.0) + share
                 basis = f"{kinds[kind]} of {n} occurrences name a missing path, caught by the check before the call"
             elif kind == "permission":
@@ -180,7 +186,7 @@ class ToolErrorStrategy(ModeledStrategy):
                 expected_impact=impact_text(share, f"missing-path errors on {tool}",
                                             f"{percent(share)} of {n} failures name a path argument that did not "
                                             f"exist; the check stops them before the call"),
-                risk_level="low", changes=changes, expected_reduction=share, evidence=evidence)
+                risk_level=PREFLIGHT_RISK, changes=changes, expected_reduction=share, evidence=evidence)
         if kind == "missing_resource":
             found = "do not exist" if _verdict(pattern) == "deterministic" else "were not found when called"
             unrepeated = "No call repeated the same arguments: whether they appear later is not known."

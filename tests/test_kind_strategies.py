@@ -47,6 +47,7 @@ def test_enoent_labelled_connection_refused_gets_a_path_check_not_a_restart(tmp_
     assert pattern.failure_kind == "missing_resource"
     assert p.strategy == "tool_error" and p.failure_kind == "missing_resource"
     assert _config(p) == {("tools", "mcp__filesystem__read_text_file", "preflight"): ["path_exists"]}
+    assert p.risk_level == "medium"  # a preflight refuses calls itself (docs/plugin-tutorial.md)
     assert p.pattern_id == "connection_refused:mcp__filesystem__read_text_file"  # ids stay error_type:tool
     assert p.expected_reduction == 1.0
     assert p.evidence["failure"]["kind"] == "missing_resource"

@@ -183,7 +183,7 @@ def test_tool_error_fix_follows_the_messages(tmp_path, templates, expect):
         assert [c.path for c in configs] == [["tools", "list_dir", "preflight"]]
         assert configs[0].value == ["path_exists"]
         assert p.description == "Add file existence checks before list_dir calls"
-        assert p.expected_reduction == 1.0 and p.risk_level == "low"
+        assert p.expected_reduction == 1.0 and p.risk_level == "medium"  # never auto-applied
     elif expect == "permission":
         assert not configs and "Grant list_dir" in manual and p.risk_level == "medium"
         assert p.expected_reduction is None and "unknown" in p.expected_impact
