@@ -29,8 +29,11 @@ class FailurePattern(TypedDict, total=False):
     affected_run_count: int
     suggested_fix: str | None  # the open proposal's description, else that of the strategy's proposal now
     suggested_by: Literal["proposal", "strategy"] | None
-    improvement_id: str | None  # the open proposal behind suggested_fix
-    improvement_status: str | None  # its status: applied = the fix is in force already, being verified
+    improvement_id: str | None  # the open proposal behind suggested_fix, or the rejected one withholding it
+    # its status: applied = the fix is in force already, being verified; rejected = a person's
+    # rejection still stands (suggested_fix None)
+    improvement_status: str | None
+    no_fix_reason: str | None  # why suggested_fix is None: the rejection that stands, or the strategy's error
     # what the failures are, read from the evidence (the runtime's label is one input):
     # missing_resource | permission | rate_limited | transient_upstream | slow_tail | hang |
     # server_down | invalid_arguments | unknown

@@ -19,7 +19,9 @@ Every question has one answer here:
 
 * a pattern's suggested fix is its stored open proposal's description wherever one exists,
   else the description of the proposal its strategy makes now, not stored (``suggested_by``
-  says which): a read-only detect suggests the fix a proposing one stores;
+  says which): a read-only detect suggests the fix a proposing one stores; while a person's
+  rejection stands there is none (``no_fix_reason`` says so, ``improvement_status``
+  ``rejected``), as there is no proposal;
 * ``detect(notify=True)`` notifies at most once per pattern per ``cooldown_minutes``,
   whoever asks (CLI, MCP, daemon), through the same cooldown record;
 * a rejected pattern is not proposed again until its evidence changes (see
@@ -154,7 +156,8 @@ class SelfHeal:
                       made: dict[str, Proposal | StrategyError] | None = None) -> None:
         """Each pattern's one suggested fix: its open proposal's description, else that of the
         proposal its strategy makes now (not stored), or made already in this command (``made``,
-        see :func:`~selfheal_plugin.lifecycle.proposals.made_by_strategies`)."""
+        see :func:`~selfheal_plugin.lifecycle.proposals.made_by_strategies`), unless a rejection
+        stands (:func:`~selfheal_plugin.lifecycle.proposals.attach_suggested_fixes`)."""
         open_rows = ImprovementStore(self.conn).open_for_patterns([p.id for p in patterns])
         without = []
         for p in patterns:

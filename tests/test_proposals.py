@@ -264,10 +264,11 @@ def test_a_proposing_detect_runs_each_strategy_once_over_one_window(history_copy
     assert "proposes the same fix again" in outcome[PATTERN]["skipped"] and "failed for" in outcome[broken]["error"]
     assert runs == Counter({PATTERN: 1, broken: 1}) and len(windows) == 1  # the others have open proposals
     suggested = {p["id"]: p for p in again["patterns"]}
-    description = ImprovementStore(connect(db)).get(rejected).description
-    assert (suggested[PATTERN]["suggested_fix"], suggested[PATTERN]["suggested_by"]) == (
-        description.splitlines()[0], "strategy")
-    assert suggested[broken]["suggested_fix"] is None
+    # the rejection stands against that very proposal: it is not the suggested fix either
+    assert (suggested[PATTERN]["suggested_fix"], suggested[PATTERN]["suggested_by"]) == (None, None)
+    assert suggested[PATTERN]["no_fix_reason"] == outcome[PATTERN]["skipped"]
+    assert (suggested[PATTERN]["improvement_id"], suggested[PATTERN]["improvement_status"]) == (rejected, "rejected")
+    assert suggested[broken]["suggested_fix"] is None and suggested[broken]["no_fix_reason"] == outcome[broken]["error"]
 
 
 class _Replacing:

@@ -155,6 +155,8 @@ def _print_pattern(d: dict[str, Any]) -> None:
     print_line(out, f"  Last seen:  {d['last_seen']}")
     if d.get("suggested_fix"):
         print_line(out, f"  Suggested fix: {for_rich(d['suggested_fix'])}")
+    elif d.get("no_fix_reason"):
+        print_line(out, f"  Suggested fix: none — {for_rich(d['no_fix_reason'])}")
     t = Table(title="Message templates (context similarity)", title_justify="left")
     t.add_column("count", justify="right")
     t.add_column("kind")

@@ -45,6 +45,8 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
         click.echo(f"    Failure kind: {for_terminal((p.get('evidence') or {}).get('summary') or p.get('failure_kind') or 'unknown')}")
         if p.get("suggested_fix"):
             click.echo(f"    Suggested fix: {for_terminal(p['suggested_fix'])}")
+        elif p.get("no_fix_reason"):
+            click.echo(f"    Suggested fix: none — {for_terminal(p['no_fix_reason'])}")
         click.echo()
     click.echo("💡 Generating improvement proposals...")
     click.echo()

@@ -44,11 +44,20 @@ def attach_suggested_fixes(patterns: list[Pattern], history: HistoryWindow,
     proposal :func:`make_proposal` makes for it now, not stored (``suggested_by``
     ``strategy``): what :class:`~selfheal_plugin.service.SelfHeal` reports for a pattern
     without an open proposal (whose description is the suggested fix otherwise), so a
-    read-only detect suggests the fix a proposing one stores. A strategy that makes no
-    proposal leaves no suggestion. ``made``: what the strategy already answered for a pattern
-    in this command (:func:`propose_all`'s :func:`made_by_strategies`), taken as it is rather
-    than asked again."""
+    read-only detect suggests the fix a proposing one stores. ``made``: what the strategy
+    already answered for a pattern in this command (:func:`propose_all`'s
+    :func:`made_by_strategies`), taken as it is rather than asked again.
+
+    No suggestion, and ``no_fix_reason`` says why, when a person's rejection still stands
+    (:func:`rejection_stands`, the rule that keeps a proposing detect from storing it;
+    ``improvement_id`` and ``improvement_status`` then name the rejected row) or when the
+    strategy makes no proposal (its one-line error)."""
+    settings = history.settings
     for p in patterns:
+        rejected = latest_rejection(history.conn, p.id) if settings is not None else None
+        if rejected is not None and (reason := rejection_stands(rejected, p, settings)):
+            _withhold(p, reason, rejected)
+            continue
         answer = (made or {}).get(p.id)
         try:
             if isinstance(answer, StrategyError):
@@ -56,9 +65,20 @@ def attach_suggested_fixes(patterns: list[Pattern], history: HistoryWindow,
             proposal = answer or make_proposal(p, history)
         except StrategyError as exc:  # a broken plugin costs the hint, not the command
             log.warning("no suggested fix for %s: %s", p.id, exc)
+            _withhold(p, str(exc))
+            continue
+        if rejected is not None and (reason := rejection_stands(rejected, p, settings, proposal)):
+            _withhold(p, reason, rejected)
             continue
         p.suggested_fix, p.suggested_by = proposal.description.strip().splitlines()[0], "strategy"
     return patterns
+
+
+def _withhold(pattern: Pattern, reason: str, rejected: Improvement | None = None) -> None:
+    pattern.suggested_fix = pattern.suggested_by = None
+    pattern.no_fix_reason = reason
+    if rejected is not None:
+        pattern.improvement_id, pattern.improvement_status = rejected.id, rejected.status
 
 
 def make_proposal(pattern: Pattern, history: HistoryWindow) -> Proposal:

@@ -25,8 +25,11 @@ class Pattern:
     # improvement_id), "strategy" when it is that of the proposal its strategy makes now
     suggested_by: str | None = None
     improvement_id: str | None = None
-    # that open proposal's status: "applied" says the fix is in force already (being verified)
+    # that open proposal's status: "applied" says the fix is in force already (being verified);
+    # "rejected" (with suggested_fix None): a person's rejection of that row still stands
     improvement_status: str | None = None
+    # why suggested_fix is None: the rejection that stands, or the strategy's error
+    no_fix_reason: str | None = None
     # what the failures are, read from the evidence (analysis.evidence): the runtime's label
     # is one input; strategies follow the kind (see plugins.manager.resolve_strategy)
     failure_kind: str | None = None

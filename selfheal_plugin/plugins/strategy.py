@@ -33,8 +33,11 @@ What a strategy receives, ``pattern`` (:class:`selfheal_plugin.plugins.pattern.P
                        there is one, else that of the proposal its strategy makes now
                        (None while proposing)
     suggested_by       "proposal" or "strategy": where suggested_fix came from
-    improvement_id     the open proposal behind suggested_fix, if any
-    improvement_status its status (applied: the fix is in force already, being verified)
+    improvement_id     the open proposal behind suggested_fix, if any (or the rejected one
+                       that withholds it)
+    improvement_status its status (applied: the fix is in force already, being verified;
+                       rejected: a person's rejection still stands, no fix is suggested)
+    no_fix_reason      why suggested_fix is None: that rejection, or the strategy's error
     failure_kind       what the failures are, from the evidence (one of FAILURE_KINDS)
     evidence           the evidence behind it (JSON data, see selfheal_plugin.analysis.evidence):
                        kind, reasons, templates, codes (errno, http_status, jsonrpc), paths

@@ -93,15 +93,22 @@ def test_a_rejection_sticks_in_the_cli_and_over_mcp(history_copy, binks_home):
     assert outcome["created"] is False and outcome["improvement_id"] == imp_id
     assert "was rejected; 0 new failure(s) since" in outcome["skipped"]
     pattern = next(p for p in again["patterns"] if p["id"] == PATTERN)
-    assert pattern["suggested_by"] == "strategy"  # no open proposal: the strategy's own line
-    text = run_agent("self-heal", "detect", "--home", str(binks_home))
-    assert f"  – No new proposal for pattern {PATTERN}: {imp_id} for {PATTERN} was rejected" in text.stdout
+    # while the rejection stands the rejected fix is no one's suggestion: none, and why
+    withheld = {"suggested_fix": None, "suggested_by": None, "improvement_id": imp_id,
+                "improvement_status": "rejected", "no_fix_reason": outcome["skipped"]}
+    assert {k: pattern[k] for k in withheld} == withheld
+    text = run_agent("self-heal", "detect", "--home", str(binks_home)).stdout
+    assert f"  – No new proposal for pattern {PATTERN}: {imp_id} for {PATTERN} was rejected" in text
+    block = text.split(f"Pattern {PATTERN}\n")[1].split("\n\n")[0]
+    assert f"    Suggested fix: none — {imp_id} for {PATTERN} was rejected" in block
+    shown = run_agent("self-heal", "show", PATTERN, "--home", str(binks_home), "--json").stdout
+    assert {k: json.loads(shown)[k] for k in withheld} == withheld
     result = _mcp(binks_home, "propose_improvement", pattern_id=PATTERN)
     assert result.is_error and len(result.content) == 1
     assert f"{imp_id} for {PATTERN} was rejected" in result.content[0].text
     mcp_pattern = next(p for p in _mcp(binks_home, "detect_failure_patterns").structured_content[
         "result"] if p["id"] == PATTERN)
-    assert mcp_pattern["suggested_fix"] == pattern["suggested_fix"]
+    assert {k: mcp_pattern[k] for k in withheld} == withheld
 
 
 def test_a_strategy_that_takes_over_supersedes_the_open_proposal(history_copy, binks_home):
