@@ -60,6 +60,10 @@ class ProposalOutcome(TypedDict, total=False):
     failure_kind: str | None  # the pattern's kind when it was proposed
     proposed_at: str | None
     created: bool  # False when an open proposal for the pattern already existed
+    # a fix with the same changes was rolled back or rejected within the re-apply cooldown
+    # (lifecycle.cooldown): improvement_id, status, note ("a fix with the same changes (imp-…)
+    # was rolled back on …"); None otherwise
+    same_change_undone: dict[str, Any] | None
     skipped: str | None  # why nothing was proposed (a rejection that still stands)
     error: str | None  # a strategy that failed for this pattern
 
@@ -113,6 +117,7 @@ class ApplyPlan(TypedDict, total=False):
     config_path: str
     diff: str
     manual: list[str]
+    same_change_undone: dict[str, Any] | None  # as in ProposalOutcome: shown before apply asks
 
 
 class RollbackPlan(TypedDict, total=False):

@@ -413,3 +413,39 @@ def test_a_change_apply_would_refuse_is_refused_when_proposed(history_copy, bink
     finally:
         plugins.unregister(good)
     assert imp.strategy == "bad-timeout" and imp.changes[0]["value"] == 90000
+
+
+def test_a_fix_proposed_again_after_its_rollback_says_so_where_a_person_decides(history_copy, binks_home):
+    """detect's proposal line, --json and the service's outcome (MCP propose_improvement) and
+    the apply prompt all carry the note, escaped where it lands."""
+    from selfheal_plugin.service import SelfHeal
+
+    db, _ = history_copy
+    (binks_home / "config.toml").write_text('[self_heal]\nlookback = "2026-11-13T12:00:00Z"\n')
+    runner = CliRunner()
+
+    def cli(*args, **kw):
+        return runner.invoke(agent, ["self-heal", *args, "--home", str(binks_home)], catch_exceptions=False, **kw)
+
+    first = next(o for o in json.loads(cli("detect", "--json").stdout)["proposals"] if o["pattern_id"] == PATTERN)
+    assert first["same_change_undone"] is None
+    assert cli("apply", first["improvement_id"], "--yes").exit_code == 0
+    assert cli("rollback", first["improvement_id"], "--yes").exit_code == 0
+    text = cli("detect").stdout
+    line = next(ln for ln in text.splitlines() if ln.startswith("  ✓ Proposal") and PATTERN in ln)
+    new_id = line.split()[2]
+    assert new_id != first["improvement_id"]
+    note = text.split(line + "\n")[1].splitlines()[1]
+    assert note.startswith(f"      ⚠ Note: a fix with the same changes ({first['improvement_id']}) was rolled back on ")
+    with SelfHeal(binks_home) as sh:
+        outcome = sh.propose(PATTERN)  # what MCP propose_improvement returns
+        assert outcome["improvement_id"] == new_id
+        assert outcome["same_change_undone"]["improvement_id"] == first["improvement_id"]
+        assert outcome["same_change_undone"]["note"] == note.removeprefix("      ⚠ Note: ")
+        # text from the database is escaped where it lands
+        imp = ImprovementStore(sh.conn).get(new_id)
+        ImprovementStore(sh.conn).update(new_id, evidence={**imp.evidence, "same_change_undone": {
+            **imp.evidence["same_change_undone"], "note": "rolled back \x1b[2J"}})
+    prompt = cli("apply", new_id, input="n\n")
+    assert prompt.exit_code != 0 and "⚠ Note: rolled back \\x1b[2J\n" in prompt.stdout
+    assert ImprovementStore(connect(db)).get(new_id).status == "proposed"  # nothing applied

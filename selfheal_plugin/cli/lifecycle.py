@@ -106,6 +106,8 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
             click.echo()
         for step in plan["manual_steps"]:
             click.echo(f"Manual step (not applied by selfheal): {for_terminal(step)}")
+        if plan.get("same_change_undone"):
+            click.echo(f"⚠ Note: {for_terminal(plan['same_change_undone']['note'])}")
         confirm("Apply this change and commit it?" if plan["config_changes"] else
                 "Record these manual steps as applied?")
     with sh:

@@ -59,6 +59,8 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
             note = "" if res["created"] else " (already open)"
             click.echo(f"  ✓ Proposal {res['improvement_id']} for pattern {for_terminal(res['pattern_id'])}{note}")
             click.echo(f"      {for_terminal(res['description'])}")
+            if res.get("same_change_undone"):
+                click.echo(f"      ⚠ Note: {for_terminal(res['same_change_undone']['note'])}")
     click.echo()
     if not settings.notify_patterns:
         click.echo("📭 Inbox summary off (notify_patterns = false)")

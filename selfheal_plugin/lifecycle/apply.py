@@ -54,6 +54,7 @@ from selfheal_plugin.lifecycle import gitops
 
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
+from selfheal_plugin.lifecycle.cooldown import undone_before
 from selfheal_plugin.errors import ConfigError, LifecycleError, SelfHealError, UsageError
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError
 from selfheal_plugin.history.settings import Settings, lock_dir, read_config_text
@@ -307,7 +308,9 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
                             "repository": None, "creates_repository": False, "old_sha256": None,
                             # what its last test said (None: never tested), shown before anything is asked
                             "test": {"recommendation": tested.get("recommendation"), "reason": tested.get("reason")}
-                            if tested.get("recommendation") else None}
+                            if tested.get("recommendation") else None,
+                            # the same change was rolled back or rejected lately: said before anything is asked
+                            "same_change_undone": undone_before(imp)}
     if not changes:
         return plan
     cr = gitops.locate(settings.config_path, settings.home)

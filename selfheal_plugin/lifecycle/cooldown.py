@@ -142,3 +142,11 @@ def mark_if_undone(conn: sqlite3.Connection, imp: Improvement, now: datetime | N
         imp.evidence = {**(imp.evidence or {}), "same_change_undone": {
             "improvement_id": earlier.id, "status": earlier.status, "note": undone_note(earlier)}}
     return imp
+
+
+def undone_before(imp: Improvement) -> dict[str, Any] | None:
+    """What :func:`mark_if_undone` noted on ``imp`` when it was proposed (``improvement_id``,
+    ``status``, ``note``), or None: shown where a person decides (detect's proposal line, the
+    apply prompt, the proposal's result)."""
+    found = (imp.evidence or {}).get("same_change_undone")
+    return found if isinstance(found, dict) and isinstance(found.get("note"), str) else None

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle import learning
 from selfheal_plugin.lifecycle.configedit import ChangeError, check_changes
-from selfheal_plugin.lifecycle.cooldown import mark_if_undone
+from selfheal_plugin.lifecycle.cooldown import mark_if_undone, undone_before
 from selfheal_plugin.history.improvements import (
     REPLACEABLE, Improvement, ImprovementStore, Replacement, new_improvement_id,
 )
@@ -348,6 +348,7 @@ def proposal_result(imp: Improvement) -> dict[str, Any]:
         "expected_reduction": (imp.evidence or {}).get("expected_reduction"),
         "failure_kind": (imp.evidence or {}).get("failure_kind"),
         "proposed_at": imp.proposed_at,
+        "same_change_undone": undone_before(imp),
     }
 
 
