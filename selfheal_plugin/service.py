@@ -337,12 +337,16 @@ class SelfHeal:
         return health.analyze_run_health(self.conn, run_id, progress=progress, suggest=self._suggested_fix)
 
     def _suggested_fix(self, pattern_id: str) -> str | None:
-        """The fix ``detect`` and ``show`` suggest for a pattern of the window (None: no
-        failure of it in the window, or no strategy answers)."""
+        """The fix ``detect`` and ``show`` suggest for a pattern of the window, or that they
+        suggest none while a rejection stands (None: no failure of it in the window, or no
+        strategy answers)."""
         try:
-            return self.show(pattern_id)["suggested_fix"]
+            shown = self.show(pattern_id)
         except NotFoundError:
             return None
+        if shown["suggested_fix"] is None and shown.get("improvement_status") == "rejected":
+            return f"No fix suggested: {shown['no_fix_reason']}"
+        return shown["suggested_fix"]
 
     def agent_metrics(self, since: str | None = None) -> AgentMetrics:
         from selfheal_plugin.analysis import health

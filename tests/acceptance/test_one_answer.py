@@ -109,6 +109,10 @@ def test_a_rejection_sticks_in_the_cli_and_over_mcp(history_copy, binks_home):
     mcp_pattern = next(p for p in _mcp(binks_home, "detect_failure_patterns").structured_content[
         "result"] if p["id"] == PATTERN)
     assert {k: mcp_pattern[k] for k in withheld} == withheld
+    # nor does a run's health recommend a fix by the runtime's label in its place
+    health = _mcp(binks_home, "analyze_run_health", run_id=pattern["affected_runs"][-1]).structured_content
+    (issue,) = [i for i in health["issues"] if i.get("pattern_id") == PATTERN]
+    assert issue["recommendation"] == f"No fix suggested: {outcome['skipped']}"
 
 
 def test_a_strategy_that_takes_over_supersedes_the_open_proposal(history_copy, binks_home):
