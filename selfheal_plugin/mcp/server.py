@@ -444,8 +444,7 @@ def cli(transport: str, host: str, port: int, token_file: str | None, read_only:
         db: str | None) -> None:
     """MCP server with the self-healing tools (detect, health, propose, test, apply, verify)."""
     configure_logging()
-    if transport == "stdio":
-        _exit_cleanly_on_sigterm()  # before anything is logged: a supervisor may stop it at once
+    _exit_cleanly_on_sigterm()  # before anything is logged: a supervisor may stop it at once
     token = None
     if transport == "streamable-http":
         try:
@@ -471,8 +470,11 @@ def cli(transport: str, host: str, port: int, token_file: str | None, read_only:
 
 
 def _exit_cleanly_on_sigterm() -> None:
-    """SIGTERM is how a client or a supervisor stops a stdio server: exit 0, not 143.
-    (Over HTTP, uvicorn handles SIGTERM itself and returns.)"""
+    """SIGTERM is how a client or a supervisor stops the server: exit 0, not 143.
+
+    Over HTTP, uvicorn swaps in its own handler while it serves, shuts down gracefully on
+    SIGTERM, puts this handler back and raises the signal again: it lands here and exits 0
+    too. Should a uvicorn just return instead, the exit is 0 all the same."""
     def stop(signum: int, frame: Any) -> None:
         log.info("self-healing-mcp: SIGTERM, exiting")
         raise SystemExit(0)

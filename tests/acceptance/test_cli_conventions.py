@@ -2,7 +2,7 @@
 level, global options on either side of the subcommand, tables that fit an 80-column
 terminal, confirmation before every state change, --check exit codes, the subject line of
 selfheal's commits, p-values as people read them, `plugins` columns, the MCP server's exit
-on SIGTERM."""
+on SIGTERM (stdio and HTTP)."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,7 @@ from selfheal_plugin.lifecycle.gitops import commit_subject
 
 from ..conftest import NOW, agent_bin, run_agent
 from ..lifecycle_data import add_improvement, git, timeout_change, timeout_history
+from ..mcp_helpers import start_http_server
 
 LEVELS = [[], ["self-heal"], ["self-heal", "detect"], ["self-heal", "apply"], ["self-heal", "canary"],
           ["self-heal", "canary", "drop"], ["self-heal", "improvements"], ["self-heal-daemon"]]
@@ -221,6 +222,16 @@ def test_mcp_server_exits_0_on_sigterm(binks_home):
         line = proc.stderr.readline()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def test_http_mcp_server_exits_0_on_sigterm(binks_home):
+    """Over HTTP, uvicorn shuts down on SIGTERM and raises the signal again: still exit 0,
+    after a clean shutdown (docs/mcp.md: "stdio and HTTP alike")."""
+    proc, _ = start_http_server("--home", str(binks_home), env={"SELFHEAL_LOG": "info"})
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert b"Application shutdown complete" in err and b"Traceback" not in err
 
 
 def test_the_demo_shows_a_live_status_line_while_a_step_runs(monkeypatch):
