@@ -16,7 +16,7 @@ from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.cli.options import OneLineUsageError
 from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error, is_corrupt_error, one_line
 from selfheal_plugin.history.improvements import ImprovementStore
-from selfheal_plugin.history.text import for_terminal
+from selfheal_plugin.history.text import for_terminal, format_p
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.lazy import lazy_module
 
@@ -125,15 +125,6 @@ def confirm(question: str) -> None:
         pass
     click.echo("Aborted: nothing was changed.", err=True)
     raise SystemExit(1)
-
-
-def format_p(p: float | None) -> str:
-    """A p-value as people read one: ``p < 0.001`` or two significant digits."""
-    if p is None:
-        return "p n/a"
-    if p < 0.001:
-        return "p < 0.001"
-    return f"p = {float(format(p, '.2g')):g}"
 
 
 def p_cell(p: float | None) -> str:

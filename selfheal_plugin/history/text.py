@@ -15,6 +15,8 @@ these functions are applied where text is *rendered*:
 * :func:`commit_line` — one line of a git commit message: no newline, so history text
   cannot add a trailer such as ``Self-Heal-Improvement: imp-x``.
 
+:func:`format_p` words a p-value the one way every shell and notification prints it.
+
 :func:`decode_text` is the connections' text factory: invalid UTF-8 is decoded with
 U+FFFD replacement characters into an :class:`Undecodable` string, so a reader never
 fails on it and can count the row as malformed (``isinstance(value, Undecodable)``).
@@ -97,6 +99,15 @@ def bounded(value: Any, limit: int) -> str:
     if len(text) <= limit:
         return text
     return text[:max(0, limit - 1)] + "…"
+
+
+def format_p(p: float | None) -> str:
+    """A p-value as people read one: ``p < 0.001`` or two significant digits."""
+    if p is None:
+        return "p n/a"
+    if p < 0.001:
+        return "p < 0.001"
+    return f"p = {float(format(p, '.2g')):g}"
 
 
 class Undecodable(str):
