@@ -15,7 +15,7 @@ from selfheal_plugin import hookimpl
 from selfheal_plugin.history.improvements import IN_FORCE
 from selfheal_plugin.plugins.manager import Notification, notify
 from selfheal_plugin.plugins.strategy import Change
-from selfheal_plugin.history.text import markdown_inline as md
+from selfheal_plugin.history.text import format_p, markdown_inline as md
 
 
 def _short_sha(sha: str | None) -> str | None:
@@ -42,6 +42,9 @@ def _kind(pattern: Any) -> str:
     """The pattern's failure kind with its evidence; an unknown says so."""
     ev = getattr(pattern, "evidence", None) or {}
     return ev.get("summary") or getattr(pattern, "failure_kind", None) or "unknown"
+
+
+_VERDICT = {"rollback": "roll it back", "extend": "extend monitoring"}  # a verification's title, but a keep's
 
 
 def _pct(value: Any) -> str:
@@ -86,8 +89,14 @@ def improvement_verified(improvement: Any, verification: dict[str, Any], setting
     recommendation = str(verification.get("recommendation") or "extend_monitoring")
     if verification.get("previous_recommendation") == verification.get("recommendation"):
         return  # the same verdict as the last verification: nothing new for the inbox
+    if verification.get("rollback_follows"):
+        return  # the daemon rolls it back at once: the rollback's one entry tells the verdict
     metrics = verification.get("metrics") or {}
-    lines = [f"Verified improvement {md(improvement.id)}:",
+    # only a keep verifies the improvement; a rollback or extend verdict is a verification's result
+    keep = recommendation == "keep"
+    title = (f"Verified improvement {md(improvement.id)}" if keep else
+             f"Verification of {md(improvement.id)}: {_VERDICT.get(recommendation, md(recommendation))}")
+    lines = [f"Verified improvement {md(improvement.id)}:" if keep else f"Verification of {md(improvement.id)}:",
              f"Expected: {md(verification.get('expected_impact') or improvement.expected_impact or 'unknown')}",
              f"Actual: {md(verification.get('actual_impact') or 'unknown')}",
              f"Recommendation: {md(recommendation.replace('_', ' ').capitalize())}",
@@ -97,23 +106,36 @@ def improvement_verified(improvement: Any, verification: dict[str, Any], setting
              f"- Runs analyzed: {metrics.get('runs_analyzed', 'n/a')}"]
     # extend is "nothing to decide yet" (too few runs, or no significant change so far): low, never high
     priority = {"rollback": "urgent", "keep": "normal", "extend": "low"}.get(recommendation.lower(), "high")
-    notify(Notification(title=f"Verified improvement {md(improvement.id)}", body="\n".join(lines),
-                        tags=["improvement", "verified"], priority=priority), settings)
+    tags = ["improvement", "verified"] if keep else ["improvement", "verification"]
+    notify(Notification(title=title, body="\n".join(lines), tags=tags, priority=priority), settings)
 
 
 @hookimpl
 def improvement_rolled_back(improvement: Any, settings: Any) -> None:
     if not settings.notify_rolled_back:
         return
-    lines = [f"Rolled back improvement {md(improvement.id)}:", f"Description: {md(improvement.description)}"]
+    metrics = improvement.metrics if isinstance(improvement.metrics, dict) else {}
+    automatic = metrics.get("rolled_back_automatically") is True
+    if automatic:  # the daemon's verification asked for it: the verdict is told here, once
+        lines = [f"Improvement {md(improvement.id)} made things significantly worse and was rolled back "
+                 "automatically.", f"Description: {md(improvement.description)}"]
+    else:
+        lines = [f"Rolled back improvement {md(improvement.id)}:", f"Description: {md(improvement.description)}"]
     if improvement.actual_impact:
         lines.append(f"Actual impact: {md(improvement.actual_impact)}")
+    if automatic:
+        lines.append(f"Success rate before: {_pct(metrics.get('before_success_rate'))}, after: "
+                     f"{_pct(metrics.get('after_success_rate'))} ({format_p(metrics.get('p_value'))})")
     if improvement.commit_sha:
         lines.append(f"Reverted commit: {_short_sha(improvement.commit_sha)}")
     if improvement.rollback_sha:
         lines.append(f"Revert commit: {_short_sha(improvement.rollback_sha)}")
     lines += ["", f"The pattern stays open: agent self-heal show {md(improvement.pattern_id)}"
               if improvement.pattern_id else "See: agent self-heal improvements --status rolled_back"]
+    if automatic:
+        notify(Notification(title=f"Automatically rolled back {md(improvement.id)}", body="\n".join(lines),
+                            tags=["improvement", "rolled-back", "automatic"], priority="urgent"), settings)
+        return
     notify(Notification(title=f"Rolled back improvement {md(improvement.id)}", body="\n".join(lines),
                         tags=["improvement", "rolled-back"], priority="high"), settings)
 

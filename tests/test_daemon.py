@@ -98,8 +98,10 @@ def test_a_harmful_change_is_verified_when_its_window_ends_and_rolled_back(appli
     assert "Automatic rollback by the self-heal daemon" in head
     assert git(settings.home, "status", "--porcelain") == ""
     assert "timeout_ms" not in (settings.config_path.read_text() if settings.config_path.exists() else "")
-    urgent = [n for n in seen.of("notify") if n.priority == "urgent"]
-    assert any(n.title == f"Automatically rolled back {imp_id}" and imp.rollback_sha[:7] in n.body for n in urgent)
+    # one entry for the verdict and the rollback, not a "Verified" one, a rolled-back one and an urgent one
+    (note,) = [n for n in seen.of("notify") if "improvement" in n.tags]
+    assert (note.title, note.priority) == (f"Automatically rolled back {imp_id}", "urgent")
+    assert imp.rollback_sha[:7] in note.body and "(p < 0.001)" in note.body and "Verified" not in note.body
 
 
 def test_a_helpful_change_is_kept(applied):

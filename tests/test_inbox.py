@@ -201,6 +201,28 @@ def test_rollback_recommendation_is_urgent(binks_home):
                  verification={"recommendation": "rollback", "metrics": {}})
     (entry,) = _entries(s)
     assert entry.priority == "urgent" and "Recommendation: Rollback" in entry.body
+    # a verdict of rollback is a verification's result, not a verified improvement
+    assert entry.body.startswith("Verification of imp-123:\n") and "Verified" not in entry.body
+    assert entry.tags == ["improvement", "verification"]
+
+
+def test_an_automatic_rollback_is_one_urgent_entry(binks_home):
+    """The daemon's verification says rollback and it rolls back at once: the verification
+    leaves the inbox to the rollback, whose one entry says what happened and why."""
+    s = load_settings(binks_home)
+    metrics = {"before_success_rate": 0.85, "after_success_rate": 0.2, "p_value": 0.0, "recommendation": "rollback"}
+    plugins.fire("improvement_verified", improvement=_improvement(), settings=s,
+                 verification={"recommendation": "rollback", "metrics": metrics, "rollback_follows": True})
+    rolled = _improvement(status="rolled_back", rollback_sha="9f8e7d6", metrics={**metrics,
+                          "rolled_back_automatically": True},
+                          actual_impact="657% increase in timeout errors (the opposite of the expected improvement)")
+    plugins.fire("improvement_rolled_back", improvement=rolled, settings=s)
+    (entry,) = _entries(s)
+    assert entry.priority == "urgent" and entry.tags == ["improvement", "rolled-back", "automatic"]
+    assert entry.body.startswith("Improvement imp-123 made things significantly worse and was rolled back "
+                                 "automatically.\n")
+    assert "Success rate before: 85%, after: 20% (p < 0.001)" in entry.body and "p = 0.0" not in entry.body
+    assert "Revert commit: 9f8e7d6" in entry.body
 
 
 def test_notify_flags_switch_notifications_off(binks_home):

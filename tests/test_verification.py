@@ -145,7 +145,8 @@ def test_the_inbox_hears_a_verdict_once(db, binks_home, tmp_path, monkeypatch):
     history(db, before_rate=0.3, after_rate=0.02)
     imp = applied(db)
     five_days = APPLIED + timedelta(days=5)
-    notes = lambda: sum(f.read_text().count(f"Verified improvement {imp.id}:") for f in inbox.glob("*.md"))
+    firsts = (f"Verification of {imp.id}:", f"Verified improvement {imp.id}:")  # extend, keep
+    notes = lambda: sum(f.read_text().count(first) for f in inbox.glob("*.md") for first in firsts)
 
     results = []
     for hours, early in ((0, False), (1, False), (2, True), (3, False)):
@@ -160,6 +161,9 @@ def test_harm_is_a_rollback_even_before_the_window_ends(db, binks_home):
     imp = applied(db)
     r = verify_improvement(connect(db), settings_for(binks_home), imp.id, now=APPLIED + timedelta(days=4))
     assert r["window"]["complete"] is False and r["recommendation"] == "rollback"
+    # more errors is not a smaller gain than expected: it is the opposite of one
+    assert "increase in timeout errors" in r["actual_impact"], r["actual_impact"]
+    assert r["actual_impact"].endswith("(the opposite of the expected improvement)")
 
 
 def test_the_two_tests_share_the_significance_level(db, binks_home):

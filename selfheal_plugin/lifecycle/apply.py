@@ -475,15 +475,25 @@ def _notify_applied(imp: Improvement, settings: Settings) -> None:
 # ------------------------------------------------------------------ rollback
 
 
+def _automatic_mark(imp: Improvement, automatic: bool) -> dict[str, Any]:
+    """The row's fields that mark a rollback the daemon made on its own (``metrics``'
+    ``rolled_back_automatically``, beside the verification that asked for it)."""
+    if not automatic:
+        return {}
+    return {"metrics": {**(imp.metrics if isinstance(imp.metrics, dict) else {}), "rolled_back_automatically": True}}
+
+
 def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improvement_id: str, *,
-                         reason: str | None = None, now: datetime | None = None) -> dict[str, Any]:
+                         reason: str | None = None, now: datetime | None = None,
+                         automatic: bool = False) -> dict[str, Any]:
     """Undo an applied improvement.
 
     When no later commit touched the config, ``git revert`` of the apply commit (with
     ``--no-commit`` and our own commit, for the identity and trailers); otherwise the
     inverse tomlkit edit: previous values back, keys the apply added removed. A key the
     user changed since is a :class:`ConflictError` and nothing changes. A manual-only
-    improvement is marked rolled back (its steps must be undone by hand).
+    improvement is marked rolled back (its steps must be undone by hand). ``automatic``:
+    the daemon rolls back on its own (the row and the notification say so).
     """
     store = ImprovementStore(conn)
     imp = store.get(improvement_id)
@@ -496,7 +506,8 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
             if imp.status not in ROLLBACKABLE or imp.commit_sha:
                 raise ChangedMeanwhileError(f"{imp.id} changed meanwhile (now {imp.status}); nothing was changed")
             imp = update_status(store, imp.id, imp.status, status="rolled_back",
-                                rolled_back_at=format_timestamp(now), pending_op=None)
+                                rolled_back_at=format_timestamp(now), pending_op=None,
+                                **_automatic_mark(imp, automatic))
         finally:
             lock.release()
         fire("improvement_rolled_back", improvement=imp, settings=settings)
@@ -511,7 +522,7 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
         head_before = gitops.head_sha(cr)
         intent = {"op": "rollback", "method": method, "step": "intent", "started_at": format_timestamp(now),
                   "head_before": head_before, "old_sha256": sha256_text(current), "new_sha256": sha256_text(new),
-                  "old_text": current, "record": record}
+                  "old_text": current, "record": record, "automatic": automatic}
         update_status(store, imp.id, imp.status, pending_op=intent)
         crash_point("rollback-after-intent")
         lines = [f"{configedit.dotted_key(e['path'])}: {configedit.format_value(e['new'])} → "
@@ -533,7 +544,8 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
         else:
             crash_point("rollback-after-commit")
             imp = update_status(store, imp.id, imp.status, status="rolled_back", rollback_sha=sha,
-                                rolled_back_at=format_timestamp(now), pending_op=None)
+                                rolled_back_at=format_timestamp(now), pending_op=None,
+                                **_automatic_mark(imp, automatic))
     finally:
         lock.release()
     fire("improvement_rolled_back", improvement=imp, settings=settings)
@@ -624,7 +636,8 @@ def recover_apply_op(store: ImprovementStore, imp: Improvement, settings: Settin
                             changes_made=_changes_made_text(settings, lines, None), record=record)
         else:
             update_status(store, imp.id, imp.status, status="rolled_back", rollback_sha=sha,
-                          rolled_back_at=format_timestamp(started), pending_op=None)
+                          rolled_back_at=format_timestamp(started), pending_op=None,
+                          **_automatic_mark(imp, op.get("automatic") is True))
         return {"improvement_id": imp.id, "op": kind, "action": "finished", "detail": f"commit {sha[:12]} exists"}
     detail = undo_config_write(cr, op)
     update_status(store, imp.id, imp.status, pending_op=None)

@@ -58,10 +58,6 @@ class AutopilotReport:
         return asdict(self)
 
 
-def _pct(value: Any) -> str:
-    return f"{value * 100:.0f}%" if isinstance(value, (int, float)) else "n/a"
-
-
 def auto_apply(conn: sqlite3.Connection, settings: Settings, now: datetime, report: AutopilotReport, *,
                should_stop: Callable[[], bool] = lambda: False) -> None:
     """Apply what is low-risk, confident enough and simulated safe; test what is untested."""
@@ -129,7 +125,7 @@ def verify_due(conn: sqlite3.Connection, settings: Settings, now: datetime, repo
         # period measures everything gathered so far
         days = max(float(s.measurement_window_days), (now - applied_at).total_seconds() / 86400)
         try:
-            result = verify_improvement(conn, s, imp.id, measurement_window_days=days, now=now)
+            result = verify_improvement(conn, s, imp.id, measurement_window_days=days, now=now, rollback_follows=True)
         except SelfHealError as exc:
             report.errors.append(f"verify {imp.id}: {exc}")
             log.warning("verification of %s failed: %s", imp.id, exc)
@@ -180,7 +176,7 @@ def _auto_rollback(conn: sqlite3.Connection, settings: Settings, improvement_id:
     reason = f"Automatic rollback by the self-heal daemon: {verification['actual_impact']}"
     key = ROLLBACK_FAILED_KEY + improvement_id
     try:
-        done = rollback_improvement(conn, settings, improvement_id, reason=reason, now=now)
+        done = rollback_improvement(conn, settings, improvement_id, reason=reason, now=now, automatic=True)
     except SelfHealError as exc:
         report.errors.append(f"rollback {improvement_id}: {exc}")
         log.error("automatic rollback of %s failed: %s", improvement_id, exc)
@@ -199,19 +195,9 @@ def _auto_rollback(conn: sqlite3.Connection, settings: Settings, improvement_id:
     forget(conn, key)
     report.rolled_back.append({"improvement_id": improvement_id, "rollback_sha": done["rollback_sha"],
                                "method": done["method"]})
+    # its one urgent notification comes from the improvement_rolled_back hook (hooks/notifications.py)
     log.warning("rolled back %s automatically (revert commit %s): %s", improvement_id,
                 (done["rollback_sha"] or "")[:12], verification["actual_impact"])
-    metrics = verification.get("metrics") or {}
-    plugins.notify(plugins.Notification(
-        title=f"Automatically rolled back {improvement_id}",
-        body="\n".join([
-            f"Improvement {improvement_id} made things significantly worse and was rolled back.",
-            f"Actual impact: {verification['actual_impact']}",
-            f"Success rate before: {_pct(metrics.get('before_success_rate'))}, "
-            f"after: {_pct(metrics.get('after_success_rate'))} (p = {metrics.get('p_value')})",
-            f"Revert commit: {(done['rollback_sha'] or 'none')[:7]}",
-        ]),
-        tags=["improvement", "rolled-back", "automatic"], priority="urgent"), settings)
 
 
 def judge_experiments(conn: sqlite3.Connection, settings: Settings, now: datetime, report: AutopilotReport, *,

@@ -255,6 +255,8 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
         refusing = pattern is not None and pattern["after_refused"] > 0
         comparison = compare_with_expected(imp.expected_impact, success_delta,
                                            reached_reduction if refusing else reduction)
+    if comparison == "less than expected" and _went_wrong_way(pattern, reduction, success_delta):
+        comparison = "the opposite of the expected improvement"  # "less" reads as a smaller gain
     actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
     if comparison:
         actual += f" ({comparison})"
@@ -265,15 +267,26 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
             "alpha_per_test": alpha_each}
 
 
+def _went_wrong_way(pattern: dict[str, Any] | None, reduction: float | None, success_delta: float | None) -> bool:
+    """Whether the measured change is a worsening: the pattern's errors rose (or, with no
+    pattern measure, run success fell)."""
+    if pattern is not None and reduction is not None:
+        return reduction < 0
+    return success_delta is not None and success_delta < 0
+
+
 def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement_id: str,
                        measurement_window_days: float | None = None, now: datetime | None = None, *,
-                       early: bool = False) -> dict[str, Any]:
+                       early: bool = False, rollback_follows: bool = False) -> dict[str, Any]:
     """Measure an applied improvement; store and notify the result (see module docstring).
 
     Returns the design document's fields (``expected_impact``, ``actual_impact``,
     ``verification_status``, ``recommendation``, ``metrics``) plus p-values, the
     pattern's error rates and the windows. ``early`` accepts a keep before the
     measurement window after the apply has ended (otherwise it is provisional: extend).
+    ``rollback_follows``: the caller rolls back at once on a rollback recommendation (the
+    daemon); the result's ``rollback_follows`` then says whether it will, and the
+    rollback's own notification reports the verdict.
     """
     days = settings.measurement_window_days if measurement_window_days is None else measurement_window_days
     if not isinstance(days, (int, float)) or isinstance(days, bool) or days <= 0:
@@ -326,6 +339,8 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
         "checked_at": format_timestamp(now),
         "previous_recommendation": previous if isinstance(previous, str) else None,
     }
+    if rollback_follows:
+        result["rollback_follows"] = recommendation == "rollback"
     fields: dict[str, Any] = {"metrics": {**metrics, "verification_status": status, "recommendation": recommendation,
                                           "checked_at": result["checked_at"], "window": result["window"]},
                               "actual_impact": actual}

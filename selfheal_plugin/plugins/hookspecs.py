@@ -141,11 +141,14 @@ def improvement_verified(improvement: Improvement, verification: dict[str, Any],
     Fires after every verification, whatever its recommendation (keep, rollback,
     extend monitoring). The built-in notification hook writes an inbox entry when
     ``notify_verified`` is on (urgent when the recommendation is rollback) and the
-    recommendation differs from the last verification's (``previous_recommendation``).
+    recommendation differs from the last verification's (``previous_recommendation``),
+    except when the daemon rolls the change back at once (``rollback_follows``): the
+    rollback's entry then tells it.
 
     :param improvement: the :class:`selfheal_plugin.history.improvements.Improvement` as stored.
     :param verification: the result (``expected_impact``, ``actual_impact``,
-        ``verification_status``, ``recommendation``, ``metrics``).
+        ``verification_status``, ``recommendation``, ``metrics``; ``rollback_follows`` from
+        the daemon's scheduled verification).
     :param settings: the :class:`selfheal_plugin.history.settings.Settings` in force.
     :returns: nothing; not firstresult, every implementation is called and return values are ignored.
     """
@@ -156,8 +159,10 @@ def improvement_rolled_back(improvement: Improvement, settings: Settings) -> Non
     """An applied improvement was reverted (status ``rolled_back``).
 
     Fires after the revert commit and the database row agree, whether a user or the
-    daemon's automatic rollback asked for it. The built-in notification hook writes an
-    inbox entry when ``notify_rolled_back`` is on.
+    daemon's automatic rollback asked for it (then ``improvement.metrics`` holds
+    ``rolled_back_automatically``, beside the verification that asked for it). The
+    built-in notification hook writes an inbox entry when ``notify_rolled_back`` is on
+    (urgent for an automatic rollback).
 
     :param improvement: the :class:`selfheal_plugin.history.improvements.Improvement` as stored.
     :param settings: the :class:`selfheal_plugin.history.settings.Settings` in force.
