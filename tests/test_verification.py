@@ -156,6 +156,21 @@ def test_the_inbox_hears_a_verdict_once(db, binks_home, tmp_path, monkeypatch):
     assert results == ["extend", 1, "extend", 1, "keep", 2, "keep", 2]
 
 
+def test_an_empty_window_is_named(db, binks_home):
+    """Nothing to compare: the actual impact says which window had no finished run (an
+    apply dated at the start of the history, a verify right after the apply)."""
+    write_runs(db, rate_runs(APPLIED, NOW, 60, 0.2, seed=2))  # runs only after the apply
+    r = verify(db, applied(db).id, binks_home)
+    assert r["actual_impact"] == "not measurable (no finished run before the apply)"
+    assert "0 before the apply" in r["reason"]
+    r = verify_improvement(connect(db), settings_for(binks_home), applied(db).id, now=APPLIED)
+    assert r["actual_impact"] == "not measurable (no finished run before the apply or since the apply)"
+    late = add_improvement(db, [timeout_change()], status="applied", applied_at=format_timestamp(NOW),
+                           commit_sha="0" * 40)
+    r = verify_improvement(connect(db), settings_for(binks_home), late.id, now=NOW + timedelta(minutes=1))
+    assert r["actual_impact"] == "not measurable (no finished run since the apply)"
+
+
 def test_harm_is_a_rollback_even_before_the_window_ends(db, binks_home):
     history(db, before_rate=0.05, after_rate=0.6)
     imp = applied(db)

@@ -170,10 +170,11 @@ def pattern_tool(imp: Any) -> str | None:
 
 
 def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[ReplayRun], window_complete: bool,
-           labels: tuple[str, str] = ("before it", "since the apply")) -> dict[str, Any]:
+           labels: tuple[str, str] = ("before the apply", "since the apply")) -> dict[str, Any]:
     """The comparison behind every verdict: two groups of finished runs (before/after the
     apply, or control/canary arms of one period) → rates, Fisher p-values, recommendation.
-    ``labels`` name the two groups in the extend-monitoring reason."""
+    ``labels`` name the two groups in the extend-monitoring reason and in an actual impact
+    that cannot be measured."""
     tool = pattern_tool(imp)
     ok_b, ok_a = sum(r.completed for r in before), sum(r.completed for r in after)
     n_b, n_a = len(before), len(after)
@@ -257,7 +258,9 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
                                            reached_reduction if refusing else reduction)
     if comparison == "less than expected" and _went_wrong_way(pattern, reduction, success_delta):
         comparison = "the opposite of the expected improvement"  # "less" reads as a smaller gain
-    actual = ", ".join(parts) if parts else "not measurable (no finished runs)"
+    # nothing to compare only when a side has no finished run: say which
+    empty = " or ".join(label for label, n in zip(labels, (n_b, n_a)) if not n)
+    actual = ", ".join(parts) if parts else f"not measurable (no finished run {empty or 'to compare'})"
     if comparison:
         actual += f" ({comparison})"
 
