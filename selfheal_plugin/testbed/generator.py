@@ -8,7 +8,8 @@ same seed gives the same file, byte for byte apart from SQLite's page layout, an
 ground truth is written beside it as ``OUT.db.truth.json``.
 
 ``--append --from INSTANT`` extends an existing history instead: runs between INSTANT
-(``applied``: the newest applied improvement's ``applied_at``; ``-2h``; an ISO instant) and ``--until`` (default now), with the injected patterns scaled to the number of
+(``applied``: the newest applied improvement's ``applied_at``; ``-2h``; an ISO instant) and ``--until`` (default now),
+each run ended by then (squeezed into the window when it is shorter than a run), with the injected patterns scaled to the number of
 runs and the effect of the config in force modelled (:func:`fixed_by_config`), so a user
 working by hand can apply a fix, add the runs that followed it, and see ``verify`` judge it.
 """
@@ -190,6 +191,21 @@ def _stamp(rng: random.Random, dt: datetime) -> str:
     return base + local.strftime("%z")[:3] + ":" + local.strftime("%z")[3:]
 
 
+Event = tuple[int, str, dict[str, Any], datetime]
+
+
+def _end_by(first: datetime, last: datetime, evs: list[Event], start: datetime,
+            end: datetime) -> tuple[datetime, datetime, list[Event]]:
+    """A run's start, end and events moved earlier so that it ends at ``end``; a run longer
+    than the window ``[start, end]`` (an append seconds after an apply) is squeezed into it
+    instead, its events in order (the calls' ``duration`` fields keep what they measured)."""
+    if last - first <= end - start:
+        shift = last - end
+        return first - shift, end, [(step, kind, data, when - shift) for step, kind, data, when in evs]
+    scale = (end - start) / (last - first)
+    return start, end, [(step, kind, data, start + (when - first) * scale) for step, kind, data, when in evs]
+
+
 def _fill(rng: random.Random, template: str) -> str:
     return template.format(
         n=rng.choice((30, 60, 111, 127, 2, 1)),
@@ -268,7 +284,7 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
         calls = ok_calls = 0
         tools_used: dict[str, int] = {}
         step_durations = []
-        evs: list[tuple[int, str, dict[str, Any], datetime]] = []
+        evs: list[Event] = []
         evs.append((0, "processing_start", {"type": "processing_start"}, t))
         iterations = 0
         for step in range(cfg.steps):
@@ -336,6 +352,8 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
                                                  "success": step_ok, "duration_ms": step_ms}, t))
             if running and step == 0:
                 break
+        if t > end:  # a run ends by the window's end (for --append: now, never in the future)
+            run_starts[i], t, evs = _end_by(run_starts[i], t, evs, start, end)
         total_ms = int((t - run_starts[i]).total_seconds() * 1000)
         if running:
             status, completed_at, duration_ms, error = "running", None, None, None

@@ -9,12 +9,16 @@ import sqlite3
 import subprocess
 import sys
 
-import click
+from datetime import timedelta
 
+import click
+import pytest
+
+from selfheal_plugin.history.times import parse_timestamp
 from selfheal_plugin.testbed import generator
 from selfheal_plugin.testbed.generator import DEFAULT_PATTERNS, fixed_by_config, scaled_patterns
 
-from ..conftest import run_agent
+from ..conftest import NOW, run_agent
 
 
 def gen(*args: str) -> subprocess.CompletedProcess:
@@ -86,6 +90,30 @@ def test_append_refuses_what_it_cannot_do(binks_home, tmp_path):
     assert r.returncode == 2 and "--from now leaves no time" in r.stderr
     r = gen(str(db), "--from", "-1h")
     assert r.returncode == 2 and "--from needs --append" in r.stderr
+
+
+@pytest.mark.parametrize("seconds", [30, 120], ids=["30s", "2min"])  # runs moved earlier, and squeezed
+def test_appended_runs_end_by_the_end_of_the_window(tmp_path, seconds):
+    """An append seconds after an apply (the README's walkthrough) wrote runs that finished
+    minutes after `now`: every appended run now starts after the start and has ended,
+    events and all, by the end (the moment of writing, for the command)."""
+    db = tmp_path / "h.db"
+    start, end = NOW, NOW + timedelta(seconds=seconds)
+    generator.generate_history(db, runs=50, seed=5, end=start, bad_rows=0)
+    before = set(runs_in(db))
+    patterns, _ = scaled_patterns(DEFAULT_PATTERNS, 300, None, residual=0.1)
+    generator.generate_history(db, append=True, start=start, end=end, runs=300, seed=5, patterns=patterns,
+                               bad_rows=0, running_runs=0)
+    conn = sqlite3.connect(db)
+    try:
+        runs = [r for r in conn.execute("SELECT id, started_at, completed_at FROM runs") if r[0] not in before]
+        events = [t for rid, t in conn.execute("SELECT run_id, timestamp FROM run_events") if rid not in before]
+    finally:
+        conn.close()
+    assert len(runs) == 300 and all(completed for _, _, completed in runs)
+    assert all(start < parse_timestamp(started) and parse_timestamp(completed) <= end
+               for _, started, completed in runs)
+    assert all(start < parse_timestamp(t) <= end for t in events)
 
 
 def test_the_config_in_force_decides_which_patterns_are_fixed():
