@@ -38,6 +38,15 @@ def _changes_text(improvement: Any, settings: Any) -> str:
     return "; ".join(parts) or "none recorded"
 
 
+def _changes_lines(improvement: Any, settings: Any) -> list[str]:
+    """``Changes: …`` on one line, or a list when the record has several lines (a note and
+    the keys updated): each line escaped, the line breaks real ones."""
+    lines = [line for line in _changes_text(improvement, settings).splitlines() if line.strip()] or ["none recorded"]
+    if len(lines) == 1:
+        return [f"Changes: {md(lines[0])}"]
+    return ["Changes:", *[f"- {md(line)}" for line in lines]]
+
+
 def _kind(pattern: Any) -> str:
     """The pattern's failure kind with its evidence; an unknown says so."""
     ev = getattr(pattern, "evidence", None) or {}
@@ -74,7 +83,7 @@ def improvement_applied(improvement: Any, settings: Any) -> None:
     if not settings.notify_applied:
         return
     lines = [f"Applied improvement {md(improvement.id)}:", f"Description: {md(improvement.description)}",
-             f"Changes: {md(_changes_text(improvement, settings))}"]
+             *_changes_lines(improvement, settings)]
     if improvement.commit_sha:
         lines.append(f"Commit: {_short_sha(improvement.commit_sha)}")
     lines += ["", f"Monitoring for {settings.measurement_window_days} days to verify impact."]

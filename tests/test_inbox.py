@@ -177,6 +177,18 @@ def test_lifecycle_events_become_inbox_entries(binks_home):
     assert rolled.body.startswith("Rolled back improvement imp-123:") and "Revert commit: 9f8e7d6" in rolled.body
 
 
+def test_changes_of_several_lines_keep_their_line_breaks(binks_home):
+    """A note and the keys updated (``apply NOTE``, a forced promote) are lines of their own,
+    each escaped, not one line with a literal ``\\n``."""
+    s = load_settings(binks_home)
+    made = "applied by <b>agent</b> self-heal demo\nUpdated /h/config.toml tools.t.timeout_ms: (absent) → 90000"
+    plugins.fire("improvement_applied", improvement=_improvement(changes_made=made), settings=s)
+    (entry,) = _entries(s)
+    assert ("Changes:\n- applied by &lt;b&gt;agent&lt;/b&gt; self-heal demo\n"
+            "- Updated /h/config.toml tools.t.timeout_ms: (absent) → 90000\nCommit: 1a2b3c4") in entry.body
+    assert "\\n" not in entry.body
+
+
 def test_a_detected_pattern_whose_fix_is_applied_is_said_fixed_not_suggested(binks_home):
     from selfheal_plugin.service import SelfHeal
 
