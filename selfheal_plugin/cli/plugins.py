@@ -19,6 +19,7 @@ rich_box, rich_table, rich_text = (lazy_module(m) for m in ("rich.box", "rich.ta
 
 
 WIDE_PLUGINS = 120  # columns from which `plugins` lists the plugins as a table
+KIND_TITLE = "Strategy for each failure kind (see docs/detection.md: Which strategy answers)"
 
 
 def _console() -> Any:
@@ -134,7 +135,7 @@ def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
             print_line(out, f"  {for_rich(row['error_type'])} → {for_rich(row['strategy'])} "
                             f"({for_rich(row['plugin'])}): {for_rich(row['summary'] or '')}")
         if info.get("kind_strategies"):
-            out.print("Strategy for each failure kind (see README: which strategy answers)")
+            out.print(KIND_TITLE)
             for row in info["kind_strategies"]:
                 print_line(out, f"  {for_rich(row['kind'])} → {for_rich(row['strategy'])} ({for_rich(row['plugin'])})")
     click.echo(f"User plugin folder: {info['plugins_dir']}")
@@ -173,7 +174,7 @@ def _plugin_tables(out: Any, info: dict[str, Any]) -> None:
         st.add_row(*(rich_text.Text(for_terminal(v or "")) for v in (row["error_type"], row["strategy"], row["plugin"], row["summary"])))
     out.print(st)
     if info.get("kind_strategies"):
-        kt = rich_table.Table(title="Strategy for each failure kind (see README: which strategy answers)", title_justify="left")
+        kt = rich_table.Table(title=KIND_TITLE, title_justify="left")
         for col in ("failure kind", "strategy", "plugin"):
             kt.add_column(col, no_wrap=True)
         for row in info["kind_strategies"]:

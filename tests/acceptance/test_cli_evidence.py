@@ -1,7 +1,9 @@
 """Fixes from evidence, through the installed `agent`: the filesystem server's ENOENT errors,
 labelled `connection_refused` by the runtime, get a path_exists preflight, not a restart."""
 import json
+import re
 import tomllib
+from pathlib import Path
 
 from ..conftest import run_agent
 from ..evidence_data import enoent_history
@@ -9,6 +11,7 @@ from ..evidence_data import enoent_history
 SINCE = "2026-11-13T12:00:00Z"  # the history ends at evidence_data.NOW
 PATTERN = "connection_refused:mcp__filesystem__read_text_file"
 TOOL = "mcp__filesystem__read_text_file"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_enoent_labelled_connection_refused_gets_a_preflight_not_a_restart(binks_home, tmp_path):
@@ -61,3 +64,7 @@ def test_plugins_lists_the_strategy_for_each_failure_kind(binks_home, tmp_path):
                      "server_down": "connection_refused"}
     text = run_agent("self-heal", "plugins", "--home", str(binks_home))
     assert "Strategy for each failure kind" in text.stdout and "rate_limited" in text.stdout
+    # the pointer names the page that has the section (not the README, which has none)
+    where = re.search(r"Strategy for each failure kind \(see ([\w/.]+): ([^)]+)\)", text.stdout)
+    assert where, text.stdout
+    assert f"**{where.group(2)}.**" in (ROOT / where.group(1)).read_text()
