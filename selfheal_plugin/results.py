@@ -73,7 +73,8 @@ class DetectResult(TypedDict, total=False):
     patterns: list[FailurePattern]
     proposals: list[ProposalOutcome]
     notified: list[str]  # pattern ids whose notification fired this time (the cooldown let them)
-    candidates: int
+    candidates: int  # signatures with at least min_occurrences failures, before the confidence filter
+    failing_signatures: int  # signatures with a failed call in the window, before min_occurrences
     skipped_rows: int
     stopped: bool  # proposing stopped early (the daemon was asked to stop)
 

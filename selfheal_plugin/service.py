@@ -142,7 +142,8 @@ class SelfHeal:
             if fresh:
                 plugins.fire("patterns_detected", patterns=fresh, settings=s)
         return {"since": found.since, "patterns": [p.to_dict(runs_limit=runs_limit) for p in found.patterns], "proposals": outcomes,
-                "notified": notified, "candidates": found.candidates, "skipped_rows": found.scanned.total_bad_rows,
+                "notified": notified, "candidates": found.candidates, "failing_signatures": found.failing,
+                "skipped_rows": found.scanned.total_bad_rows,
                 "stopped": len(outcomes) < len(found.patterns) if propose else False}
 
     def show(self, pattern_id: str, since: str | None = None) -> PatternDetails:

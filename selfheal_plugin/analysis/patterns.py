@@ -271,6 +271,7 @@ class Detection:
     since: str
     scanned: RefreshResult
     candidates: int  # signatures with enough occurrences, before the confidence filter
+    failing: int = 0  # signatures with a failed call in the window, before the occurrence floor
 
 
 def detect_failure_patterns(
@@ -321,7 +322,7 @@ def detect_failure_patterns(
         _fill_together([p.occurrences_detail for p in patterns])
     attach_evidence_all(conn, patterns, keys=keys if run_ids is None else None, failures=failures)
     patterns.sort(key=lambda p: (-p.occurrences, p.id))
-    return Detection(patterns, format_timestamp(start), scanned, candidates)
+    return Detection(patterns, format_timestamp(start), scanned, candidates, len(sigs))
 
 
 class _Failures:

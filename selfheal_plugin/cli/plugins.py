@@ -32,8 +32,16 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
     patterns = result["patterns"]
     click.echo()
     if not patterns:
-        click.echo(f"✅ No recurring failure patterns ({result['candidates']} signature(s) below the confidence "
-                   "threshold). Try --since -30d, --min-occurrences or --confidence.")
+        if not result.get("failing_signatures"):  # only a longer window can find something
+            click.echo(f"✅ No recurring failure patterns (no failed tool call since {result['since']}). "
+                       "Try --since -30d.")
+            return
+        if not result["candidates"]:
+            why = (f"{result['failing_signatures']} signature(s) failed, none {settings.min_occurrences} "
+                   "or more times")
+        else:
+            why = f"{result['candidates']} signature(s) below the confidence threshold"
+        click.echo(f"✅ No recurring failure patterns ({why}). Try --since -30d, --min-occurrences or --confidence.")
         return
     click.echo(f"📊 Found {len(patterns)} pattern(s):")
     click.echo()

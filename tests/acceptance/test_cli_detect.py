@@ -48,6 +48,21 @@ def test_detect_json_shape(history_copy, binks_home):
     assert data["skipped_rows"] == truth["bad_rows"]
 
 
+def test_nothing_found_says_why(history_copy, binks_home):
+    """No pattern: the line says what is true — no failed call in the window at all, too
+    few failures of each signature, or too little confidence."""
+    home = ["--home", str(binks_home)]
+    res = run_agent("self-heal", "detect", *home, "--since", "-0d")  # the history ended a while ago
+    assert res.returncode == 0, res.stderr
+    assert "✅ No recurring failure patterns (no failed tool call since " in res.stdout
+    assert "below the confidence" not in res.stdout
+    res = run_agent("self-heal", "detect", *home, "--since", SINCE, "--min-occurrences", "100000", "--json")
+    data = json.loads(res.stdout)
+    assert data["patterns"] == [] and data["candidates"] == 0 and data["failing_signatures"] > 0
+    res = run_agent("self-heal", "detect", *home, "--since", SINCE, "--min-occurrences", "100000")
+    assert f"({data['failing_signatures']} signature(s) failed, none 100000 or more times)" in res.stdout
+
+
 def test_detect_json_limit_bounds_affected_runs(history_copy, binks_home):
     db, truth = history_copy
     res = run_agent("self-heal", "detect", "--db", str(db), "--since", SINCE, "--json", "--limit", "2")
