@@ -19,6 +19,9 @@ def recover(conn: sqlite3.Connection, settings: Settings,
             warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Finish or undo every interrupted apply/rollback (``pending_op`` set).
 
+    Each operation handled is one line through ``warn`` (the CLI prints it on stderr),
+    or a logged warning without one.
+
     With the commit present, the database is brought in line with it (finished); without
     it, the config file gets its old bytes back and its index entry is reset (undone).
     A file that changed in between (neither old nor new content) is left alone and the
@@ -35,13 +38,11 @@ def recover(conn: sqlite3.Connection, settings: Settings,
     from selfheal_plugin.lifecycle.ab import recover_ab
     from selfheal_plugin.lifecycle.apply import fire, lock_for
 
+    say = warn or log.warning  # one line per operation, where the caller wants it (not also in the log)
     ab_actions = recover_ab(conn, settings)  # A/B experiments keep their intent in selfheal_ab
     for action in ab_actions:
-        msg = (f"recovered interrupted {action['op']} of {action['experiment_id']}: {action['action']} "
-               f"({action['detail']})")
-        log.warning(msg)
-        if warn:
-            warn(msg)
+        say(f"recovered interrupted {action['op']} of {action['experiment_id']}: {action['action']} "
+            f"({action['detail']})")
     if not rows:
         return ab_actions
     lock = lock_for(settings)
@@ -67,9 +68,7 @@ def recover(conn: sqlite3.Connection, settings: Settings,
                 msg = f"could not recover the interrupted {action['op']} of {imp.id}: {action['detail']}"
             else:
                 msg = f"recovered interrupted {action['op']} of {imp.id}: {action['action']} ({action['detail']})"
-            log.warning(msg)
-            if warn:
-                warn(msg)
+            say(msg)
     finally:
         lock.release()
     for action in actions:
