@@ -104,6 +104,37 @@ def test_a_harmful_change_is_verified_when_its_window_ends_and_rolled_back(appli
     assert imp.rollback_sha[:7] in note.body and "(p < 0.001)" in note.body and "Verified" not in note.body
 
 
+def test_an_automatic_rollback_finished_by_crash_recovery_is_still_automatic(applied, monkeypatch):
+    """Killed after its revert commit, the daemon's rollback is finished by the next opener:
+    the row still says automatic, so the inbox still gets the one urgent entry."""
+    from selfheal_plugin.lifecycle import apply as apply_mod
+    from selfheal_plugin.lifecycle.apply import rollback_improvement
+    from selfheal_plugin.lifecycle.recovery import recover
+
+    class Killed(BaseException):
+        pass
+
+    def crash_at(step):
+        if step == "rollback-after-commit":
+            raise Killed(step)
+
+    settings, imp_id, _ = applied
+    conn = connect(settings.db_path)
+    try:
+        monkeypatch.setattr(apply_mod, "crash_point", crash_at)
+        with pytest.raises(Killed):
+            rollback_improvement(conn, settings, imp_id, reason="automatic", automatic=True)
+        monkeypatch.undo()
+        with collecting() as seen:
+            recover(conn, settings, warn=lambda line: None)
+        imp = ImprovementStore(conn).get(imp_id)
+    finally:
+        conn.close()
+    assert imp.status == "rolled_back" and imp.metrics["rolled_back_automatically"] is True
+    (note,) = [n for n in seen.of("notify") if "improvement" in n.tags]
+    assert (note.title, note.priority) == (f"Automatically rolled back {imp_id}", "urgent")
+
+
 def test_a_helpful_change_is_kept(applied):
     settings, imp_id, commit = applied
     write_week_after(settings.db_path, T0, 120, fail_every=None)
