@@ -414,6 +414,40 @@ def test_monitoring_is_extended_at_most_three_times_then_concluded(applied):
     assert len(notes) == 1 and f"agent self-heal rollback {imp_id}" in notes[0].body
 
 
+def test_the_daemons_own_notifications_escape_the_verdict_that_quotes_the_history(applied, monkeypatch):
+    """The inconclusive and rollback-failed notes quote ``actual_impact``, whose error type
+    is the history's text: a newline in it must not forge a heading, HTML stays text."""
+    from selfheal_plugin.errors import LifecycleError
+    from selfheal_plugin.history.connection import set_state, write_transaction
+    from selfheal_plugin.lifecycle import autopilot
+
+    settings, imp_id, _ = applied
+    hostile = "timeout\n# Forged heading <img src=x>"
+    verdict = {"actual_impact": f"{hostile} error rate 40% -> 41%", "recommendation": "extend"}
+
+    def refuse(*args, **kwargs):
+        raise LifecycleError("rollback failed on tool\n# Also forged <b>")
+
+    monkeypatch.setattr(autopilot, "rollback_improvement", refuse)
+    conn = connect(settings.db_path)
+    try:
+        with collecting() as seen:
+            with write_transaction(conn):
+                set_state(conn, autopilot.EXTENSIONS_KEY + imp_id, str(autopilot.MAX_EXTENSIONS))
+            autopilot._extend_or_conclude(conn, settings, imp_id, verdict, T0, autopilot.AutopilotReport())
+            autopilot._auto_rollback(conn, settings, imp_id, dict(verdict, recommendation="rollback"), T0,
+                                     autopilot.AutopilotReport(), 60)
+    finally:
+        conn.close()
+    notes = seen.of("notify")
+    assert [n.title for n in notes] == [f"No clear effect of {imp_id} after 3 extensions",
+                                        f"Automatic rollback of {imp_id} failed"]
+    for note in notes:
+        assert not any(line.lstrip().startswith("#") for line in note.body.splitlines()), note.body
+        assert "<img" not in note.body and "&lt;img src=x&gt;" in note.body
+    assert "<b>" not in notes[1].body and "&lt;b&gt;" in notes[1].body
+
+
 # ------------------------------------------------------------------ stopping mid-tick
 
 

@@ -23,6 +23,7 @@ from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import get_state, set_state, write_transaction
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.settings import Settings
+from selfheal_plugin.history.text import markdown_inline as md
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp
 from selfheal_plugin.lifecycle import ab
 from selfheal_plugin.lifecycle.apply import apply_improvement, rollback_improvement
@@ -157,11 +158,12 @@ def _extend_or_conclude(conn: sqlite3.Connection, settings: Settings, improvemen
                                  "actual_impact": verification["actual_impact"]})
         log.warning("monitoring of %s ended inconclusive after %d extension(s): %s", improvement_id, done,
                     verification["actual_impact"])
+        # the verdict quotes the history (its error type): escaped, as the hooks' bodies are
         plugins.notify(plugins.Notification(
-            title=f"No clear effect of {improvement_id} after {done} extensions",
-            body=(f"Verification of {improvement_id} found no significant change over {weeks:g} days "
-                  f"({verification['actual_impact']}). Monitoring has ended; the change stays applied.\n\n"
-                  f"Keep it, or roll it back: {step('rollback', improvement_id)}"),
+            title=f"No clear effect of {md(improvement_id)} after {done} extensions",
+            body=(f"Verification of {md(improvement_id)} found no significant change over {weeks:g} days "
+                  f"({md(verification['actual_impact'])}). Monitoring has ended; the change stays applied.\n\n"
+                  f"Keep it, or roll it back: {md(step('rollback', improvement_id))}"),
             tags=["improvement", "verification", "inconclusive"], priority="normal"), s)
         return
     with write_transaction(conn):
@@ -186,10 +188,10 @@ def _auto_rollback(conn: sqlite3.Connection, settings: Settings, improvement_id:
         if not claim_once(conn, key, now):
             return
         plugins.notify(plugins.Notification(
-            title=f"Automatic rollback of {improvement_id} failed",
-            body=(f"Verification says {improvement_id} made things significantly worse "
-                  f"({verification['actual_impact']}), but the rollback failed: {exc}\n\n"
-                  f"Roll it back by hand: {step('rollback', improvement_id)}"),
+            title=f"Automatic rollback of {md(improvement_id)} failed",
+            body=(f"Verification says {md(improvement_id)} made things significantly worse "
+                  f"({md(verification['actual_impact'])}), but the rollback failed: {md(exc)}\n\n"
+                  f"Roll it back by hand: {md(step('rollback', improvement_id))}"),
             tags=["improvement", "rollback", "failed"], priority="urgent"), settings)
         return
     forget(conn, key)
