@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from selfheal_plugin.errors import ConfigError, NotFoundError, UsageError
+from selfheal_plugin.errors import ConfigError, NotFoundError, SelfHealError, UsageError
 from selfheal_plugin.history.abstore import AbStore
 from selfheal_plugin.history.clock import SimulatedClock
 from selfheal_plugin.history.connection import connect
@@ -341,6 +341,65 @@ def test_bad_input_is_one_line_and_changes_nothing(home):
     ab.end_ab(conn, s, ab_id, "dropped", now=NOW)
     with pytest.raises(LifecycleError, match="only a running experiment"):
         ab.end_ab(conn, s, ab_id, "dropped", now=NOW)
+
+
+BROKEN = 'timeout_ms = "5s"'  # a value of the person's the runtime's ToolPolicy refuses
+REFUSED = r'\[tools."other"\] timeout_ms must be an integer .*got \'5s\'; fix it first, nothing was changed'
+
+
+def _break_other_tool(home):
+    cfg = home / "config.toml"
+    cfg.write_text(cfg.read_text().replace("timeout_ms = 5000", BROKEN))
+    git_as_user(home, "commit", "-q", "-am", "mine, broken")
+    return git(home, "rev-parse", "HEAD"), cfg.read_bytes()
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["arms", "candidates"])
+def test_ab_start_refuses_a_tool_value_the_runtime_refuses_and_stores_nothing(home, given):
+    a, b = _two_arms(home)
+    conn, s = _lib(home)
+    head, before = _break_other_tool(home)
+    rows = {i.id for i in ImprovementStore(conn).list(limit=None)}
+    with pytest.raises(ConfigError, match=REFUSED):
+        ab.start_ab(conn, s, PATTERN, [a.id, b.id] if given else None, now=NOW)
+    assert git(home, "rev-parse", "HEAD") == head and (home / "config.toml").read_bytes() == before
+    assert not AbStore(conn).list() and {i.id for i in ImprovementStore(conn).list(limit=None)} == rows
+    assert (ImprovementStore(conn).get(a.id).status, ImprovementStore(conn).get(b.id).status) == ("tested", "candidate")
+
+
+def test_ab_promote_refuses_before_it_ends_the_experiment_and_drop_still_ends_it(home):
+    """A promotion applies the winner after the section is gone: apply's refusal comes first,
+    the experiment still running. A drop undoes our own section, like a rollback."""
+    a, b = _two_arms(home)
+    conn, s = _lib(home)
+    ab_id = ab.start_ab(conn, s, PATTERN, [a.id, b.id], now=NOW)["experiment_id"]
+    head, before = _break_other_tool(home)
+    with pytest.raises(ConfigError, match=REFUSED):
+        ab.end_ab(conn, s, ab_id, "promoted", force=True, now=NOW + timedelta(days=1))
+    assert AbStore(conn).get(ab_id).status == "running"
+    assert {ImprovementStore(conn).get(i).status for i in (a.id, b.id)} == {"ab"}
+    assert git(home, "rev-parse", "HEAD") == head and (home / "config.toml").read_bytes() == before
+    ab.end_ab(conn, s, ab_id, "dropped", now=NOW + timedelta(days=1))
+    assert AbStore(conn).get(ab_id).status == "dropped"
+    assert (home / "config.toml").read_text() == USER.replace("timeout_ms = 5000", BROKEN)
+
+
+def test_ab_promote_refuses_a_winner_that_would_write_a_refused_value(home):
+    """The arms' rows changed under the running experiment (the database is not trusted)."""
+    db = home / "conversations.db"
+    a, b = _two_arms(home)
+    conn, s = _lib(home)
+    ab_id = ab.start_ab(conn, s, PATTERN, [a.id, b.id], now=NOW)["experiment_id"]
+    raw = sqlite3.connect(db)
+    with raw:
+        raw.execute("UPDATE improvements SET changes = ? WHERE id IN (?, ?)",
+                    (json.dumps([timeout_change("90s")]), a.id, b.id))
+    raw.close()
+    head = git(home, "rev-parse", "HEAD")
+    with pytest.raises(SelfHealError, match=r"the change would write a value the runtime refuses: .*got '90s'; "
+                                             r"nothing was changed"):
+        ab.end_ab(conn, s, ab_id, "promoted", force=True, now=NOW + timedelta(days=1))
+    assert AbStore(conn).get(ab_id).status == "running" and git(home, "rev-parse", "HEAD") == head
 
 
 def test_a_failed_commit_is_undone_at_once(home):

@@ -15,7 +15,7 @@ import pytest
 
 from selfheal_plugin.lifecycle.canary import drop_experiment, promote_experiment, test_experiment, verify_experiment
 from selfheal_plugin.history.clock import SimulatedClock
-from selfheal_plugin.errors import ConfigError, NotFoundError, UsageError
+from selfheal_plugin.errors import ConfigError, NotFoundError, SelfHealError, UsageError
 from selfheal_plugin.runtime.experiments import arm_for
 from selfheal_plugin.lifecycle.gitops import GitOpsError
 from selfheal_plugin.history.connection import connect
@@ -261,6 +261,61 @@ def test_promote_refuses_a_tool_value_the_runtime_refuses_before_it_ends_the_can
         promote_experiment(conn, s, imp.id, now=NOW + timedelta(days=1))
     assert ImprovementStore(conn).get(imp.id).status == "canary"  # still running: nothing was changed
     assert git(home, "rev-parse", "HEAD") == head and cfg.read_bytes() == before
+
+
+BROKEN = 'timeout_ms = "5s"'  # a value of the person's the runtime's ToolPolicy refuses
+
+
+def _break_other_tool(home):
+    cfg = home / "config.toml"
+    cfg.write_text(cfg.read_text().replace("timeout_ms = 5000", BROKEN))
+    git_as_user(home, "commit", "-q", "-am", "mine, broken")
+    return git(home, "rev-parse", "HEAD"), cfg.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["canary", "shadow"])
+def test_a_canary_or_shadow_does_not_start_on_a_tool_value_the_runtime_refuses(home, mode):
+    """Starting one writes config.toml as apply does: the same refusal, before any write."""
+    imp = add_improvement(home / "conversations.db", [timeout_change(90_000)], status="tested")
+    conn, s = _lib(home)
+    head, before = _break_other_tool(home)
+    with pytest.raises(ConfigError, match=r'\[tools."other"\] timeout_ms must be an integer .*got \'5s\'; fix it '
+                                          r"first, nothing was changed"):
+        test_experiment(conn, s, imp.id, mode, now=NOW)
+    stored = ImprovementStore(conn).get(imp.id)
+    assert (stored.status, stored.experiment, stored.pending_op) == ("tested", None, None)
+    assert git(home, "rev-parse", "HEAD") == head and (home / "config.toml").read_bytes() == before
+
+
+def test_promote_refuses_a_change_that_would_write_a_refused_value_before_it_ends_the_canary(home):
+    """The row changed under the running canary (the database is not trusted): what apply
+    would write is checked before the section is removed, not after."""
+    db = home / "conversations.db"
+    imp = add_improvement(db, [timeout_change(90_000)], status="tested")
+    conn, s = _lib(home)
+    test_experiment(conn, s, imp.id, "canary", now=NOW)
+    raw = sqlite3.connect(db)
+    with raw:
+        raw.execute("UPDATE improvements SET changes = ? WHERE id = ?", (json.dumps([timeout_change("90s")]), imp.id))
+    raw.close()
+    head, before = git(home, "rev-parse", "HEAD"), (home / "config.toml").read_bytes()
+    with pytest.raises(SelfHealError, match=r"the change would write a value the runtime refuses: .*timeout_ms must "
+                                             r"be an integer .*got '90s'; nothing was changed"):
+        promote_experiment(conn, s, imp.id, now=NOW + timedelta(days=1))
+    assert ImprovementStore(conn).get(imp.id).status == "canary"
+    assert git(home, "rev-parse", "HEAD") == head and (home / "config.toml").read_bytes() == before
+
+
+def test_drop_removes_our_section_whatever_else_the_file_holds(home):
+    """Like a rollback, a drop undoes our own change: a wrong value of the person's does not
+    keep the canary running."""
+    imp = add_improvement(home / "conversations.db", [timeout_change(90_000)], status="tested")
+    conn, s = _lib(home)
+    test_experiment(conn, s, imp.id, "canary", now=NOW)
+    _break_other_tool(home)
+    drop_experiment(conn, s, imp.id, now=NOW + timedelta(days=1))
+    assert ImprovementStore(conn).get(imp.id).status == "tested"
+    assert (home / "config.toml").read_text() == USER.replace("timeout_ms = 5000", BROKEN)
 
 
 def test_a_canary_is_a_committed_section_and_drop_restores_the_config(home):

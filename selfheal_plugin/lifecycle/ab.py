@@ -41,8 +41,8 @@ from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 from selfheal_plugin.lifecycle import configedit, gitops
 from selfheal_plugin.lifecycle.apply import (
-    APPLICABLE, LifecycleError, UntrustedRecordError, _locked, apply_improvement, atomic_write, crash_point,
-    lock_for, read_text, trusted_op_commit, undo_config_write,
+    APPLICABLE, LifecycleError, UntrustedRecordError, _locked, apply_improvement, atomic_write, check_apply_values,
+    check_config_write, check_tool_values, crash_point, lock_for, read_text, trusted_op_commit, undo_config_write,
 )
 from selfheal_plugin.lifecycle.canary import _edit_text, _removal
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
@@ -207,6 +207,8 @@ def _commit(conn: sqlite3.Connection, settings: Settings, exp: AbExperiment, cha
     parse_experiments(current, cr.real_path)
     new = _edit_text(old, changes, where, removing) if changes else (old or "")
     parse_experiments(configedit.parse_config_text(new, where), cr.real_path)
+    if not removing:  # removing our own section undoes our change, like a rollback
+        check_config_write(old, new, cr.real_path)
     gitops.check_clean(cr)
     if new == (old or ""):
         return None, ""
@@ -285,7 +287,9 @@ def start_ab(conn: sqlite3.Connection, settings: Settings, pattern_id: str, arm_
                              f"(the control keeps the rest), got {fraction!r}")
     share = float(fraction) if fraction is not None else 1 / (k + 1)
     cr = gitops.locate(settings.config_path, settings.home)
-    gitops.check_clean(cr)  # before any candidate is stored
+    # before any candidate is stored: the section's own values are checked when it is written
+    check_tool_values(read_text(cr.real_path), cr.real_path)
+    gitops.check_clean(cr)
     for imp in new:  # the pattern's open proposal stays its suggested fix; others are candidates
         if store.open_for_pattern(pattern_id) is None:
             stored, created = store.insert_unless_open(imp)
@@ -550,6 +554,8 @@ def end_ab(conn: sqlite3.Connection, settings: Settings, ab_id: str, outcome: st
                 raise LifecycleError(f"{ab_id} has no significant winner ({verdict['reason']}); promote the best "
                                      f"observed arm anyway with {option('force')}")
             winner, forced = verdict["best_observed"], True
+        # apply would refuse the winner after the section is gone: refuse before the end
+        check_apply_values(settings, ImprovementStore(conn).get(winner))
     lock = _locked(settings)
     try:
         exp = store.get(ab_id)

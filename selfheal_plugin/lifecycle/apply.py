@@ -279,6 +279,26 @@ def check_tool_values(text: str | None, where: Path, *, written: bool = False) -
     raise ConfigError(f"{refused}; fix it first, nothing was changed")
 
 
+def check_config_write(old: str | None, new: str | None, where: Path) -> None:
+    """The one check before selfheal writes config.toml — an apply, a canary/shadow or A/B
+    section, the end of one that is promoted: :func:`check_tool_values` on the file as it is
+    (``old``) and on what would be written (``new``). A rollback, and the drop of our own
+    section, do not ask it: undoing our own change must work whatever else the file holds."""
+    check_tool_values(old, where)
+    check_tool_values(new, where, written=True)
+
+
+def check_apply_values(settings: Settings, imp: Improvement) -> None:
+    """What :func:`apply_improvement` of ``imp`` would refuse about ``[tools]``/``[servers]``
+    values (:func:`check_config_write` on its edit of the file as it is now), for a promotion
+    to ask before it ends the experiment whose winner it applies next."""
+    changes, _manual = _config_changes(imp)
+    cr = gitops.locate(settings.config_path, settings.home)
+    old = read_text(cr.real_path)
+    new = configedit.edit_config(old, changes, where=str(cr.real_path)).new_text if changes else old
+    check_config_write(old, new, cr.real_path)
+
+
 def _config_changes(imp: Improvement) -> tuple[list[ConfigChange], list[str]]:
     return configedit.split_changes(imp.changes)
 
@@ -316,8 +336,7 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
     cr = gitops.locate(settings.config_path, settings.home)
     old = read_text(cr.real_path)
     edit = configedit.edit_config(old, changes, where=str(cr.real_path))
-    check_tool_values(old, cr.real_path)
-    check_tool_values(edit.new_text, cr.real_path, written=True)
+    check_config_write(old, edit.new_text, cr.real_path)
     gitops.check_clean(cr)
     if not edit.changed:
         raise LifecycleError(f"{display_path(settings.config_path)} already holds these values; nothing to apply")
@@ -391,8 +410,7 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
         cr = gitops.locate(settings.config_path, settings.home)
         old = read_text(cr.real_path)
         edit = configedit.edit_config(old, changes, where=str(cr.real_path))
-        check_tool_values(old, cr.real_path)
-        check_tool_values(edit.new_text, cr.real_path, written=True)
+        check_config_write(old, edit.new_text, cr.real_path)
         gitops.check_clean(cr)
         if expected_sha256 is not None and (sha256_text(old) or ABSENT) != expected_sha256:
             raise LifecycleError(f"{cr.real_path} changed since the diff was shown; nothing was changed, run "

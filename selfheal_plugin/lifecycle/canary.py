@@ -35,8 +35,8 @@ from selfheal_plugin.lifecycle import gitops
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.apply import (
     APPLICABLE, ChangedMeanwhileError, LifecycleError, UntrustedRecordError, _locked, abort_operation,
-    apply_improvement, atomic_write, check_tool_values, crash_point, read_text, trusted_op_commit, undo_config_write,
-    update_if_unchanged, update_status,
+    apply_improvement, atomic_write, check_apply_values, check_config_write, crash_point, read_text, trusted_op_commit,
+    undo_config_write, update_if_unchanged, update_status,
 )
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
 from selfheal_plugin.errors import SelfHealError, UsageError
@@ -126,6 +126,8 @@ def _commit_edit(conn: sqlite3.Connection, settings: Settings, imp: Improvement,
         parse_experiments(current, cr.real_path)  # a broken section already there is refused first
         new = _edit_text(old, changes, where, removing) if changes else (old or "")
         parse_experiments(configedit.parse_config_text(new, where), cr.real_path)
+        if not removing:  # removing our own section undoes our change, like a rollback
+            check_config_write(old, new, cr.real_path)
         gitops.check_clean(cr)
         if new == (old or ""):
             fields = _finished(finish, sha_key, None)
@@ -475,8 +477,8 @@ def promote_experiment(conn: sqlite3.Connection, settings: Settings, improvement
     """End the canary/shadow (section removed, committed) and apply the improvement
     normally (its own commit, applied_at = ``now``)."""
     now = now or utcnow()
-    real = gitops.locate(settings.config_path, settings.home).real_path
-    check_tool_values(read_text(real), real)  # apply would refuse it after the section is gone: refuse first
+    # apply would refuse it after the section is gone: refuse first
+    check_apply_values(settings, running_experiment(conn, improvement_id, "promoted"))
     imp, ended = _end(conn, settings, improvement_id, "promoted", now)
     applied = apply_improvement(conn, settings, imp.id, changes_made, now=now)
     return {**applied, "ended": ended}
