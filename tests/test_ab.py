@@ -297,7 +297,7 @@ def test_bad_input_is_one_line_and_changes_nothing(home):
     db = home / "conversations.db"
     a, b = _two_arms(home)
     other = add_improvement(db, [timeout_change(5000, "x")], pattern_id="timeout:x")
-    applied = add_improvement(db, [retry_change(3)], status="applied")
+    undone = add_improvement(db, [retry_change(3)], status="rolled_back")  # (an applied one: see below)
     in_canary = add_improvement(db, [retry_change(4)], status="canary")
     conn, s = _lib(home)
     head = git(home, "rev-parse", "HEAD")
@@ -312,7 +312,7 @@ def test_bad_input_is_one_line_and_changes_nothing(home):
         ([a.id, a.id], UsageError, "at least two arms"),
         ([a.id, "imp-nope"], NotFoundError, "no improvement 'imp-nope'"),
         ([a.id, other.id], LifecycleError, "is a fix for timeout:x"),
-        ([a.id, applied.id], LifecycleError, "is applied"),
+        ([a.id, undone.id], LifecycleError, "is rolled_back"),
         ([a.id, in_canary.id], LifecycleError, "is canary"),
     ]
     for arms, exc, message in cases:
@@ -400,6 +400,28 @@ def test_ab_promote_refuses_a_winner_that_would_write_a_refused_value(home):
                                              r"nothing was changed"):
         ab.end_ab(conn, s, ab_id, "promoted", force=True, now=NOW + timedelta(days=1))
     assert AbStore(conn).get(ab_id).status == "running" and git(home, "rev-parse", "HEAD") == head
+
+
+@pytest.mark.parametrize("status", ["applied", "verified"])
+@pytest.mark.parametrize("given", [True, False], ids=["arms", "candidates"])
+def test_ab_start_refuses_a_pattern_whose_fix_is_in_force(home, status, given):
+    """Every group would run the fix in force (it is the base config): no control without a
+    fix, arms stacked on it. One line naming it and the way out, nothing changed."""
+    db = home / "conversations.db"
+    fixed = add_improvement(db, [timeout_change(120_000)], status=status)
+    a, b = _two_arms(home)
+    conn, s = _lib(home)
+    head = git(home, "rev-parse", "HEAD")
+    rows = {i.id for i in ImprovementStore(conn).list(limit=None)}
+    with pytest.raises(LifecycleError) as err:
+        ab.start_ab(conn, s, PATTERN, [a.id, b.id] if given else None, now=NOW)
+    assert str(err.value) == (
+        f"{PATTERN} has {fixed.id} in force ({status}); an A/B experiment compares fixes not in force against a "
+        f"control without one: roll it back first (agent self-heal rollback {fixed.id}), then start the "
+        "experiment (its change, proposed again, can be one of the arms)")
+    assert git(home, "rev-parse", "HEAD") == head and (home / "config.toml").read_text() == USER
+    assert not AbStore(conn).list() and {i.id for i in ImprovementStore(conn).list(limit=None)} == rows
+    assert ImprovementStore(conn).get(fixed.id).status == status
 
 
 def test_a_failed_commit_is_undone_at_once(home):

@@ -240,8 +240,8 @@ def start_ab(conn: sqlite3.Connection, settings: Settings, pattern_id: str, arm_
              fraction: float | None = None, now: datetime | None = None) -> dict[str, Any]:
     """Start an A/B experiment of ``pattern_id``; see the module docs. Refuses (one line,
     nothing changed) fewer than two arms, an unknown pattern or id, an arm of another
-    pattern, an arm that is applied or in another experiment, a dirty config, a running
-    experiment of the same pattern."""
+    pattern, an arm that is applied or in another experiment, a fix of the pattern in force
+    (applied or verified), a dirty config, a running experiment of the same pattern."""
     now = now or utcnow()
     try:
         split_pattern_id(pattern_id)
@@ -255,6 +255,14 @@ def start_ab(conn: sqlite3.Connection, settings: Settings, pattern_id: str, arm_
     if running:
         raise LifecycleError(f"{running[0].id} already runs an A/B experiment of {pattern_id}; promote or drop it "
                              f"first ({step('ab promote|drop', running[0].id)})")
+    in_force = store.in_force_for_patterns([pattern_id]).get(pattern_id)
+    if in_force is not None:
+        # its change is the base config every group runs: the control would not be "no fix", an
+        # arm would stack on it, and the experiment's runs would be the fix's own verification
+        raise LifecycleError(
+            f"{pattern_id} has {in_force.id} in force ({in_force.status}); an A/B experiment compares fixes not in "
+            f"force against a control without one: roll it back first ({step('rollback', in_force.id)}), then "
+            "start the experiment (its change, proposed again, can be one of the arms)")
     new: list[Improvement] = []
     if arm_ids is not None:
         ids = list(dict.fromkeys(a.strip() for a in arm_ids if a.strip()))
