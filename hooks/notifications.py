@@ -73,6 +73,8 @@ def patterns_detected(patterns: list[Any], settings: Any) -> None:
             line += f". Already fixed: {md(p.improvement_id)} {md(p.improvement_status)} ({md(p.suggested_fix)})"
         elif p.suggested_fix:
             line += f". Fix: {md(p.suggested_fix)}"
+        elif getattr(p, "no_fix_reason", None):  # withheld (a rejection that stands, a strategy's error): say why
+            line += f". Fix: none — {md(p.no_fix_reason)}"
         lines.append(line)
     notify(Notification(title=f"Detected {len(patterns)} failure pattern(s)", body="\n".join(lines),
                         tags=["self-heal", "patterns"], priority="high"), settings)

@@ -207,6 +207,29 @@ def test_a_detected_pattern_whose_fix_is_applied_is_said_fixed_not_suggested(bin
     assert "Fix:" not in entry.body
 
 
+def test_a_detected_pattern_whose_fix_is_withheld_says_why(binks_home):
+    """A rejection that stands withholds the fix: the summary says so, as detect does, not
+    nothing; the reason quotes the pattern id (the history's text), escaped."""
+    from selfheal_plugin.service import SelfHeal
+
+    from .lifecycle_data import add_improvement, rate_runs, timeout_change, write_runs
+
+    tool = "pods<b>*x*</b>"
+    now = datetime.now(timezone.utc)
+    db = binks_home / "conversations.db"
+    write_runs(db, rate_runs(now - timedelta(days=6), now - timedelta(hours=1), 60, 0.3, tool=tool))
+    rejected = add_improvement(db, [timeout_change(90_000, tool)], pattern_id=f"timeout:{tool}", status="rejected")
+    with SelfHeal(binks_home) as sh:
+        found = sh.detect(notify=True)
+    (p,) = found["patterns"]
+    assert p["suggested_fix"] is None and p["no_fix_reason"].startswith(f"{rejected.id} for timeout:{tool} was rejected")
+    (entry,) = _entries(sh.settings)
+    escaped = "timeout:pods&lt;b&gt;\\*x\\*&lt;/b&gt;"
+    assert (f". Fix: none — {rejected.id} for {escaped} was rejected; 0 new failure(s) since, 3 needed before "
+            "proposing again") in entry.body, entry.body
+    assert "<b>" not in entry.body
+
+
 def test_rollback_recommendation_is_urgent(binks_home):
     s = load_settings(binks_home)
     plugins.fire("improvement_verified", improvement=_improvement(), settings=s,
