@@ -33,6 +33,9 @@ class FailurePattern(TypedDict, total=False):
     # its status: applied = the fix is in force already, being verified; rejected = a person's
     # rejection still stands (suggested_fix None)
     improvement_status: str | None
+    # the open proposal's note: a fix with the same changes was rolled back or rejected within
+    # the re-apply cooldown (as in ProposalOutcome); None otherwise
+    same_change_undone: dict[str, Any] | None
     no_fix_reason: str | None  # why suggested_fix is None: the rejection that stands, or the strategy's error
     # what the failures are, read from the evidence (the runtime's label is one input):
     # missing_resource | permission | rate_limited | transient_upstream | slow_tail | hang |
@@ -97,6 +100,7 @@ class ImprovementRow(TypedDict, total=False):
     proposed_at: str | None
     applied_at: str | None
     commit_sha: str | None
+    same_change_undone: dict[str, Any] | None  # as in ProposalOutcome: the same change was undone before
 
 
 class TestResult(TypedDict, total=False):

@@ -48,7 +48,7 @@ from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
 from selfheal_plugin.lifecycle import proposals  # the other lifecycle modules: imported by the verbs that use them,
 # so that a command pays only for its own (detect does not import git, the simulator or the A/B judge)
-from selfheal_plugin.lifecycle.cooldown import claim_notifications
+from selfheal_plugin.lifecycle.cooldown import claim_notifications, undone_before
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError
@@ -166,6 +166,7 @@ class SelfHeal:
             if open_row is not None:
                 p.suggested_fix, p.suggested_by, p.improvement_id = open_row.description, "proposal", open_row.id
                 p.improvement_status = open_row.status
+                p.same_change_undone = undone_before(open_row)
             else:
                 without.append(p)
         if without:

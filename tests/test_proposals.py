@@ -449,3 +449,44 @@ def test_a_fix_proposed_again_after_its_rollback_says_so_where_a_person_decides(
     prompt = cli("apply", new_id, input="n\n")
     assert prompt.exit_code != 0 and "⚠ Note: rolled back \\x1b[2J\n" in prompt.stdout
     assert ImprovementStore(connect(db)).get(new_id).status == "proposed"  # nothing applied
+
+
+def test_show_and_improvements_carry_the_note_of_a_fix_proposed_again(history_copy, binks_home):
+    """`show PATTERN` (for its open proposal) and `improvements` (a marker in the row, the
+    field in --json) say it too, escaped; a proposal without it says nothing."""
+    db, _ = history_copy
+    (binks_home / "config.toml").write_text('[self_heal]\nlookback = "2026-11-13T12:00:00Z"\n')
+    runner = CliRunner()
+
+    def cli(*args, **kw):
+        return runner.invoke(agent, ["self-heal", *args, "--home", str(binks_home)], catch_exceptions=False, **kw)
+
+    first = next(o for o in json.loads(cli("detect", "--json").stdout)["proposals"] if o["pattern_id"] == PATTERN)
+    assert json.loads(cli("show", PATTERN, "--json").stdout)["same_change_undone"] is None
+    assert "⚠" not in cli("show", PATTERN).stdout and "⚠" not in cli("improvements").stdout
+    assert cli("apply", first["improvement_id"], "--yes").exit_code == 0
+    assert cli("rollback", first["improvement_id"], "--yes").exit_code == 0
+    again = next(o for o in json.loads(cli("detect", "--json").stdout)["proposals"] if o["pattern_id"] == PATTERN)
+    undone = again["same_change_undone"]
+    assert undone["improvement_id"] == first["improvement_id"] and undone["status"] == "rolled_back"
+
+    shown = json.loads(cli("show", PATTERN, "--json").stdout)
+    assert (shown["improvement_id"], shown["same_change_undone"]) == (again["improvement_id"], undone)
+    text = cli("show", PATTERN).stdout  # piped: one line each, unwrapped
+    assert text.count("⚠") == 1 and f"\n  ⚠ Note: {undone['note']}\n" in text, text
+    rows = {r["id"]: r for r in json.loads(cli("improvements", "--json").stdout)["improvements"]}
+    assert rows[again["improvement_id"]]["same_change_undone"] == undone
+    assert rows[first["improvement_id"]]["same_change_undone"] is None
+    listed = cli("improvements", env={"COLUMNS": "200"}).stdout  # a row's lines unwrapped
+    assert f"⚠ same change rolled back before ({first['improvement_id']})" in listed
+    assert listed.count("⚠") == 1
+
+    # text from the database is escaped where it lands
+    conn = connect(db)
+    imp = ImprovementStore(conn).get(again["improvement_id"])
+    ImprovementStore(conn).update(imp.id, evidence={**imp.evidence, "same_change_undone": {
+        "improvement_id": "imp-\x1b[2J", "status": "rolled_back\x1b[31m", "note": "rolled back \x1b[2J"}})
+    conn.close()
+    assert "⚠ Note: rolled back \\x1b[2J" in cli("show", PATTERN).stdout
+    listed = cli("improvements", env={"COLUMNS": "200"}).stdout
+    assert "\x1b" not in listed and "⚠ same change rolled back\\x1b[31m before (imp-\\x1b[2J)" in listed

@@ -155,6 +155,8 @@ def _print_pattern(d: dict[str, Any]) -> None:
     print_line(out, f"  Last seen:  {d['last_seen']}")
     if d.get("suggested_fix"):
         print_line(out, f"  Suggested fix: {for_rich(d['suggested_fix'])}")
+        if d.get("same_change_undone"):  # the open proposal's: said where a person decides, as detect does
+            print_line(out, f"  ⚠ Note: {for_rich(d['same_change_undone']['note'])}")
     elif d.get("no_fix_reason"):
         print_line(out, f"  Suggested fix: none — {for_rich(d['no_fix_reason'])}")
     t = Table(title="Message templates (context similarity)", title_justify="left")

@@ -115,6 +115,10 @@ def improvements(home: str | None, db: str | None, as_json: bool, status: str | 
         text.append(f"\nexpected: {for_terminal(r['expected_impact'] or '-')}", style="dim")
         if r["actual_impact"]:
             text.append(f"\nmeasured: {for_terminal(r['actual_impact'])}", style="dim")
+        if r.get("same_change_undone"):  # the note in full: show PATTERN, or --json
+            undone = r["same_change_undone"]
+            text.append(f"\n⚠ same change {for_terminal(str(undone.get('status')).replace('_', ' '))} before "
+                        f"({for_terminal(undone.get('improvement_id'))})")
         t.add_row(rich_text.Text(r["id"]), rich_text.Text(for_terminal(r["status"])), rich_text.Text((r["applied_at"] or "-")[:10]), text)
     _console().print(t)
 

@@ -366,7 +366,7 @@ def list_improvements(conn: sqlite3.Connection, status: str | None = None, limit
             "expected_impact": imp.expected_impact, "actual_impact": actual,
             "proposed_at": imp.proposed_at or imp.created_at, "applied_at": imp.applied_at,
             "verified_at": imp.verified_at, "rolled_back_at": imp.rolled_back_at, "commit_sha": imp.commit_sha,
-            "legacy": imp.pattern_id is None,
+            "legacy": imp.pattern_id is None, "same_change_undone": undone_before(imp),
         })
     return out
 

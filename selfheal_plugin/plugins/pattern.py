@@ -28,6 +28,9 @@ class Pattern:
     # that open proposal's status: "applied" says the fix is in force already (being verified);
     # "rejected" (with suggested_fix None): a person's rejection of that row still stands
     improvement_status: str | None = None
+    # that open proposal's note when the same change was rolled back or rejected before
+    # (lifecycle.cooldown.undone_before: improvement_id, status, note), else None
+    same_change_undone: dict[str, Any] | None = None
     # why suggested_fix is None: the rejection that stands, or the strategy's error
     no_fix_reason: str | None = None
     # what the failures are, read from the evidence (analysis.evidence): the runtime's label
