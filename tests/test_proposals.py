@@ -458,8 +458,9 @@ def test_show_and_improvements_carry_the_note_of_a_fix_proposed_again(history_co
     (binks_home / "config.toml").write_text('[self_heal]\nlookback = "2026-11-13T12:00:00Z"\n')
     runner = CliRunner()
 
-    def cli(*args, **kw):
-        return runner.invoke(agent, ["self-heal", *args, "--home", str(binks_home)], catch_exceptions=False, **kw)
+    def cli(*args, env=None):  # a wide terminal: a line each, whatever COLUMNS the test runs under (xdist: 80)
+        return runner.invoke(agent, ["self-heal", *args, "--home", str(binks_home)], catch_exceptions=False,
+                             env={"COLUMNS": "200", **(env or {})})
 
     first = next(o for o in json.loads(cli("detect", "--json").stdout)["proposals"] if o["pattern_id"] == PATTERN)
     assert json.loads(cli("show", PATTERN, "--json").stdout)["same_change_undone"] is None
@@ -472,7 +473,7 @@ def test_show_and_improvements_carry_the_note_of_a_fix_proposed_again(history_co
 
     shown = json.loads(cli("show", PATTERN, "--json").stdout)
     assert (shown["improvement_id"], shown["same_change_undone"]) == (again["improvement_id"], undone)
-    text = cli("show", PATTERN).stdout  # piped: one line each, unwrapped
+    text = cli("show", PATTERN).stdout
     assert text.count("⚠") == 1 and f"\n  ⚠ Note: {undone['note']}\n" in text, text
     rows = {r["id"]: r for r in json.loads(cli("improvements", "--json").stdout)["improvements"]}
     assert rows[again["improvement_id"]]["same_change_undone"] == undone
