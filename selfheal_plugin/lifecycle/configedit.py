@@ -25,7 +25,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from selfheal_plugin.errors import ConfigError, SelfHealError
-from selfheal_plugin.history.settings import check_tool_tables
+from selfheal_plugin.history import schema
+from selfheal_plugin.history.settings import change_key_problem, check_tool_tables
 from selfheal_plugin.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -35,9 +36,6 @@ if TYPE_CHECKING:
 tomlkit, tomlkit_items = lazy_module("tomlkit"), lazy_module("tomlkit.items")
 
 ALLOWED_FILES = ("config.toml",)
-# Top-level tables a proposal may not write: the plugin's own settings (a proposal must
-# never switch on auto-apply or loosen thresholds).
-PROTECTED_TABLES = ("self_heal",)
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -108,8 +106,13 @@ def split_changes(changes: list[Any]) -> tuple[list[ConfigChange], list[str]]:
     """Validate a proposal's changes; return (config edits, manual steps).
 
     Raises :class:`ChangeError` for anything selfheal may not write: another file than
-    ``config.toml`` (absolute paths, ``..``), an empty path, the ``[self_heal]`` table, an
-    unknown op or a value TOML cannot hold.
+    ``config.toml`` (absolute paths, ``..``), an empty path, an unknown op, a value TOML
+    cannot hold, or a key outside what a proposal may change
+    (:func:`~selfheal_plugin.history.settings.change_key_problem`: only the ``[tools."NAME"]``
+    and ``[servers."NAME"]`` keys ToolPolicy reads; never ``[self_heal]``, ``[canary]``,
+    ``[shadow]``, ``[ab]`` or a command). Every change a proposal, a fix rule or an A/B arm
+    brings passes here, when it is proposed and again when it is tested or applied; the
+    canary, shadow and A/B commands build their own sections as :class:`ConfigChange`.
     """
     config: list[ConfigChange] = []
     manual: list[str] = []
@@ -134,14 +137,14 @@ def split_changes(changes: list[Any]) -> tuple[list[ConfigChange], list[str]]:
         path = ch.get("path")
         if not isinstance(path, list) or not path or not all(isinstance(p, str) and p for p in path):
             raise ChangeError(f"change {i}: path must be a non-empty list of keys, got {path!r}")
-        if path[0] in PROTECTED_TABLES:
-            raise ChangeError(f"change {i}: proposals may not change selfheal's own [{path[0]}] settings")
         op = ch.get("op") or "set"
         if op not in ("set", "delete"):
             raise ChangeError(f"change {i}: unknown op {op!r} (expected set or delete)")
         value = ch.get("value")
         if op == "set" and not _is_toml_value(value):
             raise ChangeError(f"change {i}: {value!r} is not a TOML value")
+        if (problem := change_key_problem(path, op, value)) is not None:
+            raise ChangeError(f"change {i}: {schema.short_text(dotted_key(path))} {problem}")
         config.append(ConfigChange(tuple(path), op, value if op == "set" else None))
     return config, manual
 
@@ -158,7 +161,8 @@ def refused_values(config: dict[str, Any], where: str | Path) -> str | None:
 
 def check_changes(changes: list[Any], config: dict[str, Any]) -> None:
     """Refuse, before a proposal is stored, changes ``apply`` would refuse: :func:`split_changes`'s
-    rules (another file, ``[self_heal]``, a value TOML cannot hold) and a ``[tools]``/``[servers]``
+    rules (another file, a key other than the ``[tools]``/``[servers]`` settings ToolPolicy
+    reads, a value TOML cannot hold) and a ``[tools]``/``[servers]``
     value the runtime refuses in ``config`` (the parsed config.toml, its wrong values already
     left out) with the changes made. :class:`ChangeError` with the first problem."""
     edits, _manual = split_changes(changes)

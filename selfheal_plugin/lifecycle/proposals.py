@@ -121,7 +121,7 @@ def check_proposal(proposal: Any, pattern_id: str, history: HistoryWindow) -> Pr
     """What a strategy returned, checked before anything is stored or suggested: a valid
     :class:`Proposal` (:func:`~selfheal_plugin.plugins.strategy.validate_proposal`) whose
     changes ``apply`` would make (:func:`~selfheal_plugin.lifecycle.configedit.check_changes`:
-    not selfheal's own ``[self_heal]``, no value the runtime's ToolPolicy refuses, over the
+    only the ``[tools]``/``[servers]`` keys ToolPolicy reads, no value it refuses, over the
     home's config.toml as it is). ValueError or :class:`ChangeError` with the first problem."""
     valid = validate_proposal(proposal, pattern_id)
     check_changes(valid.changes, history.config)

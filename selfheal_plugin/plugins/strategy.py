@@ -61,7 +61,9 @@ checks); ``high`` — may hide failures or needs a person; never applied automat
 
 Plugin calls are contained: a strategy method that raises, returns something that is not
 a valid :class:`Proposal` (see :func:`validate_proposal`; its changes are also checked
-against what ``apply`` would refuse: ``[self_heal]``, a value ToolPolicy refuses) or runs past
+against what ``apply`` would refuse: a key other than the ``[tools]``/``[servers]`` settings
+above, see :func:`~selfheal_plugin.history.settings.change_key_problem`, or a value ToolPolicy
+refuses) or runs past
 ``[self_heal] plugin_timeout_seconds`` costs that pattern its proposal, with one line
 naming the strategy and its plugin; the other patterns go on.
 """
