@@ -508,6 +508,39 @@ def test_a_syntax_error_still_says_which_types_it_owned_and_a_later_plugin_may_a
         plugins.strategy_for("rate_limited", s)
 
 
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_a_register_strategies_that_raises_leaves_its_types_to_nobody(binks_home, when):
+    """Raising after registering a replacement (or before registering anything) is a failed
+    load of those types: neither the built-in it replaced nor Unknown proposes for them, and
+    ``plugins`` lists them; a plugin loaded after it may still answer."""
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    registering = "    register(Mine())\n"
+    text = TIMEOUT_STRATEGY.replace(registering, registering + "    raise RuntimeError('boom')\n") \
+        if when == "after" else TIMEOUT_STRATEGY.replace(registering, "    raise RuntimeError('boom')\n")
+    (s.plugins_dir / "mine.py").write_text(text)
+    failed = plugins.failed_to_load(s)
+    assert failed == {"timeout": ("user:mine", "RuntimeError: boom"), "rate_limited": ("user:mine", "RuntimeError: boom")}
+    for etype in ("timeout", "RateLimited"):
+        with pytest.raises(plugins.StrategyError, match=r"^strategy for \w+ failed to load \(plugin user:mine: "
+                                                        r"RuntimeError: boom\); nothing proposed"):
+            plugins.resolve_strategy(etype, s)
+    assert plugins.strategy_for("tool_error", s).name == "tool_error"
+    assert {f["error_type"] for f in plugins.describe(s)["failed_strategies"]} == {"timeout", "rate_limited"}
+    assert [e.hook for e in plugins.errors() if e.plugin == "user:mine"] == ["register_strategies"]
+
+
+def test_a_plugin_loaded_after_one_whose_register_strategies_raised_answers(binks_home):
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    registering = "    register(Mine())\n"
+    (s.plugins_dir / "a_mine.py").write_text(
+        TIMEOUT_STRATEGY.replace(registering, registering + "    raise RuntimeError('boom')\n"))
+    (s.plugins_dir / "b_mine.py").write_text(TIMEOUT_STRATEGY.replace("'RateLimited'", "'other'"))
+    assert set(plugins.failed_to_load(s)) == {"rate_limited"}
+    assert plugins.resolve_strategy("timeout", s)[1] == "user:b_mine"
+
+
 def test_declared_error_types_are_read_without_running_the_file(tmp_path):
     path = tmp_path / "p.py"
     path.write_text("import sys\nsys.exit(1)\nclass A:\n    error_types: tuple = ('Timeout', \"server_crashed\")\n"

@@ -695,6 +695,9 @@ def _collect_strategies() -> None:
     # get_hookimpls() lists implementations lowest priority first (pluggy calls them in
     # reverse): registering in this order lets a later plugin replace an earlier one.
     impls = [i for i in pm.hook.register_strategies.get_hookimpls() if not _is_wrapper(i)]
+    # types whose plugin's register_strategies failed: like a plugin that failed to load, it
+    # answers for nothing, and neither does what it would have replaced (see _register_failed)
+    failed = dict(_state.failed_types)
     for impl in impls:
         found: list[Any] = []  # a fresh list: a timed-out plugin may still append to its own
         others = [p for p in pm.get_plugins() if p is not impl.plugin]
@@ -704,12 +707,15 @@ def _collect_strategies() -> None:
             try:
                 caller(register=found.append)
             except (Exception, SystemExit) as exc:  # noqa: BLE001
-                _record(PluginError(plugin=name, phase="hook", hook="register_strategies", error=_one_line(exc)))
+                record = PluginError(plugin=name, phase="hook", hook="register_strategies", error=_one_line(exc))
+                _record(record)
+                _register_failed(failed, name, impl.plugin, list(found), record)
                 continue
         else:
             try:
                 call_plugin(name, "register_strategies", caller, register=found.append)
-            except PluginCallFailed:
+            except PluginCallFailed as exc:
+                _register_failed(failed, name, impl.plugin, list(found), exc.record)
                 continue
         for strategy in found:
             problem = _strategy_problem(strategy)
@@ -729,13 +735,45 @@ def _collect_strategies() -> None:
             listing.append({"name": strategy.name, "plugin": name, "error_types": types, "kinds": kinds,
                             "summary": getattr(strategy, "summary", "")})
     orphans: dict[str, tuple[str, str]] = {}
-    for t, (plugin, rank, error) in _state.failed_types.items():
+    for t, (plugin, rank, error) in failed.items():
         answering = table.get(t)
         if answering is None or _state.info.get(answering[1], {}).get("rank", 0) < rank:
             orphans[t] = (plugin, error)
     _state.strategies, _state.strategy_list, _state.strategies_key = table, listing, key
     _state.kind_strategies = kind_table
     _state.orphans, _state.owners = orphans, owners
+
+
+def _register_failed(failed: dict[str, tuple[str, int, str]], name: str, plugin: Any, found: list[Any],
+                     record: PluginError) -> None:
+    """A plugin's ``register_strategies`` raised or timed out: what it registered before is
+    dropped, and the error types it answers for — those of the strategies it registered,
+    and those its source declares (:func:`declared_error_types`) — are its failed types, as
+    for a plugin that failed to load: nothing answers for them unless a later plugin does."""
+    types: set[str] = set()
+    for strategy in found:
+        declared = getattr(strategy, "error_types", None)
+        if isinstance(declared, (tuple, list)):
+            types |= {normalize_error_type(t) for t in declared if isinstance(t, str) and t}
+    for path in _source_files(name, plugin):
+        types |= set(declared_error_types(path))
+    rank = _state.info.get(name, {}).get("rank", _state.rank)
+    for t in types:
+        failed[t] = (name, rank, record.error)
+
+
+def _source_files(name: str, plugin: Any) -> list[Path]:
+    """The files a loaded plugin came from (a user plugin's file; an entry point's module, or
+    its package's modules); none for one registered through the API (a test's class)."""
+    info = _state.info.get(name, {})
+    if info.get("source") in ("builtin", "user") and info.get("path"):
+        return [Path(info["path"])]
+    if info.get("source") == "entrypoint" and isinstance(plugin, ModuleType):
+        origin = getattr(plugin, "__file__", None)
+        if isinstance(origin, str) and origin.endswith(".py"):
+            here = Path(origin)
+            return sorted(here.parent.rglob("*.py")) if here.name == "__init__.py" else [here]
+    return []
 
 
 def _strategy_problem(strategy: Any) -> str | None:
