@@ -343,7 +343,36 @@ BAD_PROPOSALS = {
     "None description": (lambda p: p, {"description": None}, "description must be a non-empty string, got None"),
     "non-Change items": (_non_change, {}, "change 2 is a str, not a Change"),
     "not a proposal": (lambda p: {"description": "d"}, {}, "returned dict, not a Proposal"),
+    "huge description": (lambda p: p, {"description": "A" * 200_000},
+                         "description's first line is 200000 characters, more than 300 (the fix in one line; "
+                         "detail goes on the lines after it)"),
+    "long detail": (lambda p: p, {"description": "Retry it\n" + "detail " * 400},
+                    "description is 2809 characters, more than 2000"),
+    "CRLF description": (lambda p: p, {"description": "line1\r\n## Injected heading\n- [ ] fake task"},
+                         "description holds the control character \\r; only \\n may separate its lines"),
+    "escape in description": (lambda p: p, {"description": "Retry\x1b[2J it"},
+                              "description holds the control character \\x1b; only \\n may separate its lines"),
+    "line separator": (lambda p: p, {"description": "Retry it\u2028## heading"},
+                       "description holds the control character \\u2028"),
+    "empty first line": (lambda p: p, {"description": "\nRetry it"},
+                         "description's first line is empty; it must say the fix"),
 }
+
+
+def test_a_description_is_a_line_that_says_the_fix_and_maybe_lines_of_detail():
+    from selfheal_plugin.plugins.strategy import MAX_DESCRIPTION_CHARS, MAX_SUMMARY_CHARS, check_description
+
+    check_description("Increase the timeout of mcp__k8s__pods_list to 90 s")
+    check_description("Retry it once\nmost failures were followed by a success\n- 3 of 4 runs")
+    check_description("x" * MAX_SUMMARY_CHARS + "\n" + "y" * (MAX_DESCRIPTION_CHARS - MAX_SUMMARY_CHARS - 1))
+    with pytest.raises(ValueError, match="more than 2000"):
+        check_description("x" * MAX_SUMMARY_CHARS + "\n" + "y" * (MAX_DESCRIPTION_CHARS - MAX_SUMMARY_CHARS))
+    with pytest.raises(ValueError, match="first line is 301 characters"):
+        check_description("x" * (MAX_SUMMARY_CHARS + 1))
+    root = Path(__file__).resolve().parent.parent / "docs"
+    for page in ("plugins.md", "plugin-tutorial.md"):  # the docs quote the numbers of the code
+        text = " ".join((root / page).read_text(encoding="utf-8").split())
+        assert f"at most {MAX_SUMMARY_CHARS} characters" in text and f"{MAX_DESCRIPTION_CHARS:,} characters" in text
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PROPOSALS))

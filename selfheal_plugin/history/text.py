@@ -53,6 +53,16 @@ def for_terminal(value: Any) -> str:
     return _CONTROL.sub(_visible, _text(value))
 
 
+def first_control(value: Any, allowed: str = "") -> str | None:
+    """The first control character in ``value`` (the ones :func:`for_terminal` escapes) that
+    is not in ``allowed``, written as its visible escape (``\\r``, ``\\x1b``), or None: for
+    text a plugin gives, which is refused rather than escaped when it must be plain lines."""
+    for match in _CONTROL.finditer(_text(value)):
+        if match.group(0) not in allowed:
+            return _visible(match)
+    return None
+
+
 def for_rich(value: Any) -> str:
     """:func:`for_terminal`, then Rich markup escaped (for ``Console.print`` and tables)."""
     from rich.markup import escape  # only where rich prints: start-up does not pay for it

@@ -84,6 +84,7 @@ from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import last_event_id, normalize_error_type, scan_id_range
 from selfheal_plugin.history.connection import server_of  # noqa: F401  (for strategies)
 from selfheal_plugin.history.settings import read_config, warn_tool_tables
+from selfheal_plugin.history.text import first_control
 from selfheal_plugin.history.times import utcnow
 from selfheal_plugin.history.errorindex import refresh
 
@@ -102,6 +103,11 @@ ALLOWED_CONFIG_FILES = ("config.toml",)
 CHANGE_FIELDS = ("kind", "file", "path", "op", "value", "text")
 MAX_EVIDENCE_DEPTH = 16
 MAX_EVIDENCE_BYTES = 256 * 1024
+# A proposal's description: the first line says the fix (the pattern's suggested_fix, the
+# commit subject, the inbox line), at most MAX_SUMMARY_CHARS; lines after it may give
+# detail, the whole at most MAX_DESCRIPTION_CHARS; lines are separated by "\n" only.
+MAX_SUMMARY_CHARS = 300
+MAX_DESCRIPTION_CHARS = 2000
 
 
 class StrategyError(SelfHealError):
@@ -255,7 +261,8 @@ def as_changes(changes: Any) -> list[Change]:
 class Proposal:
     """A strategy's answer for one pattern.
 
-    ``description`` (one line: what the fix is), ``expected_impact`` (one line, with its
+    ``description`` (its first line: what the fix is; maybe lines of detail after it, see
+    :func:`check_description`), ``expected_impact`` (one line, with its
     basis), ``risk_level`` (one of :data:`RISK_LEVELS`), ``changes`` (at least one
     :class:`Change`, or dicts as :meth:`Change.from_dict` reads them),
     ``changes_required`` (a line per change; :meth:`Strategy.make_proposal` fills it),
@@ -303,12 +310,30 @@ def _json_depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
+def check_description(text: str) -> None:
+    """ValueError (one line) unless ``text`` is a description as :data:`MAX_SUMMARY_CHARS`
+    says: a first line that says the fix, at most that long; maybe detail lines after it, the
+    whole at most :data:`MAX_DESCRIPTION_CHARS`; no control character but ``\\n`` (no ``\\r``,
+    escape sequence or Unicode line separator)."""
+    if (control := first_control(text, allowed="\n")) is not None:
+        raise ValueError(f"description holds the control character {control}; only \\n may separate its lines")
+    first = text.split("\n", 1)[0]
+    if not first.strip():
+        raise ValueError("description's first line is empty; it must say the fix")
+    if len(first) > MAX_SUMMARY_CHARS:
+        raise ValueError(f"description's first line is {len(first)} characters, more than {MAX_SUMMARY_CHARS} "
+                         "(the fix in one line; detail goes on the lines after it)")
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        raise ValueError(f"description is {len(text)} characters, more than {MAX_DESCRIPTION_CHARS}")
+
+
 def validate_proposal(proposal: Any, pattern_id: str | None = None) -> Proposal:
     """Check what a strategy returned before anything is stored; returns it or raises
     ValueError with the first problem (one line).
 
-    A proposal must be a :class:`Proposal` for ``pattern_id`` with a non-empty one-line
-    ``description`` and ``expected_impact`` (strings), a known ``risk_level``, at least one
+    A proposal must be a :class:`Proposal` for ``pattern_id`` with a ``description`` whose
+    first line says the fix (:func:`check_description`: its length, the whole's, no control
+    character but ``\\n``), a non-empty ``expected_impact``, a known ``risk_level``, at least one
     change, each a :class:`Change`, ``changes_required`` a list of strings, numbers in
     range, and ``evidence`` a JSON object (str keys, finite numbers, at most
     :data:`MAX_EVIDENCE_DEPTH` levels deep and :data:`MAX_EVIDENCE_BYTES` when encoded).
@@ -321,6 +346,7 @@ def validate_proposal(proposal: Any, pattern_id: str | None = None) -> Proposal:
         value = getattr(proposal, name)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    check_description(proposal.description)
     if proposal.risk_level not in RISK_LEVELS:
         raise ValueError(f"risk_level must be one of {RISK_LEVELS}, got {proposal.risk_level!r}")
     if not isinstance(proposal.changes, list) or not proposal.changes:
