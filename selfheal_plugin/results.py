@@ -115,6 +115,8 @@ class TestResult(TypedDict, total=False):
     # next_window_success_rate (a prediction interval for the next next_window_runs runs)
     interval: dict[str, Any] | None
     next_step: str | None  # the command to run next (never apply after a risky result)
+    model_source: str  # "selfheal replay" or "strategy NAME": who simulated the change
+    baseline_source: str  # "history": the baseline is the window's own runs, whoever simulated
 
 
 class ApplyPlan(TypedDict, total=False):

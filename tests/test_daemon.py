@@ -294,6 +294,37 @@ def test_config_edits_reach_a_running_daemon_and_a_broken_config_keeps_the_old(f
 # ------------------------------------------------------------------ no apply/rollback cycle
 
 
+def test_auto_apply_tests_again_a_stored_verdict_without_the_historys_baseline(fresh):
+    """A "safe_to_apply" stored before the baseline came from the history alone (a strategy's
+    own simulate could give baseline 0.50 where the window's is higher) is not taken: the
+    change is tested again, and a change the history says would hurt is not applied."""
+    from selfheal_plugin.history.improvements import Improvement
+    from selfheal_plugin.lifecycle.autopilot import AutopilotReport, auto_apply
+
+    (fresh / "config.toml").write_text("[self_heal]\nauto_apply_enabled = true\n")
+    settings = load_settings(fresh)
+    conn = connect(settings.db_path)
+    made_up = {"recommendation": "safe_to_apply", "baseline_success_rate": 0.5, "simulated_success_rate": 0.99,
+               "model_source": "strategy claims"}
+    imp = Improvement(id="imp-claimed", status="tested", description=f"Lower the timeout of {TOOL}",
+                      pattern_id=PATTERN, error_type="timeout", tool_name=TOOL, strategy="timeout", risk_level="low",
+                      confidence=0.99, changes=[{"kind": "config", "file": "config.toml", "op": "set",
+                                                 "path": ["tools", TOOL, "timeout_ms"], "value": 1000}],
+                      test_result=made_up)
+    ImprovementStore(conn).insert(imp)
+    report = AutopilotReport()
+    try:
+        with collecting():
+            auto_apply(conn, settings, T0, report)
+        row = ImprovementStore(conn).get(imp.id)
+    finally:
+        conn.close()
+    assert report.tested == [{"improvement_id": imp.id, "recommendation": "reject"}] and report.applied == []
+    assert row.status == "tested" and row.test_result["baseline_source"] == "history"
+    assert row.test_result["baseline_success_rate"] > 0.5
+    assert applied_rows(settings) == []
+
+
 def test_a_rolled_back_change_is_not_auto_applied_again(fresh):
     # a lookback that still holds the week before the apply: after the rollback, detection
     # finds the same pattern in the same history and proposes the same fix again

@@ -212,6 +212,89 @@ def test_strategy_without_a_model_gives_no_number(timeout_db, binks_home):
     assert "strategy 'blind' has no simulation model" in r["reason"]
 
 
+def _test_with_simulate(db, binks_home, simulate):
+    """``test`` of a timeout change whose strategy (a third party's) simulates with ``simulate``."""
+
+    class Claims(Strategy):
+        name = "claims"
+        error_types = ("claims_error",)
+
+        def propose(self, pattern, history):  # pragma: no cover - not used here
+            raise NotImplementedError
+
+        def simulate(self, proposal, history):
+            return simulate(history)
+
+    class Plugin:
+        @hookimpl
+        def register_strategies(self, register):
+            register(Claims())
+
+    plugin = Plugin()
+    plugins.register(plugin, "claims-plugin")
+    try:
+        imp = add_improvement(db, [timeout_change(90_000)], pattern_id=f"claims_error:{K8S}", strategy="claims",
+                              risk_level="low")
+        return imp, simulation.test_improvement(connect(db), settings_for(binks_home), imp.id, now=NOW)
+    finally:
+        plugins.unregister(plugin)
+
+
+def _window_counts(db):
+    runs = simulation.load_runs(connect(db), SINCE, UNTIL)
+    return len(runs), sum(r.completed for r in runs)
+
+
+def test_a_strategys_own_simulation_is_judged_on_the_historys_baseline(timeout_db, binks_home):
+    """A made-up baseline (0.50 where the window's is ~0.8) is not taken: the gain, the
+    improvement interval and the verdict are measured from the history's own rate."""
+    db, _ = timeout_db
+    n, completed = _window_counts(db)
+    base = completed / n
+    recovered = n - completed - 2  # all but two failed runs recovered
+    rate = (completed + recovered) / n
+    made_up = {"simulated_success_rate": rate, "baseline_success_rate": 0.50, "simulated_interval": [rate - 0.01, rate],
+               "improvement_interval": [0.4, 0.5], "runs_replayed": 10, "runs_recovered": recovered, "runs_broken": 0,
+               "failures_targeted": recovered + 2, "failures_fixed": recovered, "recommendation": "safe_to_apply",
+               "models": [{"model": "duration"}], "notes": ["my own model"]}
+    imp, r = _test_with_simulate(db, binks_home, lambda history: made_up)
+    assert 0.6 < base < 0.95 and r["baseline_success_rate"] == round(base, 4) and r["runs_replayed"] == n
+    assert r["interval"]["improvement"] == [round(rate - 0.01 - round(base, 4), 4), round(rate - round(base, 4), 4)]
+    assert r["model_source"] == "strategy claims" and r["baseline_source"] == "history" and r["models"] == []
+    assert r["notes"] == ["my own model", f"the strategy's own baseline (0.5) is not used: the history's is "
+                                          f"{round(base, 4):.4g}"]
+    assert r["recommendation"] == "safe_to_apply"  # its own model, on the true baseline
+    # claiming the rate a 0.50 baseline would give is claiming more runs than failed
+    lie = {**made_up, "simulated_success_rate": 0.99, "simulated_interval": [0.98, 1.0],
+           "runs_recovered": 0.49 * n}
+    _, r = _test_with_simulate(db, binks_home, lambda history: lie)
+    assert r["recommendation"] == "risky" and r["simulated_success_rate"] is None
+    assert r["baseline_success_rate"] == pytest.approx(base)
+    assert f"strategy 'claims' returned an invalid simulation (runs_recovered must be a number between 0 and " \
+           f"{n - completed}, got {0.49 * n!r})" in r["reason"]
+
+
+@pytest.mark.parametrize("result, problem", [
+    ({"simulated_success_rate": 0.99, "recommendation": "safe_to_apply"},
+     "missing simulated_interval, runs_recovered, runs_broken, failures_targeted, failures_fixed (a simulation "
+     "needs simulated_success_rate, simulated_interval, runs_recovered, runs_broken, failures_targeted, "
+     "failures_fixed)"),
+    ("safe", "returned str, not a Simulation or a dict"),
+    ({"simulated_success_rate": 0.9, "simulated_interval": [0.95, 1.0], "runs_recovered": 0, "runs_broken": 0,
+      "failures_targeted": 0, "failures_fixed": 0}, "simulated_success_rate 0.9 is not what its runs give"),
+    ({"simulated_success_rate": float("nan"), "simulated_interval": [0, 1], "runs_recovered": 0, "runs_broken": 0,
+      "failures_targeted": 0, "failures_fixed": 0}, "simulated_success_rate must be a number between 0 and 1, got nan"),
+], ids=["missing", "text", "inconsistent", "nan"])
+def test_a_malformed_simulation_is_a_plugin_error_naming_what_is_wrong(timeout_db, binks_home, result, problem):
+    db, _ = timeout_db
+    imp, r = _test_with_simulate(db, binks_home, lambda history: result)
+    assert r["recommendation"] == "risky" and r["simulated_success_rate"] is None
+    assert r["reason"].startswith(f"no model: all: strategy 'claims' returned an invalid simulation ({problem}")
+    (err,) = [e for e in plugins.errors() if e.plugin == "claims-plugin" and imp.id in e.error]
+    assert (err.phase, err.hook, err.strategy) == ("strategy", "simulate", "claims")
+    assert err.error.startswith(f"invalid simulation for {imp.id}: {problem}") and "\n" not in err.error
+
+
 def test_empty_window_and_bad_input(binks_home):
     db = binks_home / "conversations.db"
     connect(db, create=True).close()

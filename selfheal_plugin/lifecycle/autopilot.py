@@ -3,8 +3,9 @@
 and words them the same way:
 
 * **auto-apply** — only low-risk proposals whose confidence reaches
-  ``auto_apply_confidence_threshold`` and whose simulation says ``safe_to_apply`` (untested
-  ones are tested first); never a change rolled back or rejected in the last
+  ``auto_apply_confidence_threshold`` and whose simulation says ``safe_to_apply`` against the
+  history's own baseline (untested ones, and ones whose stored result predates that rule,
+  are tested first); never a change rolled back or rejected in the last
   :data:`~selfheal_plugin.lifecycle.cooldown.REAPPLY_COOLDOWN_DAYS` days; manual steps wait
   for a person;
 * **scheduled verification** — keep; extend monitoring by a window at most
@@ -88,7 +89,9 @@ def auto_apply(conn: sqlite3.Connection, settings: Settings, now: datetime, repo
             if not config_changes:
                 continue  # manual steps need a person
             result = imp.test_result
-            if imp.status == "proposed" or not result:
+            # a result stored before the baseline came from the history alone (a strategy's own
+            # simulate could set it) is not taken: it is tested again
+            if imp.status == "proposed" or not result or result.get("baseline_source") != "history":
                 result = test_improvement(conn, s, imp.id, now=now)
                 report.tested.append({"improvement_id": imp.id, "recommendation": result["recommendation"]})
                 log.info("tested %s: %s (%s)", imp.id, result["recommendation"], result.get("reason"))

@@ -41,15 +41,17 @@ too (``benchmarks/bench_prediction.py`` measures its coverage over seeds).
 """
 from __future__ import annotations
 
+import numbers
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Mapping
 
 from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
 from selfheal_plugin.history.connection import REFUSAL_PREFIXES, normalize_error_type
 from selfheal_plugin.history.errorindex import wellformed_sql
+from selfheal_plugin.history.schema import short_repr
 from selfheal_plugin.history.text import Undecodable
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
@@ -501,16 +503,94 @@ def recommend(sim: Simulation, risk_level: str | None) -> tuple[str, str]:
 
 
 
-def _as_simulation(out: Any) -> Simulation | None:
-    if out is None or isinstance(out, Simulation):
-        return out
-    if isinstance(out, dict):
-        known = {k: out[k] for k in Simulation.__dataclass_fields__ if k in out}
-        try:
-            return Simulation(**known)
-        except TypeError:
-            return None
-    return None
+# What a strategy's own ``simulate`` must return (a Simulation or a dict with these keys); the
+# baseline, the number of runs and the improvement interval come from the history instead.
+PLUGIN_SIMULATION_FIELDS = ("simulated_success_rate", "simulated_interval", "runs_recovered", "runs_broken",
+                            "failures_targeted", "failures_fixed")
+_NO_MODEL = object()
+
+
+class InvalidSimulation(ValueError):
+    """A strategy's ``simulate`` returned something that is not a simulation (one line)."""
+
+
+def _number(data: Mapping[str, Any], key: str, lo: float, hi: float, integer: bool = False) -> float:
+    value = data[key]
+    ok = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
+    if isinstance(value, bool) or not ok or not lo <= value <= hi:  # `not` so that NaN fails too
+        kind = "an integer" if integer else "a number"
+        raise InvalidSimulation(f"{key} must be {kind} between {lo:g} and {hi:g}, got {short_repr(value)}")
+    return float(value)
+
+
+def _pair(data: Mapping[str, Any], key: str) -> list[float]:
+    value = data[key]
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1 for v in value) \
+            or value[0] > value[1]:
+        raise InvalidSimulation(f"{key} must be [low, high] between 0 and 1, got {short_repr(value)}")
+    return [round(float(value[0]), 4), round(float(value[1]), 4)]
+
+
+def plugin_simulation(out: Any, runs: list[ReplayRun]) -> Simulation | None:
+    """A strategy's own ``simulate`` result, checked, on the history's baseline.
+
+    ``out`` is a :class:`Simulation` or a dict with :data:`PLUGIN_SIMULATION_FIELDS`
+    (``simulated_success_rate`` None: no model; None is returned). Whatever the plugin says
+    the baseline, the runs replayed, the improvement interval or the recommendation are, they
+    are not taken: the baseline and the runs are those of ``runs`` (the window's finished
+    runs), the improvement interval is the simulated interval less that baseline, and
+    ``recommend`` judges. The counts must fit the history: at most the window's failed runs
+    recovered, at most its completed runs broken, and the simulated rate what they give,
+    ``(completed - runs_broken + runs_recovered) / runs``. ``unmodeled`` (``{"change",
+    "reason"}`` items) and ``notes`` (strings) are kept; other keys (``models`` included)
+    are not. :class:`InvalidSimulation` names what is missing or wrong."""
+    if isinstance(out, Simulation):
+        out = asdict(out)
+    if not isinstance(out, Mapping):
+        raise InvalidSimulation(f"returned {type(out).__name__}, not a Simulation or a dict")
+    if "simulated_success_rate" in out and out["simulated_success_rate"] is None:
+        return None
+    missing = [k for k in PLUGIN_SIMULATION_FIELDS if k not in out]
+    if missing:
+        raise InvalidSimulation(f"missing {', '.join(missing)} (a simulation needs {', '.join(PLUGIN_SIMULATION_FIELDS)})")
+    n = len(runs)
+    if n == 0:
+        return None  # nothing to compare with: said as "no finished runs in the window"
+    completed = sum(r.completed for r in runs)
+    rate = _number(out, "simulated_success_rate", 0, 1)
+    interval = _pair(out, "simulated_interval")
+    recovered = _number(out, "runs_recovered", 0, n - completed)
+    broken = _number(out, "runs_broken", 0, completed, integer=True)
+    targeted = _number(out, "failures_targeted", 0, 10**12, integer=True)
+    fixed = _number(out, "failures_fixed", 0, targeted)
+    implied = (completed - broken + recovered) / n
+    if abs(rate - implied) > 0.005:
+        raise InvalidSimulation(f"simulated_success_rate {rate:g} is not what its runs give: ({completed} completed "
+                                f"- {broken:g} broken + {recovered:g} recovered) / {n} runs = {implied:.4f}")
+    if not interval[0] - 0.0001 <= rate <= interval[1] + 0.0001:
+        raise InvalidSimulation(f"simulated_interval {interval} does not hold simulated_success_rate {rate:g}")
+    unmodeled = out.get("unmodeled") or []
+    if not isinstance(unmodeled, list) or not all(
+            isinstance(u, Mapping) and isinstance(u.get("change"), str) and isinstance(u.get("reason"), str)
+            for u in unmodeled):
+        raise InvalidSimulation("unmodeled must be a list of {change, reason} texts")
+    notes = out.get("notes") or []
+    if not isinstance(notes, list) or not all(isinstance(x, str) for x in notes):
+        raise InvalidSimulation("notes must be a list of texts")
+    prediction = _pair(out, "prediction_interval") if out.get("prediction_interval") is not None else None
+    baseline = round(completed / n, 4)
+    notes = list(notes)
+    claimed = out.get("baseline_success_rate")
+    if isinstance(claimed, numbers.Real) and not isinstance(claimed, bool) and abs(claimed - baseline) > 0.0005:
+        notes.append(f"the strategy's own baseline ({claimed:.4g}) is not used: the history's is {baseline:.4g}")
+    return Simulation(
+        simulated_success_rate=round(rate, 4), baseline_success_rate=baseline, simulated_interval=interval,
+        improvement_interval=[round(interval[0] - baseline, 4), round(interval[1] - baseline, 4)],
+        runs_replayed=n, runs_recovered=round(recovered, 2), runs_broken=int(broken),
+        failures_targeted=int(targeted), failures_fixed=round(fixed, 2),
+        unmodeled=[{"change": u["change"], "reason": u["reason"]} for u in unmodeled], notes=notes,
+        prediction_interval=prediction)
 
 
 def _proposal_for(imp: Any) -> Any:
@@ -557,13 +637,23 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
                                            else None)
     if strategy is not None and imp.changes:
         source = f"strategy {strategy.name}"
+        runs = load_runs(conn, start.timestamp(), now.timestamp())
+        no_model = f"strategy {strategy.name!r} has no simulation model"
         try:
             proposal = _proposal_for(imp)
             raw = plugins.call_strategy(strategy, "simulate", proposal, history, settings=settings)  # bounded
             if raw is None and getattr(strategy, "replays_with_builtin_models", False):
-                raw = simulate_proposal(proposal, history)
-            sim = _as_simulation(raw)
+                sim = simulate_proposal(proposal, history)  # selfheal's own replay, on the history's baseline
+            elif raw is not None:
+                sim = plugin_simulation(raw, runs)  # the plugin's numbers, checked, on the history's baseline
         except StrategyError:  # raised, timed out: already reported by the plugin manager
+            sim = None
+        except (InvalidSimulation, RecursionError) as exc:  # its result is not a simulation: said, not dropped
+            problem = plugins._one_line(exc).removeprefix("InvalidSimulation: ")
+            plugins._record(plugins.PluginError(plugin=plugins.plugin_of(strategy), phase="strategy",
+                                                hook="simulate", strategy=strategy.name,
+                                                error=f"invalid simulation for {imp.id}: {problem}"))
+            no_model = f"strategy {strategy.name!r} returned an invalid simulation ({problem})"
             sim = None
         except Exception as exc:  # noqa: BLE001 — a broken plugin is reported, not fatal
             plugins._record(plugins.PluginError(plugin=plugins.plugin_of(strategy), phase="strategy",
@@ -571,10 +661,9 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
                                                 error=plugins._one_line(exc)))
             sim = None
         if sim is None:
-            runs = load_runs(conn, start.timestamp(), now.timestamp())
             base = sum(r.completed for r in runs) / len(runs) if runs else None
             sim = Simulation(None, base, None, None, len(runs), None, 0, 0, None, [],
-                             [{"change": "all", "reason": f"strategy {strategy.name!r} has no simulation model"}])
+                             [{"change": "all", "reason": no_model}])
     elif imp.changes:
         sim = simulate_changes(conn, imp.changes, imp.error_type, start.timestamp(), now.timestamp(),
                                config=history.config, seed=seed)
@@ -609,6 +698,9 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
         "runs_replayed": sim.runs_replayed, "runs_recovered": sim.runs_recovered, "runs_broken": sim.runs_broken,
         "failures_targeted": sim.failures_targeted, "failures_fixed": sim.failures_fixed,
         "models": sim.models, "unmodeled_changes": sim.unmodeled, "notes": sim.notes, "model_source": source,
+        # whoever simulated, the baseline is the window's own (a strategy's is never taken):
+        # auto-apply tests again a result stored without this
+        "baseline_source": "history",
         "window": {"since": format_timestamp(start), "until": format_timestamp(now)},
         "tested_at": format_timestamp(utcnow()),
     }

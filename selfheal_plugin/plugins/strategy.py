@@ -492,7 +492,11 @@ class Strategy(abc.ABC):
         pattern then gets no proposal and the error is reported with this strategy's name."""
 
     def simulate(self, proposal: Proposal, history: HistoryWindow) -> Any | None:
-        """Replay ``history`` with ``proposal`` applied; None means "no model"."""
+        """Replay ``history`` with ``proposal`` applied; None means "no model". Else a
+        ``Simulation`` or a dict with the fields of
+        :data:`selfheal_plugin.lifecycle.simulation.PLUGIN_SIMULATION_FIELDS`, checked by
+        :func:`selfheal_plugin.lifecycle.simulation.plugin_simulation`: the baseline is the
+        history's, never this method's (see docs/plugin-tutorial.md)."""
         return None
 
     def candidates(self, pattern: Pattern, history: HistoryWindow) -> list[Proposal]:
