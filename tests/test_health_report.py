@@ -221,6 +221,19 @@ def test_report_escapes_names(report):
     assert "<script>" not in html and "&lt;script&gt;" in html
 
 
+def test_report_shows_control_characters_and_bidi_overrides_as_visible_escapes(report):
+    """As the terminal and the inbox do: a U+202E in a tool name would reverse what the reader
+    sees, an ESC would reach whatever renders the page's text."""
+    d, _ = report
+    hostile = "evil\u202etxt.exe\x1b[31m\u2066x"
+    tool = {**d["tools"][0], "name": hostile,
+            "top_error_types": [{"error_type": "time\x1bout\u202e", "count": 2}]}
+    d = {**d, "tools": [tool], "worst_tools": [tool]}
+    html = render_html(d)
+    assert not any(ch in html for ch in "\x1b\u202e\u2066")
+    assert "evil\\u202etxt.exe\\x1b[31m\\u2066x" in html and "time\\x1bout\\u202e" in html
+
+
 # ---------------------------------------------------------------- layout (issue 15)
 
 PAGE = bytes.fromhex("f4f5f7")

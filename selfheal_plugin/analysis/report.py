@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from html import escape
+from html import escape as _html_escape
 from pathlib import Path
 from typing import Any
 
 from selfheal_plugin.errors import SelfHealError
+from selfheal_plugin.history.text import for_terminal
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 
 PALETTE = ("#e377c2", "#1f77b4", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd")
@@ -59,6 +60,14 @@ td.id{white-space:nowrap}
 .scroll{overflow-x:auto}
 @media (max-width:600px){header{padding:12px 14px}main{padding:12px 10px}section{padding:10px}}
 """
+
+
+def escape(value: Any) -> str:
+    """Text for the page: control characters and bidi overrides shown as visible escapes
+    (``\\x1b``, ``\\u202e``, as the terminal and the inbox show them), then HTML-escaped.
+    Tool names, error types and workflow names come from the history (DESIGN.md, "Trust
+    boundaries"): a raw U+202E would reverse what a reader sees."""
+    return _html_escape(for_terminal(value))
 
 
 def local_time(ts: str | None) -> str:
