@@ -8,14 +8,16 @@ one found) and the user is notified — at most once per pattern per
 ``cooldown_minutes``, however many runs fail in a burst (the cooldown is shared with the
 daemon's periodic detection, see :mod:`selfheal_plugin.lifecycle.cooldown`).
 
-Times come from the run itself (its ``completed_at``, else ``started_at``), so a history
-written with a simulated clock is analysed in its own time.
+Times come from the run itself, so a history written with a simulated clock is analysed in
+its own time: the window ends when the run ended (its ``completed_at``, else the moment it
+failed: its latest tool error), and failures of runs after it are not counted — when the
+daemon catches up on a burst, each run is judged on what had happened by its end.
 """
 from __future__ import annotations
 
 import logging
 import sqlite3
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from selfheal_plugin import hookimpl
@@ -30,16 +32,27 @@ from selfheal_plugin.history.text import markdown_inline as md
 from selfheal_plugin.history.times import parse_timestamp, utcnow
 
 log = logging.getLogger("selfheal.hooks.auto_analysis")
+_INCLUSIVE = timedelta(microseconds=1)  # the finest step of a runtime timestamp we keep
 
 
-def run_instant(run: dict[str, Any]) -> datetime:
-    """When the run ended (else started); now when neither parses."""
-    for key in ("completed_at", "started_at"):
-        try:
-            return parse_timestamp(run.get(key) or "")
-        except ValueError:
-            continue
+def run_end(run: dict[str, Any], failed_at: list[str] = ()) -> datetime:
+    """When the run ended: its ``completed_at``, else the moment it failed (the latest of
+    ``failed_at``, its tool errors' timestamps), else its ``started_at``; now when none parses."""
+    for candidates in ([run.get("completed_at")], sorted(failed_at, key=_instant_or_min, reverse=True),
+                       [run.get("started_at")]):
+        for text in candidates:
+            try:
+                return parse_timestamp(text or "")
+            except ValueError:
+                continue
     return utcnow()
+
+
+def _instant_or_min(text: str) -> datetime:
+    try:
+        return parse_timestamp(text)
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
 
 
 @hookimpl
@@ -55,14 +68,15 @@ def analyse_failed_run(run: dict[str, Any], settings: Settings) -> list[dict[str
     run_id = run.get("id")
     if not run_id:
         return []
-    now = run_instant(run)
     conn = connect(settings.db_path)
     try:
         own = detect_failure_patterns(conn, since=settings.lookback, min_occurrences=1, confidence_threshold=0.0,
-                                      now=now, run_ids=[run_id])
+                                      now=run_end(run), run_ids=[run_id])
+        now = run_end(run, [p.last_seen for p in own.patterns])
+        until = now + _INCLUSIVE  # the window's end is exclusive; the run's own last error is in it
         outcomes = []
         for sig in own.patterns:
-            pattern = get_pattern(conn, sig.id, since=settings.lookback, now=now)
+            pattern = get_pattern(conn, sig.id, since=settings.lookback, now=now, until=until)
             if pattern.occurrences < settings.min_occurrences or pattern.confidence < settings.confidence_threshold:
                 log.debug("run %s: %s below thresholds (%d occurrences, confidence %.2f)", run_id, pattern.id,
                           pattern.occurrences, pattern.confidence)

@@ -104,3 +104,29 @@ def test_failed_runs_without_tool_errors_are_left_alone(home):
     assert ImprovementStore(conn).list(limit=None) == []
     assert seen.of("notify") == []
     conn.close()
+
+
+def test_a_run_is_judged_on_the_failures_up_to_its_end_not_on_later_runs(home):
+    """Five failing runs seen at once (the daemon catching up): the first run's window ends at
+    that run, so the pattern reaches min_occurrences (3) at the third run and says 3, not 5."""
+    settings, conn = watched(home)
+    write_runs(settings.db_path, "--runs", "5", "--kinds", "error", "--start", "2026-11-20T10:00:00+00:00")
+    with collecting(block_auto_analysis=False) as seen:
+        failed = check_history(conn, settings).failed_runs
+        notes = pattern_notifications(seen)
+    assert len(failed) == 5 and len(notes) == 1
+    assert "3 occurrence(s) in 3 run(s)" in notes[0].body
+    ends = dict(conn.execute("SELECT id, completed_at FROM runs"))
+    third = sorted(failed, key=ends.get)[2]
+    assert f"Run {third} " in notes[0].body
+    conn.close()
+
+
+def test_a_run_without_completed_at_ends_when_it_failed():
+    from selfheal_plugin.hooks.auto_analysis import run_end
+
+    failed = ["2026-11-20T10:00:05Z", "2026-11-20T10:00:09+00:00", "junk"]
+    run = {"id": "r", "started_at": "2026-11-20T10:00:00Z"}
+    assert run_end(run, failed).isoformat() == "2026-11-20T10:00:09+00:00"
+    assert run_end({**run, "completed_at": "2026-11-20T10:00:10Z"}, failed).isoformat() == "2026-11-20T10:00:10+00:00"
+    assert run_end(run).isoformat() == "2026-11-20T10:00:00+00:00"
