@@ -369,7 +369,55 @@ def test_a_hanging_hook_is_reported_after_the_deadline_and_skipped(binks_home):
         assert "recorded" in results and "late" not in results
         (err,) = [e for e in plugins.errors() if e.plugin == "hanging"]
         assert (err.phase, err.hook) == ("hook", "notify")
-        assert err.error == "timed out after 2 s (plugin_timeout_seconds); call abandoned"
+        assert err.error == ("timed out after 2 s (plugin_timeout_seconds); call abandoned; "
+                             "skipped for the rest of this process")
+    finally:
+        hanging.release.set()
+        plugins.unregister(hanging)
+        plugins.unregister(recording)
+
+
+class HangingEverywhere(Hanging):
+    """A plugin that hangs in every hook it has and in its strategy's propose."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    @hookimpl
+    def notify(self, notification, settings):
+        self.calls += 1
+        self.release.wait()
+
+    @hookimpl
+    def improvement_proposed(self, improvement, settings):
+        self.calls += 1
+        self.release.wait()
+
+
+def test_a_plugin_that_timed_out_is_skipped_for_the_rest_of_the_process(binks_home):
+    """One deadline and one abandoned thread per hanging plugin, however often its hooks fire;
+    said once; the other plugins are still called every time."""
+    import threading
+
+    s = _quick(load_settings(binks_home), 2)  # every plugin's deadline: see the test above
+    hanging, recording = HangingEverywhere(), Recording()
+    plugins.load_plugins(s.plugins_dir)
+    plugins.register(hanging, "hanging")
+    plugins.register(recording, "recording")
+    try:
+        for i in range(4):
+            plugins.fire("notify", notification=Notification(title=f"t{i}", body="b"), settings=s)
+            plugins.fire("improvement_proposed", improvement=None, settings=s)
+        assert hanging.calls == 1
+        assert recording.got == ["t0", "t1", "t2", "t3"]
+        (err,) = [e for e in plugins.errors() if e.plugin == "hanging"]
+        assert err.hook == "notify" and err.error.endswith("skipped for the rest of this process")
+        assert [e["count"] for e in plugins.describe(s)["errors"] if e["plugin"] == "hanging"] == [1]
+        left = [t for t in threading.enumerate() if t.name.startswith("selfheal-plugin:hanging:")]
+        assert len(left) == 1
+        with pytest.raises(plugins.PluginCallFailed, match="skipped: it timed out earlier in this process"):
+            plugins.call_plugin("hanging", "propose", lambda: "never called")
     finally:
         hanging.release.set()
         plugins.unregister(hanging)

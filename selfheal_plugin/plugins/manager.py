@@ -20,7 +20,12 @@ Containment (plugins are third-party code):
   included (``sys.exit(3)``, ``SystemExit`` at import, ``KeyboardInterrupt``), is caught
   in that thread and recorded; after the deadline the caller stops waiting, reports the
   plugin and goes on (the abandoned thread cannot be killed; being a daemon thread it
-  never keeps the process alive). A stop request (:func:`add_stop_event`, used by the
+  never keeps the process alive). A plugin that missed a deadline is skipped for the rest
+  of the process — every hook and strategy of it, without a thread or a wait — so it
+  costs at most one deadline and leaves at most one thread behind per process, however
+  often its hooks would fire (said once, in the timeout's own error record). The daemon
+  does not try it again: a hang is rarely transient, each try would cost a full deadline
+  and another stuck thread; restarting the daemon (after fixing the plugin) does. A stop request (:func:`add_stop_event`, used by the
   daemon on SIGTERM) ends the wait at once with :class:`Interrupted`. The hooks of the
   built-in plugins (``hooks/``) are part of selfheal: they run in the caller's thread
   (their own calls into plugins are bounded as above) with exceptions contained.
@@ -159,6 +164,7 @@ class _State:
     unpersisted: list[PluginError] = field(default_factory=list)
     timeout: float = float(DEFAULTS["plugin_timeout_seconds"])
     owners: dict[int, str] = field(default_factory=dict)  # id(strategy) -> plugin name
+    timed_out: dict[str, PluginError] = field(default_factory=dict)  # plugin -> its missed deadline: skipped
 
 
 _state = _State()
@@ -241,11 +247,18 @@ def call_plugin(plugin: str, what: str, fn: Callable[..., Any], *args: Any, phas
 
     Returns its result. Anything it raises (``BaseException`` included) or a missed
     deadline is recorded as a :class:`PluginError` for ``plugin`` and raised as
-    :class:`PluginCallFailed`; a stop request raises :class:`Interrupted`. The caller's
+    :class:`PluginCallFailed`; a stop request raises :class:`Interrupted`. After a missed
+    deadline every later call into the same plugin raises :class:`PluginCallFailed` at once,
+    unrecorded (the plugin is skipped for the rest of the process). The caller's
     own ``KeyboardInterrupt`` (Ctrl-C arrives in the main thread) is not caught.
     """
     limit = _state.timeout if timeout is None else timeout
     hook = None if phase == "load" else what
+    missed = _state.timed_out.get(plugin)
+    if missed is not None:  # said once, when it timed out; no thread, no wait, no new record
+        log.debug("plugin %s skipped in %s: it timed out in %s earlier in this process", plugin, what, missed.hook)
+        raise PluginCallFailed(PluginError(plugin=plugin, phase=phase, hook=hook, strategy=strategy, path=path,
+                                           error=f"skipped: it timed out earlier in this process ({missed.error})"))
     box: dict[str, Any] = {}
     done = threading.Event()
 
@@ -265,8 +278,11 @@ def call_plugin(plugin: str, what: str, fn: Callable[..., Any], *args: Any, phas
         if _stop_requested():
             raise Interrupted(f"stopped while waiting for plugin {plugin} ({what})")
         if time.monotonic() >= deadline:
+            skipped = "" if phase == "load" else "; skipped for the rest of this process"
             record = PluginError(plugin=plugin, phase=phase, hook=hook, strategy=strategy, path=path,
-                                 error=f"timed out after {limit:g} s (plugin_timeout_seconds); call abandoned")
+                                 error=f"timed out after {limit:g} s (plugin_timeout_seconds); call abandoned"
+                                       + skipped)
+            _state.timed_out[plugin] = record
             _record(record)
             raise PluginCallFailed(record)
     if "error" in box:

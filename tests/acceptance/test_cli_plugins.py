@@ -286,7 +286,7 @@ def test_invalid_and_hanging_strategies_cost_their_patterns_only(history_copy, b
                                                     "an invalid proposal for connection_refused:")
     assert "evidence is not JSON data" in by_type["connection_refused"]
     assert by_type["timeout"] == ("strategy 'hang' (plugin user:hangs) failed in propose(): timed out after 5 s "
-                                  "(plugin_timeout_seconds); call abandoned")
+                                  "(plugin_timeout_seconds); call abandoned; skipped for the rest of this process")
     proposed = re.findall(r"^  ✓ Proposal imp-\S+ for pattern (\S+)", det.stdout, re.MULTILINE)
     assert sorted(proposed + list(failed)) == sorted(p["id"] for p in truth["patterns"])  # the others went on
     stored = {r[0] for r in sqlite3.connect(db).execute("SELECT pattern_id FROM improvements")}
