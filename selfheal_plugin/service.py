@@ -380,7 +380,7 @@ class SelfHeal:
         """Validate a whole fix pack, then merge all its rules in one transaction; evidence it
         claims for this home is ignored (our own measurement wins)."""
         from selfheal_plugin.lifecycle import sharing
-        return sharing.import_pack(self.conn, data, where)  # type: ignore[return-value]
+        return sharing.import_pack(self.conn, data, where, self.now())  # type: ignore[return-value]
 
     def sync(self, remote: str | None = None) -> SyncResult:
         """Share packs through a git remote (the remembered one without ``remote``): fetch, read

@@ -404,9 +404,9 @@ def test_evidence_imported_from_other_homes_is_a_prior_too(binks_home):
     entry = {"source": "imported", "worked": True, "reduction": 0.9, "before": 0.3, "after": 0.03,
              "n_before": 400, "n_after": 380, "measured_at": "2026-11-01T00:00:00.000000Z"}
     RuleStore(conn).merge(Rule.build(pattern.failure_kind, template, "set timeout_ms = 90000",
-                                     {"team-a:mcp__k8s__logs": entry,
-                                      "team-b:mcp__db__query": {**entry, "worked": False, "reduction": 0.0}}))
-    RuleStore(conn).merge(Rule.build("rate_limited", template, "other kind", {"team-c:x": entry}))
+                                     {"a" * 16 + ":mcp__k8s__logs": entry,
+                                      "b" * 16 + ":mcp__db__query": {**entry, "worked": False, "reduction": 0.0}}))
+    RuleStore(conn).merge(Rule.build("rate_limited", template, "other kind", {"c" * 16 + ":x": entry}))
     proposal = make_proposal(pattern, history_window(conn, s, "-7d", now=END))
     prior = proposal.evidence["prior"]
     assert (prior["places"], prior["worked"], prior["sources"]) == (2, 1, ["imported"])

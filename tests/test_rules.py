@@ -9,9 +9,10 @@ from selfheal_plugin.history.rules import (
 )
 
 TOOL = "mcp__search__web_search"
+H1, H2 = "a1" * 8, "b2" * 8  # home ids as home_id() makes them: 16 hex digits
 CHANGE = {"kind": "config", "file": "config.toml", "path": ["tools", TOOL, "timeout_ms"], "op": "set",
           "value": 90000}
-EV = {"h1:mcp__search__web_search": {"source": "learned", "before": 0.3, "after": 0.02, "n_before": 500,
+EV = {f"{H1}:mcp__search__web_search": {"source": "learned", "before": 0.3, "after": 0.02, "n_before": 500,
                                       "n_after": 480, "reduction": 0.93, "p_value": 1e-30, "worked": True,
                                       "measured_at": "2026-11-01T00:00:00.000000Z"}}
 
@@ -58,9 +59,9 @@ def test_the_same_fix_is_one_rule_and_evidence_merges_per_origin(tmp_path):
     assert changed and stored.summary() == "worked in 1 of 1 place (median -93% errors)"
     again, changed = store.merge(r)
     assert not changed and again.places == 1  # a pack imported twice counts nothing twice
-    other = {"h2:mcp__files__read_file": {**EV["h1:mcp__search__web_search"], "source": "imported",
+    other = {f"{H2}:mcp__files__read_file": {**EV[f"{H1}:mcp__search__web_search"], "source": "imported",
                                            "worked": False, "reduction": 0.0}}
-    newer = {"h1:mcp__search__web_search": {**EV["h1:mcp__search__web_search"], "reduction": 0.5,
+    newer = {f"{H1}:mcp__search__web_search": {**EV[f"{H1}:mcp__search__web_search"], "reduction": 0.5,
                                              "measured_at": "2026-11-20T00:00:00.000000Z"}}
     store.merge(Rule.build("slow_tail", tmpl, "raise the timeout to 90 s", other))
     merged, _ = store.merge(Rule.build("slow_tail", tmpl, "raise the timeout to 90 s", newer))
@@ -74,10 +75,10 @@ def test_the_same_fix_is_one_rule_and_evidence_merges_per_origin(tmp_path):
 
 @pytest.mark.parametrize("kind, ev, match", [
     ("Slow Tail", EV, "kind name"),
-    ("slow_tail", {"o": {"source": "learned"}}, "worked"),
-    ("slow_tail", {"o": {"source": "gossip", "worked": True}}, "source"),
-    ("slow_tail", {"o": {"source": "learned", "worked": True, "before": "lots"}}, "before"),
-    ("slow_tail", {"o": {"source": "learned", "worked": True, "note": "x" * 1000}}, "note"),
+    ("slow_tail", {f"{H1}:t": {"source": "learned"}}, "worked"),
+    ("slow_tail", {f"{H1}:t": {"source": "gossip", "worked": True}}, "source"),
+    ("slow_tail", {f"{H1}:t": {"source": "learned", "worked": True, "before": "lots"}}, "before"),
+    ("slow_tail", {f"{H1}:t": {"source": "learned", "worked": True, "note": "x" * 1000}}, "note"),
     ("slow_tail", {"": {"source": "learned", "worked": True}}, "origin"),
 ])
 def test_a_rule_with_bad_fields_is_refused_with_one_line(kind, ev, match):

@@ -13,11 +13,18 @@ change to config.toml that was followed by a significant fall in errors, see
 keep) and ``imported`` (entries read from a fix pack of another home). A rule's id is a hash
 of its kind and template, so the same fix found in two homes is one rule, and evidence is
 kept per origin (``home id : subject``): merging packs (import, sync) is a union per origin
-where the newer measurement wins, so importing a pack twice counts nothing twice.
+where the newer measurement wins (``measured_at`` compared as instants), so importing a pack
+twice counts nothing twice. An origin is ``<home id>:<tool>`` (:data:`HOME_ID`, the form
+:func:`home_id` makes); an entry's ``home`` and ``subject`` say the same, its text is short and
+holds no control character, its ``measured_at`` is an RFC 3339 instant (stored in selfheal's
+one form). An entry passed on by another home's pack (*relayed*) never replaces one we hold:
+only the home itself updates its measurements (:func:`merge_evidence`).
 
 Templates hold only ``tools."{tool}"`` / ``servers."{server}"`` keys that the runtime's
-schema knows, with TOML scalar or array values: never a path, a command or a secret, so a
-rule read from another home cannot choose what is written where (``validate_template``).
+schema knows, with values that schema accepts (``timeout_ms = -1`` or a ``preflight`` that
+is a shell line is refused, as ToolPolicy and apply refuse them in config.toml): never a
+path, a command or a secret, so a rule read from another home cannot choose what is written
+where (``validate_template``).
 
 ``enabled`` is local to a home (``agent self-heal learn --disable RULE``): a disabled rule is
 kept, listed, merged, and never used as a prior or proposed.
@@ -31,12 +38,14 @@ import sqlite3
 import statistics
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import load_json, server_of, write_transaction
-from selfheal_plugin.history.times import format_timestamp, utcnow
+from selfheal_plugin.history.text import has_control
+from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 from selfheal_plugin.steps import step
 
 SOURCES = ("learned", "verified", "imported")
@@ -51,6 +60,10 @@ MAX_ORIGINS = 1000
 EVIDENCE_NUMBERS = ("before", "after", "n_before", "n_after", "reduction", "p_value")
 EVIDENCE_TEXT = ("source", "subject", "home", "measured_at", "note")
 MAX_TEXT = 200
+# a home's id as home_id() makes it (16 hex digits of a uuid4): an origin's first part, a
+# pack's "home", the name of its file on a sync remote
+HOME_ID = re.compile(r"^[0-9a-f]{16}$")
+UNNAMED_HOME = "0" * 16  # the origin's home in rules a dry run shows before this home has an id
 
 
 class RuleError(UsageError):
@@ -93,12 +106,29 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
         if op == "set":
             if "value" not in entry or not _is_value(entry["value"]):
                 raise RuleError(f"template change {i}: value must be a number, boolean, short string or list")
+            _check_value(path, entry["value"], f"template change {i}:")
             out.append({"path": list(path), "op": "set", "value": entry["value"]})
         elif op == "delete" and "value" not in entry:
             out.append({"path": list(path), "op": "delete"})
         else:
             raise RuleError(f"template change {i}: op must be set (with a value) or delete")
     return out
+
+
+def _check_value(path: list[str], value: Any, where: str) -> None:
+    """The value as the runtime's schema checks it in config.toml (the model ToolPolicy and
+    apply validate ``[tools."NAME"]`` / ``[servers."NAME"]`` with): :class:`RuleError` naming
+    the key and what it must be. A circuit-breaker key is checked in a table whose other
+    required keys hold valid values: the template sets one key, the file may hold the rest."""
+    if path[0] == "servers":
+        table, data = "server", {path[2]: value}
+    elif len(path) == 4:
+        table = "circuit_breaker"
+        data = {k: sp.lo for k, sp in schema.CIRCUIT_BREAKER.items() if sp.default is schema.REQUIRED}
+        data[path[3]] = value
+    else:
+        table, data = "tool", {path[2]: value}
+    schema.validate(table, data, where, error=RuleError)
 
 
 def template_from_changes(changes: list[Mapping[str, Any]], tool_name: str) -> list[dict[str, Any]] | None:
@@ -150,7 +180,18 @@ def rule_id(failure_kind: str, template: list[Mapping[str, Any]]) -> str:
     return "rule-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def _clean_entry(entry: Any, where: str) -> dict[str, Any]:
+def split_origin(origin: Any) -> tuple[str, str]:
+    """(home id, tool) of an evidence origin ``<home id>:<tool>``, or :class:`RuleError`."""
+    if isinstance(origin, str) and 0 < len(origin) <= MAX_TEXT and not has_control(origin):
+        home, sep, tool = origin.partition(":")
+        if sep and HOME_ID.match(home) and tool.strip():
+            return home, tool
+    shown = repr(origin[:40]) if isinstance(origin, str) else type(origin).__name__
+    raise RuleError(f"evidence origin {shown} is not <home id>:<tool> (a home id is 16 hex digits; "
+                    f"at most {MAX_TEXT} characters, no control characters)")
+
+
+def _clean_entry(entry: Any, where: str, origin: tuple[str, str] | None = None) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise RuleError(f"{where}: evidence must be a table")
     out: dict[str, Any] = {}
@@ -165,9 +206,20 @@ def _clean_entry(entry: Any, where: str) -> dict[str, Any]:
         v = entry.get(k)
         if v is None:
             continue
-        if not isinstance(v, str) or len(v) > MAX_TEXT:
-            raise RuleError(f"{where}: {k} must be text of at most {MAX_TEXT} characters")
+        if not isinstance(v, str) or len(v) > MAX_TEXT or has_control(v):
+            raise RuleError(f"{where}: {k} must be text of at most {MAX_TEXT} characters without control "
+                            "characters")
         out[k] = v
+    if "measured_at" in out:
+        try:
+            out["measured_at"] = format_timestamp(parse_timestamp(out["measured_at"]))
+        except ValueError:
+            raise RuleError(f"{where}: measured_at {out['measured_at'][:40]!r} is not an RFC 3339 "
+                            "timestamp") from None
+    if origin is not None:
+        for k, want in zip(("home", "subject"), origin):
+            if k in out and out[k] != want:
+                raise RuleError(f"{where}: its {k} {out[k][:40]!r} is not its origin's ({want[:40]!r})")
     if out.get("source") not in SOURCES:
         raise RuleError(f"{where}: source must be one of {', '.join(SOURCES)}")
     worked = entry.get("worked")
@@ -177,12 +229,28 @@ def _clean_entry(entry: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def merge_evidence(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> dict[str, Any]:
-    """Union per origin; where both have an origin, the later ``measured_at`` wins."""
+_NEVER = datetime.min.replace(tzinfo=timezone.utc)
+
+
+def measured_at(entry: Mapping[str, Any]) -> datetime:
+    """When an evidence entry was measured, as an instant; the earliest instant when it does
+    not say (or a stored row says something else: any real measurement replaces it)."""
+    try:
+        return parse_timestamp(entry.get("measured_at"))
+    except (ValueError, AttributeError):
+        return _NEVER
+
+
+def merge_evidence(ours: Mapping[str, Any], theirs: Mapping[str, Any],
+                   relayed: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """Union per origin; where both have an origin, the later ``measured_at`` wins (compared
+    as instants). ``relayed``: origins of ``theirs`` passed on by a home other than the
+    origin's own; such an entry is added where we have none and never replaces ours (only
+    a home's own pack updates its measurements, so no pack can overwrite another home's)."""
     merged = dict(ours)
     for origin, entry in theirs.items():
         mine = merged.get(origin)
-        if mine is None or str(entry.get("measured_at") or "") > str(mine.get("measured_at") or ""):
+        if mine is None or (origin not in relayed and measured_at(entry) > measured_at(mine)):
             merged[origin] = entry
     return merged
 
@@ -212,6 +280,8 @@ class Rule:
     enabled: bool = True
     created_at: str | None = None
     updated_at: str | None = None
+    # origins of ``evidence`` a pack passed on for another home (see merge_evidence); not stored
+    relayed: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     @property
     def places(self) -> int:
@@ -255,9 +325,7 @@ class Rule:
             raise RuleError(f"a rule's evidence must be a table of at most {MAX_ORIGINS} origins")
         ev = {}
         for origin, entry in evidence.items():
-            if not isinstance(origin, str) or not 0 < len(origin) <= MAX_TEXT:
-                raise RuleError("an evidence origin must be short text")
-            ev[origin] = _clean_entry(entry, f"evidence {origin[:40]!r}")
+            ev[origin] = _clean_entry(entry, f"evidence {origin[:40]!r}", split_origin(origin))
         return cls(id=rule_id(failure_kind, tmpl), failure_kind=failure_kind,
                    description=" ".join(description.split()), template=tmpl, evidence=ev, error_type=error_type)
 
@@ -316,7 +384,7 @@ class RuleStore:
                 changed = True
             else:
                 stored = self._row(row)
-                merged = merge_evidence(stored.evidence, rule.evidence)
+                merged = merge_evidence(stored.evidence, rule.evidence, rule.relayed)
                 changed = merged != stored.evidence
                 if changed:
                     self.conn.execute("UPDATE selfheal_rules SET evidence = ?, updated_at = ? WHERE id = ?",
@@ -350,7 +418,7 @@ class RuleStore:
                     out.append((rule, "added"))
                     continue
                 stored = self._row(row)
-                merged = merge_evidence(stored.evidence, rule.evidence)
+                merged = merge_evidence(stored.evidence, rule.evidence, rule.relayed)
                 if merged == stored.evidence:
                     out.append((stored, "unchanged"))
                     continue

@@ -51,7 +51,7 @@ from selfheal_plugin.history.connection import get_state
 from selfheal_plugin.history.errorindex import refresh
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.rules import (
-    Rule, RuleError, RuleStore, evidence_summary, home_id, instantiate, server_of, template_from_changes,
+    UNNAMED_HOME, Rule, RuleError, RuleStore, evidence_summary, home_id, instantiate, server_of, template_from_changes,
 )
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.text import bounded
@@ -478,7 +478,9 @@ def learn(conn: sqlite3.Connection, settings: Settings, *, since: str | None = N
 def _learn_rules(conn: sqlite3.Connection, settings: Settings, improved: list[dict[str, Any]], w: Windows,
                  now: datetime, record: bool) -> list[dict[str, Any]]:
     out = []
-    home = home_id(conn) if record else (_home_id_if_any(conn) or "this-home")
+    # a dry run in a home without an id yet makes none (nothing is written): its rules show a
+    # placeholder origin of the form every origin has (history.rules.HOME_ID)
+    home = home_id(conn) if record else (_home_id_if_any(conn) or UNNAMED_HOME)
     for e in improved:
         if e["kind"] != "signature" or not e.get("attributed"):
             continue

@@ -13,7 +13,9 @@ template, or the local ``enabled`` flag.
 A pack is untrusted input: :func:`parse_pack` bounds its size, checks the format and version
 and validates every rule through :meth:`Rule.build` before anything is written;
 :func:`import_pack` then merges all rules in one transaction (all or nothing). Evidence a pack
-claims for *this* home's origin is ignored: our own measurement wins.
+claims for *this* home's origin is ignored: our own measurement wins; evidence it passes on
+for a third home's origin never replaces what we hold for it (only a home's own pack updates
+its measurements). On a sync remote, a pack is only read from ``packs/<its home id>.json``.
 
 **Sync** shares packs through a plain git remote (file, ssh, git, http(s) only; ``ext::`` and
 every other transport are refused, for git itself too through ``GIT_ALLOW_PROTOCOL``). The
@@ -35,7 +37,7 @@ import os
 import re
 import shutil
 import sqlite3
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,10 +45,12 @@ from filelock import FileLock, Timeout
 
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import get_state, set_state, write_transaction
-from selfheal_plugin.history.rules import Rule, RuleError, RuleStore, home_id, merge_evidence
+from selfheal_plugin.history.rules import (
+    HOME_ID, Rule, RuleError, RuleStore, home_id, measured_at, merge_evidence, split_origin,
+)
 from selfheal_plugin.history.settings import Settings, lock_dir
 from selfheal_plugin.history.text import bounded
-from selfheal_plugin.history.times import format_timestamp
+from selfheal_plugin.history.times import format_timestamp, utcnow
 from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.lifecycle.gitops import git_reason, identity_env
 from selfheal_plugin.steps import step
@@ -59,7 +63,7 @@ MAX_PACK_BYTES = 4 * 1024 * 1024
 MAX_RULES = 2000
 MAX_PACKS = 500  # other homes' packs read per sync
 MAX_TOTAL_BYTES = 64 * 1024 * 1024  # and their total size
-HOME_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CLOCK_SKEW = timedelta(days=1)  # how far past our clock a measurement may be dated (homes' clocks differ)
 BRANCH = "main"
 PACKS_DIR = "packs"
 ALLOWED_PROTOCOLS = ("file", "ssh", "git", "http", "https")
@@ -124,8 +128,12 @@ def export_pack(conn: sqlite3.Connection, now: datetime) -> tuple[dict[str, Any]
     return build_pack(own_home_id(conn), rules, now), skipped
 
 
-def parse_pack(data: bytes | str | dict[str, Any], where: str = "the pack") -> tuple[str, list[Rule]]:
-    """The pack's home id and its validated rules, or :class:`PackError` (one line)."""
+def parse_pack(data: bytes | str | dict[str, Any], where: str = "the pack",
+               now: datetime | None = None) -> tuple[str, list[Rule]]:
+    """The pack's home id and its validated rules, or :class:`PackError` (one line naming the
+    first problem). Evidence dated after ``now`` (default: the current instant) by more than
+    :data:`CLOCK_SKEW` is refused: a measurement from the future would win every merge."""
+    latest = (now or utcnow()) + CLOCK_SKEW
     if isinstance(data, dict):
         try:
             size = len(json.dumps(data))
@@ -167,38 +175,54 @@ def parse_pack(data: bytes | str | dict[str, Any], where: str = "the pack") -> t
             raise PackError(f"{where}: rule {i}: {exc}") from None
         if item.get("id") is not None and item.get("id") != rule.id:
             raise PackError(f"{where}: rule {i}: its id does not match its kind and template (tampered?)")
+        for origin, entry in rule.evidence.items():
+            if measured_at(entry) > latest:
+                raise PackError(f"{where}: rule {i}: evidence {origin[:40]!r} is measured in the future "
+                                f"({entry['measured_at']})")
         rules.append(rule)
     return home, rules
 
 
-def _foreign(rules: list[Rule], own: str) -> tuple[list[Rule], int]:
-    """The rules with every entry claiming this home's origin dropped (our own measurement
-    wins), the rest marked ``imported``; and how many entries were dropped."""
+def _foreign(rules: list[Rule], own: str, pack_home: str) -> tuple[list[Rule], int]:
+    """The rules of ``pack_home``'s pack with every entry claiming this home's origin dropped
+    (our own measurement wins), the rest marked ``imported``, and those for a third home's
+    origin marked relayed (they never replace what we hold, see ``merge_evidence``); and how
+    many entries were dropped."""
     out, dropped = [], 0
     for rule in rules:
-        evidence = {}
+        evidence, relayed = {}, set()
         for origin, entry in rule.evidence.items():
-            if origin.split(":", 1)[0] == own or entry.get("home") == own:
+            home = split_origin(origin)[0]
+            if home == own:
                 dropped += 1
                 continue
             evidence[origin] = {**entry, "source": "imported"}
+            if home != pack_home:
+                relayed.add(origin)
         if evidence or not rule.evidence:  # a rule whose only evidence is ours brings nothing new
             out.append(Rule(id=rule.id, failure_kind=rule.failure_kind, description=rule.description,
-                            template=rule.template, evidence=evidence, error_type=rule.error_type))
+                            template=rule.template, evidence=evidence, error_type=rule.error_type,
+                            relayed=frozenset(relayed)))
     return out, dropped
 
 
 def _combine(rules: list[Rule]) -> list[Rule]:
-    """Rules with the same id (from several packs) as one, evidence merged per origin."""
-    by_id: dict[str, Rule] = {}
+    """Rules with the same id (from several packs) as one, evidence merged per origin: a home's
+    own entry before any relayed one, else the later measurement (the first on a tie)."""
+    first: dict[str, Rule] = {}
+    picked: dict[str, dict[str, tuple[bool, Any, dict[str, Any]]]] = {}
     for rule in rules:
-        have = by_id.get(rule.id)
-        if have is None:
-            by_id[rule.id] = Rule(id=rule.id, failure_kind=rule.failure_kind, description=rule.description,
-                                  template=rule.template, evidence=dict(rule.evidence), error_type=rule.error_type)
-        else:
-            have.evidence = merge_evidence(have.evidence, rule.evidence)
-    return list(by_id.values())
+        first.setdefault(rule.id, rule)
+        chosen = picked.setdefault(rule.id, {})
+        for origin, entry in rule.evidence.items():
+            rank = (origin not in rule.relayed, measured_at(entry))
+            have = chosen.get(origin)
+            if have is None or rank > have[:2]:
+                chosen[origin] = (*rank, entry)
+    return [Rule(id=r.id, failure_kind=r.failure_kind, description=r.description, template=r.template,
+                 error_type=r.error_type, evidence={o: c[2] for o, c in picked[r.id].items()},
+                 relayed=frozenset(o for o, c in picked[r.id].items() if not c[0]))
+            for r in first.values()]
 
 
 def _summary(rule: Rule) -> dict[str, Any]:
@@ -215,11 +239,11 @@ def merge_rules(conn: sqlite3.Connection, rules: list[Rule]) -> dict[str, Any]:
 
 
 def import_pack(conn: sqlite3.Connection, data: bytes | str | dict[str, Any],
-                where: str = "the pack") -> dict[str, Any]:
+                where: str = "the pack", now: datetime | None = None) -> dict[str, Any]:
     """Validate the whole pack, then merge all its rules in one transaction."""
-    origin, rules = parse_pack(data, where)
+    origin, rules = parse_pack(data, where, now)
     own = own_home_id(conn)
-    foreign, dropped = _foreign(rules, own)
+    foreign, dropped = _foreign(rules, own, origin)
     report = merge_rules(conn, _combine(foreign))
     report["unchanged"].extend(_summary(r) for r in rules if r.id not in {f.id for f in foreign})
     return {"home": origin, "own_home": own, "rules": len(rules), "own_entries_ignored": dropped, **report}
@@ -482,11 +506,14 @@ def _sync_locked(conn: sqlite3.Connection, settings: Settings, url: str, own: st
                                     f"{MAX_TOTAL_BYTES // (1024 * 1024)} MiB read per sync"})
                     continue
                 try:
-                    _, rules = parse_pack(content, f"{PACKS_DIR}/{name}")
+                    home, rules = parse_pack(content, f"{PACKS_DIR}/{name}", now)
+                    if name != f"{home}.json":  # each home writes only its own file
+                        raise PackError(f"{PACKS_DIR}/{bounded(name, 80)!r} holds the pack of home {home}; "
+                                        f"a home's pack is {PACKS_DIR}/<its id>.json")
                 except PackError as exc:
                     refused.append({"pack": bounded(name, 80), "reason": str(exc)})
                     continue
-                mine, n = _foreign(rules, own)
+                mine, n = _foreign(rules, own, home)
                 foreign.extend(mine)
                 dropped += n
                 read.append(bounded(name, 80))
@@ -528,7 +555,7 @@ def _with(ours: dict[str, Any], foreign: list[Rule]) -> dict[str, Any]:
         if have is None:
             rules[rule.id] = _portable(rule)
         else:
-            rules[rule.id] = {**have, "evidence": merge_evidence(have["evidence"], rule.evidence)}
+            rules[rule.id] = {**have, "evidence": merge_evidence(have["evidence"], rule.evidence, rule.relayed)}
     return {**ours, "rules": [rules[k] for k in sorted(rules)]}
 
 
