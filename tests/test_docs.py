@@ -96,3 +96,13 @@ def test_docs_extra_has_lower_bounds_and_ci_builds_strict():
     tests_at = next(i for i, line in enumerate(ci) if "pytest -q" in line)
     docs_at = next(i for i, line in enumerate(ci) if "mkdocs build --strict" in line)
     assert docs_at > tests_at and "'.[docs]'" in ci[docs_at]
+
+
+def test_every_option_of_the_mcp_server_is_on_its_page():
+    from selfheal_plugin.mcp.server import cli
+
+    source = (DOCS / "mcp.md").read_text()
+    options = [opt for p in cli.params for opt in p.opts if opt.startswith("--") and opt != "--version"]
+    assert "--read-only" in options
+    for opt in options:
+        assert f"`{opt}" in source, f"{opt} is not documented in docs/mcp.md"

@@ -174,6 +174,10 @@ def test_errors_are_one_line_tool_errors_and_the_server_keeps_serving(home):
     for text, fragment in zip(texts, expected):
         assert fragment in text, (fragment, text)
     assert "since: invalid time window" in texts[0]  # the argument's name, not the setting's (lookback)
+    # the two one-line forms docs/mcp.md shows: a user error, and an argument the schema refuses
+    assert texts[3] == "Error executing tool analyze_run_health: no run 'no-such-run' in the history"
+    assert texts[8] == ("invalid arguments for test_improvement: mode: Input should be 'simulation', 'canary' "
+                        "or 'shadow'")
     assert structured(results[-1])["tools"]  # still serving
 
 

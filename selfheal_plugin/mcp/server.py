@@ -488,13 +488,21 @@ def _refuse(message: str) -> None:
     sys.exit(2)
 
 
+# The SDK answers a request body over 4 MiB with HTTP 413, which a client reports as an opaque
+# JSON-RPC error (-32603). import_fix_pack takes packs of up to 4 MiB, sent as a JSON string
+# (its quotes escaped) or an object: room for those, so a larger pack reaches the tool and gets
+# its one-line refusal ("the pack is larger than 4 MiB"). Only bodies past this are 413.
+HTTP_BODY_LIMIT = 16 * 1024 * 1024
+
+
 def _run_http(server: SelfHealingServer, host: str, port: int, token: str | None = None) -> None:
     """Streamable HTTP at ``/mcp`` with uvicorn logging through our stderr handler; behind the
     bearer-token check when ``token`` is set (see :mod:`.access`)."""
     import anyio
     import uvicorn
 
-    app: Any = server.streamable_http_app(host=host, transport_security=transport_security(host))
+    app: Any = server.streamable_http_app(host=host, transport_security=transport_security(host),
+                                          max_request_body_size=HTTP_BODY_LIMIT)
     if token is not None:
         app = BearerTokenMiddleware(app, token)
     debug = logging.getLogger("selfheal").isEnabledFor(logging.DEBUG)

@@ -282,6 +282,27 @@ def test_served_while_a_runtime_writes(home, transport):
     assert any(p["id"] == "tool_error:list_dir" for p in last)
 
 
+def test_an_oversized_fix_pack_over_http_is_the_tools_one_line_error(home):
+    """5 MB is past the SDK's default 4 MiB body limit (HTTP 413, an opaque -32603 for the
+    client): the server takes bodies up to its own limit, so import refuses the pack itself."""
+    from selfheal_plugin.lifecycle.sharing import MAX_PACK_BYTES
+
+    assert MAX_PACK_BYTES < 5_000_000
+
+    async def session(client: Client) -> Any:
+        big = await client.call_tool("import_fix_pack", {"pack": "x" * 5_000_000})
+        return big, await client.call_tool("list_rules", {})
+
+    proc, url = start_http_server("--home", str(home))
+    try:
+        big, after = over_http(url, session)
+    finally:
+        stop(proc)
+    assert big.is_error and big.content[0].text == ("Error executing tool import_fix_pack: the pack is larger "
+                                                    "than 4 MiB; refusing it")
+    assert not after.is_error  # still serving
+
+
 def test_log_level_from_selfheal_log_before_rust_log(home):
     async def session(client: Client) -> int:
         return len((await client.list_tools()).tools)
