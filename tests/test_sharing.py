@@ -2,6 +2,7 @@
 remote (a local bare repository over file://)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -638,3 +639,19 @@ def test_the_installed_command_pipes_a_pack_from_one_home_to_another(tmp_path):
     assert newer.returncode == 1 and newer.stdout == ""
     assert newer.stderr.startswith("Error: ") and newer.stderr.count("\n") == 1  # one line, naming where it came from
     assert newer.stderr.endswith(" is fix pack version 2, newer than this selfheal reads (1); upgrade selfheal\n")
+
+
+def test_a_stored_rule_whose_value_the_runtime_refuses_is_not_exported(tmp_path):
+    """The rule table is in a file other programs can write: a row with timeout_ms = -1 (or a
+    shell line as preflight) stays out of the pack, so a sync cannot pass it on."""
+    with _open(_home(tmp_path, "a")) as sa:
+        good = _rule(sa, SEARCH, "timeout_ms", 90000, 0.9)
+        bad = _rule(sa, FILES, "timeout_ms", 60000, 0.8)
+        forged = [{"path": ["tools", "{tool}", "timeout_ms"], "op": "set", "value": -1}]
+        key = json.dumps(["slow_tail", forged], sort_keys=True, separators=(",", ":"))
+        forged_id = "rule-" + hashlib.sha256(key.encode()).hexdigest()[:12]  # what rule_id() would say
+        with write_transaction(sa.conn):
+            sa.conn.execute("UPDATE selfheal_rules SET template = ?, id = ? WHERE id = ?",
+                            (json.dumps(forged), forged_id, bad.id))
+        pack, skipped = sharing.export_pack(sa.conn, sa.now())
+        assert [r["id"] for r in pack["rules"]] == [good.id] and skipped == 1
