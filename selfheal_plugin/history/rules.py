@@ -44,6 +44,7 @@ from typing import Any, Mapping
 from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import load_json, server_of, write_transaction
+from selfheal_plugin.history.settings import change_key_problem
 from selfheal_plugin.history.text import has_control
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 from selfheal_plugin.steps import step
@@ -52,8 +53,6 @@ SOURCES = ("learned", "verified", "imported")
 TOOL = "{tool}"
 SERVER = "{server}"
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_TOOL_KEYS = frozenset(schema.TOOL) | {"circuit_breaker"}
-_SERVER_KEYS = frozenset(schema.SERVER)
 MAX_TEMPLATE_CHANGES = 8
 MAX_ORIGINS = 1000
 # the numbers an evidence entry may carry, and its text fields (all bounded)
@@ -97,11 +96,10 @@ def validate_template(template: Any) -> list[dict[str, Any]]:
         path, op = entry.get("path"), entry.get("op", "set")
         if not isinstance(path, list) or not all(isinstance(p, str) for p in path):
             raise RuleError(f"template change {i}: path must be a list of keys")
-        ok = ((len(path) == 3 and path[:2] == ["tools", TOOL] and path[2] in _TOOL_KEYS)
-              or (len(path) == 4 and path[:3] == ["tools", TOOL, "circuit_breaker"]
-                  and path[3] in schema.CIRCUIT_BREAKER)
-              or (len(path) == 3 and path[:2] == ["servers", SERVER] and path[2] in _SERVER_KEYS))
-        if not ok:
+        # what any change from outside our own commands may write (settings.change_key_problem), for a name
+        # the rule leaves open ({tool} under [tools], {server} under [servers])
+        if change_key_problem(path, op, entry.get("value")) is not None or \
+                path[1] != {"tools": TOOL, "servers": SERVER}.get(path[0]):
             raise RuleError(f"template change {i}: {'.'.join(path)!r} is not a tool or server setting")
         if op == "set":
             if "value" not in entry or not _is_value(entry["value"]):
