@@ -356,6 +356,9 @@ BAD_PROPOSALS = {
                        "description holds the control character \\u2028"),
     "empty first line": (lambda p: p, {"description": "\nRetry it"},
                          "description's first line is empty; it must say the fix"),
+    "impact of two lines": (lambda p: p, {"expected_impact": "80% fewer\n## Injected heading"},
+                            "expected_impact holds the control character \\n; it is one line"),
+    "huge impact": (lambda p: p, {"expected_impact": "x" * 2001}, "expected_impact is 2001 characters, more than 2000"),
 }
 
 

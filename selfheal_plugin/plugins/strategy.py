@@ -333,7 +333,8 @@ def validate_proposal(proposal: Any, pattern_id: str | None = None) -> Proposal:
 
     A proposal must be a :class:`Proposal` for ``pattern_id`` with a ``description`` whose
     first line says the fix (:func:`check_description`: its length, the whole's, no control
-    character but ``\\n``), a non-empty ``expected_impact``, a known ``risk_level``, at least one
+    character but ``\\n``), a non-empty ``expected_impact`` of one line (at most
+    :data:`MAX_DESCRIPTION_CHARS`), a known ``risk_level``, at least one
     change, each a :class:`Change`, ``changes_required`` a list of strings, numbers in
     range, and ``evidence`` a JSON object (str keys, finite numbers, at most
     :data:`MAX_EVIDENCE_DEPTH` levels deep and :data:`MAX_EVIDENCE_BYTES` when encoded).
@@ -347,6 +348,11 @@ def validate_proposal(proposal: Any, pattern_id: str | None = None) -> Proposal:
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     check_description(proposal.description)
+    if (control := first_control(proposal.expected_impact)) is not None:
+        raise ValueError(f"expected_impact holds the control character {control}; it is one line")
+    if len(proposal.expected_impact) > MAX_DESCRIPTION_CHARS:
+        raise ValueError(f"expected_impact is {len(proposal.expected_impact)} characters, more than "
+                         f"{MAX_DESCRIPTION_CHARS}")
     if proposal.risk_level not in RISK_LEVELS:
         raise ValueError(f"risk_level must be one of {RISK_LEVELS}, got {proposal.risk_level!r}")
     if not isinstance(proposal.changes, list) or not proposal.changes:
