@@ -207,6 +207,13 @@ def test_listing_text_table(history_copy, binks_home):
     assert "legacy-0" in res.output and "(runtime: tool)" in res.output
     res = CliRunner().invoke(agent, ["self-heal", "improvements", "--db", str(db), "--status", "rejected"])
     assert ids["rejected"] in res.output
+    # the runtime's rows are the file's: control characters in any cell are shown, not sent to the terminal
+    conn = connect(db)
+    with conn:
+        conn.execute("UPDATE improvements SET id = 'legacy-\x1b[2J', status = 'pro\x1b[31mposed' WHERE id = 'legacy-0'")
+    res = CliRunner().invoke(agent, ["self-heal", "improvements", "--db", str(db)], env={"COLUMNS": "200"},
+                             catch_exceptions=False)
+    assert "\x1b" not in res.output and "legacy-\\x1b[2J" in res.output and "pro\\x1b[31mposed" in res.output
 
 
 def test_listing_user_errors(history_copy, binks_home):

@@ -119,7 +119,8 @@ def improvements(home: str | None, db: str | None, as_json: bool, status: str | 
             undone = r["same_change_undone"]
             text.append(f"\n⚠ same change {for_terminal(str(undone.get('status')).replace('_', ' '))} before "
                         f"({for_terminal(undone.get('improvement_id'))})")
-        t.add_row(rich_text.Text(r["id"]), rich_text.Text(for_terminal(r["status"])), rich_text.Text((r["applied_at"] or "-")[:10]), text)
+        t.add_row(*(rich_text.Text(for_terminal(v)) for v in (r["id"], r["status"], (r["applied_at"] or "-")[:10])),
+                  text)  # a row of the file: a tampered one may hold control characters anywhere
     _console().print(t)
 
 
