@@ -161,6 +161,40 @@ def test_selfheals_own_commit_is_dated_by_its_clock_and_named_as_ours(binks_home
     assert r["learned_rules"] == []
 
 
+def test_a_fall_at_selfheals_own_ab_experiment_is_named_as_ours(binks_home, monkeypatch):
+    # an A/B experiment's commit sets the tool's settings in its arms ([ab."ID".arms."IMP"
+    # .tools."X"]), not in [tools]: learn credits the fall to the experiment, not to nobody
+    from selfheal_plugin.lifecycle import ab
+
+    home = make_home(binks_home)
+    conn, s = open_home(home)
+    store = ImprovementStore(conn)
+    arms = [store.insert(Improvement(
+        id=f"imp-20261113-0000ab0{i}", status=status, pattern_id=f"timeout:{K8S}", error_type="timeout",
+        tool_name=K8S, description=f"Arm {i}", changes=[
+            {"kind": "config", "file": "config.toml", "path": ["tools", K8S, key], "op": "set", "value": value}]))
+        for i, (status, key, value) in enumerate((("tested", "timeout_ms", 120000), ("candidate", "retry_attempts", 2)))]
+    ab_id = ab.start_ab(conn, s, f"timeout:{K8S}", [a.id for a in arms], now=SPLIT + timedelta(minutes=10))[
+        "experiment_id"]
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    sig = next(e for e in r["improved"] if e["subject"] == f"timeout:{K8S}")
+    assert sig["by_selfheal"] == ab_id and not sig["attributed"], sig["explanation"]
+    assert sig["explanation"].startswith(f"selfheal's own A/B experiment {ab_id} (commit ")
+    assert sig["explanation"].endswith("not learned again")
+    (commit,) = r["commits"]
+    assert commit["improvement"] == ab_id and commit["action"] == "ab"
+    assert {tuple(c["path"]) for c in commit["changes"]} == {
+        ("ab", ab_id, "arms", arms[0].id, "tools", K8S, "timeout_ms"),
+        ("ab", ab_id, "arms", arms[1].id, "tools", K8S, "retry_attempts")}
+    assert r["learned_rules"] == [] and RuleStore(conn).list() == []
+    monkeypatch.setenv("COLUMNS", "80")
+    res = _cli("learn", "--home", str(home), "--since", SPLIT.isoformat(), "--until", END.isoformat())
+    assert res.exit_code == 0, res.output
+    assert all(len(line) <= 80 for line in res.output.splitlines()), res.output
+    assert "(A/B arm" in res.output and all(a.id in res.output for a in arms), res.output
+    assert "no tool/server key" not in res.output and learning.NO_CHANGE not in res.output
+
+
 def test_a_commit_with_no_call_after_it_says_so(binks_home):
     home = make_home(binks_home)
     person_commit(home, END + timedelta(hours=1), RAISED)  # after the last call of the window

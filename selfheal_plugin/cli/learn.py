@@ -10,6 +10,7 @@ import click
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, p_cell, pct, table_console
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.text import for_rich, for_terminal
+from selfheal_plugin.lifecycle.learning import change_target
 
 WIDTH = 80
 
@@ -37,9 +38,11 @@ def _table(title: str, *columns: str, ids: tuple[str, ...] = ()) -> Any:
 
 def _setting(path: list[str]) -> str:
     """``tools.X.timeout_ms`` as ``X: timeout_ms`` (``server Y: health_check``), so a narrow
-    column wraps after the name instead of cutting it."""
-    head = f"server {path[1]}" if path[0] == "servers" else path[1]
-    return f"{head}: {'.'.join(path[2:])}"
+    column wraps after the name instead of cutting it; an A/B arm's overlay says its arm."""
+    target = change_target(path)
+    head = f"server {target[1]}" if target[0] == "servers" else target[1]
+    arm = f" (A/B arm {path[3]})" if target != list(path) else ""
+    return f"{head}: {'.'.join(str(p) for p in target[2:])}{arm}"
 
 
 def _console() -> Any:

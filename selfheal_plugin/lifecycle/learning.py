@@ -17,7 +17,8 @@ correction over every subject tested (``scipy.stats.false_discovery_control``) a
 **Why.** The home's own git history of config.toml (:mod:`~selfheal_plugin.lifecycle.gitops`;
 no path read from the history or git is ever written) between the start of the before window
 and ``until``: commits without selfheal's trailers (``Self-Heal-Improvement:``) are a person's
-own changes, diffed (old vs new TOML) to the ``tools."X"`` / ``servers."Y"`` keys they changed.
+own changes, diffed (old vs new TOML) to the ``tools."X"`` / ``servers."Y"`` keys they changed
+(also those an A/B arm overlays, so selfheal's own experiments are named as ours).
 A commit is credited with a subject's improvement when it touched the subject's tool (or its
 server; any commit for a workflow), the subject's rate after the commit is significantly lower
 than before it (one-sided Fisher, ``significance_level``), and the fall happened at the commit:
@@ -59,6 +60,7 @@ from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
 from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.lifecycle import gitops
 from selfheal_plugin.plugins.strategy import Change, Proposal
+from selfheal_plugin.runtime.experiments import AB
 from selfheal_plugin.steps import step
 
 log = logging.getLogger("selfheal.learning")
@@ -237,20 +239,24 @@ class ConfigCommit:
     at: float  # committer time, epoch seconds
     author: str
     subject: str
-    changes: list[dict[str, Any]]  # Change.to_dict() shape, only tools."X"/servers."Y" keys
+    changes: list[dict[str, Any]]  # Change.to_dict() shape: tools."X"/servers."Y" keys and A/B arms' overlays
     note: str | None = None  # why its changes could not be read
-    improvement: str | None = None  # selfheal's own commit: the improvement its trailer names
+    improvement: str | None = None  # selfheal's own commit: the improvement (or A/B experiment) its trailer names
+    action: str | None = None  # selfheal's own commit: its Self-Heal-Action (apply, ab, ab-end, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return {"sha": self.sha, "at": format_timestamp(datetime.fromtimestamp(self.at, tz=timezone.utc)),
                 "author": self.author, "subject": self.subject, "changes": self.changes,
                 **({"note": self.note} if self.note else {}),
-                **({"improvement": self.improvement} if self.improvement else {})}
+                **({"improvement": self.improvement} if self.improvement else {}),
+                **({"action": self.action} if self.action else {})}
 
     def touches(self, tool: str) -> list[dict[str, Any]]:
-        server = server_of(tool)
-        return [c for c in self.changes if c["path"][1] == tool and c["path"][0] == "tools"
-                or (server is not None and c["path"][0] == "servers" and c["path"][1] == server)]
+        return [c for c in self.changes if _touches(c, tool)]
+
+    def what(self) -> str:
+        """What selfheal's own commit was for: an A/B experiment or an improvement."""
+        return "A/B experiment" if self.action in AB_ACTIONS else "improvement"
 
 
 def _flatten(table: Any, prefix: list[str], out: dict[tuple[str, ...], Any]) -> None:
@@ -262,19 +268,44 @@ def _flatten(table: Any, prefix: list[str], out: dict[tuple[str, ...], Any]) -> 
             out[tuple(path)] = value
 
 
-def config_settings(text: str | None) -> dict[tuple[str, ...], Any]:
-    """``{("tools", X, key[, subkey]): value, ("servers", Y, key): value}`` of a config's text."""
-    if not text:
-        return {}
-    doc = tomlkit.parse(text).unwrap()
-    out: dict[tuple[str, ...], Any] = {}
+def _tool_settings(doc: Mapping[str, Any], prefix: list[str], out: dict[tuple[str, ...], Any]) -> None:
     for top in ("tools", "servers"):
         section = doc.get(top)
         if isinstance(section, dict):
             for name, table in section.items():
                 if isinstance(table, dict):
-                    _flatten(table, [top, str(name)], out)
+                    _flatten(table, [*prefix, top, str(name)], out)
+
+
+def config_settings(text: str | None) -> dict[tuple[str, ...], Any]:
+    """``{("tools", X, key[, subkey]): value, ("servers", Y, key): value}`` of a config's text,
+    and the same settings an A/B experiment's arm overlays for its share of runs, under
+    ``("ab", ID, "arms", IMP, "tools", X, key)`` (:func:`change_target` reads either)."""
+    if not text:
+        return {}
+    doc = tomlkit.parse(text).unwrap()
+    out: dict[tuple[str, ...], Any] = {}
+    _tool_settings(doc, [], out)
+    experiments = doc.get(AB)
+    if isinstance(experiments, dict):
+        for ab_id, sec in experiments.items():
+            arms = sec.get("arms") if isinstance(sec, dict) else None
+            if isinstance(arms, dict):
+                for imp_id, arm in arms.items():
+                    if isinstance(arm, dict):
+                        _tool_settings(arm, [AB, str(ab_id), "arms", str(imp_id)], out)
     return out
+
+
+AB_ACTIONS = ("ab", "ab-end")  # the Self-Heal-Action of lifecycle.ab's start and end commits
+
+
+def change_target(path: list[str] | tuple[str, ...]) -> list[str]:
+    """The ``[tools, X, key...]`` / ``[servers, Y, key...]`` a change sets, also when it sets
+    them in an A/B arm's overlay (``[ab, ID, arms, IMP, tools, X, key...]``)."""
+    if len(path) > 4 and path[0] == AB and path[2] == "arms":
+        return list(path[4:])
+    return list(path)
 
 
 def config_diff(old: str | None, new: str | None) -> list[dict[str, Any]]:
@@ -292,13 +323,14 @@ def config_diff(old: str | None, new: str | None) -> list[dict[str, Any]]:
 _MISSING = object()
 
 
-def _ours(body: str) -> str | None:
-    """The improvement a selfheal commit's trailers name ("" for one without an id), None for
-    a person's commit."""
+def _ours(body: str) -> tuple[str, str | None] | None:
+    """The improvement (or A/B experiment) a selfheal commit's trailers name ("" for one
+    without an id) and its action, None for a person's commit."""
     trailers = dict(ln.strip().split(":", 1) for ln in body.splitlines() if ":" in ln)
     if not set(trailers) & {gitops.TRAILER_IMPROVEMENT, gitops.TRAILER_ACTION}:
         return None
-    return bounded(trailers.get(gitops.TRAILER_IMPROVEMENT, "").strip(), 80)
+    action = trailers.get(gitops.TRAILER_ACTION, "").strip()
+    return bounded(trailers.get(gitops.TRAILER_IMPROVEMENT, "").strip(), 80), bounded(action, 40) or None
 
 
 def config_commits(settings: Settings, lo: float, hi: float) -> list[ConfigCommit]:
@@ -336,7 +368,8 @@ def config_commits(settings: Settings, lo: float, hi: float) -> list[ConfigCommi
         except Exception as exc:  # noqa: BLE001 - a person's broken TOML: named, not a crash
             changes, note = [], f"config.toml could not be read at this commit: {str(exc).splitlines()[0][:120]}"
         commits.append(ConfigCommit(sha, at, bounded(author, 80), bounded(subject, 120), changes, note,
-                                    None if ours is None else ours or "selfheal"))
+                                    None if ours is None else ours[0] or "selfheal",
+                                    None if ours is None else ours[1]))
     return sorted(commits, key=lambda c: c.at)
 
 
@@ -398,7 +431,7 @@ def attribute(conn: sqlite3.Connection, subject: Subject, commits: list[ConfigCo
     if c.improvement:  # our own fix: not "without us", and its verification keeps its rule
         return {**base, "attributed": False, "by_selfheal": c.improvement, "commit": c.to_dict(), "split": split,
                 "rejected": rejected,
-                "explanation": f"selfheal's own improvement {c.improvement} (commit {c.sha[:12]} at "
+                "explanation": f"selfheal's own {c.what()} {c.improvement} (commit {c.sha[:12]} at "
                                f"{c.to_dict()['at'][:16]}); not learned again"}
     return {**base, "attributed": True, "commit": c.to_dict(), "split": split, "rejected": rejected,
             "explanation": f"a person's change {c.sha[:12]} at {c.to_dict()['at'][:16]} "
@@ -486,7 +519,7 @@ def _learn_rules(conn: sqlite3.Connection, settings: Settings, improved: list[di
             continue
         tool, etype = e["tool"], e["error_type"]
         commit = e["commit"]
-        changes = [c for c in commit["changes"] if _touches(c, tool)]
+        changes = [c for c in commit["changes"] if _touches(c, tool) and change_target(c["path"]) == c["path"]]
         template = template_from_changes(changes, tool)
         if template is None:
             e["rule_note"] = "the change holds no tool or server setting a rule can carry"
@@ -519,8 +552,11 @@ def _learn_rules(conn: sqlite3.Connection, settings: Settings, improved: list[di
 
 
 def _touches(change: Mapping[str, Any], tool: str) -> bool:
-    path = change["path"]
-    return (path[0] == "tools" and path[1] == tool) or (path[0] == "servers" and path[1] == server_of(tool))
+    """Does the change set the tool's settings or its server's (directly or in an A/B arm)?"""
+    path = change_target(change["path"])
+    server = server_of(tool)
+    return len(path) > 2 and ((path[0] == "tools" and path[1] == tool)
+                              or (server is not None and path[0] == "servers" and path[1] == server))
 
 
 def _home_id_if_any(conn: sqlite3.Connection) -> str | None:
