@@ -589,6 +589,55 @@ def test_a_plugin_loaded_after_one_whose_register_strategies_raised_answers(bink
     assert plugins.resolve_strategy("timeout", s)[1] == "user:b_mine"
 
 
+KIND_STRATEGY = TIMEOUT_STRATEGY.replace("    error_types = ('timeout', 'RateLimited')\n",
+                                         "    error_types = ('mine_only',)\n    kinds = ('missing_resource',)\n")
+
+
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_a_register_strategies_that_raises_leaves_its_kinds_to_nobody(binks_home, when, monkeypatch):
+    """Raising after registering a strategy for a failure kind (or before registering it: the
+    file declares it) fails that kind as it fails a type: the built-in for the kind does not
+    answer in its place, and ``plugins`` says so; other kinds are unaffected."""
+    from click.testing import CliRunner
+
+    from selfheal_plugin.cli.main import agent
+
+    from .lifecycle_data import write_runs
+
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    registering = "    register(Mine())\n"
+    boom = "    raise RuntimeError('boom')\n"
+    text = KIND_STRATEGY.replace(registering, registering + boom if when == "after" else boom)
+    (s.plugins_dir / "mine.py").write_text(text)
+    assert plugins.kinds_failed_to_load(s) == {"missing_resource": ("user:mine", "RuntimeError: boom")}
+    for etype in ("tool_error", "connection_refused", "Unknown"):  # the built-in tool_error answers the kind
+        with pytest.raises(plugins.StrategyError, match=r"^strategy for failure kind missing_resource failed to load "
+                                                        r"\(plugin user:mine: RuntimeError: boom\); nothing proposed"):
+            plugins.resolve_strategy(etype, s, "missing_resource")
+    assert plugins.resolve_strategy("tool_error", s, "invalid_arguments")[0].name == "tool_error"
+    assert plugins.resolve_strategy("timeout", s, "slow_tail")[0].name == "timeout"
+    assert plugins.describe(s)["failed_kind_strategies"] == [
+        {"kind": "missing_resource", "plugin": "user:mine", "error": "RuntimeError: boom"}]
+    write_runs(binks_home / "conversations.db", [])  # the command opens a history
+    monkeypatch.setenv("COLUMNS", "200")
+    res = CliRunner().invoke(agent, ["self-heal", "plugins", "--home", str(binks_home)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert ("✗ strategy for failure kind missing_resource failed to load (plugin user:mine: RuntimeError: boom): "
+            "nothing is proposed for it until it loads") in res.output
+
+
+def test_a_plugin_loaded_after_one_whose_register_strategies_raised_answers_for_its_kind(binks_home):
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    registering = "    register(Mine())\n"
+    (s.plugins_dir / "a_mine.py").write_text(
+        KIND_STRATEGY.replace(registering, registering + "    raise RuntimeError('boom')\n"))
+    (s.plugins_dir / "b_mine.py").write_text(KIND_STRATEGY)
+    assert plugins.kinds_failed_to_load(s) == {}
+    assert plugins.resolve_strategy("tool_error", s, "missing_resource")[1] == "user:b_mine"
+
+
 def test_declared_error_types_are_read_without_running_the_file(tmp_path):
     path = tmp_path / "p.py"
     path.write_text("import sys\nsys.exit(1)\nclass A:\n    error_types: tuple = ('Timeout', \"server_crashed\")\n"
@@ -596,6 +645,8 @@ def test_declared_error_types_are_read_without_running_the_file(tmp_path):
     assert plugins.declared_error_types(path) == ["server_crashed", "timeout", "x"]
     path.write_text("class A:\n    error_types = ('timeout',)\n  def broken(:\n")
     assert plugins.declared_error_types(path) == ["timeout"]
+    path.write_text("class A:\n    kinds = ('hang', 'nonsense', 'unknown')\n  def broken(:\n")
+    assert plugins.declared_kinds(path) == ["hang"]
 
 
 def test_hookspec_parameters_are_typed_and_resolve():

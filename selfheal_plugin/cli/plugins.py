@@ -155,6 +155,9 @@ def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
     for f in info.get("failed_strategies", []):
         click.echo(f"✗ strategy for {f['error_type']} failed to load (plugin {f['plugin']}): nothing is proposed "
                    "for it until it loads")
+    for f in info.get("failed_kind_strategies", []):  # a plugin's name and error are its text: escaped
+        click.echo(f"✗ strategy for failure kind {f['kind']} failed to load (plugin {for_terminal(f['plugin'])}: "
+                   f"{for_terminal(f['error'])}): nothing is proposed for it until it loads")
     if info["errors"]:
         click.echo(f"{len(info['errors'])} plugin error(s) (this command's and the last "
                    f"{plugins.ERROR_RETENTION_DAYS} days'):")

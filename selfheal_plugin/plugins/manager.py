@@ -159,6 +159,7 @@ class _State:
     strategies_key: tuple | None = None
     failed_types: dict[str, tuple[str, int, str]] = field(default_factory=dict)  # type -> (plugin, rank, error)
     orphans: dict[str, tuple[str, str]] = field(default_factory=dict)  # type -> (plugin, error)
+    kind_orphans: dict[str, tuple[str, str]] = field(default_factory=dict)  # failure kind -> (plugin, error)
     rank: int = 0  # load sequence: a later plugin wins
     state_dir: Path | None = None  # where errors are persisted (known once a home is)
     unpersisted: list[PluginError] = field(default_factory=list)
@@ -471,13 +472,10 @@ def unregister(plugin: Any = None, name: str | None = None) -> None:
     _state.strategies = None
 
 
-_ERROR_TYPES_RE = re.compile(r"error_types\s*(?::[^=\n]*)?=\s*[\(\[]?([^\n\)\]]*)")
-
-
-def declared_error_types(path: Path | str) -> list[str]:
-    """The error types a plugin file declares (``error_types = ("timeout", ...)`` in a
-    class body), read without running it: what a plugin that failed to load would have
-    answered for. A file that does not parse is scanned with a regular expression."""
+def _declared(path: Path | str, attribute: str) -> list[str]:
+    """The names a plugin file assigns to ``attribute`` (``error_types = ("timeout", ...)``
+    in a class body), read without running it. A file that does not parse is scanned with a
+    regular expression."""
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -486,18 +484,30 @@ def declared_error_types(path: Path | str) -> list[str]:
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
-        for m in _ERROR_TYPES_RE.finditer(text):
+        for m in re.finditer(rf"\b{attribute}\s*(?::[^=\n]*)?=\s*[\(\[]?([^\n\)\]]*)", text):
             found += re.findall(r"[\"']([^\"']+)[\"']", m.group(1))
     else:
         for node in ast.walk(tree):
             targets = node.targets if isinstance(node, ast.Assign) else (
                 [node.target] if isinstance(node, ast.AnnAssign) else [])
-            if not any(isinstance(t, ast.Name) and t.id == "error_types" for t in targets):
+            if not any(isinstance(t, ast.Name) and t.id == attribute for t in targets):
                 continue
             value = getattr(node, "value", None)
             items = value.elts if isinstance(value, (ast.Tuple, ast.List, ast.Set)) else [value]
             found += [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
-    return sorted({normalize_error_type(t) for t in found if t})
+    return [t for t in found if t]
+
+
+def declared_error_types(path: Path | str) -> list[str]:
+    """The error types a plugin file declares (``error_types = ("timeout", ...)``), read
+    without running it: what a plugin that failed to load would have answered for."""
+    return sorted({normalize_error_type(t) for t in _declared(path, "error_types")})
+
+
+def declared_kinds(path: Path | str) -> list[str]:
+    """The failure kinds a plugin file declares (``kinds = ("slow_tail", ...)``), read
+    without running it; only names of :data:`FAILURE_KINDS` other than ``unknown``."""
+    return sorted({k for k in _declared(path, "kinds") if k in FAILURE_KINDS and k != "unknown"})
 
 
 def _load_failed(plugin_name: str, exc_record: PluginError, types: list[str]) -> None:
@@ -711,9 +721,10 @@ def _collect_strategies() -> None:
     # get_hookimpls() lists implementations lowest priority first (pluggy calls them in
     # reverse): registering in this order lets a later plugin replace an earlier one.
     impls = [i for i in pm.hook.register_strategies.get_hookimpls() if not _is_wrapper(i)]
-    # types whose plugin's register_strategies failed: like a plugin that failed to load, it
-    # answers for nothing, and neither does what it would have replaced (see _register_failed)
+    # types and kinds whose plugin's register_strategies failed: like a plugin that failed to
+    # load, it answers for nothing, and neither does what it would have replaced (_register_failed)
     failed = dict(_state.failed_types)
+    failed_kinds: dict[str, tuple[str, int, str]] = {}
     for impl in impls:
         found: list[Any] = []  # a fresh list: a timed-out plugin may still append to its own
         others = [p for p in pm.get_plugins() if p is not impl.plugin]
@@ -725,13 +736,13 @@ def _collect_strategies() -> None:
             except (Exception, SystemExit) as exc:  # noqa: BLE001
                 record = PluginError(plugin=name, phase="hook", hook="register_strategies", error=_one_line(exc))
                 _record(record)
-                _register_failed(failed, name, impl.plugin, list(found), record)
+                _register_failed(failed, failed_kinds, name, impl.plugin, list(found), record)
                 continue
         else:
             try:
                 call_plugin(name, "register_strategies", caller, register=found.append)
             except PluginCallFailed as exc:
-                _register_failed(failed, name, impl.plugin, list(found), exc.record)
+                _register_failed(failed, failed_kinds, name, impl.plugin, list(found), exc.record)
                 continue
         for strategy in found:
             problem = _strategy_problem(strategy)
@@ -750,32 +761,47 @@ def _collect_strategies() -> None:
             owners[id(strategy)] = name
             listing.append({"name": strategy.name, "plugin": name, "error_types": types, "kinds": kinds,
                             "summary": getattr(strategy, "summary", "")})
-    orphans: dict[str, tuple[str, str]] = {}
+    _state.strategies, _state.strategy_list, _state.strategies_key = table, listing, key
+    _state.kind_strategies = kind_table
+    _state.orphans, _state.owners = _orphans(failed, table), owners
+    _state.kind_orphans = _orphans(failed_kinds, kind_table)
+
+
+def _orphans(failed: dict[str, tuple[str, int, str]], table: dict[str, tuple[Any, str]]
+             ) -> dict[str, tuple[str, str]]:
+    """The failed types (or kinds) no plugin loaded after the failed one answers for."""
+    out = {}
     for t, (plugin, rank, error) in failed.items():
         answering = table.get(t)
         if answering is None or _state.info.get(answering[1], {}).get("rank", 0) < rank:
-            orphans[t] = (plugin, error)
-    _state.strategies, _state.strategy_list, _state.strategies_key = table, listing, key
-    _state.kind_strategies = kind_table
-    _state.orphans, _state.owners = orphans, owners
+            out[t] = (plugin, error)
+    return out
 
 
-def _register_failed(failed: dict[str, tuple[str, int, str]], name: str, plugin: Any, found: list[Any],
-                     record: PluginError) -> None:
+def _register_failed(failed: dict[str, tuple[str, int, str]], failed_kinds: dict[str, tuple[str, int, str]],
+                     name: str, plugin: Any, found: list[Any], record: PluginError) -> None:
     """A plugin's ``register_strategies`` raised or timed out: what it registered before is
-    dropped, and the error types it answers for — those of the strategies it registered,
-    and those its source declares (:func:`declared_error_types`) — are its failed types, as
-    for a plugin that failed to load: nothing answers for them unless a later plugin does."""
+    dropped, and the error types and failure kinds it answers for — those of the strategies
+    it registered, and those its source declares (:func:`declared_error_types`,
+    :func:`declared_kinds`) — are its failed types and kinds, as for a plugin that failed to
+    load: nothing answers for them unless a later plugin does."""
     types: set[str] = set()
+    kinds: set[str] = set()
     for strategy in found:
         declared = getattr(strategy, "error_types", None)
         if isinstance(declared, (tuple, list)):
             types |= {normalize_error_type(t) for t in declared if isinstance(t, str) and t}
+        declared = getattr(strategy, "kinds", None)
+        if isinstance(declared, (tuple, list)):
+            kinds |= {k for k in declared if k in FAILURE_KINDS and k != "unknown"}
     for path in _source_files(name, plugin):
         types |= set(declared_error_types(path))
+        kinds |= set(declared_kinds(path))
     rank = _state.info.get(name, {}).get("rank", _state.rank)
     for t in types:
         failed[t] = (name, rank, record.error)
+    for k in kinds:
+        failed_kinds[k] = (name, rank, record.error)
 
 
 def _source_files(name: str, plugin: Any) -> list[Path]:
@@ -824,6 +850,12 @@ def failed_to_load(settings: Any = None) -> dict[str, tuple[str, str]]:
     return dict(_state.orphans)
 
 
+def kinds_failed_to_load(settings: Any = None) -> dict[str, tuple[str, str]]:
+    """Failure kind → (plugin, its error) for kinds whose strategy failed to register."""
+    strategies(settings)
+    return dict(_state.kind_orphans)
+
+
 def _is_builtin(plugin: str) -> bool:
     return _state.info.get(plugin, {}).get("source") == "builtin"
 
@@ -846,10 +878,14 @@ def resolve_strategy(error_type: str | None, settings: Any = None, kind: str | N
     6. the ``Unknown`` strategy.
 
     A kind of ``unknown`` (or None) skips the kind steps: the runtime's label decides.
-    Raises :class:`StrategyError` when the plugin meant to answer for the type failed to
-    load (no fallback may answer in its place), or when no strategy answers at all."""
+    Raises :class:`StrategyError` when the plugin meant to answer for the kind or the type
+    failed to load (no fallback may answer in its place), or when no strategy answers at all."""
     table = strategies(settings)
     etype = normalize_error_type(error_type)
+    if kind and kind in _state.kind_orphans:
+        plugin, error = _state.kind_orphans[kind]
+        raise StrategyError(f"strategy for failure kind {kind} failed to load (plugin {plugin}: {error}); "
+                            "nothing proposed (see: agent self-heal plugins)")
     by_kind = _state.kind_strategies.get(kind) if kind and kind != "unknown" else None
     if by_kind is not None and not _is_builtin(by_kind[1]):
         return by_kind
@@ -928,5 +964,7 @@ def describe(settings: Any = None) -> dict[str, Any]:
                             for k, (s, p) in sorted(_state.kind_strategies.items())],
         "registered_strategies": list(_state.strategy_list),
         "failed_strategies": [{"error_type": t, "plugin": p, "error": e} for t, (p, e) in sorted(_state.orphans.items())],
+        "failed_kind_strategies": [{"kind": k, "plugin": p, "error": e}
+                                   for k, (p, e) in sorted(_state.kind_orphans.items())],
         "errors": [e.to_dict() for e in recent_errors(settings)],
     }
