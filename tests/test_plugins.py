@@ -627,6 +627,18 @@ def test_a_register_strategies_that_raises_leaves_its_kinds_to_nobody(binks_home
             "nothing is proposed for it until it loads") in res.output
 
 
+def test_a_plugin_file_that_fails_to_load_leaves_its_kinds_to_nobody(binks_home):
+    """A file that raises as it is imported answers for nothing: the failure kinds it declares
+    are failed as its error types are, and the built-in for the kind does not answer."""
+    s = load_settings(binks_home)
+    s.plugins_dir.mkdir(parents=True)
+    (s.plugins_dir / "mine.py").write_text("raise RuntimeError('boom')\n" + KIND_STRATEGY)
+    assert plugins.kinds_failed_to_load(s) == {"missing_resource": ("user:mine", "RuntimeError: boom")}
+    with pytest.raises(plugins.StrategyError, match=r"^strategy for failure kind missing_resource failed to load"):
+        plugins.resolve_strategy("tool_error", s, "missing_resource")
+    assert plugins.resolve_strategy("tool_error", s, "invalid_arguments")[0].name == "tool_error"
+
+
 def test_a_plugin_loaded_after_one_whose_register_strategies_raised_answers_for_its_kind(binks_home):
     s = load_settings(binks_home)
     s.plugins_dir.mkdir(parents=True)

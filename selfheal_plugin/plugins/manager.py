@@ -158,6 +158,7 @@ class _State:
     strategy_list: list[dict[str, Any]] = field(default_factory=list)
     strategies_key: tuple | None = None
     failed_types: dict[str, tuple[str, int, str]] = field(default_factory=dict)  # type -> (plugin, rank, error)
+    failed_kinds: dict[str, tuple[str, int, str]] = field(default_factory=dict)  # failure kind -> the same
     orphans: dict[str, tuple[str, str]] = field(default_factory=dict)  # type -> (plugin, error)
     kind_orphans: dict[str, tuple[str, str]] = field(default_factory=dict)  # failure kind -> (plugin, error)
     rank: int = 0  # load sequence: a later plugin wins
@@ -510,10 +511,15 @@ def declared_kinds(path: Path | str) -> list[str]:
     return sorted({k for k in _declared(path, "kinds") if k in FAILURE_KINDS and k != "unknown"})
 
 
-def _load_failed(plugin_name: str, exc_record: PluginError, types: list[str]) -> None:
+def _load_failed(plugin_name: str, exc_record: PluginError, types: list[str], kinds: list[str]) -> None:
+    """A plugin that failed to load answers for nothing: the error types and failure kinds its
+    source declares (:func:`declared_error_types`, :func:`declared_kinds`) are failed, and
+    nothing answers for them unless a plugin loaded after it does."""
     _state.rank += 1
     for t in types:
         _state.failed_types[t] = (plugin_name, _state.rank, exc_record.error)
+    for k in kinds:
+        _state.failed_kinds[k] = (plugin_name, _state.rank, exc_record.error)
     _state.strategies = None
 
 
@@ -525,14 +531,15 @@ def _load_file(module_name: str, plugin_name: str, path: Path, source: str,
         except (Exception, SystemExit) as exc:  # noqa: BLE001 — a broken built-in must not stop the others
             record = PluginError(plugin=plugin_name, phase="load", error=_one_line(exc), path=str(path))
             _record(record)
-            _load_failed(plugin_name, record, sorted({*declared_error_types(path), *default_types}))
+            _load_failed(plugin_name, record, sorted({*declared_error_types(path), *default_types}),
+                         declared_kinds(path))
             return
     else:
         try:
             module = call_plugin(plugin_name, "import", _load_module_from_path, module_name, path,
                                  phase="load", path=str(path))
         except PluginCallFailed as exc:
-            _load_failed(plugin_name, exc.record, declared_error_types(path))
+            _load_failed(plugin_name, exc.record, declared_error_types(path), declared_kinds(path))
             return
     register(module, plugin_name, source=source, path=str(path))
 
@@ -585,8 +592,9 @@ def _load_entry_points() -> None:
         try:
             plugin = call_plugin(name, "import", ep.load, phase="load", path=ep.value)
         except PluginCallFailed as exc:
-            types = sorted({t for f in _entry_point_source(ep) for t in declared_error_types(f)})
-            _load_failed(name, exc.record, types)
+            sources = _entry_point_source(ep)
+            _load_failed(name, exc.record, sorted({t for f in sources for t in declared_error_types(f)}),
+                         sorted({k for f in sources for k in declared_kinds(f)}))
             continue
         register(plugin, name, source="entrypoint", path=ep.value,
                  version=dist.version if dist is not None else None)
@@ -724,7 +732,7 @@ def _collect_strategies() -> None:
     # types and kinds whose plugin's register_strategies failed: like a plugin that failed to
     # load, it answers for nothing, and neither does what it would have replaced (_register_failed)
     failed = dict(_state.failed_types)
-    failed_kinds: dict[str, tuple[str, int, str]] = {}
+    failed_kinds = dict(_state.failed_kinds)
     for impl in impls:
         found: list[Any] = []  # a fresh list: a timed-out plugin may still append to its own
         others = [p for p in pm.get_plugins() if p is not impl.plugin]
