@@ -148,10 +148,14 @@ class SelfHeal:
 
     def show(self, pattern_id: str, since: str | None = None) -> PatternDetails:
         """One pattern: message templates, context, affected runs, and its suggested fix."""
+        return pattern_details(self._pattern_with_fix(pattern_id, since))
+
+    def _pattern_with_fix(self, pattern_id: str, since: str | None = None) -> Pattern:
+        """One pattern of the window with its one suggested fix (:meth:`_attach_fixes`)."""
         now = self.now()
         pattern = get_pattern(self.conn, pattern_id, since=since or self.settings.lookback, now=now)
         self._attach_fixes([pattern], proposals.history_window(self.conn, self.settings, since, now=now))
-        return pattern_details(pattern)
+        return pattern
 
     def _attach_fixes(self, patterns: list[Pattern], history: HistoryWindow,
                       made: dict[str, Proposal | StrategyError] | None = None) -> None:
@@ -343,12 +347,12 @@ class SelfHeal:
         suggest none while a rejection stands (None: no failure of it in the window, or no
         strategy answers)."""
         try:
-            shown = self.show(pattern_id)
+            pattern = self._pattern_with_fix(pattern_id)  # what show reports, without its details
         except NotFoundError:
             return None
-        if shown["suggested_fix"] is None and shown.get("improvement_status") == "rejected":
-            return f"No fix suggested: {shown['no_fix_reason']}"
-        return shown["suggested_fix"]
+        if pattern.suggested_fix is None and pattern.improvement_status == "rejected":
+            return f"No fix suggested: {pattern.no_fix_reason}"
+        return pattern.suggested_fix
 
     def agent_metrics(self, since: str | None = None) -> AgentMetrics:
         from selfheal_plugin.analysis import health
