@@ -105,9 +105,9 @@ def improvement_verified(improvement: Any, verification: dict[str, Any], setting
     metrics = verification.get("metrics") or {}
     # only a keep verifies the improvement; a rollback or extend verdict is a verification's result
     keep = recommendation == "keep"
-    title = (f"Verified improvement {md(improvement.id)}" if keep else
-             f"Verification of {md(improvement.id)}: {_VERDICT.get(recommendation, md(recommendation))}")
-    lines = [f"Verified improvement {md(improvement.id)}:" if keep else f"Verification of {md(improvement.id)}:",
+    head = f"Verified improvement {md(improvement.id)}" if keep else f"Verification of {md(improvement.id)}"
+    title = head if keep else f"{head}: {_VERDICT.get(recommendation, md(recommendation))}"
+    lines = [f"{head}:",
              f"Expected: {md(verification.get('expected_impact') or improvement.expected_impact or 'unknown')}",
              f"Actual: {md(verification.get('actual_impact') or 'unknown')}",
              f"Recommendation: {md(recommendation.replace('_', ' ').capitalize())}",
