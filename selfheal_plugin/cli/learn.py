@@ -10,7 +10,7 @@ import click
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, p_cell, pct, table_console
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.text import for_rich, for_terminal
-from selfheal_plugin.lifecycle.learning import change_target
+from selfheal_plugin.lifecycle.learning import change_target, overlay_label
 
 WIDTH = 80
 
@@ -38,11 +38,12 @@ def _table(title: str, *columns: str, ids: tuple[str, ...] = ()) -> Any:
 
 def _setting(path: list[str]) -> str:
     """``tools.X.timeout_ms`` as ``X: timeout_ms`` (``server Y: health_check``), so a narrow
-    column wraps after the name instead of cutting it; an A/B arm's overlay says its arm."""
+    column wraps after the name instead of cutting it; a key set in an overlay says which
+    (``(A/B arm IMP)``)."""
     target = change_target(path)
     head = f"server {target[1]}" if target[0] == "servers" else target[1]
-    arm = f" (A/B arm {path[3]})" if target != list(path) else ""
-    return f"{head}: {'.'.join(str(p) for p in target[2:])}{arm}"
+    label = overlay_label(path)
+    return f"{head}: {'.'.join(str(p) for p in target[2:])}{f' ({label})' if label else ''}"
 
 
 def _console() -> Any:

@@ -18,7 +18,8 @@ correction over every subject tested (``scipy.stats.false_discovery_control``) a
 no path read from the history or git is ever written) between the start of the before window
 and ``until``: commits without selfheal's trailers (``Self-Heal-Improvement:``) are a person's
 own changes, diffed (old vs new TOML) to the ``tools."X"`` / ``servers."Y"`` keys they changed
-(also those an A/B arm overlays, so selfheal's own experiments are named as ours).
+(also those an A/B arm overlays for its share of runs, :data:`OVERLAYS`, so selfheal's own
+experiments are named as ours).
 A commit is credited with a subject's improvement when it touched the subject's tool (or its
 server; any commit for a workflow), the subject's rate after the commit is significantly lower
 than before it (one-sided Fisher, ``significance_level``), and the fall happened at the commit:
@@ -239,7 +240,7 @@ class ConfigCommit:
     at: float  # committer time, epoch seconds
     author: str
     subject: str
-    changes: list[dict[str, Any]]  # Change.to_dict() shape: tools."X"/servers."Y" keys and A/B arms' overlays
+    changes: list[dict[str, Any]]  # Change.to_dict() shape: tools."X"/servers."Y" keys and OVERLAYS' keys
     note: str | None = None  # why its changes could not be read
     improvement: str | None = None  # selfheal's own commit: the improvement (or A/B experiment) its trailer names
     action: str | None = None  # selfheal's own commit: its Self-Heal-Action (apply, ab, ab-end, ...)
@@ -255,8 +256,9 @@ class ConfigCommit:
         return [c for c in self.changes if _touches(c, tool)]
 
     def what(self) -> str:
-        """What selfheal's own commit was for: an A/B experiment or an improvement."""
-        return "A/B experiment" if self.action in AB_ACTIONS else "improvement"
+        """What selfheal's own commit was for: an experiment of :data:`OVERLAYS` (A/B) by its
+        Self-Heal-Action, else an improvement."""
+        return next((o.what for o in OVERLAYS if self.action in o.actions), "improvement")
 
 
 def _flatten(table: Any, prefix: list[str], out: dict[tuple[str, ...], Any]) -> None:
@@ -277,35 +279,76 @@ def _tool_settings(doc: Mapping[str, Any], prefix: list[str], out: dict[tuple[st
                     _flatten(table, [*prefix, top, str(name)], out)
 
 
+@dataclass(frozen=True)
+class Overlay:
+    """A section selfheal writes to config.toml whose ``tools``/``servers`` tables are in force
+    for a share of runs: ``[TOP."ID".tools."X"]``, or with ``inner`` one table per arm,
+    ``[TOP."ID".INNER."IMP".tools."X"]``."""
+    top: str  # the section's table in config.toml
+    inner: str | None  # the table of arms inside a section, None when the section is the overlay
+    what: str  # how learn names the experiment its commits start and end
+    name: str  # how a key set in it is labelled (an arm's id follows)
+    actions: tuple[str, ...]  # the Self-Heal-Action of the commits that start and end it
+
+    @property
+    def depth(self) -> int:
+        """Keys before the overlay's ``tools``/``servers``."""
+        return 2 if self.inner is None else 4
+
+    def holds(self, path: list[str] | tuple[str, ...]) -> bool:
+        n = self.depth
+        return (len(path) > n + 2 and path[0] == self.top and (self.inner is None or path[2] == self.inner)
+                and path[n] in ("tools", "servers"))
+
+
+# The one list of selfheal's own sections that change what a run's calls get (lifecycle.ab's
+# start/end commits).
+OVERLAYS = (Overlay(AB, "arms", "A/B experiment", "A/B arm", ("ab", "ab-end")),)
+
+
 def config_settings(text: str | None) -> dict[tuple[str, ...], Any]:
     """``{("tools", X, key[, subkey]): value, ("servers", Y, key): value}`` of a config's text,
-    and the same settings an A/B experiment's arm overlays for its share of runs, under
+    and the same settings selfheal's :data:`OVERLAYS` set for their share of runs, e.g.
     ``("ab", ID, "arms", IMP, "tools", X, key)`` (:func:`change_target` reads either)."""
     if not text:
         return {}
     doc = tomlkit.parse(text).unwrap()
     out: dict[tuple[str, ...], Any] = {}
     _tool_settings(doc, [], out)
-    experiments = doc.get(AB)
-    if isinstance(experiments, dict):
-        for ab_id, sec in experiments.items():
-            arms = sec.get("arms") if isinstance(sec, dict) else None
+    for o in OVERLAYS:
+        sections = doc.get(o.top)
+        if not isinstance(sections, dict):
+            continue
+        for sec_id, sec in sections.items():
+            if not isinstance(sec, dict):
+                continue
+            if o.inner is None:
+                _tool_settings(sec, [o.top, str(sec_id)], out)
+                continue
+            arms = sec.get(o.inner)
             if isinstance(arms, dict):
-                for imp_id, arm in arms.items():
+                for arm_id, arm in arms.items():
                     if isinstance(arm, dict):
-                        _tool_settings(arm, [AB, str(ab_id), "arms", str(imp_id)], out)
+                        _tool_settings(arm, [o.top, str(sec_id), o.inner, str(arm_id)], out)
     return out
 
 
-AB_ACTIONS = ("ab", "ab-end")  # the Self-Heal-Action of lifecycle.ab's start and end commits
+def overlay_of(path: list[str] | tuple[str, ...]) -> Overlay | None:
+    """The section of :data:`OVERLAYS` a change's path sets a tool or server setting in."""
+    return next((o for o in OVERLAYS if o.holds(path)), None)
 
 
 def change_target(path: list[str] | tuple[str, ...]) -> list[str]:
     """The ``[tools, X, key...]`` / ``[servers, Y, key...]`` a change sets, also when it sets
-    them in an A/B arm's overlay (``[ab, ID, arms, IMP, tools, X, key...]``)."""
-    if len(path) > 4 and path[0] == AB and path[2] == "arms":
-        return list(path[4:])
-    return list(path)
+    them in one of selfheal's :data:`OVERLAYS` (``[ab, ID, arms, IMP, tools, X, key...]``)."""
+    o = overlay_of(path)
+    return list(path[o.depth:]) if o is not None else list(path)
+
+
+def overlay_label(path: list[str] | tuple[str, ...]) -> str | None:
+    """``A/B arm IMP`` for a key set in an overlay, None for one in [tools]/[servers]."""
+    o = overlay_of(path)
+    return None if o is None else o.name + (f" {path[3]}" if o.inner else "")
 
 
 def config_diff(old: str | None, new: str | None) -> list[dict[str, Any]]:
@@ -441,7 +484,7 @@ def attribute(conn: sqlite3.Connection, subject: Subject, commits: list[ConfigCo
 def _change_text(changes: list[Mapping[str, Any]]) -> str:
     parts = []
     for ch in changes[:4]:
-        key = ".".join(str(p) for p in ch["path"][2:])
+        key = ".".join(str(p) for p in change_target(ch["path"])[2:])
         parts.append(f"{key} = {ch['value']!r}" if ch.get("op") == "set" else f"{key} removed")
     return ", ".join(parts) + (", ..." if len(changes) > 4 else "")
 
@@ -552,7 +595,7 @@ def _learn_rules(conn: sqlite3.Connection, settings: Settings, improved: list[di
 
 
 def _touches(change: Mapping[str, Any], tool: str) -> bool:
-    """Does the change set the tool's settings or its server's (directly or in an A/B arm)?"""
+    """Does the change set the tool's settings or its server's (directly or in an overlay)?"""
     path = change_target(change["path"])
     server = server_of(tool)
     return len(path) > 2 and ((path[0] == "tools" and path[1] == tool)
