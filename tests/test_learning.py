@@ -195,6 +195,65 @@ def test_a_fall_at_selfheals_own_ab_experiment_is_named_as_ours(binks_home, monk
     assert "no tool/server key" not in res.output and learning.NO_CHANGE not in res.output
 
 
+def _experiment_history(home: Path, mode: str) -> tuple[Improvement, str]:
+    """The k8s timeout run as a canary or shadow from SPLIT (through the service, so its
+    commits are the real ones), promoted two days before END; the improvement and the
+    start commit."""
+    conn, _ = open_home(home)
+    imp = ImprovementStore(conn).insert(Improvement(
+        id="imp-20261113-0000ca0a", status="tested", pattern_id=f"timeout:{K8S}", error_type="timeout",
+        tool_name=K8S, description="Raise the k8s timeout", changes=[
+            {"kind": "config", "file": "config.toml", "path": ["tools", K8S, "timeout_ms"], "op": "set",
+             "value": 120000}]))
+    with SelfHeal(home=home, clock=lambda: SPLIT + timedelta(minutes=10)) as sh:
+        start = sh.canary_start(imp.id, mode=mode)["commit_sha"]
+    with SelfHeal(home=home, clock=lambda: END - timedelta(days=2)) as sh:
+        sh.canary_promote(imp.id, force=True)  # the runs carry no arm: no verdict, so forced
+    return imp, start
+
+
+def test_a_fall_at_selfheals_own_canary_is_named_as_ours(binks_home, monkeypatch):
+    # a canary's commit sets the tool's settings in its section ([canary."ID".tools."X"]) for
+    # its share of runs, not in [tools]: learn credits the fall to the canary, not to nobody
+    home = make_home(binks_home)
+    imp, start = _experiment_history(home, "canary")
+    conn, s = open_home(home)
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    for subject in (f"timeout:{K8S}", K8S):
+        sig = next(e for e in r["improved"] if e["subject"] == subject)
+        assert sig.get("by_selfheal") == imp.id and not sig["attributed"], sig["explanation"]
+        assert sig["explanation"].startswith(f"selfheal's own canary {imp.id} (commit {start[:12]} ")
+        assert sig["explanation"].endswith("not learned again")
+    assert not any(e["attributed"] for e in r["improved"])
+    key = ("canary", imp.id, "tools", K8S, "timeout_ms")
+    assert [(c["improvement"], c["action"], [(tuple(ch["path"]), ch["op"]) for ch in c["changes"]])
+            for c in r["commits"] if c["action"] != "apply"] == [
+        (imp.id, "canary", [(key, "set")]), (imp.id, "canary-end", [(key, "delete")])]
+    assert r["commits"][0]["sha"] == start
+    assert r["learned_rules"] == [] and RuleStore(conn).list() == []
+    monkeypatch.setenv("COLUMNS", "80")
+    res = _cli("learn", "--home", str(home), "--since", SPLIT.isoformat(), "--until", END.isoformat())
+    assert res.exit_code == 0, res.output
+    assert all(len(line) <= 80 for line in res.output.splitlines()), res.output
+    assert "(canary)" in res.output and "selfheal's own canary" in res.output
+    assert "no tool/server key" not in res.output and "no config change" not in res.output
+
+
+def test_a_fall_at_selfheals_own_shadow_is_not_credited_to_it(binks_home):
+    # a shadow only observes (every call keeps its outcome): a fall at its start is not its
+    # doing, so it is not credited to it (nor learned); its commits are still named as ours
+    home = make_home(binks_home)
+    imp, start = _experiment_history(home, "shadow")
+    conn, s = open_home(home)
+    r = learning.learn(conn, s, since=SPLIT.isoformat(), until=END, now=END)
+    sig = next(e for e in r["improved"] if e["subject"] == f"timeout:{K8S}")
+    assert not sig["attributed"] and not sig.get("by_selfheal"), sig["explanation"]
+    assert sig["explanation"].startswith(learning.NO_CHANGE) and start[:12] not in sig["explanation"]
+    assert [(c["improvement"], c["action"], c["changes"]) for c in r["commits"] if c["action"] != "apply"] == [
+        (imp.id, "shadow", []), (imp.id, "shadow-end", [])]
+    assert r["learned_rules"] == [] and RuleStore(conn).list() == []
+
+
 def test_a_commit_with_no_call_after_it_says_so(binks_home):
     home = make_home(binks_home)
     person_commit(home, END + timedelta(hours=1), RAISED)  # after the last call of the window

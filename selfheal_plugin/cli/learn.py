@@ -39,7 +39,7 @@ def _table(title: str, *columns: str, ids: tuple[str, ...] = ()) -> Any:
 def _setting(path: list[str]) -> str:
     """``tools.X.timeout_ms`` as ``X: timeout_ms`` (``server Y: health_check``), so a narrow
     column wraps after the name instead of cutting it; a key set in an overlay says which
-    (``(A/B arm IMP)``)."""
+    (``(A/B arm IMP)``, ``(canary)``)."""
     target = change_target(path)
     head = f"server {target[1]}" if target[0] == "servers" else target[1]
     label = overlay_label(path)

@@ -18,8 +18,8 @@ correction over every subject tested (``scipy.stats.false_discovery_control``) a
 no path read from the history or git is ever written) between the start of the before window
 and ``until``: commits without selfheal's trailers (``Self-Heal-Improvement:``) are a person's
 own changes, diffed (old vs new TOML) to the ``tools."X"`` / ``servers."Y"`` keys they changed
-(also those an A/B arm overlays for its share of runs, :data:`OVERLAYS`, so selfheal's own
-experiments are named as ours).
+(also those an A/B arm or a canary overlays for its share of runs, :data:`OVERLAYS`, so
+selfheal's own experiments are named as ours).
 A commit is credited with a subject's improvement when it touched the subject's tool (or its
 server; any commit for a workflow), the subject's rate after the commit is significantly lower
 than before it (one-sided Fisher, ``significance_level``), and the fall happened at the commit:
@@ -61,7 +61,7 @@ from selfheal_plugin.history.times import format_timestamp, parse_since, utcnow
 from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.lifecycle import gitops
 from selfheal_plugin.plugins.strategy import Change, Proposal
-from selfheal_plugin.runtime.experiments import AB
+from selfheal_plugin.runtime.experiments import AB, CANARY
 from selfheal_plugin.steps import step
 
 log = logging.getLogger("selfheal.learning")
@@ -243,7 +243,7 @@ class ConfigCommit:
     changes: list[dict[str, Any]]  # Change.to_dict() shape: tools."X"/servers."Y" keys and OVERLAYS' keys
     note: str | None = None  # why its changes could not be read
     improvement: str | None = None  # selfheal's own commit: the improvement (or A/B experiment) its trailer names
-    action: str | None = None  # selfheal's own commit: its Self-Heal-Action (apply, ab, ab-end, ...)
+    action: str | None = None  # selfheal's own commit: its Self-Heal-Action (apply, ab, canary-end, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return {"sha": self.sha, "at": format_timestamp(datetime.fromtimestamp(self.at, tz=timezone.utc)),
@@ -256,8 +256,8 @@ class ConfigCommit:
         return [c for c in self.changes if _touches(c, tool)]
 
     def what(self) -> str:
-        """What selfheal's own commit was for: an experiment of :data:`OVERLAYS` (A/B) by its
-        Self-Heal-Action, else an improvement."""
+        """What selfheal's own commit was for: an experiment of :data:`OVERLAYS` (A/B,
+        canary) by its Self-Heal-Action, else an improvement."""
         return next((o.what for o in OVERLAYS if self.action in o.actions), "improvement")
 
 
@@ -302,14 +302,18 @@ class Overlay:
 
 
 # The one list of selfheal's own sections that change what a run's calls get (lifecycle.ab's
-# start/end commits).
-OVERLAYS = (Overlay(AB, "arms", "A/B experiment", "A/B arm", ("ab", "ab-end")),)
+# start/end commits, lifecycle.canary's). [shadow."ID"] is not one: it only observes, every
+# call keeps its outcome, so a fall is never its doing (its commits are still ours by their
+# trailers, named so in the commit list).
+OVERLAYS = (Overlay(AB, "arms", "A/B experiment", "A/B arm", ("ab", "ab-end")),
+            Overlay(CANARY, None, "canary", "canary", ("canary", "canary-end")))
 
 
 def config_settings(text: str | None) -> dict[tuple[str, ...], Any]:
     """``{("tools", X, key[, subkey]): value, ("servers", Y, key): value}`` of a config's text,
     and the same settings selfheal's :data:`OVERLAYS` set for their share of runs, e.g.
-    ``("ab", ID, "arms", IMP, "tools", X, key)`` (:func:`change_target` reads either)."""
+    ``("ab", ID, "arms", IMP, "tools", X, key)``, ``("canary", IMP, "tools", X, key)``
+    (:func:`change_target` reads either)."""
     if not text:
         return {}
     doc = tomlkit.parse(text).unwrap()
@@ -340,13 +344,14 @@ def overlay_of(path: list[str] | tuple[str, ...]) -> Overlay | None:
 
 def change_target(path: list[str] | tuple[str, ...]) -> list[str]:
     """The ``[tools, X, key...]`` / ``[servers, Y, key...]`` a change sets, also when it sets
-    them in one of selfheal's :data:`OVERLAYS` (``[ab, ID, arms, IMP, tools, X, key...]``)."""
+    them in one of selfheal's :data:`OVERLAYS` (``[ab, ID, arms, IMP, tools, X, key...]``,
+    ``[canary, IMP, tools, X, key...]``)."""
     o = overlay_of(path)
     return list(path[o.depth:]) if o is not None else list(path)
 
 
 def overlay_label(path: list[str] | tuple[str, ...]) -> str | None:
-    """``A/B arm IMP`` for a key set in an overlay, None for one in [tools]/[servers]."""
+    """``A/B arm IMP`` / ``canary`` for a key set in an overlay, None for one in [tools]/[servers]."""
     o = overlay_of(path)
     return None if o is None else o.name + (f" {path[3]}" if o.inner else "")
 
