@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
+import anyio
+import anyio.abc
 import anyio.from_thread
 import click
 from mcp.server import MCPServer
@@ -444,7 +446,7 @@ def cli(transport: str, host: str, port: int, token_file: str | None, read_only:
         db: str | None) -> None:
     """MCP server with the self-healing tools (detect, health, propose, test, apply, verify)."""
     configure_logging()
-    _exit_cleanly_on_sigterm()  # before anything is logged: a supervisor may stop it at once
+    _exit_cleanly_on_signals()  # before anything is logged: a supervisor may stop it at once
     token = None
     if transport == "streamable-http":
         try:
@@ -462,24 +464,75 @@ def cli(transport: str, host: str, port: int, token_file: str | None, read_only:
     log.info("self-healing-mcp %s over %s: home %s, database %s", __version__, transport, where,
              db or where / "conversations.db")
     if transport == "stdio":
-        server.run("stdio")
+        anyio.run(_serve_stdio, server)
+        _exit_cleanly_on_signals()  # the loop took its signal handlers with it
         return
     access = ("bearer token required" if token else "no token: loopback only") + (", read-only" if read_only else "")
     click.echo(f"self-healing-mcp: serving streamable HTTP at http://{host}:{port}/mcp ({access})", err=True)
     _run_http(server, host, port, token)
 
 
-def _exit_cleanly_on_sigterm() -> None:
-    """SIGTERM is how a client or a supervisor stops the server: exit 0, not 143.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    Over HTTP, uvicorn swaps in its own handler while it serves, shuts down gracefully on
-    SIGTERM, puts this handler back and raises the signal again: it lands here and exits 0
-    too. Should a uvicorn just return instead, the exit is 0 all the same."""
+
+def _exit_cleanly_on_signals() -> None:
+    """SIGTERM is how a client or a supervisor stops the server, SIGINT is Ctrl-C: exit 0,
+    not 143 (nor click's "Aborted!" and 1).
+
+    This handler covers startup and HTTP. Over HTTP, uvicorn swaps in its own handler while
+    it serves, shuts down gracefully on SIGTERM or SIGINT, puts this handler back and raises
+    the signal again: it lands here and exits 0 too. Should a uvicorn just return instead,
+    the exit is 0 all the same. Over stdio, :func:`_serve_stdio` takes the signals while it
+    serves."""
     def stop(signum: int, frame: Any) -> None:
-        log.info("self-healing-mcp: SIGTERM, exiting")
+        log.info("self-healing-mcp: %s, exiting", signal.Signals(signum).name)
         raise SystemExit(0)
 
-    signal.signal(signal.SIGTERM, stop)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+
+
+async def _serve_stdio(server: SelfHealingServer) -> None:
+    """Serve over stdio until the client closes stdin, or until SIGTERM or SIGINT: then exit
+    0 at once, abandoning a call in progress.
+
+    A signal cannot end this process the ordinary way (a SystemExit out of the loop, or
+    cancelling the server's task group): the SDK reads stdin in an AnyIO worker thread, a
+    non-daemon thread blocked in read(2) for as long as the client keeps the pipe open, and
+    a sync tool runs in another such thread until it returns. Neither can be interrupted
+    from outside (the read is retried on EINTR, closing its descriptor does not wake it),
+    AnyIO shields both waits from cancellation, and the interpreter's exit joins both
+    threads: the process hung after the loop had ended, until a second signal broke that
+    join with a traceback. So :func:`_exit_now` ends the process without joining them."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(_exit_on_signal)  # before the SDK starts its stdin thread
+        await server.run_stdio_async()
+        tg.cancel_scope.cancel()  # stdin closed: the server is done, stop watching
+
+
+async def _exit_on_signal(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    """Wait in the event loop (not in a signal handler, which could interrupt a write to
+    stderr half-way) for SIGTERM or SIGINT, then exit 0."""
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("self-healing-mcp: %s, exiting", signal.Signals(signum).name)
+            _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """Flush the log and the standard streams, then ``os._exit``: the only way out while a
+    thread is blocked reading stdin or running a tool (see :func:`_serve_stdio`). Each
+    response is flushed as it is sent; a call in progress is abandoned as a crash would
+    abandon it (sqlite rolls its transaction back, the next lifecycle command recovers an
+    interrupted apply). No atexit handler of ours matters to the server."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing left to save
+            pass
+    os._exit(code)
 
 
 def _refuse(message: str) -> None:
@@ -498,7 +551,6 @@ HTTP_BODY_LIMIT = 16 * 1024 * 1024
 def _run_http(server: SelfHealingServer, host: str, port: int, token: str | None = None) -> None:
     """Streamable HTTP at ``/mcp`` with uvicorn logging through our stderr handler; behind the
     bearer-token check when ``token`` is set (see :mod:`.access`)."""
-    import anyio
     import uvicorn
 
     app: Any = server.streamable_http_app(host=host, transport_security=transport_security(host),

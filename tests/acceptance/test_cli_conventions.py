@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -222,6 +223,56 @@ def test_mcp_server_exits_0_on_sigterm(binks_home):
         line = proc.stderr.readline()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def _stdio_server(home: Path, errlog) -> subprocess.Popen:
+    """The console script over stdio, its stdin a pipe this test keeps open (a client that is
+    connected and idle), its stderr a file (a pipe nobody reads could block the server)."""
+    exe = Path(sys.executable).parent / "self-healing-mcp"
+    return subprocess.Popen([str(exe), "--home", str(home)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=errlog, env={**os.environ, "SELFHEAL_LOG": "info"}, text=True)
+
+
+def _send(proc: subprocess.Popen, message: dict) -> None:
+    proc.stdin.write(json.dumps(message) + "\n")
+    proc.stdin.flush()
+
+
+def _initialize(proc: subprocess.Popen) -> None:
+    """The MCP handshake: once its answer is read the SDK's stdin reader is waiting for the
+    next line, the state in which a first SIGTERM used to be ignored."""
+    _send(proc, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}})
+    assert json.loads(proc.stdout.readline())["result"]["serverInfo"]["name"] == "self-healing"
+    _send(proc, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+
+def _stopped(proc: subprocess.Popen, errlog) -> str:
+    """Wait for the exit (60 s only guards against a hang) and return its stderr."""
+    try:
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        errlog.seek(0)
+    return errlog.read()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stdio_mcp_server_with_a_client_connected_exits_0_on_the_first_signal(binks_home, sig):
+    """A client did the handshake and keeps stdin open, doing nothing: one SIGTERM (or Ctrl-C)
+    ends the server with exit 0 and no traceback, although the SDK's thread is blocked
+    reading stdin (docs/mcp.md). It used to live on until a second signal."""
+    with tempfile.TemporaryFile("w+") as errlog:
+        proc = _stdio_server(binks_home, errlog)
+        _initialize(proc)
+        proc.send_signal(sig)
+        stderr = _stopped(proc, errlog)
+        proc.stdin.close()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert stderr.count("exiting") == 1 and f"{sig.name}, exiting" in stderr
 
 
 def test_http_mcp_server_exits_0_on_sigterm(binks_home):
