@@ -275,11 +275,64 @@ def test_stdio_mcp_server_with_a_client_connected_exits_0_on_the_first_signal(bi
     assert stderr.count("exiting") == 1 and f"{sig.name}, exiting" in stderr
 
 
-def test_http_mcp_server_exits_0_on_sigterm(binks_home):
-    """Over HTTP, uvicorn shuts down on SIGTERM and raises the signal again: still exit 0,
-    after a clean shutdown (docs/mcp.md: "stdio and HTTP alike")."""
+HANGING_STRATEGY = """
+import os
+import threading
+
+from selfheal_plugin import hookimpl
+from selfheal_plugin.plugins.strategy import Strategy
+
+class Hang(Strategy):
+    name = "hang"
+    error_types = ("timeout", "tool_error", "connection_refused", "server_crashed", "permission_denied",
+                   "transport_error", "Unknown")
+
+    def propose(self, pattern, history):
+        with open(os.path.join(str(history.settings.home), "proposing.log"), "a") as fh:
+            fh.write(pattern.id + "\\n")
+        threading.Event().wait()  # never returns
+
+@hookimpl
+def register_strategies(register):
+    register(Hang())
+"""
+
+
+def test_stdio_mcp_server_exits_0_on_sigterm_during_a_call(binks_home):
+    """SIGTERM while a tool call is in progress (a strategy that never returns, under an hour's
+    plugin deadline): the call is abandoned, the exit is still 0, at once, without a traceback."""
+    from datetime import datetime, timezone
+
+    from selfheal_plugin.testbed.generator import generate_history
+
+    from ..watchsupport import DEADLINE, wait_until
+
+    generate_history(binks_home / "conversations.db", seed=7, runs=300, end=datetime.now(timezone.utc))
+    (binks_home / "config.toml").write_text("[self_heal]\nplugin_timeout_seconds = 3600\n")
+    (binks_home / "selfheal" / "plugins").mkdir(parents=True)
+    (binks_home / "selfheal" / "plugins" / "hang.py").write_text(HANGING_STRATEGY)
+    marker = binks_home / "proposing.log"
+    with tempfile.TemporaryFile("w+") as errlog:
+        proc = _stdio_server(binks_home, errlog)
+        _initialize(proc)
+        _send(proc, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                     "params": {"name": "detect_failure_patterns", "arguments": {}}})
+        assert wait_until(lambda: marker.exists() or proc.poll() is not None, DEADLINE)
+        assert proc.poll() is None  # inside the call: its strategy is proposing a fix
+        proc.send_signal(signal.SIGTERM)
+        stderr = _stopped(proc, errlog)
+        proc.stdin.close()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "SIGTERM, exiting" in stderr
+    assert proc.stdout.read() == ""  # the call was abandoned: no answer
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_http_mcp_server_exits_0_on_sigterm(binks_home, sig):
+    """Over HTTP, uvicorn shuts down on SIGTERM or SIGINT and raises the signal again: still
+    exit 0 (not click's "Aborted!" and 1 for SIGINT), after a clean shutdown (docs/mcp.md)."""
     proc, _ = start_http_server("--home", str(binks_home), env={"SELFHEAL_LOG": "info"})
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()
     assert b"Application shutdown complete" in err and b"Traceback" not in err
