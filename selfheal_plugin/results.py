@@ -124,7 +124,11 @@ class ApplyPlan(TypedDict, total=False):
     config_path: str
     diff: str
     manual: list[str]
-    same_change_undone: dict[str, Any] | None  # as in ProposalOutcome: shown before apply asks
+    # what apply's result says too (ApplyResult): shown before apply asks
+    test: dict[str, Any] | None
+    test_note: str
+    same_change_undone: dict[str, Any] | None  # as in ProposalOutcome
+    warnings: list[str]
 
 
 class RollbackPlan(TypedDict, total=False):
@@ -142,6 +146,12 @@ class ApplyResult(TypedDict, total=False):
     applied_at: str | None
     verification_scheduled: str | None
     commit_sha: str | None
+    test: dict[str, Any] | None  # its last test when it was applied: recommendation, reason; None: never tested
+    test_note: str  # that in one line: "Its test said: risky — …" or "Not tested: … predicts its effect …"
+    # as in ProposalOutcome: a fix with the same changes was rolled back or rejected lately; None otherwise
+    same_change_undone: dict[str, Any] | None
+    # one line each: test_note unless the test said safe_to_apply, and "Note: " + same_change_undone's note
+    warnings: list[str]
 
 
 class VerifyResult(TypedDict, total=False):

@@ -612,3 +612,51 @@ def test_lock_files_never_show_up_in_a_users_repository(tmp_path):
     assert git(repo, "show", "--name-only", "--format=", "HEAD").split() == ["binks/config.toml"]
     rollback_improvement(conn, s, imp.id)
     assert git(repo, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+# ------------------------------------------------------------------ what apply's result warns about
+
+UNDONE = {"improvement_id": "imp-20261101-0000aaaa", "status": "rolled_back",
+          "note": "a fix with the same changes (imp-20261101-0000aaaa) was rolled back on 2026-11-01"}
+
+
+def test_apply_result_carries_its_test_and_the_same_change_undone(binks_home, db):
+    """The warnings the CLI's prompt shows come back in apply's result, for --json and MCP:
+    an apply with no test, or a risky one, and a fix whose same change was rolled back."""
+    untested = add_improvement(db, [timeout_change(90000)], evidence={"same_change_undone": UNDONE})
+    conn, s = conn_settings(binks_home)
+    r = apply_improvement(conn, s, untested.id)
+    assert r["test"] is None and r["same_change_undone"] == UNDONE
+    assert r["warnings"] == [f"Not tested: agent self-heal test {untested.id} predicts its effect from history",
+                             f"Note: {UNDONE['note']}"]
+    assert plan_apply(conn, s, add_improvement(db, [timeout_change(95000, "other")]).id)["warnings"][0] \
+        .startswith("Not tested:")  # the prompt's plan says the same lines
+    risky = add_improvement(db, [timeout_change(95000, "srv__x")], status="tested", pattern_id="timeout:srv__x",
+                            test_result={"recommendation": "risky", "reason": "the interval includes a loss"})
+    r = apply_improvement(conn, s, risky.id)
+    assert r["test"] == {"recommendation": "risky", "reason": "the interval includes a loss"}
+    assert r["warnings"] == ["Its test said: risky — the interval includes a loss"]
+    safe = add_improvement(db, [timeout_change(95000, "srv__y")], status="tested", pattern_id="timeout:srv__y",
+                           test_result={"recommendation": "safe_to_apply", "reason": "gain"})
+    r = apply_improvement(conn, s, safe.id)
+    assert (r["warnings"], r["test_note"]) == ([], "Its test said: safe_to_apply — gain")
+
+
+def test_apply_yes_prints_the_results_warnings_and_json_carries_them(binks_home, db):
+    from click.testing import CliRunner
+
+    from selfheal_plugin.cli.main import agent
+
+    imp = add_improvement(db, [timeout_change(90000)], evidence={"same_change_undone": UNDONE})
+    out = CliRunner().invoke(agent, ["self-heal", "apply", imp.id, "--yes", "--home", str(binks_home)],
+                             env={"COLUMNS": "200"}, catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert f"  ⚠ Not tested: agent self-heal test {imp.id} predicts" in out.output
+    assert f"  ⚠ Note: {UNDONE['note']}" in out.output
+    other = add_improvement(db, [timeout_change(95000, "srv__x")], pattern_id="timeout:srv__x",
+                            evidence={"same_change_undone": UNDONE})
+    out = CliRunner().invoke(agent, ["self-heal", "apply", other.id, "--yes", "--json", "--home", str(binks_home)],
+                             catch_exceptions=False)
+    import json
+    data = json.loads(out.output)
+    assert data["same_change_undone"] == UNDONE and data["test"] is None and len(data["warnings"]) == 2

@@ -338,3 +338,19 @@ def test_a_canary_started_over_mcp_is_ended_over_mcp(home):
     assert ImprovementStore(connect(home / "conversations.db")).get(imp.id).status == "proposed"
     assert "canary" not in (home / "config.toml").read_text()
     assert len(git(home, "log", "--format=%H").split()) >= 3  # versioning, the canary, its end
+
+
+def test_apply_tells_an_agent_what_the_cli_warns_about(home):
+    """An agent applying an untested fix whose same change was rolled back hears both, as
+    the CLI's prompt and --json say them, the next step named as a tool."""
+    from .lifecycle_data import add_improvement, timeout_change
+
+    undone = {"improvement_id": "imp-20261101-0000aaaa", "status": "rolled_back",
+              "note": "a fix with the same changes (imp-20261101-0000aaaa) was rolled back on 2026-11-01"}
+    imp = add_improvement(home / "conversations.db", [timeout_change(90000)],
+                          evidence={"same_change_undone": undone})
+    applied = structured(call_all(build_server(home), [("apply_improvement", {"improvement_id": imp.id})])[0])
+    assert applied["test"] is None and applied["same_change_undone"] == undone
+    assert applied["warnings"] == [
+        f'Not tested: test_improvement(improvement_id="{imp.id}") predicts its effect from history',
+        f"Note: {undone['note']}"]

@@ -97,7 +97,7 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
     expected = plan["old_sha256"] if plan["config_changes"] else None
     if asking(yes=yes, as_json=as_json):
         click.echo(f"Improvement {plan['improvement_id']}: {for_terminal(plan['description'])}")
-        click.echo(_test_line(plan))
+        click.echo(for_terminal(plan["test_note"]))
         if plan["config_changes"]:
             where = plan["repository"] + (" (new repository)" if plan["creates_repository"] else "")
             click.echo(f"Config: {plan['config_path']}   git: {where}")
@@ -116,8 +116,9 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
         echo_json(r)
         return
     click.echo(f"✅ Applied {r['improvement_id']}")
-    if yes and (plan.get("test") or {}).get("recommendation") != "safe_to_apply":  # not seen before it was applied
-        click.echo(f"  {_test_line(plan)}")
+    if yes:  # not seen before it was applied: what the result says (the MCP tool and --json carry the same)
+        for warning in r["warnings"]:
+            click.echo(f"  ⚠ {for_terminal(warning)}")
     if r["commit_sha"]:
         click.echo(f"  Commit: {r['commit_sha'][:12]} in {r['repository']}"
                    + (" (new repository)" if r["created_repository"] else ""))
@@ -127,14 +128,6 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
         click.echo(f"  Still to do by hand: {for_terminal(step)}")
     click.echo(f"  Verification scheduled: {r['verification_scheduled']} (agent self-heal verify "
                f"{r['improvement_id']})")
-
-
-def _test_line(plan: dict[str, Any]) -> str:
-    """What the improvement's last test said, or that it has none."""
-    t = plan.get("test")
-    if not t:
-        return f"Not tested: agent self-heal test {plan['improvement_id']} predicts its effect from history"
-    return f"Its test said: {for_terminal(t['recommendation'])}" + (f" — {for_terminal(t['reason'])}" if t.get("reason") else "")
 
 
 @click.command("rollback")

@@ -322,15 +322,12 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
         imp = fresh
     _check_applicable(imp)
     changes, manual = _config_changes(imp)
-    tested = imp.test_result if isinstance(imp.test_result, dict) else {}
     plan: dict[str, Any] = {"improvement_id": imp.id, "description": imp.description, "manual_steps": manual,
                             "config_changes": [c.to_dict() for c in changes], "diff": "", "config_path": None,
                             "repository": None, "creates_repository": False, "old_sha256": None,
-                            # what its last test said (None: never tested), shown before anything is asked
-                            "test": {"recommendation": tested.get("recommendation"), "reason": tested.get("reason")}
-                            if tested.get("recommendation") else None,
-                            # the same change was rolled back or rejected lately: said before anything is asked
-                            "same_change_undone": undone_before(imp)}
+                            # what its last test said and the same change undone lately: said before anything
+                            # is asked, and again in apply's result
+                            **apply_notes(imp)}
     if not changes:
         return plan
     cr = gitops.locate(settings.config_path, settings.home)
@@ -344,6 +341,27 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
                  "repository": str(cr.root), "creates_repository": cr.repo is None, "old_sha256": sha256_text(old) or ABSENT,
                  "edits": configedit.describe_entries(edit.entries)})
     return plan
+
+
+def apply_notes(imp: Improvement) -> dict[str, Any]:
+    """What whoever applies ``imp`` must hear, the same in :func:`plan_apply` (before the
+    question) and :func:`apply_improvement`'s result (CLI text and ``--json``, the MCP tool):
+    ``test`` (its last test's ``recommendation`` and ``reason``; None: never tested),
+    ``test_note`` (that, in one line), ``same_change_undone`` (:func:`undone_before`) and
+    ``warnings``: one line each for an apply made without a ``safe_to_apply`` test, and for a
+    fix with the same changes rolled back or rejected lately."""
+    tested = imp.test_result if isinstance(imp.test_result, dict) else {}
+    test = ({"recommendation": tested.get("recommendation"), "reason": tested.get("reason")}
+            if tested.get("recommendation") else None)
+    if test is None:
+        test_note = f"Not tested: {step('test', imp.id)} predicts its effect from history"
+    else:
+        test_note = f"Its test said: {test['recommendation']}" + (f" — {test['reason']}" if test["reason"] else "")
+    undone = undone_before(imp)
+    warnings = [test_note] if test is None or test["recommendation"] != "safe_to_apply" else []
+    if undone:
+        warnings.append(f"Note: {undone['note']}")
+    return {"test": test, "test_note": test_note, "same_change_undone": undone, "warnings": warnings}
 
 
 def _reread_applicable(store: ImprovementStore, improvement_id: str) -> Improvement:
@@ -483,7 +501,7 @@ def _applied_result(imp: Improvement, manual: list[str], diff: str, creates: boo
     return {"improvement_id": imp.id, "status": imp.status, "applied_at": imp.applied_at,
             "verification_scheduled": imp.verification_scheduled, "commit_sha": imp.commit_sha,
             "changes_made": imp.changes_made, "config_path": rec.get("real_path"), "repository": rec.get("repo"),
-            "created_repository": creates, "manual_steps": manual, "diff": diff}
+            "created_repository": creates, "manual_steps": manual, "diff": diff, **apply_notes(imp)}
 
 
 def _notify_applied(imp: Improvement, settings: Settings) -> None:
