@@ -23,9 +23,11 @@ from typing import Any
 from selfheal_plugin import hookimpl
 from selfheal_plugin.lifecycle.cooldown import claim_notification
 from selfheal_plugin.history.connection import connect
-from selfheal_plugin.lifecycle.proposals import StrategyError, attach_suggested_fixes, history_window, propose_for_pattern
+from selfheal_plugin.lifecycle.proposals import (
+    Proposed, StrategyError, attach_fixes, history_window, made_by_strategies, propose_for_pattern,
+)
 from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, get_pattern
-from selfheal_plugin.history.improvements import Improvement
+from selfheal_plugin.history.improvements import IN_FORCE, Improvement, already_fixed
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.plugins.manager import Notification, notify
 from selfheal_plugin.history.text import markdown_inline as md
@@ -92,19 +94,17 @@ def _react(conn: sqlite3.Connection, settings: Settings, run: dict[str, Any], pa
     improvement, created, problem = None, False, None
     history = history_window(conn, settings, now=now)
     try:
-        proposed = propose_for_pattern(conn, settings, pattern, history)
-        if proposed.skipped:  # a rejection that still stands
-            problem = proposed.skipped
+        answer: Proposed | StrategyError = propose_for_pattern(conn, settings, pattern, history)
+        if answer.skipped:  # a rejection that still stands
+            problem = answer.skipped
         else:
-            improvement, created = proposed.improvement, proposed.created
+            improvement, created = answer.improvement, answer.created
     except StrategyError as exc:
+        answer = exc
         problem = str(exc)
         log.warning("auto-analysis could not propose for %s: %s", pattern.id, exc)
-    # one suggested fix: the open proposal's description, else that of the proposal the strategy makes now
-    if improvement is not None:
-        pattern.suggested_fix = improvement.description
-    else:
-        attach_suggested_fixes([pattern], history)
+    # the one suggested fix, by the service's rule (the strategy's answer above is not asked again)
+    attach_fixes(conn, [pattern], history, made_by_strategies([pattern], [answer]))
     if created:
         log.info("run %s failed: proposed %s for %s", run["id"], improvement.id, pattern.id)
     notified = claim_notification(conn, pattern.id, now, settings.cooldown_minutes)
@@ -125,7 +125,9 @@ def _notification(run: dict[str, Any], pattern: Pattern, improvement: Improvemen
     if pattern.suggested_fix and improvement is None:
         lines.append(f"Suggested fix: {md(pattern.suggested_fix)}")
     lines.append("")
-    if improvement is not None:
+    if improvement is not None and improvement.status in IN_FORCE:  # its failures may all predate the fix
+        lines.append(already_fixed(improvement.id, improvement.status, improvement.description, md))
+    elif improvement is not None:
         verb = "Proposed" if created else f"Open proposal ({md(improvement.status)})"
         lines.append(f"{verb}: {md(improvement.id)} — {md(improvement.description)}")
         if improvement.status == "proposed":

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.history.improvements import IN_FORCE
+from selfheal_plugin.history.improvements import IN_FORCE, already_fixed
 from selfheal_plugin.plugins.manager import Notification, notify
 from selfheal_plugin.plugins.strategy import Change
 from selfheal_plugin.history.text import format_p, markdown_inline as md
@@ -70,7 +70,7 @@ def patterns_detected(patterns: list[Any], settings: Any) -> None:
                 f"confidence {_pct(p.confidence)}, kind {md(_kind(p))}")
         if p.suggested_fix and getattr(p, "improvement_status", None) in IN_FORCE:
             # its failures in the window may all predate the fix: say it is fixed, suggest nothing
-            line += f". Already fixed: {md(p.improvement_id)} {md(p.improvement_status)} ({md(p.suggested_fix)})"
+            line += f". {already_fixed(p.improvement_id, p.improvement_status, p.suggested_fix, md)}"
         elif p.suggested_fix:
             line += f". Fix: {md(p.suggested_fix)}"
         elif getattr(p, "no_fix_reason", None):  # withheld (a rejection that stands, a strategy's error): say why

@@ -29,9 +29,11 @@ class FailurePattern(TypedDict, total=False):
     affected_run_count: int
     suggested_fix: str | None  # the open proposal's description, else that of the strategy's proposal now
     suggested_by: Literal["proposal", "strategy"] | None
-    improvement_id: str | None  # the open proposal behind suggested_fix, or the rejected one withholding it
-    # its status: applied = the fix is in force already, being verified; rejected = a person's
-    # rejection still stands (suggested_fix None)
+    # the open proposal (or standing verified fix) behind suggested_fix, or the rejected one withholding it
+    improvement_id: str | None
+    # its status: applied = the fix is in force already, being verified; verified = in force and
+    # kept, until the pattern keeps failing after it; rejected = a person's rejection still
+    # stands (suggested_fix None)
     improvement_status: str | None
     # the open proposal's note: a fix with the same changes was rolled back or rejected within
     # the re-apply cooldown (as in ProposalOutcome); None otherwise

@@ -17,11 +17,13 @@ undone before any verb reads config, git or the database. Each verb returns a ty
 
 Every question has one answer here:
 
-* a pattern's suggested fix is its stored open proposal's description wherever one exists,
-  else the description of the proposal its strategy makes now, not stored (``suggested_by``
-  says which): a read-only detect suggests the fix a proposing one stores; while a person's
-  rejection stands there is none (``no_fix_reason`` says so, ``improvement_status``
-  ``rejected``), as there is no proposal;
+* a pattern's suggested fix is its stored open proposal's description wherever one exists
+  (or its verified fix's, while the pattern has not kept failing after it), else the
+  description of the proposal its strategy makes now, not stored (``suggested_by`` says
+  which): a read-only detect suggests the fix a proposing one stores; a fix in force
+  (``improvement_status`` applied or verified) is said to be so, never suggested again; while
+  a person's rejection stands there is none (``no_fix_reason`` says so,
+  ``improvement_status`` ``rejected``), as there is no proposal;
 * ``detect(notify=True)`` notifies at most once per pattern per ``cooldown_minutes``,
   whoever asks (CLI, MCP, daemon), through the same cooldown record;
 * a rejected pattern is not proposed again until its evidence changes (see
@@ -43,12 +45,12 @@ from selfheal_plugin.errors import LifecycleError, NotFoundError, UsageError
 from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, get_pattern, pattern_details
 from selfheal_plugin.history.clock import wall_clock
 from selfheal_plugin.history.connection import connect
-from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.improvements import IN_FORCE, ImprovementStore, already_fixed
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
 from selfheal_plugin.lifecycle import proposals  # the other lifecycle modules: imported by the verbs that use them,
 # so that a command pays only for its own (detect does not import git, the simulator or the A/B judge)
-from selfheal_plugin.lifecycle.cooldown import claim_notifications, undone_before
+from selfheal_plugin.lifecycle.cooldown import claim_notifications
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError
@@ -159,22 +161,13 @@ class SelfHeal:
 
     def _attach_fixes(self, patterns: list[Pattern], history: HistoryWindow,
                       made: dict[str, Proposal | StrategyError] | None = None) -> None:
-        """Each pattern's one suggested fix: its open proposal's description, else that of the
-        proposal its strategy makes now (not stored), or made already in this command (``made``,
-        see :func:`~selfheal_plugin.lifecycle.proposals.made_by_strategies`), unless a rejection
-        stands (:func:`~selfheal_plugin.lifecycle.proposals.attach_suggested_fixes`)."""
-        open_rows = ImprovementStore(self.conn).open_for_patterns([p.id for p in patterns])
-        without = []
-        for p in patterns:
-            open_row = open_rows.get(p.id)
-            if open_row is not None:
-                p.suggested_fix, p.suggested_by, p.improvement_id = open_row.description, "proposal", open_row.id
-                p.improvement_status = open_row.status
-                p.same_change_undone = undone_before(open_row)
-            else:
-                without.append(p)
-        if without:
-            proposals.attach_suggested_fixes(without, history, made)
+        """Each pattern's one suggested fix (:func:`~selfheal_plugin.lifecycle.proposals.attach_fixes`):
+        its open proposal's description, or its verified fix's while that stands (both may be
+        in force: ``improvement_status``), else that of the proposal its strategy makes now
+        (not stored), or made already in this command (``made``, see
+        :func:`~selfheal_plugin.lifecycle.proposals.made_by_strategies`), unless a rejection
+        stands."""
+        proposals.attach_fixes(self.conn, patterns, history, made)
 
     # -------------------------------------------------------------- proposals
 
@@ -352,6 +345,8 @@ class SelfHeal:
             return None
         if pattern.suggested_fix is None and pattern.improvement_status == "rejected":
             return f"No fix suggested: {pattern.no_fix_reason}"
+        if pattern.improvement_status in IN_FORCE:  # in config.toml already: not a change to make again
+            return already_fixed(pattern.improvement_id, pattern.improvement_status, pattern.suggested_fix)
         return pattern.suggested_fix
 
     def agent_metrics(self, since: str | None = None) -> AgentMetrics:

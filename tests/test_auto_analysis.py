@@ -130,3 +130,35 @@ def test_a_run_without_completed_at_ends_when_it_failed():
     assert run_end(run, failed).isoformat() == "2026-11-20T10:00:09+00:00"
     assert run_end({**run, "completed_at": "2026-11-20T10:00:10Z"}, failed).isoformat() == "2026-11-20T10:00:10+00:00"
     assert run_end(run).isoformat() == "2026-11-20T10:00:00+00:00"
+
+
+def test_auto_analysis_says_a_fix_in_force_is_there_not_another_fix(binks_home):
+    """Auto-analysis picks a pattern's fix by the service's one rule: a verified fix that
+    stands is the answer (no new proposal), said as the inbox's summary says it."""
+    from datetime import datetime, timedelta, timezone
+
+    from selfheal_plugin.history.times import format_timestamp
+
+    from .lifecycle_data import K8S, add_improvement, rate_runs, timeout_change, write_runs
+
+    now = datetime.now(timezone.utc)
+    db = binks_home / "conversations.db"
+    write_runs(db, rate_runs(now - timedelta(days=6), now - timedelta(hours=1), 60, 0.3))
+    fixed = add_improvement(db, [timeout_change(40_000)], status="verified", description="Raise the timeout to 40 s",
+                            applied_at=format_timestamp(now - timedelta(minutes=30)))
+    conn = connect(db)
+    run = dict(conn.execute("SELECT * FROM runs WHERE status = 'failed' ORDER BY started_at DESC LIMIT 1").fetchone())
+    conn.close()
+    settings = load_settings(binks_home)
+    from selfheal_plugin.plugins import manager as plugins
+
+    plugins.load_plugins()
+    analyse_failed_run = plugins.pm.get_plugin("selfheal.hooks.auto_analysis").analyse_failed_run
+    with collecting() as seen:
+        (outcome,) = analyse_failed_run(run, settings)
+    assert (outcome["improvement_id"], outcome["created"]) == (fixed.id, False)
+    (note,) = [n for n in seen.of("notify") if n.title == f"Recurring failure timeout:{K8S}"]
+    assert f"Already fixed: {fixed.id} verified (Raise the timeout to 40 s)" in note.body, note.body
+    assert "Suggested fix" not in note.body and "Next:" not in note.body
+    assert [i.id for i in ImprovementStore(connect(db)).list(limit=None)] == [fixed.id]
+    assert f"timeout:{K8S}" in note.body

@@ -510,3 +510,79 @@ def test_show_and_improvements_carry_the_note_of_a_fix_proposed_again(history_co
     assert "⚠ Note: rolled back \\x1b[2J" in cli("show", PATTERN).stdout
     listed = cli("improvements", env={"COLUMNS": "200"}).stdout
     assert "\x1b" not in listed and "⚠ same change rolled back\\x1b[31m before (imp-\\x1b[2J)" in listed
+
+
+# ------------------------------------------------------------------ a fix in force
+
+
+def _home_with_a_fix(binks_home, status: str):
+    """A week of k8s timeouts (18 of 60 runs) up to an hour ago, and a fix of them applied
+    half an hour ago, ``status`` applied or verified: no failure of the pattern since."""
+    from datetime import datetime, timedelta, timezone
+
+    from selfheal_plugin.history.times import format_timestamp
+
+    from .lifecycle_data import K8S, add_improvement, rate_runs, timeout_change, write_runs
+
+    now = datetime.now(timezone.utc)
+    db = binks_home / "conversations.db"
+    write_runs(db, rate_runs(now - timedelta(days=6), now - timedelta(hours=1), 60, 0.3))
+    fixed = add_improvement(db, [timeout_change(40_000)], status=status, description="Raise the timeout to 40 s",
+                            applied_at=format_timestamp(now - timedelta(minutes=30)))
+    return db, f"timeout:{K8S}", fixed, now
+
+
+def _cli(binks_home, *args):
+    return CliRunner().invoke(agent, ["self-heal", *args, "--home", str(binks_home)], env={"COLUMNS": "200"},
+                              catch_exceptions=False)
+
+
+@pytest.mark.parametrize("status", ["applied", "verified"])
+def test_a_fix_in_force_is_said_fixed_by_every_surface_not_suggested_again(binks_home, status):
+    """detect (read-only and proposing), show and a run's health answer with the fix in
+    force, applied or verified, as the inbox does ("Already fixed: …"): no other fix is
+    suggested or proposed, and detect's text neither suggests it nor says to apply it."""
+    from selfheal_plugin.service import SelfHeal
+
+    db, pid, fixed, _ = _home_with_a_fix(binks_home, status)
+    with SelfHeal(binks_home) as sh:
+        (p,) = sh.detect()["patterns"]
+        assert (p["improvement_id"], p["improvement_status"], p["suggested_by"]) == (fixed.id, status, "proposal")
+        assert p["suggested_fix"] == "Raise the timeout to 40 s"
+        shown = sh.show(pid)
+        assert (shown["improvement_id"], shown["improvement_status"]) == (fixed.id, status)
+        run = p["affected_runs"][-1]
+        (issue,) = [i for i in sh.run_health(run)["issues"] if i.get("pattern_id") == pid]
+        if status == "verified":  # an applied one health cites itself, with verify as the next step
+            assert issue["recommendation"] == f"Already fixed: {fixed.id} verified (Raise the timeout to 40 s)"
+        assert fixed.id in issue["recommendation"]
+        (outcome,) = sh.detect(propose=True)["proposals"]
+        assert (outcome["improvement_id"], outcome["status"], outcome["created"]) == (fixed.id, status, False)
+        assert [i.id for i in ImprovementStore(sh.conn).list(limit=None)] == [fixed.id]  # nothing new stored
+    text = _cli(binks_home, "detect").output
+    assert f"    Already fixed: {fixed.id} {status} (Raise the timeout to 40 s)" in text, text
+    assert f"  – No new proposal for pattern {pid}: Already fixed: {fixed.id} {status}" in text
+    assert "Suggested fix" not in text and "(already open)" not in text and "Apply:" not in text
+    shown = _cli(binks_home, "show", pid).output
+    assert f"  Already fixed: {fixed.id} {status} (Raise the timeout to 40 s)" in shown
+    assert "Suggested fix" not in shown
+
+
+def test_a_pattern_that_keeps_failing_after_its_verified_fix_is_proposed_for_again(binks_home):
+    """docs/lifecycle.md: a verified fix is not an open proposal; it answers for its pattern
+    until min_occurrences of the pattern's failures come after it, then the strategy is
+    asked again, by detect --propose and by the read-only suggestion alike."""
+    from datetime import timedelta
+
+    from selfheal_plugin.service import SelfHeal
+
+    from .lifecycle_data import rate_runs, write_runs
+
+    db, pid, fixed, now = _home_with_a_fix(binks_home, "verified")
+    write_runs(db, rate_runs(now - timedelta(minutes=20), now - timedelta(minutes=1), 10, 0.3))  # 3 failures after
+    with SelfHeal(binks_home) as sh:
+        (p,) = sh.detect()["patterns"]
+        assert p["suggested_by"] == "strategy" and p["improvement_id"] is None
+        (outcome,) = sh.detect(propose=True)["proposals"]
+        assert outcome["created"] is True and outcome["improvement_id"] != fixed.id
+        assert outcome["description"].splitlines()[0] == p["suggested_fix"]

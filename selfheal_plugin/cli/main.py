@@ -141,6 +141,8 @@ def show(pattern_id: str, home: str | None, db: str | None, as_json: bool, since
 def _print_pattern(d: dict[str, Any]) -> None:
     from rich.table import Table
 
+    from selfheal_plugin.history.improvements import IN_FORCE, already_fixed
+
     out = table_console()
     out.print(f"Pattern {for_rich(d['id'])}")
     print_line(out, f"  Error: {for_rich(d['error_type'])} on {for_rich(d['tool_name'])}")
@@ -153,7 +155,9 @@ def _print_pattern(d: dict[str, Any]) -> None:
     print_line(out, f"  Correlation: {pct(d['correlation_score'])}   Confidence: {pct(d['confidence'])}")
     print_line(out, f"  First seen: {d['first_seen']}")
     print_line(out, f"  Last seen:  {d['last_seen']}")
-    if d.get("suggested_fix"):
+    if d.get("suggested_fix") and d.get("improvement_status") in IN_FORCE:  # said as detect and the inbox say it
+        print_line(out, f"  {already_fixed(d['improvement_id'], d['improvement_status'], d['suggested_fix'], for_rich)}")
+    elif d.get("suggested_fix"):
         print_line(out, f"  Suggested fix: {for_rich(d['suggested_fix'])}")
         if d.get("same_change_undone"):  # the open proposal's: said where a person decides, as detect does
             print_line(out, f"  ⚠ Note: {for_rich(d['same_change_undone']['note'])}")

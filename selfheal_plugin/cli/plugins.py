@@ -10,7 +10,7 @@ from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.cli.common import common_options, echo_json, open_service, pct, print_line, table_console
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.cli.options import setting_option
-from selfheal_plugin.history.improvements import STATUSES
+from selfheal_plugin.history.improvements import IN_FORCE, STATUSES, already_fixed
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.text import for_rich, for_terminal
 
@@ -52,7 +52,9 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
         click.echo(f"    Correlation: {pct(p['correlation_score'])}")
         click.echo(f"    Confidence: {pct(p['confidence'])}")
         click.echo(f"    Failure kind: {for_terminal((p.get('evidence') or {}).get('summary') or p.get('failure_kind') or 'unknown')}")
-        if p.get("suggested_fix"):
+        if p.get("suggested_fix") and p.get("improvement_status") in IN_FORCE:  # said as the inbox says it
+            click.echo(f"    {already_fixed(p['improvement_id'], p['improvement_status'], p['suggested_fix'], for_terminal)}")
+        elif p.get("suggested_fix"):
             click.echo(f"    Suggested fix: {for_terminal(p['suggested_fix'])}")
         elif p.get("no_fix_reason"):
             click.echo(f"    Suggested fix: none — {for_terminal(p['no_fix_reason'])}")
@@ -64,6 +66,9 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
             click.echo(f"  ✗ No proposal for pattern {for_terminal(res['pattern_id'])}: {for_terminal(res['error'])}")
         elif res.get("skipped"):
             click.echo(f"  – No new proposal for pattern {for_terminal(res['pattern_id'])}: {for_terminal(res['skipped'])}")
+        elif res.get("status") in IN_FORCE:  # the fix of record is in config.toml already: nothing new to do
+            fixed = already_fixed(res["improvement_id"], res["status"], res["description"], for_terminal)
+            click.echo(f"  – No new proposal for pattern {for_terminal(res['pattern_id'])}: {fixed}")
         else:
             note = "" if res["created"] else " (already open)"
             click.echo(f"  ✓ Proposal {res['improvement_id']} for pattern {for_terminal(res['pattern_id'])}{note}")
@@ -79,8 +84,9 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
         click.echo(f"📭 Inbox already told about these patterns in the last {settings.cooldown_minutes:g} minutes")
     click.echo()
     click.echo("📋 Next steps:")
-    click.echo("  - Test: agent self-heal test <improvement-id>")
-    click.echo("  - Apply: agent self-heal apply <improvement-id>")
+    if any(p.get("suggested_fix") and p.get("improvement_status") not in IN_FORCE for p in patterns):
+        click.echo("  - Test: agent self-heal test <improvement-id>")  # not for a fix in force already
+        click.echo("  - Apply: agent self-heal apply <improvement-id>")
     click.echo("  - View: agent self-heal show <pattern-id>")
 
 

@@ -15,7 +15,7 @@ import json
 import secrets
 import sqlite3
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 from selfheal_plugin.errors import NotFoundError, SelfHealError
 from selfheal_plugin.history.connection import load_json, table_columns, write_transaction
@@ -28,6 +28,15 @@ STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "verified", "re
 # experiment; "ab": an arm of a running experiment; "ab_lost": an arm that lost (history).
 OPEN_STATUSES = ("proposed", "tested", "canary", "shadow", "applied", "ab")
 IN_FORCE = ("applied", "verified")  # a fix whose change config.toml holds now
+
+
+def already_fixed(improvement_id: str | None, status: str | None, fix: str | None,
+                  escape: Callable[[str], str] = str) -> str:
+    """How every surface says that a pattern's fix is in force (:data:`IN_FORCE`) rather than
+    suggesting it: ``Already fixed: imp-… applied (Increase the timeout …)`` — the inbox,
+    ``detect``, ``show``, ``health``, auto-analysis. ``escape`` is where it lands (Markdown,
+    the terminal)."""
+    return f"Already fixed: {escape(str(improvement_id))} {escape(str(status))} ({escape(str(fix or ''))})"
 REPLACEABLE = ("proposed", "tested")  # an open row not yet acted on: a new proposal may supersede it
 _JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact",
                 "apply_record", "evidence", "experiment")

@@ -38,6 +38,53 @@ def history_window(conn: sqlite3.Connection, settings: Settings, since: str | No
                          settings=settings)
 
 
+def attach_fixes(conn: sqlite3.Connection, patterns: list[Pattern], history: HistoryWindow,
+                 made: Mapping[str, Proposal | StrategyError] | None = None) -> list[Pattern]:
+    """Each pattern's one suggested fix, the one rule every surface reads (the service's
+    ``detect``, ``show`` and ``health``, auto-analysis): the description of its fix of record
+    (:func:`fixes_of_record`: its open proposal, else a verified fix that still stands;
+    ``suggested_by`` ``proposal``, ``improvement_id``/``improvement_status`` naming it), else
+    :func:`attach_suggested_fixes` (the proposal its strategy makes now, or why none)."""
+    rows = fixes_of_record(conn, history.settings, patterns)
+    without = []
+    for p in patterns:
+        row = rows.get(p.id)
+        if row is not None:
+            p.suggested_fix, p.suggested_by, p.improvement_id = row.description, "proposal", row.id
+            p.improvement_status = row.status
+            p.same_change_undone = undone_before(row)
+        else:
+            without.append(p)
+    if without:
+        attach_suggested_fixes(without, history, made)
+    return patterns
+
+
+def fixes_of_record(conn: sqlite3.Connection, settings: Settings | None, patterns: list[Pattern]
+                    ) -> dict[str, Improvement]:
+    """Each pattern's fix of record, for the ids that have one: its open proposal
+    (``OPEN_STATUSES``, an applied fix among them), else its verified fix while that stands
+    (:func:`verified_fix_stands`). Proposing returns it rather than a new proposal."""
+    store = ImprovementStore(conn)
+    rows = store.open_for_patterns([p.id for p in patterns])
+    rest = [p for p in patterns if p.id not in rows]
+    if rest and settings is not None:
+        in_force = store.in_force_for_patterns([p.id for p in rest])
+        for p in rest:
+            fix = in_force.get(p.id)
+            if fix is not None and verified_fix_stands(fix, p, settings):
+                rows[p.id] = fix
+    return rows
+
+
+def verified_fix_stands(fix: Improvement, pattern: Pattern, settings: Settings) -> bool:
+    """A verified fix is in force and answers for its pattern (nothing is suggested or
+    proposed in its place) until the pattern keeps failing after it: ``min_occurrences`` of
+    its failures in the window came after the fix was applied (its failures before are what
+    the fix fixed). The same yardstick as a rejection's (:func:`rejection_stands`)."""
+    return fix.status == "verified" and failures_since(pattern, fix.applied_at) < settings.min_occurrences
+
+
 def attach_suggested_fixes(patterns: list[Pattern], history: HistoryWindow,
                            made: Mapping[str, Proposal | StrategyError] | None = None) -> list[Pattern]:
     """Fill each pattern's ``suggested_fix`` with the first line of the description of the
@@ -249,6 +296,8 @@ def _prepare(store: ImprovementStore, settings: Settings, pattern: Pattern, hist
     strategy that fails, or a standing rejection, leaves it open."""
     conn = store.conn
     replaces: Replacement | None = None
+    if existing is None:  # a verified fix that stands answers as an open proposal does (fixes_of_record)
+        existing = fixes_of_record(conn, settings, [pattern]).get(pattern.id)
     if existing is not None and existing.status not in REPLACEABLE:
         return Proposed(existing, False, pattern)
     if existing is not None and learning.is_rule_strategy(existing.strategy):

@@ -36,7 +36,8 @@ What a strategy receives, ``pattern`` (:class:`selfheal_plugin.plugins.pattern.P
     improvement_id     the open proposal behind suggested_fix, if any (or the rejected one
                        that withholds it)
     improvement_status its status (applied: the fix is in force already, being verified;
-                       rejected: a person's rejection still stands, no fix is suggested)
+                       verified: in force and kept, until the pattern keeps failing after
+                       it; rejected: a person's rejection still stands, no fix is suggested)
     no_fix_reason      why suggested_fix is None: that rejection, or the strategy's error
     same_change_undone the open proposal's note when the same change was rolled back before
     failure_kind       what the failures are, from the evidence (one of FAILURE_KINDS)
