@@ -15,6 +15,7 @@ from selfheal_plugin import hookimpl
 from selfheal_plugin.history.improvements import IN_FORCE, already_fixed
 from selfheal_plugin.plugins.manager import Notification, notify
 from selfheal_plugin.plugins.strategy import Change
+from selfheal_plugin.steps import step
 from selfheal_plugin.history.text import format_p, markdown_inline as md
 
 
@@ -61,10 +62,16 @@ def _pct(value: Any) -> str:
 
 
 @hookimpl
-def patterns_detected(patterns: list[Any], settings: Any) -> None:
+def patterns_detected(patterns: list[Any], found: int, settings: Any) -> None:
     if not settings.notify_patterns or not patterns:
         return
-    lines = [f"Detected {len(patterns)} failure pattern(s). View details: agent self-heal improvements", ""]
+    # the count the detection printed; the ones listed are those the shared cooldown let through
+    title = head = f"Detected {max(found, len(patterns))} failure pattern(s)"
+    if found > len(patterns):
+        title = f"{title}, {len(patterns)} new to the inbox"
+        head = f"{title} ({found - len(patterns)} told within the last {settings.cooldown_minutes:g} minutes)"
+    # a command that shows each listed pattern, whether or not a proposal was stored for it
+    lines = [f"{head}. View details: {step('show', 'PATTERN')}", ""]
     for p in patterns:
         line = (f"- {md(p.id)}: {p.occurrences} occurrence(s) in {len(p.affected_runs)} run(s), "
                 f"confidence {_pct(p.confidence)}, kind {md(_kind(p))}")
@@ -76,7 +83,7 @@ def patterns_detected(patterns: list[Any], settings: Any) -> None:
         elif getattr(p, "no_fix_reason", None):  # withheld (a rejection that stands, a strategy's error): say why
             line += f". Fix: none — {md(p.no_fix_reason)}"
         lines.append(line)
-    notify(Notification(title=f"Detected {len(patterns)} failure pattern(s)", body="\n".join(lines),
+    notify(Notification(title=title, body="\n".join(lines),
                         tags=["self-heal", "patterns"], priority="high"), settings)
 
 

@@ -142,7 +142,7 @@ class SelfHeal:
             fresh = [p for p in found.patterns if p.id in claimed]
             notified = [p.id for p in fresh]
             if fresh:
-                plugins.fire("patterns_detected", patterns=fresh, settings=s)
+                plugins.fire("patterns_detected", patterns=fresh, found=len(found.patterns), settings=s)
         return {"since": found.since, "patterns": [p.to_dict(runs_limit=runs_limit) for p in found.patterns], "proposals": outcomes,
                 "notified": notified, "candidates": found.candidates, "failing_signatures": found.failing,
                 "skipped_rows": found.scanned.total_bad_rows,

@@ -550,3 +550,34 @@ def test_a_replaced_database_is_reopened(fresh, tmp_path):
         assert daemon.conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
     finally:
         daemon.close()
+
+
+def test_the_inbox_counts_every_pattern_and_points_at_a_command_that_shows_them(fresh):
+    """A daemon round without --auto-detect proposes nothing, so `improvements` would list
+    nothing: the summary's hint is `show PATTERN`, which shows each listed pattern. The
+    patterns auto-analysis told within the shared cooldown are counted, not listed."""
+    from click.testing import CliRunner
+
+    from selfheal_plugin.cli.main import agent
+    from selfheal_plugin.lifecycle.cooldown import claim_notification
+
+    settings = load_settings(fresh)
+    daemon = Daemon(settings, clock=SimulatedClock(T0))
+    try:
+        told = daemon.service.detect()["patterns"][0]["id"]
+        assert claim_notification(daemon.conn, told, T0, settings.cooldown_minutes)  # as auto-analysis does
+        with collecting() as seen:
+            report = daemon.tick()
+        (summary,) = [n for n in seen.of("notify") if n.title.startswith("Detected")]
+    finally:
+        daemon.close()
+    found, new = len(report.patterns), len(report.notified_patterns)
+    assert found == new + 1 and told not in report.notified_patterns
+    assert summary.title == f"Detected {found} failure pattern(s), {new} new to the inbox"
+    assert summary.body.startswith(
+        f"Detected {found} failure pattern(s), {new} new to the inbox (1 told within the last 60 minutes). "
+        "View details: agent self-heal show PATTERN\n")
+    assert summary.body.count("\n- ") == new
+    shown = CliRunner().invoke(agent, ["self-heal", "show", report.notified_patterns[0], "--home", str(fresh),
+                                       "--since", "2000-01-01"], env={"COLUMNS": "200"}, catch_exceptions=False)
+    assert shown.exit_code == 0 and f"Pattern {report.notified_patterns[0]}" in shown.output

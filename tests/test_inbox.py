@@ -151,7 +151,7 @@ def _entries(settings) -> list:
 
 def test_lifecycle_events_become_inbox_entries(binks_home):
     s = load_settings(binks_home)
-    plugins.fire("patterns_detected", patterns=[_pattern()], settings=s)
+    plugins.fire("patterns_detected", patterns=[_pattern()], found=1, settings=s)
     plugins.fire("improvement_applied", improvement=_improvement(), settings=s)
     plugins.fire("improvement_verified", improvement=_improvement(status="verified"), settings=s,
                  verification={"expected_impact": "40% reduction in timeout errors",
@@ -162,7 +162,7 @@ def test_lifecycle_events_become_inbox_entries(binks_home):
                  settings=s)
     pat, applied, verified, rolled = _entries(s)
     assert (pat.tags, pat.priority) == (["self-heal", "patterns"], "high")
-    assert pat.body.startswith("Detected 1 failure pattern(s). View details: agent self-heal improvements\n\n"
+    assert pat.body.startswith("Detected 1 failure pattern(s). View details: agent self-heal show PATTERN\n\n"
                                "- timeout:mcp__k8s__pods: 5 occurrence(s)")
     assert (applied.tags, applied.priority) == (["improvement", "applied"], "normal")
     assert applied.body == (
@@ -265,7 +265,7 @@ def test_notify_flags_switch_notifications_off(binks_home):
         "[self_heal]\nnotify_patterns = false\nnotify_applied = false\nnotify_verified = false\n"
         "notify_rolled_back = false\n")
     s = load_settings(binks_home)
-    plugins.fire("patterns_detected", patterns=[_pattern()], settings=s)
+    plugins.fire("patterns_detected", patterns=[_pattern()], found=1, settings=s)
     plugins.fire("improvement_applied", improvement=_improvement(), settings=s)
     plugins.fire("improvement_verified", improvement=_improvement(), verification={}, settings=s)
     plugins.fire("improvement_rolled_back", improvement=_improvement(), settings=s)

@@ -221,7 +221,7 @@ EXPECTED_HOOKS = {
     "register_strategies": ["register"],
     "run_failed": ["run", "settings"],
     "history_changed": ["new_runs", "new_event_count", "settings"],
-    "patterns_detected": ["patterns", "settings"],
+    "patterns_detected": ["patterns", "found", "settings"],
     "improvement_proposed": ["improvement", "settings"],
     "improvement_tested": ["improvement", "result", "settings"],
     "improvement_applied": ["improvement", "settings"],

@@ -354,7 +354,7 @@ def test_the_patterns_detected_summary_escapes_pattern_ids():
     plugins.register(sink, "test-untrusted-sink")
     try:
         pattern = Pattern(f"timeout:{HOSTILE_TOOL}", "timeout", HOSTILE_TOOL, 3, 0.9, 0.9, ["r"], "a", "b", 0.5)
-        patterns_detected(patterns=[pattern], settings=load_settings())
+        patterns_detected(patterns=[pattern], found=1, settings=load_settings())
     finally:
         plugins.unregister(sink)
     body = sink.notes[-1].body

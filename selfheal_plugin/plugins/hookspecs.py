@@ -80,14 +80,18 @@ def history_changed(new_runs: list[str], new_event_count: int, settings: Setting
 
 
 @hookspec
-def patterns_detected(patterns: list[Pattern], settings: Settings) -> None:
-    """Detection found recurring failure patterns.
+def patterns_detected(patterns: list[Pattern], found: int, settings: Settings) -> None:
+    """Detection found recurring failure patterns not told about within the cooldown.
 
     Fires after ``agent self-heal detect`` (and the daemon's periodic detection) when at
-    least one pattern passed the thresholds. The built-in notification hook turns it
-    into an inbox entry when ``notify_patterns`` is on.
+    least one pattern passed the thresholds and its notification cooldown
+    (``cooldown_minutes``, shared with auto-analysis) let it through. The built-in
+    notification hook turns it into an inbox entry when ``notify_patterns`` is on.
 
-    :param patterns: the :class:`selfheal_plugin.plugins.pattern.Pattern` objects found.
+    :param patterns: the :class:`selfheal_plugin.plugins.pattern.Pattern` objects found whose
+        cooldown let them through (each is told at most once per cooldown).
+    :param found: how many patterns the detection found, those the cooldown held back included
+        (``len(patterns)`` when none was).
     :param settings: the :class:`selfheal_plugin.history.settings.Settings` in force.
     :returns: nothing; not firstresult, every implementation is called and return values are ignored.
     """

@@ -51,7 +51,7 @@ def test_detect_proposes_writes_inbox_and_is_idempotent(history_copy, binks_home
     (entry,) = _inbox_entries()
     assert (entry.source, entry.tags, entry.priority) == ("self-heal", ["self-heal", "patterns"], "high")
     assert entry.body.startswith(f"Detected {len(truth['patterns'])} failure pattern(s). "
-                                 "View details: agent self-heal improvements")
+                                 "View details: agent self-heal show PATTERN")
 
     again = run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE, "--json")
     assert again.returncode == 0, again.stderr
