@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from selfheal_plugin import hookimpl
-from selfheal_plugin.lifecycle.cooldown import claim_notification
+from selfheal_plugin.lifecycle.cooldown import claim_notification, release_notifications
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.lifecycle.proposals import (
     Proposed, StrategyError, attach_fixes, history_window, made_by_strategies, propose_for_pattern,
@@ -108,8 +108,9 @@ def _react(conn: sqlite3.Connection, settings: Settings, run: dict[str, Any], pa
     if created:
         log.info("run %s failed: proposed %s for %s", run["id"], improvement.id, pattern.id)
     notified = claim_notification(conn, pattern.id, now, settings.cooldown_minutes)
-    if notified:
-        notify(_notification(run, pattern, improvement, created, problem), settings)
+    if notified and not notify(_notification(run, pattern, improvement, created, problem), settings):
+        release_notifications(conn, [pattern.id], now)  # delivered nowhere: the next failure tells it
+        notified = False
     return {"pattern_id": pattern.id, "improvement_id": improvement.id if improvement else None,
             "created": created, "notified": notified}
 

@@ -62,9 +62,10 @@ def _pct(value: Any) -> str:
 
 
 @hookimpl
-def patterns_detected(patterns: list[Any], found: int, settings: Any) -> None:
+def patterns_detected(patterns: list[Any], found: int, settings: Any) -> list[Any] | None:
+    """The inbox summary of the patterns; returns where it was delivered (``[]``: nowhere)."""
     if not settings.notify_patterns or not patterns:
-        return
+        return None
     # the count the detection printed; the ones listed are those the shared cooldown let through
     title = head = f"Detected {max(found, len(patterns))} failure pattern(s)"
     if found > len(patterns):
@@ -83,8 +84,8 @@ def patterns_detected(patterns: list[Any], found: int, settings: Any) -> None:
         elif getattr(p, "no_fix_reason", None):  # withheld (a rejection that stands, a strategy's error): say why
             line += f". Fix: none — {md(p.no_fix_reason)}"
         lines.append(line)
-    notify(Notification(title=title, body="\n".join(lines),
-                        tags=["self-heal", "patterns"], priority="high"), settings)
+    return notify(Notification(title=title, body="\n".join(lines),
+                               tags=["self-heal", "patterns"], priority="high"), settings)
 
 
 @hookimpl

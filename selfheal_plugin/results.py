@@ -78,6 +78,7 @@ class DetectResult(TypedDict, total=False):
     patterns: list[FailurePattern]
     proposals: list[ProposalOutcome]
     notified: list[str]  # pattern ids whose notification fired this time (the cooldown let them)
+    undelivered: list[str]  # pattern ids whose summary no notify hook delivered: told by the next detect
     candidates: int  # signatures with at least min_occurrences failures, before the confidence filter
     failing_signatures: int  # signatures with a failed call in the window, before min_occurrences
     skipped_rows: int

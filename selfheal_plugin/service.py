@@ -50,7 +50,7 @@ from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
 from selfheal_plugin.lifecycle import proposals  # the other lifecycle modules: imported by the verbs that use them,
 # so that a command pays only for its own (detect does not import git, the simulator or the A/B judge)
-from selfheal_plugin.lifecycle.cooldown import claim_notifications
+from selfheal_plugin.lifecycle.cooldown import claim_notifications, release_notifications
 from selfheal_plugin.lifecycle.recovery import recover
 from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.plugins.strategy import HistoryWindow, Proposal, StrategyError
@@ -137,14 +137,18 @@ class SelfHeal:
                                          history=history, made=made)
         self._attach_fixes(found.patterns, history, made)
         notified: list[str] = []
+        undelivered: list[str] = []
         if notify and found.patterns:
             claimed = set(claim_notifications(self.conn, [p.id for p in found.patterns], now, s.cooldown_minutes))
             fresh = [p for p in found.patterns if p.id in claimed]
             notified = [p.id for p in fresh]
             if fresh:
-                plugins.fire("patterns_detected", patterns=fresh, found=len(found.patterns), settings=s)
+                delivered = plugins.fire("patterns_detected", patterns=fresh, found=len(found.patterns), settings=s)
+                if s.notify_patterns and not any(delivered):  # the summary reached no sink: not told
+                    release_notifications(self.conn, notified, now)
+                    notified, undelivered = [], notified
         return {"since": found.since, "patterns": [p.to_dict(runs_limit=runs_limit) for p in found.patterns], "proposals": outcomes,
-                "notified": notified, "candidates": found.candidates, "failing_signatures": found.failing,
+                "notified": notified, "undelivered": undelivered, "candidates": found.candidates, "failing_signatures": found.failing,
                 "skipped_rows": found.scanned.total_bad_rows,
                 "stopped": len(outcomes) < len(found.patterns) if propose else False}
 

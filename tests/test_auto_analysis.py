@@ -96,6 +96,28 @@ def test_notifies_again_only_after_the_cooldown(home):
     conn.close()
 
 
+def test_a_notification_delivered_nowhere_is_told_at_the_next_failure(home, tmp_path, monkeypatch):
+    """An inbox that cannot be written does not spend the pattern's cooldown."""
+    (home / "config.toml").write_text("[self_heal]\ncooldown_minutes = 60\n")
+    settings, conn = watched(home)
+    working = tmp_path / "inbox"
+    not_a_folder = tmp_path / "inbox-is-a-file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("INBOX_PATH", str(not_a_folder))
+    with collecting(block_auto_analysis=False) as seen:
+        write_runs(settings.db_path, "--runs", "8", "--kinds", "error,ok", "--start", "2026-11-20T10:00:00+00:00")
+        check_history(conn, settings)
+        tried = len(pattern_notifications(seen))
+        assert tried >= 1 and not_a_folder.read_text() == ""  # tried (each failed run again), refused
+        monkeypatch.setenv("INBOX_PATH", str(working))
+        # 30 minutes later (run time), within the cooldown: told now, as nothing was told before
+        write_runs(settings.db_path, "--runs", "2", "--kinds", "error", "--start", "2026-11-20T10:30:00+00:00")
+        check_history(conn, settings)
+        assert len(pattern_notifications(seen)) == tried + 1
+    assert len([e for e in inbox_entries(tmp_path) if "auto-analysis" in e.tags]) == 1
+    conn.close()
+
+
 def test_failed_runs_without_tool_errors_are_left_alone(home):
     settings, conn = watched(home)
     write_runs(settings.db_path, "--runs", "6", "--kinds", "update,direct")

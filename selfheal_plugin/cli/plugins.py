@@ -80,6 +80,8 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
         click.echo("📭 Inbox summary off (notify_patterns = false)")
     elif result["notified"]:
         click.echo("📬 Writing summary to inbox...")
+    elif result.get("undelivered"):
+        click.echo("📭 Inbox summary not written (see the warning above): the next detect tries again")
     else:
         click.echo(f"📭 Inbox already told about these patterns in the last {settings.cooldown_minutes:g} minutes")
     click.echo()

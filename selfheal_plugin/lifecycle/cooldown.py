@@ -50,6 +50,17 @@ def claim_notifications(conn: sqlite3.Connection, pattern_ids: list[str], now: d
         return [pid for pid in pattern_ids if _claim(conn, STATE_PREFIX + pid, now, cooldown)]
 
 
+def release_notifications(conn: sqlite3.Connection, pattern_ids: list[str], now: datetime) -> None:
+    """Undo :func:`claim_notifications` of ``now`` for ``pattern_ids`` when their notification
+    was delivered nowhere (an inbox that cannot be written): the next detection tells them.
+    A mark another process wrote since (another instant) is left alone."""
+    if not pattern_ids:
+        return
+    with write_transaction(conn):
+        conn.executemany("DELETE FROM selfheal_state WHERE key = ? AND value = ?",
+                         [(STATE_PREFIX + pid, format_timestamp(now)) for pid in pattern_ids])
+
+
 def claim_once(conn: sqlite3.Connection, key: str, now: datetime, cooldown: timedelta | None = None) -> bool:
     """True, with ``now`` recorded under ``key``, when nothing was recorded there within
     ``cooldown`` before ``now`` (``None``: ever); False (nothing changed) otherwise."""

@@ -80,7 +80,7 @@ def history_changed(new_runs: list[str], new_event_count: int, settings: Setting
 
 
 @hookspec
-def patterns_detected(patterns: list[Pattern], found: int, settings: Settings) -> None:
+def patterns_detected(patterns: list[Pattern], found: int, settings: Settings) -> Any:
     """Detection found recurring failure patterns not told about within the cooldown.
 
     Fires after ``agent self-heal detect`` (and the daemon's periodic detection) when at
@@ -93,7 +93,11 @@ def patterns_detected(patterns: list[Pattern], found: int, settings: Settings) -
     :param found: how many patterns the detection found, those the cooldown held back included
         (``len(patterns)`` when none was).
     :param settings: the :class:`selfheal_plugin.history.settings.Settings` in force.
-    :returns: nothing; not firstresult, every implementation is called and return values are ignored.
+    :returns: optionally where it delivered the news (the built-in hook returns the ``notify``
+        results: ``[]`` when no sink took the summary). Not firstresult: every implementation
+        is called. When ``notify_patterns`` is on and no implementation returned a non-empty
+        value, the patterns were told nowhere (an inbox that cannot be written): their
+        cooldown is not used up, and the next detection tells them.
     """
 
 

@@ -82,6 +82,30 @@ def test_detect_proposes_writes_inbox_and_is_idempotent(history_copy, binks_home
     assert text.returncode == 0 and all(i in text.stdout for i in rows)
 
 
+def test_an_inbox_that_cannot_be_written_does_not_use_up_the_cooldown(history_copy, binks_home, tmp_path):
+    """A summary delivered nowhere is not counted as told: the next detect, with a working
+    inbox, writes it (before, the patterns' cooldown was spent on the failed write)."""
+    not_a_folder = tmp_path / "inbox-is-a-file"
+    not_a_folder.write_text("")
+    res = run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE,
+                    env={"INBOX_PATH": str(not_a_folder)})
+    assert res.returncode == 0, res.stderr
+    assert "Writing summary to inbox" not in res.stdout
+    assert "\n📭 Inbox summary not written (see the warning above): the next detect tries again\n" in res.stdout
+    assert "notify" in res.stderr and "inbox-is-a-file" in res.stderr  # the failure, said
+    assert not_a_folder.read_text() == ""
+    data = json.loads(run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE, "--json",
+                                env={"INBOX_PATH": str(not_a_folder)}).stdout)
+    assert data["notified"] == [] and sorted(data["undelivered"]) == sorted(p["id"] for p in data["patterns"])
+
+    again = run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE, "--json")
+    assert again.returncode == 0, again.stderr
+    told = json.loads(again.stdout)
+    assert sorted(told["notified"]) == sorted(p["id"] for p in told["patterns"]) and told["undelivered"] == []
+    (entry,) = _inbox_entries()
+    assert entry.body.startswith(f"Detected {len(told['patterns'])} failure pattern(s).")
+
+
 def test_detect_says_no_inbox_summary_when_notify_patterns_is_off(history_copy, binks_home):
     (binks_home / "config.toml").write_text("[self_heal]\nnotify_patterns = false\n")
     res = run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE)
