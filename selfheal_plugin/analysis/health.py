@@ -41,6 +41,7 @@ from typing import Any, Callable
 from selfheal_plugin.history.errorindex import indexed_up_to, refresh, sane_duration, wellformed_sql
 from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.history.connection import normalize_error_type, read_all, rows_by_id
+from selfheal_plugin.history.outcome import FINISHED, SUCCEEDED, success_rate
 from selfheal_plugin.history.text import Undecodable
 from selfheal_plugin.history.abstore import AbStore, has_ab_table
 from selfheal_plugin.history.improvements import ImprovementStore
@@ -51,8 +52,7 @@ from selfheal_plugin.steps import step
 log = logging.getLogger("selfheal.health")
 
 WEIGHTS: dict[str, float] = {"success": 0.5, "duration": 0.2, "tool_reliability": 0.2, "resource_efficiency": 0.1}
-OUTCOME_SCORE: dict[str, float] = {"completed": 1.0, "cancelled": 0.5, "failed": 0.0}
-FINISHED = tuple(OUTCOME_SCORE)
+OUTCOME_SCORE: dict[str, float] = {"completed": 1.0, "cancelled": 0.5, "failed": 0.0}  # one per FINISHED status
 OUTCOME_SHARE = 0.7  # success = 0.7·outcome + 0.3·tool-call success
 MIN_REFERENCE_RUNS = 5  # a workflow median needs at least this many runs
 TREND_THRESHOLD = 0.05  # ±5 percentage points of success rate
@@ -623,9 +623,7 @@ def compute_tool_reliability(conn: sqlite3.Connection, since: str = "-7d", *, no
 
 def _success_rate(runs: list[WindowRun]) -> tuple[float | None, int]:
     finished = [r for r in runs if r.status in FINISHED]
-    if not finished:
-        return None, 0
-    return sum(r.status == "completed" for r in finished) / len(finished), len(finished)
+    return success_rate(sum(r.status == SUCCEEDED for r in finished), len(finished)), len(finished)
 
 
 def classify_trend(recent: float | None, earlier: float | None, n_recent: int, n_earlier: int,

@@ -37,6 +37,7 @@ from selfheal_plugin.errors import NotFoundError, SelfHealError, UsageError
 from selfheal_plugin.history.abstore import ACTIVE, AbChangedError, AbExperiment, AbStore, has_ab_table, new_ab_id
 from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore
+from selfheal_plugin.history.outcome import success_rate
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 from selfheal_plugin.lifecycle import configedit, gitops
@@ -418,7 +419,7 @@ def judge_counts(groups: dict[str, dict[str, int]], *, alpha: float, min_sample:
     raw_ok = [_fisher(groups[a]["runs_completed"], groups[a]["runs"] - groups[a]["runs_completed"],
                       control["runs_completed"], control["runs"] - control["runs_completed"]) for a in arm_ids]
     adj_err, adj_ok = holm(raw_err), holm(raw_ok)
-    rates = {g: {"error_rate": _rate(c["errors"], c["calls"]), "success_rate": _rate(c["runs_completed"], c["runs"])}
+    rates = {g: {"error_rate": _rate(c["errors"], c["calls"]), "success_rate": success_rate(c["runs_completed"], c["runs"])}
              for g, c in groups.items()}
     arms_out: list[dict[str, Any]] = []
     for i, a in enumerate(arm_ids):

@@ -42,6 +42,7 @@ from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.runtime.experiments import ARM_CANARY, ARM_CONTROL, CANARY, SHADOW, SHADOW_KEYS, parse_experiments
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore
+from selfheal_plugin.history.outcome import finished_sql
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.lifecycle.simulation import load_runs
 from selfheal_plugin.lifecycle.verification import assess, pattern_tool
@@ -396,7 +397,7 @@ def _shadow_report(conn: sqlite3.Connection, settings: Settings, imp: Improvemen
         rec, status = "extend", "inconclusive"
         reason = ("extend monitoring: the shadow settings would not have changed any call's outcome" if not changed
                   else f"extend monitoring: {succeed} call(s) would have succeeded, {fail} failed (no clear winner)")
-    total_runs = conn.execute("SELECT count(*) FROM runs WHERE status IN ('completed','failed') AND "
+    total_runs = conn.execute(f"SELECT count(*) FROM runs WHERE {finished_sql()} AND "
                               "julianday(started_at) >= ? AND julianday(started_at) < ?",
                               (jd(started), jd(end))).fetchone()[0]
     actual = (f"{changed} of {calls} observed call(s) would have changed outcome ({succeed} failure(s) → success, "

@@ -52,6 +52,7 @@ from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.connection import get_state
 from selfheal_plugin.history.errorindex import refresh
 from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.outcome import finished_sql
 from selfheal_plugin.history.rules import (
     UNNAMED_HOME, Rule, RuleError, RuleStore, evidence_summary, home_id, instantiate, server_of, template_from_changes,
 )
@@ -125,7 +126,7 @@ _RUN_EPOCH = "(julianday(started_at) - 2440587.5) * 86400.0"
 
 def _workflow_counts(conn: sqlite3.Connection, lo: float, hi: float,
                      workflow: str | None = None) -> dict[str, tuple[int, int]]:
-    sql = (f"SELECT workflow_name, sum(status = 'failed'), count(*) FROM runs WHERE status IN ('completed', 'failed') "
+    sql = (f"SELECT workflow_name, sum(status = 'failed'), count(*) FROM runs WHERE {finished_sql()} "
            f"AND {_RUN_EPOCH} >= ? AND {_RUN_EPOCH} < ?")
     params: list[Any] = [lo * 3600, hi * 3600]
     if workflow is not None:
@@ -148,7 +149,7 @@ class Subject:
         if self.kind == "workflow":
             rows = conn.execute(
                 f"SELECT CAST({_RUN_EPOCH} / 3600 AS INTEGER) AS h, sum(status = 'failed'), count(*) FROM runs "
-                f"WHERE status IN ('completed', 'failed') AND workflow_name = ? AND {_RUN_EPOCH} >= ? "
+                f"WHERE {finished_sql()} AND workflow_name = ? AND {_RUN_EPOCH} >= ? "
                 f"AND {_RUN_EPOCH} < ? GROUP BY h", (self.key, lo * 3600, hi * 3600))
             for h, f, n in rows:
                 if lo <= h < hi:

@@ -1,10 +1,13 @@
 """Replaying history with a proposed change: the models behind ``agent self-heal test``.
 
-Replay: every finished run (``completed``/``failed``) that started in the window is
-replayed with the change. A completed run stays completed unless the change would break
-one of its calls (a lowered timeout below a call's observed duration). A failed run is
-recovered when every failed call in it is one the change could fix, with the product of
-the per-call fix probabilities; otherwise it stays failed. The simulated success rate is
+Replay: every finished run (completed, failed or cancelled:
+:mod:`selfheal_plugin.history.outcome`) that started in the window is replayed with the
+change, so the baseline is the success rate the dashboard shows for the same window. A
+completed run stays completed unless the change would break one of its calls (a lowered
+timeout below a call's observed duration). A failed run is recovered when every failed
+call in it is one the change could fix, with the product of the per-call fix
+probabilities; otherwise it stays failed. A cancelled run stays unsuccessful: the user
+stopped it, and no model says they would have waited for the change. The simulated success rate is
 the mean recovery probability over runs, next to the baseline (observed) rate. A failed
 run that *stopped* at the fixed call (no tool call after it) still had steps to run: its
 recovery is also multiplied by how often runs of the same workflow that got past that call
@@ -51,6 +54,7 @@ from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
 from selfheal_plugin.history.connection import REFUSAL_PREFIXES, normalize_error_type
 from selfheal_plugin.history.errorindex import wellformed_sql
+from selfheal_plugin.history.outcome import SUCCEEDED, finished_sql
 from selfheal_plugin.history.schema import short_repr
 from selfheal_plugin.history.text import Undecodable
 from selfheal_plugin.history.improvements import ImprovementStore
@@ -86,11 +90,12 @@ class ReplayRun:
     calls: list[Call]
     workflow: str | None = None
     last_call_id: int | None = None  # the run's last tool_complete event (of any tool, failed or not)
+    cancelled: bool = False  # finished without success, by the user: never recovered by a replay
 
 
 def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float | None,
               tools: list[str] | None = None) -> list[ReplayRun]:
-    """Finished runs (completed or failed) that started in [since, until), with their
+    """Finished runs (:data:`outcome.FINISHED`) that started in [since, until), with their
     ``tool_complete`` calls in order. Instants are compared, not strings.
 
     With ``tools``, a run keeps only its failed calls and the calls of those tools (all
@@ -101,16 +106,16 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
     hi = until_epoch / 86400 + 2440587.5 if until_epoch is not None else 1e12
     runs: dict[str, ReplayRun] = {}
     for run_id, status, workflow in conn.execute(
-            "SELECT id, status, workflow_name FROM runs WHERE status IN ('completed', 'failed') "
+            f"SELECT id, status, workflow_name FROM runs WHERE {finished_sql()} "
             "AND julianday(started_at) >= ? AND julianday(started_at) < ? ORDER BY julianday(started_at), id",
             (lo, hi)):
-        runs[run_id] = ReplayRun(run_id, status == "completed", [],
-                                 workflow if isinstance(workflow, str) else None)
+        runs[run_id] = ReplayRun(run_id, status == SUCCEEDED, [], workflow if isinstance(workflow, str) else None,
+                                 cancelled=status == "cancelled")
     if not runs:
         return []
     for run_id, last in conn.execute(
             "SELECT e.run_id, max(e.id) FROM runs r JOIN run_events e ON e.run_id = r.id "
-            "WHERE r.status IN ('completed', 'failed') AND julianday(r.started_at) >= ? "
+            f"WHERE {finished_sql('r.status')} AND julianday(r.started_at) >= ? "
             "AND julianday(r.started_at) < ? AND e.event_type = 'tool_complete' GROUP BY e.run_id", (lo, hi)):
         if run_id in runs:
             runs[run_id].last_call_id = last
@@ -129,7 +134,7 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
            CASE WHEN json_extract(e.event_data, '$.is_error') = 1 THEN e.event_data END,
            json_extract(e.event_data, '$.is_error') = 1 AND ({refused_sql})
     FROM runs r JOIN run_events e ON e.run_id = r.id
-    WHERE r.status IN ('completed', 'failed') AND julianday(r.started_at) >= ? AND julianday(r.started_at) < ?
+    WHERE {finished_sql('r.status')} AND julianday(r.started_at) >= ? AND julianday(r.started_at) < ?
       AND e.event_type = 'tool_complete'{prefilter} AND {wellformed_sql('e.event_data')}
     """
     params = [a for p in REFUSAL_PREFIXES for a in (len(p), p)] + params  # the SELECT's, then the WHERE's
@@ -391,6 +396,8 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
             continue
         if r.completed:
             P[i] = 1.0
+            continue
+        if r.cancelled:
             continue
         failures = [c for c in r.calls if not c.ok]
         if not failures or any(c.event_id not in fix for c in failures):

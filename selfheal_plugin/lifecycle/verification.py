@@ -5,9 +5,12 @@ in ``[applied_at - w, applied_at)`` against runs that started in ``[applied_at,
 min(applied_at + w, now))`` (instants compared, never timestamp strings — the runtime
 writes mixed offsets). Two measures:
 
-* overall run success: completed / (completed + failed) finished runs;
+* overall run success: completed / finished runs (completed, failed or cancelled — the
+  one definition of :mod:`selfheal_plugin.history.outcome`, so the before-rate is the
+  dashboard's and ``test``'s baseline for the same runs; a cancelled run is a run that did
+  not succeed);
 * the pattern's own error rate: failed calls with the pattern's signature per call of
-  its tool.
+  its tool, in those same finished runs.
 
 Each is compared with Fisher's exact test (two-sided, ``scipy.stats.fisher_exact``).
 Two tests decide one verdict, so each is held to a Bonferroni-corrected level: a p-value
@@ -39,6 +42,7 @@ from selfheal_plugin.lifecycle.learning import record_verified
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.history.improvements import ImprovementStore
+from selfheal_plugin.history.outcome import success_rate
 from selfheal_plugin.analysis.patterns import split_pattern_id
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.lifecycle.simulation import ReplayRun, load_runs, percent_points
@@ -178,7 +182,7 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
     tool = pattern_tool(imp)
     ok_b, ok_a = sum(r.completed for r in before), sum(r.completed for r in after)
     n_b, n_a = len(before), len(after)
-    sr_b, sr_a = _rate(ok_b, n_b), _rate(ok_a, n_a)
+    sr_b, sr_a = success_rate(ok_b, n_b), success_rate(ok_a, n_a)
     p_success = _fisher(ok_b, n_b - ok_b, ok_a, n_a - ok_a) if n_b and n_a else None
     alpha = settings.significance_level
 

@@ -31,10 +31,11 @@ from typing import Any, Callable, Iterator
 
 from selfheal_plugin.history.clock import Clock, runtime_timestamp, wall_clock
 from selfheal_plugin.history.connection import classify_error, connect, write_transaction
+from selfheal_plugin.history.outcome import FINISHED
 
 log = logging.getLogger("selfheal.recorder")
 
-RUN_STATUSES = ("completed", "failed", "cancelled")
+RUN_STATUSES = FINISHED  # the statuses a run can end with
 _CLASSIFY = object()  # sentinel: classify a failed call's message with the runtime's labels
 
 _current_run: contextvars.ContextVar["RecordedRun | None"] = contextvars.ContextVar("selfheal_current_run",
