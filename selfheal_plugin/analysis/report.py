@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from selfheal_plugin.errors import SelfHealError
-from selfheal_plugin.history.text import for_terminal
+from selfheal_plugin.history.text import for_terminal, percent
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 
 PALETTE = ("#e377c2", "#1f77b4", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd")
@@ -273,12 +273,12 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
         ("Overall health", f'<span id="overall-score" class="{_score_class(score)}">'
                            f'{"n/a" if score is None else f"{score:.1f}"}</span>',
          f"mean of {runs['scored']} finished run(s), 0–100"),
-        ("Success rate", f'<span id="success-rate">{_pct(d["success_rate"], 1)}</span>',
+        ("Success rate", f'<span id="success-rate">{percent(d["success_rate"])}</span>',
          f"{runs['completed']} completed of {runs['finished']} finished; {runs['failed']} failed, "
-         f"{runs['running']} running"),
+         f"{runs['cancelled']} cancelled, {runs['running']} running"),
         ("Trend", f'<span id="trend" class="{TREND_CLASS.get(d["trend"], "")}" data-trend="{d["trend"]}">{TREND_TEXT.get(d["trend"], d["trend"])}</span>',
-         f"last 7 days {_pct(td['recent']['success_rate'], 1)} ({td['recent']['finished_runs']} runs) vs "
-         f"30 days before {_pct(td['historical']['success_rate'], 1)} ({td['historical']['finished_runs']} runs)"),
+         f"last 7 days {percent(td['recent']['success_rate'])} ({td['recent']['finished_runs']} runs) vs "
+         f"30 days before {percent(td['historical']['success_rate'])} ({td['historical']['finished_runs']} runs)"),
         ("Runs in window", f'<span id="run-count">{runs["total"]}</span>',
          f"{local_time(window['start'])} → {local_time(window['end'])}"),
     ]
@@ -290,8 +290,8 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
                   _pct(t["error_rate"], 1), _ms(t["avg_duration_ms"]), _ms(t["p95_duration_ms"]),
                   ", ".join(f"{e['error_type']} ({e['count']})" for e in t["top_error_types"]) or "—"]
                  for t in tools]
-    agent_rows = [[a["name"], f"{a['total_runs']:,}", _pct(a["success_rate"], 1), str(a["failed_runs"]),
-                   str(a["running_runs"]),
+    agent_rows = [[a["name"], f"{a['total_runs']:,}", percent(a["success_rate"]), str(a["failed_runs"]),
+                   str(a["cancelled_runs"]), str(a["running_runs"]),
                    "n/a" if a["avg_duration_seconds"] is None else f"{a['avg_duration_seconds']:.1f}",
                    a["trend"].replace("_", " ")] for a in d.get("agents", [])]
     imp_rows = [[i["id"], i["status"], i.get("kind_evidence") or i.get("failure_kind") or "unknown", i["description"],
@@ -311,7 +311,7 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
                                          ("top error types", False)], tool_rows,
                          "No tool calls in this window.", nowrap=(0,)), ""),
         ("Agents", _table("table-agents", [("agent", False), ("runs", True), ("success", True), ("failed", True),
-                                           ("running", True), ("avg s", True), ("trend", False)], agent_rows,
+                                           ("cancelled", True), ("running", True), ("avg s", True), ("trend", False)], agent_rows,
                           "No runs in this window."), ""),
         ("Recent improvements", _table("table-improvements", [("id", False), ("status", False),
                                                               ("failure kind", False), ("description", False), ("expected", False),

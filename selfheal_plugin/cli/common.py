@@ -16,7 +16,7 @@ from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.cli.options import OneLineUsageError
 from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error, is_corrupt_error, one_line
 from selfheal_plugin.history.improvements import ImprovementStore
-from selfheal_plugin.history.text import for_terminal, format_p
+from selfheal_plugin.history.text import for_terminal, format_p, percent
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.lazy import lazy_module
 
@@ -241,5 +241,4 @@ def warning(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
-def pct(x: float) -> str:
-    return f"{x * 100:.0f}%"
+pct = percent  # the one rate format (history.text.percent)

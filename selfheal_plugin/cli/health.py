@@ -37,10 +37,6 @@ def sparkline(values: list[float | None]) -> str:
     return "".join(out)
 
 
-def _pct_or_na(x: float | None) -> str:
-    return "n/a" if x is None else pct(x)
-
-
 def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.0f}"
 
@@ -89,12 +85,12 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
     print_line(out, f"  Overall health: [bold {style}]{'n/a' if score is None else f'{score:.1f}'}[/] / 100"
                + (f"   (mean of {runs['scored']} finished run(s))" if score is not None
                   else "   (no finished runs in the window)"))
-    print_line(out, f"  Success rate:   {_pct_or_na(d['success_rate'])} ({runs['completed']} of {runs['finished']} "
+    print_line(out, f"  Success rate:   {pct(d['success_rate'])} ({runs['completed']} of {runs['finished']} "
                f"finished runs; {runs['failed']} failed, {runs['cancelled']} cancelled, {runs['running']} running)")
     td = d["trend_detail"]
     print_line(out, f"  Trend:          {TREND_TEXT.get(d['trend'], d['trend'])} (last 7 days "
-               f"{_pct_or_na(td['recent']['success_rate'])} of {td['recent']['finished_runs']} runs vs "
-               f"{_pct_or_na(td['historical']['success_rate'])} of {td['historical']['finished_runs']} in the 30 days "
+               f"{pct(td['recent']['success_rate'])} of {td['recent']['finished_runs']} runs vs "
+               f"{pct(td['historical']['success_rate'])} of {td['historical']['finished_runs']} in the 30 days "
                f"before; ±{td['threshold'] * 100:.0f} points)")
     daily = d["daily_success"][-SPARK_DAYS:]
     rates = [x["success_rate"] for x in daily]
@@ -142,11 +138,11 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
         out.print()
         a = rich_table.Table(title="Agents", title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for col, just in (("agent", "left"), ("runs", "right"), ("success", "right"), ("failed", "right"),
-                          ("running", "right"), ("avg s", "right"), ("trend", "left")):
+                          ("cancelled", "right"), ("running", "right"), ("avg s", "right"), ("trend", "left")):
             a.add_column(col, justify=just)
         for x in d.get("agents", []):
-            a.add_row(for_rich(x["name"]), str(x["total_runs"]), _pct_or_na(x["success_rate"]), str(x["failed_runs"]),
-                      str(x["running_runs"]),
+            a.add_row(for_rich(x["name"]), str(x["total_runs"]), pct(x["success_rate"]), str(x["failed_runs"]),
+                      str(x["cancelled_runs"]), str(x["running_runs"]),
                       "n/a" if x["avg_duration_seconds"] is None else f"{x['avg_duration_seconds']:.1f}",
                       x["trend"].replace("_", " "))
         out.print(a)

@@ -120,6 +120,13 @@ def bounded(value: Any, limit: int) -> str:
     return text[:max(0, limit - 1)] + "…"
 
 
+def percent(x: float | None) -> str:
+    """A rate as every view shows it — terminal, inbox, HTML report: whole percent (``93%``),
+    ``n/a`` when unknown. One helper, so the same figure never reads 93% in one place and
+    93.1% in another."""
+    return "n/a" if x is None else f"{x * 100:.0f}%"
+
+
 def format_p(p: float | None) -> str:
     """A p-value as people read one: ``p < 0.001`` or two significant digits."""
     if p is None:

@@ -85,7 +85,7 @@ from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import last_event_id, normalize_error_type, scan_id_range
 from selfheal_plugin.history.connection import server_of  # noqa: F401  (for strategies)
 from selfheal_plugin.history.settings import read_config, warn_tool_tables
-from selfheal_plugin.history.text import first_control
+from selfheal_plugin.history.text import first_control, percent
 from selfheal_plugin.history.times import utcnow
 from selfheal_plugin.history.errorindex import refresh
 
@@ -551,10 +551,6 @@ def nice_ceil_ms(ms: float) -> int:
         if ms <= limit:
             return int(math.ceil(ms / step) * step)
     return int(math.ceil(ms / 30_000) * 30_000)
-
-
-def percent(x: float) -> str:
-    return f"{x * 100:.0f}%"
 
 
 def impact_text(reduction: float | None, what: str, basis: str) -> str:
