@@ -54,7 +54,7 @@ from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
 from selfheal_plugin.history.connection import REFUSAL_PREFIXES, normalize_error_type
 from selfheal_plugin.history.errorindex import wellformed_sql
-from selfheal_plugin.history.outcome import SUCCEEDED, finished_sql
+from selfheal_plugin.history.outcome import SUCCEEDED, finished_sql, success_rate
 from selfheal_plugin.history.schema import short_repr
 from selfheal_plugin.history.text import Undecodable
 from selfheal_plugin.history.improvements import ImprovementStore
@@ -152,6 +152,12 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
     for run in runs.values():
         run.calls.sort(key=lambda c: c.event_id)
     return list(runs.values())
+
+
+def observed_success_rate(runs: list[ReplayRun]) -> float | None:
+    """The window's success rate as it happened — ``test``'s baseline, ``verify``'s rates:
+    :func:`outcome.success_rate` of the replayed (finished) runs, so it is the dashboard's."""
+    return success_rate(sum(r.completed for r in runs), len(runs))
 
 
 # ------------------------------------------------------------------ retry model
@@ -375,7 +381,7 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
     if not any(m["model"] in ("duration", "retry") for m in models) or n == 0:
         if n == 0:
             notes.append("no finished runs in the window")
-        base = sum(r.completed for r in runs) / n if n else None
+        base = observed_success_rate(runs)
         return Simulation(None, base, None, None, n, None, 0, targeted, None, models, unmodeled, notes)
 
     W = rng.poisson(1.0, size=(K, n)).astype(float)  # the bootstrap's run weights
@@ -417,7 +423,7 @@ def simulate_changes(conn: sqlite3.Connection, changes: list[Any], error_type: s
     recovered = float(P[base == 0, 0].sum())
     pattern = _pattern_replay(runs, tools, etype, fix, broken, W, rng)
     return Simulation(
-        simulated_success_rate=round(sim, 4), baseline_success_rate=round(float(base.mean()), 4),
+        simulated_success_rate=round(sim, 4), baseline_success_rate=observed_success_rate(runs),
         simulated_interval=[round(float(np.percentile(sim_k, 2.5)), 4), round(float(np.percentile(sim_k, 97.5)), 4)],
         improvement_interval=[round(float(np.percentile(gain_k, 2.5)), 4),
                               round(float(np.percentile(gain_k, 97.5)), 4)],
@@ -586,7 +592,7 @@ def plugin_simulation(out: Any, runs: list[ReplayRun]) -> Simulation | None:
     if not isinstance(notes, list) or not all(isinstance(x, str) for x in notes):
         raise InvalidSimulation("notes must be a list of texts")
     prediction = _pair(out, "prediction_interval") if out.get("prediction_interval") is not None else None
-    baseline = round(completed / n, 4)
+    baseline = observed_success_rate(runs)
     notes = list(notes)
     claimed = out.get("baseline_success_rate")
     if isinstance(claimed, numbers.Real) and not isinstance(claimed, bool) and abs(claimed - baseline) > 0.0005:
@@ -668,7 +674,7 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
                                                 error=plugins._one_line(exc)))
             sim = None
         if sim is None:
-            base = sum(r.completed for r in runs) / len(runs) if runs else None
+            base = observed_success_rate(runs)
             sim = Simulation(None, base, None, None, len(runs), None, 0, 0, None, [],
                              [{"change": "all", "reason": no_model}])
     elif imp.changes:
@@ -676,7 +682,7 @@ def test_improvement(conn: sqlite3.Connection, settings: Any, improvement_id: st
                                config=history.config, seed=seed)
     else:
         runs = load_runs(conn, start.timestamp(), now.timestamp())
-        base = sum(r.completed for r in runs) / len(runs) if runs else None
+        base = observed_success_rate(runs)
         sim = Simulation(None, base, None, None, len(runs), None, 0, 0, None, [],
                          [{"change": "all", "reason": "the improvement lists no changes"}])
     recommendation, reason = recommend(sim, imp.risk_level)
