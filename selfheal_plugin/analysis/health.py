@@ -671,7 +671,8 @@ def compute_agent_metrics(conn: sqlite3.Connection, since: str = "-7d", *,
                           now: datetime | None = None) -> dict[str, Any]:
     """Per agent (``workflow_name``) over the runs started in the window.
 
-    ``success_rate`` is completed / finished runs (running runs are not counted as either);
+    ``success_rate`` is completed / finished runs (completed, failed or cancelled: the one
+    definition of :mod:`selfheal_plugin.history.outcome`; running runs are in no rate);
     ``trend`` compares the window's second half with its first half.
     """
     start, end = _window(since, now)
