@@ -106,3 +106,34 @@ def test_every_option_of_the_mcp_server_is_on_its_page():
     assert "--read-only" in options
     for opt in options:
         assert f"`{opt}" in source, f"{opt} is not documented in docs/mcp.md"
+
+
+def _resolve(dotted: str):
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(dotted)
+
+
+def test_every_python_name_the_docs_give_exists():
+    """A snippet a reader copies (`from selfheal_plugin.x import y`) and a name the prose
+    gives (`selfheal_plugin.x.y`) must import: a moved function leaves no stale path."""
+    wrong = []
+    for md in [*sorted(DOCS.glob("*.md")), ROOT / "README.md"]:
+        text = md.read_text(encoding="utf-8")
+        for m in re.finditer(r"selfheal_plugin(?:\.[A-Za-z_]\w*)+", text):
+            try:
+                _resolve(m.group(0))
+            except (ImportError, AttributeError):
+                wrong.append(f"{md.name}: {m.group(0)}")
+        for m in re.finditer(r"^\s*from (selfheal_plugin[\w.]*) import \(?([\w, ]+)", text, re.M):
+            module = importlib.import_module(m.group(1))
+            names = [n.split()[0] for n in m.group(2).split(",") if n.strip()]  # `a as b` is a
+            wrong += [f"{md.name}: {m.group(0).strip()}" for n in names if not hasattr(module, n)]
+    assert not wrong, wrong
