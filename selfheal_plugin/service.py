@@ -224,17 +224,28 @@ class SelfHeal:
         return result
 
     def _after_test(self, improvement_id: str, recommendation: str) -> str:
-        """What to do after a test said ``recommendation``: apply what is safe, reject what is
-        not, and try a risky change on a share of runs first, when it can run as a canary
-        (else apply it knowingly: a change of manual steps only says what was done)."""
+        """What to do after a test said ``recommendation`` (:meth:`_next_step`)."""
+        return self._next_step(ImprovementStore(self.conn).get(improvement_id), recommendation)[1]
+
+    def _next_step(self, imp: Any, recommendation: str | None = None) -> tuple[str, str]:
+        """The one next step for an open proposal, as (``reject`` | ``canary`` | ``apply``, the
+        step): reject what its test rejected, try a risky change on a share of runs first when
+        it can run as a canary, else apply it (knowingly: a change of manual steps only asks
+        what was done, ``--changes-made``). ``recommendation`` is the test's just made, else
+        the one stored on a tested proposal. What ``test`` says next and what ``health``
+        recommends for a pattern with an open proposal both come from here."""
         from selfheal_plugin.lifecycle import canary, configedit
+        if recommendation is None and imp.status == "tested":
+            recommendation = (imp.test_result or {}).get("recommendation")
         if recommendation == "reject":
-            return step("reject", improvement_id)
-        imp = ImprovementStore(self.conn).get(improvement_id)
+            return "reject", step("reject", imp.id)
         if recommendation == "risky" and canary.experiment_refusal(imp) is None:
-            return step("test", improvement_id, mode="canary")
-        manual_only = not configedit.split_changes(imp.changes)[0]
-        return step("apply", improvement_id, **({"changes_made": "TEXT"} if manual_only else {}))
+            return "canary", step("test", imp.id, mode="canary")
+        try:
+            manual_only = not configedit.split_changes(imp.changes)[0]
+        except configedit.ChangeError:  # apply says what is wrong with it
+            manual_only = False
+        return "apply", step("apply", imp.id, **({"changes_made": "TEXT"} if manual_only else {}))
 
     def plan_apply(self, improvement_id: str) -> ApplyPlan:
         """What :meth:`apply` would write (diff, repository, manual steps), changing nothing."""
@@ -337,7 +348,8 @@ class SelfHeal:
     def run_health(self, run_id: str, *, progress: Callable[[int, int], None] | None = None) -> RunHealth:
         """Health score (0–100) and issues of one run (a unique id prefix is enough)."""
         from selfheal_plugin.analysis import health
-        return health.analyze_run_health(self.conn, run_id, progress=progress, suggest=self._suggested_fix)
+        return health.analyze_run_health(self.conn, run_id, progress=progress, suggest=self._suggested_fix,
+                                         next_step=self._next_step)
 
     def _suggested_fix(self, pattern_id: str) -> str | None:
         """The fix ``detect`` and ``show`` suggest for a pattern of the window, or that they

@@ -24,6 +24,8 @@ from selfheal_plugin.lifecycle.proposals import propose_detailed
 from selfheal_plugin.history.settings import load_settings
 from selfheal_plugin.history.times import parse_timestamp
 
+from selfheal_plugin.service import SelfHeal
+
 from .conftest import NOW
 
 FINISHED = ("completed", "failed", "cancelled")
@@ -319,10 +321,53 @@ def test_failed_run_with_a_timeout_recommends_raising_that_timeout(conn, history
     imp = propose_detailed(conn, load_settings(history_copy[0].parent), "timeout:mcp__kubernetes__pods_list",
                            since="-7d", now=NOW).improvement
     value = next(c["value"] for c in imp.changes if c["path"][-1] == "timeout_ms")
-    again = analyze_run_health(conn, run_id, now=NOW)
+    with SelfHeal(path.parent) as sh:
+        again = sh.run_health(run_id)
     rec = next(i for i in again["issues"] if i.get("pattern_id") == timeout["pattern_id"])["recommendation"]
     assert rec.startswith(f"Apply {imp.id} (") and f"tools.mcp__kubernetes__pods_list.timeout_ms = {value})" in rec
-    assert f"agent self-heal apply {imp.id}" in rec
+    assert rec.endswith(f": agent self-heal apply {imp.id}")
+
+
+def _timed_out_run(path: Path) -> str:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT r.id FROM runs r JOIN run_events e ON e.run_id = r.id WHERE r.status = 'failed' "
+                          "AND e.event_data LIKE '%pods_list timed out%' ORDER BY r.id LIMIT 1").fetchone()[0]
+    finally:
+        db.close()
+
+
+def _recommended(sh: SelfHeal, run_id: str, pattern_id: str) -> str:
+    return next(i for i in sh.run_health(run_id)["issues"] if i.get("pattern_id") == pattern_id)["recommendation"]
+
+
+def test_health_recommends_the_step_test_would_say_for_an_open_proposal(history_copy):
+    """A proposal of manual steps only is applied saying what was done (apply refuses it
+    without --changes-made, exit 2); a tested one gets the step its test gave (a risky change
+    a canary can run is tried on a share of runs first): health and test share one choice."""
+    from selfheal_plugin.steps import for_agent
+
+    from .lifecycle_data import add_improvement, timeout_change
+
+    path, _ = history_copy
+    run_id, pid = _timed_out_run(path), "timeout:mcp__kubernetes__pods_list"
+    manual = add_improvement(path, [{"kind": "manual", "text": "ask the cluster owner for a faster API server"}],
+                             pattern_id=pid)
+    with SelfHeal(path.parent) as sh:
+        rec = _recommended(sh, run_id, pid)
+        assert rec.startswith(f"Apply {manual.id} (") and "ask the cluster owner" in rec
+        assert rec.endswith(f": agent self-heal apply {manual.id} --changes-made TEXT")
+        with for_agent():
+            assert _recommended(sh, run_id, pid).endswith(
+                f': apply_improvement(improvement_id="{manual.id}", changes_made="TEXT")')
+        assert rec.endswith(sh._after_test(manual.id, "safe_to_apply"))
+        ImprovementStore(sh.conn).update(manual.id, expect_status="proposed", status="rejected")
+    risky = add_improvement(path, [timeout_change(90_000)], pattern_id=pid, status="tested",
+                            test_result={"recommendation": "risky"})
+    with SelfHeal(path.parent) as sh:
+        rec = _recommended(sh, run_id, pid)
+        assert rec.startswith(f"Try {risky.id} (") and rec.endswith(f"agent self-heal test {risky.id} --mode canary")
+        assert rec.endswith(sh._after_test(risky.id, "risky"))
 
 
 def test_running_run_is_scored_on_elapsed_time(conn, history_copy):

@@ -66,6 +66,7 @@ _JD_EPOCH = 2440587.5
 _SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
 
 Progress = Callable[[int, int], None]
+NextStep = Callable[[Any], tuple[str, str]]  # an open proposal -> (apply | canary | reject, the step)
 
 
 def _jd(dt: datetime) -> float:
@@ -283,13 +284,16 @@ def _metrics_row(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None
 
 def analyze_run_health(conn: sqlite3.Connection, run_id: str, *, now: datetime | None = None,
                        progress: Progress | None = None,
-                       suggest: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+                       suggest: Callable[[str], str | None] | None = None,
+                       next_step: NextStep | None = None) -> dict[str, Any]:
     """Health score (0–100) and issues with recommendations for one run.
 
     ``run_id`` may be a unique prefix. Raises :class:`NotFoundError` for an unknown id and
     :class:`UsageError` for an ambiguous prefix. ``suggest``: a pattern id → the fix detect
     suggests for it (the service's), what a failed call's issue recommends when the pattern
-    has no open improvement.
+    has no open improvement. ``next_step``: an open proposal → (``apply`` | ``canary`` |
+    ``reject``, the step), the service's one choice (what ``test`` says next too); without
+    it a proposal is cited without a command.
     """
     now = now or utcnow()
     run = resolve_run(conn, run_id)
@@ -330,7 +334,7 @@ def analyze_run_health(conn: sqlite3.Connection, run_id: str, *, now: datetime |
     ref = load_reference(conn, {facts.workflow})
     scored = score_run(facts, ref, now)
     issues = _run_issues(facts, scored["components"], failures, malformed, events, ref, ImprovementStore(conn),
-                         suggest)
+                         suggest, next_step)
     return {
         "run_id": facts.run_id, "workflow_name": facts.workflow, "status": facts.status,
         "started_at": None if facts.started_at is None else utc_text(facts.started_at),
@@ -341,7 +345,7 @@ def analyze_run_health(conn: sqlite3.Connection, run_id: str, *, now: datetime |
     }
 
 
-def _cite_improvement(imp: Any) -> str:
+def _cite_improvement(imp: Any, next_step: NextStep | None = None) -> str:
     """The open improvement for an issue's pattern and its changes, with the next step."""
     changes = []
     for raw in imp.changes or []:
@@ -351,20 +355,27 @@ def _cite_improvement(imp: Any) -> str:
             continue
     what = f"{imp.id} ({'; '.join(changes) or imp.description})"
     if imp.status in ("proposed", "tested"):
-        return f"Apply {what}: {step('apply', imp.id)}"
+        if next_step is None:
+            return f"Open proposal {what} ({imp.status})"
+        kind, command = next_step(imp)
+        if kind == "reject":
+            return f"{what} would not help, its test says; reject it: {command}"
+        if kind == "canary":
+            return f"Try {what} on a share of runs first (its test says risky): {command}"
+        return f"Apply {what}: {command}"
     if imp.status == "applied":
         return f"{what} is applied; check its effect: {step('verify', imp.id)}"
     return f"{what} is under {imp.status} test; apply it when the test passes"
 
 
 def _recommendation(tool: str, etype: str, durations: list[float], store: ImprovementStore,
-                    suggest: Callable[[str], str | None] | None) -> str:
+                    suggest: Callable[[str], str | None] | None, next_step: NextStep | None = None) -> str:
     """An open improvement for the pattern when there is one (the same fix ``detect``
     proposed), else the fix ``detect`` suggests for it (``suggest``); otherwise (no strategy
     answers) the setting to change, by error type."""
     imp = store.open_for_pattern(f"{etype}:{tool}")
     if imp is not None:
-        return _cite_improvement(imp)
+        return _cite_improvement(imp, next_step)
     if suggest is not None and (fix := suggest(f"{etype}:{tool}")):
         return fix
     key = f'tools."{tool}"'
@@ -392,7 +403,8 @@ def _recommendation(tool: str, etype: str, durations: list[float], store: Improv
 
 def _run_issues(f: RunFacts, comps: dict[str, Any], failures: list[dict[str, Any]], malformed: int,
                 events: int, ref: Reference, store: ImprovementStore,
-                suggest: Callable[[str], str | None] | None = None) -> list[dict[str, Any]]:
+                suggest: Callable[[str], str | None] | None = None,
+                next_step: NextStep | None = None) -> list[dict[str, Any]]:
     issues: list[dict[str, Any]] = []
 
     def add(severity: str, description: str, recommendation: str, **extra: Any) -> None:
@@ -410,7 +422,7 @@ def _run_issues(f: RunFacts, comps: dict[str, Any], failures: list[dict[str, Any
         times = f" ({len(items)}×)" if len(items) > 1 else ""
         durations = [d["duration"] for d in items if d["duration"] is not None]
         add("high" if f.status == "failed" else "medium", f"Tool {label} on {tool}{times}",
-            _recommendation(tool, etype, durations, store, suggest), tool=tool, error_type=etype, pattern_id=f"{etype}:{tool}",
+            _recommendation(tool, etype, durations, store, suggest, next_step), tool=tool, error_type=etype, pattern_id=f"{etype}:{tool}",
             count=len(items))
     for tool, rate in comps["tool_reliability"]["tools"].items():
         if rate is not None and rate < UNRELIABLE_TOOL:
