@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import anyio
+import click
 import pytest
 from click.testing import CliRunner
 from mcp import Client
@@ -436,6 +438,27 @@ def test_cli_learn_text_fits_80_columns_and_escapes_history_text(binks_home, mon
     for whole in (f"timeout:{K8S}", ours, f"{OTHER}:"):
         assert any(whole in line for line in res.output.splitlines()), (whole, res.output)
     assert any(line.startswith("rule-") and f"  {OTHER}  " in line for line in res.output.splitlines()), res.output
+
+
+def test_cli_learn_tells_a_command_that_exists_to_propose_where_a_rule_applies(binks_home, monkeypatch):
+    home = make_home(binks_home)
+    person_commit(home, SPLIT + timedelta(minutes=10), RAISED)
+    monkeypatch.setenv("COLUMNS", "80")
+    res = _cli("learn", "--home", str(home), "--since", SPLIT.isoformat(), "--until", END.isoformat())
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "Where enabled rules could apply now" in text
+    hint = text[text.index("Propose one with:"):]
+    # every alternative the hint names before its explanation is a command that exists
+    told = re.split(r",? or ", hint.removeprefix("Propose one with:").split("(")[0].strip())
+    commands = agent.commands["self-heal"].commands
+    for command in told:
+        assert command.startswith("agent self-heal "), (command, hint)
+        words = command.removeprefix("agent self-heal ").split()
+        assert words[0] in commands, (words, hint)  # no `propose`: detect is what proposes
+        sub = commands[words[0]]
+        if isinstance(sub, click.Group) and len(words) > 1:
+            assert words[1] in sub.commands, (words, hint)
 
 
 @pytest.mark.parametrize("args, message", [

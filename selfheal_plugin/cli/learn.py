@@ -11,6 +11,7 @@ from selfheal_plugin.cli.common import common_options, echo_json, open_service, 
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.history.text import for_rich, for_terminal
 from selfheal_plugin.lifecycle.learning import change_target, overlay_label
+from selfheal_plugin.steps import step
 
 WIDTH = 80
 
@@ -93,8 +94,10 @@ def print_learn(r: dict[str, Any]) -> None:
     for line in r["suggestions"]:
         _echo_wrapped("💡 " + line[:1].upper() + line[1:], indent="")
     if r["applicable"]:
-        _echo_wrapped("Propose one with: agent self-heal detect, or propose PATTERN (a rule is a prior, or the proposal "
-                      "when the strategy has no config change; nothing is applied by itself)", indent="")
+        # detect is what proposes from the CLI (one pattern alone: the MCP tool propose_improvement)
+        _echo_wrapped(f"Propose one with: {step('detect')} (it proposes for each pattern at or above its "
+                      "--confidence; a rule is a prior, or the proposal when the strategy has no config change; "
+                      "nothing is applied by itself)", indent="")
 
 
 def print_rules(rules: list[dict[str, Any]]) -> None:
