@@ -86,9 +86,10 @@ def agent() -> None:
 def self_heal(ctx: click.Context, home: str | None, db: str | None, as_json: bool) -> None:
     """Find recurring failures, propose, test, apply and verify fixes.
 
-    Start with `agent self-heal detect`. The options above are also accepted after the
-    subcommand. Exit codes: 0 ok, 1 failure, 2 bad usage; with --check, 3 and 4 for
-    verdicts (see `test --help`, `verify --help`).
+    Start with `agent self-heal detect`. The options below may also follow the command
+    (`detect --json`, `ab status --json`), not come between a group and its command;
+    `demo` takes --dir instead. Exit codes: 0 ok, 1 failure, 2 bad usage; with --check, 3
+    and 4 for verdicts (see `test --help`, `verify --help`).
     """
     ctx.obj = {"home": home, "db": db, "json": as_json}
     if ctx.invoked_subcommand is None:  # help, and nothing read or written

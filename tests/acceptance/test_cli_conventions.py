@@ -60,6 +60,22 @@ def test_global_options_before_or_after_the_subcommand(db, binks_home):
     assert mixed.returncode == 0 and json.loads(mixed.stdout)["improvements"]
 
 
+def test_global_options_go_where_the_help_and_docs_say(db, binks_home):
+    """After `agent self-heal` or after a nested command's own words, never between a group
+    and its command; the group's help points to them where they are printed (below)."""
+    home = str(binks_home)
+    assert run_agent("self-heal", "--json", "--home", home, "ab", "status").returncode == 0
+    after = run_agent("self-heal", "ab", "status", "--json", "--home", home)
+    assert after.returncode == 0 and json.loads(after.stdout) == {"experiments": []}
+    for between in (["ab", "--json", "status"], ["canary", "--home", home, "promote", "imp-x"]):
+        assert run_agent("self-heal", *between).returncode == 2, between
+    help_text = run_agent("self-heal", "--help", env={"COLUMNS": "80"}).stdout
+    intro, options = help_text.split("Options:", 1)
+    intro = " ".join(intro.split())
+    assert "options above" not in intro and "The options below may also follow the command" in intro
+    assert all(f"{opt} " in options for opt in ("--home", "--db", "--json"))
+
+
 def test_json_is_indented_at_a_terminal_and_one_line_when_piped(db, binks_home):
     import pty
 
