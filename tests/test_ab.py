@@ -507,9 +507,64 @@ class _OnlyProposal(Strategy):
 
 
 class _OnlyProposalPlugin:
+    strategy = _OnlyProposal
+
     @hookimpl
     def register_strategies(self, register):
-        register(_OnlyProposal())
+        register(self.strategy())
+
+
+LONG_MANUAL = "Look up the resources pods_list was asked for before calling it: they were not found when called"
+
+
+class _LongManual(_OnlyProposal):
+    name = "long-manual"
+
+    def propose(self, pattern, history):
+        return self.make_proposal(pattern, description=LONG_MANUAL + "\nA second line.", expected_impact="unknown",
+                                  risk_level="low", changes=[Change.manual("Look the pods up first")])
+
+
+class _LongManualPlugin(_OnlyProposalPlugin):
+    strategy = _LongManual
+
+
+def _ab_refusal(home, s, plugin) -> str:
+    plugins.strategies(s)
+    plugins.register(plugin, "ab-refusal-test")
+    try:
+        with pytest.raises(LifecycleError) as err:
+            SelfHeal(settings=s, clock=lambda: NOW).ab_start(PATTERN)
+    finally:
+        plugins.unregister(plugin)
+    return str(err.value)
+
+
+def test_when_every_fix_has_a_manual_step_the_refusal_does_not_offer_arms(home):
+    """A candidate is named by its first line cut at a word (not mid-word), and --arms, which
+    takes stored fixes that only set config values, is not offered when there are none."""
+    db = home / "conversations.db"
+    timeout_history(db, NOW, runs=200)
+    conn, s = _lib(home)
+    add_improvement(db, [timeout_change(90_000), {"kind": "manual", "text": "Ask the owner"}], status="tested")
+    message = _ab_refusal(home, s, _LongManualPlugin())
+    named = message.split("the long-manual strategy's '", 1)[1].split("' has manual steps", 1)[0]
+    assert LONG_MANUAL[:80].endswith("not f")  # 80 characters would cut a word
+    assert len(named) <= 80 and named.endswith("…"), named
+    assert LONG_MANUAL.startswith(named[:-1] + " "), named  # whole words, then the ellipsis
+    assert "--arms imp-a" not in message and "every fix found for" in message
+    assert message.endswith("there is nothing to compare by run, with --arms IDS or without"), message
+
+
+def test_with_one_config_fix_the_refusal_says_arms_needs_two(home):
+    db = home / "conversations.db"
+    timeout_history(db, NOW, runs=200)
+    conn, s = _lib(home)
+    only = add_improvement(db, [timeout_change(90_000)], status="tested")
+    message = _ab_refusal(home, s, _LongManualPlugin())
+    assert f"{only.id} (timeout_ms) can be an arm" in message, message
+    assert message.endswith(f"--arms IDS takes two stored fixes of {PATTERN} that only set config values, and there is "
+                            f"only {only.id}"), message
 
 
 def test_ab_status_text_wraps_under_its_indent_at_80_columns(home, monkeypatch):
@@ -633,7 +688,7 @@ def test_a_strategy_whose_candidates_fail_is_contained(home):
         sh.propose(PATTERN)
         head = git(home, "rev-parse", "HEAD")
         with pytest.raises(LifecycleError, match=r"needs two fixes that set different config keys; imp-\S+ "
-                                                 r"\(timeout_ms\) can be an arm; give arms with --arms"):
+                                                 r"\(timeout_ms\) can be an arm; --arms IDS takes two stored fixes"):
             sh.ab_start(PATTERN)
         assert git(home, "rev-parse", "HEAD") == head
         assert any(e.hook == "candidates" and "boom" in e.error for e in plugins.errors())

@@ -114,11 +114,12 @@ def _keys_text(keys: frozenset[tuple[str, ...]]) -> str:
 
 
 def candidate_improvements(conn: sqlite3.Connection, settings: Settings, pattern_id: str,
-                           now: datetime) -> tuple[list[Improvement], list[Improvement], list[str]]:
-    """(arms already stored, new candidate rows not yet stored, why other fixes are not arms)
-    for ``ab start`` without ``--arms``: the pattern's open proposal, its stored candidates,
-    then the strategies' candidates whose changes differ from all of those, each kept only
-    when it sets other config keys than the arms before it (nothing is stored here)."""
+                           now: datetime) -> tuple[list[Improvement], list[Improvement], list[str], str]:
+    """(arms already stored, new candidate rows not yet stored, why other fixes are not arms,
+    what ``--arms`` could do instead) for ``ab start`` without ``--arms``: the pattern's open
+    proposal, its stored candidates, then the strategies' candidates whose changes differ from
+    all of those, each kept only when it sets other config keys than the arms before it
+    (nothing is stored here)."""
     pattern = get_pattern(conn, pattern_id, since=settings.lookback, now=now)
     store = ImprovementStore(conn)
     open_row = store.open_for_pattern(pattern.id)
@@ -139,29 +140,54 @@ def candidate_improvements(conn: sqlite3.Connection, settings: Settings, pattern
         kinds[keys] = name
         return True
 
-    arms = []
+    arms, usable, manual = [], [], 0  # usable: what --arms takes; manual: fixes with a manual step
     for imp in stored:
         reason = _armable_reason(imp)
+        manual += _has_manual_steps(imp)
         if reason:
             notes.append(reason)
-        elif distinct(imp, imp.id):
-            arms.append(imp)
+        else:
+            usable.append(imp.id)
+            if distinct(imp, imp.id):
+                arms.append(imp)
     fresh: list[Improvement] = []
+    found = len(stored)
     for prop in candidate_proposals(conn, settings, pattern, now):
         imp = improvement_from_proposal(prop)
         key = _changes_key(imp.changes)
         if key in seen:
             continue
         seen.add(key)
-        name = f"the {imp.strategy} strategy's {imp.description.splitlines()[0][:80]!r}"
+        found += 1
+        # its one-line summary, cut at a word when long
+        name = f"the {imp.strategy} strategy's {gitops.commit_subject(imp.description.splitlines()[0], 80)!r}"
         if any(c.kind != "config" for c in prop.changes):
+            manual += 1
             # a manual step cannot be split by run (a stored fix with the same settings is named already)
             if _settings_set(imp) not in {_settings_set(i) for i in stored}:
                 notes.append(f"{name} has manual steps")
             continue
         if distinct(imp, name):
             fresh.append(imp)
-    return arms, fresh, notes
+    return arms, fresh, notes, _arms_option_hint(pattern.id, usable, manual == found > 0)
+
+
+def _has_manual_steps(imp: Improvement) -> bool:
+    return any(isinstance(c, dict) and c.get("kind") == "manual" for c in imp.changes or [])
+
+
+def _arms_option_hint(pattern_id: str, usable: list[str], all_manual: bool) -> str:
+    """What ``--arms`` can do when ``ab start`` finds fewer than two arms: it takes stored
+    fixes of the pattern that only set config values, so it helps only when two exist (two
+    that set the same keys, which ``ab start`` alone compares no further)."""
+    arms = option("arms", "IDS")
+    if len(usable) >= 2:
+        return f"give arms with {option('arms', f'{usable[0]},{usable[1]}')}"
+    if all_manual:
+        return (f"every fix found for {pattern_id} has a manual step, which no arm can run: there is nothing "
+                f"to compare by run, with {arms} or without")
+    there = f"only {usable[0]}" if usable else "none"
+    return f"{arms} takes two stored fixes of {pattern_id} that only set config values, and there is {there}"
 
 
 def _armable_reason(imp: Improvement) -> str | None:
@@ -277,14 +303,14 @@ def start_ab(conn: sqlite3.Connection, settings: Settings, pattern_id: str, arm_
             if reason:
                 raise LifecycleError(reason)
     else:
-        arms, new, notes = candidate_improvements(conn, settings, pattern_id, now)
+        arms, new, notes, arms_hint = candidate_improvements(conn, settings, pattern_id, now)
         if len(arms) + len(new) < 2:
             found = [f"{i.id} ({_keys_text(_settings_set(i))})" for i in arms] + \
                 [f"a new candidate ({_keys_text(_settings_set(i))})" for i in new]
             raise LifecycleError(
                 f"an A/B experiment of {pattern_id} needs two fixes that set different config keys; "
                 f"{' and '.join(found) or 'none'} can be an arm" + (f" ({'; '.join(notes)})" if notes else "")
-                + "; give arms with --arms imp-a,imp-b")
+                + f"; {arms_hint}")
     if len(arms) + len(new) > MAX_ARMS:
         new = new[:max(0, MAX_ARMS - len(arms))]
         arms = arms[:MAX_ARMS]
