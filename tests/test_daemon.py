@@ -90,6 +90,7 @@ def test_a_harmful_change_is_verified_when_its_window_ends_and_rolled_back(appli
     assert report.verified == [{"improvement_id": imp_id, "recommendation": "rollback",
                                 "actual_impact": report.verified[0]["actual_impact"]}]
     assert report.rolled_back[0]["improvement_id"] == imp_id and report.rolled_back[0]["method"] == "revert"
+    assert "1 verification(s) (1 rollback), 1 rolled back" in report.summary() and "verified" not in report.summary()
     assert imp.status == "rolled_back" and imp.rollback_sha == report.rolled_back[0]["rollback_sha"]
     assert parse_timestamp(imp.rolled_back_at) == T0 + timedelta(days=7, hours=1)
     head = git(settings.home, "log", "-1", "--format=%H%n%B")
@@ -164,6 +165,8 @@ def test_too_few_runs_extends_monitoring_by_a_window(applied):
     finally:
         daemon.close()
     assert [v["recommendation"] for v in report.verified] == ["extend"]
+    # the tick's line counts a verification by its verdict: an extend is not "verified"
+    assert report.summary().endswith(" pattern(s), 1 verification(s) (1 extend)"), report.summary()
     assert again.verified == []  # not due again until the next window ends
     assert imp.status == "applied"
     assert parse_timestamp(imp.verification_scheduled) == now + timedelta(days=settings.measurement_window_days)
@@ -581,3 +584,13 @@ def test_the_inbox_counts_every_pattern_and_points_at_a_command_that_shows_them(
     shown = CliRunner().invoke(agent, ["self-heal", "show", report.notified_patterns[0], "--home", str(fresh),
                                        "--since", "2000-01-01"], env={"COLUMNS": "200"}, catch_exceptions=False)
     assert shown.exit_code == 0 and f"Pattern {report.notified_patterns[0]}" in shown.output
+
+
+def test_a_ticks_line_counts_verifications_by_verdict():
+    from selfheal_plugin.daemon.loop import TickReport
+
+    report = TickReport(at="2026-11-20T00:00:00Z", patterns=["p"] * 5, rolled_back=[{"improvement_id": "imp-3"}],
+                        verified=[{"improvement_id": f"imp-{i}", "recommendation": r}
+                                  for i, r in enumerate(["extend", "keep", "rollback", "keep"])])
+    assert report.summary() == "5 pattern(s), 4 verification(s) (2 keep, 1 extend, 1 rollback), 1 rolled back"
+    assert "\n" not in report.summary()

@@ -43,6 +43,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -117,9 +118,11 @@ class TickReport:
         return asdict(self)
 
     def summary(self) -> str:
+        """One line: what the tick did, by count. Verifications are counted by verdict (an
+        *extend* or a *rollback* is a verification, not a verified improvement)."""
         parts = [f"{len(self.patterns)} pattern(s)"]
         for label, items in (("proposed", self.proposed), ("tested", self.tested), ("applied", self.applied),
-                             ("held back", self.skipped), ("verified", self.verified),
+                             ("held back", self.skipped), (self._verdicts(), self.verified),
                              ("rolled back", self.rolled_back), ("concluded inconclusive", self.concluded),
                              ("A/B experiment(s) judged", self.ab_judged), ("A/B winner(s) promoted", self.ab_promoted),
                              ("error(s)", self.errors), ("plugin error(s)", self.plugin_errors),
@@ -127,6 +130,13 @@ class TickReport:
             if items:
                 parts.append(f"{len(items)} {label}")
         return ", ".join(parts) + (" (stopped early)" if self.stopped else "")
+
+    def _verdicts(self) -> str:
+        """``verification(s) (2 keep, 1 extend)``: the verdicts of this tick's verifications."""
+        counts = Counter(str(v.get("recommendation")) for v in self.verified)
+        order = ("keep", "extend", "rollback")
+        kinds = sorted(counts, key=lambda k: (order.index(k) if k in order else len(order), k))
+        return f"verification(s) ({', '.join(f'{counts[k]} {k}' for k in kinds)})"
 
 
 class Daemon:
