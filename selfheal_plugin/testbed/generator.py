@@ -16,6 +16,7 @@ working by hand can apply a fix, add the runs that followed it, and see ``verify
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import sqlite3
@@ -177,11 +178,17 @@ def scaled_patterns(patterns: tuple[InjectedPattern, ...], runs: int, config: di
     return tuple(out), fixed
 
 
-def _stamp(rng: random.Random, dt: datetime) -> str:
-    """An RFC 3339 string for ``dt`` in one of the shapes the runtime writes."""
+def _stamp(rng: random.Random, dt: datetime, not_before: datetime | None = None) -> str:
+    """An RFC 3339 string for ``dt`` in one of the shapes the runtime writes. A shape with
+    fewer fractional digits cuts ``dt`` down; where that would fall before ``not_before``
+    (an appended run just after an apply), the fraction is written whole instead."""
     offset = rng.choice((timedelta(0), timedelta(0), timedelta(0), timedelta(hours=2), timedelta(hours=-5)))
     local = dt.astimezone(timezone(offset))
     digits = rng.choice((0, 3, 6, 9, 9))
+    if not_before is not None and digits < 6:
+        unit = 10 ** (6 - digits)
+        if dt.replace(microsecond=dt.microsecond // unit * unit) < not_before:
+            digits = 6
     base = local.strftime("%Y-%m-%dT%H:%M:%S")
     if digits:
         frac = f"{local.microsecond:06d}{rng.randrange(1000):03d}"[:digits]
@@ -224,8 +231,9 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
     if cfg.append:
         if cfg.start is None:
             raise ValueError("appending needs a start instant")
-        # A second later: a timestamp written without its fraction must not fall before the start.
-        start = cfg.start.astimezone(timezone.utc) + timedelta(seconds=1)
+        # Just after the start, not a second later (an apply a moment ago leaves a window of
+        # under a second): no timestamp is written cut to before it (_stamp's not_before).
+        start = cfg.start.astimezone(timezone.utc) + timedelta(microseconds=1)
         if start >= end:
             raise ValueError(f"nothing to add: the start {start.isoformat()} is not before the end {end.isoformat()}")
         cfg.days = (end - start).total_seconds() / 86400
@@ -274,6 +282,7 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
 
     runs_rows, events, metrics_rows = [], [], []
     noise_errors = 0
+    stamp = functools.partial(_stamp, not_before=start if cfg.append else None)
     pattern_spelling_idx: dict[str, int] = {}
     for i, run_id in enumerate(run_ids):
         wf = workflows[i]
@@ -372,12 +381,12 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
                 evs.append((cfg.steps - 1, "response_complete", {
                     "type": "response_complete", "content": "done", "iterations": iterations,
                     "total_duration": total_ms}, t))
-            completed_at, duration_ms = _stamp(rng, t), total_ms
+            completed_at, duration_ms = stamp(rng, t), total_ms
         metadata = json.dumps({"source": "generator"}) if rng.random() < 0.5 else None
-        runs_rows.append((run_id, wf, f"task {i} for {wf}", status, "qwen3:14b", _stamp(rng, run_starts[i]),
+        runs_rows.append((run_id, wf, f"task {i} for {wf}", status, "qwen3:14b", stamp(rng, run_starts[i]),
                           completed_at, duration_ms, json.dumps({"cwd": "/home/dev/project"}), error, metadata))
         for step, etype, data, when in evs:
-            events.append((run_id, step, etype, json.dumps(data), _stamp(rng, when)))
+            events.append((run_id, step, etype, json.dumps(data), stamp(rng, when)))
         if not running and rng.random() >= cfg.metrics_missing:
             tokens_in = rng.randint(500, 5000) if rng.random() < 0.9 else None
             metrics_rows.append((run_id, calls, ok_calls, calls - ok_calls, iterations, tokens_in,
