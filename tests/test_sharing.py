@@ -655,3 +655,19 @@ def test_a_stored_rule_whose_value_the_runtime_refuses_is_not_exported(tmp_path)
                             (json.dumps(forged), forged_id, bad.id))
         pack, skipped = sharing.export_pack(sa.conn, sa.now())
         assert [r["id"] for r in pack["rules"]] == [good.id] and skipped == 1
+
+
+def test_the_sharing_page_quotes_the_refusal_of_a_newer_pack_and_names_the_clone_folder(tmp_path):
+    """docs/sharing.md quotes the message as it is printed (FILE first) and the clone's folder
+    name as it is made (the first 16 hex characters of the URL's sha256)."""
+    import re
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "sharing.md").read_text()
+    quoted = re.search(r"`(FILE is fix pack version N, [^`]+)`", " ".join(page.split())).group(1)
+    with pytest.raises(PackError) as err:
+        sharing.parse_pack({"format": sharing.FORMAT, "version": 7}, "FILE")
+    assert str(err.value) == quoted.replace(" N,", " 7,")
+    url = "https://example.com/packs.git"
+    name = sharing.clone_dir(tmp_path, url).name
+    assert name == hashlib.sha256(url.encode()).hexdigest()[:16]
+    assert "sync/<the first 16 hex characters of the URL's sha256>" in " ".join(page.split())

@@ -19,7 +19,7 @@ its measurements). On a sync remote, a pack is only read from ``packs/<its home 
 
 **Sync** shares packs through a plain git remote (file, ssh, git, http(s) only; ``ext::`` and
 every other transport are refused, for git itself too through ``GIT_ALLOW_PROTOCOL``). The
-local copy is a *bare* repository in ``BINKS_HOME/selfheal/sync/<sha256 of the url>``: nothing
+local copy is a *bare* repository in ``BINKS_HOME/selfheal/sync/<16 hex of the url's sha256>``: nothing
 from the remote is ever checked out, so no file name, symlink or attribute in it chooses a
 path we write. Each home writes only ``packs/<home id>.json`` (a blob committed on top of the
 remote's ``main`` with git plumbing), so homes never conflict; a push that lost a race
@@ -284,7 +284,7 @@ def check_remote(url: Any) -> str:
 
 
 def clone_dir(home: Path, url: str) -> Path:
-    """``BINKS_HOME/selfheal/sync/<sha256 of the url>``: named by the url we were given, never by
+    """``BINKS_HOME/selfheal/sync/<16 hex of the url's sha256>``: named by the url we were given, never by
     anything the remote holds."""
     return Path(home) / "selfheal" / "sync" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
