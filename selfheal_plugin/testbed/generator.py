@@ -232,8 +232,11 @@ def generate_history(path: str | Path, config: GeneratorConfig | None = None, **
         if cfg.start is None:
             raise ValueError("appending needs a start instant")
         # Just after the start, not a second later (an apply a moment ago leaves a window of
-        # under a second): no timestamp is written cut to before it (_stamp's not_before).
-        start = cfg.start.astimezone(timezone.utc) + timedelta(microseconds=1)
+        # under a second): on a whole millisecond at least 1 ms past it, as SQLite's
+        # julianday(), which verification compares instants with, rounds them to the
+        # millisecond; and no timestamp is written cut to before it (_stamp's not_before).
+        at = cfg.start.astimezone(timezone.utc)
+        start = at.replace(microsecond=at.microsecond // 1000 * 1000) + timedelta(milliseconds=2)
         if start >= end:
             raise ValueError(f"nothing to add: the start {start.isoformat()} is not before the end {end.isoformat()}")
         cfg.days = (end - start).total_seconds() / 86400

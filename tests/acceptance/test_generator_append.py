@@ -13,7 +13,9 @@ from datetime import timedelta
 import click
 import pytest
 
+from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.times import parse_timestamp
+from selfheal_plugin.lifecycle.simulation import load_runs
 from selfheal_plugin.testbed import generator
 from selfheal_plugin.testbed.generator import DEFAULT_PATTERNS, fixed_by_config, scaled_patterns
 
@@ -63,7 +65,7 @@ def test_apply_then_append_then_verify_keeps(binks_home):
 
     r = run_agent("self-heal", "verify", imp, "--json")
     result = json.loads(r.stdout)
-    assert result["recommendation"] == "extend" and result["provisional_recommendation"] == "keep"
+    assert result["recommendation"] == "extend" and result["provisional_recommendation"] == "keep", result
     # every finished appended run is after the apply (how many finished depends on the
     # appended batch's seed, which depends on the apply's instant: count them, never guess)
     assert result["metrics"]["runs_after"] == len(set(runs_in(db, finished=True)) - set(before)) >= 190
@@ -114,10 +116,11 @@ def test_appended_runs_end_by_the_end_of_the_window(tmp_path, seconds):
     assert all(start < parse_timestamp(t) <= end for t in events)
 
 
-@pytest.mark.parametrize("window_ms", [1, 300, 999])
+@pytest.mark.parametrize("window_ms", [5, 300, 999])
 def test_an_append_a_moment_after_the_apply_fills_that_moment_and_nothing_before(tmp_path, window_ms):
     """--from an apply that happened under a second before --until (a walkthrough run back to
-    back) adds its runs; none is written, cut to fewer digits, before the apply."""
+    back) adds its runs; none is written, cut to fewer digits, before the apply, and
+    verification's reader (SQLite's julianday(), to the millisecond) finds them all after it."""
     db = tmp_path / "h.db"
     generator.generate_history(db, runs=50, seed=5, end=NOW, bad_rows=0)
     before = set(runs_in(db))
@@ -134,6 +137,13 @@ def test_an_append_a_moment_after_the_apply_fills_that_moment_and_nothing_before
     assert len(runs) == 200
     stamps = [s for _, started, completed in runs for s in (started, completed) if s] + events
     assert all(applied < parse_timestamp(s) <= end for s in stamps)
+    conn = connect(db)
+    try:
+        finished_after = {r.run_id for r in load_runs(conn, applied.timestamp(), end.timestamp() + 1)}
+        assert not {r.run_id for r in load_runs(conn, applied.timestamp() - 86400, applied.timestamp())} - before
+    finally:
+        conn.close()
+    assert finished_after == set(runs_in(db, finished=True)) - before and len(finished_after) > 190
     if window_ms > 500:  # the window holds a whole second (3 s): the runtime's fractionless shape is still written
         assert any("." not in s.split("T")[1] for s in stamps)
 
