@@ -32,7 +32,9 @@ Every question has one answer here:
   replaced (status ``superseded``, kept in history) when, and in the transaction where, its
   own proposal is stored: a failing one supersedes nothing;
 * ``canary_promote`` refuses unless the canary's verdict is keep (``force=True`` overrides
-  and is recorded); a risky ``test`` never suggests ``apply`` as its next step.
+  and is recorded); after a risky ``test`` the next step is a canary wherever one can run
+  (``apply`` only for a change no canary can run, e.g. manual steps), one choice for
+  ``test`` and ``health`` (:meth:`SelfHeal._next_step`).
 """
 from __future__ import annotations
 
