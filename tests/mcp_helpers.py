@@ -110,7 +110,7 @@ def reference(tool: str, home: Path | str | None, db: Path | str | None = None, 
         if tool == "propose_improvement":
             return plain(sh.propose(args["pattern_id"]))
         if tool == "test_improvement":
-            return plain(sh.test(args["improvement_id"], args.get("mode", "simulation")))
+            return plain(sh.test(args["improvement_id"], args.get("mode", "simulation"), since=args.get("since")))
         if tool == "verify_improvement":
             return plain(sh.verify(args["improvement_id"], args.get("measurement_window_days")))
     raise ValueError(f"no in-process reference for {tool}")

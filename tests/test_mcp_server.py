@@ -204,6 +204,24 @@ def test_modes_the_library_does_not_offer_are_its_error(home):
             assert ImprovementStore(connect(home / "conversations.db")).get(imp_id).status == "proposed"
 
 
+def test_test_improvement_takes_since_as_the_cli_does(home):
+    """`since` is `agent self-heal test --since`: the simulation's baseline window starts there."""
+    from selfheal_plugin.history.times import parse_timestamp
+
+    server = build_server(home)
+    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])
+    timeout_id = next(p["id"] for p in detected if p["error_type"] == "timeout")
+    imp_id = structured(call_all(server, [("propose_improvement", {"pattern_id": timeout_id})])[0])["improvement_id"]
+    assert "since" in {t.name: t for t in list_tools(server)}["test_improvement"].input_schema["properties"]
+    whole, recent = (structured(r) for r in call_all(server, [
+        ("test_improvement", {"improvement_id": imp_id}),
+        ("test_improvement", {"improvement_id": imp_id, "since": "-2d"})]))
+    span = {k: (parse_timestamp(r["window"]["until"]) - parse_timestamp(r["window"]["since"])).total_seconds() / 86400
+            for k, r in (("whole", whole), ("recent", recent))}
+    assert round(span["whole"], 3) == 7 and round(span["recent"], 3) == 2
+    assert stable(recent) == stable(reference("test_improvement", home, improvement_id=imp_id, since="-2d"))
+
+
 def test_missing_database_then_created(tmp_path, recent_history):
     db = tmp_path / "later" / "conversations.db"
     server = build_server(tmp_path / "home", db)

@@ -242,12 +242,14 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
             description="simulation replays the history window with the change; canary applies it to a "
                         "fraction of runs; shadow observes it without changing outcomes")] = "simulation",
         fraction: Annotated[float | None, Field(**schema.field_kwargs("fraction"))] = None,
+        since: Annotated[str | None, Field(**schema.field_kwargs(
+            "lookback", "Baseline window start for a simulation"))] = None,
     ) -> results.TestResult:
         """Estimate the improvement against history: simulated vs baseline success rate with a
         95% interval and a recommendation (safe_to_apply, risky or reject). Stores the result.
         canary/shadow start an experiment section in config.toml (a git commit)."""
         with _session(home, db) as sh:
-            return sh.test(improvement_id, mode, fraction=fraction)
+            return sh.test(improvement_id, mode, since=since, fraction=fraction)
 
     @tool("Apply improvement", destructive=True, idempotent=False)
     def apply_improvement(
