@@ -18,7 +18,8 @@ CLI = "agent self-heal"
 
 # CLI verb -> (MCP tool, the argument the CLI's positional value goes to)
 TOOLS: dict[str, tuple[str, str | None]] = {
-    "detect": ("detect_failure_patterns", None),
+    "detect": ("detect_failure_patterns", None),  # read-only over MCP: it never proposes
+    "propose": ("propose_improvement", "pattern_id"),
     "test": ("test_improvement", "improvement_id"),
     "apply": ("apply_improvement", "improvement_id"),
     "verify": ("verify_improvement", "improvement_id"),

@@ -312,7 +312,8 @@ def test_failed_run_with_a_timeout_recommends_raising_that_timeout(conn, history
     assert timeout["description"].startswith("Tool timeout on mcp__kubernetes__pods_list")
     # no improvement yet: the key to raise and where its value is computed, no number of its own
     rec = timeout["recommendation"]
-    assert 'tools."mcp__kubernetes__pods_list".timeout_ms' in rec and "agent self-heal detect" in rec
+    assert 'tools."mcp__kubernetes__pods_list".timeout_ms' in rec
+    assert "agent self-heal propose timeout:mcp__kubernetes__pods_list" in rec
     assert "timeout_ms =" not in rec
     severities = [i["severity"] for i in got["issues"]]
     assert severities == sorted(severities, key=["high", "medium", "low"].index)
@@ -408,6 +409,21 @@ def test_run_without_events_or_reference_is_reweighted(binks_home):
     assert got["components"]["duration"]["workflow_median_ms"] == 30000
     assert got["components"]["duration"]["score"] == pytest.approx(30000 / 60000)
     assert got["health_score"] == pytest.approx(100 * (0.5 * 1 + 0.2 * 0.5) / 0.7, abs=0.05)
+
+
+def test_a_timeout_recommendation_names_the_step_that_proposes(binks_home):
+    """The MCP detect tool is read-only: what proposes the timeout fix is propose (the
+    propose_improvement tool for an agent), never detect_failure_patterns."""
+    from selfheal_plugin.analysis.health import _recommendation
+    from selfheal_plugin.steps import for_agent
+
+    store = ImprovementStore(connect(binks_home / "conversations.db", create=True))
+    person = _recommendation("mcp__k8s__pods_list", "timeout", [30000.0], store, None)
+    with for_agent():
+        agent = _recommendation("mcp__k8s__pods_list", "timeout", [30000.0], store, None)
+    assert "agent self-heal propose timeout:mcp__k8s__pods_list proposes" in person
+    assert 'propose_improvement(pattern_id="timeout:mcp__k8s__pods_list") proposes' in agent
+    assert "detect" not in agent + person
 
 
 def test_running_run_with_nothing_known_gets_the_neutral_score(binks_home):

@@ -384,8 +384,8 @@ def _recommendation(tool: str, etype: str, durations: list[float], store: Improv
         # The value is the timeout strategy's (fitted to all the tool's calls in the window),
         # not a rule over this run's calls: point to where it is computed.
         seen = f" (calls here timed out after {int(max(durations))} ms)" if durations else ""
-        return (f"Fix the timeouts{seen}: {step('detect')} proposes {key}.timeout_ms from the p99 of "
-                f"the tool's call durations, or retries when they look like hangs (pattern timeout:{tool})")
+        return (f"Fix the timeouts{seen}: {step('propose', f'timeout:{tool}')} proposes {key}.timeout_ms "
+                "from the p99 of the tool's call durations, or retries when they look like hangs")
     if etype == "connection_refused":
         target = f'servers."{server}"' if server else key
         return (f"Enable health checks and restarts ({target}.health_check = true, auto_restart = true) "
