@@ -185,7 +185,7 @@ def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> 
     print_line(out, f"  Health score: [bold]{result['health_score']:.1f}[/] / 100{basis}")
     for name, c in result["components"].items():
         value = "unknown" if c["score"] is None else f"{c['score'] * 100:.0f}%"
-        out.print(f"    {name.replace('_', ' '):<20} {value:>8}  (weight {c['weight']:.1f})")
+        out.print(f"    {name.replace('_', ' '):<20} {value:>8}  ({_weight(c)})")
     out.print()
     if not result["issues"]:
         out.print("  ✅ No issues found.")
@@ -195,6 +195,14 @@ def run_health(run_id: str, home: str | None, db: str | None, as_json: bool) -> 
     for issue in result["issues"]:
         print_line(out, f"    [{colors[issue['severity']]}]\\[{issue['severity'].upper()}][/] {for_rich(issue['description'])}")
         print_line(out, f"        → {for_rich(issue['recommendation'])}")
+
+
+def _weight(component: dict[str, Any]) -> str:
+    """The weight the score used (``effective_weight`` in --json), and the nominal one beside it
+    when re-weighting changed it: ``weight 0.625, nominally 0.5``."""
+    nominal = component["weight"]
+    used = component.get("effective_weight", nominal)
+    return f"weight {used:g}" if used == nominal else f"weight {used:g}, nominally {nominal:g}"
 
 
 COMMANDS = [dashboard, run_health]

@@ -167,3 +167,25 @@ def test_dashboard_html_replaces_only_its_own_reports_unless_forced(history_copy
                     "--force")
     assert res.returncode == 0, res.stderr
     assert 'id="overall-score"' in notes.read_text()
+
+
+def test_run_health_text_shows_the_weights_json_has(binks_home):
+    """A re-weighted run: the text shows each component's effective weight (the one the score
+    used, as --json's effective_weight), with the nominal weight beside it where they differ."""
+    from selfheal_plugin.history.connection import connect
+
+    c = connect(binks_home / "conversations.db", create=True)
+    c.execute("INSERT INTO runs VALUES ('abc-1','lonely','t','completed','m','2026-11-19T12:00:00Z',"
+              "'2026-11-19T12:01:00Z',60000,NULL,NULL,NULL)")
+    for k in range(5):  # reference runs: the duration is known, tool reliability and resources are not
+        c.execute("INSERT INTO runs VALUES (?,'lonely','t','completed','m','2026-11-18T12:00:00Z',NULL,30000,"
+                  "NULL,NULL,NULL)", (f"ref-{k}",))
+    c.close()
+    data = json.loads(run_agent("self-heal", "health", "abc-1", "--home", str(binks_home), "--json").stdout)
+    assert data["score_basis"] == "reweighted"
+    text = run_agent("self-heal", "health", "abc-1", "--home", str(binks_home)).stdout
+    for name, comp in data["components"].items():
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(name.replace("_", " ")))
+        assert f"weight {comp['effective_weight']:g}" in line, line
+    assert data["components"]["success"]["effective_weight"] == 0.7143
+    assert "weight 0.7143, nominally 0.5" in text
