@@ -106,7 +106,7 @@ def main() -> None:
                 async def one() -> None:
                     r = await client.call_tool("detect_failure_patterns", {})
                     assert not r.is_error, r.content[0].text
-                    assert len(r.structured_content["result"]) == len(found)
+                    assert len(r.structured_content["patterns"]) == len(found)
                 return await time_async(one, args.calls)
 
         inproc = anyio.run(over, build_server(home))

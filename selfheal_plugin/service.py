@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 from selfheal_plugin.errors import LifecycleError, NotFoundError, UsageError
 from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, get_pattern, pattern_details
+from selfheal_plugin.history import schema
 from selfheal_plugin.history.clock import wall_clock
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.improvements import IN_FORCE, ImprovementStore, already_fixed
@@ -115,14 +116,16 @@ class SelfHeal:
 
     def detect(self, *, propose: bool = False, notify: bool = False, since: str | None = None,
                progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None,
-               runs_limit: int | None = None, **filters: Any) -> DetectResult:
+               runs_limit: int | None = schema.default("limit"), **filters: Any) -> DetectResult:
         """Recurring failure patterns of the window, each with its one suggested fix.
 
         ``propose`` stores a proposal for every pattern (idempotent); ``notify`` fires
         ``patterns_detected`` for the patterns whose cooldown has passed. ``progress`` sees the
         index scan; ``should_stop`` is asked before each proposal (``stopped`` in the result says
-        it stopped there). ``runs_limit`` bounds each pattern's ``affected_runs`` to its latest runs
-        (``affected_run_count`` is the total; :meth:`show` lists them all). ``filters`` go to
+        it stopped there). ``runs_limit`` bounds each pattern's ``affected_runs`` to its latest runs,
+        by default the latest 20 (the ``limit`` flag's default, as ``detect --json`` and the MCP
+        tool list them); ``None`` lists every one (``affected_run_count`` is the total;
+        :meth:`show` lists them all). ``filters`` go to
         :func:`~selfheal_plugin.analysis.patterns.detect_failure_patterns` (``error_type``,
         ``tool_name``, ...)."""
         s, now = self.settings, self.now()
@@ -204,7 +207,8 @@ class SelfHeal:
                 out.append(res.to_dict())
         return out
 
-    def improvements(self, status: str | None = None, limit: int | None = 20) -> list[ImprovementRow]:
+    def improvements(self, status: str | None = None, limit: int | None = schema.default("limit")
+                     ) -> list[ImprovementRow]:
         """Stored improvements, newest first (ours and the runtime's older rows)."""
         return proposals.list_improvements(self.conn, status=status, limit=limit)
 

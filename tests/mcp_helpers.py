@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from selfheal_plugin.testbed.generator import generate_history
-from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.settings import load_settings
 from selfheal_plugin.history.times import utcnow
@@ -46,9 +45,10 @@ TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "set_rule_enabled": (False, False),
 }
 
-# Fields that carry the instant of the call (window ends at "now", time of the test run), or
-# what the calls before it said (a verification's previous recommendation).
-VOLATILE = {"window", "trend_detail", "tested_at", "checked_at", "previous_recommendation"}
+# Fields that carry the instant of the call (window ends at "now", time of the test run; a
+# detection's window start), or what the calls before it said (a verification's previous
+# recommendation).
+VOLATILE = {"window", "since", "trend_detail", "tested_at", "checked_at", "previous_recommendation"}
 
 
 def make_history(path: Path, seed: int = 11, runs: int = 300) -> dict:
@@ -98,7 +98,7 @@ def reference(tool: str, home: Path | str | None, db: Path | str | None = None, 
                  "confidence_threshold": args.get("confidence_threshold")}
     with for_agent(), SelfHeal(home, db, **{k: v for k, v in overrides.items() if v is not None}) as sh:
         if tool == "detect_failure_patterns":
-            return plain(sh.detect(runs_limit=args.get("limit", schema.default("limit")))["patterns"])
+            return plain(sh.detect(**({"runs_limit": args["limit"]} if "limit" in args else {})))
         if tool == "analyze_run_health":
             return plain(sh.run_health(args["run_id"]))
         if tool == "compute_agent_metrics":

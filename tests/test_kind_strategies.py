@@ -321,7 +321,7 @@ def test_mcp_tools_and_the_dashboard_carry_the_kind_and_its_evidence(tmp_path):
 
     found, proposed = anyio.run(go)
     assert not found.is_error and not proposed.is_error
-    [pattern] = found.structured_content["result"]
+    [pattern] = found.structured_content["patterns"]
     assert pattern["failure_kind"] == "missing_resource"
     assert pattern["evidence"]["codes"]["errno"] == {"ENOENT": 16}
     out = proposed.structured_content

@@ -17,7 +17,7 @@ from selfheal_plugin.mcp.server import build_server
 from selfheal_plugin.history.settings import load_settings
 
 from .mcp_helpers import (  # home, recent_history: shared fixtures
-    TOOLS, error_text, home, recent_history, reference, stable, structured,
+    TOOLS, error_text, home, plain, recent_history, reference, stable, structured,
 )
 
 
@@ -90,20 +90,34 @@ def test_analysis_tools_match_the_library(home):
     for (name, args), result in zip(calls, results):
         want = reference(name, home, None, **({**args, "run_id": run_id} if name == "analyze_run_health" else args))
         assert stable(structured(result)) == stable(want), name
-    patterns = structured(results[0])
+    patterns = structured(results[0])["patterns"]
     assert patterns and all(p["suggested_fix"] for p in patterns)
-    assert len(structured(results[1])) >= len(patterns)
+    assert len(structured(results[1])["patterns"]) >= len(patterns)
     dashboard = structured(results[7])
     assert "agents" in dashboard and "agents" not in structured(results[6])
     # limit keeps each pattern's latest affected runs, as detect --json --limit does; the count stays whole
-    (one,) = [p for p in structured(results[8]) if p["id"] == patterns[0]["id"]]
+    (one,) = [p for p in structured(results[8])["patterns"] if p["id"] == patterns[0]["id"]]
     assert one["affected_runs"] == patterns[0]["affected_runs"][-1:]
     assert one["affected_run_count"] == patterns[0]["affected_run_count"] > 1
 
 
+def test_api_cli_and_mcp_list_the_same_affected_runs_by_default(home):
+    """One default for how many affected runs a pattern lists: the `limit` flag's (20), from
+    SelfHeal.detect() in Python as from `detect --json` and the MCP tool."""
+    from selfheal_plugin.service import SelfHeal
+
+    over_mcp = structured(call_all(build_server(home), [("detect_failure_patterns", {})])[0])["patterns"]
+    with SelfHeal(home) as sh:
+        api = sh.detect()["patterns"]
+        every = sh.detect(runs_limit=None)["patterns"]
+    assert stable(over_mcp) == stable(plain(api))
+    assert max(p["affected_run_count"] for p in api) > schema.default("limit") == 20
+    assert max(len(p["affected_runs"]) for p in api) == 20 < max(len(p["affected_runs"]) for p in every)
+
+
 def test_lifecycle_tools_match_the_library(home):
     server = build_server(home)
-    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])
+    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])["patterns"]
     pattern_id = next(p["id"] for p in detected if p["error_type"] == "timeout")
     proposed = structured(call_all(server, [("propose_improvement", {"pattern_id": pattern_id})])[0])
     imp_id = proposed["improvement_id"]
@@ -141,8 +155,13 @@ def test_settings_come_from_config_toml_unless_the_call_says_otherwise(home):
     (home / "config.toml").write_text("[self_heal]\nmin_occurrences = 100000\n")
     r_default, r_explicit = call_all(build_server(home), [
         ("detect_failure_patterns", {}), ("detect_failure_patterns", {"min_occurrences": 3})])
-    assert structured(r_default) == []
-    assert structured(r_explicit) == reference("detect_failure_patterns", home, min_occurrences=3) != []
+    # no pattern, and the result says why, as `detect --json` (the same object) does
+    default = structured(r_default)
+    assert default["patterns"] == [] and default["failing_signatures"] > 0 and default["candidates"] == 0
+    assert set(default) == set(reference("detect_failure_patterns", home))
+    explicit = structured(r_explicit)
+    assert stable(explicit) == stable(reference("detect_failure_patterns", home, min_occurrences=3))
+    assert explicit["patterns"] != [] and explicit["proposals"] == [] and explicit["notified"] == []
 
 
 def test_errors_are_one_line_tool_errors_and_the_server_keeps_serving(home):
@@ -183,7 +202,7 @@ def test_errors_are_one_line_tool_errors_and_the_server_keeps_serving(home):
 
 def test_modes_the_library_does_not_offer_are_its_error(home):
     server = build_server(home)
-    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])
+    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])["patterns"]
     imp_id = structured(call_all(server, [("propose_improvement", {"pattern_id": detected[0]["id"]})])[0])[
         "improvement_id"]
     from selfheal_plugin.service import TEST_MODES
@@ -209,7 +228,7 @@ def test_test_improvement_takes_since_as_the_cli_does(home):
     from selfheal_plugin.history.times import parse_timestamp
 
     server = build_server(home)
-    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])
+    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])["patterns"]
     timeout_id = next(p["id"] for p in detected if p["error_type"] == "timeout")
     imp_id = structured(call_all(server, [("propose_improvement", {"pattern_id": timeout_id})])[0])["improvement_id"]
     assert "since" in {t.name: t for t in list_tools(server)}["test_improvement"].input_schema["properties"]
@@ -240,7 +259,7 @@ def test_broken_config_is_a_tool_error(home):
 
 def test_canary_fraction_and_its_bounds(home):
     server = build_server(home)
-    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])
+    detected = structured(call_all(server, [("detect_failure_patterns", {})])[0])["patterns"]
     timeout_id = next(p["id"] for p in detected if p["error_type"] == "timeout")
     imp_id = structured(call_all(server, [("propose_improvement", {"pattern_id": timeout_id})])[0])["improvement_id"]
     bad = call_all(server, [("test_improvement", {"improvement_id": imp_id, "mode": "canary", "fraction": 1.5}),

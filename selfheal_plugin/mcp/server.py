@@ -184,16 +184,18 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
         confidence_threshold: Annotated[float | None, Field(**schema.field_kwargs("confidence_threshold"))] = None,
         limit: Annotated[int | None, Field(**schema.field_kwargs(
             "limit", "Affected runs listed per pattern, the latest kept; affected_run_count is the total"))] = None,
-    ) -> list[results.FailurePattern]:
+    ) -> results.DetectResult:
         """Find recurring tool failures: (error_type, tool_name) signatures of failed tool calls,
         most frequent first, with correlation, confidence, affected runs and a suggested fix.
-        Read-only: unlike `agent self-heal detect` it neither proposes nor notifies."""
+        The same object as `agent self-heal detect --json`: with no patterns, `failing_signatures`
+        and `candidates` say why (nothing failed, or nothing failed min_occurrences times, or
+        nothing reached the confidence threshold). Read-only: unlike `agent self-heal detect` it
+        neither proposes nor notifies (`proposals` and `notified` stay empty)."""
         with _session(home, db, lookback=since, min_occurrences=min_occurrences,
                       confidence_threshold=confidence_threshold) as sh:
-            result = sh.detect(runs_limit=schema.default("limit") if limit is None else limit,
-                               progress=_progress(ctx))
+            result = sh.detect(progress=_progress(ctx), **({} if limit is None else {"runs_limit": limit}))
             warn_bad_rows("run_events", result["skipped_rows"])
-            return result["patterns"]
+            return result
 
     @tool("Analyze run health", read_only=True)
     def analyze_run_health(

@@ -31,7 +31,7 @@ def _mcp_detect(home, since: str) -> list[dict]:
             return await client.call_tool("detect_failure_patterns", {"since": since})
     result = anyio.run(go)
     assert not result.is_error
-    return result.structured_content["result"]
+    return result.structured_content["patterns"]
 
 
 def test_detect_proposes_writes_inbox_and_is_idempotent(history_copy, binks_home):

@@ -73,7 +73,7 @@ def test_with_a_token_every_request_must_carry_it(home):
     assert json.loads(missing[2])["error_description"] == "missing bearer token"
     assert json.loads(wrong[2])["error_description"] == "invalid bearer token"
     assert right[0] == 200
-    assert names == set(TOOLS) and isinstance(detected, list)
+    assert names == set(TOOLS) and isinstance(detected["patterns"], list)
     assert rebound[0] in (400, 403, 421) and rebound[0] != 401
     assert b"Traceback" not in stderr and TOKEN.encode() not in stderr
 

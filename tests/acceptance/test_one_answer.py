@@ -63,7 +63,7 @@ def _detect(home) -> dict:
 def test_a_read_only_detect_suggests_the_fix_a_proposing_detect_stores(history_copy, binks_home):
     """Before any proposal exists, the MCP tool (read-only) and `show` suggest for each
     pattern the fix its strategy proposes; the proposing `detect` then stores exactly that."""
-    before = {p["id"]: p for p in _mcp(binks_home, "detect_failure_patterns").structured_content["result"]}
+    before = {p["id"]: p for p in _mcp(binks_home, "detect_failure_patterns").structured_content["patterns"]}
     assert len(before) > 3 and all(p["suggested_by"] == "strategy" and p["improvement_id"] is None
                                    for p in before.values())
     shown = json.loads(run_agent("self-heal", "show", PATTERN, "--home", str(binks_home), "--json").stdout)
@@ -107,7 +107,7 @@ def test_a_rejection_sticks_in_the_cli_and_over_mcp(history_copy, binks_home):
     assert result.is_error and len(result.content) == 1
     assert f"{imp_id} for {PATTERN} was rejected" in result.content[0].text
     mcp_pattern = next(p for p in _mcp(binks_home, "detect_failure_patterns").structured_content[
-        "result"] if p["id"] == PATTERN)
+        "patterns"] if p["id"] == PATTERN)
     assert {k: mcp_pattern[k] for k in withheld} == withheld
     # nor does a run's health recommend a fix by the runtime's label in its place
     health = _mcp(binks_home, "analyze_run_health", run_id=pattern["affected_runs"][-1]).structured_content
@@ -134,7 +134,7 @@ def test_a_strategy_that_takes_over_supersedes_the_open_proposal(history_copy, b
     shown = json.loads(run_agent("self-heal", "show", PATTERN, "--home", str(binks_home), "--json").stdout)
     assert shown["suggested_fix"] == new["description"] and shown["improvement_id"] == new["improvement_id"]
     over_mcp = next(p for p in _mcp(binks_home, "detect_failure_patterns").structured_content[
-        "result"] if p["id"] == PATTERN)
+        "patterns"] if p["id"] == PATTERN)
     assert over_mcp["suggested_fix"] == new["description"]
 
 
