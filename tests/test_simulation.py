@@ -356,3 +356,17 @@ def test_the_continuation_is_estimated_again_from_each_replicates_runs():
     assert factor.tolist() == [0.6, 1.0, 0.0, 0.6]  # a replicate with none of those runs keeps s / n
     # with fewer runs past the call than MIN_CONTINUATION, or all of them completed: 1
     assert simulation._Continuation(runs[:6], W[:, :6])(stopped, stopped.calls[0]) == 1.0
+
+
+def test_a_reason_gives_the_point_and_both_ends_in_one_precision():
+    """+0.8% expected with an interval to 0.0153 reads +1.5%, not +2%: one precision for all three."""
+    sim = simulation.Simulation(simulated_success_rate=0.908, baseline_success_rate=0.9, simulated_interval=None,
+                                improvement_interval=[0.003, 0.0153], runs_replayed=500, runs_recovered=4.0,
+                                runs_broken=0, failures_targeted=10, failures_fixed=4.0)
+    assert simulation.recommend(sim, "low") == (
+        "safe_to_apply", "+0.8% expected (95% interval +0.3% to +1.5%) over 500 replayed runs")
+    sim.improvement_interval = [-0.002, 0.12]
+    assert simulation.recommend(sim, "low") == (
+        "risky", "+0.8% expected, but the 95% interval (-0.2% to +12.0%) includes no improvement")
+    sim.simulated_success_rate, sim.improvement_interval = 0.95, [0.02, 0.08]
+    assert simulation.recommend(sim, "low")[1].startswith("+5% expected (95% interval +2% to +8%)")

@@ -475,10 +475,18 @@ def simulate_proposal(proposal: Any, history: Any, seed: int = 0) -> Simulation:
 # ------------------------------------------------------------------ verdict
 
 
-def percent_points(x: float) -> str:
-    """``0.07`` → ``+7%``; small changes keep one decimal."""
+def percent_points(x: float, *alongside: float) -> str:
+    """``0.07`` → ``+7%``; small changes keep one decimal. Values printed beside it (an
+    interval's ends: ``alongside``) share its precision: one decimal for all when any is small,
+    so ``+0.8% (+0.3% to +1.5%)``, never ``+0.8% (+0.3% to +2%)``."""
+    small = any(0 < abs(v * 100) < 1 for v in (x, *alongside))
     v = x * 100
-    return f"{v:+.1f}%" if 0 < abs(v) < 1 else f"{v:+.0f}%"
+    return f"{v:+.1f}%" if small else f"{v:+.0f}%"
+
+
+def percent_interval(point: float, lo: float, hi: float) -> tuple[str, str, str]:
+    """A point and its interval's ends in one precision (see :func:`percent_points`)."""
+    return tuple(percent_points(v, point, lo, hi) for v in (point, lo, hi))  # type: ignore[return-value]
 
 
 def recommend(sim: Simulation, risk_level: str | None) -> tuple[str, str]:
@@ -502,13 +510,12 @@ def recommend(sim: Simulation, risk_level: str | None) -> tuple[str, str]:
     if sim.unmodeled:
         return "risky", ("parts of the change have no model: "
                          + "; ".join(f"{u['change']}: {u['reason']}" for u in sim.unmodeled))
+    point, low, high = percent_interval(gain, lo, hi)
     if lo <= 0:
-        return "risky", (f"{percent_points(gain)} expected, but the 95% interval ({percent_points(lo)} to "
-                         f"{percent_points(hi)}) includes no improvement")
+        return "risky", f"{point} expected, but the 95% interval ({low} to {high}) includes no improvement"
     if (risk_level or "").lower() == "high":
         return "risky", f"{percent_points(gain)} expected, but the strategy rates the change high-risk"
-    return "safe_to_apply", (f"{percent_points(gain)} expected (95% interval {percent_points(lo)} to "
-                             f"{percent_points(hi)}) over {sim.runs_replayed} replayed runs")
+    return "safe_to_apply", f"{point} expected (95% interval {low} to {high}) over {sim.runs_replayed} replayed runs"
 
 
 # ------------------------------------------------------------------ the lifecycle step
