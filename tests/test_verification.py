@@ -67,6 +67,10 @@ def test_real_improvement_says_keep(db, binks_home):
     assert m["before_success_rate"] == pytest.approx(42 / 60, abs=1e-4)
     assert m["after_success_rate"] == pytest.approx(59 / 60, abs=1e-4)
     assert m["p_value"] < 0.001 and r["pattern_p_value"] < 0.001
+    # the JSON carries scipy's p-values as they are (the text says "p < 0.001"), not rounded to 6 places
+    from scipy import stats
+    assert m["p_value"] == stats.fisher_exact([[42, 18], [59, 1]])[1]
+    assert r["pattern_p_value"] == m["pattern"]["p_value"] == stats.fisher_exact([[18, 60], [1, 60]])[1] > 0
     assert r["before_error_rate"] == pytest.approx(18 / 78, abs=1e-4)  # 18 timeouts in 60 + 18 calls
     assert r["after_error_rate"] == pytest.approx(1 / 61, abs=1e-4)
     assert r["actual_impact"] == "93% reduction in timeout errors, +28% success rate (better than expected!)"

@@ -339,12 +339,12 @@ def experiment_report(conn: sqlite3.Connection, settings: Settings, imp: Improve
                "before_success_rate": a["sr_b"], "after_success_rate": a["sr_a"],
                "runs_analyzed": n, "runs_control": len(control), "runs_canary": len(canary),
                "runs_before": len(control), "runs_after": len(canary), "runs_without_arm": len(runs) - n,
-               "p_value": None if a["p_success"] is None else round(a["p_success"], 6),
+               "p_value": a["p_success"],
                "test": "Fisher's exact test, two-sided", "significance_level": settings.significance_level,
                "tests": a["tests"], "alpha_per_test": round(a["alpha_per_test"], 6),
                "min_sample_size": settings.min_sample_size, "pattern": pattern,
                "split": {"fraction": fraction, "canary_share": round(len(canary) / n, 4) if n else None,
-                         "p_value": None if p_split is None else round(p_split, 6),
+                         "p_value": p_split,
                          "test": "exact binomial test of the canary count against the fraction"}}
     return {"mode": CANARY, "recommendation": a["recommendation"], "verification_status": a["status"],
             "reason": reason, "actual_impact": a["actual"].replace("success rate", "success rate (canary vs control)",
@@ -406,7 +406,7 @@ def _shadow_report(conn: sqlite3.Connection, settings: Settings, imp: Improvemen
     metrics = {"runs_observed": runs_n, "runs_in_period": total_runs, "calls_observed": calls,
                "calls_would_change": changed, "calls_would_succeed": succeed, "calls_would_fail": fail,
                "runs_would_recover": recover_runs, "runs_would_break": break_runs,
-               "runs_analyzed": runs_n, "p_value": None if p is None else round(p, 6),
+               "runs_analyzed": runs_n, "p_value": p,
                "test": "exact binomial (sign) test of failure→success vs success→failure changes",
                "significance_level": alpha, "min_sample_size": floor, "examples": examples}
     return {"mode": SHADOW, "recommendation": rec, "verification_status": status, "reason": reason,

@@ -209,7 +209,7 @@ def assess(imp: Any, settings: Settings, before: list[ReplayRun], after: list[Re
                        "before_runs_affected": runs_hit_b, "after_runs_affected": runs_hit_a,
                        "before_refused": refused_b, "after_refused": refused_a,
                        "reached_reduction": None if reached_reduction is None else round(reached_reduction, 4),
-                       "p_value": None if p_pattern is None else round(p_pattern, 6),
+                       "p_value": p_pattern,  # scipy's value: a tiny p is data, not 0.0
                        "reduction": None if reduction is None else round(reduction, 4)}
 
     success_delta = None if sr_a is None or sr_b is None else sr_a - sr_b
@@ -330,7 +330,7 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
                   f"accept it now with {step('verify', imp.id, early=True)})")
 
     metrics = {"before_success_rate": sr_b, "after_success_rate": sr_a, "runs_analyzed": n_b + n_a,
-               "runs_before": n_b, "runs_after": n_a, "p_value": None if p_success is None else round(p_success, 6),
+               "runs_before": n_b, "runs_after": n_a, "p_value": p_success,
                "test": "Fisher's exact test, two-sided", "significance_level": alpha, "min_sample_size": floor,
                "tests": a["tests"], "alpha_per_test": round(a["alpha_per_test"], 6),
                "correction": "Bonferroni over the success and pattern tests", "pattern": pattern}
