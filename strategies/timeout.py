@@ -19,7 +19,8 @@ from typing import Any
 from selfheal_plugin import hookimpl
 from selfheal_plugin.analysis.durations import fit_sample, sample_from_calls
 from selfheal_plugin.plugins.strategy import (
-    Change, HistoryWindow, ModeledStrategy, Proposal, impact_text, nice_ceil_ms, percent, retry_plan, tool_path,
+    Change, HistoryWindow, ModeledStrategy, Proposal, config_change_text, impact_text, nice_ceil_ms, percent,
+    retry_plan, tool_path,
 )
 
 TARGET_QUANTILE = 0.99
@@ -89,14 +90,16 @@ class TimeoutStrategy(ModeledStrategy):
                evidence: dict[str, Any], basis: str) -> Proposal:
         evidence["new_timeout_ms"] = new
         change = Change.config(tool_path(pattern.tool_name, "timeout_ms"), new)
-        before = f"{old} → {new}" if old else f"{new}"
         return self.make_proposal(
             pattern,
             description=f"Increase the timeout of {pattern.tool_name} to {new / 1000:g} s",
             expected_impact=impact_text(reduction, f"timeouts on {pattern.tool_name}", basis),
             risk_level="low" if not old or new <= 3 * old else "medium",
             changes=[change], expected_reduction=reduction, evidence=evidence,
-            changes_required=[f"Set [tools.\"{pattern.tool_name}\"] timeout_ms: {before}"],
+            # config.toml's value as the from value (as apply and its commit say it), not ``old``:
+            # where config.toml sets none, ``old`` is the limit the calls show (evidence)
+            changes_required=["Set " + config_change_text(
+                change.path, old if evidence.get("old_timeout_source") == "config.toml" else None, new)],
         )
 
     def _covered(self, pattern: Any, limit: int, cut: float, q: float, evidence: dict[str, Any]) -> Proposal:

@@ -164,6 +164,25 @@ def test_timeout_respects_the_configured_limit(all_types_history, tmp_path):
     assert "60000 → " in p.changes_required[0]
 
 
+def test_a_proposal_and_its_apply_give_the_same_from_value(tmp_path, monkeypatch, all_types_history):
+    """The timeout limit the calls show (60 s) is evidence; the from value of the config edit is
+    what config.toml holds, (absent) where it sets nothing, in the proposal as in apply."""
+    from selfheal_plugin.lifecycle import configedit
+
+    bare = _propose(_timeout_history(tmp_path / "a" / "c.db", 15_000.0, monkeypatch), "timeout:mcp__kubernetes__pods_list")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text('[tools."mcp__kubernetes__pods_list"]\ntimeout_ms = 60000\n')
+    set_ = _propose(all_types_history[0], "timeout:mcp__kubernetes__pods_list", home)
+    for p, text in ((bare, None), (set_, (home / "config.toml").read_text())):
+        edits, _ = configedit.split_changes(p.changes)
+        applied = configedit.describe_entries(configedit.edit_config(text, edits).entries)
+        assert p.changes_required == ["Set " + line for line in applied]
+    assert bare.evidence["old_timeout_ms"] == 60_000
+    assert bare.changes_required[0].startswith("Set tools.mcp__kubernetes__pods_list.timeout_ms: (absent) → ")
+    assert set_.changes_required[0].startswith("Set tools.mcp__kubernetes__pods_list.timeout_ms: 60000 → ")
+
+
 def _tool_error_history(path: Path, templates: tuple[str, ...]) -> Path:
     pat = InjectedPattern("tool_error", "list_dir", 12, templates, ("planner", "coder"), 0, ("tool_error",))
     generate_history(path, seed=5, runs=150, end=NOW, patterns=(pat,))

@@ -18,7 +18,6 @@ import copy
 import difflib
 import hashlib
 import math
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -28,6 +27,7 @@ from selfheal_plugin.errors import ConfigError, SelfHealError
 from selfheal_plugin.history import schema
 from selfheal_plugin.history.settings import change_key_problem, check_tool_tables
 from selfheal_plugin.lazy import lazy_module
+from selfheal_plugin.plugins.strategy import config_change_text, dotted_key, format_value  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from tomlkit.toml_document import TOMLDocument
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 tomlkit, tomlkit_items = lazy_module("tomlkit"), lazy_module("tomlkit.items")
 
 ALLOWED_FILES = ("config.toml",)
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class ChangeError(SelfHealError):
@@ -74,16 +73,6 @@ class Edit:
         return self.new_text != (self.old_text or "")
 
 
-def dotted_key(path: tuple[str, ...] | list[str]) -> str:
-    """``["tools", "a.b:c", "timeout_ms"]`` → ``tools."a.b:c".timeout_ms`` (TOML spelling)."""
-    return ".".join(p if _BARE_KEY.match(p) else '"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                    for p in path)
-
-
-def format_value(value: Any) -> str:
-    if value is None:
-        return "(absent)"
-    return tomlkit.item(value).as_string() if not isinstance(value, str) else '"' + value + '"'
 
 
 def sha256_text(text: str | None) -> str | None:
@@ -391,5 +380,5 @@ def unified_diff(old_text: str | None, new_text: str | None, name: str = "config
 
 def describe_entries(entries: list[dict[str, Any]]) -> list[str]:
     """``tools.x.timeout_ms: 60000 → 90000`` per edited key."""
-    return [f"{dotted_key(e['path'])}: {format_value(e['old']) if e['existed'] else '(absent)'} → "
-            f"{format_value(e['new']) if e['op'] == 'set' else '(removed)'}" for e in entries]
+    return [config_change_text(e["path"], e["old"], e["new"], existed=e["existed"], removed=e["op"] != "set")
+            for e in entries]

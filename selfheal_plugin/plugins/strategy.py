@@ -544,6 +544,36 @@ def server_path(server: str, *keys: str) -> list[str]:
     return ["servers", server, *keys]
 
 
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+ABSENT = "(absent)"
+
+
+def dotted_key(path: tuple[str, ...] | list[str]) -> str:
+    """``["tools", "a.b:c", "timeout_ms"]`` → ``tools."a.b:c".timeout_ms`` (TOML spelling)."""
+    return ".".join(p if _BARE_KEY.match(p) else '"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                    for p in path)
+
+
+def format_value(value: Any) -> str:
+    """A config value as config.toml spells it; ``None`` is :data:`ABSENT`."""
+    if value is None:
+        return ABSENT
+    import tomlkit
+
+    return tomlkit.item(value).as_string() if not isinstance(value, str) else '"' + value + '"'
+
+
+def config_change_text(path: tuple[str, ...] | list[str], old: Any, new: Any, *, existed: bool | None = None,
+                       removed: bool = False) -> str:
+    """``tools.x.timeout_ms: 60000 → 90000``: one config.toml key's edit, as a proposal's
+    ``changes_required``, apply's plan and result, and the commit describe it. The from value
+    is what config.toml holds, :data:`ABSENT` for a key it does not set (``existed`` False, or
+    ``old`` None), never the runtime's default or a limit inferred from the calls (that is
+    evidence, e.g. the timeout strategy's ``old_timeout_ms``)."""
+    before = format_value(old) if (old is not None if existed is None else existed) else ABSENT
+    return f"{dotted_key(path)}: {before} → {'(removed)' if removed else format_value(new)}"
+
+
 def nice_ceil_ms(ms: float) -> int:
     """Round a duration up to a step a person would pick: 100 ms under 1 s, 1 s under
     10 s, 5 s under 1 min, 10 s under 5 min, 30 s above."""
