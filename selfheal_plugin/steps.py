@@ -32,6 +32,10 @@ TOOLS: dict[str, tuple[str, str | None]] = {
     "learn --rules": ("list_rules", None),
 }
 
+# MCP-only verbs -> the CLI command that does it for a person (`detect` proposes for every
+# pattern it finds; the CLI has no propose command)
+CLI_INSTEAD: dict[str, str] = {"propose": "detect"}
+
 _agent: ContextVar[bool] = ContextVar("selfheal_steps_agent", default=False)
 
 
@@ -57,6 +61,8 @@ def step(verb: str, value: str | None = None, **options: str | bool) -> str:
         tool, arg = TOOLS[verb]
         args = ({arg: value} if arg and value is not None else {}) | options
         return f"{tool}({', '.join(f'{k}={json.dumps(v)}' for k, v in args.items())})"
+    if verb in CLI_INSTEAD:
+        return _cli(CLI_INSTEAD[verb], None, {})
     return _cli(verb, value, options)
 
 

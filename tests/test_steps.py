@@ -63,3 +63,10 @@ def test_an_option_of_the_command_at_hand_is_said_as_the_reader_passes_it():
     assert (option("force"), option("changes_made", "TEXT")) == ("--force", "--changes-made TEXT")
     with for_agent():
         assert (option("force"), option("changes_made", "TEXT")) == ("force=true", "the changes_made argument")
+
+
+def test_a_verb_only_mcp_has_names_what_a_person_runs_instead():
+    """The CLI proposes through detect; an agent calls propose_improvement for one pattern."""
+    assert step("propose", "timeout:x") == "agent self-heal detect"
+    with for_agent():
+        assert step("propose", "timeout:x") == 'propose_improvement(pattern_id="timeout:x")'

@@ -385,7 +385,8 @@ def _recommendation(tool: str, etype: str, durations: list[float], store: Improv
         # not a rule over this run's calls: point to where it is computed.
         seen = f" (calls here timed out after {int(max(durations))} ms)" if durations else ""
         return (f"Fix the timeouts{seen}: {step('propose', f'timeout:{tool}')} proposes {key}.timeout_ms "
-                "from the p99 of the tool's call durations, or retries when they look like hangs")
+                "from the p99 of the tool's call durations, or retries when they look like hangs "
+                f"(pattern timeout:{tool})")
     if etype == "connection_refused":
         target = f'servers."{server}"' if server else key
         return (f"Enable health checks and restarts ({target}.health_check = true, auto_restart = true) "
