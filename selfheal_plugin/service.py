@@ -209,7 +209,9 @@ class SelfHeal:
 
     def improvements(self, status: str | None = None, limit: int | None = schema.default("limit")
                      ) -> list[ImprovementRow]:
-        """Stored improvements, newest first (ours and the runtime's older rows)."""
+        """Stored improvements (ours and the runtime's older rows), the latest status change first
+        (applied, verified, rolled back, tested, rejected, proposed: whichever happened last), the
+        order of the dashboard's ``recent_improvements`` too."""
         return proposals.list_improvements(self.conn, status=status, limit=limit)
 
     # -------------------------------------------------------------- test, apply, verify, undo

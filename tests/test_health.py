@@ -568,6 +568,25 @@ def test_recent_improvements_show_measured_impact_or_say_not_yet(conn, history_c
     assert [i["id"] for i in d["recent_improvements"]][:2] == ["imp-applied", "imp-measured"]
 
 
+def test_improvements_and_the_dashboard_list_the_latest_status_change_first(conn):
+    """A fix proposed first, applied, then rolled back after three newer proposals: what happened
+    last is the rollback, first in `improvements --limit 3` as on the dashboard (one order)."""
+    from selfheal_plugin.history.times import format_timestamp, utcnow
+    from selfheal_plugin.lifecycle.proposals import list_improvements
+
+    store = ImprovementStore(conn)
+    store.insert(Improvement(id="imp-old", status="proposed", description="Raise k8s timeout"))
+    store.update("imp-old", status="applied", applied_at=format_timestamp(utcnow()))
+    for k in range(3):
+        store.insert(Improvement(id=f"imp-new-{k}", status="proposed", description=f"fix {k}"))
+    store.update("imp-new-0", status="rejected")
+    store.update("imp-old", status="rolled_back", rolled_back_at=format_timestamp(utcnow()))
+    listed = [r["id"] for r in list_improvements(conn, limit=3)]
+    assert listed == ["imp-old", "imp-new-0", "imp-new-2"]  # rolled back, rejected, the latest proposal
+    dashboard = [i["id"] for i in get_health_dashboard(conn, now=NOW)["recent_improvements"]]
+    assert dashboard == ["imp-old", "imp-new-2", "imp-new-1"]  # the same order, rejections left out
+
+
 def test_runtime_legacy_improvements_are_listed(tmp_path):
     path = tmp_path / "legacy.db"
     generate_history(path, seed=1, runs=30, end=NOW)

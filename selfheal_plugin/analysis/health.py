@@ -719,7 +719,9 @@ def _daily_series(runs: list[WindowRun], errors_by_day: dict[int, Counter], star
 
 def _improvement_entries(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
     out = []
-    for imp in ImprovementStore(conn).list(limit=None):
+    for imp in ImprovementStore(conn).list(limit=None):  # the latest status change first, as `improvements`
+        if len(out) >= limit:
+            break
         if imp.status == "rejected":
             continue
         impact = imp.actual_impact
@@ -736,19 +738,8 @@ def _improvement_entries(conn: sqlite3.Connection, limit: int) -> list[dict[str,
             "before_success_rate": m.get("before_success_rate"), "after_success_rate": m.get("after_success_rate"),
             "runs_analyzed": m.get("runs_analyzed"),
             "applied_at": imp.applied_at, "verified_at": imp.verified_at,
-            "_when": imp.verified_at or imp.applied_at or imp.proposed_at or imp.created_at or "",
         })
-    out.sort(key=lambda e: _sort_instant(e["_when"]), reverse=True)
-    for e in out:
-        e.pop("_when")
-    return out[:limit]
-
-
-def _sort_instant(text: str) -> float:
-    try:
-        return parse_timestamp(text).timestamp()
-    except ValueError:
-        return float("-inf")
+    return out
 
 
 def get_health_dashboard(conn: sqlite3.Connection, detailed: bool = False, since: str = "-7d", *,

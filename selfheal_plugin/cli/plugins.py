@@ -99,7 +99,10 @@ def print_detection(result: dict[str, Any], settings: Settings) -> None:
 @common_options
 def improvements(home: str | None, db: str | None, as_json: bool, status: str | None = None,
                  limit: int = 20) -> None:
-    """List improvements: id, status, description, expected vs actual impact, applied date."""
+    """List improvements: id, status, description, expected vs actual impact, applied date.
+
+    The latest status change comes first (applied, verified, rolled back, tested, rejected or
+    proposed, whichever happened last), as in the dashboard's recent improvements."""
     with open_service(home, db) as sh:
         rows = sh.improvements(status=status, limit=limit)
     if as_json:

@@ -38,6 +38,13 @@ def already_fixed(improvement_id: str | None, status: str | None, fix: str | Non
     the terminal)."""
     return f"Already fixed: {escape(str(improvement_id))} {escape(str(status))} ({escape(str(fix or ''))})"
 REPLACEABLE = ("proposed", "tested")  # an open row not yet acted on: a new proposal may supersede it
+# When a row last changed status: the instant its status has a column for (applied, verified,
+# rolled back), else when the row was last written (a test stored, a rejection, a canary
+# started or dropped, a proposal made); the runtime's older rows fall back on created_at. Not
+# updated_at for an applied row: verification bookkeeping (a rescheduled check, an "extend")
+# writes it without a change of status.
+CHANGED_AT = ("coalesce(CASE status WHEN 'applied' THEN applied_at WHEN 'verified' THEN verified_at "
+              "WHEN 'rolled_back' THEN rolled_back_at ELSE updated_at END, updated_at, proposed_at, created_at)")
 _JSON_FIELDS = ("changes_required", "changes", "test_result", "metrics", "pending_op", "related_runs", "impact",
                 "apply_record", "evidence", "experiment")
 
@@ -136,6 +143,8 @@ class ImprovementStore:
         return Improvement.from_row(row)
 
     def list(self, status: str | None = None, limit: int | None = 20) -> list[Improvement]:
+        """Rows, the latest status change first (:data:`CHANGED_AT`): the order of
+        ``improvements`` and of the dashboard's recent improvements."""
         sql = "SELECT * FROM improvements"
         params: list[Any] = []
         if status:
@@ -143,8 +152,7 @@ class ImprovementStore:
             params.append(status)
         # instants, not strings; julianday() keeps ~40 µs, so rows a detect proposed together fall back on the
         # text (ours all UTC to the µs) before the id
-        sql += (" ORDER BY julianday(coalesce(proposed_at, created_at)) DESC NULLS LAST,"
-                " coalesce(proposed_at, created_at) DESC, id")
+        sql += f" ORDER BY julianday({CHANGED_AT}) DESC NULLS LAST, {CHANGED_AT} DESC, id"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
