@@ -391,3 +391,32 @@ def test_apply_tells_an_agent_what_the_cli_warns_about(home):
     assert applied["warnings"] == [
         f'Not tested: test_improvement(improvement_id="{imp.id}") predicts its effect from history',
         f"Note: {undone['note']}"]
+
+
+# agent self-heal command -> the tools that do what it does (docs/mcp.md lists the rest as CLI-only)
+CLI_TOOLS = {
+    "detect": {"detect_failure_patterns"}, "health": {"analyze_run_health"},
+    "dashboard": {"get_health_dashboard", "compute_agent_metrics", "compute_tool_reliability"},
+    "test": {"test_improvement"}, "apply": {"apply_improvement"}, "verify": {"verify_improvement"},
+    "canary": {"canary_promote", "canary_drop"}, "ab": {"ab_start", "ab_status", "ab_promote", "ab_drop"},
+    "learn": {"learn_from_success", "list_rules", "set_rule_enabled"}, "export": {"export_fix_pack"},
+    "import": {"import_fix_pack"}, "sync": {"sync_fix_packs"},
+}
+
+
+def test_docs_name_exactly_the_cli_commands_without_a_tool(home):
+    """docs/mcp.md's CLI-only paragraph names every `agent self-heal` command no tool does, and
+    no other; each command it leaves out has its tools on the server."""
+    import re
+    from pathlib import Path
+
+    from selfheal_plugin.cli.main import self_heal
+
+    commands = set(self_heal.list_commands(None))
+    served = {t.name for t in list_tools(build_server(home))}
+    assert set(CLI_TOOLS) <= commands and set().union(*CLI_TOOLS.values()) <= served
+    text = (Path(__file__).parents[1] / "docs" / "mcp.md").read_text()
+    paragraph = text.split("<!-- cli-only:", 1)[1].split("-->", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"`([a-z-]+)`", " ".join(paragraph.split()).split(" as well as ", 1)[0]))
+    assert named == commands - set(CLI_TOOLS)
+    assert "`agent self-heal-daemon`" in paragraph and "`sync --remote`" in paragraph
