@@ -73,8 +73,6 @@ class Edit:
         return self.new_text != (self.old_text or "")
 
 
-
-
 def sha256_text(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
 

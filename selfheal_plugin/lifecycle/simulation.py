@@ -486,7 +486,7 @@ def percent_points(x: float, *alongside: float) -> str:
 
 def percent_interval(point: float, lo: float, hi: float) -> tuple[str, str, str]:
     """A point and its interval's ends in one precision (see :func:`percent_points`)."""
-    return tuple(percent_points(v, point, lo, hi) for v in (point, lo, hi))  # type: ignore[return-value]
+    return percent_points(point, lo, hi), percent_points(lo, point, hi), percent_points(hi, point, lo)
 
 
 def recommend(sim: Simulation, risk_level: str | None) -> tuple[str, str]:
