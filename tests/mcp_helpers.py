@@ -19,7 +19,7 @@ import pytest
 from selfheal_plugin.testbed.generator import generate_history
 from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.settings import load_settings
-from selfheal_plugin.history.times import utcnow
+from selfheal_plugin.history.times import format_timestamp, utcnow
 
 TOOLS = {  # name -> (readOnlyHint, destructiveHint)
     "detect_failure_patterns": (True, False),
@@ -56,6 +56,14 @@ def make_history(path: Path, seed: int = 11, runs: int = 300) -> dict:
     for the whole test run. No runs left running (their score would depend on the clock)."""
     return generate_history(path, seed=seed, runs=runs, days=6, end=utcnow() - timedelta(minutes=10),
                             running_runs=0)
+
+
+def days_ago(days: float) -> str:
+    """An instant ``days`` before now, written out: a window's start that stays put between
+    a tool's call and the reference computed for it. A relative ``-Nd`` is read at each
+    call, and the history's events lie at every minute of its six days, so on a loaded
+    machine an event could fall out of the later of two reads of the same window."""
+    return format_timestamp(utcnow() - timedelta(days=days))
 
 
 # Fixtures shared by the in-process and transport tests (imported by name there).

@@ -17,7 +17,7 @@ from selfheal_plugin.mcp.server import build_server
 from selfheal_plugin.history.settings import load_settings
 
 from .mcp_helpers import (  # home, recent_history: shared fixtures
-    TOOLS, error_text, home, plain, recent_history, reference, stable, structured,
+    TOOLS, days_ago, error_text, home, plain, recent_history, reference, stable, structured,
 )
 
 
@@ -77,11 +77,11 @@ def test_analysis_tools_match_the_library(home):
         "SELECT id FROM runs WHERE status = 'failed' ORDER BY id LIMIT 1").fetchone()[0]
     calls = [
         ("detect_failure_patterns", {}),
-        ("detect_failure_patterns", {"since": "-3d", "min_occurrences": 2, "confidence_threshold": 0.5}),
+        ("detect_failure_patterns", {"since": days_ago(3), "min_occurrences": 2, "confidence_threshold": 0.5}),
         ("analyze_run_health", {"run_id": run_id}),
         ("analyze_run_health", {"run_id": run_id[:8]}),
         ("compute_agent_metrics", {}),
-        ("compute_tool_reliability", {"since": "-2d"}),
+        ("compute_tool_reliability", {"since": days_ago(2)}),
         ("get_health_dashboard", {}),
         ("get_health_dashboard", {"detailed": True}),
         ("detect_failure_patterns", {"limit": 1}),
@@ -232,13 +232,16 @@ def test_test_improvement_takes_since_as_the_cli_does(home):
     timeout_id = next(p["id"] for p in detected if p["error_type"] == "timeout")
     imp_id = structured(call_all(server, [("propose_improvement", {"pattern_id": timeout_id})])[0])["improvement_id"]
     assert "since" in {t.name: t for t in list_tools(server)}["test_improvement"].input_schema["properties"]
-    whole, recent = (structured(r) for r in call_all(server, [
+    since = days_ago(2)
+    whole, relative, recent = (structured(r) for r in call_all(server, [
         ("test_improvement", {"improvement_id": imp_id}),
-        ("test_improvement", {"improvement_id": imp_id, "since": "-2d"})]))
+        ("test_improvement", {"improvement_id": imp_id, "since": "-2d"}),
+        ("test_improvement", {"improvement_id": imp_id, "since": since})]))
     span = {k: (parse_timestamp(r["window"]["until"]) - parse_timestamp(r["window"]["since"])).total_seconds() / 86400
-            for k, r in (("whole", whole), ("recent", recent))}
-    assert round(span["whole"], 3) == 7 and round(span["recent"], 3) == 2
-    assert stable(recent) == stable(reference("test_improvement", home, improvement_id=imp_id, since="-2d"))
+            for k, r in (("whole", whole), ("relative", relative))}
+    assert round(span["whole"], 3) == 7 and round(span["relative"], 3) == 2
+    assert recent["window"]["since"] == since
+    assert stable(recent) == stable(reference("test_improvement", home, improvement_id=imp_id, since=since))
 
 
 def test_missing_database_then_created(tmp_path, recent_history):

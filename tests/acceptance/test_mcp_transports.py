@@ -19,7 +19,7 @@ from selfheal_plugin.history.connection import connect
 from selfheal_plugin.history.improvements import ImprovementStore
 
 from ..mcp_helpers import (
-    TOOLS, RuntimeWriter, error_text, home, recent_history, reference, server_command, stable,
+    TOOLS, RuntimeWriter, days_ago, error_text, home, recent_history, reference, server_command, stable,
     start_http_server, stop, structured,
 )  # home, recent_history: shared fixtures
 
@@ -62,6 +62,7 @@ async def call(client: Client, name: str, **args: Any) -> Any:
 def test_stdio_all_nine_tools_match_the_library(home):
     db = home / "conversations.db"
     run_id = connect(db).execute("SELECT id FROM runs WHERE status = 'failed' ORDER BY id LIMIT 1").fetchone()[0]
+    five_days = days_ago(5)
 
     async def session(client: Client) -> dict[str, Any]:
         await check_tool_list(client)
@@ -70,7 +71,7 @@ def test_stdio_all_nine_tools_match_the_library(home):
         out["detect_iso"] = structured(await call(client, "detect_failure_patterns", since="2000-01-01",
                                                   min_occurrences=5, confidence_threshold=0.6))
         out["health"] = structured(await call(client, "analyze_run_health", run_id=run_id))
-        out["agents"] = structured(await call(client, "compute_agent_metrics", since="-5d"))
+        out["agents"] = structured(await call(client, "compute_agent_metrics", since=five_days))
         out["tools"] = structured(await call(client, "compute_tool_reliability"))
         pattern_id = next(p["id"] for p in out["detect"]["patterns"] if p["error_type"] == "timeout")
         out["proposal"] = structured(await call(client, "propose_improvement", pattern_id=pattern_id))
@@ -91,7 +92,7 @@ def test_stdio_all_nine_tools_match_the_library(home):
     assert stable(out["detect"]) == stable(expected_detect)
     assert stable(out["detect_iso"]) == stable(expected_iso)
     assert out["health"] == reference("analyze_run_health", home, run_id=run_id)
-    assert stable(out["agents"]) == stable(reference("compute_agent_metrics", home, since="-5d"))
+    assert stable(out["agents"]) == stable(reference("compute_agent_metrics", home, since=five_days))
     assert stable(out["tools"]) == stable(reference("compute_tool_reliability", home))
     assert stable(out["dashboard"]) == stable(reference("get_health_dashboard", home, detailed=True))
     imp_id = out["proposal"]["improvement_id"]
@@ -196,15 +197,16 @@ def test_streamable_http(home):
     # --db elsewhere than --home's default: the database is found by the flag
     other = home.parent / "elsewhere.db"
     shutil.copy(db, other)
+    six_days = days_ago(6)
 
     async def session(client: Client) -> dict[str, Any]:
         await check_tool_list(client)
         return {
-            "detect": structured(await call(client, "detect_failure_patterns", since="-6d")),
+            "detect": structured(await call(client, "detect_failure_patterns", since=six_days)),
             "health": structured(await call(client, "analyze_run_health", run_id=run_id)),
             "unknown": await call(client, "analyze_run_health", run_id="zzz-unknown"),
             "bad_mode": await call(client, "test_improvement", improvement_id="imp-1", mode="live"),
-            "tools": structured(await call(client, "compute_tool_reliability", since="-6d")),
+            "tools": structured(await call(client, "compute_tool_reliability", since=six_days)),
             "agents": structured(await call(client, "compute_agent_metrics")),
             "proposal": structured(await call(client, "propose_improvement", pattern_id="tool_error:list_dir")),
         }
@@ -220,7 +222,7 @@ def test_streamable_http(home):
 
     # before the proposal below: a run's recommendations cite the open improvement of their pattern
     want_health = reference("analyze_run_health", home, other, run_id=run_id)
-    want_detect = reference("detect_failure_patterns", home, other, since="-6d")
+    want_detect = reference("detect_failure_patterns", home, other, since=six_days)
     proc, url = start_http_server("--home", str(home), "--db", str(other))
     try:
         out = over_http(url, session)
@@ -232,7 +234,7 @@ def test_streamable_http(home):
     assert out["health"] == want_health
     assert "no run 'zzz-unknown'" in error_text(out["unknown"])
     assert "mode: Input should be" in error_text(out["bad_mode"])
-    assert stable(out["tools"]) == stable(reference("compute_tool_reliability", home, other, since="-6d"))
+    assert stable(out["tools"]) == stable(reference("compute_tool_reliability", home, other, since=six_days))
     assert stable(out["agents"]) == stable(reference("compute_agent_metrics", home, other))
     imp_id = out["proposal"]["improvement_id"]
     assert reference("propose_improvement", home, other, pattern_id="tool_error:list_dir")["improvement_id"] == imp_id
