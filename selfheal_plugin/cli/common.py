@@ -151,6 +151,10 @@ def common_options(func: Callable) -> Callable:
         except UsageError as exc:
             raise OneLineUsageError(str(exc)) from None
         except SelfHealError as exc:
+            code = getattr(exc, "exit_code", 1)
+            if code != 1:  # done, with something left to say (docs/cli.md: exit codes)
+                warning(str(exc))
+                raise SystemExit(code) from None
             raise click.ClickException(str(exc)) from None
         except sqlite3.DatabaseError as exc:
             if is_busy_error(exc):

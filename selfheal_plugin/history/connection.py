@@ -526,8 +526,14 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    else:
+    try:
         conn.execute("COMMIT")
+    except BaseException:
+        # a COMMIT that could not get its lock (SQLITE_BUSY) leaves the transaction open:
+        # end it, so the caller may try again and nothing half-done stays pending
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def create_runtime_schema(conn: sqlite3.Connection) -> None:

@@ -14,6 +14,11 @@ index entry is reset), so config file, git and database always agree. Setting
 from each). Rollback has the same shape with steps ``rollback-after-intent``,
 ``rollback-after-write`` and ``rollback-after-commit``.
 
+Once the commit exists, the database writes that record it wait for a busy database
+(:func:`after_commit`, :data:`AFTER_COMMIT_ATTEMPTS` busy timeouts); a database still busy
+then is :class:`RecordPendingError`, which names the commit (never "nothing was changed")
+and leaves the intent for recovery to finish.
+
 A step that *fails* (a git error such as a locked index, a full disk) is undone at once by
 the same code a recovery runs — config back to its old bytes, index entry reset, intent
 cleared — and reported on one line with git's own reason; config, git and database never
@@ -32,7 +37,8 @@ commit id reachable from HEAD that carries our trailers for that improvement and
 the config alone (:func:`gitops.untrusted_commit`); anything else is one line
 (:class:`UntrustedRecordError`) and nothing is written. ``SELFHEAL_PAUSE_AT=<step>`` with
 ``SELFHEAL_PAUSE_DIR`` holds a process at a step (crash steps, ``lock-busy``,
-``before-conditional-write``) until a file says go, so tests can order racing processes. (The locks folder has its own
+``before-conditional-write``, ``busy-after-commit``; several separated by commas) until a
+file says go, so tests can order racing processes. (The locks folder has its own
 ``.gitignore``, so a dotfiles repository holding BINKS_HOME never sees the lock.)
 """
 from __future__ import annotations
@@ -56,6 +62,7 @@ from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
 from selfheal_plugin.lifecycle.cooldown import undone_before
 from selfheal_plugin.errors import ConfigError, LifecycleError, SelfHealError, UsageError
+from selfheal_plugin.history.connection import is_busy_error, one_line
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError
 from selfheal_plugin.history.settings import Settings, lock_dir, read_config_text
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
@@ -67,6 +74,10 @@ CRASH_ENV = "SELFHEAL_CRASH_AT"
 PAUSE_ENV = "SELFHEAL_PAUSE_AT"  # tests: stop at a step until told to go on (orders racing processes)
 PAUSE_DIR_ENV = "SELFHEAL_PAUSE_DIR"
 PAUSE_LIMIT_S = 300.0
+# Once its commit exists, an apply or rollback tries its database write this many times (each
+# waits the busy timeout, SELFHEAL_BUSY_TIMEOUT_MS: a minute by default) before it reports
+# the commit with its record left to recovery (RecordPendingError), never "nothing was changed".
+AFTER_COMMIT_ATTEMPTS = 6
 APPLY_STEPS = ("after-intent", "after-write", "after-commit", "before-db-update")
 ROLLBACK_STEPS = ("rollback-after-intent", "rollback-after-write", "rollback-after-commit")
 LOCK_TIMEOUT_S = 30.0
@@ -89,6 +100,15 @@ class UntrustedRecordError(LifecycleError):
     (the history database is written by another program); nothing was written."""
 
 
+class RecordPendingError(LifecycleError):
+    """The commit of an apply or rollback exists (the change is in force), but the history
+    database stayed busy or refused the write that records it: the intent (``pending_op``)
+    stays, and :func:`~selfheal_plugin.lifecycle.recovery.recover` on the next command
+    finishes the record. Exit code 5 in the CLI (docs/cli.md)."""
+
+    exit_code = 5
+
+
 def crash_point(step: str) -> None:
     """Exit at once (no cleanup, like a kill) when ``SELFHEAL_CRASH_AT`` names this step."""
     if os.environ.get(CRASH_ENV) == step:
@@ -97,10 +117,10 @@ def crash_point(step: str) -> None:
 
 
 def pause_point(step: str) -> None:
-    """When ``SELFHEAL_PAUSE_AT`` names this step: create ``<SELFHEAL_PAUSE_DIR>/<step>.reached``
+    """When ``SELFHEAL_PAUSE_AT`` names this step (one, or several separated by commas): create ``<SELFHEAL_PAUSE_DIR>/<step>.reached``
     and wait until ``<step>.go`` exists there (at most :data:`PAUSE_LIMIT_S`). Lets a test
     hold one process at a known point while another runs, with files, not sleeps."""
-    if os.environ.get(PAUSE_ENV) != step or not os.environ.get(PAUSE_DIR_ENV):
+    if step not in os.environ.get(PAUSE_ENV, "").split(",") or not os.environ.get(PAUSE_DIR_ENV):
         return
     folder = Path(os.environ[PAUSE_DIR_ENV])
     (folder / f"{step}.reached").touch()
@@ -149,6 +169,40 @@ def update_if_unchanged(store: ImprovementStore, settings: Settings, imp: Improv
         return update_status(store, imp.id, imp.status, what, **fields)
     finally:
         lock.release()
+
+
+def after_commit(store: ImprovementStore, improvement_id: str, sha: str, done: str,
+                 write: Callable[[], Improvement], landed: Callable[[Improvement], bool]) -> Improvement:
+    """Make a database ``write`` that follows commit ``sha`` (the point of no return): a
+    busy database is waited for :data:`AFTER_COMMIT_ATTEMPTS` times (the intent in the row
+    makes a retry safe; ``landed`` says whether an attempt whose read-back failed was written
+    after all). When it still cannot be written, :class:`RecordPendingError` says what is
+    true — ``done`` (e.g. "applied") with the commit, the record left to recovery — never
+    "nothing was changed"."""
+    reason = ""
+    for attempt in range(AFTER_COMMIT_ATTEMPTS):
+        if attempt:
+            pause_point("busy-after-commit")
+            try:
+                current = store.get(improvement_id)
+            except sqlite3.OperationalError as exc:
+                if not is_busy_error(exc):
+                    reason = f"could not be read ({one_line(exc)})"
+                    break
+            else:
+                if landed(current):
+                    return current
+        try:
+            return write()
+        except sqlite3.OperationalError as exc:
+            if not is_busy_error(exc):
+                reason = f"could not be written ({one_line(exc)})"
+                break
+            reason = "is busy"
+            log.info("%s of %s committed in %s; the history database is busy (attempt %d of %d)",
+                     done, improvement_id, sha[:12], attempt + 1, AFTER_COMMIT_ATTEMPTS)
+    raise RecordPendingError(f"{done} {improvement_id} (commit {sha[:12]}), but the history database {reason}: "
+                             f"the record will be completed by the next command (or run {step('improvements')})")
 
 
 def fire(hook: str, **kwargs: Any) -> None:
@@ -453,10 +507,16 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
             imp = abort_operation(store, settings, imp.id, exc, "apply")  # raises unless the commit exists
         else:
             crash_point("after-commit")
-            update_status(store, imp.id, imp.status, pending_op={**intent, "step": "committed", "commit_sha": sha})
+            committed = {**intent, "step": "committed", "commit_sha": sha}
+            after_commit(store, imp.id, sha, "applied",
+                         lambda: update_status(store, imp.id, imp.status, pending_op=committed),
+                         lambda row: row.pending_op == committed or row.commit_sha == sha)
             crash_point("before-db-update")
             text = _changes_made_text(settings, lines, changes_made)
-            imp = _record_applied(store, imp, settings, now, commit_sha=sha, changes_made=text, record=record)
+            imp = after_commit(store, imp.id, sha, "applied",
+                               lambda: _record_applied(store, imp, settings, now, commit_sha=sha, changes_made=text,
+                                                       record=record),
+                               lambda row: row.status == "applied" and row.commit_sha == sha)
     finally:
         lock.release()
     _notify_applied(imp, settings)
@@ -579,9 +639,11 @@ def rollback_improvement(conn: sqlite3.Connection, settings: Settings, improveme
             imp = abort_operation(store, settings, imp.id, exc, "rollback")  # raises unless the commit exists
         else:
             crash_point("rollback-after-commit")
-            imp = update_status(store, imp.id, imp.status, status="rolled_back", rollback_sha=sha,
-                                rolled_back_at=format_timestamp(now), pending_op=None,
-                                **_automatic_mark(imp, automatic))
+            imp = after_commit(store, imp.id, sha, "rolled back",
+                               lambda: update_status(store, imp.id, imp.status, status="rolled_back", rollback_sha=sha,
+                                                     rolled_back_at=format_timestamp(now), pending_op=None,
+                                                     **_automatic_mark(imp, automatic)),
+                               lambda row: row.status == "rolled_back" and row.rollback_sha == sha)
     finally:
         lock.release()
     fire("improvement_rolled_back", improvement=imp, settings=settings)
