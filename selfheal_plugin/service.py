@@ -47,7 +47,7 @@ from selfheal_plugin.errors import LifecycleError, NotFoundError, UsageError
 from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, get_pattern, pattern_details
 from selfheal_plugin.history import schema
 from selfheal_plugin.history.clock import wall_clock
-from selfheal_plugin.history.connection import connect
+from selfheal_plugin.history.connection import check_writable, connect
 from selfheal_plugin.history.improvements import IN_FORCE, ImprovementStore, already_fixed
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
@@ -227,6 +227,7 @@ class SelfHeal:
             raise UsageError(f"unknown test mode {mode!r}: use {', '.join(TEST_MODES)}")
         if fraction is not None:
             raise UsageError("--fraction is for canary mode only")
+        check_writable(self.conn)  # the result is stored: a read-only history is one line before the work
         result = simulation.test_improvement(self.conn, self.settings, improvement_id, since=since, now=self.now())
         result["next_step"] = self._after_test(improvement_id, result["recommendation"])
         return result

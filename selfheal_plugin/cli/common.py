@@ -14,10 +14,12 @@ import click
 
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.cli.options import OneLineUsageError
-from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error, is_corrupt_error, one_line
+from selfheal_plugin.history.connection import (
+    BUSY_MESSAGE, is_busy_error, is_corrupt_error, is_readonly_error, one_line, readonly_message,
+)
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.text import for_terminal, format_p, percent
-from selfheal_plugin.history.settings import Settings, load_settings
+from selfheal_plugin.history.settings import Settings, db_path_for, load_settings
 from selfheal_plugin.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -159,6 +161,8 @@ def common_options(func: Callable) -> Callable:
         except sqlite3.DatabaseError as exc:
             if is_busy_error(exc):
                 raise click.ClickException(BUSY_MESSAGE) from None
+            if is_readonly_error(exc):
+                raise click.ClickException(readonly_message(db_path_for(home, db))) from None
             if is_corrupt_error(exc):  # damage past what connect's quick_check looked at
                 raise click.ClickException(f"the run-history database is damaged ({one_line(exc)}); "
                                            "restore a backup or run sqlite3's .recover") from None

@@ -389,6 +389,8 @@ def _not_sqlite(path: Path) -> bool:
 def _open_error(path: Path, exc: sqlite3.DatabaseError) -> HistoryError:
     if is_busy_error(exc):
         return HistoryError(BUSY_MESSAGE)
+    if is_readonly_error(exc):  # e.g. our tables are not there yet and cannot be added
+        return HistoryError(readonly_message(path))
     if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_CANTOPEN"):
         what = "it is a directory" if path.is_dir() else "check that this user can read and write it and its folder"
         return HistoryError(f"cannot open {path}: {what}")
@@ -509,6 +511,42 @@ def read_all(conn: sqlite3.Connection, sql: str, params: Any = ()) -> list[tuple
 
 BUSY_MESSAGE = ("the run-history database is busy (another process holds its write lock); "
                 "nothing was changed, try again")
+
+
+def is_readonly_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says this process cannot write the history: the file is read-only for
+    it, or its folder is (no journal, no ``-wal``/``-shm`` can be made): SQLITE_READONLY*."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_READONLY")
+        or "readonly database" in str(exc).lower())
+
+
+def readonly_message(path: Path | str) -> str:
+    """The one line for a history this user cannot write, where a command must write it."""
+    return (f"the history is read-only ({path}): this user cannot write the file or its folder, and this "
+            "command must write to it (its error index, an improvement's record); nothing was changed")
+
+
+def check_writable(conn: sqlite3.Connection) -> None:
+    """Raise :class:`HistoryError` (:func:`readonly_message`) unless this connection can write
+    the history: a row of our own state is written and rolled back (a real page write, so a
+    folder that refuses the journal fails here too). Asked before a command changes anything
+    outside the database (a repository, a commit) that a refused database write would strand."""
+    try:
+        with write_transaction(conn):
+            conn.execute("INSERT OR REPLACE INTO selfheal_state(key, value) VALUES ('write-check', '')")
+            raise _Probe
+    except _Probe:
+        return
+    except sqlite3.OperationalError as exc:
+        if is_readonly_error(exc) or str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_CANTOPEN"):
+            path = conn.execute("PRAGMA database_list").fetchone()[2]
+            raise HistoryError(readonly_message(path)) from None
+        raise
+
+
+class _Probe(Exception):
+    """Ends :func:`check_writable`'s transaction with a rollback."""
 
 
 def is_busy_error(exc: BaseException) -> bool:

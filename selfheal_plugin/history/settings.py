@@ -86,6 +86,11 @@ def resolve_home(home: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".binks"
 
 
+def db_path_for(home: str | os.PathLike | None = None, db: str | os.PathLike | None = None) -> Path:
+    """The history a command reads: ``db``, else ``HOME/conversations.db``."""
+    return Path(db).expanduser() if db else resolve_home(home) / "conversations.db"
+
+
 def read_config_text(path: Path) -> str | None:
     """``config.toml``'s text (None when absent), never blocking: opened non-blocking and
     refused unless it is a regular file (a FIFO there would hang every command); invalid
@@ -260,7 +265,7 @@ def load_settings(
 ) -> Settings:
     """Settings for one command: flags (``overrides`` that are not None) win over config."""
     home_path = resolve_home(home)
-    db_path = Path(db).expanduser() if db else home_path / "conversations.db"
+    db_path = db_path_for(home, db)
     section = read_config(home_path / "config.toml").get("self_heal", {})
     # Validated through the schema's model only when there is something to validate: the
     # common path (no table, no flag) does not import pydantic.

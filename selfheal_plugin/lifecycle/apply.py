@@ -62,7 +62,7 @@ from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
 from selfheal_plugin.lifecycle.cooldown import undone_before
 from selfheal_plugin.errors import ConfigError, LifecycleError, SelfHealError, UsageError
-from selfheal_plugin.history.connection import is_busy_error, one_line
+from selfheal_plugin.history.connection import check_writable, is_busy_error, one_line
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore, StatusChangedError
 from selfheal_plugin.history.settings import Settings, lock_dir, read_config_text
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
@@ -130,7 +130,11 @@ def pause_point(step: str) -> None:
 
 
 def lock_for(settings: Settings) -> FileLock:
-    return FileLock(str(lock_dir(settings.home) / "apply.lock"))
+    try:
+        return FileLock(str(lock_dir(settings.home) / "apply.lock"))
+    except OSError as exc:  # a home this user cannot write: no lock folder can be made
+        raise LifecycleError(f"the home is read-only ({settings.home}): cannot create selfheal's lock "
+                             f"({_one_line(exc)}); nothing was changed") from None
 
 
 def _locked(settings: Settings) -> FileLock:
@@ -144,6 +148,9 @@ def _locked(settings: Settings) -> FileLock:
     except Timeout:
         raise LifecycleError("another selfheal command is applying or rolling back an improvement; "
                              "nothing was changed, try again") from None
+    except OSError as exc:  # the lock file cannot be created (a read-only lock folder)
+        raise LifecycleError(f"the home is read-only ({lock.lock_file}): cannot take selfheal's lock "
+                             f"({_one_line(exc)}); nothing was changed") from None
     return lock
 
 
@@ -391,6 +398,8 @@ def plan_apply(conn: sqlite3.Connection, settings: Settings, improvement_id: str
     gitops.check_clean(cr)
     if not edit.changed:
         raise LifecycleError(f"{display_path(settings.config_path)} already holds these values; nothing to apply")
+    check_writable(conn)  # refused before the question, as apply would refuse it
+    gitops.check_can_commit(cr)
     plan.update({"diff": configedit.unified_diff(old, edit.new_text), "config_path": str(cr.real_path),
                  "repository": str(cr.root), "creates_repository": cr.repo is None, "old_sha256": sha256_text(old) or ABSENT,
                  "edits": configedit.describe_entries(edit.entries)})
@@ -489,6 +498,9 @@ def apply_improvement(conn: sqlite3.Connection, settings: Settings, improvement_
                                  "apply again")
         if not edit.changed:
             raise LifecycleError(f"{display_path(settings.config_path)} already holds these values; nothing to apply")
+        # what a refusal would strand is checked before a repository or commit is made
+        check_writable(conn)
+        gitops.check_can_commit(cr)
         creates = cr.repo is None
         gitops.ensure_repo(cr, now)
         lines = configedit.describe_entries(edit.entries)
@@ -664,6 +676,7 @@ def _rollback_edit(settings: Settings, imp: Improvement) -> tuple[gitops.ConfigR
     current = read_text(cr.real_path)
     current_data = configedit.parse_config_text(current, str(cr.real_path))
     gitops.check_clean(cr)
+    gitops.check_can_commit(cr)
     if gitops.changed_since(cr, imp.commit_sha):
         entries = check_entries(cr, imp.commit_sha, record.get("entries", []), what)
         conflicts = configedit.conflicts_with(current_data, entries)

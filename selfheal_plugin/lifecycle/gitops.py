@@ -221,6 +221,34 @@ def check_writable(cr: ConfigRepo) -> None:
                           "there would be lost at the next checkout. Check out a branch first; nothing was changed")
 
 
+def can_write_in(folder: Path) -> bool:
+    """Whether this process may create and rename files in ``folder`` (the nearest existing
+    ancestor when it does not exist yet), asked with the effective ids where the system
+    can: a root without CAP_DAC_OVERRIDE is refused like anyone else."""
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids)
+    except OSError:
+        return False
+
+
+def check_can_commit(cr: ConfigRepo) -> None:
+    """Refuse, before anything is created or committed, a config folder, home or repository
+    this user cannot write: the atomic write needs the config's folder, a new repository the
+    home, a commit the repository's ``.git`` and its objects."""
+    needs = [(cr.real_path.parent, "the folder of the config file")]
+    if cr.repo is None:
+        needs.append((cr.root, "the home, where its git repository would be created"))
+    else:
+        git_dir = Path(cr.repo.git_dir)
+        needs += [(git_dir, "its git repository"), (git_dir / "objects", "its git repository")]
+    for folder, what in needs:
+        if not can_write_in(folder):
+            raise GitOpsError(f"the home is read-only for this user ({folder}, {what}): selfheal cannot "
+                              "change and commit config.toml; nothing was changed")
+
+
 def check_file_writable(path: Path, st: os.stat_result | None = None) -> None:
     """Refuse to replace ``path`` unless it is a regular file its owner may write."""
     try:

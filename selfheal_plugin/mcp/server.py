@@ -39,8 +39,8 @@ from selfheal_plugin import __version__
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin import results
 from selfheal_plugin.history import schema
-from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error
-from selfheal_plugin.history.settings import configure_logging, resolve_home
+from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error, is_readonly_error, readonly_message
+from selfheal_plugin.history.settings import configure_logging, db_path_for, resolve_home
 from selfheal_plugin.service import EARLY_HELP, SelfHeal
 from selfheal_plugin.steps import for_agent
 from selfheal_plugin.mcp.access import (
@@ -121,6 +121,8 @@ def _session(home: str | os.PathLike | None, db: str | os.PathLike | None, **ove
     except sqlite3.OperationalError as exc:
         if is_busy_error(exc):
             raise ToolError(BUSY_MESSAGE) from None
+        if is_readonly_error(exc):
+            raise ToolError(readonly_message(db_path_for(home, db))) from None
         raise
     finally:
         if service is not None:
