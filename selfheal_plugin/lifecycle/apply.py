@@ -75,7 +75,7 @@ PAUSE_ENV = "SELFHEAL_PAUSE_AT"  # tests: stop at a step until told to go on (or
 PAUSE_DIR_ENV = "SELFHEAL_PAUSE_DIR"
 PAUSE_LIMIT_S = 300.0
 # Once its commit exists, an apply or rollback tries its database write this many times (each
-# waits the busy timeout, SELFHEAL_BUSY_TIMEOUT_MS: a minute by default) before it reports
+# waits the busy timeout, SELFHEAL_BUSY_TIMEOUT_MS: 10 s, a minute in all by default) before it reports
 # the commit with its record left to recovery (RecordPendingError), never "nothing was changed".
 AFTER_COMMIT_ATTEMPTS = 6
 APPLY_STEPS = ("after-intent", "after-write", "after-commit", "before-db-update")
