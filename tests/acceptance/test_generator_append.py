@@ -28,10 +28,12 @@ def gen(*args: str) -> subprocess.CompletedProcess:
 
 
 def runs_in(db, *, finished: bool = False) -> list[str]:
-    """The ids of the history's runs (only the completed and failed ones with ``finished``)."""
+    """The ids of the history's runs (only the finished ones with ``finished``: what verify counts)."""
+    from selfheal_plugin.history.outcome import finished_sql
+
     conn = sqlite3.connect(db)
     try:
-        where = " WHERE status IN ('completed', 'failed')" if finished else ""
+        where = " WHERE " + finished_sql() if finished else ""
         return [r[0] for r in conn.execute("SELECT id FROM runs" + where)]
     finally:
         conn.close()
