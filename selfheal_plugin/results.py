@@ -82,6 +82,7 @@ class DetectResult(TypedDict, total=False):
     candidates: int  # signatures with at least min_occurrences failures, before the confidence filter
     failing_signatures: int  # signatures with a failed call in the window, before min_occurrences
     skipped_rows: int
+    skipped_runs: int  # malformed runs rows, skipped (history.connection.wellformed_run_sql)
     stopped: bool  # proposing stopped early (the daemon was asked to stop)
 
 

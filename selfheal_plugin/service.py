@@ -47,7 +47,7 @@ from selfheal_plugin.errors import LifecycleError, NotFoundError, UsageError
 from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, get_pattern, pattern_details
 from selfheal_plugin.history import schema
 from selfheal_plugin.history.clock import wall_clock
-from selfheal_plugin.history.connection import check_writable, connect
+from selfheal_plugin.history.connection import check_writable, connect, malformed_runs
 from selfheal_plugin.history.improvements import IN_FORCE, ImprovementStore, already_fixed
 from selfheal_plugin.history.settings import Settings, load_settings
 from selfheal_plugin.history.times import parse_since
@@ -154,7 +154,7 @@ class SelfHeal:
                     notified, undelivered = [], notified
         return {"since": found.since, "patterns": [p.to_dict(runs_limit=runs_limit) for p in found.patterns], "proposals": outcomes,
                 "notified": notified, "undelivered": undelivered, "candidates": found.candidates, "failing_signatures": found.failing,
-                "skipped_rows": found.scanned.total_bad_rows,
+                "skipped_rows": found.scanned.total_bad_rows, "skipped_runs": malformed_runs(self.conn),
                 "stopped": len(outcomes) < len(found.patterns) if propose else False}
 
     def show(self, pattern_id: str, since: str | None = None) -> PatternDetails:

@@ -551,6 +551,44 @@ def test_invalid_utf8_in_the_runs_table_raises_nowhere(history):
         assert res.exit_code == 0, res.output
 
 
+@pytest.mark.parametrize("column", ["id", "workflow_name", "status", "started_at"])
+def test_a_blob_in_a_runs_row_is_counted_and_skipped_everywhere(history, column):
+    """A runs row with a BLOB where the runtime writes text breaks no command: the row is
+    skipped by every reader of runs (its failures with it) and counted (skipped_runs)."""
+    run_id = add_event(history, json.dumps(failed_call("mcp__blob__run")))
+    for _ in range(3):
+        add_event(history, json.dumps(failed_call("mcp__blob__run")), run_id=run_id)
+    c = sqlite3.connect(history)
+    c.execute("INSERT INTO runs(id, workflow_name, task, status, model, started_at) "
+              "VALUES ('b1', 'w', 't', 'completed', 'm', X'FFFE')")
+    c.execute(f"UPDATE runs SET {column} = X'0102' WHERE id = ?", (run_id,))
+    c.commit()
+    c.close()
+    db = ["--db", str(history)]
+    res = CliRunner().invoke(agent, ["self-heal", "detect", "--json", "--since", WEEK_BEFORE_NOW,
+                                     "--min-occurrences", "1", *db])
+    assert res.exit_code == 0, res.output
+    found = json.loads(res.stdout)
+    assert found["skipped_runs"] == 2
+    assert not [p for p in found["patterns"] if p["tool_name"] == "mcp__blob__run"]
+    assert res.stderr.count("\n") == 1 and "2 malformed runs row(s)" in res.stderr
+    res = CliRunner().invoke(agent, ["self-heal", "dashboard", "--json", "--detailed", "--since", WEEK_BEFORE_NOW, *db])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["skipped_runs"] == 2
+    for args in (["dashboard"], ["dashboard", "--html", str(history.parent / "d.html")], ["learn"]):
+        res = CliRunner().invoke(agent, ["self-heal", *args, *db])
+        assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    res = CliRunner().invoke(agent, ["self-heal-daemon", "--once", "--json", *db])
+    assert res.exit_code == 0, res.output
+    assert not json.loads(res.stdout)["tick"]["errors"]
+    conn = connect(history)
+    try:
+        assert all(isinstance(r.run_id, str) for r in load_runs(conn, 0, None))
+        check_history(conn, load_settings(history.parent), fire=False)
+    finally:
+        conn.close()
+
+
 def test_log_lines_quote_history_text_neutralised():
     import logging
 

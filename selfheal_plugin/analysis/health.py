@@ -40,7 +40,8 @@ from typing import Any, Callable
 
 from selfheal_plugin.history.errorindex import indexed_up_to, refresh, sane_duration, wellformed_sql
 from selfheal_plugin.errors import NotFoundError, UsageError
-from selfheal_plugin.history.connection import normalize_error_type, read_all, rows_by_id
+from selfheal_plugin.history.connection import (malformed_runs, normalize_error_type, read_all, rows_by_id,
+                                                 wellformed_run_sql)
 from selfheal_plugin.history.outcome import FINISHED, SUCCEEDED, success_rate
 from selfheal_plugin.history.text import Undecodable
 from selfheal_plugin.history.abstore import AbStore, has_ab_table
@@ -119,7 +120,8 @@ def load_reference(conn: sqlite3.Connection, workflows: set[str] | None = None) 
     ref = Reference()
     durations: dict[str, list[int]] = defaultdict(list)
     for wf, dur in conn.execute(
-            "SELECT workflow_name, duration_ms FROM runs WHERE status = 'completed' AND duration_ms >= 0"):
+            "SELECT workflow_name, duration_ms FROM runs WHERE status = 'completed' AND duration_ms >= 0 "
+            f"AND {wellformed_run_sql()}"):
         if workflows is None or wf in workflows:
             if isinstance(dur, int):
                 durations[wf].append(dur)
@@ -128,7 +130,7 @@ def load_reference(conn: sqlite3.Connection, workflows: set[str] | None = None) 
     measures: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for wf, iters, tin, tout, calls in conn.execute(
             "SELECT r.workflow_name, m.total_iterations, m.total_tokens_in, m.total_tokens_out, m.total_tool_calls "
-            "FROM run_metrics m JOIN runs r ON r.id = m.run_id"):
+            f"FROM run_metrics m JOIN runs r ON r.id = m.run_id AND {wellformed_run_sql('r')}"):
         if workflows is not None and wf not in workflows:
             continue
         for name, value in _resource_values(iters, tin, tout, calls).items():
@@ -261,20 +263,28 @@ def resolve_run(conn: sqlite3.Connection, run_id: str) -> sqlite3.Row:
     prefix = (run_id or "").strip()
     if not prefix:
         raise UsageError("a run id (or a unique prefix of one) is required")
-    row = conn.execute("SELECT * FROM runs WHERE id = ?", (prefix,)).fetchone()
+    row = conn.execute(f"SELECT *, {wellformed_run_sql()} AS selfheal_ok FROM runs WHERE id = ?", (prefix,)).fetchone()
     if row is not None:
-        return row
+        return _wellformed_run(row)
     for candidate in dict.fromkeys((prefix, prefix.lower())):
         # a range on the primary key finds prefixes with the index, case-sensitively
-        rows = conn.execute("SELECT * FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 6",
-                            (candidate, candidate + "\U0010ffff")).fetchall()
+        rows = conn.execute(f"SELECT *, {wellformed_run_sql()} AS selfheal_ok FROM runs WHERE id >= ? AND id < ? "
+                            "ORDER BY id LIMIT 6", (candidate, candidate + "\U0010ffff")).fetchall()
         if len(rows) == 1:
-            return rows[0]
+            return _wellformed_run(rows[0])
         if len(rows) > 1:
             shown = ", ".join(r["id"] for r in rows[:5])
             raise UsageError(f"run id prefix {prefix!r} is ambiguous: matches {shown}"
                              f"{' and more' if len(rows) > 5 else ''}; give more characters")
     raise NotFoundError(f"no run {prefix!r} in the history")
+
+
+def _wellformed_run(row: sqlite3.Row) -> sqlite3.Row:
+    """``row`` when every reader reads it (connection.wellformed_run_sql), else one line."""
+    if not row["selfheal_ok"]:
+        raise NotFoundError(f"run {row['id']!r} is a malformed row of the history (a workflow, "
+                            "status or start that is not text or not a timestamp); it is skipped")
+    return row
 
 
 def _metrics_row(conn: sqlite3.Connection, run_id: str) -> dict[str, Any] | None:
@@ -479,7 +489,8 @@ class WindowRun:
 def _window_runs(conn: sqlite3.Connection, start: datetime, end: datetime) -> list[WindowRun]:
     return [WindowRun(*r) for r in conn.execute(
         "SELECT id, workflow_name, status, started_at, jd, duration_ms, error FROM "
-        "(SELECT *, julianday(started_at) AS jd FROM runs) WHERE jd >= ? AND jd < ? ORDER BY jd, id",
+        f"(SELECT *, julianday(started_at) AS jd FROM runs WHERE {wellformed_run_sql()}) "
+        "WHERE jd >= ? AND jd < ? ORDER BY jd, id",
         (_jd(start), _jd(end)))]
 
 
@@ -490,10 +501,6 @@ def run_facts(conn: sqlite3.Connection, runs: list[WindowRun]) -> dict[str, RunF
     for run_id, m in rows_by_id(conn, "run_metrics", "run_id", list(facts)).items():
         facts[run_id].metrics = m
     return facts
-
-
-def _unparsable_runs(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM runs WHERE julianday(started_at) IS NULL").fetchone()[0]
 
 
 @dataclass
@@ -691,7 +698,7 @@ def compute_agent_metrics(conn: sqlite3.Connection, since: str = "-7d", *,
     start, end = _window(since, now)
     runs = _window_runs(conn, start, end)
     return {"agents": _agent_entries(runs, start, end), "window": _window_dict(start, end, since),
-            "skipped_runs": _unparsable_runs(conn)}
+            "skipped_runs": malformed_runs(conn)}
 
 
 # ------------------------------------------------------------------ dashboard
@@ -797,7 +804,7 @@ def get_health_dashboard(conn: sqlite3.Connection, detailed: bool = False, since
         "error_types_over_time": errors_over_time,
         "worst_tools": [t for t in tools if t["total_calls"] >= MIN_TOOL_CALLS_RANKED][:5],
         "skipped_rows": scan.skipped_rows,
-        "skipped_runs": _unparsable_runs(conn),
+        "skipped_runs": malformed_runs(conn),
         "experiments": running_ab_entries(conn),
     }
     if detailed:

@@ -30,7 +30,7 @@ from selfheal_plugin.analysis.evidence import (MAX_OCCURRENCES, STREAK_SECONDS, 
 from selfheal_plugin.analysis.tally import NOT_READ, ContextKey, Tally, tallies_of
 from selfheal_plugin.history.errorindex import RefreshResult, followup_ok, refresh, template_tokens
 from selfheal_plugin.errors import NotFoundError, UsageError
-from selfheal_plugin.history.connection import normalize_error_type, read_all, server_of
+from selfheal_plugin.history.connection import normalize_error_type, read_all, server_of, wellformed_run_sql
 from selfheal_plugin.history.text import bounded
 from selfheal_plugin.history.times import format_timestamp, parse_since, utc_text
 from selfheal_plugin.plugins.pattern import Pattern
@@ -244,13 +244,18 @@ def _error_rows(conn: sqlite3.Connection, since_epoch: float, until_epoch: float
     return _rows(conn, *_where(since_epoch, until_epoch, error_type, tool_name, run_ids, signatures))
 
 
+# The runs a failure is read with: a malformed one (a BLOB id or workflow, say) is skipped.
+_RUN_OK = wellformed_run_sql("r")
+
+
 def _rows(conn: sqlite3.Connection, where: str, params: list[Any]) -> list[dict]:
     """The failures ``where`` selects (on ``selfheal_errors e``), oldest first, as
     ``occurrences_detail`` rows (with their run's workflow, start and status)."""
     sql = ("SELECT e.event_id, e.run_id, e.step_index, e.ts, e.timestamp, e.tool_name, e.error_type,"
            " e.raw_error_type, e.message, e.template, e.duration_ms, e.arg_keys,"
            " r.workflow_name, r.started_at, r.status"
-           " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where + " ORDER BY e.event_id")
+           " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id AND " + _RUN_OK + " WHERE " + where +
+           " ORDER BY e.event_id")
     return [{"event_id": r[0], "run_id": r[1], "step_index": r[2], "ts": r[3], "timestamp": r[4],
              "tool_name": r[5], "error_type": r[6], "raw_error_type": r[7], "message": r[8],
              "template": r[9], "duration_ms": r[10], "arg_keys": r[11].split("\x1f") if r[11] else [],
@@ -353,7 +358,7 @@ class _Failures:
 _TALLY_SQL = ("SELECT e.event_id, e.run_id, e.step_index, e.ts, e.tool_name, e.error_type, e.message, e.template,"
               " e.duration_ms, e.arg_keys, r.workflow_name, k.kind, k.reason, k.codes, k.named,"
               " f.tool_name, f.run_id, f.args_key, f.follow, f.repeat, f.repeat_run"
-              " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id"
+              " FROM selfheal_errors e JOIN runs r ON r.id = e.run_id AND " + _RUN_OK +
               " LEFT JOIN selfheal_error_kinds k ON k.event_id = e.event_id AND k.label IS e.error_type"
               " LEFT JOIN selfheal_followups f ON f.event_id = e.event_id WHERE ")
 
@@ -462,7 +467,8 @@ def _recent_first(conn: sqlite3.Connection, sig: _Signature, window: _Window, et
     if sig.n <= MAX_OCCURRENCES:
         return sig.min_id
     where, params = window.where(etype, tool)
-    return conn.execute("SELECT e.event_id FROM selfheal_errors e JOIN runs r ON r.id = e.run_id WHERE " + where +
+    return conn.execute("SELECT e.event_id FROM selfheal_errors e JOIN runs r ON r.id = e.run_id AND " + _RUN_OK +
+                        " WHERE " + where +
                         " ORDER BY e.event_id DESC LIMIT 1 OFFSET ?", (*params, MAX_OCCURRENCES - 1)).fetchone()[0]
 
 

@@ -328,6 +328,8 @@ def render_html(d: dict[str, Any], title: str = "selfheal health report") -> str
     body = "".join(f"<section><h2>{escape(h)}</h2>{content}</section>" for h, content, _ in sections)
     skipped = d.get("skipped_rows", 0)
     note = f" · {skipped} malformed event row(s) skipped" if skipped else ""
+    if d.get("skipped_runs"):
+        note += f" · {d['skipped_runs']} malformed run row(s) skipped"
     return (
         "<!DOCTYPE html>\n"
         f'<html lang="en"><head><meta charset="utf-8">{REPORT_MARKER}<title>{escape(title)}</title>'

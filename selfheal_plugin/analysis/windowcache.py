@@ -32,7 +32,9 @@ def window_key(conn: sqlite3.Connection, where: str, params: list[Any], code: Pa
     count, lo, hi, total = conn.execute(
         "SELECT count(*), min(e.event_id), max(e.event_id), sum(e.event_id) FROM selfheal_errors e WHERE " + where,
         params).fetchone()
-    runs = conn.execute("SELECT count(*), max(started_at) FROM runs").fetchone()
+    # quote(): the latest start as SQL text whatever its type (a BLOB start is damage the
+    # readers skip, but still a value of the key); max() keeps to the started_at index
+    runs = conn.execute("SELECT count(*), quote(max(started_at)) FROM runs").fetchone()
     digest = hashlib.sha256(code.read_bytes()).hexdigest()[:16]
     return json.dumps([digest, count, lo, hi, total, *runs], separators=(",", ":"))
 

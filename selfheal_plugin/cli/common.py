@@ -230,17 +230,22 @@ def scan_progress(enabled: bool, label: str = "Indexing run history") -> Iterato
             state["progress"].stop()
 
 
-def warn_bad_rows(count: int) -> None:
-    """One line on stderr, once per command however many scans skipped rows."""
-    if not count:
+def warn_bad_rows(count: int, runs: int = 0) -> None:
+    """One line on stderr, once per command however many scans skipped rows: ``count``
+    malformed ``run_events`` rows, ``runs`` malformed ``runs`` rows."""
+    if not count and not runs:
         return
     ctx = click.get_current_context(silent=True)
     meta = ctx.find_root().meta if ctx is not None else {}
     if meta.get("selfheal.warned_bad_rows"):
         return
     meta["selfheal.warned_bad_rows"] = True
-    warning(f"skipped {count} malformed run_events row(s) (invalid JSON or UTF-8, missing tool name, "
-            "unparsable timestamp, absurd duration or size)")
+    parts = [f"{count} malformed run_events row(s) (invalid JSON or UTF-8, missing tool name, "
+             "unparsable timestamp, absurd duration or size)"] if count else []
+    if runs:
+        parts.append(f"{runs} malformed runs row(s) (an id, workflow, status or start that is not text, "
+                     "or a start that is not a timestamp)")
+    warning("skipped " + " and ".join(parts))
 
 
 def warning(message: str) -> None:

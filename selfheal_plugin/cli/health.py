@@ -98,7 +98,7 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
     if known:
         print_line(out, f"  Daily success:  {sparkline(rates)}  ({daily[0]['date']} … {daily[-1]['date']}; "
                    f"min {pct(min(known))}, max {pct(max(known))})")
-    warn_bad_rows(d["skipped_rows"])
+    warn_bad_rows(d["skipped_rows"], d.get("skipped_runs", 0))
     out.print()
     if d["worst_tools"]:
         out.print(_tools_table("Worst tools", d["worst_tools"]))

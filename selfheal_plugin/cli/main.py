@@ -115,7 +115,7 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
                        f"confidence >= {pct(s.confidence_threshold)})...")
         with scan_progress(not as_json) as progress:
             result = sh.detect(propose=True, notify=True, progress=progress, runs_limit=limit)
-    warn_bad_rows(result["skipped_rows"])
+    warn_bad_rows(result["skipped_rows"], result.get("skipped_runs", 0))
     if as_json:
         echo_json(result)
         return

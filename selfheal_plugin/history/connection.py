@@ -452,6 +452,21 @@ def is_corrupt_error(exc: BaseException) -> bool:
         w in str(exc).lower() for w in ("malformed", "file is not a database", "corrupt"))
 
 
+def wellformed_run_sql(alias: str = "") -> str:
+    """SQL that is 1 for a ``runs`` row we can read: its id, workflow_name and status are
+    text and its started_at is text SQLite reads as an instant. SQLite stores what it is
+    given whatever the declared type (a BLOB id or start is possible); any other row is
+    damage, skipped by every reader of ``runs`` and counted (:func:`malformed_runs`)."""
+    p = f"{alias}." if alias else ""
+    return (f"(typeof({p}id) = 'text' AND typeof({p}workflow_name) = 'text' AND typeof({p}status) = 'text' "
+            f"AND typeof({p}started_at) = 'text' AND julianday({p}started_at) IS NOT NULL)")
+
+
+def malformed_runs(conn: sqlite3.Connection) -> int:
+    """How many ``runs`` rows :func:`wellformed_run_sql` refuses (``skipped_runs``)."""
+    return int(conn.execute(f"SELECT count(*) FROM runs WHERE NOT {wellformed_run_sql()}").fetchone()[0])
+
+
 def last_event_id(conn: sqlite3.Connection) -> int:
     """The largest ``run_events`` id (0 for none): where a scan of the events ends."""
     return int(conn.execute("SELECT coalesce(max(id), 0) FROM run_events").fetchone()[0])

@@ -35,7 +35,7 @@ from filelock import Timeout
 from selfheal_plugin.analysis.patterns import get_pattern, split_pattern_id
 from selfheal_plugin.errors import NotFoundError, SelfHealError, UsageError
 from selfheal_plugin.history.abstore import ACTIVE, AbChangedError, AbExperiment, AbStore, has_ab_table, new_ab_id
-from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.history.connection import normalize_error_type, wellformed_run_sql
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore
 from selfheal_plugin.history.outcome import success_rate
 from selfheal_plugin.history.settings import Settings
@@ -507,9 +507,9 @@ def _pct(x: float | None) -> str:
 
 def _assignments(conn: sqlite3.Connection, ab_id: str, lo: datetime, hi: datetime) -> dict[str, str]:
     jd = lambda t: t.timestamp() / 86400 + 2440587.5  # noqa: E731
-    sql = """SELECT id, json_extract(metadata, '$.selfheal_ab_arms."' || ? || '"') FROM runs
+    sql = f"""SELECT id, json_extract(metadata, '$.selfheal_ab_arms."' || ? || '"') FROM runs
              WHERE metadata IS NOT NULL AND json_valid(metadata) AND instr(metadata, ?) > 0
-               AND julianday(started_at) >= ? AND julianday(started_at) < ?"""
+               AND julianday(started_at) >= ? AND julianday(started_at) < ? AND {wellformed_run_sql()}"""
     return {rid: arm for rid, arm in conn.execute(sql, (ab_id, ab_id, jd(lo), jd(hi))) if isinstance(arm, str)}
 
 

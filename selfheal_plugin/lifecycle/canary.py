@@ -41,6 +41,7 @@ from selfheal_plugin.lifecycle.apply import (
 from selfheal_plugin.lifecycle.configedit import ConfigChange, sha256_text
 from selfheal_plugin.errors import SelfHealError, UsageError
 from selfheal_plugin.runtime.experiments import ARM_CANARY, ARM_CONTROL, CANARY, SHADOW, SHADOW_KEYS, parse_experiments
+from selfheal_plugin.history.connection import wellformed_run_sql
 from selfheal_plugin.history.improvements import Improvement, ImprovementStore
 from selfheal_plugin.history.outcome import finished_sql
 from selfheal_plugin.history.settings import Settings
@@ -278,12 +279,12 @@ def _test_result(imp: Improvement, report: dict[str, Any], started: bool) -> dic
 
 def _arms(conn: sqlite3.Connection, imp_id: str, lo: datetime, hi: datetime) -> dict[str, str]:
     """run id → arm, from the runs' ``metadata`` (written by ToolPolicy)."""
-    sql = """
+    sql = f"""
     SELECT id, coalesce(
         CASE WHEN json_extract(metadata, '$.selfheal_improvement') = ? THEN json_extract(metadata, '$.selfheal_arm') END,
         json_extract(metadata, '$.selfheal_arms."' || ? || '"'))
     FROM runs WHERE metadata IS NOT NULL AND json_valid(metadata) AND instr(metadata, ?) > 0
-      AND julianday(started_at) >= ? AND julianday(started_at) < ?"""
+      AND julianday(started_at) >= ? AND julianday(started_at) < ? AND {wellformed_run_sql()}"""
     jd = lambda t: t.timestamp() / 86400 + 2440587.5  # noqa: E731
     return {rid: arm for rid, arm in conn.execute(sql, (imp_id, imp_id, imp_id, jd(lo), jd(hi)))
             if arm in (ARM_CANARY, ARM_CONTROL)}
@@ -357,7 +358,8 @@ def _shadow_report(conn: sqlite3.Connection, settings: Settings, imp: Improvemen
     rows = conn.execute(
         "SELECT status, json_extract(metadata, '$.selfheal_shadow') FROM runs WHERE metadata IS NOT NULL "
         "AND json_valid(metadata) AND json_extract(metadata, '$.selfheal_shadow.improvement') = ? "
-        "AND julianday(started_at) >= ? AND julianday(started_at) < ?", (imp.id, jd(started), jd(end))).fetchall()
+        f"AND julianday(started_at) >= ? AND julianday(started_at) < ? AND {wellformed_run_sql()}",
+        (imp.id, jd(started), jd(end))).fetchall()
     import json
 
     calls = changed = succeed = fail = recover_runs = break_runs = runs_n = 0
@@ -398,7 +400,7 @@ def _shadow_report(conn: sqlite3.Connection, settings: Settings, imp: Improvemen
         reason = ("extend monitoring: the shadow settings would not have changed any call's outcome" if not changed
                   else f"extend monitoring: {succeed} call(s) would have succeeded, {fail} failed (no clear winner)")
     total_runs = conn.execute(f"SELECT count(*) FROM runs WHERE {finished_sql()} AND "
-                              "julianday(started_at) >= ? AND julianday(started_at) < ?",
+                              f"julianday(started_at) >= ? AND julianday(started_at) < ? AND {wellformed_run_sql()}",
                               (jd(started), jd(end))).fetchone()[0]
     actual = (f"{changed} of {calls} observed call(s) would have changed outcome ({succeed} failure(s) → success, "
               f"{fail} success(es) → failure); {recover_runs} failed run(s) would have got past that call, "

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from selfheal_plugin.history.connection import (connect, get_state, last_event_id, rows_by_id, set_state,
-                                                write_transaction)
+                                                wellformed_run_sql, write_transaction)
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.times import format_timestamp, utcnow
 from selfheal_plugin.plugins import manager as plugins
@@ -153,7 +153,7 @@ def notify_run_finished(db: str | os.PathLike | sqlite3.Connection, run_id: str,
     conn = db if isinstance(db, sqlite3.Connection) else connect(Path(db))
     try:
         ensure_watch_schema(conn)
-        row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = conn.execute(f"SELECT status FROM runs WHERE id = ? AND {wellformed_run_sql()}", (run_id,)).fetchone()
         if row is None or row[0] != "failed":
             return False
         with write_transaction(conn):
@@ -201,9 +201,9 @@ def _alive(pid: int) -> bool:
 
 # ------------------------------------------------------------------ one look at the history
 
-_FAILED_SQL = """
+_FAILED_SQL = f"""
 SELECT id FROM runs
-WHERE status = 'failed' AND rowid >= ?
+WHERE status = 'failed' AND rowid >= ? AND {wellformed_run_sql()}
   AND NOT EXISTS (SELECT 1 FROM selfheal_hooked_runs h WHERE h.run_id = runs.id)
 ORDER BY rowid
 """
@@ -245,7 +245,8 @@ def check_history(conn: sqlite3.Connection, settings: Settings, *, fire: bool = 
             # periodic detection; runs failed above the floor are marked as seen, not fired.
             floor = _floor(conn, 0)
             conn.execute("INSERT OR IGNORE INTO selfheal_hooked_runs(run_id, hooked_at, claimed_by, fired_at) "
-                         "SELECT id, ?, 'baseline', ? FROM runs WHERE status = 'failed' AND rowid >= ?",
+                         f"SELECT id, ?, 'baseline', ? FROM runs WHERE status = 'failed' AND rowid >= ? "
+                         f"AND {wellformed_run_sql()}",
                          (now, now, floor))
             set_state(conn, WATERMARK_KEY, str(top))
             set_state(conn, FLOOR_KEY, str(floor))

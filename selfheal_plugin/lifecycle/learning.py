@@ -49,7 +49,7 @@ from typing import Any, Mapping
 
 from selfheal_plugin.analysis.patterns import Pattern, detect_failure_patterns, get_pattern
 from selfheal_plugin.errors import SelfHealError, UsageError
-from selfheal_plugin.history.connection import get_state
+from selfheal_plugin.history.connection import get_state, wellformed_run_sql
 from selfheal_plugin.history.errorindex import refresh
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.outcome import finished_sql
@@ -122,12 +122,13 @@ def _calls(conn: sqlite3.Connection, lo: float, hi: float, tool: str | None = No
 
 
 _RUN_EPOCH = "(julianday(started_at) - 2440587.5) * 86400.0"
+_RUN_OK = wellformed_run_sql()  # a malformed runs row is skipped
 
 
 def _workflow_counts(conn: sqlite3.Connection, lo: float, hi: float,
                      workflow: str | None = None) -> dict[str, tuple[int, int]]:
     sql = (f"SELECT workflow_name, sum(status = 'failed'), count(*) FROM runs WHERE {finished_sql()} "
-           f"AND {_RUN_EPOCH} >= ? AND {_RUN_EPOCH} < ?")
+           f"AND {_RUN_EPOCH} >= ? AND {_RUN_EPOCH} < ? AND {_RUN_OK}")
     params: list[Any] = [lo * 3600, hi * 3600]
     if workflow is not None:
         sql += " AND workflow_name = ?"
@@ -150,7 +151,7 @@ class Subject:
             rows = conn.execute(
                 f"SELECT CAST({_RUN_EPOCH} / 3600 AS INTEGER) AS h, sum(status = 'failed'), count(*) FROM runs "
                 f"WHERE {finished_sql()} AND workflow_name = ? AND {_RUN_EPOCH} >= ? "
-                f"AND {_RUN_EPOCH} < ? GROUP BY h", (self.key, lo * 3600, hi * 3600))
+                f"AND {_RUN_EPOCH} < ? AND {_RUN_OK} GROUP BY h", (self.key, lo * 3600, hi * 3600))
             for h, f, n in rows:
                 if lo <= h < hi:
                     out[h - lo] = [int(f), int(n)]

@@ -52,7 +52,7 @@ from typing import Any, Mapping
 
 from selfheal_plugin.lazy import lazy_module
 from selfheal_plugin.analysis.durations import fit_sample, load_tool_calls, sample_from_calls
-from selfheal_plugin.history.connection import REFUSAL_PREFIXES, normalize_error_type
+from selfheal_plugin.history.connection import REFUSAL_PREFIXES, normalize_error_type, wellformed_run_sql
 from selfheal_plugin.history.errorindex import wellformed_sql
 from selfheal_plugin.history.outcome import SUCCEEDED, finished_sql, success_rate
 from selfheal_plugin.history.schema import short_repr
@@ -107,7 +107,8 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
     runs: dict[str, ReplayRun] = {}
     for run_id, status, workflow in conn.execute(
             f"SELECT id, status, workflow_name FROM runs WHERE {finished_sql()} "
-            "AND julianday(started_at) >= ? AND julianday(started_at) < ? ORDER BY julianday(started_at), id",
+            f"AND julianday(started_at) >= ? AND julianday(started_at) < ? AND {wellformed_run_sql()} "
+            "ORDER BY julianday(started_at), id",
             (lo, hi)):
         runs[run_id] = ReplayRun(run_id, status == SUCCEEDED, [], workflow if isinstance(workflow, str) else None,
                                  cancelled=status == "cancelled")
@@ -116,7 +117,8 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
     for run_id, last in conn.execute(
             "SELECT e.run_id, max(e.id) FROM runs r JOIN run_events e ON e.run_id = r.id "
             f"WHERE {finished_sql('r.status')} AND julianday(r.started_at) >= ? "
-            "AND julianday(r.started_at) < ? AND e.event_type = 'tool_complete' GROUP BY e.run_id", (lo, hi)):
+            f"AND julianday(r.started_at) < ? AND {wellformed_run_sql('r')} AND e.event_type = 'tool_complete' "
+            "GROUP BY e.run_id", (lo, hi)):
         if run_id in runs:
             runs[run_id].last_call_id = last
     params: list[Any] = [lo, hi]
@@ -135,7 +137,7 @@ def load_runs(conn: sqlite3.Connection, since_epoch: float, until_epoch: float |
            json_extract(e.event_data, '$.is_error') = 1 AND ({refused_sql})
     FROM runs r JOIN run_events e ON e.run_id = r.id
     WHERE {finished_sql('r.status')} AND julianday(r.started_at) >= ? AND julianday(r.started_at) < ?
-      AND e.event_type = 'tool_complete'{prefilter} AND {wellformed_sql('e.event_data')}
+      AND {wellformed_run_sql('r')} AND e.event_type = 'tool_complete'{prefilter} AND {wellformed_sql('e.event_data')}
     """
     params = [a for p in REFUSAL_PREFIXES for a in (len(p), p)] + params  # the SELECT's, then the WHERE's
     wanted = set(tools) if tools is not None else None

@@ -197,6 +197,7 @@ def build_server(home: str | os.PathLike | None = None, db: str | os.PathLike | 
                       confidence_threshold=confidence_threshold) as sh:
             result = sh.detect(progress=_progress(ctx), **({} if limit is None else {"runs_limit": limit}))
             warn_bad_rows("run_events", result["skipped_rows"])
+            warn_bad_rows("runs", result.get("skipped_runs") or 0)
             return result
 
     @tool("Analyze run health", read_only=True)
