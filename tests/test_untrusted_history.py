@@ -589,6 +589,43 @@ def test_a_blob_in_a_runs_row_is_counted_and_skipped_everywhere(history, column)
         conn.close()
 
 
+@pytest.mark.parametrize("key, value", [("errors_watermark", "'garbage'"), ("bad_rows", "X'FF'"),
+                                        ("errors_watermark", "-5"), ("watch_events_watermark", "1e30"),
+                                        ("watch_runs_floor", "'not a floor'")])
+def test_an_unreadable_mark_of_ours_is_started_again_with_one_warning(history, key, value, caplog):
+    """selfheal_state lives in a file other programs write: a mark that is not an integer is
+    treated as absent (the index or the watcher starts again), one warning, nothing raises."""
+    db = ["--db", str(history)]
+    window = ["--since", WEEK_BEFORE_NOW, "--min-occurrences", "1"]
+    assert CliRunner().invoke(agent, ["self-heal-daemon", "--once", "--json", *db]).exit_code == 0
+    before = json.loads(CliRunner().invoke(agent, ["self-heal", "detect", "--json", *window, *db]).stdout)
+    c = sqlite3.connect(history)
+    c.execute(f"UPDATE selfheal_state SET value = {value} WHERE key = ?", (key,))
+    assert c.total_changes == 1
+    c.commit()
+    c.close()
+    with caplog.at_level("WARNING", logger="selfheal"):
+        res = CliRunner().invoke(agent, ["self-heal", "detect", "--json", *window, *db])
+        assert res.exit_code == 0, res.output
+        after = json.loads(res.stdout)
+        assert [(p["id"], p["occurrences"]) for p in after["patterns"]] == \
+            [(p["id"], p["occurrences"]) for p in before["patterns"]]
+        assert after["skipped_rows"] == before["skipped_rows"]
+        for args in (["show", before["patterns"][0]["id"], "--since", WEEK_BEFORE_NOW], ["dashboard", "--json"],
+                     ["learn"]):
+            res = CliRunner().invoke(agent, ["self-heal", *args, *db])
+            assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+        res = CliRunner().invoke(agent, ["self-heal-daemon", "--once", "--json", *db])
+        assert res.exit_code == 0, res.output
+        assert not json.loads(res.stdout)["tick"]["errors"]
+    warned = [r.getMessage() for r in caplog.records if "selfheal_state" in r.getMessage()]
+    if value != "-5":  # a negative watermark is read, and repaired as an emptied table is
+        assert len(warned) == 1 and key in warned[0] and "\n" not in warned[0], warned
+    c = sqlite3.connect(history)
+    assert int(c.execute("SELECT value FROM selfheal_state WHERE key = ?", (key,)).fetchone()[0]) >= 0
+    c.close()
+
+
 def test_log_lines_quote_history_text_neutralised():
     import logging
 

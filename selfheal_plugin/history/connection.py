@@ -626,6 +626,28 @@ def get_state(conn: sqlite3.Connection, key: str, default: str | None = None) ->
     return row[0] if row else default
 
 
+_warned_state: set[tuple[str, str]] = set()
+
+
+def get_int_state(conn: sqlite3.Connection, key: str) -> int | None:
+    """The integer kept under ``key`` (a watermark, a count), None when there is none.
+
+    ``selfheal_state`` lives in a file other programs write: a value that is not an
+    integer's text (``garbage``, a BLOB, ``1e30``) is treated as absent, so the caller
+    starts that mark again from scratch as it does for a missing one (and writes it
+    anew), with one warning line, once per key and value in a process."""
+    value = get_state(conn, key)
+    if value is None:
+        return None
+    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,30}", value.strip()):
+        return int(value)
+    if (key, repr(value)) not in _warned_state:
+        _warned_state.add((key, repr(value)))
+        log.warning("selfheal_state %s holds %s, not an integer: treated as absent (started again)", key,
+                    one_line(repr(value), 60))
+    return None
+
+
 def set_state(conn: sqlite3.Connection, key: str, value: Any) -> None:
     """Upsert one state value; call inside a write transaction."""
     conn.execute(

@@ -47,8 +47,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from selfheal_plugin.history.connection import (SELFHEAL_SCHEMA, get_state, last_event_id, normalize_error_type,
-                                                 scan_id_range, set_state, write_transaction)
+from selfheal_plugin.history.connection import (SELFHEAL_SCHEMA, get_int_state, get_state, last_event_id,
+                                                 normalize_error_type, scan_id_range, set_state, write_transaction)
 from selfheal_plugin.history.text import Undecodable, bounded
 from selfheal_plugin.history.times import to_epoch
 
@@ -223,17 +223,25 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
                 conn.execute("DELETE FROM selfheal_state WHERE key = ?", (key,))
             set_state(conn, "errors_index_version", INDEX_VERSION)
     top = last_event_id(conn)
-    mark = int(get_state(conn, "errors_watermark", "0"))
-    if top < mark:  # the table was emptied or replaced: start again
+
+    def restart() -> bool:
+        """The table was emptied or replaced, or our marks are missing, unreadable or negative
+        (another program wrote them; ingesting again over the index would count calls twice):
+        the index starts again from scratch."""
+        mark, bad = get_int_state(conn, "errors_watermark"), get_int_state(conn, "bad_rows")
+        return mark is None or bad is None or mark < 0 or bad < 0 or top < mark
+
+    if restart():
         with write_transaction(conn):
-            for table in INDEX_TABLES:
-                conn.execute(f"DELETE FROM {table}")
-            set_state(conn, "errors_watermark", "0")
-            set_state(conn, "bad_rows", "0")
-        mark = 0
+            if restart():  # still, under the write lock (another process may have started it)
+                for table in INDEX_TABLES:
+                    conn.execute(f"DELETE FROM {table}")
+                set_state(conn, "errors_watermark", "0")
+                set_state(conn, "bad_rows", "0")
+    mark = get_int_state(conn, "errors_watermark") or 0
     start, scanned, new_errors, new_bad = mark, 0, 0, 0
     if mark >= top:
-        return RefreshResult(0, 0, 0, int(get_state(conn, "bad_rows", "0")))
+        return RefreshResult(0, 0, 0, get_int_state(conn, "bad_rows") or 0)
     while mark < top:
         hi = min(mark + CHUNK_IDS, top)
         # one scan after the other: a worker thread for one of them gained nothing measurable
@@ -251,8 +259,8 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
         hours = [(tool, hour, n) for (tool, hour), n in counted.items() if n > 0]
         followups = _followups(conn, calls, errors)
         with write_transaction(conn):
-            current = int(get_state(conn, "errors_watermark", "0"))
-            if current != mark:  # another process ingested rows meanwhile: go on from there
+            current = get_int_state(conn, "errors_watermark")
+            if current is not None and current != mark:  # another process ingested rows meanwhile: go on from there
                 mark = current
                 continue
             conn.executemany(
@@ -269,7 +277,7 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
                 "errors = errors + excluded.errors, max_event_id = max(max_event_id, excluded.max_event_id)",
                 (mark, hi))
             if n_bad:
-                set_state(conn, "bad_rows", str(int(get_state(conn, "bad_rows", "0")) + n_bad))
+                set_state(conn, "bad_rows", str((get_int_state(conn, "bad_rows") or 0) + n_bad))
                 log.info("skipped %d malformed tool_complete row(s) in run_events ids %d..%d", n_bad, mark + 1, hi)
             set_state(conn, "errors_watermark", str(hi))
         new_errors += len(errors)
@@ -278,15 +286,12 @@ def refresh(conn: sqlite3.Connection, progress: Callable[[int, int], None] | Non
         mark = hi
         if progress:
             progress(mark - start, top - start)
-    return RefreshResult(scanned, new_errors, new_bad, int(get_state(conn, "bad_rows", "0")))
+    return RefreshResult(scanned, new_errors, new_bad, get_int_state(conn, "bad_rows") or 0)
 
 
 def indexed_up_to(conn: sqlite3.Connection) -> int:
     """The last ``run_events`` id the index has read: every call up to it is in ``selfheal_calls``."""
-    try:
-        return int(get_state(conn, "errors_watermark", "0"))
-    except ValueError:
-        return 0
+    return get_int_state(conn, "errors_watermark") or 0
 
 
 def followup_ok(tool_name: object, run_id: object, args_key: object, follow: object, repeat: object,

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from selfheal_plugin.errors import SelfHealError
-from selfheal_plugin.history.connection import get_state, set_state, write_transaction
+from selfheal_plugin.history.connection import get_int_state, set_state, write_transaction
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.text import markdown_inline as md
@@ -150,7 +150,7 @@ def _extend_or_conclude(conn: sqlite3.Connection, settings: Settings, improvemen
     s = settings
     store = ImprovementStore(conn)
     key = EXTENSIONS_KEY + improvement_id
-    done = int(get_state(conn, key, "0") or 0)
+    done = get_int_state(conn, key) or 0
     if done >= MAX_EXTENSIONS:
         metrics = {**(store.get(improvement_id).metrics or {}),
                    "monitoring": f"ended inconclusive after {done} extension(s)", "monitoring_ended_at":

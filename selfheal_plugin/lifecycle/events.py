@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfheal_plugin.history.connection import (connect, get_state, last_event_id, rows_by_id, set_state,
+from selfheal_plugin.history.connection import (connect, get_int_state, last_event_id, rows_by_id, set_state,
                                                 wellformed_run_sql, write_transaction)
 from selfheal_plugin.history.settings import Settings
 from selfheal_plugin.history.times import format_timestamp, utcnow
@@ -226,10 +226,9 @@ def check_history(conn: sqlite3.Connection, settings: Settings, *, fire: bool = 
     ``initialized=True``. Safe to call from several processes at once.
     """
     top = last_event_id(conn)
-    mark_text = get_state(conn, WATERMARK_KEY)
-    floor_text = get_state(conn, FLOOR_KEY)
-    if mark_text is not None and floor_text is not None:
-        mark, floor = int(mark_text), int(floor_text)
+    # a mark missing or unreadable (connection.get_int_state): set again, as on the first call
+    mark, floor = get_int_state(conn, WATERMARK_KEY), get_int_state(conn, FLOOR_KEY)
+    if mark is not None and floor is not None:
         if (top == mark and _floor(conn, floor) == floor
                 and not conn.execute(_FAILED_SQL, (floor,)).fetchone()):
             return CheckResult(watermark=mark)  # nothing new: no write lock taken
@@ -239,8 +238,8 @@ def check_history(conn: sqlite3.Connection, settings: Settings, *, fire: bool = 
     with write_transaction(conn):
         top = last_event_id(conn)
         max_rowid = int(conn.execute("SELECT coalesce(max(rowid), 0) FROM runs").fetchone()[0])
-        mark_text, floor_text = get_state(conn, WATERMARK_KEY), get_state(conn, FLOOR_KEY)
-        if mark_text is None or floor_text is None:
+        mark, floor = get_int_state(conn, WATERMARK_KEY), get_int_state(conn, FLOOR_KEY)
+        if mark is None or floor is None:
             # The first watcher on this history: what failed before it is history, left to
             # periodic detection; runs failed above the floor are marked as seen, not fired.
             floor = _floor(conn, 0)
@@ -251,7 +250,7 @@ def check_history(conn: sqlite3.Connection, settings: Settings, *, fire: bool = 
             set_state(conn, WATERMARK_KEY, str(top))
             set_state(conn, FLOOR_KEY, str(floor))
             return CheckResult(watermark=top, initialized=True)
-        mark, floor = int(mark_text), int(floor_text)
+        stored_floor = floor
         if top < mark:  # run_events was emptied or replaced: read it again from the start
             log.warning("run_events shrank below the watermark (%d < %d): rereading from the start", top, mark)
             mark = 0
@@ -263,7 +262,7 @@ def check_history(conn: sqlite3.Connection, settings: Settings, *, fire: bool = 
         new_floor = _floor(conn, floor)
         if top != mark:
             set_state(conn, WATERMARK_KEY, str(top))
-        if new_floor != floor or floor_text != str(floor):
+        if new_floor != floor or stored_floor != floor:
             set_state(conn, FLOOR_KEY, str(new_floor))
     result.watermark = top
     if top > mark:  # rows in (mark, top] are ours to report; they are committed and immutable
