@@ -401,6 +401,24 @@ def test_show_prints_a_hostile_pattern_escaped(hostile_history):
     assert not any(line.startswith("## 2026") for line in res.output.splitlines())
 
 
+def test_a_plugin_error_quoting_a_hostile_pattern_is_escaped_in_daemon_and_plugins(history):
+    """A strategy refuses a description holding the tool name's control characters; the
+    plugin error that quotes the pattern id reaches the terminal escaped, as one line."""
+    from datetime import datetime, timezone
+    tool = "evil\x1b[31mRED\x1b[0m\u202eexe.txt\nFAKE LINE"
+    now = datetime.now(timezone.utc)
+    for i in range(8):  # in the daemon's window, which ends at the real clock
+        stamp = (now - timedelta(hours=i + 1)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        add_event(history, json.dumps(failed_call(tool, error_type="tool_error")), timestamp=stamp)
+    home = ["--home", str(history.parent)]
+    for args in (["self-heal-daemon", "--once"], ["self-heal", "plugins"]):
+        res = CliRunner().invoke(agent, [*args, *home], color=True)
+        assert res.exit_code == 0, res.output
+        assert "invalid proposal for tool_error:evil" in res.output
+        assert "\x1b" not in res.output and "\u202e" not in res.output, res.output
+        assert not any(line.startswith("FAKE LINE") for line in res.output.splitlines()), res.output
+
+
 # ------------------------------------------------------------------ pattern ids with ':'
 
 

@@ -164,7 +164,8 @@ def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
                 print_line(out, f"  {for_rich(row['kind'])} → {for_rich(row['strategy'])} ({for_rich(row['plugin'])})")
     click.echo(f"User plugin folder: {info['plugins_dir']}")
     for f in info.get("failed_strategies", []):
-        click.echo(f"✗ strategy for {f['error_type']} failed to load (plugin {f['plugin']}): nothing is proposed "
+        click.echo(f"✗ strategy for {for_terminal(f['error_type'])} failed to load (plugin {for_terminal(f['plugin'])}): "
+                   "nothing is proposed "
                    "for it until it loads")
     for f in info.get("failed_kind_strategies", []):  # a plugin's name and error are its text: escaped
         click.echo(f"✗ strategy for failure kind {f['kind']} failed to load (plugin {for_terminal(f['plugin'])}: "
@@ -176,8 +177,9 @@ def plugins_command(home: str | None, db: str | None, as_json: bool) -> None:
             where = f" in {e['hook']}" if e.get("hook") else ""
             when = (e.get("last_seen") or "")[:19].replace("T", " ")
             seen = f" ({e['count']}×, last {when})" if (e.get("count") or 1) > 1 else (f" ({when})" if when else "")
-            click.echo(f"  ✗ {e['plugin']} ({e['phase']}{where}): {e['error']}"
-                       + (f" [{e['path']}]" if e.get("path") else "") + seen)
+            # a plugin's text, and the history's it quotes: escaped, as PluginError.line()
+            click.echo("  ✗ " + for_terminal(f"{e['plugin']} ({e['phase']}{where}): {e['error']}"
+                                             + (f" [{e['path']}]" if e.get("path") else "") + seen))
 
 
 def _plugin_tables(out: Any, info: dict[str, Any]) -> None:

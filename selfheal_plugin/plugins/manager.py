@@ -78,6 +78,7 @@ from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin.history.connection import normalize_error_type
 from selfheal_plugin.plugins.strategy import FAILURE_KINDS
 from selfheal_plugin.history.settings import DEFAULTS
+from selfheal_plugin.history.text import for_terminal
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 from selfheal_plugin.plugins import hookspecs
 from selfheal_plugin.plugins.notification import PRIORITIES, Notification  # noqa: F401  (plugins.Notification)
@@ -121,9 +122,11 @@ class PluginError:
         return (self.plugin, self.phase, self.hook, self.error)
 
     def line(self) -> str:
-        """``plugin user:x (hook notify): RuntimeError: sink is down``."""
+        """``plugin user:x (hook notify): RuntimeError: sink is down``, one line for a terminal:
+        a plugin's text and the history's it quotes (a pattern id) with every control and
+        bidi character escaped (``for_terminal``), so no newline in it forges a line."""
         where = f" {self.hook}" if self.hook else ""
-        return f"plugin {self.plugin} ({self.phase}{where}): {self.error}"
+        return for_terminal(f"plugin {self.plugin} ({self.phase}{where}): {self.error}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
