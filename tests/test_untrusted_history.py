@@ -419,6 +419,29 @@ def test_a_plugin_error_quoting_a_hostile_pattern_is_escaped_in_daemon_and_plugi
         assert not any(line.startswith("FAKE LINE") for line in res.output.splitlines()), res.output
 
 
+def test_an_old_improvements_row_with_an_unreadable_applied_at_is_refused_in_one_line(history):
+    """The runtime's own older improvements rows may hold any text in applied_at."""
+    connect(history).close()  # our columns of improvements
+    c = sqlite3.connect(history)
+    c.execute("INSERT INTO improvements(id, category, description, created_at, applied_at, status) "
+              "VALUES ('L1', 'tool', 'x', '2025-01-01', 'also-garbage', 'applied')")
+    c.commit()
+    before = c.execute("SELECT * FROM improvements WHERE id = 'L1'").fetchall()
+    c.close()
+    db = ["--db", str(history)]
+    for args in (["verify", "L1"], ["verify", "L1", "--json"], ["verify", "L1", "--early"]):
+        res = CliRunner().invoke(agent, ["self-heal", *args, *db])
+        assert res.exit_code == 1 and res.stdout == "", res.output
+        assert res.stderr.count("\n") == 1 and "L1 has an unreadable applied_at" in res.stderr
+        assert "nothing was changed" in res.stderr
+    c = sqlite3.connect(history)
+    assert c.execute("SELECT * FROM improvements WHERE id = 'L1'").fetchall() == before
+    c.close()
+    for args in (["improvements"], ["improvements", "--json"], ["dashboard", "--json"], ["learn"]):
+        res = CliRunner().invoke(agent, ["self-heal", *args, *db])
+        assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+
+
 # ------------------------------------------------------------------ pattern ids with ':'
 
 

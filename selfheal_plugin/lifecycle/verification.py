@@ -40,7 +40,7 @@ from selfheal_plugin.plugins import manager as plugins
 from selfheal_plugin.lifecycle.apply import LifecycleError, update_if_unchanged
 from selfheal_plugin.lifecycle.learning import record_verified
 from selfheal_plugin.errors import SelfHealError, UsageError
-from selfheal_plugin.history.connection import normalize_error_type
+from selfheal_plugin.history.connection import normalize_error_type, one_line
 from selfheal_plugin.history.improvements import ImprovementStore
 from selfheal_plugin.history.outcome import success_rate
 from selfheal_plugin.analysis.patterns import split_pattern_id
@@ -308,7 +308,11 @@ def verify_improvement(conn: sqlite3.Connection, settings: Settings, improvement
     # again reports what the history says now, not "extend" for a fix already verified
     early = early or imp.status == "verified"
     previous = (imp.metrics or {}).get("recommendation") if isinstance(imp.metrics, dict) else None
-    applied = parse_timestamp(imp.applied_at)
+    try:  # a row of the runtime's own older shape, or written by hand, may hold anything
+        applied = parse_timestamp(imp.applied_at)
+    except (TypeError, ValueError):
+        raise LifecycleError(f"{imp.id} has an unreadable applied_at ({one_line(repr(imp.applied_at), 60)}), not "
+                             "an RFC 3339 timestamp; nothing was changed") from None
     window = timedelta(days=days)
     after_end = min(applied + window, now)
     tool = pattern_tool(imp)
