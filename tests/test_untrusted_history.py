@@ -442,6 +442,17 @@ def test_an_old_improvements_row_with_an_unreadable_applied_at_is_refused_in_one
         assert res.exit_code == 0 and "Traceback" not in res.output, res.output
 
 
+def test_a_strategy_refusing_a_hostile_pattern_is_one_warning_line_per_command(history, caplog):
+    tool = "evil\x1b[31mRED\x1b[0m\u202eexe.txt\nFAKE LINE"
+    for _ in range(8):
+        add_event(history, json.dumps(failed_call(tool, error_type="tool_error")))
+    with caplog.at_level("WARNING", logger="selfheal"):
+        res = CliRunner().invoke(agent, ["self-heal", "detect", "--since", WEEK_BEFORE_NOW, "--db", str(history)])
+    assert res.exit_code == 0, res.output
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "evil" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+
+
 # ------------------------------------------------------------------ pattern ids with ':'
 
 

@@ -111,7 +111,9 @@ def attach_suggested_fixes(patterns: list[Pattern], history: HistoryWindow,
                 raise answer
             proposal = answer or make_proposal(p, history)
         except StrategyError as exc:  # a broken plugin costs the hint, not the command
-            log.warning("no suggested fix for %s: %s", p.id, exc)
+            # debug: the plugin's failure is already its one warning line (plugins.manager
+            # records it), and the reason is the pattern's no_fix_reason in the output
+            log.debug("no suggested fix for %s: %s", p.id, exc)
             _withhold(p, str(exc))
             continue
         if rejected is not None and (reason := rejection_stands(rejected, p, settings, proposal)):
