@@ -469,6 +469,9 @@ def test_cli_learn_tells_a_command_that_exists_to_propose_where_a_rule_applies(b
     (["--until", "soon"], "invalid time window"),
     (["--since", "-1d", "--until", "-3d"], "nothing to compare"),
     (["--rules", "--since", "-7d"], "--since set the windows learn compares; --rules has none"),
+    # the instant written with its 4-digit year, and a hint that fits (not "use -30m, ...")
+    (["--since", "0001-01-01"], "the window before 0001-01-01T00:00:00.000000Z, as long as the one since it, "
+                                "would start before year 1; give a later --since"),
 ])
 def test_cli_learn_bad_input_is_one_line_and_changes_nothing(binks_home, args, message):
     home = make_home(binks_home)

@@ -64,6 +64,14 @@ def test_format_parse_roundtrip(instant):
     assert parse_timestamp(format_timestamp(instant)) == instant
 
 
+def test_format_writes_a_four_digit_year():
+    """strftime's %Y writes year 1 as "1" on glibc: not an RFC 3339 timestamp, nor re-readable."""
+    early = datetime(1, 1, 1, tzinfo=timezone.utc)
+    assert format_timestamp(early) == "0001-01-01T00:00:00.000000Z"
+    assert parse_timestamp(format_timestamp(early)) == early
+    assert format_timestamp(datetime(999, 3, 4, 5, 6, 7, 8, tzinfo=timezone.utc)) == "0999-03-04T05:06:07.000008Z"
+
+
 @pytest.mark.parametrize("value, delta", [
     ("-7d", timedelta(days=7)), ("7d", timedelta(days=7)), ("-24h", timedelta(hours=24)),
     ("-30m", timedelta(minutes=30)), ("-1w", timedelta(weeks=1)), ("-0d", timedelta(0)),

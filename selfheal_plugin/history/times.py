@@ -62,7 +62,9 @@ def to_epoch(text: str) -> float:
 
 def format_timestamp(dt: datetime) -> str:
     """RFC 3339 in UTC with microseconds and ``Z``, the way selfheal writes its own rows."""
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = dt.astimezone(timezone.utc)
+    # the year by hand: strftime's %Y writes year 1 as "1" on glibc, not "0001"
+    return f"{utc.year:04d}" + utc.strftime("-%m-%dT%H:%M:%S.%fZ")
 
 
 def utcnow() -> datetime:

@@ -103,7 +103,14 @@ def windows(since: datetime, until: datetime) -> Windows:
     hi = math.ceil(until.timestamp() / 3600)
     if hi <= split:
         raise UsageError(f"nothing to compare: the window since {format_timestamp(since)} ends before it starts")
-    return Windows(split - (hi - split), split, hi)
+    lo = split - (hi - split)
+    if lo < _FIRST_HOUR:
+        raise UsageError(f"nothing to compare: the window before {format_timestamp(since)}, as long as the one "
+                         "since it, would start before year 1; give a later --since")
+    return Windows(lo, split, hi)
+
+
+_FIRST_HOUR = math.ceil(datetime(1, 1, 1, tzinfo=timezone.utc).timestamp() / 3600)  # the first whole hour of year 1
 
 
 def _signature_counts(conn: sqlite3.Connection, lo: float, hi: float) -> dict[tuple[str, str], int]:
