@@ -34,6 +34,10 @@ def test_env_home_and_db(tmp_path, monkeypatch):
     ("min_occurrences = 'three'", "min_occurrences must be an integer between 1 and 1000000, got 'three'"),
     ("auto_apply_enabled = 1", "auto_apply_enabled must be true or false, got 1"),
     ("lookback = '-7x'", "invalid time window '-7x'"),
+    # a TOML date, time or datetime is shown as ISO text, as written, never as Python's repr
+    ("lookback = 1979-05-27T07:32:00Z", r"or an ISO date/datetime, got 1979-05-27T07:32:00\+00:00$"),
+    ("min_occurrences = 1979-05-27", "min_occurrences must be an integer between 1 and 1000000, got 1979-05-27$"),
+    ("cooldown_minutes = 07:32:00", "cooldown_minutes must be an integer between 0 and 525600, got 07:32:00$"),
 ])
 def test_bad_config_values_are_config_errors(binks_home, line, message):
     write_config(binks_home, f"[self_heal]\n{line}\n")

@@ -28,7 +28,7 @@ import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from typing import TYPE_CHECKING, Annotated, Any
 
 from selfheal_plugin.errors import ConfigError, SelfHealError, UsageError
@@ -430,7 +430,11 @@ def _cut(text: str) -> str:
 
 
 def short_repr(value: Any) -> str:
-    """``repr(value)`` cut to 80 characters: a message stays one readable line."""
+    """``repr(value)`` cut to 80 characters: a message stays one readable line. A TOML date,
+    time or datetime is shown as ISO text, the way config.toml writes it, not as Python's
+    ``datetime.datetime(1979, ...)``."""
+    if isinstance(value, (date, time)):  # datetime is a date
+        return _cut(value.isoformat())
     return _cut(repr(value))
 
 
