@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -59,17 +60,34 @@ def table_console() -> Any:
     return rich_console.Console(highlight=False)
 
 
+# A command in a hint, as steps.step writes it: `agent self-heal verify imp-…`, `agent self-heal
+# canary promote|drop imp-…`, `agent self-heal detect --since -30d`, `agent self-heal --home H
+# improvements`, `agent self-heal-daemon --once`. A value is a token that is not a plain
+# lower-case word (an id, a pattern, a placeholder such as ID or <improvement-id>), so the
+# prose after a command is not taken for part of it.
+_VALUE = r"(?![a-z]+[.,;:]*(?:[\s)`'\"]|$))[^\s,;()`'\"]+"
+_COMMAND = re.compile(
+    rf"\bagent (?:self-heal-daemon|self-heal(?: --(?:home|db) {_VALUE}| --json)*"
+    r"(?: (?:ab|canary) [a-z]+(?:\|[a-z]+)*| [a-z][a-z-]*)?"
+    rf"(?: (?!-){_VALUE})?)"
+    rf"(?: --[a-z][a-z-]*(?: (?!--)(?:{_VALUE}|canary|shadow|simulation))?)*")
+_GLUE = "\ue000"  # a private-use character, one cell wide and no space: holds a command's words together
+
+
 def print_line(out: Any, markup: str, hang: int = 2) -> None:
     """One line of Rich markup on the console ``out``, its leading spaces its indent: where it
-    wraps, the rest continues ``hang`` columns further in, never at column 0. Piped output
-    without ``COLUMNS`` is not wrapped (a line stays one line for grep)."""
+    wraps, the rest continues ``hang`` columns further in, never at column 0, and never inside a
+    command (``agent self-heal apply imp-…`` is pasted whole: the line breaks before it). Piped
+    output without ``COLUMNS`` is not wrapped (a line stays one line for grep)."""
     if not out.is_terminal and not os.environ.get("COLUMNS"):
         out.print(markup, soft_wrap=True, highlight=False)
         return
     body = markup.lstrip(" ")
     indent = len(markup) - len(body)
-    lines = lazy_module("rich.text").Text.from_markup(body).wrap(out, max(20, out.width - indent - hang))
-    for i, line in enumerate(lines):
+    text = lazy_module("rich.text").Text.from_markup(body)
+    text.plain = _COMMAND.sub(lambda m: m.group(0).replace(" ", _GLUE), text.plain)  # same length: styles stay
+    for i, line in enumerate(text.wrap(out, max(20, out.width - indent - hang))):
+        line.plain = line.plain.replace(_GLUE, " ")
         out.print(" " * (indent + (hang if i else 0)), line, sep="", highlight=False)
 
 

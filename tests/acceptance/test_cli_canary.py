@@ -70,7 +70,10 @@ def test_canary_text_wraps_under_its_indent_at_80_columns(db, binks_home):
         assert all(len(line) <= 80 for line in lines), r.stdout
         assert all(line.startswith(("  ", "🧪", "✅", "❌", "⏳", "⬆️")) for line in lines if line), r.stdout
     started, verified, promoted = (r.stdout for r in outputs)
-    assert "\n    promote|drop" in started or "\n    self-heal canary promote" in started  # the Next: line wrapped
+    # the Next: line wraps before a command, never inside it: each is pasted whole
+    assert f"\n    agent self-heal canary promote|drop {imp.id}" in started, started
+    assert any(line.startswith("  Next: ") and f"agent self-heal verify {imp.id};" in line
+               for line in started.splitlines()), started
     assert "Canary vs control since" in verified and "Recommendation: extend" in verified
     assert "Verification scheduled:" in promoted
 

@@ -151,6 +151,26 @@ def test_a_long_line_wraps_under_its_indent_never_at_column_0(monkeypatch):
     assert piped.file.getvalue().splitlines() == ["  Suggested fix: " + " ".join(["raise the timeout of x"] * 5)]
 
 
+@pytest.mark.parametrize("width", [*range(64, 81, 2), 100, 120])  # each command fits in the width
+def test_a_line_breaks_before_a_command_never_inside_it(width):
+    import io
+
+    from rich.console import Console
+
+    from selfheal_plugin.cli.common import print_line
+
+    commands = ["agent self-heal verify imp-20261128-822040f0", "agent self-heal canary promote|drop imp-20261128-822040f0",
+                "agent self-heal detect --since -30d", "agent self-heal show timeout:mcp__kubernetes__pods_list"]
+    text = (f"  Next: check it with {commands[0]}; end it with {commands[1]}, or look again: {commands[2]} "
+            f"(the pattern: {commands[3]}) when you have the time")
+    out = Console(file=io.StringIO(), width=width, highlight=False, force_terminal=True, color_system=None)
+    print_line(out, text)
+    lines = out.file.getvalue().splitlines()
+    assert all(len(line) <= width for line in lines), lines
+    assert all(any(c in line for line in lines) for c in commands), lines
+    assert " ".join(line.strip() for line in lines) == text.strip()  # only where it breaks changed
+
+
 def test_plugins_has_version_and_path_columns(history_copy):
     r = run_agent("self-heal", "plugins", env={"COLUMNS": "200"})
     assert r.returncode == 0, r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 
 from ..conftest import run_agent
@@ -189,3 +190,26 @@ def test_run_health_text_shows_the_weights_json_has(binks_home):
         assert f"weight {comp['effective_weight']:g}" in line, line
     assert data["components"]["success"]["effective_weight"] == 0.7143
     assert "weight 0.7143, nominally 0.5" in text
+
+
+def test_run_health_keeps_each_command_of_a_hint_on_one_line_at_80_columns(history_copy, binks_home):
+    """A hint's command is pasted: the line breaks before it, never between `agent` and `self-heal`."""
+    db, _ = history_copy
+    assert run_agent("self-heal", "detect", "--home", str(binks_home), "--since", SINCE).returncode == 0
+    conn = sqlite3.connect(db)
+    failed = [r[0] for r in conn.execute("SELECT id FROM runs WHERE status = 'failed' ORDER BY id LIMIT 12")]
+    conn.close()
+    seen = 0
+    for run_id in failed:
+        data = json.loads(run_agent("self-heal", "health", run_id, "--home", str(binks_home), "--json").stdout)
+        commands = [c for issue in data["issues"] for c in re.findall(
+            r"agent self-heal (?:apply|verify|show|test|rollback) [^\s(),;]+", issue["recommendation"])]
+        text = run_agent("self-heal", "health", run_id, "--home", str(binks_home), env={"COLUMNS": "80"})
+        assert text.returncode == 0, text.stderr
+        lines = text.stdout.splitlines()
+        assert all(len(line) <= 80 for line in lines), text.stdout
+        assert not any(line.rstrip().endswith(" agent") for line in lines), text.stdout
+        for command in commands:
+            assert any(command in line for line in lines), (command, text.stdout)
+        seen += len(commands)
+    assert seen  # the history's failed runs have hints with commands
