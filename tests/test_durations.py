@@ -182,7 +182,8 @@ def test_the_strategy_and_the_simulation_use_the_same_fitted_model(binks_home):
     assert f"durations ~ {name}" in imp.expected_impact
 
     res = CliRunner().invoke(agent, ["self-heal", "test", imp.id, "--home", str(binks_home), "--db", str(db),
-                                     "--since", SINCE], catch_exceptions=False)
+                                     "--since", SINCE], catch_exceptions=False,
+                             env={"COLUMNS": "200"})  # the Model: line whole (xdist's COLUMNS=80 wraps it)
     assert f"durations ~ {name}:" in res.output
 
 

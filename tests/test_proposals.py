@@ -443,8 +443,9 @@ def test_a_fix_proposed_again_after_its_rollback_says_so_where_a_person_decides(
     (binks_home / "config.toml").write_text('[self_heal]\nlookback = "2026-11-13T12:00:00Z"\n')
     runner = CliRunner()
 
-    def cli(*args, **kw):
-        return runner.invoke(agent, ["self-heal", *args, "--home", str(binks_home)], catch_exceptions=False, **kw)
+    def cli(*args, **kw):  # a wide terminal: a line each, whatever COLUMNS the test runs under (xdist: 80)
+        return runner.invoke(agent, ["self-heal", *args, "--home", str(binks_home)], catch_exceptions=False,
+                             env={"COLUMNS": "200"}, **kw)
 
     first = next(o for o in json.loads(cli("detect", "--json").stdout)["proposals"] if o["pattern_id"] == PATTERN)
     assert first["same_change_undone"] is None

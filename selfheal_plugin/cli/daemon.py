@@ -7,10 +7,11 @@ import os
 
 import click
 
-from selfheal_plugin.cli.common import common_options, echo_json, settings_for
+from selfheal_plugin.cli.common import common_options, echo_json, print_line, settings_for, table_console
 from selfheal_plugin.cli.options import setting_option
 from selfheal_plugin.daemon.loop import Daemon, TickReport, parse_interval
 from selfheal_plugin.daemon.watcher import MODES, resolve_mode
+from selfheal_plugin.history.text import for_rich
 
 
 @click.command("self-heal-daemon")
@@ -59,20 +60,25 @@ def self_heal_daemon(home: str | None, db: str | None, as_json: bool, interval: 
                 echo_json({"hooked_runs": checked.failed_runs, "new_events": checked.new_event_count,
                            "initialized": checked.initialized, "tick": tick.to_dict()})
                 return
+            out = table_console()  # a long line wraps under its indent at the terminal's width
             if checked.initialized:
-                click.echo("First start on this history: watch marks set (earlier failures are left to detection).")
-            click.echo(f"Hooked {len(checked.failed_runs)} failed run(s); {checked.new_event_count} new event(s).")
-            click.echo(f"Round at {tick.at}: {tick.summary()}")
+                print_line(out, "First start on this history: watch marks set (earlier failures are left to "
+                           "detection).")
+            print_line(out, f"Hooked {len(checked.failed_runs)} failed run(s); {checked.new_event_count} new "
+                       "event(s).")
+            print_line(out, f"Round at {for_rich(tick.at)}: {for_rich(tick.summary())}")
             for v in tick.verified:
-                click.echo(f"  verified {v['improvement_id']}: {v['recommendation']} ({v['actual_impact']})")
+                print_line(out, f"  verified {for_rich(v['improvement_id'])}: {for_rich(v['recommendation'])} "
+                           f"({for_rich(v['actual_impact'])})")
             for r in tick.rolled_back:
-                click.echo(f"  rolled back {r['improvement_id']} (revert commit {(r['rollback_sha'] or '')[:7]})")
+                print_line(out, f"  rolled back {for_rich(r['improvement_id'])} (revert commit "
+                           f"{(r['rollback_sha'] or '')[:7]})")
             for a in tick.applied:
-                click.echo(f"  applied {a['improvement_id']} (commit {(a['commit_sha'] or '')[:7]})")
+                print_line(out, f"  applied {for_rich(a['improvement_id'])} (commit {(a['commit_sha'] or '')[:7]})")
             for e in tick.errors:
-                click.echo(f"  error: {e}")
+                print_line(out, f"  error: {for_rich(e)}")
             for e in tick.plugin_errors:
-                click.echo(f"  ✗ {e}")
+                print_line(out, f"  ✗ {for_rich(e)}")
             return
         daemon.run()
     finally:

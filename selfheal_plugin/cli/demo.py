@@ -7,9 +7,9 @@ from typing import Any, Callable
 import click
 
 from selfheal_plugin.cli.ab import print_experiment
-from selfheal_plugin.cli.common import echo_json, err_console, pct
+from selfheal_plugin.cli.common import echo_json, err_console, pct, print_line, table_console
 from selfheal_plugin.cli.learn import print_rules
-from selfheal_plugin.history.text import for_terminal
+from selfheal_plugin.history.text import for_rich
 from selfheal_plugin.cli.options import OneLineUsageError, setting_option
 from selfheal_plugin.testbed.demo import DEMO_RUNS, DemoStep, run_demo
 from selfheal_plugin.errors import SelfHealError, UsageError
@@ -24,82 +24,91 @@ def _p(x: float | None) -> str:
     return "n/a" if x is None else "<1e-06" if x == 0 else format(x, ".3g")
 
 
-def _workload(d: dict[str, Any]) -> None:
-    click.echo(f"  {d['runs']} runs from {d['started_at'][:16]} to {d['ended_at'][:16]} (simulated) in "
-               f"{d['real_seconds']:.1f} s real; {sum(d['calls'].values())} real MCP tool calls, "
+def _workload(out: Any, d: dict[str, Any]) -> None:
+    print_line(out, f"  {d['runs']} runs from {for_rich(d['started_at'][:16])} to {for_rich(d['ended_at'][:16])} "
+               f"(simulated) in {d['real_seconds']:.1f} s real; {sum(d['calls'].values())} real MCP tool calls, "
                f"{d['crashes']} server crash(es)")
-    click.echo(f"  Success rate: {_rate(d['success_rate'])} ({d['completed']} completed, {d['failed']} failed)")
+    print_line(out, f"  Success rate: {_rate(d['success_rate'])} ({d['completed']} completed, {d['failed']} failed)")
     for pid, n in d["errors"].items():
-        click.echo(f"    {pid}: {n} failed call(s), {_rate(d['error_rates'].get(pid))} of that tool's calls")
+        print_line(out, f"    {for_rich(pid)}: {n} failed call(s), {_rate(d['error_rates'].get(pid))} of that "
+                   "tool's calls")
 
 
 def print_step(s: DemoStep) -> None:
+    """One step's findings; a long line wraps under its indent at the terminal's width (print_line)."""
     d = s.data
-    click.echo()
-    click.echo(click.style(f"▶ {s.title}", bold=True) + f"  ({s.seconds:.1f} s)")
+    out = table_console()
+    out.print()
+    print_line(out, f"[bold]▶ {for_rich(s.title)}[/]  ({s.seconds:.1f} s)")
     if s.name == "home":
         t = d["timeline"]
-        click.echo(f"  BINKS_HOME={d['home']}")
-        click.echo(f"  Before: {t['before'][0][:16]} → {t['before'][1][:16]}; apply at {t['apply'][:16]}; "
+        print_line(out, f"  BINKS_HOME={for_rich(d['home'])}")
+        print_line(out, f"  Before: {t['before'][0][:16]} → {t['before'][1][:16]}; apply at {t['apply'][:16]}; "
                    f"after: → {t['after'][1][:16]} (UTC, simulated clock)")
     elif s.name.startswith("workload"):
-        _workload(d)
+        _workload(out, d)
     elif s.name == "detect":
-        click.echo(f"  {len(d['patterns'])} pattern(s) since {d['since'][:16]}:")
+        print_line(out, f"  {len(d['patterns'])} pattern(s) since {for_rich(d['since'][:16])}:")
         for p in d["patterns"]:
-            click.echo(f"    {p['id']}: {p['occurrences']} occurrences in {len(p['affected_runs'])} runs, "
-                       f"failure rate {_rate(p['failure_rate'])}, confidence {_rate(p['confidence'])}"
-                       + (f" — {p['suggested_fix']}" if p.get("suggested_fix") else ""))
+            print_line(out, f"    {for_rich(p['id'])}: {p['occurrences']} occurrences in {len(p['affected_runs'])} "
+                       f"runs, failure rate {_rate(p['failure_rate'])}, confidence {_rate(p['confidence'])}"
+                       + (f" — {for_rich(p['suggested_fix'])}" if p.get("suggested_fix") else ""))
     elif s.name == "propose":
         for p in d["proposals"]:
             if "error" in p:
-                click.echo(f"    ⚠️  {p['error']}")
+                print_line(out, f"    ⚠️  {for_rich(p['error'])}", hang=4)
                 continue
-            click.echo(f"    {p['improvement_id']} ({p['strategy']}, risk {p['risk_level']}): {p['description']}")
-            click.echo(f"      expected: {p['expected_impact']}")
+            print_line(out, f"    {for_rich(p['improvement_id'])} ({for_rich(p['strategy'])}, risk "
+                       f"{for_rich(p['risk_level'])}): {for_rich(p['description'])}")
+            print_line(out, f"      expected: {for_rich(p['expected_impact'])}")
     elif s.name == "test":
         for r in d["tests"]:
             sim = r["simulated_success_rate"]
-            line = f"    {r['improvement_id']}: baseline {_rate(r['baseline_success_rate'])}"
+            line = f"    {for_rich(r['improvement_id'])}: baseline {_rate(r['baseline_success_rate'])}"
             if sim is not None:
                 lo, hi = r["interval"]["simulated_success_rate"]
                 line += f" → simulated {_rate(sim)} (95% interval {_rate(lo)}–{_rate(hi)})"
-            click.echo(line + f": {r['recommendation']}")
-            click.echo(f"      {r['reason']}")
-        click.echo(f"  Chosen: {d['chosen']}")
+            print_line(out, line + f": {for_rich(r['recommendation'])}")
+            print_line(out, f"      {for_rich(r['reason'])}")
+        print_line(out, f"  Chosen: {for_rich(d['chosen'])}")
     elif s.name == "apply":
-        click.echo(f"  Applied {d['improvement_id']} at {d['applied_at']}: commit {d['commit_sha'][:12]} in "
-                   f"{d['repository']}")
+        print_line(out, f"  Applied {for_rich(d['improvement_id'])} at {for_rich(d['applied_at'])}: commit "
+                   f"{d['commit_sha'][:12]} in {for_rich(d['repository'])}")
         click.echo("  " + d["diff"].rstrip("\n").replace("\n", "\n  "))
-        click.echo("  git log: " + " | ".join(d["git_log"]))
+        print_line(out, "  git log: " + " | ".join(for_rich(line) for line in d["git_log"]))
     elif s.name == "verify":
         m = d["metrics"]
         p = m.get("pattern") or {}
-        click.echo(f"  Success rate: {_rate(m['before_success_rate'])} ({m['runs_before']} runs) → "
+        print_line(out, f"  Success rate: {_rate(m['before_success_rate'])} ({m['runs_before']} runs) → "
                    f"{_rate(m['after_success_rate'])} ({m['runs_after']} runs), Fisher p={_p(m['p_value'])}")
         if p:
-            click.echo(f"  {p['pattern_id']} error rate: {_rate(p['before_error_rate'])} → "
+            print_line(out, f"  {for_rich(p['pattern_id'])} error rate: {_rate(p['before_error_rate'])} → "
                        f"{_rate(p['after_error_rate'])} per call ({p['before_errors']} → {p['after_errors']}; "
                        f"p={_p(p['p_value'])})")
-        click.echo(f"  Actual impact: {d['actual_impact']}")
-        click.echo(f"  Recommendation: {d['recommendation']} ({d['verification_status']}) — {d['reason']}")
+        print_line(out, f"  Actual impact: {for_rich(d['actual_impact'])}")
+        print_line(out, f"  Recommendation: {for_rich(d['recommendation'])} ({for_rich(d['verification_status'])}) — "
+                   f"{for_rich(d['reason'])}")
     elif s.name == "rules":
         print_rules(d["rules"])
     elif s.name == "detect_week3":
         p = d["proposal"]
-        click.echo(f"  {for_terminal(d['pattern_id'])}: {p['improvement_id']} ({p['strategy']}): "
-                   f"{for_terminal(p['description'])}")
-        click.echo(f"    expected: {for_terminal(p['expected_impact'])}")
+        print_line(out, f"  {for_rich(d['pattern_id'])}: {for_rich(p['improvement_id'])} ({for_rich(p['strategy'])}): "
+                   f"{for_rich(p['description'])}")
+        print_line(out, f"    expected: {for_rich(p['expected_impact'])}")
     elif s.name == "ab_start":
-        click.echo(f"  {d['experiment_id']}: {len(d['arms'])} arms beside a control, commit {d['start_sha'][:12]}")
+        print_line(out, f"  {for_rich(d['experiment_id'])}: {len(d['arms'])} arms beside a control, commit "
+                   f"{d['start_sha'][:12]}")
         for arm in d["arms"]:
-            click.echo(f"    {arm['improvement_id']} ({arm.get('strategy')}): {for_terminal(arm.get('description') or '')}")
+            print_line(out, f"    {for_rich(arm['improvement_id'])} ({for_rich(arm.get('strategy'))}): "
+                       f"{for_rich(arm.get('description') or '')}")
     elif s.name == "ab_status":
         print_experiment(d)
     elif s.name in ("ab_promote", "ab_drop"):
         applied = d.get("applied") or {}
-        click.echo(f"  {d['experiment_id']} {d['status']}: end commit {(d.get('end_commit_sha') or '')[:12]}"
-                   + (f"; {applied['improvement_id']} applied, commit {applied['commit_sha'][:12]}" if applied else ""))
+        print_line(out, f"  {for_rich(d['experiment_id'])} {for_rich(d['status'])}: end commit "
+                   f"{(d.get('end_commit_sha') or '')[:12]}"
+                   + (f"; {for_rich(applied['improvement_id'])} applied, commit {applied['commit_sha'][:12]}"
+                      if applied else ""))
     elif s.name == "dashboard":
         from selfheal_plugin.cli.health import _print_dashboard
 
@@ -147,7 +156,8 @@ def demo(directory: str | None, keep: bool, runs: int, second_act: bool, as_json
     """Run the whole loop in a throwaway home: a week of real tool calls, detect, propose,
     test, apply (a git commit), another week, verify and the dashboard."""
     if not as_json:
-        click.echo("🩹 selfheal demo: a simulated week of agent runs against real MCP tool servers, then the fix")
+        print_line(table_console(), "🩹 selfheal demo: a simulated week of agent runs against real MCP tool servers, "
+                   "then the fix", hang=3)
     status = _LiveStatus(enabled=not as_json)
     try:
         result = run_demo(directory, keep=keep, runs=runs, second_act=second_act, on_start=status.start,
@@ -161,12 +171,14 @@ def demo(directory: str | None, keep: bool, runs: int, second_act: bool, as_json
     if as_json:
         echo_json(result.to_dict())
         return
-    click.echo()
-    click.echo(f"⏱  Demo finished in {result.seconds:.1f} s")
+    out = table_console()
+    out.print()
+    print_line(out, f"⏱  Demo finished in {result.seconds:.1f} s", hang=3)
     if result.kept:
-        click.echo(f"📁 Demo home kept at {result.home} (try: agent self-heal --home {result.home} improvements)")
+        print_line(out, f"📁 Demo home kept at {for_rich(result.home)} (try: agent self-heal --home "
+                   f"{for_rich(result.home)} improvements)", hang=3)
     else:
-        click.echo("🧹 Demo home removed (use --keep to look around)")
+        print_line(out, "🧹 Demo home removed (use --keep to look around)", hang=3)
 
 
 COMMANDS = [demo]

@@ -1,13 +1,12 @@
 """``agent self-heal test|apply|rollback|verify|reject``: thin shells over the service."""
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from selfheal_plugin.cli.common import (asking, check_option, common_options, confirm, confirm_or_abort, echo_json,
-                                        exit_for_verdict, format_p, open_service, pct, working, yes_option)
-from selfheal_plugin.history.text import for_terminal
+                                        exit_for_verdict, format_p, open_service, pct, print_line, table_console,
+                                        working, yes_option)
+from selfheal_plugin.history.text import for_rich, for_terminal
 from selfheal_plugin.service import EARLY_HELP, TEST_MODES
 from selfheal_plugin.cli.options import setting_option
 
@@ -45,42 +44,43 @@ def _render_test(r: dict, mode: str, as_json: bool) -> None:
 
         print_experiment_test(r)
         return
-    click.echo(f"🧪 Testing {r['improvement_id']} ({r['test_mode']}, {r['runs_replayed']} runs replayed, "
-               f"{r['window']['since']} → {r['window']['until']})")
-    click.echo()
+    out = table_console()  # a long line wraps under its indent at the terminal's width (print_line)
+    print_line(out, f"🧪 Testing {for_rich(r['improvement_id'])} ({for_rich(r['test_mode'])}, {r['runs_replayed']} "
+               f"runs replayed, {for_rich(r['window']['since'])} → {for_rich(r['window']['until'])})", hang=3)
+    out.print()
     if r.get("failure_kind"):
-        click.echo(f"  Failure kind:           {for_terminal(r['failure_kind'])}")
-    click.echo(f"  Baseline success rate:  {_rate(r['baseline_success_rate'])}")
+        print_line(out, f"  Failure kind:           {for_rich(r['failure_kind'])}")
+    print_line(out, f"  Baseline success rate:  {_rate(r['baseline_success_rate'])}")
     if r["simulated_success_rate"] is not None:
         lo, hi = r["interval"]["simulated_success_rate"]
-        click.echo(f"  Simulated success rate: {_rate(r['simulated_success_rate'])} "
+        print_line(out, f"  Simulated success rate: {_rate(r['simulated_success_rate'])} "
                    f"(95% interval {pct(lo)}–{pct(hi)})")
         nxt = r["interval"].get("next_window_success_rate")
         if nxt:
-            click.echo(f"  Next {r['interval']['next_window_runs']} runs:          {pct(nxt[0])}–{pct(nxt[1])} "
+            print_line(out, f"  Next {r['interval']['next_window_runs']} runs:          {pct(nxt[0])}–{pct(nxt[1])} "
                        f"success expected (95% prediction interval)")
-        click.echo(f"  Expected improvement:   {r['expected_improvement']}")
-        click.echo(f"  Runs recovered:         {r['runs_recovered']:g} of {r['runs_replayed']} "
+        print_line(out, f"  Expected improvement:   {for_rich(r['expected_improvement'])}")
+        print_line(out, f"  Runs recovered:         {r['runs_recovered']:g} of {r['runs_replayed']} "
                    f"({r['failures_fixed']:g} of {r['failures_targeted']} targeted failures fixed)")
     else:
-        click.echo("  Simulated success rate: no model")
+        print_line(out, "  Simulated success rate: no model")
     for m in r["models"]:
         if m["model"] == "duration":
             ci = m.get("p_timed_out_call_finishes_interval")
-            click.echo(f"  Model: {m['tool']} durations ~ {m.get('duration_model', m['family'])}: median "
-                       f"{m['median_ms']} ms, p95 {m['p95_ms']} ms; a timed-out call finishes under "
+            print_line(out, f"  Model: {for_rich(m['tool'])} durations ~ {for_rich(m.get('duration_model', m['family']))}: "
+                       f"median {m['median_ms']} ms, p95 {m['p95_ms']} ms; a timed-out call finishes under "
                        f"{m['new_limit_ms']} ms with p={m['p_timed_out_call_finishes']}"
                        + (f" (95% {ci[0]}–{ci[1]})" if ci else ""))
         elif m["model"] == "retry":
-            click.echo(f"  Model: retry of {m['tool']} succeeds with p={m['p_retry_succeeds']} "
+            print_line(out, f"  Model: retry of {for_rich(m['tool'])} succeeds with p={m['p_retry_succeeds']} "
                        f"({m['followups_succeeded']}/{m['followups_observed']} follow-up calls ok, estimate "
                        f"({m['followups_succeeded']}+1)/({m['followups_observed']}+2))")
     for note in r["notes"]:
-        click.echo(f"  Note: {for_terminal(note)}")
-    click.echo()
+        print_line(out, f"  Note: {for_rich(note)}")
+    out.print()
     icon = {"safe_to_apply": "✅", "risky": "⚠️ ", "reject": "❌"}[r["recommendation"]]
-    click.echo(f"{icon} Recommendation: {r['recommendation']} — {for_terminal(r['reason'])}")
-    click.echo(f"   Next: {r['next_step']}")
+    print_line(out, f"{icon} Recommendation: {r['recommendation']} — {for_rich(r['reason'])}", hang=3)
+    print_line(out, f"   Next: {for_rich(r['next_step'])}", hang=2)
 
 
 @click.command("apply")
@@ -96,18 +96,19 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
     plan = sh.plan_apply(improvement_id)
     expected = plan["old_sha256"] if plan["config_changes"] else None
     if asking(yes=yes, as_json=as_json):
-        click.echo(f"Improvement {plan['improvement_id']}: {for_terminal(plan['description'])}")
-        click.echo(for_terminal(plan["test_note"]))
+        out = table_console()
+        print_line(out, f"Improvement {for_rich(plan['improvement_id'])}: {for_rich(plan['description'])}")
+        print_line(out, for_rich(plan["test_note"]))
         if plan["config_changes"]:
-            where = plan["repository"] + (" (new repository)" if plan["creates_repository"] else "")
-            click.echo(f"Config: {plan['config_path']}   git: {where}")
+            where = for_rich(plan["repository"]) + (" (new repository)" if plan["creates_repository"] else "")
+            print_line(out, f"Config: {for_rich(plan['config_path'])}   git: {where}")
             click.echo()
             click.echo(plan["diff"].rstrip("\n"))
             click.echo()
         for step in plan["manual_steps"]:
-            click.echo(f"Manual step (not applied by selfheal): {for_terminal(step)}")
+            print_line(out, f"Manual step (not applied by selfheal): {for_rich(step)}")
         if plan.get("same_change_undone"):
-            click.echo(f"⚠ Note: {for_terminal(plan['same_change_undone']['note'])}")
+            print_line(out, f"⚠ Note: {for_rich(plan['same_change_undone']['note'])}")
         confirm("Apply this change and commit it?" if plan["config_changes"] else
                 "Record these manual steps as applied?")
     with sh:
@@ -115,19 +116,20 @@ def apply_command(improvement_id: str, home: str | None, db: str | None, as_json
     if as_json:
         echo_json(r)
         return
-    click.echo(f"✅ Applied {r['improvement_id']}")
+    out = table_console()
+    print_line(out, f"✅ Applied {for_rich(r['improvement_id'])}", hang=3)
     if yes:  # not seen before it was applied: what the result says (the MCP tool and --json carry the same)
         for warning in r["warnings"]:
-            click.echo(f"  ⚠ {for_terminal(warning)}")
+            print_line(out, f"  ⚠ {for_rich(warning)}")
     if r["commit_sha"]:
-        click.echo(f"  Commit: {r['commit_sha'][:12]} in {r['repository']}"
+        print_line(out, f"  Commit: {r['commit_sha'][:12]} in {for_rich(r['repository'])}"
                    + (" (new repository)" if r["created_repository"] else ""))
     for line in (r["changes_made"] or "").splitlines():
-        click.echo(f"  {line}")
+        print_line(out, f"  {for_rich(line)}")
     for step in r["manual_steps"]:
-        click.echo(f"  Still to do by hand: {for_terminal(step)}")
-    click.echo(f"  Verification scheduled: {r['verification_scheduled']} (agent self-heal verify "
-               f"{r['improvement_id']})")
+        print_line(out, f"  Still to do by hand: {for_rich(step)}")
+    print_line(out, f"  Verification scheduled: {for_rich(r['verification_scheduled'])} (agent self-heal verify "
+               f"{for_rich(r['improvement_id'])})")
 
 
 @click.command("rollback")
@@ -189,26 +191,29 @@ def _render_verify(r: dict, as_json: bool) -> None:
         print_experiment_report(r)
         return
     m = r["metrics"]
-    click.echo(f"📏 Verifying {r['improvement_id']} ({r['window']['days']:g}-day windows around the apply"
-               + ("" if r["window"]["complete"] else ", after-window still open") + ")")
-    click.echo()
-    click.echo(f"  Expected: {for_terminal(r['expected_impact'] or 'unknown')}")
-    click.echo(f"  Actual:   {for_terminal(r['actual_impact'])}")
-    click.echo(f"  Success rate before: {_rate(m['before_success_rate'])} ({m['runs_before']} runs)")
-    click.echo(f"  Success rate after:  {_rate(m['after_success_rate'])} ({m['runs_after']} runs)")
+    out = table_console()
+    print_line(out, f"📏 Verifying {for_rich(r['improvement_id'])} ({r['window']['days']:g}-day windows around the apply"
+               + ("" if r["window"]["complete"] else ", after-window still open") + ")", hang=3)
+    out.print()
+    print_line(out, f"  Expected: {for_rich(r['expected_impact'] or 'unknown')}")
+    print_line(out, f"  Actual:   {for_rich(r['actual_impact'])}")
+    print_line(out, f"  Success rate before: {_rate(m['before_success_rate'])} ({m['runs_before']} runs)")
+    print_line(out, f"  Success rate after:  {_rate(m['after_success_rate'])} ({m['runs_after']} runs)")
     if m["tests"]:
-        click.echo(f"  Runs analyzed: {m['runs_analyzed']}   success rate: {format_p(m['p_value'])} (Fisher)   "
+        print_line(out, f"  Runs analyzed: {m['runs_analyzed']}   success rate: {format_p(m['p_value'])} (Fisher)   "
                    f"significant below {m['alpha_per_test']:.2g} (Bonferroni, {m['tests']} test(s))")
     else:
-        click.echo(f"  Runs analyzed: {m['runs_analyzed']}   no significance test yet (too few runs on one side)")
+        print_line(out, f"  Runs analyzed: {m['runs_analyzed']}   no significance test yet (too few runs on one "
+                   "side)")
     p = m.get("pattern")
     if p:
-        click.echo(f"  {for_terminal(p['pattern_id'])} error rate: {_rate(p['before_error_rate'])} → {_rate(p['after_error_rate'])}"
-                   f" per call ({p['before_errors']} → {p['after_errors']} errors"
+        print_line(out, f"  {for_rich(p['pattern_id'])} error rate: {_rate(p['before_error_rate'])} → "
+                   f"{_rate(p['after_error_rate'])} per call ({p['before_errors']} → {p['after_errors']} errors"
                    + (f"; {format_p(p['p_value'])})" if p["p_value"] is not None else ")"))
-    click.echo()
+    out.print()
     icon = {"keep": "✅", "rollback": "❌", "extend": "⏳"}[r["recommendation"]]
-    click.echo(f"{icon} Recommendation: {r['recommendation']} ({r['verification_status']}) — {for_terminal(r['reason'])}")
+    print_line(out, f"{icon} Recommendation: {r['recommendation']} ({r['verification_status']}) — "
+               f"{for_rich(r['reason'])}", hang=3)
 
 
 @click.command("reject")

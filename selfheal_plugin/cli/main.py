@@ -111,8 +111,8 @@ def detect(home: str | None, db: str | None, as_json: bool, since: str | None = 
                       confidence_threshold=confidence) as sh:
         s = sh.settings
         if not as_json:
-            click.echo(f"🔍 Detecting failure patterns (last {s.lookback}, min {s.min_occurrences} occurrences, "
-                       f"confidence >= {pct(s.confidence_threshold)})...")
+            print_line(table_console(), f"🔍 Detecting failure patterns (last {for_rich(s.lookback)}, min "
+                       f"{s.min_occurrences} occurrences, confidence >= {pct(s.confidence_threshold)})...", hang=3)
         with scan_progress(not as_json) as progress:
             result = sh.detect(propose=True, notify=True, progress=progress, runs_limit=limit)
     warn_bad_rows(result["skipped_rows"], result.get("skipped_runs", 0))

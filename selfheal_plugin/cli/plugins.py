@@ -28,68 +28,76 @@ def _console() -> Any:
 
 def print_detection(result: dict[str, Any], settings: Settings) -> None:
     """The text of ``detect``: each pattern with its one suggested fix, the proposals made,
-    whether the inbox was told (the cooldown may have held it back), and the next steps."""
+    whether the inbox was told (the cooldown may have held it back), and the next steps. A long
+    line wraps under its indent at the terminal's width (print_line)."""
+    out = _console()
     patterns = result["patterns"]
-    click.echo()
+    out.print()
     if not patterns:
         if not result.get("failing_signatures"):  # only a longer window can find something
-            click.echo(f"✅ No recurring failure patterns (no failed tool call since {result['since']}). "
-                       "Try --since -30d.")
+            print_line(out, f"✅ No recurring failure patterns (no failed tool call since {for_rich(result['since'])}). "
+                       "Try --since -30d.", hang=3)
             return
         if not result["candidates"]:
             why = (f"{result['failing_signatures']} signature(s) failed, none {settings.min_occurrences} "
                    "or more times")
         else:
             why = f"{result['candidates']} signature(s) below the confidence threshold"
-        click.echo(f"✅ No recurring failure patterns ({why}). Try --since -30d, --min-occurrences or --confidence.")
+        print_line(out, f"✅ No recurring failure patterns ({why}). Try --since -30d, --min-occurrences or "
+                   "--confidence.", hang=3)
         return
-    click.echo(f"📊 Found {len(patterns)} pattern(s):")
-    click.echo()
+    print_line(out, f"📊 Found {len(patterns)} pattern(s):", hang=3)
+    out.print()
     for p in patterns:
-        click.echo(f"  Pattern {for_terminal(p['id'])}")
-        click.echo(f"    Error: {for_terminal(p['error_type'])} on {for_terminal(p['tool_name'])}")
-        click.echo(f"    Occurrences: {p['occurrences']}")
-        click.echo(f"    Correlation: {pct(p['correlation_score'])}")
-        click.echo(f"    Confidence: {pct(p['confidence'])}")
-        click.echo(f"    Failure kind: {for_terminal((p.get('evidence') or {}).get('summary') or p.get('failure_kind') or 'unknown')}")
+        print_line(out, f"  Pattern {for_rich(p['id'])}")
+        print_line(out, f"    Error: {for_rich(p['error_type'])} on {for_rich(p['tool_name'])}")
+        print_line(out, f"    Occurrences: {p['occurrences']}")
+        print_line(out, f"    Correlation: {pct(p['correlation_score'])}")
+        print_line(out, f"    Confidence: {pct(p['confidence'])}")
+        print_line(out, "    Failure kind: "
+                   f"{for_rich((p.get('evidence') or {}).get('summary') or p.get('failure_kind') or 'unknown')}")
         if p.get("suggested_fix") and p.get("improvement_status") in IN_FORCE:  # said as the inbox says it
-            click.echo(f"    {already_fixed(p['improvement_id'], p['improvement_status'], p['suggested_fix'], for_terminal)}")
+            print_line(out, f"    {already_fixed(p['improvement_id'], p['improvement_status'], p['suggested_fix'], for_rich)}")
         elif p.get("suggested_fix"):
-            click.echo(f"    Suggested fix: {for_terminal(p['suggested_fix'])}")
+            print_line(out, f"    Suggested fix: {for_rich(p['suggested_fix'])}")
         elif p.get("no_fix_reason"):
-            click.echo(f"    Suggested fix: none — {for_terminal(p['no_fix_reason'])}")
-        click.echo()
-    click.echo("💡 Generating improvement proposals...")
-    click.echo()
+            print_line(out, f"    Suggested fix: none — {for_rich(p['no_fix_reason'])}")
+        out.print()
+    print_line(out, "💡 Generating improvement proposals...", hang=3)
+    out.print()
     for res in result["proposals"]:
         if res.get("error"):
-            click.echo(f"  ✗ No proposal for pattern {for_terminal(res['pattern_id'])}: {for_terminal(res['error'])}")
+            print_line(out, f"  ✗ No proposal for pattern {for_rich(res['pattern_id'])}: {for_rich(res['error'])}",
+                       hang=2)
         elif res.get("skipped"):
-            click.echo(f"  – No new proposal for pattern {for_terminal(res['pattern_id'])}: {for_terminal(res['skipped'])}")
+            print_line(out, f"  – No new proposal for pattern {for_rich(res['pattern_id'])}: "
+                       f"{for_rich(res['skipped'])}")
         elif res.get("status") in IN_FORCE:  # the fix of record is in config.toml already: nothing new to do
-            fixed = already_fixed(res["improvement_id"], res["status"], res["description"], for_terminal)
-            click.echo(f"  – No new proposal for pattern {for_terminal(res['pattern_id'])}: {fixed}")
+            fixed = already_fixed(res["improvement_id"], res["status"], res["description"], for_rich)
+            print_line(out, f"  – No new proposal for pattern {for_rich(res['pattern_id'])}: {fixed}")
         else:
             note = "" if res["created"] else " (already open)"
-            click.echo(f"  ✓ Proposal {res['improvement_id']} for pattern {for_terminal(res['pattern_id'])}{note}")
-            click.echo(f"      {for_terminal(res['description'])}")
+            print_line(out, f"  ✓ Proposal {for_rich(res['improvement_id'])} for pattern "
+                       f"{for_rich(res['pattern_id'])}{note}")
+            print_line(out, f"      {for_rich(res['description'])}")
             if res.get("same_change_undone"):
-                click.echo(f"      ⚠ Note: {for_terminal(res['same_change_undone']['note'])}")
-    click.echo()
+                print_line(out, f"      ⚠ Note: {for_rich(res['same_change_undone']['note'])}")
+    out.print()
     if not settings.notify_patterns:
-        click.echo("📭 Inbox summary off (notify_patterns = false)")
+        print_line(out, "📭 Inbox summary off (notify_patterns = false)", hang=3)
     elif result["notified"]:
-        click.echo("📬 Writing summary to inbox...")
+        print_line(out, "📬 Writing summary to inbox...", hang=3)
     elif result.get("undelivered"):
-        click.echo("📭 Inbox summary not written (see the warning above): the next detect tries again")
+        print_line(out, "📭 Inbox summary not written (see the warning above): the next detect tries again", hang=3)
     else:
-        click.echo(f"📭 Inbox already told about these patterns in the last {settings.cooldown_minutes:g} minutes")
-    click.echo()
-    click.echo("📋 Next steps:")
+        print_line(out, f"📭 Inbox already told about these patterns in the last {settings.cooldown_minutes:g} "
+                   "minutes", hang=3)
+    out.print()
+    out.print("📋 Next steps:")
     if any(p.get("suggested_fix") and p.get("improvement_status") not in IN_FORCE for p in patterns):
-        click.echo("  - Test: agent self-heal test <improvement-id>")  # not for a fix in force already
-        click.echo("  - Apply: agent self-heal apply <improvement-id>")
-    click.echo("  - View: agent self-heal show <pattern-id>")
+        print_line(out, "  - Test: agent self-heal test <improvement-id>")  # not for a fix in force already
+        print_line(out, "  - Apply: agent self-heal apply <improvement-id>")
+    print_line(out, "  - View: agent self-heal show <pattern-id>")
 
 
 @click.command()

@@ -131,6 +131,39 @@ def test_tables_fit_80_columns_and_ids_never_wrap(history_copy, binks_home):
                 assert run["started_at"][:16].replace("T", " ") in row and run["status"] in row, row
 
 
+def test_detect_test_apply_verify_and_the_daemon_wrap_under_their_indent_at_80_columns(history_copy, binks_home):
+    """Their text went out through click.echo whole: a `Suggested fix:` of 159 columns, a `Model:`
+    of 195. At 80 each line fits, continues under its indent, and ids and commands are whole."""
+    import re
+
+    env = {"COLUMNS": "80"}
+    since = ("--since", "2026-11-13")
+    home = ("--home", str(binks_home))
+    found = json.loads(run_agent("self-heal", "detect", *since, *home, "--json").stdout)
+    ids = {o["pattern_id"]: o["improvement_id"] for o in found["proposals"] if o.get("improvement_id")}
+    timeout_id = next(i for p, i in ids.items() if p.startswith("timeout:"))
+    others = [i for i in ids.values() if i != timeout_id]
+    runs = [("detect", *since), *(("test", i, *since) for i in ids.values()), ("apply", others[0]),
+            ("apply", timeout_id, "--yes"), ("verify", timeout_id)]
+    outputs = [run_agent("self-heal", *args, *home, env=env, input="n\n") for args in runs]
+    outputs.append(run_agent("self-heal-daemon", "--once", *home, env=env))
+    for args, r in zip([*runs, ("self-heal-daemon",)], outputs):
+        assert r.returncode == (1 if args == ("apply", others[0]) else 0), (args, r.stderr)
+        lines = [line for line in r.stdout.splitlines() if not re.match(r"[-+@]", line)]  # a diff: as is
+        assert lines and all(len(line) <= 80 for line in lines), (args, r.stdout)
+        assert not any(line.rstrip().endswith(" agent") for line in lines), (args, r.stdout)
+    detected, *_, verified, daemon = (r.stdout for r in outputs)
+    for p, i in ids.items():
+        assert f"  Pattern {p}\n" in detected and re.search(rf"✓ Proposal {i}\b", detected), detected
+    fixes = [line for line in detected.splitlines() if line.startswith("    Suggested fix:")]
+    assert fixes and any(detected.split(f + "\n", 1)[1].startswith("      ") for f in fixes), detected
+    tested = "".join(r.stdout for r in outputs[1:1 + len(ids)])
+    assert re.search(r"^  Model: .*\n    \S", tested, re.M), tested  # the model line continues under it
+    assert all(re.search(rf"Next: agent self-heal \S+ {i}\b", tested) for i in ids.values()), tested
+    assert f"(agent self-heal verify {timeout_id})" in outputs[-3].stdout
+    assert "Recommendation: extend" in verified and "Round at " in daemon
+
+
 def test_a_long_line_wraps_under_its_indent_never_at_column_0(monkeypatch):
     import io
 

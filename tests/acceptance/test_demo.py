@@ -12,7 +12,31 @@ from ..conftest import run_agent
 pytestmark = pytest.mark.closed_loop
 
 
-def test_the_demo_runs_every_step_and_keeps_its_home(tmp_path):
+def _text_at_80_columns(result: dict, monkeypatch, capsys) -> str:
+    """The demo's text for the steps of its --json result, as a terminal of 80 columns shows them:
+    each line fits, and each id (improvement, pattern, experiment) is whole on one line."""
+    import re
+
+    from rich.cells import cell_len
+
+    from selfheal_plugin.cli.demo import print_step
+    from selfheal_plugin.testbed.demo import DemoStep
+
+    monkeypatch.setenv("COLUMNS", "80")
+    capsys.readouterr()
+    for step in result["steps"]:
+        data = {k: v for k, v in step.items() if k not in ("name", "title", "seconds")}
+        print_step(DemoStep(step["name"], step["title"], data, step["seconds"]))
+    text = capsys.readouterr().out
+    assert not [line for line in text.splitlines() if cell_len(line) > 80], text
+    ids = set(re.findall(r"(?:imp|ab)-\d{8}-[0-9a-f]{8}", json.dumps(result)))
+    assert ids and all(re.search(rf"(?<![\w-]){i}(?![\w-])", text) for i in ids), text
+    patterns = {p["id"] for s in result["steps"] if s["name"] == "detect" for p in s["patterns"]}
+    assert patterns and all(re.search(rf"^ +{re.escape(p)}: ", text, re.M) for p in patterns), text
+    return text
+
+
+def test_the_demo_runs_every_step_and_keeps_its_home(tmp_path, monkeypatch, capsys):
     home = tmp_path / "demo"
     r = run_agent("self-heal", "demo", "--dir", str(home), "--json", timeout=300)  # --dir alone keeps it (issue 15)
     assert r.returncode == 0, r.stderr
@@ -38,6 +62,7 @@ def test_the_demo_runs_every_step_and_keeps_its_home(tmp_path):
         i["id"] == chosen for i in steps["dashboard"]["recent_improvements"])
     # the user's inbox was left alone; the demo's own inbox got the notifications
     assert list((home / "inbox").glob("*.md"))
+    assert "Recommendation: keep" in _text_at_80_columns(d, monkeypatch, capsys)
 
 
 def test_a_non_empty_dir_is_refused(tmp_path):
@@ -49,11 +74,13 @@ def test_a_non_empty_dir_is_refused(tmp_path):
     assert [p.name for p in target.iterdir()] == ["mine.txt"]
 
 
-def test_the_second_act_keeps_a_rule_runs_an_ab_experiment_and_promotes_its_winner(tmp_path):
+def test_the_second_act_keeps_a_rule_runs_an_ab_experiment_and_promotes_its_winner(tmp_path, monkeypatch, capsys):
     home = tmp_path / "demo2"
     r = run_agent("self-heal", "demo", "--second-act", "--dir", str(home), "--json", timeout=600)
     assert r.returncode == 0, r.stderr
-    steps = {s["name"]: s for s in json.loads(r.stdout)["steps"]}
+    result = json.loads(r.stdout)
+    _text_at_80_columns(result, monkeypatch, capsys)
+    steps = {s["name"]: s for s in result["steps"]}
     assert list(steps) == ["home", "workload_before", "detect", "propose", "test", "apply", "workload_after",
                            "verify", "rules", "workload_week3", "detect_week3", "ab_start", "workload_week4",
                            "ab_status", "ab_promote", "dashboard"]
