@@ -117,13 +117,22 @@ def status_command(experiment_id: str | None, home: str | None, db: str | None, 
     if not r["experiments"]:
         click.echo("No A/B experiments (start one: agent self-heal ab start PATTERN_ID)")
         return
-    table = Table(box=None, pad_edge=False)
-    for name in ("Experiment", "Pattern", "Status", "Arms", "Verdict"):
-        table.add_column(name, no_wrap=name in ("Experiment", "Pattern", "Status"), overflow="fold")  # ids whole
-    for e in r["experiments"]:
+    print_experiments(r["experiments"])
+
+
+def print_experiments(experiments: list[dict[str, Any]]) -> None:
+    """The list: an experiment's id with its pattern under it, the winner's id under the verdict,
+    so each id is whole (never folded) and the table fits 80 columns."""
+    table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("Experiment / pattern", no_wrap=True)
+    table.add_column("Status", no_wrap=True)
+    table.add_column("Arms", justify="right", no_wrap=True)
+    table.add_column("Verdict", no_wrap=True)
+    for e in experiments:
         v = e.get("verdict") or {}
-        table.add_row(e["experiment_id"], for_rich(e["pattern_id"]), e["status"], str(len(e["arms"])),
-                      str(v.get("verdict") or "-") + (f" {e['winner']}" if e.get("winner") else ""))
+        table.add_row(f"{for_rich(e['experiment_id'])}\n{for_rich(e['pattern_id'])}", for_rich(e["status"]),
+                      str(len(e["arms"])), for_rich(str(v.get("verdict") or "-"))
+                      + (f"\n{for_rich(e['winner'])}" if e.get("winner") else ""))
     table_console().print(table)
 
 

@@ -207,3 +207,22 @@ def test_the_dashboard_lists_running_experiments_with_their_arms(home):
     assert all(len(line) <= 80 for line in r.stdout.splitlines())
     d = json.loads(run_agent("self-heal", "dashboard", "--json").stdout)
     assert [e["experiment_id"] for e in d["experiments"]] == [ab_id]
+
+
+def test_the_list_keeps_each_id_whole_at_80_columns(home):
+    """The winner's id was folded into three lines (`imp-2026` / `1128-9ab` / `79b4f`) in a
+    narrow verdict column: each id is whole on a line of its own now."""
+    from selfheal_plugin.history.abstore import AbStore
+
+    a, b = _arms(home)
+    r = run_agent("self-heal", "ab", "start", PATTERN, "--arms", f"{a.id},{b.id}", "--json")
+    assert r.returncode == 0, r.stderr
+    ab_id = json.loads(r.stdout)["experiment_id"]
+    AbStore(connect(home / "conversations.db")).update(ab_id, "running", winner=a.id)
+    for columns in ("80", "120"):
+        r = run_agent("self-heal", "ab", "status", env={"COLUMNS": columns})
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert all(len(line) <= int(columns) for line in lines), r.stdout
+        for whole in (ab_id, PATTERN, a.id):
+            assert any(whole in line.split() for line in lines), (whole, r.stdout)
