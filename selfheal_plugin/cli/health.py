@@ -151,19 +151,34 @@ def _print_dashboard(d: dict[str, Any], detailed: bool) -> None:
 
 
 def _tools_table(title: str, tools: list[dict[str, Any]]) -> Any:
+    """Each tool's numbers and its top error types, each type whole with its count on a line of
+    its own: in a column where that fits the terminal, else under the tool's name (a narrow
+    column cut ``permission_de…`` and put its count on the next line)."""
+    from rich.cells import cell_len
+
     t = rich_table.Table(title=title, title_justify="left", box=rich_box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
               padding=(0, 1, 0, 0))
-    wide = table_console().width >= 110  # a narrow terminal drops the average (p95 stays)
-    t.add_column("tool", no_wrap=True)  # a name to paste into config.toml: never wrapped
-    for col in ("calls", "ok", "timeout", "error", *(("avg ms",) if wide else ()), "p95 ms"):
+    width = table_console().width
+    wide = width >= 110  # a narrow terminal drops the average (p95 stays)
+    headers = ("calls", "ok", "timeout", "error", *(("avg ms",) if wide else ()), "p95 ms")
+    rows = [[for_rich(x["name"]), f"{x['total_calls']:,}", f"{x['success_rate'] * 100:.1f}%",
+             f"{x['timeout_rate'] * 100:.1f}%", f"{x['error_rate'] * 100:.1f}%",
+             *((_ms(x["avg_duration_ms"]),) if wide else ()), _ms(x["p95_duration_ms"])] for x in tools]
+    errors = [[f"{for_rich(e['error_type'])} {e['count']}" for e in x["top_error_types"]] or ["—"] for x in tools]
+    used = [max([cell_len(h), *(cell_len(r[i]) for r in rows)]) + 1 for i, h in enumerate(("tool", *headers))]
+    longest = max([cell_len("top error types"), *(cell_len(e) for es in errors for e in es)])
+    beside = sum(used) + longest <= width
+    # a name to paste into config.toml: never wrapped; neither is an error type
+    t.add_column("tool" if beside else "tool (top error types under it)", no_wrap=True)
+    for col in headers:
         t.add_column(col, justify="right", no_wrap=True)
-    t.add_column("top error types", ratio=2, min_width=12)
-    for x in tools:
-        t.add_row(for_rich(x["name"]), f"{x['total_calls']:,}", f"{x['success_rate'] * 100:.1f}%",
-                  f"{x['timeout_rate'] * 100:.1f}%", f"{x['error_rate'] * 100:.1f}%",
-                  *((_ms(x["avg_duration_ms"]),) if wide else ()), _ms(x["p95_duration_ms"]),
-                  # a type and its count on one line (a no-break space): "server_crashed" / "66" read as two rows
-                  "\n".join(f"{for_rich(e['error_type'])}\u00a0{e['count']}" for e in x["top_error_types"]) or "—")
+    if beside:
+        t.add_column("top error types", no_wrap=True, min_width=longest)
+    for row, es in zip(rows, errors):
+        if beside:
+            t.add_row(*row, "\n".join(es))
+        else:
+            t.add_row(row[0] + "".join(f"\n[dim]  {e}[/]" for e in es), *row[1:])
     return t
 
 

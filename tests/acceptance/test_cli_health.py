@@ -7,6 +7,8 @@ import json
 import re
 import sqlite3
 
+import pytest
+
 from ..conftest import run_agent
 
 SINCE = "2026-11-13T12:00:00Z"  # the generated week ends at conftest.NOW; the window ends now
@@ -213,3 +215,16 @@ def test_run_health_keeps_each_command_of_a_hint_on_one_line_at_80_columns(histo
             assert any(command in line for line in lines), (command, text.stdout)
         seen += len(commands)
     assert seen  # the history's failed runs have hints with commands
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_dashboard_shows_each_top_error_type_whole_with_its_count(history_copy, binks_home, columns):
+    """At 80 columns the column cut `permission_de…` and put its count on the next line."""
+    args = ("self-heal", "dashboard", "--home", str(binks_home), "--since", SINCE, "--detailed")
+    data = json.loads(run_agent(*args, "--json").stdout)
+    res = run_agent(*args, env={"COLUMNS": str(columns)})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert all(len(line) <= columns for line in lines), res.stdout
+    entries = {f"{e['error_type']} {e['count']}" for t in data["tools"] for e in t["top_error_types"]}
+    assert entries and all(any(re.search(rf"(^|\s){re.escape(e)}(\s|$)", line) for line in lines) for e in entries)
