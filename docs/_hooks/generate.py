@@ -72,7 +72,7 @@ def mcp_tools() -> str:
 
 
 def _help(cmd: click.Command, path: list[str], parent: click.Context | None = None) -> list[str]:
-    ctx = click.Context(cmd, info_name=path[-1], parent=parent, terminal_width=100, max_content_width=100)
+    ctx = cmd.context_class(cmd, info_name=path[-1], parent=parent, terminal_width=100, max_content_width=100)
     out = [f"## `{' '.join(path)}`\n", "```text", cmd.get_help(ctx), "```\n"]
     if isinstance(cmd, click.Group):
         for name in sorted(cmd.list_commands(ctx)):

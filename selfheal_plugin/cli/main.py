@@ -14,7 +14,7 @@ import click
 from selfheal_plugin import __version__
 from selfheal_plugin.cli.common import (common_options, echo_json, open_service, pct, print_line, scan_progress,
                                         table_console, warn_bad_rows)
-from selfheal_plugin.cli.options import WholeSummaries, setting_option
+from selfheal_plugin.cli.options import WholeSummaries, WholeWordsContext, setting_option
 from selfheal_plugin.history.settings import configure_logging
 from selfheal_plugin.history.text import for_rich
 
@@ -34,7 +34,9 @@ LAZY_AGENT_COMMANDS = {"self-heal-daemon": "daemon"}
 
 
 def _with_version(command: click.Command) -> click.Command:
-    """``--version`` at every level (``-h`` comes from the groups' context settings)."""
+    """``--version`` at every level (``-h`` comes from the groups' context settings), and help
+    pages that wrap at spaces only (never inside an option or a command)."""
+    command.context_class = WholeWordsContext
     if not any(isinstance(p, click.Option) and "--version" in p.opts for p in command.params):
         click.version_option(__version__, prog_name="selfheal")(command)
     for sub in getattr(command, "commands", {}).values():

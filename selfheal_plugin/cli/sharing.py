@@ -88,7 +88,7 @@ def import_command(source: str, home: str | None, db: str | None, as_json: bool)
 @common_options
 def sync_command(home: str | None, db: str | None, as_json: bool, remote: str | None = None) -> None:
     """Share fix packs with other homes through a git remote: fetch, read every other home's
-    pack, push ours (packs/<home id>.json), then merge theirs. A remote that refuses changes
+    pack, push ours (packs/<home-id>.json), then merge theirs. A remote that refuses changes
     nothing here."""
     with open_service(home, db) as sh:
         r = sh.sync(remote)

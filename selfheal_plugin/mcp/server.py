@@ -36,6 +36,7 @@ from mcp.types import ToolAnnotations
 from pydantic import Field, ValidationError
 
 from selfheal_plugin import __version__
+from selfheal_plugin.cli.options import WholeWordsContext
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin import results
 from selfheal_plugin.history import schema
@@ -478,6 +479,8 @@ def cli(transport: str, host: str, port: int, token_file: str | None, read_only:
     click.echo(f"self-healing-mcp: serving streamable HTTP at http://{host}:{port}/mcp ({access})", err=True)
     _run_http(server, host, port, token)
 
+
+cli.context_class = WholeWordsContext  # --help wraps at spaces, never inside --token-file
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -470,3 +470,37 @@ def test_group_help_lists_each_command_summary_whole(group):
     assert r.returncode == 0, r.stderr
     commands = r.stdout.split("Commands:", 1)[1]
     assert "..." not in commands and all(len(line) <= 80 for line in commands.splitlines())
+
+
+def _help_pages(command, path, parent=None):
+    """(path, --help page) of ``command`` and every subcommand, as each prints it."""
+    import click
+
+    ctx = command.context_class(command, info_name=path[-1], parent=parent)
+    yield path, command.get_help(ctx)
+    if isinstance(command, click.Group):
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            if sub is not None and not sub.hidden:
+                yield from _help_pages(sub, [*path, name], ctx)
+
+
+@pytest.mark.parametrize("columns", ["80", "120"])
+def test_help_wraps_at_spaces_never_inside_an_option_a_command_or_a_path(monkeypatch, columns):
+    """click's textwrap broke `--token-` / `file` and the sync summary's `(packs/<home` / `id>.json)`."""
+    import re
+
+    from selfheal_plugin.cli.main import agent
+    from selfheal_plugin.mcp.server import cli as mcp_cli
+
+    monkeypatch.setenv("COLUMNS", columns)
+    pages = [*_help_pages(agent, ["agent"]), *_help_pages(mcp_cli, ["self-healing-mcp"])]
+    assert len(pages) > 25
+    for path, page in pages:
+        lines = page.splitlines()
+        assert all(len(line) <= int(columns) for line in lines), (path, page)
+        assert not [line for line in lines if re.search(r"\w-$", line)], (path, page)  # cut after a hyphen
+        assert "\u2011" not in page, path
+    text = dict((" ".join(path), page) for path, page in pages)
+    assert "(packs/<home-id>.json)" in text["agent self-heal"]
+    assert "--token-file" in text["self-healing-mcp"].split("HTTP access:")[1]
