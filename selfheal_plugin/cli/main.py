@@ -14,7 +14,8 @@ import click
 from selfheal_plugin import __version__
 from selfheal_plugin.cli.common import (common_options, echo_json, open_service, pct, print_line, scan_progress,
                                         table_console, warn_bad_rows)
-from selfheal_plugin.cli.options import WholeSummaries, WholeWordsContext, setting_option
+from selfheal_plugin.cli.options import WholeSummaries, setting_option
+from selfheal_plugin.helptext import WholeWordsContext
 from selfheal_plugin.history.settings import configure_logging
 from selfheal_plugin.history.text import for_rich
 

@@ -41,30 +41,6 @@ class OneLineUsageError(click.UsageError):
         click.echo(f"Error: {self.format_message()}", file=file, err=True)
 
 
-_HELD_HYPHEN = "\u2011"  # a non-breaking hyphen: one column, and no place for textwrap to break
-
-
-class WholeWordsFormatter(click.HelpFormatter):
-    """Help text wrapped at spaces only. click's textwrap also breaks after a hyphen, which cut
-    an option (``--token-`` / ``file``) or a command (``self-`` / ``heal``) in two, so a pasted
-    one failed: each hyphen is held while the text wraps and put back in the page."""
-
-    def write_text(self, text: str) -> None:
-        super().write_text(text.replace("-", _HELD_HYPHEN))
-
-    def write_dl(self, rows: Any, col_max: int = 30, col_spacing: int = 2) -> None:
-        super().write_dl([(term, text.replace("-", _HELD_HYPHEN)) for term, text in rows], col_max, col_spacing)
-
-    def getvalue(self) -> str:
-        return super().getvalue().replace(_HELD_HYPHEN, "-")
-
-
-class WholeWordsContext(click.Context):
-    """A context whose help page is written by :class:`WholeWordsFormatter`."""
-
-    formatter_class = WholeWordsFormatter
-
-
 class WholeSummaries(click.Group):
     """A group whose help lists each command's first sentence whole, wrapped under it at the
     terminal's width, where click cuts it to one line with "..." ("Roll back an applied

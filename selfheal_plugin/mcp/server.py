@@ -36,11 +36,11 @@ from mcp.types import ToolAnnotations
 from pydantic import Field, ValidationError
 
 from selfheal_plugin import __version__
-from selfheal_plugin.cli.options import WholeWordsContext
 from selfheal_plugin.errors import SelfHealError
 from selfheal_plugin import results
 from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import BUSY_MESSAGE, is_busy_error, is_readonly_error, readonly_message
+from selfheal_plugin.helptext import WholeWordsContext
 from selfheal_plugin.history.settings import configure_logging, db_path_for, resolve_home
 from selfheal_plugin.service import EARLY_HELP, SelfHeal
 from selfheal_plugin.steps import for_agent
