@@ -412,7 +412,7 @@ def test_a_plugin_error_quoting_a_hostile_pattern_is_escaped_in_daemon_and_plugi
         add_event(history, json.dumps(failed_call(tool, error_type="tool_error")), timestamp=stamp)
     home = ["--home", str(history.parent)]
     for args in (["self-heal-daemon", "--once"], ["self-heal", "plugins"]):
-        res = CliRunner().invoke(agent, [*args, *home], color=True)
+        res = CliRunner().invoke(agent, [*args, *home], color=True, env={"COLUMNS": "200"})  # whole lines
         assert res.exit_code == 0, res.output
         assert "invalid proposal for tool_error:evil" in res.output
         assert "\x1b" not in res.output and "\u202e" not in res.output, res.output
