@@ -24,6 +24,7 @@ from selfheal_plugin.lifecycle.gitops import commit_subject
 from ..conftest import NOW, agent_bin, run_agent
 from ..lifecycle_data import add_improvement, git, timeout_change, timeout_history
 from ..mcp_helpers import start_http_server
+from .test_cli_plugins import HANGING_PROPOSE
 
 LEVELS = [[], ["self-heal"], ["self-heal", "detect"], ["self-heal", "apply"], ["self-heal", "canary"],
           ["self-heal", "canary", "drop"], ["self-heal", "improvements"], ["self-heal-daemon"]]
@@ -344,27 +345,6 @@ def test_stdio_mcp_server_with_a_client_connected_exits_0_on_the_first_signal(bi
     assert stderr.count("exiting") == 1 and f"{sig.name}, exiting" in stderr
 
 
-HANGING_STRATEGY = """
-import os
-import threading
-
-from selfheal_plugin import hookimpl
-from selfheal_plugin.plugins.strategy import Strategy
-
-class Hang(Strategy):
-    name = "hang"
-    error_types = ("timeout", "tool_error", "connection_refused", "server_crashed", "permission_denied",
-                   "transport_error", "Unknown")
-
-    def propose(self, pattern, history):
-        with open(os.path.join(str(history.settings.home), "proposing.log"), "a") as fh:
-            fh.write(pattern.id + "\\n")
-        threading.Event().wait()  # never returns
-
-@hookimpl
-def register_strategies(register):
-    register(Hang())
-"""
 
 
 def test_stdio_mcp_server_exits_0_on_sigterm_during_a_call(binks_home):
@@ -379,7 +359,7 @@ def test_stdio_mcp_server_exits_0_on_sigterm_during_a_call(binks_home):
     generate_history(binks_home / "conversations.db", seed=7, runs=300, end=datetime.now(timezone.utc))
     (binks_home / "config.toml").write_text("[self_heal]\nplugin_timeout_seconds = 3600\n")
     (binks_home / "selfheal" / "plugins").mkdir(parents=True)
-    (binks_home / "selfheal" / "plugins" / "hang.py").write_text(HANGING_STRATEGY)
+    (binks_home / "selfheal" / "plugins" / "hang.py").write_text(HANGING_PROPOSE)  # its propose never returns
     marker = binks_home / "proposing.log"
     with tempfile.TemporaryFile("w+") as errlog:
         proc = _stdio_server(binks_home, errlog)
