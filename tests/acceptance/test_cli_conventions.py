@@ -345,8 +345,6 @@ def test_stdio_mcp_server_with_a_client_connected_exits_0_on_the_first_signal(bi
     assert stderr.count("exiting") == 1 and f"{sig.name}, exiting" in stderr
 
 
-
-
 def test_stdio_mcp_server_exits_0_on_sigterm_during_a_call(binks_home):
     """SIGTERM while a tool call is in progress (a strategy that never returns, under an hour's
     plugin deadline): the call is abandoned, the exit is still 0, at once, without a traceback."""
