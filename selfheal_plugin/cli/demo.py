@@ -155,6 +155,11 @@ class _LiveStatus:
 def demo(directory: str | None, keep: bool, runs: int, second_act: bool, as_json: bool) -> None:
     """Run the whole loop in a throwaway home: a week of real tool calls, detect, propose,
     test, apply (a git commit), another week, verify and the dashboard."""
+    given = {k: v for k, v in (click.get_current_context().obj or {}).items() if v}  # before `demo`
+    if given:
+        flags = ", ".join(f"--{k}" for k in ("home", "db", "json") if k in given)
+        raise OneLineUsageError(f"{flags} before demo does not reach it: the demo makes its own home "
+                                "(demo --dir DIR to keep it), and takes --json after demo")
     if not as_json:
         print_line(table_console(), "🩹 selfheal demo: a simulated week of agent runs against real MCP tool servers, "
                    "then the fix", hang=3)

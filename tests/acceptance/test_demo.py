@@ -74,6 +74,17 @@ def test_a_non_empty_dir_is_refused(tmp_path):
     assert [p.name for p in target.iterdir()] == ["mine.txt"]
 
 
+@pytest.mark.parametrize("before", [["--home", "H"], ["--db", "H/x.db"], ["--json"]])
+def test_options_before_demo_are_refused_not_ignored(tmp_path, before):
+    """``--home``/``--db``/``--json`` before ``demo`` never reached it: the demo ran in a home of
+    its own, in text. Now one line, exit 2, and nothing made."""
+    args = [a.replace("H", str(tmp_path / "h")) for a in before]
+    r = run_agent("self-heal", *args, "demo", "--dir", str(tmp_path / "demo"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"{before[0]} before demo does not reach it" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "h").exists()
+
+
 def test_the_second_act_keeps_a_rule_runs_an_ab_experiment_and_promotes_its_winner(tmp_path, monkeypatch, capsys):
     home = tmp_path / "demo2"
     r = run_agent("self-heal", "demo", "--second-act", "--dir", str(home), "--json", timeout=600)
