@@ -91,11 +91,12 @@ def start_command(pattern_id: str, home: str | None, db: str | None, as_json: bo
     if as_json:
         echo_json(r)
         return
-    click.echo(f"🧪 Started A/B {r['experiment_id']} of {for_terminal(r['pattern_id'])} with "
-               f"{len(r['arms'])} arms, commit {_short(r.get('start_sha'))}")
+    out = table_console()  # a long line wraps under its indent at the terminal's width
+    print_line(out, f"🧪 Started A/B {for_rich(r['experiment_id'])} of {for_rich(r['pattern_id'])} with "
+                    f"{len(r['arms'])} arms, commit {_short(r.get('start_sha'))}", hang=3)
     for arm in r["arms"]:
-        click.echo(f"  {arm['improvement_id']} on {arm['fraction'] * 100:.0f}% of runs: "
-                   f"{for_terminal(str(arm.get('description') or ''))}")
+        print_line(out, f"  {for_rich(arm['improvement_id'])} on {arm['fraction'] * 100:.0f}% of runs: "
+                        f"{for_rich(str(arm.get('description') or ''))}")
     if r.get("diff"):
         click.echo(r["diff"].rstrip("\n"))
     click.echo(f"  Next: agent self-heal ab status {r['experiment_id']}")

@@ -6,7 +6,7 @@ import click
 from selfheal_plugin.cli.common import (asking, check_option, common_options, confirm, confirm_or_abort, echo_json,
                                         exit_for_verdict, format_p, open_service, pct, print_line, table_console,
                                         working, yes_option)
-from selfheal_plugin.history.text import for_rich, for_terminal
+from selfheal_plugin.history.text import for_rich
 from selfheal_plugin.service import EARLY_HELP, TEST_MODES
 from selfheal_plugin.cli.options import setting_option
 
@@ -143,7 +143,8 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
     with open_service(home, db) as sh:
         if asking(yes=yes, as_json=as_json):  # what would be undone, and any refusal, before the question
             plan = sh.plan_rollback(improvement_id)
-            click.echo(f"Improvement {plan['improvement_id']} ({plan['status']}): {for_terminal(plan['description'])}")
+            print_line(table_console(), f"Improvement {for_rich(plan['improvement_id'])} ({for_rich(plan['status'])}): "
+                                        f"{for_rich(plan['description'])}")
             if plan["diff"]:
                 how = "git revert" if plan["method"] == "revert" else "inverse edit (config.toml changed since)"
                 click.echo(f"Undoes {plan['commit_sha'][:12]} by {how}:")
@@ -161,7 +162,7 @@ def rollback_command(improvement_id: str, home: str | None, db: str | None, as_j
         if r["diff"]:
             click.echo(r["diff"].rstrip("\n"))
     if r.get("note"):
-        click.echo(f"  Note: {for_terminal(r['note'])}")
+        print_line(table_console(), f"  Note: {for_rich(r['note'])}")
 
 
 @click.command("verify")

@@ -37,7 +37,9 @@ def _arms(home):
     db = home / "conversations.db"
     a = add_improvement(db, [timeout_change(90_000)], status="tested")
     b = add_improvement(db, [{"kind": "config", "file": "config.toml", "path": ["tools", K8S, "retry_attempts"],
-                              "op": "set", "value": 2}], status="candidate", description="Retry twice")
+                              "op": "set", "value": 2}], status="candidate",
+                        description="Retry twice: the timeouts of pods_list look transient, so two retries with "
+                                    "backoff should clear most of them before a run fails")
     return a, b
 
 
@@ -47,9 +49,13 @@ def _status(home, imp_id):
 
 def test_start_status_and_drop_in_text_and_json(home):
     a, b = _arms(home)
-    r = run_agent("self-heal", "ab", "start", PATTERN, "--arms", f"{a.id},{b.id}", "--fraction", "0.25")
+    r = run_agent("self-heal", "ab", "start", PATTERN, "--arms", f"{a.id},{b.id}", "--fraction", "0.25",
+                  env={"COLUMNS": "80"})
     assert r.returncode == 0, r.stderr
     assert "Started A/B ab-" in r.stdout and f"{a.id} on 25% of runs" in r.stdout and "+timeout_ms = 90000" in r.stdout
+    arms = [line for line in r.stdout.splitlines() if not line.startswith(("+", "-", "@"))]
+    assert all(len(line) <= 80 for line in arms), r.stdout  # an arm's long description wraps under its indent
+    assert f"  {b.id} on 25% of runs: Retry twice" in r.stdout and any(line.startswith("    ") for line in arms)
     ab_id = r.stdout.split("Started A/B ", 1)[1].split()[0]
     r = run_agent("self-heal", "ab", "status", ab_id, env={"COLUMNS": "80"})
     assert r.returncode == 0, r.stderr

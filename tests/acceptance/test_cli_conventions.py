@@ -163,6 +163,11 @@ def test_detect_test_apply_verify_and_the_daemon_wrap_under_their_indent_at_80_c
     assert all(re.search(rf"Next: agent self-heal \S+ {i}\b", tested) for i in ids.values()), tested
     assert f"(agent self-heal verify {timeout_id})" in outputs[-3].stdout
     assert "Recommendation: extend" in verified and "Round at " in daemon
+    # rollback's question names the fix by its description, wrapped the same way (answered no)
+    asked = run_agent("self-heal", "rollback", timeout_id, *home, env=env, input="n\n")
+    lines = [line for line in asked.stdout.splitlines() if not re.match(r"[-+@]", line)]
+    assert lines[0].startswith(f"Improvement {timeout_id} (applied): ") and lines[1].startswith("  "), asked.stdout
+    assert all(len(line) <= 80 for line in lines), asked.stdout
 
 
 def test_a_long_line_wraps_under_its_indent_never_at_column_0(monkeypatch):
