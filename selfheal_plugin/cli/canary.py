@@ -12,14 +12,6 @@ from selfheal_plugin.cli.options import WholeSummaries
 from selfheal_plugin.history.text import for_rich
 
 
-def _rate(x: float | None) -> str:
-    return "n/a" if x is None else pct(x)
-
-
-def _p(x: float | None) -> str:
-    return format_p(x)
-
-
 def print_experiment_report(r: dict[str, Any], indent: str = "  ") -> None:
     """The measurement of a canary (arms) or shadow (outcome changes)."""
     out = table_console()
@@ -29,14 +21,14 @@ def print_experiment_report(r: dict[str, Any], indent: str = "  ") -> None:
         print_line(out, f"{indent}Canary vs control since {for_rich(w['since'])} (until {for_rich(w['until'])}"
                    + ("" if w["complete"] else ", window still open") + ")")
         print_line(out, f"{indent}Runs: {m['runs_canary']} canary, {m['runs_control']} control "
-                   f"(canary share {_rate(split['canary_share'])}, configured {pct(split['fraction'])}, "
-                   f"binomial {_p(split['p_value'])})")
-        print_line(out, f"{indent}Success rate: canary {_rate(m['canary_success_rate'])}, control "
-                   f"{_rate(m['control_success_rate'])} (Fisher {_p(m['p_value'])})")
+                   f"(canary share {pct(split['canary_share'])}, configured {pct(split['fraction'])}, "
+                   f"binomial {format_p(split['p_value'])})")
+        print_line(out, f"{indent}Success rate: canary {pct(m['canary_success_rate'])}, control "
+                   f"{pct(m['control_success_rate'])} (Fisher {format_p(m['p_value'])})")
         p = m.get("pattern")
         if p:
-            print_line(out, f"{indent}{for_rich(p['pattern_id'])} error rate: canary {_rate(p['canary_error_rate'])}, "
-                       f"control {_rate(p['control_error_rate'])} per call ({_p(p['p_value'])})")
+            print_line(out, f"{indent}{for_rich(p['pattern_id'])} error rate: canary {pct(p['canary_error_rate'])}, "
+                       f"control {pct(p['control_error_rate'])} per call ({format_p(p['p_value'])})")
     else:
         print_line(out, f"{indent}Shadow observations since {for_rich(w['since'])} (until {for_rich(w['until'])})")
         print_line(out, f"{indent}Runs observed: {m['runs_observed']} of {m['runs_in_period']}; calls observed: "

@@ -15,10 +15,6 @@ from selfheal_plugin.testbed.demo import DEMO_RUNS, DemoStep, run_demo
 from selfheal_plugin.errors import SelfHealError, UsageError
 
 
-def _rate(x: float | None) -> str:
-    return "n/a" if x is None else pct(x)
-
-
 def _p(x: float | None) -> str:
     """A p-value as stored (rounded to 6 places): 0 means below 0.000001."""
     return "n/a" if x is None else "<1e-06" if x == 0 else format(x, ".3g")
@@ -28,9 +24,9 @@ def _workload(out: Any, d: dict[str, Any]) -> None:
     print_line(out, f"  {d['runs']} runs from {for_rich(d['started_at'][:16])} to {for_rich(d['ended_at'][:16])} "
                f"(simulated) in {d['real_seconds']:.1f} s real; {sum(d['calls'].values())} real MCP tool calls, "
                f"{d['crashes']} server crash(es)")
-    print_line(out, f"  Success rate: {_rate(d['success_rate'])} ({d['completed']} completed, {d['failed']} failed)")
+    print_line(out, f"  Success rate: {pct(d['success_rate'])} ({d['completed']} completed, {d['failed']} failed)")
     for pid, n in d["errors"].items():
-        print_line(out, f"    {for_rich(pid)}: {n} failed call(s), {_rate(d['error_rates'].get(pid))} of that "
+        print_line(out, f"    {for_rich(pid)}: {n} failed call(s), {pct(d['error_rates'].get(pid))} of that "
                    "tool's calls")
 
 
@@ -51,7 +47,7 @@ def print_step(s: DemoStep) -> None:
         print_line(out, f"  {len(d['patterns'])} pattern(s) since {for_rich(d['since'][:16])}:")
         for p in d["patterns"]:
             print_line(out, f"    {for_rich(p['id'])}: {p['occurrences']} occurrences in {len(p['affected_runs'])} "
-                       f"runs, failure rate {_rate(p['failure_rate'])}, confidence {_rate(p['confidence'])}"
+                       f"runs, failure rate {pct(p['failure_rate'])}, confidence {pct(p['confidence'])}"
                        + (f" — {for_rich(p['suggested_fix'])}" if p.get("suggested_fix") else ""))
     elif s.name == "propose":
         for p in d["proposals"]:
@@ -64,10 +60,10 @@ def print_step(s: DemoStep) -> None:
     elif s.name == "test":
         for r in d["tests"]:
             sim = r["simulated_success_rate"]
-            line = f"    {for_rich(r['improvement_id'])}: baseline {_rate(r['baseline_success_rate'])}"
+            line = f"    {for_rich(r['improvement_id'])}: baseline {pct(r['baseline_success_rate'])}"
             if sim is not None:
                 lo, hi = r["interval"]["simulated_success_rate"]
-                line += f" → simulated {_rate(sim)} (95% interval {_rate(lo)}–{_rate(hi)})"
+                line += f" → simulated {pct(sim)} (95% interval {pct(lo)}–{pct(hi)})"
             print_line(out, line + f": {for_rich(r['recommendation'])}")
             print_line(out, f"      {for_rich(r['reason'])}")
         print_line(out, f"  Chosen: {for_rich(d['chosen'])}")
@@ -79,11 +75,11 @@ def print_step(s: DemoStep) -> None:
     elif s.name == "verify":
         m = d["metrics"]
         p = m.get("pattern") or {}
-        print_line(out, f"  Success rate: {_rate(m['before_success_rate'])} ({m['runs_before']} runs) → "
-                   f"{_rate(m['after_success_rate'])} ({m['runs_after']} runs), Fisher p={_p(m['p_value'])}")
+        print_line(out, f"  Success rate: {pct(m['before_success_rate'])} ({m['runs_before']} runs) → "
+                   f"{pct(m['after_success_rate'])} ({m['runs_after']} runs), Fisher p={_p(m['p_value'])}")
         if p:
-            print_line(out, f"  {for_rich(p['pattern_id'])} error rate: {_rate(p['before_error_rate'])} → "
-                       f"{_rate(p['after_error_rate'])} per call ({p['before_errors']} → {p['after_errors']}; "
+            print_line(out, f"  {for_rich(p['pattern_id'])} error rate: {pct(p['before_error_rate'])} → "
+                       f"{pct(p['after_error_rate'])} per call ({p['before_errors']} → {p['after_errors']}; "
                        f"p={_p(p['p_value'])})")
         print_line(out, f"  Actual impact: {for_rich(d['actual_impact'])}")
         print_line(out, f"  Recommendation: {for_rich(d['recommendation'])} ({for_rich(d['verification_status'])}) — "

@@ -21,10 +21,6 @@ def _echo_wrapped(text: str, indent: str = "  ") -> None:
                              break_long_words=True, break_on_hyphens=False))
 
 
-def _rate(x: float | None) -> str:
-    return "n/a" if x is None else pct(x)
-
-
 def _table(title: str, *columns: str, ids: tuple[str, ...] = ()) -> Any:
     """A table whose ``ids`` columns (and rule ids, commits) are never cut; the others wrap."""
     from rich import box
@@ -64,7 +60,7 @@ def print_learn(r: dict[str, Any]) -> None:
     if r["improved"]:
         t = _table("What improved", "what", "before", "after", "p", "why", ids=("what",))
         for e in r["improved"]:  # the subject (a pattern id, tool or workflow) whole, its kind under it
-            t.add_row(f"{for_rich(e['subject'])}\n{e['kind']}", _rate(e["before_rate"]), _rate(e["after_rate"]),
+            t.add_row(f"{for_rich(e['subject'])}\n{e['kind']}", pct(e["before_rate"]), pct(e["after_rate"]),
                       p_cell(e["p_value"]), for_rich(e["explanation"]))
         out.print(t)
     else:

@@ -11,10 +11,6 @@ from selfheal_plugin.service import EARLY_HELP, TEST_MODES
 from selfheal_plugin.cli.options import setting_option
 
 
-def _rate(x: float | None) -> str:
-    return "n/a" if x is None else pct(x)
-
-
 @click.command("test")
 @click.argument("improvement_id")
 @click.option("--mode", type=click.Choice(TEST_MODES), default="simulation", show_default=True,
@@ -50,10 +46,10 @@ def _render_test(r: dict, mode: str, as_json: bool) -> None:
     out.print()
     if r.get("failure_kind"):
         print_line(out, f"  Failure kind:           {for_rich(r['failure_kind'])}")
-    print_line(out, f"  Baseline success rate:  {_rate(r['baseline_success_rate'])}")
+    print_line(out, f"  Baseline success rate:  {pct(r['baseline_success_rate'])}")
     if r["simulated_success_rate"] is not None:
         lo, hi = r["interval"]["simulated_success_rate"]
-        print_line(out, f"  Simulated success rate: {_rate(r['simulated_success_rate'])} "
+        print_line(out, f"  Simulated success rate: {pct(r['simulated_success_rate'])} "
                    f"(95% interval {pct(lo)}–{pct(hi)})")
         nxt = r["interval"].get("next_window_success_rate")
         if nxt:
@@ -198,8 +194,8 @@ def _render_verify(r: dict, as_json: bool) -> None:
     out.print()
     print_line(out, f"  Expected: {for_rich(r['expected_impact'] or 'unknown')}")
     print_line(out, f"  Actual:   {for_rich(r['actual_impact'])}")
-    print_line(out, f"  Success rate before: {_rate(m['before_success_rate'])} ({m['runs_before']} runs)")
-    print_line(out, f"  Success rate after:  {_rate(m['after_success_rate'])} ({m['runs_after']} runs)")
+    print_line(out, f"  Success rate before: {pct(m['before_success_rate'])} ({m['runs_before']} runs)")
+    print_line(out, f"  Success rate after:  {pct(m['after_success_rate'])} ({m['runs_after']} runs)")
     if m["tests"]:
         print_line(out, f"  Runs analyzed: {m['runs_analyzed']}   success rate: {format_p(m['p_value'])} (Fisher)   "
                    f"significant below {m['alpha_per_test']:.2g} (Bonferroni, {m['tests']} test(s))")
@@ -208,8 +204,8 @@ def _render_verify(r: dict, as_json: bool) -> None:
                    "side)")
     p = m.get("pattern")
     if p:
-        print_line(out, f"  {for_rich(p['pattern_id'])} error rate: {_rate(p['before_error_rate'])} → "
-                   f"{_rate(p['after_error_rate'])} per call ({p['before_errors']} → {p['after_errors']} errors"
+        print_line(out, f"  {for_rich(p['pattern_id'])} error rate: {pct(p['before_error_rate'])} → "
+                   f"{pct(p['after_error_rate'])} per call ({p['before_errors']} → {p['after_errors']} errors"
                    + (f"; {format_p(p['p_value'])})" if p["p_value"] is not None else ")"))
     out.print()
     icon = {"keep": "✅", "rollback": "❌", "extend": "⏳"}[r["recommendation"]]
