@@ -45,7 +45,7 @@ from selfheal_plugin.errors import NotFoundError, UsageError
 from selfheal_plugin.history import schema
 from selfheal_plugin.history.connection import load_json, server_of, write_transaction
 from selfheal_plugin.history.settings import change_key_problem
-from selfheal_plugin.history.text import has_control
+from selfheal_plugin.history.text import first_control
 from selfheal_plugin.history.times import format_timestamp, parse_timestamp, utcnow
 from selfheal_plugin.steps import step
 
@@ -180,7 +180,7 @@ def rule_id(failure_kind: str, template: list[Mapping[str, Any]]) -> str:
 
 def split_origin(origin: Any) -> tuple[str, str]:
     """(home id, tool) of an evidence origin ``<home id>:<tool>``, or :class:`RuleError`."""
-    if isinstance(origin, str) and 0 < len(origin) <= MAX_TEXT and not has_control(origin):
+    if isinstance(origin, str) and 0 < len(origin) <= MAX_TEXT and first_control(origin) is None:
         home, sep, tool = origin.partition(":")
         if sep and HOME_ID.match(home) and tool.strip():
             return home, tool
@@ -204,7 +204,7 @@ def _clean_entry(entry: Any, where: str, origin: tuple[str, str] | None = None) 
         v = entry.get(k)
         if v is None:
             continue
-        if not isinstance(v, str) or len(v) > MAX_TEXT or has_control(v):
+        if not isinstance(v, str) or len(v) > MAX_TEXT or first_control(v) is not None:
             raise RuleError(f"{where}: {k} must be text of at most {MAX_TEXT} characters without control "
                             "characters")
         out[k] = v

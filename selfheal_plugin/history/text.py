@@ -15,8 +15,8 @@ these functions are applied where text is *rendered*:
 * :func:`commit_line` — one line of a git commit message: no newline, so history text
   cannot add a trailer such as ``Self-Heal-Improvement: imp-x``.
 
-:func:`has_control` says whether text holds any of those characters, for input that is
-refused rather than escaped (a fix pack's evidence text).
+:func:`first_control` finds the first of those characters, for input that is refused
+rather than escaped (a plugin's description, a fix pack's evidence text).
 
 :func:`format_p` words a p-value the one way every shell and notification prints it.
 
@@ -99,12 +99,6 @@ class TerminalFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 — logging's name
         record.message = for_terminal(record.message)
         return super().formatMessage(record)
-
-
-def has_control(value: str) -> bool:
-    """Whether ``value`` holds a character :func:`for_terminal` would escape: what text that
-    is stored and passed on (a fix pack's evidence) must not carry at all."""
-    return _CONTROL.search(value) is not None
 
 
 def commit_line(value: Any) -> str:
