@@ -67,14 +67,20 @@ def fixes_of_record(conn: sqlite3.Connection, settings: Settings | None, pattern
     (:func:`verified_fix_stands`). Proposing returns it rather than a new proposal."""
     store = ImprovementStore(conn)
     rows = store.open_for_patterns([p.id for p in patterns])
-    rest = [p for p in patterns if p.id not in rows]
-    if rest and settings is not None:
-        in_force = store.in_force_for_patterns([p.id for p in rest])
-        for p in rest:
-            fix = in_force.get(p.id)
-            if fix is not None and verified_fix_stands(fix, p, settings):
-                rows[p.id] = fix
+    if settings is not None:
+        rows.update(standing_verified_fixes(store, settings, [p for p in patterns if p.id not in rows]))
     return rows
+
+
+def standing_verified_fixes(store: ImprovementStore, settings: Settings, patterns: list[Pattern]
+                            ) -> dict[str, Improvement]:
+    """The verified fix of each of ``patterns`` (none with an open proposal) that still stands
+    (:func:`verified_fix_stands`), by pattern id."""
+    if not patterns:
+        return {}
+    in_force = store.in_force_for_patterns([p.id for p in patterns])
+    return {p.id: fix for p in patterns
+            if (fix := in_force.get(p.id)) is not None and verified_fix_stands(fix, p, settings)}
 
 
 def verified_fix_stands(fix: Improvement, pattern: Pattern, settings: Settings) -> bool:
@@ -299,7 +305,7 @@ def _prepare(store: ImprovementStore, settings: Settings, pattern: Pattern, hist
     conn = store.conn
     replaces: Replacement | None = None
     if existing is None:  # a verified fix that stands answers as an open proposal does (fixes_of_record)
-        existing = fixes_of_record(conn, settings, [pattern]).get(pattern.id)
+        existing = standing_verified_fixes(store, settings, [pattern]).get(pattern.id)
     if existing is not None and existing.status not in REPLACEABLE:
         return Proposed(existing, False, pattern)
     if existing is not None and learning.is_rule_strategy(existing.strategy):
